@@ -1,0 +1,58 @@
+"""The load generator against real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from ggufrun.errors import BenchError
+from ggufrun.loadgen import percentile, run_load, sweep
+from sse_server import SSEServer
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_bounded_run_counts_tokens_and_latencies(endpoint: str) -> None:
+    with SSEServer(delay=0.002) as server:
+        result = run_load(server.url, "m", concurrency=4, requests=12, max_tokens=8, endpoint=endpoint)
+    assert result.errors == 0
+    assert len(result.samples) == 12
+    assert result.total_tokens == 12 * 8
+    row = result.summary()
+    assert row["tokens_per_s"] > 0 and row["requests_per_s"] > 0
+    assert 0 < row["ttft_p50_s"] <= row["ttft_p99_s"]
+    assert 0 < row["itl_p50_ms"] <= row["itl_p99_ms"]
+
+
+def test_failed_requests_are_counted_not_raised() -> None:
+    with SSEServer(fail_every=3) as server:
+        result = run_load(server.url + "/v1", "m", concurrency=2, requests=9, max_tokens=4)
+    assert result.errors == 3
+    assert result.summary()["first_error"].startswith("HTTP 500")
+    assert result.total_tokens == 6 * 4
+
+
+def test_refused_connection_is_an_error_row() -> None:
+    result = run_load("http://127.0.0.1:9", "m", concurrency=1, requests=2)
+    assert result.errors == 2
+    assert "Connection" in result.samples[0].error or "refused" in result.samples[0].error.lower()
+
+
+def test_sweep_gives_one_result_per_level() -> None:
+    with SSEServer() as server:
+        results = sweep(server.url, "m", [1, 2], requests=4, max_tokens=4)
+    assert [r.concurrency for r in results] == [1, 2]
+    assert all(r.errors == 0 for r in results)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(BenchError):
+        run_load("ftp://x", "m", 1, 1)
+    with pytest.raises(BenchError):
+        run_load("http://127.0.0.1:9", "m", 0, 1)
+    with pytest.raises(BenchError):
+        run_load("http://127.0.0.1:9", "m", 1, 1, endpoint="embeddings")
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
