@@ -90,7 +90,7 @@ def sha256_of(path: Path, progress: Callable[[int], None] | None = None) -> str:
 
 
 def verify(path: Path, size: int | None, sha256: str | None, progress: Callable[[int], None] | None = None) -> None:
-    """Raise IntegrityError (and delete ``path``) when its size or sha256 differs from the expected."""
+    """Raise IntegrityError when ``path``'s size or sha256 differs from the expected."""
     actual_size = path.stat().st_size
     problem = None
     if size is not None and actual_size != size:
@@ -100,7 +100,6 @@ def verify(path: Path, size: int | None, sha256: str | None, progress: Callable[
         if actual != sha256.lower():
             problem = f"sha256 {actual[:12]}..., expected {sha256[:12]}..."
     if problem is not None:
-        path.unlink(missing_ok=True)
         raise IntegrityError(f"checksum mismatch ({problem}); the download was discarded")
 
 
@@ -123,9 +122,10 @@ def place(staged: Path, target: Path) -> Path:
     return target
 
 
-def discard_staging(target: Path) -> None:
-    """Remove every source's staging folder for ``target`` (after success, or on `rm`)."""
-    shutil.rmtree(paths.home() / "tmp" / _slug(target), ignore_errors=True)
+def discard_staging(target: Path, source: str | None = None) -> None:
+    """Remove ``source``'s staging folder for ``target``, or every source's."""
+    folder = paths.home() / "tmp" / _slug(target)
+    shutil.rmtree(folder / source if source else folder, ignore_errors=True)
 
 
 def list_files() -> list[CachedFile]:

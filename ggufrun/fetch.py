@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import cache, paths
 from .cache import CachedFile
-from .errors import DiskSpaceError, DownloadError, NotCachedError
+from .errors import DiskSpaceError, DownloadError, IntegrityError, NotCachedError
 from .registry import ModelSpec
 from .sources import Fetcher, ProgressFn, fetcher_for
 
@@ -116,7 +116,11 @@ def _fetch_one(f: Fetcher, spec: ModelSpec, target: Path, progress: ProgressFn |
         if progress is not None:
             progress(f"verifying {spec.filename}", done, total)
 
-    cache.verify(staged, size, sha256, verifying)
+    try:
+        cache.verify(staged, size, sha256, verifying)
+    except IntegrityError:
+        cache.discard_staging(target, f.source.hub)  # a bad copy is not worth resuming
+        raise
     return staged
 
 

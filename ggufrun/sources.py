@@ -93,6 +93,16 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
+def _unreachable(exc: BaseException | None) -> bool:
+    """A refused, reset or timed-out connection, whichever HTTP library raised it."""
+    while exc is not None:
+        name = type(exc).__name__
+        if isinstance(exc, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _status(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
@@ -118,7 +128,7 @@ class HuggingFace:
             reason = f"revision '{self.source.revision}' not found at {endpoint}"
         elif isinstance(exc, RepositoryNotFoundError):
             reason = f"repository not found at {endpoint}"
-        elif isinstance(exc, LocalEntryNotFoundError):
+        elif isinstance(exc, LocalEntryNotFoundError) or _unreachable(exc):
             reason = f"cannot reach {endpoint}"
         elif _status(exc):
             reason = f"HTTP {_status(exc)} from {endpoint}"
@@ -199,7 +209,7 @@ class ModelScope:
             reason = _one_line(exc)
         elif _status(exc):
             reason = f"HTTP {_status(exc)} from {endpoint}"
-        elif "connect" in type(exc).__name__.lower() or "connect" in str(exc).lower():
+        elif _unreachable(exc) or type(exc).__name__ == "NetworkError":
             reason = f"cannot reach {endpoint}"
         else:
             reason = _one_line(exc)

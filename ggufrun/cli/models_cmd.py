@@ -1,0 +1,144 @@
+"""`ggufrun list | pull | path | rm`: the registry and the local cache."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import click
+
+from .common import load_registry
+
+
+@contextmanager
+def download_progress() -> Iterator[tuple[Callable[[str, int, int | None], None], Callable[[str], None]]]:
+    """A rich progress bar (bytes, speed, ETA) and a report printer, both on stderr.
+
+    Yields ``(progress, report)`` for fetch.pull / fetch.ensure_local; chat, serve and bench
+    can use it too.
+    """
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(desc: str, done: int, total: int | None) -> None:
+            if desc not in tasks:
+                tasks[desc] = bar.add_task(desc, total=total)
+            bar.update(tasks[desc], completed=done, total=total)
+
+        def report(line: str) -> None:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        yield progress, report
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.pass_context
+def list_command(ctx: click.Context, as_json: bool) -> None:
+    """List the registry's models with their quants, and the files in the cache.
+
+    \b
+    Examples:
+      ggufrun list
+      ggufrun list --json | jq '.cached[].path'
+    """
+    from .. import fetch
+    from ..cache import human_size
+
+    reg = load_registry(ctx)
+    files = fetch.cached()
+    if as_json:
+        models = [{"name": e.name, "aliases": list(e.aliases), "quants": list(e.quants), "default_quant": e.default_quant,
+                   "family": e.family, "description": e.description,
+                   "sources": [s.describe() for s in e.sources_for(e.default_quant or "")] if e.default_quant else []}
+                  for e in reg.entries.values()]
+        cached = [{"path": str(f.path), "size": f.size, "cache_key": f.cache_key, "filename": f.filename} for f in files]
+        click.echo(json.dumps({"models": models, "cached": cached}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    models_table = Table("model", "aliases", "quants (default first)", "sources", title="Registry")
+    for e in reg.entries.values():
+        quants = [q for q in e.quants if q != e.default_quant]
+        models_table.add_row(e.name, ", ".join(e.aliases), ", ".join(([e.default_quant] if e.default_quant else []) + quants),
+                             " > ".join(s["hub"] for s in e.sources))
+    cached_table = Table("model", "file", "size", "path", title=f"Cached ({len(files)})")
+    for f in files:
+        cached_table.add_row(f.cache_key, f.filename, human_size(f.size), str(f.path))
+    console = Console(highlight=False)
+    console.print(models_table)
+    console.print(cached_table)
+
+
+@click.command("pull")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--offline", is_flag=True, help="Use only the cache (also GGUFRUN_OFFLINE=1 or HF_HUB_OFFLINE=1).")
+@click.option("--force", is_flag=True, help="Download again even if cached; the cached copy is kept until the new one is verified.")
+@click.pass_context
+def pull_command(ctx: click.Context, names: tuple[str, ...], offline: bool, force: bool) -> None:
+    """Download models into the cache: each source in order, verified by size and sha256.
+
+    \b
+    Examples:
+      ggufrun pull qwen2-7b-q5
+      ggufrun pull gemma-2-9b-it:Q4_K_M
+      ggufrun pull hf:Qwen/Qwen2-0.5B-Instruct-GGUF/qwen2-0_5b-instruct-q4_0.gguf
+    """
+    from .. import fetch
+    from ..cache import human_size
+
+    reg = load_registry(ctx)
+    for name in names:
+        spec = reg.resolve(name)
+        with download_progress() as (progress, report):
+            result = fetch.pull(spec, force=force, offline=offline or None, progress=progress, report=report)
+        if result.cached:
+            click.echo(f"{spec.name} is cached: {result.path}")
+        else:
+            click.echo(f"{spec.name}: {human_size(result.bytes)} from {result.source} in {result.seconds:.1f} s -> {result.path}")
+
+
+@click.command("path")
+@click.argument("name")
+@click.pass_context
+def path_command(ctx: click.Context, name: str) -> None:
+    """Print the cached file's path; exit 3 if it is not cached. Never downloads.
+
+    \b
+    Example:
+      llama-cli -m "$(ggufrun path qwen2-7b-q5)"
+    """
+    from .. import fetch
+
+    click.echo(fetch.ensure_local(load_registry(ctx).resolve(name), offline=True))
+
+
+@click.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+def rm_command(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Remove models from the cache (and any partial download of them); exit 3 if one was not cached.
+
+    \b
+    Example:
+      ggufrun rm qwen2-7b-q5
+    """
+    from .. import fetch
+    from ..errors import NotCachedError
+
+    reg = load_registry(ctx)
+    for name in names:
+        spec = reg.resolve(name)
+        removed = fetch.remove(spec)
+        if not removed:
+            raise NotCachedError(f"'{spec.name}' is not in the cache.", "See `ggufrun list`.")
+        click.echo(f"Removed {spec.name}: {spec.cache_path()}")
