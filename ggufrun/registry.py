@@ -71,7 +71,7 @@ class Entry:
         short = {k.lower(): v for k, v in self.short.items()}
         if low in short:
             return by_lower.get(short[low].lower(), short[low])
-        candidates = (f"{low}_k_m", f"{low}_0") if re.fullmatch(r"q\d", low) else ("fp16", "f16") if low in {"f16", "fp16"} else ()
+        candidates = (f"{low}_k_m", f"{low}_k", f"{low}_0") if re.fullmatch(r"q\d", low) else ("fp16", "f16") if low in {"f16", "fp16"} else ()
         for candidate in candidates:
             if candidate in by_lower:
                 return by_lower[candidate]
@@ -132,7 +132,7 @@ class Registry:
         if ref.kind == "path":
             p = Path(ref.name)
             if not p.is_file():
-                raise UnknownModelError(f"No such file: {p}.", "Give an existing .gguf path or a name from `ggufrun list`.")
+                raise UnknownModelError(f"No such file: {ref.raw or p}.", "Give an existing .gguf path or a name from `ggufrun list`.")
             return ModelSpec(name=p.name, filename=p.name, path=p.resolve())
         if ref.kind in ("hf", "ms"):
             hub = "huggingface" if ref.kind == "hf" else "modelscope"
@@ -203,6 +203,8 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
         if not isinstance(s, dict) or s.get("hub") not in HUBS:
             raise ConfigError(f"{where}: [{name}] source {s!r} needs hub = one of {', '.join(HUBS)}.")
         bad = set(s) - _SOURCE_KEYS
+        if not all(isinstance(v, str) for v in s.values()):
+            raise ConfigError(f"{where}: [{name}] source {s!r}: every value must be a string.")
         if bad:
             raise ConfigError(f"{where}: [{name}] source has unknown key(s) {', '.join(sorted(bad))}.")
         if s["hub"] == "pypi" and not s.get("package"):
@@ -215,10 +217,27 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
     defaults = want("defaults", dict, {})
     for key, value in defaults.items():
         coerce(key, value, f"{where} [{name}.defaults]")
+    if not all(isinstance(a, str) and a for a in want("aliases", list, [])):
+        raise ConfigError(f"{where}: [{name}] aliases must be a list of names.")
+    if not all(isinstance(q, str) and q for q in quants):
+        raise ConfigError(f"{where}: [{name}] quants must be a list of names.")
+    default_quant = want("default_quant", (str, type(None)), quants[0] if quants else None)
+    if default_quant is not None and default_quant not in quants:
+        raise ConfigError(f"{where}: [{name}] default_quant '{default_quant}' is not in quants.")
+    short = want("short", dict, {})
+    bad_short = sorted(f"{k} = {v!r}" for k, v in short.items() if v not in quants)
+    if bad_short:
+        raise ConfigError(f"{where}: [{name}] short names point to no listed quant: {', '.join(bad_short)}.")
     files = want("files", dict, {})
     for q, meta in files.items():
         if not isinstance(meta, dict) or set(meta) - _FILE_KEYS:
             raise ConfigError(f"{where}: [{name}.files.{q}] may hold only sha256 and size.")
+        if q not in quants:  # a typo here would silently skip verification
+            raise ConfigError(f"{where}: [{name}.files.{q}] names a quant that is not in quants.")
+        if "sha256" in meta and not (isinstance(meta["sha256"], str) and re.fullmatch(r"[0-9a-fA-F]{64}", meta["sha256"])):
+            raise ConfigError(f"{where}: [{name}.files.{q}] sha256 must be 64 hex digits.")
+        if "size" in meta and not (isinstance(meta["size"], int) and not isinstance(meta["size"], bool) and meta["size"] > 0):
+            raise ConfigError(f"{where}: [{name}.files.{q}] size must be a positive number of bytes.")
     file = want("file", str, "")
     if not file and any(not s.get("file") for s in sources if s["hub"] != "pypi"):
         raise ConfigError(f"{where}: [{name}] needs file = \"...{{quant}}.gguf\".")
@@ -228,8 +247,8 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
         aliases=tuple(want("aliases", list, [])),
         family=family,
         quants=tuple(str(q) for q in quants),
-        default_quant=want("default_quant", (str, type(None)), quants[0] if quants else None),
-        short=dict(want("short", dict, {})),
+        default_quant=default_quant,
+        short=dict(short),
         file=file,
         sources=tuple(sources),
         defaults=dict(defaults),

