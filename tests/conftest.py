@@ -55,3 +55,29 @@ def gemma_in_cache(gemma_path: Path, ggufrun_home: Path) -> Path:
     except OSError:
         shutil.copy2(gemma_path, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``factory(arch="qwen2", quant="q8_0", template=True) -> Path``: a tiny synthetic GGUF
+    (ggufrun.synthetic, a few hundred KB), written once per session per combination."""
+    from ggufrun.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    made: dict[tuple[str, str, bool | str], Path] = {}
+
+    def factory(arch: str = "qwen2", quant: str = "q8_0", template: bool | str = True) -> Path:
+        key = (arch, quant, template)
+        if key not in made:
+            tag = "tpl" if template is True else "notpl" if template is False else f"custom{len(made)}"
+            made[key] = write_synthetic(root / f"tiny-{arch}-{quant}-{tag}.gguf", "tiny", arch=arch, quant=quant,
+                                        chat_template=template)
+        return made[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_factory) -> Path:
+    """A tiny qwen2 Q8_0 synthetic model with a ChatML template."""
+    return tiny_model_factory("qwen2", "q8_0", True)

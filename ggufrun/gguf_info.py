@@ -1,0 +1,433 @@
+"""GGUF header reading, validation and a memory estimate, without llama.cpp.
+
+llama.cpp can crash (not just fail) on a truncated or corrupt file, so every file passes through
+:func:`validate` before the runtime opens it. The header is parsed here rather than with
+``gguf.GGUFReader``, which builds a numpy view per vocabulary entry (10 s for a 262k-token
+vocabulary) and raises assorted numpy/struct errors on bad input. Parsing stops at the tensor
+infos: tensor data is never read, only checked to lie inside the file, so a 5 GB file takes
+as long as a 5 MB one.
+
+The checks mirror llama.cpp's gguf.c: magic, version 2 or 3, well-formed key/values, known
+tensor types, at most 4 dimensions, rows a whole number of quantisation blocks, offsets aligned
+and consecutive, and every tensor's data inside the file.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidGGUFError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+# array metadata longer than this is summarised as "[TYPE x N]" instead of listed
+_ARRAY_LIST_LIMIT = 16
+
+# GGUF value type id -> (name, struct format or None for string/array)
+_VALUE_TYPES: dict[int, tuple[str, str | None]] = {
+    0: ("uint8", "<B"), 1: ("int8", "<b"), 2: ("uint16", "<H"), 3: ("int16", "<h"),
+    4: ("uint32", "<I"), 5: ("int32", "<i"), 6: ("float32", "<f"), 7: ("bool", "<?"),
+    8: ("string", None), 9: ("array", None), 10: ("uint64", "<Q"), 11: ("int64", "<q"),
+    12: ("float64", "<d"),
+}
+
+# a chat template's tell-tale marker -> ggufrun chat family (ggufrun.registry.FAMILIES)
+_TEMPLATE_MARKERS = (
+    ("<|im_start|>", "chatml"),
+    ("<start_of_turn>", "gemma"),
+    ("<|start_header_id|>", "llama3"),
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
+    type: str  # ggml type name, e.g. "Q4_K"
+    offset: int  # absolute offset of the data in the file
+    n_bytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def layer(self) -> int | None:
+        """The block index for ``blk.N.*`` tensors, else None."""
+        parts = self.name.split(".")
+        return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes needed to run a model with a given context, split between GPU and CPU."""
+
+    n_ctx: int
+    n_gpu_layers: int  # layers offloaded, after resolving -1
+    weights_gpu: int
+    weights_cpu: int
+    kv_gpu: int
+    kv_cpu: int
+    compute: int  # rough allowance for llama.cpp's compute buffers
+    note: str = ""
+
+    @property
+    def weights(self) -> int:
+        return self.weights_gpu + self.weights_cpu
+
+    @property
+    def kv_cache(self) -> int:
+        return self.kv_gpu + self.kv_cpu
+
+    @property
+    def gpu(self) -> int:
+        return self.weights_gpu + self.kv_gpu + (self.compute if self.n_gpu_layers else 0)
+
+    @property
+    def cpu(self) -> int:
+        return self.weights_cpu + self.kv_cpu + (0 if self.n_gpu_layers else self.compute)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """Facts read from a GGUF header."""
+
+    path: Path
+    file_size: int
+    version: int
+    architecture: str | None
+    name: str | None
+    parameter_count: int
+    file_type: str  # e.g. "Q4_K_M"
+    context_length: int | None
+    block_count: int | None
+    embedding_length: int | None
+    feed_forward_length: int | None
+    head_count: int | None
+    head_count_kv: int | None
+    key_length: int | None
+    value_length: int | None
+    vocab_size: int | None
+    chat_template: str | None
+    template_family: str | None  # chatml | gemma | llama3 | custom; None without a template
+    tensor_bytes: int
+    n_tensors: int
+    tensor_types: dict[str, int]
+    bos_token_id: int | None
+    eos_token_id: int | None
+    sliding_window: int | None
+    metadata: dict[str, Any] = field(repr=False)
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+
+    def memory_estimate(self, n_ctx: int, n_gpu_layers: int = -1, kv_bytes_per_elem: float = 2.0,
+                        n_ubatch: int = 512) -> MemoryEstimate:
+        """Estimate memory for ``n_ctx`` tokens with ``n_gpu_layers`` offloaded (-1: all).
+
+        Follows llama.cpp's placement: the last ``n_gpu_layers`` blocks go to the GPU, the
+        output layer too once ``n_gpu_layers`` exceeds the block count, the token embedding
+        stays on the CPU (a tied output layer gets its own GPU copy). The KV cache is
+        ``n_ctx * n_head_kv * (key_length + value_length)`` elements per layer, kept with its
+        layer. Sliding-window layers (gemma2/3) are counted at full context: an upper bound.
+        """
+        n_layer = self.block_count or 0
+        ngl = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+        first_gpu = max(n_layer - ngl, 0)
+        output_on_gpu = ngl > n_layer
+        weights_gpu = weights_cpu = 0
+        has_output = any(t.name == "output.weight" for t in self.tensors)
+        for t in self.tensors:
+            layer = t.layer
+            on_gpu = (layer >= first_gpu and ngl > 0) if layer is not None else (
+                output_on_gpu and t.name != "token_embd.weight")
+            if on_gpu:
+                weights_gpu += t.n_bytes
+            else:
+                weights_cpu += t.n_bytes
+            if t.name == "token_embd.weight" and not has_output and output_on_gpu:
+                weights_gpu += t.n_bytes  # llama.cpp duplicates a tied embedding as the output layer
+        head_dim = self.key_length or ((self.embedding_length or 0) // (self.head_count or 1))
+        v_dim = self.value_length or head_dim
+        per_layer = int(n_ctx * (self.head_count_kv or self.head_count or 0) * (head_dim + v_dim) * kv_bytes_per_elem)
+        n_gpu_blocks = min(ngl, n_layer)
+        ubatch = min(n_ubatch, n_ctx)
+        # The graph allocator reuses memory, so the biggest buffers dominate: the logits of a
+        # micro-batch, the attention scores over the context, and the FFN activations.
+        compute = 4 * ubatch * ((self.vocab_size or 0) + (self.head_count or 0) * n_ctx
+                                + 4 * (self.embedding_length or 0) + 2 * (self.feed_forward_length or 0))
+        note = ""
+        if self.sliding_window and self.architecture in ("gemma2", "gemma3"):
+            note = f"sliding-window layers ({self.sliding_window} tokens) counted at full context, "
+                    "as llama-cpp-python allocates them"
+        return MemoryEstimate(
+            n_ctx=n_ctx, n_gpu_layers=ngl, weights_gpu=weights_gpu, weights_cpu=weights_cpu,
+            kv_gpu=per_layer * n_gpu_blocks, kv_cpu=per_layer * (n_layer - n_gpu_blocks),
+            compute=compute, note=note,
+        )
+
+
+class _Truncated(Exception):
+    """The header runs past the end of the file."""
+
+
+class _Corrupt(Exception):
+    """The header is malformed; the message says how."""
+
+
+class _Header:
+    """A cursor over the mapped file that raises _Truncated instead of reading past the end."""
+
+    def __init__(self, buf: mmap.mmap, size: int) -> None:
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+
+    def take(self, fmt: str) -> Any:
+        n = struct.calcsize(fmt)
+        if self.pos + n > self.size:
+            raise _Truncated
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if self.pos + n > self.size:
+            raise _Truncated
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data.decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int) -> None:
+        for _ in range(count):
+            n = self.take("<Q")
+            if self.pos + n > self.size:
+                raise _Truncated
+            self.pos += n
+
+    def value(self, vtype: int, what: str) -> Any:
+        if vtype not in _VALUE_TYPES:
+            raise _Corrupt(f"{what} has unknown value type {vtype}")
+        name, fmt = _VALUE_TYPES[vtype]
+        if fmt is not None:
+            return self.take(fmt)
+        if name == "string":
+            return self.string()
+        etype, count = self.take("<I"), self.take("<Q")
+        if etype not in _VALUE_TYPES:
+            raise _Corrupt(f"{what} is an array of unknown type {etype}")
+        ename, efmt = _VALUE_TYPES[etype]
+        if efmt is not None:
+            width = struct.calcsize(efmt)
+            if count > (self.size - self.pos) // width:
+                raise _Truncated
+            if count <= _ARRAY_LIST_LIMIT:
+                return [self.take(efmt) for _ in range(count)]
+            self.pos += count * width
+        elif count <= _ARRAY_LIST_LIMIT:
+            return [self.value(etype, what) for _ in range(count)]
+        elif ename == "string":
+            if count > (self.size - self.pos) // 8:
+                raise _Truncated
+            self.skip_strings(count)
+        else:
+            for _ in range(count):
+                self.value(etype, what)
+        return _ArraySummary(ename, count)
+
+
+@dataclass(frozen=True)
+class _ArraySummary:
+    type: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"[{self.type} x {self.count}]"
+
+
+def _fail(path: Path, what: str) -> InvalidGGUFError:
+    return InvalidGGUFError(f"{path} is not a valid GGUF file: {what}.",
+                            "A cached model can be fetched again: `ggufrun rm NAME && ggufrun pull NAME`.")
+
+
+def inspect(path: str | Path) -> GGUFInfo:
+    """Read a GGUF file's header and check its structure; raise InvalidGGUFError with one line
+    naming the file and what is wrong (missing, empty, not GGUF, unsupported version,
+    truncated or corrupt header, tensor data outside the file, misaligned offsets)."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if not p.is_file():
+            raise InvalidGGUFError(f"{p} is not a file.", "Give the path of a .gguf file.")
+        if size == 0:
+            raise _fail(p, "the file is empty")
+        with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _parse(p, buf, size)
+    except FileNotFoundError:
+        raise InvalidGGUFError(f"No such file: {p}.") from None
+    except PermissionError:
+        raise InvalidGGUFError(f"Cannot read {p}: permission denied.") from None
+    except _Truncated:
+        raise _fail(p, f"truncated ({size} bytes)") from None
+    except _Corrupt as exc:
+        raise _fail(p, str(exc)) from None
+
+
+validate = inspect  # one code path: validation is a full header parse
+
+
+def _parse(p: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
+    import gguf  # lazy: numpy-heavy, and only its type tables are needed
+
+    h = _Header(buf, size)
+    section = "the file header"
+    try:
+        if size < 4 or buf[:4] != GGUF_MAGIC:
+            raise _Corrupt(f"bad magic {bytes(buf[:4])!r} (expected b'GGUF')")
+        h.pos = len(GGUF_MAGIC)
+        version = h.take("<I")
+        if version not in SUPPORTED_VERSIONS:
+            hint = " (a big-endian file?)" if version > 0xFFFF else ""
+            raise _Corrupt(f"unsupported GGUF version {version}{hint}; llama.cpp reads versions 2 and 3")
+        n_tensors, n_kv = h.take("<Q"), h.take("<Q")
+        # every key/value needs >= 13 bytes and every tensor info >= 24: reject absurd counts
+        if n_kv * 13 + n_tensors * 24 > size:
+            raise _Corrupt(f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file can hold")
+        metadata: dict[str, Any] = {}
+        for i in range(n_kv):
+            section = f"metadata entry {i + 1} of {n_kv}"
+            key = h.string()
+            section = f"metadata key '{key}'"
+            if key in metadata:
+                raise _Corrupt(f"duplicate metadata key '{key}'")
+            metadata[key] = h.value(h.take("<I"), f"metadata key '{key}'")
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise _Corrupt(f"general.alignment {alignment!r} is not a power of two")
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            section = f"tensor info {i + 1} of {n_tensors}"
+            name = h.string()
+            n_dims = h.take("<I")
+            if n_dims > MAX_DIMS:
+                raise _Corrupt(f"tensor '{name}' has {n_dims} dimensions (at most {MAX_DIMS})")
+            shape = tuple(h.take("<Q") for _ in range(n_dims))
+            ttype, offset = h.take("<I"), h.take("<Q")
+            if name in names:
+                raise _Corrupt(f"duplicate tensor '{name}'")
+            names.add(name)
+            raw.append((name, shape, ttype, offset))
+    except _Truncated:
+        raise _Corrupt(f"truncated in {section} ({size} bytes)") from None
+    data_start = -(-h.pos // alignment) * alignment
+    tensors = _check_tensors(p, raw, data_start, alignment, size, gguf)
+    return _info(p, size, version, metadata, tensors, gguf)
+
+
+def _check_tensors(p: Path, raw: list[tuple[str, tuple[int, ...], int, int]], data_start: int,
+                   alignment: int, size: int, gguf: Any) -> tuple[TensorInfo, ...]:
+    out = []
+    expected = 0
+    for name, shape, ttype, offset in raw:
+        try:
+            qtype = gguf.GGMLQuantizationType(ttype)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise _Corrupt(f"tensor '{name}' has unknown type {ttype}") from None
+        if shape and shape[0] % block:
+            raise _Corrupt(f"tensor '{name}' row length {shape[0]} is not a multiple of {qtype.name}'s block size {block}")
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        if n_elements >= 1 << 63:
+            raise _Corrupt(f"tensor '{name}' has an impossible shape {list(shape)}")
+        n_bytes = n_elements // block * type_size
+        if offset % alignment:
+            raise _Corrupt(f"tensor '{name}' data offset {offset} is not aligned to {alignment} bytes")
+        if offset != expected:
+            raise _Corrupt(f"tensor '{name}' data offset {offset} should be {expected} (corrupt tensor info)")
+        start = data_start + offset
+        if start + n_bytes > size:
+            raise _Corrupt(f"tensor '{name}' data ends at byte {start + n_bytes} but the file has {size} "
+                           f"(truncated download?)")
+        out.append(TensorInfo(name=name, shape=shape, type=qtype.name, offset=start, n_bytes=n_bytes))
+        expected += -(-n_bytes // alignment) * alignment
+    return tuple(out)
+
+
+def _info(p: Path, size: int, version: int, metadata: dict[str, Any], tensors: tuple[TensorInfo, ...],
+          gguf: Any) -> GGUFInfo:
+    arch = metadata.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+
+    def hp(key: str) -> int | None:
+        value = metadata.get(f"{arch}.{key}")
+        if isinstance(value, list):  # per-layer values (e.g. head_count_kv): report the first
+            value = value[0] if value else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    types: dict[str, int] = {}
+    bytes_by_type: dict[str, int] = {}
+    for t in tensors:
+        types[t.type] = types.get(t.type, 0) + 1
+        bytes_by_type[t.type] = bytes_by_type.get(t.type, 0) + t.n_bytes
+    template = metadata.get("tokenizer.chat_template")
+    template = template if isinstance(template, str) and template.strip() else None
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab = tokens.count if isinstance(tokens, _ArraySummary) else len(tokens) if isinstance(tokens, list) else None
+    if vocab is None:
+        vocab = hp("vocab_size") or next((t.shape[1] for t in tensors if t.name == "token_embd.weight" and len(t.shape) > 1), None)
+    head_count = hp("attention.head_count")
+    embd = hp("embedding_length")
+    key_length = hp("attention.key_length") or (embd // head_count if embd and head_count else None)
+    bos, eos = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
+    name = metadata.get("general.name")
+    return GGUFInfo(
+        path=p, file_size=size, version=version, architecture=arch,
+        name=name if isinstance(name, str) else None,
+        parameter_count=sum(t.n_elements for t in tensors),
+        file_type=_file_type(metadata.get("general.file_type"), bytes_by_type, gguf),
+        context_length=hp("context_length"), block_count=hp("block_count"), embedding_length=embd,
+        feed_forward_length=hp("feed_forward_length"), head_count=head_count,
+        head_count_kv=hp("attention.head_count_kv") or head_count, key_length=key_length,
+        value_length=hp("attention.value_length") or key_length, vocab_size=vocab,
+        chat_template=template, template_family=template_family(template),
+        tensor_bytes=sum(t.n_bytes for t in tensors), n_tensors=len(tensors), tensor_types=types,
+        bos_token_id=bos if isinstance(bos, int) else None, eos_token_id=eos if isinstance(eos, int) else None,
+        sliding_window=hp("attention.sliding_window"),
+        metadata={k: (str(v) if isinstance(v, _ArraySummary) else v) for k, v in metadata.items()},
+        tensors=tensors,
+    )
+
+
+def _file_type(value: Any, bytes_by_type: dict[str, int], gguf: Any) -> str:
+    if isinstance(value, int):
+        try:
+            return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    # no (or an unknown) general.file_type: name the type holding the most bytes
+    return max(bytes_by_type, key=lambda k: bytes_by_type[k]) if bytes_by_type else "unknown"
+
+
+def template_family(template: str | None) -> str | None:
+    """Guess the chat family from a Jinja template's markers; "custom" when none matches."""
+    if not template:
+        return None
+    for marker, family in _TEMPLATE_MARKERS:
+        if marker in template:
+            return family
+    return "custom"
