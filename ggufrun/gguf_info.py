@@ -169,8 +169,8 @@ class GGUFInfo:
                                 + 4 * (self.embedding_length or 0) + 2 * (self.feed_forward_length or 0))
         note = ""
         if self.sliding_window and self.architecture in ("gemma2", "gemma3"):
-            note = f"sliding-window layers ({self.sliding_window} tokens) counted at full context, "
-                    "as llama-cpp-python allocates them"
+            note = (f"sliding-window layers ({self.sliding_window} tokens) counted at full context, "
+                    "as llama-cpp-python allocates them")
         return MemoryEstimate(
             n_ctx=n_ctx, n_gpu_layers=ngl, weights_gpu=weights_gpu, weights_cpu=weights_cpu,
             kv_gpu=per_layer * n_gpu_blocks, kv_cpu=per_layer * (n_layer - n_gpu_blocks),
