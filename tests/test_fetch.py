@@ -6,10 +6,10 @@ error boundary are what a user sees.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +56,13 @@ def make_gguf(path: Path, n_floats: int = 75_000, seed: int = 0) -> bytes:
     return path.read_bytes()
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return make_gguf(tmp_path_factory.mktemp("gguf") / FILE)
 
 
 @pytest.fixture
-def hub(ggufrun_home: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> HubEmu:
+def hub(ggufrun_home: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubEmu]:
     """Both hubs up and publishing tm-q4_0.gguf; the user registry names them."""
     (ggufrun_home / "models.toml").write_text(MODELS_TOML)
     with HubEmu() as emu:
