@@ -112,6 +112,15 @@ def test_pull_from_huggingface(hub: HubEmu, model_bytes: bytes, ggufrun_home: Pa
     assert leftovers(ggufrun_home) == []  # no second copy in a library cache
 
 
+def test_hf_endpoint_wins_even_after_huggingface_hub_was_imported(hub: HubEmu, model_bytes: bytes,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub  # noqa: F401  (it reads HF_ENDPOINT now, at import; ours is read per pull)
+
+    monkeypatch.setenv("GGUFRUN_HF_ENDPOINT", closed_port_url())
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert fetch.pull(spec("tm-hf")).path.read_bytes() == model_bytes
+
+
 def test_pull_hf_reference_outside_the_registry(hub: HubEmu, model_bytes: bytes, ggufrun_home: Path) -> None:
     path = fetch.ensure_local(spec(f"hf:{HF_REPO}/{FILE}"))
     assert path == ggufrun_home / "models" / "hf" / "Org--TinyModel-GGUF" / FILE
