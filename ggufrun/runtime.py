@@ -24,16 +24,22 @@ from .settings import Settings
 _FLASH_ATTN = {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}
 _ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to the model's layer count
 _backend_ready = False
+_GGML_LOG_ERROR = 3
+
+
+@L.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_ERROR:
+        os.write(2, text)
 
 
 def _init_backend() -> None:
     global _backend_ready
     if _backend_ready:
         return
-    from llama_cpp import _logger
-
     # llama.cpp prints pages of load logs to stderr by default; keep errors only unless debugging.
-    _logger.set_verbose(paths.debug())
+    if not paths.debug():
+        L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
     L.llama_backend_init()
     _backend_ready = True
 
@@ -218,6 +224,12 @@ class Model:
         else:
             L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
             self._seq.pop(seq_id, None)
+
+    def truncate(self, seq_id: int, keep: int) -> int:
+        """Keep at most the first ``keep`` cached tokens of a sequence (the server's prefix reuse
+        per slot); return how many remain (0 where the cache cannot drop a tail)."""
+        self._truncate(seq_id, keep)
+        return self.seq_len(seq_id)
 
     def _truncate(self, seq_id: int, keep: int) -> None:
         """Keep the first ``keep`` cached tokens of a sequence; fall back to a full clear where the

@@ -1,0 +1,110 @@
+"""The llama.cpp runtime on real (tiny synthetic) GGUF files: the token loop, KV reuse, batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ggufrun.errors import ConfigError, ContextOverflowError, InvalidGGUFError
+from ggufrun.runtime import GenStats, Model, Sampler, TokenDecoder, quantize
+from ggufrun.settings import Settings
+
+SETTINGS = Settings(n_ctx=256, threads=1, batch_size=64, ubatch_size=64)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model: Path):
+    with Model.load(tiny_model, SETTINGS, n_seq_max=2) as m:
+        yield m
+
+
+def greedy(model: Model, prompt: list[int], n: int, seq_id: int = 0, stats: GenStats | None = None) -> list[int]:
+    return list(model.generate(prompt, Sampler(model, temperature=0), max_tokens=n, seq_id=seq_id, stats=stats))
+
+
+def test_load_reports_model_facts(model: Model) -> None:
+    assert model.n_ctx == 256 and model.n_vocab > 256
+    assert model.chat_template and "im_start" in model.chat_template
+    assert model.load_seconds > 0
+
+
+def test_greedy_generation_is_deterministic_and_respects_max_tokens(model: Model) -> None:
+    prompt = model.tokenize("The river flows")
+    model.reset()
+    first = greedy(model, prompt, 12)
+    model.reset()
+    stats = GenStats()
+    second = greedy(model, prompt, 12, stats=stats)
+    assert first == second
+    assert len(first) <= 12
+    if len(first) == 12:
+        assert stats.finish_reason == "length"
+    assert stats.prompt_tokens == len(prompt) and stats.cached_tokens == 0
+
+
+def test_kv_cache_prefix_is_reused(model: Model) -> None:
+    model.reset()
+    prompt = model.tokenize("one two three four five")
+    reply = greedy(model, prompt, 4)
+    follow = prompt + reply + model.tokenize(" six", add_special=False)
+    stats = GenStats()
+    greedy(model, follow, 2, stats=stats)
+    # Everything but the last reply token (sampled, never decoded) and the new text is reused.
+    assert stats.cached_tokens >= len(prompt) + len(reply) - 1
+
+
+def test_batched_decode_matches_single_sequence(model: Model) -> None:
+    prompt = model.tokenize("Batching must not change results")
+    model.reset()
+    alone = greedy(model, prompt, 6, seq_id=0)
+    model.reset()
+    samplers = [Sampler(model, temperature=0), Sampler(model, temperature=0)]
+    idx = model.decode([(0, prompt, True), (1, prompt, True)])
+    outs: list[list[int]] = [[], []]
+    for _ in range(len(alone)):
+        toks = [model.sample(samplers[i], idx[i]) for i in range(2)]
+        for i in range(2):
+            outs[i].append(toks[i])
+        idx = model.decode([(0, [toks[0]], True), (1, [toks[1]], True)])
+    assert outs[0] == outs[1] == alone
+
+
+def test_token_decoder_never_splits_utf8(model: Model) -> None:
+    text = "naïve café 水"
+    dec = TokenDecoder(model)
+    assert "".join(dec.feed(t) for t in model.tokenize(text, add_special=False)) + dec.flush() == text
+
+
+def test_prompt_longer_than_context_is_a_clear_error(model: Model) -> None:
+    with pytest.raises(ContextOverflowError) as err:
+        greedy(model, [model.bos_id] * 300, 1)
+    assert err.value.n_tokens == 300 and err.value.n_ctx == 256
+
+
+def test_eval_logits_shape(model: Model) -> None:
+    tokens = model.tokenize("a b c d")
+    logits = model.eval_logits(tokens)
+    assert logits.shape == (len(tokens), model.n_vocab)
+
+
+def test_n_ctx_beyond_training_is_rejected(tiny_model: Path) -> None:
+    with pytest.raises(ConfigError, match="trained context"):
+        Model.load(tiny_model, Settings(n_ctx=10_000_000, threads=1))
+
+
+def test_invalid_file_never_reaches_llama_cpp(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(InvalidGGUFError):
+        Model.load(bad, SETTINGS)
+
+
+def test_quantize_makes_a_smaller_loadable_file(tiny_model_factory, tmp_path: Path) -> None:
+    src = tiny_model_factory("qwen2", "f16", True)
+    dst = quantize(src, tmp_path / "q4.gguf", "q4_0", threads=1)
+    assert dst.stat().st_size < src.stat().st_size
+    with Model.load(dst, SETTINGS) as m:
+        assert greedy(m, m.tokenize("hello"), 2) is not None
+    with pytest.raises(ConfigError, match="Unknown quant type"):
+        quantize(src, tmp_path / "x.gguf", "q9_z")
