@@ -24,7 +24,7 @@ from .settings import Settings
 _FLASH_ATTN = {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}
 _ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to the model's layer count
 _backend_ready = False
-_GGML_LOG_ERROR = 3
+_GGML_LOG_ERROR = 4  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
 @L.llama_log_callback
