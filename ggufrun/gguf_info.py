@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,10 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "weights": self.weights, "kv_cache": self.kv_cache, "gpu": self.gpu, "cpu": self.cpu,
+                "total": self.total}
+
 
 @dataclass(frozen=True)
 class GGUFInfo:
@@ -131,6 +135,11 @@ class GGUFInfo:
     sliding_window: int | None
     metadata: dict[str, Any] = field(repr=False)
     tensors: tuple[TensorInfo, ...] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts as plain JSON-able values (tensors left out; metadata included)."""
+        return {f.name: getattr(self, f.name) if f.name != "path" else str(self.path)
+                for f in fields(self) if f.name != "tensors"}
 
     def memory_estimate(self, n_ctx: int, n_gpu_layers: int = -1, kv_bytes_per_elem: float = 2.0,
                         n_ubatch: int = 512) -> MemoryEstimate:

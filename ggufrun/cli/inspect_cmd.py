@@ -1,0 +1,91 @@
+"""`ggufrun show`: GGUF facts read from the file header, and a memory estimate."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import load_registry
+
+_FALLBACK_N_CTX = 4096
+
+
+@click.command("show")
+@click.argument("model")
+@click.option("--n-ctx", type=click.IntRange(min=1), default=None,
+              help="Context for the memory estimate (default: the model's, capped at its registry n_ctx or 4096).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool) -> None:
+    """Show what a GGUF file holds, read from its header without loading the model.
+
+    MODEL is a registry name (it must be in the cache) or a path to a .gguf file.
+
+    \b
+    Examples:
+      ggufrun show gemma3-270m
+      ggufrun show ./q7.gguf --n-ctx 8192
+      ggufrun show qwen2-7b-q5 --json | jq .memory.total
+    """
+    from .. import fetch
+    from ..cache import human_size
+    from ..errors import NotCachedError
+    from ..gguf_info import inspect
+
+    spec = load_registry(ctx).resolve(model)
+    try:
+        path = fetch.ensure_local(spec, offline=True)
+    except NotCachedError:
+        raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {model}` first.") from None
+    info = inspect(path)
+    n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
+    cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
+    if as_json:
+        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict()}},
+                              indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=False, title=str(info.path), title_justify="left", box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    types = ", ".join(f"{t} x{n}" for t, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
+    template = f"yes ({info.template_family})" if info.chat_template else "none (the registry family is used)"
+    head_dim = f"{info.key_length}" + (f" / {info.value_length}" if info.value_length != info.key_length else "")
+    rows = [
+        ("architecture", info.architecture or "?"), ("name", info.name or ""),
+        ("parameters", human_count(info.parameter_count)), ("quant", info.file_type),
+        ("tensors", f"{info.n_tensors} ({types})"),
+        ("file size", f"{human_size(info.file_size)} (tensor data {human_size(info.tensor_bytes)}, GGUF v{info.version})"),
+        ("context length", _opt(info.context_length)), ("layers", _opt(info.block_count)),
+        ("embedding", _opt(info.embedding_length)), ("feed-forward", _opt(info.feed_forward_length)),
+        ("heads / KV heads", f"{_opt(info.head_count)} / {_opt(info.head_count_kv)}"), ("head dim", head_dim),
+        ("vocab", _opt(info.vocab_size)), ("BOS / EOS", f"{_opt(info.bos_token_id)} / {_opt(info.eos_token_id)}"),
+        ("chat template", template),
+        (f"memory @ n_ctx {n_ctx}", f"{human_size(cpu.total)} = weights {human_size(cpu.weights)} + KV cache (f16) "
+                                    f"{human_size(cpu.kv_cache)} + compute ~{human_size(cpu.compute)}"),
+        ("all layers on GPU", f"GPU {human_size(gpu.gpu)} + CPU {human_size(gpu.cpu)} (the token embedding stays in RAM)"),
+    ]
+    if info.sliding_window:
+        rows.insert(-3, ("sliding window", str(info.sliding_window)))
+    for key, value in rows:
+        table.add_row(key, Text(value))  # Text: a name with [brackets] is not markup
+    console = Console(highlight=False)
+    console.print(table, markup=False)
+    if cpu.note:
+        console.print(f"note: {cpu.note}", style="dim", markup=False)
+
+
+def _opt(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def human_count(n: int) -> str:
+    """A parameter count for people: 7.62 B, 268.10 M."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
