@@ -434,7 +434,7 @@ def _file_type(value: Any, bytes_by_type: dict[str, int], gguf: Any) -> str:
 
 def template_family(template: str | None) -> str | None:
     """Guess the chat family from a Jinja template's markers; "custom" when none matches."""
-    if not template:
+    if not template or not template.strip():
         return None
     for marker, family in _TEMPLATE_MARKERS:
         if marker in template:
