@@ -1,0 +1,59 @@
+"""`ggufrun serve`: parse flags into a ServeConfig and run the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..settings import FIELDS
+from .common import cli_settings, settings_options
+
+SETTINGS = tuple(FIELDS)
+
+
+@click.command("serve")
+@click.argument("name", required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Serve config TOML: several models, loaded on demand.")
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1; 0.0.0.0 listens on every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 13003).")
+@click.option("--served-model-name", "served_names", multiple=True, help="Name clients use for the model (repeatable); the registry name works too.")
+@click.option("--max-loaded", type=click.IntRange(1), default=None, help="Models resident at once; the least recently used is unloaded (default 3).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
+@click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
+@click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--cors", "cors", multiple=True, help="Allow browser requests from ORIGIN (repeatable; off by default).")
+@settings_options(*SETTINGS)
+@click.pass_context
+def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...], **kwargs: Any) -> None:
+    """Serve models over an OpenAI-compatible HTTP API with continuous batching.
+
+    \b
+    Examples:
+      ggufrun serve gemma3-270m
+      ggufrun serve qwen2-7b-q5 --port 13003 --served-model-name qwen2:7b --n-ctx 8192
+      ggufrun serve --config serve.toml --max-loaded 2
+      ggufrun serve gemma3-270m --host 0.0.0.0 --api-key "$KEY"
+    """
+    from ..server import is_loopback, run
+    from ..server.models import read_serve_config, single_model_config
+
+    settings = cli_settings(kwargs, *SETTINGS)
+    if (name is None) == (config_path is None):
+        raise click.UsageError("Give a model NAME or --config FILE (one of them).")
+    if config_path is not None and served_names:
+        raise click.UsageError("--served-model-name names the model given as NAME; in --config use served_model_name.")
+    if config_path is not None:
+        config = read_serve_config(config_path).with_settings(settings)
+    else:
+        config = single_model_config(name, served_names, settings)  # type: ignore[arg-type]
+    config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, models_file=_models_file(ctx), **kwargs)
+    if not is_loopback(config.host) and not config.api_key:
+        click.echo(f"Warning: listening on {config.host} without --api-key: anyone who can reach this port can use the models.", err=True)
+    run(config, preload=name is not None)
+
+
+def _models_file(ctx: click.Context) -> Path | None:
+    models_file = (ctx.find_root().obj or {}).get("models_file")
+    return Path(models_file) if models_file else None

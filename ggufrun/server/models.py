@@ -1,0 +1,311 @@
+"""Which models a server offers, how requests name them, and which of them are resident.
+
+A serve config (``--config serve.toml``) lists models, each with its own settings::
+
+    [server]                    # every key optional; command-line flags win
+    host = "127.0.0.1"
+    port = 13003
+    max_loaded = 2              # resident models at most; the least recently used goes first
+    parallel = 4                # default slots per model (sequences decoded together)
+    max_queue = 64
+    api_key = "..."
+    cors = ["http://localhost:3000"]
+
+    [[models]]
+    model = "qwen2-7b-q5"           # a registry name, hf:/ms: reference or a .gguf path
+    served_model_name = ["qwen2:7b"] # names clients use (vLLM's --served-model-name); the model name works too
+    parallel = 2
+    embeddings = true               # serve /v1/embeddings from a second context (default true)
+    n_ctx = 8192                    # any ggufrun setting: n_gpu_layers, flash_attn, temperature...
+
+A model loads on its first request, on its own engine thread. ``n_ctx`` is per request, as
+Ollama's num_ctx: a model with ``parallel = 4`` gets a KV cache of 4 x n_ctx cells (capped at the
+trained length), so four full-length requests fit at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, GgufrunError, UnknownModelError
+from ..settings import FIELDS, coerce, load_toml
+from .engine import Backend, Engine, ShuttingDownError
+from .metrics import Metrics
+
+log = logging.getLogger("ggufrun.server")
+
+DEFAULT_PORT = 13003
+_SERVER_KEYS = {"host", "port", "max_loaded", "parallel", "max_queue", "api_key", "cors", "max_body_bytes"}
+_MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings"}
+EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model: what to load, the names it answers to, its settings table."""
+
+    model: str
+    served_names: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+    parallel: int | None = None  # None: the server's --parallel
+    embeddings: bool = True
+
+    @property
+    def id(self) -> str:
+        """The name /v1/models lists first and responses carry."""
+        return self.served_names[0] if self.served_names else self.model
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    models: tuple[ModelConfig, ...]
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_loaded: int = 3  # as OLLAMA_MAX_LOADED_MODELS on a CPU
+    parallel: int = 4
+    max_queue: int = 64
+    api_key: str | None = None
+    cors: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * 1024 * 1024
+    models_file: Path | None = None  # the --models overlay for the registry
+
+    def with_overrides(self, **values: Any) -> "ServeConfig":
+        """Command-line values (None = not given) over the file's."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def with_settings(self, settings: dict[str, Any]) -> "ServeConfig":
+        """Command-line settings flags over every model's table (the command line wins)."""
+        given = {k: coerce(k, v, "command line") for k, v in settings.items() if v is not None}
+        return replace(self, models=tuple(replace(m, settings={**m.settings, **given}) for m in self.models))
+
+
+def read_serve_config(path: Path) -> ServeConfig:
+    """Parse a serve config strictly; errors name the file and the bad key."""
+    data = load_toml(path)
+    unknown = set(data) - {"server", "models"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}.", "Use [server] and [[models]].")
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: [server] must be a table.")
+    bad = set(server) - _SERVER_KEYS
+    if bad:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(bad))} in [server].", f"Allowed: {', '.join(sorted(_SERVER_KEYS))}.")
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(f"{path}: no models.", 'Add a [[models]] table with model = "NAME".')
+    models = tuple(_model_from_toml(raw, f"{path} [[models]] #{i + 1}") for i, raw in enumerate(raw_models))
+    _check_names(models, str(path))
+    values: dict[str, Any] = {}
+    for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes"):
+        if key in server:
+            values[key] = _positive_int(server[key], f"{path} [server] {key}", allow_zero=key == "max_queue")
+    if "host" in server:
+        values["host"] = str(server["host"])
+    if "api_key" in server:
+        values["api_key"] = str(server["api_key"]) or None
+    if "cors" in server:
+        cors = server["cors"]
+        values["cors"] = tuple([cors] if isinstance(cors, str) else [str(c) for c in cors])
+    return ServeConfig(models=models, **values)
+
+
+def single_model_config(name: str, served_names: tuple[str, ...], settings: dict[str, Any]) -> ServeConfig:
+    """The config of ``ggufrun serve NAME``: one model whose settings come from the flags."""
+    models = (ModelConfig(model=name, served_names=served_names),)
+    _check_names(models, "the command line")
+    return ServeConfig(models=models).with_settings(settings)
+
+
+def _model_from_toml(raw: Any, where: str) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table.")
+    unknown = set(raw) - _MODEL_KEYS - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}.",
+                          f"Allowed: {', '.join(sorted(_MODEL_KEYS))} and the settings {', '.join(FIELDS)}.")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError(f'{where} needs model = "NAME" (a registry name or a .gguf path).')
+    names = raw.get("served_model_name", [])
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ConfigError(f"{where}: served_model_name must be a name or a list of names.")
+    settings = {k: coerce(k, v, where) for k, v in raw.items() if k in FIELDS}
+    parallel = _positive_int(raw["parallel"], f"{where} parallel") if "parallel" in raw else None
+    embeddings = raw.get("embeddings", True)
+    if not isinstance(embeddings, bool):
+        raise ConfigError(f"{where}: embeddings must be true or false.")
+    return ModelConfig(model=model.strip(), served_names=tuple(n.strip() for n in names), settings=settings,
+                       parallel=parallel, embeddings=embeddings)
+
+
+def _positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ConfigError(f"{where} must be an integer >= {0 if allow_zero else 1} (got {value!r}).")
+    return value
+
+
+def _check_names(models: tuple[ModelConfig, ...], where: str) -> None:
+    seen: dict[str, str] = {}
+    for cfg in models:
+        for name in (*cfg.served_names, cfg.model):
+            if seen.get(name, cfg.model) != cfg.model:
+                raise ConfigError(f"{where}: the name '{name}' is used by two models ({seen[name]} and {cfg.model}).")
+            seen[name] = cfg.model
+
+
+class ModelPool:
+    """The served models: name lookup, load on first use, at most ``max_loaded`` resident (LRU)."""
+
+    def __init__(self, config: ServeConfig, registry: Any, metrics: Metrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self._engines: OrderedDict[str, Engine] = OrderedDict()  # by ModelConfig.id, least recently used first
+        self._load_lock = asyncio.Lock()
+        self._names: dict[str, ModelConfig] = {}
+        for cfg in config.models:
+            for name in (*cfg.served_names, cfg.model):
+                self._names.setdefault(name, cfg)
+        metrics.add_gauges(self._gauges)
+
+    def ids(self) -> list[str]:
+        return [cfg.id for cfg in self.config.models]
+
+    def lookup(self, name: str | None) -> ModelConfig:
+        """The model a request names (the first one when it names none); raise UnknownModelError (404)."""
+        if not name:
+            return self.config.models[0]
+        cfg = self._names.get(name) or self._by_registry_name(name)
+        if cfg is None:
+            raise UnknownModelError(f"Model '{name}' is not served here.", f"Served models: {', '.join(self.ids())}.")
+        return cfg
+
+    def _by_registry_name(self, name: str) -> ModelConfig | None:
+        """A registry spelling of a served model ("gemma3-270m:q4_k_m" for "gemma3-270m")."""
+        try:
+            wanted = self.registry.resolve(name).name
+        except GgufrunError:
+            return None
+        for cfg in self.config.models:
+            try:
+                if self.registry.resolve(cfg.model).name == wanted:
+                    self._names[name] = cfg
+                    return cfg
+            except GgufrunError:
+                continue
+        return None
+
+    def status(self) -> str:
+        """'loading' while any model loads, else 'ready'."""
+        return "loading" if any(e.state == "loading" for e in self._engines.values()) else "ready"
+
+    def loaded(self) -> dict[str, str]:
+        return {name: engine.state for name, engine in self._engines.items()}
+
+    async def acquire(self, cfg: ModelConfig) -> Engine:
+        """The model's ready engine, loading it (and evicting the LRU idle one) when needed. The
+        caller must ``release`` after submitting, so the engine is not evicted in between."""
+        async with self._load_lock:
+            engine = self._engines.get(cfg.id)
+            if engine is None or engine.state in ("failed", "stopped"):
+                if engine is not None:
+                    del self._engines[cfg.id]  # a failed load is retried by the next request
+                await self._make_room()
+                engine = self._start(cfg)
+            self._engines.move_to_end(cfg.id)
+            engine.leases += 1
+        try:
+            await engine.wait_ready()
+        except BaseException:
+            engine.leases -= 1
+            raise
+        return engine
+
+    def release(self, engine: Engine) -> None:
+        engine.leases -= 1
+
+    def preload(self, cfg: ModelConfig) -> None:
+        """Start loading a model now (``ggufrun serve NAME``), so /health says loading, then ready."""
+        if cfg.id not in self._engines:
+            self._engines[cfg.id] = self._start(cfg)
+
+    def _start(self, cfg: ModelConfig) -> Engine:
+        parallel = cfg.parallel or self.config.parallel
+        engine = Engine(cfg.id, lambda: self._load(cfg, parallel), parallel=parallel, max_queue=self.config.max_queue,
+                        metrics=self.metrics, load_embedder=_load_embedder if cfg.embeddings else None)
+        self._engines[cfg.id] = engine
+        log.info("loading model %s (%s)", cfg.id, cfg.model)
+        return engine.start()
+
+    async def _make_room(self) -> None:
+        waited = 0.0
+        while len(self._engines) >= self.config.max_loaded:
+            idle = [e for e in self._engines.values() if not e.busy() and e.state != "loading"]
+            if idle:
+                victim = idle[0]  # the OrderedDict keeps least recently used first
+                del self._engines[victim.name]
+                log.info("unloading model %s (least recently used; --max-loaded %d)", victim.name, self.config.max_loaded)
+                victim.stop()
+                await asyncio.to_thread(victim.join, 10.0)
+                continue
+            if waited >= EVICT_WAIT:
+                raise ShuttingDownError(f"All {len(self._engines)} resident models are busy; cannot load another now.",
+                                        "Retry later, or raise --max-loaded.")
+            await asyncio.sleep(0.1)
+            waited += 0.1
+
+    def _load(self, cfg: ModelConfig, parallel: int) -> Backend:
+        """Runs on the engine thread: fetch if needed, load with one KV cache for every slot."""
+        from ..fetch import ensure_local
+        from ..gguf_info import inspect
+        from ..loader import open_model
+        from ..settings import resolve
+        from ..templates import select_template
+
+        spec = self.registry.resolve(cfg.model)
+        per_request = resolve(spec.defaults, cfg.settings)
+        trained = inspect(ensure_local(spec)).context_length or per_request.n_ctx
+        n_ctx_seq = min(per_request.n_ctx or trained, trained)
+        total = min(n_ctx_seq * parallel, trained) if parallel > 1 else n_ctx_seq
+        loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": total}, n_seq_max=parallel)
+        model = loaded.model
+        bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
+        eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
+        template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
+        return Backend(model=model, settings=per_request, template=template, n_ctx_seq=min(n_ctx_seq, model.n_ctx),
+                       description=model.description)
+
+    def _gauges(self) -> dict[str, dict[str, float]]:
+        queue, active, loaded = {}, {}, {}
+        for name, engine in list(self._engines.items()):
+            running, waiting = engine.counts()
+            queue[name], active[name] = float(waiting), float(running)
+            loaded[name] = 1.0 if engine.state == "ready" else 0.0
+        return {"ggufrun_queue_depth": queue, "ggufrun_active_requests": active, "ggufrun_model_loaded": loaded}
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop every engine: running requests get ``grace`` seconds, then are cut."""
+        engines = list(self._engines.values())
+        self._engines.clear()
+        for engine in engines:
+            engine.stop(grace)
+        for engine in engines:
+            await asyncio.to_thread(engine.join, grace + 2.0)
+
+
+def _load_embedder(backend: Backend) -> Any:
+    """A second context over the same file with embeddings on; raises when llama.cpp refuses."""
+    from ..runtime import Model
+
+    settings = replace(backend.settings, n_ctx=backend.settings.batch_size)
+    try:
+        return Model.load(backend.model.path, settings, embeddings=True, validate=False)
+    except GgufrunError as exc:
+        raise GgufrunError(f"This model cannot produce embeddings: {exc.message}") from None
