@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -193,8 +193,8 @@ def _explicit_shape(text: str) -> ShapeSpec:
 
 
 def _check(spec: ShapeSpec) -> None:
-    ints = [f.name for f in fields(spec) if f.type == "int"]
-    bad = [n for n in ints if getattr(spec, n) < 1]
+    sizes = ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "context_length")
+    bad = [n for n in sizes if getattr(spec, n) < 1] + (["head_dim"] if spec.head_dim is not None and spec.head_dim < 1 else [])
     if bad:
         raise ConfigError(f"Shape '{spec.name}': {', '.join(bad)} must be positive.")
     if spec.head_dim is None and spec.n_embd % spec.n_head:
