@@ -44,6 +44,10 @@ def _init_backend() -> None:
     _backend_ready = True
 
 
+def _has_amx() -> bool:
+    return "AMX_INT8 = 1" in L.llama_print_system_info().decode("utf-8", "replace")
+
+
 @dataclass
 class GenStats:
     """Counts and timings of one generate() call, as `ollama run --verbose` reports them."""
@@ -115,6 +119,10 @@ class Model:
         started = time.perf_counter()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = _ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+        if _has_amx():
+            # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
+            # tested (a -march=native build); the plain CPU buffers are correct and nearly as fast.
+            mparams.use_extra_bufts = False
         model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not model_ptr:
             raise ModelLoadError(f"llama.cpp could not load {path}.", "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")
