@@ -1,0 +1,206 @@
+"""ggufrun bench and ggufrun quantize: real runs on tiny synthetic models and on gemma3-270m."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from ggufrun import bench, report
+from ggufrun.cli.main import main
+from ggufrun.settings import Settings
+from ggufrun.synthetic import write_synthetic
+from sse_server import SSEServer
+
+FAST = ["-p", "32", "-n", "16", "-r", "2"]
+BASE = Settings(threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    for quant in ("f16", "q8_0"):
+        write_synthetic(folder / f"tiny-{quant}.gguf", shape="tiny", quant=quant)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tiny_dir: Path) -> bench.BenchRun:
+    """A 2x2 sweep (threads x flash-attn) of one tiny model, measured once for several tests."""
+    targets = bench.resolve_targets(str(tiny_dir / "tiny-q8_0.gguf"), [])
+    configs = bench.plan(targets, {"threads": [1, 2], "flash_attn": ["on", "off"]}, BASE, 32, 16)
+    return bench.run(configs, base=BASE, n_prompt=32, n_gen=16, reps=2)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sweep_of_2x2_gives_4_measured_rows(sweep_run: bench.BenchRun) -> None:
+    data = report.rows(sweep_run)
+    assert len(data) == 4
+    assert {(r["threads"], r["flash_attn"]) for r in data} == {(1, "on"), (1, "off"), (2, "on"), (2, "off")}
+    for row, result in zip(data, sweep_run.results):
+        assert row["error"] == ""
+        assert row["pp_tps"] > 0 and row["tg_tps"] > 0 and row["load_s"] > 0
+        assert row["peak_rss_bytes"] > 10 * 2**20 and row["file_bytes"] > 0
+        assert row["quality_note"] == bench.SYNTHETIC_NOTE
+        # raw rows: 2 repetitions of each test; the mean is derived from them
+        assert [(s.test, s.rep) for s in result.samples] == [("pp", 0), ("pp", 1), ("tg", 0), ("tg", 1)]
+        rates = [32 / s.seconds for s in result.samples if s.test == "pp"]
+        assert row["pp_tps"] == pytest.approx(sum(rates) / 2, rel=1e-3)
+
+
+def test_every_format_parses_and_holds_the_columns(sweep_run: bench.BenchRun, tmp_path: Path) -> None:
+    table = list(csv.DictReader(io.StringIO(report.to_csv(sweep_run))))
+    assert len(table) == 4 and set(table[0]) == set(report.COLUMNS)
+    doc = json.loads(report.to_json(sweep_run))
+    assert len(doc["rows"]) == 4 and set(doc["rows"][0]) == set(report.COLUMNS)
+    assert len(doc["samples"]) == 16
+    env = doc["environment"]
+    assert env["cpu"] and env["cpu_cores_logical"] >= 1 and env["ggufrun"] and env["time"]
+    assert "CPU" in env["llama_cpp_system_info"]
+    md = report.to_markdown(sweep_run).splitlines()
+    assert md[0].startswith("| model |") and "pp32 t/s" in md[0] and "tg16 t/s" in md[0]
+    assert len([line for line in md if line.startswith("| ")]) == 5  # header + 4 rows
+    written = report.write(sweep_run, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"bench.csv", "bench.json", "bench.md", "tokens_per_s.png", "memory.png"} <= names
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_failing_configurations_are_rows_with_reasons(capsys: pytest.CaptureFixture[str], tiny_dir: Path) -> None:
+    # n_ctx beyond the model's trained length fails to load; the other configuration still runs
+    code, out, _ = run_cli(capsys, "bench", str(tiny_dir / "tiny-q8_0.gguf"), *FAST, "--n-ctx", "64,99999999",
+                           "--threads", "1", "--format", "json", "--no-quality")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert [bool(r["error"]) for r in rows] == [False, True]
+    assert "trained context" in rows[1]["error"] and rows[1]["pp_tps"] is None
+
+
+def test_cli_synthetic_quants_with_unknown_quant(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z", *FAST,
+                           "--threads", "1", "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["quant"] for r in rows] == ["q8_0", "q9_z"]
+    assert rows[0]["error"] == "" and float(rows[0]["tg_tps"]) > 0
+    assert rows[0]["quality_note"] == bench.SYNTHETIC_NOTE
+    assert "q9_z" in rows[1]["error"]
+
+
+def test_cli_output_dir_and_table(capsys: pytest.CaptureFixture[str], tiny_dir: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # rich's width when stdout is not a terminal
+    code, out, _ = run_cli(capsys, "bench", str(tiny_dir / "tiny-q8_0.gguf"), *FAST, "--threads", "1",
+                           "--no-quality", "-o", str(tmp_path / "res"))
+    assert code == 0
+    assert "pp32 t/s" in out and "tiny-q8_0.gguf" in out
+    assert (tmp_path / "res" / "bench.json").exists() and (tmp_path / "res" / "tokens_per_s.png").exists()
+
+
+def test_bad_sweep_value_is_one_line_error(capsys: pytest.CaptureFixture[str], tiny_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "bench", str(tiny_dir / "tiny-q8_0.gguf"), "--flash-attn", "on,maybe")
+    assert code != 0 and err.startswith("Error: Invalid flash_attn='maybe'")
+    code, _, err = run_cli(capsys, "bench")
+    assert code != 0 and err.startswith("Error: Give a model name")
+
+
+def test_ctrl_c_keeps_measured_rows(tiny_dir: Path) -> None:
+    targets = bench.resolve_targets(str(tiny_dir / "tiny-q8_0.gguf"), [])
+    configs = bench.plan(targets, {"threads": [1, 1, 1]}, BASE, 16, 8)
+
+    def progress(done: int, total: int, what: str) -> None:
+        if done == 1:  # what SIGINT does in the main thread while the second config starts
+            raise KeyboardInterrupt
+
+    run = bench.run(configs, base=BASE, n_prompt=16, n_gen=8, reps=1, progress=progress)
+    assert run.interrupted and len(run.results) == 1 and run.results[0].ok
+    assert "Interrupted" in report.to_markdown(run)
+
+
+def test_quality_against_reference(tiny_dir: Path, tmp_path: Path) -> None:
+    """KL, top-1 and perplexity computed from the real logits of two files (marked non-synthetic
+    here to exercise the maths; synthetic runs report n/a)."""
+    text = tmp_path / "t.txt"
+    text.write_text(Path(bench.DEFAULT_TEXT).read_text()[:1500])
+    targets = [bench.Target(label=q, quant=q, path=tiny_dir / f"tiny-{q}.gguf") for q in ("f16", "q8_0")]
+    configs = bench.plan(targets, {}, BASE, 8, 4)
+    run = bench.run(configs, base=BASE, n_prompt=8, n_gen=4, reps=1, text=text, quality_ctx=64)
+    ref, q8 = run.quality["f16"], run.quality["q8_0"]
+    assert ref.reference == "f16" == q8.reference  # the largest file is the reference
+    assert ref.kl_divergence == pytest.approx(0.0, abs=1e-6) and ref.top1_agreement == 1.0
+    assert q8.kl_divergence is not None and q8.kl_divergence >= 0 and 0 <= q8.top1_agreement <= 1
+    assert ref.tokens > 0 and ref.perplexity > 1 and q8.perplexity > 1
+
+
+def test_quantize_makes_smaller_files_that_load(capsys: pytest.CaptureFixture[str], tiny_dir: Path, tmp_path: Path) -> None:
+    from ggufrun.runtime import Model
+
+    src = tiny_dir / "tiny-f16.gguf"
+    code, out, _ = run_cli(capsys, "quantize", str(src), "--to", "q4_0,q8_0", "--out-dir", str(tmp_path))
+    assert code == 0
+    made = [Path(line.split("\t")[2]) for line in out.splitlines()]
+    assert [p.name for p in made] == ["tiny-q4_0.gguf", "tiny-q8_0.gguf"]
+    assert made[0].stat().st_size < made[1].stat().st_size < src.stat().st_size
+    for path in made:
+        with Model.load(path, BASE.updated({"n_ctx": 64}, "test")) as model:
+            assert model.decode([(0, [1, 2, 3], True)]) == [2]
+    code, _, err = run_cli(capsys, "quantize", str(src), "--to", "q9_z")
+    assert code != 0 and err.startswith("Error: Unknown quant type(s): q9_z.")
+
+
+def test_derive_from_a_local_file(tiny_dir: Path) -> None:
+    targets = bench.resolve_targets(str(tiny_dir / "tiny-f16.gguf"), ["q4_0"])
+    assert len(targets) == 1 and not targets[0].error
+    assert targets[0].path is not None and targets[0].path.stat().st_size < (tiny_dir / "tiny-f16.gguf").stat().st_size
+    assert targets[0].synthetic
+
+
+def test_quantized_name() -> None:
+    assert bench.quantized_name(Path("gemma-3-270m-q4_k_m.gguf"), "q8_0") == "gemma-3-270m-q8_0.gguf"
+    assert bench.quantized_name(Path("model.gguf"), "q4_0") == "model-q4_0.gguf"
+
+
+def test_load_mode_against_a_real_server(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with SSEServer() as server:
+        code, out, _ = run_cli(capsys, "bench", "--url", server.url, "--model", "m", "--concurrency", "1,2",
+                               "--requests", "4", "--max-tokens", "8", "--format", "json", "-o", str(tmp_path))
+    assert code == 0
+    levels = json.loads(out)["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    assert all(lv["errors"] == 0 and lv["tokens"] == 32 for lv in levels)
+    assert (tmp_path / "load.csv").exists() and (tmp_path / "load.png").exists()
+
+
+def test_gemma_bench_by_name(capsys: pytest.CaptureFixture[str], gemma_in_cache: Path) -> None:
+    code, out, _ = run_cli(capsys, "bench", "gemma3-270m", *FAST, "--threads", "2", "--format", "csv", "--no-quality")
+    assert code == 0
+    (row,) = list(csv.DictReader(io.StringIO(out)))
+    assert row["model"] == "gemma3-270m:q4_k_m" and row["error"] == ""
+    assert float(row["pp_tps"]) > 0 and float(row["tg_tps"]) > 0
+
+
+@pytest.mark.slow
+def test_gemma_quality_against_a_derived_quant(capsys: pytest.CaptureFixture[str], gemma_in_cache: Path) -> None:
+    """q8_0 is not published for gemma3-270m: derived from q4_k_m, then compared with it."""
+    code, out, _ = run_cli(capsys, "bench", "gemma3-270m", "--quants", "q4_k_m,q8_0", "--derive-from", "q4_k_m",
+                           *FAST, "--threads", "2", "--format", "json")
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert [r["error"] for r in rows] == ["", ""]
+    by_quant = {r["quant"]: r for r in rows}
+    assert by_quant["q8_0"]["kl_divergence"] == 0 and by_quant["q4_k_m"]["kl_divergence"] > 0
+    assert 5 < by_quant["q8_0"]["perplexity"] < 200
