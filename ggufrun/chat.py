@@ -1,0 +1,376 @@
+"""ChatSession: the conversation, its template, KV-cache reuse, context trimming and /commands.
+
+No I/O happens here (no terminal, no rich, no click): the REPL in ``cli/chat_cmd.py`` reads lines,
+hands them to :meth:`ChatSession.ask` or :meth:`ChatSession.command`, and prints what comes back.
+Each turn re-renders the whole conversation, and ``Model.generate`` evaluates only the tokens
+that are not already in the KV cache, so a follow-up question costs its own tokens, not the
+history's.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import ConfigError, ContextOverflowError, GgufrunError
+from .settings import FIELDS, Settings, coerce
+from .templates import ChatTemplate, select_template
+
+if TYPE_CHECKING:
+    from .runtime import GenStats, Model
+
+SAVE_FORMAT = "ggufrun-chat"
+# Settings /set may change while the model stays loaded; the rest need a reload.
+SETTABLE = tuple(name for name, f in FIELDS.items() if f.sampling) + ("seed", "template")
+
+HELP = """Commands:
+  /help               this list
+  /reset              forget the conversation (the system prompt stays)
+  /system [TEXT]      show or replace the system prompt (TEXT may be @NAME or a file)
+  /set [KEY VALUE]    show settings, or change one: {keys}
+  /save FILE          write the conversation to a JSON file
+  /load FILE          restore a conversation written by /save
+  /stats              token counts, KV-cache reuse and speed
+  /exit               leave (Ctrl-D does too)
+Multi-line input: end a line with \\ to continue it, or wrap the text in \"\"\" lines.
+Ctrl-C stops a reply and keeps the session."""
+
+
+@dataclass
+class CommandResult:
+    """What a /command produced: text to show, and whether the session should end."""
+
+    text: str = ""
+    exit: bool = False
+
+
+class Reply:
+    """One assistant reply, streamed: iterate for text pieces as tokens arrive.
+
+    ``notice`` is set before the first piece when older turns were dropped to make room.
+    :meth:`cancel` (safe from a signal handler) stops after the current token; the text produced
+    so far stays in the conversation. ``stats`` is filled as generation goes.
+    """
+
+    def __init__(self, session: "ChatSession", tokens: list[int], notice: str | None) -> None:
+        from .runtime import GenStats
+
+        self.notice = notice
+        self.stats: GenStats = GenStats()
+        self.text = ""
+        self.cancelled = False
+        self._session = session
+        self._tokens = tokens
+        self._stream = self._generate()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._stream
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        """Stop generating (if still running) and record the reply in the conversation."""
+        self._stream.close()
+
+    def _generate(self) -> Iterator[str]:
+        from .runtime import TokenDecoder
+
+        session = self._session
+        model = session.model
+        feed = TokenDecoder(model).feed
+        stop_ids = session._stop_ids
+        text_stops = session._text_stops
+        parts: list[str] = []
+        pending = ""  # text held back while it could be the start of a stop string
+        gen = model.generate(self._tokens, session._sampler, max_tokens=session.settings.max_tokens, stats=self.stats)
+        try:
+            # The hot loop: a set lookup, one decode of cached bytes and a yield per token.
+            for tok in gen:
+                if self.cancelled or tok in stop_ids:
+                    break
+                piece = feed(tok)
+                if not piece:
+                    continue
+                if text_stops:
+                    pending += piece
+                    piece, pending, hit = _split_stop(pending, text_stops)
+                    if piece:
+                        parts.append(piece)
+                        yield piece
+                    if hit:
+                        pending = ""
+                        break
+                    continue
+                parts.append(piece)
+                yield piece
+            if pending:
+                parts.append(pending)
+                yield pending
+        finally:
+            gen.close()
+            self.text = "".join(parts)
+            session._record(self)
+
+
+def _split_stop(pending: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """Split ``pending`` into (text safe to show, text held back, whether a stop string was hit)."""
+    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+    if hits:
+        return pending[: min(hits)], "", True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(pending)), hold, -1):
+            if pending.endswith(s[:k]):
+                hold = k
+                break
+    return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
+
+
+class ChatSession:
+    """A conversation with one loaded model; does no I/O.
+
+    ``family`` is the registry's template family (or one guessed from the file) used when the
+    GGUF has no template of its own; ``settings.template`` overrides both.
+    """
+
+    def __init__(self, model: "Model", settings: Settings, *, family: str | None = None, system: str | None = None,
+                 model_name: str = "") -> None:
+        self.model = model
+        self.settings = settings
+        self.family = family
+        self.system = system
+        self.model_name = model_name or model.path.name
+        self.history: list[dict[str, str]] = []
+        self.last_stats: GenStats | None = None
+        self.totals = {"turns": 0, "prompt_tokens": 0, "cached_tokens": 0, "gen_tokens": 0, "gen_seconds": 0.0}
+        self._sampler: Any = None
+        self.template = self._select_template(settings.template)
+        self._new_sampler()
+
+    # ---- templates and sampling --------------------------------------------------------
+
+    def _select_template(self, name: str) -> ChatTemplate:
+        model = self.model
+        bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
+        eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
+        template = select_template(model.chat_template, self.family, name, bos_token=bos, eos_token=eos)
+        # A stop string that is one token in this vocabulary is matched by id (cheap, and control
+        # tokens print as nothing); longer ones are matched in the text.
+        ids, texts = set(), []
+        for s in template.stop:
+            toks = model.tokenize(s, add_special=False, parse_special=True)
+            if len(toks) == 1:
+                ids.add(toks[0])
+            elif toks:
+                texts.append(s)
+        self._stop_ids, self._text_stops = frozenset(ids), tuple(texts)
+        return template
+
+    def _new_sampler(self) -> None:
+        from .runtime import Sampler
+
+        if self._sampler is not None:
+            self._sampler.close()
+        self._sampler = Sampler.from_settings(self.model, self.settings)
+
+    # ---- the conversation ----------------------------------------------------------------
+
+    def messages(self, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The conversation (or ``history``) as the template sees it: the system prompt first, if any."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + (self.history if history is None else history)
+
+    def tokens(self, history: list[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """The conversation (or ``history`` after the system prompt) rendered and tokenized, with
+        BOS added where the model wants one, once."""
+        text = self.template.render(self.messages(history), add_generation_prompt=add_generation_prompt)
+        tokens = self.model.tokenize(text, add_special=True, parse_special=True)
+        bos = self.model.bos_id
+        # Templates that write {{ bos_token }} themselves would otherwise start with two BOS tokens.
+        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
+            del tokens[0]
+        return tokens
+
+    def reply_room(self) -> int:
+        """Context kept free for the reply when deciding whether the history must be trimmed."""
+        return min(self.settings.max_tokens or 256, self.model.n_ctx // 4)
+
+    def ask(self, text: str) -> Reply:
+        """Add a user message and start the reply; drop the oldest turns when the conversation would
+        not fit. Raise ContextOverflowError (the message is not kept) when it alone is too long."""
+        kept = self.history + [{"role": "user", "content": text}]
+        limit = self.model.n_ctx - self.reply_room()
+        dropped = 0
+        while True:
+            tokens = self.tokens(kept)
+            if len(tokens) <= limit:
+                break
+            if len(kept) == 1:
+                raise ContextOverflowError(
+                    f"That message needs {len(tokens)} tokens with the conversation's template; the context holds "
+                    f"{self.model.n_ctx}, {self.reply_room()} of them kept for the reply.",
+                    "Shorten it, or restart with a larger --n-ctx.", n_tokens=len(tokens), n_ctx=self.model.n_ctx,
+                )
+            # Drop the oldest exchange: a user turn and the reply that followed it.
+            del kept[0]
+            if kept[0]["role"] == "assistant":
+                del kept[0]
+            dropped += 1
+        self.history = kept
+        notice = None
+        if dropped:
+            what = "turn" if dropped == 1 else f"{dropped} turns"
+            notice = f"The conversation passed the {self.model.n_ctx}-token context: dropped the oldest {what}" + (
+                " (the system prompt stays)." if self.system else ".")
+        self._sampler.reset()
+        return Reply(self, tokens, notice)
+
+    def _record(self, reply: Reply) -> None:
+        """Called when a reply ends (finished, stopped or cancelled): keep it and count it."""
+        if reply.text:
+            self.history.append({"role": "assistant", "content": reply.text})
+        elif self.history and self.history[-1]["role"] == "user":
+            self.history.pop()  # nothing was said: forget the question rather than leave it unanswered
+        st = reply.stats
+        self.last_stats = st
+        t = self.totals
+        t["turns"] += 1
+        t["prompt_tokens"] += st.prompt_tokens
+        t["cached_tokens"] += st.cached_tokens
+        t["gen_tokens"] += st.gen_tokens
+        t["gen_seconds"] += st.gen_seconds
+
+    def reset(self) -> None:
+        """Forget the conversation (not the system prompt) and clear the KV cache."""
+        self.history.clear()
+        self.model.reset(0)
+
+    # ---- /commands ------------------------------------------------------------------------
+
+    @staticmethod
+    def is_command(line: str) -> bool:
+        return line.startswith("/") and not line.startswith("//")
+
+    def command(self, line: str) -> CommandResult:
+        """Run one /command; raise a GgufrunError (one line) for bad input, leaving the session as it was."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        name = name.lower()
+        if name in ("/exit", "/quit", "/bye"):
+            return CommandResult(exit=True)
+        if name in ("/help", "/?"):
+            return CommandResult(HELP.format(keys=", ".join(SETTABLE)))
+        if name == "/reset":
+            self.reset()
+            return CommandResult("Conversation cleared.")
+        if name == "/system":
+            return self._cmd_system(arg)
+        if name == "/set":
+            return self._cmd_set(arg)
+        if name == "/save":
+            return CommandResult(f"Saved {len(self.history)} messages to {self.save(_one_path(arg, '/save'))}.")
+        if name == "/load":
+            path = self.load(_one_path(arg, "/load"))
+            return CommandResult(f"Loaded {len(self.history)} messages from {path}.")
+        if name == "/stats":
+            return CommandResult(self.stats_text())
+        raise ConfigError(f"Unknown command '{name}'.", "Type /help for the list.")
+
+    def _cmd_system(self, arg: str) -> CommandResult:
+        from .prompts import resolve_system
+
+        if not arg:
+            return CommandResult(f"System prompt: {self.system}" if self.system else "No system prompt.")
+        self.system = resolve_system(arg)
+        return CommandResult("System prompt set.")
+
+    def _cmd_set(self, arg: str) -> CommandResult:
+        if not arg:
+            return CommandResult("\n".join(f"  {k} = {getattr(self.settings, k)}" for k in SETTABLE))
+        key, _, value = arg.partition(" ")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not value:
+            raise ConfigError(f"/set {key} needs a value.", "Example: /set temperature 0.3")
+        checked = coerce(key, value, "/set")  # unknown keys and bad values fail here, as for flags
+        if key not in SETTABLE:
+            raise ConfigError(f"'{key}' cannot change while the model is loaded.", f"Restart with --{key.replace('_', '-')}; /set takes {', '.join(SETTABLE)}.")
+        settings = replace(self.settings, **{key: checked})
+        if key == "template":
+            self.template = self._select_template(checked)
+        self.settings = settings
+        if key != "template":
+            self._new_sampler()
+        if key == "template":
+            return CommandResult(f"Template: {self.template.describe()}.")
+        return CommandResult(f"{key} = {checked}")
+
+    def stats_text(self) -> str:
+        """The /stats report: the conversation's size, KV-cache reuse and the last reply's speed."""
+        m, t = self.model, self.totals
+        lines = [
+            f"model: {self.model_name} ({m.description}), template: {self.template.describe()}",
+            f"conversation: {len(self.history)} messages; KV cache: {m.seq_len(0)} of {m.n_ctx} tokens",
+        ]
+        st = self.last_stats
+        if st is not None:
+            lines.append(f"last reply: {format_stats(st)}")
+        if t["turns"]:
+            reused = 100.0 * t["cached_tokens"] / t["prompt_tokens"] if t["prompt_tokens"] else 0.0
+            rate = t["gen_tokens"] / t["gen_seconds"] if t["gen_seconds"] > 0 else 0.0
+            lines.append(f"session: {t['turns']} replies, {t['prompt_tokens']} prompt tokens of which {t['cached_tokens']} "
+                         f"({reused:.0f}%) reused from the KV cache, {t['gen_tokens']} generated, {rate:.1f} tok/s")
+        return "\n".join(lines)
+
+    # ---- transcripts ----------------------------------------------------------------------
+
+    def save(self, path: Path) -> Path:
+        """Write the conversation as JSON; raise GgufrunError when the file cannot be written."""
+        data = {"format": SAVE_FORMAT, "version": 1, "model": self.model_name, "template": self.template.name,
+                "system": self.system, "messages": self.history}
+        try:
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise GgufrunError(f"Cannot write {path}: {exc.strerror}.") from None
+        return path
+
+    def load(self, path: Path) -> Path:
+        """Replace the conversation (and system prompt) with a /save file; raise GgufrunError."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise GgufrunError(f"Cannot read {path}: {exc.strerror}.") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GgufrunError(f"{path} is not a saved chat (not JSON: {exc}).") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or any(
+            not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise GgufrunError(f"{path} is not a saved chat: expected {{\"messages\": [{{\"role\": \"user\", \"content\": ...}}, ...]}}.")
+        system = data.get("system")
+        self.system = system if isinstance(system, str) and system else None
+        self.history = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return path
+
+
+def _one_path(arg: str, command: str) -> Path:
+    try:
+        parts = shlex.split(arg)
+    except ValueError:
+        parts = []
+    if len(parts) != 1:
+        raise ConfigError(f"{command} needs one file name.", f"Example: {command} chat.json")
+    return Path(parts[0]).expanduser()
+
+
+def format_stats(st: "GenStats") -> str:
+    """One line as `ollama run --verbose` reports a reply: prompt, generated, first token, speed."""
+    prompt = f"{st.prompt_tokens} prompt tokens"
+    if st.cached_tokens:
+        prompt += f" ({st.cached_tokens} cached)"
+    return (f"{prompt} · {st.gen_tokens} generated · first token {st.ttft_seconds:.2f} s"
+            f" · {st.gen_tps:.1f} tok/s")

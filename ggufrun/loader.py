@@ -1,0 +1,51 @@
+"""Name -> loaded model, the same way for chat, serve and bench: resolve, fetch, merge settings, load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .settings import Settings, resolve
+
+if TYPE_CHECKING:
+    from .registry import ModelSpec, Registry
+    from .runtime import Model
+    from .sources import ProgressFn
+
+
+@dataclass
+class LoadedModel:
+    model: "Model"
+    spec: "ModelSpec"
+    settings: Settings
+    family: str  # template family used when the GGUF has no template: the registry's, else guessed
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def open_model(
+    name: str,
+    registry: "Registry",
+    cli_settings: Mapping[str, Any] | None = None,
+    *,
+    offline: bool | None = None,
+    progress: "ProgressFn | None" = None,
+    report: Callable[[str], None] | None = None,
+    n_seq_max: int = 1,
+) -> LoadedModel:
+    """Resolve ``name``, pull the file when it is not cached, merge the settings layers and load it.
+
+    Raises UnknownModelError / UnknownQuantError (name), ConfigError (a setting, or n_ctx beyond
+    the model's), NotCachedError / DownloadError (fetch), InvalidGGUFError, ModelLoadError.
+    """
+    from .fetch import ensure_local
+    from .runtime import Model
+    from .templates import guess_family
+
+    spec = registry.resolve(name)
+    settings = resolve(spec.defaults, cli_settings)  # bad flags fail before a download starts
+    path = ensure_local(spec, offline=offline, progress=progress, report=report)
+    model = Model.load(path, settings, n_seq_max=n_seq_max)
+    family = spec.family or guess_family(model.metadata)
+    return LoadedModel(model=model, spec=spec, settings=settings, family=family)
