@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
