@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+from typing import Any
 
 from .models import ServeConfig
 
@@ -39,9 +40,18 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     app = create_app(config, preload=preload)
+    app_server = app.state.server
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which also tells the engines to wind down when SIGTERM/SIGINT arrives."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app_server.begin_shutdown()
+            super().handle_exit(sig, frame)
+
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", access_log=False,
                                lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS)
-    uvicorn.Server(uv_config).run()
+    Server(uv_config).run()
 
 
 __all__ = ["ServeConfig", "is_loopback", "run"]

@@ -37,7 +37,7 @@ from .models import ModelConfig, ModelPool, ServeConfig
 
 log = logging.getLogger("ggufrun.server")
 
-SHUTDOWN_GRACE = 5.0  # seconds running requests get to finish after SIGTERM
+SHUTDOWN_GRACE = 3.0  # seconds running requests get to finish after SIGTERM (uvicorn then waits 5 s at most)
 SEED_SYSTEM_PROMPT = "You are a helpful assistant."  # what the seed's FastAPI demo sends before the prompt
 SEED_MAX_TOKENS = 512  # the seed demo's max_new_tokens
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -326,6 +326,13 @@ class Server:
         self.metrics = metrics
         self.pool = ModelPool(config, registry, metrics)
         self.started = int(time.time())
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def begin_shutdown(self) -> None:
+        """Called from the signal handler: running requests get SHUTDOWN_GRACE seconds, then end
+        with an error event, so their streams close cleanly before uvicorn's own deadline."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.pool.drain, SHUTDOWN_GRACE)
 
     async def _prepare(self, body: dict[str, Any], params: GenParams, cfg: ModelConfig,
                        build: Callable[[Backend], list[int]]) -> Job:
@@ -526,6 +533,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server.loop = asyncio.get_running_loop()
         if preload:
             server.pool.preload(config.models[0])
         yield

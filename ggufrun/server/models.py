@@ -169,6 +169,7 @@ class ModelPool:
         self.metrics = metrics
         self._engines: OrderedDict[str, Engine] = OrderedDict()  # by ModelConfig.id, least recently used first
         self._load_lock = asyncio.Lock()
+        self.closing = False
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
             for name in (*cfg.served_names, cfg.model):
@@ -213,6 +214,8 @@ class ModelPool:
         """The model's ready engine, loading it (and evicting the LRU idle one) when needed. The
         caller must ``release`` after submitting, so the engine is not evicted in between."""
         async with self._load_lock:
+            if self.closing:
+                raise ShuttingDownError("The server is shutting down.", "Retry against another instance.")
             engine = self._engines.get(cfg.id)
             if engine is None or engine.state in ("failed", "stopped"):
                 if engine is not None:
@@ -290,12 +293,17 @@ class ModelPool:
             loaded[name] = 1.0 if engine.state == "ready" else 0.0
         return {"ggufrun_queue_depth": queue, "ggufrun_active_requests": active, "ggufrun_model_loaded": loaded}
 
+    def drain(self, grace: float) -> None:
+        """Take no new requests; running ones get ``grace`` seconds to finish, then are cut."""
+        self.closing = True
+        for engine in self._engines.values():
+            engine.stop(grace)
+
     async def shutdown(self, grace: float) -> None:
-        """Stop every engine: running requests get ``grace`` seconds, then are cut."""
+        """Drain, then wait for every engine thread to free its model."""
+        self.drain(grace)
         engines = list(self._engines.values())
         self._engines.clear()
-        for engine in engines:
-            engine.stop(grace)
         for engine in engines:
             await asyncio.to_thread(engine.join, grace + 2.0)
 

@@ -1,0 +1,84 @@
+"""A real `ggufrun serve` subprocess on a free loopback port, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A started server: ``url``, the process, its stderr log and helpers to stop it."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = tempfile.NamedTemporaryFile(prefix="ggufrun-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "ggufrun.cli.main", "serve", *args, "--port", str(self.port)]
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Poll /health until it says ready; raise with the server's log when it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    body = json.loads(resp.read())
+                    if body.get("status") == "ready":
+                        return body
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> float:
+        """Send ``sig`` and wait; return the seconds the process took to exit (killed past ``timeout``)."""
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        self.stop()
+        self.log_file.close()
+        os.unlink(self.log_file.name)
+
+
+@contextmanager
+def serve(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> Iterator[ServerProcess]:
+    """``with serve(str(model), "--parallel", "4") as srv: ...`` -- started, ready, stopped after."""
+    server = ServerProcess(list(args), env=env)
+    try:
+        server.wait_ready(ready_timeout)
+        yield server
+    finally:
+        server.close()
