@@ -56,3 +56,51 @@ def test_percentile_interpolates() -> None:
     assert percentile([], 50) is None
     assert percentile([3.0], 99) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_against_a_real_ggufrun_serve(tmp_path) -> None:
+    """A bounded run against `ggufrun serve` on loopback (a tiny synthetic model): no errors."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from ggufrun.synthetic import write_synthetic
+
+    model = write_synthetic(tmp_path / "tiny.gguf", shape="tiny", quant="q8_0")
+    port = _free_port()
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ggufrun.cli.main", "serve", str(model), "--served-model-name", "tiny", "--port", str(port),
+         "--n-ctx", "512", "--threads", "1", "--parallel", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": root})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    if json.load(resp).get("status") == "ready":
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "serve exited"
+            assert time.monotonic() < deadline, "ggufrun serve did not become ready in 60 s"
+            time.sleep(0.2)
+        for endpoint in ("completions", "chat"):
+            result = run_load(f"http://127.0.0.1:{port}", "tiny", concurrency=2, requests=6, max_tokens=8, endpoint=endpoint)
+            assert result.errors == 0, result.summary()["first_error"]
+            assert result.total_tokens > 0 and result.ttft(50) is not None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -110,6 +110,8 @@ def _load_mode(kw: dict[str, Any]) -> None:
     if len(results) < len(levels):
         err.print(f"Interrupted: kept {len(results)} of {len(levels)} levels.")
         sys.exit(ExitStatus.INTERRUPTED)
+    if all(r.errors == r.requests for r in results):
+        sys.exit(ExitStatus.ERROR)  # nothing got through: say so to scripts too
 
 
 def _emit(fmt: str | None, render: Callable[[str], str], table: Callable[[], tuple[list[str], list[list[str]]]],
