@@ -321,7 +321,7 @@ class ChatSession:
         if t["turns"]:
             reused = 100.0 * t["cached_tokens"] / t["prompt_tokens"] if t["prompt_tokens"] else 0.0
             rate = t["gen_tokens"] / t["gen_seconds"] if t["gen_seconds"] > 0 else 0.0
-            lines.append(f"session: {t['turns']} replies, {t['prompt_tokens']} prompt tokens of which {t['cached_tokens']} "
+            lines.append(f"session: {t['turns']} {'reply' if t['turns'] == 1 else 'replies'}, {t['prompt_tokens']} prompt tokens of which {t['cached_tokens']} "
                          f"({reused:.0f}%) reused from the KV cache, {t['gen_tokens']} generated, {rate:.1f} tok/s")
         return "\n".join(lines)
 

@@ -1,0 +1,207 @@
+"""`ggufrun chat`: the terminal REPL and one-shot mode over ggufrun.chat.ChatSession."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+import click
+
+from .common import cli_settings, load_registry, settings_options
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..chat import ChatSession, Reply
+
+CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size", "seed", "temperature", "top_p",
+                 "top_k", "min_p", "repeat_penalty", "max_tokens", "template")
+
+
+@click.command("chat")
+@click.argument("model")
+@click.option("-p", "--prompt", default=None, help="Answer this prompt, print only the reply, and exit.")
+@click.option("-s", "--system", default=None, metavar="@NAME|FILE|TEXT",
+              help="System prompt: @assistant, @translator, @json (or your own in $GGUFRUN_HOME/prompts), a file, or the text.")
+@click.option("-v", "--verbose", is_flag=True, help="Say on stderr which template is used and how the model loaded.")
+@settings_options(*CHAT_SETTINGS)
+@click.pass_context
+def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str | None, verbose: bool, **kwargs: Any) -> None:
+    """Chat with MODEL in the terminal, or answer one prompt (-p, or text piped on stdin).
+
+    \b
+    Examples:
+      ggufrun chat qwen2-7b-q5 --n-gpu-layers -1 --n-ctx 4096 --flash-attn on
+      ggufrun chat gemma-2-9b-it:Q5_K_M --system @translator --temperature 0.3
+      ggufrun chat gemma3-270m -p "Write one sentence about rivers."
+      echo "Summarise: ..." | ggufrun chat qwen2-7b-q5
+    """
+    from rich.console import Console
+
+    from .. import loader, prompts
+    from ..chat import ChatSession
+    from .progress import download_progress
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    system_text = prompts.resolve_system(system)  # a bad --system fails before a model loads
+    once = prompt if prompt is not None else (None if sys.stdin.isatty() else _read_stdin())
+    with download_progress(err) as progress:
+        loaded = loader.open_model(model, load_registry(ctx), cli_settings(kwargs, *CHAT_SETTINGS),
+                                   progress=progress, report=progress.report)
+    session = ChatSession(loaded.model, loaded.settings, family=loaded.family, system=system_text, model_name=loaded.spec.name)
+    if verbose:
+        err.print(f"model: {loaded.model.path} ({loaded.model.description}), loaded in {loaded.model.load_seconds:.2f} s, "
+                  f"n_ctx {loaded.model.n_ctx}, threads {loaded.settings.effective_threads()}", markup=False, style="dim")
+        err.print(f"template: {session.template.describe()}", markup=False, style="dim")
+    if once is not None:
+        _answer_once(session, once, err, verbose)
+    else:
+        Repl(session, err).run()
+
+
+def _read_stdin() -> str:
+    text = sys.stdin.read()
+    if not text.strip():
+        raise click.UsageError("Nothing on stdin: pipe a prompt in, or pass -p TEXT.")
+    return text
+
+
+def _answer_once(session: "ChatSession", text: str, err: "Console", verbose: bool) -> None:
+    """One-shot mode: only the reply goes to stdout (stats with --verbose, on stderr)."""
+    from ..chat import format_stats
+
+    reply = session.ask(text)
+    ended = stream_reply(reply, sys.stdout)
+    if not ended:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        err.print(format_stats(reply.stats), markup=False, style="dim")
+
+
+# Control characters a model may emit (ESC sequences above all) are not sent to a terminal.
+_TERMINAL_UNSAFE = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
+
+
+def stream_reply(reply: "Reply", out: TextIO) -> bool:
+    """Write a reply as it is generated; Ctrl-C stops it (not the program). True if it ended in a newline."""
+    flush = out.flush
+    if out.isatty():
+        raw_write, table = out.write, _TERMINAL_UNSAFE
+        write = lambda piece: raw_write(piece.translate(table))  # noqa: E731
+    else:
+        write = out.write
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: reply.cancel())
+    last = "\n"
+    try:
+        for piece in reply:
+            write(piece)
+            flush()
+            last = piece
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        reply.close()
+    return last.endswith("\n")
+
+
+class Repl:
+    """The interactive loop: readline history, multi-line input, /commands, streamed replies."""
+
+    def __init__(self, session: "ChatSession", err: "Console") -> None:
+        self.session = session
+        self.err = err
+
+    def run(self) -> None:
+        from .. import paths
+
+        history = paths.home() / "chat_history"
+        readline = _setup_readline(history)
+        s = self.session
+        self.err.print(f"{s.model_name} · template {s.template.name} · /help for commands · Ctrl-D or /exit to leave",
+                       markup=False, style="dim")
+        try:
+            while self.turn():
+                pass
+        finally:
+            if readline is not None:
+                try:
+                    history.parent.mkdir(parents=True, exist_ok=True)
+                    readline.write_history_file(str(history))
+                except OSError:
+                    pass  # history is a convenience: never fail a session over it
+
+    def turn(self) -> bool:
+        """Read one message or command and act on it; False when the session should end."""
+        from ..errors import GgufrunError
+
+        try:
+            text = read_message()
+        except EOFError:
+            sys.stdout.write("\n")
+            return False
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            self.err.print("(Ctrl-D or /exit to leave)", style="dim")
+            return True
+        if not text.strip():
+            return True
+        try:
+            if self.session.is_command(text):
+                result = self.session.command(text)
+                if result.text:
+                    self.err.print(result.text, markup=False)
+                return not result.exit
+            self.reply(text)
+        except GgufrunError as exc:
+            self.err.print(f"Error: {exc}", markup=False, style="red")
+        return True
+
+    def reply(self, text: str) -> None:
+        from ..chat import format_stats
+
+        reply = self.session.ask(text)
+        if reply.notice:
+            self.err.print(reply.notice, markup=False, style="yellow")
+        ended = stream_reply(reply, sys.stdout)
+        sys.stdout.write("" if ended else "\n")
+        sys.stdout.flush()
+        if reply.cancelled:
+            self.err.print("(stopped)", style="dim")
+        self.err.print(format_stats(reply.stats), markup=False, style="dim")
+
+
+def read_message(prompt: str = ">>> ", more: str = "... ") -> str:
+    """One message: a line; lines ending in \\ continue it; a \"\"\" line opens a block closed by \"\"\"."""
+    line = input(prompt)
+    if line.lstrip().startswith('"""'):
+        body = line.lstrip()[3:]
+        if body.rstrip().endswith('"""'):
+            return body.rstrip()[:-3]
+        lines = [body] if body else []
+        while True:
+            line = input(more)
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            lines.append(line)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input(more)
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _setup_readline(history: Any) -> Any:
+    """Line editing and history through Python's readline, where the platform has it."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline
+        return None
+    try:
+        readline.read_history_file(str(history))
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return readline
