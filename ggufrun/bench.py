@@ -536,10 +536,14 @@ def _gen_run(model: Any, n: int, rng: random.Random) -> float:
     return time.perf_counter() - started
 
 
+QUALITY_CACHE_BYTES = 3 << 29  # reference log-probs kept in memory: 1.5 GiB bounds the text scored
+
+
 def _quality_job(job: dict[str, Any]) -> dict[str, Any]:
     """KL divergence, top-1 agreement and perplexity of each file against the reference, over
     chunks of n_ctx tokens, scoring the second half of each chunk (as llama-perplexity does, so
-    every scored token has at least n_ctx/2 tokens of context)."""
+    every scored token has at least n_ctx/2 tokens of context). The reference's log-probs are
+    computed once and kept, so only one model is in memory at a time."""
     import numpy as np
 
     from .runtime import Model
@@ -547,36 +551,42 @@ def _quality_job(job: dict[str, Any]) -> dict[str, Any]:
     settings = Settings(**job["settings"])
     ref = Model.load(job["reference"], settings)
     tokens = ref.tokenize(job["text"])
-    n_ctx = ref.n_ctx
+    n_ctx, n_vocab = ref.n_ctx, ref.n_vocab
     chunks = [tokens[i : i + n_ctx] for i in range(0, len(tokens) - n_ctx + 1, n_ctx)] or [tokens]
     if len(chunks[0]) < 8:
+        ref.close()
         raise BenchError(f"The quality text has only {len(tokens)} tokens.", "Give a longer one with --text FILE.")
+    per_chunk = (len(chunks[0]) - len(chunks[0]) // 2) * n_vocab * 4
+    chunks = chunks[: max(1, QUALITY_CACHE_BYTES // per_chunk)]
+    scored = [(len(c) // 2, np.asarray(c[len(c) // 2 + 1 :])) for c in chunks]
+    ref_lp = [_log_softmax(ref.eval_logits(c)[first:-1]) for c, (first, _) in zip(chunks, scored)]
+    ref.close()
     out: dict[str, Any] = {}
     for path in job["paths"]:
-        same = Path(path) == Path(job["reference"])
-        model = ref if same else Model.load(path, settings)
-        try:
-            if model.n_vocab != ref.n_vocab:
-                out[path] = {"note": f"different vocabulary ({model.n_vocab} vs {ref.n_vocab} tokens)"}
+        if Path(path) == Path(job["reference"]):
+            out[path] = _compare(ref_lp, ref_lp, scored)
+            continue
+        with Model.load(path, settings) as model:
+            if model.n_vocab != n_vocab:
+                out[path] = {"note": f"different vocabulary ({model.n_vocab} vs {n_vocab} tokens)"}
                 continue
-            kl_sum = nll_sum = 0.0
-            agree = count = 0
-            for chunk in chunks:
-                first = len(chunk) // 2
-                targets = np.asarray(chunk[first + 1 :])
-                lp_ref = _log_softmax(ref.eval_logits(chunk)[first:-1])
-                lp = lp_ref if same else _log_softmax(model.eval_logits(chunk)[first:-1])
-                kl_sum += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
-                agree += int((lp_ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
-                nll_sum -= float(lp[np.arange(len(targets)), targets].sum())
-                count += len(targets)
-            out[path] = {"tokens": count, "kl_divergence": kl_sum / count, "top1_agreement": agree / count,
-                         "perplexity": float(np.exp(nll_sum / count))}
-        finally:
-            if not same:
-                model.close()
-    ref.close()
+            lps = (_log_softmax(model.eval_logits(c)[first:-1]) for c, (first, _) in zip(chunks, scored))
+            out[path] = _compare(ref_lp, lps, scored)
     return out
+
+
+def _compare(ref_lp: list[Any], lps: Any, scored: list[tuple[int, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    kl_sum = nll_sum = 0.0
+    agree = count = 0
+    for lp_ref, lp, (_, targets) in zip(ref_lp, lps, scored):
+        kl_sum += float((np.exp(lp_ref) * (lp_ref - lp)).sum())
+        agree += int((lp_ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+        nll_sum -= float(lp[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+    return {"tokens": count, "kl_divergence": kl_sum / count, "top1_agreement": agree / count,
+            "perplexity": float(np.exp(nll_sum / count))}
 
 
 def _log_softmax(logits: Any) -> Any:
