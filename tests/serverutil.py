@@ -28,11 +28,14 @@ def free_port() -> int:
 class ServerProcess:
     """A started server: ``url``, the process, its stderr log and helpers to stop it."""
 
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, port: int | None = None,
+                 command: list[str] | None = None) -> None:
+        """Start ``ggufrun serve ARGS --port PORT``, or ``COMMAND ARGS --port PORT`` (llama-server, say)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.NamedTemporaryFile(prefix="ggufrun-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "ggufrun.cli.main", "serve", *args, "--port", str(self.port)]
+        base = command or [sys.executable, "-m", "ggufrun.cli.main", "serve"]
+        cmd = [*base, *args, "--port", str(self.port)]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
 
@@ -48,7 +51,7 @@ class ServerProcess:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
                     body = json.loads(resp.read())
-                    if body.get("status") == "ready":
+                    if body.get("status") in ("ready", "ok"):  # ggufrun serve, llama-server
                         return body
             except (urllib.error.URLError, OSError, ValueError):
                 pass
@@ -74,9 +77,10 @@ class ServerProcess:
 
 
 @contextmanager
-def serve(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0) -> Iterator[ServerProcess]:
+def serve(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0,
+          command: list[str] | None = None) -> Iterator[ServerProcess]:
     """``with serve(str(model), "--parallel", "4") as srv: ...`` -- started, ready, stopped after."""
-    server = ServerProcess(list(args), env=env)
+    server = ServerProcess(list(args), env=env, command=command)
     try:
         server.wait_ready(ready_timeout)
         yield server

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,8 +42,8 @@ def srv(tiny_model: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]
 
 @pytest.fixture(scope="module")
 def one_slot(tiny_model: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
-    """One slot and no queue: a second request while one runs gets 503 at once."""
-    with serve(str(tiny_model), "--served-model-name", "tiny", "--parallel", "1", "--max-queue", "0", "--threads", "1",
+    """One slot and room for one waiting request: a third concurrent request gets 503 at once."""
+    with serve(str(tiny_model), "--served-model-name", "tiny", "--parallel", "1", "--max-queue", "1", "--threads", "1",
                env=server_env) as server:
         yield server
 
@@ -237,25 +238,43 @@ def test_max_tokens_is_capped_by_the_context(srv: ServerProcess) -> None:
     assert r.json()["choices"][0]["finish_reason"] == "length" and usage["total_tokens"] <= 512
 
 
-def test_queue_full_is_503_and_a_disconnect_frees_the_slot(one_slot: ServerProcess) -> None:
-    body = json.dumps({"model": "tiny", "prompt": "long", "max_tokens": 4000, "stream": True, **EXACT})
-    conn = http.client.HTTPConnection("127.0.0.1", one_slot.port, timeout=30)
+def open_stream(server: ServerProcess, max_tokens: int) -> http.client.HTTPConnection:
+    body = json.dumps({"model": "tiny", "prompt": "long", "max_tokens": max_tokens, "stream": True, **EXACT})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
+    return conn
+
+
+def hang_up(conn: http.client.HTTPConnection) -> None:
+    if conn.sock:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+def test_queue_full_is_503_and_disconnects_free_slot_and_queue(one_slot: ServerProcess) -> None:
+    running = open_stream(one_slot, 4000)
+    resp = running.getresponse()
     assert resp.status == 200
     for _ in range(3):  # mid-stream
         assert resp.readline()
+    waiting = open_stream(one_slot, 4000)  # takes the one queue place
+    deadline = time.monotonic() + 10
+    while not value(metrics(one_slot), "ggufrun_queue_depth", model="tiny") and time.monotonic() < deadline:
+        time.sleep(0.02)
 
     busy = post(one_slot, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert busy.status_code == 503 and busy.headers.get("Retry-After")
 
-    conn.sock.shutdown(2) if conn.sock else None
-    conn.close()
+    hang_up(waiting)  # gone while queued
+    hang_up(running)  # gone mid-stream
     deadline = time.monotonic() + 10
-    while value(metrics(one_slot), "ggufrun_active_requests", model="tiny") and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        samples = metrics(one_slot)
+        if not value(samples, "ggufrun_active_requests", model="tiny") and not value(samples, "ggufrun_queue_depth", model="tiny"):
+            break
         time.sleep(0.05)
-    samples = metrics(one_slot)
     assert value(samples, "ggufrun_active_requests", model="tiny") == 0
+    assert value(samples, "ggufrun_queue_depth", model="tiny") == 0
     assert value(samples, "ggufrun_completions_total", model="tiny", reason="cancelled") >= 1
     again = post(one_slot, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2, **EXACT})
     assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 2

@@ -314,6 +314,7 @@ async def collect(request: Request, job: Job) -> tuple[str, Event] | None:
                 raise event.error
     finally:
         watcher.cancel()
+        job.cancel()  # a no-op once the job ended; frees the slot when this task is cancelled (shutdown)
 
 
 # ---- the application -----------------------------------------------------------------------------

@@ -93,7 +93,11 @@ class Job:
         self.finished = False
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Called on the loop thread when the client goes away: the engine drops the job at its next
+        step, and a reader still waiting on the queue (a job that never left it) wakes up."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.events.put_nowait(Event("done", finish_reason="cancelled"))
 
     def emit(self, event: Event) -> None:
         try:

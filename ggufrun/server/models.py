@@ -213,17 +213,21 @@ class ModelPool:
     async def acquire(self, cfg: ModelConfig) -> Engine:
         """The model's ready engine, loading it (and evicting the LRU idle one) when needed. The
         caller must ``release`` after submitting, so the engine is not evicted in between."""
-        async with self._load_lock:
-            if self.closing:
-                raise ShuttingDownError("The server is shutting down.", "Retry against another instance.")
-            engine = self._engines.get(cfg.id)
-            if engine is None or engine.state in ("failed", "stopped"):
-                if engine is not None:
-                    del self._engines[cfg.id]  # a failed load is retried by the next request
-                await self._make_room()
-                engine = self._start(cfg)
-            self._engines.move_to_end(cfg.id)
-            engine.leases += 1
+        if self.closing:
+            raise ShuttingDownError("The server is shutting down.", "Retry against another instance.")
+        engine = self._engines.get(cfg.id)
+        if engine is None or engine.state in ("failed", "stopped"):
+            # Only loads queue up behind this lock; requests to resident models never wait on it.
+            async with self._load_lock:
+                engine = self._engines.get(cfg.id)
+                if engine is None or engine.state in ("failed", "stopped"):
+                    if engine is not None:
+                        del self._engines[cfg.id]  # a failed load is retried by the next request
+                    await self._make_room()
+                    engine = self._start(cfg)
+        # No await from here to the lease: eviction (which skips leased engines) cannot slip in.
+        self._engines.move_to_end(cfg.id)
+        engine.leases += 1
         try:
             await engine.wait_ready()
         except BaseException:
