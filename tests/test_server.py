@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from serverutil import ServerProcess, serve
+from serverutil import ServerProcess, free_port, serve
 
 # The tiny random model rarely ends a turn, but can: ignore_eos makes reply lengths exact.
 EXACT = {"ignore_eos": True}
@@ -354,6 +354,18 @@ def test_bad_config_fails_in_one_line(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "n_ctxx" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "corrupt"])
+def test_a_model_that_cannot_load_stops_serve_with_one_line(name: str, tmp_path: Path) -> None:
+    if name == "corrupt":
+        bad = tmp_path / "corrupt.gguf"
+        bad.write_bytes(b"GGUF" + b"\x00" * 60)
+        name = str(bad)
+    out = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", name, "--port", str(free_port())], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("Error: ")
 
 
 def test_sigterm_exits_within_ten_seconds_during_a_stream(tiny_model: Path, server_env: dict[str, str]) -> None:

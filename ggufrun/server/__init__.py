@@ -28,7 +28,9 @@ def is_loopback(host: str) -> bool:
 
 
 def run(config: ServeConfig, *, preload: bool = False) -> None:
-    """Serve ``config`` until SIGINT/SIGTERM. ``preload`` loads the first model at start-up."""
+    """Serve ``config`` until SIGINT/SIGTERM. ``preload`` loads the first model at start-up and
+    stops the server (re-raising the error) when it cannot load. Raises UnknownModelError and
+    ConfigError before listening."""
     import uvicorn
 
     from .app import create_app
@@ -51,7 +53,11 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
 
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", access_log=False,
                                lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS)
-    Server(uv_config).run()
+    uv_server = Server(uv_config)
+    app_server.stop_server = lambda: setattr(uv_server, "should_exit", True)
+    uv_server.run()
+    if app_server.fatal is not None:  # `ggufrun serve NAME` whose model cannot load: exit non-zero, one line
+        raise app_server.fatal
 
 
 __all__ = ["ServeConfig", "is_loopback", "run"]

@@ -328,6 +328,8 @@ class Server:
         self.pool = ModelPool(config, registry, metrics)
         self.started = int(time.time())
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.fatal: GgufrunError | None = None  # the preloaded model failed: the server stops, run() raises it
+        self.stop_server: Callable[[], None] | None = None
 
     def begin_shutdown(self) -> None:
         """Called from the signal handler: running requests get SHUTDOWN_GRACE seconds, then end
@@ -536,9 +538,16 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         server.loop = asyncio.get_running_loop()
         if preload:
-            server.pool.preload(config.models[0])
+            engine = server.pool.preload(config.models[0])
+            engine.loaded.add_done_callback(lambda f: server.loop.call_soon_threadsafe(preload_done, f))  # type: ignore[union-attr]
         yield
         await server.pool.shutdown(SHUTDOWN_GRACE)
+
+    def preload_done(future: Any) -> None:
+        error = future.exception()
+        if error is not None and server.stop_server is not None:
+            server.fatal = error if isinstance(error, GgufrunError) else GgufrunError(str(error))
+            server.stop_server()
 
     async def on_error(request: Request, exc: Exception) -> Response:
         error = api_error(exc)

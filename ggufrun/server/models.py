@@ -172,6 +172,7 @@ class ModelPool:
         self.closing = False
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
+            registry.resolve(cfg.model)  # an unknown name or a missing file fails now, before the server starts
             for name in (*cfg.served_names, cfg.model):
                 self._names.setdefault(name, cfg)
         metrics.add_gauges(self._gauges)
@@ -238,10 +239,9 @@ class ModelPool:
     def release(self, engine: Engine) -> None:
         engine.leases -= 1
 
-    def preload(self, cfg: ModelConfig) -> None:
+    def preload(self, cfg: ModelConfig) -> Engine:
         """Start loading a model now (``ggufrun serve NAME``), so /health says loading, then ready."""
-        if cfg.id not in self._engines:
-            self._engines[cfg.id] = self._start(cfg)
+        return self._engines.get(cfg.id) or self._start(cfg)
 
     def _start(self, cfg: ModelConfig) -> Engine:
         parallel = cfg.parallel or self.config.parallel
