@@ -84,8 +84,9 @@ def stream_gen_tps(result: Any) -> float:
 
 
 def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_gen: int, llama_server: Path) -> Any:
-    from ggufrun.loadgen import run_load
     from serverutil import serve
+
+    from ggufrun.loadgen import run_load
 
     total_ctx = N_CTX * clients
     if kind == "ggufrun":

@@ -16,10 +16,11 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -337,7 +338,7 @@ class Server:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.pool.drain, SHUTDOWN_GRACE)
 
-    async def _prepare(self, body: dict[str, Any], params: GenParams, cfg: ModelConfig,
+    async def _prepare(self, params: GenParams, cfg: ModelConfig,
                        build: Callable[[Backend], list[int]]) -> Job:
         engine = await self.pool.acquire(cfg)
         try:
@@ -384,7 +385,7 @@ class Server:
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
             return tokenize_chat(backend, messages)
 
-        job = await self._prepare(body, params, cfg, build)
+        job = await self._prepare(params, cfg, build)
         return await self._respond(request, job, params, _Shape(chat=True, model=params.model or cfg.id))
 
     async def completions(self, request: Request) -> Response:
@@ -401,7 +402,7 @@ class Server:
                 return list(prompt)
             return backend.model.tokenize(prompt, add_special=True, parse_special=True)
 
-        job = await self._prepare(body, params, cfg, build)
+        job = await self._prepare(params, cfg, build)
         return await self._respond(request, job, params, _Shape(chat=False, model=params.model or cfg.id))
 
     async def embeddings(self, request: Request) -> Response:
@@ -440,7 +441,7 @@ class Server:
             params.max_tokens = params.max_tokens or backend.settings.max_tokens or SEED_MAX_TOKENS
             return tokenize_chat(backend, messages)
 
-        job = await self._prepare(body, params, cfg, build)
+        job = await self._prepare(params, cfg, build)
         result = await collect(request, job)
         if result is None:
             return Response(status_code=499)
@@ -508,7 +509,7 @@ class AccessLog:
 class BearerAuth:
     """With --api-key, every route but /health needs ``Authorization: Bearer KEY``."""
 
-    OPEN = {"/health"}
+    OPEN = frozenset({"/health"})
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app

@@ -24,8 +24,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import GgufrunError
 from .metrics import Metrics
@@ -161,7 +162,7 @@ class Engine:
 
     # ---- the loop thread's side -------------------------------------------------------------
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread.start()
         return self
 
@@ -223,7 +224,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self.backend = self._load()
-        except BaseException as exc:  # noqa: BLE001 -- any load failure is reported to every waiter
+        except BaseException as exc:
             self.state = "failed"
             err = exc if isinstance(exc, GgufrunError) else GgufrunError(f"Loading '{self.name}' failed: {exc}.")
             log.error("loading model %s failed: %s", self.name, err, exc_info=not isinstance(exc, GgufrunError))
@@ -236,7 +237,7 @@ class Engine:
                  self.parallel, self.backend.n_ctx_seq)
         try:
             self._serve()
-        except BaseException as exc:  # noqa: BLE001 -- a bug must not leave clients hanging forever
+        except BaseException as exc:
             log.exception("engine for %s failed", self.name)
             err = GgufrunError(f"The engine for '{self.name}' failed: {exc}.")
             for slot in self._slots:

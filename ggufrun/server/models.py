@@ -74,11 +74,11 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     models_file: Path | None = None  # the --models overlay for the registry
 
-    def with_overrides(self, **values: Any) -> "ServeConfig":
+    def with_overrides(self, **values: Any) -> ServeConfig:
         """Command-line values (None = not given) over the file's."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
-    def with_settings(self, settings: dict[str, Any]) -> "ServeConfig":
+    def with_settings(self, settings: dict[str, Any]) -> ServeConfig:
         """Command-line settings flags over every model's table (the command line wins)."""
         given = {k: coerce(k, v, "command line") for k, v in settings.items() if v is not None}
         return replace(self, models=tuple(replace(m, settings={**m.settings, **given}) for m in self.models))
