@@ -490,3 +490,54 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny_model: Path, server_
             assert re.match(r"(\d+) chunks", stats) and int(stats.split()[0]) > 1, stats  # streamed, chunk by chunk
         finally:
             browser.close()
+
+
+# ---- pieces without a server ---------------------------------------------------------------------
+
+def test_stop_string_helpers() -> None:
+    from ggufrun.server.engine import _find_stop, _stop_prefix_len
+
+    assert _find_stop("abc<|im_end|>x", ["<|im_end|>"]) == 3
+    assert _find_stop("abc", ["zz"]) is None
+    assert _find_stop("one END two STOP", ["STOP", "END"]) == 4  # the earliest wins
+    assert _stop_prefix_len("hello <|im", ["<|im_end|>"]) == 4  # held back: may become the stop string
+    assert _stop_prefix_len("hello", ["<|im_end|>"]) == 0
+    assert _stop_prefix_len("aXY", ["XYZ", "YZW"]) == 2
+
+
+def test_request_validation_names_the_field() -> None:
+    from ggufrun.server.app import ApiError, parse_gen, parse_messages, parse_prompt
+
+    ok = parse_gen({"model": "m", "max_tokens": 5, "stop": "x", "temperature": 0, "seed": 3, "stream": True,
+                    "stream_options": {"include_usage": True}}, chat=False)
+    assert (ok.max_tokens, ok.stop, ok.sampling, ok.stream, ok.include_usage) == (5, ["x"], {"temperature": 0.0, "seed": 3}, True, True)
+    assert parse_gen({"max_completion_tokens": 7}, chat=True).max_tokens == 7
+    for body, param in (({"temperature": -0.1}, "temperature"), ({"temperature": True}, "temperature"), ({"top_k": 1.5}, "top_k"),
+                        ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"n": 2}, "n"), ({"stream": "yes"}, "stream")):
+        with pytest.raises(ApiError) as err:
+            parse_gen(body, chat=False)
+        assert err.value.status == 422 and err.value.param == param, body
+    assert parse_messages({"messages": [{"role": "developer", "content": "be brief"}]})[0]["role"] == "system"
+    assert parse_prompt({"prompt": ["only one"]}) == "only one" and parse_prompt({"prompt": [1, 2]}) == [1, 2]
+    with pytest.raises(ApiError):
+        parse_prompt({"prompt": ["two", "prompts"]})
+
+
+def test_serve_config_is_strict(tmp_path: Path) -> None:
+    from ggufrun.errors import ConfigError
+    from ggufrun.server.models import read_serve_config
+
+    good = tmp_path / "good.toml"
+    good.write_text('[server]\nport = 14000\ncors = "http://a"\n[[models]]\nmodel = "m.gguf"\nserved_model_name = "m"\n'
+                    'temperature = 0.2\nparallel = 2\n', encoding="utf-8")
+    config = read_serve_config(good)
+    assert (config.port, config.cors, config.models[0].id, config.models[0].settings, config.models[0].parallel) == (
+        14000, ("http://a",), "m", {"temperature": 0.2}, 2)
+    for text, word in (('[[models]]\nmodel = "a"\n[[models]]\nmodel = "b"\nserved_model_name = "a"\n', "'a'"),
+                       ('[server]\nprot = 1\n[[models]]\nmodel = "a"\n', "prot"),
+                       ('[[models]]\nmodel = "a"\ntemperature = -1\n', "temperature"),
+                       ('[server]\nport = 1\n', "no models")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=word):
+            read_serve_config(bad)
