@@ -326,7 +326,7 @@ class Engine:
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], bool]] = []
         for slot in running:  # generating sequences first: one token each keeps their pace steady
-            if not slot.pending:
+            if not slot.pending and budget > 0:
                 batch.append((slot, [slot.last], True))
                 budget -= 1
         for slot in running:
