@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+from array import array
 import os
 import time
 from dataclasses import dataclass
@@ -101,6 +102,10 @@ class Model:
         tmpl = L.llama_model_chat_template(model_ptr, None)
         self.chat_template: str | None = tmpl.decode("utf-8", "replace") if tmpl else None
         self._batch = L.llama_batch_init(max(self.n_batch, 1), 0, max(n_seq_max, 1))
+        for i in range(max(self.n_batch, 1)):  # every token belongs to exactly one sequence
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self._slot_seq = [0] * max(self.n_batch, 1)
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False
@@ -257,21 +262,30 @@ class Model:
     # ---- decoding ---------------------------------------------------------------------------
 
     def _fill(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+        # Bulk copies instead of per-token ctypes stores: at 9,000 prompt tokens/s on a GPU a
+        # per-token Python loop alone cost 2% of prompt speed.
         b = self._batch
         n = 0
         out: list[int] = []
         for seq_id, tokens, want in items:
-            seq = self._seq.setdefault(seq_id, [])
-            pos = len(seq)
-            last = len(tokens) - 1
-            for i, tok in enumerate(tokens):
-                b.token[n] = tok
-                b.pos[n] = pos + i
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = seq_id
-                b.logits[n] = all_logits or (want and i == last)
-                n += 1
-            out.append(n - 1 if want and tokens else -1)
+            k = len(tokens)
+            if not k:
+                out.append(-1)
+                continue
+            pos = len(self._seq.setdefault(seq_id, []))
+            src_tok, src_pos = array("i", tokens), array("i", range(pos, pos + k))  # alive until copied
+            ctypes.memmove(ctypes.byref(b.token.contents, 4 * n), src_tok.buffer_info()[0], 4 * k)
+            ctypes.memmove(ctypes.byref(b.pos.contents, 4 * n), src_pos.buffer_info()[0], 4 * k)
+            slots = self._slot_seq
+            for i in range(n, n + k):
+                if slots[i] != seq_id:  # each slot keeps its last seq id; rewrite only on change
+                    b.seq_id[i][0] = seq_id
+                    slots[i] = seq_id
+            ctypes.memset(ctypes.byref(b.logits.contents, n), 1 if all_logits else 0, k)
+            if want:
+                b.logits[n + k - 1] = 1
+            n += k
+            out.append(n - 1 if want else -1)
         b.n_tokens = n
         return out
 
@@ -340,7 +354,7 @@ class Model:
         sample = L.llama_sampler_sample
         is_eog = L.llama_vocab_is_eog
         chain, ctx, vocab = sampler._chain, self._ctx, self._vocab
-        batch = self._batch
+        batch, slots = self._batch, self._slot_seq
         first_at = 0.0
         n = 0
         try:
@@ -365,8 +379,9 @@ class Model:
                 # Single-token step, written straight into the preallocated batch (hot path).
                 batch.token[0] = tok
                 batch.pos[0] = len(seq)
-                batch.n_seq_id[0] = 1
-                batch.seq_id[0][0] = seq_id
+                if slots[0] != seq_id:
+                    batch.seq_id[0][0] = seq_id
+                    slots[0] = seq_id
                 batch.logits[0] = True
                 batch.n_tokens = 1
                 rc = L.llama_decode(ctx, batch)
