@@ -57,10 +57,8 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
     if spec.path is not None or (target.is_file() and not force):
         return _already(target)
     if paths.offline() if offline is None else offline:
-        raise NotCachedError(
-            f"'{spec.name}' is not in the cache and ggufrun is offline.",
-            "Pull it without --offline (and without GGUFRUN_OFFLINE / HF_HUB_OFFLINE set).",
-        )
+        env_offline = " (GGUFRUN_OFFLINE or HF_HUB_OFFLINE is set: unset it to download)" if paths.offline() else ""
+        raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {spec.name}`{env_offline}.")
     if not spec.sources:
         raise DownloadError(f"'{spec.name}' has no source to download from.")
 

@@ -241,7 +241,7 @@ def test_missing_file_is_reported_as_404(hub: HubEmu) -> None:
 def test_offline_uses_only_the_cache(hub: HubEmu, ggufrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = ggufrun("pull", "--offline", "tm")
     assert out.returncode == 3
-    assert out.stderr.startswith("Error: 'tm:q4_0' is not in the cache and ggufrun is offline.")
+    assert out.stderr.startswith("Error: 'tm:q4_0' is not in the cache. Run `ggufrun pull tm:q4_0`")
     assert ggufrun("pull", "tm", env={"HF_HUB_OFFLINE": "1"}).returncode == 3
     monkeypatch.setenv("GGUFRUN_OFFLINE", "1")
     with pytest.raises(NotCachedError):
