@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
@@ -55,7 +56,7 @@ class Reply:
     so far stays in the conversation. ``stats`` is filled as generation goes.
     """
 
-    def __init__(self, session: "ChatSession", tokens: list[int], notice: str | None) -> None:
+    def __init__(self, session: ChatSession, tokens: list[int], notice: str | None) -> None:
         from .runtime import GenStats
 
         self.notice = notice
@@ -76,7 +77,7 @@ class Reply:
         """Stop generating (if still running) and record the reply in the conversation."""
         self._stream.close()
 
-    def _generate(self) -> Iterator[str]:
+    def _generate(self) -> Generator[str, None, None]:
         from .runtime import TokenDecoder
 
         session = self._session
@@ -86,7 +87,9 @@ class Reply:
         text_stops = session._text_stops
         parts: list[str] = []
         pending = ""  # text held back while it could be the start of a stop string
-        gen = model.generate(self._tokens, session._sampler, max_tokens=session.settings.max_tokens, stats=self.stats)
+        # generate() is a generator: closing it (below) ends the token loop cleanly
+        gen = cast("Generator[int, None, None]",
+                   model.generate(self._tokens, session._sampler, max_tokens=session.settings.max_tokens, stats=self.stats))
         try:
             # The hot loop: a set lookup, one decode of cached bytes and a yield per token.
             for tok in gen:
@@ -137,7 +140,7 @@ class ChatSession:
     GGUF has no template of its own; ``settings.template`` overrides both.
     """
 
-    def __init__(self, model: "Model", settings: Settings, *, family: str | None = None, system: str | None = None,
+    def __init__(self, model: Model, settings: Settings, *, family: str | None = None, system: str | None = None,
                  model_name: str = "") -> None:
         self.model = model
         self.settings = settings
@@ -367,7 +370,7 @@ def _one_path(arg: str, command: str) -> Path:
     return Path(parts[0]).expanduser()
 
 
-def format_stats(st: "GenStats") -> str:
+def format_stats(st: GenStats) -> str:
     """One line as `ollama run --verbose` reports a reply: prompt, generated, first token, speed."""
     prompt = f"{st.prompt_tokens} prompt tokens"
     if st.cached_tokens:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings, resolve
 
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoadedModel:
-    model: "Model"
-    spec: "ModelSpec"
+    model: Model
+    spec: ModelSpec
     settings: Settings
     family: str  # template family used when the GGUF has no template: the registry's, else guessed
 
@@ -26,11 +27,11 @@ class LoadedModel:
 
 def open_model(
     name: str,
-    registry: "Registry",
+    registry: Registry,
     cli_settings: Mapping[str, Any] | None = None,
     *,
     offline: bool | None = None,
-    progress: "ProgressFn | None" = None,
+    progress: ProgressFn | None = None,
     report: Callable[[str], None] | None = None,
     n_seq_max: int = 1,
 ) -> LoadedModel:

@@ -13,8 +13,9 @@ Used by both the chat REPL and the server, so this module does no I/O and import
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .errors import TemplateError
 
@@ -131,7 +132,7 @@ class ChatTemplate:
             )
         except TemplateError:
             raise
-        except Exception as exc:  # a template is code from the file: any failure is the file's
+        except Exception as exc:  # noqa: BLE001 (a template is code from the file: any failure is the file's)
             raise TemplateError(f"The GGUF's chat template failed to render: {exc}.", "Try --template chatml (or gemma, llama3, plain).") from None
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from ggufrun.chat import ChatSession, _split_stop
-from ggufrun.errors import ConfigError, ContextOverflowError, GgufrunError, TemplateError
+from ggufrun.errors import (
+    ConfigError,
+    ContextOverflowError,
+    GgufrunError,
+    TemplateError,
+)
 from ggufrun.prompts import available, resolve_system
 from ggufrun.settings import Settings
 
@@ -189,10 +194,11 @@ def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(gem
         s = ChatSession(model, settings, family="gemma", system="Be brief.")
         notices = []
         for i in range(6):
-            reply = s.ask(f"Question {i}: " + "tell me about the sea and the sky " * 3)
+            reply = s.ask(f"Question {i}: " + "tell me about the sea and the sky " * 5)
             "".join(reply)
             notices.append(reply.notice)
-            assert len(s.tokens()) < model.n_ctx
+            assert reply.stats.prompt_tokens <= model.n_ctx - s.reply_room()
+            assert model.seq_len(0) <= model.n_ctx
         assert notices[0] is None
         dropped = [n for n in notices if n]
         assert dropped and "dropped the oldest" in dropped[0] and "system prompt stays" in dropped[0]

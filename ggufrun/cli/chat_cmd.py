@@ -67,7 +67,7 @@ def _read_stdin() -> str:
     return text
 
 
-def _answer_once(session: "ChatSession", text: str, err: "Console", verbose: bool) -> None:
+def _answer_once(session: ChatSession, text: str, err: Console, verbose: bool) -> None:
     """One-shot mode: only the reply goes to stdout (stats with --verbose, on stderr)."""
     from ..chat import format_stats
 
@@ -81,15 +81,15 @@ def _answer_once(session: "ChatSession", text: str, err: "Console", verbose: boo
 
 
 # Control characters a model may emit (ESC sequences above all) are not sent to a terminal.
-_TERMINAL_UNSAFE = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
+_TERMINAL_UNSAFE = {c: None for c in [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
 
 
-def stream_reply(reply: "Reply", out: TextIO) -> bool:
+def stream_reply(reply: Reply, out: TextIO) -> bool:
     """Write a reply as it is generated; Ctrl-C stops it (not the program). True if it ended in a newline."""
     flush = out.flush
     if out.isatty():
         raw_write, table = out.write, _TERMINAL_UNSAFE
-        write = lambda piece: raw_write(piece.translate(table))  # noqa: E731
+        write = lambda piece: raw_write(piece.translate(table))
     else:
         write = out.write
     previous = signal.signal(signal.SIGINT, lambda signum, frame: reply.cancel())
@@ -108,7 +108,7 @@ def stream_reply(reply: "Reply", out: TextIO) -> bool:
 class Repl:
     """The interactive loop: readline history, multi-line input, /commands, streamed replies."""
 
-    def __init__(self, session: "ChatSession", err: "Console") -> None:
+    def __init__(self, session: ChatSession, err: Console) -> None:
         self.session = session
         self.err = err
 

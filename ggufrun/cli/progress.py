@@ -14,8 +14,15 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 
 class RichProgress:
@@ -43,7 +50,7 @@ class RichProgress:
         """One line of news from the core (a source failed, waiting on a lock), above the bar."""
         self.console.print(line, style="dim", markup=False, highlight=False)
 
-    def __enter__(self) -> "RichProgress":
+    def __enter__(self) -> RichProgress:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -1,0 +1,132 @@
+"""Generation speed inside `ggufrun chat` against llama-bench's tg128, side by side in one run.
+
+The chat side goes through the same code as the REPL: ChatSession.ask (template, tokenize, KV
+reuse) and cli.chat_cmd.stream_reply (TokenDecoder, write + flush per token, Ctrl-C handler),
+writing to /dev/null. Runs alternate (llama-bench, chat, llama-bench, chat, ...) so that a busy
+neighbour slows both sides alike. The issue's bar: chat >= 0.97x llama-bench.
+
+    python bench/chat_speed.py                      # gemma3-270m, 2 threads, 5 rounds
+    python bench/chat_speed.py --model ./x.gguf --threads 4 --llama-bench ~/llama.cpp/build/bin/llama-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REFERENCE_TOOL = Path("/work/shared/tools/build-reference-llama-cpp")
+PROMPT = "Count from 1 to 300, separated by commas: 1, 2, 3,"
+
+
+def find_llama_bench(given: str | None) -> Path:
+    """--llama-bench, else PATH, else the reference build under ~/.cache/ggufrun-reference."""
+    if given:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            path = path / "llama-bench"
+        if not path.is_file():
+            sys.exit(f"llama-bench not found at {path}.")
+        return path
+    found = shutil.which("llama-bench")
+    if found:
+        return Path(found)
+    for candidate in sorted(Path.home().glob(".cache/ggufrun-reference/*/build/bin/llama-bench"), reverse=True):
+        return candidate
+    sys.exit(f"llama-bench not found: pass --llama-bench PATH, or build it with `bash {REFERENCE_TOOL}` "
+             "(it prints the bin folder; about 8 minutes on 2 cores).")
+
+
+def model_path(name: str) -> Path:
+    """A .gguf path as given, or a registry name fetched into the cache as `ggufrun pull` would."""
+    from ggufrun import fetch, registry
+
+    return fetch.ensure_local(registry.load().resolve(name))
+
+
+def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int) -> float:
+    """One llama-bench run of tg{n_gen} (CPU, one repetition): tokens per second."""
+    cmd = [str(bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-r", "1", "-ngl", "0", "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def chat_tg(session: object, n_gen: int, sink: object) -> tuple[float, int]:
+    """One chat reply of up to n_gen tokens from a fresh conversation: (tokens/s, tokens generated)."""
+    from ggufrun.cli.chat_cmd import stream_reply
+
+    session.reset()  # type: ignore[attr-defined]
+    reply = session.ask(PROMPT)  # type: ignore[attr-defined]
+    stream_reply(reply, sink)  # type: ignore[arg-type]
+    return reply.stats.gen_tps, reply.stats.gen_tokens
+
+
+def raw_tg(model: object, tokens: list[int], sampler: object, n_gen: int) -> tuple[float, int]:
+    """The runtime's token loop alone (no template, decoder or output): what chat adds is the difference."""
+    from ggufrun.runtime import GenStats
+
+    model.reset()  # type: ignore[attr-defined]
+    stats = GenStats()
+    for _ in model.generate(tokens, sampler, max_tokens=n_gen, stats=stats):  # type: ignore[attr-defined]
+        pass
+    return stats.gen_tps, stats.gen_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma3-270m", help="registry name or .gguf path (default: gemma3-270m)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--llama-bench", default=None, help="path to llama-bench (or its bin folder)")
+    ap.add_argument("--json", action="store_true", help="print the raw rows as JSON lines too")
+    args = ap.parse_args()
+
+    from ggufrun.chat import ChatSession
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    bench = find_llama_bench(args.llama_bench)
+    path = model_path(args.model)
+    # greedy, no repeat penalty: the cheapest sampler chain, as llama-bench samples nothing at all
+    settings = Settings(threads=args.threads, n_ctx=512, n_gpu_layers=0, temperature=0.0, repeat_penalty=1.0, max_tokens=args.n_gen)
+    rows = []
+    with Model.load(path, settings) as model, open(os.devnull, "w") as sink:
+        session = ChatSession(model, settings, family=None)
+        chat_tg(session, args.n_gen, sink)  # warm-up, as llama-bench does its own
+        tokens = session.tokens(session.history + [{"role": "user", "content": PROMPT}])
+        for round_ in range(args.rounds):
+            measured = {
+                "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen), args.n_gen),
+                "Model.generate": raw_tg(model, tokens, session._sampler, args.n_gen),
+                "ggufrun chat": chat_tg(session, args.n_gen, sink),
+            }
+            rows += [{"round": round_, "path": k, "tps": tps, "tokens": n} for k, (tps, n) in measured.items()]
+            print(f"round {round_}: " + ", ".join(f"{k} {tps:.1f}" for k, (tps, _) in measured.items()) + " tok/s", flush=True)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    by_path = {k: [r["tps"] for r in rows if r["path"] == k] for k in ("llama-bench", "Model.generate", "ggufrun chat")}
+    produced = min(r["tokens"] for r in rows if r["path"] != "llama-bench")
+    if produced < args.n_gen:
+        print(f"note: a reply stopped at an end-of-turn after {produced} tokens; its rate is over what was produced")
+    ref = statistics.median(by_path["llama-bench"])
+    print(f"model {path.name}, {args.threads} threads, tg{args.n_gen}, {args.rounds} rounds (median ± stdev, ratio to llama-bench)")
+    for k, values in by_path.items():
+        print(f"{k:15} {statistics.median(values):7.1f} ± {statistics.pstdev(values):4.1f} tok/s  {statistics.median(values) / ref:.3f}x")
+    # per-round ratios cancel most of a busy neighbour's effect, which hits both sides of a round
+    per_round = [c / b for c, b in zip(by_path["ggufrun chat"], by_path["llama-bench"])]
+    print(f"chat / llama-bench, median of per-round ratios: {statistics.median(per_round):.3f}x  (target >= 0.97x)")
+
+
+if __name__ == "__main__":
+    main()
