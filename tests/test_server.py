@@ -347,6 +347,20 @@ def test_config_file_models_load_on_demand_with_lru(tiny_model_factory: Any, tmp
         assert long.status_code == 400 and long.json()["error"]["n_ctx"] == 256
 
 
+def test_a_model_that_fails_to_load_on_demand_is_a_500_and_the_rest_keeps_serving(
+        tiny_model: Path, tmp_path: Path, server_env: dict[str, str]) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny_model.read_bytes()[:5000])  # truncated mid-tensor-data
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "good"\nthreads = 1\n\n'
+                      f'[[models]]\nmodel = "{broken}"\nserved_model_name = "broken"\n', encoding="utf-8")
+    with serve("--config", str(config), env=server_env) as s:
+        r = post(s, "/v1/completions", {"model": "broken", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and "broken" in r.json()["error"]["message"]
+        ok = post(s, "/v1/completions", {"model": "good", "prompt": "x", "max_tokens": 2, **EXACT})
+        assert ok.status_code == 200
+
+
 def test_bad_config_fails_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "serve.toml"
     config.write_text('[[models]]\nmodel = "x.gguf"\nn_ctxx = 5\n', encoding="utf-8")

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ConfigError, ContextOverflowError, GgufrunError
 from ..settings import coerce
-from .engine import Backend, Event, GenRequest, Job, QueueFullError
+from .engine import Backend, Engine, Event, GenRequest, Job, QueueFullError, ShuttingDownError
 from .metrics import Metrics
 from .models import ModelConfig, ModelPool, ServeConfig
 
@@ -338,9 +338,18 @@ class Server:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.pool.drain, SHUTDOWN_GRACE)
 
+    async def _engine(self, cfg: ModelConfig) -> Engine:
+        """The model's engine; a model that fails to load is the server's fault (500), not the client's."""
+        try:
+            return await self.pool.acquire(cfg)
+        except ShuttingDownError:
+            raise
+        except GgufrunError as exc:
+            raise ApiError(500, f"Model '{cfg.id}' could not be loaded: {exc}", kind="server_error") from None
+
     async def _prepare(self, params: GenParams, cfg: ModelConfig,
                        build: Callable[[Backend], list[int]]) -> Job:
-        engine = await self.pool.acquire(cfg)
+        engine = await self._engine(cfg)
         try:
             backend = engine.backend
             assert backend is not None
@@ -415,7 +424,7 @@ class Server:
         cfg = self.pool.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
-        engine = await self.pool.acquire(cfg)
+        engine = await self._engine(cfg)
         try:
             future = engine.embed(texts)
         finally:
