@@ -426,8 +426,9 @@ def _quality(configs: Sequence[Config], targets: list[Target], reference: Path |
     text_path = text or DEFAULT_TEXT
     try:
         body = text_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BenchError(f"Cannot read the quality text {text_path}: {exc.strerror}.", "Give one with --text FILE.") from None
+    except OSError as exc:  # the speed rows are measured already: keep them, say why quality is missing
+        note = f"cannot read {text_path} ({exc.strerror}); give --text FILE"
+        return {**out, **{t.label: Quality(reference=ref_label, note=note) for t in real}}
     first = configs[0]
     settings = replace(first.settings(base), n_ctx=n_ctx)
     job = {"kind": "quality", "reference": str(ref_path), "paths": [str(t.path) for t in real],
