@@ -51,9 +51,9 @@ def model_path(name: str) -> Path:
     return fetch.ensure_local(registry.load().resolve(name))
 
 
-def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int) -> float:
+def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int, flash_attn: bool) -> float:
     """One llama-bench run of tg{n_gen} (CPU, one repetition): tokens per second."""
-    cmd = [str(bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-r", "1", "-ngl", "0", "-o", "json"]
+    cmd = [str(bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-r", "1", "-ngl", "0", "-fa", str(int(flash_attn)), "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on", help="the same on both sides (default: on)")
     ap.add_argument("--llama-bench", default=None, help="path to llama-bench (or its bin folder)")
     ap.add_argument("--json", action="store_true", help="print the raw rows as JSON lines too")
     args = ap.parse_args()
@@ -98,15 +99,17 @@ def main() -> None:
     bench = find_llama_bench(args.llama_bench)
     path = model_path(args.model)
     # greedy, no repeat penalty: the cheapest sampler chain, as llama-bench samples nothing at all
-    settings = Settings(threads=args.threads, n_ctx=512, n_gpu_layers=0, temperature=0.0, repeat_penalty=1.0, max_tokens=args.n_gen)
+    # the smallest context that holds the prompt and the reply: llama-bench's tg runs in n_gen cells
+    settings = Settings(threads=args.threads, n_ctx=args.n_gen + 128, n_gpu_layers=0, flash_attn=args.flash_attn,
+                        temperature=0.0, repeat_penalty=1.0, max_tokens=args.n_gen)
     rows = []
     with Model.load(path, settings) as model, open(os.devnull, "w") as sink:
         session = ChatSession(model, settings, family=None)
         chat_tg(session, args.n_gen, sink)  # warm-up, as llama-bench does its own
-        tokens = session.tokens(session.history + [{"role": "user", "content": PROMPT}])
+        tokens = session.tokens([{"role": "user", "content": PROMPT}])  # the same prompt chat_tg sends
         for round_ in range(args.rounds):
             measured = {
-                "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen), args.n_gen),
+                "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen, args.flash_attn == "on"), args.n_gen),
                 "Model.generate": raw_tg(model, tokens, session._sampler, args.n_gen),
                 "ggufrun chat": chat_tg(session, args.n_gen, sink),
             }
@@ -120,7 +123,7 @@ def main() -> None:
     if produced < args.n_gen:
         print(f"note: a reply stopped at an end-of-turn after {produced} tokens; its rate is over what was produced")
     ref = statistics.median(by_path["llama-bench"])
-    print(f"model {path.name}, {args.threads} threads, tg{args.n_gen}, {args.rounds} rounds (median ± stdev, ratio to llama-bench)")
+    print(f"model {path.name}, {args.threads} threads, flash-attn {args.flash_attn}, tg{args.n_gen}, {args.rounds} rounds (median ± stdev, ratio to llama-bench)")
     for k, values in by_path.items():
         print(f"{k:15} {statistics.median(values):7.1f} ± {statistics.pstdev(values):4.1f} tok/s  {statistics.median(values) / ref:.3f}x")
     # per-round ratios cancel most of a busy neighbour's effect, which hits both sides of a round
