@@ -141,8 +141,9 @@ def _console(stderr: bool = False) -> Any:
 def _progress(console: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # Off when stderr is not a terminal: its refresh thread would only steal CPU from the measurement.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+                    console=console, transient=True, disable=not console.is_terminal)
 
 
 @click.command("quantize")
