@@ -45,6 +45,12 @@ def _init_backend() -> None:
     _backend_ready = True
 
 
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
 def _has_amx() -> bool:
     return "AMX_INT8 = 1" in L.llama_print_system_info().decode("utf-8", "replace")
 
@@ -321,7 +327,13 @@ class Model:
 
     def sample(self, sampler: "Sampler", output_index: int) -> int:
         """Sample (and accept) the next token from the logits at ``output_index``."""
+        if sampler.greedy:
+            return self._argmax(output_index)
         return L.llama_sampler_sample(sampler._chain, self._ctx, output_index)
+
+    def _argmax(self, output_index: int) -> int:
+        logits = L.llama_get_logits_ith(self._ctx, output_index)
+        return int(_np().ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
     def generate(self, tokens: list[int], sampler: "Sampler", *, max_tokens: int = 0, seq_id: int = 0, stats: GenStats | None = None) -> Iterator[int]:
         """Yield sampled tokens after ``tokens``, reusing the KV cache's common prefix.
@@ -351,7 +363,7 @@ class Model:
         idx = self.decode([(seq_id, tokens[common:], True)])[0]
         seq = self._seq[seq_id]
         n_ctx = self.n_ctx
-        sample = L.llama_sampler_sample
+        sample = (lambda _chain, _ctx, i: self._argmax(i)) if sampler.greedy else L.llama_sampler_sample
         is_eog = L.llama_vocab_is_eog
         chain, ctx, vocab = sampler._chain, self._ctx, self._vocab
         batch, slots = self._batch, self._slot_seq
@@ -445,6 +457,10 @@ class Sampler:
         add = lambda s: L.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if repeat_penalty != 1.0:
             add(L.llama_sampler_init_penalties(64, repeat_penalty, 0.0, 0.0))
+        # Greedy without penalties needs no chain: an argmax over the logits in numpy costs 20 us
+        # where llama_sampler_sample, which first copies all n_vocab candidates, costs 300 us
+        # (gemma3's 262k vocabulary; 3% of its generation speed on 2 CPU threads).
+        self.greedy = temperature <= 0 and repeat_penalty == 1.0
         if temperature <= 0:
             add(L.llama_sampler_init_greedy())
             return
