@@ -34,7 +34,7 @@ from .errors import BenchError, GgufrunError
 from .settings import Settings, coerce
 
 SWEEP_KEYS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size")
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "bench" / "text.txt"
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "bench_text.txt"  # bench/text.txt links here
 SYNTHETIC_NOTE = "n/a (synthetic)"
 
 Report = Callable[[str], None]

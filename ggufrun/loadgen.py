@@ -152,8 +152,15 @@ def run_load(
     def worker() -> None:
         conn: http.client.HTTPConnection | None = None
         while take():
+            reused = conn is not None
             conn = conn or target.connect()
             sample = _one_request(conn, target, body, endpoint)
+            if reused and not sample.ok and sample.ttft is None and sample.error.startswith(_STALE):
+                # The server closed the kept-alive connection after the last response (llama-server
+                # does): that is no failed request, so send it again on a fresh connection.
+                conn.close()
+                conn = target.connect()
+                sample = _one_request(conn, target, body, endpoint)
             if not sample.ok:  # a broken connection must not poison the next request
                 conn.close()
                 conn = None
@@ -228,6 +235,9 @@ def _body(model: str, prompt: str, max_tokens: int, endpoint: str) -> bytes:
     else:
         payload["prompt"] = prompt
     return json.dumps(payload).encode()
+
+
+_STALE = ("RemoteDisconnected", "BrokenPipeError", "ConnectionResetError", "BadStatusLine")
 
 
 def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes, endpoint: str) -> RequestSample:
