@@ -51,9 +51,9 @@ def model_path(name: str) -> Path:
     return fetch.ensure_local(registry.load().resolve(name))
 
 
-def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int, flash_attn: bool) -> float:
-    """One llama-bench run of tg{n_gen} (CPU, one repetition): tokens per second."""
-    cmd = [str(bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-r", "1", "-ngl", "0", "-fa", str(int(flash_attn)), "-o", "json"]
+def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int, flash_attn: bool, ngl: int = 0) -> float:
+    """One llama-bench run of tg{n_gen} (one repetition): tokens per second."""
+    cmd = [str(bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(n_gen), "-r", "1", "-ngl", str(99 if ngl < 0 else ngl), "-fa", str(int(flash_attn)), "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"llama-bench failed ({out.returncode}): {out.stderr.strip()[-500:]}")
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flash-attn", choices=("on", "off"), default="on", help="the same on both sides (default: on)")
     ap.add_argument("--llama-bench", default=None, help="path to llama-bench (or its bin folder)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="-1 = all (GPU builds)")
     ap.add_argument("--json", action="store_true", help="print the raw rows as JSON lines too")
     args = ap.parse_args()
 
@@ -100,7 +101,7 @@ def main() -> None:
     path = model_path(args.model)
     # greedy, no repeat penalty: the cheapest sampler chain, as llama-bench samples nothing at all
     # the smallest context that holds the prompt and the reply: llama-bench's tg runs in n_gen cells
-    settings = Settings(threads=args.threads, n_ctx=args.n_gen + 128, n_gpu_layers=0, flash_attn=args.flash_attn,
+    settings = Settings(threads=args.threads, n_ctx=args.n_gen + 128, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
                         temperature=0.0, repeat_penalty=1.0, max_tokens=args.n_gen)
     rows = []
     with Model.load(path, settings) as model, open(os.devnull, "w") as sink:
@@ -109,7 +110,7 @@ def main() -> None:
         tokens = session.tokens([{"role": "user", "content": PROMPT}])  # the same prompt chat_tg sends
         for round_ in range(args.rounds):
             measured = {
-                "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen, args.flash_attn == "on"), args.n_gen),
+                "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen, args.flash_attn == "on", args.n_gpu_layers), args.n_gen),
                 "Model.generate": raw_tg(model, tokens, session._sampler, args.n_gen),
                 "ggufrun chat": chat_tg(session, args.n_gen, sink),
             }

@@ -56,14 +56,14 @@ def model_path(name: str) -> Path:
     return fetch.ensure_local(registry.load().resolve(name))
 
 
-def in_process_tps(path: Path, threads: int, n_gen: int, rounds: int) -> float:
+def in_process_tps(path: Path, threads: int, n_gen: int, rounds: int, ngl: int = 0) -> float:
     """Generation tokens/s of runtime.Model.generate (the median of ``rounds`` fresh replies)."""
     import statistics
 
     from ggufrun.runtime import GenStats, Model, Sampler
     from ggufrun.settings import Settings
 
-    with Model.load(path, Settings(threads=threads, n_ctx=N_CTX)) as model:
+    with Model.load(path, Settings(threads=threads, n_ctx=N_CTX, n_gpu_layers=ngl)) as model:
         sampler = Sampler(model, temperature=0)
         prompt = model.tokenize(PROMPT)
         rates = []
@@ -83,7 +83,7 @@ def stream_gen_tps(result: Any) -> float:
     return len(gaps) / sum(gaps) if gaps else 0.0
 
 
-def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_gen: int, llama_server: Path) -> Any:
+def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_gen: int, llama_server: Path, ngl: int = 0) -> Any:
     from serverutil import serve
 
     from ggufrun.loadgen import run_load
@@ -91,11 +91,11 @@ def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_
     total_ctx = N_CTX * clients
     if kind == "ggufrun":
         args = [str(path), "--served-model-name", "bench", "--threads", str(threads), "--parallel", str(clients),
-                "--n-ctx", str(N_CTX), "--max-queue", str(4 * requests)]
+                "--n-ctx", str(N_CTX), "--max-queue", str(4 * requests), "--n-gpu-layers", str(ngl)]
         launch: dict[str, Any] = {}
     else:
         args = ["-m", str(path), "-t", str(threads), "-tb", str(threads), "-np", str(clients), "-c", str(total_ctx),
-                "-ngl", "0", "--host", "127.0.0.1", "-a", "bench"]
+                "-ngl", str(99 if ngl < 0 else ngl), "--host", "127.0.0.1", "-a", "bench"]
         launch = {"command": [str(llama_server)]}
     with serve(*args, ready_timeout=180, **launch) as server:
         run_load(server.url, "bench", 1, 1, max_tokens=8, prompt=PROMPT)  # warm-up: first-touch page faults, caches
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--llama-server", default=None, help="path to llama-server (or its bin folder)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="-1 = all (GPU builds), on both servers")
     ap.add_argument("--json", default=None, help="write the raw rows (every request) to this file")
     opts = ap.parse_args()
 
@@ -123,7 +124,7 @@ def main() -> None:
     for i, clients in enumerate(levels):
         order = ("ggufrun", "llama-server") if i % 2 == 0 else ("llama-server", "ggufrun")
         for kind in order:
-            result = measure(kind, path, opts.threads, clients, opts.requests_per_client * clients, opts.max_tokens, server_bin)
+            result = measure(kind, path, opts.threads, clients, opts.requests_per_client * clients, opts.max_tokens, server_bin, opts.n_gpu_layers)
             row = {"server": kind, **result.summary(), "gen_tps_per_stream": round(stream_gen_tps(result), 2), "raw": result.as_dict()}
             rows.append(row)
             print(f"  {kind:12s} clients={clients:2d} total {row['tokens_per_s']:7.1f} tok/s  ttft p50 {row['ttft_p50_s']}s "
@@ -131,7 +132,7 @@ def main() -> None:
 
     one = next((r for r in rows if r["server"] == "ggufrun" and r["concurrency"] == 1), None)
     if one is not None:
-        local = in_process_tps(path, opts.threads, opts.max_tokens, rounds=3)
+        local = in_process_tps(path, opts.threads, opts.max_tokens, rounds=3, ngl=opts.n_gpu_layers)
         served = one["gen_tps_per_stream"]
         print(f"\nOne client, generation: ggufrun serve {served:.1f} tok/s, in process {local:.1f} tok/s "
               f"-> {served / local:.2f}x (bar: 0.95x)\n")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
-from .templates import ChatTemplate, select_template
+from .templates import ChatTemplate, select_template, split_stop
 
 if TYPE_CHECKING:
     from .runtime import GenStats, Model
@@ -100,7 +100,7 @@ class Reply:
                     continue
                 if text_stops:
                     pending += piece
-                    piece, pending, hit = _split_stop(pending, text_stops)
+                    piece, pending, hit = split_stop(pending, text_stops)
                     if piece:
                         parts.append(piece)
                         yield piece
@@ -117,20 +117,6 @@ class Reply:
             gen.close()
             self.text = "".join(parts)
             session._record(self)
-
-
-def _split_stop(pending: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
-    """Split ``pending`` into (text safe to show, text held back, whether a stop string was hit)."""
-    hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-    if hits:
-        return pending[: min(hits)], "", True
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(pending)), hold, -1):
-            if pending.endswith(s[:k]):
-                hold = k
-                break
-    return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
 
 
 class ChatSession:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ggufrun.chat import ChatSession, _split_stop
+from ggufrun.chat import ChatSession
+from ggufrun.templates import split_stop
 from ggufrun.errors import (
     ConfigError,
     ContextOverflowError,
@@ -67,10 +68,10 @@ def test_unreadable_system_file(tmp_path: Path) -> None:
 
 def test_split_stop_holds_back_a_possible_stop() -> None:
     stops = ("\nUser:",)
-    assert _split_stop("Hello", stops) == ("Hello", "", False)
-    assert _split_stop("Hello\nUs", stops) == ("Hello", "\nUs", False)
-    assert _split_stop("Hello\nUser: more", stops) == ("Hello", "", True)
-    assert _split_stop("a\nb", stops) == ("a\nb", "", False)
+    assert split_stop("Hello", stops) == ("Hello", "", False)
+    assert split_stop("Hello\nUs", stops) == ("Hello", "\nUs", False)
+    assert split_stop("Hello\nUser: more", stops) == ("Hello", "", True)
+    assert split_stop("a\nb", stops) == ("a\nb", "", False)
 
 
 # ---- sessions on gemma3-270m ---------------------------------------------------------------

@@ -509,14 +509,13 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny_model: Path, server_
 # ---- pieces without a server ---------------------------------------------------------------------
 
 def test_stop_string_helpers() -> None:
-    from ggufrun.server.engine import _find_stop, _stop_prefix_len
+    from ggufrun.templates import split_stop
 
-    assert _find_stop("abc<|im_end|>x", ["<|im_end|>"]) == 3
-    assert _find_stop("abc", ["zz"]) is None
-    assert _find_stop("one END two STOP", ["STOP", "END"]) == 4  # the earliest wins
-    assert _stop_prefix_len("hello <|im", ["<|im_end|>"]) == 4  # held back: may become the stop string
-    assert _stop_prefix_len("hello", ["<|im_end|>"]) == 0
-    assert _stop_prefix_len("aXY", ["XYZ", "YZW"]) == 2
+    assert split_stop("abc<|im_end|>x", ["<|im_end|>"]) == ("abc", "", True)
+    assert split_stop("abc", ["zz"]) == ("abc", "", False)
+    assert split_stop("one END two STOP", ["STOP", "END"]) == ("one ", "", True)  # the earliest wins
+    assert split_stop("hello <|im", ["<|im_end|>"]) == ("hello ", "<|im", False)  # may become the stop
+    assert split_stop("aXY", ["XYZ", "YZW"]) == ("a", "XY", False)
 
 
 def test_request_validation_names_the_field() -> None:

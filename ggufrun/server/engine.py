@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GgufrunError
+from ..templates import split_stop
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
@@ -387,15 +388,12 @@ class Engine:
         slot.last = token
         text = slot.held + slot.decoder.feed(token)
         if req.stop:
-            cut = _find_stop(text, req.stop)
-            if cut is not None:
-                slot.held = ""
-                if cut:
-                    job.emit(Event("text", text[:cut]))
+            text, slot.held, hit = split_stop(text, req.stop)
+            if hit:
+                if text:
+                    job.emit(Event("text", text))
                 self._end(slot, finish_reason="stop", flush=False)
                 return
-            keep = _stop_prefix_len(text, req.stop)
-            text, slot.held = (text[: len(text) - keep], text[len(text) - keep :]) if keep else (text, "")
         if text:
             job.emit(Event("text", text))
         if slot.n_gen >= req.max_tokens or self.backend.model.seq_len(slot.seq_id) + 1 >= self.backend.n_ctx_seq:
@@ -452,22 +450,3 @@ def _common(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that begins some stop string (held back, not sent)."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
-
-
