@@ -456,7 +456,7 @@ class Sampler:
         self._chain = L.llama_sampler_chain_init(params)
         add = lambda s: L.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if repeat_penalty != 1.0:
-            add(L.llama_sampler_init_penalties(64, repeat_penalty, 0.0, 0.0))
+            add(L.llama_sampler_init_penalties(model.n_vocab, 64, repeat_penalty, 0.0, 0.0))
         # Greedy without penalties needs no chain: an argmax over the logits in numpy costs 20 us
         # where llama_sampler_sample, which first copies all n_vocab candidates, costs 300 us
         # (gemma3's 262k vocabulary; 3% of its generation speed on 2 CPU threads).

@@ -108,3 +108,23 @@ def test_quantize_makes_a_smaller_loadable_file(tiny_model_factory, tmp_path: Pa
         assert greedy(m, m.tokenize("hello"), 2) is not None
     with pytest.raises(ConfigError, match="Unknown quant type"):
         quantize(src, tmp_path / "x.gguf", "q9_z")
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 0.0, "repeat_penalty": 1.3},
+    {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1, "seed": 7},
+])
+def test_every_sampler_chain_generates(model: Model, params: dict) -> None:
+    model.reset()
+    sampler = Sampler(model, **params)
+    out = list(model.generate(model.tokenize("Sampling works"), sampler, max_tokens=5))
+    assert all(0 <= t < model.n_vocab for t in out)
+
+
+def test_seeded_sampling_repeats(model: Model) -> None:
+    prompt = model.tokenize("Same seed, same text")
+    runs = []
+    for _ in range(2):
+        model.reset()
+        runs.append(list(model.generate(prompt, Sampler(model, temperature=1.0, seed=42), max_tokens=8)))
+    assert runs[0] == runs[1]
