@@ -14,41 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from reference import find_tool, model_path  # noqa: E402  (bench/reference.py)
 
-REFERENCE_TOOL = Path("/work/shared/tools/build-reference-llama-cpp")
 PROMPT = "Count from 1 to 300, separated by commas: 1, 2, 3,"
-
-
-def find_llama_bench(given: str | None) -> Path:
-    """--llama-bench, else PATH, else the reference build under ~/.cache/ggufrun-reference."""
-    if given:
-        path = Path(given).expanduser()
-        if path.is_dir():
-            path = path / "llama-bench"
-        if not path.is_file():
-            sys.exit(f"llama-bench not found at {path}.")
-        return path
-    found = shutil.which("llama-bench")
-    if found:
-        return Path(found)
-    for candidate in sorted(Path.home().glob(".cache/ggufrun-reference/*/build/bin/llama-bench"), reverse=True):
-        return candidate
-    sys.exit(f"llama-bench not found: pass --llama-bench PATH, or build it with `bash {REFERENCE_TOOL}` "
-             "(it prints the bin folder; about 8 minutes on 2 cores).")
-
-
-def model_path(name: str) -> Path:
-    """A .gguf path as given, or a registry name fetched into the cache as `ggufrun pull` would."""
-    from ggufrun import fetch, registry
-
-    return fetch.ensure_local(registry.load().resolve(name))
 
 
 def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int, flash_attn: bool, ngl: int = 0) -> float:
@@ -97,7 +71,7 @@ def main() -> None:
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
-    bench = find_llama_bench(args.llama_bench)
+    bench = find_tool("llama-bench", args.llama_bench)
     path = model_path(args.model)
     # greedy, no repeat penalty: the cheapest sampler chain, as llama-bench samples nothing at all
     # the smallest context that holds the prompt and the reply: llama-bench's tg runs in n_gen cells

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,32 +27,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # serverutil: the same server launcher the tests use
+from reference import find_tool, model_path  # noqa: E402  (bench/reference.py)
 
-REFERENCE_TOOL = Path("/work/shared/tools/build-reference-llama-cpp")
 PROMPT = "Count from 1 to 300, separated by commas: 1, 2, 3,"  # a base model keeps going: few early stops
 N_CTX = 4096  # per request, on both servers
-
-
-def find_llama_server(given: str | None) -> Path:
-    """--llama-server, else PATH, else the reference build under ~/.cache/ggufrun-reference."""
-    if given:
-        path = Path(given).expanduser()
-        path = path / "llama-server" if path.is_dir() else path
-        if not path.is_file():
-            sys.exit(f"llama-server not found at {path}.")
-        return path
-    found = shutil.which("llama-server")
-    if found:
-        return Path(found)
-    for candidate in sorted(Path.home().glob(".cache/ggufrun-reference/*/build/bin/llama-server"), reverse=True):
-        return candidate
-    sys.exit(f"llama-server not found: pass --llama-server PATH, or build it with `bash {REFERENCE_TOOL}`.")
-
-
-def model_path(name: str) -> Path:
-    from ggufrun import fetch, registry
-
-    return fetch.ensure_local(registry.load().resolve(name))
 
 
 def in_process_tps(path: Path, threads: int, n_gen: int, rounds: int, ngl: int = 0) -> float:
@@ -114,7 +91,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the raw rows (every request) to this file")
     opts = ap.parse_args()
 
-    server_bin = find_llama_server(opts.llama_server)
+    server_bin = find_tool("llama-server", opts.llama_server)
     path = model_path(opts.model)
     levels = [int(x) for x in opts.levels.split(",")]
     print(f"model {path.name}, {opts.threads} threads, {opts.max_tokens}-token streamed completions; llama-server: {server_bin}",
