@@ -11,12 +11,29 @@ import codecs
 import ctypes
 from array import array
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import llama_cpp as L
+
+def _prefer_system_libstdcxx() -> None:
+    """Put the system libstdc++ first in the global symbol scope before llama.cpp loads.
+
+    Some CUDA builds of libggml-cuda link libstdc++ statically and export its symbols; libllama's
+    std::ostream calls then bind to that copy, whose locale is never initialised, and loading a
+    model segfaulted in llama_model::print_info (seen on an H100 machine, depending on import order).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+
+
+_prefer_system_libstdcxx()
+import llama_cpp as L  # noqa: E402
 
 from . import paths
 from .errors import ConfigError, ContextOverflowError, ModelLoadError

@@ -8,6 +8,13 @@ python3 bench/gpu/serve_probe.py MODEL.gguf MODE, where MODE is one of:
 import sys
 import threading
 
+if "--libstdcxx-global" in sys.argv:
+    # Test: make the system libstdc++ win symbol lookups over copies exported by libggml-cuda.
+    import ctypes
+
+    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    sys.argv.remove("--libstdcxx-global")
+
 from ggufrun import registry
 from ggufrun.server.metrics import Metrics
 from ggufrun.server.models import ModelPool, single_model_config
