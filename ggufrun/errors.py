@@ -79,7 +79,9 @@ class InvalidGGUFError(GgufrunError):
 
 
 class ModelLoadError(GgufrunError):
-    """llama.cpp refused to load a model file."""
+    """llama.cpp refused to load a model file, or failed while running it (a server-side failure)."""
+
+    http_status = 500
 
 
 class ContextOverflowError(GgufrunError):

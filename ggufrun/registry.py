@@ -258,8 +258,8 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
     try:
         for q in entry.quants:
             entry.filename(q)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"{where}: [{name}] file template is invalid ({exc}).") from None
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: [{name}] file template is invalid ({exc}).", "Use {quant}, {QUANT} or {quant_lower}.") from None
     except UnknownModelError as exc:
         raise ConfigError(f"{where}: [{name}] {exc.message}") from None
     return entry

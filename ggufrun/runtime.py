@@ -414,9 +414,11 @@ class Model:
                 batch.logits[0] = True
                 batch.n_tokens = 1
                 rc = L.llama_decode(ctx, batch)
-                if rc != 0:
+                if rc == 1:  # no KV cell left: the context is full
                     st.finish_reason = "length"
                     return
+                if rc != 0:
+                    raise ModelLoadError(f"llama_decode failed (code {rc}).")
                 seq.append(tok)
                 idx = 0
         finally:

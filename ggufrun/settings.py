@@ -43,7 +43,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("threads", int, "CPU threads for generation (0 = number of physical cores).", min=0, max=1024),
     Field("batch_size", int, "Prompt processing batch size (logical, llama.cpp -b).", min=1),
     Field("ubatch_size", int, "Physical micro-batch size (llama.cpp -ub).", min=1),
-    Field("seed", int, "Sampling seed (-1 = random).", min=-1),
+    Field("seed", int, "Sampling seed (-1 = random).", min=-1, max=2**32 - 2),  # llama.cpp's seed is uint32; 2**32-1 means random
     Field("temperature", float, "Sampling temperature (0 = greedy).", min=0.0, max=100.0, sampling=True),
     Field("top_p", float, "Nucleus sampling threshold.", min=0.0, max=1.0, sampling=True),
     Field("top_k", int, "Top-k sampling (0 = off).", min=0, sampling=True),

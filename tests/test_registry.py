@@ -159,6 +159,7 @@ GOOD = 'quants = ["q4_0"]\nfile = "x-{quant}.gguf"\nsources = [{ hub = "huggingf
     ("[bad]\n" + GOOD + 'short = { q8 = "q8_0" }\n', 1, "short names point to no listed quant: q8 = 'q8_0'"),
     ("[bad]\n" + GOOD.replace("x-{quant}", "../x-{quant}"), 1, "Unsafe remote file name"),
     ("[bad]\n" + GOOD.replace("x-{quant}", "x-{qaunt}"), 1, "file template is invalid"),
+    ("[bad]\n" + GOOD.replace("x-{quant}", "x-{quant.bad}"), 1, "file template is invalid"),
     ("[bad]\n" + GOOD.replace('sources = [{ hub = "huggingface", repo = "a/b" }]', "sources = []"), 1,
      "needs at least one source"),
     ("[ok]\n" + GOOD + "[bad]\n" + GOOD + "[bad.files.q4_k_m]\nsize = 1\n", 5, "[bad.files.q4_k_m] names a quant"),

@@ -105,7 +105,7 @@ def test_quantize_makes_a_smaller_loadable_file(tiny_model_factory, tmp_path: Pa
     dst = quantize(src, tmp_path / "q4.gguf", "q4_0", threads=1)
     assert dst.stat().st_size < src.stat().st_size
     with Model.load(dst, SETTINGS) as m:
-        assert greedy(m, m.tokenize("hello"), 2) is not None
+        assert len(greedy(m, m.tokenize("hello"), 2)) >= 1
     with pytest.raises(ConfigError, match="Unknown quant type"):
         quantize(src, tmp_path / "x.gguf", "q9_z")
 

@@ -199,7 +199,10 @@ def test_embeddings(srv: ServerProcess) -> None:
     assert [d["index"] for d in data] == [0, 1]
     assert len(data[0]["embedding"]) == len(data[1]["embedding"]) > 0
     assert abs(sum(x * x for x in data[0]["embedding"]) - 1.0) < 1e-3
+    assert data[0]["embedding"] != data[1]["embedding"]  # different text, different vector
     assert client(srv).embeddings.create(model="tiny", input="hi").data[0].embedding
+    r = post(srv, "/v1/embeddings", {"model": "tiny", "input": ["fine", " "]})
+    assert r.status_code == 422 and "input[1]" in r.json()["error"]["message"]
 
 
 # ---- bad input: the right status, and the server keeps serving ----------------------------------
@@ -223,6 +226,10 @@ def test_bad_input_statuses(srv: ServerProcess) -> None:
     assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0].role"
     r = post(srv, "/v1/chat/completions", {"model": "tiny"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+    r = post(srv, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [1, 2]}]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0].content[0]"
+    r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**64})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "seed"
 
     r = post(srv, "/v1/completions", b'{"prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}')
     assert r.status_code == 413
@@ -549,7 +556,9 @@ def test_serve_config_is_strict(tmp_path: Path) -> None:
     for text, word in (('[[models]]\nmodel = "a"\n[[models]]\nmodel = "b"\nserved_model_name = "a"\n', "'a'"),
                        ('[server]\nprot = 1\n[[models]]\nmodel = "a"\n', "prot"),
                        ('[[models]]\nmodel = "a"\ntemperature = -1\n', "temperature"),
-                       ('[server]\nport = 1\n', "no models")):
+                       ('[server]\nport = 1\n', "no models"),
+                       ('[server]\ncors = 5\n[[models]]\nmodel = "a"\n', "cors"),
+                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 1-65535")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=word):

@@ -3,40 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import click
 
 from .common import load_registry
-
-
-@contextmanager
-def download_progress() -> Iterator[tuple[Callable[[str, int, int | None], None], Callable[[str], None]]]:
-    """A rich progress bar (bytes, speed, ETA) and a report printer, both on stderr.
-
-    Yields ``(progress, report)`` for fetch.pull / fetch.ensure_local; chat, serve and bench
-    can use it too.
-    """
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(desc: str, done: int, total: int | None) -> None:
-            if desc not in tasks:
-                tasks[desc] = bar.add_task(desc, total=total)
-            bar.update(tasks[desc], completed=done, total=total)
-
-        def report(line: str) -> None:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-        yield progress, report
+from .progress import download_progress
 
 
 @click.command("list")
@@ -99,8 +70,8 @@ def pull_command(ctx: click.Context, names: tuple[str, ...], offline: bool, forc
     reg = load_registry(ctx)
     for name in names:
         spec = reg.resolve(name)
-        with download_progress() as (progress, report):
-            result = fetch.pull(spec, force=force, offline=offline or None, progress=progress, report=report)
+        with download_progress() as progress:
+            result = fetch.pull(spec, force=force, offline=offline or None, progress=progress, report=progress.report)
         if result.cached:
             click.echo(f"{spec.name} is cached: {result.path}")
         else:

@@ -33,6 +33,7 @@ class RichProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TimeRemainingColumn(), console=self.console, transient=False,
+            disable=not self.console.is_terminal,  # no bar redraws in logs and pipes
         )
         self._tasks: dict[str, TaskID] = {}
         self._started = False
@@ -48,7 +49,7 @@ class RichProgress:
 
     def report(self, line: str) -> None:
         """One line of news from the core (a source failed, waiting on a lock), above the bar."""
-        self.console.print(line, style="dim", markup=False, highlight=False)
+        self.console.print(line, style="dim", markup=False, highlight=False, soft_wrap=True)
 
     def __enter__(self) -> RichProgress:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self

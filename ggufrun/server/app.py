@@ -154,6 +154,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         content = m.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _invalid(f"messages[{i}].content", "expected a string or a list of content parts.")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise _invalid(f"messages[{i}].content[{j}]", 'expected {"type": "text", "text": "..."} (only text is supported).')
         out.append({**m, "role": "system" if m["role"] == "developer" else m["role"]})
     return out
 
@@ -421,6 +424,9 @@ class Server:
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts) or len(texts) > 256:
             raise _invalid("input", "expected a string or a list of 1 to 256 strings.")
+        empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+        if empty is not None:
+            raise _invalid(f"input[{empty}]", "expected non-empty text.")
         cfg = self.pool.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import GgufrunError
+from ..errors import GgufrunError, ModelLoadError
 from ..templates import split_stop
 from .metrics import Metrics
 
@@ -227,7 +227,7 @@ class Engine:
             self.backend = self._load()
         except BaseException as exc:
             self.state = "failed"
-            err = exc if isinstance(exc, GgufrunError) else GgufrunError(f"Loading '{self.name}' failed: {exc}.")
+            err = exc if isinstance(exc, GgufrunError) else ModelLoadError(f"Loading '{self.name}' failed: {exc}.")
             log.error("loading model %s failed: %s", self.name, err, exc_info=not isinstance(exc, GgufrunError))
             self.loaded.set_exception(err)
             self._refuse_queued(err)
@@ -240,7 +240,7 @@ class Engine:
             self._serve()
         except BaseException as exc:
             log.exception("engine for %s failed", self.name)
-            err = GgufrunError(f"The engine for '{self.name}' failed: {exc}.")
+            err = ModelLoadError(f"The engine for '{self.name}' failed: {exc}.")
             for slot in self._slots:
                 if slot.job is not None:
                     self._end(slot, error=err)
@@ -434,7 +434,7 @@ class Engine:
         except GgufrunError as exc:
             job.future.set_exception(exc)
         except Exception as exc:  # noqa: BLE001 -- reported to the client as a 500, not a dead thread
-            job.future.set_exception(GgufrunError(f"Embedding failed: {exc}."))
+            job.future.set_exception(ModelLoadError(f"Embedding failed: {exc}."))
 
     def _close(self) -> None:
         for holder in (self._embedder, self.backend.model if self.backend else None):

@@ -105,13 +105,18 @@ def read_serve_config(path: Path) -> ServeConfig:
     for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes"):
         if key in server:
             values[key] = _positive_int(server[key], f"{path} [server] {key}", allow_zero=key == "max_queue")
+    if values.get("port", 1) > 65535:
+        raise ConfigError(f"{path} [server] port must be 1-65535 (got {values['port']}).")
     if "host" in server:
         values["host"] = str(server["host"])
     if "api_key" in server:
         values["api_key"] = str(server["api_key"]) or None
     if "cors" in server:
         cors = server["cors"]
-        values["cors"] = tuple([cors] if isinstance(cors, str) else [str(c) for c in cors])
+        cors = [cors] if isinstance(cors, str) else cors
+        if not isinstance(cors, list) or not all(isinstance(c, str) for c in cors):
+            raise ConfigError(f"{path} [server] cors must be an origin string or a list of them (got {server['cors']!r}).")
+        values["cors"] = tuple(cors)
     return ServeConfig(models=models, **values)
 
 
