@@ -441,16 +441,19 @@ class Model:
         self.reset(seq_id)
         return out
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        """One L2-normalised embedding per text (mean-pooled where the model has no pooling)."""
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One L2-normalised embedding per text (mean-pooled where the model has no pooling), and
+        the number of tokens embedded (each text is cut to n_batch tokens)."""
         import numpy as np
 
         if not self.embeddings:
             raise ModelLoadError("This model was loaded without embeddings.")
         pooled = L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE
         result = []
+        n_tokens = 0
         for text in texts:
             tokens = self.tokenize(text)[: self.n_batch]
+            n_tokens += len(tokens)
             self.reset(0)
             self._decode_batch([(0, tokens, True)], all_logits=True)
             if pooled:
@@ -461,7 +464,7 @@ class Model:
             norm = float(np.linalg.norm(vec)) or 1.0
             result.append((vec / norm).astype(float).tolist())
         self.reset(0)
-        return result
+        return result, n_tokens
 
 
 class Sampler:

@@ -200,6 +200,7 @@ def test_embeddings(srv: ServerProcess) -> None:
     assert len(data[0]["embedding"]) == len(data[1]["embedding"]) > 0
     assert abs(sum(x * x for x in data[0]["embedding"]) - 1.0) < 1e-3
     assert data[0]["embedding"] != data[1]["embedding"]  # different text, different vector
+    assert r.json()["usage"]["prompt_tokens"] >= 4
     assert client(srv).embeddings.create(model="tiny", input="hi").data[0].embedding
     r = post(srv, "/v1/embeddings", {"model": "tiny", "input": ["fine", " "]})
     assert r.status_code == 422 and "input[1]" in r.json()["error"]["message"]

@@ -435,8 +435,7 @@ class Server:
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)
-        vectors = await asyncio.wrap_future(future)
-        n_tokens = sum(len(engine.backend.model.tokenize(t)) for t in texts) if engine.backend else 0
+        vectors, n_tokens = await asyncio.wrap_future(future)
         return JSONResponse({"object": "list", "model": model or cfg.id,
                              "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})

@@ -111,7 +111,7 @@ class Job:
 @dataclass
 class _EmbedJob:
     texts: list[str]
-    future: concurrent.futures.Future[list[list[float]]]
+    future: concurrent.futures.Future[tuple[list[list[float]], int]]
 
 
 @dataclass
@@ -186,8 +186,9 @@ class Engine:
             self.last_used = time.monotonic()
             self._cv.notify()
 
-    def embed(self, texts: list[str]) -> concurrent.futures.Future[list[list[float]]]:
-        future: concurrent.futures.Future[list[list[float]]] = concurrent.futures.Future()
+    def embed(self, texts: list[str]) -> concurrent.futures.Future[tuple[list[list[float]], int]]:
+        """Vectors and the token count, computed on the engine thread (the only one touching llama.cpp)."""
+        future: concurrent.futures.Future[tuple[list[list[float]], int]] = concurrent.futures.Future()
         with self._cv:
             if self._stopping:
                 raise ShuttingDownError(f"Model '{self.name}' is shutting down.")
