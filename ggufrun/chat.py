@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
-from .templates import ChatTemplate, select_template, split_stop
+from .templates import ChatTemplate, chat_tokens, select_template, split_stop
 
 if TYPE_CHECKING:
     from .runtime import GenStats, Model
@@ -176,13 +176,7 @@ class ChatSession:
     def tokens(self, history: list[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> list[int]:
         """The conversation (or ``history`` after the system prompt) rendered and tokenized, with
         BOS added where the model wants one, once."""
-        text = self.template.render(self.messages(history), add_generation_prompt=add_generation_prompt)
-        tokens = self.model.tokenize(text, add_special=True, parse_special=True)
-        bos = self.model.bos_id
-        # Templates that write {{ bos_token }} themselves would otherwise start with two BOS tokens.
-        if len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
-            del tokens[0]
-        return tokens
+        return chat_tokens(self.template, self.model, self.messages(history), add_generation_prompt=add_generation_prompt)
 
     def reply_room(self) -> int:
         """Context kept free for the reply when deciding whether the history must be trimmed."""

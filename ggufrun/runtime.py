@@ -249,6 +249,15 @@ class Model:
     def cached_tokens(self, seq_id: int = 0) -> list[int]:
         return list(self._seq.get(seq_id, ()))
 
+    def common_prefix(self, seq_id: int, tokens: list[int]) -> int:
+        """How many leading ``tokens`` are already in the sequence's KV cache (reusable)."""
+        n = 0
+        for a, b in zip(self._seq.get(seq_id, ()), tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
     def seq_len(self, seq_id: int) -> int:
         return len(self._seq.get(seq_id, ()))
 
@@ -367,13 +376,7 @@ class Model:
                 f"The prompt has {len(tokens)} tokens; the context holds {self.n_ctx}.",
                 "Shorten it or raise --n-ctx.", n_tokens=len(tokens), n_ctx=self.n_ctx,
             )
-        cached = self._seq.get(seq_id, [])
-        common = 0
-        for a, b in zip(cached, tokens):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # the last prompt token is re-evaluated for its logits
+        common = min(self.common_prefix(seq_id, tokens), len(tokens) - 1)  # the last prompt token is re-evaluated for its logits
         self._truncate(seq_id, common)
         common = self.seq_len(seq_id)
         st.prompt_tokens, st.cached_tokens = len(tokens), common

@@ -230,3 +230,13 @@ def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, s
                 hold = k
                 break
     return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
+
+
+def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    """Render ``messages`` with ``template`` and tokenize them for ``model`` (a runtime.Model),
+    with BOS added where the model wants one, once: templates that write {{ bos_token }}
+    themselves would otherwise start with two."""
+    tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt), add_special=True, parse_special=True)
+    if len(tokens) > 1 and tokens[0] == tokens[1] == model.bos_id:
+        del tokens[0]
+    return tokens

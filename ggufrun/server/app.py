@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ConfigError, ContextOverflowError, GgufrunError
 from ..settings import coerce
+from ..templates import chat_tokens
 from .engine import Backend, Engine, Event, GenRequest, Job, QueueFullError, ShuttingDownError
 from .metrics import Metrics
 from .models import ModelConfig, ModelPool, ServeConfig
@@ -483,13 +484,7 @@ class Server:
 
 
 def tokenize_chat(backend: Backend, messages: list[dict[str, Any]]) -> list[int]:
-    text = backend.template.render(messages, add_generation_prompt=True)
-    model = backend.model
-    tokens = model.tokenize(text, add_special=True, parse_special=True)
-    # A GGUF template that writes {{ bos_token }} itself would otherwise get a second BOS from the tokenizer.
-    if len(tokens) >= 2 and tokens[0] == tokens[1] == model.bos_id:
-        tokens = tokens[1:]
-    return tokens
+    return chat_tokens(backend.template, backend.model, messages)
 
 
 # ---- middleware ----------------------------------------------------------------------------------

@@ -297,11 +297,12 @@ class Engine:
         model = self.backend.model
         req = slot.job.request
         # Prefer this slot's own cache; another idle slot with a longer shared prefix swaps in.
-        best = max((s for s in self._slots if s.job is None or s is slot), key=lambda s: _common(model.cached_tokens(s.seq_id), req.prompt))
-        if best is not slot and _common(model.cached_tokens(best.seq_id), req.prompt) > _common(model.cached_tokens(slot.seq_id), req.prompt):
+        shared = {s.seq_id: model.common_prefix(s.seq_id, req.prompt) for s in self._slots if s.job is None or s is slot}
+        best = max((s for s in self._slots if s.seq_id in shared), key=lambda s: shared[s.seq_id])
+        if best is not slot and shared[best.seq_id] > shared[slot.seq_id]:
             best.job, slot.job = slot.job, None
             slot = best
-        common = min(_common(model.cached_tokens(slot.seq_id), req.prompt), len(req.prompt) - 1)
+        common = min(shared[slot.seq_id], len(req.prompt) - 1)
         kept = model.truncate(slot.seq_id, common)
         slot.pending = list(req.prompt[kept:])
         slot.last = -1
@@ -444,10 +445,3 @@ class Engine:
         self._embedder = None
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
