@@ -267,8 +267,12 @@ class _ArraySummary:
 
 
 def _fail(path: Path, what: str) -> InvalidGGUFError:
-    return InvalidGGUFError(f"{path} is not a valid GGUF file: {what}.",
-                            "A cached model can be fetched again: `ggufrun rm NAME && ggufrun pull NAME`.")
+    from . import paths
+
+    # Only a file in our cache can be fetched again; for anyone else's file, naming it is enough.
+    in_cache = paths.models_dir().resolve() in Path(path).resolve().parents
+    hint = "It can be fetched again: `ggufrun rm NAME && ggufrun pull NAME`." if in_cache else None
+    return InvalidGGUFError(f"{path} is not a valid GGUF file: {what}.", hint)
 
 
 def inspect(path: str | Path) -> GGUFInfo:
