@@ -396,7 +396,7 @@ class Server:
 
         def build(backend: Backend) -> list[int]:
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
-            return tokenize_chat(backend, messages)
+            return chat_tokens(backend.template, backend.model, messages)
 
         job = await self._prepare(params, cfg, build)
         return await self._respond(request, job, params, _Shape(chat=True, model=params.model or cfg.id))
@@ -454,7 +454,7 @@ class Server:
         def build(backend: Backend) -> list[int]:
             params.stop = [*params.stop, *backend.template.stop]
             params.max_tokens = params.max_tokens or backend.settings.max_tokens or SEED_MAX_TOKENS
-            return tokenize_chat(backend, messages)
+            return chat_tokens(backend.template, backend.model, messages)
 
         job = await self._prepare(params, cfg, build)
         result = await collect(request, job)
@@ -481,10 +481,6 @@ class Server:
     async def page(self, request: Request) -> Response:
         html = resources.files("ggufrun.server").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html)
-
-
-def tokenize_chat(backend: Backend, messages: list[dict[str, Any]]) -> list[int]:
-    return chat_tokens(backend.template, backend.model, messages)
 
 
 # ---- middleware ----------------------------------------------------------------------------------
