@@ -25,6 +25,8 @@ trained length), so four full-length requests fit at once.
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import asyncio
 import logging
 from collections import OrderedDict
@@ -57,8 +59,11 @@ class ModelConfig:
 
     @property
     def id(self) -> str:
-        """The name /v1/models lists first and responses carry."""
-        return self.served_names[0] if self.served_names else self.model
+        """The name /v1/models lists first and responses carry: a served name, else the registry
+        alias or the file's name, never a path (clients and /health must not learn the disk layout)."""
+        if self.served_names:
+            return self.served_names[0]
+        return PurePath(self.model).name if "/" in self.model or "\\" in self.model else self.model
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,7 @@ class ModelPool:
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
             registry.resolve(cfg.model)  # an unknown name or a missing file fails now, before the server starts
-            for name in (*cfg.served_names, cfg.model):
+            for name in (*cfg.served_names, cfg.id, cfg.model):
                 self._names.setdefault(name, cfg)
         metrics.add_gauges(self._gauges)
 
