@@ -25,13 +25,14 @@ import pytest
 import requests
 from serverutil import ServerProcess, serve
 
+from ggufrun.generation import SamplingParams
 from ggufrun.server import tools as T
 from ggufrun.server.constraints import embed_rules, from_response_format
 from ggufrun.server.engine import GenRequest
 from ggufrun.server.protocol import ApiError, parse_body, parse_messages
 
 QWEN25_TOOLS_TEMPLATE = (Path(__file__).parent / "data" / "qwen2.5-tools.jinja").read_text()
-ENGINE = {f.name for f in dataclasses.fields(GenRequest)}
+ENGINE = {f.name for f in dataclasses.fields(GenRequest)} | {f.name for f in dataclasses.fields(SamplingParams)}
 needs_grammar = pytest.mark.skipif("grammar" not in ENGINE, reason="the engine branch's per-sequence grammar is not merged yet")
 needs_logprobs = pytest.mark.skipif("logprobs" not in ENGINE, reason="the engine branch's logprobs are not merged yet")
 

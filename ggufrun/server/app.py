@@ -72,23 +72,20 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 
 
 def engine_fields() -> set[str]:
-    """What this build's engine takes per request beyond text and temperature: GenRequest's
-    fields plus the sampler's keyword arguments. A request field the engine cannot honour is a 400."""
-    import inspect
-
+    """What this build's engine takes per request beyond text: GenRequest's fields plus the
+    sampling parameters it knows. A request field the engine cannot honour is a 400."""
     names = {f.name for f in dataclasses.fields(GenRequest)}
     try:
-        from ..runtime import Sampler
-    except ImportError:  # the engine branch moves the sampler under ggufrun/llama/
-        try:
-            from ..llama.sampling import Sampler  # type: ignore[no-redef]
-        except ImportError:
-            return names
-    return names | set(inspect.signature(Sampler.__init__).parameters)
+        from ..generation import SamplingParams
+    except ImportError:
+        return names
+    return names | {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 def _timings(done: Event) -> dict[str, Any]:
-    """llama-server's ``timings`` object."""
+    """llama-server's ``timings`` object (the engine's when it reports one)."""
+    if getattr(done, "timings", None):
+        return dict(done.timings)
     prompt_ms = float(getattr(done, "prompt_ms", 0.0) or 0.0)
     predicted_ms = float(getattr(done, "predicted_ms", 0.0) or 0.0)
     cached = int(getattr(done, "cached_tokens", 0) or 0)
@@ -334,15 +331,11 @@ class Server:
         sampling.update(params.sampling)
         if k and sampling.get("seed", -1) >= 0:  # n choices from one seed must still differ
             sampling["seed"] = (sampling["seed"] + k) % (1 << 32)
-        extra: dict[str, Any] = {}
         for name, value in (("grammar", params.grammar), ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
             if value is not None:
-                if name in {f.name for f in dataclasses.fields(GenRequest)}:
-                    extra[name] = value
-                else:
-                    sampling[name] = value
+                sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, **extra)
+                          ignore_eos=params.ignore_eos)
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
