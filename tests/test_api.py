@@ -94,6 +94,16 @@ def test_hostile_bodies_are_400s_not_500s() -> None:
         assert err.value.status == 400 and fragment in err.value.message, raw[:40]
 
 
+def test_capacity_errors_are_503_with_retry_after() -> None:
+    from ggufrun.errors import ContextOverflowError
+    from ggufrun.server.protocol import api_error
+
+    full = api_error(ContextOverflowError("llama_decode failed (code 1): the KV cache is full."))
+    assert full.status == 503 and full.headers["Retry-After"] == "1"
+    long = api_error(ContextOverflowError("too long", n_tokens=900, n_ctx=512))
+    assert long.status == 400 and long.extra == {"n_prompt_tokens": 900, "n_ctx": 512}
+
+
 def test_messages_are_normalised_for_templates() -> None:
     msgs = parse_messages({"messages": [
         {"role": "developer", "content": [{"type": "text", "text": "be"}, {"type": "text", "text": "brief"}]},
@@ -428,6 +438,8 @@ def test_json_schema_output_validates_streamed_or_not(smol: ServerProcess) -> No
     assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
     r = post(smol, "/v1/completions", {"model": SMOL, "prompt": "Answer: ", "grammar": 'root ::= "YES" | "NO"', "max_tokens": 4})
     assert r.json()["choices"][0]["text"] in ("YES", "NO")
+    bad = post(smol, "/v1/completions", {"model": SMOL, "prompt": "x", "grammar": 'root ::= ("unclosed'})
+    assert bad.status_code == 400, bad.text
 
     class Person(BaseModel):
         name: str
@@ -474,3 +486,31 @@ def test_logprobs_chat_and_completions(smol: ServerProcess) -> None:
     streamed = [c for c in client(smol).chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Hi"}],
                                                                 max_tokens=3, logprobs=True, stream=True) if c.choices]
     assert sum(len(c.choices[0].logprobs.content) for c in streamed if c.choices[0].logprobs) == 3
+
+
+def test_penalties_logit_bias_and_seed_take_effect(smol: ServerProcess) -> None:
+    prompt = {"model": SMOL, "prompt": "List the colours of the rainbow, one per line:\n", "max_tokens": 40, "temperature": 0}
+    base = post(smol, "/v1/completions", prompt).json()["choices"][0]["text"]
+    for field in ("presence_penalty", "frequency_penalty"):
+        changed = post(smol, "/v1/completions", {**prompt, field: 2.0}).json()["choices"][0]["text"]
+        assert changed != base, field
+    biased = post(smol, "/v1/completions", {**prompt, "max_tokens": 3, "logit_bias": {"504": 100}}).json()["choices"][0]["text"]
+    assert biased and biased == biased[: len(biased) // 3] * 3  # the one boosted token, three times
+    seeded = {**prompt, "temperature": 1.0, "seed": 11, "max_tokens": 12}
+    assert post(smol, "/v1/completions", seeded).json()["choices"][0]["text"] == \
+        post(smol, "/v1/completions", seeded).json()["choices"][0]["text"]
+
+
+@needs_grammar
+def test_required_tool_call_on_a_template_without_tools(smol: ServerProcess) -> None:
+    """SmolLM2's template knows no tools: they go into the system message in the generic JSON
+    form, and the grammar makes even a 135M model answer with a valid call."""
+    import jsonschema
+
+    r = chat(smol, messages=[{"role": "user", "content": "What is the weather like in Paris?"}], tools=[WEATHER],
+             tool_choice="required", max_tokens=80)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    call = choice["message"]["tool_calls"][0]
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])

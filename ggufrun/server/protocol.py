@@ -374,7 +374,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
 
 def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     """Completions ``prompt``: a string, a list of strings, a token list or a list of token lists."""
-    prompt = body.get("prompt")
+    prompt: Any = body.get("prompt")
 
     def tokens(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
@@ -401,7 +401,7 @@ def parse_embeddings(body: dict[str, Any]) -> EmbedParams:
     fmt = body.get("encoding_format")
     if fmt not in (None, "float", "base64"):
         raise invalid("encoding_format", f"expected 'float' or 'base64' (got {fmt!r}).")
-    raw = body.get("input")
+    raw: Any = body.get("input")
 
     def tokens(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)

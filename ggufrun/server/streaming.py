@@ -141,7 +141,7 @@ async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
     finally:
         watcher.cancel()
         group.cancel()  # a no-op once the jobs ended; frees the slots when this task is cancelled (shutdown)
-        await events.aclose()
+        await events.aclose()  # type: ignore[attr-defined]
     for r, p in zip(results, parts):
         r.text = "".join(p)
     return results
