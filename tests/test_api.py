@@ -233,6 +233,8 @@ def test_hostile_requests_get_400_404_405_json(smol: ServerProcess) -> None:
 def test_ids_health_and_logs_reveal_no_paths(smol: ServerProcess, smollm2_gguf: Path) -> None:
     models = requests.get(f"{smol.url}/v1/models", timeout=10).json()["data"]
     assert [m["id"] for m in models] == [SMOL] and str(smollm2_gguf.parent) not in json.dumps(models)
+    assert client(smol).models.retrieve(SMOL).id == SMOL
+    assert requests.get(f"{smol.url}/v1/models/etc/{SMOL}", timeout=10).status_code == 404
     health = requests.get(f"{smol.url}/health", timeout=10).text
     assert str(smollm2_gguf.parent) not in health and SMOL in health
     # a percent-encoded newline in the path must not start a forged log line

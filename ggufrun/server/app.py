@@ -469,6 +469,15 @@ class Server:
                  "status": loaded.get(cfg.id, "not loaded")} for cfg in self.config.models]
         return JSONResponse({"object": "list", "data": data})
 
+    async def get_model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (openai's ``models.retrieve``): served names only, as for requests."""
+        name = request.path_params["name"]
+        if len(name) > P.MAX_NAME:
+            raise invalid("model", f"model names are at most {P.MAX_NAME} characters (got {len(name)}).")
+        cfg = self.lookup(name)
+        return JSONResponse({"id": name, "object": "model", "created": self.started, "owned_by": "ggufrun",
+                             "status": self.pool.loaded().get(cfg.id, "not loaded")})
+
     async def health(self, request: Request) -> Response:
         status = self.pool.status()
         # model ids only: a served id is never a path (ModelConfig.id), and /health needs no key
@@ -577,6 +586,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
         Route("/v1/models", server.list_models, methods=["GET"]),
+        Route("/v1/models/{name:path}", server.get_model, methods=["GET"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
