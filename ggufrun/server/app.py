@@ -179,8 +179,8 @@ class _Choices:
         return out
 
     def _finish(self, i: int, reason: str) -> str:
-        return "tool_calls" if self.n_calls[i] and reason == "stop" or (self.n_calls[i] and self.plan and
-                                                                          self.plan.choice != "auto") else reason
+        """OpenAI's "tool_calls" when the reply ended in calls; "length" stays when one was cut short."""
+        return "tool_calls" if self.n_calls[i] and reason == "stop" else reason
 
     async def sse(self, group: JobGroup) -> AsyncIterator[bytes]:
         n = len(group.jobs)
