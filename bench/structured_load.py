@@ -24,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from serverutil import ServerProcess  # noqa: E402  (the launcher the tests use)
+from serverutil import ServerProcess
 
 # A schema whose documents can be long, so constrained replies run to max_tokens like free ones.
 SCHEMA = {"type": "object", "properties": {

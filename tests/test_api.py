@@ -336,7 +336,7 @@ def test_openai_node_sdk_embeddings_and_stream(smol: ServerProcess, tmp_path_fac
     if not (cache / "node_modules" / "openai").exists():
         cache.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(cache), "openai@6"],
-                              capture_output=True, text=True, timeout=300)
+                              check=False, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             pytest.skip(f"npm install openai failed (offline?): {proc.stderr[-300:]}")
     script = tmp_path_factory.mktemp("node") / "check.mjs"
@@ -352,7 +352,7 @@ let usage = null;
 for await (const chunk of stream) {{ if (chunk.choices[0]) text += chunk.choices[0].delta.content || ""; if (chunk.usage) usage = chunk.usage; }}
 console.log(JSON.stringify({{dims: v.length, norm: Math.sqrt(v.reduce((a, x) => a + x * x, 0)), text, usage}}));
 """)
-    proc = subprocess.run(["node", str(script), smol.url], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["node", str(script), smol.url], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["dims"] == 576 and abs(out["norm"] - 1.0) < 1e-3  # was 144 zeros when base64 was ignored

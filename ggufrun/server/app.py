@@ -15,7 +15,6 @@ import base64
 import dataclasses
 import datetime
 import hmac
-import json
 import logging
 import struct
 import time
@@ -193,7 +192,7 @@ class _Choices:
                 pieces = self._pieces(i, event.text, final=False)
                 logprobs = self._logprobs(i, tokens)
                 if logprobs is not None and not pieces:  # text held back by the tool parser keeps its logprobs
-                    pieces = [self._delta(i, {"content": ""} if self.chat else {"content": ""})]
+                    pieces = [self._delta(i, {"content": ""})]
                 for k, piece in enumerate(pieces):
                     if k == 0 and logprobs is not None:
                         piece["logprobs"] = logprobs

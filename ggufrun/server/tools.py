@@ -259,7 +259,7 @@ class ToolStream:
             tag = "<|python_tag|>"
             if self.plan.fmt != "qwen" and len(head) < len(tag) and tag.startswith(head):
                 return out  # may still become a python tag
-            self.json_mode = self.plan.fmt != "qwen" and (head.startswith("{") or head.startswith(tag))
+            self.json_mode = self.plan.fmt != "qwen" and head.startswith(("{", tag))
         if self.json_mode:
             return out  # decided at the end
         while True:
@@ -278,9 +278,8 @@ class ToolStream:
                 continue
             hold = next((k for k in range(min(len(OPEN) - 1, len(self.buffer)), 0, -1) if self.buffer.endswith(OPEN[:k])), 0)
             safe = self.buffer[: len(self.buffer) - hold]
-            if safe:
-                if not self.calls or safe.strip():
-                    out.append(("content", safe))
+            if safe and (not self.calls or safe.strip()):
+                out.append(("content", safe))
             self.buffer = self.buffer[len(safe):]
             return out
 
