@@ -146,6 +146,13 @@ def test_tool_replies_parse_in_every_format_and_stream_whole_calls() -> None:
     events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
     assert "".join(v for k, v in events if k == "content") == "ok " and [k for k, _ in events][-1] == "call"
     assert not any("<tool" in v for k, v in events if k == "content")  # the tag never leaks as content
+    # incremental: the name first, then the arguments as they are written, never the call's own "}"
+    stream = T.ToolStream(plan, incremental=True)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P}aris", "x": {}}}\n</tool_call>'
+    events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
+    assert events[0][0] == "call_start" and events[0][1]["function"]["name"] == "get_weather"
+    fragments = [v for k, v in events if k == "args"]
+    assert len(fragments) > 10 and json.loads("".join(fragments)) == {"city": "P}aris", "x": {}}
 
 
 def test_tool_choice_becomes_a_grammar_and_bad_tools_are_400() -> None:

@@ -133,7 +133,7 @@ class _Choices:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
-        self.streams = [T.ToolStream(self.plan) if self.plan else None for _ in range(n)]
+        self.streams = [T.ToolStream(self.plan, incremental=True) if self.plan else None for _ in range(n)]
         self.n_calls = [0] * n
         self.offsets = [0] * n
 
@@ -174,7 +174,16 @@ class _Choices:
             parts += stream.finish()
         out = []
         for kind, value in parts:
-            out.extend([self._delta(i, {"content": value})] if kind == "content" else self._call_deltas(i, value))
+            if kind == "content":
+                out.append(self._delta(i, {"content": value}))
+            elif kind == "call":
+                out.extend(self._call_deltas(i, value))
+            elif kind == "call_start":
+                self.n_calls[i] += 1
+                out.append(self._delta(i, {"tool_calls": [{"index": self.n_calls[i] - 1, "id": value["id"], "type": "function",
+                                                           "function": {"name": value["function"]["name"], "arguments": ""}}]}))
+            else:  # "args": a fragment of the current call's arguments, as the model writes them
+                out.append(self._delta(i, {"tool_calls": [{"index": self.n_calls[i] - 1, "function": {"arguments": value}}]}))
         return out
 
     def _finish(self, i: int, reason: str) -> str:
