@@ -307,7 +307,7 @@ class ToolStream:
         body = self.buffer[self.args_at:] if end < 0 else self.buffer[self.args_at:end]
         if end >= 0:
             ready = body.rstrip()
-            ready = ready[:-1] if ready.endswith("}") else ready  # the call object's own closing brace
+            ready = ready.removesuffix("}")  # the call object's own closing brace
         else:
             # hold back a last "}" that may close the call object rather than the arguments
             cut = body.rfind("}")
