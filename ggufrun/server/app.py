@@ -347,7 +347,14 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
-        P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, "/v1/chat/completions")
+        group, params, choices = await self.start_chat(body)
+        return await self._respond(request, group, params, choices)
+
+    async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, _Choices]:
+        """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
+        Responses) translate their requests into such a body and read the same events:
+        ``collect(request, group)`` + ``choices.whole(...)``, or ``merged(group)`` to stream."""
+        P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, endpoint)
         params = P.parse_gen(body, chat=True)
         messages = P.parse_messages(body)
         plan = T.parse_tools(body)
@@ -375,8 +382,7 @@ class Server:
             return [tokens]
 
         group = await self._submit(params, cfg, build)
-        choices = _Choices(True, params.model or cfg.id, params, plan, params.n)
-        return await self._respond(request, group, params, choices)
+        return group, params, _Choices(True, params.model or cfg.id, params, plan, params.n)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
