@@ -357,7 +357,8 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            tokens = build(backend)
+            # off the event loop: rendering runs the GGUF's template, which may take up to its time budget
+            tokens = await asyncio.to_thread(build, backend)
             job = Job(self._gen_request(backend, tokens, params), asyncio.get_running_loop())
             engine.submit(job)
         finally:
