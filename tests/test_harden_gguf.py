@@ -80,3 +80,20 @@ def test_chat_on_a_crafted_file_exits_1_not_sigabrt(case: str, f16_tiny: Path, t
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("case, kwargs, words", [
+    ("unknown_tokenizer", {"kv": {"tokenizer.ggml.model": "nonsense"}}, "unknown tokenizer: 'nonsense'"),
+    ("no_vocab", {"kv": {"tokenizer.ggml.tokens": None}}, "cannot find tokenizer vocab"),
+    ("unknown_arch", {"arch": "frobnicator"}, "unknown architecture"),
+    ("context_length_0", {"kv": {"qwen2.context_length": 0}}, "context_length is 0"),
+])
+def test_llama_cpp_log_lines_never_leak_into_the_error(case: str, kwargs: dict, words: str, f16_tiny: Path,
+                                                       tmp_path: Path) -> None:
+    """What llama.cpp itself rejects comes out as one line with its reason, not its log."""
+    bad = craft(f16_tiny, tmp_path / f"{case}.gguf", **kwargs)
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(bad), "-p", "hi"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ") and words in proc.stderr, proc.stderr
+    assert "llama_model_load" not in proc.stderr
