@@ -104,3 +104,19 @@ def test_synth_never_replaces_a_fifo_or_a_symlink(tmp_path: Path) -> None:
     link.symlink_to(real)
     assert "symbolic link" in one_line_error(run("synth", "--out", str(link), "--force"))
     assert link.is_symlink() and real.read_bytes() == b"keep me"
+
+
+def test_bench_failures_say_why_on_stderr(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    proc = run("bench", str(junk), "--threads", "1")
+    assert proc.returncode == 1 and proc.stdout  # the table is still printed
+    err = proc.stderr.decode()
+    assert any(line.startswith("Error: junk.gguf") and "is not a valid GGUF file: bad magic" in line
+               for line in err.splitlines()), err
+    with __import__("socket").socket() as s:  # a closed loopback port: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run("bench", "--url", f"http://127.0.0.1:{port}", "--model", "x", "--concurrency", "1", "--requests", "2")
+    assert proc.returncode == 1
+    assert "Error: concurrency 1: 2 of 2 requests failed; first: ConnectionRefusedError" in proc.stderr.decode()
