@@ -283,7 +283,11 @@ class ModelPool:
 
         spec = self.registry.resolve(cfg.model)
         per_request = resolve(spec.defaults, cfg.settings)
-        trained = inspect(ensure_local(spec)).context_length or per_request.n_ctx
+        path = ensure_local(spec)
+        trained = inspect(path).context_length or per_request.n_ctx
+        from ..trial import trial_load
+
+        trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this server
         n_ctx_seq = min(per_request.n_ctx or trained, trained)
         total = min(n_ctx_seq * parallel, trained) if parallel > 1 else n_ctx_seq
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": total}, n_seq_max=parallel)
