@@ -373,12 +373,13 @@ def check_model(info: GGUFInfo) -> None:
     if missing:
         raise _fail(p, f"{arch}.block_count is {n_layer} but block {missing[0]} has no tensors "
                        f"(the file has {len(layers)} blocks)")
+    if arch not in _DENSE_ARCHES or any(isinstance(raw(k), str) for k in ("attention.head_count",
+                                                                           "attention.head_count_kv")):
+        return  # other layouts, or per-layer head counts too long to have been kept: llama.cpp checks those
     by_name = {t.name: t for t in info.tensors}
     embd = by_name.get("token_embd.weight")
     if embd is None:
         raise _fail(p, "tensor 'token_embd.weight' is missing")
-    if arch not in _DENSE_ARCHES:
-        return
     n_vocab = info.vocab_size or 0
     if embd.shape[:2] != (n_embd, n_vocab):
         raise _fail(p, f"tensor 'token_embd.weight' has shape {list(embd.shape)}; "
