@@ -37,7 +37,7 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     import uvicorn
 
     from .app import create_app
-    from .guard import KEEP_ALIVE_SECONDS, BodyGuard, GuardedH11Protocol, raise_fd_limit
+    from .guard import KEEP_ALIVE_SECONDS, BodyGuard, guarded_h11_protocol, raise_fd_limit
 
     # Bind before anything slow: a port in use or a host that does not resolve fails in a moment,
     # with ggufrun's one-line error, not after the model has loaded.
@@ -61,7 +61,7 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
             super().handle_exit(sig, frame)
 
     uv_config = uvicorn.Config(BodyGuard(app), host=config.host, port=config.port, log_level="info", access_log=False,
-                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS, http=GuardedH11Protocol,
+                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS, http=guarded_h11_protocol(),
                                timeout_keep_alive=KEEP_ALIVE_SECONDS)
     uv_server = Server(uv_config)
     app_server.stop_server = lambda: setattr(uv_server, "should_exit", True)

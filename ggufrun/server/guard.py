@@ -5,7 +5,7 @@ client may take to send a request's headers or body, and no cap on open connecti
 sockets that never send a byte, or 20,000 that send one byte every few seconds, each hold a
 file descriptor and a protocol object forever, and /health stopped answering. Here:
 
-* :class:`GuardedH11Protocol` closes a connection that has not completed a request's headers
+* :func:`guarded_h11_protocol`'s protocol closes a connection that has not completed a request's headers
   within ``HEADER_SECONDS`` (checked every half period, so between 1x and 1.5x), and, when more
   than ``MAX_CONNECTIONS`` are open, closes the longest-idle connection that is not in the
   middle of a request to make room for the new one;
@@ -23,7 +23,6 @@ import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_SECONDS = 10.0
 BODY_SECONDS = 30.0
@@ -32,49 +31,56 @@ MAX_CONNECTIONS = 1024
 KEEP_ALIVE_SECONDS = 5
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline and a cap on open connections."""
+def guarded_h11_protocol() -> type:
+    """uvicorn's h11 protocol class with the header deadline and connection cap. Built on demand:
+    importing uvicorn pulls in click, which the core must not import."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._idle_since = self.loop.time()
-        self._guard_timer = self.loop.call_later(HEADER_SECONDS / 2, self._check_progress)
-        if len(self.connections) > MAX_CONNECTIONS:
-            self._evict_idle()
+    class GuardedH11Protocol(H11Protocol):  # type: ignore[misc,valid-type]
+        """uvicorn's h11 protocol with a header deadline and a cap on open connections."""
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._guard_timer.cancel()
-        super().connection_lost(exc)
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._idle_since = self.loop.time()
+            self._guard_timer = self.loop.call_later(HEADER_SECONDS / 2, self._check_progress)
+            if len(self.connections) > MAX_CONNECTIONS:
+                self._evict_idle()
 
-    def on_response_complete(self) -> None:
-        self._idle_since = self.loop.time()
-        super().on_response_complete()
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._guard_timer.cancel()
+            super().connection_lost(exc)
 
-    def _busy(self) -> bool:
-        """A request whose headers arrived and whose response is not finished: never cut."""
-        return self.cycle is not None and not self.cycle.response_complete
+        def on_response_complete(self) -> None:
+            self._idle_since = self.loop.time()
+            super().on_response_complete()
 
-    def _check_progress(self) -> None:
-        if self.transport.is_closing():
-            return
-        if not self._busy() and self.loop.time() - self._idle_since >= HEADER_SECONDS:
-            self.transport.close()  # no complete request headers in time: a slow or silent client
-            return
-        self._guard_timer = self.loop.call_later(HEADER_SECONDS / 2, self._check_progress)
+        def _busy(self) -> bool:
+            """A request whose headers arrived and whose response is not finished: never cut."""
+            return self.cycle is not None and not self.cycle.response_complete
 
-    def _evict_idle(self) -> None:
-        # Close the longest-idle tenth at once, so that a flood of new sockets costs one scan per
-        # MAX_CONNECTIONS / 10 connections, not one per connection.
-        live = [c for c in self.connections if not c.transport.is_closing()]
-        if len(live) <= MAX_CONNECTIONS:
-            return
-        idle = sorted((c for c in live if c is not self and isinstance(c, GuardedH11Protocol) and not c._busy()),
-                      key=lambda c: c._idle_since)
-        if not idle:  # every connection is mid-request: refuse this one rather than exceed the cap
-            self.transport.close()
-            return
-        for c in idle[: len(live) - MAX_CONNECTIONS * 9 // 10]:
-            c.transport.close()
+        def _check_progress(self) -> None:
+            if self.transport.is_closing():
+                return
+            if not self._busy() and self.loop.time() - self._idle_since >= HEADER_SECONDS:
+                self.transport.close()  # no complete request headers in time: a slow or silent client
+                return
+            self._guard_timer = self.loop.call_later(HEADER_SECONDS / 2, self._check_progress)
+
+        def _evict_idle(self) -> None:
+            # Close the longest-idle tenth at once, so that a flood of new sockets costs one scan per
+            # MAX_CONNECTIONS / 10 connections, not one per connection.
+            live: list[Any] = [c for c in self.connections if not c.transport.is_closing()]
+            if len(live) <= MAX_CONNECTIONS:
+                return
+            idle = sorted((c for c in live if c is not self and hasattr(c, "_idle_since") and not c._busy()),
+                          key=lambda c: c._idle_since)
+            if not idle:  # every connection is mid-request: refuse this one rather than exceed the cap
+                self.transport.close()
+                return
+            for c in idle[: len(live) - MAX_CONNECTIONS * 9 // 10]:
+                c.transport.close()
+
+    return GuardedH11Protocol
 
 
 def _error(status: int, message: str, kind: str) -> bytes:
