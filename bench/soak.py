@@ -20,6 +20,7 @@ or the slowest /health answer) and RSS over time, and FAILS (exit 1) on:
     python bench/soak.py                              # 10 minutes, a tiny synthetic model, 2 threads
     python bench/soak.py --minutes 3 --model ~/.cache/ggufrun-tests/gemma-3-270m-q4_k_m.gguf
     python bench/soak.py --minutes 1 --json soak.json  # the summary and RSS series as JSON too
+    python bench/soak.py --model M.gguf --serve-arg=--n-gpu-layers --serve-arg=-1   # on a GPU
 Only loopback is used; every loop is bounded by --minutes.
 """
 
@@ -83,7 +84,7 @@ class Soak:
     def _start(self) -> ServerProcess:
         a = self.args
         srv = ServerProcess([str(self.model), "--parallel", str(a.parallel), "--max-queue", str(a.max_queue),
-                             "--threads", str(a.threads), "--n-ctx", str(a.n_ctx)], port=self.port)
+                             "--threads", str(a.threads), "--n-ctx", str(a.n_ctx), *a.serve_arg], port=self.port)
         srv.wait_ready(120)
         return srv
 
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-stall", type=float, default=2.0)
     ap.add_argument("--max-rss-growth", type=float, default=0.10)
     ap.add_argument("--embed-share", type=float, default=0.2, help="Share of requests that are embedding batches.")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="An extra `ggufrun serve` argument (repeatable), e.g. --serve-arg=--n-gpu-layers --serve-arg=-1.")
     ap.add_argument("--no-restart", action="store_true")
     ap.add_argument("--report-every", type=float, default=10.0)
     ap.add_argument("--json", type=Path, default=None)
