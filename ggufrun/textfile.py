@@ -22,7 +22,7 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BY
         # O_NONBLOCK: opening a FIFO with no writer would otherwise block before fstat can refuse it
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise ConfigError(f"No such {what}: {p}.") from None
+        raise ConfigError(f"Cannot read {p}: no such {what}.") from None
     except OSError as exc:
         raise ConfigError(f"Cannot read {what} {p}: {exc.strerror}.") from None
     try:
