@@ -296,12 +296,15 @@ class ChatSession:
 
     def load(self, path: Path) -> Path:
         """Replace the conversation (and system prompt) with a /save file; raise GgufrunError."""
+        from .textfile import check_utf8, read_text
+
+        text = read_text(path, "saved chat")  # a FIFO, device, huge or binary file: one-line error
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise GgufrunError(f"Cannot read {path}: {exc.strerror}.") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise GgufrunError(f"{path} is not a saved chat (not JSON: {exc}).") from None
+        except RecursionError:
+            raise GgufrunError(f"{path} is not a saved chat (JSON nested too deeply).") from None
         messages = data.get("messages") if isinstance(data, dict) else None
         if not isinstance(messages, list) or any(
             not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str)
@@ -309,6 +312,10 @@ class ChatSession:
         ):
             raise GgufrunError(f"{path} is not a saved chat: expected {{\"messages\": [{{\"role\": \"user\", \"content\": ...}}, ...]}}.")
         system = data.get("system")
+        for i, m in enumerate(messages):  # a JSON "\ud800" escape cannot be tokenised later
+            check_utf8(m["content"], f"{path}: message {i + 1}")
+        if isinstance(system, str):
+            check_utf8(system, f"{path}: the system prompt")
         self.system = system if isinstance(system, str) and system else None
         self.history = [{"role": m["role"], "content": m["content"]} for m in messages]
         return path

@@ -298,7 +298,114 @@ def inspect(path: str | Path) -> GGUFInfo:
         raise _fail(p, str(exc)) from None
 
 
-validate = inspect  # one code path: validation is a full header parse
+def validate(path: str | Path) -> GGUFInfo:
+    """The header parse of :func:`inspect` plus :func:`check_model`: what must pass before
+    llama.cpp opens a file. Raises InvalidGGUFError."""
+    info = inspect(path)
+    check_model(info)
+    return info
+
+
+# llama.cpp aborts the whole process (GGML_ASSERT, not an error return) past these limits
+# (src/llama-hparams.h, src/llama-model.cpp), so they are checked here first.
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 512
+_MAX_WIDTH = 1 << 20  # far above any real hidden size, head count or head dimension
+_MAX_CONTEXT = 1 << 30
+# Architectures whose attention tensors we check against the hyperparameters. Their llama.cpp
+# graphs assert (abort) that head sizes agree, e.g. qwen2.cpp: n_embd_head == n_embd_head_k == n_rot.
+_DENSE_ARCHES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mistral3")
+_ROPE_IS_HEAD = ("llama", "qwen2", "qwen3")
+
+
+def check_model(info: GGUFInfo) -> None:
+    """Check the architecture's metadata against the tensors, as far as Python can, so that a
+    crafted file gets a one-line InvalidGGUFError instead of aborting llama.cpp: the architecture
+    is one llama.cpp knows, block/expert counts are within llama.cpp's limits and match the
+    tensors, sizes are positive and bounded, and (for common dense architectures) the attention
+    and embedding tensors have the shapes the hyperparameters promise."""
+    import gguf
+
+    p, meta, arch = info.path, info.metadata, info.architecture
+    if arch is None:
+        raise _fail(p, "general.architecture is missing")
+    known = set(gguf.MODEL_ARCH_NAMES.values())
+    if arch not in known:
+        raise _fail(p, f"unknown architecture {arch[:64]!r} (llama.cpp knows {len(known)}, e.g. llama, qwen2, gemma3)")
+
+    def raw(key: str) -> Any:
+        return meta.get(f"{arch}.{key}")
+
+    def count(key: str, lo: int, hi: int, required: bool = False) -> list[int]:
+        """The value(s) of an integer hyperparameter (scalar or per-layer list), each in [lo, hi]."""
+        value = raw(key)
+        if value is None:
+            if required:
+                raise _fail(p, f"{arch}.{key} is missing")
+            return []
+        if isinstance(value, str) and value.startswith("["):
+            return []  # a long per-layer array, summarised by the parser: nothing to bound here
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise _fail(p, f"{arch}.{key} is {value!r}; it must be an integer from {lo} to {hi}")
+        return values
+
+    n_layer = count("block_count", 1, LLAMA_MAX_LAYERS, required=True)[0]
+    count("context_length", 1, _MAX_CONTEXT, required=True)
+    n_embd = count("embedding_length", 1, _MAX_WIDTH, required=True)[0]
+    heads = count("attention.head_count", 0, _MAX_WIDTH)
+    heads_kv = count("attention.head_count_kv", 0, _MAX_WIDTH)
+    count("feed_forward_length", 0, 1 << 24)
+    key_len = (count("attention.key_length", 1, _MAX_WIDTH) or [0])[0]
+    value_len = (count("attention.value_length", 1, _MAX_WIDTH) or [0])[0]
+    rope = (count("rope.dimension_count", 1, _MAX_WIDTH) or [0])[0]
+    n_expert = (count("expert_count", 0, LLAMA_MAX_EXPERTS) or [0])[0]
+    n_used = (count("expert_used_count", 0, LLAMA_MAX_EXPERTS) or [0])[0]
+    if n_expert and not 0 < n_used <= n_expert:
+        raise _fail(p, f"{arch}.expert_used_count is {n_used}; with {n_expert} experts it must be from 1 to {n_expert}")
+
+    layers = {t.layer for t in info.tensors if t.layer is not None}
+    beyond = sorted(i for i in layers if i >= n_layer)
+    if beyond:
+        raise _fail(p, f"{arch}.block_count is {n_layer} but the file has tensors for block {beyond[-1]}")
+    missing = sorted(set(range(n_layer)) - layers)
+    if missing:
+        raise _fail(p, f"{arch}.block_count is {n_layer} but block {missing[0]} has no tensors "
+                       f"(the file has {len(layers)} blocks)")
+    if arch not in _DENSE_ARCHES or any(isinstance(raw(k), str) for k in ("attention.head_count",
+                                                                           "attention.head_count_kv")):
+        return  # other layouts, or per-layer head counts too long to have been kept: llama.cpp checks those
+    by_name = {t.name: t for t in info.tensors}
+    embd = by_name.get("token_embd.weight")
+    if embd is None:
+        raise _fail(p, "tensor 'token_embd.weight' is missing")
+    n_vocab = info.vocab_size or 0
+    if embd.shape[:2] != (n_embd, n_vocab):
+        raise _fail(p, f"tensor 'token_embd.weight' has shape {list(embd.shape)}; "
+                       f"embedding_length {n_embd} and a {n_vocab}-token vocabulary need [{n_embd}, {n_vocab}]")
+    for i in range(n_layer):
+        n_head = heads[i] if len(heads) == n_layer else heads[0] if heads else 0
+        n_head_kv = heads_kv[i] if len(heads_kv) == n_layer else heads_kv[0] if heads_kv else n_head
+        if not n_head:
+            raise _fail(p, f"{arch}.attention.head_count is missing or 0")
+        if not key_len and n_embd % n_head:
+            raise _fail(p, f"{arch}.embedding_length {n_embd} is not a multiple of attention.head_count {n_head}")
+        k = key_len or n_embd // n_head
+        v = value_len or k
+        if arch in _ROPE_IS_HEAD and (k != v or (rope and rope != k)):
+            raise _fail(p, f"{arch} needs equal key, value and rope head sizes, got {k}, {v} and {rope or k}")
+        if rope > k:
+            raise _fail(p, f"{arch}.rope.dimension_count {rope} exceeds the head size {k}")
+        want = {"attn_q": (n_embd, n_head * k), "attn_k": (n_embd, n_head_kv * k),
+                "attn_v": (n_embd, n_head_kv * v), "attn_output": (n_head * v, n_embd)}
+        for part, shape in want.items():
+            t = by_name.get(f"blk.{i}.{part}.weight")
+            if t is None:
+                raise _fail(p, f"tensor 'blk.{i}.{part}.weight' is missing")
+            if t.shape[:2] != shape:
+                raise _fail(p, f"tensor '{t.name}' has shape {list(t.shape)} but the hyperparameters "
+                               f"(heads {n_head}/{n_head_kv}, head size {k}) need {list(shape)}")
 
 
 def _parse(p: Path, buf: mmap.mmap, size: int) -> GGUFInfo:

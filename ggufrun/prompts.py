@@ -52,12 +52,8 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _read(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except IsADirectoryError:
-        raise ConfigError(f"System prompt file {path} is a folder.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"System prompt file {path} is not UTF-8 text.") from None
-    except OSError as exc:
-        raise ConfigError(f"Cannot read system prompt file {path}: {exc.strerror}.") from None
-    return text.strip()
+    from .textfile import read_text
+
+    if path.is_dir():
+        raise ConfigError(f"System prompt file {path} is a folder.")
+    return read_text(path, "system prompt file").strip()  # FIFOs, devices, binary: one-line ConfigError

@@ -46,10 +46,27 @@ _backend_ready = False
 _GGML_LOG_ERROR = 4  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
+_log_errors: list[str] = []  # llama.cpp's recent error lines, for the one-line error that follows them
+
+
 @L.llama_log_callback
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # Never printed: a failure becomes one line naming llama.cpp's reason (GGUFRUN_DEBUG=1 shows the log).
     if level == _GGML_LOG_ERROR:
-        os.write(2, text)
+        line = text.decode("utf-8", "replace").strip()
+        if line:
+            _log_errors[:] = [*_log_errors[-7:], line]
+
+
+def _llama_reason() -> str:
+    """llama.cpp's last "error ..." line since the previous call, as a clause for a message; clears them."""
+    lines, _log_errors[:] = list(_log_errors), []
+    for line in reversed(lines):
+        if "error" in line.lower() and ":" in line:
+            reason = line.split("error loading model:", 1)[-1].split(": ", 1)[-1] if "error loading model" in line \
+                else line.split(": ", 1)[-1]
+            return ": " + " ".join(reason.split())[:300]
+    return ""
 
 
 def _init_backend() -> None:
@@ -90,7 +107,8 @@ def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int,
     ctx = L.llama_init_from_model(model_ptr, cparams)
     if not ctx:
         raise ModelLoadError(
-            f"llama.cpp could not create a context for {path.name} (n_ctx={n_ctx}, n_gpu_layers={settings.n_gpu_layers}).",
+            f"llama.cpp could not create a context for {path.name} (n_ctx={n_ctx}, n_gpu_layers={settings.n_gpu_layers})"
+            f"{_llama_reason()}.",
             "Try a smaller --n-ctx or fewer --n-gpu-layers.",
         )
     return ctx
@@ -158,9 +176,11 @@ class Model:
             # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
             # tested (a -march=native build); the plain CPU buffers are correct and nearly as fast.
             mparams.use_extra_bufts = False
+        _llama_reason()  # forget older lines
         model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not model_ptr:
-            raise ModelLoadError(f"llama.cpp could not load {path}.", "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")
+            raise ModelLoadError(f"llama.cpp could not load {path}{_llama_reason()}.",
+                                 "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")
         n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
         n_ctx = settings.n_ctx or n_ctx_train
         if n_ctx > n_ctx_train:

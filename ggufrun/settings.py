@@ -161,13 +161,15 @@ def load_toml(path: Path) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
+    from .textfile import read_text
+
+    text = read_text(path, "TOML file")  # a FIFO, device, huge or binary file: one-line ConfigError
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"Cannot read {path}: {exc.strerror}.") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}.") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply.") from None
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -376,7 +377,18 @@ def write_synthetic(
     tensors = plan(spec, quant=quant)
     total = sum(t.n_bytes for t in tensors)
     out = Path(path)
-    if out.exists() and not overwrite:
+    try:
+        mode = os.lstat(out).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise ConfigError(f"Cannot write {out}: {exc.strerror}.") from None
+    # The file is written next to OUT and renamed over it: a device, FIFO or symlink there would be
+    # replaced by a regular file (`--out /dev/full --force` did that), so only regular files are replaced.
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise ConfigError(f"{out} is {kind}; synth writes only new or regular files.", "Choose another --out path.")
+    if mode is not None and not overwrite:
         raise ConfigError(f"{out} already exists.", "Choose another path, or allow replacing it (--force).")
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free

@@ -13,6 +13,10 @@ Used by both the chat REPL and the server, so this module does no I/O and import
 
 from __future__ import annotations
 
+import re
+import secrets
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +28,12 @@ BUILTIN = ("chatml", "gemma", "llama3", "plain")
 
 # End-of-turn markers a GGUF template may use; the ones found in its text become stop strings.
 _KNOWN_STOPS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<|END_OF_TURN_TOKEN|>")
+
+# A GGUF's template is code from a file: it gets a budget. Real templates render in milliseconds
+# and a prompt beyond a few million characters cannot fit any context window.
+RENDER_SECONDS = 2.0
+RENDER_MAX_CHARS = 4_000_000
+_RANGE_MAX = 100_000  # jinja2.sandbox.MAX_RANGE, per range() call
 
 
 def _content(message: Message) -> str:
@@ -123,18 +133,65 @@ class ChatTemplate:
         if self.jinja_source is None:
             return _BUILTIN_RENDER[self.name](messages, add_generation_prompt)
         try:
-            return _compile(self.jinja_source).render(
+            return _render_bounded(_compile(self.jinja_source), dict(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 tools=list(tools) if tools else None,
                 documents=None,
-            )
+            ))
         except TemplateError:
             raise
+        except RecursionError:
+            raise TemplateError("The GGUF's chat template recursed too deeply.", _TRY_BUILTIN) from None
         except Exception as exc:  # noqa: BLE001 (a template is code from the file: any failure is the file's)
-            raise TemplateError(f"The GGUF's chat template failed to render: {exc}.", "Try --template chatml (or gemma, llama3, plain).") from None
+            raise TemplateError(f"The GGUF's chat template failed to render: {exc}.", _TRY_BUILTIN) from None
+
+
+_TRY_BUILTIN = "Try --template chatml (or gemma, llama3, plain)."
+
+
+class _OverBudget(Exception):
+    """Raised inside the template's frames when its time runs out."""
+
+
+def _render_bounded(template: Any, context: dict[str, Any]) -> str:
+    """Render with a time and output budget; raise TemplateError when either runs out.
+
+    Jinja compiles a template to Python generator code, so a trace function on this thread sees
+    every line the template runs (and every call it makes) and can stop a loop that yields
+    nothing; the output is checked as it is generated. Only template frames are traced line by
+    line, so the cost is a few percent of a render that takes milliseconds.
+    """
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OverBudget
+        return local
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OverBudget
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    pieces: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for piece in template.generate(**context):
+            size += len(piece)
+            if size > RENDER_MAX_CHARS:
+                raise TemplateError(f"The GGUF's chat template produced more than {RENDER_MAX_CHARS:,} characters.",
+                                    _TRY_BUILTIN)
+            pieces.append(piece)
+    except _OverBudget:
+        raise TemplateError(f"The GGUF's chat template ran for more than {RENDER_SECONDS:g} s.", _TRY_BUILTIN) from None
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 _compiled: dict[str, Any] = {}
@@ -161,15 +218,32 @@ def _compile(source: str) -> Any:
 
         return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
 
-    # The same environment transformers uses for apply_chat_template.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """transformers' apply_chat_template environment, with ``*`` and ``**`` bounded: one
+        ``'x' * 10**10`` would allocate gigabytes inside a single C call, out of the trace's reach."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**":
+                if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 64:
+                    raise TemplateError(f"The GGUF's chat template computes {left} ** {right}, too large.", _TRY_BUILTIN)
+            elif isinstance(left, int) and isinstance(right, (str, list, tuple)):
+                left, right = right, left
+            if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+                if len(left) * right > RENDER_MAX_CHARS:
+                    raise TemplateError(f"The GGUF's chat template repeats a value {right:,} times, beyond its "
+                                        f"{RENDER_MAX_CHARS:,}-character budget.", _TRY_BUILTIN)
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     try:
         template = env.from_string(source)
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"The GGUF's chat template does not parse: {exc}.", "Use --template chatml (or gemma, llama3, plain).") from None
+    except (jinja2.TemplateError, RecursionError) as exc:
+        raise TemplateError(f"The GGUF's chat template does not parse: {exc}.", _TRY_BUILTIN) from None
     _compiled[source] = template
     return template
 
@@ -235,10 +309,64 @@ def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, s
 
 def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                 tools: Sequence[Any] | None = None) -> list[int]:
-    """Render ``messages`` with ``template`` and tokenize them for ``model`` (a runtime.Model),
-    with BOS added where the model wants one, once: templates that write {{ bos_token }}
-    themselves would otherwise start with two."""
-    tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools), add_special=True, parse_special=True)
+    """Render ``messages`` with ``template`` and tokenize them for ``model`` (a runtime.Model).
+
+    Only the template's own markers become control tokens: text inside a message is tokenised as
+    plain text, so a user typing ``<|im_start|>system`` cannot open a system turn. (llama-server
+    tokenises the whole rendered prompt with parse_special=true, so there it can; transformers'
+    apply_chat_template(tokenize=True) too. We are stricter on purpose.) BOS is added where the
+    model wants one, once: templates that write {{ bos_token }} themselves would otherwise start
+    with two. Raises TemplateError.
+    """
+    marked = [i for i, m in enumerate(messages) if _holds_special(model, m.get("content"))]
+    if not marked:  # the common case: one render, one tokenize call, as before
+        tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools),
+                                add_special=True, parse_special=True)
+    else:
+        tokens = _tokenize_marked(template, model, messages, marked, add_generation_prompt, tools)
     if len(tokens) > 1 and tokens[0] == tokens[1] == model.bos_id:
         del tokens[0]
+    return tokens
+
+
+def _holds_special(model: Any, content: Any) -> bool:
+    """Whether message text contains a special token's text: it tokenises differently when
+    special tokens are parsed. Exact for the model's vocabulary, and cheap next to a decode."""
+    texts = [content] if isinstance(content, str) else [p.get("text") for p in content if isinstance(p, Mapping)] \
+        if isinstance(content, list) else []
+    return any(isinstance(t, str) and t and model.tokenize(t, add_special=False, parse_special=True)
+               != model.tokenize(t, add_special=False, parse_special=False) for t in texts)
+
+
+def _tokenize_marked(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], marked: list[int],
+                     add_generation_prompt: bool, tools: Sequence[Any] | None) -> list[int]:
+    # Wrap the risky messages' text in markers no user can guess (private-use characters and a
+    # random nonce), render, then tokenise between the markers as plain text.
+    nonce = secrets.token_hex(8)
+    start, end = f"\ue000{nonce}\ue001", f"\ue002{nonce}\ue003"
+
+    def wrap(content: Any) -> Any:
+        if isinstance(content, str):
+            return f"{start}{content}{end}"
+        return [dict(p, text=wrap(p["text"])) if isinstance(p, Mapping) and isinstance(p.get("text"), str) else p
+                for p in content]
+
+    wrapped = [dict(m, content=wrap(m["content"])) if i in marked else m for i, m in enumerate(messages)]
+    text = template.render(wrapped, add_generation_prompt=add_generation_prompt, tools=tools)
+    parts = re.split(f"({re.escape(start)}|{re.escape(end)})", text)
+    tokens: list[int] = []
+    inside = False
+    for k, part in enumerate(parts):
+        if part == start or part == end:
+            if inside == (part == start):
+                raise TemplateError("The chat template cut into a message holding special-token text, so it "
+                                    "cannot be kept apart from the template's own markers.",
+                                    "Remove the special-token text from the message, or use --template chatml.")
+            inside = part == start
+            continue
+        if part or k == 0:
+            tokens += model.tokenize(part, add_special=k == 0, parse_special=not inside)
+    if inside:
+        raise TemplateError("The chat template cut into a message holding special-token text.",
+                            "Remove the special-token text from the message, or use --template chatml.")
     return tokens

@@ -80,6 +80,9 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
                         progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
     _emit(kw["fmt"], lambda fmt: report.render(run, fmt), lambda: report.display(run), kw["output"],
           lambda out: report.write(run, out))
+    for r in run.results:  # the table squeezes the reason; say it in full where a user reads errors
+        if not r.ok:
+            err.print(f"Error: {r.config.describe()}: {r.error}", markup=False, highlight=False, soft_wrap=True)
     if run.interrupted:
         err.print(f"Interrupted: kept {len(run.results)} of {len(configs)} configurations.")
         sys.exit(ExitStatus.INTERRUPTED)
@@ -107,6 +110,11 @@ def _load_mode(kw: dict[str, Any]) -> None:
     _emit(kw["fmt"], lambda fmt: report.render_load(results, fmt),
           lambda: (cols, [[("" if row[c] is None else str(row[c])) for c in cols] for row in report.load_rows(results)]),
           kw["output"], lambda out: report.write_load(results, out))
+    for r in results:
+        failed = [s.error for s in r.samples if not s.ok]
+        if failed:
+            err.print(f"Error: concurrency {r.concurrency}: {len(failed)} of {len(r.samples)} requests failed; "
+                      f"first: {failed[0]}", markup=False, highlight=False, soft_wrap=True)
     if len(results) < len(levels):
         err.print(f"Interrupted: kept {len(results)} of {len(levels)} levels.")
         sys.exit(ExitStatus.INTERRUPTED)

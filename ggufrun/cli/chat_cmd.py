@@ -45,7 +45,9 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     system_text = prompts.resolve_system(system)  # a bad --system fails before a model loads
-    once = prompt if prompt is not None else (None if sys.stdin.isatty() else _read_stdin())
+    from ..textfile import check_utf8
+
+    once = check_utf8(prompt, "The prompt (-p)") if prompt is not None else (None if sys.stdin.isatty() else _read_stdin())
     with download_progress(err) as progress:
         loaded = loader.open_model(model, load_registry(ctx), cli_settings(kwargs, *CHAT_SETTINGS),
                                    progress=progress, report=progress.report)
@@ -61,7 +63,13 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
 
 
 def _read_stdin() -> str:
-    text = sys.stdin.read()
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"stdin is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}).") from None
     if not text.strip():
         raise click.UsageError("Nothing on stdin: pipe a prompt in, or pass -p TEXT.")
     return text
@@ -134,9 +142,13 @@ class Repl:
     def turn(self) -> bool:
         """Read one message or command and act on it; False when the session should end."""
         from ..errors import GgufrunError
+        from ..textfile import check_utf8
 
         try:
             text = read_message()
+        except UnicodeDecodeError as exc:  # invalid UTF-8 typed or pasted: say so, keep the session
+            self.err.print(f"Error: that line is not UTF-8 text ({exc.reason}); nothing was sent.", markup=False, style="red")
+            return True
         except EOFError:
             sys.stdout.write("\n")
             return False
@@ -147,6 +159,7 @@ class Repl:
         if not text.strip():
             return True
         try:
+            check_utf8(text, "That line")
             if self.session.is_command(text):
                 result = self.session.command(text)
                 if result.text:

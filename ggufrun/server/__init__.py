@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import sys
 from typing import Any
+
+from ..errors import GgufrunError
 
 from .models import ServeConfig
 
@@ -34,6 +37,12 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     import uvicorn
 
     from .app import create_app
+    from .guard import KEEP_ALIVE_SECONDS, BodyGuard, guarded_h11_protocol, raise_fd_limit
+
+    # Bind before anything slow: a port in use or a host that does not resolve fails in a moment,
+    # with ggufrun's one-line error, not after the model has loaded.
+    sock = bind(config.host, config.port)
+    raise_fd_limit()
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -51,13 +60,41 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
             app_server.begin_shutdown()
             super().handle_exit(sig, frame)
 
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info", access_log=False,
-                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS)
+    uv_config = uvicorn.Config(BodyGuard(app), host=config.host, port=config.port, log_level="info", access_log=False,
+                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS, http=guarded_h11_protocol(),
+                               timeout_keep_alive=KEEP_ALIVE_SECONDS)
     uv_server = Server(uv_config)
     app_server.stop_server = lambda: setattr(uv_server, "should_exit", True)
-    uv_server.run()
+    try:
+        uv_server.run(sockets=[sock])
+    finally:
+        sock.close()
     if app_server.fatal is not None:  # `ggufrun serve NAME` whose model cannot load: exit non-zero, one line
         raise app_server.fatal
 
 
-__all__ = ["ServeConfig", "is_loopback", "run"]
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port``; GgufrunError (one line) when the host does not
+    resolve or the address cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise GgufrunError(f"Cannot listen on {host}:{port}: the host does not resolve ({exc}).",
+                           "Use an address such as 127.0.0.1 or 0.0.0.0 for --host.") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise GgufrunError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
+                           "Is another server using that port? Choose another --port.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+__all__ = ["ServeConfig", "bind", "is_loopback", "run"]

@@ -309,7 +309,8 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            prompts = build(backend)
+            # off the event loop: rendering runs the GGUF's template, which may take up to its time budget
+            prompts = await asyncio.to_thread(build, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
             for request in requests:

@@ -292,7 +292,11 @@ class ModelPool:
 
         spec = self.registry.resolve(cfg.model)
         per_request = resolve(spec.defaults, cfg.settings)
-        plan = kv_plan(per_request.n_ctx, parallel, inspect(ensure_local(spec)).context_length)
+        path = ensure_local(spec)
+        from ..trial import trial_load
+
+        trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this server
+        plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length)
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq}, n_seq_max=parallel,
                             kv_cells=plan.cells)
         model = loaded.model

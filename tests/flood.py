@@ -1,0 +1,61 @@
+"""Bounded loopback socket floods against a server, for tests and bench/soak.py."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+
+def open_idle(host: str, port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that never send a byte (half-open from the server's point of view)."""
+    out = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        out.append(s)
+    return out
+
+
+def trickle(socks: list[socket.socket], data: bytes = b"G") -> int:
+    """Send one byte on every socket still open; return how many were still open."""
+    alive = 0
+    for s in socks:
+        try:
+            s.send(data)
+            alive += 1
+        except OSError:
+            pass
+    return alive
+
+
+def closed_by_server(socks: list[socket.socket]) -> int:
+    """How many of ``socks`` the server has closed (a read returns EOF or an error)."""
+    n = 0
+    for s in socks:
+        try:
+            if s.recv(1) == b"":
+                n += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            n += 1
+    return n
+
+
+def health_latency(url: str, timeout: float = 5.0) -> float:
+    """Seconds one GET /health took (raises on failure or timeout)."""
+    t0 = time.monotonic()
+    with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:
+        resp.read()
+        assert resp.status == 200
+    return time.monotonic() - t0
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.close()

@@ -1,0 +1,99 @@
+"""Crafted GGUFs: architecture metadata that lies about the tensors gets a one-line error before
+llama.cpp sees the file (several of these made llama.cpp abort the whole process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ggufrun.errors import InvalidGGUFError
+from ggufrun.gguf_info import validate
+
+from crafted import craft
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (craft() keyword arguments, words the one-line error must contain)
+CASES = {
+    "block_count_0": ({"kv": {"qwen2.block_count": 0}}, "block_count is 0"),
+    "block_count_1000": ({"kv": {"qwen2.block_count": 1000}}, "block_count is 1000"),
+    "block_count_513": ({"kv": {"qwen2.block_count": 513}}, "from 1 to 512"),
+    "block_count_3": ({"kv": {"qwen2.block_count": 3}}, "block 2 has no tensors"),
+    "block_count_1": ({"kv": {"qwen2.block_count": 1}}, "tensors for block 1"),
+    "context_length_0": ({"kv": {"qwen2.context_length": 0}}, "context_length is 0"),
+    "no_embedding_length": ({"kv": {"qwen2.embedding_length": None}}, "embedding_length is missing"),
+    "embedding_huge": ({"kv": {"qwen2.embedding_length": 1 << 30}}, "embedding_length is 1073741824"),
+    "head_count_0": ({"kv": {"qwen2.attention.head_count": 0}}, "head_count is missing or 0"),
+    "head_count_huge": ({"kv": {"qwen2.attention.head_count": 1 << 31}}, "head_count is 2147483648"),
+    "head_count_kv_wrong": ({"kv": {"qwen2.attention.head_count_kv": 3}}, "need [64, 48]"),
+    "key_length_huge": ({"kv": {"qwen2.attention.key_length": 1 << 20}}, "head size 1048576"),
+    "rope_dims_wrong": ({"kv": {"qwen2.rope.dimension_count": 100000}}, "rope head sizes"),
+    "experts_1000": ({"kv": {"qwen2.expert_count": 1000}}, "expert_count is 1000"),
+    "experts_unused": ({"kv": {"qwen2.expert_count": 8}}, "expert_used_count is 0"),
+    "unknown_arch": ({"arch": "frobnicator"}, "unknown architecture 'frobnicator'"),
+    "missing_attn_q": ({"drop_tensors": ("blk.1.attn_q.weight",)}, "'blk.1.attn_q.weight' is missing"),
+    "missing_token_embd": ({"drop_tensors": ("token_embd.weight",)}, "'token_embd.weight' is missing"),
+    "misshaped_attn_q": ({"reshape": {"blk.0.attn_q.weight": (32, 64)}}, "has shape [64, 32]"),
+    "misshaped_vocab": ({"reshape": {"token_embd.weight": (100, 64)}}, "512-token vocabulary"),
+}
+
+
+@pytest.fixture(scope="module")
+def f16_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ggufrun.synthetic import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("crafted") / "tiny-f16.gguf", "tiny", quant="f16")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_crafted_metadata_is_refused_with_one_line(case: str, f16_tiny: Path, tmp_path: Path) -> None:
+    kwargs, words = CASES[case]
+    bad = craft(f16_tiny, tmp_path / f"{case}.gguf", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidGGUFError) as err:
+        validate(bad)
+    message = str(err.value)
+    assert words in message and "\n" not in message and str(bad) in message
+
+
+def test_unaltered_copy_and_real_shapes_pass(f16_tiny: Path, tmp_path: Path, tiny_model_factory) -> None:
+    validate(craft(f16_tiny, tmp_path / "copy.gguf"))  # the crafting itself breaks nothing
+    for arch in ("qwen2", "llama", "gemma2", "gemma3"):
+        validate(tiny_model_factory(arch, "q8_0", True))
+
+
+def test_real_models_pass(gemma_path: Path) -> None:
+    info = validate(gemma_path)
+    assert info.architecture == "gemma3"
+
+
+@pytest.mark.parametrize("case", ["block_count_0", "block_count_1000", "key_length_huge", "experts_unused"])
+def test_chat_on_a_crafted_file_exits_1_not_sigabrt(case: str, f16_tiny: Path, tmp_path: Path) -> None:
+    """These four made llama.cpp abort (SIGABRT, exit 134) before the check existed."""
+    kwargs, words = CASES[case]
+    bad = craft(f16_tiny, tmp_path / f"{case}.gguf", **kwargs)  # type: ignore[arg-type]
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(bad), "-p", "hi"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("case, kwargs, words", [
+    ("unknown_tokenizer", {"kv": {"tokenizer.ggml.model": "nonsense"}}, "unknown tokenizer: 'nonsense'"),
+    ("no_vocab", {"kv": {"tokenizer.ggml.tokens": None}}, "cannot find tokenizer vocab"),
+    ("unknown_arch", {"arch": "frobnicator"}, "unknown architecture"),
+    ("context_length_0", {"kv": {"qwen2.context_length": 0}}, "context_length is 0"),
+])
+def test_llama_cpp_log_lines_never_leak_into_the_error(case: str, kwargs: dict, words: str, f16_tiny: Path,
+                                                       tmp_path: Path) -> None:
+    """What llama.cpp itself rejects comes out as one line with its reason, not its log."""
+    bad = craft(f16_tiny, tmp_path / f"{case}.gguf", **kwargs)
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(bad), "-p", "hi"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=os.environ.copy(), check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ") and words in proc.stderr, proc.stderr
+    assert "llama_model_load" not in proc.stderr
