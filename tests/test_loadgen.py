@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ggufrun.errors import BenchError
-from ggufrun.loadgen import percentile, run_load, sweep
+from ggufrun.bench.load import percentile, run_load, sweep
 from sse_server import SSEServer
 
 

@@ -15,10 +15,10 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .errors import BenchError
+from ..errors import BenchError
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 ENDPOINTS = ("completions", "chat")
@@ -29,6 +29,7 @@ class RequestSample:
     """One request as the client saw it; times are seconds from the request's start."""
 
     ok: bool
+    client: int = 0  # which client thread sent it (its body variant is client % len(variants))
     tokens: int = 0
     ttft: float | None = None
     seconds: float = 0.0
@@ -125,18 +126,24 @@ def run_load(
     api_key: str | None = None,
     endpoint: str = "completions",
     timeout: float = 300.0,
+    params: Mapping[str, Any] | None = None,
+    variants: Sequence[Mapping[str, Any]] = ({},),
 ) -> LoadResult:
     """Send ``requests`` streamed requests from ``concurrency`` threads; return the measured level.
 
     ``endpoint`` is "completions" (/v1/completions) or "chat" (/v1/chat/completions).
+    ``params`` go into every request body (default: greedy, ``{"temperature": 0}``); client thread i
+    adds ``variants[i % len(variants)]`` (e.g. a response_format for half of the clients).
     Failed requests are counted, not raised. Raises BenchError for a bad URL or argument.
     """
     if concurrency < 1 or requests < 1:
         raise BenchError(f"Concurrency and requests must be >= 1 (got {concurrency} and {requests}).")
     if endpoint not in ENDPOINTS:
         raise BenchError(f"Unknown endpoint '{endpoint}'.", f"Choose one of: {', '.join(ENDPOINTS)}.")
+    if not variants:
+        raise BenchError("Give at least one request variant.")
     target = _Target.parse(url, endpoint, api_key, timeout)
-    body = _body(model, prompt, max_tokens, endpoint)
+    bodies = [_body(model, prompt, max_tokens, endpoint, {**(params or {"temperature": 0}), **v}) for v in variants]
 
     samples: list[RequestSample] = []
     lock = threading.Lock()
@@ -149,7 +156,8 @@ def run_load(
             remaining[0] -= 1
             return True
 
-    def worker() -> None:
+    def worker(client: int) -> None:
+        body = bodies[client % len(bodies)]
         conn: http.client.HTTPConnection | None = None
         while take():
             reused = conn is not None
@@ -161,6 +169,7 @@ def run_load(
                 conn.close()
                 conn = target.connect()
                 sample = _one_request(conn, target, body, endpoint)
+            sample.client = client
             if not sample.ok:  # a broken connection must not poison the next request
                 conn.close()
                 conn = None
@@ -169,7 +178,7 @@ def run_load(
         if conn is not None:
             conn.close()
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"loadgen-{i}") for i in range(min(concurrency, requests))]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"loadgen-{i}") for i in range(min(concurrency, requests))]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -228,8 +237,8 @@ class _Target:
         return cls(self.host, self.port, timeout=self.timeout)
 
 
-def _body(model: str, prompt: str, max_tokens: int, endpoint: str) -> bytes:
-    payload: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+def _body(model: str, prompt: str, max_tokens: int, endpoint: str, params: Mapping[str, Any]) -> bytes:
+    payload: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True, **params}
     if endpoint == "chat":
         payload["messages"] = [{"role": "user", "content": prompt}]
     else:
