@@ -171,6 +171,38 @@ def test_derive_from_a_local_file(tiny_dir: Path) -> None:
     assert targets[0].synthetic
 
 
+def test_registry_defaults_apply_and_flags_override(capsys: pytest.CaptureFixture[str], tiny_dir: Path,
+                                                    ggufrun_home: Path) -> None:
+    """Defect 11: bench measures a registry model with its [defaults], as chat and serve do."""
+    (ggufrun_home / "models.toml").write_text(
+        '[tinydef]\nquants = ["q8_0"]\nfile = "tiny-{quant}.gguf"\n'
+        'sources = [{hub = "huggingface", repo = "nobody/tiny"}]\n'
+        '[tinydef.defaults]\nthreads = 1\nbatch_size = 16\nflash_attn = "off"\n')
+    cached = ggufrun_home / "models" / "tinydef" / "tiny-q8_0.gguf"  # in the cache: no download
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes((tiny_dir / "tiny-q8_0.gguf").read_bytes())
+    code, out, _ = run_cli(capsys, "bench", "tinydef", "-p", "32", "-n", "4", "-r", "1", "--no-quality", "--format", "json")
+    assert code == 0
+    (row,) = json.loads(out)["rows"]
+    assert (row["threads"], row["batch_size"], row["flash_attn"], row["error"]) == (1, 16, "off", "")
+    code, out, _ = run_cli(capsys, "bench", "tinydef", "-p", "32", "-n", "4", "-r", "1", "--no-quality", "--format", "json",
+                           "--batch-size", "32")
+    (row,) = json.loads(out)["rows"]
+    assert (row["threads"], row["batch_size"]) == (1, 32)
+
+
+def test_quant_comparison_pivot(tiny_dir: Path) -> None:
+    """Quants side by side: one row per file, smallest first, speed under each swept setting."""
+    targets = [bench.Target(label=q, quant=q, path=tiny_dir / f"tiny-{q}.gguf", synthetic=True) for q in ("f16", "q8_0")]
+    configs = bench.plan(targets, {"threads": [1, 2]}, BASE, 8, 4)
+    run = bench.run_bench(configs, base=BASE, n_prompt=8, n_gen=4, reps=1)
+    table = report.quant_comparison(run)
+    assert list(table["quant"]) == ["q8_0", "f16"]  # by file size
+    assert {"pp t/s threads=1", "pp t/s threads=2", "tg t/s threads=1", "tg t/s threads=2"} <= set(table.columns)
+    assert (table["tg t/s threads=2"] > 0).all()
+    assert "Quants side by side" in report.to_markdown(run)
+
+
 def test_quantized_name() -> None:
     assert quantized_name(Path("gemma-3-270m-q4_k_m.gguf"), "q8_0") == "gemma-3-270m-q8_0.gguf"
     assert quantized_name(Path("model.gguf"), "q4_0") == "model-q4_0.gguf"

@@ -108,8 +108,12 @@ def quant_comparison(run: BenchRun) -> "pd.DataFrame":
         return ok
     vary = [k for k in SETTING_COLUMNS if ok[k].nunique() > 1]
     speed = ok.pivot_table(index=["model", "quant"], columns=vary or None, values=["pp_tps", "tg_tps"], aggfunc="mean")
-    speed.columns = [" ".join(f"{k}={v}" if i else f"{v} t/s" for i, (k, v) in enumerate(zip(["", *vary], col)))
-                     if isinstance(col, tuple) else f"{col} t/s" for col in speed.columns]
+
+    def label(col: Any) -> str:  # ("tg_tps", 2) -> "tg t/s threads=2"
+        col = col if isinstance(col, tuple) else (col,)
+        return " ".join([col[0].replace("_tps", " t/s"), *(f"{k}={v}" for k, v in zip(vary, col[1:]))])
+
+    speed.columns = [label(col) for col in speed.columns]
     facts = ok.groupby(["model", "quant"])[["file_bytes", "kl_divergence", "top1_agreement", "perplexity"]].first()
     out = facts.join(speed).sort_values("file_bytes")
     return out.dropna(axis=1, how="all").reset_index()
