@@ -35,6 +35,7 @@ class RequestSample:
     seconds: float = 0.0
     gaps: list[float] = field(default_factory=list)  # inter-token latencies
     error: str = ""
+    text: str = ""  # the streamed text, only when run_load(keep_text=True)
 
 
 @dataclass
@@ -128,12 +129,14 @@ def run_load(
     timeout: float = 300.0,
     params: Mapping[str, Any] | None = None,
     variants: Sequence[Mapping[str, Any]] = ({},),
+    keep_text: bool = False,
 ) -> LoadResult:
     """Send ``requests`` streamed requests from ``concurrency`` threads; return the measured level.
 
     ``endpoint`` is "completions" (/v1/completions) or "chat" (/v1/chat/completions).
     ``params`` go into every request body (default: greedy, ``{"temperature": 0}``); client thread i
     adds ``variants[i % len(variants)]`` (e.g. a response_format for half of the clients).
+    ``keep_text`` keeps each reply's text, to check what the server did with the variant.
     Failed requests are counted, not raised. Raises BenchError for a bad URL or argument.
     """
     if concurrency < 1 or requests < 1:
@@ -162,13 +165,13 @@ def run_load(
         while take():
             reused = conn is not None
             conn = conn or target.connect()
-            sample = _one_request(conn, target, body, endpoint)
+            sample = _one_request(conn, target, body, endpoint, keep_text)
             if reused and not sample.ok and sample.ttft is None and sample.error.startswith(_STALE):
                 # The server closed the kept-alive connection after the last response (llama-server
                 # does): that is no failed request, so send it again on a fresh connection.
                 conn.close()
                 conn = target.connect()
-                sample = _one_request(conn, target, body, endpoint)
+                sample = _one_request(conn, target, body, endpoint, keep_text)
             sample.client = client
             if not sample.ok:  # a broken connection must not poison the next request
                 conn.close()
@@ -249,7 +252,8 @@ def _body(model: str, prompt: str, max_tokens: int, endpoint: str, params: Mappi
 _STALE = ("RemoteDisconnected", "BrokenPipeError", "ConnectionResetError", "BadStatusLine")
 
 
-def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes, endpoint: str) -> RequestSample:
+def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes, endpoint: str,
+                 keep_text: bool = False) -> RequestSample:
     start = time.perf_counter()
     sample = RequestSample(ok=False)
     last: float | None = None
@@ -281,7 +285,10 @@ def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes,
             usage = event.get("usage") or {}
             if usage.get("completion_tokens") is not None:
                 usage_tokens = int(usage["completion_tokens"])
-            if _has_text(event, endpoint):
+            text = _text(event, endpoint)
+            if text:
+                if keep_text:
+                    sample.text += text
                 now = time.perf_counter() - start
                 if last is None:
                     sample.ttft = now
@@ -302,11 +309,10 @@ def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes,
     return sample
 
 
-def _has_text(event: dict[str, Any], endpoint: str) -> bool:
+def _text(event: dict[str, Any], endpoint: str) -> str:
+    out = []
     for choice in event.get("choices") or ():
-        if endpoint == "chat":
-            if (choice.get("delta") or {}).get("content"):
-                return True
-        elif choice.get("text"):
-            return True
-    return False
+        piece = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
+        if isinstance(piece, str):
+            out.append(piece)
+    return "".join(out)
