@@ -238,3 +238,10 @@ def test_gemma_quality_against_a_derived_quant(capsys: pytest.CaptureFixture[str
     by_quant = {r["quant"]: r for r in rows}
     assert by_quant["q8_0"]["kl_divergence"] == 0 and by_quant["q4_k_m"]["kl_divergence"] > 0
     assert 5 < by_quant["q8_0"]["perplexity"] < 200
+
+
+def test_only_the_worker_touches_the_llama_boundary() -> None:
+    """The parent side never loads llama.cpp: only bench/worker.py imports the runtime."""
+    folder = Path(bench.__file__).parent
+    touching = sorted(p.name for p in folder.glob("*.py") if "runtime" in p.read_text() and "import" in p.read_text())
+    assert touching == ["worker.py"]

@@ -72,6 +72,7 @@ class Result:
     description: str = ""
     peak_rss_bytes: int | None = None
     gpu_mem_bytes: int | None = None
+    build: dict[str, Any] = field(default_factory=dict)  # the worker's llama.cpp: version, system info, devices
     samples: list[Sample] = field(default_factory=list)
 
     @property

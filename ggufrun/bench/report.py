@@ -199,7 +199,7 @@ def to_csv(run: BenchRun) -> str:
 
 
 def to_dict(run: BenchRun) -> dict[str, Any]:
-    return {"ggufrun": __version__, "environment": run.environment or environment(),
+    return {"ggufrun": __version__, "environment": run.environment or environment(build=next((r.build for r in run.results if r.build), None)),
             "parameters": {"n_prompt": run.n_prompt, "n_gen": run.n_gen, "reps": run.reps},
             "interrupted": run.interrupted, "rows": rows(run), "samples": _records(samples_frame(run))}
 
@@ -362,10 +362,11 @@ def write_load(results: Sequence[LoadResult], out_dir: Path) -> list[Path]:
 # ---- environment -----------------------------------------------------------------------------
 
 
-def environment(load: bool = False) -> dict[str, Any]:
+def environment(load: bool = False, build: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where the numbers were measured: CPU, GPUs, llama.cpp build, versions, time.
 
-    With ``load`` the local llama.cpp is left out (the server measured may be anything)."""
+    ``build`` is what a worker said about its llama.cpp. With ``load`` the local llama.cpp is left
+    out (the server measured may be anything)."""
     from .. import memory
     from ..settings import physical_cores
 
@@ -380,17 +381,8 @@ def environment(load: bool = False) -> dict[str, Any]:
         "memory_bytes": _total_memory(),
         "gpus": [{k: g[k] for k in ("name", "driver", "memory_total")} for g in memory.gpus()],
     }
-    if not load:
-        try:
-            from importlib.metadata import version
-
-            from .. import runtime
-
-            env["llama_cpp_python"] = version("llama_cpp_python")
-            env["llama_cpp_system_info"] = runtime.system_info()
-            env["llama_cpp_devices"] = runtime.gpu_info().get("devices", [])
-        except Exception as exc:  # the report still has value without the build line
-            env["llama_cpp_system_info"] = f"unavailable: {exc}"
+    if not load:  # the worker reported its llama.cpp build; the parent never loads llama.cpp
+        env.update(build or {"llama_cpp_system_info": "unavailable: no configuration was measured"})
     return env
 
 

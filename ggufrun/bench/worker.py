@@ -41,6 +41,16 @@ class _Llama:
         self.n_vocab, self.bos_id, self.n_batch, self.n_ctx = m.n_vocab, m.bos_id, m.n_batch, m.n_ctx
         self.n_params, self.description = m.n_params, m.description
 
+    @staticmethod
+    def build() -> dict[str, Any]:
+        """llama.cpp's version, compiled features and devices, for the report's environment."""
+        from importlib.metadata import version
+
+        from .. import runtime
+
+        return {"llama_cpp_python": version("llama_cpp_python"), "llama_cpp_system_info": runtime.system_info(),
+                "llama_cpp_devices": runtime.gpu_info().get("devices", [])}
+
     def reset(self) -> None:
         self._model.reset()
 
@@ -84,7 +94,7 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
     out = {"load_seconds": model.load_seconds, "file_bytes": Path(job["path"]).stat().st_size,
            "n_params": model.n_params, "description": model.description, "peak_rss_bytes": memory.peak_rss_bytes(),
            "gpu_mem_bytes": gpu_after - gpu_before if gpu_before is not None and gpu_after is not None else None,
-           "samples": samples}
+           "build": model.build(), "samples": samples}
     model.close()
     return out
 
