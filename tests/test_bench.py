@@ -11,8 +11,8 @@ import pytest
 
 from ggufrun import bench
 from ggufrun.bench import report
-from ggufrun.quantize import quantized_name
 from ggufrun.cli.main import main
+from ggufrun.quantize import quantized_name
 from ggufrun.settings import Settings
 from ggufrun.synthetic import write_synthetic
 from sse_server import SSEServer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ggufrun.errors import BenchError
 from ggufrun.bench.load import percentile, run_load, sweep
+from ggufrun.errors import BenchError
 from sse_server import SSEServer
 
 
