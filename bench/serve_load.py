@@ -152,11 +152,24 @@ def tables(rows: list[dict[str, Any]], ceiling: dict[int, float]) -> dict[str, A
         out["sampled / greedy"] = pd.DataFrame({k: by_mode[(k, "sampled")] / by_mode[(k, "greedy")]
                                                 for k in ("ggufrun", "llama-server") if k in wide})
     half = sorted({m for m in df["mode"] if m.endswith("+json-half")})
-    if half:
+    if half:  # a ratio counts only where every constrained reply was the schema's JSON
+        valid = df.set_index(["server", "clients", "mode"])["json_valid"]
+
+        def ratio(kind: str, mode: str) -> list[Any]:
+            free = mode.split("+")[0]
+            return [f"n/a ({valid[(kind, c, mode)]} valid JSON)" if not _all_valid(valid[(kind, c, mode)])
+                    else by_mode.loc[c, (kind, mode)] / by_mode.loc[c, (kind, free)] for c in by_mode.index]
+
         out["json-half / unconstrained"] = pd.DataFrame(
-            {f"{k} {m.split('+')[0]}": by_mode[(k, m)] / by_mode[(k, m.split("+")[0])]
-             for m in half for k in ("ggufrun", "llama-server") if k in wide})
+            {f"{k} {m.split('+')[0]}": ratio(k, m) for m in half for k in ("ggufrun", "llama-server") if k in wide},
+            index=by_mode.index)
     return out
+
+
+def _all_valid(count: str) -> bool:
+    """'4/4' -> True; '0/4', or '' (no constrained request got through) -> False."""
+    done, _, total = count.partition("/")
+    return bool(total) and done == total
 
 
 def main() -> None:
