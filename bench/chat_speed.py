@@ -1,28 +1,28 @@
-"""Generation speed inside `ggufrun chat` against llama-bench's tg128, side by side in one run.
+"""Generation speed of `ggufrun chat` against llama-bench's tg128, side by side in one run.
 
-The chat side goes through the same code as the REPL: ChatSession.ask (template, tokenize, KV
-reuse) and cli.chat_cmd.stream_reply (TokenDecoder, write + flush per token, Ctrl-C handler),
-writing to /dev/null. Runs alternate (llama-bench, chat, llama-bench, chat, ...) so that a busy
-neighbour slows both sides alike. The issue's bar: chat >= 0.97x llama-bench.
+The chat side is the public CLI, a fresh process per round: `ggufrun chat MODEL -p PROMPT -v`
+(greedy, no repeat penalty), whose --verbose stats line on stderr gives the reply's generation
+tokens/s (model load and prompt excluded). Runs alternate (llama-bench, chat, llama-bench, chat, ...)
+so that a busy neighbour slows both sides alike. The issue's bar: chat >= 0.97x llama-bench.
 
-    python bench/chat_speed.py                      # gemma3-270m, 2 threads, 5 rounds
-    python bench/chat_speed.py --model ./x.gguf --threads 4 --llama-bench ~/llama.cpp/build/bin/llama-bench
+    PYTHONPATH=. python bench/chat_speed.py                      # gemma3-270m, 2 threads, 5 rounds
+    PYTHONPATH=. python bench/chat_speed.py --model ./x.gguf --threads 4 --llama-bench ~/llama.cpp/build/bin
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from reference import find_tool, model_path  # noqa: E402  (bench/reference.py)
+from reference import GGUFRUN, find_tool, model_path
 
 PROMPT = "Count from 1 to 300, separated by commas: 1, 2, 3,"
+STATS = re.compile(r"(\d+) generated .* ([\d.]+) tok/s")  # chat.format_stats: "... · 128 generated · ... · 95.1 tok/s"
 
 
 def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int, flash_attn: bool, ngl: int = 0) -> float:
@@ -34,25 +34,18 @@ def llama_bench_tg(bench: Path, model: Path, threads: int, n_gen: int, flash_att
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
-def chat_tg(session: object, n_gen: int, sink: object) -> tuple[float, int]:
-    """One chat reply of up to n_gen tokens from a fresh conversation: (tokens/s, tokens generated)."""
-    from ggufrun.cli.chat_cmd import stream_reply
-
-    session.reset()  # type: ignore[attr-defined]
-    reply = session.ask(PROMPT)  # type: ignore[attr-defined]
-    stream_reply(reply, sink)  # type: ignore[arg-type]
-    return reply.stats.gen_tps, reply.stats.gen_tokens
-
-
-def raw_tg(model: object, tokens: list[int], sampler: object, n_gen: int) -> tuple[float, int]:
-    """The runtime's token loop alone (no template, decoder or output): what chat adds is the difference."""
-    from ggufrun.runtime import GenStats
-
-    model.reset()  # type: ignore[attr-defined]
-    stats = GenStats()
-    for _ in model.generate(tokens, sampler, max_tokens=n_gen, stats=stats):  # type: ignore[attr-defined]
-        pass
-    return stats.gen_tps, stats.gen_tokens
+def chat_tg(model: Path, threads: int, n_gen: int, flash_attn: str, ngl: int) -> tuple[float, int]:
+    """One `ggufrun chat -p` reply of up to n_gen tokens: (tokens/s, tokens generated), from its stats line."""
+    # the smallest context that holds the prompt and the reply: llama-bench's tg runs in n_gen cells
+    cmd = [*GGUFRUN, "chat", str(model), "-p", PROMPT, "-v", "--temperature", "0", "--repeat-penalty", "1",
+           "--max-tokens", str(n_gen), "--threads", str(threads), "--n-ctx", str(n_gen + 128),
+           "--flash-attn", flash_attn, "--n-gpu-layers", str(ngl)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = STATS.findall(out.stderr)
+    if out.returncode != 0 or not found:
+        sys.exit(f"ggufrun chat failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    generated, tps = found[-1]
+    return float(tps), int(generated)
 
 
 def main() -> None:
@@ -67,33 +60,21 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the raw rows as JSON lines too")
     args = ap.parse_args()
 
-    from ggufrun.chat import ChatSession
-    from ggufrun.runtime import Model
-    from ggufrun.settings import Settings
-
     bench = find_tool("llama-bench", args.llama_bench)
     path = model_path(args.model)
-    # greedy, no repeat penalty: the cheapest sampler chain, as llama-bench samples nothing at all
-    # the smallest context that holds the prompt and the reply: llama-bench's tg runs in n_gen cells
-    settings = Settings(threads=args.threads, n_ctx=args.n_gen + 128, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                        temperature=0.0, repeat_penalty=1.0, max_tokens=args.n_gen)
     rows = []
-    with Model.load(path, settings) as model, open(os.devnull, "w") as sink:
-        session = ChatSession(model, settings, family=None)
-        chat_tg(session, args.n_gen, sink)  # warm-up, as llama-bench does its own
-        tokens = session.tokens([{"role": "user", "content": PROMPT}])  # the same prompt chat_tg sends
-        for round_ in range(args.rounds):
-            measured = {
-                "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen, args.flash_attn == "on", args.n_gpu_layers), args.n_gen),
-                "Model.generate": raw_tg(model, tokens, session._sampler, args.n_gen),
-                "ggufrun chat": chat_tg(session, args.n_gen, sink),
-            }
-            rows += [{"round": round_, "path": k, "tps": tps, "tokens": n} for k, (tps, n) in measured.items()]
-            print(f"round {round_}: " + ", ".join(f"{k} {tps:.1f}" for k, (tps, _) in measured.items()) + " tok/s", flush=True)
+    chat_tg(path, args.threads, args.n_gen, args.flash_attn, args.n_gpu_layers)  # warm-up: page cache, as llama-bench does its own
+    for round_ in range(args.rounds):
+        measured = {
+            "llama-bench": (llama_bench_tg(bench, path, args.threads, args.n_gen, args.flash_attn == "on", args.n_gpu_layers), args.n_gen),
+            "ggufrun chat": chat_tg(path, args.threads, args.n_gen, args.flash_attn, args.n_gpu_layers),
+        }
+        rows += [{"round": round_, "path": k, "tps": tps, "tokens": n} for k, (tps, n) in measured.items()]
+        print(f"round {round_}: " + ", ".join(f"{k} {tps:.1f}" for k, (tps, _) in measured.items()) + " tok/s", flush=True)
     if args.json:
         for row in rows:
             print(json.dumps(row))
-    by_path = {k: [r["tps"] for r in rows if r["path"] == k] for k in ("llama-bench", "Model.generate", "ggufrun chat")}
+    by_path = {k: [r["tps"] for r in rows if r["path"] == k] for k in ("llama-bench", "ggufrun chat")}
     produced = min(r["tokens"] for r in rows if r["path"] != "llama-bench")
     if produced < args.n_gen:
         print(f"note: a reply stopped at an end-of-turn after {produced} tokens; its rate is over what was produced")

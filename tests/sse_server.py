@@ -22,7 +22,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        n = self.server.count()
+        n = self.server.count(body)
         if self.path not in ("/v1/completions", "/v1/chat/completions"):
             return self._plain(404, b'{"error": "not found"}')
         if self.server.fail_every and n % self.server.fail_every == 0:
@@ -62,11 +62,13 @@ class SSEServer(ThreadingHTTPServer):
         self.delay = delay
         self.fail_every = fail_every
         self._n = 0
+        self.bodies: list[dict] = []  # every request body received, in order
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
-    def count(self) -> int:
+    def count(self, body: dict) -> int:
         with self._lock:
+            self.bodies.append(body)
             self._n += 1
             return self._n
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ggufrun import bench, report
+from ggufrun import bench
+from ggufrun.bench import report
 from ggufrun.cli.main import main
+from ggufrun.quantize import quantized_name
 from ggufrun.settings import Settings
 from ggufrun.synthetic import write_synthetic
 from sse_server import SSEServer
@@ -32,7 +34,7 @@ def sweep_run(tiny_dir: Path) -> bench.BenchRun:
     """A 2x2 sweep (threads x flash-attn) of one tiny model, measured once for several tests."""
     targets = bench.resolve_targets(str(tiny_dir / "tiny-q8_0.gguf"), [])
     configs = bench.plan(targets, {"threads": [1, 2], "flash_attn": ["on", "off"]}, BASE, 32, 16)
-    return bench.run(configs, base=BASE, n_prompt=32, n_gen=16, reps=2)
+    return bench.run_bench(configs, base=BASE, n_prompt=32, n_gen=16, reps=2)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -70,11 +72,11 @@ def test_every_format_parses_and_holds_the_columns(sweep_run: bench.BenchRun, tm
     assert env["cpu"] and env["cpu_cores_logical"] >= 1 and env["ggufrun"] and env["time"]
     assert "CPU" in env["llama_cpp_system_info"]
     md = report.to_markdown(sweep_run).splitlines()
-    assert md[0].startswith("| model |") and "pp32 t/s" in md[0] and "tg16 t/s" in md[0]
+    assert md[0].startswith("| model ") and "pp32 t/s" in md[0] and "tg16 t/s" in md[0]
     assert len([line for line in md if line.startswith("| ")]) == 5  # header + 4 rows
     written = report.write(sweep_run, tmp_path / "out")
     names = {p.name for p in written}
-    assert {"bench.csv", "bench.json", "bench.md", "tokens_per_s.png", "memory.png"} <= names
+    assert {"bench.csv", "bench.json", "bench.md", "samples.csv", "tokens_per_s.png", "memory.png"} <= names
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -126,7 +128,7 @@ def test_ctrl_c_keeps_measured_rows(tiny_dir: Path) -> None:
         if done == 1:  # what SIGINT does in the main thread while the second config starts
             raise KeyboardInterrupt
 
-    run = bench.run(configs, base=BASE, n_prompt=16, n_gen=8, reps=1, progress=progress)
+    run = bench.run_bench(configs, base=BASE, n_prompt=16, n_gen=8, reps=1, progress=progress)
     assert run.interrupted and len(run.results) == 1 and run.results[0].ok
     assert "Interrupted" in report.to_markdown(run)
 
@@ -138,7 +140,7 @@ def test_quality_against_reference(tiny_dir: Path, tmp_path: Path) -> None:
     text.write_text(Path(bench.DEFAULT_TEXT).read_text()[:1500])
     targets = [bench.Target(label=q, quant=q, path=tiny_dir / f"tiny-{q}.gguf") for q in ("f16", "q8_0")]
     configs = bench.plan(targets, {}, BASE, 8, 4)
-    run = bench.run(configs, base=BASE, n_prompt=8, n_gen=4, reps=1, text=text, quality_ctx=64)
+    run = bench.run_bench(configs, base=BASE, n_prompt=8, n_gen=4, reps=1, text=text, quality_ctx=64)
     ref, q8 = run.quality["f16"], run.quality["q8_0"]
     assert ref.reference == "f16" == q8.reference  # the largest file is the reference
     assert ref.kl_divergence == pytest.approx(0.0, abs=1e-6) and ref.top1_agreement == 1.0
@@ -169,9 +171,41 @@ def test_derive_from_a_local_file(tiny_dir: Path) -> None:
     assert targets[0].synthetic
 
 
+def test_registry_defaults_apply_and_flags_override(capsys: pytest.CaptureFixture[str], tiny_dir: Path,
+                                                    ggufrun_home: Path) -> None:
+    """Defect 11: bench measures a registry model with its [defaults], as chat and serve do."""
+    (ggufrun_home / "models.toml").write_text(
+        '[tinydef]\nquants = ["q8_0"]\nfile = "tiny-{quant}.gguf"\n'
+        'sources = [{hub = "huggingface", repo = "nobody/tiny"}]\n'
+        '[tinydef.defaults]\nthreads = 1\nbatch_size = 16\nflash_attn = "off"\n')
+    cached = ggufrun_home / "models" / "tinydef" / "tiny-q8_0.gguf"  # in the cache: no download
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes((tiny_dir / "tiny-q8_0.gguf").read_bytes())
+    code, out, _ = run_cli(capsys, "bench", "tinydef", "-p", "32", "-n", "4", "-r", "1", "--no-quality", "--format", "json")
+    assert code == 0
+    (row,) = json.loads(out)["rows"]
+    assert (row["threads"], row["batch_size"], row["flash_attn"], row["error"]) == (1, 16, "off", "")
+    code, out, _ = run_cli(capsys, "bench", "tinydef", "-p", "32", "-n", "4", "-r", "1", "--no-quality", "--format", "json",
+                           "--batch-size", "32")
+    (row,) = json.loads(out)["rows"]
+    assert (row["threads"], row["batch_size"]) == (1, 32)
+
+
+def test_quant_comparison_pivot(tiny_dir: Path) -> None:
+    """Quants side by side: one row per file, smallest first, speed under each swept setting."""
+    targets = [bench.Target(label=q, quant=q, path=tiny_dir / f"tiny-{q}.gguf", synthetic=True) for q in ("f16", "q8_0")]
+    configs = bench.plan(targets, {"threads": [1, 2]}, BASE, 8, 4)
+    run = bench.run_bench(configs, base=BASE, n_prompt=8, n_gen=4, reps=1)
+    table = report.quant_comparison(run)
+    assert list(table["quant"]) == ["q8_0", "f16"]  # by file size
+    assert {"pp t/s threads=1", "pp t/s threads=2", "tg t/s threads=1", "tg t/s threads=2"} <= set(table.columns)
+    assert (table["tg t/s threads=2"] > 0).all()
+    assert "Quants side by side" in report.to_markdown(run)
+
+
 def test_quantized_name() -> None:
-    assert bench.quantized_name(Path("gemma-3-270m-q4_k_m.gguf"), "q8_0") == "gemma-3-270m-q8_0.gguf"
-    assert bench.quantized_name(Path("model.gguf"), "q4_0") == "model-q4_0.gguf"
+    assert quantized_name(Path("gemma-3-270m-q4_k_m.gguf"), "q8_0") == "gemma-3-270m-q8_0.gguf"
+    assert quantized_name(Path("model.gguf"), "q4_0") == "model-q4_0.gguf"
 
 
 def test_load_mode_against_a_real_server(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -204,3 +238,10 @@ def test_gemma_quality_against_a_derived_quant(capsys: pytest.CaptureFixture[str
     by_quant = {r["quant"]: r for r in rows}
     assert by_quant["q8_0"]["kl_divergence"] == 0 and by_quant["q4_k_m"]["kl_divergence"] > 0
     assert 5 < by_quant["q8_0"]["perplexity"] < 200
+
+
+def test_only_the_worker_touches_the_llama_boundary() -> None:
+    """The parent side never loads llama.cpp: only bench/worker.py imports the runtime."""
+    folder = Path(bench.__file__).parent
+    touching = sorted(p.name for p in folder.glob("*.py") if "runtime" in p.read_text() and "import" in p.read_text())
+    assert touching == ["worker.py"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ggufrun.bench.load import percentile, run_load, sweep
 from ggufrun.errors import BenchError
-from ggufrun.loadgen import percentile, run_load, sweep
 from sse_server import SSEServer
 
 
@@ -104,3 +104,26 @@ def test_against_a_real_ggufrun_serve(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_params_and_per_client_variants_reach_the_server() -> None:
+    """Every request carries the sampling params; client thread i adds variants[i % 2], so half of
+    the clients send a response_format (serve_load.py --json-schema-half relies on this)."""
+    fmt = {"response_format": {"type": "json_object"}}
+    with SSEServer() as server:
+        result = run_load(server.url, "m", concurrency=4, requests=8, max_tokens=4, endpoint="chat",
+                          params={"temperature": 0.8, "top_p": 0.95}, variants=[fmt, {}], keep_text=True)
+        bodies = list(server.bodies)
+    assert result.errors == 0 and len(bodies) == 8
+    assert all(b["temperature"] == 0.8 and b["top_p"] == 0.95 and b["stream"] is True for b in bodies)
+    assert 1 <= sum("response_format" in b for b in bodies) <= 7
+    assert all(s.text == " w0 w1 w2 w3" for s in result.samples)
+    by_client = {s.client for s in result.samples}
+    assert by_client == {0, 1, 2, 3}
+    # greedy unless told otherwise
+    with SSEServer() as server:
+        plain = run_load(server.url, "m", concurrency=1, requests=1, max_tokens=2)
+        assert server.bodies[0]["temperature"] == 0
+    assert plain.samples[0].text == "" and plain.total_tokens == 2  # text is kept only when asked
+    with pytest.raises(BenchError):
+        run_load("http://127.0.0.1:9", "m", concurrency=1, requests=1, variants=[])

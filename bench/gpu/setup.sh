@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Builds llama.cpp with CUDA on a GPU machine that cannot reach the network, from a trimmed copy of the
 # llama-cpp-python source package carried in .carry/ (see bench/gpu/README.md). One build serves both
-# sides of the comparison: libllama.so for llama-cpp-python (ggufrun) and llama-bench / llama-server as the
-# reference, so both run the very same llama.cpp commit and kernels.
+# sides of the comparison: libllama.so for llama-cpp-python (ggufrun) and llama-bench, llama-server and
+# llama-batched-bench as the reference, so both run the very same llama.cpp commit and kernels.
 # Usage: source bench/gpu/setup.sh   (sets PYTHONPATH, LLAMA_BIN)
 set -u
 ROOT=$(pwd)
 B=$ROOT/.gpubuild
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/*.whl >/dev/null 2>&1
-if [ ! -x "$B/build/bin/llama-bench" ]; then
-  mkdir -p "$B" && tar xzf .carry/llama-src.tgz -C "$B"
+if [ ! -x "$B/build/bin/llama-batched-bench" ]; then
+  [ -d "$B/vendor" ] || { mkdir -p "$B" && tar xzf .carry/llama-src.tgz -C "$B"; }
   cmake -S "$B/vendor/llama.cpp" -B "$B/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build "$B/build" -j"$(nproc)" --target llama llama-bench llama-server llama-quantize
+  cmake --build "$B/build" -j"$(nproc)" --target llama llama-bench llama-server llama-batched-bench llama-quantize
 fi
 # The Python side of llama-cpp-python, outside the work tree (the device sync prunes files there),
 # loading the CUDA libraries just built.

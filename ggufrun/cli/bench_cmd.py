@@ -50,6 +50,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw: Any) -> None:
     """Benchmark speed, memory and quality per quant, or load a running server.
 
+    A registry model's [defaults] apply, as in chat and serve; the flags override them.
     Prompt processing (pp) and generation (tg) are measured as llama-bench does: warm-up, then
     -r repetitions of -p random tokens and of -n single-token decodes from an empty cache.
     Each configuration of the sweep runs in a fresh process. Ctrl-C keeps the rows measured.
@@ -63,19 +64,21 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     """
     if kw["url"]:
         return _load_mode(kw)
-    from .. import bench, report, settings
+    from .. import bench, settings
+    from ..bench import report
 
-    base = settings.resolve()
     sweeps = {key: bench.parse_list(key, kw[key]) for key in SWEEP_KEYS}
     quant_list = [q.strip() for q in (quants or "").split(",") if q.strip()]
     err = _console(stderr=True)
     registry = None if kw["synthetic"] else load_registry(ctx)
+    # The registry entry's [defaults] apply as they do in chat and serve; the sweep lists override them.
+    base = settings.resolve(bench.entry_defaults(name, registry))
     targets = bench.resolve_targets(name, quant_list, registry=registry, derive_from=kw["derive_from"],
                                     synthetic=kw["synthetic"], report=lambda msg: err.print(msg, markup=False, highlight=False))
     configs = bench.plan(targets, sweeps, base, kw["n_prompt"], kw["n_gen"])
     with _progress(err) as bar:
         task = bar.add_task("bench", total=len(configs) + (1 if kw["quality"] else 0))
-        run = bench.run(configs, base=base, n_prompt=kw["n_prompt"], n_gen=kw["n_gen"], reps=kw["reps"],
+        run = bench.run_bench(configs, base=base, n_prompt=kw["n_prompt"], n_gen=kw["n_gen"], reps=kw["reps"],
                         quality=kw["quality"], reference=kw["reference"], text=kw["text"],
                         progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
     _emit(kw["fmt"], lambda fmt: report.render(run, fmt), lambda: report.display(run), kw["output"],
@@ -91,7 +94,7 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
 
 
 def _load_mode(kw: dict[str, Any]) -> None:
-    from .. import loadgen, report
+    from ..bench import load, report
     from ..errors import BenchError
 
     if not kw["served_model"]:
@@ -103,7 +106,7 @@ def _load_mode(kw: dict[str, Any]) -> None:
     err = _console(stderr=True)
     with _progress(err) as bar:
         task = bar.add_task(f"load {kw['url']}", total=len(levels))
-        results = loadgen.sweep(kw["url"], kw["served_model"], levels, kw["requests"], max_tokens=kw["max_tokens"],
+        results = load.sweep(kw["url"], kw["served_model"], levels, kw["requests"], max_tokens=kw["max_tokens"],
                                 endpoint=kw["endpoint"], api_key=kw["api_key"],
                                 on_level=lambda r: bar.advance(task))
     cols = list(report.LOAD_COLUMNS)
@@ -168,10 +171,10 @@ def quantize_command(ctx: click.Context, source: str, types: str, out_dir: Path 
       ggufrun quantize gemma3-270m.gguf --to q4_0,q8_0
       ggufrun quantize model-f16.gguf --to q4_k_m --out-dir quants/
     """
-    from .. import bench
+    from ..quantize import quantize_many
 
     err = _console(stderr=True)
-    made = bench.quantize_many(source, [t.strip() for t in types.split(",") if t.strip()], out_dir=out_dir,
+    made = quantize_many(source, [t.strip() for t in types.split(",") if t.strip()], out_dir=out_dir,
                                registry=load_registry(ctx), threads=threads,
                                report=lambda msg: err.print(msg, markup=False, highlight=False))
     for qtype, path in made:

@@ -1,95 +1,128 @@
-"""Bench results -> plain tables, CSV, JSON, Markdown and PNG plots.
+"""Bench results as pandas DataFrames, and the CSV, JSON, Markdown and PNG made from them.
 
-Everything here is derived from the raw rows that bench.py and loadgen.py record: tokens/s of a
-repetition is n_tokens / seconds, and a configuration shows the mean and sample standard
-deviation of those per-repetition rates, as llama-bench reports them. No rich, no click;
-pandas is not needed and matplotlib is imported only to draw plots.
+Everything here is derived from the raw rows that the worker and the load generator record:
+tokens/s of a repetition is n_tokens / seconds, and a configuration shows the mean and sample
+standard deviation of those per-repetition rates, as llama-bench reports them. No rich, no click;
+matplotlib is imported only to draw plots.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import __version__
-from .bench import BenchRun, Result
-from .loadgen import LoadResult
+from .. import __version__
+from .load import LoadResult
+from .plan import BenchRun
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMATS = ("md", "csv", "json")
 
+SETTING_COLUMNS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size")
 COLUMNS = (
-    "model", "quant", "file_bytes", "n_params", "n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size",
+    "model", "quant", "file_bytes", "n_params", *SETTING_COLUMNS,
     "load_s", "pp_tokens", "pp_tps", "pp_tps_std", "tg_tokens", "tg_tps", "tg_tps_std", "peak_rss_bytes",
     "gpu_mem_bytes", "kl_divergence", "top1_agreement", "perplexity", "quality_reference", "quality_note", "error",
 )
+SAMPLE_COLUMNS = ("config", "model", "test", "rep", "n_tokens", "seconds")
 LOAD_COLUMNS = (
     "concurrency", "requests", "errors", "tokens", "seconds", "tokens_per_s", "requests_per_s",
     "ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms", "first_error",
 )
+_ROUND = {"load_s": 4, "pp_tps": 2, "pp_tps_std": 2, "tg_tps": 2, "tg_tps_std": 2, "kl_divergence": 6,
+          "top1_agreement": 4, "perplexity": 4}
 
 
-# ---- derived rows ------------------------------------------------------------------------------
+# ---- frames ------------------------------------------------------------------------------------
 
 
-def rates(result: Result, test: str) -> list[float]:
-    """Tokens/s of each repetition of one test ("pp" or "tg")."""
-    return [s.n_tokens / s.seconds for s in result.samples if s.test == test and s.seconds > 0]
+def samples_frame(run: BenchRun) -> "pd.DataFrame":
+    """The raw rows: one per timed repetition, tied to its configuration's index."""
+    import pandas as pd
+
+    data = [{"config": i, "model": r.config.target.label, "test": s.test, "rep": s.rep,
+             "n_tokens": s.n_tokens, "seconds": s.seconds}
+            for i, r in enumerate(run.results) for s in r.samples]
+    return pd.DataFrame(data, columns=list(SAMPLE_COLUMNS))
 
 
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (0 for one value), as llama-bench computes them."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def frame(run: BenchRun) -> "pd.DataFrame":
+    """One row per configuration with every column of COLUMNS; missing values are <NA>."""
+    import pandas as pd
+
+    base = []
+    for result in run.results:
+        c = result.config
+        q = run.quality.get(c.target.label)
+        base.append({
+            "model": c.target.label, "quant": c.target.quant, "file_bytes": result.file_bytes,
+            "n_params": result.n_params, **{k: getattr(c, k) for k in SETTING_COLUMNS},
+            "load_s": result.load_seconds, "pp_tokens": run.n_prompt, "tg_tokens": run.n_gen,
+            "peak_rss_bytes": result.peak_rss_bytes, "gpu_mem_bytes": result.gpu_mem_bytes,
+            "kl_divergence": q.kl_divergence if q else None, "top1_agreement": q.top1_agreement if q else None,
+            "perplexity": q.perplexity if q else None, "quality_reference": q.reference if q else "",
+            "quality_note": q.note if q else "", "error": result.error,
+        })
+    df = pd.DataFrame(base, columns=[c for c in COLUMNS if not c.endswith(("_tps", "_tps_std"))])
+    raw = samples_frame(run)
+    raw = raw[raw["seconds"] > 0].assign(tps=lambda d: d["n_tokens"] / d["seconds"])
+    stats = raw.groupby(["config", "test"])["tps"].agg(["mean", "std", "count"])
+    stats.loc[stats["count"] == 1, "std"] = 0.0  # llama-bench shows ± 0 for one repetition
+    for test in ("pp", "tg"):
+        part = stats.xs(test, level="test") if test in stats.index.get_level_values("test") else stats.iloc[:0]
+        df[f"{test}_tps"] = part["mean"].reindex(df.index)
+        df[f"{test}_tps_std"] = part["std"].reindex(df.index)
+    df = df[list(COLUMNS)].round(_ROUND)
+    return df.convert_dtypes()
 
 
 def rows(run: BenchRun) -> list[dict[str, Any]]:
-    """One flat dict per configuration, with every column of COLUMNS."""
-    out = []
-    for result in run.results:
-        c = result.config
-        pp, pp_std = mean_std(rates(result, "pp"))
-        tg, tg_std = mean_std(rates(result, "tg"))
-        q = run.quality.get(c.target.label)
-        out.append({
-            "model": c.target.label, "quant": c.target.quant, "file_bytes": result.file_bytes,
-            "n_params": result.n_params, "n_gpu_layers": c.n_gpu_layers, "flash_attn": c.flash_attn,
-            "n_ctx": c.n_ctx, "threads": c.threads, "batch_size": c.batch_size,
-            "load_s": _r(result.load_seconds, 4), "pp_tokens": run.n_prompt, "pp_tps": _r(pp), "pp_tps_std": _r(pp_std),
-            "tg_tokens": run.n_gen, "tg_tps": _r(tg), "tg_tps_std": _r(tg_std),
-            "peak_rss_bytes": result.peak_rss_bytes, "gpu_mem_bytes": result.gpu_mem_bytes,
-            "kl_divergence": _r(q.kl_divergence, 6) if q else None,
-            "top1_agreement": _r(q.top1_agreement, 4) if q else None,
-            "perplexity": _r(q.perplexity, 4) if q else None,
-            "quality_reference": q.reference if q else "", "quality_note": q.note if q else "",
-            "error": result.error,
-        })
-    return out
+    """frame(run) as plain dicts, None for missing values."""
+    return _records(frame(run))
 
 
-def samples(run: BenchRun) -> list[dict[str, Any]]:
-    """The raw rows: one per timed repetition, tied to its configuration's index."""
-    return [{"config": i, "model": r.config.target.label, "test": s.test, "rep": s.rep,
-             "n_tokens": s.n_tokens, "seconds": s.seconds}
-            for i, r in enumerate(run.results) for s in r.samples]
+def _records(df: "pd.DataFrame") -> list[dict[str, Any]]:
+    return [{k: _plain(v) for k, v in row.items()} for row in df.astype(object).to_dict("records")]
 
 
-def _r(x: float | None, digits: int = 2) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, digits)
+def _plain(x: Any) -> Any:
+    import pandas as pd
+
+    if x is None or (not isinstance(x, (str, list, dict)) and pd.isna(x)):
+        return None
+    return x.item() if hasattr(x, "item") else x
+
+
+def quant_comparison(run: BenchRun) -> "pd.DataFrame":
+    """Quants side by side (a pandas pivot): one row per file, smallest first, with its size and
+    quality, and pp/tg tokens/s under each combination of the settings that were swept."""
+    df = frame(run)
+    ok = df[df["error"] == ""]
+    if ok.empty:
+        return ok
+    vary = [k for k in SETTING_COLUMNS if ok[k].nunique() > 1]
+    speed = ok.pivot_table(index=["model", "quant"], columns=vary or None, values=["pp_tps", "tg_tps"], aggfunc="mean")
+
+    def label(col: Any) -> str:  # ("tg_tps", 2) -> "tg t/s threads=2"
+        col = col if isinstance(col, tuple) else (col,)
+        return " ".join([col[0].replace("_tps", " t/s"), *(f"{k}={v}" for k, v in zip(vary, col[1:]))])
+
+    speed.columns = [label(col) for col in speed.columns]
+    facts = ok.groupby(["model", "quant"])[["file_bytes", "kl_divergence", "top1_agreement", "perplexity"]].first()
+    out = facts.join(speed).sort_values("file_bytes")
+    return out.dropna(axis=1, how="all").reset_index()
 
 
 # ---- what a person reads ---------------------------------------------------------------------
 
 
-def _size(n: int | None) -> str:
+def _size(n: Any) -> str:
     if n is None:
         return ""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -136,21 +169,14 @@ def display(run: BenchRun) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[Any]]) -> str:
+    """A GitHub table through pandas (and tabulate); '|' in a cell is escaped."""
+    import pandas as pd
+
     def esc(x: Any) -> str:
         return "" if x is None else str(x).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(esc(x) for x in row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(columns: Sequence[str], data: Sequence[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in data:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    return buf.getvalue()
+    df = pd.DataFrame([[esc(x) for x in row] for row in cells], columns=[esc(h) for h in headers])
+    return df.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 # ---- bench formats ---------------------------------------------------------------------------
@@ -161,17 +187,21 @@ def to_markdown(run: BenchRun) -> str:
     note = f"\n{run.reps} repetitions after a warm-up; mean ± standard deviation of tokens/s.\n"
     if run.interrupted:
         note += "Interrupted: only the configurations above were measured.\n"
-    return markdown_table(headers, cells) + note
+    text = markdown_table(headers, cells) + note
+    quants = quant_comparison(run)
+    if quants["quant"].nunique() > 1 if not quants.empty else False:
+        text += "\nQuants side by side:\n\n" + quants.to_markdown(index=False, floatfmt=".4g") + "\n"
+    return text
 
 
 def to_csv(run: BenchRun) -> str:
-    return csv_table(COLUMNS, rows(run))
+    return frame(run).to_csv(index=False, lineterminator="\n")
 
 
 def to_dict(run: BenchRun) -> dict[str, Any]:
-    return {"ggufrun": __version__, "environment": run.environment or environment(),
+    return {"ggufrun": __version__, "environment": run.environment or environment(build=next((r.build for r in run.results if r.build), None)),
             "parameters": {"n_prompt": run.n_prompt, "n_gen": run.n_gen, "reps": run.reps},
-            "interrupted": run.interrupted, "rows": rows(run), "samples": samples(run)}
+            "interrupted": run.interrupted, "rows": rows(run), "samples": _records(samples_frame(run))}
 
 
 def to_json(run: BenchRun) -> str:
@@ -184,11 +214,12 @@ def render(run: BenchRun, fmt: str) -> str:
 
 
 def write(run: BenchRun, out_dir: Path) -> list[Path]:
-    """bench.csv, bench.json, bench.md and the plots in ``out_dir``; returns the files written."""
+    """bench.csv, bench.json, bench.md, samples.csv and the plots in ``out_dir``; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for fmt, text in (("csv", to_csv(run)), ("json", to_json(run)), ("md", to_markdown(run))):
-        path = out_dir / f"bench.{fmt}"
+    for name, text in (("bench.csv", to_csv(run)), ("bench.json", to_json(run)), ("bench.md", to_markdown(run)),
+                       ("samples.csv", samples_frame(run).to_csv(index=False, lineterminator="\n"))):
+        path = out_dir / name
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written + plot(run, out_dir)
@@ -277,16 +308,23 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
 # ---- load formats ----------------------------------------------------------------------------
 
 
+def load_frame(results: Sequence[LoadResult]) -> "pd.DataFrame":
+    """One row per concurrency level, with every column of LOAD_COLUMNS."""
+    import pandas as pd
+
+    return pd.DataFrame([r.summary() for r in results], columns=list(LOAD_COLUMNS)).convert_dtypes()
+
+
 def load_rows(results: Sequence[LoadResult]) -> list[dict[str, Any]]:
-    return [r.summary() for r in results]
+    return _records(load_frame(results))
 
 
 def render_load(results: Sequence[LoadResult], fmt: str) -> str:
-    data = load_rows(results)
     if fmt == "csv":
-        return csv_table(LOAD_COLUMNS, data)
+        return load_frame(results).to_csv(index=False, lineterminator="\n")
     if fmt == "json":
         return json.dumps(load_dict(results), indent=2)
+    data = load_rows(results)
     return markdown_table(LOAD_COLUMNS, [[row[k] for k in LOAD_COLUMNS] for row in data])
 
 
@@ -324,12 +362,13 @@ def write_load(results: Sequence[LoadResult], out_dir: Path) -> list[Path]:
 # ---- environment -----------------------------------------------------------------------------
 
 
-def environment(load: bool = False) -> dict[str, Any]:
+def environment(load: bool = False, build: dict[str, Any] | None = None) -> dict[str, Any]:
     """Where the numbers were measured: CPU, GPUs, llama.cpp build, versions, time.
 
-    With ``load`` the local llama.cpp is left out (the server measured may be anything)."""
-    from . import memory
-    from .settings import physical_cores
+    ``build`` is what a worker said about its llama.cpp. With ``load`` the local llama.cpp is left
+    out (the server measured may be anything)."""
+    from .. import memory
+    from ..settings import physical_cores
 
     env: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -342,17 +381,8 @@ def environment(load: bool = False) -> dict[str, Any]:
         "memory_bytes": _total_memory(),
         "gpus": [{k: g[k] for k in ("name", "driver", "memory_total")} for g in memory.gpus()],
     }
-    if not load:
-        try:
-            from importlib.metadata import version
-
-            from . import runtime
-
-            env["llama_cpp_python"] = version("llama_cpp_python")
-            env["llama_cpp_system_info"] = runtime.system_info()
-            env["llama_cpp_devices"] = runtime.gpu_info().get("devices", [])
-        except Exception as exc:  # the report still has value without the build line
-            env["llama_cpp_system_info"] = f"unavailable: {exc}"
+    if not load:  # the worker reported its llama.cpp build; the parent never loads llama.cpp
+        env.update(build or {"llama_cpp_system_info": "unavailable: no configuration was measured"})
     return env
 
 

@@ -15,10 +15,10 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from .errors import BenchError
+from ..errors import BenchError
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 ENDPOINTS = ("completions", "chat")
@@ -29,11 +29,13 @@ class RequestSample:
     """One request as the client saw it; times are seconds from the request's start."""
 
     ok: bool
+    client: int = 0  # which client thread sent it (its body variant is client % len(variants))
     tokens: int = 0
     ttft: float | None = None
     seconds: float = 0.0
     gaps: list[float] = field(default_factory=list)  # inter-token latencies
     error: str = ""
+    text: str = ""  # the streamed text, only when run_load(keep_text=True)
 
 
 @dataclass
@@ -125,18 +127,26 @@ def run_load(
     api_key: str | None = None,
     endpoint: str = "completions",
     timeout: float = 300.0,
+    params: Mapping[str, Any] | None = None,
+    variants: Sequence[Mapping[str, Any]] = ({},),
+    keep_text: bool = False,
 ) -> LoadResult:
     """Send ``requests`` streamed requests from ``concurrency`` threads; return the measured level.
 
     ``endpoint`` is "completions" (/v1/completions) or "chat" (/v1/chat/completions).
+    ``params`` go into every request body (default: greedy, ``{"temperature": 0}``); client thread i
+    adds ``variants[i % len(variants)]`` (e.g. a response_format for half of the clients).
+    ``keep_text`` keeps each reply's text, to check what the server did with the variant.
     Failed requests are counted, not raised. Raises BenchError for a bad URL or argument.
     """
     if concurrency < 1 or requests < 1:
         raise BenchError(f"Concurrency and requests must be >= 1 (got {concurrency} and {requests}).")
     if endpoint not in ENDPOINTS:
         raise BenchError(f"Unknown endpoint '{endpoint}'.", f"Choose one of: {', '.join(ENDPOINTS)}.")
+    if not variants:
+        raise BenchError("Give at least one request variant.")
     target = _Target.parse(url, endpoint, api_key, timeout)
-    body = _body(model, prompt, max_tokens, endpoint)
+    bodies = [_body(model, prompt, max_tokens, endpoint, {**(params or {"temperature": 0}), **v}) for v in variants]
 
     samples: list[RequestSample] = []
     lock = threading.Lock()
@@ -149,18 +159,20 @@ def run_load(
             remaining[0] -= 1
             return True
 
-    def worker() -> None:
+    def worker(client: int) -> None:
+        body = bodies[client % len(bodies)]
         conn: http.client.HTTPConnection | None = None
         while take():
             reused = conn is not None
             conn = conn or target.connect()
-            sample = _one_request(conn, target, body, endpoint)
+            sample = _one_request(conn, target, body, endpoint, keep_text)
             if reused and not sample.ok and sample.ttft is None and sample.error.startswith(_STALE):
                 # The server closed the kept-alive connection after the last response (llama-server
                 # does): that is no failed request, so send it again on a fresh connection.
                 conn.close()
                 conn = target.connect()
-                sample = _one_request(conn, target, body, endpoint)
+                sample = _one_request(conn, target, body, endpoint, keep_text)
+            sample.client = client
             if not sample.ok:  # a broken connection must not poison the next request
                 conn.close()
                 conn = None
@@ -169,7 +181,7 @@ def run_load(
         if conn is not None:
             conn.close()
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"loadgen-{i}") for i in range(min(concurrency, requests))]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"loadgen-{i}") for i in range(min(concurrency, requests))]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -228,8 +240,8 @@ class _Target:
         return cls(self.host, self.port, timeout=self.timeout)
 
 
-def _body(model: str, prompt: str, max_tokens: int, endpoint: str) -> bytes:
-    payload: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+def _body(model: str, prompt: str, max_tokens: int, endpoint: str, params: Mapping[str, Any]) -> bytes:
+    payload: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True, **params}
     if endpoint == "chat":
         payload["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -240,7 +252,8 @@ def _body(model: str, prompt: str, max_tokens: int, endpoint: str) -> bytes:
 _STALE = ("RemoteDisconnected", "BrokenPipeError", "ConnectionResetError", "BadStatusLine")
 
 
-def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes, endpoint: str) -> RequestSample:
+def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes, endpoint: str,
+                 keep_text: bool = False) -> RequestSample:
     start = time.perf_counter()
     sample = RequestSample(ok=False)
     last: float | None = None
@@ -272,7 +285,10 @@ def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes,
             usage = event.get("usage") or {}
             if usage.get("completion_tokens") is not None:
                 usage_tokens = int(usage["completion_tokens"])
-            if _has_text(event, endpoint):
+            text = _text(event, endpoint)
+            if text:
+                if keep_text:
+                    sample.text += text
                 now = time.perf_counter() - start
                 if last is None:
                     sample.ttft = now
@@ -293,11 +309,10 @@ def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes,
     return sample
 
 
-def _has_text(event: dict[str, Any], endpoint: str) -> bool:
+def _text(event: dict[str, Any], endpoint: str) -> str:
+    out = []
     for choice in event.get("choices") or ():
-        if endpoint == "chat":
-            if (choice.get("delta") or {}).get("content"):
-                return True
-        elif choice.get("text"):
-            return True
-    return False
+        piece = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
+        if isinstance(piece, str):
+            out.append(piece)
+    return "".join(out)

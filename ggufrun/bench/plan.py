@@ -1,0 +1,134 @@
+"""What a bench run measures: its types, and the sweep that turns lists of settings into configurations.
+
+Only raw samples (test, repetition, tokens, seconds) are recorded; tokens/s, means and standard
+deviations are derived by the report module.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import BenchError
+from ..settings import Settings, coerce
+
+SWEEP_KEYS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size")
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "bench_text.txt"  # bench/text.txt links here
+SYNTHETIC_NOTE = "n/a (synthetic)"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model file to measure, or the reason there is none."""
+
+    label: str  # "gemma3-270m:q4_k_m", "synthetic qwen2-0.5b:q8_0", a file name
+    quant: str
+    path: Path | None = None
+    synthetic: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row of the sweep: a target and the settings that vary."""
+
+    target: Target
+    n_gpu_layers: int
+    flash_attn: str
+    n_ctx: int
+    threads: int
+    batch_size: int
+
+    def settings(self, base: Settings) -> Settings:
+        return replace(base, n_gpu_layers=self.n_gpu_layers, flash_attn=self.flash_attn, n_ctx=self.n_ctx,
+                       threads=self.threads, batch_size=self.batch_size)
+
+    def describe(self) -> str:
+        return (f"{self.target.label} ngl={self.n_gpu_layers} fa={self.flash_attn} n_ctx={self.n_ctx} "
+                f"threads={self.threads} batch={self.batch_size}")
+
+
+@dataclass
+class Sample:
+    """One timed repetition: the raw row everything else is derived from."""
+
+    test: str  # "pp" (prompt processing) or "tg" (text generation)
+    rep: int
+    n_tokens: int
+    seconds: float
+
+
+@dataclass
+class Result:
+    """What one configuration's worker reported (or why it failed)."""
+
+    config: Config
+    error: str = ""
+    load_seconds: float | None = None
+    file_bytes: int | None = None
+    n_params: int | None = None
+    description: str = ""
+    peak_rss_bytes: int | None = None
+    gpu_mem_bytes: int | None = None
+    build: dict[str, Any] = field(default_factory=dict)  # the worker's llama.cpp: version, system info, devices
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class Quality:
+    """Next-token agreement of one file with the reference, over the same text."""
+
+    reference: str
+    tokens: int = 0  # scored positions
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+    perplexity: float | None = None
+    note: str = ""  # "n/a (synthetic)", or why it could not be measured
+
+
+@dataclass
+class BenchRun:
+    """A whole run: parameters, per-configuration results, quality per file, environment."""
+
+    n_prompt: int
+    n_gen: int
+    reps: int
+    results: list[Result] = field(default_factory=list)
+    quality: dict[str, Quality] = field(default_factory=dict)  # by target label
+    environment: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def parse_list(key: str, text: str | None) -> list[Any] | None:
+    """A comma list of one setting, each value validated by settings.coerce; None when not given."""
+    if text is None:
+        return None
+    items = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not items:
+        raise BenchError(f"Empty list for --{key.replace('_', '-')}.")
+    return [coerce(key, item, "command line") for item in items]
+
+
+def plan(targets: Sequence[Target], sweeps: dict[str, list[Any] | None], base: Settings,
+         n_prompt: int, n_gen: int) -> list[Config]:
+    """The cross product of targets and sweep lists, targets outermost.
+
+    A setting without a list takes its value from ``base``, except n_ctx, which defaults to
+    n_prompt + n_gen as in llama-bench (a larger cache only costs memory, not speed).
+    """
+    unknown = set(sweeps) - set(SWEEP_KEYS)
+    if unknown:
+        raise BenchError(f"Cannot sweep {', '.join(sorted(unknown))}.", f"Sweepable: {', '.join(SWEEP_KEYS)}.")
+    default_ctx = max(n_prompt + n_gen, 16)
+    lists = [sweeps.get(key) or [default_ctx if key == "n_ctx" else getattr(base, key)] for key in SWEEP_KEYS]
+    configs = []
+    for target in targets:
+        for ngl, fa, n_ctx, threads, batch in itertools.product(*lists):
+            configs.append(Config(target, ngl, fa, n_ctx, threads or base.effective_threads(), batch))
+    return configs
