@@ -99,3 +99,9 @@ class TemplateError(GgufrunError):
 
 class BenchError(GgufrunError):
     """A benchmark configuration cannot run."""
+
+
+class RpcError(GgufrunError):
+    """An RPC worker cannot be reached or started, or llama.cpp was built without RPC."""
+
+    http_status = 503

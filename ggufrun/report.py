@@ -351,6 +351,9 @@ def environment(load: bool = False) -> dict[str, Any]:
             env["llama_cpp_python"] = version("llama_cpp_python")
             env["llama_cpp_system_info"] = runtime.system_info()
             env["llama_cpp_devices"] = runtime.gpu_info().get("devices", [])
+            from .llama import ggml
+
+            env["cpu_backend"] = ggml.cpu_backend()  # which kernels this build runs on this CPU
         except Exception as exc:  # the report still has value without the build line
             env["llama_cpp_system_info"] = f"unavailable: {exc}"
     return env

@@ -72,6 +72,29 @@ def _has_amx() -> bool:
     return "AMX_INT8 = 1" in L.llama_print_system_info().decode("utf-8", "replace")
 
 
+_SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
+
+
+def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
+    """Set split mode, main device, tensor split and RPC workers' devices on llama_model_params."""
+    from .distributed import parse_tensor_split
+    from .llama import ggml
+
+    mparams.split_mode = _SPLIT_MODES[settings.split_mode]
+    mparams.main_gpu = settings.main_gpu
+    split = None
+    if settings.tensor_split:
+        shares = parse_tensor_split(settings.tensor_split)
+        if len(shares) > L.llama_max_devices():
+            raise ConfigError(f"tensor_split has {len(shares)} shares; this llama.cpp takes at most {L.llama_max_devices()}.")
+        split = (ctypes.c_float * L.llama_max_devices())(*shares)
+        mparams.tensor_split = split
+    devices = ggml.model_devices(settings.rpc.split(",") if settings.rpc else [])
+    if devices is not None:
+        mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
+    return split, devices
+
+
 @dataclass
 class GenStats:
     """Counts and timings of one generate() call, as `ollama run --verbose` reports them."""
@@ -151,7 +174,9 @@ class Model:
             # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
             # tested (a -march=native build); the plain CPU buffers are correct and nearly as fast.
             mparams.use_extra_bufts = False
+        keep = _multi_device_params(mparams, settings)  # arrays llama.cpp reads during the load
         model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
+        del keep
         if not model_ptr:
             raise ModelLoadError(f"llama.cpp could not load {path}.", "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")
         n_ctx_train = L.llama_model_n_ctx_train(model_ptr)

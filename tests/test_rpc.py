@@ -1,0 +1,206 @@
+"""Multi-device settings and llama.cpp RPC workers, with real `ggufrun rpc-worker` processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ggufrun import distributed, settings
+from ggufrun.errors import ConfigError
+
+from serverutil import ROOT, ServerProcess, free_port
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _rpc_supported() -> bool:
+    code = "from ggufrun.llama import ggml; print(ggml.rpc_supported())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    return out.stdout.strip() == "True"
+
+
+RPC = _rpc_supported()
+needs_rpc = pytest.mark.skipif(not RPC, reason='llama-cpp-python built without -DGGML_RPC=ON (the README\'s install has it)')
+
+
+# ---- settings: checked at merge time, wherever the value came from ---------------------------
+
+@pytest.mark.parametrize("raw, expected", [
+    ("127.0.0.1:50052", "127.0.0.1:50052"),
+    (" 10.0.0.2:1 , worker-b.lan:65535", "10.0.0.2:1,worker-b.lan:65535"),
+])
+def test_rpc_setting_is_normalised(raw: str, expected: str) -> None:
+    assert settings.Settings().updated({"rpc": raw}, "command line").rpc == expected
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ("127.0.0.1", "expected HOST:PORT"),
+    ("127.0.0.1:0", "port must be 1-65535"),
+    ("127.0.0.1:70000", "port must be 1-65535"),
+    ("[::1]:50052", "IPv4 only"),
+    ("bad host:1", "not a host name"),
+    ("a:1,,b:2", "empty entry"),
+    ("a:1,a:1", "listed twice"),
+    (",".join(f"h{i}:1" for i in range(17)), "at most 16"),
+])
+def test_bad_rpc_setting_is_refused(raw: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        settings.Settings().updated({"rpc": raw}, "command line")
+
+
+def test_tensor_split_and_split_mode_are_checked() -> None:
+    assert distributed.parse_tensor_split("3,1") == [3.0, 1.0]
+    assert settings.Settings().updated({"tensor_split": "3, 1"}, "x").tensor_split == "3,1"
+    for bad, fragment in (("3,x", "not a number"), ("-1,2", ">= 0"), ("0,0", "at least one"), ("nan", ">= 0"), ("inf,1", "finite")):
+        with pytest.raises(ConfigError, match=fragment):
+            settings.Settings().updated({"tensor_split": bad}, "x")
+    with pytest.raises(ConfigError, match="choose one of layer, row, none"):
+        settings.Settings().updated({"split_mode": "columns"}, "x")
+
+
+def test_bad_rpc_env_is_a_one_line_error(tiny_model_factory) -> None:
+    model = tiny_model_factory("llama")
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "hi"],
+                          capture_output=True, text=True, env={**ENV, "GGUFRUN_HOME": os.environ["GGUFRUN_HOME"],
+                                                               "GGUFRUN_RPC": "127.0.0.1:99999"}, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "Error: Invalid RPC worker '127.0.0.1:99999' in environment: port must be 1-65535."
+
+
+def test_bench_load_mode_refuses_device_flags() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "bench", "--url", "http://127.0.0.1:9", "--rpc", "127.0.0.1:50052"],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 2 and "--rpc" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(RPC, reason="this llama-cpp-python has RPC; the refusal is tested where it lacks it")
+def test_worker_without_rpc_build_says_how_to_fix() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "rpc-worker", "--port", str(free_port())],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: This llama-cpp-python was built without RPC support")
+    assert "-DGGML_RPC=ON" in proc.stderr
+
+
+# ---- real workers -------------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, *extra: str) -> None:
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "ggufrun.cli.main", "rpc-worker", "--port", str(self.port),
+                                      "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=ENV, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.communicate()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("rpc-worker did not start listening")
+
+    def stop(self) -> tuple[str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.communicate()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started = [Worker(), Worker()]
+    yield started
+    for w in started:
+        w.stop()
+
+
+def _chat(model: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "Tell me about rivers.",
+                           "--temperature", "0", "--max-tokens", "24", "--threads", "1", *flags],
+                          capture_output=True, text=True, env={**ENV, "GGUFRUN_HOME": os.environ["GGUFRUN_HOME"], **(env or {})},
+                          timeout=120)
+
+
+@needs_rpc
+def test_worker_refuses_a_busy_port_and_unknown_device() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "rpc-worker", "--port", str(port)],
+                              capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("Choose another --port."), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "rpc-worker", "--port", str(free_port()), "--device", "CUDA7"],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert proc.returncode == 2 and "Unknown device 'CUDA7'. Devices here: CPU" in proc.stderr, proc.stderr
+
+
+@needs_rpc
+def test_unreachable_worker_is_a_clear_error(tiny_model_factory) -> None:
+    port = free_port()
+    proc = _chat(tiny_model_factory("llama"), "--rpc", f"127.0.0.1:{port}", "--n-gpu-layers", "-1")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: RPC worker 127.0.0.1:{port} is not reachable")
+
+
+@needs_rpc
+def test_model_split_over_two_workers_and_the_cpu_matches_a_local_run(tiny_model_factory, workers: list[Worker]) -> None:
+    model = tiny_model_factory("llama")
+    local = _chat(model)
+    assert local.returncode == 0 and local.stdout.strip(), local.stderr
+    rpc = ",".join(w.endpoint for w in workers)
+    # tiny has 2 blocks + the output layer: -ngl 2 puts one block on each worker and keeps the output on the CPU
+    split = _chat(model, "--rpc", rpc, "--n-gpu-layers", "2", "--tensor-split", "1,1", env={"GGUFRUN_DEBUG": "1"})
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout == local.stdout
+    log = split.stderr
+    for i, w in enumerate(workers):  # llama.cpp's load log: weights placed on each worker and on the CPU
+        assert f"RPC{i}[{w.endpoint}] model buffer size" in log or f"RPC{i} model buffer size" in log, log[-4000:]
+    assert "CPU model buffer size" in log or "CPU_Mapped model buffer size" in log
+
+
+@needs_rpc
+def test_killed_worker_ends_the_server_with_a_clear_error(tiny_model_factory) -> None:
+    """llama.cpp cannot continue after losing a worker (ggml-rpc aborts); the server must say so and
+    exit, so its health check fails and the orchestrator restarts it, never hang."""
+    worker = Worker()
+    model = tiny_model_factory("llama")
+    server = ServerProcess([str(model), "--rpc", worker.endpoint, "--n-gpu-layers", "-1", "--threads", "1"])
+    try:
+        server.wait_ready(timeout=60)
+        body = {"model": "x", "prompt": "hello", "max_tokens": 8, "temperature": 0}
+        ok = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200, ok.text
+        started = time.monotonic()
+        body["max_tokens"] = 100000
+        body["stream"] = True
+        body["ignore_eos"] = True
+        with pytest.raises(httpx.HTTPError):
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as resp:
+                for n, _line in enumerate(resp.iter_lines()):
+                    if n == 3:
+                        worker.proc.kill()
+        server.proc.wait(timeout=30)
+        assert time.monotonic() - started < 60
+        assert server.proc.returncode == 1
+        assert "Error: lost an RPC worker" in server.log(), server.log()[-3000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{server.url}/health", timeout=5)
+    finally:
+        server.proc.kill()
+        worker.stop()
