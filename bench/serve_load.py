@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def stream_gen_tps(result: Any) -> float:
     return len(gaps) / sum(gaps) if gaps else 0.0
 
 
-def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_gen: int, llama_server: Path, ngl: int = 0) -> Any:
+def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_gen: int, llama_server: Path, ngl: int = 0,
+            extra: tuple[str, ...] = ()) -> Any:
     from serverutil import serve
 
     from ggufrun.loadgen import run_load
@@ -74,7 +76,7 @@ def measure(kind: str, path: Path, threads: int, clients: int, requests: int, n_
         args = ["-m", str(path), "-t", str(threads), "-tb", str(threads), "-np", str(clients), "-c", str(total_ctx),
                 "-ngl", str(99 if ngl < 0 else ngl), "--host", "127.0.0.1", "-a", "bench"]
         launch = {"command": [str(llama_server)]}
-    with serve(*args, ready_timeout=180, **launch) as server:
+    with serve(*args, *extra, ready_timeout=180, **launch) as server:
         run_load(server.url, "bench", 1, 1, max_tokens=8, prompt=PROMPT)  # warm-up: first-touch page faults, caches
         return run_load(server.url, "bench", clients, requests, max_tokens=n_gen, prompt=PROMPT)
 
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--llama-server", default=None, help="path to llama-server (or its bin folder)")
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="-1 = all (GPU builds), on both servers")
     ap.add_argument("--json", default=None, help="write the raw rows (every request) to this file")
+    ap.add_argument("--ggufrun-args", default="", help="extra serve flags, e.g. '--split-mode layer --tensor-split 1,1'")
+    ap.add_argument("--llama-server-args", default="", help="the same for llama-server, e.g. '-sm layer -ts 1,1'")
     opts = ap.parse_args()
 
     server_bin = find_tool("llama-server", opts.llama_server)
@@ -101,7 +105,9 @@ def main() -> None:
     for i, clients in enumerate(levels):
         order = ("ggufrun", "llama-server") if i % 2 == 0 else ("llama-server", "ggufrun")
         for kind in order:
-            result = measure(kind, path, opts.threads, clients, opts.requests_per_client * clients, opts.max_tokens, server_bin, opts.n_gpu_layers)
+            extra = tuple(shlex.split(opts.ggufrun_args if kind == "ggufrun" else opts.llama_server_args))
+            result = measure(kind, path, opts.threads, clients, opts.requests_per_client * clients, opts.max_tokens, server_bin,
+                             opts.n_gpu_layers, extra)
             row = {"server": kind, **result.summary(), "gen_tps_per_stream": round(stream_gen_tps(result), 2), "raw": result.as_dict()}
             rows.append(row)
             print(f"  {kind:12s} clients={clients:2d} total {row['tokens_per_s']:7.1f} tok/s  ttft p50 {row['ttft_p50_s']}s "

@@ -170,9 +170,10 @@ class Model:
         started = time.perf_counter()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = _ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
-        if _has_amx():
+        if _has_amx() and os.environ.get("GGUFRUN_AMX_BUFFERS") != "1":
             # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
-            # tested (a -march=native build); the plain CPU buffers are correct and nearly as fast.
+            # tested (a -march=native build; llama.cpp#20824, open without a fix); the plain CPU buffers
+            # are correct. GGUFRUN_AMX_BUFFERS=1 turns them back on, to check whether a llama.cpp still crashes.
             mparams.use_extra_bufts = False
         keep = _multi_device_params(mparams, settings)  # arrays llama.cpp reads during the load
         model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
