@@ -130,6 +130,7 @@ def workers() -> Iterator[list[Worker]]:
 
 
 def _chat(model: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`ggufrun chat MODEL -p ...`, greedy."""
     return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "Tell me about rivers.",
                            "--temperature", "0", "--max-tokens", "24", "--threads", "1", *flags],
                           capture_output=True, text=True, env={**ENV, "GGUFRUN_HOME": os.environ["GGUFRUN_HOME"], **(env or {})},
@@ -151,6 +152,17 @@ def test_worker_refuses_a_busy_port_and_unknown_device() -> None:
 
 
 @needs_rpc
+def test_worker_announces_itself_keeps_a_cache_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    cache = tmp_path / "rpc-cache"
+    worker = Worker("--cache", str(cache))
+    worker.proc.send_signal(signal.SIGINT)
+    out, err = worker.proc.communicate(timeout=10)
+    assert worker.proc.returncode == 130, err
+    assert "no authentication" in err and f"RPC worker on {worker.endpoint}, devices: CPU, tensor cache {cache}" in err
+    assert cache.is_dir() and "Starting RPC server" in out
+
+
+@needs_rpc
 def test_unreachable_worker_is_a_clear_error(tiny_model_factory) -> None:
     port = free_port()
     proc = _chat(tiny_model_factory("llama"), "--rpc", f"127.0.0.1:{port}", "--n-gpu-layers", "-1")
@@ -158,20 +170,57 @@ def test_unreachable_worker_is_a_clear_error(tiny_model_factory) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: RPC worker 127.0.0.1:{port} is not reachable")
 
 
+_RUN = """
+import json, sys
+from ggufrun.runtime import Model, Sampler
+from ggufrun.settings import Settings
+settings = Settings(threads=1, n_ctx=256).updated(json.loads(sys.argv[2]), "test")
+with Model.load(sys.argv[1], settings) as model:
+    prompt = model.tokenize("The river runs past the old mill, and then")
+    logits = model.eval_logits(prompt)
+    model.reset()
+    sampler = Sampler(model, temperature=0)
+    greedy = list(model.generate(prompt, sampler, max_tokens=24))
+    sampler.close()
+print(json.dumps({"logits": logits.tolist(), "greedy": greedy}))
+"""
+
+
+def _run(model: Path, **settings: object) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _RUN, str(model), json.dumps(settings)], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @needs_rpc
 def test_model_split_over_two_workers_and_the_cpu_matches_a_local_run(tiny_model_factory, workers: list[Worker]) -> None:
-    model = tiny_model_factory("llama")
-    local = _chat(model)
-    assert local.returncode == 0 and local.stdout.strip(), local.stderr
+    model = tiny_model_factory("llama", "f16")
     rpc = ",".join(w.endpoint for w in workers)
+    local = _run(model)
     # tiny has 2 blocks + the output layer: -ngl 2 puts one block on each worker and keeps the output on the CPU
-    split = _chat(model, "--rpc", rpc, "--n-gpu-layers", "2", "--tensor-split", "1,1", env={"GGUFRUN_DEBUG": "1"})
-    assert split.returncode == 0, split.stderr[-3000:]
-    assert split.stdout == local.stdout
-    log = split.stderr
-    for i, w in enumerate(workers):  # llama.cpp's load log: weights placed on each worker and on the CPU
-        assert f"RPC{i}[{w.endpoint}] model buffer size" in log or f"RPC{i} model buffer size" in log, log[-4000:]
-    assert "CPU model buffer size" in log or "CPU_Mapped model buffer size" in log
+    split = _run(model, rpc=rpc, n_gpu_layers=2, tensor_split="1,1")
+    import numpy as np
+
+    ours, theirs = np.array(split["logits"]), np.array(local["logits"])
+    assert ours.shape == theirs.shape and ours.shape[0] > 5
+    # every prompt position's full distribution, which differs from position to position (the layers did work)
+    assert np.abs(np.diff(theirs, axis=0)).max() > 0.1
+    assert np.abs(ours - theirs).max() < 1e-3
+    assert split["greedy"] == local["greedy"] and len(local["greedy"]) == 24
+
+    # The same through the CLI, as a user runs it; llama.cpp's load log shows where the weights went.
+    args = ["-m", "ggufrun.cli.main", "chat", str(model), "-p", "Tell me about rivers.", "--temperature", "0",
+            "--max-tokens", "16", "--threads", "1"]
+    env = {**ENV, "GGUFRUN_HOME": os.environ["GGUFRUN_HOME"]}
+    plain = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
+    spread = subprocess.run([sys.executable, *args, "--rpc", rpc, "--n-gpu-layers", "2", "--tensor-split", "1,1"],
+                            capture_output=True, text=True, env={**env, "GGUFRUN_DEBUG": "1"}, timeout=120)
+    assert plain.returncode == 0 and spread.returncode == 0, spread.stderr[-3000:]
+    assert spread.stdout == plain.stdout
+    for w in workers:  # "RPC0[127.0.0.1:PORT] model buffer size = ...": weights on each worker
+        assert f"[{w.endpoint}] model buffer size" in spread.stderr, spread.stderr[-4000:]
+    assert "CPU model buffer size" in spread.stderr or "CPU_Mapped model buffer size" in spread.stderr
 
 
 @needs_rpc
@@ -180,7 +229,7 @@ def test_killed_worker_ends_the_server_with_a_clear_error(tiny_model_factory) ->
     exit, so its health check fails and the orchestrator restarts it, never hang."""
     worker = Worker()
     model = tiny_model_factory("llama")
-    server = ServerProcess([str(model), "--rpc", worker.endpoint, "--n-gpu-layers", "-1", "--threads", "1"])
+    server = ServerProcess([str(model), "--served-model-name", "x", "--rpc", worker.endpoint, "--n-gpu-layers", "-1", "--threads", "1"])
     try:
         server.wait_ready(timeout=60)
         body = {"model": "x", "prompt": "hello", "max_tokens": 8, "temperature": 0}
