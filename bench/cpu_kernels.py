@@ -52,14 +52,30 @@ def ggufrun_bench(python: str, path: Path, a: argparse.Namespace) -> dict[str, f
     return {"pp": float(row["pp_tps"]), "tg": float(row["tg_tps"])}
 
 
-def llama_bench_features(exe: Path, path: Path) -> str:
-    """llama-bench prints llama.cpp's system info line in its verbose log."""
-    proc = subprocess.run([str(exe), "-m", str(path), "-p", "0", "-n", "1", "-r", "1", "-v", "-o", "json"],
-                          capture_output=True, text=True)
-    for line in (proc.stderr + proc.stdout).splitlines():
-        if "CPU :" in line or "system_info" in line:
-            return line.strip()
-    return "unknown"
+_LIB_FEATURES = r"""
+import ctypes, sys
+d = sys.argv[1]
+base = ctypes.CDLL(d + "/libggml-base.so", mode=ctypes.RTLD_GLOBAL)
+cpu = ctypes.CDLL(d + "/libggml-cpu.so", mode=ctypes.RTLD_GLOBAL)
+cpu.ggml_backend_cpu_reg.restype = ctypes.c_void_p
+base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+reg = cpu.ggml_backend_cpu_reg()
+class F(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+get = ctypes.CFUNCTYPE(ctypes.POINTER(F), ctypes.c_void_p)(base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features"))
+f, i, out = get(reg), 0, []
+while f[i].name:
+    out.append(f[i].name.decode())
+    i += 1
+print(" ".join(out))
+"""
+
+
+def llama_bench_features(exe: Path) -> str:
+    """The CPU features of the ggml beside llama-bench (a shared-library build keeps it in bin/)."""
+    proc = subprocess.run([sys.executable, "-c", _LIB_FEATURES, str(exe.resolve().parent)], capture_output=True, text=True)
+    return proc.stdout.strip() or f"unknown ({proc.stderr.strip()[-200:]})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     pythons = a.python or [sys.executable]
     models = [model_file(m) for m in (a.model or ["gemma3-270m"])]
 
-    print(f"llama-bench {a.llama_bench}: {llama_bench_features(a.llama_bench, models[0])}")
+    print(f"llama-bench {a.llama_bench}: {llama_bench_features(a.llama_bench)}")
     for py in pythons:
         feats = subprocess.run([py, "-c", _FEATURES], capture_output=True, text=True, env=ENV)
         print(f"ggufrun with {py}: {feats.stdout.strip() or feats.stderr.strip()[-300:]}")
