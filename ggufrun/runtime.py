@@ -80,16 +80,22 @@ def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
     from .distributed import parse_tensor_split
     from .llama import ggml
 
+    endpoints = settings.rpc.split(",") if settings.rpc else []
     mparams.split_mode = _SPLIT_MODES[settings.split_mode]
     mparams.main_gpu = settings.main_gpu
     split = None
-    if settings.tensor_split:
-        shares = parse_tensor_split(settings.tensor_split)
-        if len(shares) > L.llama_max_devices():
-            raise ConfigError(f"tensor_split has {len(shares)} shares; this llama.cpp takes at most {L.llama_max_devices()}.")
-        split = (ctypes.c_float * L.llama_max_devices())(*shares)
-        mparams.tensor_split = split
-    devices = ggml.model_devices(settings.rpc.split(",") if settings.rpc else [])
+    if settings.tensor_split or settings.main_gpu:
+        # llama.cpp ignores shares beyond its devices and fails a bad main_gpu with a log line only
+        names = [f"{d.name} ({d.description})" for d in ggml.offload_devices(endpoints)]
+        shares = parse_tensor_split(settings.tensor_split) if settings.tensor_split else []
+        if len(shares) > len(names) or settings.main_gpu >= max(len(names), 1):
+            what = f"tensor_split has {len(shares)} shares" if len(shares) > len(names) else f"main_gpu={settings.main_gpu}"
+            raise ConfigError(f"{what}, but llama.cpp can offload to {len(names)} device(s): {', '.join(names) or 'none (CPU only)'}.",
+                              "Give one share per device, in this order.")
+        if shares:
+            split = (ctypes.c_float * L.llama_max_devices())(*shares)
+            mparams.tensor_split = split
+    devices = ggml.model_devices(endpoints)
     if devices is not None:
         mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
     return split, devices

@@ -137,6 +137,16 @@ def _chat(model: Path, *flags: str, env: dict[str, str] | None = None) -> subpro
                           timeout=120)
 
 
+def test_split_over_devices_that_do_not_exist_is_refused(tiny_model_factory) -> None:
+    """A CPU-only build has no device to split over: llama.cpp would silently ignore these."""
+    model = tiny_model_factory("llama")
+    for flags in (["--tensor-split", "3,1"], ["--split-mode", "none", "--main-gpu", "1"]):
+        proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "hi", "--n-gpu-layers", "-1", *flags],
+                              capture_output=True, text=True, env={**ENV, "GGUFRUN_HOME": os.environ["GGUFRUN_HOME"]}, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "but llama.cpp can offload to 0 device(s): none (CPU only)" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @needs_rpc
 def test_worker_refuses_a_busy_port_and_unknown_device() -> None:
     with socket.socket() as busy:

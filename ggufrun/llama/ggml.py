@@ -168,6 +168,19 @@ def model_devices(endpoints: list[str]) -> Any:
     return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
 
 
+def offload_devices(endpoints: list[str]) -> list[Device]:
+    """The devices llama.cpp would offload to, in its order: these workers' devices, then local GPUs."""
+    if endpoints:
+        add_workers(endpoints)
+    lib = _ggml()
+    remote = {p for ptrs in _registered.values() for p in ptrs}
+    local = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    local = [p for p in local if p not in remote]
+    gpus = [p for p in local if lib.ggml_backend_dev_type(p) == 1]
+    igpus = [p for p in local if lib.ggml_backend_dev_type(p) == 2]
+    return [_device(p) for e in endpoints for p in _registered[e]] + [_device(p) for p in gpus or igpus]
+
+
 def on_fatal(handler: Callable[[str], None]) -> None:
     """Call ``handler(message)`` (briefly) before the process exits on a llama.cpp abort, e.g. so a
     server can fail its health check and answer its clients; it runs on a llama.cpp thread."""
