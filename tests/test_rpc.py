@@ -30,7 +30,7 @@ def _rpc_supported() -> bool:
 
 
 RPC = _rpc_supported()
-needs_rpc = pytest.mark.skipif(not RPC, reason='llama-cpp-python built without -DGGML_RPC=ON (the README\'s install has it)')
+needs_rpc = pytest.mark.skipif(not RPC, reason='llama-cpp-python built without -DGGML_RPC=ON (the README\'s test install has it)')
 
 
 # ---- settings: checked at merge time, wherever the value came from ---------------------------
