@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,11 @@ def server_argv(kind: str, opts: argparse.Namespace, path: Path, clients: int, p
         argv = [*GGUFRUN, "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
                 "--threads", str(opts.threads), "--parallel", str(clients), "--n-ctx", str(N_CTX),
                 "--max-queue", str(opts.requests_per_client * clients), "--n-gpu-layers", str(ngl)]
-        return argv + (["--flash-attn", opts.flash_attn] if opts.flash_attn else [])
+        return argv + (["--flash-attn", opts.flash_attn] if opts.flash_attn else []) + shlex.split(opts.ggufrun_args)
     argv = [str(bin_path), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-a", "bench", "--no-webui",
             "-t", str(opts.threads), "-tb", str(opts.threads), "-np", str(clients), "-c", str(N_CTX * clients),
             "-ngl", str(999 if ngl < 0 else ngl)]
-    return argv + (["-fa", opts.flash_attn] if opts.flash_attn else [])
+    return argv + (["-fa", opts.flash_attn] if opts.flash_attn else []) + shlex.split(opts.llama_server_args)
 
 
 def modes(opts: argparse.Namespace) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="-1 = all (GPU builds), on every tool")
     ap.add_argument("--flash-attn", choices=["on", "off", "auto"], default=None, help="on every tool (default: each one's own)")
     ap.add_argument("--bin", default=None, help="llama.cpp bin folder with llama-server and llama-batched-bench")
+    ap.add_argument("--ggufrun-args", default="", help="extra serve flags, e.g. '--split-mode layer --tensor-split 1,1'")
+    ap.add_argument("--llama-server-args", default="", help="the same for llama-server, e.g. '-sm layer -ts 1,1'")
     ap.add_argument("--no-batched-bench", action="store_true", help="skip the llama-batched-bench ceiling")
     ap.add_argument("--json", default=None, help="write every row (and every request) to this file")
     opts = ap.parse_args()

@@ -105,3 +105,9 @@ class GrammarError(GgufrunError):
     """llama.cpp rejected a request's grammar (GBNF)."""
 
     http_status = 400
+
+
+class RpcError(GgufrunError):
+    """An RPC worker cannot be reached or started, or llama.cpp was built without RPC."""
+
+    http_status = 503

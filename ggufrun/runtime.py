@@ -114,6 +114,35 @@ def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int,
     return ctx
 
 
+_SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
+
+
+def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
+    """Set split mode, main device, tensor split and RPC workers' devices on llama_model_params."""
+    from .distributed import parse_tensor_split
+    from .llama import ggml
+
+    endpoints = settings.rpc.split(",") if settings.rpc else []
+    mparams.split_mode = _SPLIT_MODES[settings.split_mode]
+    mparams.main_gpu = settings.main_gpu
+    split = None
+    if settings.tensor_split or settings.main_gpu:
+        # llama.cpp ignores shares beyond its devices and fails a bad main_gpu with a log line only
+        names = [f"{d.name} ({d.description})" for d in ggml.offload_devices(endpoints)]
+        shares = parse_tensor_split(settings.tensor_split) if settings.tensor_split else []
+        if len(shares) > len(names) or settings.main_gpu >= max(len(names), 1):
+            what = f"tensor_split has {len(shares)} shares" if len(shares) > len(names) else f"main_gpu={settings.main_gpu}"
+            raise ConfigError(f"{what}, but llama.cpp can offload to {len(names)} device(s): {', '.join(names) or 'none (CPU only)'}.",
+                              "Give one share per device, in this order.")
+        if shares:
+            split = (ctypes.c_float * L.llama_max_devices())(*shares)
+            mparams.tensor_split = split
+    devices = ggml.model_devices(endpoints)
+    if devices is not None:
+        mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
+    return split, devices
+
+
 class Model:
     """A loaded GGUF model with one llama.cpp context (one or more sequences in its KV cache)."""
 
@@ -172,12 +201,14 @@ class Model:
         started = time.perf_counter()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = _ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
-        if _has_amx():
+        if _has_amx() and os.environ.get("GGUFRUN_AMX_BUFFERS") != "1":
             # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
-            # tested (a -march=native build); the plain CPU buffers are correct and nearly as fast.
+            # tested (a -march=native build; llama.cpp#20824, open without a fix); the plain CPU buffers
+            # are correct. GGUFRUN_AMX_BUFFERS=1 turns them back on, to check whether a llama.cpp still crashes.
             mparams.use_extra_bufts = False
-        _llama_reason()  # forget older lines
+        keep = _multi_device_params(mparams, settings)  # arrays llama.cpp reads during the load
         model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
+        del keep
         if not model_ptr:
             raise ModelLoadError(f"llama.cpp could not load {path}{_llama_reason()}.",
                                  "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")

@@ -54,6 +54,10 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("repeat_last_n", int, "Tokens the penalties look back over, prompt included (-1 = the whole context, 0 = off).", min=-1, sampling=True),
     Field("max_tokens", int, "Most tokens to generate per reply (0 = until end of turn or context).", min=0, sampling=True),
     Field("template", str, "Chat template: auto (the GGUF's own, else the family's) or chatml, gemma, llama3, plain."),
+    Field("rpc", str, "RPC workers HOST:PORT,... (ggufrun rpc-worker) whose devices llama.cpp offloads layers to."),
+    Field("split_mode", str, "How layers spread over several devices.", choices=("layer", "row", "none")),
+    Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
+    Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
 )}
 
 
@@ -78,6 +82,10 @@ class Settings:
     repeat_last_n: int = 64
     max_tokens: int = 0
     template: str = "auto"
+    rpc: str = ""
+    split_mode: str = "layer"
+    tensor_split: str = ""
+    main_gpu: int = 0
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""
@@ -137,6 +145,12 @@ def coerce(key: str, raw: Any, origin: str = "settings") -> Any:
         raise ConfigError(f"Invalid {key}={raw!r} in {origin}: must be <= {_num(field.max)}.")
     if field.choices and value not in field.choices:
         raise ConfigError(f"Invalid {key}={raw!r} in {origin}: choose one of {', '.join(field.choices)}.")
+    if key in ("rpc", "tensor_split") and value:
+        from . import distributed
+
+        value = ",".join(distributed.parse_endpoints(value, origin)) if key == "rpc" else value.replace(" ", "")
+        if key == "tensor_split":
+            distributed.parse_tensor_split(value, origin)
     return value
 
 

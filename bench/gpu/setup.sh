@@ -8,10 +8,11 @@ set -u
 ROOT=$(pwd)
 B=$ROOT/.gpubuild
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/*.whl >/dev/null 2>&1
-if [ ! -x "$B/build/bin/llama-batched-bench" ]; then
+# GGML_RPC: ggufrun rpc-worker / --rpc and llama-bench --rpc (a build from before it had none: rebuild).
+if [ ! -x "$B/build/bin/llama-batched-bench" ] || [ ! -e "$B/build/bin/libggml-rpc.so" ]; then
   [ -d "$B/vendor" ] || { mkdir -p "$B" && tar xzf .carry/llama-src.tgz -C "$B"; }
   cmake -S "$B/vendor/llama.cpp" -B "$B/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DGGML_CUDA=ON -DGGML_RPC=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
   cmake --build "$B/build" -j"$(nproc)" --target llama llama-bench llama-server llama-batched-bench llama-quantize
 fi

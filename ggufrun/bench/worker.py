@@ -47,9 +47,11 @@ class _Llama:
         from importlib.metadata import version
 
         from .. import runtime
+        from ..llama import ggml
 
         return {"llama_cpp_python": version("llama_cpp_python"), "llama_cpp_system_info": runtime.system_info(),
-                "llama_cpp_devices": runtime.gpu_info().get("devices", [])}
+                "llama_cpp_devices": runtime.gpu_info().get("devices", []),
+                "cpu_backend": ggml.cpu_backend()}  # which kernels this build runs on this CPU
 
     def reset(self) -> None:
         self._model.reset()

@@ -11,7 +11,9 @@ import click
 from ..bench import SWEEP_KEYS
 from ..errors import ExitStatus
 from ..settings import FIELDS
-from .common import load_registry
+from .common import cli_settings, load_registry, settings_options
+
+DEVICE_SETTINGS = ("rpc", "split_mode", "tensor_split", "main_gpu")
 
 
 def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,6 +48,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="Load mode: tokens per request.")
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True, help="Load mode: /v1/completions or /v1/chat/completions.")
 @click.option("--api-key", envvar="GGUFRUN_API_KEY", help="Load mode: bearer token (or GGUFRUN_API_KEY).")
+@settings_options(*DEVICE_SETTINGS)
 @click.pass_context
 def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw: Any) -> None:
     """Benchmark speed, memory and quality per quant, or load a running server.
@@ -63,6 +66,11 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
       ggufrun bench --url http://127.0.0.1:13003 --model qwen2:7b --concurrency 1,2,4,8,16 --requests 64
     """
     if kw["url"]:
+        given = [f"--{k.replace('_', '-')}" for k in DEVICE_SETTINGS if kw.get(k) is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} set(s) how a model loads here; with --url the server's own flags decide.")
+        for k in DEVICE_SETTINGS:
+            kw.pop(k, None)
         return _load_mode(kw)
     from .. import bench, settings
     from ..bench import report
@@ -72,7 +80,7 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     err = _console(stderr=True)
     registry = None if kw["synthetic"] else load_registry(ctx)
     # The registry entry's [defaults] apply as they do in chat and serve; the sweep lists override them.
-    base = settings.resolve(bench.entry_defaults(name, registry))
+    base = settings.resolve(bench.entry_defaults(name, registry), cli=cli_settings(kw, *DEVICE_SETTINGS))
     targets = bench.resolve_targets(name, quant_list, registry=registry, derive_from=kw["derive_from"],
                                     synthetic=kw["synthetic"], report=lambda msg: err.print(msg, markup=False, highlight=False))
     configs = bench.plan(targets, sweeps, base, kw["n_prompt"], kw["n_gen"])

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve_cmd", "Serve models over an OpenAI-compatible HTTP API."),
     "bench": ("bench_cmd", "Benchmark speed, memory and quality per quantisation."),
     "quantize": ("bench_cmd", "Quantise a GGUF file to other types with llama.cpp."),
+    "rpc-worker": ("rpc_cmd", "Serve this host's devices to --rpc clients (llama.cpp RPC)."),
 }
 
 
@@ -35,7 +36,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(f"ggufrun.cli.{COMMANDS[name][0]}")
-        return getattr(module, f"{name}_command")
+        return getattr(module, f"{name.replace('-', '_')}_command")
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
