@@ -19,7 +19,9 @@ from ggufrun.server.metrics import Metrics
 from ggufrun.settings import Settings
 from ggufrun.templates import select_template
 
-SETTINGS = Settings(n_ctx=128, threads=1, batch_size=64, ubatch_size=64)
+# Flash attention off: llama.cpp's CPU flash-attention kernel gives a sequence different logits
+# alone than beside others (see test_logits_are_batch_invariant_without_flash_attention).
+SETTINGS = Settings(n_ctx=128, threads=1, batch_size=64, ubatch_size=64, flash_attn="off")
 EXACT = {"temperature": 0.0}
 
 
@@ -192,14 +194,39 @@ def test_an_engine_that_dies_fails_running_and_queued_requests_and_refuses_new_o
     async def main() -> None:
         loop = asyncio.get_running_loop()
         jobs = [Job(request(e, max_tokens=50, **EXACT), loop) for _ in range(3)]
+        late = request(e, **EXACT)  # tokenised now: the dead engine frees the model
         for job in jobs:
             e.submit(job)
         ends = await asyncio.gather(*(_collect(j) for j in jobs))
         assert all(end.kind == "error" and end.error is not None and end.error.http_status == 500 for _, _, end in ends)
         with pytest.raises(Exception) as err:
-            e.submit(Job(request(e, **EXACT), loop))
+            e.submit(Job(late, loop))
         assert "failed" in str(err.value)
 
     asyncio.run(main())
     e.join(10)
     assert e.state == "crashed"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_logits_are_batch_invariant_without_flash_attention(tiny_model_factory: Any, arch: str) -> None:
+    """The README's promise: with --flash-attn off, a sequence's logits on the CPU are bit-identical
+    whether it is decoded alone or in one batch with others (prompt and generation steps)."""
+    import numpy as np
+
+    settings = Settings(n_ctx=128, threads=1, batch_size=256, ubatch_size=256, flash_attn="off")
+    with Model.load(tiny_model_factory(arch, "q8_0", True), settings, n_seq_max=8, kv_cells=1024) as m:
+        prompt = m.tokenize("The quick brown fox jumps over the lazy dog and then")
+        others = [m.tokenize(f"Some other prompt number {i} that differs") for i in range(6)]
+        m.decode([(0, prompt, True)])
+        alone = [m.logits_rows(1)[0].copy()]
+        m.decode([(0, [int(alone[0].argmax())], True)])
+        alone.append(m.logits_rows(1)[0].copy())
+        m.reset()
+        items = [(i + 1, o, True) for i, o in enumerate(others)] + [(0, prompt, True)]
+        m.decode(items)
+        batched = [m.logits_rows(len(items))[-1].copy()]
+        m.decode([(i + 1, [5], True) for i in range(6)] + [(0, [int(batched[0].argmax())], True)])
+        batched.append(m.logits_rows(7)[-1].copy())
+    for a, b in zip(alone, batched):
+        assert np.array_equal(a, b)

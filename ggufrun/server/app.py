@@ -357,7 +357,8 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            tokens = build(backend)
+            # Rendering and tokenising a large prompt takes seconds: off the event loop, so other streams keep flowing.
+            tokens = await asyncio.to_thread(build, backend)
             job = Job(self._gen_request(backend, tokens, params), asyncio.get_running_loop())
             engine.submit(job)
         finally:

@@ -514,6 +514,11 @@ class Engine:
                     self._embeds.popleft()
 
     def _close(self) -> None:
+        # A handler holding a lease may still be tokenising with this model (off the loop): wait
+        # for it (bounded) rather than free the vocabulary under it.
+        deadline = time.monotonic() + 10.0
+        while self.leases > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         for holder in (self._embedder, self.backend.model if self.backend else None):
             if holder is not None:
                 holder.close()
