@@ -8,7 +8,8 @@ stats. Chat (``runtime.Model.generate``) and the server engine both drive it.
 
 :func:`sample_rows` samples every row of a step's logits matrix together, vectorised in numpy:
 penalties and logit bias are sparse scatters, and the truncating filters run over the few
-candidates within reach of each row's top logit, not over the vocabulary. The order is
+candidates within reach of each row's top logit, not over the vocabulary (with no truncation at
+all, the draw is an inverse CDF in token-id order). The order is
 llama.cpp's default chain: penalties, bias, top-k, top-p (over the top-k distribution), min-p
 (relative to the most likely token), temperature, one uniform draw from the request's own
 generator. So a seed gives the same draw whatever else shares the step. Under any truncating
@@ -121,8 +122,8 @@ class SeqSampler:
     def __init__(self, params: SamplingParams, prompt: list[int] = (), grammar: GrammarLike | None = None,  # type: ignore[assignment]
                  n_ctx: int = 0) -> None:
         self.params = params
-        seed = params.seed if params.seed >= 0 else int.from_bytes(np.random.SeedSequence().entropy.to_bytes(16, "little")[:8], "little")
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        # Without a seed, fresh OS entropy: replies still differ from one request to the next.
+        self.rng = np.random.Generator(np.random.PCG64(params.seed if params.seed >= 0 else None))
         self.grammar = grammar
         last_n = params.repeat_last_n if params.repeat_last_n >= 0 else (n_ctx or 1 << 30)
         self._window: deque[int] | None = deque(maxlen=last_n) if params.penalised else None
@@ -193,50 +194,89 @@ def _penalise(logits: np.ndarray, seqs: list[SeqSampler]) -> None:
         logits[r_, c_] += np.concatenate(bvals)
 
 
+_TIERS = (4.0, 8.0, 16.0, REACH)  # candidate reaches tried in turn (nats below the top logit)
+
+
 def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
-    """Truncate (top-k, top-p, min-p) and draw with temperature, for rows that all sample."""
+    """Truncate (top-k, top-p, min-p) and draw with temperature, for rows that all sample.
+
+    Candidates are the tokens within a reach of the row's top logit, the smallest reach that
+    provably holds the answer: all of the top k (top-p's mass is over them), everything above the
+    min-p line, or (top-p alone) enough mass. Only they are sorted, not the vocabulary."""
     n, v = logits.shape
     top = logits.max(axis=1)
     top_k = np.array([s.params.top_k if 0 < s.params.top_k < v else 0 for s in seqs])
     top_p = np.array([s.params.top_p for s in seqs], dtype=np.float64)
     min_p = np.array([s.params.min_p for s in seqs], dtype=np.float64)
     temp = np.array([s.params.temperature for s in seqs], dtype=np.float64)
+    out = np.zeros(n, dtype=np.int64)
     truncating = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
-    reach = np.where(min_p > 0, np.minimum(-np.log(np.maximum(min_p, 1e-300)), REACH), REACH)
-    # A row whose top-k reaches below the min-p line still needs all of its top k for top-p's sum.
-    thr = np.where(truncating, top - reach, -np.inf).astype(np.float32)
-    mask = logits >= thr[:, None]
+    for i in np.flatnonzero(~truncating):  # the whole distribution: inverse CDF in token order, no sort
+        c = np.cumsum(np.exp((logits[i].astype(np.float64) - top[i]) / temp[i]))
+        out[i] = min(int(np.searchsorted(c, u[i] * c[-1], side="right")), v - 1)
+    if not truncating.any():
+        return out
+    min_reach = np.where(min_p > 0, -np.log(np.maximum(min_p, 1e-300)), np.inf)
+    z = np.ones(n)  # top-p's normaliser relative to the top token: over the vocabulary unless top-k is on
+    full_z = (top_k == 0) & (top_p < 1.0)
+    for i in np.flatnonzero(full_z):
+        z[i] = np.exp(logits[i].astype(np.float64) - top[i]).sum()
+    reach = np.full(n, REACH)
+    pending = truncating.copy()
+    for tier in _TIERS:
+        rows = np.flatnonzero(pending)
+        if not len(rows):
+            break
+        if tier == REACH:
+            break
+        sub = logits[rows]
+        ok = np.zeros(len(rows), dtype=bool)
+        k = top_k[rows]
+        if (k > 0).any():
+            ok |= (k > 0) & ((sub >= (top[rows] - tier)[:, None]).sum(axis=1) >= k)
+        ok |= (k == 0) & (min_reach[rows] <= tier)
+        mass_rows = (k == 0) & (top_p[rows] < 1.0) & ~ok
+        for j in np.flatnonzero(mass_rows):
+            row = sub[j]
+            near = row[row >= top[rows[j]] - tier].astype(np.float64)
+            ok[j] = np.exp(near - top[rows[j]]).sum() >= top_p[rows[j]] * z[rows[j]]
+        reach[rows[ok]] = tier
+        pending[rows[ok]] = False
+    # Without top-k, nothing below the min-p line can be kept: no need to sort it.
+    reach = np.where(top_k == 0, np.minimum(reach, min_reach), reach)
+    rows = np.flatnonzero(truncating)
+    sub = logits[rows] if len(rows) < n else logits
+    tsub = top[rows]
+    mask = sub >= (tsub - reach[rows]).astype(np.float32)[:, None]
     counts = mask.sum(axis=1)
-    short = (counts < top_k) & (reach < REACH)
-    if short.any():
-        thr[short] = top[short] - REACH
-        mask[short] = logits[short] >= thr[short, None]
-        counts = mask.sum(axis=1)
     r, c = np.nonzero(mask)
+    m = len(rows)
     width = int(counts.max())
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     pos = np.arange(len(r)) - starts[r]
-    vals = np.full((n, width), -np.inf, dtype=np.float64)
-    ids = np.zeros((n, width), dtype=np.int64)
-    vals[r, pos] = logits[r, c]
+    vals = np.full((m, width), -np.inf, dtype=np.float64)
+    ids = np.zeros((m, width), dtype=np.int64)
+    vals[r, pos] = sub[r, c]
     ids[r, pos] = c
     order = np.argsort(-vals, axis=1, kind="stable")  # ties: the lower token id first
     vals = np.take_along_axis(vals, order, axis=1)
     ids = np.take_along_axis(ids, order, axis=1)
     col = np.arange(width)[None, :]
+    tk, tp, mp, tt = top_k[rows, None], top_p[rows, None], min_p[rows, None], temp[rows, None]
     keep = np.isfinite(vals)
-    keep &= (top_k[:, None] == 0) | (col < top_k[:, None])
-    e = np.where(keep, np.exp(vals - top[:, None].astype(np.float64)), 0.0)
-    z = e.sum(axis=1, keepdims=True)
-    before = (np.cumsum(e, axis=1) - e) / z  # probability mass of the better candidates
-    keep &= (top_p[:, None] >= 1.0) | (before < top_p[:, None])
-    keep &= e >= min_p[:, None]  # e is p / p_max
+    keep &= (tk == 0) | (col < tk)
+    e = np.where(keep, np.exp(vals - tsub[:, None].astype(np.float64)), 0.0)
+    zr = np.where(full_z[rows], z[rows], e.sum(axis=1))[:, None]
+    before = (np.cumsum(e, axis=1) - e) / zr  # probability mass of the better candidates
+    keep &= (tp >= 1.0) | (before < tp)
+    keep &= e >= mp  # e is p / p_max
     keep[:, 0] = True  # min_keep = 1
-    w = np.where(keep, np.exp((vals - top[:, None]) / temp[:, None]), 0.0)
+    w = np.where(keep, np.exp((vals - tsub[:, None]) / tt), 0.0)
     cw = np.cumsum(w, axis=1)
-    pick = (cw < (u * cw[:, -1])[:, None]).sum(axis=1)
+    pick = (cw < (u[rows] * cw[:, -1])[:, None]).sum(axis=1)
     pick = np.minimum(pick, keep.sum(axis=1) - 1)
-    return ids[np.arange(n), pick]
+    out[rows] = ids[np.arange(m), pick]
+    return out
 
 
 def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:

@@ -15,7 +15,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Generator, Iterator
+from typing import Any
 
 
 def _prefer_system_libstdcxx() -> None:
@@ -396,7 +397,7 @@ class Model:
         return Generation(self, tokens, params, max_tokens=max_tokens, n_ctx=self.n_ctx, stop=stop, stop_ids=stop_ids,
                           ignore_eos=ignore_eos, grammar_factory=self.grammar)
 
-    def stream(self, gen: Generation, tokens: list[int], *, seq_id: int = 0) -> Iterator[tuple[int, str]]:
+    def stream(self, gen: Generation, tokens: list[int], *, seq_id: int = 0) -> Generator[tuple[int, str], None, None]:
         """Drive ``gen`` over ``tokens`` in one sequence, reusing the KV cache's common prefix:
         yield (token, text now safe to show) per generated token, then (-1, held-back text) when it
         ends. Closing the iterator early is safe (the generation ends as "cancelled")."""

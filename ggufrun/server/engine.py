@@ -327,7 +327,7 @@ class Engine:
         cut short for room; otherwise it (and those behind it) wait."""
         if self._stopping or self.backend is None:
             return []
-        admitted = []
+        admitted: list[_Slot] = []
         cells = self.backend.model.n_ctx
         reserved = sum(s.reserved for s in self._slots if s.job is not None)
         for slot in self._slots:
