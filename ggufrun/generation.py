@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -116,12 +117,21 @@ class GenStats:
         return (self.gen_tokens - 1) / self.gen_seconds if self.gen_tokens > 1 and self.gen_seconds > 0 else 0.0
 
 
+class DrawLike(Protocol):
+    def draw(self, row: np.ndarray) -> int: ...
+    def close(self) -> None: ...
+
+
 class SeqSampler:
-    """The sampling state of one sequence: penalty window, bias, grammar and random generator."""
+    """The sampling state of one sequence: penalty window, bias, grammar and random generator.
+
+    ``draw`` (from ``runtime.Model.draw_chain``) is llama.cpp's truncate-and-draw chain seeded for
+    this request; where given, it replaces the numpy draw (measured faster per row on the CPU)."""
 
     def __init__(self, params: SamplingParams, prompt: list[int] = (), grammar: GrammarLike | None = None,  # type: ignore[assignment]
-                 n_ctx: int = 0) -> None:
+                 n_ctx: int = 0, draw: DrawLike | None = None) -> None:
         self.params = params
+        self.draw = draw
         # Without a seed, fresh OS entropy: replies still differ from one request to the next.
         self.rng = np.random.Generator(np.random.PCG64(params.seed if params.seed >= 0 else None))
         self.grammar = grammar
@@ -162,6 +172,9 @@ class SeqSampler:
         if self.grammar is not None:
             self.grammar.close()
             self.grammar = None
+        if self.draw is not None:
+            self.draw.close()
+            self.draw = None
 
 
 def _penalise(logits: np.ndarray, seqs: list[SeqSampler]) -> None:
@@ -195,6 +208,7 @@ def _penalise(logits: np.ndarray, seqs: list[SeqSampler]) -> None:
 
 
 _TIERS = (4.0, 8.0, 16.0, REACH)  # candidate reaches tried in turn (nats below the top logit)
+_WIDE = 4096  # more candidates than this in a top-k row: partition instead of sorting them
 
 
 def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
@@ -223,20 +237,16 @@ def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarr
         z[i] = np.exp(logits[i].astype(np.float64) - top[i]).sum()
     reach = np.full(n, REACH)
     pending = truncating.copy()
-    for tier in _TIERS:
+    for tier in _TIERS[:-1]:
         rows = np.flatnonzero(pending)
         if not len(rows):
             break
-        if tier == REACH:
-            break
         sub = logits[rows]
-        ok = np.zeros(len(rows), dtype=bool)
         k = top_k[rows]
+        ok = (k == 0) & (min_reach[rows] <= tier)
         if (k > 0).any():
-            ok |= (k > 0) & ((sub >= (top[rows] - tier)[:, None]).sum(axis=1) >= k)
-        ok |= (k == 0) & (min_reach[rows] <= tier)
-        mass_rows = (k == 0) & (top_p[rows] < 1.0) & ~ok
-        for j in np.flatnonzero(mass_rows):
+            ok |= (k > 0) & (np.count_nonzero(sub >= (top[rows] - tier)[:, None], axis=1) >= k)
+        for j in np.flatnonzero((k == 0) & (top_p[rows] < 1.0) & ~ok):
             row = sub[j]
             near = row[row >= top[rows[j]] - tier].astype(np.float64)
             ok[j] = np.exp(near - top[rows[j]]).sum() >= top_p[rows[j]] * z[rows[j]]
@@ -248,8 +258,22 @@ def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarr
     sub = logits[rows] if len(rows) < n else logits
     tsub = top[rows]
     mask = sub >= (tsub - reach[rows]).astype(np.float32)[:, None]
-    counts = mask.sum(axis=1)
+    counts = np.count_nonzero(mask, axis=1)
+    # A flat row puts thousands of tokens within reach; with top-k only its top k matter, found by
+    # a partition (linear) rather than a sort.
+    wide = np.flatnonzero((counts > _WIDE) & (top_k[rows] > 0))
+    extra: dict[int, np.ndarray] = {}
+    for j in wide:
+        kk = int(top_k[rows[j]])
+        extra[int(j)] = np.argpartition(sub[j], v - kk)[v - kk :]
+        mask[j] = False
+        counts[j] = kk
     r, c = np.nonzero(mask)
+    if extra:
+        r = np.concatenate([r, *(np.full(len(x), j) for j, x in extra.items())])
+        c = np.concatenate([c, *extra.values()])
+        order_rc = np.argsort(r, kind="stable")
+        r, c = r[order_rc], c[order_rc]
     m = len(rows)
     width = int(counts.max())
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -276,6 +300,43 @@ def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarr
     pick = (cw < (u[rows] * cw[:, -1])[:, None]).sum(axis=1)
     pick = np.minimum(pick, keep.sum(axis=1) - 1)
     out[rows] = ids[np.arange(m), pick]
+    return out
+
+
+_ROWS_PER_WORKER = 8
+_pool: Any = None
+
+
+def _draw_parallel(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+    """:func:`_draw` over chunks of rows on a thread pool: numpy's large loops and llama.cpp's
+    sampler calls release the GIL, so a big step uses the CPU cores that wait for the GPU. Each
+    row's randomness is its own (a uniform drawn beforehand, or its chain's generator), so the
+    result does not depend on the chunking."""
+    global _pool
+    n = len(seqs)
+    workers = min(os.cpu_count() or 1, n // _ROWS_PER_WORKER)
+    if workers < 2:
+        return _draw_rows(logits, seqs, u)
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="ggufrun-sample")
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    parts = [_pool.submit(_draw_rows, logits[a:b], seqs[a:b], u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate([p.result() for p in parts])
+
+
+def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+    """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`."""
+    chained = [i for i, s in enumerate(seqs) if s.draw is not None]
+    if not chained:
+        return _draw(logits, seqs, u)
+    out = np.zeros(len(seqs), dtype=np.int64)
+    for i in chained:
+        out[i] = seqs[i].draw.draw(logits[i])  # type: ignore[union-attr]
+    rest = [i for i, s in enumerate(seqs) if s.draw is None]
+    if rest:
+        out[rest] = _draw(logits[rest], [seqs[i] for i in rest], u[rest])
     return out
 
 
@@ -307,7 +368,7 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
         # One uniform per sampled row from its own generator: batch-independent by construction.
         u = np.array([seqs[i].rng.random() for i in si])
         sub = logits if len(si) == n else logits[si]
-        tokens[si] = _draw(sub, [seqs[i] for i in si], u)
+        tokens[si] = _draw_parallel(sub, [seqs[i] for i in si], u)
     for i, s in enumerate(seqs):
         g = s.grammar
         if g is not None and not g.allows(int(tokens[i])):
@@ -319,7 +380,7 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
             elif s.params.greedy:
                 tokens[i] = int(row[0].argmax())
             else:
-                tokens[i] = _draw(row, [s], np.array([s.rng.random()]))[0]
+                tokens[i] = _draw_rows(row, [s], np.array([s.rng.random()]))[0]
     infos: list[tuple[float, list[tuple[int, float]]] | None] = [None] * n
     for i, s in enumerate(seqs):
         if s.params.logprobs is not None and tokens[i] >= 0:
@@ -372,7 +433,8 @@ class Generation:
 
     def __init__(self, vocab: Vocab, prompt: list[int], params: SamplingParams, *, max_tokens: int = 0,
                  n_ctx: int = 0, stop: list[str] | tuple[str, ...] = (), stop_ids: frozenset[int] | None = None,
-                 ignore_eos: bool = False, cached: int = 0, grammar_factory: Callable[[str], GrammarLike] | None = None) -> None:
+                 ignore_eos: bool = False, cached: int = 0, grammar_factory: Callable[[str], GrammarLike] | None = None,
+                 draw_factory: Callable[[SamplingParams], DrawLike | None] | None = None) -> None:
         self.vocab = vocab
         self.params = params
         self.max_tokens = max_tokens
@@ -383,7 +445,8 @@ class Generation:
         else:
             self.stop_ids, self.stop_texts = stop_ids, tuple(stop)
         grammar = grammar_factory(params.grammar) if params.grammar and grammar_factory is not None else None
-        self.sampler = SeqSampler(params, prompt, grammar, n_ctx)
+        draw = draw_factory(params) if draw_factory is not None and not params.greedy else None
+        self.sampler = SeqSampler(params, prompt, grammar, n_ctx, draw)
         self.n_prompt = len(prompt)
         self.stats = GenStats(prompt_tokens=len(prompt), cached_tokens=cached)
         self.started = time.perf_counter()
@@ -408,7 +471,9 @@ class Generation:
             st.gen_seconds = now - self._first
         if token < 0:  # the grammar allows nothing more: the structure is complete
             return self._end("stop")
-        if (self.vocab.is_eog(token) and not self.ignore_eos) or token in self.stop_ids:
+        # ignore_eos also passes over the template's stop tokens (end-of-turn markers); stop
+        # strings that print as text are still matched in the text below.
+        if not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token)):
             return self._end("stop")
         self.sampler.accept(token)
         st.gen_tokens += 1

@@ -77,6 +77,16 @@ def test_penalties_see_the_prompt_and_follow_llama_cpp() -> None:
     assert row[0].tolist() == pytest.approx([1.0, 1.0, 4.0 / 2 - 2 * 0.25 - 0.5, -4.0 * 2 - 2 * 0.25 - 0.5, 1.0])
 
 
+def test_parallel_chunks_draw_what_one_pass_draws() -> None:
+    from ggufrun.generation import _draw_parallel
+
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal((40, 2000)) * 3).astype(np.float32)
+    seqs = [SeqSampler(SamplingParams(top_k=k)) for k in (0, 5, 40, 100) * 10]
+    u = rng.random(40)
+    assert list(_draw_parallel(rows.copy(), seqs, u)) == list(_draw(rows.copy(), seqs, u))
+
+
 def test_seeded_draws_do_not_depend_on_the_batch() -> None:
     rng = np.random.default_rng(2)
     row = (rng.standard_normal(800) * 2).astype(np.float32)

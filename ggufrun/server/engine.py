@@ -377,7 +377,7 @@ class Engine:
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
                               stop=req.stop, ignore_eos=req.ignore_eos, cached=kept,
-                              grammar_factory=lambda _text: job.grammar)
+                              grammar_factory=lambda _text: job.grammar, draw_factory=model.draw_chain)
         slot.gen.started = job.created
         job.grammar = None  # the Generation owns (and frees) it now
         self.metrics.prompt(self.name, len(req.prompt))
