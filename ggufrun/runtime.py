@@ -291,6 +291,17 @@ class Model:
         else:
             self.reset(seq_id)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> int:
+        """Make sequence ``dst`` start with the first ``n`` cached tokens of ``src`` by sharing
+        their KV cells (llama_memory_seq_cp; no recomputation); return how many it now holds."""
+        self.reset(dst)
+        n = min(n, self.seq_len(src))
+        if n <= 0:
+            return 0
+        L.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        self._seq[dst] = self._seq[src][:n]
+        return n
+
     def synchronize(self) -> None:
         """Wait for queued GPU work; call before stopping a clock (llama_decode is asynchronous)."""
         L.llama_synchronize(self._ctx)

@@ -230,3 +230,16 @@ def test_logits_are_batch_invariant_without_flash_attention(tiny_model_factory: 
         batched.append(m.logits_rows(7)[-1].copy())
     for a, b in zip(alone, batched):
         assert np.array_equal(a, b)
+
+
+def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine) -> None:
+    """n > 1 is n jobs with one prompt: the first evaluates it, the others copy its KV cells."""
+    long = "A shared system prompt, long enough to be worth sharing between choices."
+    reqs = [request(engine, long, max_tokens=6, **EXACT) for _ in range(3)]
+    assert 40 < len(reqs[0].prompt) < 100
+    results = run(engine, *reqs)
+    texts = [text for text, _, _ in results]
+    dones = [done for _, _, done in results]
+    assert texts[0] == texts[1] == texts[2] and all(d.completion_tokens == 6 for d in dones)
+    shared = sorted(d.cached_tokens for d in dones)
+    assert shared[-1] >= len(reqs[0].prompt) - 1 and shared[-2] >= len(reqs[0].prompt) - 1, shared

@@ -33,6 +33,7 @@ from ..generation import GenStats, Generation, SamplingParams, TokenInfo
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
+_SHARE_MIN = 16  # prompt tokens in common worth sharing KV cells for
 
 
 class QueueFullError(GgufrunError):
@@ -338,6 +339,8 @@ class Engine:
             if not self._queue:
                 break
             req = self._queue[0].request
+            if self._prefilling(req.prompt):
+                break  # n > 1 or a common system prompt: wait a step or two and share its KV instead
             need = len(req.prompt) + req.max_tokens
             if reserved + need > cells and (reserved or admitted):
                 break
@@ -356,6 +359,25 @@ class Engine:
         while self._embeds:
             _set_exception(self._embeds.popleft().future, err)
 
+    def _prefilling(self, prompt: list[int]) -> bool:
+        """Whether a running slot is still evaluating a long prefix this prompt shares (another
+        choice of an n > 1 request, the same system prompt): then waiting a step or two and copying
+        its KV cells beats evaluating them twice. Waits only for the shared part, not the rest."""
+        if self.backend is None:
+            return False
+        model = self.backend.model
+        for s in self._slots:
+            if s.job is None or not (s.pending or s.gen is None):
+                continue
+            other = s.job.request.prompt
+            if other[:_SHARE_MIN] != prompt[:_SHARE_MIN]:
+                continue
+            lcp = next((i for i, (a, b) in enumerate(zip(prompt, other)) if a != b), min(len(prompt), len(other)))
+            done = model.seq_len(s.seq_id) if s.gen is not None else 0  # admitted this pass: nothing evaluated yet
+            if lcp - done >= _SHARE_MIN:
+                return True
+        return False
+
     def _admit(self, slot: _Slot) -> None:
         """Give a job its slot: reuse the KV cache prefix it shares with the prompt, set up its Generation."""
         assert slot.job is not None and self.backend is not None
@@ -370,7 +392,15 @@ class Engine:
             best.reserved, slot.reserved = slot.reserved, 0
             slot = best
         common = min(shared[slot.seq_id], len(req.prompt) - 1)
-        kept = model.truncate(slot.seq_id, common)
+        # A running sequence (another choice of the same n > 1 request, or the same system prompt)
+        # may hold a longer prefix: share its KV cells rather than evaluate them again.
+        donors = [(model.common_prefix(s.seq_id, req.prompt), s) for s in self._slots
+                  if s.job is not None and s is not slot and s.gen is not None]
+        best_n, donor = max(donors, key=lambda d: d[0], default=(0, None))
+        if donor is not None and min(best_n, len(req.prompt) - 1) >= max(common + _SHARE_MIN, 1):
+            kept = model.copy_prefix(donor.seq_id, slot.seq_id, min(best_n, len(req.prompt) - 1))
+        else:
+            kept = model.truncate(slot.seq_id, common)
         slot.pending = list(req.prompt[kept:])
         slot.last = -1
         slot.used_at = time.monotonic()
