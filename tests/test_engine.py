@@ -243,3 +243,39 @@ def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine
     assert texts[0] == texts[1] == texts[2] and all(d.completion_tokens == 6 for d in dones)
     shared = sorted(d.cached_tokens for d in dones)
     assert shared[-1] >= len(reqs[0].prompt) - 1 and shared[-2] >= len(reqs[0].prompt) - 1, shared
+
+
+def test_embeddings_share_the_weights_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
+    from ggufrun.server.models import _load_embedder
+
+    def load() -> Backend:
+        model = Model.load(tiny_model, SETTINGS, n_seq_max=2, kv_cells=256)
+        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
+                       n_ctx_seq=128)
+
+    e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
+    e.loaded.result(timeout=60)
+    try:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stream = Job(request(e, max_tokens=60, **EXACT), loop)
+            e.submit(stream)
+            texts = [f"text number {i}" for i in range(6)]
+            vectors, n_tokens = await asyncio.wait_for(asyncio.wrap_future(e.embed(texts)), 60)
+            assert len(vectors) == 6 and n_tokens > 6
+            assert all(abs(sum(x * x for x in v) - 1.0) < 1e-3 for v in vectors)  # L2-normalised
+            assert vectors[0] != vectors[1]
+            _, events, done = await _collect(stream)
+            assert done.finish_reason == "length" and done.completion_tokens == 60
+            cancelled = e.embed(["one more"] * 200)
+            assert cancelled.cancel()  # the client left: the engine drops the rest of the work
+            after = await asyncio.wait_for(asyncio.wrap_future(e.embed(["after"])), 60)
+            assert len(after[0]) == 1
+
+        asyncio.run(main())
+        assert e._embedder is not None and e.backend is not None
+        assert e._embedder._model == e.backend.model._model  # one copy of the weights: a second context on them
+        assert not e._embeds
+    finally:
+        e.stop()
+        e.join(10)

@@ -518,9 +518,9 @@ class Engine:
         """Embed the next text of the oldest embedding request: one llama_decode, so a running
         stream waits at most one such step. A cancelled request is dropped."""
         assert self.backend is not None
-        done = job.future.cancelled()
-        try:
-            if not done:
+        error: GgufrunError | None = None
+        if not job.future.cancelled():
+            try:
                 if self._embedder is None:
                     if self._load_embedder is None:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
@@ -528,20 +528,22 @@ class Engine:
                 vectors, n = self._embedder.embed([job.texts[len(job.vectors)]])
                 job.vectors.extend(vectors)
                 job.n_tokens += n
-                if len(job.vectors) == len(job.texts):
-                    done = True
-                    if not job.future.cancelled():
-                        job.future.set_result((job.vectors, job.n_tokens))
-        except GgufrunError as exc:
-            done = True
-            _set_exception(job.future, exc)
-        except Exception as exc:  # noqa: BLE001 -- reported to the client as a 500, not a dead thread
-            done = True
-            _set_exception(job.future, ModelLoadError(f"Embedding failed: {exc}."))
-        if done:
-            with self._cv:
-                if self._embeds and self._embeds[0] is job:
-                    self._embeds.popleft()
+            except GgufrunError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 -- reported to the client as a 500, not a dead thread
+                error = ModelLoadError(f"Embedding failed: {exc}.")
+            if error is None and len(job.vectors) < len(job.texts):
+                return
+        with self._cv:  # off the queue before the handler hears back
+            if self._embeds and self._embeds[0] is job:
+                self._embeds.popleft()
+        if error is not None:
+            _set_exception(job.future, error)
+        elif not job.future.done():
+            try:
+                job.future.set_result((job.vectors, job.n_tokens))
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile by the handler
+                pass
 
     def _close(self) -> None:
         # A handler holding a lease may still be tokenising with this model (off the loop): wait
