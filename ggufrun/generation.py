@@ -8,7 +8,8 @@ stats. Chat (``runtime.Model.generate``) and the server engine both drive it.
 
 :func:`sample_rows` samples every row of a step's logits matrix together, vectorised in numpy:
 penalties and logit bias are sparse scatters, and the truncating filters run over the few
-candidates within reach of each row's top logit, not over the vocabulary. The order is
+candidates within reach of each row's top logit, not over the vocabulary (with no truncation at
+all, the draw is an inverse CDF in token-id order). The order is
 llama.cpp's default chain: penalties, bias, top-k, top-p (over the top-k distribution), min-p
 (relative to the most likely token), temperature, one uniform draw from the request's own
 generator. So a seed gives the same draw whatever else shares the step. Under any truncating
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -115,14 +117,23 @@ class GenStats:
         return (self.gen_tokens - 1) / self.gen_seconds if self.gen_tokens > 1 and self.gen_seconds > 0 else 0.0
 
 
+class DrawLike(Protocol):
+    def draw(self, row: np.ndarray) -> int: ...
+    def close(self) -> None: ...
+
+
 class SeqSampler:
-    """The sampling state of one sequence: penalty window, bias, grammar and random generator."""
+    """The sampling state of one sequence: penalty window, bias, grammar and random generator.
+
+    ``draw`` (from ``runtime.Model.draw_chain``) is llama.cpp's truncate-and-draw chain seeded for
+    this request; where given, it replaces the numpy draw (measured faster per row on the CPU)."""
 
     def __init__(self, params: SamplingParams, prompt: list[int] = (), grammar: GrammarLike | None = None,  # type: ignore[assignment]
-                 n_ctx: int = 0) -> None:
+                 n_ctx: int = 0, draw: DrawLike | None = None) -> None:
         self.params = params
-        seed = params.seed if params.seed >= 0 else int.from_bytes(np.random.SeedSequence().entropy.to_bytes(16, "little")[:8], "little")
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.draw = draw
+        # Without a seed, fresh OS entropy: replies still differ from one request to the next.
+        self.rng = np.random.Generator(np.random.PCG64(params.seed if params.seed >= 0 else None))
         self.grammar = grammar
         last_n = params.repeat_last_n if params.repeat_last_n >= 0 else (n_ctx or 1 << 30)
         self._window: deque[int] | None = deque(maxlen=last_n) if params.penalised else None
@@ -161,6 +172,9 @@ class SeqSampler:
         if self.grammar is not None:
             self.grammar.close()
             self.grammar = None
+        if self.draw is not None:
+            self.draw.close()
+            self.draw = None
 
 
 def _penalise(logits: np.ndarray, seqs: list[SeqSampler]) -> None:
@@ -193,50 +207,137 @@ def _penalise(logits: np.ndarray, seqs: list[SeqSampler]) -> None:
         logits[r_, c_] += np.concatenate(bvals)
 
 
+_TIERS = (4.0, 8.0, 16.0, REACH)  # candidate reaches tried in turn (nats below the top logit)
+_WIDE = 4096  # more candidates than this in a top-k row: partition instead of sorting them
+
+
 def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
-    """Truncate (top-k, top-p, min-p) and draw with temperature, for rows that all sample."""
+    """Truncate (top-k, top-p, min-p) and draw with temperature, for rows that all sample.
+
+    Candidates are the tokens within a reach of the row's top logit, the smallest reach that
+    provably holds the answer: all of the top k (top-p's mass is over them), everything above the
+    min-p line, or (top-p alone) enough mass. Only they are sorted, not the vocabulary."""
     n, v = logits.shape
     top = logits.max(axis=1)
     top_k = np.array([s.params.top_k if 0 < s.params.top_k < v else 0 for s in seqs])
     top_p = np.array([s.params.top_p for s in seqs], dtype=np.float64)
     min_p = np.array([s.params.min_p for s in seqs], dtype=np.float64)
     temp = np.array([s.params.temperature for s in seqs], dtype=np.float64)
+    out = np.zeros(n, dtype=np.int64)
     truncating = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
-    reach = np.where(min_p > 0, np.minimum(-np.log(np.maximum(min_p, 1e-300)), REACH), REACH)
-    # A row whose top-k reaches below the min-p line still needs all of its top k for top-p's sum.
-    thr = np.where(truncating, top - reach, -np.inf).astype(np.float32)
-    mask = logits >= thr[:, None]
-    counts = mask.sum(axis=1)
-    short = (counts < top_k) & (reach < REACH)
-    if short.any():
-        thr[short] = top[short] - REACH
-        mask[short] = logits[short] >= thr[short, None]
-        counts = mask.sum(axis=1)
+    for i in np.flatnonzero(~truncating):  # the whole distribution: inverse CDF in token order, no sort
+        c = np.cumsum(np.exp((logits[i].astype(np.float64) - top[i]) / temp[i]))
+        out[i] = min(int(np.searchsorted(c, u[i] * c[-1], side="right")), v - 1)
+    if not truncating.any():
+        return out
+    min_reach = np.where(min_p > 0, -np.log(np.maximum(min_p, 1e-300)), np.inf)
+    z = np.ones(n)  # top-p's normaliser relative to the top token: over the vocabulary unless top-k is on
+    full_z = (top_k == 0) & (top_p < 1.0)
+    for i in np.flatnonzero(full_z):
+        z[i] = np.exp(logits[i].astype(np.float64) - top[i]).sum()
+    reach = np.full(n, REACH)
+    pending = truncating.copy()
+    for tier in _TIERS[:-1]:
+        rows = np.flatnonzero(pending)
+        if not len(rows):
+            break
+        sub = logits[rows]
+        k = top_k[rows]
+        ok = (k == 0) & (min_reach[rows] <= tier)
+        if (k > 0).any():
+            ok |= (k > 0) & (np.count_nonzero(sub >= (top[rows] - tier)[:, None], axis=1) >= k)
+        for j in np.flatnonzero((k == 0) & (top_p[rows] < 1.0) & ~ok):
+            row = sub[j]
+            near = row[row >= top[rows[j]] - tier].astype(np.float64)
+            ok[j] = np.exp(near - top[rows[j]]).sum() >= top_p[rows[j]] * z[rows[j]]
+        reach[rows[ok]] = tier
+        pending[rows[ok]] = False
+    # Without top-k, nothing below the min-p line can be kept: no need to sort it.
+    reach = np.where(top_k == 0, np.minimum(reach, min_reach), reach)
+    rows = np.flatnonzero(truncating)
+    sub = logits[rows] if len(rows) < n else logits
+    tsub = top[rows]
+    mask = sub >= (tsub - reach[rows]).astype(np.float32)[:, None]
+    counts = np.count_nonzero(mask, axis=1)
+    # A flat row puts thousands of tokens within reach; with top-k only its top k matter, found by
+    # a partition (linear) rather than a sort.
+    wide = np.flatnonzero((counts > _WIDE) & (top_k[rows] > 0))
+    extra: dict[int, np.ndarray] = {}
+    for j in wide:
+        kk = int(top_k[rows[j]])
+        extra[int(j)] = np.argpartition(sub[j], v - kk)[v - kk :]
+        mask[j] = False
+        counts[j] = kk
     r, c = np.nonzero(mask)
+    if extra:
+        r = np.concatenate([r, *(np.full(len(x), j) for j, x in extra.items())])
+        c = np.concatenate([c, *extra.values()])
+        order_rc = np.argsort(r, kind="stable")
+        r, c = r[order_rc], c[order_rc]
+    m = len(rows)
     width = int(counts.max())
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     pos = np.arange(len(r)) - starts[r]
-    vals = np.full((n, width), -np.inf, dtype=np.float64)
-    ids = np.zeros((n, width), dtype=np.int64)
-    vals[r, pos] = logits[r, c]
+    vals = np.full((m, width), -np.inf, dtype=np.float64)
+    ids = np.zeros((m, width), dtype=np.int64)
+    vals[r, pos] = sub[r, c]
     ids[r, pos] = c
     order = np.argsort(-vals, axis=1, kind="stable")  # ties: the lower token id first
     vals = np.take_along_axis(vals, order, axis=1)
     ids = np.take_along_axis(ids, order, axis=1)
     col = np.arange(width)[None, :]
+    tk, tp, mp, tt = top_k[rows, None], top_p[rows, None], min_p[rows, None], temp[rows, None]
     keep = np.isfinite(vals)
-    keep &= (top_k[:, None] == 0) | (col < top_k[:, None])
-    e = np.where(keep, np.exp(vals - top[:, None].astype(np.float64)), 0.0)
-    z = e.sum(axis=1, keepdims=True)
-    before = (np.cumsum(e, axis=1) - e) / z  # probability mass of the better candidates
-    keep &= (top_p[:, None] >= 1.0) | (before < top_p[:, None])
-    keep &= e >= min_p[:, None]  # e is p / p_max
+    keep &= (tk == 0) | (col < tk)
+    e = np.where(keep, np.exp(vals - tsub[:, None].astype(np.float64)), 0.0)
+    zr = np.where(full_z[rows], z[rows], e.sum(axis=1))[:, None]
+    before = (np.cumsum(e, axis=1) - e) / zr  # probability mass of the better candidates
+    keep &= (tp >= 1.0) | (before < tp)
+    keep &= e >= mp  # e is p / p_max
     keep[:, 0] = True  # min_keep = 1
-    w = np.where(keep, np.exp((vals - top[:, None]) / temp[:, None]), 0.0)
+    w = np.where(keep, np.exp((vals - tsub[:, None]) / tt), 0.0)
     cw = np.cumsum(w, axis=1)
-    pick = (cw < (u * cw[:, -1])[:, None]).sum(axis=1)
+    pick = (cw < (u[rows] * cw[:, -1])[:, None]).sum(axis=1)
     pick = np.minimum(pick, keep.sum(axis=1) - 1)
-    return ids[np.arange(n), pick]
+    out[rows] = ids[np.arange(m), pick]
+    return out
+
+
+_ROWS_PER_WORKER = 8
+_pool: Any = None
+
+
+def _draw_parallel(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+    """:func:`_draw` over chunks of rows on a thread pool: numpy's large loops and llama.cpp's
+    sampler calls release the GIL, so a big step uses the CPU cores that wait for the GPU. Each
+    row's randomness is its own (a uniform drawn beforehand, or its chain's generator), so the
+    result does not depend on the chunking."""
+    global _pool
+    n = len(seqs)
+    workers = min(os.cpu_count() or 1, n // _ROWS_PER_WORKER)
+    if workers < 2:
+        return _draw_rows(logits, seqs, u)
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="ggufrun-sample")
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    parts = [_pool.submit(_draw_rows, logits[a:b], seqs[a:b], u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate([p.result() for p in parts])
+
+
+def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+    """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`."""
+    chained = [i for i, s in enumerate(seqs) if s.draw is not None]
+    if not chained:
+        return _draw(logits, seqs, u)
+    out = np.zeros(len(seqs), dtype=np.int64)
+    for i in chained:
+        out[i] = seqs[i].draw.draw(logits[i])  # type: ignore[union-attr]
+    rest = [i for i, s in enumerate(seqs) if s.draw is None]
+    if rest:
+        out[rest] = _draw(logits[rest], [seqs[i] for i in rest], u[rest])
+    return out
 
 
 def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -267,7 +368,7 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
         # One uniform per sampled row from its own generator: batch-independent by construction.
         u = np.array([seqs[i].rng.random() for i in si])
         sub = logits if len(si) == n else logits[si]
-        tokens[si] = _draw(sub, [seqs[i] for i in si], u)
+        tokens[si] = _draw_parallel(sub, [seqs[i] for i in si], u)
     for i, s in enumerate(seqs):
         g = s.grammar
         if g is not None and not g.allows(int(tokens[i])):
@@ -279,7 +380,7 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
             elif s.params.greedy:
                 tokens[i] = int(row[0].argmax())
             else:
-                tokens[i] = _draw(row, [s], np.array([s.rng.random()]))[0]
+                tokens[i] = _draw_rows(row, [s], np.array([s.rng.random()]))[0]
     infos: list[tuple[float, list[tuple[int, float]]] | None] = [None] * n
     for i, s in enumerate(seqs):
         if s.params.logprobs is not None and tokens[i] >= 0:
@@ -332,7 +433,8 @@ class Generation:
 
     def __init__(self, vocab: Vocab, prompt: list[int], params: SamplingParams, *, max_tokens: int = 0,
                  n_ctx: int = 0, stop: list[str] | tuple[str, ...] = (), stop_ids: frozenset[int] | None = None,
-                 ignore_eos: bool = False, cached: int = 0, grammar_factory: Callable[[str], GrammarLike] | None = None) -> None:
+                 ignore_eos: bool = False, cached: int = 0, grammar_factory: Callable[[str], GrammarLike] | None = None,
+                 draw_factory: Callable[[SamplingParams], DrawLike | None] | None = None) -> None:
         self.vocab = vocab
         self.params = params
         self.max_tokens = max_tokens
@@ -343,7 +445,8 @@ class Generation:
         else:
             self.stop_ids, self.stop_texts = stop_ids, tuple(stop)
         grammar = grammar_factory(params.grammar) if params.grammar and grammar_factory is not None else None
-        self.sampler = SeqSampler(params, prompt, grammar, n_ctx)
+        draw = draw_factory(params) if draw_factory is not None and not params.greedy else None
+        self.sampler = SeqSampler(params, prompt, grammar, n_ctx, draw)
         self.n_prompt = len(prompt)
         self.stats = GenStats(prompt_tokens=len(prompt), cached_tokens=cached)
         self.started = time.perf_counter()
@@ -368,7 +471,9 @@ class Generation:
             st.gen_seconds = now - self._first
         if token < 0:  # the grammar allows nothing more: the structure is complete
             return self._end("stop")
-        if (self.vocab.is_eog(token) and not self.ignore_eos) or token in self.stop_ids:
+        # ignore_eos also passes over the template's stop tokens (end-of-turn markers); stop
+        # strings that print as text are still matched in the text below.
+        if not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token)):
             return self._end("stop")
         self.sampler.accept(token)
         st.gen_tokens += 1

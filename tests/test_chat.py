@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,10 +80,12 @@ def test_split_stop_holds_back_a_possible_stop() -> None:
 
 
 @pytest.fixture(scope="module")
-def gemma_model(gemma_path: Path) -> Iterator[object]:
+def gemma_model(tiny_model_factory: Any) -> Iterator[object]:
+    """A tiny synthetic gemma3 without a template (gemma3-270m's case) keeps the default suite fast;
+    the real file runs in the slow tests."""
     from ggufrun.runtime import Model
 
-    with Model.load(gemma_path, GREEDY) as model:
+    with Model.load(tiny_model_factory("gemma3", "q8_0", False), GREEDY) as model:
         yield model
 
 
@@ -117,7 +121,8 @@ def test_system_prompt_is_folded_and_kept(session: ChatSession) -> None:
     session.system = "Answer in French."
     tokens = session.tokens()
     text = session.model.detokenize(tokens, special=True)
-    assert text.startswith("<bos><start_of_turn>user\nAnswer in French.")
+    bos = session.model.detokenize([session.model.bos_id], special=True)
+    assert text.startswith(bos + "<start_of_turn>user\nAnswer in French.")
     assert tokens.count(session.model.bos_id) == 1
 
 
@@ -187,6 +192,7 @@ def test_load_rejects_a_file_that_is_not_a_transcript(session: ChatSession, tmp_
         session.load(bad)
 
 
+@pytest.mark.slow
 def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(gemma_path: Path) -> None:
     from ggufrun.runtime import Model
 

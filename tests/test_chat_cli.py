@@ -124,6 +124,7 @@ def test_context_overflow_in_the_repl(tiny_model: Path) -> None:
 # ---- the REPL on gemma3-270m --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(gemma_in_cache: Path) -> None:
     child = spawn("gemma3-270m", *FAST, "--max-tokens", "4000", "--n-ctx", "4096", timeout=120)
     child.sendline("Count from one to one thousand in words.")
@@ -145,6 +146,7 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(gemma_in_cache: Path) -> Non
 # ---- one-shot and stdin ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_shot_prints_only_the_reply(gemma_in_cache: Path, gemma_path: Path) -> None:
     from ggufrun.chat import ChatSession
     from ggufrun.runtime import Model

@@ -19,7 +19,9 @@ from ggufrun.server.metrics import Metrics
 from ggufrun.settings import Settings
 from ggufrun.templates import select_template
 
-SETTINGS = Settings(n_ctx=128, threads=1, batch_size=64, ubatch_size=64)
+# Flash attention off: llama.cpp's CPU flash-attention kernel gives a sequence different logits
+# alone than beside others (see test_logits_are_batch_invariant_without_flash_attention).
+SETTINGS = Settings(n_ctx=128, threads=1, batch_size=64, ubatch_size=64, flash_attn="off")
 EXACT = {"temperature": 0.0}
 
 
@@ -192,14 +194,88 @@ def test_an_engine_that_dies_fails_running_and_queued_requests_and_refuses_new_o
     async def main() -> None:
         loop = asyncio.get_running_loop()
         jobs = [Job(request(e, max_tokens=50, **EXACT), loop) for _ in range(3)]
+        late = request(e, **EXACT)  # tokenised now: the dead engine frees the model
         for job in jobs:
             e.submit(job)
         ends = await asyncio.gather(*(_collect(j) for j in jobs))
         assert all(end.kind == "error" and end.error is not None and end.error.http_status == 500 for _, _, end in ends)
         with pytest.raises(Exception) as err:
-            e.submit(Job(request(e, **EXACT), loop))
+            e.submit(Job(late, loop))
         assert "failed" in str(err.value)
 
     asyncio.run(main())
     e.join(10)
     assert e.state == "crashed"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_logits_are_batch_invariant_without_flash_attention(tiny_model_factory: Any, arch: str) -> None:
+    """The README's promise: with --flash-attn off, a sequence's logits on the CPU are bit-identical
+    whether it is decoded alone or in one batch with others (prompt and generation steps)."""
+    import numpy as np
+
+    settings = Settings(n_ctx=128, threads=1, batch_size=256, ubatch_size=256, flash_attn="off")
+    with Model.load(tiny_model_factory(arch, "q8_0", True), settings, n_seq_max=8, kv_cells=1024) as m:
+        prompt = m.tokenize("The quick brown fox jumps over the lazy dog and then")
+        others = [m.tokenize(f"Some other prompt number {i} that differs") for i in range(6)]
+        m.decode([(0, prompt, True)])
+        alone = [m.logits_rows(1)[0].copy()]
+        m.decode([(0, [int(alone[0].argmax())], True)])
+        alone.append(m.logits_rows(1)[0].copy())
+        m.reset()
+        items = [(i + 1, o, True) for i, o in enumerate(others)] + [(0, prompt, True)]
+        m.decode(items)
+        batched = [m.logits_rows(len(items))[-1].copy()]
+        m.decode([(i + 1, [5], True) for i in range(6)] + [(0, [int(batched[0].argmax())], True)])
+        batched.append(m.logits_rows(7)[-1].copy())
+    for a, b in zip(alone, batched):
+        assert np.array_equal(a, b)
+
+
+def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine) -> None:
+    """n > 1 is n jobs with one prompt: the first evaluates it, the others copy its KV cells."""
+    long = "A shared system prompt, long enough to be worth sharing between choices."
+    reqs = [request(engine, long, max_tokens=6, **EXACT) for _ in range(3)]
+    assert 40 < len(reqs[0].prompt) < 100
+    results = run(engine, *reqs)
+    texts = [text for text, _, _ in results]
+    dones = [done for _, _, done in results]
+    assert texts[0] == texts[1] == texts[2] and all(d.completion_tokens == 6 for d in dones)
+    shared = sorted(d.cached_tokens for d in dones)
+    assert shared[-1] >= len(reqs[0].prompt) - 1 and shared[-2] >= len(reqs[0].prompt) - 1, shared
+
+
+def test_embeddings_share_the_weights_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
+    from ggufrun.server.models import _load_embedder
+
+    def load() -> Backend:
+        model = Model.load(tiny_model, SETTINGS, n_seq_max=2, kv_cells=256)
+        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
+                       n_ctx_seq=128)
+
+    e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
+    e.loaded.result(timeout=60)
+    try:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stream = Job(request(e, max_tokens=60, **EXACT), loop)
+            e.submit(stream)
+            texts = [f"text number {i}" for i in range(6)]
+            vectors, n_tokens = await asyncio.wait_for(asyncio.wrap_future(e.embed(texts)), 60)
+            assert len(vectors) == 6 and n_tokens > 6
+            assert all(abs(sum(x * x for x in v) - 1.0) < 1e-3 for v in vectors)  # L2-normalised
+            assert vectors[0] != vectors[1]
+            _, events, done = await _collect(stream)
+            assert done.finish_reason == "length" and done.completion_tokens == 60
+            cancelled = e.embed(["one more"] * 200)
+            assert cancelled.cancel()  # the client left: the engine drops the rest of the work
+            after = await asyncio.wait_for(asyncio.wrap_future(e.embed(["after"])), 60)
+            assert len(after[0]) == 1
+
+        asyncio.run(main())
+        assert e._embedder is not None and e.backend is not None
+        assert e._embedder._model == e.backend.model._model  # one copy of the weights: a second context on them
+        assert not e._embeds
+    finally:
+        e.stop()
+        e.join(10)

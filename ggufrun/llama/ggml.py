@@ -35,7 +35,7 @@ def _ggml() -> Any:
     global _lib
     if _lib is not None:
         return _lib
-    from ..runtime import L  # loads libllama with the system libstdc++ first (see runtime.py)
+    from ._lib import L  # loads libllama with the system libstdc++ first (see _lib.py)
 
     from llama_cpp._ggml import libggml as lib
 

@@ -33,6 +33,7 @@ from ..generation import GenStats, Generation, SamplingParams, TokenInfo
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
+_SHARE_MIN = 16  # prompt tokens in common worth sharing KV cells for
 
 
 class QueueFullError(GgufrunError):
@@ -327,7 +328,7 @@ class Engine:
         cut short for room; otherwise it (and those behind it) wait."""
         if self._stopping or self.backend is None:
             return []
-        admitted = []
+        admitted: list[_Slot] = []
         cells = self.backend.model.n_ctx
         reserved = sum(s.reserved for s in self._slots if s.job is not None)
         for slot in self._slots:
@@ -338,6 +339,8 @@ class Engine:
             if not self._queue:
                 break
             req = self._queue[0].request
+            if self._prefilling(req.prompt):
+                break  # n > 1 or a common system prompt: wait a step or two and share its KV instead
             need = len(req.prompt) + req.max_tokens
             if reserved + need > cells and (reserved or admitted):
                 break
@@ -356,6 +359,25 @@ class Engine:
         while self._embeds:
             _set_exception(self._embeds.popleft().future, err)
 
+    def _prefilling(self, prompt: list[int]) -> bool:
+        """Whether a running slot is still evaluating a long prefix this prompt shares (another
+        choice of an n > 1 request, the same system prompt): then waiting a step or two and copying
+        its KV cells beats evaluating them twice. Waits only for the shared part, not the rest."""
+        if self.backend is None:
+            return False
+        model = self.backend.model
+        for s in self._slots:
+            if s.job is None or not (s.pending or s.gen is None):
+                continue
+            other = s.job.request.prompt
+            if other[:_SHARE_MIN] != prompt[:_SHARE_MIN]:
+                continue
+            lcp = next((i for i, (a, b) in enumerate(zip(prompt, other)) if a != b), min(len(prompt), len(other)))
+            done = model.seq_len(s.seq_id) if s.gen is not None else 0  # admitted this pass: nothing evaluated yet
+            if lcp - done >= _SHARE_MIN:
+                return True
+        return False
+
     def _admit(self, slot: _Slot) -> None:
         """Give a job its slot: reuse the KV cache prefix it shares with the prompt, set up its Generation."""
         assert slot.job is not None and self.backend is not None
@@ -370,14 +392,22 @@ class Engine:
             best.reserved, slot.reserved = slot.reserved, 0
             slot = best
         common = min(shared[slot.seq_id], len(req.prompt) - 1)
-        kept = model.truncate(slot.seq_id, common)
+        # A running sequence (another choice of the same n > 1 request, or the same system prompt)
+        # may hold a longer prefix: share its KV cells rather than evaluate them again.
+        donors = [(model.common_prefix(s.seq_id, req.prompt), s) for s in self._slots
+                  if s.job is not None and s is not slot and s.gen is not None]
+        best_n, donor = max(donors, key=lambda d: d[0], default=(0, None))
+        if donor is not None and min(best_n, len(req.prompt) - 1) >= max(common + _SHARE_MIN, 1):
+            kept = model.copy_prefix(donor.seq_id, slot.seq_id, min(best_n, len(req.prompt) - 1))
+        else:
+            kept = model.truncate(slot.seq_id, common)
         slot.pending = list(req.prompt[kept:])
         slot.last = -1
         slot.used_at = time.monotonic()
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
                               stop=req.stop, ignore_eos=req.ignore_eos, cached=kept,
-                              grammar_factory=lambda _text: job.grammar)
+                              grammar_factory=lambda _text: job.grammar, draw_factory=model.draw_chain)
         slot.gen.started = job.created
         job.grammar = None  # the Generation owns (and frees) it now
         self.metrics.prompt(self.name, len(req.prompt))
@@ -488,9 +518,9 @@ class Engine:
         """Embed the next text of the oldest embedding request: one llama_decode, so a running
         stream waits at most one such step. A cancelled request is dropped."""
         assert self.backend is not None
-        done = job.future.cancelled()
-        try:
-            if not done:
+        error: GgufrunError | None = None
+        if not job.future.cancelled():
+            try:
                 if self._embedder is None:
                     if self._load_embedder is None:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
@@ -498,22 +528,29 @@ class Engine:
                 vectors, n = self._embedder.embed([job.texts[len(job.vectors)]])
                 job.vectors.extend(vectors)
                 job.n_tokens += n
-                if len(job.vectors) == len(job.texts):
-                    done = True
-                    if not job.future.cancelled():
-                        job.future.set_result((job.vectors, job.n_tokens))
-        except GgufrunError as exc:
-            done = True
-            _set_exception(job.future, exc)
-        except Exception as exc:  # noqa: BLE001 -- reported to the client as a 500, not a dead thread
-            done = True
-            _set_exception(job.future, ModelLoadError(f"Embedding failed: {exc}."))
-        if done:
-            with self._cv:
-                if self._embeds and self._embeds[0] is job:
-                    self._embeds.popleft()
+            except GgufrunError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 -- reported to the client as a 500, not a dead thread
+                error = ModelLoadError(f"Embedding failed: {exc}.")
+            if error is None and len(job.vectors) < len(job.texts):
+                return
+        with self._cv:  # off the queue before the handler hears back
+            if self._embeds and self._embeds[0] is job:
+                self._embeds.popleft()
+        if error is not None:
+            _set_exception(job.future, error)
+        elif not job.future.done():
+            try:
+                job.future.set_result((job.vectors, job.n_tokens))
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile by the handler
+                pass
 
     def _close(self) -> None:
+        # A handler holding a lease may still be tokenising with this model (off the loop): wait
+        # for it (bounded) rather than free the vocabulary under it.
+        deadline = time.monotonic() + 10.0
+        while self.leases > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         for holder in (self._embedder, self.backend.model if self.backend else None):
             if holder is not None:
                 holder.close()

@@ -1,0 +1,86 @@
+"""Cost of sampling one decode step over a logits matrix of ROWS x VOCAB: llama.cpp's C sampler
+chain run row after row (what the engine did before), ggufrun's all-numpy vectorised draw, and
+what the engine now does (numpy penalties/bias, then each row's llama.cpp chain on a thread pool).
+
+    python bench/sampling_speed.py [--vocab 151936] [--rows 16,64] [--steps 20]
+
+Both apply top-k 40, top-p 0.95, min-p 0.05, temperature 0.8 and a seeded draw. The logits are
+random: "flat" (normal, sd 1: every token near the top, the worst case for candidate search)
+and "peaked" (sd 4, closer to a trained model's). Prints milliseconds per step (the median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+
+import numpy as np
+
+import ggufrun.runtime  # noqa: F401  (loads llama.cpp the way ggufrun does)
+import llama_cpp as L
+from ggufrun.generation import SamplingParams, SeqSampler, sample_rows
+
+PARAMS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+def llama_chain(seed: int) -> ctypes.c_void_p:
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    for s in (L.llama_sampler_init_top_k(40), L.llama_sampler_init_top_p(0.95, 1), L.llama_sampler_init_min_p(0.05, 1),
+              L.llama_sampler_init_temp(0.8), L.llama_sampler_init_dist(seed)):
+        L.llama_sampler_chain_add(chain, s)
+    return chain
+
+
+def time_llama(logits: np.ndarray, steps: int) -> float:
+    rows, vocab = logits.shape
+    chains = [llama_chain(i) for i in range(rows)]
+    data = np.zeros(vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+    ids = np.arange(vocab, dtype=np.int32)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        for r in range(rows):  # as llama_sampler_sample does: fill the candidates, run the chain
+            data["id"] = ids
+            data["logit"] = logits[r]
+            arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=vocab,
+                                           selected=-1, sorted=False)
+            L.llama_sampler_apply(chains[r], ctypes.byref(arr))
+        times.append(time.perf_counter() - t)
+    for c in chains:
+        L.llama_sampler_free(c)
+    return statistics.median(times) * 1e3
+
+
+def time_numpy(logits: np.ndarray, steps: int, chained: bool = False) -> float:
+    from ggufrun.runtime import DrawChain
+
+    params = [SamplingParams(seed=i, **PARAMS) for i in range(len(logits))]  # type: ignore[arg-type]
+    seqs = [SeqSampler(p, draw=DrawChain(p, logits.shape[1]) if chained else None) for p in params]
+    times = []
+    for _ in range(steps):
+        work = logits.copy()  # sampling edits the matrix in place; the copy is not timed
+        t = time.perf_counter()
+        sample_rows(work, seqs)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--rows", default="16,64")
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"{'logits':8} {'rows':>5} {'llama.cpp serial ms':>20} {'numpy ms':>9} {'ggufrun (chain, threads) ms':>28}")
+    for shape, sd in (("flat", 1.0), ("peaked", 4.0)):
+        for rows in (int(r) for r in args.rows.split(",")):
+            logits = (rng.standard_normal((rows, args.vocab)) * sd).astype(np.float32)
+            a, b, c = time_llama(logits, args.steps), time_numpy(logits, args.steps), time_numpy(logits, args.steps, True)
+            print(f"{shape:8} {rows:5d} {a:20.2f} {b:9.2f} {c:28.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The one place llama_cpp is imported: the libstdc++ preload, llama.cpp's log filter and backend start-up.
+
+We drive llama.cpp's low-level API (llama_decode + our own sampling) rather than
+``llama_cpp.Llama``: measured on gemma3-270m with 2 threads, the high-level streaming path loses
+8-23% of generation speed, the low-level loop none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from typing import Any
+
+
+def _prefer_system_libstdcxx() -> None:
+    """Put the system libstdc++ first in the global symbol scope before llama.cpp loads.
+
+    Some CUDA builds of libggml-cuda link libstdc++ statically and export its symbols; libllama's
+    std::ostream calls then bind to that copy, whose locale is never initialised, and loading a
+    model segfaulted in llama_model::print_info (seen on an H100 machine, depending on import order).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+
+
+_prefer_system_libstdcxx()
+import llama_cpp as L  # noqa: E402
+
+from .. import paths
+
+FLASH_ATTN = {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}
+ALL_LAYERS = 0x7FFFFFFF  # llama.cpp clamps this to the model's layer count
+_backend_ready = False
+_GGML_LOG_ERROR = 4  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
+
+
+_log_errors: list[str] = []  # llama.cpp's recent error lines, for the one-line error that follows them
+
+
+@L.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # Never printed: a failure becomes one line naming llama.cpp's reason (GGUFRUN_DEBUG=1 shows the log).
+    if level == _GGML_LOG_ERROR:
+        line = text.decode("utf-8", "replace").strip()
+        if line:
+            _log_errors[:] = [*_log_errors[-7:], line]
+
+
+def llama_reason() -> str:
+    """llama.cpp's last "error ..." line since the previous call, as a clause for a message; clears them."""
+    lines, _log_errors[:] = list(_log_errors), []
+    for line in reversed(lines):
+        if "error" in line.lower() and ":" in line:
+            reason = line.split("error loading model:", 1)[-1].split(": ", 1)[-1] if "error loading model" in line \
+                else line.split(": ", 1)[-1]
+            return ": " + " ".join(reason.split())[:300]
+    return ""
+
+
+def init_backend() -> None:
+    global _backend_ready
+    if _backend_ready:
+        return
+    # llama.cpp prints pages of load logs to stderr by default; keep errors only unless debugging.
+    if not paths.debug():
+        L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+    L.llama_backend_init()
+    _backend_ready = True
+
+
+def numpy() -> Any:
+    import numpy
+
+    return numpy
+
+
+def has_amx() -> bool:
+    return "AMX_INT8 = 1" in L.llama_print_system_info().decode("utf-8", "replace")

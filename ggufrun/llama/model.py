@@ -1,0 +1,514 @@
+"""Loaded weights and the llama.cpp contexts over them: tokenising, KV bookkeeping, batched decoding,
+the single-stream token loop, embeddings. A second context on the same weights is ``new_context``."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from array import array
+from collections.abc import Generator, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ContextOverflowError, ModelLoadError
+from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
+from ..settings import Settings
+from ._lib import ALL_LAYERS, FLASH_ATTN, L, has_amx, init_backend, llama_reason, numpy
+from .sampler import DrawChain, Grammar, Sampler
+
+
+def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int, embeddings: bool, path: Path) -> Any:
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = min(settings.batch_size, n_ctx)
+    cparams.n_ubatch = min(settings.ubatch_size, cparams.n_batch)
+    cparams.n_seq_max = n_seq_max
+    threads = settings.effective_threads()
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+    cparams.embeddings = embeddings
+    cparams.no_perf = True
+    # Several sequences share one KV cache of n_ctx cells, so each can grow to the full context.
+    cparams.kv_unified = n_seq_max > 1
+    ctx = L.llama_init_from_model(model_ptr, cparams)
+    if not ctx:
+        raise ModelLoadError(
+            f"llama.cpp could not create a context for {path.name} (n_ctx={n_ctx}, n_gpu_layers={settings.n_gpu_layers})"
+            f"{llama_reason()}.",
+            "Try a smaller --n-ctx or fewer --n-gpu-layers.",
+        )
+    return ctx
+
+
+_SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
+
+
+def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
+    """Set split mode, main device, tensor split and RPC workers' devices on llama_model_params."""
+    from ..distributed import parse_tensor_split
+    from . import ggml
+
+    endpoints = settings.rpc.split(",") if settings.rpc else []
+    mparams.split_mode = _SPLIT_MODES[settings.split_mode]
+    mparams.main_gpu = settings.main_gpu
+    split = None
+    if settings.tensor_split or settings.main_gpu:
+        # llama.cpp ignores shares beyond its devices and fails a bad main_gpu with a log line only
+        names = [f"{d.name} ({d.description})" for d in ggml.offload_devices(endpoints)]
+        shares = parse_tensor_split(settings.tensor_split) if settings.tensor_split else []
+        if len(shares) > len(names) or settings.main_gpu >= max(len(names), 1):
+            what = f"tensor_split has {len(shares)} shares" if len(shares) > len(names) else f"main_gpu={settings.main_gpu}"
+            raise ConfigError(f"{what}, but llama.cpp can offload to {len(names)} device(s): {', '.join(names) or 'none (CPU only)'}.",
+                              "Give one share per device, in this order.")
+        if shares:
+            split = (ctypes.c_float * L.llama_max_devices())(*shares)
+            mparams.tensor_split = split
+    devices = ggml.model_devices(endpoints)
+    if devices is not None:
+        mparams.devices = ctypes.cast(devices, ctypes.c_void_p)
+    return split, devices
+
+
+class Model:
+    """A loaded GGUF model with one llama.cpp context (one or more sequences in its KV cache)."""
+
+    def __init__(self, path: Path, settings: Settings, model_ptr: Any, ctx: Any, n_seq_max: int, load_seconds: float, embeddings: bool) -> None:
+        self.path = path
+        self.settings = settings
+        self._model = model_ptr
+        self._ctx = ctx
+        self._vocab = L.llama_model_get_vocab(model_ptr)
+        self._mem = L.llama_get_memory(ctx)
+        self.n_seq_max = n_seq_max
+        self.embeddings = embeddings
+        self.load_seconds = load_seconds
+        self.n_ctx = L.llama_n_ctx(ctx)
+        self.n_batch = L.llama_n_batch(ctx)
+        self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self.n_embd = L.llama_model_n_embd(model_ptr)
+        self.bos_id = L.llama_vocab_bos(self._vocab)
+        self.eos_id = L.llama_vocab_eos(self._vocab)
+        self.eot_id = L.llama_vocab_eot(self._vocab)
+        self.size_bytes = L.llama_model_size(model_ptr)
+        self.n_params = L.llama_model_n_params(model_ptr)
+        buf = ctypes.create_string_buffer(256)
+        L.llama_model_desc(model_ptr, buf, 256)
+        self.description = buf.value.decode("utf-8", "replace")
+        self.metadata = self._read_metadata()
+        tmpl = L.llama_model_chat_template(model_ptr, None)
+        self.chat_template: str | None = tmpl.decode("utf-8", "replace") if tmpl else None
+        self._batch = L.llama_batch_init(max(self.n_batch, 1), 0, max(n_seq_max, 1))
+        for i in range(max(self.n_batch, 1)):  # every token belongs to exactly one sequence
+            self._batch.n_seq_id[i] = 1
+            self._batch.seq_id[i][0] = 0
+        self._slot_seq = [0] * max(self.n_batch, 1)
+        self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
+        self._piece_cache: dict[tuple[int, bool], bytes] = {}
+        self._closed = False
+        self._owns_weights = True
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path | str, settings: Settings, *, n_seq_max: int = 1, embeddings: bool = False, validate: bool = True,
+             kv_cells: int = 0) -> "Model":
+        """Load a GGUF file; raise InvalidGGUFError, ConfigError (n_ctx too large) or ModelLoadError.
+
+        ``settings.n_ctx`` is one sequence's context (0 = the trained length); ``kv_cells`` (default:
+        that) is the KV cache all ``n_seq_max`` sequences share, so a server can hold ``--parallel``
+        full-length requests at once."""
+        path = Path(path)
+        if validate:
+            from ..gguf_info import validate as validate_gguf
+
+            validate_gguf(path)  # llama.cpp can crash on truncated or corrupt files: reject them first
+        init_backend()
+        started = time.perf_counter()
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+        if has_amx() and os.environ.get("GGUFRUN_AMX_BUFFERS") != "1":
+            # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
+            # tested (a -march=native build; llama.cpp#20824, open without a fix); the plain CPU buffers
+            # are correct. GGUFRUN_AMX_BUFFERS=1 turns them back on, to check whether a llama.cpp still crashes.
+            mparams.use_extra_bufts = False
+        keep = _multi_device_params(mparams, settings)  # arrays llama.cpp reads during the load
+        llama_reason()  # forget older lines
+        model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)
+        del keep
+        if not model_ptr:
+            raise ModelLoadError(f"llama.cpp could not load {path}{llama_reason()}.",
+                                 "Run with GGUFRUN_DEBUG=1 to see llama.cpp's log.")
+        n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
+        n_ctx = settings.n_ctx or n_ctx_train
+        if n_ctx > n_ctx_train:
+            L.llama_model_free(model_ptr)
+            raise ConfigError(f"n_ctx={n_ctx} is larger than the model's trained context ({n_ctx_train}).", f"Use --n-ctx {n_ctx_train} or less.")
+        try:
+            ctx = _new_context(model_ptr, settings, max(kv_cells, n_ctx), n_seq_max, embeddings, path)
+        except BaseException:
+            L.llama_model_free(model_ptr)
+            raise
+        return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings)
+
+    def new_context(self, *, n_ctx: int, n_seq_max: int = 1, embeddings: bool = False) -> "Model":
+        """A second context over these same weights (no second load): the server's embedder.
+        Closing it frees only the context; the weights stay with this Model, which must outlive it."""
+        settings = replace(self.settings, n_ctx=n_ctx)
+        ctx = _new_context(self._model, settings, n_ctx, n_seq_max, embeddings, self.path)
+        other = Model(self.path, settings, self._model, ctx, n_seq_max, 0.0, embeddings)
+        other._owns_weights = False
+        return other
+
+    def _read_metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1024)
+        for i in range(L.llama_model_meta_count(self._model)):
+            L.llama_model_meta_key_by_index(self._model, i, buf, 1024)
+            key = buf.value.decode("utf-8", "replace")
+            n = L.llama_model_meta_val_str_by_index(self._model, i, buf, 1024)
+            if n >= 0:
+                out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        L.llama_batch_free(self._batch)
+        L.llama_free(self._ctx)
+        if self._owns_weights:
+            L.llama_model_free(self._model)
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- vocabulary ------------------------------------------------------------------------
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        arr = (L.llama_token * n_max)()
+        n = L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            n_max = -n
+            arr = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special, parse_special)
+        return list(arr[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        key = (token, special)
+        piece = self._piece_cache.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+            piece = buf.raw[:n]
+            self._piece_cache[key] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", "replace")
+
+    # ---- KV cache bookkeeping ---------------------------------------------------------------
+
+    def cached_tokens(self, seq_id: int = 0) -> list[int]:
+        return list(self._seq.get(seq_id, ()))
+
+    def common_prefix(self, seq_id: int, tokens: list[int]) -> int:
+        """How many leading ``tokens`` are already in the sequence's KV cache (reusable)."""
+        n = 0
+        for a, b in zip(self._seq.get(seq_id, ()), tokens):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def seq_len(self, seq_id: int) -> int:
+        return len(self._seq.get(seq_id, ()))
+
+    def reset(self, seq_id: int | None = None) -> None:
+        """Forget one sequence (or all) from the KV cache."""
+        if seq_id is None:
+            L.llama_memory_clear(self._mem, True)
+            self._seq.clear()
+        else:
+            L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+            self._seq.pop(seq_id, None)
+
+    def truncate(self, seq_id: int, keep: int) -> int:
+        """Keep at most the first ``keep`` cached tokens of a sequence (the server's prefix reuse
+        per slot); return how many remain (0 where the cache cannot drop a tail)."""
+        self._truncate(seq_id, keep)
+        return self.seq_len(seq_id)
+
+    def _truncate(self, seq_id: int, keep: int) -> None:
+        """Keep the first ``keep`` cached tokens of a sequence; fall back to a full clear where the
+        cache cannot drop a tail (recurrent and some sliding-window caches)."""
+        cached = self._seq.get(seq_id, [])
+        if keep >= len(cached):
+            return
+        if keep > 0 and L.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
+            del cached[keep:]
+        else:
+            self.reset(seq_id)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> int:
+        """Make sequence ``dst`` start with the first ``n`` cached tokens of ``src`` by sharing
+        their KV cells (llama_memory_seq_cp; no recomputation); return how many it now holds."""
+        self.reset(dst)
+        n = min(n, self.seq_len(src))
+        if n <= 0:
+            return 0
+        L.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        self._seq[dst] = self._seq[src][:n]
+        return n
+
+    def synchronize(self) -> None:
+        """Wait for queued GPU work; call before stopping a clock (llama_decode is asynchronous)."""
+        L.llama_synchronize(self._ctx)
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def _fill(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+        # Bulk copies instead of per-token ctypes stores: at 9,000 prompt tokens/s on a GPU a
+        # per-token Python loop alone cost 2% of prompt speed.
+        b = self._batch
+        n = 0
+        out: list[int] = []
+        for seq_id, tokens, want in items:
+            k = len(tokens)
+            if not k:
+                out.append(-1)
+                continue
+            pos = len(self._seq.setdefault(seq_id, []))
+            src_tok, src_pos = array("i", tokens), array("i", range(pos, pos + k))  # alive until copied
+            ctypes.memmove(ctypes.byref(b.token.contents, 4 * n), src_tok.buffer_info()[0], 4 * k)
+            ctypes.memmove(ctypes.byref(b.pos.contents, 4 * n), src_pos.buffer_info()[0], 4 * k)
+            slots = self._slot_seq
+            for i in range(n, n + k):
+                if slots[i] != seq_id:  # each slot keeps its last seq id; rewrite only on change
+                    b.seq_id[i][0] = seq_id
+                    slots[i] = seq_id
+            ctypes.memset(ctypes.byref(b.logits.contents, n), 1 if all_logits else 0, k)
+            if want:
+                b.logits[n + k - 1] = 1
+            n += k
+            out.append(n - 1 if want else -1)
+        b.n_tokens = n
+        return out
+
+    def _decode_batch(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+        for seq_id, tokens, _ in items:
+            if self.seq_len(seq_id) + len(tokens) > self.n_ctx:
+                raise ContextOverflowError(
+                    f"Sequence of {self.seq_len(seq_id) + len(tokens)} tokens does not fit the context of {self.n_ctx}.",
+                    n_tokens=self.seq_len(seq_id) + len(tokens), n_ctx=self.n_ctx,
+                )
+        out = self._fill(items, all_logits)
+        rc = L.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            # 1 = no KV slot; <0 = error. The cache is unchanged for this batch in both cases.
+            raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else ModelLoadError(f"llama_decode failed (code {rc}).")
+        for seq_id, tokens, _ in items:
+            self._seq[seq_id].extend(tokens)
+        return out
+
+    def decode(self, items: list[tuple[int, list[int], bool]]) -> list[int]:
+        """Evaluate tokens for several sequences in one llama_decode; return, per item, the output
+        index to sample from (-1 where no logits were asked). The tokens of all items together must
+        fit in n_batch, except for a single item, which is split into n_batch chunks."""
+        if len(items) == 1 and len(items[0][1]) > self.n_batch:
+            seq_id, tokens, want = items[0]
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                out = self._decode_batch([(seq_id, chunk, want and start + self.n_batch >= len(tokens))])
+            return out
+        if sum(len(t) for _, t, _ in items) > self.n_batch:
+            raise ValueError(f"decode() got more than n_batch={self.n_batch} tokens across sequences")
+        return self._decode_batch(items)
+
+    def logits_rows(self, n: int) -> Any:
+        """The logits of the last decode's ``n`` outputs, in batch order: a float32 [n, n_vocab]
+        view of llama.cpp's buffer (valid until the next decode; sampling edits it in place)."""
+        return numpy().ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(n, self.n_vocab))
+
+    def sample_one(self, seq: SeqSampler, output_index: int) -> tuple[int, Any]:
+        """Sample the next token of one sequence from the logits at ``output_index``; return
+        (token, logprob info or None). The caller accepts it (Generation.accept)."""
+        p = seq.params
+        if p.greedy and seq.grammar is None and p.logprobs is None and seq._window is None and not len(seq.bias_ids):
+            return self._argmax(output_index), None
+        row = numpy().ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, output_index), shape=(1, self.n_vocab))
+        tokens, infos = sample_rows(row, [seq])
+        return tokens[0], infos[0]
+
+    def sample(self, sampler: "Sampler", output_index: int) -> int:
+        """Sample and accept the next token from the logits at ``output_index`` (one Sampler per sequence)."""
+        seq = sampler.state()
+        tok, _ = self.sample_one(seq, output_index)
+        seq.accept(tok)
+        return tok
+
+    def _argmax(self, output_index: int) -> int:
+        logits = L.llama_get_logits_ith(self._ctx, output_index)
+        return int(numpy().ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
+    def draw_chain(self, params: SamplingParams) -> "DrawChain":
+        """llama.cpp's truncate-and-draw chain for one request (see DrawChain)."""
+        return DrawChain(params, self.n_vocab)
+
+    def grammar(self, text: str) -> "Grammar":
+        """A llama.cpp grammar sampler for GBNF ``text``; raise GrammarError when llama.cpp rejects it."""
+        return Grammar(self, text)
+
+    def start(self, tokens: list[int], params: SamplingParams, *, max_tokens: int = 0, stop: list[str] | tuple[str, ...] = (),
+              stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False) -> Generation:
+        """A Generation for ``tokens`` in sequence ``seq_id`` (the prompt checked against the context)."""
+        if not tokens:
+            raise ContextOverflowError("Empty prompt.")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"The prompt has {len(tokens)} tokens; the context holds {self.n_ctx}.",
+                "Shorten it or raise --n-ctx.", n_tokens=len(tokens), n_ctx=self.n_ctx,
+            )
+        return Generation(self, tokens, params, max_tokens=max_tokens, n_ctx=self.n_ctx, stop=stop, stop_ids=stop_ids,
+                          ignore_eos=ignore_eos, grammar_factory=self.grammar, draw_factory=self.draw_chain)
+
+    def stream(self, gen: Generation, tokens: list[int], *, seq_id: int = 0) -> Generator[tuple[int, str], None, None]:
+        """Drive ``gen`` over ``tokens`` in one sequence, reusing the KV cache's common prefix:
+        yield (token, text now safe to show) per generated token, then (-1, held-back text) when it
+        ends. Closing the iterator early is safe (the generation ends as "cancelled")."""
+        st = gen.stats
+        gen.started = time.perf_counter()
+        common = min(self.common_prefix(seq_id, tokens), len(tokens) - 1)  # the last prompt token is re-evaluated for its logits
+        self._truncate(seq_id, common)
+        st.cached_tokens = self.seq_len(seq_id)
+        idx = self.decode([(seq_id, tokens[st.cached_tokens:], True)])[0]
+        seq = self._seq[seq_id]
+        ctx, batch, slots = self._ctx, self._batch, self._slot_seq
+        sample, accept = self.sample_one, gen.accept
+        sampler = gen.sampler
+        try:
+            while True:
+                tok, info = sample(sampler, idx)  # reads the logits, so it also waits for the decode
+                text, reason = accept(tok, info)
+                if reason is not None:
+                    if tok >= 0 and reason == "length":
+                        yield tok, text
+                    elif text:
+                        yield -1, text
+                    return
+                yield tok, text
+                if len(seq) >= self.n_ctx:
+                    gen.finish_reason = st.finish_reason = "length"
+                    tail = gen.finish()
+                    if tail:
+                        yield -1, tail
+                    return
+                # Single-token step, written straight into the preallocated batch (hot path).
+                batch.token[0] = tok
+                batch.pos[0] = len(seq)
+                if slots[0] != seq_id:
+                    batch.seq_id[0][0] = seq_id
+                    slots[0] = seq_id
+                batch.logits[0] = True
+                batch.n_tokens = 1
+                rc = L.llama_decode(ctx, batch)
+                if rc == 1:  # no KV cell left: the context is full
+                    gen.finish_reason = st.finish_reason = "length"
+                    return
+                if rc != 0:
+                    raise ModelLoadError(f"llama_decode failed (code {rc}).")
+                seq.append(tok)
+                idx = 0
+        finally:
+            gen.close()
+
+    def generate(self, tokens: list[int], sampler: "Sampler", *, max_tokens: int = 0, seq_id: int = 0, stats: GenStats | None = None) -> Iterator[int]:
+        """Yield sampled tokens after ``tokens``, reusing the KV cache's common prefix.
+
+        Stops at an end-of-generation token (not yielded), after ``max_tokens`` (0 = no limit) or
+        when the context is full. Closing the generator early is safe.
+        """
+        gen = self.start(tokens, sampler.params, max_tokens=max_tokens, seq_id=seq_id)
+        if stats is not None:
+            gen.stats = stats
+            stats.prompt_tokens = len(tokens)
+        for tok, _ in self.stream(gen, tokens, seq_id=seq_id):
+            if tok >= 0:
+                yield tok
+
+    # ---- bench and quality ----------------------------------------------------------------
+
+    def eval_logits(self, tokens: list[int], seq_id: int = 0) -> Any:
+        """Logits for every position of ``tokens`` in a fresh sequence: float32 [len, n_vocab]."""
+        import numpy as np
+
+        self.reset(seq_id)
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            self._decode_batch([(seq_id, chunk, True)], all_logits=True)
+            ptr = L.llama_get_logits(self._ctx)
+            out[start : start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+        self.reset(seq_id)
+        return out
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One L2-normalised embedding per text (mean-pooled where the model has no pooling), and
+        the number of tokens embedded (each text is cut to n_batch tokens)."""
+        import numpy as np
+
+        if not self.embeddings:
+            raise ModelLoadError("This model was loaded without embeddings.")
+        pooled = L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE
+        result = []
+        n_tokens = 0
+        for text in texts:
+            tokens = self.tokenize(text)[: self.n_batch]
+            n_tokens += len(tokens)
+            self.reset(0)
+            self._decode_batch([(0, tokens, True)], all_logits=True)
+            if pooled:
+                vec = np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, 0), shape=(self.n_embd,)).copy()
+            else:
+                rows = np.ctypeslib.as_array(L.llama_get_embeddings(self._ctx), shape=(len(tokens), self.n_embd))
+                vec = rows.mean(axis=0)
+            norm = float(np.linalg.norm(vec)) or 1.0
+            result.append((vec / norm).astype(float).tolist())
+        self.reset(0)
+        return result, n_tokens
+
+
+class TokenDecoder:
+    """Turns tokens into text as they arrive without ever splitting a UTF-8 character."""
+
+    def __init__(self, model: Model, *, special: bool = False) -> None:
+        self._model = model
+        self._special = special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._utf8.decode(self._model.token_bytes(token, special=self._special))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)

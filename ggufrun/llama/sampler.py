@@ -1,0 +1,158 @@
+"""Sampling pieces that live in llama.cpp: a request's grammar, and its truncate-and-draw chain."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import GrammarError
+from ..generation import SamplingParams, SeqSampler
+from ..settings import Settings
+from ._lib import L, init_backend, numpy
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+_TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
+
+
+class Grammar:
+    """llama.cpp's grammar sampler for one sequence, over numpy rows of logits."""
+
+    def __init__(self, model: Model, text: str) -> None:
+        init_backend()
+        np = numpy()
+        self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
+        if not self._ptr:
+            first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
+            raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",
+                               "Check the GBNF syntax; it needs a 'root' rule.")
+        self._n_vocab = model.n_vocab
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._all: Any = None
+
+    def _apply(self, data: Any) -> None:
+        arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=len(data),
+                                       selected=-1, sorted=False)
+        L.llama_sampler_apply(self._ptr, ctypes.byref(arr))
+
+    def allows(self, token: int) -> bool:
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, 0.0, 0.0
+        self._apply(one)
+        return bool(numpy().isfinite(one["logit"][0]))
+
+    def mask(self, row: Any) -> None:
+        """Set the logits of every token the grammar forbids now to -inf (in place)."""
+        np = numpy()
+        if self._all is None:
+            self._all = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+            self._all["id"] = np.arange(self._n_vocab)
+        self._all["logit"] = row
+        self._apply(self._all)
+        row[:] = self._all["logit"]
+
+    def accept(self, token: int) -> None:
+        L.llama_sampler_accept(self._ptr, token)
+
+    def close(self) -> None:
+        if self._ptr:
+            L.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+_draw_buffers = threading.local()
+
+
+class DrawChain:
+    """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for one request, applied to a
+    row of logits that generation.py has already penalised and biased."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        cp = L.llama_sampler_chain_default_params()
+        cp.no_perf = True
+        self._chain = L.llama_sampler_chain_init(cp)
+        parts = []
+        if 0 < params.top_k < n_vocab:
+            parts.append(L.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            parts.append(L.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            parts.append(L.llama_sampler_init_min_p(params.min_p, 1))
+        parts.append(L.llama_sampler_init_temp(params.temperature))
+        parts.append(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed < 0 else params.seed))
+        for s in parts:
+            L.llama_sampler_chain_add(self._chain, s)
+        self._n_vocab = n_vocab
+
+    def draw(self, row: Any) -> int:
+        # One candidate buffer per thread, shared by every request: 64 private 1.8 MB buffers
+        # (152k vocabulary) cost more in cache misses than the draw itself.
+        buf = getattr(_draw_buffers, "buf", None)
+        if buf is None or buf[0] != self._n_vocab:
+            np = numpy()
+            data = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+            arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)),
+                                           size=self._n_vocab, selected=-1, sorted=False)
+            buf = _draw_buffers.buf = (self._n_vocab, np.arange(self._n_vocab, dtype=np.int32), data, arr)
+        _, ids, data, arr = buf
+        data["id"] = ids  # the chain sorts the array in place: refill every draw
+        data["logit"] = row
+        arr.size, arr.selected, arr.sorted = self._n_vocab, -1, False
+        L.llama_sampler_apply(self._chain, ctypes.byref(arr))
+        return int(data["id"][arr.selected])
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Sampler:
+    """A request's sampling settings (see generation.SamplingParams); kept for callers of
+    :meth:`Model.generate`. The sampling itself is generation.sample_rows."""
+
+    def __init__(self, model: Model | None = None, **values: Any) -> None:
+        self.params = SamplingParams.from_dict(values)
+        self._n_vocab = model.n_vocab if model is not None else 0
+        self._state: SeqSampler | None = None
+
+    def state(self) -> SeqSampler:
+        """The running state for :meth:`Model.sample` (one sequence's penalties and draws)."""
+        if self._state is None:
+            chain = DrawChain(self.params, self._n_vocab) if self._n_vocab and not self.params.greedy else None
+            self._state = SeqSampler(self.params, draw=chain)
+        return self._state
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy
+
+    @classmethod
+    def from_settings(cls, model: Model, settings: Settings, **overrides: Any) -> "Sampler":
+        values = {k: getattr(settings, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")}
+        for k in ("presence_penalty", "frequency_penalty", "repeat_last_n"):
+            if hasattr(settings, k):
+                values[k] = getattr(settings, k)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model, **values)
+
+    def reset(self) -> None:
+        self._state = None
+
+    def close(self) -> None:
+        self._state = None

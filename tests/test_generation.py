@@ -1,0 +1,144 @@
+"""The per-sequence pipeline and the batched sampler, against a plain one-row reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ggufrun.generation import REACH, Generation, SamplingParams, SeqSampler, _draw, _penalise, classify_stops, sample_rows
+
+
+def reference_draw(row: np.ndarray, p: SamplingParams, u: float) -> int:
+    """llama.cpp's chain written out for one row with a full sort: top-k, top-p over the top-k
+    distribution, min-p relative to the top, temperature, inverse-CDF draw with ``u``."""
+    order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+    top = float(row[order[0]])
+    if not (p.top_k > 0 or p.top_p < 1 or p.min_p > 0):
+        order = list(range(len(row)))  # the whole distribution is drawn in token-id order
+    cand = [i for i in order if row[i] >= top - REACH]
+    if 0 < p.top_k < len(row):
+        cand = cand[: p.top_k]
+    e = [math.exp(float(row[i]) - top) for i in cand]
+    if p.top_p < 1.0:
+        # top-p's mass is over the top-k tokens, or over the whole vocabulary without top-k
+        z = sum(e) if 0 < p.top_k < len(row) else sum(math.exp(float(x) - top) for x in row)
+        acc, keep = 0.0, 0
+        for x in e:
+            if acc / z >= p.top_p:
+                break
+            acc += x
+            keep += 1
+        cand, e = cand[: max(keep, 1)], e[: max(keep, 1)]
+    if p.min_p > 0:
+        kept = [k for k, x in enumerate(e) if x >= p.min_p] or [0]
+        cand = [cand[k] for k in kept]
+    w = np.cumsum([math.exp((float(row[i]) - top) / p.temperature) for i in cand])
+    return cand[min(int((w < u * w[-1]).sum()), len(cand) - 1)]
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+    dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0),
+    dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0),
+    dict(temperature=0.5, top_k=5, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2),
+])
+@pytest.mark.parametrize("scale", [1.0, 3.0, 12.0])  # flat to peaked: different candidate reaches
+def test_batched_draw_matches_the_one_row_reference(params: dict[str, float], scale: float) -> None:
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((24, 3000)) * scale).astype(np.float32)
+    p = SamplingParams(**params)  # type: ignore[arg-type]
+    seqs = [SeqSampler(p) for _ in rows]
+    u = rng.random(len(rows))
+    got = _draw(rows.copy(), seqs, u)
+    want = [reference_draw(r, p, float(x)) for r, x in zip(rows, u)]
+    assert list(got) == want
+    assert len(set(want)) > 1  # the draws really vary with u
+
+
+def test_rows_with_different_settings_in_one_batch_each_get_their_own() -> None:
+    rng = np.random.default_rng(1)
+    rows = (rng.standard_normal((3, 500)) * 2).astype(np.float32)
+    ps = [SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.2, top_k=0, top_p=0.5, min_p=0.0),
+          SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.3)]
+    u = rng.random(3)
+    got = _draw(rows.copy(), [SeqSampler(p) for p in ps], u)
+    assert list(got) == [reference_draw(r, p, float(x)) for r, p, x in zip(rows, ps, u)]
+
+
+def test_penalties_see_the_prompt_and_follow_llama_cpp() -> None:
+    p = SamplingParams(repeat_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25, repeat_last_n=4)
+    s = SeqSampler(p, prompt=[9, 1, 2, 2, 3])  # only the last 4 count: 1, 2, 2, 3
+    s.accept(3)  # window now 2, 2, 3, 3
+    row = np.array([[1.0, 1.0, 4.0, -4.0, 1.0]], dtype=np.float32)
+    _penalise(row, [s])
+    assert row[0].tolist() == pytest.approx([1.0, 1.0, 4.0 / 2 - 2 * 0.25 - 0.5, -4.0 * 2 - 2 * 0.25 - 0.5, 1.0])
+
+
+def test_parallel_chunks_draw_what_one_pass_draws() -> None:
+    from ggufrun.generation import _draw_parallel
+
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal((40, 2000)) * 3).astype(np.float32)
+    seqs = [SeqSampler(SamplingParams(top_k=k)) for k in (0, 5, 40, 100) * 10]
+    u = rng.random(40)
+    assert list(_draw_parallel(rows.copy(), seqs, u)) == list(_draw(rows.copy(), seqs, u))
+
+
+def test_seeded_draws_do_not_depend_on_the_batch() -> None:
+    rng = np.random.default_rng(2)
+    row = (rng.standard_normal(800) * 2).astype(np.float32)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42)
+    alone = SeqSampler(p)
+    together = SeqSampler(p)
+    others = [SeqSampler(SamplingParams(temperature=1.0, seed=i)) for i in range(5)]
+    a = [sample_rows(row[None].copy(), [alone])[0][0] for _ in range(20)]
+    b = [sample_rows(np.stack([row] * 6), [*others[:3], together, *others[3:]])[0][3] for _ in range(20)]
+    assert a == b and len(set(a)) > 5
+
+
+class FakeVocab:
+    """A byte-level vocabulary: token i is byte i, 256 is an end-of-generation control token."""
+
+    n_vocab = 257
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        return b"" if token == 256 else bytes([token])
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return [256] if text == "<eot>" else list(text.encode())
+
+    def is_eog(self, token: int) -> bool:
+        return token == 256
+
+
+def feed(gen: Generation, data: bytes) -> tuple[str, str | None]:
+    out = ""
+    for b in data:
+        text, reason = gen.accept(b)
+        out += text
+        if reason:
+            return out, reason
+    return out + gen.finish(), None
+
+
+def test_utf8_split_across_tokens_and_stop_strings() -> None:
+    gen = Generation(FakeVocab(), [1, 2], SamplingParams(), stop=["STOP", "<eot>"])
+    assert gen.stop_ids == frozenset({256})
+    text, reason = feed(gen, "héllo ☃ wSTOPorld".encode())
+    assert (text, reason) == ("héllo ☃ w", "stop")
+    gen = Generation(FakeVocab(), [1], SamplingParams(), stop=["STOP"])
+    assert feed(gen, b"ST no") == ("ST no", None)  # a held-back prefix comes out once it is not a stop
+    gen = Generation(FakeVocab(), [1], SamplingParams(), max_tokens=3)
+    assert feed(gen, b"abcdef") == ("abc", "length") and gen.stats.gen_tokens == 3
+    gen = Generation(FakeVocab(), [1], SamplingParams())
+    assert gen.accept(256) == ("", "stop")
+    gen = Generation(FakeVocab(), [1], SamplingParams(), ignore_eos=True, n_ctx=4)
+    assert gen.accept(256) == ("", None) and gen.accept(65) == ("A", None) and gen.accept(66) == ("B", "length")
+
+
+def test_classify_stops_matches_control_tokens_by_id_and_the_rest_by_text() -> None:
+    ids, texts = classify_stops(FakeVocab(), ["<eot>", "x", "ab"])
+    assert ids == frozenset({256, ord("x")}) and texts == ("x", "ab")
