@@ -139,14 +139,25 @@ class Model:
     def load(cls, path: Path | str, settings: Settings, *, n_seq_max: int = 1, embeddings: bool = False, validate: bool = True) -> "Model":
         """Load a GGUF file; raise InvalidGGUFError, ConfigError (n_ctx too large) or ModelLoadError."""
         path = Path(path)
+        info = None
         if validate:
             from .gguf_info import validate as validate_gguf
 
-            validate_gguf(path)  # llama.cpp can crash on truncated or corrupt files: reject them first
+            info = validate_gguf(path)  # llama.cpp can crash on truncated or corrupt files: reject them first
+        if settings.n_gpu_layers == "auto":
+            from dataclasses import replace
+
+            from .gguf_info import inspect
+            from .offload import decide
+
+            info = info or inspect(path)
+            plan = decide(info, settings.n_ctx or info.context_length or 4096, path.name, n_ubatch=settings.ubatch_size)
+            settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
+        ngl = int(settings.n_gpu_layers)
         _init_backend()
         started = time.perf_counter()
         mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = _ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+        mparams.n_gpu_layers = _ALL_LAYERS if ngl < 0 else ngl
         if _has_amx():
             # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
             # tested (a -march=native build); the plain CPU buffers are correct and nearly as fast.
@@ -573,12 +584,10 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, *, threads: int = 0) 
 
 def gpu_info() -> dict[str, Any]:
     """Whether this llama.cpp build can offload, and its devices (empty on a CPU build)."""
+    from .llama.devices import real_devices
+
     _init_backend()
-    devices = []
-    for i in range(L.ggml_backend_dev_count()) if hasattr(L, "ggml_backend_dev_count") else ():
-        dev = L.ggml_backend_dev_get(i)
-        devices.append({"name": L.ggml_backend_dev_name(dev).decode(), "description": L.ggml_backend_dev_description(dev).decode()})
-    return {"offload": bool(L.llama_supports_gpu_offload()), "devices": devices}
+    return {"offload": bool(L.llama_supports_gpu_offload()), "devices": [d.to_dict() for d in real_devices()]}
 
 
 def system_info() -> str:

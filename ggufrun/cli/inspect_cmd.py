@@ -28,7 +28,7 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
       ggufrun show ./q7.gguf --n-ctx 8192
       ggufrun show qwen2-7b-q5 --json | jq .memory.total
     """
-    from .. import fetch
+    from .. import fetch, offload
     from ..cache import human_size
     from ..errors import NotCachedError
     from ..gguf_info import inspect
@@ -41,8 +41,15 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     info = inspect(path)
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
     cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
+    auto = offload.plan(info, n_ctx)
+    try:
+        offload.check_ram(auto, spec.name)
+        refusal = None
+    except offload.DoesNotFitError as exc:
+        refusal = str(exc)
     if as_json:
-        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict()}},
+        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
+                                                            "auto": {**auto.to_dict(), "refused": refusal}}},
                               indent=2, default=str))
         return
     from rich.console import Console
@@ -68,9 +75,10 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
         (f"memory @ n_ctx {n_ctx}", f"{human_size(cpu.total)} = weights {human_size(cpu.weights)} + KV cache (f16) "
                                     f"{human_size(cpu.kv_cache)} + compute ~{human_size(cpu.compute)}"),
         ("all layers on GPU", f"GPU {human_size(gpu.gpu)} + CPU {human_size(gpu.cpu)} (the token embedding stays in RAM)"),
+        ("--n-gpu-layers auto", f"would refuse: {refusal}" if refusal else auto.describe()),
     ]
     if info.sliding_window:
-        rows.insert(-3, ("sliding window", str(info.sliding_window)))
+        rows.insert(-4, ("sliding window", str(info.sliding_window)))
     for key, value in rows:
         table.add_row(key, Text(value))  # Text: a name with [brackets] is not markup
     console = Console(highlight=False)
