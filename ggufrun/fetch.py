@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import cache, paths
 from .cache import CachedFile
-from .errors import DiskSpaceError, DownloadError, IntegrityError, NotCachedError
+from .errors import DiskSpaceError, DownloadError, GgufrunError, IntegrityError, NotCachedError
 from .registry import ModelSpec
-from .sources import Fetcher, ProgressFn, fetcher_for
+from .sources import Fetcher, ProgressFn, RepoEntry, fetcher_for
 
-__all__ = ["CachedFile", "ProgressFn", "PullResult", "cached", "ensure_local", "pull", "remove"]
+__all__ = ["CachedFile", "ProgressFn", "PullResult", "cached", "ensure_local", "expand", "pull", "remove"]
 
 Report = Callable[[str], None]
 
@@ -45,6 +45,47 @@ def ensure_local(spec: ModelSpec, *, offline: bool | None = None, progress: Prog
     return pull(spec, offline=offline, progress=progress, report=report).path
 
 
+def expand(spec: ModelSpec, *, offline: bool | None = None) -> list[ModelSpec]:
+    """The file specs behind ``spec``: itself, or for ``hf:/ms:OWNER/REPO[:QUANT]`` the chosen file
+    or every part of a split one (the first is the one to load).
+
+    The cache answers first, so a pulled repo reference needs no network. Raises
+    UnknownQuantError (the quants present), NotCachedError (offline), DownloadError (listing).
+    """
+    if not spec.from_repo:
+        return [spec]
+    from .registry import DEFAULT_REPO_QUANT, choose_files
+    from .sources import list_repo
+
+    source = spec.sources[0]
+    root = paths.models_dir() / spec.cache_key
+    cached = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gguf")) if root.is_dir() else []
+    is_offline = paths.offline() if offline is None else offline
+    want = spec.quant or DEFAULT_REPO_QUANT
+    meta: dict[str, RepoEntry] = {}
+    try:
+        files = choose_files(cached, want, spec.name) if cached else None
+    except GgufrunError:
+        files = None
+    if files is None and is_offline:
+        if not cached:
+            raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {spec.name}`.")
+        files = choose_files(cached, spec.quant, spec.name)  # the lenient rule: the only quant cached
+    if files is None:
+        listing = list_repo(source)
+        meta = {e.path: e for e in listing}
+        files = choose_files(list(meta), spec.quant, spec.name)
+    kind = spec.cache_key.split("/", 1)[0]
+    rev = spec.cache_key.partition("@")[2]
+    out = []
+    for f in files:
+        entry = meta.get(f)
+        out.append(replace(spec, name=f"{kind}:{source.repo}/{f}" + (f"@{source.revision}" if rev else ""), filename=f,
+                           sources=(replace(source, file=f),), sha256=entry.sha256 if entry else None,
+                           size=entry.size if entry else None, from_repo=False, quant=spec.quant))
+    return out
+
+
 def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, progress: ProgressFn | None = None,
          report: Report | None = None) -> PullResult:
     """Download ``spec`` into the cache unless it is there (``force`` downloads again).
@@ -53,6 +94,11 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
     replaced only by a verified one. Raises NotCachedError, DownloadError (all sources failed,
     listing each), DiskSpaceError (before any download starts).
     """
+    if spec.from_repo:
+        parts = [pull(p, force=force, offline=offline, progress=progress, report=report)
+                 for p in expand(spec, offline=offline)]
+        return PullResult(parts[0].path, parts[-1].source, sum(r.bytes for r in parts), sum(r.seconds for r in parts),
+                          cached=all(r.cached for r in parts))
     target = spec.cache_path()
     if spec.path is not None or (target.is_file() and not force):
         return _already(target)
@@ -140,4 +186,6 @@ def remove(spec: ModelSpec) -> list[Path]:
     """
     if spec.path is not None:
         raise NotCachedError(f"{spec.path} is not in the cache; ggufrun rm only deletes cached models.")
+    if spec.from_repo:
+        return [p for part in expand(spec, offline=True) for p in cache.remove(part.cache_path())]
     return cache.remove(spec.cache_path())

@@ -111,6 +111,7 @@ class ModelSpec:
     path: Path | None = None  # set for local files
     entry: Entry | None = None
     quant: str | None = None
+    from_repo: bool = False  # hf:/ms: OWNER/REPO[:QUANT]: the file(s) are picked from the repo's listing
 
     def cache_path(self) -> Path:
         return self.path if self.path is not None else paths.models_dir() / self.cache_key / self.filename
@@ -141,10 +142,13 @@ class Registry:
             return ModelSpec(name=p.name, filename=p.name, path=p.resolve())
         if ref.kind in ("hf", "ms"):
             hub = "huggingface" if ref.kind == "hf" else "modelscope"
-            assert ref.file is not None
-            src = Source(hub=hub, repo=ref.name, file=ref.file, revision="main" if hub == "huggingface" else "master")
-            safe_repo = ref.name.replace("/", "--")
-            return ModelSpec(name=ref.raw, filename=Path(ref.file).name, sources=(src,), cache_key=f"{ref.kind}/{safe_repo}")
+            src = Source(hub=hub, repo=ref.name, file=ref.file or "",
+                         revision=ref.revision or ("main" if hub == "huggingface" else "master"))
+            # The full remote path is part of the cache path, and the revision when one is given,
+            # so that two files of the same name (sub/x.gguf, x.gguf) never answer for each other.
+            key = f"{ref.kind}/{ref.name.replace('/', '--')}" + (f"@{ref.revision.replace('/', '--')}" if ref.revision else "")
+            return ModelSpec(name=ref.raw, filename=ref.file or "", sources=(src,), cache_key=key,
+                             quant=ref.quant, from_repo=ref.file is None)
         entry, quant_text = self._split(ref)
         quant = entry.quant_for(quant_text)
         meta = entry.files.get(quant, {})
@@ -307,3 +311,56 @@ def load(extra: Path | None = None) -> Registry:
             raise ConfigError(f"Models file not found: {extra}.")
         entries.update(load_file(extra))
     return Registry(entries)
+
+
+# A quant as GGUF repos spell it in file names: Q4_K_M, q8_0, IQ4_XS, Q4_K_XL, BF16, F16, F32.
+_QUANT_IN_NAME = re.compile(r"(?i)(?:^|[-_.])(i?q\d(?:_[a-z0-9]+)*|bf16|fp16|f16|f32)(?=$|[-_.])")
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")
+DEFAULT_REPO_QUANT = "Q4_K_M"
+
+
+def quant_of(path: str) -> str | None:
+    """The quant named in a GGUF file name (upper-cased), or None."""
+    stem = _SPLIT.sub("", Path(path).name[: -len(".gguf")] if path.lower().endswith(".gguf") else Path(path).name)
+    found = _QUANT_IN_NAME.findall(stem)
+    return found[-1].upper() if found else None
+
+
+def choose_files(paths: list[str], quant: str | None, repo: str) -> list[str]:
+    """The file, or every part of a split file in order, for ``quant`` among a repo's ``paths``.
+
+    mmproj (vision projector) files are never candidates. With no quant, Q4_K_M, or the only
+    quant the repo has. Raises UnknownQuantError listing the quants present, or naming the
+    files when one quant matches several models, and UnknownModelError when there is no GGUF
+    or a split file is missing parts.
+    """
+    groups: dict[str, dict[str, list[str]]] = {}
+    for p in paths:
+        name = Path(p).name
+        if not name.lower().endswith(".gguf") or "mmproj" in name.lower():
+            continue
+        q = quant_of(p) or "?"
+        base = _SPLIT.sub("", p[: -len(".gguf")])
+        groups.setdefault(q, {}).setdefault(base, []).append(p)
+    if not groups:
+        raise UnknownModelError(f"{repo} has no GGUF file.", "Check the repo name (and revision) on the hub.")
+    available = ", ".join(sorted(groups))
+    if quant is None:
+        want = DEFAULT_REPO_QUANT if DEFAULT_REPO_QUANT in groups or len(groups) != 1 else next(iter(groups))
+    else:
+        want = quant.upper()
+    if want not in groups:
+        given = "default " if quant is None else ""
+        raise UnknownQuantError(f"{repo} has no {given}quant {want}.", f"Available: {available}.")
+    candidates = groups[want]
+    if len(candidates) > 1:
+        names = ", ".join(sorted(min(v) for v in candidates.values()))
+        raise UnknownQuantError(f"{repo} has several {want} files: {names}.", "Name one as OWNER/REPO/FILE.gguf.")
+    files = sorted(next(iter(candidates.values())))
+    if len(files) > 1 or _SPLIT.search(files[0][: -len(".gguf")]):
+        m = _SPLIT.search(files[0][: -len(".gguf")])
+        total = int(m.group(2)) if m else 0
+        numbers = [int(_SPLIT.search(f[: -len(".gguf")]).group(1)) for f in files if _SPLIT.search(f[: -len(".gguf")])]  # type: ignore[union-attr]
+        if not m or numbers != list(range(1, total + 1)) or len(files) != total:
+            raise UnknownModelError(f"{repo}: the split file {files[0]} is incomplete ({len(files)} of {total or '?'} parts).")
+    return files

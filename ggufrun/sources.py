@@ -79,6 +79,24 @@ def fetcher_for(source: Source) -> Fetcher:
     return kinds[source.hub](source)
 
 
+@dataclass(frozen=True)
+class RepoEntry:
+    """One file of a repo's listing."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+def list_repo(source: Source) -> list[RepoEntry]:
+    """Every file in ``source.repo`` at ``source.revision``; raise DownloadError (one line)."""
+    if source.hub == "huggingface":
+        return HuggingFace(source).listing()
+    if source.hub == "modelscope":
+        return ModelScope(source).listing()
+    raise DownloadError(f"{source.hub} has no repo listing")
+
+
 def _prepare_env() -> None:
     """Settings the hub libraries read at import time; a user's own value wins."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # no daily call home
@@ -140,6 +158,24 @@ class HuggingFace:
         else:
             reason = _one_line(exc)
         return DownloadError(reason)
+
+    def listing(self) -> list[RepoEntry]:
+        _prepare_env()
+        from huggingface_hub import HfApi
+
+        try:
+            tree = HfApi(endpoint=paths.hf_endpoint()).list_repo_tree(
+                self.source.repo, revision=self.source.revision, recursive=True)
+            out = []
+            for item in tree:
+                if not hasattr(item, "size"):  # a folder
+                    continue
+                lfs = getattr(item, "lfs", None)
+                sha = str(getattr(lfs, "sha256", "") or "").lower() if lfs is not None else ""
+                out.append(RepoEntry(item.path, item.size, sha if _SHA256.fullmatch(sha) else None))
+            return out
+        except Exception as exc:
+            raise self._fail(exc) from exc
 
     def probe(self) -> RemoteFile:
         _prepare_env()
@@ -219,6 +255,19 @@ class ModelScope:
         else:
             reason = _one_line(exc)
         return DownloadError(reason)
+
+    def listing(self) -> list[RepoEntry]:
+        try:
+            infos = self._api().list_repo_files(self.source.repo, "model", revision=self.source.revision)
+        except Exception as exc:
+            raise self._fail(exc) from exc
+        out = []
+        for info in infos:
+            if getattr(info, "type", "blob") == "tree":
+                continue
+            sha = (info.sha256 or "").lower()
+            out.append(RepoEntry(info.path, info.size or None, sha if _SHA256.fullmatch(sha) else None))
+        return out
 
     def probe(self) -> RemoteFile:
         try:

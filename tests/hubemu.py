@@ -185,7 +185,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _hf_tree(self, repo: str) -> None:
         listing = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest(),
-                    "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d)}}
+                    "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
                    for (h, r, p), d in self.emu.files.items() if h == "hf" and r == repo]
         if not listing:
             return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
