@@ -67,7 +67,9 @@ def _parse_hub(kind: str, raw: str) -> ModelRef:
     rest, at, revision = rest.partition("@")
     if at and not (_REVISION.fullmatch(revision) and ".." not in revision):
         raise UnknownModelError(f"Malformed revision '{revision}' in '{raw}'.", "A revision is a branch, tag or commit id.")
-    parts = rest.strip("/").split("/")
+    parts = rest.split("/")
+    if not all(parts):
+        raise UnknownModelError(f"Malformed reference '{raw}': empty path part.", usage)
     quant = None
     if len(parts) == 2 and ":" in parts[1]:
         parts[1], _, quant = parts[1].partition(":")
