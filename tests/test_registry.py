@@ -65,7 +65,7 @@ def test_hub_references(reg: registry.Registry, text: str, kind: str, repo: str,
     spec = reg.resolve(text)
     (source,) = spec.sources
     assert (source.hub, source.repo, source.file) == (kind, repo, file)
-    assert spec.cache_key == cache_key and spec.filename == Path(file).name
+    assert spec.cache_key == cache_key and spec.filename == file  # the full remote path: sub/x.gguf and x.gguf are two files
 
 
 def test_path_reference(reg: registry.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
