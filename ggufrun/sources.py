@@ -52,6 +52,7 @@ class RemoteFile:
 
     size: int | None = None
     sha256: str | None = None
+    commit: str | None = None  # the commit the hub resolved the revision to (Hugging Face)
 
 
 class Fetcher(Protocol):
@@ -189,7 +190,7 @@ class HuggingFace:
             raise self._fail(exc) from exc
         # For LFS files (every GGUF) the etag is the sha256; a git blob's is a 40-hex sha1.
         etag = (meta.etag or "").lower()
-        return RemoteFile(size=meta.size, sha256=etag if _SHA256.fullmatch(etag) else None)
+        return RemoteFile(size=meta.size, sha256=etag if _SHA256.fullmatch(etag) else None, commit=meta.commit_hash or None)
 
     def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
         _prepare_env()
