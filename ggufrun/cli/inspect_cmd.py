@@ -42,7 +42,13 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     except NotCachedError:
         if not any(s.hub in fetch.HUB_SOURCES for s in spec.sources):
             raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {model}` first.") from None
-        info, _ = fetch.remote_info(spec)  # the header only, read with HTTP range requests
+        from ..errors import DownloadError
+
+        try:
+            info, _ = fetch.remote_info(spec)  # the header only, read with HTTP range requests
+        except DownloadError as exc:
+            raise NotCachedError(f"'{spec.name}' is not in the cache, and its header could not be read from the hub "
+                                 f"({exc.message.rstrip('.')}).", f"Run `ggufrun pull {model}` when the hub is reachable.") from None
         remote = True
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
     cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
