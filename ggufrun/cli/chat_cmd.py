@@ -49,6 +49,8 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
     with download_progress(err) as progress:
         loaded = loader.open_model(model, load_registry(ctx), cli_settings(kwargs, *CHAT_SETTINGS),
                                    progress=progress, report=progress.report)
+    if system is None and loaded.spec.system:  # the registry entry's own default system prompt
+        system_text = prompts.resolve_system(loaded.spec.system)
     session = ChatSession(loaded.model, loaded.settings, family=loaded.family, system=system_text, model_name=loaded.spec.name)
     if verbose:
         err.print(f"model: {loaded.model.path} ({loaded.model.description}), loaded in {loaded.model.load_seconds:.2f} s, "
