@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import cache, paths
 from .cache import CachedFile
-from .errors import DiskSpaceError, DownloadError, IntegrityError, NotCachedError
+from .errors import DiskSpaceError, DownloadError, GgufrunError, IntegrityError, NotCachedError
 from .registry import ModelSpec
-from .sources import Fetcher, ProgressFn, fetcher_for
+from .sources import Fetcher, ProgressFn, RepoEntry, fetcher_for
 
-__all__ = ["CachedFile", "ProgressFn", "PullResult", "cached", "ensure_local", "pull", "remove"]
+if TYPE_CHECKING:
+    from .gguf_info import GGUFInfo
+
+__all__ = ["CachedFile", "ProgressFn", "PullResult", "cached", "ensure_local", "expand", "pull", "remove"]
 
 Report = Callable[[str], None]
 
@@ -32,7 +36,7 @@ class PullResult:
 
 
 def ensure_local(spec: ModelSpec, *, offline: bool | None = None, progress: ProgressFn | None = None,
-                 report: Report | None = None) -> Path:
+                 report: Report | None = None, n_ctx: int | None = None) -> Path:
     """Path of the cached file for ``spec``, pulling it first when absent (unless offline).
 
     A spec for a local file (``spec.path``) is returned as is. Raises NotCachedError (offline
@@ -45,14 +49,140 @@ def ensure_local(spec: ModelSpec, *, offline: bool | None = None, progress: Prog
     return pull(spec, offline=offline, progress=progress, report=report).path
 
 
+HUB_SOURCES = ("huggingface", "modelscope")
+
+
+def remote_info(spec: ModelSpec, *, offline: bool | None = None) -> tuple[GGUFInfo, int]:
+    """The GGUF header of ``spec`` read from its hub with range requests (every part of a split
+    file), and the bytes that took. Each source is tried in order. Raises DownloadError,
+    InvalidGGUFError, UnknownQuantError (repo references), NotCachedError (offline)."""
+    from .gguf_info import merge_parts
+
+    if paths.offline() if offline is None else offline:
+        raise NotCachedError(f"'{spec.name}' is not in the cache, and reading its header needs the network.",
+                             f"Run `ggufrun pull {spec.name}`.")
+    infos, served = [], 0
+    for part in expand(spec, offline=offline):
+        info, n = _remote_header(part)
+        infos.append(info)
+        served += n
+    return merge_parts(infos), served
+
+
+def _remote_header(spec: ModelSpec) -> tuple[GGUFInfo, int]:
+    from .gguf_info import REMOTE_FIRST_READ, inspect_remote
+    from .sources import HubUnavailable, RangeReader
+
+    failures = []
+    unavailable = True
+    for source in spec.sources:
+        if source.hub not in HUB_SOURCES:
+            continue
+        reader = RangeReader(source)
+        try:
+            prefix = reader(0, REMOTE_FIRST_READ - 1)
+            size = spec.size or reader.size or (len(prefix) if len(prefix) < REMOTE_FIRST_READ else None)
+            if size is None:
+                raise DownloadError(f"{reader.endpoint} did not say the size of {source.file}")
+
+            def read(start: int, end: int) -> bytes:
+                return prefix[start:end + 1] if end < len(prefix) else reader(start, end)
+
+            return inspect_remote(read, size, source.file), reader.served
+        except DownloadError as exc:
+            failures.append(f"{source.describe()}: {exc.message}")
+            unavailable = unavailable and isinstance(exc, HubUnavailable)
+        finally:
+            reader.close()
+    error = HubUnavailable if unavailable and failures else DownloadError
+    raise error(f"Could not read the header of {spec.name}: " + ("; ".join(failures) or "no hub source") + ".")
+
+
+def check_fit(spec: ModelSpec, n_ctx: int | None = None, report: Report | None = None) -> None:
+    """Refuse (DoesNotFitError) a hub file that cannot run here, from its range-read header,
+    before it is downloaded. ``n_ctx`` defaults to the model's settings. A header that cannot
+    be read is reported and the download goes ahead (the hub's own error will follow)."""
+    from .offload import DoesNotFitError, check_ram, plan
+    from .settings import resolve
+    from .sources import HubUnavailable
+
+    if not any(s.hub in HUB_SOURCES for s in spec.sources):
+        return
+    try:
+        info, _ = remote_info(spec, offline=False)
+    except HubUnavailable:
+        return  # the download that follows meets the same error and reports it, source by source
+    except DownloadError as exc:
+        if report is not None:
+            report(f"fit not checked before downloading: {exc.message}")
+        return
+    n = n_ctx if n_ctx is not None else resolve(spec.defaults).n_ctx
+    n = min(n or info.context_length or 4096, info.context_length or n or 4096)
+    try:
+        check_ram(plan(info, n), spec.name)
+    except DoesNotFitError as exc:
+        raise DoesNotFitError(exc.message, f"{exc.hint} `--force` downloads it anyway.") from None
+
+
+def expand(spec: ModelSpec, *, offline: bool | None = None) -> list[ModelSpec]:
+    """The file specs behind ``spec``: itself, or for ``hf:/ms:OWNER/REPO[:QUANT]`` the chosen file
+    or every part of a split one (the first is the one to load).
+
+    The cache answers first, so a pulled repo reference needs no network. Raises
+    UnknownQuantError (the quants present), NotCachedError (offline), DownloadError (listing).
+    """
+    if not spec.from_repo:
+        return [spec]
+    from .registry import DEFAULT_REPO_QUANT, choose_files
+    from .sources import list_repo
+
+    source = spec.sources[0]
+    root = paths.models_dir() / spec.cache_key
+    cached = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.gguf")) if root.is_dir() else []
+    is_offline = paths.offline() if offline is None else offline
+    want = spec.quant or DEFAULT_REPO_QUANT
+    meta: dict[str, RepoEntry] = {}
+    try:
+        files = choose_files(cached, want, spec.name) if cached else None
+    except GgufrunError:
+        files = None
+    if files is None and is_offline:
+        if not cached:
+            raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {spec.name}`.")
+        files = choose_files(cached, spec.quant, spec.name)  # the lenient rule: the only quant cached
+    if files is None:
+        listing = list_repo(source)
+        meta = {e.path: e for e in listing}
+        files = choose_files(list(meta), spec.quant, spec.name)
+    kind = spec.cache_key.split("/", 1)[0]
+    rev = spec.cache_key.partition("@")[2]
+    out = []
+    for f in files:
+        entry = meta.get(f)
+        out.append(replace(spec, name=f"{kind}:{source.repo}/{f}" + (f"@{source.revision}" if rev else ""), filename=f,
+                           sources=(replace(source, file=f),), sha256=entry.sha256 if entry else None,
+                           size=entry.size if entry else None, from_repo=False, quant=spec.quant))
+    return out
+
+
 def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, progress: ProgressFn | None = None,
-         report: Report | None = None) -> PullResult:
+         report: Report | None = None, fit: bool = True, n_ctx: int | None = None) -> PullResult:
     """Download ``spec`` into the cache unless it is there (``force`` downloads again).
 
     Each failing source is reported in one line and the next one tried; the cached file is
-    replaced only by a verified one. Raises NotCachedError, DownloadError (all sources failed,
-    listing each), DiskSpaceError (before any download starts).
+    replaced only by a verified one. Unless ``force``, a hub file that cannot run here (its
+    header read with range requests, memory estimated for ``n_ctx``) is refused first.
+    Raises NotCachedError, DownloadError (all sources failed, listing each), DiskSpaceError
+    (before any download starts), DoesNotFitError.
     """
+    if spec.from_repo:
+        specs = expand(spec, offline=offline)
+        if fit and not force and not all(p.cache_path().is_file() for p in specs):
+            check_fit(spec, n_ctx, report)
+        parts = [pull(p, force=force, offline=offline, progress=progress, report=report, fit=False)
+                 for p in specs]
+        return PullResult(parts[0].path, parts[-1].source, sum(r.bytes for r in parts), sum(r.seconds for r in parts),
+                          cached=all(r.cached for r in parts))
     target = spec.cache_path()
     if spec.path is not None or (target.is_file() and not force):
         return _already(target)
@@ -71,6 +201,8 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
             return _already(target)
         if spec.size:
             cache.check_free_space(target.parent, spec.size, spec.name)
+        if fit and not force:
+            check_fit(spec, n_ctx, report)
         failures: list[str] = []
         for i, source in enumerate(spec.sources):
             fetcher = fetcher_for(source)
@@ -140,4 +272,6 @@ def remove(spec: ModelSpec) -> list[Path]:
     """
     if spec.path is not None:
         raise NotCachedError(f"{spec.path} is not in the cache; ggufrun rm only deletes cached models.")
+    if spec.from_repo:
+        return [p for part in expand(spec, offline=True) for p in cache.remove(part.cache_path())]
     return cache.remove(spec.cache_path())

@@ -195,35 +195,44 @@ class _Corrupt(Exception):
     """The header is malformed; the message says how."""
 
 
-class _Header:
-    """A cursor over the mapped file that raises _Truncated instead of reading past the end."""
+class _NeedMore(Exception):
+    """The header goes on past the bytes read so far (a range-read header): fetch more."""
 
-    def __init__(self, buf: mmap.mmap, size: int) -> None:
+
+class _Header:
+    """A cursor over the file's bytes that raises _Truncated instead of reading past the end,
+    and _NeedMore past the bytes at hand when only the start of the file was read."""
+
+    def __init__(self, buf: Any, size: int) -> None:
         self.buf = buf
         self.size = size
+        self.avail = min(len(buf), size)
         self.pos = 0
+
+    def need(self, end: int) -> None:
+        if end > self.size:
+            raise _Truncated
+        if end > self.avail:
+            raise _NeedMore
 
     def take(self, fmt: str) -> Any:
         n = struct.calcsize(fmt)
-        if self.pos + n > self.size:
-            raise _Truncated
+        self.need(self.pos + n)
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += n
         return value
 
     def string(self) -> str:
         n = self.take("<Q")
-        if self.pos + n > self.size:
-            raise _Truncated
+        self.need(self.pos + n)
         data = self.buf[self.pos : self.pos + n]
         self.pos += n
-        return data.decode("utf-8", errors="replace")
+        return bytes(data).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
         for _ in range(count):
             n = self.take("<Q")
-            if self.pos + n > self.size:
-                raise _Truncated
+            self.need(self.pos + n)
             self.pos += n
 
     def value(self, vtype: int, what: str) -> Any:
@@ -408,7 +417,56 @@ def check_model(info: GGUFInfo) -> None:
                                f"(heads {n_head}/{n_head_kv}, head size {k}) need {list(shape)}")
 
 
-def _parse(p: Path, buf: mmap.mmap, size: int) -> GGUFInfo:
+# A range-read header starts with this many bytes and grows 4x at a time up to the limit: a
+# 262k-token vocabulary (gemma3) takes about 5 MB, most models far less.
+REMOTE_FIRST_READ = 1024 * 1024
+REMOTE_HEADER_LIMIT = 256 * 1024 * 1024
+
+
+def inspect_remote(read: Any, size: int, name: str) -> GGUFInfo:
+    """Parse the header of a remote GGUF of ``size`` bytes, reading only its start.
+
+    ``read(start, end)`` returns bytes ``start..end`` inclusive (an HTTP range request). Raises
+    InvalidGGUFError as :func:`inspect` does, and for a header over REMOTE_HEADER_LIMIT.
+    """
+    p = Path(name)
+    buf = b""
+    want = min(REMOTE_FIRST_READ, size)
+    while True:
+        if want > len(buf):
+            chunk = read(len(buf), want - 1)
+            if not chunk:
+                raise _fail(p, f"the server sent no data at byte {len(buf)}")
+            buf += chunk
+        try:
+            return _parse(p, buf, size)
+        except _NeedMore:
+            if len(buf) >= min(size, REMOTE_HEADER_LIMIT):
+                raise _fail(p, f"the header is larger than {REMOTE_HEADER_LIMIT // 2**20} MiB") from None
+            want = min(max(len(buf), want) * 4, size, REMOTE_HEADER_LIMIT)
+        except _Truncated:
+            raise _fail(p, f"truncated ({size} bytes)") from None
+        except _Corrupt as exc:
+            raise _fail(p, str(exc)) from None
+
+
+def merge_parts(parts: list[GGUFInfo]) -> GGUFInfo:
+    """One GGUFInfo for a split model: the first part's metadata with every part's tensors."""
+    from dataclasses import replace
+
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    tensors = tuple(t for part in parts for t in part.tensors)
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t.type] = types.get(t.type, 0) + 1
+    return replace(first, tensors=tensors, n_tensors=len(tensors), tensor_types=types,
+                   tensor_bytes=sum(t.n_bytes for t in tensors), file_size=sum(x.file_size for x in parts),
+                   parameter_count=sum(t.n_elements for t in tensors))
+
+
+def _parse(p: Path, buf: Any, size: int) -> GGUFInfo:
     import gguf  # lazy: numpy-heavy, and only its type tables are needed
 
     h = _Header(buf, size)

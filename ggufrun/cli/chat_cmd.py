@@ -21,7 +21,7 @@ CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size",
 
 
 @click.command("chat")
-@click.argument("model")
+@click.argument("model", required=False, default="default")
 @click.option("-p", "--prompt", default=None, help="Answer this prompt, print only the reply, and exit.")
 @click.option("-s", "--system", default=None, metavar="@NAME|FILE|TEXT",
               help="System prompt: @assistant, @translator, @json (or your own in $GGUFRUN_HOME/prompts), a file, or the text.")
@@ -29,7 +29,7 @@ CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size",
 @settings_options(*CHAT_SETTINGS)
 @click.pass_context
 def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str | None, verbose: bool, **kwargs: Any) -> None:
-    """Chat with MODEL in the terminal, or answer one prompt (-p, or text piped on stdin).
+    """Chat with MODEL (default: the registry's `default`, SmolLM2 135M Instruct) in the terminal, or answer one prompt (-p, or text piped on stdin).
 
     \b
     Examples:
@@ -52,6 +52,8 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
     with download_progress(err) as progress:
         loaded = loader.open_model(model, load_registry(ctx), cli_settings(kwargs, *CHAT_SETTINGS),
                                    progress=progress, report=progress.report)
+    if system is None and loaded.spec.system:  # the registry entry's own default system prompt
+        system_text = prompts.resolve_system(loaded.spec.system)
     session = ChatSession(loaded.model, loaded.settings, family=loaded.family, system=system_text, model_name=loaded.spec.name)
     if verbose:
         err.print(f"model: {loaded.model.path} ({loaded.model.description}), loaded in {loaded.model.load_seconds:.2f} s, "

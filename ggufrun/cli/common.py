@@ -17,7 +17,7 @@ def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[...
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):
             field = FIELDS[name]
-            fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar=field.type.__name__.upper()
+            fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar=(field.type.__name__.upper() + ("|auto" if field.auto else ""))
                               if not field.choices else "|".join(field.choices), help=field.help)(fn)
         return fn
 

@@ -20,36 +20,55 @@ _FALLBACK_N_CTX = 4096
 def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool) -> None:
     """Show what a GGUF file holds, read from its header without loading the model.
 
-    MODEL is a registry name (it must be in the cache) or a path to a .gguf file.
+    MODEL is a registry name, a path to a .gguf file, or a hub reference: one that is not cached
+    is read from the hub's copy with HTTP range requests (the header, a few MB, not the file).
 
     \b
     Examples:
       ggufrun show gemma3-270m
       ggufrun show ./q7.gguf --n-ctx 8192
       ggufrun show qwen2-7b-q5 --json | jq .memory.total
+      ggufrun show hf:bartowski/gemma-2-9b-it-GGUF:Q5_K_M
     """
-    from .. import fetch
+    from .. import fetch, offload
     from ..cache import human_size
     from ..errors import NotCachedError
     from ..gguf_info import inspect
 
     spec = load_registry(ctx).resolve(model)
+    remote = False
     try:
-        path = fetch.ensure_local(spec, offline=True)
+        info = inspect(fetch.ensure_local(spec, offline=True))
     except NotCachedError:
-        raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {model}` first.") from None
-    info = inspect(path)
+        if not any(s.hub in fetch.HUB_SOURCES for s in spec.sources):
+            raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {model}` first.") from None
+        from ..errors import DownloadError
+
+        try:
+            info, _ = fetch.remote_info(spec)  # the header only, read with HTTP range requests
+        except DownloadError as exc:
+            raise NotCachedError(f"'{spec.name}' is not in the cache, and its header could not be read from the hub "
+                                 f"({exc.message.rstrip('.')}).", f"Run `ggufrun pull {model}` when the hub is reachable.") from None
+        remote = True
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
     cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
+    auto = offload.plan(info, n_ctx)
+    try:
+        offload.check_ram(auto, spec.name)
+        refusal = None
+    except offload.DoesNotFitError as exc:
+        refusal = str(exc)
     if as_json:
-        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict()}},
+        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
+                                                            "auto": {**auto.to_dict(), "refused": refusal}}},
                               indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(show_header=False, title=str(info.path), title_justify="left", box=None)
+    title = f"{spec.name} (not downloaded: header read from the hub)" if remote else str(info.path)
+    table = Table(show_header=False, title=title, title_justify="left", box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     types = ", ".join(f"{t} x{n}" for t, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
@@ -68,9 +87,10 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
         (f"memory @ n_ctx {n_ctx}", f"{human_size(cpu.total)} = weights {human_size(cpu.weights)} + KV cache (f16) "
                                     f"{human_size(cpu.kv_cache)} + compute ~{human_size(cpu.compute)}"),
         ("all layers on GPU", f"GPU {human_size(gpu.gpu)} + CPU {human_size(gpu.cpu)} (the token embedding stays in RAM)"),
+        ("--n-gpu-layers auto", f"would refuse: {refusal}" if refusal else auto.describe()),
     ]
     if info.sliding_window:
-        rows.insert(-3, ("sliding window", str(info.sliding_window)))
+        rows.insert(-4, ("sliding window", str(info.sliding_window)))
     for key, value in rows:
         table.add_row(key, Text(value))  # Text: a name with [brackets] is not markup
     console = Console(highlight=False)

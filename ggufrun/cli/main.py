@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("models_cmd", "Download a model into the cache."),
     "path": ("models_cmd", "Print a cached model's path (exit 3 if absent)."),
     "rm": ("models_cmd", "Remove a model from the cache."),
+    "lock": ("models_cmd", "Write ggufrun.lock: the exact files behind model names."),
     "synth": ("synth_cmd", "Write a random-weight GGUF in a real architecture's shape."),
     "chat": ("chat_cmd", "Chat with a model in the terminal, or answer one prompt."),
     "serve": ("serve_cmd", "Serve models over an OpenAI-compatible HTTP API."),

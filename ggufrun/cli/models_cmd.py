@@ -51,23 +51,45 @@ def list_command(ctx: click.Context, as_json: bool) -> None:
 
 
 @click.command("pull")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
 @click.option("--offline", is_flag=True, help="Use only the cache (also GGUFRUN_OFFLINE=1 or HF_HUB_OFFLINE=1).")
-@click.option("--force", is_flag=True, help="Download again even if cached; the cached copy is kept until the new one is verified.")
+@click.option("--force", is_flag=True, help="Download again even if cached (the cached copy is kept until the new one "
+              "is verified), and even if the model's header says it cannot run here.")
+@click.option("--locked", "locked", is_flag=False, flag_value="ggufrun.lock", default=None, metavar="[FILE]",
+              help="Fetch exactly the files in ggufrun.lock (or FILE), refusing any that differ.")
 @click.pass_context
-def pull_command(ctx: click.Context, names: tuple[str, ...], offline: bool, force: bool) -> None:
+def pull_command(ctx: click.Context, names: tuple[str, ...], offline: bool, force: bool, locked: str | None) -> None:
     """Download models into the cache: each source in order, verified by size and sha256.
+
+    A hub file that is not cached has its header read first (HTTP range requests) and is refused
+    when it cannot run on this machine (--force pulls anyway).
 
     \b
     Examples:
       ggufrun pull qwen2-7b-q5
       ggufrun pull gemma-2-9b-it:Q4_K_M
+      ggufrun pull hf:bartowski/gemma-2-9b-it-GGUF:Q5_K_M
       ggufrun pull hf:Qwen/Qwen2-0.5B-Instruct-GGUF/qwen2-0_5b-instruct-q4_0.gguf
+      ggufrun pull --locked
     """
+    from pathlib import Path
+
     from .. import fetch
     from ..cache import human_size
 
     reg = load_registry(ctx)
+    if locked is not None:
+        if names or force or offline:
+            raise click.UsageError("--locked fetches what the lock file names: give no NAME, --force or --offline with it.")
+        from ..lock import pull_locked
+
+        with download_progress() as progress:
+            results = pull_locked(Path(locked), reg, progress=progress, report=progress.report)
+        for r in results:
+            click.echo(f"{r.path} {'is cached' if r.cached else f'{human_size(r.bytes)} from {r.source}'}, as locked")
+        return
+    if not names:
+        raise click.UsageError("Give a model NAME (or --locked).")
     for name in names:
         spec = reg.resolve(name)
         with download_progress() as progress:
@@ -113,3 +135,28 @@ def rm_command(ctx: click.Context, names: tuple[str, ...]) -> None:
         if not removed:
             raise NotCachedError(f"'{spec.name}' is not in the cache.", "See `ggufrun list`.")
         click.echo(f"Removed {spec.name}: {spec.cache_path()}")
+
+
+@click.command("lock")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=None), default="ggufrun.lock", show_default=True,
+              help="The lock file to write.")
+@click.pass_context
+def lock_command(ctx: click.Context, names: tuple[str, ...], output: str) -> None:
+    """Write a lock file with the exact files behind NAMES: source, repo, revision, file, size, sha256.
+
+    `ggufrun pull --locked` then fetches exactly those files and refuses any that differ.
+
+    \b
+    Examples:
+      ggufrun lock smollm2 qwen2-7b-q5 hf:bartowski/gemma-2-9b-it-GGUF:Q5_K_M
+      ggufrun pull --locked
+    """
+    from pathlib import Path
+
+    from .. import lock
+
+    with download_progress() as progress:
+        entries = lock.lock(list(names), load_registry(ctx), report=progress.report)
+    path = lock.write(entries, Path(output))
+    click.echo(f"{path}: {len(entries)} file(s) locked")

@@ -123,14 +123,23 @@ class Model:
         that) is the KV cache all ``n_seq_max`` sequences share, so a server can hold ``--parallel``
         full-length requests at once."""
         path = Path(path)
+        info = None
         if validate:
             from ..gguf_info import validate as validate_gguf
 
-            validate_gguf(path)  # llama.cpp can crash on truncated or corrupt files: reject them first
+            info = validate_gguf(path)  # llama.cpp can crash on truncated or corrupt files: reject them first
+        if settings.n_gpu_layers == "auto":
+            from ..gguf_info import inspect
+            from ..offload import decide
+
+            info = info or inspect(path)
+            plan = decide(info, settings.n_ctx or info.context_length or 4096, path.name, n_ubatch=settings.ubatch_size)
+            settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
+        ngl = int(settings.n_gpu_layers)
         init_backend()
         started = time.perf_counter()
         mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = ALL_LAYERS if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+        mparams.n_gpu_layers = ALL_LAYERS if ngl < 0 else ngl
         if has_amx() and os.environ.get("GGUFRUN_AMX_BUFFERS") != "1":
             # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
             # tested (a -march=native build; llama.cpp#20824, open without a fix); the plain CPU buffers

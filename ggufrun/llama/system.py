@@ -9,12 +9,10 @@ from ._lib import L, init_backend
 
 def gpu_info() -> dict[str, Any]:
     """Whether this llama.cpp build can offload, and its devices (empty on a CPU build)."""
+    from .devices import real_devices
+
     init_backend()
-    devices = []
-    for i in range(L.ggml_backend_dev_count()) if hasattr(L, "ggml_backend_dev_count") else ():
-        dev = L.ggml_backend_dev_get(i)
-        devices.append({"name": L.ggml_backend_dev_name(dev).decode(), "description": L.ggml_backend_dev_description(dev).decode()})
-    return {"offload": bool(L.llama_supports_gpu_offload()), "devices": devices}
+    return {"offload": bool(L.llama_supports_gpu_offload()), "devices": [d.to_dict() for d in real_devices()]}
 
 
 def system_info() -> str:
