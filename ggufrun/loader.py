@@ -51,10 +51,10 @@ def open_model(
     if settings.n_gpu_layers == "auto":
         from dataclasses import replace
 
-        from .gguf_info import inspect
+        from .gguf_info import validate
         from .offload import decide
 
-        info = inspect(path)
+        info = validate(path)  # a crafted header is refused before its numbers are trusted
         plan = decide(info, settings.n_ctx or info.context_length or 4096, spec.name, n_ubatch=settings.ubatch_size)
         settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
         if plan.devices and report is not None:  # a CPU-only build: nothing worth saying

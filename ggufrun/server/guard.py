@@ -20,9 +20,12 @@ Numbers are module constants (documented in the README's "Limits" paragraph).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("ggufrun.server")
 
 HEADER_SECONDS = 10.0
 BODY_SECONDS = 30.0
@@ -111,8 +114,12 @@ class BodyGuard:
                 await self._reply(send, 408, f"The request body did not arrive within {BODY_SECONDS:g} s.",
                                   "timeout_error")
                 return
-            if message["type"] == "http.disconnect":
-                return  # the client left mid-body: nothing to answer
+            if message["type"] == "http.disconnect":  # the client left mid-body: nothing to answer
+                from .app import safe
+
+                log.info("client disconnected while sending the body of %s %s", scope.get("method"),
+                         safe(scope.get("path", "")))
+                return
             size += len(message.get("body", b""))
             if size > MAX_BODY_BYTES:
                 await self._reply(send, 413, f"The request body is larger than {MAX_BODY_BYTES:,} bytes.",
