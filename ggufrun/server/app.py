@@ -208,16 +208,17 @@ class EventStream:
     """A server-sent-events response that cancels its job as soon as the client goes away:
     a watcher sees ``http.disconnect`` even while the job still waits in the queue."""
 
-    def __init__(self, job: Job, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, job: Job, chunks: AsyncIterator[bytes], media_type: str = "text/event-stream; charset=utf-8") -> None:
         self.job = job
         self.chunks = chunks
+        self.media_type = media_type.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         watcher.add_done_callback(lambda _: self.job.cancel())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"content-type", self.media_type), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]})
             async for chunk in self.chunks:
                 if self.job.cancelled:
@@ -277,23 +278,30 @@ class _Shape:
                 "model": self.model, "choices": [choice], "usage": _usage(done)}
 
 
-async def _sse(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
+async def chat_chunks(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    """The job's results as OpenAI chunk objects (an error as an ``{"error": ...}`` object); the
+    Anthropic, Ollama and Responses APIs translate these, so every API streams through one path."""
     if shape.chat:
-        yield _json_line(shape.chunk(None, first=True))
+        yield shape.chunk(None, first=True)
     async for event in _events(job):
         if event.kind == "text":
-            yield _json_line(shape.chunk(event.text))
+            yield shape.chunk(event.text)
         elif event.kind == "done":
             final = shape.chunk(None, event.finish_reason)
             if include_usage:
-                yield _json_line(final)
+                yield final
                 final = {**shape.chunk(None), "choices": [], "usage": _usage(event)}
             else:
                 final["usage"] = _usage(event)  # llama-server and vLLM send it; clients ignore what they don't know
-            yield _json_line(final)
+            yield final
         else:
             assert event.error is not None
-            yield _json_line(api_error(event.error).body())
+            yield api_error(event.error).body()
+
+
+async def _sse(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
+    async for chunk in chat_chunks(job, shape, include_usage):
+        yield _json_line(chunk)
     yield b"data: [DONE]\n\n"
 
 
@@ -320,6 +328,25 @@ async def collect(request: Request, job: Job) -> tuple[str, Event] | None:
     finally:
         watcher.cancel()
         job.cancel()  # a no-op once the job ended; frees the slot when this task is cancelled (shutdown)
+
+
+@dataclass
+class ChatRun:
+    """A submitted chat completion: what the other APIs (anthropic.py, ollama.py, responses.py)
+    get from ``Server.start_chat`` and translate into their own shapes."""
+
+    job: Job
+    params: GenParams
+    shape: _Shape
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI ``chat.completion.chunk`` objects, the last one (no choices) with the usage."""
+        return chat_chunks(self.job, self.shape, include_usage=True)
+
+    async def whole(self, request: Request) -> dict[str, Any] | None:
+        """The OpenAI ``chat.completion`` object; None (job cancelled) if the client left."""
+        result = await collect(request, self.job)
+        return None if result is None else self.shape.whole(*result)
 
 
 # ---- the application -----------------------------------------------------------------------------
@@ -388,8 +415,8 @@ class Server:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(shape.whole(*result))
 
-    async def chat_completions(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_body_bytes)
+    async def start_chat(self, body: dict[str, Any]) -> ChatRun:
+        """Validate an OpenAI chat request body and submit it: the one chat pipeline every API uses."""
         params = parse_gen(body, chat=True)
         messages = parse_messages(body)
         cfg = self.pool.lookup(params.model)
@@ -399,7 +426,12 @@ class Server:
             return chat_tokens(backend.template, backend.model, messages)
 
         job = await self._prepare(params, cfg, build)
-        return await self._respond(request, job, params, _Shape(chat=True, model=params.model or cfg.id))
+        return ChatRun(job, params, _Shape(chat=True, model=params.model or cfg.id))
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_body_bytes)
+        run = await self.start_chat(body)
+        return await self._respond(request, run.job, run.params, run.shape)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
@@ -512,22 +544,40 @@ class AccessLog:
 
 
 class BearerAuth:
-    """With --api-key, every route but /health needs ``Authorization: Bearer KEY``."""
+    """With --api-key, every route but /health needs ``Authorization: Bearer KEY``, or
+    ``x-api-key: KEY`` as Anthropic's clients send it."""
 
     OPEN = frozenset({"/health"})
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.", kind="authentication_error")
-                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            headers = dict(scope["headers"])
+            bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+            if not (bearer or hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)):
+                error = ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
+                                 kind="authentication_error")
+                body = error.body()
+                if scope["path"].startswith("/v1/messages"):
+                    from .anthropic import error_body
+                    body = error_body(401, error.message)
+                elif scope["path"].startswith("/api/"):
+                    body = {"error": error.message}
+                response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def other_api_routes(server: Server) -> list[Route]:
+    """The Anthropic, Ollama and Responses APIs and llama-server's token routes, each a
+    translation onto ``Server.start_chat`` (imported here: they import this module)."""
+    from . import anthropic, llamacpp, ollama, responses
+
+    return [*anthropic.routes(server), *ollama.routes(server), *responses.routes(server), *llamacpp.routes(server)]
 
 
 def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = False) -> Starlette:
@@ -570,11 +620,12 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
+        *other_api_routes(server),
     ]
     middleware = [Middleware(AccessLog, metrics=metrics, routes={r.path for r in routes})]
     if config.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors), allow_methods=["GET", "POST", "OPTIONS"],
-                                     allow_headers=["Authorization", "Content-Type"]))
+                                     allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"]))
     if config.api_key:
         middleware.append(Middleware(BearerAuth, api_key=config.api_key))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
