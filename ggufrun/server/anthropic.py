@@ -30,10 +30,10 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 # Fields accepted as they are: metadata.user_id is for the provider's abuse tracking, and
 # cache_control marks prompt prefixes, which the engine reuses on its own.
 KNOWN = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
-         "metadata", "tools", "tool_choice", "thinking", "service_tier"}
-COUNT_KNOWN = {"model", "messages", "system", "tools", "tool_choice", "thinking"}
+         "metadata", "tools", "tool_choice", "thinking", "service_tier", "output_config", "cache_control"}
+COUNT_KNOWN = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "cache_control"}
 NAMES = {"max_tokens": "max_tokens", "stop": "stop_sequences", "tools": "tools", "tool_choice": "tool_choice",
-         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}
+         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format"}
 
 
 def error_body(status: int, message: str, kind: str | None = None) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _check_common(body: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
-        raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
+        raise Refused(unknown[0], f"'{unknown[0]}' is not supported.")
     thinking = body.get("thinking")
     if thinking is not None and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
         raise Refused("thinking", "Extended thinking is not supported: send no 'thinking' or {\"type\": \"disabled\"}.")
@@ -168,8 +168,25 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if tools:
         out["tools"] = tools
     _tool_choice(body.get("tool_choice"), out)
+    _output_config(body.get("output_config"), out)
     require(out, NAMES)
     return out
+
+
+def _output_config(config: Any, out: dict[str, Any]) -> None:
+    """Structured output (``output_config.format``) as OpenAI's response_format."""
+    if config is None:
+        return
+    if not isinstance(config, dict) or set(config) - {"effort", "format"}:
+        raise Refused("output_config", "'output_config' may hold format (and effort).")
+    if config.get("effort") is not None:
+        raise Refused("output_config.effort", "'output_config.effort' is not supported: ggufrun's models have no effort levels.")
+    fmt = config.get("format")
+    if fmt is None:
+        return
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+        raise Refused("output_config.format", "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}.")
+    out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"], "strict": True}}
 
 
 def _usage(usage: dict[str, Any] | None) -> dict[str, int]:

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools", "tool_choice",
          "parallel_tool_calls", "text", "store", "previous_response_id", "metadata", "user", "reasoning", "truncation",
          "include", "top_logprobs", "service_tier", "background", "prompt_cache_key", "safety_identifier", "stream_options",
-         "max_tool_calls", "conversation", "prompt"}
+         "max_tool_calls", "conversation", "prompt", *("top_k", "min_p", "seed", "repeat_penalty")}
+# llama.cpp's sampling fields, taken here as llama-server takes them on its OpenAI routes.
+EXTRAS = ("top_k", "min_p", "seed", "repeat_penalty")
 NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice",
          "parallel_tool_calls": "parallel_tool_calls", "logprobs": "top_logprobs", "top_logprobs": "top_logprobs"}
 # include values that need nothing from us: ggufrun produces no reasoning items to encrypt.
@@ -164,7 +166,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     """A Responses request as an OpenAI chat request body; raise Refused."""
     _refuse_set(body)
     out: dict[str, Any] = {"messages": _messages(body)}
-    for key in ("model", "temperature", "top_p", "stream"):
+    for key in ("model", "temperature", "top_p", "stream", *EXTRAS):
         if body.get(key) is not None:
             out[key] = body[key]
     if body.get("max_output_tokens") is not None:
