@@ -211,7 +211,7 @@ def from_openai(result: dict[str, Any]) -> dict[str, Any]:
 
 async def events(run: ChatRun, model: str) -> AsyncIterator[bytes]:
     """Anthropic's event stream from the OpenAI chunks of ``run``."""
-    message = {"id": _message_id(), "type": "message", "role": "assistant", "model": model, "content": [],
+    message: dict[str, Any] = {"id": _message_id(), "type": "message", "role": "assistant", "model": model, "content": [],
                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
     yield sse("message_start", {"type": "message_start", "message": message})
     index = -1  # the open content block, -1 when none is open
