@@ -14,14 +14,16 @@ import shlex
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
-from .templates import ChatTemplate, chat_tokens, select_template, split_stop
+from .generation import classify_stops
+from .templates import ChatTemplate, chat_tokens, select_template
 
 if TYPE_CHECKING:
-    from .runtime import GenStats, Model
+    from .generation import GenStats
+    from .runtime import Model
 
 SAVE_FORMAT = "ggufrun-chat"
 # Settings /set may change while the model stays loaded; the rest need a reload.
@@ -57,7 +59,7 @@ class Reply:
     """
 
     def __init__(self, session: ChatSession, tokens: list[int], notice: str | None) -> None:
-        from .runtime import GenStats
+        from .generation import GenStats
 
         self.notice = notice
         self.stats: GenStats = GenStats()
@@ -78,43 +80,22 @@ class Reply:
         self._stream.close()
 
     def _generate(self) -> Generator[str, None, None]:
-        from .runtime import TokenDecoder
-
         session = self._session
         model = session.model
-        feed = TokenDecoder(model).feed
-        stop_ids = session._stop_ids
-        text_stops = session._text_stops
+        gen = model.start(self._tokens, session._sampler.params, max_tokens=session.settings.max_tokens,
+                          stop=session._text_stops, stop_ids=session._stop_ids)
+        self.stats = gen.stats
         parts: list[str] = []
-        pending = ""  # text held back while it could be the start of a stop string
-        # generate() is a generator: closing it (below) ends the token loop cleanly
-        gen = cast("Generator[int, None, None]",
-                   model.generate(self._tokens, session._sampler, max_tokens=session.settings.max_tokens, stats=self.stats))
+        stream = model.stream(gen, self._tokens)
         try:
-            # The hot loop: a set lookup, one decode of cached bytes and a yield per token.
-            for tok in gen:
-                if self.cancelled or tok in stop_ids:
+            for _tok, piece in stream:  # the hot loop: one sample, one accept and a yield per token
+                if piece:
+                    parts.append(piece)
+                    yield piece
+                if self.cancelled:
                     break
-                piece = feed(tok)
-                if not piece:
-                    continue
-                if text_stops:
-                    pending += piece
-                    piece, pending, hit = split_stop(pending, text_stops)
-                    if piece:
-                        parts.append(piece)
-                        yield piece
-                    if hit:
-                        pending = ""
-                        break
-                    continue
-                parts.append(piece)
-                yield piece
-            if pending:
-                parts.append(pending)
-                yield pending
         finally:
-            gen.close()
+            stream.close()
             self.text = "".join(parts)
             session._record(self)
 
@@ -149,14 +130,7 @@ class ChatSession:
         template = select_template(model.chat_template, self.family, name, bos_token=bos, eos_token=eos)
         # A stop string that is one token in this vocabulary is matched by id (cheap, and control
         # tokens print as nothing); longer ones are matched in the text.
-        ids, texts = set(), []
-        for s in template.stop:
-            toks = model.tokenize(s, add_special=False, parse_special=True)
-            if len(toks) == 1:
-                ids.add(toks[0])
-            elif toks:
-                texts.append(s)
-        self._stop_ids, self._text_stops = frozenset(ids), tuple(texts)
+        self._stop_ids, self._text_stops = classify_stops(model, template.stop)
         return template
 
     def _new_sampler(self) -> None:

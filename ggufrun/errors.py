@@ -99,3 +99,9 @@ class TemplateError(GgufrunError):
 
 class BenchError(GgufrunError):
     """A benchmark configuration cannot run."""
+
+
+class GrammarError(GgufrunError):
+    """llama.cpp rejected a request's grammar (GBNF)."""
+
+    http_status = 400

@@ -34,6 +34,7 @@ def open_model(
     progress: ProgressFn | None = None,
     report: Callable[[str], None] | None = None,
     n_seq_max: int = 1,
+    kv_cells: int = 0,
 ) -> LoadedModel:
     """Resolve ``name``, pull the file when it is not cached, merge the settings layers and load it.
 
@@ -47,6 +48,6 @@ def open_model(
     spec = registry.resolve(name)
     settings = resolve(spec.defaults, cli_settings)  # bad flags fail before a download starts
     path = ensure_local(spec, offline=offline, progress=progress, report=report)
-    model = Model.load(path, settings, n_seq_max=n_seq_max)
+    model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells)
     family = spec.family or guess_family(model.metadata)
     return LoadedModel(model=model, spec=spec, settings=settings, family=family)

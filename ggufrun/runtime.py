@@ -13,7 +13,7 @@ from array import array
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +36,8 @@ _prefer_system_libstdcxx()
 import llama_cpp as L  # noqa: E402
 
 from . import paths
-from .errors import ConfigError, ContextOverflowError, ModelLoadError
+from .errors import ConfigError, ContextOverflowError, GrammarError, ModelLoadError
+from .generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
 from .settings import Settings
 
 _FLASH_ATTN = {"on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED, "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}
@@ -72,27 +73,27 @@ def _has_amx() -> bool:
     return "AMX_INT8 = 1" in L.llama_print_system_info().decode("utf-8", "replace")
 
 
-@dataclass
-class GenStats:
-    """Counts and timings of one generate() call, as `ollama run --verbose` reports them."""
-
-    prompt_tokens: int = 0  # tokens in the prompt
-    cached_tokens: int = 0  # of those, reused from the KV cache
-    prompt_seconds: float = 0.0  # time to evaluate the uncached prompt tokens
-    gen_tokens: int = 0
-    gen_seconds: float = 0.0  # from the first generated token to the last
-    ttft_seconds: float = 0.0  # from the call to the first generated token
-    finish_reason: str = ""  # "stop" (end of turn), "length" (max_tokens or context full)
-
-    @property
-    def prompt_tps(self) -> float:
-        evaluated = self.prompt_tokens - self.cached_tokens
-        return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        # The first token comes from the prompt's logits; rate over the decodes that followed it.
-        return (self.gen_tokens - 1) / self.gen_seconds if self.gen_tokens > 1 and self.gen_seconds > 0 else 0.0
+def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int, embeddings: bool, path: Path) -> Any:
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = min(settings.batch_size, n_ctx)
+    cparams.n_ubatch = min(settings.ubatch_size, cparams.n_batch)
+    cparams.n_seq_max = n_seq_max
+    threads = settings.effective_threads()
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
+    cparams.embeddings = embeddings
+    cparams.no_perf = True
+    # Several sequences share one KV cache of n_ctx cells, so each can grow to the full context.
+    cparams.kv_unified = n_seq_max > 1
+    ctx = L.llama_init_from_model(model_ptr, cparams)
+    if not ctx:
+        raise ModelLoadError(
+            f"llama.cpp could not create a context for {path.name} (n_ctx={n_ctx}, n_gpu_layers={settings.n_gpu_layers}).",
+            "Try a smaller --n-ctx or fewer --n-gpu-layers.",
+        )
+    return ctx
 
 
 class Model:
@@ -132,12 +133,18 @@ class Model:
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False
+        self._owns_weights = True
 
     # ---- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: Path | str, settings: Settings, *, n_seq_max: int = 1, embeddings: bool = False, validate: bool = True) -> "Model":
-        """Load a GGUF file; raise InvalidGGUFError, ConfigError (n_ctx too large) or ModelLoadError."""
+    def load(cls, path: Path | str, settings: Settings, *, n_seq_max: int = 1, embeddings: bool = False, validate: bool = True,
+             kv_cells: int = 0) -> "Model":
+        """Load a GGUF file; raise InvalidGGUFError, ConfigError (n_ctx too large) or ModelLoadError.
+
+        ``settings.n_ctx`` is one sequence's context (0 = the trained length); ``kv_cells`` (default:
+        that) is the KV cache all ``n_seq_max`` sequences share, so a server can hold ``--parallel``
+        full-length requests at once."""
         path = Path(path)
         if validate:
             from .gguf_info import validate as validate_gguf
@@ -159,27 +166,21 @@ class Model:
         if n_ctx > n_ctx_train:
             L.llama_model_free(model_ptr)
             raise ConfigError(f"n_ctx={n_ctx} is larger than the model's trained context ({n_ctx_train}).", f"Use --n-ctx {n_ctx_train} or less.")
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = min(settings.batch_size, n_ctx)
-        cparams.n_ubatch = min(settings.ubatch_size, cparams.n_batch)
-        cparams.n_seq_max = n_seq_max
-        threads = settings.effective_threads()
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
-        cparams.embeddings = embeddings
-        cparams.no_perf = True
-        # Several sequences share one KV cache of n_ctx cells, so each can grow to the full context.
-        cparams.kv_unified = n_seq_max > 1
-        ctx = L.llama_init_from_model(model_ptr, cparams)
-        if not ctx:
+        try:
+            ctx = _new_context(model_ptr, settings, max(kv_cells, n_ctx), n_seq_max, embeddings, path)
+        except BaseException:
             L.llama_model_free(model_ptr)
-            raise ModelLoadError(
-                f"llama.cpp could not create a context for {path.name} (n_ctx={n_ctx}, n_gpu_layers={settings.n_gpu_layers}).",
-                "Try a smaller --n-ctx or fewer --n-gpu-layers.",
-            )
+            raise
         return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings)
+
+    def new_context(self, *, n_ctx: int, n_seq_max: int = 1, embeddings: bool = False) -> "Model":
+        """A second context over these same weights (no second load): the server's embedder.
+        Closing it frees only the context; the weights stay with this Model, which must outlive it."""
+        settings = replace(self.settings, n_ctx=n_ctx)
+        ctx = _new_context(self._model, settings, n_ctx, n_seq_max, embeddings, self.path)
+        other = Model(self.path, settings, self._model, ctx, n_seq_max, 0.0, embeddings)
+        other._owns_weights = False
+        return other
 
     def _read_metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -198,7 +199,8 @@ class Model:
         self._closed = True
         L.llama_batch_free(self._batch)
         L.llama_free(self._ctx)
-        L.llama_model_free(self._model)
+        if self._owns_weights:
+            L.llama_model_free(self._model)
 
     def __enter__(self) -> "Model":
         return self
@@ -351,24 +353,39 @@ class Model:
             raise ValueError(f"decode() got more than n_batch={self.n_batch} tokens across sequences")
         return self._decode_batch(items)
 
+    def logits_rows(self, n: int) -> Any:
+        """The logits of the last decode's ``n`` outputs, in batch order: a float32 [n, n_vocab]
+        view of llama.cpp's buffer (valid until the next decode; sampling edits it in place)."""
+        return _np().ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(n, self.n_vocab))
+
+    def sample_one(self, seq: SeqSampler, output_index: int) -> tuple[int, Any]:
+        """Sample the next token of one sequence from the logits at ``output_index``; return
+        (token, logprob info or None). The caller accepts it (Generation.accept)."""
+        p = seq.params
+        if p.greedy and seq.grammar is None and p.logprobs is None and seq._window is None and not len(seq.bias_ids):
+            return self._argmax(output_index), None
+        row = _np().ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, output_index), shape=(1, self.n_vocab))
+        tokens, infos = sample_rows(row, [seq])
+        return tokens[0], infos[0]
+
     def sample(self, sampler: "Sampler", output_index: int) -> int:
-        """Sample (and accept) the next token from the logits at ``output_index``."""
-        if sampler.greedy:
-            return self._argmax(output_index)
-        return L.llama_sampler_sample(sampler._chain, self._ctx, output_index)
+        """Sample and accept the next token from the logits at ``output_index`` (one Sampler per sequence)."""
+        seq = sampler.state()
+        tok, _ = self.sample_one(seq, output_index)
+        seq.accept(tok)
+        return tok
 
     def _argmax(self, output_index: int) -> int:
         logits = L.llama_get_logits_ith(self._ctx, output_index)
         return int(_np().ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
-    def generate(self, tokens: list[int], sampler: "Sampler", *, max_tokens: int = 0, seq_id: int = 0, stats: GenStats | None = None) -> Iterator[int]:
-        """Yield sampled tokens after ``tokens``, reusing the KV cache's common prefix.
+    def grammar(self, text: str) -> "Grammar":
+        """A llama.cpp grammar sampler for GBNF ``text``; raise GrammarError when llama.cpp rejects it."""
+        return Grammar(self, text)
 
-        Stops at an end-of-generation token (not yielded), after ``max_tokens`` (0 = no limit) or
-        when the context is full. Closing the generator early is safe.
-        """
-        st = stats if stats is not None else GenStats()
-        started = time.perf_counter()
+    def start(self, tokens: list[int], params: SamplingParams, *, max_tokens: int = 0, stop: list[str] | tuple[str, ...] = (),
+              stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False) -> Generation:
+        """A Generation for ``tokens`` in sequence ``seq_id`` (the prompt checked against the context)."""
         if not tokens:
             raise ContextOverflowError("Empty prompt.")
         if len(tokens) >= self.n_ctx:
@@ -376,37 +393,39 @@ class Model:
                 f"The prompt has {len(tokens)} tokens; the context holds {self.n_ctx}.",
                 "Shorten it or raise --n-ctx.", n_tokens=len(tokens), n_ctx=self.n_ctx,
             )
+        return Generation(self, tokens, params, max_tokens=max_tokens, n_ctx=self.n_ctx, stop=stop, stop_ids=stop_ids,
+                          ignore_eos=ignore_eos, grammar_factory=self.grammar)
+
+    def stream(self, gen: Generation, tokens: list[int], *, seq_id: int = 0) -> Iterator[tuple[int, str]]:
+        """Drive ``gen`` over ``tokens`` in one sequence, reusing the KV cache's common prefix:
+        yield (token, text now safe to show) per generated token, then (-1, held-back text) when it
+        ends. Closing the iterator early is safe (the generation ends as "cancelled")."""
+        st = gen.stats
+        gen.started = time.perf_counter()
         common = min(self.common_prefix(seq_id, tokens), len(tokens) - 1)  # the last prompt token is re-evaluated for its logits
         self._truncate(seq_id, common)
-        common = self.seq_len(seq_id)
-        st.prompt_tokens, st.cached_tokens = len(tokens), common
-        idx = self.decode([(seq_id, tokens[common:], True)])[0]
+        st.cached_tokens = self.seq_len(seq_id)
+        idx = self.decode([(seq_id, tokens[st.cached_tokens:], True)])[0]
         seq = self._seq[seq_id]
-        n_ctx = self.n_ctx
-        sample = (lambda _chain, _ctx, i: self._argmax(i)) if sampler.greedy else L.llama_sampler_sample
-        is_eog = L.llama_vocab_is_eog
-        chain, ctx, vocab = sampler._chain, self._ctx, self._vocab
-        batch, slots = self._batch, self._slot_seq
-        first_at = 0.0
-        n = 0
+        ctx, batch, slots = self._ctx, self._batch, self._slot_seq
+        sample, accept = self.sample_one, gen.accept
+        sampler = gen.sampler
         try:
             while True:
-                tok = sample(chain, ctx, idx)  # reads the logits, so it also waits for the decode
-                now = time.perf_counter()
-                if n == 0:
-                    first_at = now
-                    st.prompt_seconds = now - started
-                    st.ttft_seconds = st.prompt_seconds
-                else:
-                    st.gen_seconds = now - first_at
-                if is_eog(vocab, tok):
-                    st.finish_reason = "stop"
+                tok, info = sample(sampler, idx)  # reads the logits, so it also waits for the decode
+                text, reason = accept(tok, info)
+                if reason is not None:
+                    if tok >= 0 and reason == "length":
+                        yield tok, text
+                    elif text:
+                        yield -1, text
                     return
-                n += 1
-                st.gen_tokens = n
-                yield tok
-                if (max_tokens and n >= max_tokens) or len(seq) >= n_ctx:
-                    st.finish_reason = "length"
+                yield tok, text
+                if len(seq) >= self.n_ctx:
+                    gen.finish_reason = st.finish_reason = "length"
+                    tail = gen.finish()
+                    if tail:
+                        yield -1, tail
                     return
                 # Single-token step, written straight into the preallocated batch (hot path).
                 batch.token[0] = tok
@@ -418,15 +437,28 @@ class Model:
                 batch.n_tokens = 1
                 rc = L.llama_decode(ctx, batch)
                 if rc == 1:  # no KV cell left: the context is full
-                    st.finish_reason = "length"
+                    gen.finish_reason = st.finish_reason = "length"
                     return
                 if rc != 0:
                     raise ModelLoadError(f"llama_decode failed (code {rc}).")
                 seq.append(tok)
                 idx = 0
         finally:
-            if not st.finish_reason:
-                st.finish_reason = "cancelled"
+            gen.close()
+
+    def generate(self, tokens: list[int], sampler: "Sampler", *, max_tokens: int = 0, seq_id: int = 0, stats: GenStats | None = None) -> Iterator[int]:
+        """Yield sampled tokens after ``tokens``, reusing the KV cache's common prefix.
+
+        Stops at an end-of-generation token (not yielded), after ``max_tokens`` (0 = no limit) or
+        when the context is full. Closing the generator early is safe.
+        """
+        gen = self.start(tokens, sampler.params, max_tokens=max_tokens, seq_id=seq_id)
+        if stats is not None:
+            gen.stats = stats
+            stats.prompt_tokens = len(tokens)
+        for tok, _ in self.stream(gen, tokens, seq_id=seq_id):
+            if tok >= 0:
+                yield tok
 
     # ---- bench and quality ----------------------------------------------------------------
 
@@ -470,53 +502,92 @@ class Model:
         return result, n_tokens
 
 
-class Sampler:
-    """A llama.cpp C sampler chain: penalties, top-k, top-p, min-p, temperature, then a draw
-    (or greedy at temperature 0). All of it runs in C, once per token."""
+_TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
 
-    def __init__(self, model: Model, *, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-                 repeat_penalty: float = 1.0, seed: int = -1) -> None:
-        params = L.llama_sampler_chain_default_params()
-        params.no_perf = True
-        self._chain = L.llama_sampler_chain_init(params)
-        add = lambda s: L.llama_sampler_chain_add(self._chain, s)  # noqa: E731
-        if repeat_penalty != 1.0:
-            add(L.llama_sampler_init_penalties(model.n_vocab, 64, repeat_penalty, 0.0, 0.0))
-        # Greedy without penalties needs no chain: an argmax over the logits in numpy costs 20 us
-        # where llama_sampler_sample, which first copies all n_vocab candidates, costs 300 us
-        # (gemma3's 262k vocabulary; 3% of its generation speed on 2 CPU threads).
-        self.greedy = temperature <= 0 and repeat_penalty == 1.0
-        if temperature <= 0:
-            add(L.llama_sampler_init_greedy())
-            return
-        if top_k > 0:
-            add(L.llama_sampler_init_top_k(top_k))
-        if top_p < 1.0:
-            add(L.llama_sampler_init_top_p(top_p, 1))
-        if min_p > 0.0:
-            add(L.llama_sampler_init_min_p(min_p, 1))
-        add(L.llama_sampler_init_temp(temperature))
-        add(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if seed < 0 else seed))
 
-    @classmethod
-    def from_settings(cls, model: Model, settings: Settings, **overrides: Any) -> "Sampler":
-        values = {k: getattr(settings, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(model, **values)
+class Grammar:
+    """llama.cpp's grammar sampler for one sequence, over numpy rows of logits."""
 
-    def reset(self) -> None:
-        L.llama_sampler_reset(self._chain)
+    def __init__(self, model: Model, text: str) -> None:
+        _init_backend()
+        np = _np()
+        self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
+        if not self._ptr:
+            first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
+            raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",
+                               "Check the GBNF syntax; it needs a 'root' rule.")
+        self._n_vocab = model.n_vocab
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._all: Any = None
+
+    def _apply(self, data: Any) -> None:
+        arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=len(data),
+                                       selected=-1, sorted=False)
+        L.llama_sampler_apply(self._ptr, ctypes.byref(arr))
+
+    def allows(self, token: int) -> bool:
+        one = self._one
+        one["id"], one["logit"], one["p"] = token, 0.0, 0.0
+        self._apply(one)
+        return bool(_np().isfinite(one["logit"][0]))
+
+    def mask(self, row: Any) -> None:
+        """Set the logits of every token the grammar forbids now to -inf (in place)."""
+        np = _np()
+        if self._all is None:
+            self._all = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+            self._all["id"] = np.arange(self._n_vocab)
+        self._all["logit"] = row
+        self._apply(self._all)
+        row[:] = self._all["logit"]
+
+    def accept(self, token: int) -> None:
+        L.llama_sampler_accept(self._ptr, token)
 
     def close(self) -> None:
-        if self._chain:
-            L.llama_sampler_free(self._chain)
-            self._chain = None
+        if self._ptr:
+            L.llama_sampler_free(self._ptr)
+            self._ptr = None
 
     def __del__(self) -> None:
         try:
             self.close()
         except Exception:
             pass
+
+
+class Sampler:
+    """A request's sampling settings (see generation.SamplingParams); kept for callers of
+    :meth:`Model.generate`. The sampling itself is generation.sample_rows."""
+
+    def __init__(self, model: Model | None = None, **values: Any) -> None:
+        self.params = SamplingParams.from_dict(values)
+        self._state: SeqSampler | None = None
+
+    def state(self) -> SeqSampler:
+        """The running state for :meth:`Model.sample` (one sequence's penalties and draws)."""
+        if self._state is None:
+            self._state = SeqSampler(self.params)
+        return self._state
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy
+
+    @classmethod
+    def from_settings(cls, model: Model, settings: Settings, **overrides: Any) -> "Sampler":
+        values = {k: getattr(settings, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")}
+        for k in ("presence_penalty", "frequency_penalty", "repeat_last_n"):
+            if hasattr(settings, k):
+                values[k] = getattr(settings, k)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model, **values)
+
+    def reset(self) -> None:
+        self._state = None
+
+    def close(self) -> None:
+        self._state = None
 
 
 class TokenDecoder:

@@ -49,6 +49,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("top_k", int, "Top-k sampling (0 = off).", min=0, sampling=True),
     Field("min_p", float, "Min-p sampling threshold.", min=0.0, max=1.0, sampling=True),
     Field("repeat_penalty", float, "Penalty for repeating recent tokens (1.0 = off).", min=0.0, max=10.0, sampling=True),
+    Field("presence_penalty", float, "Subtract this from every token already in the recent window (0 = off).", min=-2.0, max=2.0, sampling=True),
+    Field("frequency_penalty", float, "Subtract this times a token's count in the recent window (0 = off).", min=-2.0, max=2.0, sampling=True),
+    Field("repeat_last_n", int, "Tokens the penalties look back over, prompt included (-1 = the whole context, 0 = off).", min=-1, sampling=True),
     Field("max_tokens", int, "Most tokens to generate per reply (0 = until end of turn or context).", min=0, sampling=True),
     Field("template", str, "Chat template: auto (the GGUF's own, else the family's) or chatml, gemma, llama3, plain."),
 )}
@@ -70,6 +73,9 @@ class Settings:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
     max_tokens: int = 0
     template: str = "auto"
 

@@ -114,8 +114,9 @@ class ChatTemplate:
                  "override": "--template"}[self.source]
         return f"{self.name} (from {where})"
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """Prompt text for ``messages`` (dicts with role and content); raise TemplateError."""
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None) -> str:
+        """Prompt text for ``messages`` (dicts with role and content; ``tools`` reach a GGUF
+        template that renders them, see server/tools.py); raise TemplateError."""
         for m in messages:
             if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant", "tool"):
                 raise TemplateError(f"Invalid chat message {m!r}: role must be system, user or assistant.")
@@ -127,7 +128,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
-                tools=None,
+                tools=list(tools) if tools else None,
                 documents=None,
             )
         except TemplateError:
@@ -232,11 +233,12 @@ def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, s
     return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
 
 
-def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                tools: Sequence[Any] | None = None) -> list[int]:
     """Render ``messages`` with ``template`` and tokenize them for ``model`` (a runtime.Model),
     with BOS added where the model wants one, once: templates that write {{ bos_token }}
     themselves would otherwise start with two."""
-    tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt), add_special=True, parse_special=True)
+    tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools), add_special=True, parse_special=True)
     if len(tokens) > 1 and tokens[0] == tokens[1] == model.bos_id:
         del tokens[0]
     return tokens

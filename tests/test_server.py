@@ -203,7 +203,7 @@ def test_embeddings(srv: ServerProcess) -> None:
     assert r.json()["usage"]["prompt_tokens"] >= 4
     assert client(srv).embeddings.create(model="tiny", input="hi").data[0].embedding
     r = post(srv, "/v1/embeddings", {"model": "tiny", "input": ["fine", " "]})
-    assert r.status_code == 422 and "input[1]" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "input[1]" in r.json()["error"]["message"]
 
 
 # ---- bad input: the right status, and the server keeps serving ----------------------------------
@@ -222,15 +222,15 @@ def test_bad_input_statuses(srv: ServerProcess) -> None:
 
     for field, bad in (("temperature", -1), ("max_tokens", 0), ("max_tokens", -5), ("top_p", 2), ("temperature", "hot")):
         r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "x", field: bad})
-        assert r.status_code == 422 and r.json()["error"]["param"] == field, (field, bad, r.text)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, bad, r.text)
     r = post(srv, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0].role"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
     r = post(srv, "/v1/chat/completions", {"model": "tiny"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "messages"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = post(srv, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [1, 2]}]})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "messages[0].content[0]"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"
     r = post(srv, "/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**64})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "seed"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
 
     r = post(srv, "/v1/completions", b'{"prompt": "' + b"a" * (9 * 1024 * 1024) + b'"}')
     assert r.status_code == 413
@@ -317,8 +317,10 @@ def test_api_key_and_cors(tiny_model: Path, server_env: dict[str, str]) -> None:
     with serve(str(tiny_model), "--served-model-name", "tiny", "--api-key", "s3cret", "--cors", "http://app.example",
                "--threads", "1", env=server_env) as s:
         assert requests.get(f"{s.url}/health", timeout=10).status_code == 200
-        for path in ("/v1/models", "/metrics", "/"):
+        for path in ("/v1/models", "/metrics"):
             assert requests.get(f"{s.url}{path}", timeout=10).status_code == 401, path
+        page = requests.get(s.url, timeout=10)  # the page is public; it asks for the key and sends it
+        assert page.status_code == 200 and "Authorization" in page.text
         wrong = requests.get(f"{s.url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
         assert wrong.status_code == 401 and wrong.headers.get("WWW-Authenticate") == "Bearer"
         assert post(s, "/", {"prompt": "hi"}).status_code == 401
@@ -327,7 +329,7 @@ def test_api_key_and_cors(tiny_model: Path, server_env: dict[str, str]) -> None:
         assert client(s, "s3cret").completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens <= 2
         preflight = requests.options(f"{s.url}/v1/chat/completions", timeout=10, headers={
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-retry-count"})
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://app.example"
 
@@ -527,21 +529,22 @@ def test_stop_string_helpers() -> None:
 
 
 def test_request_validation_names_the_field() -> None:
-    from ggufrun.server.app import ApiError, parse_gen, parse_messages, parse_prompt
+    from ggufrun.server.protocol import ApiError, parse_gen, parse_messages, parse_prompts
 
     ok = parse_gen({"model": "m", "max_tokens": 5, "stop": "x", "temperature": 0, "seed": 3, "stream": True,
                     "stream_options": {"include_usage": True}}, chat=False)
     assert (ok.max_tokens, ok.stop, ok.sampling, ok.stream, ok.include_usage) == (5, ["x"], {"temperature": 0.0, "seed": 3}, True, True)
     assert parse_gen({"max_completion_tokens": 7}, chat=True).max_tokens == 7
     for body, param in (({"temperature": -0.1}, "temperature"), ({"temperature": True}, "temperature"), ({"top_k": 1.5}, "top_k"),
-                        ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"n": 2}, "n"), ({"stream": "yes"}, "stream")):
+                        ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"n": 0}, "n"), ({"n": 17}, "n"), ({"stream": "yes"}, "stream")):
         with pytest.raises(ApiError) as err:
             parse_gen(body, chat=False)
-        assert err.value.status == 422 and err.value.param == param, body
+        assert err.value.status == 400 and err.value.param == param, body
     assert parse_messages({"messages": [{"role": "developer", "content": "be brief"}]})[0]["role"] == "system"
-    assert parse_prompt({"prompt": ["only one"]}) == "only one" and parse_prompt({"prompt": [1, 2]}) == [1, 2]
+    assert parse_prompts({"prompt": ["only one"]}) == ["only one"] and parse_prompts({"prompt": [1, 2]}) == [[1, 2]]
+    assert parse_prompts({"prompt": ["two", "prompts"]}) == ["two", "prompts"]
     with pytest.raises(ApiError):
-        parse_prompt({"prompt": ["two", "prompts"]})
+        parse_prompts({"prompt": ["text", 3]})
 
 
 def test_serve_config_is_strict(tmp_path: Path) -> None:

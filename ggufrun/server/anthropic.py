@@ -15,10 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..templates import chat_tokens
-from .app import parse_messages
-from .translate import (Refused, backend_for, body_of, choice_of, chunk_error, guarded, require, sse, stream, text_of,
-                        tool_arguments)
+from .translate import (Refused, body_of, chat_prompt, choice_of, chunk_error, guarded, require, sse, stream, streamed,
+                        text_of, tool_arguments)
 
 if TYPE_CHECKING:
     from .app import ChatRun, Server
@@ -170,7 +168,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     _tool_choice(body.get("tool_choice"), out)
     _output_config(body.get("output_config"), out)
     require(out, NAMES)
-    return out
+    return streamed(out)
 
 
 def _output_config(config: Any, out: dict[str, Any]) -> None:
@@ -267,7 +265,7 @@ def routes(server: Server) -> list[Route]:
         body = await body_of(server, request)
         openai_body = to_openai(body)
         run = await server.start_chat(openai_body)
-        model = body.get("model") or run.shape.model
+        model = body.get("model") or run.choices.model
         if openai_body.get("stream"):
             return stream(run, events(run, model), "text/event-stream; charset=utf-8")
         result = await run.whole(request)
@@ -279,14 +277,13 @@ def routes(server: Server) -> list[Route]:
     async def count_tokens(request: Request) -> Response:
         body = await body_of(server, request)
         _check_common(body, COUNT_KNOWN)
+        openai_body = {"model": body.get("model"), "messages": _messages(body)}
         if body.get("tools"):
-            out: dict[str, Any] = {"tools": _tools(body)}
-            _tool_choice(body.get("tool_choice"), out)
-            require(out, NAMES)
-        messages = parse_messages({"messages": _messages(body)})
-        async with backend_for(server, body.get("model")) as (backend, _):
-            n = len(chat_tokens(backend.template, backend.model, messages))
-        return JSONResponse({"input_tokens": n})
+            openai_body["tools"] = _tools(body)
+            _tool_choice(body.get("tool_choice"), openai_body)
+        require(openai_body, NAMES)
+        _, tokens = await chat_prompt(server, openai_body)
+        return JSONResponse({"input_tokens": len(tokens)})
 
     return [Route("/v1/messages", messages, methods=["POST"]),
             Route("/v1/messages/count_tokens", count_tokens, methods=["POST"])]

@@ -1,180 +1,64 @@
 """The HTTP layer: an OpenAI-compatible API, the seed's ``POST /`` demo, a chat page, health and metrics.
 
-Handlers validate the body, render and tokenise the prompt, and hand the model's engine a Job
-(see engine.py); they never call llama.cpp for generation themselves. Errors are JSON in OpenAI's
-shape, ``{"error": {"message", "type", "param", "code"}}``, with the status the issue asks for:
-malformed JSON 400, unknown model 404, prompt longer than the context 400 (with the counts),
-invalid parameters 422, body too large 413, queue full 503 (with Retry-After).
+Handlers validate the body (protocol.py), render and tokenise the prompt, and hand the model's
+engine one Job per choice (see engine.py); they never call llama.cpp for generation themselves.
+Replies are read by streaming.py. Errors are JSON in OpenAI's shape with the status the issue
+asks for: malformed or invalid requests 400, unknown model or route 404, wrong method 405,
+prompt longer than the context 400 (with the counts), body too large 413, queue or KV cache
+full 503 (with Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import datetime
 import hmac
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import PurePath
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ConfigError, ContextOverflowError, GgufrunError
-from ..settings import coerce
+from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
-from .engine import Backend, Engine, Event, GenRequest, Job, QueueFullError, ShuttingDownError
+from . import protocol as P
+from . import tools as T
+from .engine import Backend, Engine, Event, GenRequest, Job, ShuttingDownError
 from .metrics import Metrics
 from .models import ModelConfig, ModelPool, ServeConfig
+from .protocol import ApiError, GenParams, api_error, invalid
+from .streaming import DONE, Collected, EventStream, JobGroup, collect, merged, sse
 
 log = logging.getLogger("ggufrun.server")
 
 SHUTDOWN_GRACE = 3.0  # seconds running requests get to finish after SIGTERM (uvicorn then waits 5 s at most)
 SEED_SYSTEM_PROMPT = "You are a helpful assistant."  # what the seed's FastAPI demo sends before the prompt
 SEED_MAX_TOKENS = 512  # the seed demo's max_new_tokens
-ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
-class ApiError(Exception):
-    """A client error with its HTTP status and the request field at fault."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = headers or {}
-        self.extra = extra or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status, **self.extra}}
-
-
-def api_error(exc: BaseException) -> ApiError:
-    """Any error as the ApiError a client sees; unknown ones become a 500 with no internals."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, QueueFullError):
-        return ApiError(503, str(exc), kind="server_overloaded", headers={"Retry-After": "1"})
-    if isinstance(exc, ContextOverflowError):
-        extra = {"n_prompt_tokens": exc.n_tokens, "n_ctx": exc.n_ctx} if exc.n_ctx else {}
-        return ApiError(400, str(exc), kind="exceed_context_size_error", extra=extra)
-    if isinstance(exc, GgufrunError):
-        status = exc.http_status
-        kinds = {404: "not_found_error", 503: "server_unavailable"}
-        return ApiError(status, str(exc), param="model" if status == 404 else None,
-                        kind=kinds.get(status, "invalid_request_error" if status < 500 else "server_error"),
-                        headers={"Retry-After": "1"} if status == 503 else None)
-    return ApiError(500, "Internal server error. Set GGUFRUN_DEBUG=1 and see the server log.", kind="server_error")
-
-
-# ---- request validation -------------------------------------------------------------------------
-
-@dataclass
-class GenParams:
-    """The generation fields of a completions or chat request, validated."""
-
-    model: str | None
-    stream: bool = False
-    include_usage: bool = False
-    max_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    sampling: dict[str, Any] = field(default_factory=dict)
-    ignore_eos: bool = False
-
-
-def _invalid(param: str, message: str) -> ApiError:
-    return ApiError(422, f"Invalid '{param}': {message}", param=param)
-
-
-def _typed(body: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) and bool not in types:
-        raise _invalid(key, f"expected {what}, got {json.dumps(value)}.")
-    if not isinstance(value, types):
-        raise _invalid(key, f"expected {what}, got {type(value).__name__}.")
-    return value
-
-
-def _setting(body: dict[str, Any], key: str, name: str | None = None) -> Any:
-    """A sampling field checked against the settings model's bounds (one source of limits)."""
-    setting = name or key
-    value = _typed(body, key, (int,) if setting in ("top_k", "seed") else (int, float), "an integer" if setting in ("top_k", "seed") else "a number")
-    if value is None:
-        return None
-    try:
-        return coerce(setting, value, "the request")
-    except ConfigError as exc:
-        raise ApiError(422, exc.message, param=key) from None
-
-
-def parse_gen(body: dict[str, Any], *, chat: bool) -> GenParams:
-    model = _typed(body, "model", (str,), "a string")
-    n = _typed(body, "n", (int,), "an integer")
-    if n not in (None, 1):
-        raise _invalid("n", "only n=1 is supported.")
-    stream = bool(_typed(body, "stream", (bool,), "true or false"))
-    options = _typed(body, "stream_options", (dict,), "an object") or {}
-    include_usage = options.get("include_usage") is True
-    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _typed(body, key, (int,), "an integer")
-    if max_tokens is not None and max_tokens <= 0:
-        raise _invalid(key, f"must be >= 1 (got {max_tokens}).")
-    stop = _typed(body, "stop", (str, list), "a string or a list of strings")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 16 or not all(isinstance(s, str) and s for s in stops):
-        raise _invalid("stop", "expected up to 16 non-empty strings.")
-    sampling = {name: v for name in ("temperature", "top_p", "top_k", "min_p", "seed") if (v := _setting(body, name)) is not None}
-    penalty = _setting(body, "repeat_penalty")
-    if penalty is not None:
-        sampling["repeat_penalty"] = penalty
-    ignore_eos = bool(_typed(body, "ignore_eos", (bool,), "true or false"))
-    return GenParams(model=model, stream=stream, include_usage=include_usage, max_tokens=max_tokens, stop=stops,
-                     sampling=sampling, ignore_eos=ignore_eos)
-
-
-def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _invalid("messages", "expected a non-empty list of {role, content} objects.")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _invalid(f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}.")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise _invalid(f"messages[{i}].content", "expected a string or a list of content parts.")
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise _invalid(f"messages[{i}].content[{j}]", 'expected {"type": "text", "text": "..."} (only text is supported).')
-        out.append({**m, "role": "system" if m["role"] == "developer" else m["role"]})
-    return out
-
-
-def parse_prompt(body: dict[str, Any]) -> str | list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        return prompt
-    raise _invalid("prompt", "expected a string (or one string in a list, or a list of token ids).")
+def safe(value: Any) -> str:
+    """A value for one log line: control characters escaped, so a request cannot forge lines."""
+    return str(value).encode("unicode_escape", "backslashreplace").decode("ascii")[:300]
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object: 413 past ``limit`` bytes, 400 when it is not JSON."""
+    """The body as a checked JSON object: 413 past ``limit`` bytes, 400 when it is not JSON."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"Request body of {declared} bytes is larger than the limit of {limit}.")
@@ -184,169 +68,199 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise ApiError(413, f"Request body is larger than the limit of {limit} bytes.")
         chunks.append(chunk)
+    return P.parse_body(b"".join(chunks))
+
+
+def engine_fields() -> set[str]:
+    """What this build's engine takes per request beyond text: GenRequest's fields plus the
+    sampling parameters it knows. A request field the engine cannot honour is a 400."""
+    names = {f.name for f in dataclasses.fields(GenRequest)}
     try:
-        data = json.loads(b"".join(chunks) or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"Malformed JSON body: {exc}.") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "The body must be a JSON object.")
-    return data
+        from ..generation import SamplingParams
+    except ImportError:
+        return names
+    return names | {f.name for f in dataclasses.fields(SamplingParams)}
 
 
-# ---- responses ----------------------------------------------------------------------------------
-
-def _json_line(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class EventStream:
-    """A server-sent-events response that cancels its job as soon as the client goes away:
-    a watcher sees ``http.disconnect`` even while the job still waits in the queue."""
-
-    def __init__(self, job: Job, chunks: AsyncIterator[bytes], media_type: str = "text/event-stream; charset=utf-8") -> None:
-        self.job = job
-        self.chunks = chunks
-        self.media_type = media_type.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        watcher.add_done_callback(lambda _: self.job.cancel())
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", self.media_type), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
-            async for chunk in self.chunks:
-                if self.job.cancelled:
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:  # the client went away mid-send
-            pass
-        finally:
-            self.job.cancel()  # no-op when the job already ended; frees the slot otherwise
-            watcher.cancel()
-            await self.chunks.aclose()  # type: ignore[attr-defined]
+def _timings(done: Event) -> dict[str, Any]:
+    """llama-server's ``timings`` object (the engine's when it reports one)."""
+    if getattr(done, "timings", None):
+        return dict(done.timings)
+    prompt_ms = float(getattr(done, "prompt_ms", 0.0) or 0.0)
+    predicted_ms = float(getattr(done, "predicted_ms", 0.0) or 0.0)
+    cached = int(getattr(done, "cached_tokens", 0) or 0)
+    prompt_n = max(done.prompt_tokens - cached, 0)
+    gen_n = done.completion_tokens
+    return {"cache_n": cached, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": prompt_n * 1000.0 / prompt_ms if prompt_ms else 0.0,
+            "predicted_n": gen_n, "predicted_ms": predicted_ms,
+            "predicted_per_token_ms": predicted_ms / gen_n if gen_n else 0.0,
+            "predicted_per_second": gen_n * 1000.0 / predicted_ms if predicted_ms else 0.0}
 
 
-async def _events(job: Job) -> AsyncIterator[Event]:
-    while True:
-        event = await job.events.get()
-        yield event
-        if event.kind != "text":
-            return
+def _usage(dones: list[Event]) -> dict[str, Any]:
+    prompt = sum(d.prompt_tokens for d in dones[:1]) if len({d.prompt_tokens for d in dones}) == 1 else \
+        sum(d.prompt_tokens for d in dones)  # n choices share one prompt; a list of prompts does not
+    completion = sum(d.completion_tokens for d in dones)
+    cached = int(getattr(dones[0], "cached_tokens", 0) or 0) if dones else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _usage(event: Event) -> dict[str, int]:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+def _chat_logprobs(tokens: list[Any]) -> dict[str, Any]:
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for s, lp in t.top]} for t in tokens],
+            "refusal": None}
 
 
-@dataclass
-class _Shape:
-    """How one endpoint dresses text in OpenAI's objects (chat vs text completions)."""
+def _text_logprobs(tokens: list[Any], offset: int = 0) -> dict[str, Any]:
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
 
-    chat: bool
-    model: str
-    id: str = ""
-    created: int = 0
 
-    def __post_init__(self) -> None:
-        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+class _Choices:
+    """Dresses the jobs' events in OpenAI's chat or text-completion objects, streamed or whole."""
+
+    def __init__(self, chat: bool, model: str, params: GenParams, plan: T.ToolPlan | None, n: int) -> None:
+        self.chat, self.model, self.params = chat, model, params
+        self.plan = plan if plan is not None and plan.active else None
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+        self.streams = [T.ToolStream(self.plan) if self.plan else None for _ in range(n)]
+        self.n_calls = [0] * n
+        self.offsets = [0] * n
 
-    def chunk(self, text: str | None, finish: str | None = None, *, first: bool = False) -> dict[str, Any]:
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object, "created": self.created,
+                "model": self.model, "system_fingerprint": "ggufrun", "choices": choices, **extra}
+
+    def _delta(self, i: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
+            return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": i, "text": delta.get("content", ""), "logprobs": logprobs, "finish_reason": finish}
 
-    def whole(self, text: str, done: Event) -> dict[str, Any]:
+    def _logprobs(self, i: int, tokens: list[Any]) -> Any:
+        if self.params.logprobs is None or not tokens:
+            return None
         if self.chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                      "finish_reason": done.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model, "choices": [choice], "usage": _usage(done)}
+            return _chat_logprobs(tokens)
+        out = _text_logprobs(tokens, self.offsets[i])
+        self.offsets[i] += sum(len(t.text) for t in tokens)
+        return out
 
+    def _call_deltas(self, i: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+        k = self.n_calls[i]
+        self.n_calls[i] += 1
+        args = call["function"]["arguments"]
+        head = {"index": k, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+        out = [self._delta(i, {"tool_calls": [head]})]
+        for pos in range(0, len(args), 16):  # argument fragments, as OpenAI streams them
+            out.append(self._delta(i, {"tool_calls": [{"index": k, "function": {"arguments": args[pos:pos + 16]}}]}))
+        return out
 
-async def chat_chunks(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-    """The job's results as OpenAI chunk objects (an error as an ``{"error": ...}`` object); the
-    Anthropic, Ollama and Responses APIs translate these, so every API streams through one path."""
-    if shape.chat:
-        yield shape.chunk(None, first=True)
-    async for event in _events(job):
-        if event.kind == "text":
-            yield shape.chunk(event.text)
-        elif event.kind == "done":
-            final = shape.chunk(None, event.finish_reason)
-            if include_usage:
-                yield final
-                final = {**shape.chunk(None), "choices": [], "usage": _usage(event)}
-            else:
-                final["usage"] = _usage(event)  # llama-server and vLLM send it; clients ignore what they don't know
-            yield final
-        else:
-            assert event.error is not None
-            yield api_error(event.error).body()
+    def _pieces(self, i: int, text: str, final: bool) -> list[dict[str, Any]]:
+        stream = self.streams[i]
+        if stream is None:
+            return [self._delta(i, {"content": text})] if text else []
+        parts = stream.feed(text) if text else []
+        if final:
+            parts += stream.finish()
+        out = []
+        for kind, value in parts:
+            out.extend([self._delta(i, {"content": value})] if kind == "content" else self._call_deltas(i, value))
+        return out
 
+    def _finish(self, i: int, reason: str) -> str:
+        return "tool_calls" if self.n_calls[i] and reason == "stop" or (self.n_calls[i] and self.plan and
+                                                                          self.plan.choice != "auto") else reason
 
-async def _sse(job: Job, shape: _Shape, include_usage: bool) -> AsyncIterator[bytes]:
-    async for chunk in chat_chunks(job, shape, include_usage):
-        yield _json_line(chunk)
-    yield b"data: [DONE]\n\n"
+    async def sse(self, group: JobGroup) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks(group):
+            yield sse(chunk)
+        yield DONE
 
-
-async def collect(request: Request, job: Job) -> tuple[str, Event] | None:
-    """The whole reply of a non-streamed request; None (and the job cancelled) if the client left."""
-    parts: list[str] = []
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        while True:
-            getter = asyncio.ensure_future(job.events.get())
-            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                job.cancel()
-                return None
-            event = getter.result()
+    async def chunks(self, group: JobGroup) -> AsyncIterator[dict[str, Any]]:
+        """The chunk objects of the stream (an error as an ``{"error": ...}`` object, then the end);
+        the Anthropic, Ollama and Responses translations read these too."""
+        n = len(group.jobs)
+        if self.chat:
+            yield self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in range(n)])
+        dones: list[Event] = []
+        async for i, event in merged(group):
             if event.kind == "text":
-                parts.append(event.text)
+                tokens = getattr(event, "tokens", None) or []
+                pieces = self._pieces(i, event.text, final=False)
+                logprobs = self._logprobs(i, tokens)
+                if logprobs is not None and not pieces:  # text held back by the tool parser keeps its logprobs
+                    pieces = [self._delta(i, {"content": ""} if self.chat else {"content": ""})]
+                for k, piece in enumerate(pieces):
+                    if k == 0 and logprobs is not None:
+                        piece["logprobs"] = logprobs
+                    yield self._chunk([piece])
             elif event.kind == "done":
-                return "".join(parts), event
+                for piece in self._pieces(i, "", final=True):
+                    yield self._chunk([piece])
+                dones.append(event)
+                last = len(dones) == n
+                extra: dict[str, Any] = {"timings": _timings(event)} if last and n == 1 else {}
+                yield self._chunk([self._delta(i, {}, self._finish(i, event.finish_reason))], **extra)
+                if last and self.params.include_usage:
+                    yield self._chunk([], usage=_usage(dones))
             else:
                 assert event.error is not None
-                raise event.error
-    finally:
-        watcher.cancel()
-        job.cancel()  # a no-op once the job ended; frees the slot when this task is cancelled (shutdown)
+                yield api_error(event.error).body()
+                break
+
+    def whole(self, results: list[Collected]) -> dict[str, Any]:
+        choices = []
+        for i, r in enumerate(results):
+            assert r.done is not None
+            logprobs = self._logprobs(i, r.tokens)
+            if not self.chat:
+                choices.append({"index": i, "text": r.text, "logprobs": logprobs, "finish_reason": r.done.finish_reason})
+                continue
+            message: dict[str, Any] = {"role": "assistant", "content": r.text}
+            if self.plan is not None:
+                content, calls = T.parse_reply(self.plan, r.text)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = calls
+                    self.n_calls[i] = len(calls)
+            message["refusal"] = None
+            choices.append({"index": i, "message": message, "logprobs": logprobs,
+                            "finish_reason": self._finish(i, r.done.finish_reason)})
+        dones = [r.done for r in results if r.done is not None]
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "system_fingerprint": "ggufrun", "choices": choices, "usage": _usage(dones)}
+        if len(dones) == 1:
+            body["timings"] = _timings(dones[0])
+        return body
 
 
-@dataclass
+@dataclasses.dataclass
 class ChatRun:
-    """A submitted chat completion: what the other APIs (anthropic.py, ollama.py, responses.py)
-    get from ``Server.start_chat`` and translate into their own shapes."""
+    """A submitted chat completion, as ``Server.start_chat`` returns it to the other APIs."""
 
-    job: Job
+    group: JobGroup
     params: GenParams
-    shape: _Shape
+    choices: _Choices
 
     def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI ``chat.completion.chunk`` objects, the last one (no choices) with the usage."""
-        return chat_chunks(self.job, self.shape, include_usage=True)
+        """OpenAI ``chat.completion.chunk`` objects (ask for ``stream_options.include_usage`` to get the usage)."""
+        return self.choices.chunks(self.group)
 
     async def whole(self, request: Request) -> dict[str, Any] | None:
-        """The OpenAI ``chat.completion`` object; None (job cancelled) if the client left."""
-        result = await collect(request, self.job)
-        return None if result is None else self.shape.whole(*result)
+        """The OpenAI ``chat.completion`` object; None (jobs cancelled) if the client left."""
+        results = await collect(request, self.group)
+        return None if results is None else self.choices.whole(results)
 
 
 # ---- the application -----------------------------------------------------------------------------
@@ -362,12 +276,38 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fatal: GgufrunError | None = None  # the preloaded model failed: the server stops, run() raises it
         self.stop_server: Callable[[], None] | None = None
+        self._engine_fields: set[str] | None = None
 
     def begin_shutdown(self) -> None:
         """Called from the signal handler: running requests get SHUTDOWN_GRACE seconds, then end
         with an error event, so their streams close cleanly before uvicorn's own deadline."""
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.pool.drain, SHUTDOWN_GRACE)
+
+    def lookup(self, name: str | None) -> ModelConfig:
+        """The served model a request names. Only served names count: a path, or another file
+        with a served file's base name, is a 404 (the model field must not probe the disk)."""
+        if name is not None and ("/" in name or "\\" in name or name.lower().endswith(".gguf")):
+            exact = {n for cfg in self.config.models for n in (*cfg.served_names, cfg.id, cfg.model)}
+            if name not in exact:
+                raise ApiError(404, f"Model '{safe(name)}' is not served here. Served models: {', '.join(self.pool.ids())}.",
+                               param="model", kind="not_found_error")
+        return self.pool.lookup(name)
+
+    def _supports(self, field: str) -> bool:
+        if self._engine_fields is None:
+            self._engine_fields = engine_fields()
+        return field in self._engine_fields
+
+    def _check_engine(self, params: GenParams, param_names: dict[str, str]) -> None:
+        """Refuse what the engine of this build cannot do, rather than drop it."""
+        wanted = {"grammar": params.grammar is not None, "logprobs": params.logprobs is not None,
+                  "logit_bias": params.logit_bias is not None,
+                  **{k: True for k in params.sampling if k in ("presence_penalty", "frequency_penalty", "repeat_last_n")}}
+        for feature, asked in wanted.items():
+            if asked and not self._supports(feature):
+                param = param_names.get(feature, feature)
+                raise P.unsupported(param, "this build's engine cannot apply it yet.")
 
     async def _engine(self, cfg: ModelConfig) -> Engine:
         """The model's engine; a model that fails to load is the server's fault (500), not the client's."""
@@ -378,20 +318,29 @@ class Server:
         except GgufrunError as exc:
             raise ApiError(500, f"Model '{cfg.id}' could not be loaded: {exc}", kind="server_error") from None
 
-    async def _prepare(self, params: GenParams, cfg: ModelConfig,
-                       build: Callable[[Backend], list[int]]) -> Job:
+    async def _submit(self, params: GenParams, cfg: ModelConfig, build: Callable[[Backend], list[list[int]]]) -> JobGroup:
+        """One job per prompt that ``build`` returns, times ``n``; submitted together or not at all."""
         engine = await self._engine(cfg)
+        jobs: list[Job] = []
         try:
             backend = engine.backend
             assert backend is not None
-            tokens = build(backend)
-            job = Job(self._gen_request(backend, tokens, params), asyncio.get_running_loop())
-            engine.submit(job)
+            prompts = build(backend)
+            loop = asyncio.get_running_loop()
+            requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
+            for request in requests:
+                job = Job(request, loop)
+                engine.submit(job)
+                jobs.append(job)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
         finally:
             self.pool.release(engine)
-        return job
+        return JobGroup(jobs)
 
-    def _gen_request(self, backend: Backend, tokens: list[int], params: GenParams) -> GenRequest:
+    def _gen_request(self, backend: Backend, tokens: list[int], params: GenParams, k: int) -> GenRequest:
         limit = backend.n_ctx_seq
         if not tokens:
             raise ApiError(400, "The prompt is empty.", param="prompt")
@@ -401,76 +350,119 @@ class Server:
                 "Shorten the prompt or serve the model with a larger --n-ctx.", n_tokens=len(tokens), n_ctx=limit)
         room = limit - len(tokens)
         wanted = params.max_tokens or backend.settings.max_tokens or room
-        sampling = {k: backend.settings.sampling()[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")}
+        sampling = {k: v for k, v in backend.settings.sampling().items() if k != "max_tokens"}
         sampling["seed"] = backend.settings.seed
         sampling.update(params.sampling)
+        if k and sampling.get("seed", -1) >= 0:  # n choices from one seed must still differ
+            sampling["seed"] = (sampling["seed"] + k) % (1 << 32)
+        for name, value in (("grammar", params.grammar), ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
+            if value is not None:
+                sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
                           ignore_eos=params.ignore_eos)
-
-    async def _respond(self, request: Request, job: Job, params: GenParams, shape: _Shape) -> Response:
-        if params.stream:
-            return EventStream(job, _sse(job, shape, params.include_usage))  # type: ignore[return-value]
-        result = await collect(request, job)
-        if result is None:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        return JSONResponse(shape.whole(*result))
-
-    async def start_chat(self, body: dict[str, Any]) -> ChatRun:
-        """Validate an OpenAI chat request body and submit it: the one chat pipeline every API uses."""
-        params = parse_gen(body, chat=True)
-        messages = parse_messages(body)
-        cfg = self.pool.lookup(params.model)
-
-        def build(backend: Backend) -> list[int]:
-            params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
-            return chat_tokens(backend.template, backend.model, messages)
-
-        job = await self._prepare(params, cfg, build)
-        return ChatRun(job, params, _Shape(chat=True, model=params.model or cfg.id))
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
         run = await self.start_chat(body)
-        return await self._respond(request, run.job, run.params, run.shape)
+        return await self._respond(request, run.group, run.params, run.choices)
+
+    async def start_chat(self, body: dict[str, Any]) -> ChatRun:
+        """Validate an OpenAI chat request body and submit it: the one chat pipeline, which the
+        Anthropic, Ollama and Responses APIs translate onto (anthropic.py, ollama.py, responses.py)."""
+        P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, "/v1/chat/completions")
+        params = P.parse_gen(body, chat=True)
+        messages = P.parse_messages(body)
+        plan = T.parse_tools(body)
+        cfg = self.lookup(params.model)
+        prefill = ""
+        if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+            prefill = messages.pop()["content"]  # the reply continues this text
+            if not messages:
+                raise invalid("messages", "a conversation cannot be only an assistant message.")
+
+        def build(backend: Backend) -> list[list[int]]:
+            T.choose_format(plan, backend.template)
+            tool_grammar = T.grammar(plan)
+            if tool_grammar is not None:
+                if params.grammar is not None:
+                    raise invalid("tool_choice", "a forced tool call cannot be combined with response_format or a grammar.")
+                params.grammar = tool_grammar
+            self._check_engine(params, {"grammar": "tool_choice" if tool_grammar else "response_format",
+                                        "logprobs": "logprobs"})
+            params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
+            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools)
+            if prefill:
+                tokens += backend.model.tokenize(prefill, add_special=False, parse_special=False)
+            return [tokens]
+
+        group = await self._submit(params, cfg, build)
+        return ChatRun(group, params, _Choices(True, params.model or cfg.id, params, plan, params.n))
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
-        params = parse_gen(body, chat=False)
-        prompt = parse_prompt(body)
-        cfg = self.pool.lookup(params.model)
+        P.check_fields(body, P.COMPLETION_FIELDS, P.COMPLETION_REFUSED, "/v1/completions")
+        params = P.parse_gen(body, chat=False)
+        prompts = P.parse_prompts(body)
+        cfg = self.lookup(params.model)
 
-        def build(backend: Backend) -> list[int]:
-            if isinstance(prompt, list):
-                bad = [t for t in prompt if t >= backend.model.n_vocab]
-                if bad:
-                    raise _invalid("prompt", f"token id {bad[0]} is outside the vocabulary of {backend.model.n_vocab}.")
-                return list(prompt)
-            return backend.model.tokenize(prompt, add_special=True, parse_special=True)
+        def build(backend: Backend) -> list[list[int]]:
+            self._check_engine(params, {"grammar": "grammar" if body.get("grammar") else "json_schema"})
+            out = []
+            for j, prompt in enumerate(prompts):
+                if isinstance(prompt, list):
+                    bad = [t for t in prompt if t >= backend.model.n_vocab]
+                    if bad:
+                        raise invalid("prompt", f"token id {bad[0]} is outside the vocabulary of {backend.model.n_vocab}.")
+                    out.append(list(prompt))
+                else:
+                    out.append(backend.model.tokenize(prompt, add_special=True, parse_special=True))
+            return out
 
-        job = await self._prepare(params, cfg, build)
-        return await self._respond(request, job, params, _Shape(chat=False, model=params.model or cfg.id))
+        group = await self._submit(params, cfg, build)
+        choices = _Choices(False, params.model or cfg.id, params, None, len(group.jobs))
+        return await self._respond(request, group, params, choices)
+
+    async def _respond(self, request: Request, group: JobGroup, params: GenParams, choices: _Choices) -> Response:
+        if params.stream:
+            return EventStream(group, choices.sse(group))  # type: ignore[return-value]
+        results = await collect(request, group)
+        if results is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return JSONResponse(choices.whole(results))
 
     async def embeddings(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
-        model = _typed(body, "model", (str,), "a string")
-        texts = body.get("input")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts) or len(texts) > 256:
-            raise _invalid("input", "expected a string or a list of 1 to 256 strings.")
-        empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
-        if empty is not None:
-            raise _invalid(f"input[{empty}]", "expected non-empty text.")
-        cfg = self.pool.lookup(model)
+        params = P.parse_embeddings(body)
+        cfg = self.lookup(params.model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
         engine = await self._engine(cfg)
         try:
+            backend = engine.backend
+            assert backend is not None
+            texts = []
+            for i, item in enumerate(params.inputs):
+                where = f"input[{i}]" if len(params.inputs) > 1 else "input"
+                if isinstance(item, list):
+                    bad = [t for t in item if t >= backend.model.n_vocab]
+                    if bad:
+                        raise invalid(where, f"token id {bad[0]} is outside the vocabulary of {backend.model.n_vocab}.")
+                    item = backend.model.detokenize(item)
+                n_tokens = len(backend.model.tokenize(item))
+                if n_tokens > backend.model.n_batch:  # the embedder decodes a text in one batch: longer would be cut
+                    raise ApiError(400, f"Invalid '{where}': it has {n_tokens} tokens; at most {backend.model.n_batch} "
+                                   "(the batch size) can be embedded. Split the text or serve with a larger --batch-size.",
+                                   param=where, kind="exceed_context_size_error")
+                texts.append(item)
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)
         vectors, n_tokens = await asyncio.wrap_future(future)
-        return JSONResponse({"object": "list", "model": model or cfg.id,
-                             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if params.base64 else v}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "model": params.model or cfg.id, "data": data,
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
     async def seed_demo(self, request: Request) -> Response:
@@ -478,34 +470,48 @@ class Server:
         body = await read_json(request, self.config.max_body_bytes)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
-            raise _invalid("prompt", "expected a string.")
-        params = parse_gen({k: v for k, v in body.items() if k != "prompt"}, chat=True)
+            raise invalid("prompt", "expected a string.")
+        rest = {k: v for k, v in body.items() if k != "prompt"}
+        P.check_fields(rest, {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty", "stop"},
+                       {}, "POST /")
+        params = P.parse_gen(rest, chat=True)
         messages = [{"role": "system", "content": SEED_SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-        cfg = self.pool.lookup(params.model)
+        cfg = self.lookup(params.model)
 
-        def build(backend: Backend) -> list[int]:
+        def build(backend: Backend) -> list[list[int]]:
             params.stop = [*params.stop, *backend.template.stop]
             params.max_tokens = params.max_tokens or backend.settings.max_tokens or SEED_MAX_TOKENS
-            return chat_tokens(backend.template, backend.model, messages)
+            return [chat_tokens(backend.template, backend.model, messages)]
 
-        job = await self._prepare(params, cfg, build)
-        result = await collect(request, job)
-        if result is None:
+        group = await self._submit(params, cfg, build)
+        results = await collect(request, group)
+        if results is None:
             return Response(status_code=499)
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        log.info('[%s] prompt:"%s", response:%r', now, prompt, result[0])
-        return JSONResponse({"response": result[0], "status": 200, "time": now})
+        log.info('[%s] prompt:"%s", response:"%s"', now, safe(prompt), safe(results[0].text))
+        return JSONResponse({"response": results[0].text, "status": 200, "time": now})
 
     async def list_models(self, request: Request) -> Response:
         loaded = self.pool.loaded()
         data = [{"id": cfg.id, "object": "model", "created": self.started, "owned_by": "ggufrun",
-                 "aliases": [n for n in (*cfg.served_names, cfg.model) if n != cfg.id],
+                 "aliases": [n for n in cfg.served_names if n != cfg.id],
                  "status": loaded.get(cfg.id, "not loaded")} for cfg in self.config.models]
         return JSONResponse({"object": "list", "data": data})
 
+    async def get_model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (openai's ``models.retrieve``): served names only, as for requests."""
+        name = request.path_params["name"]
+        if len(name) > P.MAX_NAME:
+            raise invalid("model", f"model names are at most {P.MAX_NAME} characters (got {len(name)}).")
+        cfg = self.lookup(name)
+        return JSONResponse({"id": name, "object": "model", "created": self.started, "owned_by": "ggufrun",
+                             "status": self.pool.loaded().get(cfg.id, "not loaded")})
+
     async def health(self, request: Request) -> Response:
         status = self.pool.status()
-        return JSONResponse({"status": status, "models": self.pool.loaded()}, status_code=200 if status == "ready" else 503)
+        # model ids only: a served id is never a path (ModelConfig.id), and /health needs no key
+        models = {PurePath(name).name: state for name, state in self.pool.loaded().items()}
+        return JSONResponse({"status": status, "models": models}, status_code=200 if status == "ready" else 503)
 
     async def metrics_text(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -539,15 +545,17 @@ class AccessLog:
         finally:
             path = scope["path"]
             client = scope.get("client") or ("-", 0)
-            log.info('%s "%s %s" %d %.3fs', client[0], scope["method"], path, status[0], time.perf_counter() - started)
+            log.info('%s "%s %s" %d %.3fs', safe(client[0]), safe(scope["method"]), safe(path), status[0],
+                     time.perf_counter() - started)
             self.metrics.request(path if path in self.routes else "other", status[0])
 
 
 class BearerAuth:
-    """With --api-key, every route but /health needs ``Authorization: Bearer KEY``, or
-    ``x-api-key: KEY`` as Anthropic's clients send it."""
+    """With --api-key, every route but /health and the chat page needs ``Authorization: Bearer KEY``,
+    or ``x-api-key: KEY`` as Anthropic's clients send it. The page itself holds nothing secret: it
+    asks the user for the key and sends it with each call."""
 
-    OPEN = frozenset({"/health"})
+    OPEN = frozenset({("GET", "/health"), ("GET", "/"), ("HEAD", "/")})
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -555,18 +563,16 @@ class BearerAuth:
         self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+        if scope["type"] == "http" and (scope["method"], scope["path"]) not in self.OPEN and scope["method"] != "OPTIONS":
             headers = dict(scope["headers"])
             bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
             if not (bearer or hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)):
-                error = ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
-                                 kind="authentication_error")
-                body = error.body()
-                if scope["path"].startswith("/v1/messages"):
-                    from .anthropic import error_body
-                    body = error_body(401, error.message)
+                message = "Missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
+                body = ApiError(401, message, kind="authentication_error").body()
+                if scope["path"].startswith("/v1/messages"):  # each API's clients read their own error shape
+                    body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
                 elif scope["path"].startswith("/api/"):
-                    body = {"error": error.message}
+                    body = {"error": message}
                 response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
@@ -606,9 +612,17 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
             server.stop_server()
 
     async def on_error(request: Request, exc: Exception) -> Response:
-        error = api_error(exc)
+        if isinstance(exc, ClientDisconnect):
+            log.info("client disconnected while sending the body of %s %s", request.method, safe(request.url.path))
+            return Response(status_code=499)
+        if isinstance(exc, HTTPException):  # unknown route (404) or method (405): JSON too
+            kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+            message = f"No route {request.method} {safe(request.url.path)}." if exc.status_code in (404, 405) else str(exc.detail)
+            error = ApiError(exc.status_code, message, kind=kind, headers=dict(exc.headers or {}))
+        else:
+            error = api_error(exc)
         if error.status >= 500 and not isinstance(exc, GgufrunError):
-            log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+            log.exception("unhandled error on %s %s", request.method, safe(request.url.path), exc_info=exc)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     routes = [
@@ -617,6 +631,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
         Route("/v1/models", server.list_models, methods=["GET"]),
+        Route("/v1/models/{name:path}", server.get_model, methods=["GET"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
@@ -625,10 +640,11 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
     middleware = [Middleware(AccessLog, metrics=metrics, routes={r.path for r in routes})]
     if config.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors), allow_methods=["GET", "POST", "OPTIONS"],
-                                     allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"]))
+                                     allow_headers=["*"]))  # the SDKs add x-stainless-*, anthropic-*, openai-*
     if config.api_key:
         middleware.append(Middleware(BearerAuth, api_key=config.api_key))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={ApiError: on_error, GgufrunError: on_error, Exception: on_error})
+                    exception_handlers={ApiError: on_error, GgufrunError: on_error, HTTPException: on_error,
+                                        ClientDisconnect: on_error, Exception: on_error})
     app.state.server = server
     return app

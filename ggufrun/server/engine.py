@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GgufrunError, ModelLoadError
-from ..templates import split_stop
+from ..generation import GenStats, Generation, SamplingParams, TokenInfo
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
@@ -60,18 +60,29 @@ class Backend:
 
 @dataclass
 class GenRequest:
-    """One generation, already tokenised and validated by the HTTP layer."""
+    """One generation, already tokenised and validated by the HTTP layer.
+
+    ``sampling`` holds :class:`ggufrun.generation.SamplingParams` fields: temperature, top_p,
+    top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, repeat_last_n, seed,
+    logit_bias ({token id: bias}, -inf or <= -100 bans), grammar (GBNF text; a grammar llama.cpp
+    rejects raises GrammarError, 400, from :meth:`Engine.submit`) and logprobs (None = off, 0..20 =
+    the sampled token's logprob plus that many alternatives, after temperature, penalties and bias).
+    """
 
     prompt: list[int]
     max_tokens: int  # >= 1, already capped so that prompt + reply fits n_ctx_seq
-    sampling: dict[str, Any]  # Sampler keyword arguments
+    sampling: dict[str, Any]  # SamplingParams fields
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
 
 @dataclass(slots=True)
 class Event:
-    """What a job's queue receives: text, then exactly one terminal event (done or error)."""
+    """What a job's queue receives: text, then exactly one terminal event (done or error).
+
+    A text event carries ``tokens`` (the TokenInfo behind its text) when logprobs were asked; the
+    done event carries the counts and ``timings`` (llama-server's object: prompt_n, prompt_ms,
+    predicted_n, predicted_ms, their per-token and per-second rates, cache_n)."""
 
     kind: str  # "text" | "done" | "error"
     text: str = ""
@@ -79,6 +90,23 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: GgufrunError | None = None
+    tokens: list[TokenInfo] = field(default_factory=list)
+    cached_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def timings(stats: GenStats) -> dict[str, float]:
+    """llama-server's ``timings`` object from one generation's stats."""
+    prompt_n = stats.prompt_tokens - stats.cached_tokens
+    prompt_ms, predicted_ms = stats.prompt_seconds * 1e3, stats.gen_seconds * 1e3
+    return {
+        "cache_n": stats.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": 1e3 * prompt_n / prompt_ms if prompt_ms else 0.0,
+        "predicted_n": stats.gen_tokens, "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / max(stats.gen_tokens - 1, 1),
+        "predicted_per_second": stats.gen_tps,
+    }
 
 
 class Job:
@@ -92,12 +120,13 @@ class Job:
         self.first_token_at: float | None = None
         # Set on the loop thread, read by the engine thread each step; a bool flip needs no lock.
         self.cancelled = False
-        self.finished = False
+        self.finished = False  # set by the engine thread with the terminal event; cancel() is then a no-op
+        self.grammar: Any = None  # compiled at submit, so a bad grammar is the client's 400 there
 
     def cancel(self) -> None:
         """Called on the loop thread when the client goes away: the engine drops the job at its next
         step, and a reader still waiting on the queue (a job that never left it) wakes up."""
-        if not self.cancelled:
+        if not self.cancelled and not self.finished:
             self.cancelled = True
             self.events.put_nowait(Event("done", finish_reason="cancelled"))
 
@@ -112,6 +141,8 @@ class Job:
 class _EmbedJob:
     texts: list[str]
     future: concurrent.futures.Future[tuple[list[list[float]], int]]
+    vectors: list[list[float]] = field(default_factory=list)
+    n_tokens: int = 0
 
 
 @dataclass
@@ -120,10 +151,8 @@ class _Slot:
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
     last: int = -1  # the sampled token not yet decoded
-    n_gen: int = 0
-    sampler: Any = None
-    decoder: Any = None
-    held: str = ""  # text held back because it may be the start of a stop string
+    gen: Generation | None = None
+    reserved: int = 0  # KV cells promised to this job at admission (prompt + max_tokens)
     used_at: float = 0.0
 
 
@@ -147,7 +176,7 @@ class Engine:
         self._load = load
         self._load_embedder = load_embedder
         self.backend: Backend | None = None
-        self.state = "loading"  # loading | ready | failed | stopped
+        self.state = "loading"  # loading | ready | failed (load) | crashed (while serving) | stopped
         self.loaded = concurrent.futures.Future[Backend]()
         self._cv = threading.Condition()
         self._queue: deque[Job] = deque()
@@ -157,7 +186,7 @@ class Engine:
         self._stopping = False
         self._deadline = 0.0
         self.leases = 0  # handlers between "engine is ready" and submit(); blocks eviction
-        self.last_used = time.monotonic()
+        self.error: GgufrunError | None = None  # why the engine failed or crashed
         self._embedder: Any = None
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
 
@@ -172,10 +201,18 @@ class Engine:
         return await asyncio.wrap_future(self.loaded)
 
     def submit(self, job: Job) -> None:
-        """Queue a job; raise QueueFullError or ShuttingDownError."""
+        """Queue a job; raise QueueFullError, ShuttingDownError or GrammarError (a grammar llama.cpp rejects)."""
+        grammar = job.request.sampling.get("grammar")
+        if grammar and job.grammar is None and self.backend is not None:
+            # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
+            job.grammar = self.backend.model.grammar(grammar)
         with self._cv:
-            if self._stopping:
-                raise ShuttingDownError(f"Model '{self.name}' is shutting down.", "Retry in a moment.")
+            if self._stopping or self.state != "ready":
+                raise self._refusal()
+            while self._queue and self._queue[-1].cancelled:  # clients that gave up stop counting
+                self._queue.pop()
+            if any(j.cancelled for j in self._queue):
+                self._queue = deque(j for j in self._queue if not j.cancelled)
             waiting = len(self._queue) - (self.parallel - self._n_active)
             if waiting >= self.max_queue:
                 raise QueueFullError(
@@ -183,17 +220,21 @@ class Engine:
                     "Retry shortly.",
                 )
             self._queue.append(job)
-            self.last_used = time.monotonic()
             self._cv.notify()
 
+    def _refusal(self) -> GgufrunError:
+        if self.error is not None:
+            return self.error
+        return ShuttingDownError(f"Model '{self.name}' is shutting down.", "Retry in a moment.")
+
     def embed(self, texts: list[str]) -> concurrent.futures.Future[tuple[list[list[float]], int]]:
-        """Vectors and the token count, computed on the engine thread (the only one touching llama.cpp)."""
+        """Vectors and the token count, computed on the engine thread one text per step, between
+        generation steps; cancelling the future drops the rest of the work."""
         future: concurrent.futures.Future[tuple[list[list[float]], int]] = concurrent.futures.Future()
         with self._cv:
-            if self._stopping:
-                raise ShuttingDownError(f"Model '{self.name}' is shutting down.")
+            if self._stopping or self.state != "ready":
+                raise self._refusal()
             self._embeds.append(_EmbedJob(texts, future))
-            self.last_used = time.monotonic()
             self._cv.notify()
         return future
 
@@ -227,11 +268,10 @@ class Engine:
         try:
             self.backend = self._load()
         except BaseException as exc:
-            self.state = "failed"
             err = exc if isinstance(exc, GgufrunError) else ModelLoadError(f"Loading '{self.name}' failed: {exc}.")
             log.error("loading model %s failed: %s", self.name, err, exc_info=not isinstance(exc, GgufrunError))
+            self._fail(err, "failed")
             self.loaded.set_exception(err)
-            self._refuse_queued(err)
             return
         self.state = "ready"
         self.loaded.set_result(self.backend)
@@ -242,13 +282,22 @@ class Engine:
         except BaseException as exc:
             log.exception("engine for %s failed", self.name)
             err = ModelLoadError(f"The engine for '{self.name}' failed: {exc}.")
+            self._fail(err, "crashed")
             for slot in self._slots:
                 if slot.job is not None:
                     self._end(slot, error=err)
-            self._refuse_queued(err)
         finally:
-            self.state = "stopped"
+            if self.state != "crashed" and self.state != "failed":
+                self.state = "stopped"
             self._close()
+
+    def _fail(self, err: GgufrunError, state: str) -> None:
+        """Refuse everything waiting and everything submitted from now on, atomically with submit()."""
+        with self._cv:
+            self.error = err
+            self.state = state
+            self._stopping = True
+            self._refuse_queued(err)
 
     def _serve(self) -> None:
         while True:
@@ -259,61 +308,82 @@ class Engine:
                     self._refuse_queued(ShuttingDownError("The server is shutting down.", "Retry against another instance."))
                     if not self._n_active or time.monotonic() >= self._deadline:
                         break
-                embeds = list(self._embeds)
-                self._embeds.clear()
-                admitted = []
-                for slot in self._slots:
-                    if slot.job is not None or self._stopping:
-                        continue
-                    while self._queue and self._queue[0].cancelled:  # its client left while it waited
-                        self._queue.popleft()
-                    if not self._queue:
-                        break
-                    slot.job = self._queue.popleft()
-                    self._n_active += 1
-                    admitted.append(slot)
-            for job in embeds:
-                self._embed(job)
+                admitted = self._admissions()
+                embed = self._embeds[0] if self._embeds else None
             for slot in admitted:
                 self._admit(slot)
+            if embed is not None:
+                self._embed_one(embed)
             if self._n_active:
-                self._step()
+                self.step()
         cut = ShuttingDownError("The server is shutting down; this reply was cut short.")
         for slot in self._slots:
             if slot.job is not None:
                 self._end(slot, error=cut)
 
+    def _admissions(self) -> list[_Slot]:
+        """Under the lock: queued jobs that get a slot now, first come first served. A job is
+        admitted only when its KV budget (prompt + max_tokens) is free, so no running reply is ever
+        cut short for room; otherwise it (and those behind it) wait."""
+        if self._stopping or self.backend is None:
+            return []
+        admitted = []
+        cells = self.backend.model.n_ctx
+        reserved = sum(s.reserved for s in self._slots if s.job is not None)
+        for slot in self._slots:
+            if slot.job is not None:
+                continue
+            while self._queue and self._queue[0].cancelled:  # its client left while it waited
+                self._queue.popleft()
+            if not self._queue:
+                break
+            req = self._queue[0].request
+            need = len(req.prompt) + req.max_tokens
+            if reserved + need > cells and (reserved or admitted):
+                break
+            slot.job = self._queue.popleft()
+            slot.reserved = need
+            reserved += need
+            self._n_active += 1
+            admitted.append(slot)
+        return admitted
+
     def _refuse_queued(self, err: GgufrunError) -> None:
         while self._queue:
-            self._queue.popleft().emit(Event("error", error=err))
+            job = self._queue.popleft()
+            job.finished = True
+            job.emit(Event("error", error=err))
         while self._embeds:
-            self._embeds.popleft().future.set_exception(err)
+            _set_exception(self._embeds.popleft().future, err)
 
     def _admit(self, slot: _Slot) -> None:
-        """Give a job its slot: reuse the KV cache prefix it shares with the prompt, set up sampling."""
-        from ..runtime import Sampler, TokenDecoder
-
+        """Give a job its slot: reuse the KV cache prefix it shares with the prompt, set up its Generation."""
         assert slot.job is not None and self.backend is not None
         model = self.backend.model
-        req = slot.job.request
+        job = slot.job
+        req = job.request
         # Prefer this slot's own cache; another idle slot with a longer shared prefix swaps in.
         shared = {s.seq_id: model.common_prefix(s.seq_id, req.prompt) for s in self._slots if s.job is None or s is slot}
         best = max((s for s in self._slots if s.seq_id in shared), key=lambda s: shared[s.seq_id])
         if best is not slot and shared[best.seq_id] > shared[slot.seq_id]:
             best.job, slot.job = slot.job, None
+            best.reserved, slot.reserved = slot.reserved, 0
             slot = best
         common = min(shared[slot.seq_id], len(req.prompt) - 1)
         kept = model.truncate(slot.seq_id, common)
         slot.pending = list(req.prompt[kept:])
         slot.last = -1
-        slot.n_gen = 0
-        slot.held = ""
         slot.used_at = time.monotonic()
-        slot.sampler = Sampler(model, **req.sampling)
-        slot.decoder = TokenDecoder(model)
+        params = SamplingParams.from_dict(req.sampling)
+        slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
+                              stop=req.stop, ignore_eos=req.ignore_eos, cached=kept,
+                              grammar_factory=lambda _text: job.grammar)
+        slot.gen.started = job.created
+        job.grammar = None  # the Generation owns (and frees) it now
         self.metrics.prompt(self.name, len(req.prompt))
 
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One decode for every running sequence (plus prompt chunks), then one sampling pass."""
         assert self.backend is not None
         model = self.backend.model
         for slot in self._slots:
@@ -325,7 +395,6 @@ class Engine:
         if not running:
             return
         self._make_room(running)
-        running = [s for s in self._slots if s.job is not None]
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], bool]] = []
         for slot in running:  # generating sequences first: one token each keeps their pace steady
@@ -344,23 +413,26 @@ class Engine:
                 model.reset(slot.seq_id)
                 self._end(slot, error=exc)
             return
-        sampled = 0
-        for (slot, _, _), index in zip(batch, outputs):
-            if index >= 0 and slot.job is not None:
-                self._accept(slot, model.sample(slot.sampler, index))
-                sampled += 1
-        if sampled:
-            self.metrics.generated(self.name, sampled)
+        rows = [slot for (slot, _, _), index in zip(batch, outputs) if index >= 0]
+        if not rows:
+            return
+        from ..generation import sample_rows
+
+        gens = [slot.gen for slot in rows]
+        tokens, infos = sample_rows(model.logits_rows(len(rows)), [g.sampler for g in gens])  # type: ignore[union-attr]
+        for slot, tok, info in zip(rows, tokens, infos):
+            self._accept(slot, tok, info)
+        self.metrics.generated(self.name, len(rows))
 
     def _make_room(self, running: list[_Slot]) -> None:
-        """Keep this step within the KV cache: drop idle slots' cached prefixes first, then end
-        the longest running sequence (finish_reason "length") rather than fail the whole batch."""
+        """Keep this step within the KV cache by dropping idle slots' cached prefixes, oldest
+        first. Admission reserved every running job's cells, so running replies are never cut."""
         assert self.backend is not None
         model = self.backend.model
 
         def need() -> int:
             used = sum(model.seq_len(s.seq_id) for s in self._slots)
-            step = sum(1 if not s.pending else min(len(s.pending), model.n_batch) for s in self._slots if s.job is not None)
+            step = sum(1 if not s.pending else min(len(s.pending), model.n_batch) for s in running)
             return used + step - model.n_ctx
 
         if need() <= 0:
@@ -369,74 +441,77 @@ class Engine:
             model.reset(slot.seq_id)
             if need() <= 0:
                 return
-        while need() > 0:
-            victims = [s for s in self._slots if s.job is not None and not s.pending]
-            if not victims:
-                return
-            self._end(max(victims, key=lambda s: model.seq_len(s.seq_id)), finish_reason="length")
 
-    def _accept(self, slot: _Slot, token: int) -> None:
-        """Take one sampled token: end of turn, text and stop strings, length limits."""
-        assert slot.job is not None and self.backend is not None
-        job = slot.job
-        req = job.request
+    def _accept(self, slot: _Slot, token: int, info: Any) -> None:
+        """Take one sampled token through the slot's Generation; emit its text; end the job when it ends."""
+        assert slot.job is not None and slot.gen is not None
+        job, gen = slot.job, slot.gen
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
             self.metrics.ttft(self.name, job.first_token_at - job.created)
-        if self.backend.model.is_eog(token) and not req.ignore_eos:
-            self._end(slot, finish_reason="stop")
-            return
-        slot.n_gen += 1
+        text, reason = gen.accept(token, info)
         slot.last = token
-        text = slot.held + slot.decoder.feed(token)
-        if req.stop:
-            text, slot.held, hit = split_stop(text, req.stop)
-            if hit:
-                if text:
-                    job.emit(Event("text", text))
-                self._end(slot, finish_reason="stop", flush=False)
-                return
-        if text:
-            job.emit(Event("text", text))
-        if slot.n_gen >= req.max_tokens or self.backend.model.seq_len(slot.seq_id) + 1 >= self.backend.n_ctx_seq:
-            self._end(slot, finish_reason="length")
+        if text or gen.tokens:
+            job.emit(Event("text", text, tokens=gen.take_tokens()))
+        if reason is not None:
+            self._end(slot, finish_reason=reason)
 
-    def _end(self, slot: _Slot, *, finish_reason: str = "", error: GgufrunError | None = None, flush: bool = True) -> None:
-        job = slot.job
+    def _end(self, slot: _Slot, *, finish_reason: str = "", error: GgufrunError | None = None) -> None:
+        job, gen = slot.job, slot.gen
         if job is None:
             return
         if error is not None:
             job.emit(Event("error", error=error))
         elif not job.cancelled:
-            tail = slot.held + (slot.decoder.flush() if flush and slot.decoder is not None else "")
-            if flush and tail:
+            tail = gen.finish() if gen is not None else ""
+            if tail:
                 job.emit(Event("text", tail))
-            job.emit(Event("done", finish_reason=finish_reason, prompt_tokens=len(job.request.prompt),
-                           completion_tokens=slot.n_gen))
+            st = gen.stats if gen is not None else GenStats(prompt_tokens=len(job.request.prompt))
+            job.emit(Event("done", finish_reason=finish_reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
+                           completion_tokens=st.gen_tokens, timings=timings(st)))
         job.finished = True
         self.metrics.finished(self.name, "error" if error is not None else finish_reason or "cancelled")
-        if slot.sampler is not None:
-            slot.sampler.close()
-        slot.sampler = slot.decoder = None
+        if gen is not None:
+            gen.close()
+        if job.grammar is not None:
+            job.grammar.close()
+            job.grammar = None
+        slot.gen = None
         slot.job = None
         slot.pending = []
-        slot.held = ""
+        slot.reserved = 0
         slot.used_at = time.monotonic()
         with self._cv:
             self._n_active -= 1
 
-    def _embed(self, job: _EmbedJob) -> None:
+    def _embed_one(self, job: _EmbedJob) -> None:
+        """Embed the next text of the oldest embedding request: one llama_decode, so a running
+        stream waits at most one such step. A cancelled request is dropped."""
         assert self.backend is not None
+        done = job.future.cancelled()
         try:
-            if self._embedder is None:
-                if self._load_embedder is None:
-                    raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
-                self._embedder = self._load_embedder(self.backend)
-            job.future.set_result(self._embedder.embed(job.texts))
+            if not done:
+                if self._embedder is None:
+                    if self._load_embedder is None:
+                        raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
+                    self._embedder = self._load_embedder(self.backend)
+                vectors, n = self._embedder.embed([job.texts[len(job.vectors)]])
+                job.vectors.extend(vectors)
+                job.n_tokens += n
+                if len(job.vectors) == len(job.texts):
+                    done = True
+                    if not job.future.cancelled():
+                        job.future.set_result((job.vectors, job.n_tokens))
         except GgufrunError as exc:
-            job.future.set_exception(exc)
+            done = True
+            _set_exception(job.future, exc)
         except Exception as exc:  # noqa: BLE001 -- reported to the client as a 500, not a dead thread
-            job.future.set_exception(ModelLoadError(f"Embedding failed: {exc}."))
+            done = True
+            _set_exception(job.future, ModelLoadError(f"Embedding failed: {exc}."))
+        if done:
+            with self._cv:
+                if self._embeds and self._embeds[0] is job:
+                    self._embeds.popleft()
 
     def _close(self) -> None:
         for holder in (self._embedder, self.backend.model if self.backend else None):
@@ -445,3 +520,9 @@ class Engine:
         self._embedder = None
 
 
+def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        try:
+            future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile by the handler
+            pass

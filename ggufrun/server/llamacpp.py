@@ -10,8 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .app import ApiError, parse_messages, read_json
-from .translate import backend_for
+from .app import read_json
+from .protocol import ApiError
+from .translate import backend_for, chat_prompt
 
 if TYPE_CHECKING:
     from .app import Server
@@ -78,11 +79,8 @@ def routes(server: Server) -> list[Route]:
 
     async def apply_template(request: Request) -> Response:
         body = await read_json(request, limit)
-        _fields(body, {"model", "messages", "add_generation_prompt"})
-        messages = parse_messages(body)
-        add_generation_prompt = _flag(body, "add_generation_prompt", True)
-        async with backend_for(server, body.get("model")) as (backend, _):
-            prompt = backend.template.render(messages, add_generation_prompt=add_generation_prompt)
+        _fields(body, {"model", "messages", "tools", "tool_choice", "parallel_tool_calls"})
+        prompt, _ = await chat_prompt(server, body)
         return JSONResponse({"prompt": prompt})
 
     return [Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),

@@ -25,6 +25,8 @@ trained length), so four full-length requests fit at once.
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import asyncio
 import logging
 from collections import OrderedDict
@@ -57,8 +59,11 @@ class ModelConfig:
 
     @property
     def id(self) -> str:
-        """The name /v1/models lists first and responses carry."""
-        return self.served_names[0] if self.served_names else self.model
+        """The name /v1/models lists first and responses carry: a served name, else the registry
+        alias or the file's name, never a path (clients and /health must not learn the disk layout)."""
+        if self.served_names:
+            return self.served_names[0]
+        return PurePath(self.model).name if "/" in self.model or "\\" in self.model else self.model
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,7 @@ class ModelPool:
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
             registry.resolve(cfg.model)  # an unknown name or a missing file fails now, before the server starts
-            for name in (*cfg.served_names, cfg.model):
+            for name in (*cfg.served_names, cfg.id, cfg.model):
                 self._names.setdefault(name, cfg)
         metrics.add_gauges(self._gauges)
 
@@ -210,8 +215,12 @@ class ModelPool:
         return None
 
     def status(self) -> str:
-        """'loading' while any model loads, else 'ready'."""
-        return "loading" if any(e.state == "loading" for e in self._engines.values()) else "ready"
+        """'error' while a model's engine has died (its next request restarts it), 'loading' while any
+        model loads, else 'ready'."""
+        states = [e.state for e in self._engines.values()]
+        if "crashed" in states:
+            return "error"
+        return "loading" if "loading" in states else "ready"
 
     def loaded(self) -> dict[str, str]:
         return {name: engine.state for name, engine in self._engines.items()}
@@ -222,11 +231,11 @@ class ModelPool:
         if self.closing:
             raise ShuttingDownError("The server is shutting down.", "Retry against another instance.")
         engine = self._engines.get(cfg.id)
-        if engine is None or engine.state in ("failed", "stopped"):
+        if engine is None or engine.state in ("failed", "crashed", "stopped"):
             # Only loads queue up behind this lock; requests to resident models never wait on it.
             async with self._load_lock:
                 engine = self._engines.get(cfg.id)
-                if engine is None or engine.state in ("failed", "stopped"):
+                if engine is None or engine.state in ("failed", "crashed", "stopped"):
                     if engine is not None:
                         del self._engines[cfg.id]  # a failed load is retried by the next request
                     await self._make_room()
@@ -283,15 +292,14 @@ class ModelPool:
 
         spec = self.registry.resolve(cfg.model)
         per_request = resolve(spec.defaults, cfg.settings)
-        trained = inspect(ensure_local(spec)).context_length or per_request.n_ctx
-        n_ctx_seq = min(per_request.n_ctx or trained, trained)
-        total = min(n_ctx_seq * parallel, trained) if parallel > 1 else n_ctx_seq
-        loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": total}, n_seq_max=parallel)
+        plan = kv_plan(per_request.n_ctx, parallel, inspect(ensure_local(spec)).context_length)
+        loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq}, n_seq_max=parallel,
+                            kv_cells=plan.cells)
         model = loaded.model
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
-        return Backend(model=model, settings=per_request, template=template, n_ctx_seq=min(n_ctx_seq, model.n_ctx),
+        return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
                        description=model.description)
 
     def _gauges(self) -> dict[str, dict[str, float]]:
@@ -317,12 +325,27 @@ class ModelPool:
             await asyncio.to_thread(engine.join, grace + 2.0)
 
 
-def _load_embedder(backend: Backend) -> Any:
-    """A second context over the same file with embeddings on; raises when llama.cpp refuses."""
-    from ..runtime import Model
+@dataclass(frozen=True)
+class KvPlan:
+    """How a served model's KV cache is laid out: every one of ``parallel`` slots can hold a
+    request of ``n_ctx_seq`` tokens (prompt + reply) at the same time, in ``cells`` shared cells."""
 
-    settings = replace(backend.settings, n_ctx=backend.settings.batch_size)
+    n_ctx_seq: int
+    parallel: int
+    cells: int
+
+
+def kv_plan(n_ctx: int, parallel: int, n_ctx_train: int | None) -> KvPlan:
+    """``--n-ctx`` is per request (0 = the trained length, and never beyond it), as in chat; the
+    cache is sized for all slots at once, so admission never has to cut a running reply."""
+    trained = n_ctx_train or n_ctx or 4096
+    n_ctx_seq = min(n_ctx or trained, trained)
+    return KvPlan(n_ctx_seq=n_ctx_seq, parallel=parallel, cells=n_ctx_seq * parallel)
+
+
+def _load_embedder(backend: Backend) -> Any:
+    """A second context over the same loaded weights, with embeddings on (no second load)."""
     try:
-        return Model.load(backend.model.path, settings, embeddings=True, validate=False)
+        return backend.model.new_context(n_ctx=backend.settings.batch_size, embeddings=True)
     except GgufrunError as exc:
         raise GgufrunError(f"This model cannot produce embeddings: {exc.message}") from None

@@ -20,7 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from .translate import Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, stream, tool_arguments
+from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, stream, streamed, supports,
+                        tool_arguments)
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
@@ -162,7 +163,7 @@ def chat_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("tools"):
         out["tools"] = _tools(body["tools"])
     require(out, _names(out))
-    return out
+    return streamed(out)
 
 
 def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
@@ -178,16 +179,16 @@ def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
         raise Refused("prompt", "'prompt' and 'system' must be strings.")
     out["messages"] = ([{"role": "system", "content": system}] if system else []) + ([{"role": "user", "content": prompt}] if prompt else [])
     require(out, _names(out))
-    return out
+    return streamed(out)
 
 
-def _stats(run: ChatRun, usage: dict[str, Any] | None, started: float, done_reason: str) -> dict[str, Any]:
-    now = time.perf_counter()
-    first = run.job.first_token_at or now
-    usage = usage or {}
-    return {"done": True, "done_reason": done_reason, "total_duration": int((now - started) * 1e9), "load_duration": 0,
-            "prompt_eval_count": usage.get("prompt_tokens", 0), "prompt_eval_duration": int(max(first - run.job.created, 0) * 1e9),
-            "eval_count": usage.get("completion_tokens", 0), "eval_duration": int(max(now - first, 0) * 1e9)}
+def _stats(usage: dict[str, Any] | None, timings: dict[str, Any] | None, started: float, done_reason: str) -> dict[str, Any]:
+    """Ollama's counters and nanosecond durations, from the engine's llama-server-style timings."""
+    usage, timings = usage or {}, timings or {}
+    return {"done": True, "done_reason": done_reason, "total_duration": int((time.perf_counter() - started) * 1e9),
+            "load_duration": 0, "prompt_eval_count": usage.get("prompt_tokens", 0),
+            "prompt_eval_duration": int(float(timings.get("prompt_ms") or 0) * 1e6),
+            "eval_count": usage.get("completion_tokens", 0), "eval_duration": int(float(timings.get("predicted_ms") or 0) * 1e6)}
 
 
 def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -198,6 +199,7 @@ def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> AsyncIterator[bytes]:
     """Ollama's NDJSON stream from the OpenAI chunks of ``run``."""
     finish = "stop"
+    timings: dict[str, Any] | None = None
     calls: dict[int, dict[str, Any]] = {}
     async for chunk in run.chunks():
         error = chunk_error(chunk)
@@ -211,10 +213,11 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
                 yield ndjson({"model": model, "created_at": _now(), "message": message, "done": False})
             final: dict[str, Any] = {"model": model, "created_at": _now()}
             final.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-            final.update(_stats(run, chunk.get("usage"), started, DONE_REASONS.get(finish, "stop")))
+            final.update(_stats(chunk.get("usage"), timings, started, DONE_REASONS.get(finish, "stop")))
             yield ndjson(final)
             return
         finish = choice.get("finish_reason") or finish
+        timings = chunk.get("timings") or timings
         delta = choice.get("delta") or {}
         for call in delta.get("tool_calls") or []:
             entry = calls.setdefault(call.get("index", 0), {"function": {"name": "", "arguments": ""}})
@@ -266,10 +269,10 @@ def routes(server: Server) -> list[Route]:
         started = time.perf_counter()
         body = await body_of(server, request)
         openai_body = chat_to_openai(body) if chat else generate_to_openai(body)
-        model = body.get("model") or server.pool.lookup(None).id
+        model = body.get("model") or server.lookup(None).id
         if not openai_body["messages"]:
             # Ollama loads the model when asked to generate nothing (`ollama run` does this first).
-            cfg = server.pool.lookup(openai_body.get("model"))
+            cfg = server.lookup(openai_body.get("model"))
             server.pool.release(await server._engine(cfg))
             part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
             return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load"})
@@ -289,7 +292,7 @@ def routes(server: Server) -> list[Route]:
             out["message"] = reply
         else:
             out["response"] = message.get("content") or ""
-        out.update(_stats(run, result.get("usage"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))
+        out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))
         return JSONResponse(out)
 
     @guarded(_render_error)
@@ -301,7 +304,7 @@ def routes(server: Server) -> list[Route]:
         return await generate_like(request, chat=False)
 
     async def vectors(model: str | None, texts: list[str]) -> tuple[str, list[list[float]], int]:
-        cfg = server.pool.lookup(_model_name(model) if model else None)
+        cfg = server.lookup(_model_name(model) if model else None)
         if not cfg.embeddings:
             raise Refused("model", f"Model '{cfg.id}' is served without embeddings.")
         engine = await server._engine(cfg)
@@ -356,12 +359,12 @@ def routes(server: Server) -> list[Route]:
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             raise Refused("model", "'model' must name a served model.")
-        cfg = server.pool.lookup(_model_name(name))
+        cfg = server.lookup(_model_name(name))
         _, info = await header(cfg)
         facts = await entry(cfg)
         model_info = {} if info is None else {k: v for k, v in info.metadata.items()
                                               if isinstance(v, (str, int, float, bool)) and k != "tokenizer.chat_template"}
-        capabilities = ["completion", *(["embedding"] if cfg.embeddings else []), *(["tools"] if "tools" in _supported() else [])]
+        capabilities = ["completion", *(["embedding"] if cfg.embeddings else []), *(["tools"] if supports("tools") else [])]
         return JSONResponse({"modelfile": "", "parameters": "", "template": (info.chat_template if info else None) or "",
                              "details": facts["details"], "model_info": model_info, "capabilities": capabilities,
                              "modified_at": facts["modified_at"]})
@@ -372,7 +375,7 @@ def routes(server: Server) -> list[Route]:
         for name, state in server.pool.loaded().items():
             if state != "ready":
                 continue
-            cfg = server.pool.lookup(name)
+            cfg = server.lookup(name)
             facts = await entry(cfg)
             engine = server.pool._engines.get(name)
             backend = engine.backend if engine is not None else None
@@ -387,9 +390,3 @@ def routes(server: Server) -> list[Route]:
             Route("/api/embed", embed, methods=["POST"]), Route("/api/embeddings", embeddings, methods=["POST"]),
             Route("/api/tags", tags, methods=["GET"]), Route("/api/show", show, methods=["POST"]),
             Route("/api/ps", ps, methods=["GET"]), Route("/api/version", version, methods=["GET"])]
-
-
-def _supported() -> frozenset[str]:
-    from .translate import CHAT_FIELDS
-
-    return CHAT_FIELDS

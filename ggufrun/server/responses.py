@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .app import ApiError
-from .translate import Refused, body_of, choice_of, chunk_error, guarded, require, sse, stream
+from .protocol import ApiError
+from .translate import Refused, body_of, choice_of, chunk_error, guarded, require, sse, stream, streamed
 
 if TYPE_CHECKING:
     from .app import ChatRun, Server
@@ -176,7 +176,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     _tools(body, out)
     _format(body, out)
     require(out, NAMES)
-    return out
+    return streamed(out)
 
 
 class _Builder:
@@ -319,7 +319,7 @@ def routes(server: Server) -> list[Route]:
         body = await body_of(server, request)
         openai_body = to_openai(body)
         run = await server.start_chat(openai_body)
-        builder = _Builder(body, body.get("model") or run.shape.model)
+        builder = _Builder(body, body.get("model") or run.choices.model)
         if openai_body.get("stream"):
             return stream(run, events(run, builder), "text/event-stream; charset=utf-8")
         result = await run.whole(request)

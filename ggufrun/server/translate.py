@@ -17,25 +17,19 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .app import ApiError, EventStream, api_error, read_json
+from . import protocol as P
+from .app import read_json
+from .protocol import ApiError, api_error
+from .streaming import EventStream
 
 if TYPE_CHECKING:
     from .app import ChatRun, Server
     from .engine import Backend
     from .models import ModelConfig
 
-# The OpenAI chat fields Server.start_chat honours today. A translated request that needs any
-# other (tools, response_format, penalties) is refused with the client's own field name rather
-# than sent on to be ignored; extend this set as the chat pipeline learns them.
-CHAT_FIELDS = frozenset({
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "stop",
-    "temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty", "ignore_eos",
-})
-
-
 def supports(field: str) -> bool:
-    """Whether the chat pipeline honours the OpenAI field ``field``."""
-    return field in CHAT_FIELDS
+    """Whether the chat pipeline honours the OpenAI field ``field`` (protocol.py's list)."""
+    return field in P.CHAT_FIELDS
 
 
 class Refused(Exception):
@@ -96,7 +90,7 @@ async def body_of(server: Server, request: Request) -> dict[str, Any]:
 @asynccontextmanager
 async def backend_for(server: Server, model: str | None) -> AsyncIterator[tuple[Backend, ModelConfig]]:
     """The named model's loaded backend, leased (not evicted) while the block runs on the loop."""
-    cfg = server.pool.lookup(model)
+    cfg = server.lookup(model)
     engine = await server._engine(cfg)
     try:
         assert engine.backend is not None
@@ -107,7 +101,27 @@ async def backend_for(server: Server, model: str | None) -> AsyncIterator[tuple[
 
 def stream(run: ChatRun, chunks: AsyncIterator[bytes], media_type: str) -> Response:
     """A streamed reply that cancels the generation when the client goes away."""
-    return EventStream(run.job, chunks, media_type)  # type: ignore[return-value]
+    return EventStream(run.group, chunks, media_type)  # type: ignore[return-value]
+
+
+def streamed(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` asking for the usage chunk at the end of a stream, which every translation reports."""
+    return {**body, "stream_options": {"include_usage": True}} if body.get("stream") else body
+
+
+async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[int]]:
+    """The prompt text and tokens an OpenAI chat body renders to (tools included), without
+    generating: for count_tokens and /apply-template."""
+    from ..templates import chat_tokens
+    from . import tools as T
+
+    messages = P.parse_messages(body)
+    plan = T.parse_tools(body)
+    async with backend_for(server, body.get("model")) as (backend, _):
+        T.choose_format(plan, backend.template)
+        rendered, tools = T.prepare_messages(plan, messages, backend.template)
+        text = backend.template.render(rendered, add_generation_prompt=True, tools=tools)
+        return text, chat_tokens(backend.template, backend.model, rendered, tools=tools)
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:

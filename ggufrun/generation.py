@@ -1,0 +1,410 @@
+"""One generation pipeline per sequence, and sampling for a whole decode step at once.
+
+:class:`Generation` owns everything that happens to one sequence after its logits exist: the
+sampler state (penalty window fed with the prompt, as llama-server replays it; an optional
+grammar; a per-request random generator), detokenising (a UTF-8 character split across tokens is
+held back), stop tokens (single-token stops by id) and stop strings (by text), the limits and the
+stats. Chat (``runtime.Model.generate``) and the server engine both drive it.
+
+:func:`sample_rows` samples every row of a step's logits matrix together, vectorised in numpy:
+penalties and logit bias are sparse scatters, and the truncating filters run over the few
+candidates within reach of each row's top logit, not over the vocabulary. The order is
+llama.cpp's default chain: penalties, bias, top-k, top-p (over the top-k distribution), min-p
+(relative to the most likely token), temperature, one uniform draw from the request's own
+generator. So a seed gives the same draw whatever else shares the step. Under any truncating
+filter a token more than :data:`REACH` nats below the top logit counts as probability 0.
+
+This module stays free of llama.cpp: a grammar comes from ``runtime.Grammar`` through a factory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+REACH = 30.0  # exp(-30) ~ 1e-13: below any probability a float32 draw can pick
+_LN_EPS = -1e30
+
+
+class GrammarLike(Protocol):
+    def allows(self, token: int) -> bool: ...
+    def mask(self, row: np.ndarray) -> None: ...
+    def accept(self, token: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class Vocab(Protocol):
+    """What the pipeline needs from a model (runtime.Model has it)."""
+
+    n_vocab: int
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes: ...
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+    def is_eog(self, token: int) -> bool: ...
+
+
+@dataclass
+class SamplingParams:
+    """One request's sampling, as the engine <-> API contract names it."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64  # -1 = the whole sequence, 0 = penalties off
+    seed: int = -1  # -1 = random
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias; -inf (or <= -100) bans
+    grammar: str | None = None  # GBNF text
+    logprobs: int | None = None  # None = off; 0..20 = the sampled token's logprob plus that many alternatives
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repeat_last_n != 0 and (
+            self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+
+
+@dataclass(slots=True)
+class TokenInfo:
+    """One generated token for logprobs: its text and, when asked, its logprob and the top alternatives."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenStats:
+    """Counts and timings of one generation, as `ollama run --verbose` and llama-server's `timings` report them."""
+
+    prompt_tokens: int = 0  # tokens in the prompt
+    cached_tokens: int = 0  # of those, reused from the KV cache
+    prompt_seconds: float = 0.0  # time to evaluate the uncached prompt tokens
+    gen_tokens: int = 0
+    gen_seconds: float = 0.0  # from the first generated token to the last
+    ttft_seconds: float = 0.0  # from the start to the first generated token
+    finish_reason: str = ""  # "stop" (end of turn or stop string), "length" (max_tokens or context full)
+
+    @property
+    def prompt_tps(self) -> float:
+        evaluated = self.prompt_tokens - self.cached_tokens
+        return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        # The first token comes from the prompt's logits; rate over the decodes that followed it.
+        return (self.gen_tokens - 1) / self.gen_seconds if self.gen_tokens > 1 and self.gen_seconds > 0 else 0.0
+
+
+class SeqSampler:
+    """The sampling state of one sequence: penalty window, bias, grammar and random generator."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int] = (), grammar: GrammarLike | None = None,  # type: ignore[assignment]
+                 n_ctx: int = 0) -> None:
+        self.params = params
+        seed = params.seed if params.seed >= 0 else int.from_bytes(np.random.SeedSequence().entropy.to_bytes(16, "little")[:8], "little")
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.grammar = grammar
+        last_n = params.repeat_last_n if params.repeat_last_n >= 0 else (n_ctx or 1 << 30)
+        self._window: deque[int] | None = deque(maxlen=last_n) if params.penalised else None
+        self._counts: dict[int, int] = {}
+        if self._window is not None:
+            for t in prompt[-last_n:] if last_n else ():
+                self._push(t)
+        bias = {int(t): float(b) for t, b in params.logit_bias.items()}
+        self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self.bias_vals = np.array([-np.inf if b <= -100 else b for b in bias.values()], dtype=np.float32)
+
+    def _push(self, token: int) -> None:
+        w = self._window
+        assert w is not None
+        if len(w) == w.maxlen and w.maxlen:
+            old = w[0]
+            c = self._counts[old] - 1
+            if c:
+                self._counts[old] = c
+            else:
+                del self._counts[old]
+        w.append(token)
+        self._counts[token] = self._counts.get(token, 0) + 1
+
+    def accept(self, token: int) -> None:
+        if self._window is not None and self._window.maxlen:
+            self._push(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
+
+    def penalty_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        return ids, np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+
+    def close(self) -> None:
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None
+
+
+def _penalise(logits: np.ndarray, seqs: list[SeqSampler]) -> None:
+    """Repetition (llama.cpp's divide-positive/multiply-negative), frequency and presence
+    penalties, then logit bias: sparse scatters over every row at once, in place."""
+    rows, cols, counts, rep, freq, pres = [], [], [], [], [], []
+    brows, bcols, bvals = [], [], []
+    for r, s in enumerate(seqs):
+        p = s.params
+        if s._window is not None and s._counts:
+            ids, cnt = s.penalty_arrays()
+            rows.append(np.full(len(ids), r))
+            cols.append(ids)
+            counts.append(cnt)
+            rep.append(np.full(len(ids), p.repeat_penalty, dtype=np.float32))
+            freq.append(np.full(len(ids), p.frequency_penalty, dtype=np.float32))
+            pres.append(np.full(len(ids), p.presence_penalty, dtype=np.float32))
+        if len(s.bias_ids):
+            brows.append(np.full(len(s.bias_ids), r))
+            bcols.append(s.bias_ids)
+            bvals.append(s.bias_vals)
+    if rows:
+        r_, c_ = np.concatenate(rows), np.concatenate(cols)
+        x = logits[r_, c_]
+        rp = np.concatenate(rep)
+        x = np.where(x <= 0, x * rp, x / rp) - np.concatenate(counts) * np.concatenate(freq) - np.concatenate(pres)
+        logits[r_, c_] = x
+    if brows:
+        r_, c_ = np.concatenate(brows), np.concatenate(bcols)
+        logits[r_, c_] += np.concatenate(bvals)
+
+
+def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+    """Truncate (top-k, top-p, min-p) and draw with temperature, for rows that all sample."""
+    n, v = logits.shape
+    top = logits.max(axis=1)
+    top_k = np.array([s.params.top_k if 0 < s.params.top_k < v else 0 for s in seqs])
+    top_p = np.array([s.params.top_p for s in seqs], dtype=np.float64)
+    min_p = np.array([s.params.min_p for s in seqs], dtype=np.float64)
+    temp = np.array([s.params.temperature for s in seqs], dtype=np.float64)
+    truncating = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
+    reach = np.where(min_p > 0, np.minimum(-np.log(np.maximum(min_p, 1e-300)), REACH), REACH)
+    # A row whose top-k reaches below the min-p line still needs all of its top k for top-p's sum.
+    thr = np.where(truncating, top - reach, -np.inf).astype(np.float32)
+    mask = logits >= thr[:, None]
+    counts = mask.sum(axis=1)
+    short = (counts < top_k) & (reach < REACH)
+    if short.any():
+        thr[short] = top[short] - REACH
+        mask[short] = logits[short] >= thr[short, None]
+        counts = mask.sum(axis=1)
+    r, c = np.nonzero(mask)
+    width = int(counts.max())
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    pos = np.arange(len(r)) - starts[r]
+    vals = np.full((n, width), -np.inf, dtype=np.float64)
+    ids = np.zeros((n, width), dtype=np.int64)
+    vals[r, pos] = logits[r, c]
+    ids[r, pos] = c
+    order = np.argsort(-vals, axis=1, kind="stable")  # ties: the lower token id first
+    vals = np.take_along_axis(vals, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    col = np.arange(width)[None, :]
+    keep = np.isfinite(vals)
+    keep &= (top_k[:, None] == 0) | (col < top_k[:, None])
+    e = np.where(keep, np.exp(vals - top[:, None].astype(np.float64)), 0.0)
+    z = e.sum(axis=1, keepdims=True)
+    before = (np.cumsum(e, axis=1) - e) / z  # probability mass of the better candidates
+    keep &= (top_p[:, None] >= 1.0) | (before < top_p[:, None])
+    keep &= e >= min_p[:, None]  # e is p / p_max
+    keep[:, 0] = True  # min_keep = 1
+    w = np.where(keep, np.exp((vals - top[:, None]) / temp[:, None]), 0.0)
+    cw = np.cumsum(w, axis=1)
+    pick = (cw < (u * cw[:, -1])[:, None]).sum(axis=1)
+    pick = np.minimum(pick, keep.sum(axis=1) - 1)
+    return ids[np.arange(n), pick]
+
+
+def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
+    scaled = row.astype(np.float64) / (temp if temp > 0 else 1.0)
+    m = scaled.max()
+    lse = m + math.log(np.exp(scaled - m).sum())
+    top: list[tuple[int, float]] = []
+    if n_top:
+        idx = np.argpartition(-scaled, n_top - 1)[:n_top]
+        idx = idx[np.argsort(-scaled[idx], kind="stable")]
+        top = [(int(i), float(scaled[i] - lse)) for i in idx]
+    return float(scaled[token] - lse), top
+
+
+def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
+    """Sample one token per row of ``logits`` (float32 [rows, n_vocab], modified in place) for
+    ``seqs`` (one per row); return the tokens and, per row, (logprob, top alternatives) or None.
+    The caller accepts the tokens into the samplers (``SeqSampler.accept``)."""
+    n = logits.shape[0]
+    _penalise(logits, seqs)
+    tokens = np.zeros(n, dtype=np.int64)
+    greedy = np.array([s.params.greedy for s in seqs], dtype=bool)
+    if greedy.any():
+        gi = np.flatnonzero(greedy)
+        tokens[gi] = (logits if greedy.all() else logits[gi]).argmax(axis=1)
+    if not greedy.all():
+        si = np.flatnonzero(~greedy)
+        # One uniform per sampled row from its own generator: batch-independent by construction.
+        u = np.array([seqs[i].rng.random() for i in si])
+        sub = logits if len(si) == n else logits[si]
+        tokens[si] = _draw(sub, [seqs[i] for i in si], u)
+    for i, s in enumerate(seqs):
+        g = s.grammar
+        if g is not None and not g.allows(int(tokens[i])):
+            # As llama-server: the cheap draw first, the full-vocabulary grammar pass only when it missed.
+            g.mask(logits[i])
+            row = logits[i : i + 1]
+            if not np.isfinite(row).any():
+                tokens[i] = -1
+            elif s.params.greedy:
+                tokens[i] = int(row[0].argmax())
+            else:
+                tokens[i] = _draw(row, [s], np.array([s.rng.random()]))[0]
+    infos: list[tuple[float, list[tuple[int, float]]] | None] = [None] * n
+    for i, s in enumerate(seqs):
+        if s.params.logprobs is not None and tokens[i] >= 0:
+            infos[i] = _logprob_info(logits[i], s.params.temperature, int(tokens[i]), s.params.logprobs)
+    return [int(t) for t in tokens], infos
+
+
+def classify_stops(vocab: Vocab, stops: list[str] | tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
+    """Stop strings that are one control token are matched by id (they print as nothing); every
+    other stop is matched in the text, which also catches it inside a longer token."""
+    ids, texts = set(), []
+    for s in stops:
+        if not s:
+            continue
+        toks = vocab.tokenize(s, add_special=False, parse_special=True)
+        if len(toks) == 1:
+            ids.add(toks[0])
+            if vocab.token_bytes(toks[0]):
+                texts.append(s)
+        else:
+            texts.append(s)
+    return frozenset(ids), tuple(texts)
+
+
+def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, str, bool]:
+    """Split streamed text into (safe to show, held back, a stop string was hit).
+
+    Text that might be the start of a stop string is held back until the next piece decides,
+    so a client never sees half of "<|im_end|>". On a hit, everything from the stop on is dropped.
+    """
+    hits = [i for i in (pending.find(s) for s in stops if s) if i >= 0]
+    if hits:
+        return pending[: min(hits)], "", True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(pending)), hold, -1):
+            if pending.endswith(s[:k]):
+                hold = k
+                break
+    return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
+
+
+class Generation:
+    """One sequence's generation after its prompt: feed it each sampled token with :meth:`accept`.
+
+    ``accept`` returns the text now safe to show and a finish reason once the sequence ends
+    ("stop": end of generation, a stop token or string; "length": ``max_tokens`` or ``n_ctx``).
+    Text held back (a possible stop string, half a UTF-8 character) comes out of :meth:`finish`.
+    """
+
+    def __init__(self, vocab: Vocab, prompt: list[int], params: SamplingParams, *, max_tokens: int = 0,
+                 n_ctx: int = 0, stop: list[str] | tuple[str, ...] = (), stop_ids: frozenset[int] | None = None,
+                 ignore_eos: bool = False, cached: int = 0, grammar_factory: Callable[[str], GrammarLike] | None = None) -> None:
+        self.vocab = vocab
+        self.params = params
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+        self.ignore_eos = ignore_eos
+        if stop_ids is None:
+            self.stop_ids, self.stop_texts = classify_stops(vocab, stop)
+        else:
+            self.stop_ids, self.stop_texts = stop_ids, tuple(stop)
+        grammar = grammar_factory(params.grammar) if params.grammar and grammar_factory is not None else None
+        self.sampler = SeqSampler(params, prompt, grammar, n_ctx)
+        self.n_prompt = len(prompt)
+        self.stats = GenStats(prompt_tokens=len(prompt), cached_tokens=cached)
+        self.started = time.perf_counter()
+        self._first = 0.0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.finish_reason = ""
+        self.tokens: list[TokenInfo] = []  # logprob entries behind the text not yet returned
+
+    @property
+    def n_gen(self) -> int:
+        return self.stats.gen_tokens
+
+    def accept(self, token: int, info: tuple[float, list[tuple[int, float]]] | None = None) -> tuple[str, str | None]:
+        """Take one sampled token; return (text to show, finish reason or None)."""
+        now = time.perf_counter()
+        st = self.stats
+        if st.gen_tokens == 0 and not self._first:
+            self._first = now
+            st.prompt_seconds = st.ttft_seconds = now - self.started
+        else:
+            st.gen_seconds = now - self._first
+        if token < 0:  # the grammar allows nothing more: the structure is complete
+            return self._end("stop")
+        if (self.vocab.is_eog(token) and not self.ignore_eos) or token in self.stop_ids:
+            return self._end("stop")
+        self.sampler.accept(token)
+        st.gen_tokens += 1
+        piece = self._utf8.decode(self.vocab.token_bytes(token))
+        if self.params.logprobs is not None:
+            lp, top = info if info is not None else (None, [])
+            self.tokens.append(TokenInfo(token, self.vocab.token_bytes(token).decode("utf-8", "replace"), lp,
+                                         [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top]))
+        text = self._held + piece
+        if self.stop_texts:
+            text, self._held, hit = split_stop(text, self.stop_texts)
+            if hit:
+                return self._end("stop", text, flush=False)
+        else:
+            self._held = ""
+        if (self.max_tokens and st.gen_tokens >= self.max_tokens) or (self.n_ctx and self.n_prompt + st.gen_tokens >= self.n_ctx):
+            return self._end("length", text)
+        return text, None
+
+    def _end(self, reason: str, text: str = "", *, flush: bool = True) -> tuple[str, str]:
+        self.finish_reason = self.stats.finish_reason = reason
+        if flush:
+            text += self.finish()
+        return text, reason
+
+    def finish(self) -> str:
+        """Text still held back (call once the sequence ends for any reason)."""
+        tail = self._held + self._utf8.decode(b"", final=True)
+        self._held = ""
+        return tail
+
+    def take_tokens(self) -> list[TokenInfo]:
+        out, self.tokens = self.tokens, []
+        return out
+
+    def close(self) -> None:
+        if not self.finish_reason:
+            self.finish_reason = self.stats.finish_reason = "cancelled"
+        self.sampler.close()

@@ -1,0 +1,329 @@
+"""Tool calling: tools into the prompt, ``tool_choice`` as a grammar, the reply parsed into calls.
+
+Three prompt formats, chosen from the model's template:
+
+- ``qwen`` (Hermes/Qwen2.5, ChatML): ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``;
+- ``llama3`` (Llama 3.1's JSON tool calling): ``{"name": ..., "parameters": {...}}``;
+- ``generic``, for templates that know nothing of tools: ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``.
+
+A GGUF Jinja template that mentions ``tools`` renders them itself (``native``); other templates get
+the format's instructions in the system message, and past calls and results rewritten as text.
+``tool_choice`` ``required`` or a named function becomes a GBNF grammar that admits only calls to
+the allowed functions with arguments valid for their schemas, so that any model produces one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .constraints import embed_rules, schema_grammar
+from .protocol import invalid
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass
+class ToolPlan:
+    """What a request's tools do to the prompt, the sampling and the reply."""
+
+    tools: list[dict[str, Any]]  # OpenAI's {"type": "function", "function": {...}} objects
+    choice: str  # "none" | "auto" | "required" | "function" (then ``forced`` names it)
+    parallel: bool = True
+    forced: str | None = None
+    fmt: str = "generic"  # "qwen" | "llama3" | "generic"
+    native: bool = False  # the GGUF template renders tools itself
+
+    @property
+    def names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+
+def parse_tools(body: dict[str, Any]) -> ToolPlan | None:
+    """The request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, validated; None without tools."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise invalid("parallel_tool_calls", "expected true or false.")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise invalid("tool_choice", "needs 'tools'.")
+        return None
+    if not isinstance(tools, list) or len(tools) > 128:
+        raise invalid("tools", "expected a list of up to 128 function tools.")
+    seen = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise invalid(f"tools[{i}]", 'expected {"type": "function", "function": {"name", "description", "parameters"}}.')
+        for key in tool:
+            if key not in ("type", "function"):
+                raise invalid(f"tools[{i}].{key}", "not a field of a function tool.")
+        for key in fn:
+            if key not in ("name", "description", "parameters", "strict"):
+                raise invalid(f"tools[{i}].function.{key}", "not a field of a function definition.")
+        name = fn.get("name")
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise invalid(f"tools[{i}].function.name", "expected 1 to 64 letters, digits, '_' or '-'.")
+        if name in seen:
+            raise invalid(f"tools[{i}].function.name", f"two tools are named '{name}'.")
+        seen.add(name)
+        if not isinstance(fn.get("description", ""), str):
+            raise invalid(f"tools[{i}].function.description", "expected a string.")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise invalid(f"tools[{i}].function.parameters", "expected a JSON schema object.")
+        if fn.get("strict") not in (None, True, False):
+            raise invalid(f"tools[{i}].function.strict", "expected true or false.")
+    forced = None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid("tool_choice", 'expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.')
+        if fn["name"] not in seen:
+            raise invalid("tool_choice", f"names '{fn['name']}', which is not among the tools.")
+        forced, choice = fn["name"], "function"
+    elif choice is None:
+        choice = "auto" if tools else "none"
+    elif choice not in ("none", "auto", "required"):
+        raise invalid("tool_choice", 'expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.')
+    if choice in ("required",) and not tools:
+        raise invalid("tool_choice", "'required' needs at least one tool.")
+    return ToolPlan(tools=tools, choice=choice, parallel=parallel is not False, forced=forced)
+
+
+def choose_format(plan: ToolPlan | None, template: Any) -> ToolPlan | None:
+    """Fill in the plan's format from the model's chat template (a templates.ChatTemplate)."""
+    if plan is None:
+        return None
+    source = template.jinja_source or ""
+    if source:
+        plan.native = "tools" in source
+        plan.fmt = "qwen" if OPEN in source else "llama3" if "<|python_tag|>" in source or "<|eom_id|>" in source else "generic"
+    else:
+        plan.fmt = {"chatml": "qwen", "llama3": "llama3"}.get(template.name, "generic")
+    return plan
+
+
+# ---- the prompt ----------------------------------------------------------------------------------
+
+def _signatures(plan: ToolPlan) -> str:
+    return "\n".join(json.dumps(t, ensure_ascii=False) for t in plan.tools)
+
+
+def _instructions(plan: ToolPlan) -> str:
+    if plan.fmt == "qwen":  # Qwen2.5's own wording
+        return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+                f"{_signatures(plan)}\n</tools>\n\n"
+                "For each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    if plan.fmt == "llama3":  # Llama 3.1's JSON tool-calling prompt
+        return ("You have access to the following functions. To call a function, respond with JSON for a function call "
+                'only, in the format {"name": function name, "parameters": dictionary of argument name and its value}. '
+                "Do not use variables.\n\n" + _signatures(plan))
+    return ("You can call the following tools:\n" + _signatures(plan) + "\n\nTo call tools, reply with only a JSON object "
+            'of the form {"tool_calls": [{"name": <tool name>, "arguments": <arguments object>}]}. '
+            "Otherwise, reply normally.")
+
+
+def _call_text(plan: ToolPlan, calls: list[dict[str, Any]]) -> str:
+    items = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]
+    if plan.fmt == "qwen":
+        return "\n".join(f"{OPEN}\n{json.dumps(i, ensure_ascii=False)}\n{CLOSE}" for i in items)
+    if plan.fmt == "llama3":
+        return "\n".join(json.dumps({"name": i["name"], "parameters": i["arguments"]}, ensure_ascii=False) for i in items)
+    return json.dumps({"tool_calls": items}, ensure_ascii=False)
+
+
+def prepare_messages(plan: ToolPlan | None, messages: list[dict[str, Any]], template: Any) -> tuple[list[dict[str, Any]], Any]:
+    """(messages, tools) to render: a native template gets both as they are; any other gets the
+    tools described in the system message and past calls and results written out as text."""
+    native = plan.native if plan is not None else bool(template.jinja_source and "tools" in template.jinja_source)
+    if native:
+        return messages, plan.tools if plan is not None and plan.active else None
+    fmt_plan = plan or choose_format(ToolPlan(tools=[], choice="none"), template)
+    assert fmt_plan is not None
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.get("tool_calls"):
+            text = (m["content"] + "\n" if m["content"] else "") + _call_text(fmt_plan, m["tool_calls"])
+            out.append({"role": "assistant", "content": text})
+        elif m["role"] == "tool":
+            result = f"<tool_response>\n{m['content']}\n</tool_response>" if fmt_plan.fmt == "qwen" else \
+                f"Result of tool call {m['tool_call_id']}:\n{m['content']}"
+            out.append({"role": "user", "content": result})
+        else:
+            out.append({k: v for k, v in m.items() if k in ("role", "content")})
+    if plan is not None and plan.active:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{_instructions(plan)}"}
+        else:
+            out.insert(0, {"role": "system", "content": _instructions(plan)})
+    return out, None
+
+
+# ---- constrained decoding ------------------------------------------------------------------------
+
+def grammar(plan: ToolPlan | None) -> str | None:
+    """GBNF that admits only calls to the allowed tools (tool_choice required or named); else None."""
+    if plan is None or plan.choice not in ("required", "function"):
+        return None
+    key = "parameters" if plan.fmt == "llama3" else "arguments"
+    tools = [t for t in plan.tools if plan.forced in (None, t["function"]["name"])]
+    items = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               key: t["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", key], "additionalProperties": False} for t in tools]
+    call = items[0] if len(items) == 1 else {"anyOf": items}
+    if plan.fmt == "generic":
+        array = {"type": "array", "items": call, "minItems": 1, **({} if plan.parallel else {"maxItems": 1})}
+        return schema_grammar({"type": "object", "properties": {"tool_calls": array}, "required": ["tool_calls"],
+                               "additionalProperties": False}, "tools")
+    rules, root = embed_rules(schema_grammar(call, "tools"), "tc")
+    if plan.fmt == "qwen":
+        one = f'"{OPEN}\\n" {root} "\\n{CLOSE}"'
+        body = f'{one} ("\\n" {one})*' if plan.parallel else one
+    else:
+        body = f'{root} ("\\n" {root})*' if plan.parallel else root
+    return f"root ::= {body}\n{rules}\n"
+
+
+# ---- the reply -----------------------------------------------------------------------------------
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _as_call(obj: Any) -> dict[str, Any] | None:
+    """{"name", "arguments"|"parameters"} as an OpenAI tool call; None when it is not one."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return {"id": new_call_id(), "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _json_calls(text: str) -> list[dict[str, Any]] | None:
+    """Calls in a reply that is only JSON: generic, llama3 (one object per line) or a bare object."""
+    text = text.strip().removeprefix("<|python_tag|>").strip()
+    try:
+        objs = [json.loads(text)]
+    except ValueError:
+        try:
+            objs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            return None
+    if len(objs) == 1 and isinstance(objs[0], dict) and isinstance(objs[0].get("tool_calls"), list):
+        objs = objs[0]["tool_calls"]
+    calls = [_as_call(o) for o in objs]
+    return calls if calls and all(c is not None for c in calls) else None  # type: ignore[return-value]
+
+
+@dataclass
+class ToolStream:
+    """Splits a reply, as it streams, into content text and complete tool calls.
+
+    Text that may begin a call (``<tool_call>``, or a reply that opens with ``{`` in the JSON
+    formats) is held until the call is complete, then given as one call; anything that turns out
+    not to be a call is given back as content."""
+
+    plan: ToolPlan
+    buffer: str = ""
+    in_tag: bool = False
+    json_mode: bool | None = None  # None until the reply's first non-space character decides
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def feed(self, text: str) -> list[tuple[str, Any]]:
+        self.buffer += text
+        out: list[tuple[str, Any]] = []
+        if self.json_mode is None:
+            head = self.buffer.lstrip()
+            if not head:
+                return out
+            tag = "<|python_tag|>"
+            if self.plan.fmt != "qwen" and len(head) < len(tag) and tag.startswith(head):
+                return out  # may still become a python tag
+            self.json_mode = self.plan.fmt != "qwen" and (head.startswith("{") or head.startswith(tag))
+        if self.json_mode:
+            return out  # decided at the end
+        while True:
+            if self.in_tag:
+                end = self.buffer.find(CLOSE)
+                if end < 0:
+                    return out
+                self._call(self.buffer[:end], out, OPEN + self.buffer[: end + len(CLOSE)])
+                self.buffer, self.in_tag = self.buffer[end + len(CLOSE):], False
+                continue
+            start = self.buffer.find(OPEN)
+            if start >= 0:
+                if self.buffer[:start].strip():
+                    out.append(("content", self.buffer[:start].rstrip("\n")))
+                self.buffer, self.in_tag = self.buffer[start + len(OPEN):], True
+                continue
+            hold = next((k for k in range(min(len(OPEN) - 1, len(self.buffer)), 0, -1) if self.buffer.endswith(OPEN[:k])), 0)
+            safe = self.buffer[: len(self.buffer) - hold]
+            if safe:
+                if not self.calls or safe.strip():
+                    out.append(("content", safe))
+            self.buffer = self.buffer[len(safe):]
+            return out
+
+    def finish(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        if self.json_mode:
+            calls = _json_calls(self.buffer)
+            if calls is None:
+                out.append(("content", self.buffer))
+            else:
+                for call in calls:
+                    self._add(call, out)
+        elif self.in_tag:  # a call cut short (max_tokens): keep it if its JSON is whole
+            self._call(self.buffer, out, OPEN + self.buffer)
+        elif self.buffer:
+            out.append(("content", self.buffer))
+        self.buffer = ""
+        return out
+
+    def _call(self, raw: str, out: list[tuple[str, Any]], original: str) -> None:
+        try:
+            call = _as_call(json.loads(raw))
+        except ValueError:
+            call = None
+        if call is None:
+            out.append(("content", original))
+        else:
+            self._add(call, out)
+
+    def _add(self, call: dict[str, Any], out: list[tuple[str, Any]]) -> None:
+        if call["function"]["name"] not in self.plan.names:
+            out.append(("content", _call_text(self.plan, [{"function": {"name": call["function"]["name"],
+                                                                         "arguments": json.loads(call["function"]["arguments"])}}])))
+            return
+        if self.calls and not self.plan.parallel:
+            return  # parallel_tool_calls: false keeps the first call only
+        self.calls.append(call)
+        out.append(("call", call))
+
+
+def parse_reply(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a whole reply."""
+    stream = ToolStream(plan)
+    parts = [*stream.feed(text), *stream.finish()]
+    content = "".join(p for kind, p in parts if kind == "content")
+    return (content.strip() or None) if stream.calls else content, stream.calls
