@@ -64,6 +64,9 @@ def post(server: ServerProcess, path: str, body: Any) -> requests.Response:
 
 
 HI = [{"role": "user", "content": "Name three colours."}]
+ASK = "What is the weather like in Paris?"
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": False}
+needs_tools = pytest.mark.skipif(not supports("tools"), reason="the chat pipeline has no tool calling in this build")
 
 
 # ---- Anthropic Messages --------------------------------------------------------------------------
@@ -122,6 +125,29 @@ def test_anthropic_refusals_are_anthropic_errors(smol: ServerProcess) -> None:
     if not supports("tools"):
         with pytest.raises(anthropic.BadRequestError, match="tools"):
             c.messages.create(model="smol", max_tokens=4, messages=HI, tools=tools)
+
+
+@needs_tools
+def test_anthropic_forced_tool_use_and_result_round_trip(smol: ServerProcess) -> None:
+    """The grammar behind tool_choice makes even a 135M model answer with a valid tool_use block."""
+    c = claude(smol)
+    tools = [{"name": "get_weather", "description": "Current weather in a city", "input_schema": CITY}]
+    forced = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    reply = c.messages.create(model="smol", max_tokens=100, messages=[{"role": "user", "content": ASK}], tools=tools, tool_choice=forced)
+    assert reply.stop_reason == "tool_use", reply
+    use = [b for b in reply.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and isinstance(use.input["city"], str) and use.id
+    assert len([b for b in reply.content if b.type == "tool_use"]) == 1
+    with c.messages.stream(model="smol", max_tokens=100, messages=[{"role": "user", "content": ASK}], tools=tools, tool_choice=forced) as s:
+        final = s.get_final_message()
+    streamed_use = [b for b in final.content if b.type == "tool_use"][0]
+    assert streamed_use.name == "get_weather" and streamed_use.input == use.input and final.stop_reason == "tool_use"
+    history = [{"role": "user", "content": ASK}, {"role": "assistant", "content": [use.model_dump()]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny, 21 C"}]}]
+    answer = c.messages.create(model="smol", max_tokens=8, messages=history, tools=tools)
+    assert answer.content and answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    more = c.messages.count_tokens(model="smol", messages=history, tools=tools).input_tokens
+    assert more > c.messages.count_tokens(model="smol", messages=history).input_tokens, "tools are part of the counted prompt"
 
 
 # ---- Ollama ----------------------------------------------------------------------------------------
@@ -201,6 +227,17 @@ def test_ollama_refusals(smol: ServerProcess) -> None:
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
 
 
+def test_ollama_tool_round_trip_renders(smol: ServerProcess) -> None:
+    """An assistant turn with tool_calls and the tool's reply (matched by name) reach the prompt."""
+    c = llama(smol)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": CITY}}
+    history = [{"role": "user", "content": ASK},
+               {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+               {"role": "tool", "content": "Sunny, 21 C", "tool_name": "get_weather"}]
+    reply = c.chat(model="smol", messages=history, tools=[tool], options={"num_predict": 4})
+    assert reply.done and reply.prompt_eval_count > c.chat(model="smol", messages=history[:1], options={"num_predict": 1}).prompt_eval_count
+
+
 # ---- OpenAI Responses ------------------------------------------------------------------------------
 
 def test_responses_whole_and_streamed(smol: ServerProcess) -> None:
@@ -237,6 +274,28 @@ def test_responses_refusals(smol: ServerProcess) -> None:
         tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
         with pytest.raises(openai.BadRequestError, match="tools"):
             c.responses.create(model="smol", input="hi", tools=[tool])
+
+
+@needs_tools
+def test_responses_function_call_and_output_round_trip(smol: ServerProcess) -> None:
+    c = oai(smol)
+    tool = {"type": "function", "name": "get_weather", "description": "Current weather in a city", "parameters": CITY, "strict": True}
+    forced = {"type": "function", "name": "get_weather"}
+    whole = c.responses.create(model="smol", input=ASK, tools=[tool], tool_choice=forced, parallel_tool_calls=False, max_output_tokens=100)
+    calls = [o for o in whole.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments)["city"], str)
+    events = list(c.responses.create(model="smol", input=ASK, tools=[tool], tool_choice=forced, parallel_tool_calls=False,
+                                     max_output_tokens=100, stream=True))
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    done = [e for e in events if e.type == "response.function_call_arguments.done"][0]
+    assert done.arguments == "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(done.arguments) == json.loads(calls[0].arguments)
+    history = [{"role": "user", "content": ASK},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"}]
+    answer = c.responses.create(model="smol", input=history, tools=[tool], max_output_tokens=8)
+    assert answer.status in ("completed", "incomplete") and answer.usage.input_tokens > whole.usage.input_tokens
 
 
 # ---- llama-server's token routes ------------------------------------------------------------------
