@@ -227,6 +227,19 @@ def test_ollama_refusals(smol: ServerProcess) -> None:
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
 
 
+def test_logprobs_through_ollama_and_responses(smol: ServerProcess) -> None:
+    whole = llama(smol).chat(model="smol", messages=HI, logprobs=True, top_logprobs=2, options={**GREEDY, "num_predict": 4})
+    assert whole.logprobs and len(whole.logprobs) == whole.eval_count
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in whole.logprobs)
+    assert whole.logprobs[0].top_logprobs[0].token == whole.logprobs[0].token, "greedy picks the most likely token"
+    parts = list(llama(smol).chat(model="smol", messages=HI, logprobs=True, options={**GREEDY, "num_predict": 4}, stream=True))
+    assert [t.token for p in parts for t in (p.logprobs or [])] == [t.token for t in whole.logprobs]
+    reply = oai(smol).responses.create(model="smol", input="Name three colours.", max_output_tokens=4, top_logprobs=1,
+                                       include=["message.output_text.logprobs"], temperature=0)
+    entries = reply.output[0].content[0].logprobs
+    assert len(entries) == reply.usage.output_tokens and "".join(e.token for e in entries) == reply.output_text
+
+
 def test_ollama_tool_round_trip_renders(smol: ServerProcess) -> None:
     """An assistant turn with tool_calls and the tool's reply (matched by name) reach the prompt."""
     c = llama(smol)

@@ -81,10 +81,14 @@ def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": True}}
     elif fmt not in (None, ""):
         raise Refused("format", "'format' must be \"json\" or a JSON schema object.")
+    if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+        raise Refused("logprobs", "'logprobs' must be true or false.")
     if body.get("logprobs"):
         out["logprobs"] = True
         if body.get("top_logprobs"):
             out["top_logprobs"] = body["top_logprobs"]
+    elif body.get("top_logprobs"):
+        raise Refused("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise Refused("options", "'options' must be an object.")
@@ -191,6 +195,16 @@ def _stats(usage: dict[str, Any] | None, timings: dict[str, Any] | None, started
             "eval_count": usage.get("completion_tokens", 0), "eval_duration": int(float(timings.get("predicted_ms") or 0) * 1e6)}
 
 
+def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """OpenAI's logprobs content as Ollama's: token, logprob and the top alternatives."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return [{"token": t["token"], "logprob": t["logprob"],
+             "top_logprobs": [{"token": a["token"], "logprob": a["logprob"]} for a in t.get("top_logprobs") or []]}
+            for t in content]
+
+
 def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"function": {"name": c["function"]["name"],
                           "arguments": tool_arguments(c["function"].get("arguments") or "", "tool call's")}} for c in calls]
@@ -224,9 +238,12 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
             function = call.get("function") or {}
             entry["function"]["name"] += function.get("name") or ""
             entry["function"]["arguments"] += function.get("arguments") or ""
-        if delta.get("content"):
-            part = {"message": {"role": "assistant", "content": delta["content"]}} if chat else {"response": delta["content"]}
-            yield ndjson({"model": model, "created_at": _now(), **part, "done": False})
+        logprobs = _logprobs(choice)
+        if delta.get("content") or logprobs:
+            text = delta.get("content") or ""
+            part = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            yield ndjson({"model": model, "created_at": _now(), **part, "done": False,
+                          **({"logprobs": logprobs} if logprobs else {})})
 
 
 def _size(path: Path) -> int:
@@ -292,6 +309,8 @@ def routes(server: Server) -> list[Route]:
             out["message"] = reply
         else:
             out["response"] = message.get("content") or ""
+        if openai_body.get("logprobs"):
+            out["logprobs"] = _logprobs(choice) or []
         out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))
         return JSONResponse(out)
 

@@ -31,7 +31,8 @@ EXTRAS = ("top_k", "min_p", "seed", "repeat_penalty")
 NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice",
          "parallel_tool_calls": "parallel_tool_calls", "logprobs": "top_logprobs", "top_logprobs": "top_logprobs"}
 # include values that need nothing from us: ggufrun produces no reasoning items to encrypt.
-HARMLESS_INCLUDES = {"reasoning.encrypted_content"}
+# "message.output_text.logprobs" is honoured (see to_openai).
+HARMLESS_INCLUDES = {"reasoning.encrypted_content", "message.output_text.logprobs"}
 
 
 def _render_error(status: int, kind: str, message: str) -> dict[str, Any]:
@@ -171,8 +172,8 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
             out[key] = body[key]
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
-    if body.get("top_logprobs"):
-        out["logprobs"], out["top_logprobs"] = True, body["top_logprobs"]
+    if body.get("top_logprobs") or "message.output_text.logprobs" in (body.get("include") or []):
+        out["logprobs"], out["top_logprobs"] = True, body.get("top_logprobs") or 0
     _tools(body, out)
     _format(body, out)
     require(out, NAMES)
@@ -216,9 +217,14 @@ def _usage(usage: dict[str, Any]) -> dict[str, Any]:
             "total_tokens": usage.get("total_tokens", 0)}
 
 
-def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
+def _message_item(text: str, status: str = "completed", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
+
+
+def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI chat logprobs content entries, which the Responses API carries as they are."""
+    return list((choice.get("logprobs") or {}).get("content") or [])
 
 
 def _call_item(call: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +236,7 @@ def from_openai(result: dict[str, Any], builder: _Builder) -> dict[str, Any]:
     choice = result["choices"][0]
     message = choice["message"]
     if message.get("content") or not message.get("tool_calls"):
-        builder.output.append(_message_item(message.get("content") or ""))
+        builder.output.append(_message_item(message.get("content") or "", logprobs=_logprobs(choice)))
     builder.output.extend(_call_item(call) for call in message.get("tool_calls") or [])
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
     return builder.response(status, result.get("usage"), choice["finish_reason"])
@@ -241,6 +247,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
     yield b.event("response.created", response=b.response("in_progress"))
     yield b.event("response.in_progress", response=b.response("in_progress"))
     text: list[str] = []
+    logprobs: list[dict[str, Any]] = []
     message: dict[str, Any] | None = None  # the open message item
     calls: dict[int, dict[str, Any]] = {}  # OpenAI tool-call index -> function_call item
     finish = "stop"
@@ -251,9 +258,10 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
             return []
         index = b.output.index(message)
         whole = "".join(text)
-        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
+        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": logprobs}
         message.update(status="completed", content=[part])
-        out = [b.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0, text=whole, logprobs=[]),
+        out = [b.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0, text=whole,
+                       logprobs=logprobs),
                b.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0, part=part),
                b.event("response.output_item.done", output_index=index, item=message)]
         message = None
@@ -282,6 +290,8 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
             return
         finish = choice.get("finish_reason") or finish
         delta = choice.get("delta") or {}
+        piece_logprobs = _logprobs(choice)
+        logprobs.extend(piece_logprobs)
         if delta.get("content"):
             if message is None:
                 message = _message_item("", "in_progress")
@@ -293,7 +303,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
                               part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
             text.append(delta["content"])
             yield b.event("response.output_text.delta", item_id=message["id"], output_index=b.output.index(message),
-                          content_index=0, delta=delta["content"], logprobs=[])
+                          content_index=0, delta=delta["content"], logprobs=piece_logprobs)
         for call in delta.get("tool_calls") or []:
             function = call.get("function") or {}
             item = calls.get(call.get("index", 0))
