@@ -345,3 +345,12 @@ def test_api_key_as_bearer_or_x_api_key(keyed: ServerProcess) -> None:
     assert denied.value.status_code == 401
     assert [m.model for m in llama(keyed, Authorization="Bearer sekret").list().models] == ["tiny"]
     assert requests.post(f"{keyed.url}/tokenize", json={"content": "a"}, headers={"x-api-key": "sekret"}, timeout=10).ok
+
+
+def test_pipeline_errors_name_the_clients_field(smol: ServerProcess) -> None:
+    bad = post(smol, "/api/chat", {"model": "smol", "messages": HI, "stream": False, "options": {"temperature": -1}})
+    assert bad.status_code == 400 and "'options.temperature'" in bad.json()["error"]
+    with pytest.raises(openai.BadRequestError, match="'max_output_tokens'"):
+        oai(smol).responses.create(model="smol", input="hi", max_output_tokens=0)
+    verbose = post(smol, "/api/show", {"model": "smol", "verbose": True})
+    assert verbose.status_code == 400 and "verbose" in verbose.json()["error"]

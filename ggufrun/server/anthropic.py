@@ -260,7 +260,7 @@ async def events(run: ChatRun, model: str) -> AsyncIterator[bytes]:
 def routes(server: Server) -> list[Route]:
     """``POST /v1/messages`` and ``POST /v1/messages/count_tokens``."""
 
-    @guarded(_render_error)
+    @guarded(_render_error, NAMES)
     async def messages(request: Request) -> Response:
         body = await body_of(server, request)
         openai_body = to_openai(body)

@@ -50,10 +50,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _names(options: dict[str, Any]) -> dict[str, str]:
-    """OpenAI field -> how the Ollama client spelled it, for error messages."""
-    names = {openai: f"options.{name}" for name, openai in OPTIONS.items()}
-    return {**names, "response_format": "format", "tools": "tools", "logprobs": "logprobs", "top_logprobs": "top_logprobs"}
+# OpenAI field -> how an Ollama client spells it, for error messages.
+NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format"}
 
 
 def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
@@ -166,7 +164,7 @@ def chat_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = _chat_messages(body.get("messages") or [])
     if body.get("tools"):
         out["tools"] = _tools(body["tools"])
-    require(out, _names(out))
+    require(out, NAMES)
     return streamed(out)
 
 
@@ -182,7 +180,7 @@ def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(prompt, str) or not isinstance(system, str):
         raise Refused("prompt", "'prompt' and 'system' must be strings.")
     out["messages"] = ([{"role": "system", "content": system}] if system else []) + ([{"role": "user", "content": prompt}] if prompt else [])
-    require(out, _names(out))
+    require(out, NAMES)
     return streamed(out)
 
 
@@ -314,11 +312,11 @@ def routes(server: Server) -> list[Route]:
         out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))
         return JSONResponse(out)
 
-    @guarded(_render_error)
+    @guarded(_render_error, NAMES)
     async def chat(request: Request) -> Response:
         return await generate_like(request, chat=True)
 
-    @guarded(_render_error)
+    @guarded(_render_error, NAMES)
     async def generate(request: Request) -> Response:
         return await generate_like(request, chat=False)
 
@@ -375,6 +373,11 @@ def routes(server: Server) -> list[Route]:
     @guarded(_render_error)
     async def show(request: Request) -> Response:
         body = await body_of(server, request)
+        unknown = sorted(set(body) - {"model", "name", "verbose"})
+        if unknown:
+            raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
+        if body.get("verbose"):
+            raise Refused("verbose", "'verbose' is not supported: model_info leaves out the tokenizer's arrays.")
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             raise Refused("model", "'model' must name a served model.")

@@ -324,7 +324,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
 def routes(server: Server) -> list[Route]:
     """``POST /v1/responses``."""
 
-    @guarded(_render_error)
+    @guarded(_render_error, NAMES)
     async def create(request: Request) -> Response:
         body = await body_of(server, request)
         openai_body = to_openai(body)

@@ -49,19 +49,26 @@ def require(body: dict[str, Any], names: dict[str, str]) -> None:
             raise Refused(param, f"'{param}' is not supported by this server yet.")
 
 
-def as_error(exc: BaseException) -> tuple[int, str, str]:
-    """(status, kind, message) for any error, with validation errors as 400 (what these APIs use)."""
+def as_error(exc: BaseException, names: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """(status, kind, message) for any error, with validation errors as 400 (what these APIs use);
+    ``names`` renames the chat pipeline's field in its message to the client's spelling."""
     if isinstance(exc, Refused):
         return exc.status, "invalid_request_error", exc.message
     error = api_error(exc)
     status = 400 if error.status == 422 else error.status
-    return status, error.kind, error.message
+    message = error.message
+    if names and error.param in names:
+        client = names[error.param]
+        message = message.replace(f"'{error.param}'", f"'{client}'")
+        if f"'{client}'" not in message:
+            message = f"{message.rstrip('.')} (field '{client}')."
+    return status, error.kind, message
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def guarded(render: Callable[[int, str, str], dict[str, Any]]) -> Callable[[Handler], Handler]:
+def guarded(render: Callable[[int, str, str], dict[str, Any]], names: dict[str, str] | None = None) -> Callable[[Handler], Handler]:
     """Wrap a handler so that any error answers in its API's error shape (``render(status, kind,
     message)``) instead of the OpenAI shape the app's exception handlers write."""
 
@@ -70,7 +77,7 @@ def guarded(render: Callable[[int, str, str], dict[str, Any]]) -> Callable[[Hand
             try:
                 return await handler(request)
             except Exception as exc:  # noqa: BLE001 (this is the API's error boundary)
-                status, kind, message = as_error(exc)
+                status, kind, message = as_error(exc, names)
                 if status >= 500 and not isinstance(exc, ApiError):
                     import logging
 
