@@ -10,11 +10,12 @@ field it would ignore is refused instead), error conversion, and the streaming r
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from .app import ChatRun, Server
     from .engine import Backend
     from .models import ModelConfig
+
+log = logging.getLogger("ggufrun.server")
+
 
 def supports(field: str) -> bool:
     """Whether the chat pipeline honours the OpenAI field ``field`` (protocol.py's list)."""
@@ -76,12 +80,12 @@ def guarded(render: Callable[[int, str, str], dict[str, Any]], names: dict[str, 
         async def guarded_handler(request: Request) -> Response:
             try:
                 return await handler(request)
+            except ClientDisconnect:
+                raise  # the app's handler logs it; nobody is left to read an error
             except Exception as exc:  # noqa: BLE001 (this is the API's error boundary)
                 status, kind, message = as_error(exc, names)
-                if status >= 500 and not isinstance(exc, ApiError):
-                    import logging
-
-                    logging.getLogger("ggufrun.server").exception("error on %s", request.url.path, exc_info=exc)
+                if status >= 500 and not isinstance(exc, (ApiError, Refused)):
+                    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
                 headers = api_error(exc).headers if not isinstance(exc, Refused) else {}
                 return JSONResponse(render(status, kind, message), status_code=status, headers=headers)
 
