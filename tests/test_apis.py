@@ -354,3 +354,26 @@ def test_pipeline_errors_name_the_clients_field(smol: ServerProcess) -> None:
         oai(smol).responses.create(model="smol", input="hi", max_output_tokens=0)
     verbose = post(smol, "/api/show", {"model": "smol", "verbose": True})
     assert verbose.status_code == 400 and "verbose" in verbose.json()["error"]
+
+
+def _cancelled(server: ServerProcess) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ggufrun_completions_total") and 'reason="cancelled"' in line)
+
+
+def test_leaving_a_stream_cancels_its_generation(smol: ServerProcess) -> None:
+    """NDJSON (Ollama) and named-event SSE (Anthropic) streams stop generating when the client leaves."""
+    import time
+
+    before = _cancelled(smol)
+    long = [{"role": "user", "content": "Write a very long story about the sea."}]
+    for path, body in (("/api/chat", {"model": "smol", "messages": long, "options": {"num_predict": 1500}}),
+                       ("/v1/messages", {"model": "smol", "messages": long, "max_tokens": 1500, "stream": True})):
+        with requests.post(f"{smol.url}{path}", json=body, stream=True, timeout=60) as reply:
+            assert reply.status_code == 200
+            assert next(reply.iter_lines())  # the stream started; now hang up
+    deadline = time.monotonic() + 20
+    while _cancelled(smol) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _cancelled(smol) == before + 2

@@ -102,8 +102,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(content, str):
             out.append({"role": m["role"], "content": content})
             continue
-        if not isinstance(content, list):
-            raise Refused(f"{where}.content", f"'{where}.content' must be a string or a list of content blocks.")
+        if not isinstance(content, list) or not content:
+            raise Refused(f"{where}.content", f"'{where}.content' must be a string or a non-empty list of content blocks.")
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         for j, block in enumerate(content):
