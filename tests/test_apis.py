@@ -215,11 +215,11 @@ def test_ollama_refusals(smol: ServerProcess) -> None:
         c.chat(model="smol", messages=HI, think=True)
     with pytest.raises(ollama.ResponseError, match="dimensions"):
         c.embed(model="smol", input="red", dimensions=8)
-    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}}, "required": ["colour"],
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"],
               "additionalProperties": False}
     if supports("response_format"):
         reply = c.chat(model="smol", messages=HI, format=schema, options={"num_predict": 60})
-        assert reply.done_reason == "stop" and isinstance(json.loads(reply.message.content)["colour"], str)
+        assert reply.done_reason == "stop" and json.loads(reply.message.content)["colour"] in ("red", "green", "blue")
     else:
         with pytest.raises(ollama.ResponseError, match="format") as fmt:
             c.chat(model="smol", messages=HI, format=schema)
@@ -367,15 +367,15 @@ def test_leaving_a_stream_cancels_its_generation(smol: ServerProcess) -> None:
     """NDJSON (Ollama) and named-event SSE (Anthropic) streams stop generating when the client leaves."""
     import time
 
-    before = _cancelled(smol)
     long = [{"role": "user", "content": "Write a very long story about the sea."}]
     for path, body in (("/api/chat", {"model": "smol", "messages": long, "options": {"num_predict": 1500}}),
                        ("/v1/messages", {"model": "smol", "messages": long, "max_tokens": 1500, "stream": True})):
+        before = _cancelled(smol)
         with requests.post(f"{smol.url}{path}", json=body, stream=True, timeout=60) as reply:
             assert reply.status_code == 200
             # Hang up once text flows (message_start comes before the job has a slot).
             assert any(b'"content"' in line or b"text_delta" in line for line in reply.iter_lines())
-    deadline = time.monotonic() + 20
-    while _cancelled(smol) < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _cancelled(smol) == before + 2
+        deadline = time.monotonic() + 60
+        while _cancelled(smol) == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _cancelled(smol) == before + 1, f"{path}: the generation went on after the client left"
