@@ -146,6 +146,13 @@ def test_tool_replies_parse_in_every_format_and_stream_whole_calls() -> None:
     events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
     assert "".join(v for k, v in events if k == "content") == "ok " and [k for k, _ in events][-1] == "call"
     assert not any("<tool" in v for k, v in events if k == "content")  # the tag never leaks as content
+    # incremental: the name first, then the arguments as they are written, never the call's own "}"
+    stream = T.ToolStream(plan, incremental=True)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "P}aris", "x": {}}}\n</tool_call>'
+    events = [e for ch in text for e in stream.feed(ch)] + stream.finish()
+    assert events[0][0] == "call_start" and events[0][1]["function"]["name"] == "get_weather"
+    fragments = [v for k, v in events if k == "args"]
+    assert len(fragments) > 10 and json.loads("".join(fragments)) == {"city": "P}aris", "x": {}}
 
 
 def test_tool_choice_becomes_a_grammar_and_bad_tools_are_400() -> None:
@@ -336,7 +343,7 @@ def test_openai_node_sdk_embeddings_and_stream(smol: ServerProcess, tmp_path_fac
     if not (cache / "node_modules" / "openai").exists():
         cache.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(cache), "openai@6"],
-                              capture_output=True, text=True, timeout=300)
+                              check=False, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             pytest.skip(f"npm install openai failed (offline?): {proc.stderr[-300:]}")
     script = tmp_path_factory.mktemp("node") / "check.mjs"
@@ -352,26 +359,11 @@ let usage = null;
 for await (const chunk of stream) {{ if (chunk.choices[0]) text += chunk.choices[0].delta.content || ""; if (chunk.usage) usage = chunk.usage; }}
 console.log(JSON.stringify({{dims: v.length, norm: Math.sqrt(v.reduce((a, x) => a + x * x, 0)), text, usage}}));
 """)
-    proc = subprocess.run(["node", str(script), smol.url], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["node", str(script), smol.url], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["dims"] == 576 and abs(out["norm"] - 1.0) < 1e-3  # was 144 zeros when base64 was ignored
     assert out["text"] and out["usage"]["completion_tokens"] >= 1
-
-
-def test_cors_allows_the_sdk_headers(tiny_model: Path, server_env: dict[str, str]) -> None:
-    with serve(str(tiny_model), "--served-model-name", "tiny", "--cors", "http://app.example", "--api-key", "k",
-               "--threads", "1", env=server_env) as s:
-        pre = requests.options(f"{s.url}/v1/chat/completions", timeout=10, headers={
-            "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count"})
-        assert pre.status_code == 200, pre.text
-        assert "x-stainless-os" in pre.headers["access-control-allow-headers"].lower()
-        evil = requests.options(f"{s.url}/v1/chat/completions", timeout=10, headers={
-            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
-        assert evil.status_code == 400
-        page = requests.get(s.url, timeout=10)
-        assert page.status_code == 200 and "Bearer " in page.text and "sessionStorage" in page.text
 
 
 # ---- tools on a tool-capable template ----------------------------------------------------------------

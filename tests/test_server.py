@@ -332,6 +332,11 @@ def test_api_key_and_cors(tiny_model: Path, server_env: dict[str, str]) -> None:
             "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,x-stainless-retry-count"})
         assert preflight.status_code == 200
         assert preflight.headers["access-control-allow-origin"] == "http://app.example"
+        assert "x-stainless-os" in preflight.headers["access-control-allow-headers"].lower()  # openai-node in a browser
+        evil = requests.options(f"{s.url}/v1/chat/completions", timeout=10, headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert evil.status_code == 400
+        assert "sessionStorage" in page.text
 
 
 def test_config_file_models_load_on_demand_with_lru(tiny_model_factory: Any, tmp_path: Path, server_env: dict[str, str]) -> None:

@@ -15,11 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .translate import (Refused, body_of, chat_prompt, choice_of, chunk_error, guarded, require, sse, stream, streamed,
-                        text_of, tool_arguments)
+from .translate import (Refused, body_of, chat_prompt, choice_of, chunk_error, guarded, require, sse, start_chat, stream,
+                        streamed, text_of, tool_arguments)
 
 if TYPE_CHECKING:
-    from .app import ChatRun, Server
+    from .app import Server
+    from .translate import ChatRun
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -264,7 +265,7 @@ def routes(server: Server) -> list[Route]:
     async def messages(request: Request) -> Response:
         body = await body_of(server, request)
         openai_body = to_openai(body)
-        run = await server.start_chat(openai_body)
+        run = await start_chat(server, openai_body, "/v1/messages")
         model = body.get("model") or run.choices.model
         if openai_body.get("stream"):
             return stream(run, events(run, model), "text/event-stream; charset=utf-8")

@@ -15,7 +15,6 @@ import base64
 import dataclasses
 import datetime
 import hmac
-import json
 import logging
 import struct
 import time
@@ -134,7 +133,7 @@ class _Choices:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
-        self.streams = [T.ToolStream(self.plan) if self.plan else None for _ in range(n)]
+        self.streams = [T.ToolStream(self.plan, incremental=True) if self.plan else None for _ in range(n)]
         self.n_calls = [0] * n
         self.offsets = [0] * n
 
@@ -175,12 +174,21 @@ class _Choices:
             parts += stream.finish()
         out = []
         for kind, value in parts:
-            out.extend([self._delta(i, {"content": value})] if kind == "content" else self._call_deltas(i, value))
+            if kind == "content":
+                out.append(self._delta(i, {"content": value}))
+            elif kind == "call":
+                out.extend(self._call_deltas(i, value))
+            elif kind == "call_start":
+                self.n_calls[i] += 1
+                out.append(self._delta(i, {"tool_calls": [{"index": self.n_calls[i] - 1, "id": value["id"], "type": "function",
+                                                           "function": {"name": value["function"]["name"], "arguments": ""}}]}))
+            else:  # "args": a fragment of the current call's arguments, as the model writes them
+                out.append(self._delta(i, {"tool_calls": [{"index": self.n_calls[i] - 1, "function": {"arguments": value}}]}))
         return out
 
     def _finish(self, i: int, reason: str) -> str:
-        return "tool_calls" if self.n_calls[i] and reason == "stop" or (self.n_calls[i] and self.plan and
-                                                                          self.plan.choice != "auto") else reason
+        """OpenAI's "tool_calls" when the reply ended in calls; "length" stays when one was cut short."""
+        return "tool_calls" if self.n_calls[i] and reason == "stop" else reason
 
     async def sse(self, group: JobGroup) -> AsyncIterator[bytes]:
         async for chunk in self.chunks(group):
@@ -200,7 +208,7 @@ class _Choices:
                 pieces = self._pieces(i, event.text, final=False)
                 logprobs = self._logprobs(i, tokens)
                 if logprobs is not None and not pieces:  # text held back by the tool parser keeps its logprobs
-                    pieces = [self._delta(i, {"content": ""} if self.chat else {"content": ""})]
+                    pieces = [self._delta(i, {"content": ""})]
                 for k, piece in enumerate(pieces):
                     if k == 0 and logprobs is not None:
                         piece["logprobs"] = logprobs
@@ -243,24 +251,6 @@ class _Choices:
         if len(dones) == 1:
             body["timings"] = _timings(dones[0])
         return body
-
-
-@dataclasses.dataclass
-class ChatRun:
-    """A submitted chat completion, as ``Server.start_chat`` returns it to the other APIs."""
-
-    group: JobGroup
-    params: GenParams
-    choices: _Choices
-
-    def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI ``chat.completion.chunk`` objects (ask for ``stream_options.include_usage`` to get the usage)."""
-        return self.choices.chunks(self.group)
-
-    async def whole(self, request: Request) -> dict[str, Any] | None:
-        """The OpenAI ``chat.completion`` object; None (jobs cancelled) if the client left."""
-        results = await collect(request, self.group)
-        return None if results is None else self.choices.whole(results)
 
 
 # ---- the application -----------------------------------------------------------------------------
@@ -363,13 +353,14 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)
-        run = await self.start_chat(body)
-        return await self._respond(request, run.group, run.params, run.choices)
+        group, params, choices = await self.start_chat(body)
+        return await self._respond(request, group, params, choices)
 
-    async def start_chat(self, body: dict[str, Any]) -> ChatRun:
-        """Validate an OpenAI chat request body and submit it: the one chat pipeline, which the
-        Anthropic, Ollama and Responses APIs translate onto (anthropic.py, ollama.py, responses.py)."""
-        P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, "/v1/chat/completions")
+    async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, _Choices]:
+        """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
+        Responses) translate their requests into such a body and read the same events:
+        ``collect(request, group)`` + ``choices.whole(...)``, or ``merged(group)`` to stream."""
+        P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, endpoint)
         params = P.parse_gen(body, chat=True)
         messages = P.parse_messages(body)
         plan = T.parse_tools(body)
@@ -397,7 +388,7 @@ class Server:
             return [tokens]
 
         group = await self._submit(params, cfg, build)
-        return ChatRun(group, params, _Choices(True, params.model or cfg.id, params, plan, params.n))
+        return group, params, _Choices(True, params.model or cfg.id, params, plan, params.n)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_body_bytes)

@@ -47,7 +47,7 @@ def from_response_format(fmt: dict[str, Any]) -> tuple[str | None, dict[str, Any
 def embed_rules(gbnf: str, prefix: str) -> tuple[str, str]:
     """The converter's rules renamed under ``prefix`` (so several grammars can share one file),
     and the name of what was its root rule."""
-    names = set(re.findall(r"^([A-Za-z0-9-]+)\s*::=", gbnf, flags=re.M))
+    names = set(re.findall(r"^([A-Za-z0-9-]+)\s*::=", gbnf, flags=re.MULTILINE))
     def rename(m: re.Match[str]) -> str:
         return f"{prefix}-{m.group(0)}" if m.group(0) in names else m.group(0)
 

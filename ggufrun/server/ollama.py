@@ -20,12 +20,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, stream, streamed, supports,
-                        tool_arguments)
+from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, start_chat, stream, streamed,
+                        supports, tool_arguments)
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
-    from .app import ChatRun, Server
+    from .app import Server
+    from .translate import ChatRun
     from .models import ModelConfig
 
 # Ollama clients compare /api/version against the Ollama release that added a feature; this
@@ -291,7 +292,7 @@ def routes(server: Server) -> list[Route]:
             server.pool.release(await server._engine(cfg))
             part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
             return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load"})
-        run = await server.start_chat(openai_body)
+        run = await start_chat(server, openai_body, "/api/chat" if chat else "/api/generate")
         if openai_body["stream"]:
             return stream(run, _ndjson(run, model, started, chat), "application/x-ndjson")
         result = await run.whole(request)

@@ -190,7 +190,7 @@ class GenParams:
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
-_LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema"}
+_LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema", "cache_prompt"}
 _COMMON = {"model", "n", "stream", "stream_options", "max_tokens", "stop", "temperature", "top_p", "seed",
            "presence_penalty", "frequency_penalty", "logit_bias", "user", *_LLAMA_FIELDS}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
@@ -270,6 +270,8 @@ def _check_metadata(body: dict[str, Any]) -> None:
         raise invalid("metadata", "expected up to 16 string values.")
     if body.get("store"):
         raise unsupported("store", "completions are not stored.")
+    if body.get("cache_prompt") is False:
+        raise unsupported("cache_prompt", "the prompt's KV cache is always reused (false cannot be honoured).")
     tier = body.get("service_tier")
     if tier not in (None, "auto", "default"):
         raise unsupported("service_tier", f"there is only one tier (got {tier!r}).")

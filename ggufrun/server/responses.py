@@ -17,10 +17,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .protocol import ApiError
-from .translate import Refused, body_of, choice_of, chunk_error, guarded, require, sse, stream, streamed
+from .translate import Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream, streamed
 
 if TYPE_CHECKING:
-    from .app import ChatRun, Server
+    from .app import Server
+    from .translate import ChatRun
 
 KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools", "tool_choice",
          "parallel_tool_calls", "text", "store", "previous_response_id", "metadata", "user", "reasoning", "truncation",
@@ -328,7 +329,7 @@ def routes(server: Server) -> list[Route]:
     async def create(request: Request) -> Response:
         body = await body_of(server, request)
         openai_body = to_openai(body)
-        run = await server.start_chat(openai_body)
+        run = await start_chat(server, openai_body, "/v1/responses")
         builder = _Builder(body, body.get("model") or run.choices.model)
         if openai_body.get("stream"):
             return stream(run, events(run, builder), "text/event-stream; charset=utf-8")

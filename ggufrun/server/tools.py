@@ -24,6 +24,9 @@ from .constraints import embed_rules, schema_grammar
 from .protocol import invalid
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+# a "}" followed only by what may begin the end of the call: space, then part of "</tool_call>"
+_TAIL = re.compile(r"\}\s*(?:<(?:/(?:t(?:o(?:o(?:l(?:_(?:c(?:a(?:l(?:l(?:>)?)?)?)?)?)?)?)?)?)?)?)?")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -241,13 +244,19 @@ class ToolStream:
 
     Text that may begin a call (``<tool_call>``, or a reply that opens with ``{`` in the JSON
     formats) is held until the call is complete, then given as one call; anything that turns out
-    not to be a call is given back as content."""
+    not to be a call is given back as content. With ``incremental``, a tagged call that opens with
+    ``{"name": ..., "arguments":`` (the order the grammar forces) is given as it grows instead:
+    ``("call_start", call)``, then ``("args", fragment)``s that join to its arguments' JSON."""
 
     plan: ToolPlan
+    incremental: bool = False
     buffer: str = ""
     in_tag: bool = False
     json_mode: bool | None = None  # None until the reply's first non-space character decides
     calls: list[dict[str, Any]] = field(default_factory=list)
+    growing: dict[str, Any] | None = None  # the call whose arguments are streaming
+    args_at: int = 0  # where its arguments start in the buffer
+    args_sent: int = 0  # how many of their characters were given out
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buffer += text
@@ -259,10 +268,12 @@ class ToolStream:
             tag = "<|python_tag|>"
             if self.plan.fmt != "qwen" and len(head) < len(tag) and tag.startswith(head):
                 return out  # may still become a python tag
-            self.json_mode = self.plan.fmt != "qwen" and (head.startswith("{") or head.startswith(tag))
+            self.json_mode = self.plan.fmt != "qwen" and head.startswith(("{", tag))
         if self.json_mode:
             return out  # decided at the end
         while True:
+            if self.in_tag and self.incremental and self._grow(out):
+                continue
             if self.in_tag:
                 end = self.buffer.find(CLOSE)
                 if end < 0:
@@ -278,14 +289,47 @@ class ToolStream:
                 continue
             hold = next((k for k in range(min(len(OPEN) - 1, len(self.buffer)), 0, -1) if self.buffer.endswith(OPEN[:k])), 0)
             safe = self.buffer[: len(self.buffer) - hold]
-            if safe:
-                if not self.calls or safe.strip():
-                    out.append(("content", safe))
+            if safe and (not self.calls or safe.strip()):
+                out.append(("content", safe))
             self.buffer = self.buffer[len(safe):]
             return out
 
+    def _grow(self, out: list[tuple[str, Any]]) -> bool:
+        """Stream the arguments of the tagged call being written; True when that call just ended."""
+        if self.growing is None:
+            m = _HEAD.match(self.buffer)
+            if m is None or m.group(1) not in self.plan.names or (self.calls and not self.plan.parallel):
+                return False
+            self.growing = {"id": new_call_id(), "type": "function", "function": {"name": m.group(1), "arguments": ""}}
+            self.args_at, self.args_sent = m.end(), 0
+            out.append(("call_start", self.growing))
+        end = self.buffer.find(CLOSE)
+        body = self.buffer[self.args_at:] if end < 0 else self.buffer[self.args_at:end]
+        if end >= 0:
+            ready = body.rstrip()
+            ready = ready.removesuffix("}")  # the call object's own closing brace
+        else:
+            # hold back a last "}" that may close the call object rather than the arguments
+            cut = body.rfind("}")
+            ready = body[:cut] if cut >= 0 and _TAIL.fullmatch(body[cut:]) else body
+        if len(ready) > self.args_sent:
+            out.append(("args", ready[self.args_sent:]))
+            self.args_sent = len(ready)
+        if end < 0:
+            return False
+        self.growing["function"]["arguments"] = ready.strip()
+        self.calls.append(self.growing)
+        self.growing = None
+        self.buffer, self.in_tag = self.buffer[end + len(CLOSE):], False
+        return True
+
     def finish(self) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []
+        if self.growing is not None:  # cut short (max_tokens): what was sent stays sent
+            self.growing["function"]["arguments"] = self.buffer[self.args_at:][: self.args_sent].strip()
+            self.calls.append(self.growing)
+            self.growing, self.buffer, self.in_tag = None, "", False
+            return out
         if self.json_mode:
             calls = _json_calls(self.buffer)
             if calls is None:

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -21,14 +22,38 @@ from starlette.responses import JSONResponse, Response
 from . import protocol as P
 from .app import read_json
 from .protocol import ApiError, api_error
-from .streaming import EventStream
+from .streaming import EventStream, JobGroup, collect
 
 if TYPE_CHECKING:
-    from .app import ChatRun, Server
+    from .app import Server, _Choices
     from .engine import Backend
     from .models import ModelConfig
+    from .protocol import GenParams
 
 log = logging.getLogger("ggufrun.server")
+
+
+@dataclass
+class ChatRun:
+    """A submitted chat completion: what ``Server.start_chat`` returns, with the two ways to read it."""
+
+    group: JobGroup
+    params: GenParams
+    choices: _Choices
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI ``chat.completion.chunk`` objects (``streamed`` bodies end with a usage chunk)."""
+        return self.choices.chunks(self.group)
+
+    async def whole(self, request: Request) -> dict[str, Any] | None:
+        """The OpenAI ``chat.completion`` object; None (jobs cancelled) if the client left."""
+        results = await collect(request, self.group)
+        return None if results is None else self.choices.whole(results)
+
+
+async def start_chat(server: Server, body: dict[str, Any], endpoint: str) -> ChatRun:
+    """Submit a translated OpenAI chat body through the server's one chat pipeline."""
+    return ChatRun(*await server.start_chat(body, endpoint))
 
 
 def supports(field: str) -> bool:
