@@ -191,9 +191,16 @@ class _Choices:
         return "tool_calls" if self.n_calls[i] and reason == "stop" else reason
 
     async def sse(self, group: JobGroup) -> AsyncIterator[bytes]:
+        async for chunk in self.chunks(group):
+            yield sse(chunk)
+        yield DONE
+
+    async def chunks(self, group: JobGroup) -> AsyncIterator[dict[str, Any]]:
+        """The chunk objects of the stream (an error as an ``{"error": ...}`` object, then the end);
+        the Anthropic, Ollama and Responses translations read these too."""
         n = len(group.jobs)
         if self.chat:
-            yield sse(self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in range(n)]))
+            yield self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in range(n)])
         dones: list[Event] = []
         async for i, event in merged(group):
             if event.kind == "text":
@@ -205,21 +212,20 @@ class _Choices:
                 for k, piece in enumerate(pieces):
                     if k == 0 and logprobs is not None:
                         piece["logprobs"] = logprobs
-                    yield sse(self._chunk([piece]))
+                    yield self._chunk([piece])
             elif event.kind == "done":
                 for piece in self._pieces(i, "", final=True):
-                    yield sse(self._chunk([piece]))
+                    yield self._chunk([piece])
                 dones.append(event)
                 last = len(dones) == n
                 extra: dict[str, Any] = {"timings": _timings(event)} if last and n == 1 else {}
-                yield sse(self._chunk([self._delta(i, {}, self._finish(i, event.finish_reason))], **extra))
+                yield self._chunk([self._delta(i, {}, self._finish(i, event.finish_reason))], **extra)
                 if last and self.params.include_usage:
-                    yield sse(self._chunk([], usage=_usage(dones)))
+                    yield self._chunk([], usage=_usage(dones))
             else:
                 assert event.error is not None
-                yield sse(api_error(event.error).body())
+                yield api_error(event.error).body()
                 break
-        yield DONE
 
     def whole(self, results: list[Collected]) -> dict[str, Any]:
         choices = []
@@ -537,23 +543,39 @@ class AccessLog:
 
 
 class BearerAuth:
-    """With --api-key, every route but /health and the chat page needs ``Authorization: Bearer KEY``.
-    The page itself holds nothing secret: it asks the user for the key and sends it with each call."""
+    """With --api-key, every route but /health and the chat page needs ``Authorization: Bearer KEY``,
+    or ``x-api-key: KEY`` as Anthropic's clients send it. The page itself holds nothing secret: it
+    asks the user for the key and sends it with each call."""
 
     OPEN = frozenset({("GET", "/health"), ("GET", "/"), ("HEAD", "/")})
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (scope["method"], scope["path"]) not in self.OPEN and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.", kind="authentication_error")
-                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            headers = dict(scope["headers"])
+            bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+            if not (bearer or hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)):
+                message = "Missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
+                body = ApiError(401, message, kind="authentication_error").body()
+                if scope["path"].startswith("/v1/messages"):  # each API's clients read their own error shape
+                    body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
+                elif scope["path"].startswith("/api/"):
+                    body = {"error": message}
+                response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def other_api_routes(server: Server) -> list[Route]:
+    """The Anthropic, Ollama and Responses APIs and llama-server's token routes, each a
+    translation onto ``Server.start_chat`` (imported here: they import this module)."""
+    from . import anthropic, llamacpp, ollama, responses
+
+    return [*anthropic.routes(server), *ollama.routes(server), *responses.routes(server), *llamacpp.routes(server)]
 
 
 def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = False) -> Starlette:
@@ -605,6 +627,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
+        *other_api_routes(server),
     ]
     middleware = [Middleware(AccessLog, metrics=metrics, routes={r.path for r in routes})]
     if config.cors:

@@ -77,16 +77,17 @@ class EventStream:
     """A server-sent-events response that cancels its jobs as soon as the client goes away:
     a watcher sees ``http.disconnect`` even while a job still waits in the queue."""
 
-    def __init__(self, group: JobGroup, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, group: JobGroup, chunks: AsyncIterator[bytes], media_type: str = "text/event-stream; charset=utf-8") -> None:
         self.group = group
         self.chunks = chunks
+        self.media_type = media_type.encode()  # Ollama streams NDJSON through the same path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.ensure_future(wait_disconnect(receive))
         watcher.add_done_callback(lambda _: self.group.cancel())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"content-type", self.media_type), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]})
             async for chunk in self.chunks:
                 if self.group.cancelled:

@@ -1,0 +1,343 @@
+"""OpenAI's Responses API (``POST /v1/responses``) over the server's chat pipeline: input items
+and instructions become chat messages, function tools become chat tools, and the result comes
+back as a Response object or as its event stream (response.created ... response.completed).
+Nothing is stored, so ``store: true`` and ``previous_response_id`` are refused. Errors are in
+OpenAI's shape, as the Responses API's are.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .protocol import ApiError
+from .translate import Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream, streamed
+
+if TYPE_CHECKING:
+    from .app import Server
+    from .translate import ChatRun
+
+KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools", "tool_choice",
+         "parallel_tool_calls", "text", "store", "previous_response_id", "metadata", "user", "reasoning", "truncation",
+         "include", "top_logprobs", "service_tier", "background", "prompt_cache_key", "safety_identifier", "stream_options",
+         "max_tool_calls", "conversation", "prompt", *("top_k", "min_p", "seed", "repeat_penalty")}
+# llama.cpp's sampling fields, taken here as llama-server takes them on its OpenAI routes.
+EXTRAS = ("top_k", "min_p", "seed", "repeat_penalty")
+NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice",
+         "parallel_tool_calls": "parallel_tool_calls", "logprobs": "top_logprobs", "top_logprobs": "top_logprobs"}
+# include values that need nothing from us: ggufrun produces no reasoning items to encrypt.
+# "message.output_text.logprobs" is honoured (see to_openai).
+HARMLESS_INCLUDES = {"reasoning.encrypted_content", "message.output_text.logprobs"}
+
+
+def _render_error(status: int, kind: str, message: str) -> dict[str, Any]:
+    return ApiError(status, message, kind=kind).body()
+
+
+def _refuse_set(body: dict[str, Any]) -> None:
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise Refused(unknown[0], f"Unknown parameter: '{unknown[0]}'.")
+    for key, why in (("previous_response_id", "responses are not stored"), ("conversation", "conversations are not stored"),
+                     ("prompt", "stored prompts are not supported"), ("max_tool_calls", "'max_tool_calls' is not supported")):
+        if body.get(key) is not None:
+            raise Refused(key, f"'{key}' is not supported: {why}; send the whole conversation as input.")
+    if body.get("store") is True:
+        raise Refused("store", "'store': true is not supported: ggufrun does not store responses; send store: false.")
+    if body.get("background") is True:
+        raise Refused("background", "'background': true is not supported.")
+    if body.get("truncation") not in (None, "disabled"):
+        raise Refused("truncation", "'truncation' must be disabled: a conversation longer than the context is refused, not cut.")
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not (isinstance(reasoning, dict) and all(v is None for v in reasoning.values())):
+        raise Refused("reasoning", "'reasoning' is not supported: ggufrun's models are not run as reasoning models.")
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(i not in HARMLESS_INCLUDES for i in include):
+        raise Refused("include", f"'include' may only hold {', '.join(sorted(HARMLESS_INCLUDES))}.")
+    if body.get("service_tier") not in (None, "auto", "default"):
+        raise Refused("service_tier", "'service_tier' must be auto or default.")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise Refused("metadata", "'metadata' must map strings to strings.")
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise Refused(where, f"'{where}' must be a string or a list of content parts.")
+    out = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise Refused(f"{where}[{i}]", f"'{where}[{i}]': content of type {kind!r} is not supported (only text).")
+        out.append(part["text"])
+    return "".join(out)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise Refused("instructions", "'instructions' must be a string.")
+        out.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    if isinstance(items, str):
+        return [*out, {"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise Refused("input", "'input' must be a string or a non-empty list of items.")
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message" and item.get("role") in ("user", "assistant", "system", "developer"):
+            role = "system" if item["role"] == "developer" else item["role"]
+            out.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise Refused(where, f"'{where}': a function_call needs call_id, name and arguments strings.")
+            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)  # parallel calls are one assistant turn
+            elif last is not None and last["role"] == "assistant":
+                last["tool_calls"] = [call]
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise Refused(f"{where}.call_id", f"'{where}.call_id' must be a string.")
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), f"{where}.output")})
+        else:
+            raise Refused(where, f"'{where}': item type {kind!r} is not supported (message, function_call, function_call_output).")
+    return out
+
+
+def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise Refused("tools", "'tools' must be a list.")
+        converted = []
+        for i, tool in enumerate(tools):
+            if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("name"), str)):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                raise Refused(f"tools[{i}]", f"'tools[{i}]': only function tools are supported (got {kind!r}).")
+            function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+            converted.append({"type": "function", "function": function})
+        out["tools"] = converted
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if choice in ("auto", "none", "required"):
+            out["tool_choice"] = choice
+        elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        else:
+            raise Refused("tool_choice", "'tool_choice' must be auto, none, required or {\"type\": \"function\", \"name\": ...}.")
+    if body.get("parallel_tool_calls") is not None:
+        out["parallel_tool_calls"] = body["parallel_tool_calls"]
+
+
+def _format(body: dict[str, Any], out: dict[str, Any]) -> None:
+    text = body.get("text")
+    if text is None:
+        return
+    if not isinstance(text, dict) or set(text) - {"format", "verbosity"}:
+        raise Refused("text", "'text' may hold format (and verbosity).")
+    if text.get("verbosity") not in (None, "medium"):
+        raise Refused("text.verbosity", "'text.verbosity' is not supported.")
+    fmt = text.get("format")
+    if fmt is None or fmt == {"type": "text"}:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        raise Refused("text.format", "'text.format.type' must be text, json_object or json_schema.")
+    if fmt["type"] == "json_object":
+        out["response_format"] = {"type": "json_object"}
+    else:
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+
+
+def to_openai(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses request as an OpenAI chat request body; raise Refused."""
+    _refuse_set(body)
+    out: dict[str, Any] = {"messages": _messages(body)}
+    for key in ("model", "temperature", "top_p", "stream", *EXTRAS):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    if body.get("top_logprobs") or "message.output_text.logprobs" in (body.get("include") or []):
+        out["logprobs"], out["top_logprobs"] = True, body.get("top_logprobs") or 0
+    _tools(body, out)
+    _format(body, out)
+    require(out, NAMES)
+    return streamed(out)
+
+
+class _Builder:
+    """The Response object as it grows: the same fields in created, completed and the whole reply."""
+
+    def __init__(self, body: dict[str, Any], model: str) -> None:
+        self.body, self.model = body, model
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.output: list[dict[str, Any]] = []
+        self.seq = 0
+
+    def response(self, status: str, usage: dict[str, Any] | None = None, finish: str | None = None,
+                 error: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = self.body
+        text = body.get("text") or {"format": {"type": "text"}}
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "error": error, "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "model": self.model, "output": list(self.output), "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+            "temperature": body.get("temperature"), "text": text, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
+            "usage": _usage(usage) if usage is not None else None, "user": body.get("user"), "metadata": body.get("metadata") or {},
+        }
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return sse(kind, data)
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+    return {"input_tokens": usage.get("prompt_tokens", 0), "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.get("completion_tokens", 0), "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.get("total_tokens", 0)}
+
+
+def _message_item(text: str, status: str = "completed", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
+
+
+def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI chat logprobs content entries, which the Responses API carries as they are."""
+    return list((choice.get("logprobs") or {}).get("content") or [])
+
+
+def _call_item(call: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"].get("arguments") or "", "status": "completed"}
+
+
+def from_openai(result: dict[str, Any], builder: _Builder) -> dict[str, Any]:
+    choice = result["choices"][0]
+    message = choice["message"]
+    if message.get("content") or not message.get("tool_calls"):
+        builder.output.append(_message_item(message.get("content") or "", logprobs=_logprobs(choice)))
+    builder.output.extend(_call_item(call) for call in message.get("tool_calls") or [])
+    status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+    return builder.response(status, result.get("usage"), choice["finish_reason"])
+
+
+async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
+    """The Responses event stream from the OpenAI chunks of ``run``."""
+    yield b.event("response.created", response=b.response("in_progress"))
+    yield b.event("response.in_progress", response=b.response("in_progress"))
+    text: list[str] = []
+    logprobs: list[dict[str, Any]] = []
+    message: dict[str, Any] | None = None  # the open message item
+    calls: dict[int, dict[str, Any]] = {}  # OpenAI tool-call index -> function_call item
+    finish = "stop"
+
+    def close_message() -> list[bytes]:
+        nonlocal message
+        if message is None:
+            return []
+        index = b.output.index(message)
+        whole = "".join(text)
+        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": logprobs}
+        message.update(status="completed", content=[part])
+        out = [b.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0, text=whole,
+                       logprobs=logprobs),
+               b.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0, part=part),
+               b.event("response.output_item.done", output_index=index, item=message)]
+        message = None
+        return out
+
+    async for chunk in run.chunks():
+        error = chunk_error(chunk)
+        if error is not None:
+            status, kind, detail = error
+            yield b.event("error", code=kind, message=detail, param=None)
+            yield b.event("response.failed", response=b.response("failed", error={"code": kind, "message": detail}))
+            return
+        choice = choice_of(chunk)
+        if choice is None:  # the last chunk: usage only
+            for out in close_message():
+                yield out
+            for call_item in calls.values():
+                index = b.output.index(call_item)
+                call_item["status"] = "completed"
+                yield b.event("response.function_call_arguments.done", item_id=call_item["id"], output_index=index,
+                              arguments=call_item["arguments"], name=call_item["name"])
+                yield b.event("response.output_item.done", output_index=index, item=call_item)
+            incomplete = finish == "length"
+            yield b.event("response.incomplete" if incomplete else "response.completed",
+                          response=b.response("incomplete" if incomplete else "completed", chunk.get("usage"), finish))
+            return
+        finish = choice.get("finish_reason") or finish
+        delta = choice.get("delta") or {}
+        piece_logprobs = _logprobs(choice)
+        logprobs.extend(piece_logprobs)
+        if delta.get("content"):
+            if message is None:
+                message = _message_item("", "in_progress")
+                message["content"] = []
+                b.output.append(message)
+                index = len(b.output) - 1
+                yield b.event("response.output_item.added", output_index=index, item=message)
+                yield b.event("response.content_part.added", item_id=message["id"], output_index=index, content_index=0,
+                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            text.append(delta["content"])
+            yield b.event("response.output_text.delta", item_id=message["id"], output_index=b.output.index(message),
+                          content_index=0, delta=delta["content"], logprobs=piece_logprobs)
+        for call in delta.get("tool_calls") or []:
+            function = call.get("function") or {}
+            item = calls.get(call.get("index", 0))
+            if item is None:
+                for out in close_message():
+                    yield out
+                item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                        "name": function.get("name") or "", "arguments": "", "status": "in_progress"}
+                calls[call.get("index", 0)] = item
+                b.output.append(item)
+                yield b.event("response.output_item.added", output_index=len(b.output) - 1, item=dict(item))
+            if function.get("arguments"):
+                item["arguments"] += function["arguments"]
+                yield b.event("response.function_call_arguments.delta", item_id=item["id"], output_index=b.output.index(item),
+                              delta=function["arguments"])
+
+
+def routes(server: Server) -> list[Route]:
+    """``POST /v1/responses``."""
+
+    @guarded(_render_error, NAMES)
+    async def create(request: Request) -> Response:
+        body = await body_of(server, request)
+        openai_body = to_openai(body)
+        run = await start_chat(server, openai_body, "/v1/responses")
+        builder = _Builder(body, body.get("model") or run.choices.model)
+        if openai_body.get("stream"):
+            return stream(run, events(run, builder), "text/event-stream; charset=utf-8")
+        result = await run.whole(request)
+        if result is None:
+            return Response(status_code=499)
+        return JSONResponse(from_openai(result, builder))
+
+    return [Route("/v1/responses", create, methods=["POST"])]
+
+
