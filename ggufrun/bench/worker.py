@@ -49,7 +49,11 @@ class _Llama:
         from .. import runtime
         from ..llama import ggml
 
-        return {"llama_cpp_python": version("llama_cpp_python"), "llama_cpp_system_info": runtime.system_info(),
+        try:
+            lcp = version("llama_cpp_python")
+        except Exception:  # a source tree on PYTHONPATH (the GPU builds) has no installed metadata
+            lcp = "unknown (no package metadata)"
+        return {"llama_cpp_python": lcp, "llama_cpp_system_info": runtime.system_info(),
                 "llama_cpp_devices": runtime.gpu_info().get("devices", []),
                 "cpu_backend": ggml.cpu_backend()}  # which kernels this build runs on this CPU
 
