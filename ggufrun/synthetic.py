@@ -54,7 +54,7 @@ class ShapeSpec:
         return self.head_dim or self.n_embd // self.n_head
 
 
-_TINY = dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=256, n_vocab=512, context_length=4096)
+_TINY: dict[str, Any] = dict(n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=256, n_vocab=512, context_length=4096)
 
 SHAPES: dict[str, ShapeSpec] = {
     # n_ff = 256 so that ffn_down rows are whole K-quant blocks: tiny K-quant files hold real K blocks

@@ -8,7 +8,6 @@ We drive llama.cpp's low-level API (llama_decode + our own sampling) rather than
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from typing import Any
 
