@@ -289,24 +289,6 @@ def guess_family(metadata: Mapping[str, Any]) -> str:
     return "chatml"
 
 
-def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, str, bool]:
-    """Split streamed text into (safe to show, held back, a stop string was hit).
-
-    Text that might be the start of a stop string is held back until the next piece decides,
-    so a client never sees half of "<|im_end|>". On a hit, everything from the stop on is dropped.
-    """
-    hits = [i for i in (pending.find(s) for s in stops if s) if i >= 0]
-    if hits:
-        return pending[: min(hits)], "", True
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(pending)), hold, -1):
-            if pending.endswith(s[:k]):
-                hold = k
-                break
-    return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
-
-
 def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                 tools: Sequence[Any] | None = None) -> list[int]:
     """Render ``messages`` with ``template`` and tokenize them for ``model`` (a runtime.Model).

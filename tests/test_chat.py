@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ggufrun.chat import ChatSession
-from ggufrun.templates import split_stop
+from ggufrun.generation import split_stop
 from ggufrun.errors import (
     ConfigError,
     ContextOverflowError,

@@ -524,7 +524,7 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny_model: Path, server_
 # ---- pieces without a server ---------------------------------------------------------------------
 
 def test_stop_string_helpers() -> None:
-    from ggufrun.templates import split_stop
+    from ggufrun.generation import split_stop
 
     assert split_stop("abc<|im_end|>x", ["<|im_end|>"]) == ("abc", "", True)
     assert split_stop("abc", ["zz"]) == ("abc", "", False)
