@@ -3,7 +3,7 @@ chain run row after row (what the engine did before), ggufrun's all-numpy vector
 what the engine now does (numpy penalties/bias, then each row's llama.cpp chain on a thread pool,
 fed only the top-k candidates), and the same chain fed the whole vocabulary (what it did before).
 
-    python bench/sampling_speed.py [--vocab 151936] [--rows 16,64] [--steps 20] [--rows-per-worker N]
+    python bench/sampling_speed.py [--vocab 151936] [--rows 16,64] [--steps 20] [--rows-per-worker N] [--busy]
 
 Both apply top-k 40, top-p 0.95, min-p 0.05, temperature 0.8 and a seeded draw. The logits are
 random: "flat" (normal, sd 1: every token near the top, the worst case for candidate search)
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -73,13 +74,23 @@ def time_numpy(logits: np.ndarray, steps: int, chained: bool = False, full: bool
     return statistics.median(times) * 1e3
 
 
+def spin() -> None:
+    x = 0
+    while True:
+        x += 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--rows", default="16,64")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows-per-worker", type=int, default=0, help="override the thread pool's rows per task")
+    ap.add_argument("--busy", action="store_true",
+                    help="run a pure-Python thread meanwhile (as the server's HTTP side): every GIL release can wait for it")
     args = ap.parse_args()
+    if args.busy:
+        threading.Thread(target=spin, daemon=True).start()
     if args.rows_per_worker:
         generation._ROWS_PER_WORKER = args.rows_per_worker
     rng = np.random.default_rng(0)

@@ -306,8 +306,14 @@ def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarr
     return out
 
 
-# Rows per thread-pool task: measured on an H100 host (16 cores), two rows a task lowered sampled
-# throughput (sampled/greedy 0.80 -> 0.67 at 64 clients): more threads contend for the GIL.
+# Rows per thread-pool task. A task costs ~25 us a row (152k vocabulary) plus ~7 numpy passes
+# that each release and retake the GIL; retaking it beside a thread running Python (the server's
+# HTTP side) can wait out the 5 ms switch interval, so many small tasks lose (two rows a task
+# lowered served sampled/greedy 0.80 -> 0.67 at 64 clients on a 16-core H100 host). Measured on
+# a 2-core dev box (bench/sampling_speed.py --rows-per-worker N [--busy]): 16 rows alone 0.6 ms
+# in two tasks of 8, 0.7 ms as one of 16; beside a busy Python thread 8 and 16 were within the
+# noise (83-103 vs 87-98 ms at 16 rows, 145-161 vs 120-160 ms at 64), both well under the
+# whole-vocabulary chain's 108-246 and 280-540 ms. So 8, as before.
 _ROWS_PER_WORKER = 8
 _pool: Any = None
 

@@ -70,6 +70,26 @@ class Grammar:
 
 
 _draw_buffers = threading.local()
+_apply_in_place: Any = None
+
+
+def _apply_keeping_gil() -> Any:
+    """llama_sampler_apply called without releasing the GIL (a PyDLL handle on the same library).
+
+    For a few hundred candidates the call takes ~3 us; releasing the GIL around it costs more:
+    taking it back waits for any thread running Python, up to the 5 ms switch interval (measured:
+    8-row tasks beside a busy Python thread, as the server's HTTP thread is, went from 0.2 ms to
+    ~90 ms). Falls back to the ordinary binding when the library's path is not known."""
+    global _apply_in_place
+    if _apply_in_place is None:
+        path = getattr(getattr(getattr(L, "llama_cpp", None), "_lib", None), "_name", None)
+        if path:
+            fn = ctypes.PyDLL(path).llama_sampler_apply
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array)], None
+            _apply_in_place = fn
+        else:
+            _apply_in_place = L.llama_sampler_apply
+    return _apply_in_place
 
 
 class DrawChain:
@@ -110,9 +130,9 @@ class DrawChain:
             buf = _draw_buffers.buf = (data, arr, np.arange(len(data), dtype=np.int32))
         return buf
 
-    def _apply(self, data: Any, arr: Any, n: int) -> int:
+    def _apply(self, data: Any, arr: Any, n: int, apply: Any = None) -> int:
         arr.size, arr.selected, arr.sorted = n, -1, False
-        L.llama_sampler_apply(self._chain, ctypes.byref(arr))  # ctypes releases the GIL
+        (apply or L.llama_sampler_apply)(self._chain, ctypes.byref(arr))  # the ordinary binding releases the GIL
         return int(data["id"][arr.selected])
 
     def draw(self, row: Any) -> int:
@@ -131,7 +151,7 @@ class DrawChain:
         data, arr, _ = self._buffer(n)
         data["id"][:n] = ids
         data["logit"][:n] = logits
-        return self._apply(data, arr, n)
+        return self._apply(data, arr, n, _apply_keeping_gil())
 
     def close(self) -> None:
         if self._chain:
