@@ -1,8 +1,9 @@
 """Cost of sampling one decode step over a logits matrix of ROWS x VOCAB: llama.cpp's C sampler
 chain run row after row (what the engine did before), ggufrun's all-numpy vectorised draw, and
-what the engine now does (numpy penalties/bias, then each row's llama.cpp chain on a thread pool).
+what the engine now does (numpy penalties/bias, then each row's llama.cpp chain on a thread pool,
+fed only the top-k candidates), and the same chain fed the whole vocabulary (what it did before).
 
-    python bench/sampling_speed.py [--vocab 151936] [--rows 16,64] [--steps 20]
+    python bench/sampling_speed.py [--vocab 151936] [--rows 16,64] [--steps 20] [--rows-per-worker N] [--busy]
 
 Both apply top-k 40, top-p 0.95, min-p 0.05, temperature 0.8 and a seeded draw. The logits are
 random: "flat" (normal, sd 1: every token near the top, the worst case for candidate search)
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import threading
 import time
 
 import numpy as np
 
 import ggufrun.runtime  # noqa: F401  (loads llama.cpp the way ggufrun does)
 import llama_cpp as L
+from ggufrun import generation
 from ggufrun.generation import SamplingParams, SeqSampler, sample_rows
 
 PARAMS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
@@ -53,11 +56,15 @@ def time_llama(logits: np.ndarray, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def time_numpy(logits: np.ndarray, steps: int, chained: bool = False) -> float:
+def time_numpy(logits: np.ndarray, steps: int, chained: bool = False, full: bool = False) -> float:
+    """ggufrun's sample_rows; ``full``: every chain over the whole vocabulary (no top-k prefilter)."""
     from ggufrun.runtime import DrawChain
 
     params = [SamplingParams(seed=i, **PARAMS) for i in range(len(logits))]  # type: ignore[arg-type]
     seqs = [SeqSampler(p, draw=DrawChain(p, logits.shape[1]) if chained else None) for p in params]
+    if full:
+        for s in seqs:
+            s.draw.top_k = 0  # type: ignore[union-attr]  (the chain keeps its top-k; only the prefilter is off)
     times = []
     for _ in range(steps):
         work = logits.copy()  # sampling edits the matrix in place; the copy is not timed
@@ -67,19 +74,34 @@ def time_numpy(logits: np.ndarray, steps: int, chained: bool = False) -> float:
     return statistics.median(times) * 1e3
 
 
+def spin() -> None:
+    x = 0
+    while True:
+        x += 1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--rows", default="16,64")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows-per-worker", type=int, default=0, help="override the thread pool's rows per task")
+    ap.add_argument("--busy", action="store_true",
+                    help="run a pure-Python thread meanwhile (as the server's HTTP side): every GIL release can wait for it")
     args = ap.parse_args()
+    if args.busy:
+        threading.Thread(target=spin, daemon=True).start()
+    if args.rows_per_worker:
+        generation._ROWS_PER_WORKER = args.rows_per_worker
     rng = np.random.default_rng(0)
-    print(f"{'logits':8} {'rows':>5} {'llama.cpp serial ms':>20} {'numpy ms':>9} {'ggufrun (chain, threads) ms':>28}")
+    print(f"{'logits':8} {'rows':>5} {'llama.cpp serial ms':>20} {'numpy ms':>9} {'chain full vocab ms':>20}"
+          f" {'ggufrun (chain top-k prefilter, threads) ms':>44}")
     for shape, sd in (("flat", 1.0), ("peaked", 4.0)):
         for rows in (int(r) for r in args.rows.split(",")):
             logits = (rng.standard_normal((rows, args.vocab)) * sd).astype(np.float32)
-            a, b, c = time_llama(logits, args.steps), time_numpy(logits, args.steps), time_numpy(logits, args.steps, True)
-            print(f"{shape:8} {rows:5d} {a:20.2f} {b:9.2f} {c:28.2f}")
+            a, b = time_llama(logits, args.steps), time_numpy(logits, args.steps)
+            c, d = time_numpy(logits, args.steps, True, full=True), time_numpy(logits, args.steps, True)
+            print(f"{shape:8} {rows:5d} {a:20.2f} {b:9.2f} {c:20.2f} {d:44.2f}")
 
 
 if __name__ == "__main__":

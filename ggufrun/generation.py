@@ -118,7 +118,10 @@ class GenStats:
 
 
 class DrawLike(Protocol):
+    top_k: int  # 0: no top-k (draw over the whole row); else draw_among may be given the top candidates
+
     def draw(self, row: np.ndarray) -> int: ...
+    def draw_among(self, ids: np.ndarray, logits: np.ndarray) -> int: ...
     def close(self) -> None: ...
 
 
@@ -303,8 +306,14 @@ def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarr
     return out
 
 
-# Rows per thread-pool task: measured on an H100 host (16 cores), two rows a task lowered sampled
-# throughput (sampled/greedy 0.80 -> 0.67 at 64 clients): more threads contend for the GIL.
+# Rows per thread-pool task. A task costs ~25 us a row (152k vocabulary) plus ~7 numpy passes
+# that each release and retake the GIL; retaking it beside a thread running Python (the server's
+# HTTP side) can wait out the 5 ms switch interval, so many small tasks lose (two rows a task
+# lowered served sampled/greedy 0.80 -> 0.67 at 64 clients on a 16-core H100 host). Measured on
+# a 2-core dev box (bench/sampling_speed.py --rows-per-worker N [--busy]): 16 rows alone 0.6 ms
+# in two tasks of 8, 0.7 ms as one of 16; beside a busy Python thread 8 and 16 were within the
+# noise (83-103 vs 87-98 ms at 16 rows, 145-161 vs 120-160 ms at 64), both well under the
+# whole-vocabulary chain's 108-246 and 280-540 ms. So 8, as before.
 _ROWS_PER_WORKER = 8
 _pool: Any = None
 
@@ -329,17 +338,74 @@ def _draw_parallel(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) ->
 
 
 def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
-    """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`."""
+    """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`.
+
+    A chain with top-k gets only its row's top candidates (:func:`_top_k_candidates`, vectorised
+    over the rows), so each of its rows costs one C call over a few hundred entries with the GIL
+    released, instead of filling and sorting the whole vocabulary under Python."""
     chained = [i for i, s in enumerate(seqs) if s.draw is not None]
     if not chained:
         return _draw(logits, seqs, u)
     out = np.zeros(len(seqs), dtype=np.int64)
+    topk = [i for i in chained if seqs[i].draw.top_k > 0]  # type: ignore[union-attr]
+    found: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
+    if topk:
+        sub = logits if len(topk) == len(seqs) else logits[topk]
+        ks = np.array([seqs[i].draw.top_k for i in topk])  # type: ignore[union-attr]
+        found = dict(zip(topk, _top_k_candidates(sub, ks)))
     for i in chained:
-        out[i] = seqs[i].draw.draw(logits[i])  # type: ignore[union-attr]
+        draw = seqs[i].draw
+        assert draw is not None
+        cand = found.get(i)
+        out[i] = draw.draw(logits[i]) if cand is None else draw.draw_among(*cand)
     rest = [i for i, s in enumerate(seqs) if s.draw is None]
     if rest:
         out[rest] = _draw(logits[rest], [seqs[i] for i in rest], u[rest])
     return out
+
+
+# Top-k candidates are found through column maxima: a row's first v - v % _GROUPS logits seen as
+# _GROUPS x (v // _GROUPS), maxed down the groups (one contiguous, vectorised pass). The k-th
+# largest column maximum is a threshold that at least k tokens reach, and only the few columns
+# whose maximum reaches it are read again: ~23 us a 152k row in all, against ~90 us to fill and
+# partially sort the whole row for the chain (2-core dev box).
+_GROUPS = 64
+
+
+def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per row, (ids, logits) of a candidate set holding the row's ``ks[row]`` largest logits, or
+    None where it would not (NaN, a vocabulary under k x _GROUPS). Every token at or above the
+    row's threshold is in (ties too), so the top k of the candidates are the top k of the row: a
+    chain that starts with top-k draws the same token from them as from the whole row (exact ties
+    inside the top k aside: llama.cpp's partial sort orders those as it happens to). Whole-matrix
+    numpy, no per-row Python: a handful of GIL-free passes over the chunk."""
+    n, v = logits.shape
+    cols = v // _GROUPS
+    j = int(ks.max())
+    if cols < j:  # fewer column maxima than k: no threshold that k tokens surely reach
+        return [None] * n
+    body = logits[:, : cols * _GROUPS].reshape(n, _GROUPS, cols)  # token g * cols + c at [:, g, c]
+    colmax = body.max(axis=1)
+    threshold = np.partition(colmax, cols - j, axis=1)[:, cols - j]  # >= j tokens reach it
+    flat = np.flatnonzero(colmax >= threshold[:, None])
+    row, col = flat // cols, flat % cols
+    block = body[row, :, col]  # [columns, _GROUPS]
+    hit_col, hit_group = np.nonzero(block >= threshold[row][:, None])
+    rows = row[hit_col]
+    ids = (hit_group * cols + col[hit_col]).astype(np.int32)
+    vals = block[hit_col, hit_group]
+    if cols * _GROUPS < v:  # the tail that does not fill a column: always a candidate
+        tail = np.arange(cols * _GROUPS, v, dtype=np.int32)
+        rows = np.concatenate([rows, np.repeat(np.arange(n), len(tail))])
+        ids = np.concatenate([ids, np.tile(tail, n)])
+        vals = np.concatenate([vals, logits[:, cols * _GROUPS :].reshape(-1)])
+    # In token order, as in the whole row: the chain breaks ties by position, so the same token.
+    order = np.argsort(rows.astype(np.int64) * v + ids)
+    rows, ids, vals = rows[order], ids[order], vals[order]
+    bounds = np.searchsorted(rows, np.arange(n + 1))
+    ok = ~np.isnan(threshold)  # a NaN among the top columns: no order to trust, the whole row goes
+    return [(ids[a:b], vals[a:b]) if good and b - a >= k else None
+            for a, b, k, good in zip(bounds[:-1], bounds[1:], ks, ok)]
 
 
 def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:

@@ -99,6 +99,30 @@ def test_seeded_draws_do_not_depend_on_the_batch() -> None:
     assert a == b and len(set(a)) > 5
 
 
+@pytest.mark.parametrize("vocab", [151936, 50257, 1000])
+def test_top_k_chains_draw_the_same_from_candidates_as_from_the_whole_row(vocab: int) -> None:
+    """sample_rows hands a top-k chain only its row's top candidates; the tokens must be those
+    of the chain over the whole vocabulary (flat, peaked, mostly -inf, NaN and all-tied rows)."""
+    from ggufrun.runtime import DrawChain
+
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((12, vocab)) * np.linspace(1, 10, 12)[:, None]).astype(np.float32)
+    logits[3] = -np.inf
+    logits[3, :50] = 0.5 * np.arange(50)
+    logits[5, ::7] = np.nan
+    logits[6] = 0.0
+
+    def draws(whole_row: bool) -> list[list[int]]:
+        params = [SamplingParams(seed=i, top_k=(40, 1, 100, 0)[i % 4]) for i in range(12)]
+        seqs = [SeqSampler(p, draw=DrawChain(p, vocab)) for p in params]
+        if whole_row:
+            for s in seqs:
+                s.draw.top_k = 0  # type: ignore[union-attr]  (the chain keeps its top-k; no prefilter)
+        return [sample_rows(logits.copy(), seqs)[0] for _ in range(4)]
+
+    assert draws(False) == draws(True)
+
+
 class FakeVocab:
     """A byte-level vocabulary: token i is byte i, 256 is an end-of-generation control token."""
 

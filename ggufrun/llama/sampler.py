@@ -70,6 +70,26 @@ class Grammar:
 
 
 _draw_buffers = threading.local()
+_apply_in_place: Any = None
+
+
+def _apply_keeping_gil() -> Any:
+    """llama_sampler_apply called without releasing the GIL (a PyDLL handle on the same library).
+
+    For a few hundred candidates the call takes ~3 us; releasing the GIL around it costs more:
+    taking it back waits for any thread running Python, up to the 5 ms switch interval (measured:
+    8-row tasks beside a busy Python thread, as the server's HTTP thread is, went from 0.2 ms to
+    ~90 ms). Falls back to the ordinary binding when the library's path is not known."""
+    global _apply_in_place
+    if _apply_in_place is None:
+        path = getattr(getattr(getattr(L, "llama_cpp", None), "_lib", None), "_name", None)
+        if path:
+            fn = ctypes.PyDLL(path).llama_sampler_apply
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array)], None
+            _apply_in_place = fn
+        else:
+            _apply_in_place = L.llama_sampler_apply
+    return _apply_in_place
 
 
 class DrawChain:
@@ -92,23 +112,46 @@ class DrawChain:
         for s in parts:
             L.llama_sampler_chain_add(self._chain, s)
         self._n_vocab = n_vocab
+        # The chain's k (0: no top-k): with it, generation.py hands draw_among a row's top candidates.
+        self.top_k = params.top_k if 0 < params.top_k < n_vocab else 0
+
+    def _buffer(self, size: int) -> tuple[Any, Any, Any]:
+        """This thread's candidate buffer, at least ``size`` long, its llama_token_data_array and
+        the token ids 0..len-1 (to refill a whole row).
+
+        One per thread, shared by every request: 64 private 1.8 MB buffers (152k vocabulary)
+        cost more in cache misses than the draw itself."""
+        buf = getattr(_draw_buffers, "buf", None)
+        if buf is None or len(buf[0]) < size:
+            np = numpy()
+            data = np.zeros(max(size, self._n_vocab), dtype=_TOKEN_DATA)
+            arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)),
+                                           size=len(data), selected=-1, sorted=False)
+            buf = _draw_buffers.buf = (data, arr, np.arange(len(data), dtype=np.int32))
+        return buf
+
+    def _apply(self, data: Any, arr: Any, n: int, apply: Any = None) -> int:
+        arr.size, arr.selected, arr.sorted = n, -1, False
+        (apply or L.llama_sampler_apply)(self._chain, ctypes.byref(arr))  # the ordinary binding releases the GIL
+        return int(data["id"][arr.selected])
 
     def draw(self, row: Any) -> int:
-        # One candidate buffer per thread, shared by every request: 64 private 1.8 MB buffers
-        # (152k vocabulary) cost more in cache misses than the draw itself.
-        buf = getattr(_draw_buffers, "buf", None)
-        if buf is None or buf[0] != self._n_vocab:
-            np = numpy()
-            data = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
-            arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)),
-                                           size=self._n_vocab, selected=-1, sorted=False)
-            buf = _draw_buffers.buf = (self._n_vocab, np.arange(self._n_vocab, dtype=np.int32), data, arr)
-        _, ids, data, arr = buf
-        data["id"] = ids  # the chain sorts the array in place: refill every draw
-        data["logit"] = row
-        arr.size, arr.selected, arr.sorted = self._n_vocab, -1, False
-        L.llama_sampler_apply(self._chain, ctypes.byref(arr))
-        return int(data["id"][arr.selected])
+        """Draw from a whole row of logits (every token a candidate)."""
+        n = self._n_vocab
+        data, arr, all_ids = self._buffer(n)
+        data["id"][:n] = all_ids[:n]  # the chain sorts the array in place: refill every draw
+        data["logit"][:n] = row
+        return self._apply(data, arr, n)
+
+    def draw_among(self, ids: Any, logits: Any) -> int:
+        """Draw from candidates ``ids`` (with their ``logits``) that hold the row's top k
+        (generation._top_k_candidates): the same token as :meth:`draw` over the whole row, since
+        the chain starts with top-k, but a few hundred entries to fill and sort, not 152k."""
+        n = len(ids)
+        data, arr, _ = self._buffer(n)
+        data["id"][:n] = ids
+        data["logit"][:n] = logits
+        return self._apply(data, arr, n, _apply_keeping_gil())
 
     def close(self) -> None:
         if self._chain:
