@@ -428,7 +428,11 @@ def test_json_schema_output_validates_streamed_or_not(smol: ServerProcess) -> No
     text = "".join(c.choices[0].delta.content or "" for c in client(smol).chat.completions.create(
         model=SMOL, messages=msgs, response_format=fmt, max_tokens=60, stream=True) if c.choices)
     jsonschema.validate(json.loads(text), PERSON)
-    r = chat(smol, messages=msgs, response_format={"type": "json_object"}, max_tokens=60)
+    # greedy and room to finish: a sampled string could run past a small max_tokens, cut (finish_reason
+    # "length") before the object closes, as OpenAI's own json_object replies can be
+    small = [{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}]
+    r = chat(smol, messages=small, response_format={"type": "json_object"}, max_tokens=100, temperature=0)
+    assert r.json()["choices"][0]["finish_reason"] == "stop", r.text
     assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
     r = post(smol, "/v1/completions", {"model": SMOL, "prompt": "Answer: ", "grammar": 'root ::= "YES" | "NO"', "max_tokens": 4})
     assert r.json()["choices"][0]["text"] in ("YES", "NO")

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks of one session, in one call (the machine is warm for 30 s only): serving against
-# llama-server and the batched-bench ceiling, single-stream chat against llama-bench, auto offload of a
-# model bigger than the free GPU memory, and embeddings' GPU memory. Needs `source bench/gpu/setup.sh` and
-# .gpubuild/q7.gguf (ggufrun synth --shape qwen2-7b --quant q4_k_m). Results go to $OUT (or results/).
+# The GPU checks of one session (the machine stays warm for 30 s only, so they run as two calls:
+# `checks.sh serve` and `checks.sh rest`). Needs `source bench/gpu/setup.sh` and .gpubuild/q7.gguf
+# (ggufrun synth --shape qwen2-7b --quant q4_k_m). Results go to $OUT (or results/).
 set -u
 O=${OUT:-results}; mkdir -p "$O"
 M=.gpubuild/q7.gguf
-echo "== serving (16 and 64 clients, greedy and sampled)"
-timeout 240 python3 bench/serve_load.py --model $M --n-gpu-layers -1 --threads 8 --levels 16,64 --requests-per-client 2 \
-  --max-tokens 64 --bin "$LLAMA_BIN" --json "$O/serve_load.json" 2>"$O/serve_load.log" | tail -20
+if [ "${1:-serve}" = serve ]; then
+  echo "== sampling cost per step (16 cores)"
+  timeout 60 python3 bench/sampling_speed.py --steps 15 2>&1 | tail -5
+  for si in 0.005 0.0005; do
+    echo "== serving, 16 and 64 clients, greedy and sampled, GGUFRUN_SWITCH_INTERVAL=$si"
+    GGUFRUN_SWITCH_INTERVAL=$si timeout 200 python3 bench/serve_load.py --model $M --n-gpu-layers -1 --threads 8 --levels 16,64 \
+      --requests-per-client 2 --max-tokens 64 --bin "$LLAMA_BIN" --json "$O/serve_load_$si.json" 2>"$O/serve_load_$si.log" | tail -18
+  done
+  exit 0
+fi
 echo "== chat vs llama-bench tg128"
-timeout 150 python3 bench/chat_speed.py --model $M --threads 8 --n-gpu-layers -1 --rounds 2 --llama-bench "$LLAMA_BIN" 2>&1 | tail -6
+timeout 150 python3 bench/chat_speed.py --model $M --threads 8 --n-gpu-layers -1 --rounds 1 --llama-bench "$LLAMA_BIN" 2>&1 | tail -6
 echo "== auto offload with only ~3.5 GB of the card free (the rest held by another process)"
 timeout 120 python3 - "$M" <<'PY'
 import subprocess, sys, torch
