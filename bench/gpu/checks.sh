@@ -8,11 +8,9 @@ M=.gpubuild/q7.gguf
 if [ "${1:-serve}" = serve ]; then
   echo "== sampling cost per step (16 cores)"
   timeout 60 python3 bench/sampling_speed.py --steps 15 2>&1 | tail -5
-  for si in 0.005 0.0005; do
-    echo "== serving, 16 and 64 clients, greedy and sampled, GGUFRUN_SWITCH_INTERVAL=$si"
-    GGUFRUN_SWITCH_INTERVAL=$si timeout 200 python3 bench/serve_load.py --model $M --n-gpu-layers -1 --threads 8 --levels 16,64 \
-      --requests-per-client 2 --max-tokens 64 --bin "$LLAMA_BIN" --json "$O/serve_load_$si.json" 2>"$O/serve_load_$si.log" | tail -18
-  done
+  echo "== serving, 16 and 64 clients, greedy and sampled"
+  timeout 200 python3 bench/serve_load.py --model $M --n-gpu-layers -1 --threads 8 --levels 16,64 \
+    --requests-per-client 2 --max-tokens 64 --bin "$LLAMA_BIN" --json "$O/serve_load.json" 2>"$O/serve_load.log" | tail -18
   exit 0
 fi
 echo "== chat vs llama-bench tg128"

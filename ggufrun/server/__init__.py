@@ -12,7 +12,7 @@ import socket
 import sys
 from typing import Any
 
-from ..errors import ConfigError, GgufrunError
+from ..errors import GgufrunError
 
 from .models import ServeConfig
 
@@ -30,24 +30,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-SWITCH_INTERVAL = 0.005  # Python's default; see run()
-
-
 def run(config: ServeConfig, *, preload: bool = False) -> None:
     """Serve ``config`` until SIGINT/SIGTERM. ``preload`` loads the first model at start-up and
     stops the server (re-raising the error) when it cannot load. Raises UnknownModelError and
     ConfigError before listening."""
-    import os
-
     import uvicorn
-
-    # The engine thread gives up the GIL in every llama_decode; with Python's 5 ms switch interval
-    # the event-loop thread may then keep it for 5 ms before the engine gets it back, a convoy that
-    # stretches each decode step. GGUFRUN_SWITCH_INTERVAL (seconds) is there to measure it.
-    try:
-        sys.setswitchinterval(float(os.environ.get("GGUFRUN_SWITCH_INTERVAL", str(SWITCH_INTERVAL))))
-    except ValueError as exc:
-        raise ConfigError(f"GGUFRUN_SWITCH_INTERVAL: {exc}.", "Give seconds, e.g. 0.0005.") from None
 
     from .app import create_app
     from .guard import KEEP_ALIVE_SECONDS, BodyGuard, guarded_h11_protocol, raise_fd_limit
