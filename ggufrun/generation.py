@@ -31,6 +31,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .settings import Settings
+
+_DEFAULTS = Settings()
+
 REACH = 30.0  # exp(-30) ~ 1e-13: below any probability a float32 draw can pick
 _LN_EPS = -1e30
 
@@ -56,15 +60,16 @@ class Vocab(Protocol):
 class SamplingParams:
     """One request's sampling, as the engine <-> API contract names it."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_last_n: int = 64  # -1 = the whole sequence, 0 = penalties off
-    seed: int = -1  # -1 = random
+    # ggufrun's defaults, declared once in settings.Settings
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    top_k: int = _DEFAULTS.top_k
+    min_p: float = _DEFAULTS.min_p
+    repeat_penalty: float = _DEFAULTS.repeat_penalty
+    presence_penalty: float = _DEFAULTS.presence_penalty
+    frequency_penalty: float = _DEFAULTS.frequency_penalty
+    repeat_last_n: int = _DEFAULTS.repeat_last_n  # -1 = the whole sequence, 0 = penalties off
+    seed: int = _DEFAULTS.seed  # -1 = random
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias; -inf (or <= -100) bans
     grammar: str | None = None  # GBNF text
     logprobs: int | None = None  # None = off; 0..20 = the sampled token's logprob plus that many alternatives
