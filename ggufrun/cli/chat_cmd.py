@@ -35,7 +35,7 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
     Examples:
       ggufrun chat qwen2-7b-q5 --n-gpu-layers -1 --n-ctx 4096 --flash-attn on
       ggufrun chat gemma-2-9b-it:Q5_K_M --system @translator --temperature 0.3
-      ggufrun chat gemma3-270m -p "Write one sentence about rivers."
+      ggufrun chat -p "What is the capital of France?"
       echo "Summarise: ..." | ggufrun chat qwen2-7b-q5
     """
     from rich.console import Console

@@ -54,7 +54,7 @@ def cli(ctx: click.Context, models_file: str | None) -> None:
 
     \b
     Examples:
-      ggufrun chat gemma3-270m -p "Write one sentence about rivers."
+      ggufrun chat -p "What is the capital of France?"
       ggufrun pull qwen2-7b-q5
       ggufrun serve qwen2-7b-q5 --port 13003 --served-model-name qwen2:7b
       ggufrun bench gemma3-270m --threads 1,2
