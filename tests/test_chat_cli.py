@@ -158,7 +158,11 @@ def test_one_shot_prints_only_the_reply(gemma_in_cache: Path, gemma_path: Path) 
     piped = ggufrun("chat", "gemma3-270m", *FAST, "--max-tokens", "8", input=prompt + "\n")
     assert piped.returncode == 0, piped.stderr
 
-    settings = resolve({"n_ctx": 4096}, {"threads": 2, "temperature": 0, "max_tokens": 8})
+    from ggufrun import registry
+
+    # the registry entry's defaults (repeat_penalty 1.1, which now sees the prompt) apply in the CLI too
+    defaults = registry.load().resolve("gemma3-270m").defaults
+    settings = resolve(defaults, {"threads": 2, "temperature": 0, "max_tokens": 8})
     with Model.load(gemma_path, settings) as model:
         expected = "".join(ChatSession(model, settings, family="gemma").ask(prompt))
     assert expected.strip()
