@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from statistics import fmean
 
-from reference import GGUFRUN, model_path
+from reference import GGUFRUN, bench_row, model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GGUFRUN_ACCURACY_CACHE", Path.home() / ".cache" / "ggufrun-accuracy"))
@@ -66,15 +66,8 @@ def run_llama_bench(exe: Path, path: Path, a: argparse.Namespace, fa: str) -> di
 
 def run_ggufrun(path: Path, a: argparse.Namespace, fa: str) -> dict[str, float]:
     ngl = -1 if a.ngl >= 99 else a.ngl
-    cmd = [*GGUFRUN, "bench", str(path), "--threads", str(a.threads),
-           "-p", str(a.p), "-n", str(a.n), "-r", str(a.r), "--n-gpu-layers", str(ngl), "--flash-attn", fa,
-           "--batch-size", str(a.batch), "--no-quality", "--format", "json"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    (row,) = json.loads(proc.stdout)["rows"]
-    if row["error"]:
-        raise SystemExit(f"ggufrun bench failed on {path.name}: {row['error']}")
-    return {"pp": float(row["pp_tps"]), "tg": float(row["tg_tps"])}
+    return bench_row([str(path), "--threads", str(a.threads), "-p", str(a.p), "-n", str(a.n), "-r", str(a.r),
+                      "--n-gpu-layers", str(ngl), "--flash-attn", fa, "--batch-size", str(a.batch)])
 
 
 def main(argv: list[str] | None = None) -> int:

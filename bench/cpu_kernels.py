@@ -26,6 +26,7 @@ from statistics import fmean
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import bench_row  # noqa: E402
 from accuracy import model_file  # noqa: E402  (gemma3-270m from its PyPI package, or synthetic:SHAPE:QUANT)
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -40,16 +41,8 @@ def llama_bench(exe: Path, path: Path, a: argparse.Namespace) -> dict[str, float
 
 
 def ggufrun_bench(python: str, path: Path, a: argparse.Namespace) -> dict[str, float]:
-    cmd = [python, "-m", "ggufrun.cli.main", "bench", str(path), "--threads", str(a.threads), "-p", str(a.p),
-           "-n", str(a.n), "-r", str(a.r), "--n-gpu-layers", "0", "--flash-attn", a.fa, "--batch-size", str(a.batch),
-           "--no-quality", "--format", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    if proc.returncode:
-        sys.exit(f"ggufrun bench with {python} failed: {proc.stderr.strip()[-500:]}")
-    (row,) = json.loads(proc.stdout)["rows"]
-    if row["error"]:
-        sys.exit(f"ggufrun bench with {python} failed on {path.name}: {row['error']}")
-    return {"pp": float(row["pp_tps"]), "tg": float(row["tg_tps"])}
+    return bench_row([str(path), "--threads", str(a.threads), "-p", str(a.p), "-n", str(a.n), "-r", str(a.r),
+                      "--n-gpu-layers", "0", "--flash-attn", a.fa, "--batch-size", str(a.batch)], python)
 
 
 _LIB_FEATURES = r"""

@@ -100,3 +100,19 @@ def _healthy(port: int) -> bool:
         return False
     finally:
         conn.close()
+
+
+def bench_row(args: Sequence[str], python: str = sys.executable) -> dict[str, float]:
+    """pp and tg tokens/s of one `ggufrun bench ARGS --no-quality --format json` configuration, run by
+    ``python`` (a llama-cpp-python build to compare) with this checkout importable; exits on failure."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [python, "-m", "ggufrun.cli.main", "bench", *args, "--no-quality", "--format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-800:]}")
+    import json
+
+    (row,) = json.loads(proc.stdout)["rows"]
+    if row["error"]:
+        sys.exit(f"ggufrun bench failed: {row['error']}")
+    return {"pp": float(row["pp_tps"]), "tg": float(row["tg_tps"])}

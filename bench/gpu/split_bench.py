@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from statistics import fmean
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+sys.path.insert(0, str(ROOT / "bench"))
+from reference import bench_row  # noqa: E402  (bench/reference.py)
+
 
 
 def llama_bench(a: argparse.Namespace) -> dict[str, float]:
@@ -38,18 +39,11 @@ def llama_bench(a: argparse.Namespace) -> dict[str, float]:
 
 
 def ggufrun_bench(a: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "ggufrun.cli.main", "bench", str(a.model), "--n-gpu-layers", "-1", "--split-mode", a.split_mode,
-           "--flash-attn", a.fa, "-p", str(a.p), "-n", str(a.n), "-r", str(a.r), "--threads", str(a.threads),
-           "--main-gpu", str(a.main_gpu), "--no-quality", "--format", "json"]
-    cmd += ["--tensor-split", a.tensor_split] if a.tensor_split else []
-    cmd += ["--rpc", a.rpc] if a.rpc else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    if proc.returncode:
-        sys.exit(f"ggufrun bench failed: {proc.stderr.strip()[-800:]}")
-    (row,) = json.loads(proc.stdout)["rows"]
-    if row["error"]:
-        sys.exit(f"ggufrun bench failed: {row['error']}")
-    return {"pp": float(row["pp_tps"]), "tg": float(row["tg_tps"])}
+    args = [str(a.model), "--n-gpu-layers", "-1", "--split-mode", a.split_mode, "--flash-attn", a.fa, "-p", str(a.p),
+            "-n", str(a.n), "-r", str(a.r), "--threads", str(a.threads), "--main-gpu", str(a.main_gpu)]
+    args += ["--tensor-split", a.tensor_split] if a.tensor_split else []
+    args += ["--rpc", a.rpc] if a.rpc else []
+    return bench_row(args)
 
 
 def main() -> int:
