@@ -89,6 +89,11 @@ def server(argv: Sequence[str], port: int, ready_timeout: float = 300.0) -> Iter
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            keep = os.environ.get("BENCH_SERVER_LOG")  # e.g. with GGUFRUN_STEP_PROFILE=1: the server's own account
+            if keep:
+                log.seek(0)
+                with open(keep, "ab") as f:
+                    f.write(f"==== {' '.join(argv)}\n".encode() + log.read())
 
 
 def _healthy(port: int) -> bool:

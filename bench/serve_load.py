@@ -134,7 +134,7 @@ def tables(rows: list[dict[str, Any]], ceiling: dict[int, float]) -> dict[str, A
     out: dict[str, Any] = {}
     main = pd.DataFrame(index=wide.index)
     for kind in ("ggufrun", "llama-server"):
-        main[f"{kind} tok/s"] = wide.get(kind)
+        main[f"{kind} tok/s"] = wide[kind] if kind in wide else float("nan")
     main["ggufrun / llama-server"] = main["ggufrun tok/s"] / main["llama-server tok/s"]
     if ceiling:
         main["batched-bench tg tok/s"] = [ceiling.get(c) for c, _ in main.index]
@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--ggufrun-args", default="", help="extra serve flags, e.g. '--split-mode layer --tensor-split 1,1'")
     ap.add_argument("--llama-server-args", default="", help="the same for llama-server, e.g. '-sm layer -ts 1,1'")
     ap.add_argument("--no-batched-bench", action="store_true", help="skip the llama-batched-bench ceiling")
+    ap.add_argument("--servers", default="ggufrun,llama-server", help="which servers to measure (default both)")
     ap.add_argument("--json", default=None, help="write every row (and every request) to this file")
     opts = ap.parse_args()
     if any(s not in ("greedy", "sampled") for s in opts.sampling.split(",")):
@@ -208,7 +209,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for i, clients in enumerate(levels):
         for kind in ("ggufrun", "llama-server") if i % 2 == 0 else ("llama-server", "ggufrun"):
-            rows += measure_server(kind, opts, path, clients, server_bin)
+            if kind in opts.servers.split(","):
+                rows += measure_server(kind, opts, path, clients, server_bin)
 
     import pandas as pd
 

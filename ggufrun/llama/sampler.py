@@ -165,6 +165,70 @@ class DrawChain:
             pass
 
 
+class BackendChain:
+    """A request's whole sampling chain run by llama.cpp inside the decode graph (on the GPU
+    holding the output layer): logit bias, penalties, top-k, top-p, min-p, temperature and the
+    seeded draw, or an argmax. The step then reads one token id per sequence instead of copying
+    and scanning a [rows, vocab] logits matrix on the CPU. Grammar and logprobs need the logits
+    on the CPU, so requests with them never get one (see :func:`backend_eligible`)."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, prompt: list[int] = ()) -> None:  # type: ignore[assignment]
+        cp = L.llama_sampler_chain_default_params()
+        cp.no_perf = True
+        self._chain = L.llama_sampler_chain_init(cp)
+        parts = []
+        penalties = None
+        if params.penalised:  # before the bias, as generation._penalise does
+            last_n = params.repeat_last_n if params.repeat_last_n > 0 else 1 << 16
+            penalties = L.llama_sampler_init_penalties(last_n, params.repeat_penalty, params.frequency_penalty,
+                                                        params.presence_penalty)
+            parts.append(penalties)
+        if params.logit_bias:
+            bias = [(int(t), -float("inf") if b <= -100 else float(b)) for t, b in params.logit_bias.items()]
+            arr = (L.llama_logit_bias * len(bias))(*[L.llama_logit_bias(t, b) for t, b in bias])
+            parts.append(L.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
+        if params.greedy:
+            parts.append(L.llama_sampler_init_greedy())
+        else:
+            if 0 < params.top_k < n_vocab:
+                parts.append(L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                parts.append(L.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                parts.append(L.llama_sampler_init_min_p(params.min_p, 1))
+            parts.append(L.llama_sampler_init_temp(params.temperature))
+            parts.append(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed < 0 else params.seed))
+        for s in parts:
+            L.llama_sampler_chain_add(self._chain, s)
+        if penalties is not None:  # penalties see the prompt, as on the CPU path (and llama-server)
+            for t in prompt[-(params.repeat_last_n if params.repeat_last_n > 0 else len(prompt)):]:
+                L.llama_sampler_accept(penalties, t)
+        self.params = params
+
+    @property
+    def ptr(self) -> Any:
+        return self._chain
+
+    def accept(self, token: int) -> None:
+        L.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def backend_eligible(params: SamplingParams) -> bool:
+    """Whether llama.cpp's in-graph samplers can do all of this request's sampling."""
+    return params.grammar is None and params.logprobs is None
+
+
 class Sampler:
     """A request's sampling settings (see generation.SamplingParams); kept for callers of
     :meth:`Model.generate`. The sampling itself is generation.sample_rows."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -190,6 +191,7 @@ class Engine:
         self.error: GgufrunError | None = None  # why the engine failed or crashed
         self._embedder: Any = None
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
+        self._profile = _StepProfile(name) if os.environ.get("GGUFRUN_STEP_PROFILE") else None
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -436,6 +438,8 @@ class Engine:
                 chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
                 batch.append((slot, chunk, not slot.pending))
                 budget -= len(chunk)
+        prof = self._profile
+        t0 = time.perf_counter() if prof is not None else 0.0
         try:
             outputs = model.decode([(s.seq_id, toks, want) for s, toks, want in batch])
         except GgufrunError as exc:
@@ -448,11 +452,22 @@ class Engine:
             return
         from ..generation import sample_rows
 
+        if prof is not None:
+            t1 = time.perf_counter()
+            model.synchronize()
+            t2 = time.perf_counter()
         gens = [slot.gen for slot in rows]
         tokens, infos = sample_rows(model.logits_rows(len(rows)), [g.sampler for g in gens])  # type: ignore[union-attr]
+        if prof is not None:
+            t3 = time.perf_counter()
         for slot, tok, info in zip(rows, tokens, infos):
             self._accept(slot, tok, info)
         self.metrics.generated(self.name, len(rows))
+        if prof is not None:
+            end = time.perf_counter()
+            prof.add(len(batch), sum(len(t) for _, t, _ in batch), len(rows), t1 - t0, t2 - t1, t3 - t2, end - t3,
+                     min(t0 - prof.last_end, 1.0) if prof.last_end else 0.0)
+            prof.last_end = end
 
     def _make_room(self, running: list[_Slot]) -> None:
         """Keep this step within the KV cache by dropping idle slots' cached prefixes, oldest
@@ -555,6 +570,27 @@ class Engine:
             if holder is not None:
                 holder.close()
         self._embedder = None
+
+
+class _StepProfile:
+    """GGUFRUN_STEP_PROFILE=1: where a step's time goes (launching the decode, waiting for the
+    device, sampling, handing tokens out), logged every 64 steps, to see what bounds throughput."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.n = 0
+        self.sums = [0.0] * 8
+        self.last_end = 0.0
+
+    def add(self, seqs: int, tokens: int, rows: int, *phases: float) -> None:
+        self.n += 1
+        for i, v in enumerate((seqs, tokens, rows, *phases)):
+            self.sums[i] += v
+        if self.n % 64 == 0:
+            s = [v / self.n for v in self.sums]
+            log.info("steps %s: %d steps, per step %.1f seqs %.1f tokens %.1f rows; ms: decode call %.2f, device wait %.2f, "
+                     "sample %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:3], *(1e3 * v for v in s[3:]))
+            self.n, self.sums = 0, [0.0] * 8
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:
