@@ -566,6 +566,15 @@ class Generation:
             return self._end("length", text)
         return text, None
 
+    def ends_at(self, token: int) -> bool:
+        """Whether :meth:`accept` will surely end the sequence on ``token`` (end of generation, a stop
+        token, a length limit): the engine leaves such a token out of the next decode. A stop string
+        is found only by :meth:`accept`; a token that completes one has been decoded in vain."""
+        if token < 0 or (not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token))):
+            return True
+        n = self.stats.gen_tokens + 1
+        return bool((self.max_tokens and n >= self.max_tokens) or (self.n_ctx and self.n_prompt + n >= self.n_ctx))
+
     def _end(self, reason: str, text: str = "", *, flush: bool = True) -> tuple[str, str]:
         self.finish_reason = self.stats.finish_reason = reason
         if flush:

@@ -7,7 +7,13 @@
 set -u
 ROOT=$(pwd)
 B=$ROOT/.gpubuild
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/*.whl >/dev/null 2>&1
+C=.carry; [ -d .gpucarry ] && C=.gpucarry
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/*.whl >/dev/null 2>&1
+# A build made earlier on a device machine, brought back through $OUT (bench/gpu/README.md): saves
+# the ~5-minute CUDA build on a fresh machine. Same layout and path as a build made here.
+if [ -e .gpucarry/gb.part.aa ] && [ ! -x "$B/build/bin/llama-batched-bench" ]; then
+  mkdir -p "$B/build/bin" && cat .gpucarry/gb.part.* | xz -d | tar xf - -C "$B/build/bin"
+fi
 # GGML_RPC: ggufrun rpc-worker / --rpc and llama-bench --rpc (a build from before it had none: rebuild).
 if [ ! -x "$B/build/bin/llama-batched-bench" ] || [ ! -e "$B/build/bin/libggml-rpc.so" ]; then
   [ -d "$B/vendor" ] || { mkdir -p "$B" && tar xzf .carry/llama-src.tgz -C "$B"; }
@@ -19,7 +25,8 @@ fi
 # The Python side of llama-cpp-python, outside the work tree (the device sync prunes files there),
 # loading the CUDA libraries just built.
 P=/tmp/llama-py
-mkdir -p "$P" && tar xzf .carry/llama-src.tgz -C "$P" llama_cpp
+if [ -e .gpucarry/llama-py.tgz ]; then mkdir -p "$P" && tar xzf .gpucarry/llama-py.tgz -C "$P"
+else mkdir -p "$P" && tar xzf .carry/llama-src.tgz -C "$P" llama_cpp; fi
 mkdir -p "$P/llama_cpp/lib" && cp -f "$B"/build/bin/*.so* "$P/llama_cpp/lib/" 2>/dev/null
 export PYTHONPATH=$ROOT:$P:/tmp/site
 export LLAMA_BIN=$B/build/bin

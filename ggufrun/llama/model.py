@@ -430,6 +430,24 @@ class Model:
         try:
             while True:
                 tok, info = sample(sampler, idx)  # reads the logits, so it also waits for the decode
+                # The next decode is queued before this token is handed out: the caller's printing
+                # (or streaming) then overlaps the device's work, as in the server's engine.
+                go = not gen.ends_at(tok) and len(seq) < self.n_ctx
+                if go:
+                    # Single-token step, written straight into the preallocated batch (hot path).
+                    batch.token[0] = tok
+                    batch.pos[0] = len(seq)
+                    if slots[0] != seq_id:
+                        batch.seq_id[0][0] = seq_id
+                        slots[0] = seq_id
+                    batch.logits[0] = True
+                    batch.n_tokens = 1
+                    rc = L.llama_decode(ctx, batch)
+                    if rc not in (0, 1):
+                        raise ModelLoadError(f"llama_decode failed (code {rc}).")
+                    go = rc == 0  # 1: no KV cell left, the context is full
+                    if go:
+                        seq.append(tok)
                 text, reason = accept(tok, info)
                 if reason is not None:
                     if tok >= 0 and reason == "length":
@@ -438,27 +456,12 @@ class Model:
                         yield -1, text
                     return
                 yield tok, text
-                if len(seq) >= self.n_ctx:
+                if not go:  # the context is full
                     gen.finish_reason = st.finish_reason = "length"
                     tail = gen.finish()
                     if tail:
                         yield -1, tail
                     return
-                # Single-token step, written straight into the preallocated batch (hot path).
-                batch.token[0] = tok
-                batch.pos[0] = len(seq)
-                if slots[0] != seq_id:
-                    batch.seq_id[0][0] = seq_id
-                    slots[0] = seq_id
-                batch.logits[0] = True
-                batch.n_tokens = 1
-                rc = L.llama_decode(ctx, batch)
-                if rc == 1:  # no KV cell left: the context is full
-                    gen.finish_reason = st.finish_reason = "length"
-                    return
-                if rc != 0:
-                    raise ModelLoadError(f"llama_decode failed (code {rc}).")
-                seq.append(tok)
                 idx = 0
         finally:
             gen.close()

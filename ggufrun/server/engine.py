@@ -192,6 +192,7 @@ class Engine:
         self._embedder: Any = None
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._profile = _StepProfile(name) if os.environ.get("GGUFRUN_STEP_PROFILE") else None
+        self._inflight: list[tuple[_Slot, Job]] = []  # the queued decode's output rows, in order, with their jobs
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -305,20 +306,19 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not (self._queue or self._embeds or self._n_active or self._stopping):
+                while not (self._queue or self._embeds or self._n_active or self._stopping or self._inflight):
                     self._cv.wait()
                 if self._stopping:
                     self._refuse_queued(ShuttingDownError("The server is shutting down.", "Retry against another instance."))
                     if not self._n_active or time.monotonic() >= self._deadline:
                         break
-                admitted = self._admissions()
                 embed = self._embeds[0] if self._embeds else None
-            for slot in admitted:
-                self._admit(slot)
+            self.step()
             if embed is not None:
                 self._embed_one(embed)
-            if self._n_active:
-                self.step()
+        if self._inflight and self.backend is not None:
+            self.backend.model.synchronize()  # nothing may be freed under the device's feet
+        self._inflight = []
         cut = ShuttingDownError("The server is shutting down; this reply was cut short.")
         for slot in self._slots:
             if slot.job is not None:
@@ -415,22 +415,83 @@ class Engine:
         self.metrics.prompt(self.name, len(req.prompt))
 
     def step(self) -> None:
-        """One decode for every running sequence (plus prompt chunks), then one sampling pass."""
+        """One turn of the pipeline: finish the decode in flight and sample its rows; admit waiting
+        jobs; launch the next decode (every running sequence's token plus prompt chunks); then, while
+        the device computes it, hand out the tokens just sampled (detokenising, stop strings, events).
+
+        llama_decode returns once the work is queued, so this bookkeeping and the HTTP side's
+        streaming run beside the device instead of between its steps (on an H100 at 64 streams they
+        took 5-7 ms of a 25 ms step). A token that surely ends its sequence (end of generation, a
+        length limit) is not decoded; one that completes a stop string is, in vain."""
         assert self.backend is not None
         model = self.backend.model
+        prof = self._profile
+        t0 = time.perf_counter()
+        if prof is not None and self._inflight:
+            model.synchronize()
+        t1 = time.perf_counter()
+        sampled = self._collect(model)
+        t2 = time.perf_counter()
         for slot in self._slots:
             if slot.job is not None and slot.job.cancelled:
                 self._end(slot, finish_reason="cancelled")
-        if self._stopping and time.monotonic() >= self._deadline:
-            return
+        for slot, job, tok, _ in sampled:
+            if slot.job is job:
+                assert slot.gen is not None
+                slot.last = -1 if slot.gen.ends_at(tok) else tok
+        failed: tuple[GgufrunError, list[_Slot]] | None = None
+        if not (self._stopping and time.monotonic() >= self._deadline):
+            with self._cv:
+                admitted = self._admissions()
+            for slot in admitted:
+                self._admit(slot)
+            failed = self._launch(model)
+        t3 = time.perf_counter()
+        n = 0
+        for slot, job, tok, info in sampled:
+            if slot.job is job:
+                self._accept(slot, tok, info)
+                n += 1
+        if n:
+            self.metrics.generated(self.name, n)
+        if failed is not None:
+            exc, slots = failed
+            for slot in slots:
+                model.reset(slot.seq_id)
+                self._end(slot, error=exc)
+        if prof is not None:
+            end = time.perf_counter()
+            prof.add(len(self._inflight), len(sampled), t1 - t0, t2 - t1, t3 - t2, end - t3,
+                     min(t0 - prof.last_end, 1.0) if prof.last_end else 0.0)
+            prof.last_end = end
+
+    def _collect(self, model: Any) -> list[tuple[_Slot, Job, int, Any]]:
+        """Sample the rows of the decode in flight whose jobs still run: (slot, job, token, logprob info)."""
+        rows, self._inflight = self._inflight, []
+        if not rows:
+            return []
+        live = [i for i, (slot, job) in enumerate(rows) if slot.job is job and not job.cancelled]
+        if not live:
+            model.synchronize()
+            return []
+        from ..generation import sample_rows
+
+        logits = model.logits_rows(len(rows))  # waits for the device
+        if len(live) < len(rows):
+            logits = logits[live]  # a copy: ended jobs' samplers are already freed
+        tokens, infos = sample_rows(logits, [rows[i][0].gen.sampler for i in live])  # type: ignore[union-attr]
+        return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
+
+    def _launch(self, model: Any) -> tuple[GgufrunError, list[_Slot]] | None:
+        """Queue the next decode; on failure return the error and the slots it was for."""
         running = [s for s in self._slots if s.job is not None]
         if not running:
-            return
+            return None
         self._make_room(running)
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], bool]] = []
         for slot in running:  # generating sequences first: one token each keeps their pace steady
-            if not slot.pending and budget > 0:
+            if not slot.pending and slot.last >= 0 and budget > 0:
                 batch.append((slot, [slot.last], True))
                 budget -= 1
         for slot in running:
@@ -438,36 +499,17 @@ class Engine:
                 chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
                 batch.append((slot, chunk, not slot.pending))
                 budget -= len(chunk)
-        prof = self._profile
-        t0 = time.perf_counter() if prof is not None else 0.0
+        if not batch:
+            return None
         try:
             outputs = model.decode([(s.seq_id, toks, want) for s, toks, want in batch])
         except GgufrunError as exc:
-            for slot, _, _ in batch:
-                model.reset(slot.seq_id)
-                self._end(slot, error=exc)
-            return
-        rows = [slot for (slot, _, _), index in zip(batch, outputs) if index >= 0]
-        if not rows:
-            return
-        from ..generation import sample_rows
-
-        if prof is not None:
-            t1 = time.perf_counter()
-            model.synchronize()
-            t2 = time.perf_counter()
-        gens = [slot.gen for slot in rows]
-        tokens, infos = sample_rows(model.logits_rows(len(rows)), [g.sampler for g in gens])  # type: ignore[union-attr]
-        if prof is not None:
-            t3 = time.perf_counter()
-        for slot, tok, info in zip(rows, tokens, infos):
-            self._accept(slot, tok, info)
-        self.metrics.generated(self.name, len(rows))
-        if prof is not None:
-            end = time.perf_counter()
-            prof.add(len(batch), sum(len(t) for _, t, _ in batch), len(rows), t1 - t0, t2 - t1, t3 - t2, end - t3,
-                     min(t0 - prof.last_end, 1.0) if prof.last_end else 0.0)
-            prof.last_end = end
+            return exc, [slot for slot, _, _ in batch]
+        for slot, _, _ in batch:
+            if not slot.pending:
+                slot.last = -1
+        self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs) if index >= 0]  # type: ignore[misc]
+        return None
 
     def _make_room(self, running: list[_Slot]) -> None:
         """Keep this step within the KV cache by dropping idle slots' cached prefixes, oldest
@@ -477,7 +519,7 @@ class Engine:
 
         def need() -> int:
             used = sum(model.seq_len(s.seq_id) for s in self._slots)
-            step = sum(1 if not s.pending else min(len(s.pending), model.n_batch) for s in running)
+            step = sum(min(len(s.pending), model.n_batch) if s.pending else int(s.last >= 0) for s in running)
             return used + step - model.n_ctx
 
         if need() <= 0:
@@ -495,7 +537,6 @@ class Engine:
             job.first_token_at = time.perf_counter()
             self.metrics.ttft(self.name, job.first_token_at - job.created)
         text, reason = gen.accept(token, info)
-        slot.last = token
         if text or gen.tokens:
             job.emit(Event("text", text, tokens=gen.take_tokens()))
         if reason is not None:
@@ -573,24 +614,26 @@ class Engine:
 
 
 class _StepProfile:
-    """GGUFRUN_STEP_PROFILE=1: where a step's time goes (launching the decode, waiting for the
-    device, sampling, handing tokens out), logged every 64 steps, to see what bounds throughput."""
+    """GGUFRUN_STEP_PROFILE=1: where a step's time goes, logged every 64 steps, to see what bounds
+    throughput: waiting for the device, sampling, admitting and launching the next decode, handing
+    tokens out while it runs, and the engine loop between steps."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.n = 0
-        self.sums = [0.0] * 8
+        self.sums = [0.0] * 7
         self.last_end = 0.0
 
-    def add(self, seqs: int, tokens: int, rows: int, *phases: float) -> None:
+    def add(self, rows: int, sampled: int, *phases: float) -> None:
         self.n += 1
-        for i, v in enumerate((seqs, tokens, rows, *phases)):
+        for i, v in enumerate((rows, sampled, *phases)):
             self.sums[i] += v
         if self.n % 64 == 0:
             s = [v / self.n for v in self.sums]
-            log.info("steps %s: %d steps, per step %.1f seqs %.1f tokens %.1f rows; ms: decode call %.2f, device wait %.2f, "
-                     "sample %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:3], *(1e3 * v for v in s[3:]))
-            self.n, self.sums = 0, [0.0] * 8
+            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled; ms: device wait %.2f, sample %.2f, "
+                     "admit+launch %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:2],
+                     *(1e3 * v for v in s[2:]))
+            self.n, self.sums = 0, [0.0] * 7
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:
