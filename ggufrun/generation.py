@@ -347,20 +347,6 @@ def _argmax_rows(logits: np.ndarray) -> np.ndarray:
     return np.concatenate([p.result() for p in parts])
 
 
-def _draw_parallel(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
-    """:func:`_draw` over chunks of rows on a thread pool: numpy's large loops and llama.cpp's
-    sampler calls release the GIL, so a big step uses the CPU cores that wait for the GPU. Each
-    row's randomness is its own (a uniform drawn beforehand, or its chain's generator), so the
-    result does not depend on the chunking."""
-    n = len(seqs)
-    workers = _workers(n)
-    if workers < 2:
-        return _draw_rows(logits, seqs, u)
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-    parts = [_pool.submit(_draw_rows, logits[a:b], seqs[a:b], u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return np.concatenate([p.result() for p in parts])
-
-
 def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
     """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`.
 
@@ -396,6 +382,21 @@ def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.
 _GROUPS = 64
 
 
+def _colmax(body: np.ndarray) -> np.ndarray:
+    """``body.max(axis=1)``: the one pass over the whole logits matrix, split over the pool for a
+    big step (one GIL-free numpy call a thread; the rest of the search is small and stays here)."""
+    n = body.shape[0]
+    workers = _workers(n)
+    if workers < 2:
+        return body.max(axis=1)
+    out = np.empty((n, body.shape[2]), dtype=body.dtype)
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    parts = [_pool.submit(np.max, body[a:b], axis=1, out=out[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    for p in parts:
+        p.result()
+    return out
+
+
 def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Per row, (ids, logits) of a candidate set holding the row's ``ks[row]`` largest logits, or
     None where it would not (NaN, a vocabulary under k x _GROUPS). Every token at or above the
@@ -409,7 +410,7 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarr
     if cols < j:  # fewer column maxima than k: no threshold that k tokens surely reach
         return [None] * n
     body = logits[:, : cols * _GROUPS].reshape(n, _GROUPS, cols)  # token g * cols + c at [:, g, c]
-    colmax = body.max(axis=1)
+    colmax = _colmax(body)
     threshold = np.partition(colmax, cols - j, axis=1)[:, cols - j]  # >= j tokens reach it
     flat = np.flatnonzero(colmax >= threshold[:, None])
     row, col = flat // cols, flat % cols
@@ -460,7 +461,7 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
         # One uniform per sampled row from its own generator: batch-independent by construction.
         u = np.array([seqs[i].rng.random() for i in si])
         sub = logits if len(si) == n else logits[si]
-        tokens[si] = _draw_parallel(sub, [seqs[i] for i in si], u)
+        tokens[si] = _draw_rows(sub, [seqs[i] for i in si], u)
     for i, s in enumerate(seqs):
         g = s.grammar
         if g is not None and not g.allows(int(tokens[i])):

@@ -77,14 +77,23 @@ def test_penalties_see_the_prompt_and_follow_llama_cpp() -> None:
     assert row[0].tolist() == pytest.approx([1.0, 1.0, 4.0 / 2 - 2 * 0.25 - 0.5, -4.0 * 2 - 2 * 0.25 - 0.5, 1.0])
 
 
-def test_parallel_chunks_draw_what_one_pass_draws() -> None:
-    from ggufrun.generation import _draw_parallel
+def test_pool_passes_give_what_one_pass_gives() -> None:
+    from ggufrun.generation import _argmax_rows, _top_k_candidates
 
     rng = np.random.default_rng(3)
-    rows = (rng.standard_normal((40, 2000)) * 3).astype(np.float32)
-    seqs = [SeqSampler(SamplingParams(top_k=k)) for k in (0, 5, 40, 100) * 10]
-    u = rng.random(40)
-    assert list(_draw_parallel(rows.copy(), seqs, u)) == list(_draw(rows.copy(), seqs, u))
+    rows = (rng.standard_normal((64, 20000)) * 3).astype(np.float32)  # 64 rows: big enough for the pool
+    assert _argmax_rows(rows).tolist() == rows.argmax(axis=1).tolist()
+    ks = np.full(64, 40)
+    together = _top_k_candidates(rows, ks)
+    for i in range(64):
+        alone = _top_k_candidates(rows[i : i + 1], ks[i : i + 1])[0]
+        assert alone is not None and together[i] is not None
+        assert together[i][0].tolist() == alone[0].tolist() and together[i][1].tolist() == alone[1].tolist()
+    mixed = _top_k_candidates(rows, np.array([5, 40, 100, 1] * 16))
+    for i, k in enumerate([5, 40, 100, 1] * 16):  # a superset of the row's top k, whatever the others' k
+        found = mixed[i]
+        assert found is not None
+        assert np.sort(found[1])[::-1][:k].tolist() == np.sort(rows[i])[::-1][:k].tolist()
 
 
 def test_seeded_draws_do_not_depend_on_the_batch() -> None:
