@@ -2,9 +2,9 @@
 
 For each setting a fresh server (one model, from a serve config) gets one chat request and, with
 embeddings on, one embedding batch; then the server's RSS (psutil) and, where `nvidia-smi` exists, the
-GPU memory it holds are read. Embeddings run in a second llama.cpp context over the same loaded weights,
-so the difference should be that context's buffers (KV for --batch-size tokens and its compute buffer),
-not a second copy of the model.
+GPU memory it holds are read. Embeddings run on the generation context itself, in one extra sequence
+(chunks of a few dozen tokens, so its buffers do not grow): the difference should be only that
+sequence's KV cells (--batch-size of them), not a second context or a second copy of the model.
 
     PYTHONPATH=. python bench/embed_memory.py --model gemma3-270m
     PYTHONPATH=. python3 bench/embed_memory.py --model .gpubuild/q7.gguf --n-gpu-layers -1     # on a GPU

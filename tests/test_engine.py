@@ -245,13 +245,13 @@ def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine
     assert shared[-1] >= len(reqs[0].prompt) - 1 and shared[-2] >= len(reqs[0].prompt) - 1, shared
 
 
-def test_embeddings_share_the_weights_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
+def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
     from ggufrun.server.models import _load_embedder
 
-    def load() -> Backend:
-        model = Model.load(tiny_model, SETTINGS, n_seq_max=2, kv_cells=256)
+    def load() -> Backend:  # as the server loads it: one more sequence, with cells of its own, for embeddings
+        model = Model.load(tiny_model, SETTINGS, n_seq_max=3, kv_cells=256 + SETTINGS.batch_size)
         return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
-                       n_ctx_seq=128)
+                       n_ctx_seq=128, embed_seq=2, embed_cells=SETTINGS.batch_size)
 
     e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
     e.loaded.result(timeout=60)
@@ -274,7 +274,7 @@ def test_embeddings_share_the_weights_interleave_with_streams_and_stop_when_canc
 
         asyncio.run(main())
         assert e._embedder is not None and e.backend is not None
-        assert e._embedder._model == e.backend.model._model  # one copy of the weights: a second context on them
+        assert e._embedder.model is e.backend.model  # the generation context itself: no second copy of anything
         assert not e._embeds
     finally:
         e.stop()

@@ -496,30 +496,63 @@ class Model:
         self.reset(seq_id)
         return out
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One L2-normalised embedding per text (mean-pooled where the model has no pooling), and
-        the number of tokens embedded (each text is cut to n_batch tokens)."""
-        import numpy as np
+    @property
+    def pools_embeddings(self) -> bool:
+        """Whether the model pools its own embeddings (an embedding model: mean, CLS, last...)."""
+        return bool(L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE)
 
-        if not self.embeddings:
-            raise ModelLoadError("This model was loaded without embeddings.")
-        pooled = L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE
+    def embed(self, texts: list[str], *, seq_id: int = 0) -> tuple[list[list[float]], int]:
+        """One L2-normalised embedding per text (mean-pooled where the model has no pooling), and
+        the number of tokens embedded (each text is cut to n_batch tokens), in sequence ``seq_id``.
+
+        A generation context (loaded without embeddings) serves too: embeddings are switched on for
+        the call and the text goes through in chunks of a few dozen tokens, so neither its output
+        buffer (a row of logits per output) nor its compute buffer grows, and no second context is
+        needed. A pooling model (an embedding model) gets each text in one decode, as pooling needs."""
+        np = numpy()
+        pooled = self.pools_embeddings
+        if pooled and not self.embeddings:
+            raise ModelLoadError("This model pools its embeddings; it needs a context loaded with embeddings.")
+        chunk = self.n_batch if pooled else max(self.n_seq_max, 32)
         result = []
         n_tokens = 0
-        for text in texts:
-            tokens = self.tokenize(text)[: self.n_batch]
-            n_tokens += len(tokens)
-            self.reset(0)
-            self._decode_batch([(0, tokens, True)], all_logits=True)
-            if pooled:
-                vec = np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, 0), shape=(self.n_embd,)).copy()
-            else:
-                rows = np.ctypeslib.as_array(L.llama_get_embeddings(self._ctx), shape=(len(tokens), self.n_embd))
-                vec = rows.mean(axis=0)
-            norm = float(np.linalg.norm(vec)) or 1.0
-            result.append((vec / norm).astype(float).tolist())
-        self.reset(0)
+        if not self.embeddings:
+            L.llama_set_embeddings(self._ctx, True)
+        try:
+            for text in texts:
+                tokens = self.tokenize(text)[: self.n_batch]
+                n_tokens += len(tokens)
+                self.reset(seq_id)
+                total = np.zeros(self.n_embd, dtype=np.float64)
+                for start in range(0, len(tokens), chunk):
+                    part = tokens[start : start + chunk]
+                    self._decode_batch([(seq_id, part, True)], all_logits=True)
+                    if pooled:
+                        total += np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, seq_id), shape=(self.n_embd,))
+                    else:
+                        total += np.ctypeslib.as_array(L.llama_get_embeddings(self._ctx), shape=(len(part), self.n_embd)).sum(axis=0)
+                norm = float(np.linalg.norm(total)) or 1.0  # the mean's direction: no need to divide by the count
+                result.append((total / norm).tolist())
+        finally:
+            if not self.embeddings:
+                L.llama_set_embeddings(self._ctx, False)
+            self.reset(seq_id)
         return result, n_tokens
+
+
+class SeqEmbedder:
+    """The server's embedder on the generation context itself, in a sequence of its own: the
+    weights, KV cache and compute buffers serve both (no second context, no extra device memory)."""
+
+    def __init__(self, model: Model, seq_id: int) -> None:
+        self.model = model
+        self.seq_id = seq_id
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        return self.model.embed(texts, seq_id=self.seq_id)
+
+    def close(self) -> None:
+        """Nothing of its own to free: the model belongs to the engine."""
 
 
 class TokenDecoder:

@@ -58,6 +58,8 @@ class Backend:
     template: Any  # ggufrun.templates.ChatTemplate
     n_ctx_seq: int  # the longest sequence (prompt + reply) one request may use
     description: str = ""
+    embed_seq: int | None = None  # a sequence beyond the slots, kept for embeddings on this context
+    embed_cells: int = 0  # KV cells kept for it, out of admission's reach
 
 
 @dataclass
@@ -332,9 +334,7 @@ class Engine:
                     if not self._n_active or time.monotonic() >= self._deadline:
                         break
                 embed = self._embeds[0] if self._embeds else None
-            self.step()
-            if embed is not None:
-                self._embed_one(embed)
+            self.step(embed)
         if self._inflight and self.backend is not None:
             self.backend.model.synchronize()  # nothing may be freed under the device's feet
         self._inflight = []
@@ -350,7 +350,7 @@ class Engine:
         if self._stopping or self.backend is None:
             return []
         admitted: list[_Slot] = []
-        cells = self.backend.model.n_ctx
+        cells = self.backend.model.n_ctx - self.backend.embed_cells
         reserved = sum(s.reserved for s in self._slots if s.job is not None)
         for slot in self._slots:
             if slot.job is not None:
@@ -433,7 +433,7 @@ class Engine:
         job.grammar = None  # the Generation owns (and frees) it now
         self.metrics.prompt(self.name, len(req.prompt))
 
-    def step(self) -> None:
+    def step(self, embed: _EmbedJob | None = None) -> None:
         """One turn of the pipeline: finish the decode in flight and sample its rows; admit waiting
         jobs; launch the next decode (every running sequence's token plus prompt chunks); then, while
         the device computes it, hand out the tokens just sampled (detokenising, stop strings, events).
@@ -441,7 +441,8 @@ class Engine:
         llama_decode returns once the work is queued, so this bookkeeping and the HTTP side's
         streaming run beside the device instead of between its steps (on an H100 at 64 streams they
         took 5-7 ms of a 25 ms step). A token that surely ends its sequence (end of generation, a
-        length limit) is not decoded; one that completes a stop string is, in vain."""
+        length limit) is not decoded; one that completes a stop string is, in vain. One text of
+        ``embed`` is embedded between the two, when nothing is in flight on the context."""
         assert self.backend is not None
         model = self.backend.model
         prof = self._profile
@@ -451,6 +452,8 @@ class Engine:
         t1 = time.perf_counter()
         sampled = self._collect(model)
         t2 = time.perf_counter()
+        if embed is not None:
+            self._embed_one(embed)
         for slot in self._slots:
             if slot.job is not None and slot.job.cancelled:
                 self._end(slot, finish_reason="cancelled")
@@ -533,16 +536,17 @@ class Engine:
         self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs) if index >= 0]  # type: ignore[misc]
         return None
 
-    def _make_room(self, running: list[_Slot]) -> None:
-        """Keep this step within the KV cache by dropping idle slots' cached prefixes, oldest
-        first. Admission reserved every running job's cells, so running replies are never cut."""
+    def _make_room(self, running: list[_Slot], extra: int = 0) -> None:
+        """Keep this step (and ``extra`` more cells) within the KV cache by dropping idle slots'
+        cached prefixes, oldest first. Admission reserved every running job's cells, so running
+        replies are never cut."""
         assert self.backend is not None
         model = self.backend.model
 
         def need() -> int:
             used = sum(model.seq_len(s.seq_id) for s in self._slots)
             step = sum(min(len(s.pending), model.n_batch) if s.pending else int(s.last >= 0) for s in running)
-            return used + step - model.n_ctx
+            return used + step + extra - model.n_ctx
 
         if need() <= 0:
             return
@@ -609,6 +613,8 @@ class Engine:
                     if self._load_embedder is None:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
                     self._embedder = self._load_embedder(self.backend)
+                if self.backend.embed_cells:  # its text goes into this context's cache: room for it first
+                    self._make_room([], extra=self.backend.embed_cells)
                 vectors, n = self._embedder.embed([job.texts[len(job.vectors)]])
                 job.vectors.extend(vectors)
                 job.n_tokens += n

@@ -297,14 +297,17 @@ class ModelPool:
 
         trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this server
         plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length)
-        loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq}, n_seq_max=parallel,
-                            kv_cells=plan.cells)
+        # Embeddings run on this same context, in one more sequence with cells of its own.
+        embed_cells = per_request.batch_size if cfg.embeddings else 0
+        loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
+                            n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells + embed_cells)
         model = loaded.model
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
         return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
-                       description=model.description)
+                       description=model.description, embed_seq=parallel if cfg.embeddings else None,
+                       embed_cells=embed_cells)
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         queue, active, loaded = {}, {}, {}
@@ -348,8 +351,15 @@ def kv_plan(n_ctx: int, parallel: int, n_ctx_train: int | None) -> KvPlan:
 
 
 def _load_embedder(backend: Backend) -> Any:
-    """A second context over the same loaded weights, with embeddings on (no second load)."""
+    """The generation context itself, in its spare sequence (no second context, no more memory);
+    a model that pools its embeddings (an embedding model) gets a second context on the same
+    weights with embeddings on, since pooling needs them on from the start."""
+    from ..runtime import SeqEmbedder
+
+    model = backend.model
+    if backend.embed_seq is not None and not model.pools_embeddings:
+        return SeqEmbedder(model, backend.embed_seq)
     try:
-        return backend.model.new_context(n_ctx=backend.settings.batch_size, embeddings=True)
+        return model.new_context(n_ctx=backend.settings.batch_size, embeddings=True)
     except GgufrunError as exc:
         raise GgufrunError(f"This model cannot produce embeddings: {exc.message}") from None
