@@ -101,7 +101,7 @@ def _library_key() -> str:
 
     lib_dir = Path(getattr(libggml, "_name", "") or ".").resolve().parent
     parts = []
-    for lib in sorted(lib_dir.glob("libggml-cpu*")):
+    for lib in sorted({p.resolve() for p in lib_dir.glob("libggml-cpu*")}):  # a .so and its version links: one file
         st = lib.stat()
         parts.append(f"{lib}:{st.st_size}:{st.st_mtime_ns}")
     cpu = ""
