@@ -4,12 +4,15 @@
 # root cause of the AMX crash is a GCC that deletes the tile configuration's stores; see
 # ggufrun/llama/amx.py); (2) ggufrun's AMX check, raw; (3) bench/cpu_kernels.py, pp512/tg128 against
 # llama-bench in alternating rounds, for ggufrun's default (the guard) and GGUFRUN_AMX_BUFFERS=1.
-# About 2.5 minutes; needs setup.sh's build (.gpubuild/build, made by an earlier `source bench/gpu/setup.sh`).
+# About 2.5 minutes; needs setup.sh's build (.gpubuild/build, made by an earlier `source bench/gpu/setup.sh`),
+# or another native build: LLAMA_BIN (its bin folder) with PYTHONPATH/LD_LIBRARY_PATH already pointing ggufrun at it.
 # Usage: bash bench/gpu/amx.sh   (results in $OUT, or results/)
 set -u
 O=${OUT:-results}; mkdir -p "$O"
-[ -x .gpubuild/build/bin/llama-bench ] || { echo "no .gpubuild/build: run 'source bench/gpu/setup.sh' first (it builds)"; exit 2; }
-source bench/gpu/setup.sh
+if [ -z "${LLAMA_BIN:-}" ]; then
+  [ -x .gpubuild/build/bin/llama-bench ] || { echo "no .gpubuild/build: run 'source bench/gpu/setup.sh' first (it builds)"; exit 2; }
+  source bench/gpu/setup.sh
+fi
 export CUDA_VISIBLE_DEVICES=
 export GGUFRUN_HOME=/tmp/ggufrun-amx-home; rm -rf "$GGUFRUN_HOME"  # the AMX check runs afresh, not from a cache
 LIB=$LLAMA_BIN/libggml-cpu.so

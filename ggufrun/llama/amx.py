@@ -10,8 +10,11 @@ deletes the stores to the config's rows and column widths as dead. Compiled here
 -O3 -march=sapphirerapids, GCC 11.3 zeroes 16 of the 64 bytes and leaves the rest stack garbage
 (reserved bytes non-zero: LDTILECFG raises #GP, the SIGSEGV "in ggml_backend_amx_mul_mat" of
 llama.cpp#20824, ollama#17006/#17205/#17249, dspy#10079); GCC 12.2 zeroes all 64 bytes and sets
-only the palette, a configuration without tile shapes. Newer GCC uses ``__builtin_ia32_ldtilecfg``,
-which reads all 64 bytes (ollama fixed its crashes by moving its builds from GCC 11 to 13). So
+only the palette, a configuration without tile shapes (the first tile load raises #UD: SIGILL).
+Both configurations, built into ggml_tile_config_init on the H100 host's Xeon, crashed exactly so
+(exit 139 and 132) on a 48-token batch; that host's GCC 13.3 uses ``__builtin_ia32_ldtilecfg``,
+which reads all 64 bytes, and its build computes correctly (ollama fixed its crashes by moving its
+builds from GCC 11 to 13). So
 whether AMX is safe is a property of how this libggml-cpu was compiled (and of the hypervisor
 keeping tile state), not of the model or quant type, and the direct test is to run it: a child
 process loads a tiny model with and without the AMX buffers, on a 48-token batch and one
