@@ -130,16 +130,22 @@ def cached_check() -> Check:
         pass
     result = run_check()
     try:
+        entries = json.loads(cache.read_text()) if cache.exists() else {}
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"ok": result.ok, "detail": result.detail}  # one entry per library: several installs share a home
+    try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({key: {"ok": result.ok, "detail": result.detail}}, indent=1))
+        tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, cache)
     except OSError:
         pass  # an unwritable home: the check runs again next time
     return result
 
 
-def run_check(timeout: float = 180.0, argv: list[str] | None = None) -> Check:
+def run_check(timeout: float = 60.0, argv: list[str] | None = None) -> Check:
     """Run compare() in a child process (``argv``, default this module), so that a crashing AMX
     kernel takes only the child down."""
     root = str(Path(__file__).resolve().parents[2])

@@ -332,6 +332,8 @@ def cpu_backend(cpu_flags: set[str] | None = None) -> dict[str, str]:
     out["extra_buffers"] = (" ".join(extra_buffer_types()) or "none") if decision.use_extra_bufts else "none (use_extra_bufts off)"
     if decision.applies:
         out["amx_weight_buffers"] = decision.reason
+    elif feats.get("AMX_INT8") == "1":  # compiled in, but ggml's ARCH_REQ_XCOMP_PERM failed, so ggml left it out
+        out["amx_weight_buffers"] = "off: the kernel did not grant AMX tile state (\"AMX is not ready to be used!\")"
     return out
 
 
