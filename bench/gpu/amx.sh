@@ -28,7 +28,7 @@ if command -v objdump >/dev/null; then
   echo "-- code before ldtilecfg in $LIB:"
   objdump -d --no-show-raw-insn "$LIB" | grep -B7 'ldtilecfg' | head -24
 fi
-echo "== ggufrun's AMX check, raw (a tiny model's logits with AMX buffers vs without; exit 139 = SIGSEGV)"
+echo "== ggufrun's AMX check, raw (a tiny model's logits with AMX buffers vs without; exit 139 = SIGSEGV, 132 = SIGILL)"
 timeout 60 env GGUFRUN_AMX_BUFFERS=1 python3 -m ggufrun.llama.amx; echo "exit $?"
 echo "== pp512/tg128: ggufrun (guard's default, AMX forced on) vs llama-bench, 8 threads, 2 rounds"
 [ -f .gpubuild/q05.gguf ] || python3 -m ggufrun.cli.main synth --shape qwen2-0.5b --quant q4_k_m --out .gpubuild/q05.gguf
