@@ -10,7 +10,11 @@ features each side's build uses (ggml's CPU backend features), so a portable bui
 
     python bench/cpu_kernels.py --llama-bench ~/ref-native/build/bin/llama-bench \\
         --python /usr/bin/python3 --python /work/venv-native/bin/python
-Exit status 1 when any ratio is further from 1 than --tolerance (default 3%).
+    # one Python, two ggufrun settings (AMX guard's default, AMX forced on) against llama-bench
+    python bench/cpu_kernels.py --llama-bench ... --variant default: --variant amx-on:GGUFRUN_AMX_BUFFERS=1
+
+A run that fails (a crash) is reported and left out; the others are still measured.
+Exit status 1 when any ratio is further from 1 than --tolerance (default 3%), or a run failed.
 """
 
 from __future__ import annotations
@@ -40,9 +44,16 @@ def llama_bench(exe: Path, path: Path, a: argparse.Namespace) -> dict[str, float
     return {"pp" if t["n_gen"] == 0 else "tg": float(t["avg_ts"]) for t in json.loads(out)}
 
 
-def ggufrun_bench(python: str, path: Path, a: argparse.Namespace) -> dict[str, float]:
+def ggufrun_bench(python: str, env: dict[str, str], path: Path, a: argparse.Namespace) -> dict[str, float]:
     return bench_row([str(path), "--threads", str(a.threads), "-p", str(a.p), "-n", str(a.n), "-r", str(a.r),
-                      "--n-gpu-layers", "0", "--flash-attn", a.fa, "--batch-size", str(a.batch)], python)
+                      "--n-gpu-layers", "0", "--flash-attn", a.fa, "--batch-size", str(a.batch)], python, env)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``LABEL:KEY=VALUE,KEY=VALUE`` (the part after ':' may be empty) -> (label, environment)."""
+    label, _, rest = text.partition(":")
+    env = dict(item.split("=", 1) for item in rest.split(",") if item.strip())
+    return label or "default", env
 
 
 _LIB_FEATURES = r"""
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llama-bench", required=True, type=Path, help="a natively built llama-bench (same llama.cpp)")
     ap.add_argument("--python", action="append", help="a Python whose llama-cpp-python build to measure (repeatable)")
+    ap.add_argument("--variant", action="append", help="LABEL:KEY=VALUE,... environment for ggufrun's runs "
+                    "(repeatable; default: one run as the environment is)")
     ap.add_argument("--model", action="append", help="path, gemma3-270m or synthetic:SHAPE:QUANT (repeatable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-p", type=int, default=512)
@@ -85,43 +98,68 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tolerance", type=float, default=0.03)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    ap.add_argument("--llama-bench-args", default="", help="extra llama-bench flags, e.g. '--repack 0' on an AMX CPU, "
-                    "where ggufrun keeps the AMX weight buffers off")
+    ap.add_argument("--llama-bench-args", default="", help="extra llama-bench flags, e.g. '--repack 0' (all extra "
+                    "weight buffer types off: AMX and CPU_REPACK)")
     a = ap.parse_args(argv)
     if not a.llama_bench.is_file():
         sys.exit(f"llama-bench not found at {a.llama_bench}.")
     pythons = a.python or [sys.executable]
+    variants = [parse_variant(v) for v in (a.variant or [":"])]
     models = [model_file(m) for m in (a.model or ["gemma3-270m"])]
+    sides: dict[str, tuple[str, dict[str, str]]] = {}  # one ggufrun side per (Python, variant)
+    for py in pythons:
+        for label, env in variants:
+            parts = ([py] if len(pythons) > 1 else []) + ([f"[{label}]"] if len(variants) > 1 or env else [])
+            sides[" ".join(parts) or py] = (py, env)
 
     print(f"llama-bench {a.llama_bench}: {llama_bench_features(a.llama_bench)}")
-    for py in pythons:
-        feats = subprocess.run([py, "-c", _FEATURES], capture_output=True, text=True, env=ENV)
-        print(f"ggufrun with {py}: {feats.stdout.strip() or feats.stderr.strip()[-300:]}")
+    for name, (py, env) in sides.items():
+        feats = subprocess.run([py, "-c", _FEATURES], capture_output=True, text=True, env={**ENV, **env})
+        print(f"ggufrun {name}: {feats.stdout.strip() or feats.stderr.strip()[-300:]}")
     print(f"threads={a.threads} p={a.p} n={a.n} r={a.r} fa={a.fa} rounds={a.rounds}\n", flush=True)
 
-    rows = []
+    rows: list[dict[str, object]] = []
+    failed: dict[str, str] = {}
     for path in models:
-        runs: dict[str, list[dict[str, float]]] = {"llama-bench": [], **{py: [] for py in pythons}}
+        runs: dict[str, list[dict[str, float]]] = {"llama-bench": [], **{name: [] for name in sides}}
         tools = list(runs)
         for rnd in range(a.rounds):
             for tool in (tools if rnd % 2 == 0 else tools[::-1]):
-                res = llama_bench(a.llama_bench, path, a) if tool == "llama-bench" else ggufrun_bench(tool, path, a)
+                if tool in failed:
+                    continue
+                try:
+                    res = llama_bench(a.llama_bench, path, a) if tool == "llama-bench" else ggufrun_bench(*sides[tool], path, a)
+                except (SystemExit, subprocess.CalledProcessError) as exc:
+                    why = (f"exit {exc.returncode}: {(exc.stderr or '').strip()[-300:]}"
+                           if isinstance(exc, subprocess.CalledProcessError) else str(exc.code)[-400:])
+                    failed[tool] = why
+                    print(f"  {path.name} round {rnd + 1} {tool}: FAILED ({why})", file=sys.stderr, flush=True)
+                    continue
                 runs[tool].append(res)
                 print(f"  {path.name} round {rnd + 1} {tool}: pp {res['pp']:.1f} tg {res['tg']:.1f}", file=sys.stderr, flush=True)
+        if "llama-bench" in failed:
+            continue
         for test, n in (("pp", a.p), ("tg", a.n)):
             ref = fmean(r[test] for r in runs["llama-bench"])
-            for py in pythons:
-                ours = fmean(r[test] for r in runs[py])
-                rows.append({"model": path.name, "test": f"{test}{n}", "python": py, "llama_bench": ref, "ggufrun": ours,
-                             "ratio": ours / ref})
-    print("| model | test | ggufrun's Python | native llama-bench t/s | ggufrun bench t/s | ratio |")
+            for name in sides:
+                if name in failed:
+                    continue
+                ours = fmean(r[test] for r in runs[name])
+                rows.append({"model": path.name, "test": f"{test}{n}", "ggufrun": name, "llama_bench_tps": ref,
+                             "ggufrun_tps": ours, "ratio": ours / ref,
+                             "runs": [round(r[test], 2) for r in runs[name]], "llama_bench_runs": [round(r[test], 2) for r in runs["llama-bench"]]})
+    print("| model | test | ggufrun | native llama-bench t/s | ggufrun bench t/s | ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        flag = "" if abs(r["ratio"] - 1) <= a.tolerance else " (off)"
-        print(f"| {r['model']} | {r['test']} | {r['python']} | {r['llama_bench']:.2f} | {r['ggufrun']:.2f} | {r['ratio']:.3f}{flag} |")
+        ratio = float(str(r["ratio"]))
+        flag = "" if abs(ratio - 1) <= a.tolerance else " (off)"
+        print(f"| {r['model']} | {r['test']} | {r['ggufrun']} | {r['llama_bench_tps']:.2f} | {r['ggufrun_tps']:.2f} | {ratio:.3f}{flag} |")
+    for tool, why in failed.items():
+        print(f"| {tool} | FAILED | {why} |")
     if a.json:
-        a.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "rows": rows}, indent=2))
-    return 0 if all(abs(r["ratio"] - 1) <= a.tolerance for r in rows) else 1
+        a.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(a).items()}, "rows": rows, "failed": failed}, indent=2))
+    ok = all(abs(float(str(r["ratio"])) - 1) <= a.tolerance for r in rows) and not failed
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 # A workplace checkout has shared/ beside it; elsewhere pass the tool's path.
@@ -107,14 +107,15 @@ def _healthy(port: int) -> bool:
         conn.close()
 
 
-def bench_row(args: Sequence[str], python: str = sys.executable) -> dict[str, float]:
+def bench_row(args: Sequence[str], python: str = sys.executable, extra_env: Mapping[str, str] | None = None) -> dict[str, float]:
     """pp and tg tokens/s of one `ggufrun bench ARGS --no-quality --format json` configuration, run by
-    ``python`` (a llama-cpp-python build to compare) with this checkout importable; exits on failure."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ``python`` (a llama-cpp-python build to compare) with this checkout importable and ``extra_env``
+    set; exits (SystemExit) on failure."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     cmd = [python, "-m", "ggufrun.cli.main", "bench", *args, "--no-quality", "--format", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-800:]}")
+        sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
     import json
 
     (row,) = json.loads(proc.stdout)["rows"]

@@ -75,7 +75,3 @@ def numpy() -> Any:
     import numpy
 
     return numpy
-
-
-def has_amx() -> bool:
-    return "AMX_INT8 = 1" in L.llama_print_system_info().decode("utf-8", "replace")

@@ -57,6 +57,7 @@ def _ggml() -> Any:
         "ggml_backend_dev_memory": (None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]),
         "ggml_backend_dev_backend_reg": (vp, [vp]),
         "ggml_set_abort_callback": (vp, [vp]),
+        "ggml_backend_buft_name": (cs, [vp]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -246,6 +247,62 @@ def cpu_features() -> dict[str, str]:
     return out
 
 
+def _cpu_extra_bufts() -> Any:
+    """The CPU device's extra weight buffer types (AMX, CPU_REPACK, ...): the NULL-terminated array that
+    llama.cpp reads at every model load (make_cpu_buft_list, through the CPU backend's public
+    ``ggml_backend_dev_get_extra_bufts`` proc address), or None. ggml returns the same static
+    array each call, so an edit here holds for every later load in this process."""
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    if not reg:
+        return None
+    addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not addr:
+        return None
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)
+    arr = get(lib.ggml_backend_reg_dev_get(reg, 0))
+    return arr if arr else None
+
+
+def extra_buffer_types() -> list[str]:
+    """Names of the extra CPU weight buffer types llama.cpp will use at the next load, in its order of preference."""
+    arr = _cpu_extra_bufts()
+    lib = _ggml()
+    names: list[str] = []
+    i = 0
+    while arr is not None and arr[i]:
+        names.append(_s(lib.ggml_backend_buft_name(arr[i])))
+        i += 1
+    return names
+
+
+def remove_from_null_terminated(arr: Any, drop: Callable[[int], bool]) -> int:
+    """Remove the entries ``drop`` selects from a NULL-terminated ``c_void_p`` array, in place and in
+    order (the array only shrinks, so its storage suffices); return how many were removed."""
+    read = write = 0
+    while arr[read]:
+        ptr = arr[read]
+        if not drop(ptr):
+            arr[write] = ptr
+            write += 1
+        read += 1
+    for i in range(write, read + 1):
+        arr[i] = None
+    return read - write
+
+
+def drop_extra_buffer_type(name: str) -> bool:
+    """Stop llama.cpp from placing weights in the extra buffer type ``name`` (e.g. "AMX") at later
+    loads in this process, keeping the others (CPU_REPACK's interleaved kernels); True if it was listed.
+    The llama_model_params switch use_extra_bufts would drop them all."""
+    arr = _cpu_extra_bufts()
+    if arr is None:
+        return False
+    lib = _ggml()
+    with _lock:
+        return remove_from_null_terminated(arr, lambda p: _s(lib.ggml_backend_buft_name(p)) == name) > 0
+
+
 # /proc/cpuinfo flag -> the ggml CPU feature that uses it (x86; other CPUs report their own names)
 _X86_FLAGS = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI", "avx512f": "AVX512",
               "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16", "amx_int8": "AMX_INT8"}
@@ -253,7 +310,10 @@ _X86_FLAGS = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx
 
 def cpu_backend(cpu_flags: set[str] | None = None) -> dict[str, str]:
     """Which CPU kernels this build runs here: the instruction sets it uses, those this CPU has that
-    it leaves unused (a portable build on a newer CPU), and whether AMX weight buffers are on."""
+    it leaves unused (a portable build on a newer CPU), the extra weight buffer types (repacked
+    and AMX kernels) llama.cpp places weights in, and why AMX weight buffers are on or off."""
+    from . import amx
+
     feats = cpu_features()
     if cpu_flags is None:
         cpu_flags = set()
@@ -268,8 +328,12 @@ def cpu_backend(cpu_flags: set[str] | None = None) -> dict[str, str]:
     isa = [k for k, v in feats.items() if v == "1" and k not in ("LLAMAFILE", "OPENMP", "REPACK", "CPU_HBM", "ACCELERATE", "KLEIDIAI")]
     unused = [f for flag, f in _X86_FLAGS.items() if flag in cpu_flags and f not in feats]
     out = {"features": " ".join(isa) or "none reported", "unused_by_build": " ".join(unused) or "none"}
-    if feats.get("AMX_INT8") == "1":
-        out["amx_weight_buffers"] = "off: they crash in ggml_backend_amx_mul_mat (llama.cpp#20824)"
+    decision = amx.ensure()  # the same decision a model load applies, so this reports what loads use
+    out["extra_buffers"] = (" ".join(extra_buffer_types()) or "none") if decision.use_extra_bufts else "none (use_extra_bufts off)"
+    if decision.applies:
+        out["amx_weight_buffers"] = decision.reason
+    elif feats.get("AMX_INT8") == "1":  # compiled in, but ggml's ARCH_REQ_XCOMP_PERM failed, so ggml left it out
+        out["amx_weight_buffers"] = "off: the kernel did not grant AMX tile state (\"AMX is not ready to be used!\")"
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import os
 import time
 from array import array
 from collections.abc import Generator, Iterator
@@ -16,7 +15,8 @@ from typing import Any
 from ..errors import ConfigError, ContextOverflowError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
 from ..settings import Settings
-from ._lib import ALL_LAYERS, FLASH_ATTN, L, has_amx, init_backend, llama_reason, numpy
+from . import amx
+from ._lib import ALL_LAYERS, FLASH_ATTN, L, init_backend, llama_reason, numpy
 from .sampler import BackendChain, DrawChain, Grammar, Sampler
 
 
@@ -140,11 +140,11 @@ class Model:
         started = time.perf_counter()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = ALL_LAYERS if ngl < 0 else ngl
-        if has_amx() and os.environ.get("GGUFRUN_AMX_BUFFERS") != "1":
-            # llama.cpp's AMX weight buffers segfault in ggml_backend_amx_mul_mat on the AMX machines we
-            # tested (a -march=native build; llama.cpp#20824, open without a fix); the plain CPU buffers
-            # are correct. GGUFRUN_AMX_BUFFERS=1 turns them back on, to check whether a llama.cpp still crashes.
-            mparams.use_extra_bufts = False
+        # AMX weight buffers crash (or miscompute) where libggml-cpu was built by a GCC that drops the
+        # tile configuration's stores (llama.cpp#20824; amx.py says why): a child process runs the AMX
+        # kernel once per library and CPU, and only where it fails is the AMX buffer type dropped,
+        # keeping CPU_REPACK's interleaved kernels (use_extra_bufts=False would drop those too).
+        mparams.use_extra_bufts = amx.ensure().use_extra_bufts
         keep = _multi_device_params(mparams, settings)  # arrays llama.cpp reads during the load
         llama_reason()  # forget older lines
         model_ptr = L.llama_model_load_from_file(str(path).encode(), mparams)

@@ -1,0 +1,109 @@
+"""The AMX guard (issue 13): its rule, the in-place edit of llama.cpp's buffer-type list, and the
+check that runs a kernel against the plain CPU one. These run on any x86 CPU: where there is no AMX,
+the same machinery is exercised on CPU_REPACK, the other extra buffer type."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ggufrun.llama import amx, ggml
+
+
+def _never() -> amx.Check:
+    raise AssertionError("the check must not run here")
+
+
+def test_decide_follows_the_setting_then_the_check() -> None:
+    absent = amx.decide(None, False, _never)
+    assert (absent.applies, absent.keep, absent.use_extra_bufts) == (False, True, True)
+    assert amx.decide("1", True, _never).keep is True
+    off = amx.decide("0", True, _never)
+    assert (off.applies, off.keep) == (True, False) and "GGUFRUN_AMX_BUFFERS=0" in off.reason
+    good = amx.decide(None, True, lambda: amx.Check(True, "logits match"))
+    assert good.keep and good.reason == "on: logits match"
+    bad = amx.decide("", True, lambda: amx.Check(False, "crashed with SIGSEGV"))
+    assert not bad.keep and bad.reason == "off: crashed with SIGSEGV"
+
+
+def test_verdict_reads_the_comparison() -> None:
+    close = {"diffs": {"q4_k_m batch": 2e-3, "q4_0 decode": 0.0}, "amx_used": True}
+    assert amx.verdict(close).ok
+    far = {"diffs": {"q4_k_m batch": 0.9, "q4_0 decode": 0.0}, "amx_used": True}
+    bad = amx.verdict(far)
+    assert not bad.ok and "q4_k_m batch 9.0e-01" in bad.detail
+    assert amx.verdict({"diffs": {"q4_0 batch": 0.9}, "amx_used": False}).ok  # nothing in AMX: nothing to judge
+
+
+def test_remove_from_null_terminated_keeps_order_and_terminator() -> None:
+    storage = (ctypes.c_void_p * 5)(16, 32, 48, None, 99)
+    arr = ctypes.cast(storage, ctypes.POINTER(ctypes.c_void_p))
+    assert ggml.remove_from_null_terminated(arr, lambda p: p == 32) == 1
+    assert [storage[i] for i in range(5)] == [16, 48, None, None, 99]  # shrinks in place; past the end untouched
+    assert ggml.remove_from_null_terminated(arr, lambda p: p == 1234) == 0
+    assert ggml.remove_from_null_terminated(arr, lambda p: True) == 2
+    assert storage[0] is None
+
+
+def test_dropping_one_buffer_type_keeps_the_others(tmp_path: Path) -> None:
+    # A fresh process: the edit holds for the whole process. Dropping an absent type changes nothing;
+    # dropping CPU_REPACK makes llama.cpp load without it, which is what dropping AMX alone relies on.
+    code = (
+        "import json, sys, pathlib\nfrom ggufrun.llama import amx, ggml\n"
+        "before = ggml.extra_buffer_types()\n"
+        "absent = ggml.drop_extra_buffer_type('NO_SUCH_TYPE')\n"
+        "dropped = ggml.drop_extra_buffer_type('CPU_REPACK')\n"
+        "r = amx.compare(pathlib.Path(sys.argv[1]))\n"
+        "print(json.dumps([before, absent, dropped, ggml.extra_buffer_types(), r['buffers']]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, absent, dropped, after, buffers = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "CPU_REPACK" not in before:
+        pytest.skip(f"this build has no CPU_REPACK buffer type ({before})")
+    assert absent is False and dropped is True
+    assert after == [b for b in before if b != "CPU_REPACK"]
+    assert "CPU_REPACK" not in buffers and buffers  # the weights went to the plain CPU buffer
+
+
+def test_compare_here_matches_within_tolerance(tmp_path: Path) -> None:
+    # On a CPU without AMX this compares CPU_REPACK with the plain kernels: the same check, another kernel.
+    result = amx.compare(tmp_path)
+    assert set(result["diffs"]) == {"q4_k_m batch", "q4_k_m decode", "q4_0 batch", "q4_0 decode"}
+    assert result["amx_used"] == ("AMX" in ggml.extra_buffer_types())
+    assert amx.verdict(result).ok, result
+
+
+def test_check_runs_once_then_comes_from_the_cache(ggufrun_home: Path) -> None:
+    cache = ggufrun_home / "amx-check.json"
+    other = {"another install's library": {"ok": False, "detail": "crashed"}}
+    cache.write_text(json.dumps(other))
+    first = amx.cached_check()
+    assert first.ok, first.detail
+    entries = json.loads(cache.read_text())
+    assert entries.pop("another install's library") == other["another install's library"]  # kept beside ours
+    (key,) = entries
+    entries[key]["detail"] = "from the cache"
+    cache.write_text(json.dumps(entries))
+    assert amx.cached_check() == amx.Check(True, "from the cache")
+
+
+def test_a_crashing_check_turns_amx_off() -> None:
+    # A child that dies the way a bad tile configuration kills it (#GP: SIGSEGV).
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    result = amx.run_check(argv=crash)
+    assert not result.ok and "SIGSEGV" in result.detail
+    assert not amx.decide(None, True, lambda: result).keep
+
+
+def test_cpu_backend_names_the_extra_buffers() -> None:
+    info = ggml.cpu_backend()
+    names = ggml.extra_buffer_types()
+    assert info["extra_buffers"] == (" ".join(names) or "none")
+    amx_compiled = ggml.cpu_features().get("AMX_INT8") == "1"
+    assert ("amx_weight_buffers" in info) == (amx.ensure().applies or amx_compiled)
