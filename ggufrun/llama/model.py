@@ -501,42 +501,58 @@ class Model:
         """Whether the model pools its own embeddings (an embedding model: mean, CLS, last...)."""
         return bool(L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE)
 
-    def embed(self, texts: list[str], *, seq_id: int = 0) -> tuple[list[list[float]], int]:
-        """One L2-normalised embedding per text (mean-pooled where the model has no pooling), and
-        the number of tokens embedded (each text is cut to n_batch tokens), in sequence ``seq_id``.
+    def embed_steps(self, text: str, *, seq_id: int = 0) -> Generator[None, None, tuple[list[float], int]]:
+        """Embed one text (cut to n_batch tokens) in sequence ``seq_id``, one llama_decode per
+        ``next()``; the generator's value is the L2-normalised vector (mean-pooled where the model
+        has no pooling) and the token count. Close it to abandon the text.
 
-        A generation context (loaded without embeddings) serves too: embeddings are switched on for
-        the call and the text goes through in chunks of a few dozen tokens, so neither its output
-        buffer (a row of logits per output) nor its compute buffer grows, and no second context is
-        needed. A pooling model (an embedding model) gets each text in one decode, as pooling needs."""
+        A generation context (loaded without embeddings) serves too: embeddings are switched on
+        around each decode and the text goes through in chunks of a few dozen tokens, so neither its
+        output buffer (a row of logits per output) nor its compute buffer grows, no second context
+        is needed, and a server interleaves one chunk per step with its streams. A pooling model (an
+        embedding model) gets the whole text in one decode, as pooling needs."""
         np = numpy()
         pooled = self.pools_embeddings
         if pooled and not self.embeddings:
             raise ModelLoadError("This model pools its embeddings; it needs a context loaded with embeddings.")
-        chunk = self.n_batch if pooled else max(self.n_seq_max, 32)
-        result = []
-        n_tokens = 0
-        if not self.embeddings:
-            L.llama_set_embeddings(self._ctx, True)
+        chunk = self.n_batch if pooled else max(self.n_seq_max, 16)
+        tokens = self.tokenize(text)[: self.n_batch]
+        total = np.zeros(self.n_embd, dtype=np.float64)
+        self.reset(seq_id)
         try:
-            for text in texts:
-                tokens = self.tokenize(text)[: self.n_batch]
-                n_tokens += len(tokens)
-                self.reset(seq_id)
-                total = np.zeros(self.n_embd, dtype=np.float64)
-                for start in range(0, len(tokens), chunk):
-                    part = tokens[start : start + chunk]
+            for start in range(0, len(tokens), chunk):
+                if start:
+                    yield
+                part = tokens[start : start + chunk]
+                if not self.embeddings:
+                    L.llama_set_embeddings(self._ctx, True)
+                try:
                     self._decode_batch([(seq_id, part, True)], all_logits=True)
                     if pooled:
                         total += np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, seq_id), shape=(self.n_embd,))
                     else:
                         total += np.ctypeslib.as_array(L.llama_get_embeddings(self._ctx), shape=(len(part), self.n_embd)).sum(axis=0)
-                norm = float(np.linalg.norm(total)) or 1.0  # the mean's direction: no need to divide by the count
-                result.append((total / norm).tolist())
+                finally:
+                    if not self.embeddings:
+                        L.llama_set_embeddings(self._ctx, False)
         finally:
-            if not self.embeddings:
-                L.llama_set_embeddings(self._ctx, False)
             self.reset(seq_id)
+        norm = float(np.linalg.norm(total)) or 1.0  # the mean's direction: no need to divide by the count
+        return (total / norm).tolist(), len(tokens)
+
+    def embed(self, texts: list[str], *, seq_id: int = 0) -> tuple[list[list[float]], int]:
+        """One embedding per text (see :meth:`embed_steps`) and the number of tokens embedded."""
+        result, n_tokens = [], 0
+        for text in texts:
+            steps = self.embed_steps(text, seq_id=seq_id)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    vector, n = done.value
+                    break
+            result.append(vector)
+            n_tokens += n
         return result, n_tokens
 
 
@@ -548,8 +564,8 @@ class SeqEmbedder:
         self.model = model
         self.seq_id = seq_id
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        return self.model.embed(texts, seq_id=self.seq_id)
+    def embed_steps(self, text: str) -> Generator[None, None, tuple[list[float], int]]:
+        return self.model.embed_steps(text, seq_id=self.seq_id)
 
     def close(self) -> None:
         """Nothing of its own to free: the model belongs to the engine."""

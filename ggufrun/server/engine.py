@@ -165,6 +165,12 @@ class _EmbedJob:
     future: concurrent.futures.Future[tuple[list[list[float]], int]]
     vectors: list[list[float]] = field(default_factory=list)
     n_tokens: int = 0
+    steps: Any = None  # the text being embedded: a Model.embed_steps generator, one decode per step
+
+    def drop(self) -> None:
+        if self.steps is not None:
+            self.steps.close()  # now, on the engine thread, while the model is alive (not at garbage collection)
+            self.steps = None
 
 
 @dataclass
@@ -378,7 +384,9 @@ class Engine:
             job.finished = True
             job.emit(Event("error", error=err))
         while self._embeds:
-            _set_exception(self._embeds.popleft().future, err)
+            embed = self._embeds.popleft()
+            embed.drop()  # on the engine thread: the caller is
+            _set_exception(embed.future, err)
 
     def _prefilling(self, prompt: list[int]) -> bool:
         """Whether a running slot is still evaluating a long prefix this prompt shares (another
@@ -603,8 +611,8 @@ class Engine:
             self._n_active -= 1
 
     def _embed_one(self, job: _EmbedJob) -> None:
-        """Embed the next text of the oldest embedding request: one llama_decode, so a running
-        stream waits at most one such step. A cancelled request is dropped."""
+        """One decode of the oldest embedding request's current text (a chunk of it), so a running
+        stream waits at most one such decode. A cancelled request is dropped."""
         assert self.backend is not None
         error: GgufrunError | None = None
         if not job.future.cancelled():
@@ -613,10 +621,17 @@ class Engine:
                     if self._load_embedder is None:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
                     self._embedder = self._load_embedder(self.backend)
-                if self.backend.embed_cells:  # its text goes into this context's cache: room for it first
-                    self._make_room([], extra=self.backend.embed_cells)
-                vectors, n = self._embedder.embed([job.texts[len(job.vectors)]])
-                job.vectors.extend(vectors)
+                if job.steps is None:
+                    if self.backend.embed_cells:  # its text goes into this context's cache: room for it first
+                        self._make_room([], extra=self.backend.embed_cells)
+                    job.steps = self._embedder.embed_steps(job.texts[len(job.vectors)])
+                try:
+                    next(job.steps)
+                    return  # more of this text at the next step
+                except StopIteration as done:
+                    job.steps = None
+                    vector, n = done.value
+                job.vectors.append(vector)
                 job.n_tokens += n
             except GgufrunError as exc:
                 error = exc
@@ -624,6 +639,7 @@ class Engine:
                 error = ModelLoadError(f"Embedding failed: {exc}.")
             if error is None and len(job.vectors) < len(job.texts):
                 return
+        job.drop()
         with self._cv:  # off the queue before the handler hears back
             if self._embeds and self._embeds[0] is job:
                 self._embeds.popleft()
@@ -641,6 +657,8 @@ class Engine:
         deadline = time.monotonic() + 10.0
         while self.leases > 0 and time.monotonic() < deadline:
             time.sleep(0.02)
+        for job in self._embeds:
+            job.drop()
         for holder in (self._embedder, self.backend.model if self.backend else None):
             if holder is not None:
                 holder.close()
