@@ -6,7 +6,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import time
-from array import array
 from collections.abc import Generator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -107,6 +106,11 @@ class Model:
             self._batch.n_seq_id[i] = 1
             self._batch.seq_id[i][0] = 0
         self._slot_seq = [0] * max(self.n_batch, 1)
+        np = numpy()
+        size = max(self.n_batch, 1)  # numpy views of the batch's arrays: element stores without ctypes calls
+        self._views = (np.ctypeslib.as_array(self._batch.token, shape=(size,)),
+                       np.ctypeslib.as_array(self._batch.pos, shape=(size,)),
+                       np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,)))
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False
@@ -298,8 +302,10 @@ class Model:
     # ---- decoding ---------------------------------------------------------------------------
 
     def _fill(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
-        # Bulk copies instead of per-token ctypes stores: at 9,000 prompt tokens/s on a GPU a
-        # per-token Python loop alone cost 2% of prompt speed.
+        # Stores through numpy views: a server step is mostly 64 one-token items, where per-item
+        # ctypes copies cost ~1 ms of the engine thread; a prompt chunk is one slice assignment.
+        tok, pos_v, logit = self._views
+        slots = self._slot_seq
         b = self._batch
         n = 0
         out: list[int] = []
@@ -309,17 +315,18 @@ class Model:
                 out.append(-1)
                 continue
             pos = len(self._seq.setdefault(seq_id, []))
-            src_tok, src_pos = array("i", tokens), array("i", range(pos, pos + k))  # alive until copied
-            ctypes.memmove(ctypes.byref(b.token.contents, 4 * n), src_tok.buffer_info()[0], 4 * k)
-            ctypes.memmove(ctypes.byref(b.pos.contents, 4 * n), src_pos.buffer_info()[0], 4 * k)
-            slots = self._slot_seq
+            if k == 1:
+                tok[n], pos_v[n], logit[n] = tokens[0], pos, 1 if want or all_logits else 0
+            else:
+                tok[n : n + k] = tokens
+                pos_v[n : n + k] = range(pos, pos + k)
+                logit[n : n + k] = 1 if all_logits else 0
+                if want:
+                    logit[n + k - 1] = 1
             for i in range(n, n + k):
                 if slots[i] != seq_id:  # each slot keeps its last seq id; rewrite only on change
                     b.seq_id[i][0] = seq_id
                     slots[i] = seq_id
-            ctypes.memset(ctypes.byref(b.logits.contents, n), 1 if all_logits else 0, k)
-            if want:
-                b.logits[n + k - 1] = 1
             n += k
             out.append(n - 1 if want else -1)
         b.n_tokens = n
