@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GrammarError
 from ..generation import SamplingParams, SeqSampler
 from ..settings import Settings
 from ._lib import L, init_backend, numpy
+from .grammar_filter import Candidates, VocabIndex, analyse, candidates, everything, midchar, utf8_remain
 
 if TYPE_CHECKING:
     from .model import Model
@@ -19,7 +22,11 @@ _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_dat
 
 
 class Grammar:
-    """llama.cpp's grammar sampler for one sequence, over numpy rows of logits."""
+    """llama.cpp's grammar sampler for one sequence, over numpy rows of logits.
+
+    Besides the whole-vocabulary :meth:`mask` (what llama-server runs when a draw does not fit),
+    it answers for a few tokens at a time (:meth:`allowed`) and names the tokens it may allow
+    now (:meth:`candidates`, see grammar_filter), so that a draw can look only at those."""
 
     def __init__(self, model: Model, text: str) -> None:
         init_backend()
@@ -29,20 +36,56 @@ class Grammar:
             first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
             raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",
                                "Check the GBNF syntax; it needs a 'root' rule.")
+        self._model = model
         self._n_vocab = model.n_vocab
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._all: Any = None
+        self._text = analyse(text)
+        self._utf8_remain = 0  # llama.cpp's partial_utf8.n_remain, followed token by token
 
-    def _apply(self, data: Any) -> None:
+    def _apply(self, data: Any, ptr: Any = None) -> None:
+        """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
+        (see _apply_keeping_gil) and released for many."""
         arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=len(data),
                                        selected=-1, sorted=False)
-        L.llama_sampler_apply(self._ptr, ctypes.byref(arr))
+        apply = _apply_keeping_gil() if len(data) <= _KEEP_GIL_MAX else L.llama_sampler_apply
+        apply(ptr or self._ptr, ctypes.byref(arr))
 
     def allows(self, token: int) -> bool:
         one = self._one
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         self._apply(one)
         return bool(numpy().isfinite(one["logit"][0]))
+
+    def allowed(self, ids: Any, ptr: Any = None) -> Any:
+        """For each token of ``ids``, whether the grammar allows it now (a bool array)."""
+        n = len(ids)
+        if not n:
+            return numpy().zeros(0, dtype=bool)
+        data = _subset_buffer(n)
+        data["id"] = ids
+        data["logit"] = 0.0
+        self._apply(data, ptr)
+        return numpy().isfinite(data["logit"])
+
+    @contextmanager
+    def _advanced(self, token: int) -> Iterator[Callable[[Any], Any]]:
+        """The verdict function of a copy of this grammar that accepted ``token`` (which it allows)."""
+        clone = L.llama_sampler_clone(self._ptr)
+        try:
+            L.llama_sampler_accept(clone, token)
+            yield lambda ids: self.allowed(ids, clone)
+        finally:
+            L.llama_sampler_free(clone)
+
+    def candidates(self) -> Candidates:
+        """The tokens this grammar may allow now (every token where the prefilter cannot be used)."""
+        index = vocab_index(self._model)
+        if self._text.token_refs:
+            return everything(index)
+        if self._utf8_remain > 0:
+            return midchar(index)
+        return candidates(index, self._text, self.allowed, self._advanced)
 
     def mask(self, row: Any) -> None:
         """Set the logits of every token the grammar forbids now to -inf (in place)."""
@@ -56,6 +99,8 @@ class Grammar:
 
     def accept(self, token: int) -> None:
         L.llama_sampler_accept(self._ptr, token)
+        if not self._model.is_eog(token):  # llama.cpp leaves its UTF-8 state alone on end of generation
+            self._utf8_remain = utf8_remain(_piece(self._model, token), self._utf8_remain)
 
     def close(self) -> None:
         if self._ptr:
@@ -67,6 +112,37 @@ class Grammar:
             self.close()
         except Exception:
             pass
+
+
+_KEEP_GIL_MAX = 4096  # ~0.25 ms of grammar: below it, giving the GIL away costs more than it frees
+_subset_buffers = threading.local()
+
+
+def _subset_buffer(size: int) -> Any:
+    """This thread's llama_token_data buffer of ``size`` entries (a view of one that only grows)."""
+    buf = getattr(_subset_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _subset_buffers.buf = numpy().zeros(max(size, 1024), dtype=_TOKEN_DATA)
+    return buf[:size]
+
+
+def _piece(model: Model, token: int) -> bytes:
+    """The token's text as llama.cpp's grammar reads it (its piece cache renders special tokens)."""
+    buf = ctypes.create_string_buffer(64)
+    n = L.llama_token_to_piece(model._vocab, token, buf, 64, 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = L.llama_token_to_piece(model._vocab, token, buf, -n, 0, True)
+    return buf.raw[:n]
+
+
+def vocab_index(model: Model) -> VocabIndex:
+    """The model's VocabIndex, built on first use (~0.3 s for 152k tokens) and kept with it."""
+    index = getattr(model, "_grammar_index", None)
+    if index is None:
+        index = VocabIndex([_piece(model, t) for t in range(model.n_vocab)], model.is_eog)
+        model._grammar_index = index  # type: ignore[attr-defined]
+    return index
 
 
 _draw_buffers = threading.local()
