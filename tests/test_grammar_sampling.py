@@ -150,9 +150,11 @@ def test_code_points_decode_as_llama_cpp_decodes_them() -> None:
 
 
 def test_grammar_text_analysis() -> None:
-    assert analyse(GRAMMARS["numbers"]) == analyse('root ::= [^"\\\\] [\\x00-\\U0010FFFF]') == analyse("root ::= \"<x>\"  # <[1]> é")
-    assert analyse(GRAMMARS["numbers"]).ascii_only and not analyse(GRAMMARS["numbers"]).token_refs
-    assert not analyse(GRAMMARS["person"]).ascii_only and not analyse('root ::= [\\u00e9]').ascii_only
+    plain = analyse(GRAMMARS["numbers"])
+    assert not plain.token_refs and plain.high == ()
+    assert analyse('root ::= [^"\\\\] [\\x00-\\U0010FFFF]') == analyse("root ::= \"<x>\"  # <[1]> é") == plain
+    assert analyse(GRAMMARS["person"]).high == analyse("root ::= [\\u00e9]").high == ((0xE9, 0xE9),)
+    assert analyse(GRAMMARS["greek"]).high == ((0xAB, 0xAB), (0xBB, 0xBB), (0x3B1, 0x3C9))
     assert analyse(GRAMMARS["token-ref"]).token_refs
 
 

@@ -15,9 +15,9 @@ It is exact where its premises hold, and switched off where they do not:
 * the grammar has no token references (``<[id]>``, ``<think>``): those match by token id, not by text;
 * the previous token did not end inside a UTF-8 character (then the next token's first bytes
   finish that character, not a character of their own);
-* code points of 0x80 and above are one class (one probe speaks for all) only when the grammar
-  names no such code point (JSON schema grammars name none: ``[^"\\\\]`` treats them alike);
-  otherwise tokens starting with one are always checked.
+* code points of 0x80 and above are one class (one probe speaks for all) except those the grammar
+  names (JSON schema grammars name none: ``[^"\\\\]`` treats them all alike; an enum value "béta"
+  names é): tokens with a named one as their first or second character are always checked.
 
 Code points are decoded as llama.cpp decodes them (``decode_utf8`` in llama-grammar.cpp: lenient,
 stopping at a NUL byte); tokens whose bytes it would not decode cleanly are always checked.
@@ -101,16 +101,18 @@ class GrammarText:
     """What the prefilter needs to know about a GBNF text."""
 
     token_refs: bool  # it references tokens (<[id]>, <name>): matched by id, so no text probe speaks for them
-    ascii_only: bool  # it names no code point from 0x80 up (but as the top of a range): they all behave alike
+    # Code points from 0x80 up that the grammar names, as (first, last) intervals: every other one
+    # is matched alike by each of its character classes (``[^"]``, ``[ -\U0010FFFF]``).
+    high: tuple[tuple[int, int], ...] = ()
 
 
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.S)
 
 
-def _literal_values(body: str, ranges: bool) -> list[tuple[int, bool]]:
-    """The code points a string literal or character class body names, each with whether it is
-    the upper end of a range (``a-b``, in a class)."""
-    out: list[tuple[int, bool]] = []
+def _literal_values(body: str, ranges: bool) -> list[tuple[int, int]]:
+    """The code points a string literal or character class body names, as (first, last)
+    intervals: one character, or a range ``a-b`` in a class."""
+    out: list[tuple[int, int]] = []
     i, upper = 0, False
     while i < len(body):
         m = _ESCAPE.match(body, i)
@@ -121,7 +123,7 @@ def _literal_values(body: str, ranges: bool) -> list[tuple[int, bool]]:
         else:
             value = ord(body[i])
             i += 1
-        out.append((value, upper))
+        out.append((out.pop()[0], value) if upper else (value, value))
         upper = ranges and i < len(body) and body[i] == "-" and i + 1 < len(body)
         if upper:
             i += 1
@@ -130,7 +132,8 @@ def _literal_values(body: str, ranges: bool) -> list[tuple[int, bool]]:
 
 def analyse(text: str) -> GrammarText:
     """Scan GBNF ``text`` (comments, strings and character classes as llama.cpp's parser reads them)."""
-    token_refs, ascii_only = False, True
+    token_refs = False
+    high: set[tuple[int, int]] = set()
     i, n = 0, len(text)
     while i < n:
         c = text[i]
@@ -145,17 +148,17 @@ def analyse(text: str) -> GrammarText:
             body = text[i + 1 : j]
             if c == "[" and body.startswith("^"):
                 body = body[1:]
-            for value, upper in _literal_values(body, c == "["):
-                if value >= N_ASCII and not (upper and value >= MAX_CP):
-                    ascii_only = False
+            for lo, hi in _literal_values(body, c == "["):
+                if hi >= N_ASCII and not (lo < N_ASCII and hi >= MAX_CP):  # that range holds every high one alike
+                    high.add((max(lo, N_ASCII), hi))
             i = j + 1
             continue
         elif c == "<":
             token_refs = True
-        elif ord(c) >= N_ASCII:
-            ascii_only = False
+        elif ord(c) >= N_ASCII:  # not GBNF: llama.cpp will reject it; name them all to be safe
+            high.add((N_ASCII, MAX_CP))
         i += 1
-    return GrammarText(token_refs, ascii_only)
+    return GrammarText(token_refs, tuple(sorted(high)))
 
 
 class VocabIndex:
@@ -168,6 +171,9 @@ class VocabIndex:
         second = np.full(n, PART, dtype=np.int16)
         check = np.zeros(n, dtype=bool)  # tokens no class speaks for: always given to the grammar
         probe = np.full(N_FIRST, -1, dtype=np.int64)
+        cp1 = np.full(n, -1, dtype=np.int32)  # the first two code points themselves, -1 for none
+        cp2 = np.full(n, -1, dtype=np.int32)
+        high_probes: dict[int, int] = {}  # code point from 0x80 up -> a token that is that character alone
         for t, piece in enumerate(pieces):
             if is_eog(t) or not piece or piece[0] == 0:
                 check[t] = True  # end of generation is allowed by the stacks' state, not by text
@@ -190,13 +196,20 @@ class VocabIndex:
                 check[t] = True
                 continue
             first[t] = _first_class(cps[0])
+            cp1[t] = cps[0]
             if whole:
                 second[t] = END
-                if probe[first[t]] < 0 and not is_eog(t):
+                if probe[first[t]] < 0:
                     probe[first[t]] = t
+                if cps[0] >= N_ASCII and len(high_probes) < 256:
+                    high_probes.setdefault(cps[0], t)
             elif len(cps) > 1 and cps[1] <= MAX_CP:
                 second[t] = _first_class(cps[1])
+                cp2[t] = cps[1]
         self.n_vocab = n
+        self.cp1, self.cp2 = cp1, cp2
+        self.high_probes = high_probes
+        self._named: dict[tuple[tuple[int, int], ...], tuple[np.ndarray, np.ndarray]] = {}
         self.first, self.second, self.check = first, second, check
         self.probe = probe
         self.check_ids = np.flatnonzero(check).astype(np.int32)
@@ -213,6 +226,23 @@ class VocabIndex:
         self.starts = np.concatenate(([0], np.cumsum(counts)))
         self.group_sizes = self.counts.sum(axis=1)
 
+    def high_probe(self, named: tuple[tuple[int, int], ...]) -> int:
+        """A token that is one high code point the grammar does not name (-1: none in the vocabulary)."""
+        for cp, t in self.high_probes.items():
+            if not any(lo <= cp <= hi for lo, hi in named):
+                return t
+        return -1
+
+    def named(self, named: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(bool mask, ids) of the tokens whose first or second code point is one of ``named``."""
+        got = self._named.get(named)
+        if got is None:
+            mask = np.zeros(self.n_vocab, dtype=bool)
+            for lo, hi in named:
+                mask |= ((self.cp1 >= lo) & (self.cp1 <= hi)) | ((self.cp2 >= lo) & (self.cp2 <= hi))
+            got = self._named[named] = (mask, np.flatnonzero(mask).astype(np.int32))
+        return got
+
 
 @dataclass
 class Candidates:
@@ -223,6 +253,7 @@ class Candidates:
     table: np.ndarray  # bool [N_FIRST, N_SECOND]
     count: int
     only: np.ndarray | None = None  # instead of the table: the candidates as a bool mask over the vocabulary
+    extra: tuple[np.ndarray, np.ndarray] | None = None  # (bool mask, ids) of more tokens, always candidates
 
     def ids(self) -> np.ndarray:
         """Every candidate token id, ascending."""
@@ -233,8 +264,10 @@ class Candidates:
             return np.arange(ix.n_vocab, dtype=np.int32)
         cells = np.flatnonzero(self.table.ravel() & (ix.counts.ravel() > 0))
         if len(cells) > 64:  # a dense table: one pass over the vocabulary beats many slices
-            return np.flatnonzero(self.table[ix.first, ix.second] | ix.check).astype(np.int32)
+            return np.flatnonzero(self.may(np.arange(ix.n_vocab))).astype(np.int32)
         parts = [ix.order[ix.starts[c] : ix.starts[c + 1]] for c in cells]
+        if self.extra is not None:
+            return np.unique(np.concatenate([*parts, ix.check_ids, self.extra[1]]))
         return np.sort(np.concatenate([*parts, ix.check_ids]))
 
     def may(self, ids: np.ndarray) -> np.ndarray:
@@ -244,7 +277,8 @@ class Candidates:
             return self.only[ids]
         if self.count >= ix.n_vocab:
             return np.ones(len(ids), dtype=bool)
-        return self.table[ix.first[ids], ix.second[ids]] | ix.check[ids]
+        ok = self.table[ix.first[ids], ix.second[ids]] | ix.check[ids]
+        return ok | self.extra[0][ids] if self.extra is not None else ok
 
 
 def candidates(index: VocabIndex, text: GrammarText, allowed: Callable[[np.ndarray], np.ndarray],
@@ -252,8 +286,10 @@ def candidates(index: VocabIndex, text: GrammarText, allowed: Callable[[np.ndarr
     """Probe the grammar: ``allowed(ids)`` is its verdict on tokens now; ``advanced(token)`` a
     context manager giving the verdict function of a copy of it that accepted ``token``."""
     probes = index.probe.copy()
-    if not text.ascii_only:
-        probes[HIGH] = -1  # no one probe speaks for the high code points: those tokens stay candidates
+    extra = None
+    if text.high:  # the probe for the others must be one of them; tokens with a named one stay candidates
+        probes[HIGH] = index.high_probe(text.high)
+        extra = index.named(text.high)
     have = probes >= 0
     ok1 = np.ones(N_FIRST, dtype=bool)  # a class without a probe cannot be ruled out
     ok1[have] = allowed(probes[have].astype(np.int32))
@@ -265,7 +301,8 @@ def candidates(index: VocabIndex, text: GrammarText, allowed: Callable[[np.ndarr
                 ok2 = np.ones(N_SECOND, dtype=bool)  # END: the probe itself, allowed; PART: unknown
                 ok2[:N_FIRST][have] = after(probes[have].astype(np.int32))
             table[c] &= ok2
-    return Candidates(index, table, int(index.counts[table].sum()) + len(index.check_ids))
+    count = int(index.counts[table].sum()) + len(index.check_ids) + (len(extra[1]) if extra is not None else 0)
+    return Candidates(index, table, count, extra=extra)
 
 
 def everything(index: VocabIndex) -> Candidates:
