@@ -178,20 +178,29 @@ class VocabIndex:
             if is_eog(t) or not piece or piece[0] == 0:
                 check[t] = True  # end of generation is allowed by the stacks' state, not by text
                 continue
-            try:  # valid UTF-8 without NUL decodes the same in Python as in llama.cpp, and faster
+            if piece.isascii() and 0 not in piece:  # most tokens: a byte is a code point
+                c, whole = piece[0], len(piece) == 1
+                first[t] = cp1[t] = c
+                if whole:
+                    second[t] = END
+                    if probe[c] < 0:
+                        probe[c] = t
+                else:
+                    second[t] = cp2[t] = piece[1]
+                continue
+            try:  # valid UTF-8 without NUL decodes the same in Python as in llama.cpp
                 if 0 in piece:
                     raise ValueError
                 text = piece.decode("utf-8")
                 cps: list[int] = [ord(text[0]), ord(text[1])] if len(text) > 1 else [ord(text[0])]
-                remain = 0
                 whole = len(text) == 1
             except ValueError:
                 decoded = llama_code_points(piece)
                 if decoded is None or not decoded[0]:
                     check[t] = True
                     continue
-                cps, remain = decoded
-                whole = len(cps) == 1 and remain == 0
+                cps = decoded[0]
+                whole = len(cps) == 1 and decoded[1] == 0
             if cps[0] > MAX_CP:
                 check[t] = True
                 continue
