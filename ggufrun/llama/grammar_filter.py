@@ -13,14 +13,15 @@ few hundred tokens to check, against 9 ms for the whole vocabulary (2-core dev b
 It is exact where its premises hold, and switched off where they do not:
 
 * the grammar has no token references (``<[id]>``, ``<think>``): those match by token id, not by text;
-* the previous token did not end inside a UTF-8 character (then the next token's first bytes
-  finish that character, not a character of their own);
 * code points of 0x80 and above are one class (one probe speaks for all) except those the grammar
   names (JSON schema grammars name none: ``[^"\\\\]`` treats them all alike; an enum value "béta"
   names é): tokens with a named one as their first or second character are always checked.
 
 Code points are decoded as llama.cpp decodes them (``decode_utf8`` in llama-grammar.cpp: lenient,
-stopping at a NUL byte); tokens whose bytes it would not decode cleanly are always checked.
+stopping at a NUL byte); tokens whose bytes it would not decode cleanly are always checked. That
+covers a grammar left inside a character by the last token: llama.cpp then rejects every token
+but end of generation and those that go on with continuation bytes, which are always checked,
+and every probe, so only those are.
 """
 
 from __future__ import annotations
@@ -70,26 +71,6 @@ def llama_code_points(piece: bytes) -> tuple[list[int], int] | None:
         if n_remain == 0:
             cps.append(value)
     return cps, n_remain
-
-
-def utf8_remain(piece: bytes, n_remain: int) -> int:
-    """The grammar's partial-character state after ``piece`` (llama.cpp's ``partial_utf8.n_remain``):
-    > 0 inside a character, 0 clean, -1 after an invalid sequence (which the next token ignores)."""
-    pos, n = 0, len(piece)
-    while pos < n and piece[pos] != 0 and n_remain > 0:
-        if piece[pos] >> 6 != 2:
-            return -1
-        pos += 1
-        n_remain -= 1
-    while pos < n and piece[pos] != 0:
-        n_remain = _UTF8_LEN[piece[pos] >> 4] - 1
-        if n_remain < 0:
-            return -1
-        pos += 1
-        while pos < n and piece[pos] != 0 and n_remain > 0:
-            pos += 1
-            n_remain -= 1
-    return n_remain
 
 
 def _first_class(cp: int) -> int:
@@ -222,11 +203,6 @@ class VocabIndex:
         self.first, self.second, self.check = first, second, check
         self.probe = probe
         self.check_ids = np.flatnonzero(check).astype(np.int32)
-        # Mid-character, llama.cpp rejects every token but those that go on with continuation bytes
-        # (and end of generation, decided by the stacks): these are all that can be allowed then.
-        self.midchar = np.zeros(n, dtype=bool)
-        for c in self.check_ids.tolist():
-            self.midchar[c] = is_eog(c) or (bool(pieces[c]) and 0x80 <= pieces[c][0] < 0xC0)
         key = first.astype(np.int64) * N_SECOND + second
         key[check] = N_FIRST * N_SECOND  # sorted last, outside every cell
         self.order = np.argsort(key, kind="stable").astype(np.int32)  # token ids within a cell ascending
@@ -261,14 +237,11 @@ class Candidates:
     index: VocabIndex
     table: np.ndarray  # bool [N_FIRST, N_SECOND]
     count: int
-    only: np.ndarray | None = None  # instead of the table: the candidates as a bool mask over the vocabulary
     extra: tuple[np.ndarray, np.ndarray] | None = None  # (bool mask, ids) of more tokens, always candidates
 
     def ids(self) -> np.ndarray:
         """Every candidate token id, ascending."""
         ix = self.index
-        if self.only is not None:
-            return np.flatnonzero(self.only).astype(np.int32)
         if self.count >= ix.n_vocab:
             return np.arange(ix.n_vocab, dtype=np.int32)
         cells = np.flatnonzero(self.table.ravel() & (ix.counts.ravel() > 0))
@@ -282,8 +255,6 @@ class Candidates:
     def may(self, ids: np.ndarray) -> np.ndarray:
         """For each of ``ids``, whether it is a candidate."""
         ix = self.index
-        if self.only is not None:
-            return self.only[ids]
         if self.count >= ix.n_vocab:
             return np.ones(len(ids), dtype=bool)
         ok = self.table[ix.first[ids], ix.second[ids]] | ix.check[ids]
@@ -318,7 +289,3 @@ def everything(index: VocabIndex) -> Candidates:
     """Every token a candidate: where the prefilter's premises do not hold."""
     return Candidates(index, np.ones((N_FIRST, N_SECOND), dtype=bool), index.n_vocab)
 
-
-def midchar(index: VocabIndex) -> Candidates:
-    """The candidates while the grammar is inside a UTF-8 character (the last token ended in one)."""
-    return Candidates(index, np.zeros((N_FIRST, N_SECOND), dtype=bool), int(index.midchar.sum()), index.midchar)

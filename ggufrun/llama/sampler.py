@@ -12,7 +12,7 @@ from ..errors import GrammarError
 from ..generation import SamplingParams, SeqSampler
 from ..settings import Settings
 from ._lib import L, init_backend, numpy
-from .grammar_filter import Candidates, VocabIndex, analyse, candidates, everything, midchar, utf8_remain
+from .grammar_filter import Candidates, VocabIndex, analyse, candidates, everything
 
 if TYPE_CHECKING:
     from .model import Model
@@ -42,7 +42,6 @@ class Grammar:
         self._all: Any = None
         self._text = analyse(text)
         vocab_index(model)  # once per model (~0.2 s): here, where a request starts, not in a decode step
-        self._utf8_remain = 0  # llama.cpp's partial_utf8.n_remain, followed token by token
 
     def _apply(self, data: Any, ptr: Any = None) -> None:
         """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
@@ -84,8 +83,6 @@ class Grammar:
         index = vocab_index(self._model)
         if self._text.token_refs:
             return everything(index)
-        if self._utf8_remain > 0:
-            return midchar(index)
         return candidates(index, self._text, self.allowed, self._advanced)
 
     def mask(self, row: Any) -> None:
@@ -100,8 +97,6 @@ class Grammar:
 
     def accept(self, token: int) -> None:
         L.llama_sampler_accept(self._ptr, token)
-        if not self._model.is_eog(token):  # llama.cpp leaves its UTF-8 state alone on end of generation
-            self._utf8_remain = utf8_remain(_piece(self._model, token), self._utf8_remain)
 
     def close(self) -> None:
         if self._ptr:
