@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +28,15 @@ class Grammar:
     it answers for a few tokens at a time (:meth:`allowed`) and names the tokens it may allow
     now (:meth:`candidates`, see grammar_filter), so that a draw can look only at those."""
 
-    def __init__(self, model: Model, text: str) -> None:
+    def __init__(self, model: Model, text: str, triggers: Sequence[str] = ()) -> None:
         init_backend()
         np = numpy()
-        self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
+        if triggers:
+            patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
+            self._ptr = L.llama_sampler_init_grammar_lazy_patterns(model._vocab, text.encode("utf-8"), b"root",
+                                                                   patterns, len(triggers), None, 0)
+        else:
+            self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
         if not self._ptr:
             first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
             raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",

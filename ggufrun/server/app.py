@@ -346,7 +346,8 @@ class Server:
         sampling.update(params.sampling)
         if k and sampling.get("seed", -1) >= 0:  # n choices from one seed must still differ
             sampling["seed"] = (sampling["seed"] + k) % (1 << 32)
-        for name, value in (("grammar", params.grammar), ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
+        for name, value in (("grammar", params.grammar), ("grammar_triggers", params.grammar_triggers),
+                            ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
@@ -379,6 +380,10 @@ class Server:
                 if params.grammar is not None:
                     raise invalid("tool_choice", "a forced tool call cannot be combined with response_format or a grammar.")
                 params.grammar = tool_grammar
+            elif params.grammar is None and self._supports("grammar"):
+                lazy = T.lazy_grammar(plan)  # tool_choice auto: a call the reply starts is made valid
+                if lazy is not None:
+                    params.grammar, params.grammar_triggers = lazy
             self._check_engine(params, {"grammar": "tool_choice" if tool_grammar else "response_format",
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]

@@ -66,7 +66,8 @@ class GenRequest:
     ``sampling`` holds :class:`ggufrun.generation.SamplingParams` fields: temperature, top_p,
     top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, repeat_last_n, seed,
     logit_bias ({token id: bias}, -inf or <= -100 bans), grammar (GBNF text; a grammar llama.cpp
-    rejects raises GrammarError, 400, from :meth:`Engine.submit`) and logprobs (None = off, 0..20 =
+    rejects raises GrammarError, 400, from :meth:`Engine.submit`), grammar_triggers (patterns that
+    make the grammar lazy: it applies from where one matches the reply) and logprobs (None = off, 0..20 =
     the sampled token's logprob plus that many alternatives, after temperature, penalties and bias).
     """
 
@@ -206,7 +207,7 @@ class Engine:
         grammar = job.request.sampling.get("grammar")
         if grammar and job.grammar is None and self.backend is not None:
             # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
-            job.grammar = self.backend.model.grammar(grammar)
+            job.grammar = self.backend.model.grammar(grammar, job.request.sampling.get("grammar_triggers") or ())
         with self._cv:
             if self._stopping or self.state != "ready":
                 raise self._refusal()
