@@ -164,3 +164,29 @@ def test_the_fast_redraw_agrees_on_a_real_multilingual_vocabulary(gemma_path: Pa
     with Model.load(gemma_path, Settings(n_gpu_layers=0, n_ctx=256)) as m:
         for pname, params in PARAMS.items():
             walk(m, grammar, params, steps=25, seed=len(pname) + 10)
+
+
+def test_a_lazy_grammar_is_free_until_triggered_and_survives_a_trigger_it_cannot_take(model: Model) -> None:
+    def feed(g: object, text: str) -> None:
+        for t in model.tokenize(text, add_special=False):
+            g.accept(t)  # type: ignore[attr-defined]
+
+    x, y = (model.tokenize(c, add_special=False)[0] for c in "xy")
+    g = model.grammar('root ::= "<t" [x]+', triggers=["<t"])
+    feed(g, "Hello ")
+    assert g.allows(y) and g.allows(x)  # nothing is constrained before the trigger
+    feed(g, "<t")
+    assert g.allows(x) and not g.allows(y)
+    g.close()
+    # "<to" matches the trigger, but the grammar wants "x" after "<t": llama.cpp's own lazy grammar
+    # throws there (and the process aborts); this one stays free, and later text does not revive the match
+    g = model.grammar('root ::= "<t" [x]+', triggers=["<t"])
+    feed(g, "<to")
+    assert g.allows(y)
+    feed(g, " and x")
+    assert g.allows(y)
+    g.close()
+    g = model.grammar('root ::= "{" [x]+', triggers=[r'^\s*(\{[\s\S]*)$'])  # the grammar starts at the group
+    feed(g, "  {x")
+    assert g.allows(x) and not g.allows(y)
+    g.close()

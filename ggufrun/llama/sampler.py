@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,17 +28,20 @@ class Grammar:
 
     Besides the whole-vocabulary :meth:`mask` (what llama-server runs when a draw does not fit),
     it answers for a few tokens at a time (:meth:`allowed`) and names the tokens it may allow
-    now (:meth:`candidates`, see grammar_filter), so that a draw can look only at those."""
+    now (:meth:`candidates`, see grammar_filter), so that a draw can look only at those.
+
+    With ``triggers`` it is lazy, as llama.cpp's ``llama_sampler_init_grammar_lazy_patterns``: it
+    allows everything until one of the patterns matches the text generated (``^...$``: the whole
+    text, else anywhere), then applies from the match (its first group, where it has one). The
+    laziness is ours, not llama.cpp's: llama.cpp feeds the grammar the text from the match on
+    when the token that completes it is accepted, and throws (aborting the process) when that
+    text breaks the grammar (a token "<tool_call>{" for a grammar that wants "<tool_call>\\n").
+    Here that text is tried on a copy first; if the grammar rejects it, the reply stays free."""
 
     def __init__(self, model: Model, text: str, triggers: Sequence[str] = ()) -> None:
         init_backend()
         np = numpy()
-        if triggers:
-            patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
-            self._ptr = L.llama_sampler_init_grammar_lazy_patterns(model._vocab, text.encode("utf-8"), b"root",
-                                                                   patterns, len(triggers), None, 0)
-        else:
-            self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
+        self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
         if not self._ptr:
             first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
             raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",
@@ -47,6 +52,11 @@ class Grammar:
         self._all: Any = None
         self._text = analyse(text)
         vocab_index(model)  # once per model (~0.2 s): here, where a request starts, not in a decode step
+        self._triggers = [re.compile(p) for p in triggers]
+        self._awaiting = bool(triggers)
+        self._reply = ""  # the text generated while awaiting a trigger
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._rejected_at = -1  # a match start whose text the grammar rejected: it stays rejected
 
     def _apply(self, data: Any, ptr: Any = None) -> None:
         """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
@@ -57,13 +67,21 @@ class Grammar:
         apply(ptr or self._ptr, ctypes.byref(arr))
 
     def allows(self, token: int) -> bool:
+        if self._awaiting:
+            return True
         one = self._one
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         self._apply(one)
         return bool(numpy().isfinite(one["logit"][0]))
 
-    def allowed(self, ids: Any, ptr: Any = None) -> Any:
+    def allowed(self, ids: Any) -> Any:
         """For each token of ``ids``, whether the grammar allows it now (a bool array)."""
+        if self._awaiting:
+            return numpy().ones(len(ids), dtype=bool)
+        return self._verdict(ids, self._ptr)
+
+    def _verdict(self, ids: Any, ptr: Any) -> Any:
+        """For each token of ``ids``, whether the grammar sampler ``ptr`` (this one or a copy) allows it."""
         n = len(ids)
         if not n:
             return numpy().zeros(0, dtype=bool)
@@ -79,7 +97,7 @@ class Grammar:
         clone = L.llama_sampler_clone(self._ptr)
         try:
             L.llama_sampler_accept(clone, token)
-            yield lambda ids: self.allowed(ids, clone)
+            yield lambda ids: self._verdict(ids, clone)
         finally:
             L.llama_sampler_free(clone)
 
@@ -93,6 +111,8 @@ class Grammar:
     def mask(self, row: Any) -> None:
         """Set the logits of every token the grammar forbids now to -inf (in place)."""
         np = numpy()
+        if self._awaiting:
+            return
         if self._all is None:
             self._all = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
             self._all["id"] = np.arange(self._n_vocab)
@@ -101,7 +121,42 @@ class Grammar:
         row[:] = self._all["logit"]
 
     def accept(self, token: int) -> None:
-        L.llama_sampler_accept(self._ptr, token)
+        if self._awaiting:
+            self._await(token)
+        else:
+            L.llama_sampler_accept(self._ptr, token)
+
+    def _await(self, token: int) -> None:
+        """Add ``token`` to the text that may trigger the grammar; start it where a trigger matches."""
+        if self._model.is_eog(token):
+            return
+        self._reply += self._utf8.decode(_piece(self._model, token))
+        start = self._trigger_start()
+        if start < 0 or start == self._rejected_at:
+            return
+        clone = L.llama_sampler_clone(self._ptr)
+        ok = True
+        for t in self._model.tokenize(self._reply[start:], add_special=False, parse_special=True):
+            if not self._verdict([t], clone)[0]:
+                ok = False
+                break
+            L.llama_sampler_accept(clone, t)
+        if ok:
+            L.llama_sampler_free(self._ptr)
+            self._ptr, self._awaiting, self._reply = clone, False, ""
+        else:
+            L.llama_sampler_free(clone)
+            self._rejected_at = start
+
+    def _trigger_start(self) -> int:
+        """Where the grammar starts in the reply, as llama.cpp's trigger patterns say; -1: not yet."""
+        for pattern in self._triggers:
+            whole = pattern.pattern.startswith("^") and pattern.pattern.endswith("$")
+            m = pattern.fullmatch(self._reply) if whole else pattern.search(self._reply)
+            if m is not None:
+                groups = [m.start(g) for g in range(1, (m.re.groups or 0) + 1) if m.start(g) >= 0 and m.end(g) > m.start(g)]
+                return groups[0] if groups else m.start()
+        return -1
 
     def close(self) -> None:
         if self._ptr:
