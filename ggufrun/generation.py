@@ -546,18 +546,25 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
 def classify_stops(vocab: Vocab, stops: list[str] | tuple[str, ...]) -> tuple[frozenset[int], tuple[str, ...]]:
     """Stop strings that are one control token are matched by id (they print as nothing); every
     other stop is matched in the text, which also catches it inside a longer token."""
-    ids, texts = set(), []
+    named, texts = _classify_stops(vocab, stops)
+    return frozenset(named), texts
+
+
+def _classify_stops(vocab: Vocab, stops: list[str] | tuple[str, ...]) -> tuple[dict[int, str], tuple[str, ...]]:
+    """classify_stops, with the stop string each id stands for."""
+    ids: dict[int, str] = {}
+    texts = []
     for s in stops:
         if not s:
             continue
         toks = vocab.tokenize(s, add_special=False, parse_special=True)
         if len(toks) == 1:
-            ids.add(toks[0])
+            ids.setdefault(toks[0], s)
             if vocab.token_bytes(toks[0]):
                 texts.append(s)
         else:
             texts.append(s)
-    return frozenset(ids), tuple(texts)
+    return ids, tuple(texts)
 
 
 def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, str, bool]:
@@ -595,10 +602,13 @@ class Generation:
         self.max_tokens = max_tokens
         self.n_ctx = n_ctx
         self.ignore_eos = ignore_eos
+        self._stop_names: dict[int, str] = {}
         if stop_ids is None:
-            self.stop_ids, self.stop_texts = classify_stops(vocab, stop)
+            self._stop_names, self.stop_texts = _classify_stops(vocab, stop)
+            self.stop_ids = frozenset(self._stop_names)
         else:
             self.stop_ids, self.stop_texts = stop_ids, tuple(stop)
+        self.stop_sequence: str | None = None  # the stop string that ended the sequence (Anthropic reports it)
         grammar = grammar_factory(params.grammar) if params.grammar and grammar_factory is not None else None
         draw = draw_factory(params) if draw_factory is not None and not params.greedy else None
         self.sampler = SeqSampler(params, prompt, grammar, n_ctx, draw)
@@ -629,6 +639,7 @@ class Generation:
         # ignore_eos also passes over the template's stop tokens (end-of-turn markers); stop
         # strings that print as text are still matched in the text below.
         if not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token)):
+            self.stop_sequence = self._stop_names.get(token)
             return self._end("stop")
         self.sampler.accept(token)
         st.gen_tokens += 1
@@ -639,8 +650,11 @@ class Generation:
                                          [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top]))
         text = self._held + piece
         if self.stop_texts:
+            pending = text
             text, self._held, hit = split_stop(text, self.stop_texts)
             if hit:
+                found = [(i, s) for s in self.stop_texts if (i := pending.find(s)) >= 0]
+                self.stop_sequence = min(found)[1]  # the earliest, as split_stop cut there
                 return self._end("stop", text, flush=False)
         else:
             self._held = ""

@@ -136,6 +136,9 @@ class _Choices:
         self.streams = [T.ToolStream(self.plan, incremental=True) if self.plan else None for _ in range(n)]
         self.n_calls = [0] * n
         self.offsets = [0] * n
+        # Per choice, the stop string that ended it once it has: not in OpenAI's objects, but the
+        # Anthropic translation reports it (stop_reason "stop_sequence").
+        self.stop_sequences: list[str | None] = [None] * n
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object, "created": self.created,
@@ -214,6 +217,7 @@ class _Choices:
                         piece["logprobs"] = logprobs
                     yield self._chunk([piece])
             elif event.kind == "done":
+                self.stop_sequences[i] = getattr(event, "stop_sequence", None)
                 for piece in self._pieces(i, "", final=True):
                     yield self._chunk([piece])
                 dones.append(event)
@@ -231,6 +235,7 @@ class _Choices:
         choices = []
         for i, r in enumerate(results):
             assert r.done is not None
+            self.stop_sequences[i] = getattr(r.done, "stop_sequence", None)
             logprobs = self._logprobs(i, r.tokens)
             if not self.chat:
                 choices.append({"index": i, "text": r.text, "logprobs": logprobs, "finish_reason": r.done.finish_reason})

@@ -95,6 +95,7 @@ class Event:
     tokens: list[TokenInfo] = field(default_factory=list)
     cached_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    stop_sequence: str | None = None  # done: the stop string that ended the reply, if one did
 
 
 def timings(stats: GenStats) -> dict[str, float]:
@@ -499,7 +500,8 @@ class Engine:
                 job.emit(Event("text", tail))
             st = gen.stats if gen is not None else GenStats(prompt_tokens=len(job.request.prompt))
             job.emit(Event("done", finish_reason=finish_reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
-                           completion_tokens=st.gen_tokens, timings=timings(st)))
+                           completion_tokens=st.gen_tokens, timings=timings(st),
+                           stop_sequence=gen.stop_sequence if gen is not None else None))
         job.finished = True
         self.metrics.finished(self.name, "error" if error is not None else finish_reason or "cancelled")
         if gen is not None:
