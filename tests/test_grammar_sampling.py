@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from ggufrun import generation
-from ggufrun.generation import SamplingParams, SeqSampler, _draw_rows, _redraw, sample_rows
+from ggufrun.generation import (
+    SamplingParams,
+    SeqSampler,
+    _draw_rows,
+    _redraw,
+    sample_rows,
+)
 from ggufrun.llama.grammar import schema_to_gbnf
 from ggufrun.llama.grammar_filter import analyse, llama_code_points
 from ggufrun.runtime import DrawChain, Model

@@ -51,9 +51,9 @@ def test_auto_tool_call_is_constrained_once_the_reply_starts_one(zero_server: Se
     import openai
 
     oa = openai.OpenAI(base_url=f"{zero_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-    ask: dict[str, Any] = dict(model="zero", messages=[{"role": "user", "content": "Hi"}], max_tokens=80,
-                               logit_bias=scripted[1], presence_penalty=2.0, frequency_penalty=2.0,
-                               extra_body={"repeat_last_n": 8})  # the penalties see the script, not the prompt
+    ask: dict[str, Any] = {"model": "zero", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 80,
+                           "logit_bias": scripted[1], "presence_penalty": 2.0, "frequency_penalty": 2.0,
+                           "extra_body": {"repeat_last_n": 8}}  # the penalties see the script, not the prompt
     free = oa.chat.completions.create(**ask)  # no tools: the same script, unconstrained
     assert free.choices[0].message.content.startswith("<tool_call><")  # not a call: it starts over
     r = oa.chat.completions.create(**ask, tools=[UNITS], tool_choice="auto", parallel_tool_calls=False)

@@ -87,7 +87,7 @@ class GrammarText:
     high: tuple[tuple[int, int], ...] = ()
 
 
-_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.S)
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
 
 
 def _literal_values(body: str, ranges: bool) -> list[tuple[int, int]]:
