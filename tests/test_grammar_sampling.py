@@ -198,3 +198,8 @@ def test_a_lazy_grammar_is_free_until_triggered_and_survives_a_trigger_it_cannot
     feed(g, "  {x")
     assert g.allows(x) and not g.allows(y)
     g.close()
+    g = model.grammar('root ::= "o" [x]+', triggers=["o"])  # the match starts inside the token "to"
+    assert model.tokenize("to", add_special=False) != model.tokenize("t", add_special=False) + model.tokenize("o", add_special=False)
+    feed(g, "to")
+    assert g.allows(x) and not g.allows(y)
+    g.close()

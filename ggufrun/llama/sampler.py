@@ -55,6 +55,7 @@ class Grammar:
         self._triggers = [re.compile(p) for p in triggers]
         self._awaiting = bool(triggers)
         self._reply = ""  # the text generated while awaiting a trigger
+        self._spans: list[tuple[int, int, int]] = []  # (token, start, end) of each of its tokens in it
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._rejected_at = -1  # a match start whose text the grammar rejected: it stays rejected
 
@@ -130,23 +131,40 @@ class Grammar:
         """Add ``token`` to the text that may trigger the grammar; start it where a trigger matches."""
         if self._model.is_eog(token):
             return
+        at = len(self._reply)
         self._reply += self._utf8.decode(_piece(self._model, token))
+        self._spans.append((token, at, len(self._reply)))
         start = self._trigger_start()
         if start < 0 or start == self._rejected_at:
             return
         clone = L.llama_sampler_clone(self._ptr)
         ok = True
-        for t in self._model.tokenize(self._reply[start:], add_special=False, parse_special=True):
+        for t in self._replay(start):
             if not self._verdict([t], clone)[0]:
                 ok = False
                 break
             L.llama_sampler_accept(clone, t)
         if ok:
             L.llama_sampler_free(self._ptr)
-            self._ptr, self._awaiting, self._reply = clone, False, ""
+            self._ptr, self._awaiting, self._reply, self._spans = clone, False, "", []
         else:
             L.llama_sampler_free(clone)
             self._rejected_at = start
+
+    def _replay(self, start: int) -> list[int]:
+        """Tokens that spell the reply from ``start`` on: its own tokens, and for the part of one
+        that the start cuts, a token per character (the model's tokenizer could add a leading space)."""
+        probe = vocab_index(self._model).probe
+        out: list[int] = []
+        for token, a, b in self._spans:
+            if a >= start:
+                out.append(token)
+            elif b > start:
+                for ch in self._reply[start:b]:
+                    c = ord(ch)
+                    t = int(probe[c]) if c < len(probe) - 1 else -1  # the last probe is the high code points'
+                    out += [t] if t >= 0 else self._model.tokenize(ch, add_special=False, parse_special=False)
+        return out
 
     def _trigger_start(self) -> int:
         """Where the grammar starts in the reply, as llama.cpp's trigger patterns say; -1: not yet."""
