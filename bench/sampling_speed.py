@@ -4,6 +4,15 @@ what the engine now does (numpy penalties/bias, then each row's llama.cpp chain 
 fed only the top-k candidates), and the same chain fed the whole vocabulary (what it did before).
 
     python bench/sampling_speed.py [--vocab 151936] [--rows 16,64] [--steps 20] [--rows-per-worker N] [--busy]
+    python bench/sampling_speed.py --grammar-half [--rows 16] [--model FILE.gguf]
+
+With ``--grammar-half``, half of the rows are also constrained by a JSON schema (bench/serve_load.py's
+``--json-schema-half``), each at a different point of the document, and every draw is one the
+grammar rejects (random logits, as on a synthetic model): the step with llama-server's fallback
+(the grammar over the whole vocabulary, then the chain) against ggufrun's (only the tokens that can
+matter; generation._redraw), and the same rows unconstrained. The grammar needs a vocabulary:
+``--model`` (default: a synthetic file with tiny weights and a ``--vocab`` vocabulary, written to a
+temporary folder).
 
 Both apply top-k 40, top-p 0.95, min-p 0.05, temperature 0.8 and a seeded draw. The logits are
 random: "flat" (normal, sd 1: every token near the top, the worst case for candidate search)
@@ -74,6 +83,80 @@ def time_numpy(logits: np.ndarray, steps: int, chained: bool = False, full: bool
     return statistics.median(times) * 1e3
 
 
+SCHEMA = {"type": "object", "properties": {"numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 64}},
+          "required": ["numbers"]}
+STATES = ['', '{', '{"numbers"', '{"numbers": [', '{"numbers": [1', '{"numbers": [1, 2', '{"numbers": [1, 23,', '{ "numbers": [4']
+
+
+def whole_vocabulary_redraw(row: np.ndarray, s: SeqSampler) -> int:
+    """llama-server's fallback (and ggufrun's before): the grammar over every token, then the draw."""
+    assert s.grammar is not None
+    s.grammar.mask(row)
+    if not np.isfinite(row).any():
+        return -1
+    if s.params.greedy:
+        return int(row.argmax())
+    return int(generation._draw_rows(row[None], [s], np.array([s.rng.random()]))[0])
+
+
+def time_grammar(model: object, logits: np.ndarray, steps: int, greedy: bool, mode: str) -> float:
+    """sample_rows with every second row under SCHEMA's grammar (mode: "off", "whole" or "ggufrun")."""
+    from ggufrun.llama.grammar import schema_to_gbnf
+    from ggufrun.runtime import DrawChain
+
+    gbnf = schema_to_gbnf(SCHEMA)
+    seqs = []
+    for i in range(len(logits)):
+        p = SamplingParams(temperature=0.0) if greedy else SamplingParams(seed=i, **PARAMS)  # type: ignore[arg-type]
+        g = None
+        if mode != "off" and i % 2 == 0:
+            g = model.grammar(gbnf)  # type: ignore[attr-defined]
+            for t in model.tokenize(STATES[(i // 2) % len(STATES)], add_special=False):  # type: ignore[attr-defined]
+                g.accept(t)
+        seqs.append(SeqSampler(p, grammar=g, draw=None if greedy else DrawChain(p, logits.shape[1])))
+    saved = generation._redraw
+    if mode == "whole":
+        generation._redraw = whole_vocabulary_redraw
+    times = []
+    try:
+        for _ in range(steps):
+            work = logits.copy()
+            t = time.perf_counter()
+            sample_rows(work, seqs)
+            times.append(time.perf_counter() - t)
+    finally:
+        generation._redraw = saved
+        for s in seqs:
+            s.close()
+    return statistics.median(times) * 1e3
+
+
+def grammar_table(args: argparse.Namespace) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            from ggufrun.synthetic import write_synthetic
+
+            path = write_synthetic(Path(tmp) / "vocab.gguf", "tiny", vocab_size=args.vocab)
+        with Model.load(path, Settings(n_gpu_layers=0, n_ctx=256)) as model:
+            from ggufrun.llama.sampler import vocab_index
+
+            vocab_index(model)  # built once per model on the first fallback: not a step's cost
+            rng = np.random.default_rng(0)
+            print(f"{'sampling':9} {'rows':>5} {'unconstrained ms':>17} {'whole-vocabulary fallback ms':>29} {'ggufrun fallback ms':>20}")
+            for greedy in (False, True):
+                for rows in (int(r) for r in args.rows.split(",")):
+                    logits = (rng.standard_normal((rows, model.n_vocab)) * 2).astype(np.float32)
+                    cells = [time_grammar(model, logits, args.steps, greedy, m) for m in ("off", "whole", "ggufrun")]
+                    print(f"{'greedy' if greedy else 'sampled':9} {rows:5d} {cells[0]:17.2f} {cells[1]:29.2f} {cells[2]:20.2f}")
+
+
 def spin() -> None:
     x = 0
     while True:
@@ -86,6 +169,9 @@ def main() -> None:
     ap.add_argument("--rows", default="16,64")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows-per-worker", type=int, default=0, help="override the thread pool's rows per task")
+    ap.add_argument("--grammar-half", action="store_true",
+                    help="half of the rows under a JSON schema grammar that rejects every draw: the fallback's cost")
+    ap.add_argument("--model", default=None, help="with --grammar-half: the GGUF whose vocabulary the grammar uses")
     ap.add_argument("--busy", action="store_true",
                     help="run a pure-Python thread meanwhile (as the server's HTTP side): every GIL release can wait for it")
     args = ap.parse_args()
@@ -93,6 +179,9 @@ def main() -> None:
         threading.Thread(target=spin, daemon=True).start()
     if args.rows_per_worker:
         generation._ROWS_PER_WORKER = args.rows_per_worker
+    if args.grammar_half:
+        grammar_table(args)
+        return
     rng = np.random.default_rng(0)
     print(f"{'logits':8} {'rows':>5} {'llama.cpp serial ms':>20} {'numpy ms':>9} {'chain full vocab ms':>20}"
           f" {'ggufrun (chain top-k prefilter, threads) ms':>44}")

@@ -86,6 +86,8 @@ def measure_server(kind: str, opts: argparse.Namespace, path: Path, clients: int
     rows = []
     with server(server_argv(kind, opts, path, clients, port, bin_path), port) as url:
         run_load(url, "bench", 1, 1, max_tokens=8, prompt=prompt, endpoint=endpoint)  # warm-up: page faults, caches
+        if opts.json_schema_half:  # and what a server does once for its first grammar (ggufrun indexes the vocabulary)
+            run_load(url, "bench", 1, 1, max_tokens=8, prompt=prompt, endpoint=endpoint, variants=[JSON_FORMAT])
         for name, params, variants in modes(opts):
             result = run_load(url, "bench", clients, opts.requests_per_client * clients, max_tokens=opts.max_tokens,
                               prompt=prompt, endpoint=endpoint, params=params, variants=variants,

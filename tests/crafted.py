@@ -13,10 +13,12 @@ _DROP = object()
 
 
 def craft(src: Path, dest: Path, *, kv: dict[str, Any] | None = None, drop_tensors: tuple[str, ...] = (),
-          reshape: dict[str, tuple[int, ...]] | None = None, arch: str | None = None) -> Path:
+          reshape: dict[str, tuple[int, ...]] | None = None, arch: str | None = None,
+          zero_tensors: tuple[str, ...] = ()) -> Path:
     """Copy ``src`` to ``dest`` with metadata ``kv`` replaced (value ``None`` removes the key),
-    tensors named in ``drop_tensors`` left out and tensors in ``reshape`` given a new numpy shape
-    (the data is cut or zero-padded to fit); ``arch`` renames general.architecture."""
+    tensors named in ``drop_tensors`` left out, tensors in ``reshape`` given a new numpy shape
+    (the data is cut or zero-padded to fit) and those in ``zero_tensors`` all zeros (zero bytes
+    are zero in every quant type); ``arch`` renames general.architecture."""
     import gguf
     import numpy as np
 
@@ -53,6 +55,8 @@ def craft(src: Path, dest: Path, *, kv: dict[str, Any] | None = None, drop_tenso
         if t.name in drop_tensors:
             continue
         data = np.asarray(t.data)
+        if t.name in zero_tensors:
+            data = np.zeros_like(data)
         raw_dtype = gguf.GGMLQuantizationType(t.tensor_type)
         if t.name in reshape:
             if raw_dtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

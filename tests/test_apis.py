@@ -98,9 +98,14 @@ def test_anthropic_stop_sequences_and_history(smol: ServerProcess) -> None:
     words = free.split()
     assert len(words) >= 4, free
     stop = f" {words[3]}"
-    cut = c.messages.create(model="smol", max_tokens=24, messages=messages, stop_sequences=[stop], **CLAUDE_GREEDY)
+    cut = c.messages.create(model="smol", max_tokens=24, messages=messages, stop_sequences=["never", stop], **CLAUDE_GREEDY)
     assert cut.content[0].text == free[: free.index(stop)]
-    assert cut.stop_reason == "end_turn"
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    with c.messages.stream(model="smol", max_tokens=24, messages=messages, stop_sequences=[stop], **CLAUDE_GREEDY) as s:
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence, final.content[0].text) == ("stop_sequence", stop, cut.content[0].text)
+    ended = c.messages.create(model="smol", max_tokens=24, messages=messages, stop_sequences=["never"], **CLAUDE_GREEDY)
+    assert (ended.stop_reason, ended.stop_sequence) in (("end_turn", None), ("max_tokens", None))  # the template's own stop is no stop sequence
     # A prior assistant turn given as content blocks is part of the prompt.
     longer = [*messages, {"role": "assistant", "content": [{"type": "text", "text": free}]}, {"role": "user", "content": "Again."}]
     assert c.messages.count_tokens(model="smol", messages=longer).input_tokens > c.messages.count_tokens(model="smol", messages=messages).input_tokens

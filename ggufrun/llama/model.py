@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -403,9 +403,10 @@ class Model:
         """llama.cpp's truncate-and-draw chain for one request (see DrawChain)."""
         return DrawChain(params, self.n_vocab)
 
-    def grammar(self, text: str) -> "Grammar":
-        """A llama.cpp grammar sampler for GBNF ``text``; raise GrammarError when llama.cpp rejects it."""
-        return Grammar(self, text)
+    def grammar(self, text: str, triggers: Sequence[str] = ()) -> "Grammar":
+        """A llama.cpp grammar sampler for GBNF ``text``, lazy with ``triggers`` (regex patterns: it
+        applies from where one matches the text generated); raise GrammarError when llama.cpp rejects it."""
+        return Grammar(self, text, triggers)
 
     def start(self, tokens: list[int], params: SamplingParams, *, max_tokens: int = 0, stop: list[str] | tuple[str, ...] = (),
               stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False) -> Generation:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import codecs
 import ctypes
+import re
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GrammarError
 from ..generation import SamplingParams, SeqSampler
 from ..settings import Settings
 from ._lib import L, init_backend, numpy
+from .grammar_filter import Candidates, VocabIndex, analyse, candidates, everything
 
 if TYPE_CHECKING:
     from .model import Model
@@ -19,9 +24,21 @@ _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_dat
 
 
 class Grammar:
-    """llama.cpp's grammar sampler for one sequence, over numpy rows of logits."""
+    """llama.cpp's grammar sampler for one sequence, over numpy rows of logits.
 
-    def __init__(self, model: Model, text: str) -> None:
+    Besides the whole-vocabulary :meth:`mask` (what llama-server runs when a draw does not fit),
+    it answers for a few tokens at a time (:meth:`allowed`) and names the tokens it may allow
+    now (:meth:`candidates`, see grammar_filter), so that a draw can look only at those.
+
+    With ``triggers`` it is lazy, as llama.cpp's ``llama_sampler_init_grammar_lazy_patterns``: it
+    allows everything until one of the patterns matches the text generated (``^...$``: the whole
+    text, else anywhere), then applies from the match (its first group, where it has one). The
+    laziness is ours, not llama.cpp's: llama.cpp feeds the grammar the text from the match on
+    when the token that completes it is accepted, and throws (aborting the process) when that
+    text breaks the grammar (a token "<tool_call>{" for a grammar that wants "<tool_call>\\n").
+    Here that text is tried on a copy first; if the grammar rejects it, the reply stays free."""
+
+    def __init__(self, model: Model, text: str, triggers: Sequence[str] = ()) -> None:
         init_backend()
         np = numpy()
         self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
@@ -29,24 +46,74 @@ class Grammar:
             first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
             raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",
                                "Check the GBNF syntax; it needs a 'root' rule.")
+        self._model = model
         self._n_vocab = model.n_vocab
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._all: Any = None
+        self._text = analyse(text)
+        vocab_index(model)  # once per model (~0.2 s): here, where a request starts, not in a decode step
+        self._triggers = [re.compile(p) for p in triggers]
+        self._awaiting = bool(triggers)
+        self._reply = ""  # the text generated while awaiting a trigger
+        self._spans: list[tuple[int, int, int]] = []  # (token, start, end) of each of its tokens in it
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._rejected_at = -1  # a match start whose text the grammar rejected: it stays rejected
 
-    def _apply(self, data: Any) -> None:
+    def _apply(self, data: Any, ptr: Any = None) -> None:
+        """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
+        (see _apply_keeping_gil) and released for many."""
         arr = L.llama_token_data_array(data=data.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=len(data),
                                        selected=-1, sorted=False)
-        L.llama_sampler_apply(self._ptr, ctypes.byref(arr))
+        apply = _apply_keeping_gil() if len(data) <= _KEEP_GIL_MAX else L.llama_sampler_apply
+        apply(ptr or self._ptr, ctypes.byref(arr))
 
     def allows(self, token: int) -> bool:
+        if self._awaiting:
+            return True
         one = self._one
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         self._apply(one)
         return bool(numpy().isfinite(one["logit"][0]))
 
+    def allowed(self, ids: Any) -> Any:
+        """For each token of ``ids``, whether the grammar allows it now (a bool array)."""
+        if self._awaiting:
+            return numpy().ones(len(ids), dtype=bool)
+        return self._verdict(ids, self._ptr)
+
+    def _verdict(self, ids: Any, ptr: Any) -> Any:
+        """For each token of ``ids``, whether the grammar sampler ``ptr`` (this one or a copy) allows it."""
+        n = len(ids)
+        if not n:
+            return numpy().zeros(0, dtype=bool)
+        data = _subset_buffer(n)
+        data["id"] = ids
+        data["logit"] = 0.0
+        self._apply(data, ptr)
+        return numpy().isfinite(data["logit"])
+
+    @contextmanager
+    def _advanced(self, token: int) -> Iterator[Callable[[Any], Any]]:
+        """The verdict function of a copy of this grammar that accepted ``token`` (which it allows)."""
+        clone = L.llama_sampler_clone(self._ptr)
+        try:
+            L.llama_sampler_accept(clone, token)
+            yield lambda ids: self._verdict(ids, clone)
+        finally:
+            L.llama_sampler_free(clone)
+
+    def candidates(self) -> Candidates:
+        """The tokens this grammar may allow now (every token where the prefilter cannot be used)."""
+        index = vocab_index(self._model)
+        if self._text.token_refs:
+            return everything(index)
+        return candidates(index, self._text, self.allowed, self._advanced)
+
     def mask(self, row: Any) -> None:
         """Set the logits of every token the grammar forbids now to -inf (in place)."""
         np = numpy()
+        if self._awaiting:
+            return
         if self._all is None:
             self._all = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
             self._all["id"] = np.arange(self._n_vocab)
@@ -55,7 +122,59 @@ class Grammar:
         row[:] = self._all["logit"]
 
     def accept(self, token: int) -> None:
-        L.llama_sampler_accept(self._ptr, token)
+        if self._awaiting:
+            self._await(token)
+        else:
+            L.llama_sampler_accept(self._ptr, token)
+
+    def _await(self, token: int) -> None:
+        """Add ``token`` to the text that may trigger the grammar; start it where a trigger matches."""
+        if self._model.is_eog(token):
+            return
+        at = len(self._reply)
+        self._reply += self._utf8.decode(_piece(self._model, token))
+        self._spans.append((token, at, len(self._reply)))
+        start = self._trigger_start()
+        if start < 0 or start == self._rejected_at:
+            return
+        clone = L.llama_sampler_clone(self._ptr)
+        ok = True
+        for t in self._replay(start):
+            if not self._verdict([t], clone)[0]:
+                ok = False
+                break
+            L.llama_sampler_accept(clone, t)
+        if ok:
+            L.llama_sampler_free(self._ptr)
+            self._ptr, self._awaiting, self._reply, self._spans = clone, False, "", []
+        else:
+            L.llama_sampler_free(clone)
+            self._rejected_at = start
+
+    def _replay(self, start: int) -> list[int]:
+        """Tokens that spell the reply from ``start`` on: its own tokens, and for the part of one
+        that the start cuts, a token per character (the model's tokenizer could add a leading space)."""
+        probe = vocab_index(self._model).probe
+        out: list[int] = []
+        for token, a, b in self._spans:
+            if a >= start:
+                out.append(token)
+            elif b > start:
+                for ch in self._reply[start:b]:
+                    c = ord(ch)
+                    t = int(probe[c]) if c < len(probe) - 1 else -1  # the last probe is the high code points'
+                    out += [t] if t >= 0 else self._model.tokenize(ch, add_special=False, parse_special=False)
+        return out
+
+    def _trigger_start(self) -> int:
+        """Where the grammar starts in the reply, as llama.cpp's trigger patterns say; -1: not yet."""
+        for pattern in self._triggers:
+            whole = pattern.pattern.startswith("^") and pattern.pattern.endswith("$")
+            m = pattern.fullmatch(self._reply) if whole else pattern.search(self._reply)
+            if m is not None:
+                groups = [m.start(g) for g in range(1, (m.re.groups or 0) + 1) if m.start(g) >= 0 and m.end(g) > m.start(g)]
+                return groups[0] if groups else m.start()
+        return -1
 
     def close(self) -> None:
         if self._ptr:
@@ -67,6 +186,38 @@ class Grammar:
             self.close()
         except Exception:
             pass
+
+
+_KEEP_GIL_MAX = 4096  # ~0.25 ms of grammar: below it, giving the GIL away costs more than it frees
+_subset_buffers = threading.local()
+
+
+def _subset_buffer(size: int) -> Any:
+    """This thread's llama_token_data buffer of ``size`` entries (a view of one that only grows)."""
+    buf = getattr(_subset_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _subset_buffers.buf = numpy().zeros(max(size, 1024), dtype=_TOKEN_DATA)
+    return buf[:size]
+
+
+def _piece(model: Model, token: int, buf: Any = None) -> bytes:
+    """The token's text as llama.cpp's grammar reads it (its piece cache renders special tokens)."""
+    buf = buf or ctypes.create_string_buffer(64)
+    n = L.llama_token_to_piece(model._vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = L.llama_token_to_piece(model._vocab, token, buf, -n, 0, True)
+    return buf.raw[:n]
+
+
+def vocab_index(model: Model) -> VocabIndex:
+    """The model's VocabIndex, built on first use (~0.2 s for 152k tokens) and kept with it."""
+    index = getattr(model, "_grammar_index", None)
+    if index is None:
+        buf = ctypes.create_string_buffer(256)
+        index = VocabIndex([_piece(model, t, buf) for t in range(model.n_vocab)], model.is_eog)
+        model._grammar_index = index  # type: ignore[attr-defined]
+    return index
 
 
 _draw_buffers = threading.local()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -193,8 +193,18 @@ def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
     return {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0)}
 
 
-def from_openai(result: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI chat.completion as an Anthropic Message."""
+def _stop(run: ChatRun, asked: Sequence[str]) -> str | None:
+    """The client's stop sequence that ended the reply (the template's own stops are end_turn)."""
+    hit = run.choices.stop_sequences[0]
+    return hit if hit in asked else None
+
+
+def _stop_reason(finish: str, stop: str | None) -> str:
+    return "stop_sequence" if stop is not None and finish == "stop" else STOP_REASONS.get(finish, "end_turn")
+
+
+def from_openai(result: dict[str, Any], stop: str | None = None) -> dict[str, Any]:
+    """An OpenAI chat.completion as an Anthropic Message; ``stop``: the client's stop sequence that ended it."""
     choice = result["choices"][0]
     message = choice["message"]
     content: list[dict[str, Any]] = []
@@ -204,12 +214,12 @@ def from_openai(result: dict[str, Any]) -> dict[str, Any]:
         content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                         "input": tool_arguments(call["function"].get("arguments") or "", "tool call's")})
     return {"id": _message_id(), "type": "message", "role": "assistant", "model": result["model"], "content": content,
-            "stop_reason": STOP_REASONS.get(choice["finish_reason"], "end_turn"), "stop_sequence": None,
+            "stop_reason": _stop_reason(choice["finish_reason"], stop), "stop_sequence": stop,
             "usage": _usage(result.get("usage"))}
 
 
-async def events(run: ChatRun, model: str) -> AsyncIterator[bytes]:
-    """Anthropic's event stream from the OpenAI chunks of ``run``."""
+async def events(run: ChatRun, model: str, asked: Sequence[str] = ()) -> AsyncIterator[bytes]:
+    """Anthropic's event stream from the OpenAI chunks of ``run``; ``asked``: the client's stop sequences."""
     message: dict[str, Any] = {"id": _message_id(), "type": "message", "role": "assistant", "model": model, "content": [],
                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
     yield sse("message_start", {"type": "message_start", "message": message})
@@ -227,8 +237,9 @@ async def events(run: ChatRun, model: str) -> AsyncIterator[bytes]:
             if index >= 0:
                 yield sse("content_block_stop", {"type": "content_block_stop", "index": index})
             usage = _usage(chunk.get("usage"))
-            yield sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": STOP_REASONS.get(finish, "end_turn"),
-                                                                          "stop_sequence": None}, "usage": usage})
+            stop = _stop(run, asked)
+            yield sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": _stop_reason(finish, stop),
+                                                                          "stop_sequence": stop}, "usage": usage})
             yield sse("message_stop", {"type": "message_stop"})
             return
         if choice.get("finish_reason"):
@@ -267,12 +278,13 @@ def routes(server: Server) -> list[Route]:
         openai_body = to_openai(body)
         run = await start_chat(server, openai_body, "/v1/messages")
         model = body.get("model") or run.choices.model
+        asked = openai_body.get("stop") or []
         if openai_body.get("stream"):
-            return stream(run, events(run, model), "text/event-stream; charset=utf-8")
+            return stream(run, events(run, model, asked), "text/event-stream; charset=utf-8")
         result = await run.whole(request)
         if result is None:
             return Response(status_code=499)
-        return JSONResponse({**from_openai(result), "model": model})
+        return JSONResponse({**from_openai(result, _stop(run, asked)), "model": model})
 
     @guarded(_render_error)
     async def count_tokens(request: Request) -> Response:

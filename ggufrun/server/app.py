@@ -136,6 +136,9 @@ class _Choices:
         self.streams = [T.ToolStream(self.plan, incremental=True) if self.plan else None for _ in range(n)]
         self.n_calls = [0] * n
         self.offsets = [0] * n
+        # Per choice, the stop string that ended it once it has: not in OpenAI's objects, but the
+        # Anthropic translation reports it (stop_reason "stop_sequence").
+        self.stop_sequences: list[str | None] = [None] * n
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object, "created": self.created,
@@ -214,6 +217,7 @@ class _Choices:
                         piece["logprobs"] = logprobs
                     yield self._chunk([piece])
             elif event.kind == "done":
+                self.stop_sequences[i] = getattr(event, "stop_sequence", None)
                 for piece in self._pieces(i, "", final=True):
                     yield self._chunk([piece])
                 dones.append(event)
@@ -231,6 +235,7 @@ class _Choices:
         choices = []
         for i, r in enumerate(results):
             assert r.done is not None
+            self.stop_sequences[i] = getattr(r.done, "stop_sequence", None)
             logprobs = self._logprobs(i, r.tokens)
             if not self.chat:
                 choices.append({"index": i, "text": r.text, "logprobs": logprobs, "finish_reason": r.done.finish_reason})
@@ -346,7 +351,8 @@ class Server:
         sampling.update(params.sampling)
         if k and sampling.get("seed", -1) >= 0:  # n choices from one seed must still differ
             sampling["seed"] = (sampling["seed"] + k) % (1 << 32)
-        for name, value in (("grammar", params.grammar), ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
+        for name, value in (("grammar", params.grammar), ("grammar_triggers", params.grammar_triggers),
+                            ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
@@ -379,6 +385,10 @@ class Server:
                 if params.grammar is not None:
                     raise invalid("tool_choice", "a forced tool call cannot be combined with response_format or a grammar.")
                 params.grammar = tool_grammar
+            elif params.grammar is None and self._supports("grammar"):
+                lazy = T.lazy_grammar(plan)  # tool_choice auto: a call the reply starts is made valid
+                if lazy is not None:
+                    params.grammar, params.grammar_triggers = lazy
             self._check_engine(params, {"grammar": "tool_choice" if tool_grammar else "response_format",
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]

@@ -69,7 +69,8 @@ class GenRequest:
     ``sampling`` holds :class:`ggufrun.generation.SamplingParams` fields: temperature, top_p,
     top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, repeat_last_n, seed,
     logit_bias ({token id: bias}, -inf or <= -100 bans), grammar (GBNF text; a grammar llama.cpp
-    rejects raises GrammarError, 400, from :meth:`Engine.submit`) and logprobs (None = off, 0..20 =
+    rejects raises GrammarError, 400, from :meth:`Engine.submit`), grammar_triggers (patterns that
+    make the grammar lazy: it applies from where one matches the reply) and logprobs (None = off, 0..20 =
     the sampled token's logprob plus that many alternatives, after temperature, penalties and bias).
     """
 
@@ -97,6 +98,7 @@ class Event:
     tokens: list[TokenInfo] = field(default_factory=list)
     cached_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    stop_sequence: str | None = None  # done: the stop string that ended the reply, if one did
 
 
 def timings(stats: GenStats) -> dict[str, float]:
@@ -236,7 +238,7 @@ class Engine:
         grammar = job.request.sampling.get("grammar")
         if grammar and job.grammar is None and self.backend is not None:
             # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
-            job.grammar = self.backend.model.grammar(grammar)
+            job.grammar = self.backend.model.grammar(grammar, job.request.sampling.get("grammar_triggers") or ())
         with self._cv:
             if self._stopping or self.state != "ready":
                 raise self._refusal()
@@ -594,7 +596,8 @@ class Engine:
                 self._emit(job, Event("text", tail))
             st = gen.stats if gen is not None else GenStats(prompt_tokens=len(job.request.prompt))
             self._emit(job, Event("done", finish_reason=finish_reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
-                           completion_tokens=st.gen_tokens, timings=timings(st)))
+                           completion_tokens=st.gen_tokens, timings=timings(st),
+                           stop_sequence=gen.stop_sequence if gen is not None else None))
         job.finished = True
         self.metrics.finished(self.name, "error" if error is not None else finish_reason or "cancelled")
         if gen is not None:

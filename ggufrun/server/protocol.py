@@ -185,6 +185,7 @@ class GenParams:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # None = off; else how many alternatives per token
     grammar: str | None = None  # GBNF
+    grammar_triggers: list[str] | None = None  # lazy grammar: applied from where one of these patterns matches
     json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (reported, not enforced here)
     ignore_eos: bool = False
 

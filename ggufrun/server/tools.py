@@ -10,6 +10,9 @@ A GGUF Jinja template that mentions ``tools`` renders them itself (``native``); 
 the format's instructions in the system message, and past calls and results rewritten as text.
 ``tool_choice`` ``required`` or a named function becomes a GBNF grammar that admits only calls to
 the allowed functions with arguments valid for their schemas, so that any model produces one.
+``auto`` becomes the same grammar made lazy (llama.cpp's trigger patterns, as llama-server does):
+the reply is free until it starts a call (``<tool_call>``, or a reply that opens with the format's
+JSON call), and from there the call is constrained.
 """
 
 from __future__ import annotations
@@ -181,6 +184,28 @@ def grammar(plan: ToolPlan | None) -> str | None:
     """GBNF that admits only calls to the allowed tools (tool_choice required or named); else None."""
     if plan is None or plan.choice not in ("required", "function"):
         return None
+    return _calls_grammar(plan)
+
+
+# Where a call starts in a reply, per format: a llama.cpp trigger pattern (searched for anywhere, or,
+# written ^...$, matched against the whole reply so far); the grammar applies from the pattern's
+# first group, else from where it matched.
+TRIGGERS = {
+    "qwen": OPEN,
+    "llama3": r'^\s*(?:<\|python_tag\|>)?\s*(\{\s*"name"[\s\S]*)$',
+    "generic": r'^\s*(\{\s*"tool_calls"[\s\S]*)$',
+}
+
+
+def lazy_grammar(plan: ToolPlan | None) -> tuple[str, list[str]] | None:
+    """(GBNF, trigger patterns) for tool_choice auto: the calls' grammar, applied once the reply
+    starts a call; None when there are no tools to call."""
+    if plan is None or plan.choice != "auto" or not plan.tools:
+        return None
+    return _calls_grammar(plan), [TRIGGERS[plan.fmt]]
+
+
+def _calls_grammar(plan: ToolPlan) -> str:
     key = "parameters" if plan.fmt == "llama3" else "arguments"
     tools = [t for t in plan.tools if plan.forced in (None, t["function"]["name"])]
     items = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
