@@ -248,10 +248,10 @@ def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine
 def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
     from ggufrun.server.models import _load_embedder
 
-    def load() -> Backend:  # as the server loads it: one more sequence, with cells of its own, for embeddings
-        model = Model.load(tiny_model, SETTINGS, n_seq_max=3, kv_cells=256 + SETTINGS.batch_size)
+    def load() -> Backend:  # as the server loads it: one more sequence for embeddings, in the same cells
+        model = Model.load(tiny_model, SETTINGS, n_seq_max=3, kv_cells=256)
         return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
-                       n_ctx_seq=128, embed_seq=2, embed_cells=SETTINGS.batch_size)
+                       n_ctx_seq=128, embed_seq=2)
 
     e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
     e.loaded.result(timeout=60)

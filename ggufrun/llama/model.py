@@ -509,8 +509,8 @@ class Model:
         """Whether the model pools its own embeddings (an embedding model: mean, CLS, last...)."""
         return bool(L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE)
 
-    def embed_steps(self, text: str, *, seq_id: int = 0) -> Generator[None, None, tuple[list[float], int]]:
-        """Embed one text (cut to n_batch tokens) in sequence ``seq_id``, one llama_decode per
+    def embed_steps(self, text: str | list[int], *, seq_id: int = 0) -> Generator[None, None, tuple[list[float], int]]:
+        """Embed one text (or its tokens; cut to n_batch) in sequence ``seq_id``, one llama_decode per
         ``next()``; the generator's value is the L2-normalised vector (mean-pooled where the model
         has no pooling) and the token count. Close it to abandon the text.
 
@@ -524,7 +524,7 @@ class Model:
         if pooled and not self.embeddings:
             raise ModelLoadError("This model pools its embeddings; it needs a context loaded with embeddings.")
         chunk = self.n_batch if pooled else max(self.n_seq_max, 16)
-        tokens = self.tokenize(text)[: self.n_batch]
+        tokens = (self.tokenize(text) if isinstance(text, str) else text)[: self.n_batch]
         total = np.zeros(self.n_embd, dtype=np.float64)
         self.reset(seq_id)
         try:
@@ -572,7 +572,7 @@ class SeqEmbedder:
         self.model = model
         self.seq_id = seq_id
 
-    def embed_steps(self, text: str) -> Generator[None, None, tuple[list[float], int]]:
+    def embed_steps(self, text: str | list[int]) -> Generator[None, None, tuple[list[float], int]]:
         return self.model.embed_steps(text, seq_id=self.seq_id)
 
     def close(self) -> None:

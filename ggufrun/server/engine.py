@@ -58,8 +58,7 @@ class Backend:
     template: Any  # ggufrun.templates.ChatTemplate
     n_ctx_seq: int  # the longest sequence (prompt + reply) one request may use
     description: str = ""
-    embed_seq: int | None = None  # a sequence beyond the slots, kept for embeddings on this context
-    embed_cells: int = 0  # KV cells kept for it, out of admission's reach
+    embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
 
 
 @dataclass
@@ -221,7 +220,9 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._profile = _StepProfile(name) if os.environ.get("GGUFRUN_STEP_PROFILE") else None
         self._inflight: list[tuple[_Slot, Job]] = []
-        self._outbox: list[tuple[Job, Event]] | None = None  # the queued decode's output rows, in order, with their jobs
+        self._outbox: list[tuple[Job, Event]] | None = None
+        self._embed_reserved = 0  # KV cells of the text being embedded in this context (embed_seq)
+        self._embed_waiting = False  # that text waits for cells: admissions pause  # the queued decode's output rows, in order, with their jobs
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -355,11 +356,11 @@ class Engine:
         """Under the lock: queued jobs that get a slot now, first come first served. A job is
         admitted only when its KV budget (prompt + max_tokens) is free, so no running reply is ever
         cut short for room; otherwise it (and those behind it) wait."""
-        if self._stopping or self.backend is None:
+        if self._stopping or self.backend is None or self._embed_waiting:
             return []
         admitted: list[_Slot] = []
-        cells = self.backend.model.n_ctx - self.backend.embed_cells
-        reserved = sum(s.reserved for s in self._slots if s.job is not None)
+        cells = self.backend.model.n_ctx
+        reserved = self._reserved()
         for slot in self._slots:
             if slot.job is not None:
                 continue
@@ -380,6 +381,10 @@ class Engine:
             admitted.append(slot)
         return admitted
 
+    def _reserved(self) -> int:
+        """KV cells promised to running jobs and to the text being embedded."""
+        return sum(s.reserved for s in self._slots if s.job is not None) + self._embed_reserved
+
     def _refuse_queued(self, err: GgufrunError) -> None:
         while self._queue:
             job = self._queue.popleft()
@@ -388,6 +393,7 @@ class Engine:
         while self._embeds:
             embed = self._embeds.popleft()
             embed.drop()  # on the engine thread: the caller is
+            self._embed_reserved, self._embed_waiting = 0, False
             _set_exception(embed.future, err)
 
     def _prefilling(self, prompt: list[int]) -> bool:
@@ -625,14 +631,27 @@ class Engine:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
                     self._embedder = self._load_embedder(self.backend)
                 if job.steps is None:
-                    if self.backend.embed_cells:  # its text goes into this context's cache: room for it first
-                        self._make_room([], extra=self.backend.embed_cells)
-                    job.steps = self._embedder.embed_steps(job.texts[len(job.vectors)])
+                    tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])[: self.backend.model.n_batch]
+                    if self.backend.embed_seq is not None:
+                        # Its text goes into the requests' cache: its cells are reserved as a job's are,
+                        # so it waits (a step at a time) rather than take a running reply's room.
+                        cells = self.backend.model.n_ctx
+                        if len(tokens) > cells:
+                            raise GgufrunError(f"The text has {len(tokens)} tokens; the KV cache holds {cells}.")
+                        with self._cv:
+                            # Until it has room, no new request is admitted: it cannot be starved.
+                            self._embed_waiting = self._reserved() + len(tokens) > cells
+                            if self._embed_waiting:
+                                return
+                            self._embed_reserved = len(tokens)
+                        self._make_room([], extra=len(tokens))
+                    job.steps = self._embedder.embed_steps(tokens)
                 try:
                     next(job.steps)
                     return  # more of this text at the next step
                 except StopIteration as done:
                     job.steps = None
+                    self._embed_reserved = 0
                     vector, n = done.value
                 job.vectors.append(vector)
                 job.n_tokens += n
@@ -643,6 +662,7 @@ class Engine:
             if error is None and len(job.vectors) < len(job.texts):
                 return
         job.drop()
+        self._embed_reserved, self._embed_waiting = 0, False
         with self._cv:  # off the queue before the handler hears back
             if self._embeds and self._embeds[0] is job:
                 self._embeds.popleft()

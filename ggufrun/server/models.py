@@ -297,17 +297,16 @@ class ModelPool:
 
         trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this server
         plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length)
-        # Embeddings run on this same context, in one more sequence with cells of its own.
-        embed_cells = per_request.batch_size if cfg.embeddings else 0
+        # Embeddings run on this same context, in one more sequence whose cells come out of the
+        # same budget as the requests' (the engine reserves them per text): no memory of their own.
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
-                            n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells + embed_cells)
+                            n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
         return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
-                       description=model.description, embed_seq=parallel if cfg.embeddings else None,
-                       embed_cells=embed_cells)
+                       description=model.description, embed_seq=parallel if cfg.embeddings else None)
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         queue, active, loaded = {}, {}, {}
