@@ -515,15 +515,18 @@ class Model:
         has no pooling) and the token count. Close it to abandon the text.
 
         A generation context (loaded without embeddings) serves too: embeddings are switched on
-        around each decode and the text goes through in chunks of a few dozen tokens, so neither its
-        output buffer (a row of logits per output) nor its compute buffer grows, no second context
-        is needed, and a server interleaves one chunk per step with its streams. A pooling model (an
+        around each decode and the text goes through in chunks of n_seq_max (at least 8) tokens, so
+        its output buffer (a row of logits per output) barely grows and its compute buffer not at
+        all, no second context is needed, and a server interleaves one chunk per step with its streams. A pooling model (an
         embedding model) gets the whole text in one decode, as pooling needs."""
         np = numpy()
         pooled = self.pools_embeddings
         if pooled and not self.embeddings:
             raise ModelLoadError("This model pools its embeddings; it needs a context loaded with embeddings.")
-        chunk = self.n_batch if pooled else max(self.n_seq_max, 16)
+        # Outputs beyond n_seq_max grow llama.cpp's logits buffer (a vocabulary row each, kept for
+        # good): eight at most (8 x 262k floats = 8 MB on gemma3's vocabulary), while small enough
+        # chunks of a long text cost few extra decodes.
+        chunk = self.n_batch if pooled else max(self.n_seq_max, 8)
         tokens = (self.tokenize(text) if isinstance(text, str) else text)[: self.n_batch]
         total = np.zeros(self.n_embd, dtype=np.float64)
         self.reset(seq_id)
