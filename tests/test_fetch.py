@@ -293,6 +293,7 @@ def test_list_json_shows_registry_and_cache(hub: HubEmu, model_bytes: bytes) -> 
 
 # -- concurrency, disk space, unsafe names, missing package --------------------------------------
 
+@pytest.mark.slow  # seconds of real waiting; the default suite stays under 90 s
 def test_two_concurrent_pulls_end_with_one_correct_file(hub: HubEmu, model_bytes: bytes, ggufrun_home: Path) -> None:
     hub.fault("ms", MS_REPO, FILE, delay=0.05)  # ~1 s per transfer, so the two overlap
     cmd = [sys.executable, "-m", "ggufrun.cli.main", "pull", "tm"]

@@ -45,6 +45,7 @@ def test_unresolvable_host_fails_fast(tiny_model: Path) -> None:
     assert seconds < 15
 
 
+@pytest.mark.slow  # seconds of real waiting; the default suite stays under 90 s
 def test_idle_and_trickling_sockets_do_not_stop_health(tiny_model: Path) -> None:
     from ggufrun.server.guard import MAX_CONNECTIONS
 

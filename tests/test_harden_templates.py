@@ -77,6 +77,7 @@ def test_chat_with_a_runaway_template_gives_one_line(tiny_model_factory) -> None
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow  # seconds of real waiting; the default suite stays under 90 s
 def test_serve_answers_a_runaway_template_with_an_error_and_stays_responsive(tiny_model_factory) -> None:
     model = tiny_model_factory("qwen2", "q8_0", NESTED_LOOP)
     with serve(str(model), "--threads", "1") as srv:

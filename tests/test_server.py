@@ -397,6 +397,7 @@ def test_a_model_that_cannot_load_stops_serve_with_one_line(name: str, tmp_path:
     assert out.stderr.strip().splitlines()[-1].startswith("Error: ")
 
 
+@pytest.mark.slow  # seconds of real waiting; the default suite stays under 90 s
 def test_sigterm_exits_within_ten_seconds_during_a_stream(tiny_model: Path, server_env: dict[str, str]) -> None:
     with serve(str(tiny_model), "--threads", "1", "--served-model-name", "tiny", env=server_env) as s:
         got: list[bytes] = []
