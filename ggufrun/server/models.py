@@ -15,7 +15,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     model = "qwen2-7b-q5"           # a registry name, hf:/ms: reference or a .gguf path
     served_model_name = ["qwen2:7b"] # names clients use (vLLM's --served-model-name); the model name works too
     parallel = 2
-    embeddings = true               # serve /v1/embeddings from a second context (default true)
+    embeddings = true               # serve /v1/embeddings on the same context (default true)
     n_ctx = 8192                    # any ggufrun setting: n_gpu_layers, flash_attn, temperature...
 
 A model loads on its first request, on its own engine thread. ``n_ctx`` is per request, as
