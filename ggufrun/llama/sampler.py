@@ -243,25 +243,36 @@ def _apply_keeping_gil() -> Any:
     return _apply_in_place
 
 
+def _draw_parts(params: SamplingParams, n_vocab: int) -> list[Any]:
+    """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for ``params``, as samplers."""
+    parts = []
+    if 0 < params.top_k < n_vocab:
+        parts.append(L.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        parts.append(L.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        parts.append(L.llama_sampler_init_min_p(params.min_p, 1))
+    parts.append(L.llama_sampler_init_temp(params.temperature))
+    parts.append(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed < 0 else params.seed))
+    return parts
+
+
+def _chain(parts: list[Any]) -> Any:
+    """A sampler chain that owns ``parts`` (freed with it)."""
+    cp = L.llama_sampler_chain_default_params()
+    cp.no_perf = True
+    chain = L.llama_sampler_chain_init(cp)
+    for s in parts:
+        L.llama_sampler_chain_add(chain, s)
+    return chain
+
+
 class DrawChain:
     """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for one request, applied to a
     row of logits that generation.py has already penalised and biased."""
 
     def __init__(self, params: SamplingParams, n_vocab: int) -> None:
-        cp = L.llama_sampler_chain_default_params()
-        cp.no_perf = True
-        self._chain = L.llama_sampler_chain_init(cp)
-        parts = []
-        if 0 < params.top_k < n_vocab:
-            parts.append(L.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            parts.append(L.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            parts.append(L.llama_sampler_init_min_p(params.min_p, 1))
-        parts.append(L.llama_sampler_init_temp(params.temperature))
-        parts.append(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed < 0 else params.seed))
-        for s in parts:
-            L.llama_sampler_chain_add(self._chain, s)
+        self._chain = _chain(_draw_parts(params, n_vocab))
         self._n_vocab = n_vocab
         # The chain's k (0: no top-k): with it, generation.py hands draw_among a row's top candidates.
         self.top_k = params.top_k if 0 < params.top_k < n_vocab else 0
@@ -324,9 +335,6 @@ class BackendChain:
     on the CPU, so requests with them never get one (see :func:`backend_eligible`)."""
 
     def __init__(self, params: SamplingParams, n_vocab: int, prompt: list[int] = ()) -> None:  # type: ignore[assignment]
-        cp = L.llama_sampler_chain_default_params()
-        cp.no_perf = True
-        self._chain = L.llama_sampler_chain_init(cp)
         parts = []
         penalties = None
         if params.penalised:  # before the bias, as generation._penalise does
@@ -338,19 +346,8 @@ class BackendChain:
             bias = [(int(t), -float("inf") if b <= -100 else float(b)) for t, b in params.logit_bias.items()]
             arr = (L.llama_logit_bias * len(bias))(*[L.llama_logit_bias(t, b) for t, b in bias])
             parts.append(L.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
-        if params.greedy:
-            parts.append(L.llama_sampler_init_greedy())
-        else:
-            if 0 < params.top_k < n_vocab:
-                parts.append(L.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                parts.append(L.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0.0:
-                parts.append(L.llama_sampler_init_min_p(params.min_p, 1))
-            parts.append(L.llama_sampler_init_temp(params.temperature))
-            parts.append(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed < 0 else params.seed))
-        for s in parts:
-            L.llama_sampler_chain_add(self._chain, s)
+        parts += [L.llama_sampler_init_greedy()] if params.greedy else _draw_parts(params, n_vocab)
+        self._chain = _chain(parts)
         if penalties is not None:  # penalties see the prompt, as on the CPU path (and llama-server)
             for t in prompt[-(params.repeat_last_n if params.repeat_last_n > 0 else len(prompt)):]:
                 L.llama_sampler_accept(penalties, t)
