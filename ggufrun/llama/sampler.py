@@ -58,6 +58,8 @@ class Grammar:
         self._spans: list[tuple[int, int, int]] = []  # (token, start, end) of each of its tokens in it
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._rejected_at = -1  # a match start whose text the grammar rejected: it stays rejected
+        self._cand: Candidates | None = None  # candidates() of the current state, once found
+        self._redrawn = False  # candidates() was asked for since the last accept
 
     def _apply(self, data: Any, ptr: Any = None) -> None:
         """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
@@ -104,6 +106,12 @@ class Grammar:
 
     def candidates(self) -> Candidates:
         """The tokens this grammar may allow now (every token where the prefilter cannot be used)."""
+        self._redrawn = True
+        if self._cand is None:
+            self._cand = self._candidates()
+        return self._cand
+
+    def _candidates(self) -> Candidates:
         index = vocab_index(self._model)
         if self._text.token_refs:
             return everything(index)
@@ -126,6 +134,14 @@ class Grammar:
             self._await(token)
         else:
             L.llama_sampler_accept(self._ptr, token)
+        self._cand = None
+        if self._redrawn and not self._awaiting:
+            # This step's draw missed, so the next one likely will too: find the next state's
+            # candidates now. They depend on the grammar alone, not on the logits, and the engine
+            # accepts tokens while the device computes the next step, so this half of a miss's
+            # work is off the step's critical path.
+            self._cand = self._candidates()
+        self._redrawn = False
 
     def _await(self, token: int) -> None:
         """Add ``token`` to the text that may trigger the grammar; start it where a trigger matches."""
