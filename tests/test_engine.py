@@ -279,3 +279,39 @@ def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_canc
     finally:
         e.stop()
         e.join(10)
+
+
+def test_an_embedding_reserves_kv_cells_as_a_request_does(tiny_model: Path) -> None:
+    """Embeddings share the requests' KV cells: a text holds its cells while it is embedded (a
+    chunk a step), so a request that would not fit beside it waits for it, and every reply still
+    reaches its max_tokens."""
+    from ggufrun.server.models import _load_embedder
+
+    def load() -> Backend:
+        model = Model.load(tiny_model, SETTINGS, n_seq_max=3, kv_cells=256)
+        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
+                       n_ctx_seq=120, embed_seq=2)
+
+    e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
+    e.loaded.result(timeout=60)
+    try:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            long_text = " ".join(["river"] * 60)  # cut to n_batch = 64 tokens: 64 cells, a chunk of 8 a step
+            embedding = asyncio.wrap_future(e.embed([long_text]))
+            streams = [Job(request(e, max_tokens=100, **EXACT), loop) for _ in range(2)]  # 113 cells each
+            for job in streams:
+                e.submit(job)
+            first = await asyncio.wait_for(streams[1].events.get(), 60)  # 64 + 113 + 113 > 256: it waits
+            assert first.kind == "text" and embedding.done()
+            vectors, n_tokens = embedding.result()
+            assert len(vectors) == 1 and n_tokens == 64
+            for job in streams:
+                _, _, done = await _collect(job)
+                assert done.kind == "done" and done.finish_reason == "length"
+                assert done.completion_tokens == 100
+
+        asyncio.run(main())
+    finally:
+        e.stop()
+        e.join(10)

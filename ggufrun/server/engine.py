@@ -219,10 +219,10 @@ class Engine:
         self._embedder: Any = None
         self._thread = threading.Thread(target=self._run, name=f"engine:{name}", daemon=True)
         self._profile = _StepProfile(name) if os.environ.get("GGUFRUN_STEP_PROFILE") else None
-        self._inflight: list[tuple[_Slot, Job]] = []
-        self._outbox: list[tuple[Job, Event]] | None = None
+        self._inflight: list[tuple[_Slot, Job]] = []  # the queued decode's output rows, in order, with their jobs
+        self._outbox: list[tuple[Job, Event]] | None = None  # events of step()'s hand-out, posted together
         self._embed_reserved = 0  # KV cells of the text being embedded in this context (embed_seq)
-        self._embed_waiting = False  # that text waits for cells: admissions pause  # the queued decode's output rows, in order, with their jobs
+        self._embed_waiting = False  # that text waits for cells: admissions pause
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -559,8 +559,12 @@ class Engine:
         assert self.backend is not None
         model = self.backend.model
 
+        embedding = self.backend.embed_seq
+
         def need() -> int:
             used = sum(model.seq_len(s.seq_id) for s in self._slots)
+            if embedding is not None:  # a text being embedded holds cells between steps
+                used += model.seq_len(embedding)
             step = sum(min(len(s.pending), model.n_batch) if s.pending else int(s.last >= 0) for s in running)
             return used + step + extra - model.n_ctx
 
