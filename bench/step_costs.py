@@ -17,12 +17,33 @@ import random
 import statistics
 import time
 
+import llama_cpp as L
+
 from ggufrun.generation import SamplingParams, SeqSampler, sample_rows
 from ggufrun.llama.model import Model
-from ggufrun.llama.sampler import BackendChain
+from ggufrun.llama.sampler import _chain, _draw_parts
 from ggufrun.settings import Settings
 
 SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+class InGraph:
+    """One sequence's chain (argmax, or top-k/top-p/min-p/temperature/seeded draw) run by llama.cpp
+    inside the decode graph (llama_set_sampler); the step reads its token, not the logits."""
+
+    def __init__(self, model: Model, seq_id: int, params: SamplingParams) -> None:
+        self.model, self.seq_id = model, seq_id
+        self.ptr = _chain([L.llama_sampler_init_greedy()] if params.greedy else _draw_parts(params, model.n_vocab))
+        assert L.llama_set_sampler(model._ctx, seq_id, self.ptr), "llama.cpp refused the in-graph sampler"
+
+    def token(self, output_index: int) -> int:
+        tok = int(L.llama_get_sampled_token_ith(self.model._ctx, output_index))
+        L.llama_sampler_accept(self.ptr, tok)
+        return tok
+
+    def close(self) -> None:
+        L.llama_set_sampler(self.model._ctx, self.seq_id, None)
+        L.llama_sampler_free(self.ptr)
 
 
 def run(model: Model, rows: int, mode: str, steps: int, prompt_len: int) -> tuple[float, float]:
@@ -30,13 +51,9 @@ def run(model: Model, rows: int, mode: str, steps: int, prompt_len: int) -> tupl
     rng = random.Random(0)
     model.reset()
     params = SamplingParams(**SAMPLED) if "sampled" in mode else SamplingParams(temperature=0.0)
-    chains: list[BackendChain] = []
-    for s in range(model.n_seq_max):
-        model.set_backend_sampler(s, None)
+    chains: list[InGraph] = []
     if mode.startswith("gpu"):
-        chains = [BackendChain(SamplingParams(**{**vars(params), "seed": s}), model.n_vocab) for s in range(rows)]
-        for s, c in enumerate(chains):
-            assert model.set_backend_sampler(s, c), "llama.cpp refused the backend sampler"
+        chains = [InGraph(model, s, SamplingParams(**{**vars(params), "seed": s})) for s in range(rows)]
     seqs = [SeqSampler(SamplingParams(**{**vars(params), "seed": s}),
                        draw=model.draw_chain(params) if not params.greedy else None) for s in range(rows)]
     per = max(1, model.n_batch // rows)
@@ -49,10 +66,7 @@ def run(model: Model, rows: int, mode: str, steps: int, prompt_len: int) -> tupl
             model.synchronize()
             return [rng.randrange(model.n_vocab) for _ in range(rows)]
         if mode.startswith("gpu"):
-            toks = model.sampled_tokens(outs)
-            for c, t in zip(chains, toks):
-                c.accept(t)
-            return toks
+            return [c.token(i) for c, i in zip(chains, outs)]
         toks, _ = sample_rows(model.logits_rows(rows), seqs)
         for s, t in zip(seqs, toks):
             s.accept(t)
@@ -67,15 +81,11 @@ def run(model: Model, rows: int, mode: str, steps: int, prompt_len: int) -> tupl
         times.append(time.perf_counter() - t0)
     change = float("nan")
     if mode.startswith("gpu"):
-        fresh = BackendChain(SamplingParams(**{**vars(params), "seed": 99}), model.n_vocab)
-        model.set_backend_sampler(0, fresh)
         chains[0].close()
-        chains[0] = fresh
+        chains[0] = InGraph(model, 0, SamplingParams(**{**vars(params), "seed": 99}))
         t0 = time.perf_counter()
         last = sample(model.decode([(s, [last[s]], True) for s in range(rows)]))
         change = (time.perf_counter() - t0) * 1e3
-    for s in range(model.n_seq_max):
-        model.set_backend_sampler(s, None)
     for c in chains:
         c.close()
     for q in seqs:

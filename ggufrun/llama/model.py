@@ -16,7 +16,7 @@ from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sampl
 from ..settings import Settings
 from . import amx
 from ._lib import ALL_LAYERS, FLASH_ATTN, L, init_backend, llama_reason, numpy
-from .sampler import BackendChain, DrawChain, Grammar, Sampler
+from .sampler import DrawChain, Grammar, Sampler
 
 
 def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int, embeddings: bool, path: Path) -> Any:
@@ -366,17 +366,6 @@ class Model:
         """The logits of the last decode's ``n`` outputs, in batch order: a float32 [n, n_vocab]
         view of llama.cpp's buffer (valid until the next decode; sampling edits it in place)."""
         return numpy().ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(n, self.n_vocab))
-
-    def set_backend_sampler(self, seq_id: int, chain: "BackendChain | None") -> bool:
-        """Run ``chain`` inside the decode graph for ``seq_id``'s outputs (None: back to logits on
-        the CPU); False where llama.cpp cannot (then the logits come to the CPU as before). A change
-        makes llama.cpp re-plan its graph at the next decode, so callers keep a chain while they can."""
-        return bool(L.llama_set_sampler(self._ctx, seq_id, chain.ptr if chain is not None else None))
-
-    def sampled_tokens(self, indices: list[int]) -> list[int]:
-        """The tokens the in-graph samplers drew at these output indices of the last decode (-1: none)."""
-        get = L.llama_get_sampled_token_ith
-        return [int(get(self._ctx, i)) for i in indices]
 
     def sample_one(self, seq: SeqSampler, output_index: int) -> tuple[int, Any]:
         """Sample the next token of one sequence from the logits at ``output_index``; return

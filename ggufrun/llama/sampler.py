@@ -23,7 +23,24 @@ if TYPE_CHECKING:
 _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
 
 
-class Grammar:
+class _Owned:
+    """Owns one llama.cpp sampler (``_ptr``), freed by :meth:`close` or at garbage collection."""
+
+    _ptr: Any = None
+
+    def close(self) -> None:
+        if self._ptr:
+            L.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Grammar(_Owned):
     """llama.cpp's grammar sampler for one sequence, over numpy rows of logits.
 
     Besides the whole-vocabulary :meth:`mask` (what llama-server runs when a draw does not fit),
@@ -192,16 +209,6 @@ class Grammar:
                 return groups[0] if groups else m.start()
         return -1
 
-    def close(self) -> None:
-        if self._ptr:
-            L.llama_sampler_free(self._ptr)
-            self._ptr = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 _KEEP_GIL_MAX = 4096  # ~0.25 ms of grammar: below it, giving the GIL away costs more than it frees
@@ -283,12 +290,12 @@ def _chain(parts: list[Any]) -> Any:
     return chain
 
 
-class DrawChain:
+class DrawChain(_Owned):
     """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for one request, applied to a
     row of logits that generation.py has already penalised and biased."""
 
     def __init__(self, params: SamplingParams, n_vocab: int) -> None:
-        self._chain = _chain(_draw_parts(params, n_vocab))
+        self._ptr = _chain(_draw_parts(params, n_vocab))
         self._n_vocab = n_vocab
         # The chain's k (0: no top-k): with it, generation.py hands draw_among a row's top candidates.
         self.top_k = params.top_k if 0 < params.top_k < n_vocab else 0
@@ -310,7 +317,7 @@ class DrawChain:
 
     def _apply(self, data: Any, arr: Any, n: int, apply: Any = None) -> int:
         arr.size, arr.selected, arr.sorted = n, -1, False
-        (apply or L.llama_sampler_apply)(self._chain, ctypes.byref(arr))  # the ordinary binding releases the GIL
+        (apply or L.llama_sampler_apply)(self._ptr, ctypes.byref(arr))  # the ordinary binding releases the GIL
         return int(data["id"][arr.selected])
 
     def draw(self, row: Any) -> int:
@@ -331,66 +338,6 @@ class DrawChain:
         data["logit"][:n] = logits
         return self._apply(data, arr, n, _apply_keeping_gil())
 
-    def close(self) -> None:
-        if self._chain:
-            L.llama_sampler_free(self._chain)
-            self._chain = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class BackendChain:
-    """A request's whole sampling chain run by llama.cpp inside the decode graph (on the GPU
-    holding the output layer): logit bias, penalties, top-k, top-p, min-p, temperature and the
-    seeded draw, or an argmax. The step then reads one token id per sequence instead of copying
-    and scanning a [rows, vocab] logits matrix on the CPU. Grammar and logprobs need the logits
-    on the CPU, so requests with them never get one (see :func:`backend_eligible`)."""
-
-    def __init__(self, params: SamplingParams, n_vocab: int, prompt: list[int] = ()) -> None:  # type: ignore[assignment]
-        parts = []
-        penalties = None
-        if params.penalised:  # before the bias, as generation._penalise does
-            last_n = params.repeat_last_n if params.repeat_last_n > 0 else 1 << 16
-            penalties = L.llama_sampler_init_penalties(last_n, params.repeat_penalty, params.frequency_penalty,
-                                                        params.presence_penalty)
-            parts.append(penalties)
-        if params.logit_bias:
-            bias = [(int(t), -float("inf") if b <= -100 else float(b)) for t, b in params.logit_bias.items()]
-            arr = (L.llama_logit_bias * len(bias))(*[L.llama_logit_bias(t, b) for t, b in bias])
-            parts.append(L.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
-        parts += [L.llama_sampler_init_greedy()] if params.greedy else _draw_parts(params, n_vocab)
-        self._chain = _chain(parts)
-        if penalties is not None:  # penalties see the prompt, as on the CPU path (and llama-server)
-            for t in prompt[-(params.repeat_last_n if params.repeat_last_n > 0 else len(prompt)):]:
-                L.llama_sampler_accept(penalties, t)
-        self.params = params
-
-    @property
-    def ptr(self) -> Any:
-        return self._chain
-
-    def accept(self, token: int) -> None:
-        L.llama_sampler_accept(self._chain, token)
-
-    def close(self) -> None:
-        if self._chain:
-            L.llama_sampler_free(self._chain)
-            self._chain = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-def backend_eligible(params: SamplingParams) -> bool:
-    """Whether llama.cpp's in-graph samplers can do all of this request's sampling."""
-    return params.grammar is None and params.logprobs is None
 
 
 class Sampler:
