@@ -656,9 +656,7 @@ class Generation:
             st.gen_seconds = now - self._first
         if token < 0:  # the grammar allows nothing more: the structure is complete
             return self._end("stop")
-        # ignore_eos also passes over the template's stop tokens (end-of-turn markers); stop
-        # strings that print as text are still matched in the text below.
-        if not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token)):
+        if self._stops_at(token):
             self.stop_sequence = self._stop_names.get(token)
             return self._end("stop")
         self.sampler.accept(token)
@@ -678,7 +676,7 @@ class Generation:
                 return self._end("stop", text, flush=False)
         else:
             self._held = ""
-        if (self.max_tokens and st.gen_tokens >= self.max_tokens) or (self.n_ctx and self.n_prompt + st.gen_tokens >= self.n_ctx):
+        if self._full(st.gen_tokens):
             return self._end("length", text)
         return text, None
 
@@ -686,10 +684,16 @@ class Generation:
         """Whether :meth:`accept` will surely end the sequence on ``token`` (end of generation, a stop
         token, a length limit): the engine leaves such a token out of the next decode. A stop string
         is found only by :meth:`accept`; a token that completes one has been decoded in vain."""
-        if token < 0 or (not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token))):
-            return True
-        n = self.stats.gen_tokens + 1
-        return bool((self.max_tokens and n >= self.max_tokens) or (self.n_ctx and self.n_prompt + n >= self.n_ctx))
+        return token < 0 or self._stops_at(token) or self._full(self.stats.gen_tokens + 1)
+
+    def _stops_at(self, token: int) -> bool:
+        # ignore_eos also passes over the template's stop tokens (end-of-turn markers); stop
+        # strings that print as text are still matched in accept's text.
+        return not self.ignore_eos and (token in self.stop_ids or self.vocab.is_eog(token))
+
+    def _full(self, n_gen: int) -> bool:
+        """Whether ``n_gen`` generated tokens reach max_tokens or the context."""
+        return bool((self.max_tokens and n_gen >= self.max_tokens) or (self.n_ctx and self.n_prompt + n_gen >= self.n_ctx))
 
     def _end(self, reason: str, text: str = "", *, flush: bool = True) -> tuple[str, str]:
         self.finish_reason = self.stats.finish_reason = reason

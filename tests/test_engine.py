@@ -25,13 +25,18 @@ SETTINGS = Settings(n_ctx=128, threads=1, batch_size=64, ubatch_size=64, flash_a
 EXACT = {"temperature": 0.0}
 
 
-def make_engine(path: Path, *, parallel: int = 4, max_queue: int = 16, cells: int = 0, n_ctx_seq: int = 128) -> Engine:
-    def load() -> Backend:
-        model = Model.load(path, SETTINGS, n_seq_max=parallel, kv_cells=cells or n_ctx_seq * parallel)
-        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
-                       n_ctx_seq=n_ctx_seq)
+def make_engine(path: Path, *, parallel: int = 4, max_queue: int = 16, cells: int = 0, n_ctx_seq: int = 128,
+                embeddings: bool = False) -> Engine:
+    """An engine as the server makes one (with ``embeddings``: one more sequence for them, in the same cells)."""
+    from ggufrun.server.models import _load_embedder
 
-    engine = Engine("tiny", load, parallel=parallel, max_queue=max_queue, metrics=Metrics()).start()
+    def load() -> Backend:
+        model = Model.load(path, SETTINGS, n_seq_max=parallel + embeddings, kv_cells=cells or n_ctx_seq * parallel)
+        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
+                       n_ctx_seq=n_ctx_seq, embed_seq=parallel if embeddings else None)
+
+    engine = Engine("tiny", load, parallel=parallel, max_queue=max_queue, metrics=Metrics(),
+                    load_embedder=_load_embedder if embeddings else None).start()
     engine.loaded.result(timeout=60)
     return engine
 
@@ -246,15 +251,7 @@ def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine
 
 
 def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
-    from ggufrun.server.models import _load_embedder
-
-    def load() -> Backend:  # as the server loads it: one more sequence for embeddings, in the same cells
-        model = Model.load(tiny_model, SETTINGS, n_seq_max=3, kv_cells=256)
-        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
-                       n_ctx_seq=128, embed_seq=2)
-
-    e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
-    e.loaded.result(timeout=60)
+    e = make_engine(tiny_model, parallel=2, max_queue=4, cells=256, embeddings=True)
     try:
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -285,15 +282,7 @@ def test_an_embedding_reserves_kv_cells_as_a_request_does(tiny_model: Path) -> N
     """Embeddings share the requests' KV cells: a text holds its cells while it is embedded (a
     chunk a step), so a request that would not fit beside it waits for it, and every reply still
     reaches its max_tokens."""
-    from ggufrun.server.models import _load_embedder
-
-    def load() -> Backend:
-        model = Model.load(tiny_model, SETTINGS, n_seq_max=3, kv_cells=256)
-        return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
-                       n_ctx_seq=120, embed_seq=2)
-
-    e = Engine("tiny", load, parallel=2, max_queue=4, metrics=Metrics(), load_embedder=_load_embedder).start()
-    e.loaded.result(timeout=60)
+    e = make_engine(tiny_model, parallel=2, max_queue=4, cells=256, n_ctx_seq=120, embeddings=True)
     try:
         async def main() -> None:
             loop = asyncio.get_running_loop()

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import GgufrunError, ModelLoadError
+from ..errors import ContextOverflowError, GgufrunError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, TokenInfo
 from .metrics import Metrics
 
@@ -167,11 +167,14 @@ class _EmbedJob:
     vectors: list[list[float]] = field(default_factory=list)
     n_tokens: int = 0
     steps: Any = None  # the text being embedded: a Model.embed_steps generator, one decode per step
+    cells: int = 0  # KV cells reserved for that text (embeddings on the generation context)
+    waiting: bool = False  # its text waits for cells: admissions pause meanwhile
 
     def drop(self) -> None:
         if self.steps is not None:
             self.steps.close()  # now, on the engine thread, while the model is alive (not at garbage collection)
             self.steps = None
+        self.cells, self.waiting = 0, False
 
 
 @dataclass
@@ -221,8 +224,6 @@ class Engine:
         self._profile = _StepProfile(name) if os.environ.get("GGUFRUN_STEP_PROFILE") else None
         self._inflight: list[tuple[_Slot, Job]] = []  # the queued decode's output rows, in order, with their jobs
         self._outbox: list[tuple[Job, Event]] | None = None  # events of step()'s hand-out, posted together
-        self._embed_reserved = 0  # KV cells of the text being embedded in this context (embed_seq)
-        self._embed_waiting = False  # that text waits for cells: admissions pause
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -356,7 +357,7 @@ class Engine:
         """Under the lock: queued jobs that get a slot now, first come first served. A job is
         admitted only when its KV budget (prompt + max_tokens) is free, so no running reply is ever
         cut short for room; otherwise it (and those behind it) wait."""
-        if self._stopping or self.backend is None or self._embed_waiting:
+        if self._stopping or self.backend is None or (self._embeds and self._embeds[0].waiting):
             return []
         admitted: list[_Slot] = []
         cells = self.backend.model.n_ctx
@@ -383,7 +384,8 @@ class Engine:
 
     def _reserved(self) -> int:
         """KV cells promised to running jobs and to the text being embedded."""
-        return sum(s.reserved for s in self._slots if s.job is not None) + self._embed_reserved
+        embedding = self._embeds[0].cells if self._embeds else 0
+        return sum(s.reserved for s in self._slots if s.job is not None) + embedding
 
     def _refuse_queued(self, err: GgufrunError) -> None:
         while self._queue:
@@ -393,7 +395,6 @@ class Engine:
         while self._embeds:
             embed = self._embeds.popleft()
             embed.drop()  # on the engine thread: the caller is
-            self._embed_reserved, self._embed_waiting = 0, False
             _set_exception(embed.future, err)
 
     def _prefilling(self, prompt: list[int]) -> bool:
@@ -641,21 +642,21 @@ class Engine:
                         # so it waits (a step at a time) rather than take a running reply's room.
                         cells = self.backend.model.n_ctx
                         if len(tokens) > cells:
-                            raise GgufrunError(f"The text has {len(tokens)} tokens; the KV cache holds {cells}.")
+                            raise ContextOverflowError(f"The text has {len(tokens)} tokens; the KV cache holds {cells}.",
+                                                       n_tokens=len(tokens), n_ctx=cells)
                         with self._cv:
                             # Until it has room, no new request is admitted: it cannot be starved.
-                            self._embed_waiting = self._reserved() + len(tokens) > cells
-                            if self._embed_waiting:
+                            job.waiting = self._reserved() + len(tokens) > cells
+                            if job.waiting:
                                 return
-                            self._embed_reserved = len(tokens)
+                            job.cells = len(tokens)
                         self._make_room([], extra=len(tokens))
                     job.steps = self._embedder.embed_steps(tokens)
                 try:
                     next(job.steps)
                     return  # more of this text at the next step
                 except StopIteration as done:
-                    job.steps = None
-                    self._embed_reserved = 0
+                    job.steps, job.cells = None, 0
                     vector, n = done.value
                 job.vectors.append(vector)
                 job.n_tokens += n
@@ -666,7 +667,6 @@ class Engine:
             if error is None and len(job.vectors) < len(job.texts):
                 return
         job.drop()
-        self._embed_reserved, self._embed_waiting = 0, False
         with self._cv:  # off the queue before the handler hears back
             if self._embeds and self._embeds[0] is job:
                 self._embeds.popleft()
