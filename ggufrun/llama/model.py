@@ -169,7 +169,7 @@ class Model:
         return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings)
 
     def new_context(self, *, n_ctx: int, n_seq_max: int = 1, embeddings: bool = False) -> "Model":
-        """A second context over these same weights (no second load): the server's embedder.
+        """A second context over these same weights (no second load): the embedder of a pooling model.
         Closing it frees only the context; the weights stay with this Model, which must outlive it."""
         settings = replace(self.settings, n_ctx=n_ctx)
         ctx = _new_context(self._model, settings, n_ctx, n_seq_max, embeddings, self.path)
@@ -539,21 +539,6 @@ class Model:
             self.reset(seq_id)
         norm = float(np.linalg.norm(total)) or 1.0  # the mean's direction: no need to divide by the count
         return (total / norm).tolist(), len(tokens)
-
-    def embed(self, texts: list[str], *, seq_id: int = 0) -> tuple[list[list[float]], int]:
-        """One embedding per text (see :meth:`embed_steps`) and the number of tokens embedded."""
-        result, n_tokens = [], 0
-        for text in texts:
-            steps = self.embed_steps(text, seq_id=seq_id)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    vector, n = done.value
-                    break
-            result.append(vector)
-            n_tokens += n
-        return result, n_tokens
 
 
 class SeqEmbedder:
