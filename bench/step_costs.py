@@ -102,12 +102,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--modes", default="decode,cpu-greedy,gpu-greedy,cpu-sampled,gpu-sampled")
+    ap.add_argument("--kv-split", action="store_true",
+                    help="one KV stream per sequence (llama-batched-bench's default) instead of one unified cache")
     a = ap.parse_args()
+    if a.kv_split:
+        init = L.llama_init_from_model
+
+        def split_init(model_ptr, cparams):  # type: ignore[no-untyped-def]
+            cparams.kv_unified = False
+            return init(model_ptr, cparams)
+
+        L.llama_init_from_model = split_init
     levels = [int(x) for x in a.rows.split(",")]
     st = Settings(n_gpu_layers=a.n_gpu_layers if a.n_gpu_layers == "auto" else int(a.n_gpu_layers), threads=a.threads,
                   n_ctx=1024, batch_size=2048, ubatch_size=512)
     model = Model.load(a.model, st, n_seq_max=max(levels), kv_cells=1024 * max(levels))
-    print(f"{model.description}: ms per step (median of {a.steps - 3}); 'change' = the step after one sampler changed")
+    print(f"{model.description}, KV {'split per sequence' if a.kv_split else 'unified'}: ms per step (median of {a.steps - 3}); 'change' = the step after one sampler changed")
     print(f"{'rows':>5} {'mode':<12} {'ms/step':>8} {'tok/s':>8} {'change':>8}")
     for rows in levels:
         for mode in a.modes.split(","):

@@ -348,11 +348,26 @@ def _argmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+    """Draw every row, a chunk of rows a pool task for a big step (:func:`_draw_chunk`).
+
+    The whole draw of a chunk runs in its task, not only the pass over the logits: serially, the
+    candidate search's gathers and sorts and the per-row chain calls after a parallel column-max
+    pass cost ~1.5 ms at 64 rows, as much again as that pass (2-core dev box, one thread)."""
+    n = len(seqs)
+    workers = _workers(n)
+    if workers < 2:
+        return _draw_chunk(logits, seqs, u)
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    parts = [_pool.submit(_draw_chunk, logits[a:b], seqs[a:b], u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate([p.result() for p in parts])
+
+
+def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
     """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`.
 
     A chain with top-k gets only its row's top candidates (:func:`_top_k_candidates`, vectorised
-    over the rows), so each of its rows costs one C call over a few hundred entries with the GIL
-    released, instead of filling and sorting the whole vocabulary under Python."""
+    over the rows), so each of its rows costs one C call over a few hundred entries, instead of
+    filling and sorting the whole vocabulary. Each sequence's chain is used by one task only."""
     chained = [i for i, s in enumerate(seqs) if s.draw is not None]
     if not chained:
         return _draw(logits, seqs, u)
@@ -382,21 +397,6 @@ def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.
 _GROUPS = 64
 
 
-def _colmax(body: np.ndarray) -> np.ndarray:
-    """``body.max(axis=1)``: the one pass over the whole logits matrix, split over the pool for a
-    big step (one GIL-free numpy call a thread; the rest of the search is small and stays here)."""
-    n = body.shape[0]
-    workers = _workers(n)
-    if workers < 2:
-        return body.max(axis=1)
-    out = np.empty((n, body.shape[2]), dtype=body.dtype)
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-    parts = [_pool.submit(np.max, body[a:b], axis=1, out=out[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    for p in parts:
-        p.result()
-    return out
-
-
 def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Per row, (ids, logits) of a candidate set holding the row's ``ks[row]`` largest logits, or
     None where it would not (NaN, a vocabulary under k x _GROUPS). Every token at or above the
@@ -410,7 +410,7 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarr
     if cols < j:  # fewer column maxima than k: no threshold that k tokens surely reach
         return [None] * n
     body = logits[:, : cols * _GROUPS].reshape(n, _GROUPS, cols)  # token g * cols + c at [:, g, c]
-    colmax = _colmax(body)
+    colmax = body.max(axis=1)
     threshold = np.partition(colmax, cols - j, axis=1)[:, cols - j]  # >= j tokens reach it
     flat = np.flatnonzero(colmax >= threshold[:, None])
     row, col = flat // cols, flat % cols

@@ -132,6 +132,26 @@ def test_top_k_chains_draw_the_same_from_candidates_as_from_the_whole_row(vocab:
     assert draws(False) == draws(True)
 
 
+def test_a_big_step_drawn_in_pool_chunks_gives_each_row_what_it_gets_alone() -> None:
+    """64 chained rows go to the pool in chunks, each drawn whole there (candidates and chain
+    calls); every seeded row still draws what it draws alone, whatever chunk it lands in."""
+    from ggufrun.runtime import DrawChain
+
+    rng = np.random.default_rng(5)
+    vocab = 30000
+    logits = (rng.standard_normal((64, vocab)) * 3).astype(np.float32)
+
+    def seqs() -> list[SeqSampler]:
+        params = [SamplingParams(seed=i, temperature=0.8, top_p=0.95, top_k=(40, 5)[i % 2]) for i in range(64)]
+        return [SeqSampler(p, draw=DrawChain(p, vocab)) for p in params]
+
+    batch = seqs()
+    together = [sample_rows(logits.copy(), batch)[0] for _ in range(3)]
+    single = seqs()
+    alone = [[sample_rows(logits[i : i + 1].copy(), [single[i]])[0][0] for i in range(64)] for _ in range(3)]
+    assert together == alone and len({t for step in together for t in step}) > 64
+
+
 class FakeVocab:
     """A byte-level vocabulary: token i is byte i, 256 is an end-of-generation control token."""
 

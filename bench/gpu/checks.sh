@@ -20,7 +20,7 @@ for part in "$@"; do
         --n-gpu-layers -1 --threads 8 --levels 16,64 --requests-per-client 2 --max-tokens 64 --bin "$LLAMA_BIN" \
         --json "$O/serve_load.json" 2>&1 | grep -v '^|--' | tail -22 ;;
     json)
-      timeout 200 python3 bench/serve_load.py --model $M --n-gpu-layers -1 --threads 8 --levels 16 --requests-per-client 2 \
+      GGUFRUN_STEP_PROFILE=1 BENCH_SERVER_LOG="$O/json.log" timeout 200 python3 bench/serve_load.py --model $M --n-gpu-layers -1 --threads 8 --levels 16 --requests-per-client 2 \
         --max-tokens 64 --bin "$LLAMA_BIN" --json-schema-half --no-batched-bench --json "$O/serve_json.json" 2>&1 \
         | grep -v '^|--' | tail -22 ;;
     chat)
