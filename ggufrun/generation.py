@@ -402,8 +402,13 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarr
     None where it would not (NaN, a vocabulary under k x _GROUPS). Every token at or above the
     row's threshold is in (ties too), so the top k of the candidates are the top k of the row: a
     chain that starts with top-k draws the same token from them as from the whole row (exact ties
-    inside the top k aside: llama.cpp's partial sort orders those as it happens to). Whole-matrix
-    numpy, no per-row Python: a handful of GIL-free passes over the chunk."""
+    inside the top k aside: llama.cpp's partial sort orders those as it happens to). The compiled
+    helper (ggufrun/native.py) when the install built it: one call without the GIL; else
+    whole-matrix numpy, no per-row Python, but ~25 calls that each take the GIL back."""
+    from . import native
+
+    if native.available():  # the same contract in one GIL-free C call (ggufrun/_topk.c)
+        return native.topk_candidates(logits, ks)
     n, v = logits.shape
     cols = v // _GROUPS
     j = int(ks.max())

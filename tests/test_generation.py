@@ -96,6 +96,36 @@ def test_pool_passes_give_what_one_pass_gives() -> None:
         assert np.sort(found[1])[::-1][:k].tolist() == np.sort(rows[i])[::-1][:k].tolist()
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_top_k_candidates_hold_each_rows_top_k_in_token_order(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled helper (built by the install) and the numpy path both return, per row, tokens
+    in token order that include every token at or above the row's k-th largest logit; the compiled
+    one exactly those, and None for a NaN row or a flat one (the caller draws from the whole row)."""
+    from ggufrun import native
+    from ggufrun.generation import _top_k_candidates
+
+    assert native.available(), "the install builds ggufrun/_topk.c"
+    if not compiled:
+        monkeypatch.setattr(native, "available", lambda: False)
+    rng = np.random.default_rng(4)
+    rows = (rng.standard_normal((16, 50000)) * 3).astype(np.float32)
+    rows[5, 777] = np.nan
+    rows[6] = 1.0  # flat: every token ties
+    rows[7, 100:140] = rows[7].max() + 1  # 40 tokens tied at the top
+    ks = np.array([40, 1, 5, 100] * 4)
+    found = _top_k_candidates(rows, ks)
+    if compiled:
+        assert found[5] is None and found[6] is None
+    for i in (0, 1, 2, 3, 4, 7, 8, 15):
+        ids, vals = found[i]
+        kth = np.sort(rows[i])[::-1][ks[i] - 1]
+        must = np.flatnonzero(rows[i] >= kth)
+        assert np.all(np.diff(ids) > 0) and vals.tolist() == rows[i][ids].tolist()
+        assert set(must.tolist()) <= set(ids.tolist())
+        if compiled:
+            assert ids.tolist() == must.tolist()
+
+
 def test_seeded_draws_do_not_depend_on_the_batch() -> None:
     rng = np.random.default_rng(2)
     row = (rng.standard_normal(800) * 2).astype(np.float32)

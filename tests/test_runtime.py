@@ -128,3 +128,23 @@ def test_seeded_sampling_repeats(model: Model) -> None:
         model.reset()
         runs.append(list(model.generate(prompt, Sampler(model, temperature=1.0, seed=42), max_tokens=8)))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kv_cells", [256 * 3, 256], ids=["a part each", "one shared pool"])
+def test_a_copied_prefix_continues_as_if_evaluated(tiny_model: Path, kv_cells: int) -> None:
+    """copy_prefix in both KV layouts (a whole part copied then cut, or shared cells): the copied
+    sequence's next logits are those of evaluating its whole prompt itself, and the source is untouched."""
+    import numpy as np
+
+    settings = Settings(n_ctx=256, threads=1, batch_size=64, ubatch_size=64, flash_attn="off")
+    with Model.load(tiny_model, settings, n_seq_max=3, kv_cells=kv_cells) as m:
+        assert m.unified == (kv_cells < 256 * 3)
+        prompt = m.tokenize("A shared system prompt that two requests begin with, and then")
+        m.decode([(2, prompt, True)])
+        fresh = m.logits_rows(1)[0].copy()
+        m.reset()
+        m.decode([(0, prompt + m.tokenize(" something else entirely"), True)])
+        assert m.copy_prefix(0, 1, len(prompt) - 1) == len(prompt) - 1
+        m.decode([(1, prompt[-1:], True)])
+        assert np.array_equal(m.logits_rows(1)[0], fresh)
+        assert m.seq_len(0) > len(prompt) and m.seq_len(1) == len(prompt)

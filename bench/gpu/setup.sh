@@ -28,6 +28,11 @@ P=/tmp/llama-py
 if [ -e .gpucarry/llama-py.tgz ]; then mkdir -p "$P" && tar xzf .gpucarry/llama-py.tgz -C "$P"
 else mkdir -p "$P" && tar xzf .carry/llama-src.tgz -C "$P" llama_cpp; fi
 mkdir -p "$P/llama_cpp/lib" && cp -f "$B"/build/bin/*.so* "$P/llama_cpp/lib/" 2>/dev/null
+# ggufrun's compiled top-k search (ggufrun/_topk.c), as `pip install` builds it; without Python headers, plain.
+SUFFIX=$(python3 -c "import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])")
+(python3 setup.py -q build_ext --inplace >/dev/null 2>&1 && ls ggufrun/_topk*.so >/dev/null 2>&1) \
+  || gcc -O3 -shared -fPIC -DGGUFRUN_TOPK_NO_PYTHON ggufrun/_topk.c -o "ggufrun/_topk$SUFFIX" \
+  || echo "ggufrun/_topk.c did not build: sampling uses its numpy path"
 export PYTHONPATH=$ROOT:$P:/tmp/site
 export LLAMA_BIN=$B/build/bin
 export LD_LIBRARY_PATH=$P/llama_cpp/lib:${LD_LIBRARY_PATH:-}

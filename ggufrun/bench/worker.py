@@ -46,7 +46,7 @@ class _Llama:
         """llama.cpp's version, compiled features and devices, for the report's environment."""
         from importlib.metadata import version
 
-        from .. import runtime
+        from .. import native, runtime
         from ..llama import ggml
 
         try:
@@ -55,7 +55,8 @@ class _Llama:
             lcp = "unknown (no package metadata)"
         return {"llama_cpp_python": lcp, "llama_cpp_system_info": runtime.system_info(),
                 "llama_cpp_devices": runtime.gpu_info().get("devices", []),
-                "cpu_backend": ggml.cpu_backend()}  # which kernels this build runs on this CPU
+                "cpu_backend": ggml.cpu_backend(),  # which kernels this build runs on this CPU
+                "top_k_search": "compiled (ggufrun/_topk.c)" if native.available() else "numpy (the install had no C compiler)"}
 
     def reset(self) -> None:
         self._model.reset()

@@ -641,9 +641,10 @@ class Engine:
                         # Its text goes into the requests' cache: its cells are reserved as a job's are,
                         # so it waits (a step at a time) rather than take a running reply's room.
                         cells = self.backend.model.n_ctx
-                        if len(tokens) > cells:
-                            raise ContextOverflowError(f"The text has {len(tokens)} tokens; the KV cache holds {cells}.",
-                                                       n_tokens=len(tokens), n_ctx=cells)
+                        room = self.backend.model.seq_cells  # its sequence's own part of the cache, or all of it
+                        if len(tokens) > room:
+                            raise ContextOverflowError(f"The text has {len(tokens)} tokens; the KV cache holds {room}.",
+                                                       n_tokens=len(tokens), n_ctx=room)
                         with self._cv:
                             # Until it has room, no new request is admitted: it cannot be starved.
                             job.waiting = self._reserved() + len(tokens) > cells

@@ -299,6 +299,8 @@ class ModelPool:
         plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length)
         # Embeddings run on this same context, in one more sequence whose cells come out of the
         # same budget as the requests' (the engine reserves them per text): no memory of their own.
+        # That makes the cache one shared pool (Model.load), the slower layout: the price of
+        # embeddings beside generation without a second cache.
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
@@ -334,7 +336,8 @@ class ModelPool:
 @dataclass(frozen=True)
 class KvPlan:
     """How a served model's KV cache is laid out: every one of ``parallel`` slots can hold a
-    request of ``n_ctx_seq`` tokens (prompt + reply) at the same time, in ``cells`` shared cells."""
+    request of ``n_ctx_seq`` tokens (prompt + reply) at the same time, in ``cells`` cells (each
+    slot's own part of them, or one pool shared with an embedding sequence: Model.load)."""
 
     n_ctx_seq: int
     parallel: int

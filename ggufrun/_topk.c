@@ -1,0 +1,136 @@
+/* Top-k candidates of logits rows, for generation._top_k_candidates: the one part of a sampled
+ * step that reads a whole [rows, vocabulary] matrix and that numpy can only do in ~25 small calls,
+ * each taking the GIL back, so that a big step's pool threads wait on one another. Called through
+ * ctypes (which releases the GIL), one call per pool task.
+ *
+ * Per row (row_candidates): one vectorised pass takes the maxima of blocks of 64 logits; the k-th
+ * largest of those bounds the row's k-th largest logit from below, so only the few blocks that reach
+ * it are read again, and of their tokens those at or above the row's k-th largest logit are kept, in
+ * token order, ties included: exactly the set that holds the row's top k whatever order ties are
+ * broken in. A row with a NaN, or a flat one (more tokens near the top than `cap`), gets a count of
+ * -1 and is drawn from whole by the caller.
+ *
+ * It is also an (empty) Python module only so that setuptools builds it like any extension. */
+
+#ifndef GGUFRUN_TOPK_NO_PYTHON /* (bench/gpu/setup.sh builds it so where there are no Python headers) */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#endif
+#include <stdint.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#define BLOCK 64
+
+/* The largest of the BLOCK floats at b (a NaN may be skipped), with whether any is NaN or-ed into
+ * *nan: a vector kept in a register across the row. SSE2, which every x86-64 has: GCC does not
+ * vectorise this loop by itself (it was 2.5x slower as plain C). */
+static inline float block_max(const float *b, int *nan) {
+#if defined(__SSE2__)
+    /* A tree, not a running maximum: a chain of dependent max_ps is latency-bound (2x slower). */
+    __m128 m[8], u[8];
+    for (int q = 0; q < 8; q++) {
+        const __m128 x = _mm_loadu_ps(b + 8 * q), y = _mm_loadu_ps(b + 8 * q + 4);
+        m[q] = _mm_max_ps(x, y);
+        u[q] = _mm_cmpunord_ps(x, y);
+    }
+    for (int w = 4; w >= 1; w /= 2)
+        for (int q = 0; q < w; q++) {
+            m[q] = _mm_max_ps(m[q], m[q + w]);
+            u[q] = _mm_or_ps(u[q], u[q + w]);
+        }
+    __m128 r = _mm_max_ps(m[0], _mm_shuffle_ps(m[0], m[0], _MM_SHUFFLE(1, 0, 3, 2)));
+    r = _mm_max_ps(r, _mm_shuffle_ps(r, r, _MM_SHUFFLE(2, 3, 0, 1)));
+    *nan |= _mm_movemask_ps(u[0]);
+    return _mm_cvtss_f32(r);
+#else
+    float m = b[0];
+    for (int q = 0; q < BLOCK; q++) {
+        *nan |= b[q] != b[q];
+        m = b[q] > m ? b[q] : m;
+    }
+    return m;
+#endif
+}
+
+static void sift_down(float *h, int64_t n, int64_t i) {
+    float x = h[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && h[c + 1] < h[c]) c++;
+        if (!(h[c] < x)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static inline void offer(float *heap, int64_t k, float x) {
+    if (x > heap[0]) {
+        heap[0] = x;
+        sift_down(heap, k, 0);
+    }
+}
+
+/* The k-th largest of the n values at x (k <= n), with heap: scratch of k floats. */
+static float kth_largest(const float *x, int64_t n, int64_t k, float *heap) {
+    for (int64_t i = 0; i < k; i++) heap[i] = x[i];
+    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, k, i);
+    for (int64_t i = k; i < n; i++) offer(heap, k, x[i]);
+    return heap[0];
+}
+
+/* One row: its count of candidates written to ids/vals (at most cap), or -1. scratch: k + v / BLOCK
+ * floats. The k-th largest block maximum t0 is at most the row's k-th largest logit t (k blocks
+ * reach it), so every token >= t lies in a block whose maximum reaches t0: the one pass over the
+ * row is the block maxima's, and only those few blocks are read again. */
+static int64_t row_candidates(const float *row, int64_t v, int64_t k, int64_t cap, float *scratch, int32_t *ids, float *vals) {
+    const int64_t nb = v / BLOCK;
+    if (k <= 0 || k > nb) return -1; /* a vocabulary this small: the caller draws from the whole row */
+    float *heap = scratch, *bmax = scratch + k;
+    int nan = 0;
+    for (int64_t b = 0; b < nb; b++) bmax[b] = block_max(row + b * BLOCK, &nan);
+    for (int64_t j = nb * BLOCK; j < v; j++) nan |= row[j] != row[j];
+    if (nan) return -1; /* no order to trust */
+    const float t0 = kth_largest(bmax, nb, k, heap);
+    int64_t n = 0;
+    for (int64_t b = 0; b <= nb; b++) {
+        if (b < nb && bmax[b] < t0) continue;
+        const int64_t end = b < nb ? (b + 1) * BLOCK : v; /* the tail past the last block: always read */
+        for (int64_t j = b * BLOCK; j < end; j++) {
+            if (row[j] >= t0) {
+                if (n == cap) return -1; /* a flat row: thousands tie near the top */
+                ids[n] = (int32_t)j;
+                vals[n] = row[j];
+                n++;
+            }
+        }
+    }
+    if (n < k) return -1;
+    const float t = kth_largest(vals, n, k, heap);
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (vals[i] >= t) {
+            ids[m] = ids[i];
+            vals[m] = vals[i];
+            m++;
+        }
+    }
+    return m;
+}
+
+/* rows x v logits (row stride `stride` floats); ks[r]: the row's k; out: ids and vals [rows, cap],
+ * counts [rows]; scratch: max(ks) + v / BLOCK floats. */
+void ggufrun_topk_candidates(const float *logits, int64_t rows, int64_t v, int64_t stride, const int64_t *ks,
+                             int64_t cap, int32_t *ids, float *vals, int64_t *counts, float *scratch) {
+    for (int64_t r = 0; r < rows; r++)
+        counts[r] = row_candidates(logits + r * stride, v, ks[r], cap, scratch, ids + r * cap, vals + r * cap);
+}
+
+#ifndef GGUFRUN_TOPK_NO_PYTHON
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_topk", NULL, -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__topk(void) { return PyModule_Create(&module); }
+#endif
