@@ -525,10 +525,12 @@ def _allowed(row: np.ndarray, g: SubsetGrammar, k: int) -> np.ndarray:
         for c in _SCAN:
             if 4 * c > v:
                 break
-            threshold = np.partition(row, v - c)[v - c]
-            if not threshold > -np.inf:  # NaN or -inf: no order to go by
+            top = _top_region(row, c)
+            if top is None:  # NaN or -inf: no order to go by
                 break
-            region = np.flatnonzero(row >= threshold if above == np.inf else (row >= threshold) & (row < above))
+            threshold, region = top
+            if above != np.inf:
+                region = region[row[region] < above]
             region = region[cand.may(region)]
             hit = region[g.allowed(region)]
             found.append(hit)
@@ -541,6 +543,24 @@ def _allowed(row: np.ndarray, g: SubsetGrammar, k: int) -> np.ndarray:
         ids = ids[~(row[ids] >= above)]
     ids = ids[g.allowed(ids)]
     return np.sort(np.concatenate([*found, ids])) if found else ids
+
+
+def _top_region(row: np.ndarray, c: int) -> tuple[float, np.ndarray] | None:
+    """The row's ``c``-th largest logit and the ascending ids of every token at or above it;
+    None where there is no order to go by (a NaN, or that logit is -inf). The compiled search
+    takes ~20 us where a partition of a 152k row takes ~0.5 ms."""
+    from . import native
+
+    if native.available():
+        found = native.topk_candidates(row[None], np.array([c]))[0]
+        if found is None:
+            return None
+        threshold = float(found[1].min())
+        return (threshold, found[0].astype(np.int64)) if threshold > -np.inf else None
+    threshold = np.partition(row, len(row) - c)[len(row) - c]
+    if not threshold > -np.inf:
+        return None
+    return float(threshold), np.flatnonzero(row >= threshold)
 
 
 def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
