@@ -250,6 +250,31 @@ def test_n_choices_share_the_prompt_kv_and_reserve_their_own_room(engine: Engine
     assert shared[-1] >= len(reqs[0].prompt) - 1 and shared[-2] >= len(reqs[0].prompt) - 1, shared
 
 
+def test_a_burst_of_requests_with_one_prompt_fills_the_batch_at_once(tiny_model: Path) -> None:
+    """Four clients send the same prompt together: the first evaluates it, and the next step all
+    three others enter, copying its cells (they used to wait on one another and enter one a step)."""
+    e = make_engine(tiny_model, parallel=4)
+    try:
+        assert e.backend is not None
+        model = e.backend.model
+        rows: list[int] = []
+        decode = model.decode
+
+        def spy(items: Any) -> Any:  # the real decode; only the sequences of each call are noted
+            rows.append(len({seq for seq, _, _ in items}))
+            return decode(items)
+
+        model.decode = spy  # type: ignore[method-assign]
+        long = "A shared system prompt, long enough to be worth sharing between the clients."
+        results = run(e, *(request(e, long, max_tokens=6, **EXACT) for _ in range(4)))
+        assert all(done.completion_tokens == 6 for _, _, done in results)
+        assert sorted(done.cached_tokens for _, _, done in results)[1] >= len(e.backend.model.tokenize(long)) - 1
+        assert rows[:2] == [1, 4], rows
+    finally:
+        e.stop()
+        e.join(10)
+
+
 def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
     e = make_engine(tiny_model, parallel=2, max_queue=4, cells=256, embeddings=True)
     try:
