@@ -324,50 +324,61 @@ _pool: Any = None
 
 
 def _workers(n: int) -> int:
-    """Threads for a step of ``n`` rows (1: do it here); starts the shared pool when first needed."""
+    """Threads for a step of ``n`` rows (1: do it here)."""
+    return max(1, min(os.cpu_count() or 1, n // _ROWS_PER_WORKER))
+
+
+def _start_pool() -> Any:
     global _pool
-    workers = min(os.cpu_count() or 1, n // _ROWS_PER_WORKER)
-    if workers >= 2 and _pool is None:
+    if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
         _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="ggufrun-sample")
-    return workers
+    return _pool
 
 
 def _argmax_rows(logits: np.ndarray) -> np.ndarray:
-    """Row-wise argmax, split over the pool for a big step: a [64, 152k] matrix freshly copied from
-    the GPU is 39 MB that one core reads at memory speed (~3 ms on the H100 host); numpy's argmax
-    releases the GIL, so the chunks run side by side."""
+    """Row-wise argmax, split over threads for a big step: a [64, 152k] matrix freshly copied from
+    the GPU is 39 MB that one core reads at memory speed (~3 ms on the H100 host). In one call of
+    the compiled helper (threads started in C) where the install built it, else numpy's argmax
+    (which releases the GIL) in chunks on the pool."""
+    from . import native
+
     n = logits.shape[0]
     workers = _workers(n)
+    if native.available() and logits.dtype == np.float32 and logits.strides[1] == 4:
+        return native.argmax_rows(logits, workers)
     if workers < 2:
         return logits.argmax(axis=1)
     bounds = np.linspace(0, n, workers + 1).astype(int)
-    parts = [_pool.submit(np.argmax, logits[a:b], 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [_start_pool().submit(np.argmax, logits[a:b], 1) for a, b in zip(bounds[:-1], bounds[1:])]
     return np.concatenate([p.result() for p in parts])
 
 
 def _draw_rows(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
-    """Draw every row, a chunk of rows a pool task for a big step (:func:`_draw_chunk`).
+    """Draw every row. With the compiled helper, here: its one call splits the candidate search
+    over threads itself. Without it, a chunk of rows a pool task for a big step
+    (:func:`_draw_chunk`): serially, the numpy search's gathers and sorts and the per-row chain
+    calls cost as much again as the pass over the logits."""
+    from . import native
 
-    The whole draw of a chunk runs in its task, not only the pass over the logits: serially, the
-    candidate search's gathers and sorts and the per-row chain calls after a parallel column-max
-    pass cost ~1.5 ms at 64 rows, as much again as that pass (2-core dev box, one thread)."""
     n = len(seqs)
     workers = _workers(n)
+    if native.available():
+        return _draw_chunk(logits, seqs, u, workers)
     if workers < 2:
         return _draw_chunk(logits, seqs, u)
     bounds = np.linspace(0, n, workers + 1).astype(int)
-    parts = [_pool.submit(_draw_chunk, logits[a:b], seqs[a:b], u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [_start_pool().submit(_draw_chunk, logits[a:b], seqs[a:b], u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     return np.concatenate([p.result() for p in parts])
 
 
-def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarray:
+def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray, threads: int = 1) -> np.ndarray:
     """Rows with a llama.cpp chain draw through it; the rest through the numpy :func:`_draw`.
 
     A chain with top-k gets only its row's top candidates (:func:`_top_k_candidates`, vectorised
-    over the rows), so each of its rows costs one C call over a few hundred entries, instead of
-    filling and sorting the whole vocabulary. Each sequence's chain is used by one task only."""
+    over the rows), so each of its rows costs one C call over a few dozen entries, instead of
+    filling and sorting the whole vocabulary. Each sequence's chain is used by one thread only."""
     chained = [i for i, s in enumerate(seqs) if s.draw is not None]
     if not chained:
         return _draw(logits, seqs, u)
@@ -377,7 +388,7 @@ def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np
     if topk:
         sub = logits if len(topk) == len(seqs) else logits[topk]
         ks = np.array([seqs[i].draw.top_k for i in topk])  # type: ignore[union-attr]
-        found = dict(zip(topk, _top_k_candidates(sub, ks)))
+        found = dict(zip(topk, _top_k_candidates(sub, ks, threads)))
     for i in chained:
         draw = seqs[i].draw
         assert draw is not None
@@ -397,7 +408,7 @@ def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np
 _GROUPS = 64
 
 
-def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+def _top_k_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Per row, (ids, logits) of a candidate set holding the row's ``ks[row]`` largest logits, or
     None where it would not (NaN, a vocabulary under k x _GROUPS). Every token at or above the
     row's threshold is in (ties too), so the top k of the candidates are the top k of the row: a
@@ -408,7 +419,7 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarr
     from . import native
 
     if native.available():  # the same contract in one GIL-free C call (ggufrun/_topk.c)
-        return native.topk_candidates(logits, ks)
+        return native.topk_candidates(logits, ks, threads)
     n, v = logits.shape
     cols = v // _GROUPS
     j = int(ks.max())

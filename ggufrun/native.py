@@ -21,10 +21,11 @@ def _load() -> Any:
             spec = importlib.util.find_spec("ggufrun._topk")
             if spec is not None and spec.origin:
                 lib = ctypes.CDLL(spec.origin)
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 f = lib.ggufrun_topk_candidates
-                f.restype = None
-                f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                f.restype, f.argtypes = None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
+                g = lib.ggufrun_argmax_rows
+                g.restype, g.argtypes = None, [ptr, i64, i64, i64, ptr, i64]
                 _lib = lib
         except (OSError, AttributeError, ImportError):
             _lib = None
@@ -36,20 +37,35 @@ def available() -> bool:
     return _load() is not None
 
 
-def topk_candidates(logits: np.ndarray, ks: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+def topk_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Per row of float32 ``logits`` (rows contiguous), every token at or above the row's
     ``ks[row]``-th largest logit, in token order, as (ids, logits); None for a row with a NaN or a
-    flat row (more such tokens than fit). Requires :func:`available`."""
+    flat row (more such tokens than fit). Rows split over ``threads`` threads started in C.
+    Requires :func:`available`."""
     lib = _load()
     n, v = logits.shape
-    assert logits.dtype == np.float32 and logits.strides[1] == 4
+    _check(logits)
     ks = np.ascontiguousarray(ks, dtype=np.int64)
     k = int(ks.max())
     cap = max(16 * k, 1024)  # room for the blocks' tokens near the top, before the exact top k is kept
     ids = np.empty((n, cap), dtype=np.int32)
     vals = np.empty((n, cap), dtype=np.float32)
     counts = np.empty(n, dtype=np.int64)
-    scratch = np.empty(k + v // 64 + 1, dtype=np.float32)
     lib.ggufrun_topk_candidates(logits.ctypes.data, n, v, logits.strides[0] // 4, ks.ctypes.data, cap,
-                                ids.ctypes.data, vals.ctypes.data, counts.ctypes.data, scratch.ctypes.data)
+                                ids.ctypes.data, vals.ctypes.data, counts.ctypes.data, threads)
     return [None if c < 0 else (ids[r, :c], vals[r, :c]) for r, c in enumerate(counts.tolist())]
+
+
+def argmax_rows(logits: np.ndarray, threads: int = 1) -> np.ndarray:
+    """``logits.argmax(axis=1)`` (the first NaN, else the first maximum), rows split over
+    ``threads`` threads started in C. Requires :func:`available`."""
+    _check(logits)
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    _load().ggufrun_argmax_rows(logits.ctypes.data, logits.shape[0], logits.shape[1], logits.strides[0] // 4,
+                                out.ctypes.data, threads)
+    return out
+
+
+def _check(logits: np.ndarray) -> None:
+    if logits.dtype != np.float32 or logits.ndim != 2 or logits.strides[1] != 4:
+        raise ValueError("logits must be a float32 matrix with contiguous rows")

@@ -126,6 +126,27 @@ def test_top_k_candidates_hold_each_rows_top_k_in_token_order(compiled: bool, mo
             assert ids.tolist() == must.tolist()
 
 
+@pytest.mark.parametrize("vocab", [50, 64 * 300 + 17])
+def test_argmax_rows_is_numpys_argmax_with_nans_ties_and_tails(vocab: int) -> None:
+    """The compiled argmax (threads started in C) returns numpy's answer: the first NaN, else the
+    first of equal maxima, also when it lies in the tail past the last whole block."""
+    from ggufrun import native
+    from ggufrun.generation import _argmax_rows
+
+    assert native.available()
+    rng = np.random.default_rng(6)
+    rows = rng.standard_normal((40, vocab)).astype(np.float32)
+    rows[1, [7, 30]] = 50.0  # a tie: the first
+    rows[2, [20, vocab - 1]] = np.nan  # NaNs: the first
+    rows[3] = -np.inf
+    rows[4, vocab - 1] = 60.0  # in the tail
+    rows[5, 3] = np.inf
+    rows[6, :] = 1.0  # all equal
+    for threads in (1, 3, 40):
+        assert native.argmax_rows(rows, threads).tolist() == rows.argmax(axis=1).tolist()
+    assert _argmax_rows(rows).tolist() == rows.argmax(axis=1).tolist()
+
+
 def test_seeded_draws_do_not_depend_on_the_batch() -> None:
     rng = np.random.default_rng(2)
     row = (rng.standard_normal(800) * 2).astype(np.float32)
