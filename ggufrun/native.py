@@ -1,5 +1,5 @@
-"""ggufrun's own compiled helper (_topk.c), loaded through ctypes so that its calls run without the
-GIL; absent (no C compiler at install), callers use their numpy path."""
+"""ggufrun's own compiled helper (_topk.c), loaded through ctypes; absent (no C compiler at
+install), callers use their numpy path."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ def _load() -> Any:
         try:
             spec = importlib.util.find_spec("ggufrun._topk")
             if spec is not None and spec.origin:
-                lib = ctypes.CDLL(spec.origin)
+                # PyDLL: the GIL stays held during a call. Every call is on a decode step's critical
+                # path and short (<1 ms, its threads started in C); released, taking the GIL back
+                # waited for the server's HTTP thread, up to the whole switch interval per call.
+                lib = ctypes.PyDLL(spec.origin)
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 f = lib.ggufrun_topk_candidates
                 f.restype, f.argtypes = None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]

@@ -120,3 +120,9 @@ def test_bench_failures_say_why_on_stderr(tmp_path: Path) -> None:
     proc = run("bench", "--url", f"http://127.0.0.1:{port}", "--model", "x", "--concurrency", "1", "--requests", "2")
     assert proc.returncode == 1
     assert "Error: concurrency 1: 2 of 2 requests failed; first: ConnectionRefusedError" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1e9"])
+def test_serve_refuses_a_bad_switch_interval_before_listening(value: str, tiny_model: Path) -> None:
+    proc = run("serve", str(tiny_model), "--port", "13941", env={"GGUFRUN_SWITCH_INTERVAL_MS": value}, timeout=30)
+    assert "GGUFRUN_SWITCH_INTERVAL_MS" in one_line_error(proc)

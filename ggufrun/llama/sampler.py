@@ -114,12 +114,12 @@ class Grammar(_Owned):
     @contextmanager
     def _advanced(self, token: int) -> Iterator[Callable[[Any], Any]]:
         """The verdict function of a copy of this grammar that accepted ``token`` (which it allows)."""
-        clone = L.llama_sampler_clone(self._ptr)
+        clone = _keeping_gil("llama_sampler_clone", [ctypes.c_void_p], ctypes.c_void_p)(self._ptr)
         try:
-            L.llama_sampler_accept(clone, token)
+            _accept_keeping_gil()(clone, token)
             yield lambda ids: self._verdict(ids, clone)
         finally:
-            L.llama_sampler_free(clone)
+            _keeping_gil("llama_sampler_free", [ctypes.c_void_p])(clone)
 
     def candidates(self) -> Candidates:
         """The tokens this grammar may allow now (every token where the prefilter cannot be used)."""
@@ -150,7 +150,7 @@ class Grammar(_Owned):
         if self._awaiting:
             self._await(token)
         else:
-            L.llama_sampler_accept(self._ptr, token)
+            _accept_keeping_gil()(self._ptr, token)
         self._cand = None
         if self._redrawn and not self._awaiting:
             # This step's draw missed, so the next one likely will too: find the next state's
@@ -244,26 +244,37 @@ def vocab_index(model: Model) -> VocabIndex:
 
 
 _draw_buffers = threading.local()
-_apply_in_place: Any = None
+_kept: dict[str, Any] = {}
+
+
+def _keeping_gil(name: str, argtypes: list[Any], restype: Any = None) -> Any:
+    """llama.cpp's function ``name`` called without releasing the GIL (a PyDLL handle on the same
+    library), for calls of a few microseconds on a decode step's path.
+
+    Releasing the GIL around them costs more than they take: taking it back waits for any thread
+    running Python, up to the switch interval (measured: 8-row tasks beside a busy Python thread,
+    as the server's HTTP thread is, went from 0.2 ms to ~90 ms). Falls back to the ordinary
+    binding when the library's path is not known."""
+    fn = _kept.get(name)
+    if fn is None:
+        path = getattr(getattr(getattr(L, "llama_cpp", None), "_lib", None), "_name", None)
+        if path:
+            fn = getattr(ctypes.PyDLL(path), name)
+            fn.argtypes, fn.restype = argtypes, restype
+        else:
+            fn = getattr(L, name)
+        _kept[name] = fn
+    return fn
 
 
 def _apply_keeping_gil() -> Any:
-    """llama_sampler_apply called without releasing the GIL (a PyDLL handle on the same library).
+    """llama_sampler_apply, the GIL kept (see _keeping_gil): for a few hundred candidates ~3 us."""
+    return _keeping_gil("llama_sampler_apply", [ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array)])
 
-    For a few hundred candidates the call takes ~3 us; releasing the GIL around it costs more:
-    taking it back waits for any thread running Python, up to the 5 ms switch interval (measured:
-    8-row tasks beside a busy Python thread, as the server's HTTP thread is, went from 0.2 ms to
-    ~90 ms). Falls back to the ordinary binding when the library's path is not known."""
-    global _apply_in_place
-    if _apply_in_place is None:
-        path = getattr(getattr(getattr(L, "llama_cpp", None), "_lib", None), "_name", None)
-        if path:
-            fn = ctypes.PyDLL(path).llama_sampler_apply
-            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array)], None
-            _apply_in_place = fn
-        else:
-            _apply_in_place = L.llama_sampler_apply
-    return _apply_in_place
+
+def _accept_keeping_gil() -> Any:
+    """llama_sampler_accept, the GIL kept (see _keeping_gil): a grammar's accept, once a token."""
+    return _keeping_gil("llama_sampler_accept", [ctypes.c_void_p, ctypes.c_int32])
 
 
 def _draw_parts(params: SamplingParams, n_vocab: int) -> list[Any]:

@@ -30,6 +30,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def switch_interval() -> float:
+    """The GIL switch interval serve runs with, in seconds: GGUFRUN_SWITCH_INTERVAL_MS (for
+    measuring it, bench/serve_load.py) or 1 ms."""
+    import os
+
+    from ..errors import ConfigError
+
+    raw = os.environ.get("GGUFRUN_SWITCH_INTERVAL_MS", "1")
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0.01 <= ms <= 100:
+        raise ConfigError(f"GGUFRUN_SWITCH_INTERVAL_MS={raw!r} is not a number of milliseconds from 0.01 to 100.")
+    return ms / 1000
+
+
 def run(config: ServeConfig, *, preload: bool = False) -> None:
     """Serve ``config`` until SIGINT/SIGTERM. ``preload`` loads the first model at start-up and
     stops the server (re-raising the error) when it cannot load. Raises UnknownModelError and
@@ -47,7 +64,7 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     # llama.cpp and numpy call; while the HTTP thread runs Python it waits up to the switch interval
     # (5 ms by default). At 1 ms, 64 sampled streams on an H100 went 2,196 -> 2,344 tok/s (greedy
     # 2,678 -> 2,763; bench/serve_load.py, same warm machine).
-    sys.setswitchinterval(0.001)
+    sys.setswitchinterval(switch_interval())
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
