@@ -522,6 +522,7 @@ class SubsetGrammar(GrammarLike, Protocol):
 
     def allowed(self, ids: np.ndarray) -> np.ndarray: ...
     def candidates(self) -> Any: ...  # grammar_filter.Candidates: .count, .ids(), .may(ids)
+    def allowed_candidates(self) -> np.ndarray: ...  # the candidates it allows, ascending
 
 
 def _allowed(row: np.ndarray, g: SubsetGrammar, k: int) -> np.ndarray:
@@ -549,11 +550,12 @@ def _allowed(row: np.ndarray, g: SubsetGrammar, k: int) -> np.ndarray:
             above = threshold
             if n >= k:  # every allowed token not examined has a lower logit than these k
                 return np.sort(np.concatenate(found))
+    if not found:
+        return g.allowed_candidates()  # found already when the token was accepted, where few
     ids = cand.ids()
-    if found:
-        ids = ids[~(row[ids] >= above)]
+    ids = ids[~(row[ids] >= above)]
     ids = ids[g.allowed(ids)]
-    return np.sort(np.concatenate([*found, ids])) if found else ids
+    return np.sort(np.concatenate([*found, ids]))
 
 
 def _top_region(row: np.ndarray, c: int) -> tuple[float, np.ndarray] | None:
