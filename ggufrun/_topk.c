@@ -1,9 +1,8 @@
-/* Top-k candidates of logits rows, for generation._top_k_candidates: the one part of a sampled
- * step that reads a whole [rows, vocabulary] matrix and that numpy can only do in ~25 small calls,
- * each taking the GIL back, so that a big step's pool threads wait on one another. Called through
- * ctypes (which releases the GIL), once per step: the rows are split over threads here, in C, since
- * Python pool tasks each had to take the GIL back, and beside the server's busy HTTP thread each
- * retake could wait out the switch interval (H100, 64 rows: 3-4.6 ms a sampled step's search).
+/* Top-k candidates and argmax of logits rows, for generation.py: the parts of a step that read the
+ * whole [rows, vocabulary] matrix. In numpy the top-k search is ~25 small calls, and split over
+ * Python pool tasks each took the GIL back, beside the server's busy HTTP thread waiting up to the
+ * switch interval (H100, 64 rows: 3-4.6 ms a sampled step's search). Here it is one ctypes call a
+ * step (native.py keeps the GIL through it), with the rows split over threads started in C.
  *
  * Per row (row_candidates): one vectorised pass takes the maxima of blocks of 64 logits; the k-th
  * largest of those bounds the row's k-th largest logit from below, so only the few blocks that reach

@@ -311,7 +311,8 @@ def _draw(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray) -> np.ndarr
     return out
 
 
-# Rows per thread-pool task. A task costs ~25 us a row (152k vocabulary) plus ~7 numpy passes
+# Rows per thread: of the compiled helper (each reads ~5 MB of logits at 8 rows, started per step),
+# or per task of the numpy path's pool, measured for that path: a task costs ~25 us a row (152k vocabulary) plus ~7 numpy passes
 # that each release and retake the GIL; retaking it beside a thread running Python (the server's
 # HTTP side) can wait out the 5 ms switch interval, so many small tasks lose (two rows a task
 # lowered served sampled/greedy 0.80 -> 0.67 at 64 clients on a 16-core H100 host). Measured on
@@ -414,11 +415,11 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> l
     row's threshold is in (ties too), so the top k of the candidates are the top k of the row: a
     chain that starts with top-k draws the same token from them as from the whole row (exact ties
     inside the top k aside: llama.cpp's partial sort orders those as it happens to). The compiled
-    helper (ggufrun/native.py) when the install built it: one call without the GIL; else
-    whole-matrix numpy, no per-row Python, but ~25 calls that each take the GIL back."""
+    helper (ggufrun/native.py) when the install built it: one call, on ``threads`` threads of its
+    own; else whole-matrix numpy, no per-row Python, but ~25 calls that each take the GIL back."""
     from . import native
 
-    if native.available():  # the same contract in one GIL-free C call (ggufrun/_topk.c)
+    if native.available():  # the same contract in one C call (ggufrun/_topk.c)
         return native.topk_candidates(logits, ks, threads)
     n, v = logits.shape
     cols = v // _GROUPS
