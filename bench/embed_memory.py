@@ -1,8 +1,8 @@
 """Memory of `ggufrun serve` with embeddings on and off: the embedder must not load the weights again.
 
-For each setting a fresh server (one model, from a serve config) gets one chat request and, with
-embeddings on, one embedding batch; then the server's RSS (psutil) and, where `nvidia-smi` exists, the
-GPU memory it holds are read. Embeddings run on the generation context itself, in one extra sequence
+For each setting a fresh server (one model, from a serve config) gets one chat request; then the
+server's RSS (psutil) and, where `nvidia-smi` exists, the GPU memory it holds are read; with embeddings
+on, again after one embedding batch (the memory that serving such a request leaves behind). Embeddings run on the generation context itself, in one extra sequence
 (chunks of a few dozen tokens, so its buffers do not grow): the difference should be only that
 sequence's KV cells (--batch-size of them), not a second context or a second copy of the model.
 
@@ -58,12 +58,16 @@ def measure(path: Path, embeddings: bool, opts: argparse.Namespace) -> dict:
                 except OSError:
                     time.sleep(0.5)
             _post(f"{url}/v1/chat/completions", {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
-            if embeddings:
+            time.sleep(1)
+            out = {"embeddings": embeddings, "rss_mb": round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1),
+                   "gpu_mib": _gpu_mib(proc.pid)}
+            if embeddings:  # and after a batch: what serving one request of 48 texts leaves behind
                 texts = [f"sentence number {i} about rivers and mountains" for i in range(48)]
                 _post(f"{url}/v1/embeddings", {"model": "m", "input": texts})
-            time.sleep(1)
-            rss = psutil.Process(proc.pid).memory_info().rss
-            return {"embeddings": embeddings, "rss_mb": round(rss / 2**20, 1), "gpu_mib": _gpu_mib(proc.pid)}
+                time.sleep(1)
+                out["rss_mb_after_batch"] = round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1)
+                out["gpu_mib_after_batch"] = _gpu_mib(proc.pid)
+            return out
         finally:
             proc.terminate()
             proc.wait(30)
@@ -80,8 +84,11 @@ def main() -> None:
     for r in rows:
         print(r)
     off, on = rows
-    print(f"embeddings on / off: RSS {on['rss_mb'] / off['rss_mb']:.3f}x (+{on['rss_mb'] - off['rss_mb']:.1f} MB)"
-          + (f", GPU +{on['gpu_mib'] - off['gpu_mib']:.0f} MiB" if on["gpu_mib"] is not None and off["gpu_mib"] is not None else ""))
+    gpu = on["gpu_mib"] is not None and off["gpu_mib"] is not None
+    print(f"embeddings on / off, same chat request: RSS {on['rss_mb'] / off['rss_mb']:.3f}x (+{on['rss_mb'] - off['rss_mb']:.1f} MB)"
+          + (f", GPU +{on['gpu_mib'] - off['gpu_mib']:.0f} MiB" if gpu else ""))
+    print(f"then a 48-text embedding batch: RSS +{on['rss_mb_after_batch'] - on['rss_mb']:.1f} MB"
+          + (f", GPU +{on['gpu_mib_after_batch'] - on['gpu_mib']:.0f} MiB" if gpu else ""))
 
 
 if __name__ == "__main__":
