@@ -48,8 +48,10 @@ def topk_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> lis
     lib = _load()
     n, v = logits.shape
     _check(logits)
-    ks = np.ascontiguousarray(ks, dtype=np.int64)
-    k = int(ks.max())
+    # A k beyond one per block of 64 has no threshold to find this way: those rows come back None
+    # (the C side says so too), and a request's top_k of 100,000 must not size the buffers.
+    ks = np.where(ks > v // 64, 0, ks).astype(np.int64)
+    k = int(ks.max(initial=0))
     cap = max(16 * k, 1024)  # room for the blocks' tokens near the top, before the exact top k is kept
     ids = np.empty((n, cap), dtype=np.int32)
     vals = np.empty((n, cap), dtype=np.float32)

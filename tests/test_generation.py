@@ -116,6 +116,9 @@ def test_top_k_candidates_hold_each_rows_top_k_in_token_order(compiled: bool, mo
     found = _top_k_candidates(rows, ks)
     if compiled:
         assert found[5] is None and found[6] is None
+        huge = _top_k_candidates(rows[:2], np.array([40000, 40]))  # more than one per block: no search, no big buffers
+        alone = _top_k_candidates(rows[1:2], np.array([40]))[0]
+        assert huge[0] is None and huge[1] is not None and alone is not None and huge[1][0].tolist() == alone[0].tolist()
     for i in (0, 1, 2, 3, 4, 7, 8, 15):
         ids, vals = found[i]
         kth = np.sort(rows[i])[::-1][ks[i] - 1]
