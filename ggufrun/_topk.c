@@ -19,6 +19,7 @@
 #endif
 #include <math.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <stdlib.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -240,6 +241,56 @@ void ggufrun_topk_candidates(const float *logits, int64_t rows, int64_t v, int64
 void ggufrun_argmax_rows(const float *logits, int64_t rows, int64_t v, int64_t stride, int64_t *out, int64_t threads) {
     job_t base = {logits, v, stride, 0, 0, 0, NULL, NULL, NULL, out};
     run_jobs(argmax_job, base, rows, threads);
+}
+
+/* llama.h's llama_token_data and llama_token_data_array, as the installed llama.cpp lays them out;
+ * native.py checks the sizes and offsets against llama-cpp-python's ctypes definitions first. */
+typedef struct {
+    int32_t id;
+    float logit;
+    float p;
+} token_data;
+
+typedef struct {
+    token_data *data;
+    size_t size;
+    int64_t selected;
+    _Bool sorted;
+} token_data_array;
+
+typedef void (*sampler_apply)(void *sampler, token_data_array *cur);
+
+void ggufrun_token_data_layout(int64_t *out) {
+    out[0] = sizeof(token_data);
+    out[1] = sizeof(token_data_array);
+    out[2] = offsetof(token_data_array, size);
+    out[3] = offsetof(token_data_array, selected);
+    out[4] = offsetof(token_data_array, sorted);
+}
+
+/* Per row with a sampler (chains[r]) and candidates (counts[r] >= 0): llama.cpp's chain over those
+ * candidates (ids and vals [rows, cap], as ggufrun_topk_candidates writes them), out[r] the token it
+ * selects; -1 elsewhere (the caller draws from the whole row). One call for the step's rows instead
+ * of a Python round trip each (~10 us a row). */
+void ggufrun_draw_rows(void *apply_fn, void **chains, const int32_t *ids, const float *vals, const int64_t *counts,
+                       int64_t rows, int64_t cap, int64_t *out) {
+    sampler_apply apply = (sampler_apply)apply_fn;
+    token_data *buf = (token_data *)malloc(sizeof(token_data) * (size_t)(cap > 0 ? cap : 1));
+    for (int64_t r = 0; r < rows; r++) {
+        out[r] = -1;
+        const int64_t n = counts[r];
+        if (!buf || !chains[r] || n <= 0 || n > cap) continue;
+        for (int64_t i = 0; i < n; i++) {
+            buf[i].id = ids[r * cap + i];
+            buf[i].logit = vals[r * cap + i];
+            buf[i].p = 0.0f;
+        }
+        token_data_array cur = {buf, (size_t)n, -1, 0};
+        apply(chains[r], &cur);
+        /* a sampler may point data elsewhere: read the selection through the array */
+        if (cur.selected >= 0 && (size_t)cur.selected < cur.size) out[r] = cur.data[cur.selected].id;
+    }
+    free(buf);
 }
 
 #ifndef GGUFRUN_TOPK_NO_PYTHON

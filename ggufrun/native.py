@@ -29,6 +29,10 @@ def _load() -> Any:
                 f.restype, f.argtypes = None, [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
                 g = lib.ggufrun_argmax_rows
                 g.restype, g.argtypes = None, [ptr, i64, i64, i64, ptr, i64]
+                d = lib.ggufrun_draw_rows
+                d.restype, d.argtypes = None, [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr]
+                lay = lib.ggufrun_token_data_layout
+                lay.restype, lay.argtypes = None, [ptr]
                 _lib = lib
         except (OSError, AttributeError, ImportError):
             _lib = None
@@ -45,6 +49,12 @@ def topk_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> lis
     ``ks[row]``-th largest logit, in token order, as (ids, logits); None for a row with a NaN or a
     flat row (more such tokens than fit). Rows split over ``threads`` threads started in C.
     Requires :func:`available`."""
+    ids, vals, counts = topk_arrays(logits, ks, threads)
+    return [None if c < 0 else (ids[r, :c], vals[r, :c]) for r, c in enumerate(counts.tolist())]
+
+
+def topk_arrays(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`topk_candidates` as the C side writes it: ids and logits [rows, cap], counts (-1: None)."""
     lib = _load()
     n, v = logits.shape
     _check(logits)
@@ -58,7 +68,27 @@ def topk_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> lis
     counts = np.empty(n, dtype=np.int64)
     lib.ggufrun_topk_candidates(logits.ctypes.data, n, v, logits.strides[0] // 4, ks.ctypes.data, cap,
                                 ids.ctypes.data, vals.ctypes.data, counts.ctypes.data, threads)
-    return [None if c < 0 else (ids[r, :c], vals[r, :c]) for r, c in enumerate(counts.tolist())]
+    return ids, vals, counts
+
+
+def token_data_layout() -> tuple[int, ...]:
+    """sizeof(llama_token_data), sizeof(llama_token_data_array) and the offsets of its size,
+    selected and sorted fields, as compiled into the helper."""
+    out = np.zeros(5, dtype=np.int64)
+    _load().ggufrun_token_data_layout(out.ctypes.data)
+    return tuple(int(x) for x in out)
+
+
+def draw_rows(apply_address: int, chains: list[int], ids: np.ndarray, vals: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row, the token llama.cpp's sampler chain ``chains[row]`` (an address; 0: none) selects
+    from the row's candidates (:func:`topk_arrays`), through llama_sampler_apply at
+    ``apply_address``; -1 where the row has no chain or no candidates."""
+    rows, cap = ids.shape
+    ptrs = (ctypes.c_void_p * max(rows, 1))(*chains)
+    out = np.empty(rows, dtype=np.int64)
+    _load().ggufrun_draw_rows(apply_address, ptrs, ids.ctypes.data, vals.ctypes.data, counts.ctypes.data, rows, cap,
+                              out.ctypes.data)
+    return out
 
 
 def argmax_rows(logits: np.ndarray, threads: int = 1) -> np.ndarray:

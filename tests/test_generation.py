@@ -150,6 +150,28 @@ def test_argmax_rows_is_numpys_argmax_with_nans_ties_and_tails(vocab: int) -> No
     assert _argmax_rows(rows).tolist() == rows.argmax(axis=1).tolist()
 
 
+def test_chains_drawn_in_one_c_call_draw_what_each_draws_alone() -> None:
+    """The compiled helper runs each row's llama.cpp chain over its candidates in one call (its
+    layout of llama.cpp's candidate structs checked against llama-cpp-python's): the tokens are
+    those of the same chains called one row at a time, step after step."""
+    from ggufrun import native
+    from ggufrun.generation import _draw_compiled, _top_k_candidates
+    from ggufrun.runtime import DrawChain
+
+    rng = np.random.default_rng(8)
+    vocab = 30000
+    params = [SamplingParams(seed=i, temperature=0.9, top_p=0.9, min_p=0.02, top_k=(40, 7)[i % 2]) for i in range(16)]
+    together = [DrawChain(p, vocab) for p in params]
+    alone = [DrawChain(p, vocab) for p in params]
+    ks = np.array([c.top_k for c in together])
+    for _ in range(5):
+        logits = (rng.standard_normal((16, vocab)) * 3).astype(np.float32)
+        drawn = _draw_compiled(logits, ks, together, 3)
+        assert native.available() and drawn is not None
+        cands = _top_k_candidates(logits, ks)
+        assert drawn.tolist() == [c.draw_among(*cand) for c, cand in zip(alone, cands)]  # type: ignore[misc]
+
+
 def test_seeded_draws_do_not_depend_on_the_batch() -> None:
     rng = np.random.default_rng(2)
     row = (rng.standard_normal(800) * 2).astype(np.float32)

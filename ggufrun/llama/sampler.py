@@ -279,6 +279,25 @@ def _keeping_gil(name: str, argtypes: list[Any], restype: Any = None) -> Any:
     return fn
 
 
+_apply_addr: list[int | None] = []
+
+
+def _apply_address() -> int | None:
+    """llama_sampler_apply's address for the compiled helper, once its layout of llama.cpp's
+    candidate structs is seen to match llama-cpp-python's ctypes definitions (else None)."""
+    if not _apply_addr:
+        from .. import native
+
+        addr = None
+        lib = getattr(getattr(L, "llama_cpp", None), "_lib", None)
+        arr: Any = L.llama_token_data_array  # (the fields' offsets are class attributes)
+        ours = (ctypes.sizeof(L.llama_token_data), ctypes.sizeof(arr), arr.size.offset, arr.selected.offset, arr.sorted.offset)
+        if lib is not None and native.available() and native.token_data_layout() == ours:
+            addr = ctypes.cast(lib.llama_sampler_apply, ctypes.c_void_p).value
+        _apply_addr.append(addr)
+    return _apply_addr[0]
+
+
 def _apply_keeping_gil() -> Any:
     """llama_sampler_apply, the GIL kept (see _keeping_gil): for a few hundred candidates ~3 us."""
     return _keeping_gil("llama_sampler_apply", [ctypes.c_void_p, ctypes.POINTER(L.llama_token_data_array)])
@@ -342,6 +361,19 @@ class DrawChain(_Owned):
         arr.size, arr.selected, arr.sorted = n, -1, False
         (apply or L.llama_sampler_apply)(self._ptr, ctypes.byref(arr))  # the ordinary binding releases the GIL
         return int(data["id"][arr.selected])
+
+    @staticmethod
+    def draw_rows(chains: list["DrawChain"], ids: Any, vals: Any, counts: Any) -> Any:
+        """Each chain's token from its row's candidates (native.topk_arrays), in one C call that
+        runs llama_sampler_apply per row; -1 where a row has no candidates. None where the helper's
+        idea of llama.cpp's candidate structs does not match this llama-cpp-python's."""
+        from .. import native
+
+        apply = _apply_address()
+        if apply is None:
+            return None
+        return native.draw_rows(apply, [ctypes.cast(c._ptr, ctypes.c_void_p).value or 0 if c._ptr else 0 for c in chains],
+                                ids, vals, counts)
 
     def draw(self, row: Any) -> int:
         """Draw from a whole row of logits (every token a candidate)."""
