@@ -66,3 +66,23 @@ def test_auto_tool_call_is_constrained_once_the_reply_starts_one(zero_server: Se
     calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
     assert calls[0].function.name == "get_weather" and deltas[-1].finish_reason == "tool_calls"
     assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == json.loads(call.function.arguments)
+
+
+def test_auto_with_a_schema_the_converter_refuses_runs_unconstrained(zero_server: ServerProcess,
+                                                                      scripted: tuple[Path, dict[str, float]]) -> None:
+    """tool_choice auto promises no grammar: a tool whose schema cannot become one (an unanchored
+    pattern) is still offered, and the reply is free (the script starts over, not a forced call);
+    tool_choice required with the same tool is the client's 400, naming the field."""
+    import openai
+
+    zip_tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"zip": {"type": "string", "pattern": "[0-9]{5}"}}}}}
+    oa = openai.OpenAI(base_url=f"{zero_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    ask: dict[str, Any] = {"model": "zero", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30,
+                           "logit_bias": scripted[1], "presence_penalty": 2.0, "frequency_penalty": 2.0,
+                           "extra_body": {"repeat_last_n": 8}, "tools": [zip_tool]}
+    r = oa.chat.completions.create(**ask, tool_choice="auto")
+    assert r.choices[0].message.content.startswith("<tool_call><") and not r.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.chat.completions.create(**ask, tool_choice="required")
+    assert "pattern" in str(err.value).lower() or "tools" in str(err.value).lower()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constraints import embed_rules, schema_grammar
-from .protocol import invalid
+from .protocol import ApiError, invalid
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
@@ -202,7 +202,12 @@ def lazy_grammar(plan: ToolPlan | None) -> tuple[str, list[str]] | None:
     starts a call; None when there are no tools to call."""
     if plan is None or plan.choice != "auto" or not plan.tools:
         return None
-    return _calls_grammar(plan), [TRIGGERS[plan.fmt]]
+    try:
+        return _calls_grammar(plan), [TRIGGERS[plan.fmt]]
+    except ApiError:
+        # A schema the converter cannot turn into GBNF (an unanchored "pattern", say): auto never
+        # promised a grammar, so the reply runs unconstrained rather than the request failing.
+        return None
 
 
 def _calls_grammar(plan: ToolPlan) -> str:
