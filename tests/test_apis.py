@@ -384,3 +384,66 @@ def test_leaving_a_stream_cancels_its_generation(smol: ServerProcess) -> None:
         while _cancelled(smol) == before and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _cancelled(smol) == before + 1, f"{path}: the generation went on after the client left"
+
+
+def test_wrong_types_and_long_texts_are_refused_in_each_apis_shape(smol: ServerProcess) -> None:
+    """Inputs a client can get wrong end in that API's 400, naming the field, not a 500; Ollama's
+    embeddings refuse what /v1/embeddings refuses (a text longer than a batch is never cut)."""
+    cases = [
+        ("/v1/messages/count_tokens", {"model": 5, "messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ("/api/embed", {"model": 5, "input": "red"}, "model"),
+        ("/api/embed", {"model": "smol", "input": "red", "keep_alive": "5m"}, "keep_alive"),
+        ("/api/embed", {"model": "smol", "input": "river " * 3000}, "input"),
+        ("/api/embeddings", {"model": "smol", "prompt": "river " * 3000}, "input"),
+        ("/v1/responses", {"model": "smol", "input": "hi", "include": [{}]}, "include"),
+        ("/api/chat", {"model": "smol", "stream": False, "messages": [
+            {"role": "assistant", "content": "", "tool_calls": 5}]}, "tool_calls"),
+        ("/api/chat", {"model": "smol", "stream": False, "messages": [
+            {"role": "tool", "content": "18C", "tool_name": ["a"]}]}, "tool_name"),
+        ("/api/chat", {"model": "smol", "stream": False, "messages": [
+            {"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f"}}]}]}, "tool_calls"),
+        ("/api/chat", {"model": "smol", "stream": False, "messages": [{"role": "user", "content": "hi", "colour": "red"}]},
+         "colour"),
+    ]
+    for path, body, field in cases:
+        r = post(smol, path, body)
+        assert r.status_code == 400, (path, body, r.status_code, r.text[:300])
+        assert field in r.text, (path, r.text[:300])
+
+
+def test_responses_stream_starts_each_message_afresh_and_ollama_ends_a_cut_call_with_an_error() -> None:
+    """The stream translators over a scripted run of OpenAI chunks (text, a tool call, text again):
+    the second Responses message holds only its own text; an Ollama stream whose tool call was cut
+    short (num_predict) ends with an error line, not a broken connection."""
+    import asyncio
+
+    from ggufrun.server.ollama import _ndjson
+    from ggufrun.server.responses import _Builder, events
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    class Scripted:  # a finished generation's chunks, as ChatRun.chunks() yields them
+        def __init__(self, chunks: list[dict[str, Any]]) -> None:
+            self._chunks = chunks
+
+        async def chunks(self) -> Any:
+            for c in self._chunks:
+                yield c
+
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    script = [chunk({"content": "AAA"}), chunk({"tool_calls": [call]}), chunk({"content": "BBB"}, "stop"),
+              {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}]
+
+    async def collect(gen: Any) -> list[bytes]:
+        return [b async for b in gen]
+
+    out = asyncio.run(collect(events(Scripted(script), _Builder({}, "m"))))  # type: ignore[arg-type]
+    done = [json.loads(line[6:]) for b in out for line in b.decode().splitlines() if line.startswith("data: ")]
+    texts = [e["text"] for e in done if e["type"] == "response.output_text.done"]
+    assert texts == ["AAA", "BBB"], texts
+    cut = {**call, "function": {"name": "f", "arguments": '{"a": 1, "b'}}
+    lines = asyncio.run(collect(_ndjson(Scripted([chunk({"tool_calls": [cut]}, "length"), script[-1]]),  # type: ignore[arg-type]
+                                        "m", 0.0, True)))
+    last = json.loads(lines[-1])
+    assert "error" in last and "arguments" in last["error"], last

@@ -433,10 +433,12 @@ class Server:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(choices.whole(results))
 
-    async def embeddings(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_body_bytes)
-        params = P.parse_embeddings(body)
-        cfg = self.lookup(params.model)
+    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any]) -> tuple[ModelConfig, list[list[float]], int]:
+        """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
+        in all). Every API's embeddings come here, so each refuses the same inputs: a model served
+        without embeddings, a token outside the vocabulary, a text longer than one batch (the
+        embedder would cut it)."""
+        cfg = self.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
         engine = await self._engine(cfg)
@@ -444,8 +446,8 @@ class Server:
             backend = engine.backend
             assert backend is not None
             texts = []
-            for i, item in enumerate(params.inputs):
-                where = f"input[{i}]" if len(params.inputs) > 1 else "input"
+            for i, item in enumerate(inputs):
+                where = f"input[{i}]" if len(inputs) > 1 else "input"
                 if isinstance(item, list):
                     bad = [t for t in item if t >= backend.model.n_vocab]
                     if bad:
@@ -461,6 +463,12 @@ class Server:
         finally:
             self.pool.release(engine)
         vectors, n_tokens = await asyncio.wrap_future(future)
+        return cfg, vectors, n_tokens
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_body_bytes)
+        params = P.parse_embeddings(body)
+        cfg, vectors, n_tokens = await self.embed_texts(params.model, params.inputs)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if params.base64 else v}
                 for i, v in enumerate(vectors)]

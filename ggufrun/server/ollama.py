@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from .protocol import ApiError
 from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, start_chat, stream, streamed,
                         supports, tool_arguments)
 
@@ -38,6 +39,7 @@ OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "
            "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "repeat_last_n": "repeat_last_n"}
 DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
+MESSAGE_KNOWN = {"role", "content", "images", "thinking", "tool_calls", "tool_name", "name"}
 CHAT_KNOWN = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think", "logprobs", "top_logprobs"}
 GENERATE_KNOWN = {"model", "prompt", "suffix", "system", "template", "context", "stream", "raw", "format", "images", "options",
                   "keep_alive", "think", "logprobs", "top_logprobs"}
@@ -55,6 +57,12 @@ def _now() -> str:
 NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format"}
 
 
+def _check_keep_alive(body: dict[str, Any]) -> None:
+    keep_alive = body.get("keep_alive")
+    if keep_alive is not None and not (isinstance(keep_alive, (int, float)) and keep_alive < 0 or keep_alive in ("-1", "-1s", "-1m", "-1h")):
+        raise Refused("keep_alive", "'keep_alive': ggufrun keeps a model loaded until another needs the room (see --max-models); only a negative keep_alive (keep loaded) is supported.")
+
+
 def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
     """The fields /api/chat and /api/generate share, into the OpenAI body ``out``."""
     unknown = sorted(k for k in set(body) - known if body[k] not in (None, "", [], {}))
@@ -68,9 +76,7 @@ def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
     if not isinstance(stream_flag, bool):
         raise Refused("stream", "'stream' must be true or false.")
     out["stream"] = stream_flag
-    keep_alive = body.get("keep_alive")
-    if keep_alive is not None and not (isinstance(keep_alive, (int, float)) and keep_alive < 0 or keep_alive in ("-1", "-1s", "-1m", "-1h")):
-        raise Refused("keep_alive", "'keep_alive': ggufrun keeps a model loaded until another needs the room (see --max-models); only a negative keep_alive (keep loaded) is supported.")
+    _check_keep_alive(body)
     if body.get("think") not in (None, False):
         raise Refused("think", "'think' is not supported: ggufrun does not separate a model's thinking.")
     fmt = body.get("format")
@@ -122,6 +128,9 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
             raise Refused(f"{where}.role", f"'{where}.role' must be system, user, assistant or tool.")
+        unknown = sorted(k for k in m if k not in MESSAGE_KNOWN and m[k] is not None)
+        if unknown:
+            raise Refused(f"{where}.{unknown[0]}", f"Unknown field '{where}.{unknown[0]}'.")
         for key in ("images", "thinking"):
             if m.get(key):
                 raise Refused(f"{where}.{key}", f"'{where}.{key}' is not supported (text models only).")
@@ -130,7 +139,9 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
             raise Refused(f"{where}.content", f"'{where}.content' must be a string.")
         message: dict[str, Any] = {"role": m["role"], "content": content}
         calls = m.get("tool_calls")
-        if calls and m["role"] == "assistant":
+        if calls and (m["role"] != "assistant" or not isinstance(calls, list)):
+            raise Refused(f"{where}.tool_calls", f"'{where}.tool_calls' must be a list, on an assistant message.")
+        if calls:
             message["tool_calls"] = []
             for j, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, dict) else None
@@ -144,6 +155,8 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
             message["content"] = content or None
         if m["role"] == "tool":
             name = m.get("tool_name") or m.get("name") or ""
+            if not isinstance(name, str):
+                raise Refused(f"{where}.tool_name", f"'{where}.tool_name' must be a string.")
             ids = pending.get(name) or next((v for v in pending.values() if v), [])
             message["tool_call_id"] = ids.pop(0) if ids else f"call_{uuid.uuid4().hex[:24]}"
         out.append(message)
@@ -222,7 +235,12 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
         choice = choice_of(chunk)
         if choice is None:  # the last chunk: usage only
             if calls:
-                message = {"role": "assistant", "content": "", "tool_calls": _ollama_calls([calls[k] for k in sorted(calls)])}
+                try:  # Ollama carries arguments as objects: a call cut short (num_predict) has none to send
+                    found = _ollama_calls([calls[k] for k in sorted(calls)])
+                except ApiError as exc:
+                    yield ndjson({"error": exc.message})
+                    return
+                message = {"role": "assistant", "content": "", "tool_calls": found}
                 yield ndjson({"model": model, "created_at": _now(), "message": message, "done": False})
             final: dict[str, Any] = {"model": model, "created_at": _now()}
             final.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
@@ -321,22 +339,17 @@ def routes(server: Server) -> list[Route]:
     async def generate(request: Request) -> Response:
         return await generate_like(request, chat=False)
 
-    async def vectors(model: str | None, texts: list[str]) -> tuple[str, list[list[float]], int]:
-        cfg = server.lookup(_model_name(model) if model else None)
-        if not cfg.embeddings:
-            raise Refused("model", f"Model '{cfg.id}' is served without embeddings.")
-        engine = await server._engine(cfg)
-        try:
-            future = engine.embed(texts)
-        finally:
-            server.pool.release(engine)
-        result, n_tokens = await asyncio.wrap_future(future)
+    async def vectors(model: Any, texts: list[str]) -> tuple[str, list[list[float]], int]:
+        if model is not None and not isinstance(model, str):
+            raise Refused("model", "'model' must be a string.")
+        cfg, result, n_tokens = await server.embed_texts(_model_name(model) if model else None, texts)
         return cfg.id, result, n_tokens
 
     def embed_fields(body: dict[str, Any], known: set[str]) -> None:
         unknown = sorted(k for k in set(body) - known if body[k] is not None)
         if unknown:
             raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
+        _check_keep_alive(body)
         if body.get("options"):
             raise Refused("options", "'options' are not supported for embeddings.")
         if body.get("dimensions") is not None:

@@ -58,7 +58,7 @@ def _refuse_set(body: dict[str, Any]) -> None:
     if reasoning is not None and not (isinstance(reasoning, dict) and all(v is None for v in reasoning.values())):
         raise Refused("reasoning", "'reasoning' is not supported: ggufrun's models are not run as reasoning models.")
     include = body.get("include") or []
-    if not isinstance(include, list) or any(i not in HARMLESS_INCLUDES for i in include):
+    if not isinstance(include, list) or any(not isinstance(i, str) or i not in HARMLESS_INCLUDES for i in include):
         raise Refused("include", f"'include' may only hold {', '.join(sorted(HARMLESS_INCLUDES))}.")
     if body.get("service_tier") not in (None, "auto", "default"):
         raise Refused("service_tier", "'service_tier' must be auto or default.")
@@ -254,7 +254,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
     finish = "stop"
 
     def close_message() -> list[bytes]:
-        nonlocal message
+        nonlocal message, logprobs
         if message is None:
             return []
         index = b.output.index(message)
@@ -265,7 +265,8 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
                        logprobs=logprobs),
                b.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0, part=part),
                b.event("response.output_item.done", output_index=index, item=message)]
-        message = None
+        message, logprobs = None, []  # a later message (text after a tool call) starts empty
+        text.clear()
         return out
 
     async for chunk in run.chunks():

@@ -153,7 +153,7 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
 
     messages = P.parse_messages(body)
     plan = T.parse_tools(body)
-    async with backend_for(server, body.get("model")) as (backend, _):
+    async with backend_for(server, P.model_name(body)) as (backend, _):
         T.choose_format(plan, backend.template)
         rendered, tools = T.prepare_messages(plan, messages, backend.template)
         text = backend.template.render(rendered, add_generation_prompt=True, tools=tools)
