@@ -396,6 +396,10 @@ def test_wrong_types_and_long_texts_are_refused_in_each_apis_shape(smol: ServerP
         ("/api/embed", {"model": "smol", "input": "river " * 3000}, "input"),
         ("/api/embeddings", {"model": "smol", "prompt": "river " * 3000}, "input"),
         ("/v1/responses", {"model": "smol", "input": "hi", "include": [{}]}, "include"),
+        ("/v1/responses", {"model": "smol", "input": "hi", "user": 7}, "user"),
+        ("/v1/responses", {"model": "smol", "input": "hi", "stream_options": 5}, "stream_options"),
+        ("/v1/messages/count_tokens", {"model": "smol", "messages": [{"role": "user", "content": "hi"}],
+                                       "output_config": {"effort": "high"}}, "effort"),
         ("/api/chat", {"model": "smol", "stream": False, "messages": [
             {"role": "assistant", "content": "", "tool_calls": 5}]}, "tool_calls"),
         ("/api/chat", {"model": "smol", "stream": False, "messages": [

@@ -290,10 +290,13 @@ def routes(server: Server) -> list[Route]:
     async def count_tokens(request: Request) -> Response:
         body = await body_of(server, request)
         _check_common(body, COUNT_KNOWN)
-        openai_body = {"model": body.get("model"), "messages": _messages(body)}
-        if body.get("tools"):
-            openai_body["tools"] = _tools(body)
-            _tool_choice(body.get("tool_choice"), openai_body)
+        openai_body: dict[str, Any] = {"model": body.get("model"), "messages": _messages(body)}
+        tools = _tools(body)
+        if tools:
+            openai_body["tools"] = tools
+        # Checked as /v1/messages checks them, though only the tools change the count.
+        _tool_choice(body.get("tool_choice"), openai_body)
+        _output_config(body.get("output_config"), {})
         require(openai_body, NAMES)
         _, tokens = await chat_prompt(server, openai_body)
         return JSONResponse({"input_tokens": len(tokens)})

@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .protocol import ApiError
-from .translate import Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream, streamed
+from .translate import (Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream, streamed,
+                        text_of)
 
 if TYPE_CHECKING:
     from .app import Server
@@ -68,17 +69,7 @@ def _refuse_set(body: dict[str, Any]) -> None:
 
 
 def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise Refused(where, f"'{where}' must be a string or a list of content parts.")
-    out = []
-    for i, part in enumerate(content):
-        if not (isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") and isinstance(part.get("text"), str)):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise Refused(f"{where}[{i}]", f"'{where}[{i}]': content of type {kind!r} is not supported (only text).")
-        out.append(part["text"])
-    return "".join(out)
+    return text_of(content, where, ("input_text", "output_text", "text"))
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -168,7 +159,13 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     """A Responses request as an OpenAI chat request body; raise Refused."""
     _refuse_set(body)
     out: dict[str, Any] = {"messages": _messages(body)}
-    for key in ("model", "temperature", "top_p", "stream", *EXTRAS):
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_obfuscation"}
+                                    and options.get("include_obfuscation") in (None, False)):
+        raise Refused("stream_options", "'stream_options' may only set include_obfuscation to false: ggufrun's "
+                                        "streams carry no obfuscation padding.")
+    # Labels the chat parser checks (types) and otherwise only echoes: user, safety_identifier, prompt_cache_key.
+    for key in ("model", "temperature", "top_p", "stream", "user", "safety_identifier", "prompt_cache_key", *EXTRAS):
         if body.get(key) is not None:
             out[key] = body[key]
     if body.get("max_output_tokens") is not None:

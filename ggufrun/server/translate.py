@@ -9,6 +9,8 @@ field it would ignore is refused instead), error conversion, and the streaming r
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -154,10 +156,13 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     messages = P.parse_messages(body)
     plan = T.parse_tools(body)
     async with backend_for(server, P.model_name(body)) as (backend, _):
-        T.choose_format(plan, backend.template)
-        rendered, tools = T.prepare_messages(plan, messages, backend.template)
-        text = backend.template.render(rendered, add_generation_prompt=True, tools=tools)
-        return text, chat_tokens(backend.template, backend.model, rendered, tools=tools)
+        def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
+            T.choose_format(plan, backend.template)
+            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools)
+            return text, chat_tokens(backend.template, backend.model, rendered, tools=tools)
+
+        return await asyncio.to_thread(render)
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
