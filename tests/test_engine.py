@@ -213,6 +213,38 @@ def test_an_engine_that_dies_fails_running_and_queued_requests_and_refuses_new_o
     assert e.state == "crashed"
 
 
+def test_an_engine_that_dies_while_handing_out_tokens_still_ends_every_stream(tiny_model: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault while a step's tokens are handed out (detokenising, stop strings): the events of
+    that step and the crash's errors still reach every client, which do not wait forever."""
+    from ggufrun import generation
+
+    e = make_engine(tiny_model, parallel=2, max_queue=4)
+    real_accept = generation.Generation.accept
+    calls = 0
+
+    def failing_accept(self: Any, token: int, info: Any = None) -> Any:  # a fault injected mid hand-out
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("simulated fault in the hand-out")
+        return real_accept(self, token, info)
+
+    monkeypatch.setattr(generation.Generation, "accept", failing_accept)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(request(e, max_tokens=50, **EXACT), loop) for _ in range(2)]
+        for job in jobs:
+            e.submit(job)
+        ends = await asyncio.wait_for(asyncio.gather(*(_collect(j) for j in jobs)), 20)
+        assert all(end.kind == "error" and end.error is not None and end.error.http_status == 500 for _, _, end in ends)
+
+    asyncio.run(main())
+    e.join(10)
+    assert e.state == "crashed"
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_logits_are_batch_invariant_without_flash_attention(tiny_model_factory: Any, arch: str) -> None:
     """The README's promise: with --flash-attn off, a sequence's logits on the CPU are bit-identical

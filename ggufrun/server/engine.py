@@ -324,6 +324,8 @@ class Engine:
         finally:
             if self.state != "crashed" and self.state != "failed":
                 self.state = "stopped"
+            if self._inflight and self.backend is not None:  # a crash with a decode queued: let it finish before freeing
+                self.backend.model.synchronize()
             self._close()
 
     def _fail(self, err: GgufrunError, state: str) -> None:
@@ -491,12 +493,14 @@ class Engine:
         t3 = time.perf_counter()
         n = 0
         self._outbox = []
-        for slot, job, tok, info in sampled:
-            if slot.job is job:
-                self._accept(slot, tok, info)
-                n += 1
-        outbox, self._outbox = self._outbox, None
-        _post(outbox)
+        try:
+            for slot, job, tok, info in sampled:
+                if slot.job is job:
+                    self._accept(slot, tok, info)
+                    n += 1
+        finally:  # posted even when a hand-out fails: the crash handler's errors must not land in a dead outbox
+            outbox, self._outbox = self._outbox, None
+            _post(outbox)
         if n:
             self.metrics.generated(self.name, n)
         if failed is not None:
