@@ -563,6 +563,8 @@ class SeqEmbedder:
     """The server's embedder on the generation context itself, in a sequence of its own: the
     weights, KV cache and compute buffers serve both (no second context, no extra device memory)."""
 
+    shares_context = True  # its texts take cells of the requests' KV cache (the engine reserves them)
+
     def __init__(self, model: Model, seq_id: int) -> None:
         self.model = model
         self.seq_id = seq_id

@@ -169,6 +169,7 @@ class _EmbedJob:
     steps: Any = None  # the text being embedded: a Model.embed_steps generator, one decode per step
     cells: int = 0  # KV cells reserved for that text (embeddings on the generation context)
     waiting: bool = False  # its text waits for cells: admissions pause meanwhile
+    tokens: list[int] | None = None  # that text's tokens, kept while it waits
 
     def drop(self) -> None:
         if self.steps is not None:
@@ -643,8 +644,10 @@ class Engine:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
                     self._embedder = self._load_embedder(self.backend)
                 if job.steps is None:
-                    tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])[: self.backend.model.n_batch]
-                    if self.backend.embed_seq is not None:
+                    if job.tokens is None:
+                        job.tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])[: self.backend.model.n_batch]
+                    tokens = job.tokens
+                    if getattr(self._embedder, "shares_context", False):
                         # Its text goes into the requests' cache: its cells are reserved as a job's are,
                         # so it waits (a step at a time) rather than take a running reply's room.
                         cells = self.backend.model.n_ctx
@@ -664,7 +667,7 @@ class Engine:
                     next(job.steps)
                     return  # more of this text at the next step
                 except StopIteration as done:
-                    job.steps, job.cells = None, 0
+                    job.steps, job.cells, job.tokens = None, 0, None
                     vector, n = done.value
                 job.vectors.append(vector)
                 job.n_tokens += n
