@@ -320,8 +320,14 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
+            def prepare(backend: Backend) -> list[list[int]]:
+                prompts = build(backend)
+                if params.grammar is not None:  # (tools may have set it): the grammar's one-time index, here too
+                    backend.model.prepare_grammars()
+                return prompts
+
             # off the event loop: rendering runs the GGUF's template, which may take up to its time budget
-            prompts = await asyncio.to_thread(build, backend)
+            prompts = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
             for request in requests:
