@@ -389,7 +389,7 @@ def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray, threa
     if topk:
         sub = logits if len(topk) == len(seqs) else logits[topk]
         ks = np.array([seqs[i].draw.top_k for i in topk])  # type: ignore[union-attr]
-        drawn = _draw_compiled(sub, ks, [seqs[i].draw for i in topk], threads)
+        drawn, cands = _draw_compiled(sub, ks, [seqs[i].draw for i in topk], threads)
         if drawn is not None:
             for i, token in zip(topk, drawn.tolist()):
                 if token >= 0:
@@ -398,7 +398,7 @@ def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray, threa
                 else:
                     found[i] = None
         else:
-            found = dict(zip(topk, _top_k_candidates(sub, ks, threads)))
+            found = dict(zip(topk, cands if cands is not None else _top_k_candidates(sub, ks, threads)))
     for i in chained:
         draw = seqs[i].draw
         assert draw is not None
@@ -410,19 +410,20 @@ def _draw_chunk(logits: np.ndarray, seqs: list[SeqSampler], u: np.ndarray, threa
     return out
 
 
-def _draw_compiled(logits: np.ndarray, ks: np.ndarray, draws: list[Any], threads: int) -> np.ndarray | None:
-    """The rows' tokens from the compiled helper: the top-k search, then each row's llama.cpp chain
-    over its candidates, both in C (-1: a row to draw from whole); None where the helper or the
-    chains' batched call is not there. One call each, where a Python round trip per row cost
-    ~10 us (0.6 ms of a 64-row step)."""
+def _draw_compiled(logits: np.ndarray, ks: np.ndarray, draws: list[Any],
+                   threads: int) -> tuple[np.ndarray | None, list[tuple[np.ndarray, np.ndarray] | None] | None]:
+    """(tokens, None) from the compiled helper: the top-k search, then each row's llama.cpp chain
+    over its candidates, both in C (-1: a row to draw from whole). Where the chains have no
+    batched call, (None, the rows' candidates) from the one search; (None, None) without the
+    helper. One call each, where a Python round trip per row cost ~10 us (0.6 ms at 64 rows)."""
     from . import native
 
-    batched = getattr(type(draws[0]), "draw_rows", None)
-    if not native.available() or batched is None:
-        return None
+    if not native.available():
+        return None, None
     ids, vals, counts = native.topk_arrays(logits, ks, threads)
-    result: np.ndarray | None = batched(draws, ids, vals, counts)
-    return result
+    batched = getattr(type(draws[0]), "draw_rows", None)
+    drawn: np.ndarray | None = batched(draws, ids, vals, counts) if batched is not None else None
+    return (drawn, None) if drawn is not None else (None, native.candidates_of(ids, vals, counts))
 
 
 # Top-k candidates are found through column maxima: a row's first v - v % _GROUPS logits seen as
@@ -447,9 +448,15 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> l
         return native.topk_candidates(logits, ks, threads)
     n, v = logits.shape
     cols = v // _GROUPS
+    small = ks <= cols  # rows whose k has a threshold among the column maxima; the others come back None
+    if not small.all():
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
+        rows = np.flatnonzero(small)
+        if len(rows):
+            for r, found in zip(rows.tolist(), _top_k_candidates(logits[rows], ks[rows])):
+                out[r] = found
+        return out
     j = int(ks.max())
-    if cols < j:  # fewer column maxima than k: no threshold that k tokens surely reach
-        return [None] * n
     body = logits[:, : cols * _GROUPS].reshape(n, _GROUPS, cols)  # token g * cols + c at [:, g, c]
     colmax = body.max(axis=1)
     threshold = np.partition(colmax, cols - j, axis=1)[:, cols - j]  # >= j tokens reach it

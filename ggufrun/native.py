@@ -49,7 +49,11 @@ def topk_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> lis
     ``ks[row]``-th largest logit, in token order, as (ids, logits); None for a row with a NaN or a
     flat row (more such tokens than fit). Rows split over ``threads`` threads started in C.
     Requires :func:`available`."""
-    ids, vals, counts = topk_arrays(logits, ks, threads)
+    return candidates_of(*topk_arrays(logits, ks, threads))
+
+
+def candidates_of(ids: np.ndarray, vals: np.ndarray, counts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`topk_arrays`'s result as :func:`topk_candidates` gives it, a row at a time."""
     return [None if c < 0 else (ids[r, :c], vals[r, :c]) for r, c in enumerate(counts.tolist())]
 
 

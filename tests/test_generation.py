@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,8 +78,24 @@ def test_penalties_see_the_prompt_and_follow_llama_cpp() -> None:
     assert row[0].tolist() == pytest.approx([1.0, 1.0, 4.0 / 2 - 2 * 0.25 - 0.5, -4.0 * 2 - 2 * 0.25 - 0.5, 1.0])
 
 
-def test_pool_passes_give_what_one_pass_gives() -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_pool_passes_give_what_one_pass_gives(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split over threads (the compiled helper's, or without it the pool's numpy tasks), a step
+    gives each row what it gives alone."""
+    from ggufrun import generation, native
     from ggufrun.generation import _argmax_rows, _top_k_candidates
+
+    if not compiled:
+        monkeypatch.setattr(native, "available", lambda: False)
+        tasks = 0
+        start = generation._start_pool
+
+        def counted() -> Any:
+            nonlocal tasks
+            tasks += 1
+            return start()
+
+        monkeypatch.setattr(generation, "_start_pool", counted)
 
     rng = np.random.default_rng(3)
     rows = (rng.standard_normal((64, 20000)) * 3).astype(np.float32)  # 64 rows: big enough for the pool
@@ -94,6 +111,8 @@ def test_pool_passes_give_what_one_pass_gives() -> None:
         found = mixed[i]
         assert found is not None
         assert np.sort(found[1])[::-1][:k].tolist() == np.sort(rows[i])[::-1][:k].tolist()
+    if not compiled:
+        assert tasks > 0  # the numpy path really went through the pool
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -114,11 +133,11 @@ def test_top_k_candidates_hold_each_rows_top_k_in_token_order(compiled: bool, mo
     rows[7, 100:140] = rows[7].max() + 1  # 40 tokens tied at the top
     ks = np.array([40, 1, 5, 100] * 4)
     found = _top_k_candidates(rows, ks)
+    huge = _top_k_candidates(rows[:2], np.array([40000, 40]))  # more than one per block: no search, no big buffers
+    alone = _top_k_candidates(rows[1:2], np.array([40]))[0]  # ... and only that row goes without candidates
+    assert huge[0] is None and huge[1] is not None and alone is not None and huge[1][0].tolist() == alone[0].tolist()
     if compiled:
         assert found[5] is None and found[6] is None
-        huge = _top_k_candidates(rows[:2], np.array([40000, 40]))  # more than one per block: no search, no big buffers
-        alone = _top_k_candidates(rows[1:2], np.array([40]))[0]
-        assert huge[0] is None and huge[1] is not None and alone is not None and huge[1][0].tolist() == alone[0].tolist()
     for i in (0, 1, 2, 3, 4, 7, 8, 15):
         ids, vals = found[i]
         kth = np.sort(rows[i])[::-1][ks[i] - 1]
@@ -166,7 +185,7 @@ def test_chains_drawn_in_one_c_call_draw_what_each_draws_alone() -> None:
     ks = np.array([c.top_k for c in together])
     for _ in range(5):
         logits = (rng.standard_normal((16, vocab)) * 3).astype(np.float32)
-        drawn = _draw_compiled(logits, ks, together, 3)
+        drawn, _ = _draw_compiled(logits, ks, together, 3)
         assert native.available() and drawn is not None
         cands = _top_k_candidates(logits, ks)
         assert drawn.tolist() == [c.draw_among(*cand) for c, cand in zip(alone, cands)]  # type: ignore[misc]
@@ -208,10 +227,16 @@ def test_top_k_chains_draw_the_same_from_candidates_as_from_the_whole_row(vocab:
     assert draws(False) == draws(True)
 
 
-def test_a_big_step_drawn_in_pool_chunks_gives_each_row_what_it_gets_alone() -> None:
-    """64 chained rows go to the pool in chunks, each drawn whole there (candidates and chain
-    calls); every seeded row still draws what it draws alone, whatever chunk it lands in."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_big_step_drawn_in_pool_chunks_gives_each_row_what_it_gets_alone(compiled: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 chained rows split over threads (the compiled helper's; without it, pool tasks that each
+    draw a chunk whole): every seeded row still draws what it draws alone, whatever chunk it is in."""
+    from ggufrun import native
     from ggufrun.runtime import DrawChain
+
+    if not compiled:
+        monkeypatch.setattr(native, "available", lambda: False)
 
     rng = np.random.default_rng(5)
     vocab = 30000
