@@ -88,6 +88,7 @@ class Model:
         self.embeddings = embeddings
         self.load_seconds = load_seconds
         self.n_ctx = L.llama_n_ctx(ctx)
+        self._eog: dict[int, bool] = {}
         self.seq_cells = L.llama_n_ctx_seq(ctx)  # the most one sequence can hold (all n_ctx when unified)
         self.unified = n_seq_max > 1 and self.seq_cells >= self.n_ctx
         self.n_batch = L.llama_n_batch(ctx)
@@ -223,7 +224,12 @@ class Model:
     # ---- vocabulary ------------------------------------------------------------------------
 
     def is_eog(self, token: int) -> bool:
-        return bool(L.llama_vocab_is_eog(self._vocab, token))
+        # Asked twice a token a stream (the engine's ends_at, then accept): a dict hit, not a
+        # llama.cpp call that gives the GIL away and may wait to get it back.
+        hit = self._eog.get(token)
+        if hit is None:
+            hit = self._eog[token] = bool(L.llama_vocab_is_eog(self._vocab, token))
+        return hit
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")

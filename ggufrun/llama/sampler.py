@@ -176,7 +176,7 @@ class Grammar(_Owned):
         if self._model.is_eog(token):
             return
         at = len(self._reply)
-        self._reply += self._utf8.decode(_piece(self._model, token))
+        self._reply += self._utf8.decode(self._model.token_bytes(token, special=True))  # (cached: no GIL hand-off)
         self._spans.append((token, at, len(self._reply)))
         start = self._trigger_start()
         if start < 0 or start == self._rejected_at:
