@@ -657,22 +657,24 @@ def _classify_stops(vocab: Vocab, stops: list[str] | tuple[str, ...]) -> tuple[d
     return ids, tuple(texts)
 
 
-def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, str, bool]:
-    """Split streamed text into (safe to show, held back, a stop string was hit).
+def split_stop(pending: str, stops: tuple[str, ...] | list[str]) -> tuple[str, str, str | None]:
+    """Split streamed text into (safe to show, held back, the stop string hit or None).
 
     Text that might be the start of a stop string is held back until the next piece decides,
-    so a client never sees half of "<|im_end|>". On a hit, everything from the stop on is dropped.
+    so a client never sees half of "<|im_end|>". On a hit, everything from the stop on is dropped;
+    the earliest stop wins (the first listed, where two start at the same place).
     """
-    hits = [i for i in (pending.find(s) for s in stops if s) if i >= 0]
+    hits = [(i, s) for s in stops if s and (i := pending.find(s)) >= 0]
     if hits:
-        return pending[: min(hits)], "", True
+        at, stop = min(hits, key=lambda h: h[0])
+        return pending[:at], "", stop
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(pending)), hold, -1):
             if pending.endswith(s[:k]):
                 hold = k
                 break
-    return (pending[:-hold], pending[-hold:], False) if hold else (pending, "", False)
+    return (pending[:-hold], pending[-hold:], None) if hold else (pending, "", None)
 
 
 class Generation:
@@ -738,11 +740,9 @@ class Generation:
                                          [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top]))
         text = self._held + piece
         if self.stop_texts:
-            pending = text
             text, self._held, hit = split_stop(text, self.stop_texts)
-            if hit:
-                found = [(i, s) for s in self.stop_texts if (i := pending.find(s)) >= 0]
-                self.stop_sequence = min(found)[1]  # the earliest, as split_stop cut there
+            if hit is not None:
+                self.stop_sequence = hit
                 return self._end("stop", text, flush=False)
         else:
             self._held = ""

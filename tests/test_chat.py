@@ -70,10 +70,10 @@ def test_unreadable_system_file(tmp_path: Path) -> None:
 
 def test_split_stop_holds_back_a_possible_stop() -> None:
     stops = ("\nUser:",)
-    assert split_stop("Hello", stops) == ("Hello", "", False)
-    assert split_stop("Hello\nUs", stops) == ("Hello", "\nUs", False)
-    assert split_stop("Hello\nUser: more", stops) == ("Hello", "", True)
-    assert split_stop("a\nb", stops) == ("a\nb", "", False)
+    assert split_stop("Hello", stops) == ("Hello", "", None)
+    assert split_stop("Hello\nUs", stops) == ("Hello", "\nUs", None)
+    assert split_stop("Hello\nUser: more", stops) == ("Hello", "", "\nUser:")
+    assert split_stop("a\nb", stops) == ("a\nb", "", None)
 
 
 # ---- sessions on gemma3-270m ---------------------------------------------------------------

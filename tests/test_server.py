@@ -527,11 +527,11 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny_model: Path, server_
 def test_stop_string_helpers() -> None:
     from ggufrun.generation import split_stop
 
-    assert split_stop("abc<|im_end|>x", ["<|im_end|>"]) == ("abc", "", True)
-    assert split_stop("abc", ["zz"]) == ("abc", "", False)
-    assert split_stop("one END two STOP", ["STOP", "END"]) == ("one ", "", True)  # the earliest wins
-    assert split_stop("hello <|im", ["<|im_end|>"]) == ("hello ", "<|im", False)  # may become the stop
-    assert split_stop("aXY", ["XYZ", "YZW"]) == ("a", "XY", False)
+    assert split_stop("abc<|im_end|>x", ["<|im_end|>"]) == ("abc", "", "<|im_end|>")
+    assert split_stop("abc", ["zz"]) == ("abc", "", None)
+    assert split_stop("one END two STOP", ["STOP", "END"]) == ("one ", "", "END")  # the earliest wins
+    assert split_stop("hello <|im", ["<|im_end|>"]) == ("hello ", "<|im", None)  # may become the stop
+    assert split_stop("aXY", ["XYZ", "YZW"]) == ("a", "XY", None)
 
 
 def test_request_validation_names_the_field() -> None:
