@@ -411,6 +411,8 @@ class Engine:
             return False
         model = self.backend.model
         running = [s for s in self._slots if s.job is not None and s.job.request.prompt[:_SHARE_MIN] == prompt[:_SHARE_MIN]]
+        if not any(s.pending or s.gen is None for s in running):
+            return False  # nothing is being evaluated: no prefix to wait for
         held = max((model.common_prefix(s.seq_id, prompt) for s in running if s.gen is not None), default=0)
         for s in running:
             if not (s.pending or s.gen is None):
