@@ -309,6 +309,17 @@ def test_a_burst_of_requests_with_one_prompt_fills_the_batch_at_once(tiny_model:
 
 def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_cancelled(tiny_model: Path) -> None:
     e = make_engine(tiny_model, parallel=2, max_queue=4, cells=256, embeddings=True)
+    assert e.backend is not None
+    model = e.backend.model
+    started = 0
+    embed_steps = model.embed_steps
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # the real embedding; only the texts begun are counted
+        nonlocal started
+        started += 1
+        return embed_steps(*args, **kwargs)
+
+    model.embed_steps = counted  # type: ignore[method-assign]
     try:
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -325,6 +336,7 @@ def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_canc
             assert cancelled.cancel()  # the client left: the engine drops the rest of the work
             after = await asyncio.wait_for(asyncio.wrap_future(e.embed(["after"])), 60)
             assert len(after[0]) == 1
+            assert 7 <= started < 6 + 200, started  # the cancelled batch's texts were not all embedded
 
         asyncio.run(main())
         assert e._embedder is not None and e.backend is not None
