@@ -89,6 +89,9 @@ def test_anthropic_create_stream_and_count_agree(smol: ServerProcess) -> None:
 
     counted = c.messages.count_tokens(model="smol", messages=HI, system="Be brief.")
     assert counted.input_tokens == whole.usage.input_tokens == final.usage.input_tokens > 5
+    prefilled = [*HI, {"role": "assistant", "content": "The three colours are"}]  # the reply continues this text
+    counted = c.messages.count_tokens(model="smol", messages=prefilled)
+    assert counted.input_tokens == c.messages.create(model="smol", max_tokens=1, messages=prefilled).usage.input_tokens
 
 
 def test_anthropic_stop_sequences_and_history(smol: ServerProcess) -> None:

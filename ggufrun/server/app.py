@@ -260,6 +260,22 @@ class _Choices:
 
 # ---- the application -----------------------------------------------------------------------------
 
+
+def split_prefill(messages: list[dict[str, Any]]) -> str:
+    """Take a final assistant message (no tool calls) off ``messages``: the reply continues its
+    text (assistant prefill). Returns that text ("" when there is none)."""
+    if messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+        return ""
+    prefill: str = messages.pop()["content"]
+    if not messages:
+        raise invalid("messages", "a conversation cannot be only an assistant message.")
+    return prefill
+
+
+def prefill_tokens(backend: Backend, prefill: str) -> list[int]:
+    """The prefill's tokens, as plain text after the rendered prompt."""
+    return backend.model.tokenize(prefill, add_special=False, parse_special=False) if prefill else []
+
 class Server:
     """The app's state and handlers."""
 
@@ -378,11 +394,7 @@ class Server:
         messages = P.parse_messages(body)
         plan = T.parse_tools(body)
         cfg = self.lookup(params.model)
-        prefill = ""
-        if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
-            prefill = messages.pop()["content"]  # the reply continues this text
-            if not messages:
-                raise invalid("messages", "a conversation cannot be only an assistant message.")
+        prefill = split_prefill(messages)
 
         def build(backend: Backend) -> list[list[int]]:
             T.choose_format(plan, backend.template)
@@ -399,10 +411,7 @@ class Server:
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
             rendered, tools = T.prepare_messages(plan, messages, backend.template)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools)
-            if prefill:
-                tokens += backend.model.tokenize(prefill, add_special=False, parse_special=False)
-            return [tokens]
+            return [chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)]
 
         group = await self._submit(params, cfg, build)
         return group, params, _Choices(True, params.model or cfg.id, params, plan, params.n)

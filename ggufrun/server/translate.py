@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
-from .app import read_json
+from .app import prefill_tokens, read_json, split_prefill
 from .protocol import ApiError, api_error
 from .streaming import EventStream, JobGroup, collect
 
@@ -154,13 +154,14 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     from . import tools as T
 
     messages = P.parse_messages(body)
+    prefill = split_prefill(messages)  # as start_chat does: the count is the prompt a reply would get
     plan = T.parse_tools(body)
     async with backend_for(server, P.model_name(body)) as (backend, _):
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
             rendered, tools = T.prepare_messages(plan, messages, backend.template)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools)
-            return text, chat_tokens(backend.template, backend.model, rendered, tools=tools)
+            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools) + prefill
+            return text, chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)
 
         return await asyncio.to_thread(render)
 
