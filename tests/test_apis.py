@@ -416,6 +416,8 @@ def test_wrong_types_and_long_texts_are_refused_in_each_apis_shape(smol: ServerP
         r = post(smol, path, body)
         assert r.status_code == 400, (path, body, r.status_code, r.text[:300])
         assert field in r.text, (path, r.text[:300])
+        if path == "/v1/responses":  # OpenAI's error shape names the field
+            assert r.json()["error"]["param"] == field, r.text
 
 
 def test_responses_stream_starts_each_message_afresh_and_ollama_ends_a_cut_call_with_an_error() -> None:

@@ -35,12 +35,12 @@ NAMES = {"max_tokens": "max_tokens", "stop": "stop_sequences", "tools": "tools",
          "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format"}
 
 
-def error_body(status: int, message: str, kind: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def _render_error(status: int, kind: str, message: str) -> dict[str, Any]:
+def _render_error(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
     return error_body(status, message)
 
 

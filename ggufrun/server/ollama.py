@@ -45,7 +45,7 @@ GENERATE_KNOWN = {"model", "prompt", "suffix", "system", "template", "context", 
                   "keep_alive", "think", "logprobs", "top_logprobs"}
 
 
-def _render_error(status: int, kind: str, message: str) -> dict[str, Any]:
+def _render_error(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
     return {"error": message}
 
 
@@ -271,10 +271,11 @@ def _size(path: Path) -> int:
 
 
 def routes(server: Server) -> list[Route]:
-    info_cache: dict[str, GGUFInfo | None] = {}
+    info_cache: dict[str, GGUFInfo] = {}
 
     async def header(cfg: ModelConfig) -> tuple[Path, GGUFInfo | None]:
-        """The served file and its GGUF header facts (read once, off the loop)."""
+        """The served file and its GGUF header facts (read off the loop, kept once read: a model
+        not fetched yet is read again once its first load has fetched it)."""
         from ..gguf_info import inspect
 
         path = server.pool.registry.resolve(cfg.model).cache_path()
@@ -282,7 +283,7 @@ def routes(server: Server) -> list[Route]:
             try:
                 info_cache[cfg.id] = await asyncio.to_thread(inspect, path)
             except Exception:  # noqa: BLE001 (a listing should not fail on one unreadable file)
-                info_cache[cfg.id] = None
+                return path, None
         return path, info_cache[cfg.id]
 
     def details(info: GGUFInfo | None) -> dict[str, Any]:

@@ -37,8 +37,8 @@ NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "t
 HARMLESS_INCLUDES = {"reasoning.encrypted_content", "message.output_text.logprobs"}
 
 
-def _render_error(status: int, kind: str, message: str) -> dict[str, Any]:
-    return ApiError(status, message, kind=kind).body()
+def _render_error(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return ApiError(status, message, kind=kind, param=param).body()
 
 
 def _refuse_set(body: dict[str, Any]) -> None:

@@ -80,28 +80,29 @@ def require(body: dict[str, Any], names: dict[str, str]) -> None:
             raise Refused(param, f"'{param}' is not supported by this server yet.")
 
 
-def as_error(exc: BaseException, names: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """(status, kind, message) for any error, with validation errors as 400 (what these APIs use);
-    ``names`` renames the chat pipeline's field in its message to the client's spelling."""
+def as_error(exc: BaseException, names: dict[str, str] | None = None) -> tuple[int, str, str, str | None]:
+    """(status, kind, message, param) for any error, with validation errors as 400 (api_error maps
+    them); ``names`` renames the chat pipeline's field to the client's spelling, in the message
+    and the param."""
     if isinstance(exc, Refused):
-        return exc.status, "invalid_request_error", exc.message
+        return exc.status, "invalid_request_error", exc.message, exc.param
     error = api_error(exc)
-    status = 400 if error.status == 422 else error.status
-    message = error.message
+    message, param = error.message, error.param
     if names and error.param in names:
-        client = names[error.param]
-        message = message.replace(f"'{error.param}'", f"'{client}'")
-        if f"'{client}'" not in message:
-            message = f"{message.rstrip('.')} (field '{client}')."
-    return status, error.kind, message
+        param = names[error.param]
+        message = message.replace(f"'{error.param}'", f"'{param}'")
+        if f"'{param}'" not in message:
+            message = f"{message.rstrip('.')} (field '{param}')."
+    return error.status, error.kind, message, param
 
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def guarded(render: Callable[[int, str, str], dict[str, Any]], names: dict[str, str] | None = None) -> Callable[[Handler], Handler]:
+def guarded(render: Callable[[int, str, str, str | None], dict[str, Any]],
+            names: dict[str, str] | None = None) -> Callable[[Handler], Handler]:
     """Wrap a handler so that any error answers in its API's error shape (``render(status, kind,
-    message)``) instead of the OpenAI shape the app's exception handlers write."""
+    message, param)``) instead of the OpenAI shape the app's exception handlers write."""
 
     def wrap(handler: Handler) -> Handler:
         async def guarded_handler(request: Request) -> Response:
@@ -110,11 +111,11 @@ def guarded(render: Callable[[int, str, str], dict[str, Any]], names: dict[str, 
             except ClientDisconnect:
                 raise  # the app's handler logs it; nobody is left to read an error
             except Exception as exc:  # noqa: BLE001 (this is the API's error boundary)
-                status, kind, message = as_error(exc, names)
+                status, kind, message, param = as_error(exc, names)
                 if status >= 500 and not isinstance(exc, (ApiError, Refused)):
                     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
                 headers = api_error(exc).headers if not isinstance(exc, Refused) else {}
-                return JSONResponse(render(status, kind, message), status_code=status, headers=headers)
+                return JSONResponse(render(status, kind, message, param), status_code=status, headers=headers)
 
         return guarded_handler
 
