@@ -456,3 +456,13 @@ def test_responses_stream_starts_each_message_afresh_and_ollama_ends_a_cut_call_
                                         "m", 0.0, True)))
     last = json.loads(lines[-1])
     assert "error" in last and "arguments" in last["error"], last
+
+
+def test_unknown_routes_and_methods_answer_in_their_apis_shape(smol: ServerProcess) -> None:
+    wrong_method = requests.get(f"{smol.url}/v1/messages", timeout=30)
+    assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"  # Anthropic's shape
+    assert "GET" in wrong_method.json()["error"]["message"]
+    unknown = requests.post(f"{smol.url}/api/nope", json={}, timeout=30)
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"}  # Ollama's
+    openai_side = requests.post(f"{smol.url}/v1/nope", json={}, timeout=30)
+    assert openai_side.status_code == 404 and openai_side.json()["error"]["type"] == "not_found_error"  # OpenAI's

@@ -593,14 +593,23 @@ class BearerAuth:
             bearer = hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
             if not (bearer or hmac.compare_digest(headers.get(b"x-api-key", b""), self.key)):
                 message = "Missing or wrong API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
-                body = ApiError(401, message, kind="authentication_error").body()
-                if scope["path"].startswith("/v1/messages"):  # each API's clients read their own error shape
-                    body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
-                elif scope["path"].startswith("/api/"):
-                    body = {"error": message}
+                body = error_shape(scope["path"], ApiError(401, message, kind="authentication_error"))
                 response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def error_shape(path: str, error: ApiError) -> dict[str, Any]:
+    """``error``'s body in the shape the clients of ``path``'s API read (Anthropic's under
+    /v1/messages, Ollama's under /api/, else OpenAI's): for the errors no route handler answers
+    (a wrong key, an unknown route or method)."""
+    from . import anthropic
+
+    if path.startswith("/v1/messages"):
+        return anthropic.error_body(error.status, error.message)
+    if path.startswith("/api/"):
+        return {"error": error.message}
+    return error.body()
 
 
 def other_api_routes(server: Server) -> list[Route]:
@@ -648,7 +657,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
             error = api_error(exc)
         if error.status >= 500 and not isinstance(exc, GgufrunError):
             log.exception("unhandled error on %s %s", request.method, safe(request.url.path), exc_info=exc)
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return JSONResponse(error_shape(request.url.path, error), status_code=error.status, headers=error.headers)
 
     routes = [
         Route("/", server.page, methods=["GET"]),
