@@ -37,6 +37,18 @@ log = logging.getLogger("ggufrun.server")
 _SHARE_MIN = 16  # prompt tokens in common worth sharing KV cells for
 
 
+# A documented test hook (README "Testing"): a job whose seed is this number fails inside the
+# engine's batched sampling, as a bug in one request's sampler would, so tests can check that it
+# ends alone. Unset in production.
+FAULT_SEED = os.environ.get("GGUFRUN_TEST_FAULT_SEED")
+
+
+class JobFailedError(GgufrunError):
+    """One request failed inside the engine (its sampler, grammar or text hand-out); only it ends."""
+
+    http_status = 500
+
+
 class QueueFullError(GgufrunError):
     """Every slot is busy and the wait queue is full."""
 
@@ -491,7 +503,11 @@ class Engine:
             with self._cv:
                 admitted = self._admissions()
             for slot in admitted:
-                self._admit(slot)
+                job = slot.job
+                try:
+                    self._admit(slot)
+                except Exception as exc:  # noqa: BLE001 -- this request's setup failed: it ends alone
+                    self._fail_job(job, exc)
             failed = self._launch(model)
         t3 = time.perf_counter()
         n = 0
@@ -499,7 +515,10 @@ class Engine:
         try:
             for slot, job, tok, info in sampled:
                 if slot.job is job:
-                    self._accept(slot, tok, info)
+                    try:
+                        self._accept(slot, tok, info)
+                    except Exception as exc:  # noqa: BLE001 -- one reply's hand-out failed: it ends alone
+                        self._fail_job(job, exc)
                     n += 1
         finally:  # posted even when a hand-out fails: the crash handler's errors must not land in a dead outbox
             outbox, self._outbox = self._outbox, None
@@ -526,12 +545,26 @@ class Engine:
         if not live:
             model.synchronize()
             return []
-        from ..generation import sample_rows
-
         logits = model.logits_rows(len(rows))  # waits for the device
         if len(live) < len(rows):
             logits = logits[live]  # a copy: ended jobs' samplers are already freed
-        tokens, infos = sample_rows(logits, [rows[i][0].gen.sampler for i in live])  # type: ignore[union-attr]
+        seqs = [rows[i][0].gen.sampler for i in live]  # type: ignore[union-attr]
+        try:
+            tokens, infos = _sample(logits, seqs)
+        except Exception as exc:  # noqa: BLE001
+            # One request's sampler failed the step: sample the rows one by one, so that only the
+            # rows that fail alone end. (Rows the batched pass had already penalised in place get
+            # their penalties twice for this one token: only when some sampler is broken.)
+            log.warning("batched sampling failed (%s); sampling %d rows one by one", exc, len(seqs))
+            out = []
+            for k, i in enumerate(live):
+                try:
+                    (tok,), (info,) = _sample(logits[k : k + 1], [seqs[k]])
+                except Exception as row_exc:  # noqa: BLE001
+                    self._fail_job(rows[i][1], row_exc)
+                    continue
+                out.append((rows[i][0], rows[i][1], tok, info))
+            return out
         return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
 
     def _launch(self, model: Any) -> tuple[GgufrunError, list[_Slot]] | None:
@@ -598,6 +631,21 @@ class Engine:
             self._emit(job, Event("text", text, tokens=gen.take_tokens()))
         if reason is not None:
             self._end(slot, finish_reason=reason)
+
+    def _fail_job(self, job: Job | None, exc: BaseException) -> None:
+        """End one job with an error and free its slot (its KV cells too); the others run on."""
+        slot = next((s for s in self._slots if job is not None and s.job is job), None)
+        if slot is None:
+            return
+        if isinstance(exc, GgufrunError):
+            err = exc
+        else:
+            log.error("request on %s failed in the engine", self.name, exc_info=exc)
+            err = JobFailedError(f"The request failed in the engine: {type(exc).__name__}: {exc}.",
+                                 "Other requests were not affected; see the server log.")
+        # Its KV cells stay, as a finished job's do (the bookkeeping matches them; a decode may be in
+        # flight): the next admission to the slot keeps what it shares of them.
+        self._end(slot, error=err)
 
     def _emit(self, job: Job, event: Event) -> None:
         if self._outbox is not None:  # inside step()'s hand-out: posted together at its end
@@ -726,6 +774,14 @@ class _StepProfile:
                      "admit+launch %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:2],
                      *(1e3 * v for v in s[2:]))
             self.n, self.sums = 0, [0.0] * 7
+
+
+def _sample(logits: Any, seqs: list[Any]) -> tuple[list[int], list[Any]]:
+    from ..generation import sample_rows
+
+    if FAULT_SEED is not None and any(str(s.params.seed) == FAULT_SEED for s in seqs):
+        raise RuntimeError(f"injected sampling fault for seed {FAULT_SEED} (GGUFRUN_TEST_FAULT_SEED)")
+    return sample_rows(logits, seqs)
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:
