@@ -31,7 +31,7 @@ def make_engine(path: Path, *, parallel: int = 4, max_queue: int = 16, cells: in
     from ggufrun.server.models import _load_embedder
 
     def load() -> Backend:
-        model = Model.load(path, SETTINGS, n_seq_max=parallel + embeddings, kv_cells=cells or n_ctx_seq * parallel)
+        model = Model.load(path, SETTINGS, n_seq_max=parallel + embeddings, kv_cells=cells or n_ctx_seq * (parallel + embeddings))
         return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
                        n_ctx_seq=n_ctx_seq, embed_seq=parallel if embeddings else None)
 

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
 from . import protocol as P
+from . import security
 from . import tools as T
 from .engine import Backend, Engine, Event, GenRequest, Job, ShuttingDownError
 from .metrics import Metrics
@@ -346,10 +347,8 @@ class Server:
             prompts = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
-            for request in requests:
-                job = Job(request, loop)
-                engine.submit(job)
-                jobs.append(job)
+            jobs = [Job(request, loop) for request in requests]
+            engine.submit_all(jobs, param="n" if params.n > 1 else "prompt")  # all or none: a 400 if they can never fit
         except BaseException:
             for job in jobs:
                 job.cancel()
@@ -672,6 +671,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
         *other_api_routes(server),
     ]
     middleware = [Middleware(AccessLog, metrics=metrics, routes={r.path for r in routes})]
+    middleware += security.middleware(config, error_shape)  # Host allow-list, cross-site POSTs, auth scheme
     if config.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors), allow_methods=["GET", "POST", "OPTIONS"],
                                      allow_headers=["*"]))  # the SDKs add x-stainless-*, anthropic-*, openai-*

@@ -55,6 +55,17 @@ class QueueFullError(GgufrunError):
     http_status = 503
 
 
+class TooManyJobsError(GgufrunError):
+    """A request needs more sequences than the engine can ever hold at once (slots + queue): no
+    retry can succeed, so it is the client's error (400), not a 503."""
+
+    http_status = 400
+
+    def __init__(self, message: str, hint: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
+
+
 class ShuttingDownError(GgufrunError):
     """The server is stopping (or the model is being unloaded) and takes no new work."""
 
@@ -139,6 +150,10 @@ class Job:
         self.cancelled = False
         self.finished = False  # set by the engine thread with the terminal event; cancel() is then a no-op
         self.grammar: Any = None  # compiled at submit, so a bad grammar is the client's 400 there
+        # The request this job is one choice (or prompt) of: admission shares the slots between
+        # requests, not jobs (Engine._next_job).
+        self.group: object = self
+        self.group_size = 1
 
     def cancel(self) -> None:
         """Called on the loop thread when the client goes away: the engine drops the job at its next
@@ -250,10 +265,26 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise QueueFullError, ShuttingDownError or GrammarError (a grammar llama.cpp rejects)."""
-        grammar = job.request.sampling.get("grammar")
-        if grammar and job.grammar is None and self.backend is not None:
-            # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
-            job.grammar = self.backend.model.grammar(grammar, job.request.sampling.get("grammar_triggers") or ())
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job], param: str | None = None) -> None:
+        """Queue one request's jobs (its prompts times its choices) together or not at all.
+
+        Raises TooManyJobsError (400, naming ``param``) when they outnumber the slots plus the
+        queue, so that waiting cannot help; QueueFullError (503) when the queue is full now;
+        ShuttingDownError; GrammarError (a grammar llama.cpp rejects)."""
+        capacity = self.parallel + self.max_queue
+        if len(jobs) > capacity:
+            raise TooManyJobsError(
+                f"This request needs {len(jobs)} sequences (prompts x n); model '{self.name}' runs {self.parallel} at once "
+                f"and queues {self.max_queue} more, so it can never be accepted.",
+                f"Send at most {capacity} per request, or serve with a larger --parallel or --max-queue.", param=param)
+        for job in jobs:
+            job.group, job.group_size = jobs[0], len(jobs)
+            grammar = job.request.sampling.get("grammar")
+            if grammar and job.grammar is None and self.backend is not None:
+                # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
+                job.grammar = self.backend.model.grammar(grammar, job.request.sampling.get("grammar_triggers") or ())
         with self._cv:
             if self._stopping or self.state != "ready":
                 raise self._refusal()
@@ -261,13 +292,14 @@ class Engine:
                 self._queue.pop()
             if any(j.cancelled for j in self._queue):
                 self._queue = deque(j for j in self._queue if not j.cancelled)
-            waiting = len(self._queue) - (self.parallel - self._n_active)
-            if waiting >= self.max_queue:
+            waiting = len(self._queue) + len(jobs) - (self.parallel - self._n_active)
+            if waiting > self.max_queue:
                 raise QueueFullError(
-                    f"Model '{self.name}' is busy: {self._n_active} requests running and {max(waiting, 0)} waiting.",
+                    f"Model '{self.name}' is busy: {self._n_active} requests running and "
+                    f"{max(len(self._queue) - (self.parallel - self._n_active), 0)} waiting.",
                     "Retry shortly.",
                 )
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._cv.notify()
 
     def _refusal(self) -> GgufrunError:
@@ -369,33 +401,61 @@ class Engine:
                 self._end(slot, error=cut)
 
     def _admissions(self) -> list[_Slot]:
-        """Under the lock: queued jobs that get a slot now, first come first served. A job is
-        admitted only when its KV budget (prompt + max_tokens) is free, so no running reply is ever
-        cut short for room; otherwise it (and those behind it) wait."""
+        """Under the lock: queued jobs that get a slot now (:meth:`_next_job` picks, fair between
+        requests). A job is admitted only when its KV budget (prompt + max_tokens) is free, so no
+        running reply is ever cut short for room; otherwise it (and those behind it) wait."""
         if self._stopping or self.backend is None or (self._embeds and self._embeds[0].waiting):
             return []
         admitted: list[_Slot] = []
         cells = self.backend.model.n_ctx
         reserved = self._reserved()
+        held: dict[object, int] = {}
+        for s in self._slots:
+            if s.job is not None:
+                held[s.job.group] = held.get(s.job.group, 0) + 1
         for slot in self._slots:
             if slot.job is not None:
                 continue
             while self._queue and self._queue[0].cancelled:  # its client left while it waited
                 self._queue.popleft()
-            if not self._queue:
+            job = self._next_job(held)
+            if job is None:
                 break
-            req = self._queue[0].request
+            req = job.request
             if self._prefilling(req.prompt):
                 break  # n > 1 or a common system prompt: wait a step or two and share its KV instead
             need = len(req.prompt) + req.max_tokens
             if reserved + need > cells and (reserved or admitted):
                 break
-            slot.job = self._queue.popleft()
+            self._queue.remove(job)
+            slot.job = job
             slot.reserved = need
             reserved += need
+            held[job.group] = held.get(job.group, 0) + 1
             self._n_active += 1
             admitted.append(slot)
         return admitted
+
+    def _next_job(self, held: dict[object, int]) -> Job | None:
+        """The queued job to admit next: the first job of the request holding the fewest slots
+        (earliest first among equals), so a request's ``n`` choices or list of prompts take turns
+        with other requests instead of going first; and a request of several jobs never holds
+        the last slot, so another client's request always finds one free (with ``n: 16``, huge
+        ``max_tokens`` and ``ignore_eos``, one request kept a 3-token request waiting over 150 s).
+        Every job reserves at most one request's context, so one free slot also has its cells."""
+        best: Job | None = None
+        best_key = (0, 0)
+        seen: set[int] = set()
+        for i, job in enumerate(self._queue):
+            if job.cancelled or id(job.group) in seen:
+                continue
+            seen.add(id(job.group))
+            n = held.get(job.group, 0)
+            if job.group_size > 1 and self.parallel > 1 and n >= self.parallel - 1:
+                continue  # its share is taken: the last slot stays free for other requests
+            if best is None or (n, i) < best_key:
+                best, best_key = job, (n, i)
+        return best
 
     def _reserved(self) -> int:
         """KV cells promised to running jobs and to the text being embedded."""
