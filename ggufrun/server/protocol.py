@@ -46,7 +46,18 @@ def unsupported(param: str, why: str) -> ApiError:
 
 
 def api_error(exc: BaseException) -> ApiError:
-    """Any error as the ApiError a client sees; unknown ones become a 500 with no internals."""
+    """Any error as the ApiError a client sees; unknown ones become a 500 with no internals, and no
+    message names a filesystem path (security.scrub_paths)."""
+    from .security import scrub_paths
+
+    error = _api_error(exc)
+    message = scrub_paths(error.message)
+    if message == error.message:
+        return error
+    return ApiError(error.status, message, param=error.param, kind=error.kind, headers=error.headers, extra=error.extra)
+
+
+def _api_error(exc: BaseException) -> ApiError:
     from .engine import QueueFullError
 
     if isinstance(exc, ApiError):
