@@ -84,28 +84,35 @@ def test_a_request_that_can_never_fit_is_a_400_naming_the_field(server: ServerPr
 
 def test_one_requests_n_choices_do_not_starve_another_client(server: ServerProcess) -> None:
     """A request with n 8, max_tokens filling the context and ignore_eos (the red team's 150 s
-    stall) keeps one slot free: another client's 3-token request is served while the big one's
-    first choices still run (first come, first served, it waited for four of the eight to end)."""
-    finished: list[float] = []
+    stall) holds every slot; another client's 3-token request pauses one of its choices and is
+    served while the big one's first choices still run (first come, first served, it waited for
+    four of the eight to end). The paused choice resumes with the text it would have had."""
 
-    def big() -> None:
+    def big() -> tuple[list[str], list[float]]:
+        texts, finished = [""] * 8, []
         for chunk in client(server).completions.create(model="tiny", prompt="Write forever", n=8, max_tokens=230,
                                                        temperature=0.9, seed=5, stream=True,
                                                        extra_body={"ignore_eos": True}):
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finished.append(time.monotonic())
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                if choice.finish_reason:
+                    finished.append(time.monotonic())
+        return texts, finished
 
+    alone, _ = big()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(big)
         time.sleep(0.3)  # its choices hold the slots and fill the queue
         started = time.monotonic()
         small = complete(server, "Hi", max_tokens=3)
         small_done = time.monotonic()
-        future.result(timeout=300)
+        texts, finished = future.result(timeout=300)
     assert small.usage.completion_tokens == 3
     assert small_done - started < 15.0  # generous for 2 loaded cores
     assert len(finished) == 8
     assert sum(t < small_done for t in finished) < 4, (finished, small_done)
+    assert texts == alone
+    assert "paused a reply" in server.log()
 
 
 @pytest.mark.slow  # SmolLM2 (~25 s on 2 cores): the synthetic model's replies did not show the shared pool's drift
