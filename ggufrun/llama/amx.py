@@ -84,11 +84,11 @@ def ensure() -> Decision:
     global _decision
     with _lock:
         if _decision is None:
-            from . import ggml
+            from . import libggml
 
-            present = AMX in ggml.extra_buffer_types()
+            present = AMX in libggml.extra_buffer_types()
             decision = decide(os.environ.get("GGUFRUN_AMX_BUFFERS"), present, cached_check)
-            if not decision.keep and not ggml.drop_extra_buffer_type(AMX):
+            if not decision.keep and not libggml.drop_extra_buffer_type(AMX):
                 # Not droppable alone (an older ggml without the proc address): all extra buffers go.
                 decision = Decision(True, False, decision.reason + "; all extra buffer types off", use_extra_bufts=False)
             _decision = decision
