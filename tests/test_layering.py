@@ -126,7 +126,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_circles() -> None:
-    assert cycles(import_graph()) == []
+    found = cycles(import_graph())
+    assert found == [], "modules in one import circle: " + "; ".join(" ".join(c) for c in found)
 
 
 def test_api_modules_never_import_each_other() -> None:
@@ -134,3 +135,35 @@ def test_api_modules_never_import_each_other() -> None:
     apis = {f"ggufrun.server.{m}" for m in API_MODULES}
     crossing = sorted((a, b) for a in apis if a in graph for b in graph[a] if b in apis)
     assert crossing == []
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    """``from ggufrun.x import _y`` or ``x._y`` outside x: a private name is x's to change, so a
+    module that needs it needs a public one (a private module, e.g. llama/_lib.py, may be imported).
+    Static, so it sees names reached through a module, not through an object (``server._engine``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(ggufrun.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts) for p in root.rglob("*.py")}
+    found = []
+    for path in root.rglob("*.py"):
+        here = path.relative_to(root.parent)
+        package = ".".join(here.parent.parts)
+        aliases = set()  # names bound to a ggufrun module here
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ggufrun")):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+                target = ".".join(p for p in (base, node.module or "") if p)
+                for a in node.names:
+                    if f"{target}.{a.name}" in modules:
+                        aliases.add(a.asname or a.name)
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{here}:{node.lineno} imports {a.name} from {target}")
+            elif isinstance(node, ast.Import):
+                aliases.update(a.asname for a in node.names if a.asname and a.name.startswith("ggufrun"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{here}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert found == [], "\n".join(found)
