@@ -131,10 +131,13 @@ def test_no_import_circles() -> None:
 
 
 def test_api_modules_never_import_each_other() -> None:
+    # server/ reads top-down: app.py -> one module per API -> the shared core. An API that imports
+    # another, or a shared module that imports an API, ties their changes together again.
     graph = import_graph()
     apis = {f"ggufrun.server.{m}" for m in API_MODULES}
-    crossing = sorted((a, b) for a in apis if a in graph for b in graph[a] if b in apis)
-    assert crossing == []
+    assert apis <= set(graph), apis - set(graph)
+    crossing = sorted((a, b) for a in graph if a != "ggufrun.server.app" for b in graph[a] if b in apis)
+    assert crossing == [], crossing
 
 
 def test_no_private_name_crosses_a_module() -> None:
