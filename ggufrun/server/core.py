@@ -88,6 +88,7 @@ class Server:
         return self.pool.lookup(name)
 
     def engine_supports(self, field: str) -> bool:
+        """Whether this build's engine takes ``field`` (a GenRequest or sampling field)."""
         if self._engine_fields is None:
             self._engine_fields = engine_fields()
         return field in self._engine_fields
@@ -103,7 +104,8 @@ class Server:
                 raise P.unsupported(param, "this build's engine cannot apply it yet.")
 
     async def acquire(self, cfg: ModelConfig) -> Engine:
-        """The model's engine; a model that fails to load is the server's fault (500), not the client's."""
+        """The model's engine, loading it if needed; the caller must ``self.pool.release`` it after
+        submitting. A model that fails to load is the server's fault (500), not the client's."""
         try:
             return await self.pool.acquire(cfg)
         except ShuttingDownError:
