@@ -17,7 +17,8 @@ import pytest
 import requests
 from serverutil import ServerProcess, serve
 
-from ggufrun.server.security import HostPolicy, scrub_paths
+from ggufrun.server.api_errors import scrub_paths
+from ggufrun.server.security import HostPolicy
 
 BODY = {"model": "tiny", "prompt": "x", "max_tokens": 2}
 

@@ -1,5 +1,5 @@
-"""What keeps a web page from driving a local server: a Host allow-list, a cross-site POST check,
-a case-insensitive ``Authorization`` scheme, and no filesystem paths in error messages.
+"""What keeps a web page from driving a local server: a Host allow-list, a cross-site POST check and
+a case-insensitive ``Authorization`` scheme (no filesystem path in errors: api_errors.scrub_paths).
 
 A keyless server on 127.0.0.1 is reachable from any page the user's browser opens:
 
@@ -23,8 +23,6 @@ Refusals are 403s in the error shape of the API the path belongs to.
 from __future__ import annotations
 
 import ipaddress
-import os
-import re
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,7 +31,7 @@ from urllib.parse import urlsplit
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .protocol import ApiError
+from .api_errors import ApiError
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 WILDCARD_BINDS = frozenset({"0.0.0.0", "::", "[::]", ""})
@@ -147,38 +145,6 @@ class WebGuard:
 
 def _printable(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")[:200]
-
-
-# ---- no paths in errors --------------------------------------------------------------------
-
-_PATHISH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"`,;()<>\[\]{}]+")
-
-
-def _on_disk(path: str) -> bool:
-    """Whether ``path`` lies under a directory that exists (other than the root): a file path,
-    not a route such as /v1/chat/completions."""
-    head = os.path.dirname(path)
-    while head and os.path.dirname(head) != head:
-        if os.path.isdir(head):
-            return True
-        head = os.path.dirname(head)
-    return False
-
-
-def scrub_paths(text: str) -> str:
-    """``text`` with every absolute filesystem path cut to its last part: an error a client
-    reads must not tell it where the server keeps its files (the server log keeps them)."""
-    if "/" not in text and "\\" not in text:
-        return text
-
-    def repl(match: re.Match[str]) -> str:
-        raw = match.group(0)
-        path = raw.rstrip(".:")
-        if not _on_disk(path):
-            return raw
-        return os.path.basename(path.rstrip("/\\")) + raw[len(path):]
-
-    return _PATHISH.sub(repl, text)
 
 
 def middleware(config: Any, shape: Callable[[str, ApiError], dict[str, Any]]) -> list[Any]:
