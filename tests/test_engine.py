@@ -460,3 +460,44 @@ def test_a_crashed_engine_never_frees_the_model_under_a_thread_using_it(tiny_mod
     assert model._freed
     with pytest.raises(ModelClosedError):
         model.tokenize("more")
+
+
+def test_a_paused_reply_resumes_unchanged_and_one_cancelled_while_paused_is_freed(tiny_model: Path) -> None:
+    """A request holding both slots gives one up to a request holding none (fair admission): the
+    paused choice resumes with the text it gives alone; a paused choice whose client leaves is
+    dropped from the queue (its sampler freed, counted as cancelled) and the engine serves on."""
+    e = make_engine(tiny_model, parallel=2, max_queue=8)
+    try:
+        seeded = {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        choices = [request(e, "Choices of one request", max_tokens=60, seed=10 + k, **seeded) for k in range(2)]
+        alone = [run(e, r)[0][0] for r in choices]
+
+        async def main(cancel_paused: bool) -> list[tuple[str, list[Event], Event]]:
+            loop = asyncio.get_running_loop()
+            group = [Job(r, loop) for r in choices]
+            e.submit_all(group)
+            while not all(j.first_token_at for j in group):
+                await asyncio.sleep(0.001)
+            other = Job(request(e, "Another client", max_tokens=50 if cancel_paused else 3, **EXACT), loop)
+            e.submit(other)
+            if cancel_paused:  # (the other request's 50 tokens keep it paused meanwhile)
+                while not any(j.paused is not None for j in group):
+                    await asyncio.sleep(0.001)
+                paused = next(j for j in group if j.paused is not None)
+                paused.cancel()
+                while paused in e._queue:  # the engine drops it from the queue at its next step
+                    await asyncio.sleep(0.001)
+                assert paused.paused is None and not other.finished
+            return list(await asyncio.gather(*(_collect(j) for j in [*group, other])))
+
+        before = e._preempted
+        results = asyncio.run(main(False))
+        assert e._preempted == before + 1
+        assert [r[0] for r in results[:2]] == alone and results[2][2].completion_tokens == 3
+        results = asyncio.run(main(True))
+        assert sorted(r[2].finish_reason for r in results[:2]) == ["cancelled", "length"]
+        assert results[2][2].completion_tokens == 50
+        assert run(e, choices[0])[0][0] == alone[0] and e.counts() == (0, 0)
+    finally:
+        e.stop()
+        e.join(10)
