@@ -43,7 +43,9 @@ def craft(src: Path, dest: Path, *, kv: dict[str, Any] | None = None, drop_tenso
     for key, value in kv.items():
         if value is None:
             continue
-        if isinstance(value, bool):
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, bool):
             writer.add_bool(key, value)
         elif isinstance(value, int):
             writer.add_uint32(key, value) if 0 <= value < 2**32 else writer.add_int64(key, value)
@@ -74,4 +76,63 @@ def craft(src: Path, dest: Path, *, kv: dict[str, Any] | None = None, drop_tenso
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return dest
+
+
+def patch_tensor(src: Path, dest: Path, name: str, *, type_id: int | None = None, offset: int | None = None) -> Path:
+    """Copy ``src`` with tensor ``name``'s type id or data offset overwritten in its tensor info,
+    byte for byte (F16 -> I16 keeps the size, so the file stays well-formed: the lie is the type)."""
+    import struct
+
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    tensor = next(t for t in reader.tensors if t.name == name)
+    pos = tensor.field.offset + 8 + len(name.encode()) + 4 + 8 * len(tensor.shape)
+    data = bytearray(src.read_bytes())
+    if type_id is not None:
+        data[pos : pos + 4] = struct.pack("<I", type_id)
+    if offset is not None:
+        data[pos + 4 : pos + 12] = struct.pack("<Q", offset)
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def kv_bytes(key: str, vtype: int, payload: bytes) -> bytes:
+    """One raw GGUF key/value: the key, its type id and the encoded value."""
+    import struct
+
+    raw = key.encode()
+    return struct.pack("<Q", len(raw)) + raw + struct.pack("<I", vtype) + payload
+
+
+def string_payload(text: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text)) + text
+
+
+def nested_array_payload(depth: int) -> bytes:
+    """An array of arrays ``depth`` deep, the innermost holding one uint32: what gguf-py can not
+    write (its writer recurses), so it is encoded here."""
+    import struct
+
+    inner = struct.pack("<IQI", 4, 1, 7)
+    for _ in range(depth - 1):
+        inner = struct.pack("<IQ", 9, 1) + inner
+    return inner
+
+
+def insert_kv(src: Path, dest: Path, *raw_kvs: bytes) -> Path:
+    """Copy ``src`` with raw key/values (kv_bytes) added at the front of its metadata. A padding
+    string key keeps the insertion a multiple of the alignment, so the tensor data still lines up."""
+    import struct
+
+    data = src.read_bytes()
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    extra = b"".join(raw_kvs)
+    pad_fixed = len(kv_bytes("crafted.pad", 8, string_payload(b"")))
+    pad = kv_bytes("crafted.pad", 8, string_payload(b" " * (-(len(extra) + pad_fixed) % 32)))
+    out = data[:16] + struct.pack("<Q", n_kv + len(raw_kvs) + 1) + extra + pad + data[24:]
+    dest.write_bytes(out)
     return dest
