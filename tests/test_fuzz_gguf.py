@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The cases that crashed or hung a command before (issue 20), one per kind, and a valid copy.
 FAST = ("valid_copy", "kv-qwen2.attention.layer_norm_rms_epsilon-nan", "kv-qwen2.attention.layer_norm_rms_epsilon-neg",
         "kv-qwen2.rope.scaling.type-garbage", "tokens-duplicate", "tokens-empty", "type-blk.0.attn_q.weight-25",
-        "type-blk.0.attn_norm.weight-26", "nest-3000", "string-2mb", "n_kv-2^40", "kv-tokenizer.ggml.bos_token_id-i32max",
-        "offset-blk.0.attn_q.weight-1", "flip-0")
+        "type-blk.0.attn_norm.weight-26", "nest-3000", "string-2mb", "n_kv-2^40", "offset-blk.0.attn_q.weight-1")
 CASES = fuzz_cases()
 PER_FILE_SECONDS = 20  # a load and a few tokens of a 300 KB model; a hang is far beyond
 
@@ -105,8 +104,8 @@ def _fuzz(names: list[str], tiny_model_factory, tmp_path: Path) -> dict[str, int
 
 def test_fuzz_fast_subset(tiny_model_factory, tmp_path: Path) -> None:
     statuses = _fuzz(list(FAST), tiny_model_factory, tmp_path)
-    assert statuses["valid_copy"] == 200  # the harness itself breaks nothing
-    assert all(s >= 400 for name, s in statuses.items() if name != "valid_copy")
+    assert statuses["valid_copy"] == 200, statuses  # the harness itself breaks nothing
+    assert all(s >= 400 for name, s in statuses.items() if name != "valid_copy"), statuses
 
 
 @pytest.mark.slow
