@@ -31,9 +31,6 @@ def quantize(src: Path | str, dst: Path | str, qtype: str, *, threads: int = 0) 
     from ..gguf_info import validate as validate_gguf
 
     validate_gguf(src)
-    from ..trial import trial_load
-
-    trial_load(src)  # llama.cpp's quantiser trusts the file as its loader does: a crash stays in a child
     init_backend()
     params = L.llama_model_quantize_default_params()
     params.ftype = _QTYPES[key]
