@@ -90,7 +90,7 @@ def test_api_key_file_is_read_and_checked(tmp_path: Path) -> None:
     assert via_env.returncode == 2 and "Give the API key once" in via_env.stderr
 
 
-def test_a_key_from_the_environment_or_a_file_guards_the_server(tmp_path: Path, tiny_model: Path) -> None:
+def test_a_key_from_a_file_guards_the_server(tmp_path: Path, tiny_model: Path) -> None:
     import urllib.error
     import urllib.request
 
@@ -98,24 +98,26 @@ def test_a_key_from_the_environment_or_a_file_guards_the_server(tmp_path: Path, 
 
     key = tmp_path / "key"
     key.write_text("from-file\n")
-    for args, env, good in ((("--api-key-file", str(key)), None, "from-file"),
-                            ((), {"GGUFRUN_API_KEY": "from-env"}, "from-env")):
-        with serve(str(tiny_model), "--threads", "1", *args, env=env) as srv:
-            assert "from-" not in " ".join(srv.proc.args)  # nothing secret on the command line
-            for token, status in (("wrong", 401), (good, 200)):
-                req = urllib.request.Request(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {token}"})
-                try:
-                    with urllib.request.urlopen(req, timeout=30) as resp:
-                        got = resp.status
-                except urllib.error.HTTPError as err:
-                    got = err.code
-                assert got == status
+    with serve(str(tiny_model), "--threads", "1", "--api-key-file", str(key)) as srv:
+        assert "from-file" not in " ".join(srv.proc.args)  # nothing secret on the command line
+        for token, status in (("wrong", 401), ("from-file", 200)):
+            req = urllib.request.Request(f"{srv.url}/v1/models", headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    got = resp.status
+            except urllib.error.HTTPError as err:
+                got = err.code
+            assert got == status
 
 
-def test_chat_honours_a_tiny_n_ctx(tiny_model: Path) -> None:
-    """llama.cpp rounds a context up to 256 cells; --n-ctx 1 used to run a 43-token prompt anyway."""
-    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(tiny_model), "-p", "hi", "--n-ctx", "1",
-                           "--threads", "1"], capture_output=True, text=True, timeout=60, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and "the context holds 1" in proc.stderr, proc.stderr
+def test_a_tiny_n_ctx_is_honoured(tiny_model: Path) -> None:
+    """llama.cpp rounds a context up to 256 cells; `chat --n-ctx 1` used to run a 43-token prompt anyway."""
+    from ggufrun.errors import ContextOverflowError
+    from ggufrun.generation import SamplingParams
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    with Model.load(tiny_model, Settings(n_ctx=1, threads=1)) as model:
+        assert model.n_ctx == 1
+        with pytest.raises(ContextOverflowError, match="the context holds 1"):
+            model.start(model.tokenize("hello there"), SamplingParams())
