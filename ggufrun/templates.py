@@ -294,6 +294,13 @@ def _compile(source: str) -> Any:
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols], optimized=False)
     for name, bound in _bounded_filters(env.filters).items():
         env.filters[name] = bound
+    lipsum: Any = env.globals["lipsum"]
+
+    def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002 (Jinja's names)
+        _check_size(n * (max if isinstance(max, int) else 0) * 12, "lipsum")  # words of up to ~12 characters
+        return lipsum(n, html, min, max)
+
+    env.globals["lipsum"] = bounded_lipsum
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -307,7 +314,7 @@ def _compile(source: str) -> Any:
 
 _MAX_JSON_INDENT = 32
 # printf-style width or precision ("%2000000000s", "{:>2000000000}"), or a "*" taking one from the arguments
-_PRINTF_WIDTH = re.compile(r"%[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
+_PRINTF_WIDTH = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
 _FORMAT_WIDTH = re.compile(r"\{[^{}]*:[^{}]*?(\d+)[^{}]*\}|(\{[^{}]*:[^{}]*\{)")
 
 
