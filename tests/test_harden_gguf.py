@@ -138,3 +138,17 @@ def test_llama_cpp_log_lines_never_leak_into_the_error(case: str, kwargs: dict, 
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ") and words in proc.stderr, proc.stderr
     assert "llama_model_load" not in proc.stderr
+
+
+def test_show_names_what_chat_and_serve_would_refuse(f16_tiny: Path, tmp_path: Path) -> None:
+    """show reads any parseable header, and says when the file would not be given to llama.cpp."""
+    import json
+
+    bad = patch_tensor(f16_tiny, tmp_path / "i16.gguf", "blk.0.attn_q.weight", type_id=25)
+    runs = {}
+    for path in (bad, f16_tiny):
+        proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "show", str(path), "--json"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env=os.environ.copy(), check=False)
+        assert proc.returncode == 0, proc.stderr
+        runs[path] = json.loads(proc.stdout)["refused"]
+    assert "'blk.0.attn_q.weight' has type I16" in runs[bad] and runs[f16_tiny] is None
