@@ -32,11 +32,13 @@ def seed_amx_verdict(amx_verdict: "Check | None") -> Callable[[Path], None]:
     through the product's guard (AMX dropped where it crashes) without each home paying for the check."""
     from ggufrun.llama import amx
 
+    key = amx.library_key() if amx_verdict is not None else ""
+
     def seed(home: Path) -> None:
         if amx_verdict is not None:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("GGUFRUN_HOME", str(home))
-                amx.remember(amx_verdict)
+                amx.remember(amx_verdict, key)
 
     return seed
 

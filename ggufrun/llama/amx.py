@@ -98,7 +98,7 @@ def ensure() -> Decision:
 # ---- the check, in a child process ------------------------------------------------------------
 
 
-def _library_key() -> str:
+def library_key() -> str:
     """What the verdict depends on: the CPU backend's library file(s), the CPU model, the kernel."""
     from llama_cpp._ggml import libggml
 
@@ -120,7 +120,7 @@ def cached_check() -> Check:
     """The verdict for this library, CPU and kernel: from the cache, or by running the check once."""
     from .. import paths
 
-    key = _library_key()
+    key = library_key()
     try:
         entry = json.loads((paths.home() / "amx-check.json").read_text()).get(key)
         if entry:
@@ -143,7 +143,7 @@ def remember(result: Check, key: str | None = None) -> None:
         entries = entries if isinstance(entries, dict) else {}
     except (OSError, ValueError):
         entries = {}
-    entries[key or _library_key()] = {"ok": result.ok, "detail": result.detail}
+    entries[key or library_key()] = {"ok": result.ok, "detail": result.detail}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
