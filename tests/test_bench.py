@@ -204,7 +204,8 @@ def test_a_spread_over_five_percent_is_flagged_as_noise(tiny_dir: Path) -> None:
     noisy = bench.Result(config, samples=[bench.Sample("tg", i, 10, s) for i, s in enumerate((1.0, 1.6, 0.7))])
     assert bench.noise_notes([steady]) == []
     (note,) = bench.noise_notes([steady, noisy])
-    assert note.startswith(f"Noisy: {config.describe()} tg varied by ±") and "rerun when it is quiet" in note
+    assert note.startswith(f"Noisy machine: 1 of 2 configurations varied by more than 5% between repetitions "
+                           f"({config.describe()}: tg ±") and note.endswith("rerun when it is quiet.")
 
 
 def test_cli_output_dir_and_table(capsys: pytest.CaptureFixture[str], tiny_dir: Path, tmp_path: Path,

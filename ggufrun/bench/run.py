@@ -149,21 +149,23 @@ def _same_file(a: Path | None, b: Path) -> bool:
 
 
 def noise_notes(results: Sequence[Result], limit: float = NOISY_SPREAD) -> list[str]:
-    """A note per configuration whose repetitions spread more than ``limit`` (relative standard
-    deviation of tokens/s): numbers from a machine that was not quiet."""
+    """One note naming the configurations whose repetitions spread more than ``limit`` (relative
+    standard deviation of tokens/s): numbers from a machine that was not quiet. None when all held."""
     import statistics
 
-    notes = []
+    noisy = []
     for r in results:
+        spreads = []
         for test in ("pp", "tg"):
             rates = [s.n_tokens / s.seconds for s in r.samples if s.test == test and s.seconds > 0]
-            if len(rates) < 2:
-                continue
-            spread = statistics.stdev(rates) / statistics.fmean(rates)
-            if spread > limit:
-                notes.append(f"Noisy: {r.config.describe()} {test} varied by ±{spread:.0%} between repetitions "
-                             f"(over {limit:.0%}): another process may have had the machine; rerun when it is quiet.")
-    return notes
+            if len(rates) >= 2 and (spread := statistics.stdev(rates) / statistics.fmean(rates)) > limit:
+                spreads.append(f"{test} ±{spread:.0%}")
+        if spreads:
+            noisy.append(f"{r.config.describe()}: {', '.join(spreads)}")
+    if not noisy:
+        return []
+    return [f"Noisy machine: {len(noisy)} of {len(results)} configurations varied by more than {limit:.0%} between "
+            f"repetitions ({'; '.join(noisy)}); another process may have had the CPU: rerun when it is quiet."]
 
 
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:
