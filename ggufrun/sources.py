@@ -470,7 +470,7 @@ class PackageReader(_FileRanges):
         try:
             parts = [Path(p) for p in chunks()]
             super().__init__(parts, f"the installed package {source.repo}")
-        except OSError as exc:
+        except Exception as exc:  # the package's own errors (a chunk module or file missing)
             raise DownloadError(f"{source.repo}: {_one_line(exc)}") from None
 
 
