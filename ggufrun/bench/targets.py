@@ -35,7 +35,7 @@ def resolve_targets(name: str | None, quants: Sequence[str], *, registry: Any = 
     say = report or (lambda _msg: None)
     if synthetic:
         wanted = list(quants or ["q4_k_m"])
-        _check_quants(wanted, _synthetic_quant_ok, f"Synthetic models have no quant type {{}}.", None)
+        _check_quants(wanted, _synthetic_quant_ok, "Synthetic models have no quant type {}.", None)
         return [_had(_synthetic_target(synthetic, q, say)) for q in wanted]
     if not name:
         raise BenchUsageError("Give a model name or file, or --synthetic SHAPE.", "Example: ggufrun bench gemma3-270m.")
@@ -54,7 +54,7 @@ def resolve_targets(name: str | None, quants: Sequence[str], *, registry: Any = 
     if spec.entry is None:  # hf:/ms: references name one file
         if quants:
             raise BenchUsageError(f"--quants takes registry models, files and --synthetic; {name} names one file.",
-                             "Put the quant in the reference: hf:OWNER/REPO:Q4_K_M.")
+                                  "Put the quant in the reference: hf:OWNER/REPO:Q4_K_M.")
         return [_had(_fetch(spec, say))]
     entry = spec.entry
     wanted = list(quants or [spec.quant or ""])
@@ -66,8 +66,8 @@ def resolve_targets(name: str | None, quants: Sequence[str], *, registry: Any = 
                       f"{entry.name} has no quant {{}}, and llama.cpp's quantiser cannot make it.",
                       f"It has {', '.join(entry.quants)}.")
         if not Path(derive_from).expanduser().is_file() and entry.match_quant(derive_from) is None:
-            raise UnknownQuantError(f"--derive-from {derive_from}: {entry.name} has no such quant and no such file exists.",
-                                    f"It has {', '.join(entry.quants)}.")
+            raise UnknownQuantError(f"--derive-from {derive_from}: {entry.name} has no such quant, and no such file "
+                                    "exists.", f"It has {', '.join(entry.quants)}.")
     source: list[Path] = []  # derive_from's file, resolved once
 
     def derive_source() -> Path:
