@@ -37,7 +37,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write CSV, JSON, Markdown and PNG plots here.")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), help="Print this format to stdout instead of a table.")
 @click.option("--synthetic", metavar="SHAPE", help="Bench random-weight models of this shape (e.g. qwen2-7b), no download.")
-@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Quality reference file (default: the largest file in the set).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Quality reference file (default: the largest file not derived from another).")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text for quality (default: bench/text.txt).")
 @click.option("--quality/--no-quality", default=True, show_default=True, help="Measure KL divergence, top-1 agreement, perplexity.")
 @click.option("--derive-from", metavar="QUANT|FILE", help="Make quants that cannot be fetched from this quant or file.")
