@@ -170,7 +170,8 @@ def test_one_file_has_no_quality_to_measure(plain_dir: Path, tmp_path: Path) -> 
     assert not (tmp_path / "res" / "quality.png").exists() and (tmp_path / "res" / "tokens_per_s.png").exists()
 
 
-def test_a_derived_file_is_not_the_silent_reference(plain_entry: str, ggufrun_home: Path) -> None:
+def test_a_derived_file_is_not_the_silent_reference(plain_entry: str, ggufrun_home: Path,
+                                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # f16 made from q8_0 is the larger file, but it holds no more than q8_0: q8_0 is the reference, and bench says so.
     proc = ggufrun("bench", plain_entry, "--quants", "q8_0,f16", "--derive-from", "q8_0", "-p", "16", "-n", "4",
                    "-r", "1", "--threads", "1", "--format", "json")
@@ -191,10 +192,11 @@ def test_a_derived_file_is_not_the_silent_reference(plain_entry: str, ggufrun_ho
     assert (f"Quality reference: {plain_entry}:f16 (derived) ({derived}), derived from q8_0 by llama.cpp's quantiser: "
             "it holds no more than that file does.") in json.loads(proc.stdout)["notes"]
     # and `list` shows it, with what it was made from
-    listing = json.loads(ggufrun("list", "--json").stdout)
+    listing = json.loads(run_cli(capsys, "list", "--json")[1])
     assert {"path": str(derived), "size": derived.stat().st_size, "derived_from": str(cached.resolve()),
             "synthetic": False} in listing["derived"]
-    assert "Made by bench (1)" in ggufrun("list", env={"COLUMNS": "300"}).stdout
+    monkeypatch.setenv("COLUMNS", "300")
+    assert "Made by bench (1)" in run_cli(capsys, "list")[1]
 
 
 def test_a_spread_over_five_percent_is_flagged_as_noise(tiny_dir: Path) -> None:
