@@ -109,7 +109,9 @@ class Model:
         self.n_ctx = min(L.llama_n_ctx(ctx), n_ctx) if n_ctx > 0 else L.llama_n_ctx(ctx)
         self._eog: dict[int, bool] = {}
         self.seq_cells = min(L.llama_n_ctx_seq(ctx), self.n_ctx)  # the most one sequence can hold (all n_ctx when unified)
-        self.unified = n_seq_max > 1 and self.seq_cells >= self.n_ctx
+        # Read from llama.cpp's own sizes, not the clamped ones: a small context is rounded up per part, so
+        # the clamped seq_cells can equal n_ctx with a part per sequence (range copies across parts abort).
+        self.unified = n_seq_max > 1 and L.llama_n_ctx_seq(ctx) >= L.llama_n_ctx(ctx)
         self.n_batch = L.llama_n_batch(ctx)
         self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
