@@ -17,20 +17,29 @@ SETTINGS = tuple(FIELDS)
 @click.argument("name", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Serve config TOML: several models, loaded on demand.")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; 0.0.0.0 listens on every interface).")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 13003).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 13003; 0 picks a free one, printed at start-up).")
 @click.option("--served-model-name", "served_names", multiple=True, help="Name clients use for the model (repeatable); the registry name works too.")
 @click.option("--max-loaded", type=click.IntRange(1), default=None, help="Models resident at once; the least recently used is unloaded (default 3).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
 @click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--cors", "cors", multiple=True, help="Allow browser requests from ORIGIN (repeatable; off by default).")
-@settings_options(*SETTINGS)
+@settings_options(*SETTINGS, helps={"max_tokens": "Most tokens a reply generates when the request sets no limit: the model's "
+                                                  "models.toml default, else 2048 (0 = until end of turn or the context). "
+                                                  "A request may ask for more, up to its context."})
 @click.pass_context
 def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...], **kwargs: Any) -> None:
-    """Serve models over an OpenAI-compatible HTTP API with continuous batching.
+    """Serve NAME (default: the registry's `default`, as `ggufrun chat`) over the OpenAI, Anthropic
+    and Ollama APIs with continuous batching, and a chat page at the URL printed at start-up.
+
+    A request that sets no limit (max_tokens, max_output_tokens, num_predict) generates at most
+    --max-tokens tokens: the model's own default in models.toml, else 2048 (0: until the end of
+    turn or the context). A request may ask for more, up to its context (--n-ctx). Requests
+    without a system prompt or sampling fields get the model's models.toml `system` and defaults.
 
     \b
     Examples:
+      ggufrun serve
       ggufrun serve gemma3-270m
       ggufrun serve qwen2-7b-q5 --port 13003 --served-model-name qwen2:7b --n-ctx 8192
       ggufrun serve --config serve.toml --max-loaded 2
@@ -40,8 +49,10 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
     from ..server.models import read_serve_config, single_model_config
 
     settings = cli_settings(kwargs, *SETTINGS)
-    if (name is None) == (config_path is None):
-        raise click.UsageError("Give a model NAME or --config FILE (one of them).")
+    if name is not None and config_path is not None:
+        raise click.UsageError("Give a model NAME or --config FILE, not both.")
+    if config_path is None and name is None:
+        name = "default"  # as `ggufrun chat` with no name
     if config_path is not None and served_names:
         raise click.UsageError("--served-model-name names the model given as NAME; in --config use served_model_name.")
     if config_path is not None:

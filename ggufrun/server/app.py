@@ -410,7 +410,7 @@ class Server:
             self._check_engine(params, {"grammar": "tool_choice" if tool_grammar else "response_format",
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             return [chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)]
 
         group = await self._submit(params, cfg, build)

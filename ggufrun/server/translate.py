@@ -160,7 +160,7 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     async with backend_for(server, P.model_name(body)) as (backend, _):
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             text = backend.template.render(rendered, add_generation_prompt=True, tools=tools) + prefill
             return text, chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)
 

@@ -1,0 +1,179 @@
+"""What `ggufrun serve` gives a request that leaves things out, through real servers and clients:
+`serve` with no name serves the registry's default model and says where it listens; a registry model's
+system prompt and sampling defaults apply on every API unless the request has its own (as Ollama applies
+a Modelfile's SYSTEM and PARAMETERs); and every reply has a finite default length (README, "Defaults a
+request gets")."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from serverutil import ServerProcess, serve
+
+from ggufrun import prompts
+
+anthropic = pytest.importorskip("anthropic")
+ollama = pytest.importorskip("ollama")
+openai = pytest.importorskip("openai")
+
+OWN = "Answer in one word."
+QUESTION = "What is the capital of France?"
+OFFLINE = {"GGUFRUN_OFFLINE": "1", "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def _place(file: Path, home: Path, entry: str, name: str | None = None) -> None:
+    """``file`` in ``home``'s model cache as `ggufrun pull ENTRY` would leave it (a hard link)."""
+    dest = home / "models" / entry / (name or file.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(file, dest)
+    except OSError:
+        shutil.copy2(file, dest)
+
+
+@pytest.fixture(scope="module")
+def default_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`ggufrun serve --port 0` with no name, the default model already pulled, offline."""
+    home = tmp_path_factory.mktemp("default-home")
+    _place(smollm2_gguf, home, "smollm2-135m")
+    with serve("--parallel", "2", "--n-ctx", "1024", "--threads", "2", env={"GGUFRUN_HOME": str(home), **OFFLINE},
+               port=0) as server:
+        yield server
+
+
+def test_serve_without_a_name_serves_the_default_and_prints_where(default_server: ServerProcess) -> None:
+    log = default_server.log()
+    port = default_server.port
+    assert port != 0
+    listening = re.findall(r"Listening on (http://127\.0\.0\.1:\d+) ", log)
+    page = re.findall(r"Chat page: (\S+)", log)
+    assert listening == [f"http://127.0.0.1:{port}"] and page == [f"http://127.0.0.1:{port}/"], log
+    assert [m["id"] for m in requests.get(f"{default_server.url}/v1/models", timeout=10).json()["data"]] == ["default"]
+    html = requests.get(page[0], timeout=10)
+    assert html.status_code == 200 and 'id="stop"' in html.text and 'id="system"' in html.text
+    assert "Traceback" not in log
+
+
+def test_the_models_system_prompt_applies_on_every_api_unless_the_request_has_its_own(default_server: ServerProcess) -> None:
+    url = default_server.url
+    system = prompts.resolve_system("@assistant")  # smollm2's `system` in models.toml
+    assert system
+    shown = requests.post(f"{url}/api/show", json={"model": "default"}, timeout=30).json()
+    assert shown["system"] == system
+    params = dict(line.split(None, 1) for line in shown["parameters"].splitlines())
+    assert params["temperature"] == "0.2" and params["num_predict"] == "2048", shown["parameters"]
+
+    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+    claude = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=120)
+    llama = ollama.Client(host=url, timeout=120)
+    user = [{"role": "user", "content": QUESTION}]
+
+    def openai_prompt(messages: list[dict[str, str]]) -> int:
+        reply = oai.chat.completions.create(model="default", messages=messages, max_tokens=1)  # type: ignore[arg-type]
+        return reply.usage.prompt_tokens  # type: ignore[union-attr]
+
+    with_default = openai_prompt([{"role": "system", "content": system}, *user])
+    with_own = openai_prompt([{"role": "system", "content": OWN}, *user])
+    assert with_default > with_own  # the default is the longer one: the counts tell them apart
+    # Each API without a system field gets the default; with its own field, only its own.
+    cases = [
+        ("openai chat", openai_prompt(user), openai_prompt([{"role": "developer", "content": OWN}, *user])),
+        ("responses", oai.responses.create(model="default", input=QUESTION, max_output_tokens=1).usage.input_tokens,  # type: ignore[union-attr]
+         oai.responses.create(model="default", input=QUESTION, instructions=OWN, max_output_tokens=1).usage.input_tokens),  # type: ignore[union-attr]
+        ("anthropic", claude.messages.create(model="default", max_tokens=1, messages=user).usage.input_tokens,  # type: ignore[arg-type]
+         claude.messages.create(model="default", max_tokens=1, messages=user, system=OWN).usage.input_tokens),  # type: ignore[arg-type]
+        ("anthropic count_tokens", claude.messages.count_tokens(model="default", messages=user).input_tokens,  # type: ignore[arg-type]
+         claude.messages.count_tokens(model="default", messages=user, system=OWN).input_tokens),  # type: ignore[arg-type]
+        ("ollama chat", llama.chat(model="default", messages=user, options={"num_predict": 1}).prompt_eval_count,
+         llama.chat(model="default", messages=[{"role": "system", "content": OWN}, *user], options={"num_predict": 1}).prompt_eval_count),
+        ("ollama generate", llama.generate(model="default", prompt=QUESTION, options={"num_predict": 1}).prompt_eval_count,
+         llama.generate(model="default", prompt=QUESTION, system=OWN, options={"num_predict": 1}).prompt_eval_count),
+    ]
+    for api, without, own in cases:
+        assert (without, own) == (with_default, with_own), api
+    template = requests.post(f"{url}/apply-template", json={"messages": user}, timeout=30).json()["prompt"]
+    assert system in template
+
+
+def _logprobs(reply: Any) -> list[float]:
+    return [t.logprob for t in reply.choices[0].logprobs.content]
+
+
+def test_the_models_temperature_applies_unless_the_request_sets_one(default_server: ServerProcess) -> None:
+    """The sampled tokens' logprobs are taken after temperature: the default (0.2 for smollm2) gives
+    the same ones as asking for 0.2, and asking for 1.0 gives others."""
+    oai = openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="x", max_retries=0, timeout=120)
+    llama = ollama.Client(host=default_server.url, timeout=120)
+    user = [{"role": "user", "content": QUESTION}]
+
+    def openai_lp(**extra: Any) -> list[float]:
+        return _logprobs(oai.chat.completions.create(model="default", messages=user, max_tokens=3, seed=5,  # type: ignore[arg-type]
+                                                     logprobs=True, **extra))
+
+    def ollama_lp(**options: Any) -> list[float]:
+        reply = llama.chat(model="default", messages=user, logprobs=True, options={"num_predict": 3, "seed": 5, **options})
+        return [t.logprob for t in reply.logprobs]  # type: ignore[union-attr]
+
+    for lp in (openai_lp, ollama_lp):
+        default, same, hotter = lp(), lp(temperature=0.2), lp(temperature=1.0)
+        assert max(abs(a - b) for a, b in zip(default, same)) < 0.02, (lp.__name__, default, same)
+        assert max(abs(a - b) for a, b in zip(default, hotter)) > 0.1, (lp.__name__, default, hotter)
+
+
+# ---- max_tokens ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Three models on the tiny synthetic GGUF: a registry entry whose models.toml sets max_tokens,
+    the file with serve's default, and the file with max_tokens = 0 (until the context is full)."""
+    home = tmp_path_factory.mktemp("tiny-home")
+    (home / "models.toml").write_text(
+        '[tinychat]\nquants = ["q8_0"]\nfile = "tiny-{quant}.gguf"\nsources = [{ hub = "huggingface", repo = "test/tiny" }]\n'
+        'system = "You are a test."\n[tinychat.defaults]\nmax_tokens = 40\ntemperature = 0.3\n', encoding="utf-8")
+    _place(tiny_model, home, "tinychat", "tiny-q8_0.gguf")
+    config = home / "serve.toml"
+    config.write_text(f'[[models]]\nmodel = "tinychat"\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "plain"\n'
+                      f'[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "endless"\nmax_tokens = 0\n', encoding="utf-8")
+    with serve("--config", str(config), "--n-ctx", "3000", "--threads", "1", "--parallel", "1",
+               env={"GGUFRUN_HOME": str(home), **OFFLINE}) as server:
+        yield server
+
+
+def _generated(server: ServerProcess, model: str, **fields: Any) -> tuple[int, int, str]:
+    """(prompt tokens, generated tokens, finish_reason) of a chat request that ignores end of turn."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Go on."}], "ignore_eos": True, **fields}
+    reply = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    return reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"]
+
+
+def test_a_request_without_max_tokens_stops_at_the_default_and_may_ask_for_up_to_its_context(tiny_server: ServerProcess) -> None:
+    assert _generated(tiny_server, "plain")[1:] == (2048, "length")  # serve's own default
+    assert _generated(tiny_server, "tinychat")[1:] == (40, "length")  # the models.toml entry's
+    assert _generated(tiny_server, "tinychat", max_tokens=100)[1:] == (100, "length")  # the request's own, above the default
+    prompt, n, reason = _generated(tiny_server, "plain", max_tokens=1_000_000)  # more than fits: up to the context
+    assert prompt + n == 3000 and reason == "length"
+    prompt, n, reason = _generated(tiny_server, "endless")  # max_tokens = 0: until the context is full
+    assert prompt + n == 3000 and reason == "length"
+    completion = requests.post(f"{tiny_server.url}/v1/completions", json={"model": "plain", "prompt": "x", "ignore_eos": True},
+                               timeout=120).json()
+    assert completion["usage"]["completion_tokens"] == 2048
+    # An entry's system prompt and temperature reach /api/show (what the chat page fills in).
+    shown = requests.post(f"{tiny_server.url}/api/show", json={"model": "tinychat"}, timeout=30).json()
+    assert shown["system"] == "You are a test." and "temperature                    0.3" in shown["parameters"]
+    assert "num_predict                    40" in shown["parameters"]
+    assert "system" not in requests.post(f"{tiny_server.url}/api/show", json={"model": "plain"}, timeout=30).json()
+
+
+def test_ollama_num_predict_minus_one_runs_until_the_context_is_full() -> None:
+    from ggufrun.server.ollama import UNTIL_CONTEXT_FULL, chat_to_openai
+
+    for value in (-1, -2):
+        body = chat_to_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": value}})
+        assert body["max_tokens"] == UNTIL_CONTEXT_FULL > 1 << 24
