@@ -397,6 +397,9 @@ def test_a_client_that_leaves_frees_its_slot(smol: ServerProcess, api: str, stre
 
     path, fields = _LEAVERS[api]
     body = json.dumps({"model": "smol", "stream": stream, **fields}).encode()
+    deadline = time.monotonic() + 60
+    while _metric(smol, "ggufrun_active_requests") and time.monotonic() < deadline:  # an earlier test's reply
+        time.sleep(0.05)
     cancelled = _metric(smol, "ggufrun_completions_total", 'reason="cancelled"')
     with socket.create_connection(("127.0.0.1", smol.port), timeout=10) as client:
         client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -61,6 +61,17 @@ def test_serve_without_a_name_serves_the_default_and_prints_where(default_server
     assert "Traceback" not in log
 
 
+def test_start_up_lines_give_an_address_a_browser_here_can_open() -> None:
+    from ggufrun.server import address_lines
+
+    assert address_lines(("127.0.0.1", 13003)) == [
+        "Listening on http://127.0.0.1:13003 (OpenAI /v1, Anthropic /v1/messages, Ollama /api)", "Chat page: http://127.0.0.1:13003/"]
+    assert address_lines(("0.0.0.0", 80))[1] == "Chat page: http://127.0.0.1:80/"
+    assert address_lines(("::", 8080, 0, 0)) == [
+        "Listening on http://[::]:8080 (OpenAI /v1, Anthropic /v1/messages, Ollama /api)", "Chat page: http://[::1]:8080/"]
+    assert address_lines(("::1", 8080, 0, 0))[1] == "Chat page: http://[::1]:8080/"
+
+
 def test_the_models_system_prompt_applies_on_every_api_unless_the_request_has_its_own(default_server: ServerProcess) -> None:
     url = default_server.url
     system = prompts.resolve_system("@assistant")  # smollm2's `system` in models.toml
