@@ -143,14 +143,15 @@ def test_the_models_temperature_applies_unless_the_request_sets_one(default_serv
 @pytest.fixture(scope="module")
 def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Three models on the tiny synthetic GGUF: a registry entry whose models.toml sets max_tokens,
-    the file with serve's default, and the file with max_tokens = 0 (until the context is full)."""
+    the file with serve's default (and a system prompt from the serve config), and the file with
+    max_tokens = 0 (until the context is full)."""
     home = tmp_path_factory.mktemp("tiny-home")
     (home / "models.toml").write_text(
         '[tinychat]\nquants = ["q8_0"]\nfile = "tiny-{quant}.gguf"\nsources = [{ hub = "huggingface", repo = "test/tiny" }]\n'
         'system = "You are a test."\n[tinychat.defaults]\nmax_tokens = 40\ntemperature = 0.3\n', encoding="utf-8")
     _place(tiny_model, home, "tinychat", "tiny-q8_0.gguf")
     config = home / "serve.toml"
-    config.write_text(f'[[models]]\nmodel = "tinychat"\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "plain"\n'
+    config.write_text(f'[[models]]\nmodel = "tinychat"\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "plain"\nsystem = "Be plain."\n'
                       f'[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "endless"\nmax_tokens = 0\n', encoding="utf-8")
     with serve("--config", str(config), "--n-ctx", "3000", "--threads", "1", "--parallel", "1",
                env={"GGUFRUN_HOME": str(home), **OFFLINE}) as server:
@@ -179,7 +180,11 @@ def test_a_request_without_max_tokens_stops_at_the_default_and_may_ask_for_up_to
     shown = requests.post(f"{tiny_server.url}/api/show", json={"model": "tinychat"}, timeout=30).json()
     assert shown["system"] == "You are a test." and "temperature                    0.3" in shown["parameters"]
     assert "num_predict                    40" in shown["parameters"]
-    assert "system" not in requests.post(f"{tiny_server.url}/api/show", json={"model": "plain"}, timeout=30).json()
+    assert requests.post(f"{tiny_server.url}/api/show", json={"model": "plain"}, timeout=30).json()["system"] == "Be plain."
+    assert "system" not in requests.post(f"{tiny_server.url}/api/show", json={"model": "endless"}, timeout=30).json()
+    template = requests.post(f"{tiny_server.url}/apply-template", json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
+                             timeout=30).json()["prompt"]
+    assert "Be plain." in template
 
 
 def test_ollama_num_predict_minus_one_runs_until_the_context_is_full() -> None:
@@ -188,3 +193,12 @@ def test_ollama_num_predict_minus_one_runs_until_the_context_is_full() -> None:
     for value in (-1, -2):
         body = chat_to_openai({"model": "m", "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": value}})
         assert body["max_tokens"] == UNTIL_CONTEXT_FULL > 1 << 24
+
+
+def test_a_bad_system_prompt_fails_before_the_server_starts(tiny_model: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", str(tiny_model), "--system", "@no-such-prompt",
+                           "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Unknown system prompt '@no-such-prompt'" in proc.stderr and "Traceback" not in proc.stderr

@@ -19,6 +19,8 @@ SETTINGS = tuple(FIELDS)
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; 0.0.0.0 listens on every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 13003; 0 picks a free one, printed at start-up).")
 @click.option("--served-model-name", "served_names", multiple=True, help="Name clients use for the model (repeatable); the registry name works too.")
+@click.option("-s", "--system", default=None, metavar="@NAME|FILE|TEXT",
+              help="Default system prompt for requests that bring none (default: the registry entry's; \"\" for none).")
 @click.option("--max-loaded", type=click.IntRange(1), default=None, help="Models resident at once; the least recently used is unloaded (default 3).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
@@ -28,14 +30,16 @@ SETTINGS = tuple(FIELDS)
                                                   "models.toml default, else 2048 (0 = until end of turn or the context). "
                                                   "A request may ask for more, up to its context."})
 @click.pass_context
-def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...], **kwargs: Any) -> None:
+def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...],
+                  system: str | None, **kwargs: Any) -> None:
     """Serve NAME (default: the registry's `default`, as `ggufrun chat`) over the OpenAI, Anthropic
     and Ollama APIs with continuous batching, and a chat page at the URL printed at start-up.
 
     A request that sets no limit (max_tokens, max_output_tokens, num_predict) generates at most
     --max-tokens tokens: the model's own default in models.toml, else 2048 (0: until the end of
     turn or the context). A request may ask for more, up to its context (--n-ctx). Requests
-    without a system prompt or sampling fields get the model's models.toml `system` and defaults.
+    without a system prompt or sampling fields get the model's: --system, else its models.toml
+    `system`, and its settings.
 
     \b
     Examples:
@@ -55,10 +59,12 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
         name = "default"  # as `ggufrun chat` with no name
     if config_path is not None and served_names:
         raise click.UsageError("--served-model-name names the model given as NAME; in --config use served_model_name.")
+    if config_path is not None and system is not None:
+        raise click.UsageError("--system is the system prompt of the model given as NAME; in --config use system per model.")
     if config_path is not None:
         config = read_serve_config(config_path).with_settings(settings)
     else:
-        config = single_model_config(name, served_names, settings)  # type: ignore[arg-type]
+        config = single_model_config(name, served_names, settings, system)  # type: ignore[arg-type]
     config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, models_file=_models_file(ctx), **kwargs)
     if not is_loopback(config.host) and not config.api_key:
         click.echo(f"Warning: listening on {config.host} without --api-key: anyone who can reach this port can use the models.", err=True)

@@ -16,6 +16,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     served_model_name = ["qwen2:7b"] # names clients use (vLLM's --served-model-name); the model name works too
     parallel = 2
     embeddings = true               # serve /v1/embeddings on the same context (default true)
+    system = "@assistant"           # default system prompt: @NAME, a file or the text (default: the registry entry's)
     n_ctx = 8192                    # any ggufrun setting: n_gpu_layers, flash_attn, temperature...
 
 A model loads on its first request, on its own engine thread. ``n_ctx`` is per request, as
@@ -43,7 +44,7 @@ log = logging.getLogger("ggufrun.server")
 
 DEFAULT_PORT = 13003
 _SERVER_KEYS = {"host", "port", "max_loaded", "parallel", "max_queue", "api_key", "cors", "max_body_bytes"}
-_MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings"}
+_MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings", "system"}
 EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
 # The most tokens a reply generates when neither the request nor the model's settings (models.toml,
 # config, environment, --max-tokens) give a limit. llama-server generates until the context is full
@@ -61,6 +62,7 @@ class ModelConfig:
     settings: dict[str, Any] = field(default_factory=dict)
     parallel: int | None = None  # None: the server's --parallel
     embeddings: bool = True
+    system: str | None = None  # the default system prompt (@NAME, a file or text); None: the registry entry's
 
     @property
     def id(self) -> str:
@@ -130,9 +132,10 @@ def read_serve_config(path: Path) -> ServeConfig:
     return ServeConfig(models=models, **values)
 
 
-def single_model_config(name: str, served_names: tuple[str, ...], settings: dict[str, Any]) -> ServeConfig:
-    """The config of ``ggufrun serve NAME``: one model whose settings come from the flags."""
-    models = (ModelConfig(model=name, served_names=served_names),)
+def single_model_config(name: str, served_names: tuple[str, ...], settings: dict[str, Any],
+                        system: str | None = None) -> ServeConfig:
+    """The config of ``ggufrun serve NAME``: one model whose settings (and system prompt) come from the flags."""
+    models = (ModelConfig(model=name, served_names=served_names, system=system),)
     _check_names(models, "the command line")
     return ServeConfig(models=models).with_settings(settings)
 
@@ -155,7 +158,8 @@ def model_defaults(spec: Any, cfg: ModelConfig) -> ModelDefaults:
     # serve's own max_tokens is the lowest layer: the entry's defaults, the config file, the
     # environment and --max-tokens (0: until the end of turn or the context) all override it.
     settings = resolve({"max_tokens": SERVE_MAX_TOKENS, **(spec.defaults or {})}, cfg.settings)
-    return ModelDefaults(settings=settings, system=prompts.resolve_system(spec.system))
+    chosen = cfg.system if cfg.system is not None else spec.system
+    return ModelDefaults(settings=settings, system=prompts.resolve_system(chosen) if chosen else None)  # "": none
 
 
 def _model_from_toml(raw: Any, where: str) -> ModelConfig:
@@ -177,8 +181,11 @@ def _model_from_toml(raw: Any, where: str) -> ModelConfig:
     embeddings = raw.get("embeddings", True)
     if not isinstance(embeddings, bool):
         raise ConfigError(f"{where}: embeddings must be true or false.")
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f'{where}: system must be a string (@NAME, a file or the text; "" for none).')
     return ModelConfig(model=model.strip(), served_names=tuple(n.strip() for n in names), settings=settings,
-                       parallel=parallel, embeddings=embeddings)
+                       parallel=parallel, embeddings=embeddings, system=system)
 
 
 def _positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
