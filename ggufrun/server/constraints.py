@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .protocol import ApiError, invalid
+from .api_errors import ApiError, invalid
 
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
