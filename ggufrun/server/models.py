@@ -4,7 +4,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
 
     [server]                    # every key optional; command-line flags win
     host = "127.0.0.1"
-    port = 13003              # 0: a free port, printed at start-up
+    port = 13003                # 0: a free port, printed at start-up
     max_loaded = 2              # resident models at most; the least recently used goes first
     parallel = 4                # default slots per model (sequences decoded together)
     max_queue = 64
@@ -33,12 +33,15 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, GgufrunError, UnknownModelError
 from ..settings import FIELDS, Settings, coerce, load_toml, resolve
 from .engine import Backend, Engine, ShuttingDownError
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from ..registry import ModelSpec
 
 log = logging.getLogger("ggufrun.server")
 
@@ -150,7 +153,7 @@ class ModelDefaults:
     system: str | None = None
 
 
-def model_defaults(spec: Any, cfg: ModelConfig) -> ModelDefaults:
+def model_defaults(spec: ModelSpec, cfg: ModelConfig) -> ModelDefaults:
     """The defaults of ``cfg``'s model (``spec``, its registry entry): the one place they are
     resolved, for generation and for what /api/show and the chat page show. Raises ConfigError."""
     from .. import prompts

@@ -139,6 +139,7 @@ async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
     # task is inside it (that raised "aclose(): asynchronous generator is already running").
     reader = asyncio.ensure_future(_gather(group))
     watcher = asyncio.ensure_future(wait_disconnect(request.receive))
+    watcher.add_done_callback(_retrieve)
     try:
         await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if reader.done():
@@ -154,6 +155,7 @@ async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a task's outcome as seen: a reader dropped after its client left has nobody to tell."""
+    """Mark a task's outcome as seen: a reader dropped after its client left, or a watcher whose
+    channel failed, has nobody to tell."""
     if not task.cancelled():
         task.exception()
