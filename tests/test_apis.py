@@ -402,7 +402,7 @@ def test_a_client_that_leaves_frees_its_slot(smol: ServerProcess, api: str, stre
         time.sleep(0.05)
     cancelled = _metric(smol, "ggufrun_completions_total", 'reason="cancelled"')
     with socket.create_connection(("127.0.0.1", smol.port), timeout=10) as client:
-        client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{smol.port}\r\nContent-Type: application/json\r\n"
                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 60
         while _metric(smol, "ggufrun_active_requests") < 1 and time.monotonic() < deadline:

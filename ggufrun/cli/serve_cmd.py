@@ -26,6 +26,9 @@ SETTINGS = tuple(FIELDS)
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
 @click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
 @click.option("--cors", "cors", multiple=True, help="Allow browser requests from ORIGIN (repeatable; off by default).")
+@click.option("--allowed-hosts", "allowed_hosts", multiple=True,
+              help="Also answer requests whose Host header is NAME (repeatable or comma-separated; '*' for any). "
+                   "By default only loopback names and the bound address, against DNS rebinding.")
 @settings_options(*SETTINGS, helps={"max_tokens": "Most tokens a reply generates when the request sets no limit: the model's "
                                                   "models.toml default, else 2048 (0 = until end of turn or the context). "
                                                   "A request may ask for more, up to its context."})
@@ -65,7 +68,9 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
         config = read_serve_config(config_path).with_settings(settings)
     else:
         config = single_model_config(name, served_names, settings, system)  # type: ignore[arg-type]
-    config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, models_file=_models_file(ctx), **kwargs)
+    hosts = tuple(h.strip() for value in kwargs.pop("allowed_hosts") for h in value.split(",") if h.strip())
+    config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, allowed_hosts=hosts or None,
+                                   models_file=_models_file(ctx), **kwargs)
     if not is_loopback(config.host) and not config.api_key:
         click.echo(f"Warning: listening on {config.host} without --api-key: anyone who can reach this port can use the models.", err=True)
     run(config, preload=name is not None)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ContextOverflowError, ModelLoadError
+from ..errors import ConfigError, ContextOverflowError, ModelClosedError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
 from ..settings import Settings
 from . import amx
@@ -120,7 +122,11 @@ class Model:
                        np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,)))
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
-        self._closed = False
+        self._closed = False  # no new borrower; freed once the last one is done
+        self._freed = False
+        self._users = 0  # threads inside borrowed(): the model is not freed under them
+        self._borrowers: dict[int, int] = {}  # thread id -> nesting depth
+        self._use_lock = threading.Lock()
         self._owns_weights = True
 
     # ---- loading ---------------------------------------------------------------------------
@@ -202,10 +208,44 @@ class Model:
                 out[key] = buf.value.decode("utf-8", "replace")
         return out
 
+    @contextmanager
+    def borrowed(self) -> Iterator["Model"]:
+        """Use the model from a thread other than its owner's (tokenising for a server request):
+        :meth:`close` then defers freeing it until the block ends, rather than free the vocabulary
+        under it. Raises ModelClosedError once the model is closed."""
+        me = threading.get_ident()
+        with self._use_lock:
+            if self._closed and not self._borrowers.get(me):  # a borrower may go on (nested calls)
+                raise ModelClosedError(f"The model {self.path.name} has been unloaded.", "Retry the request.")
+            self._users += 1
+            self._borrowers[me] = self._borrowers.get(me, 0) + 1
+        try:
+            yield self
+        finally:
+            with self._use_lock:
+                self._users -= 1
+                self._borrowers[me] -= 1
+                if not self._borrowers[me]:
+                    del self._borrowers[me]
+                last = self._closed and not self._users
+            if last:
+                self._free()
+
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Free the context (and the weights it owns) now, or when the last borrower is done."""
+        with self._use_lock:
+            if self._closed:
+                return
+            self._closed = True
+            busy = self._users > 0
+        if not busy:
+            self._free()
+
+    def _free(self) -> None:
+        with self._use_lock:
+            if self._freed:
+                return
+            self._freed = True
         L.llama_batch_free(self._batch)
         L.llama_free(self._ctx)
         if self._owns_weights:
@@ -234,6 +274,10 @@ class Model:
         return hit
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        with self.borrowed():  # servers tokenise on request threads: never under a freed vocabulary
+            return self._tokenize(text, add_special, parse_special)
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (L.llama_token * n_max)()
@@ -248,11 +292,12 @@ class Model:
         key = (token, special)
         piece = self._piece_cache.get(key)
         if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            with self.borrowed():
+                buf = ctypes.create_string_buffer(64)
+                n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+                if n < 0:
+                    buf = ctypes.create_string_buffer(-n)
+                    n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             piece = buf.raw[:n]
             self._piece_cache[key] = piece
         return piece
@@ -421,12 +466,14 @@ class Model:
     def prepare_grammars(self) -> None:
         """Build what every grammar of this model reads (the vocabulary index, ~0.2 s for 152k
         tokens, once): for callers that can do it off an event loop before the first grammar."""
-        vocab_index(self)
+        with self.borrowed():
+            vocab_index(self)
 
     def grammar(self, text: str, triggers: Sequence[str] = ()) -> "Grammar":
         """A llama.cpp grammar sampler for GBNF ``text``, lazy with ``triggers`` (regex patterns: it
         applies from where one matches the text generated); raise GrammarError when llama.cpp rejects it."""
-        return Grammar(self, text, triggers)
+        with self.borrowed():
+            return Grammar(self, text, triggers)
 
     def start(self, tokens: list[int], params: SamplingParams, *, max_tokens: int = 0, stop: list[str] | tuple[str, ...] = (),
               stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False) -> Generation:

@@ -130,10 +130,8 @@ class Server:
             prompts = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
-            for request in requests:
-                job = Job(request, loop)
-                engine.submit(job)
-                jobs.append(job)
+            jobs = [Job(request, loop) for request in requests]
+            engine.submit_all(jobs, param="n" if params.n > 1 else "prompt")  # all or none: a 400 if they can never fit
         except BaseException:
             for job in jobs:
                 job.cancel()
