@@ -184,6 +184,8 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
         return PullResult(parts[0].path, parts[-1].source, sum(r.bytes for r in parts), sum(r.seconds for r in parts),
                           cached=all(r.cached for r in parts))
     target = spec.cache_path()
+    if spec.path is None:
+        cache.inside_cache(target)  # a hostile registry name or a symlink must not lead a write outside
     if spec.path is not None or (target.is_file() and not force):
         return _already(target)
     if paths.offline() if offline is None else offline:

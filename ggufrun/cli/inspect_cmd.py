@@ -50,6 +50,14 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
             raise NotCachedError(f"'{spec.name}' is not in the cache, and its header could not be read from the hub "
                                  f"({exc.message.rstrip('.')}).", f"Run `ggufrun pull {model}` when the hub is reachable.") from None
         remote = True
+    from ..errors import InvalidGGUFError
+    from ..gguf_info import check_model
+
+    try:
+        check_model(info)  # what chat and serve would refuse before llama.cpp sees the file
+        problem = None
+    except InvalidGGUFError as exc:
+        problem = exc.message.split(": ", 1)[-1] if ": " in exc.message else exc.message
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
     cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
     auto = offload.plan(info, n_ctx)
@@ -59,7 +67,7 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     except offload.DoesNotFitError as exc:
         refusal = str(exc)
     if as_json:
-        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
+        click.echo(json.dumps({**info.to_dict(), "refused": problem, "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
                                                             "auto": {**auto.to_dict(), "refused": refusal}}},
                               indent=2, default=str))
         return
@@ -91,6 +99,8 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     ]
     if info.sliding_window:
         rows.insert(-4, ("sliding window", str(info.sliding_window)))
+    if problem:
+        rows.insert(0, ("refused", f"chat and serve will not load this file: {problem}"))
     for key, value in rows:
         table.add_row(key, Text(value))  # Text: a name with [brackets] is not markup
     console = Console(highlight=False)

@@ -80,7 +80,8 @@ def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
 class Model:
     """A loaded GGUF model with one llama.cpp context (one or more sequences in its KV cache)."""
 
-    def __init__(self, path: Path, settings: Settings, model_ptr: Any, ctx: Any, n_seq_max: int, load_seconds: float, embeddings: bool) -> None:
+    def __init__(self, path: Path, settings: Settings, model_ptr: Any, ctx: Any, n_seq_max: int, load_seconds: float, embeddings: bool,
+                 n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
         self._model = model_ptr
@@ -91,9 +92,11 @@ class Model:
         self.n_seq_max = n_seq_max
         self.embeddings = embeddings
         self.load_seconds = load_seconds
-        self.n_ctx = L.llama_n_ctx(ctx)
+        # llama.cpp rounds a small context up (to 256 cells): the context asked for is the limit kept,
+        # so --n-ctx 1 refuses a longer prompt instead of being silently raised.
+        self.n_ctx = min(L.llama_n_ctx(ctx), n_ctx) if n_ctx > 0 else L.llama_n_ctx(ctx)
         self._eog: dict[int, bool] = {}
-        self.seq_cells = L.llama_n_ctx_seq(ctx)  # the most one sequence can hold (all n_ctx when unified)
+        self.seq_cells = min(L.llama_n_ctx_seq(ctx), self.n_ctx)  # the most one sequence can hold (all n_ctx when unified)
         self.unified = n_seq_max > 1 and self.seq_cells >= self.n_ctx
         self.n_batch = L.llama_n_batch(ctx)
         self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
@@ -186,14 +189,15 @@ class Model:
         except BaseException:
             L.llama_model_free(model_ptr)
             raise
-        return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings)
+        return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings,
+                   n_ctx=max(kv_cells, n_ctx))
 
     def new_context(self, *, n_ctx: int, n_seq_max: int = 1, embeddings: bool = False) -> "Model":
         """A second context over these same weights (no second load): the embedder of a pooling model.
         Closing it frees only the context; the weights stay with this Model, which must outlive it."""
         settings = replace(self.settings, n_ctx=n_ctx)
         ctx = _new_context(self._model, settings, n_ctx, n_seq_max, embeddings, self.path)
-        other = Model(self.path, settings, self._model, ctx, n_seq_max, 0.0, embeddings)
+        other = Model(self.path, settings, self._model, ctx, n_seq_max, 0.0, embeddings, n_ctx=n_ctx)
         other._owns_weights = False
         return other
 
