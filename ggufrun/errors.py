@@ -107,6 +107,12 @@ class BenchError(GgufrunError):
     """A benchmark configuration cannot run."""
 
 
+class BenchUsageError(BenchError):
+    """A bench request that cannot run as given (a bad flag value or combination): nothing was measured."""
+
+    exit_status = ExitStatus.USAGE
+
+
 class GrammarError(GgufrunError):
     """llama.cpp rejected a request's grammar (GBNF)."""
 

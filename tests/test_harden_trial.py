@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,12 @@ SITECUSTOMIZE = "import ggufrun.gguf_info as g\ng.check_model = lambda info: Non
 
 
 @pytest.fixture
-def unchecked_env(tmp_path: Path) -> dict[str, str]:
+def unchecked_env(tmp_path: Path, seed_amx_verdict: Callable[[Path], None]) -> dict[str, str]:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     home = tmp_path / "home"
+    seed_amx_verdict(home)
     return {"PYTHONPATH": f"{Path(__file__).resolve().parents[1]}{os.pathsep}{site}", "GGUFRUN_HOME": str(home),
             "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
 

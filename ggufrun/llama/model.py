@@ -77,6 +77,18 @@ def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
     return split, devices
 
 
+def describe(llama_desc: str, n_params: int) -> str:
+    """llama.cpp's "ARCH SIZE FTYPE" with SIZE from the real parameter count: llama.cpp names the size
+    from a table of known layer counts, which calls SmolLM2-135M (30 layers) "256M"."""
+    arch, _, rest = llama_desc.partition(" ")
+    _, _, ftype = rest.partition(" ")
+    if not ftype or n_params <= 0:
+        return llama_desc
+    size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M" if n_params >= 1e6 else \
+        f"{n_params / 1e3:.0f}K"
+    return f"{arch} {size} {ftype}"
+
+
 class Model:
     """A loaded GGUF model with one llama.cpp context (one or more sequences in its KV cache)."""
 
@@ -97,7 +109,9 @@ class Model:
         self.n_ctx = min(L.llama_n_ctx(ctx), n_ctx) if n_ctx > 0 else L.llama_n_ctx(ctx)
         self._eog: dict[int, bool] = {}
         self.seq_cells = min(L.llama_n_ctx_seq(ctx), self.n_ctx)  # the most one sequence can hold (all n_ctx when unified)
-        self.unified = n_seq_max > 1 and self.seq_cells >= self.n_ctx
+        # Read from llama.cpp's own sizes, not the clamped ones: a small context is rounded up per part, so
+        # the clamped seq_cells can equal n_ctx with a part per sequence (range copies across parts abort).
+        self.unified = n_seq_max > 1 and L.llama_n_ctx_seq(ctx) >= L.llama_n_ctx(ctx)
         self.n_batch = L.llama_n_batch(ctx)
         self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
@@ -109,7 +123,7 @@ class Model:
         self.n_params = L.llama_model_n_params(model_ptr)
         buf = ctypes.create_string_buffer(256)
         L.llama_model_desc(model_ptr, buf, 256)
-        self.description = buf.value.decode("utf-8", "replace")
+        self.description = describe(buf.value.decode("utf-8", "replace"), self.n_params)
         self.metadata = self._read_metadata()
         tmpl = L.llama_model_chat_template(model_ptr, None)
         self.chat_template: str | None = tmpl.decode("utf-8", "replace") if tmpl else None
