@@ -320,14 +320,14 @@ def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_canc
     assert e.backend is not None
     model = e.backend.model
     started = 0
-    embed_steps = model.embed_steps
+    tokenize = model.tokenize
 
-    def counted(*args: Any, **kwargs: Any) -> Any:  # the real embedding; only the texts begun are counted
+    def counted(*args: Any, **kwargs: Any) -> Any:  # the real tokeniser; only the texts begun are counted
         nonlocal started
         started += 1
-        return embed_steps(*args, **kwargs)
+        return tokenize(*args, **kwargs)
 
-    model.embed_steps = counted  # type: ignore[method-assign]
+    model.tokenize = counted  # type: ignore[method-assign]
     try:
         async def main() -> None:
             loop = asyncio.get_running_loop()
