@@ -196,8 +196,8 @@ class Server:
     async def embed_texts(self, model: str | None, inputs: list[str] | list[Any]) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
-        without embeddings, a token outside the vocabulary, a text longer than one batch (the
-        embedder would cut it)."""
+        without embeddings, a token outside the vocabulary, a text longer than the embedder takes
+        (a sequence's context on the generation context; one batch on an embedding model's own)."""
         cfg = self.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
@@ -206,6 +206,12 @@ class Server:
             backend = engine.backend
             assert backend is not None
             texts = []
+            if backend.embed_seq is not None and not backend.model.pools_embeddings:
+                # On the generation context a text goes through in chunks of the steps' batches: its
+                # sequence's cells are the limit. An embedding model's own context pools one batch.
+                limit, what, flag = backend.model.seq_cells, "(a sequence's context)", "--n-ctx"
+            else:
+                limit, what, flag = backend.model.n_batch, "(the batch size)", "--batch-size"
             for i, item in enumerate(inputs):
                 where = f"input[{i}]" if len(inputs) > 1 else "input"
                 if isinstance(item, list):
@@ -214,10 +220,9 @@ class Server:
                         raise invalid(where, f"token id {bad[0]} is outside the vocabulary of {backend.model.n_vocab}.")
                     item = backend.model.detokenize(item)
                 n_tokens = len(backend.model.tokenize(item))
-                if n_tokens > backend.model.n_batch:  # the embedder decodes a text in one batch: longer would be cut
-                    raise ApiError(400, f"Invalid '{where}': it has {n_tokens} tokens; at most {backend.model.n_batch} "
-                                   "(the batch size) can be embedded. Split the text or serve with a larger --batch-size.",
-                                   param=where, kind="exceed_context_size_error")
+                if n_tokens > limit:  # longer would be cut
+                    raise ApiError(400, f"Invalid '{where}': it has {n_tokens} tokens; at most {limit} {what} can be embedded. "
+                                   f"Split the text or serve with a larger {flag}.", param=where, kind="exceed_context_size_error")
                 texts.append(item)
             future = engine.embed(texts)
         finally:

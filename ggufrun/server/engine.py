@@ -647,7 +647,7 @@ class Engine:
                     self._admit(slot)
                 except Exception as setup_exc:  # noqa: BLE001 -- this request's setup failed: it ends alone
                     self._fail_job(entering, setup_exc)
-            failed = self._launch(model)
+            failed = self._launch(model, waiting=len(sampled))
         t3 = time.perf_counter()
         n = 0
         self._outbox = []
@@ -709,12 +709,14 @@ class Engine:
             return out
         return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
 
-    def _launch(self, model: Any) -> tuple[GgufrunError, list[_Slot]] | None:
+    def _launch(self, model: Any, waiting: int = 0) -> tuple[GgufrunError, list[_Slot]] | None:
         """Queue the next decode; on failure return the error and the slots it was for.
 
         Generating sequences first (one token each keeps their pace steady), then the waiting
         prompts' chunks and the text being embedded share the step's budget (budget.py), taking
-        turns at going first so that neither starves the other."""
+        turns at going first so that neither starves the other. ``waiting``: tokens sampled and not
+        yet handed out (after this launch); the budget holds for them too, even where no row goes
+        on: a reply's last token waited behind a whole 512-token chunk (seconds on a CPU)."""
         running = [s for s in self._slots if s.job is not None]
         embed = self._embed_chunkable()
         if not running and embed is None:
@@ -727,7 +729,7 @@ class Engine:
         for slot in rows[:budget]:
             batch.append((slot, [slot.last], True))
         n_rows = len(batch)
-        chunks = min(budget - n_rows, self._budget.allowance(n_rows))
+        chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting))
         consumers: list[_Slot | _EmbedJob] = [s for s in running if s.pending]
         if embed is not None:
             consumers.append(embed)
@@ -774,7 +776,7 @@ class Engine:
             self._embed_rows = (embed, len(self._inflight), len(embed_part))
             embed.sent += len(embed_part)
         if self._profile is not None:
-            self._profile.chunks(n_chunks, self._budget.allowance(n_rows))
+            self._profile.chunks(n_chunks, self._budget.allowance(n_rows or waiting))
         return None
 
     def _make_room(self, running: list[_Slot], extra: int = 0) -> None:
@@ -909,7 +911,9 @@ class Engine:
                     return  # its text is under way in the steps' decodes
                 if job.steps is None:
                     if job.tokens is None:
-                        job.tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])[: self.backend.model.n_batch]
+                        job.tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])
+                        if not shared:  # an embedding model's context pools one batch (the server refuses longer texts)
+                            job.tokens = job.tokens[: self.backend.model.n_batch]
                     tokens = job.tokens
                     if shared:
                         # Its text goes into the requests' cache: its cells are reserved as a job's are,
