@@ -71,7 +71,7 @@ class StepBudget:
             self.tokens = min(self.n_batch, self.tokens * 2)
             self.rate = float(self.tokens)
             return
-        self.tokens = max(1, min(self.n_batch, int((PEAK - 1.0) * self.plain_s / self.per_token_s)))
+        self.tokens = max(1, min(self.n_batch, int((PEAK - 1.0) * self.plain_s / self.per_token_s + 1e-6)))
         self.rate = min(float(self.tokens), (SLACK - 1.0) * self.plain_s / self.per_token_s)
 
 
