@@ -61,7 +61,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
     Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
     Field("step_tokens", int, "serve: prompt and embedding tokens one engine step takes beside generating replies: auto "
-          "(as many as keep a step within 1.25x a plain decode step, measured) or a fixed count.", min=1, auto=True),
+          "(as many as keep steps within 1.2x a plain decode step on average and 2x at most, measured) or a fixed count.", min=1, auto=True),
 )}
 
 

@@ -11,7 +11,7 @@ text alone goes through at full speed.
 
 from __future__ import annotations
 
-SLACK = 1.25  # steps with chunks may take this many plain decode steps, on average
+SLACK = 1.2  # steps with chunks may take this many plain decode steps, on average
 PEAK = 2.0  # and one step at most this many (a stream's longest gap)
 _FIRST = 16  # the budget before any step has been measured
 _EMA = 0.2  # weight of the newest measurement in the running means
