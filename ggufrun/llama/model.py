@@ -397,7 +397,7 @@ class Model:
         """Sample the next token of one sequence from the logits at ``output_index``; return
         (token, logprob info or None). The caller accepts it (Generation.accept)."""
         p = seq.params
-        if p.greedy and seq.grammar is None and p.logprobs is None and not p.penalised and not len(seq.bias_ids):
+        if p.greedy and seq.grammar is None and p.logprobs is None and not p.penalised and not len(seq.bias_ids) and not seq.forced:
             return self._argmax(output_index), None
         row = numpy().ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, output_index), shape=(1, self.n_vocab))
         tokens, infos = sample_rows(row, [seq])

@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
 from . import protocol as P
+from . import thinking
 from . import tools as T
 from .api_errors import ApiError, invalid
 from .engine import Backend, Engine, GenRequest, Job, ShuttingDownError
@@ -162,7 +163,7 @@ class Server:
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos)
+                          ignore_eos=params.ignore_eos, think=params.think)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
@@ -190,7 +191,11 @@ class Server:
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
             rendered, tools = T.prepare_messages(plan, messages, backend.template)
-            return [chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)]
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id)
+            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            if not prefill:  # (a prefilled reply continues its own text, thinking or not)
+                tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
+            return [tokens + prefill_tokens(backend, prefill)]
 
         group = await self.submit(params, cfg, build)
         return group, params, Choices(True, params.model or cfg.id, params, plan, params.n)

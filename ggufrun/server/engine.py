@@ -59,6 +59,7 @@ class Backend:
     n_ctx_seq: int  # the longest sequence (prompt + reply) one request may use
     description: str = ""
     embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
+    reasoning: Any = None  # reasoning.ThinkFormat when the model thinks before it answers
 
 
 @dataclass
@@ -78,6 +79,7 @@ class GenRequest:
     sampling: dict[str, Any]  # SamplingParams fields
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
 
 
 @dataclass(slots=True)
@@ -98,6 +100,7 @@ class Event:
     cached_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     stop_sequence: str | None = None  # done: the stop string that ended the reply, if one did
+    reasoning_tokens: int = 0  # done: of completion_tokens, those spent thinking
 
 
 def timings(stats: GenStats) -> dict[str, float]:
@@ -452,7 +455,7 @@ class Engine:
         slot.used_at = time.monotonic()
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
-                              stop=req.stop, ignore_eos=req.ignore_eos, cached=kept,
+                              stop=req.stop, ignore_eos=req.ignore_eos, cached=kept, think=req.think,
                               grammar_factory=lambda _text: job.grammar, draw_factory=model.draw_chain)
         slot.gen.started = job.created
         job.grammar = None  # the Generation owns (and frees) it now
@@ -618,7 +621,8 @@ class Engine:
             st = gen.stats if gen is not None else GenStats(prompt_tokens=len(job.request.prompt))
             self._emit(job, Event("done", finish_reason=finish_reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
                            completion_tokens=st.gen_tokens, timings=timings(st),
-                           stop_sequence=gen.stop_sequence if gen is not None else None))
+                           stop_sequence=gen.stop_sequence if gen is not None else None,
+                           reasoning_tokens=st.reasoning_tokens))
         job.finished = True
         self.metrics.finished(self.name, "error" if error is not None else finish_reason or "cancelled")
         if gen is not None:

@@ -292,6 +292,7 @@ class ModelPool:
         from ..gguf_info import inspect
         from ..loader import open_model
         from ..settings import resolve
+        from ..reasoning import detect
         from ..templates import select_template
 
         spec = self.registry.resolve(cfg.model)
@@ -312,7 +313,8 @@ class ModelPool:
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
         return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
-                       description=model.description, embed_seq=parallel if cfg.embeddings else None)
+                       description=model.description, embed_seq=parallel if cfg.embeddings else None,
+                       reasoning=detect(template.jinja_source, per_request.reasoning_format))
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         queue, active, loaded = {}, {}, {}

@@ -147,21 +147,29 @@ class GenParams:
     grammar_triggers: list[str] | None = None  # lazy grammar: applied from where one of these patterns matches
     json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (reported, not enforced here)
     ignore_eos: bool = False
+    raw_grammar: bool = False  # the grammar came as llama.cpp's 'grammar' field: it shapes the whole reply, thinking too
+    thinking: bool | None = None  # a reasoning model's thinking asked on or off (None: the template's default)
+    thinking_param: str = ""  # the field that asked it, named when the model cannot think
+    reasoning_budget: int | None = None  # thinking tokens before the block is closed (None: the server's --reasoning-budget)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
+    think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
 _LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema", "cache_prompt"}
+# The chat template's own variables, which chat_template_kwargs may not replace.
+_TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents"}
 _COMMON = {"model", "n", "stream", "stream_options", "max_tokens", "stop", "temperature", "top_p", "seed",
            "presence_penalty", "frequency_penalty", "logit_bias", "user", *_LLAMA_FIELDS}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
                          "parallel_tool_calls", "response_format", "metadata", "store", "service_tier", "modalities",
-                         "safety_identifier", "prompt_cache_key"}
+                         "safety_identifier", "prompt_cache_key", "reasoning_effort", "chat_template_kwargs",
+                         "reasoning_budget"}
 CHAT_REFUSED = {
     "audio": "this server generates text only.",
     "functions": "the deprecated 'functions' field is not supported; send 'tools' instead.",
     "function_call": "the deprecated 'function_call' field is not supported; send 'tool_choice' instead.",
     "prediction": "predicted outputs are not supported.",
-    "reasoning_effort": "the served models have no reasoning-effort control.",
     "verbosity": "the served models have no verbosity control.",
     "web_search_options": "this server has no web search.",
 }
@@ -216,8 +224,43 @@ def parse_gen(body: dict[str, Any], *, chat: bool) -> GenParams:
         if best_of is not None and best_of != params.n:
             raise unsupported("best_of", "only best_of equal to n (the default) is supported.")
     _parse_constraints(body, params, chat=chat)
+    if chat:
+        _parse_reasoning(body, params)
     _check_metadata(body)
     return params
+
+
+def _parse_reasoning(body: dict[str, Any], params: GenParams) -> None:
+    """chat_template_kwargs (enable_thinking), reasoning_effort and reasoning_budget: whether a
+    reasoning model thinks and for how long. Whether the model can is checked once it is known."""
+    from ..reasoning import EFFORT_BUDGET
+
+    kwargs = typed(body, "chat_template_kwargs", (dict,), "an object of template variables") or {}
+    for key in kwargs:
+        if not key.isidentifier() or key in _TEMPLATE_OWN:
+            raise invalid(f"chat_template_kwargs.{key}", "not a variable a request may set (the template's own, or not a name).")
+    enable = kwargs.get("enable_thinking")
+    if enable is not None:
+        if not isinstance(enable, bool):
+            raise invalid("chat_template_kwargs.enable_thinking", "expected true or false.")
+        params.thinking, params.thinking_param = enable, "chat_template_kwargs.enable_thinking"
+    params.template_kwargs = dict(kwargs)
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in EFFORT_BUDGET:
+            raise invalid("reasoning_effort", f"expected one of {', '.join(EFFORT_BUDGET)} (got {json.dumps(effort)}).")
+        on = effort != "none"
+        if params.thinking is not None and params.thinking != on:
+            raise invalid("reasoning_effort", f"'{effort}' contradicts chat_template_kwargs.enable_thinking.")
+        params.thinking, params.thinking_param = on, params.thinking_param or "reasoning_effort"
+        params.reasoning_budget = EFFORT_BUDGET[effort]
+    budget = typed(body, "reasoning_budget", (int,), "an integer")
+    if budget is not None:
+        if budget < -1:
+            raise invalid("reasoning_budget", f"expected -1 (no limit), 0 (thinking off) or a token count (got {budget}).")
+        if budget == 0 and params.thinking:
+            raise invalid("reasoning_budget", f"0 turns thinking off, which contradicts {params.thinking_param}.")
+        params.reasoning_budget = budget
 
 
 def _check_metadata(body: dict[str, Any]) -> None:
@@ -254,7 +297,7 @@ def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -
         grammar = typed(body, "grammar", (str,), "a GBNF grammar string")
         if not grammar.strip():
             raise invalid("grammar", "expected a non-empty GBNF grammar.")
-        params.grammar = grammar
+        params.grammar, params.raw_grammar = grammar, True
     elif body.get("json_schema") is not None:
         schema = typed(body, "json_schema", (dict,), "a JSON schema object")
         params.grammar, params.json_schema = constraints.schema_grammar(schema, "json_schema"), schema
@@ -289,7 +332,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise invalid(f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}.")
         role = m["role"]
-        allowed = {"role", "content", "name"} | ({"tool_calls", "refusal", "audio"} if role == "assistant" else set()) \
+        allowed = {"role", "content", "name"} | ({"tool_calls", "refusal", "audio", "reasoning_content"} if role == "assistant" else set()) \
             | ({"tool_call_id"} if role == "tool" else set())
         for key in m:
             if key not in allowed:
@@ -301,6 +344,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                                "content": text_of(m.get("content"), f"messages[{i}].content")}
         if name:
             msg["name"] = name
+        reasoning = typed(m, "reasoning_content", (str,), "a string", param=f"messages[{i}].reasoning_content")
+        if reasoning:  # a reasoning template (Qwen3's) renders it back where it keeps it; most drop it
+            msg["reasoning_content"] = reasoning
         if role == "assistant" and m.get("tool_calls") is not None:
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
         elif role == "assistant" and m.get("content") is None and not m.get("refusal"):

@@ -169,7 +169,7 @@ def prepare_messages(plan: ToolPlan | None, messages: list[dict[str, Any]], temp
                 f"Result of tool call {m['tool_call_id']}:\n{m['content']}"
             out.append({"role": "user", "content": result})
         else:
-            out.append({k: v for k, v in m.items() if k in ("role", "content")})
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning_content")})
     if plan is not None and plan.active:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{_instructions(plan)}"}
