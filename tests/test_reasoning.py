@@ -24,7 +24,7 @@ from ggufrun.reasoning import ANSWER, START, THINKING, ThinkBudget, ThinkFormat,
 
 TEMPLATE = Path(__file__).parent / "data" / "qwen3-thinking.jinja"
 GREEDY = {"temperature": 0.0, "top_k": 1}
-BUDGET = 12  # the server's --reasoning-budget
+BUDGET = 8  # the server's --reasoning-budget
 FMT = ThinkFormat()
 
 
@@ -101,14 +101,14 @@ ASK = [{"role": "user", "content": "Explain in detail how photosynthesis works."
 
 def test_openai_reasoning_content_whole_and_streamed(think: ServerProcess) -> None:
     oa = openai_client(think)
-    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=40, extra_body=GREEDY)
+    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, extra_body=GREEDY)
     msg = r.choices[0].message
     reasoning = msg.model_extra["reasoning_content"]
     assert reasoning and msg.content and "<think>" not in msg.content + reasoning and "</think>" not in msg.content + reasoning
     details = r.usage.completion_tokens_details
     assert BUDGET <= details.reasoning_tokens < r.usage.completion_tokens
     thought, answer = "", ""
-    for chunk in oa.chat.completions.create(model="think", messages=ASK, max_tokens=40, stream=True, extra_body=GREEDY):
+    for chunk in oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, stream=True, extra_body=GREEDY):
         if chunk.choices:
             delta = chunk.choices[0].delta
             thought += (delta.model_extra or {}).get("reasoning_content") or ""
@@ -120,7 +120,7 @@ def test_thinking_off_leaves_a_block_the_model_writes_anyway_in_the_answer(think
     oa = openai_client(think)
     grammar = 'root ::= "<think>\\n" [a-z ]{3,20} "\\n</think>\\n\\n" "Paris"'
     # enable_thinking false: the template closes an empty block, so the reply is all answer, tags and all
-    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=40,
+    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24,
                                    extra_body={**GREEDY, "grammar": grammar, "chat_template_kwargs": {"enable_thinking": False}})
     msg = r.choices[0].message
     assert msg.content.startswith("<think>\n") and msg.content.endswith("</think>\n\nParis")
@@ -130,11 +130,129 @@ def test_thinking_off_leaves_a_block_the_model_writes_anyway_in_the_answer(think
 
 def test_the_budget_closes_a_block_that_would_run_on(think: ServerProcess) -> None:
     oa = openai_client(think)
-    run_on = oa.chat.completions.create(model="think", messages=ASK, max_tokens=40, extra_body={**GREEDY, "reasoning_budget": -1})
+    run_on = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, extra_body={**GREEDY, "reasoning_budget": -1})
     assert run_on.choices[0].finish_reason == "length" and not run_on.choices[0].message.content
-    assert run_on.usage.completion_tokens_details.reasoning_tokens == 40
-    cut = oa.chat.completions.create(model="think", messages=ASK, max_tokens=40, extra_body={**GREEDY, "reasoning_budget": 5})
+    assert run_on.usage.completion_tokens_details.reasoning_tokens == 24
+    cut = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, extra_body={**GREEDY, "reasoning_budget": 5})
     assert 5 <= cut.usage.completion_tokens_details.reasoning_tokens <= 5 + 6  # the budget, then the close's tokens
     assert cut.choices[0].message.content
     off = oa.chat.completions.create(model="think", messages=ASK, max_tokens=20, reasoning_effort="none", extra_body=GREEDY)
     assert (off.choices[0].message.model_extra or {}).get("reasoning_content") is None and off.choices[0].message.content
+
+
+def test_anthropic_thinking_blocks_whole_and_streamed(think: ServerProcess) -> None:
+    import anthropic
+
+    c = anthropic.Anthropic(base_url=think.url, api_key="unused", max_retries=0, timeout=120)
+    ask: dict[str, Any] = {"model": "think", "max_tokens": 24, "messages": ASK, "extra_body": GREEDY,
+                           "thinking": {"type": "enabled", "budget_tokens": 6}}
+    m = c.messages.create(**ask)
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    assert m.content[0].thinking and m.content[1].text and "</think>" not in m.content[1].text
+    with c.messages.stream(**ask) as s:
+        kinds = [(e.type, getattr(getattr(e, "delta", None), "type", None)) for e in s]
+        final = s.get_final_message()
+    assert ("content_block_delta", "thinking_delta") in kinds and ("content_block_delta", "text_delta") in kinds
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in final.content] == \
+        [(b.type, getattr(b, "thinking", None) or b.text) for b in m.content]
+    off = c.messages.create(**{**ask, "thinking": {"type": "disabled"}})
+    assert [b.type for b in off.content] == ["text"]
+    # a thinking block sent back is the assistant turn's reasoning (this template keeps it after the last query)
+    back = c.messages.create(**{**ask, "max_tokens": 8, "messages": [
+        *ASK, {"role": "assistant", "content": [{"type": "thinking", "thinking": "Light.", "signature": ""},
+                                                {"type": "text", "text": "Plants eat light."}]},
+        {"role": "user", "content": "More?"}]})
+    assert back.content
+    with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
+        c.messages.create(**{**ask, "thinking": {"type": "enabled", "budget_tokens": 24}})
+
+
+def test_ollama_message_thinking_whole_and_streamed(think: ServerProcess) -> None:
+    import ollama
+
+    client = ollama.Client(host=think.url, timeout=120)
+    options = {"temperature": 0, "top_k": 1, "num_predict": 24}
+    r = client.chat(model="think", messages=ASK, think=True, options=options)
+    assert r.message.thinking and r.message.content and "<think>" not in r.message.thinking
+    thought, answer = "", ""
+    for part in client.chat(model="think", messages=ASK, think=True, options=options, stream=True):
+        thought += part.message.thinking or ""
+        answer += part.message.content or ""
+    assert (thought, answer) == (r.message.thinking, r.message.content)
+    off = client.chat(model="think", messages=ASK, think=False, options=options)
+    assert not off.message.thinking and off.message.content
+    g = client.generate(model="think", prompt="Explain in detail how photosynthesis works.", options=options)
+    assert g.thinking and g.response
+
+
+def test_responses_reasoning_items_and_reasoning_tokens(think: ServerProcess) -> None:
+    oa = openai_client(think)
+    ask: dict[str, Any] = {"model": "think", "input": ASK[0]["content"], "max_output_tokens": 24, "extra_body": GREEDY}
+    r = oa.responses.create(**ask)
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text and r.output_text
+    assert BUDGET <= r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    events = list(oa.responses.create(**ask, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    done = [e for e in events if e.type in ("response.completed", "response.incomplete")][-1].response
+    assert deltas == done.output[0].content[0].text == r.output[0].content[0].text
+    assert done.output_text == r.output_text
+    off = oa.responses.create(**ask, reasoning={"effort": "none"})
+    assert [item.type for item in off.output] == ["message"] and off.reasoning.effort == "none"
+    assert off.usage.output_tokens_details.reasoning_tokens == 0
+    with pytest.raises(Exception, match="reasoning.summary"):
+        oa.responses.create(**ask, reasoning={"effort": "low", "summary": "auto"})
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                                                           "required": ["city"], "additionalProperties": False}}}
+
+
+def test_tool_call_and_json_schema_come_after_the_thinking(think: ServerProcess) -> None:
+    import jsonschema
+
+    oa = openai_client(think)
+    weather = [{"role": "user", "content": "What is the weather in Paris? Think it through first."}]
+    r = oa.chat.completions.create(model="think", messages=weather, max_tokens=80, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+                                   extra_body=GREEDY)
+    msg = r.choices[0].message
+    assert (msg.model_extra or {}).get("reasoning_content")  # the grammar left the thinking free ...
+    assert r.choices[0].finish_reason == "tool_calls" and msg.tool_calls[0].function.name == "get_weather"
+    assert "city" in json.loads(msg.tool_calls[0].function.arguments)  # ... and made the answer a call
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=80, extra_body=GREEDY,
+                                   response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    msg = r.choices[0].message
+    assert (msg.model_extra or {}).get("reasoning_content")
+    jsonschema.validate(json.loads(msg.content), schema)
+    streamed = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
+        model="think", messages=ASK, max_tokens=80, stream=True, extra_body=GREEDY,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}) if c.choices)
+    assert streamed == msg.content
+
+
+def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Path, tmp_path: Path) -> None:
+    import anthropic
+    import ollama
+    import openai
+
+    env = {"GGUFRUN_HOME": str(tmp_path), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
+    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "2", env=env) as server:
+        oa = openai_client(server)
+        for extra, param in (({"reasoning_effort": "high"}, "reasoning_effort"),
+                             ({"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}, "chat_template_kwargs.enable_thinking")):
+            with pytest.raises(openai.BadRequestError) as err:
+                oa.chat.completions.create(model="smol", messages=ASK, max_tokens=2, **extra)
+            assert err.value.body["param"] == param and "does not reason" in err.value.body["message"]
+        ok = oa.chat.completions.create(model="smol", messages=ASK, max_tokens=2, reasoning_effort="none")
+        assert "reasoning_tokens" not in str(ok.usage) and (ok.choices[0].message.model_extra or {}).get("reasoning_content") is None
+        with pytest.raises(ollama.ResponseError, match="think"):
+            ollama.Client(host=server.url).chat(model="smol", messages=ASK, think=True, options={"num_predict": 2})
+        assert ollama.Client(host=server.url).chat(model="smol", messages=ASK, think=False, options={"num_predict": 2}).message
+        with pytest.raises(anthropic.BadRequestError, match="'thinking'"):
+            anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0).messages.create(
+                model="smol", max_tokens=8, messages=ASK, thinking={"type": "enabled", "budget_tokens": 4})
+        with pytest.raises(openai.BadRequestError, match="reasoning.effort"):
+            oa.responses.create(model="smol", input="Hi", reasoning={"effort": "high"})

@@ -72,7 +72,8 @@ def after_block(grammar: str, triggers: list[str] | None, fmt: ThinkFormat) -> t
     close = re.escape(fmt.close)
     if not triggers:
         rules, root = embed_rules(grammar, "answer")
-        return f'root ::= "{fmt.close}" [ \\t\\n]* {root}\n{rules}\n', [close]
+        # (a few characters of space, as the block's close leaves: unbounded, a small model fills it with newlines)
+        return f'root ::= "{fmt.close}" [ \\t\\n]{{0,3}} {root}\n{rules}\n', [close]
     moved = []
     for pattern in triggers:
         if pattern.startswith("^") and pattern.endswith("$"):
