@@ -73,6 +73,18 @@ def start_state(prompt_tail: str, fmt: ThinkFormat) -> str:
     return START
 
 
+def steer(fmt: ThinkFormat, start: str, on: bool, open_block: bool = False) -> tuple[str, str]:
+    """(text to add after the rendered prompt, where the reply then starts). Thinking off where
+    the template could not turn it off: the block is closed for the model (Qwen3's own way).
+    ``open_block``: the block is opened for it (as QwQ's and R1's templates do), for a grammar
+    that must wait for the block's end, which a model that skipped the block would never reach."""
+    if not on and start != ANSWER:
+        return (fmt.empty_block if start == START else fmt.close_text), ANSWER
+    if on and open_block and start == START:
+        return f"{fmt.open}\n", THINKING
+    return "", start
+
+
 def _partial(text: str, tag: str) -> int:
     """How many characters at the end of ``text`` may begin ``tag`` (held until the next piece)."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):

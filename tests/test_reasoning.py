@@ -118,9 +118,9 @@ def test_openai_reasoning_content_whole_and_streamed(think: ServerProcess) -> No
 
 def test_thinking_off_leaves_a_block_the_model_writes_anyway_in_the_answer(think: ServerProcess) -> None:
     oa = openai_client(think)
-    grammar = 'root ::= "<think>\\n" [a-z ]{3,20} "\\n</think>\\n\\n" "Paris"'
+    grammar = 'root ::= "<think>\\n" [a-z ]{3,12} "\\n</think>\\n\\n" "Paris"'
     # enable_thinking false: the template closes an empty block, so the reply is all answer, tags and all
-    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24,
+    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=40,
                                    extra_body={**GREEDY, "grammar": grammar, "chat_template_kwargs": {"enable_thinking": False}})
     msg = r.choices[0].message
     assert msg.content.startswith("<think>\n") and msg.content.endswith("</think>\n\nParis")
@@ -233,6 +233,22 @@ def test_tool_call_and_json_schema_come_after_the_thinking(think: ServerProcess)
     assert streamed == msg.content
 
 
+def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """--reasoning-format deepseek on a template that never opens the block: the reply may (here,
+    by its grammar) open one itself, as Qwen3 does; the tags are found in the reply's text."""
+    env = {"GGUFRUN_HOME": str(tmp_path), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
+    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "2",
+               "--reasoning-format", "deepseek", env=env) as server:
+        oa = openai_client(server)
+        grammar = 'root ::= "<think>\\n" [a-z ]{3,12} "\\n</think>\\n\\n" "Paris"'
+        r = oa.chat.completions.create(model="smol", messages=ASK, max_tokens=40, extra_body={**GREEDY, "grammar": grammar})
+        msg = r.choices[0].message
+        assert msg.content == "Paris" and 3 <= len(msg.model_extra["reasoning_content"]) <= 12
+        assert r.usage.completion_tokens_details.reasoning_tokens < r.usage.completion_tokens
+        plain = oa.chat.completions.create(model="smol", messages=ASK, max_tokens=4, extra_body=GREEDY)
+        assert plain.choices[0].message.content and (plain.choices[0].message.model_extra or {}).get("reasoning_content") is None
+
+
 def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Path, tmp_path: Path) -> None:
     import anthropic
     import ollama
@@ -256,3 +272,38 @@ def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Pat
                 model="smol", max_tokens=8, messages=ASK, thinking={"type": "enabled", "budget_tokens": 4})
         with pytest.raises(openai.BadRequestError, match="reasoning.effort"):
             oa.responses.create(model="smol", input="Hi", reasoning={"effort": "high"})
+
+
+# ---- ggufrun chat ----------------------------------------------------------------------------------
+
+def test_chat_session_keeps_thinking_apart_and_think_off_turns_it_off(thinking_gguf: Path) -> None:
+    from ggufrun.chat import ChatSession, format_stats
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    settings = Settings(n_gpu_layers=0, n_ctx=1024, threads=2, temperature=0.0, top_k=1, max_tokens=20, reasoning_budget=6)
+    with Model.load(thinking_gguf, settings) as model:
+        s = ChatSession(model, settings)
+        reply = s.ask(ASK[0]["content"])
+        parts = list(reply.parts())
+        kinds = [k for k, _ in parts]
+        assert kinds[0] == THINKING and kinds[-1] == ANSWER and kinds == sorted(kinds, reverse=True)  # thinking, then answer
+        assert reply.thinking and reply.text and "</think>" not in reply.text
+        assert s.history[-1] == {"role": "assistant", "content": reply.text, "reasoning_content": reply.thinking}
+        assert 6 <= reply.stats.reasoning_tokens < reply.stats.gen_tokens
+        assert f"({reply.stats.reasoning_tokens} thinking)" in format_stats(reply.stats)
+        assert s.command("/think off").text == "Thinking off."
+        off = s.ask("And respiration?")
+        assert "".join(off) and not off.thinking and off.stats.reasoning_tokens == 0
+
+
+def test_chat_cli_shows_thinking_on_stderr_only_when_asked(thinking_gguf: Path) -> None:
+    run = [sys.executable, "-m", "ggufrun.cli.main", "chat", str(thinking_gguf), "-p", ASK[0]["content"], "--threads", "2",
+           "--temperature", "0", "--max-tokens", "20", "--reasoning-budget", "6", "--verbose"]
+    shown = subprocess.run([*run, "--show-thinking"], capture_output=True, text=True, timeout=300, check=False)
+    hidden = subprocess.run(run, capture_output=True, text=True, timeout=300, check=False)
+    assert shown.returncode == hidden.returncode == 0, shown.stderr + hidden.stderr
+    assert shown.stdout == hidden.stdout and shown.stdout.strip() and "think>" not in shown.stdout
+    assert "thinking)" in hidden.stderr  # the stats line counts the thinking tokens apart
+    thought = shown.stderr.split("template:")[-1]
+    assert len(shown.stderr) > len(hidden.stderr) and "think>" not in thought

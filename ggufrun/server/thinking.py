@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..reasoning import ANSWER, START, THINKING, ThinkBudget, ThinkFormat, start_state
+from ..reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, start_state, steer
 from .api_errors import invalid
 from .constraints import embed_rules
 from .protocol import GenParams
@@ -47,13 +47,7 @@ def plan(params: GenParams, fmt: ThinkFormat | None, settings: Any, model: Any, 
         return tokens
     on, budget = _on(params, settings)
     start = start_state(model.detokenize(tokens[-8:], special=True), fmt)
-    extra = ""
-    if not on and start != ANSWER:  # the template could not turn it off: close the block for the model
-        extra, start = (fmt.empty_block if start == START else fmt.close_text), ANSWER
-    elif on and start == START and params.grammar is not None and not params.raw_grammar:
-        # The grammar must wait for the block's end; a model that may skip the block would leave
-        # it waiting forever, so the block is opened here, as QwQ's and R1's templates do.
-        extra, start = f"{fmt.open}\n", THINKING
+    extra, start = steer(fmt, start, on, open_block=params.grammar is not None and not params.raw_grammar)
     if extra:
         tokens = tokens + model.tokenize(extra, add_special=False, parse_special=True)
     if start == ANSWER:
