@@ -165,7 +165,7 @@ def _thinking(body: dict[str, Any], out: dict[str, Any]) -> None:
     enabled = thinking["type"] == "enabled"
     out["chat_template_kwargs"] = {"enable_thinking": enabled}
     if enabled:
-        if thinking["budget_tokens"] >= out["max_tokens"]:  # as Anthropic: the thinking must leave room for the answer
+        if thinking["budget_tokens"] >= out.get("max_tokens", 1 << 62):  # as Anthropic: the thinking must leave room for the answer
             raise Refused("thinking.budget_tokens", "'thinking.budget_tokens' must be less than max_tokens.")
         out["reasoning_budget"] = thinking["budget_tokens"]
 
@@ -329,7 +329,7 @@ def routes(server: Server) -> list[Route]:
             return Response(status_code=499)
         return JSONResponse({**from_openai(result, _stop(run, asked)), "model": model})
 
-    @guarded(_render_error)
+    @guarded(_render_error, NAMES)
     async def count_tokens(request: Request) -> Response:
         body = await body_of(server, request)
         _check_common(body, COUNT_KNOWN)
@@ -339,7 +339,9 @@ def routes(server: Server) -> list[Route]:
             openai_body["tools"] = tools
         # Checked as /v1/messages checks them, though only the tools change the count.
         _tool_choice(body.get("tool_choice"), openai_body)
-        _output_config(body.get("output_config"), {})
+        _output_config(body.get("output_config"), openai_body)
+        openai_body.pop("response_format", None)  # (it does not change the prompt)
+        _thinking(body, openai_body)
         require(openai_body, NAMES)
         _, tokens = await chat_prompt(server, openai_body)
         return JSONResponse({"input_tokens": len(tokens)})

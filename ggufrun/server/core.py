@@ -251,11 +251,15 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     messages = P.parse_messages(body)
     prefill = split_prefill(messages)  # as start_chat does: the count is the prompt a reply would get
     plan = T.parse_tools(body)
-    async with backend_for(server, P.model_name(body)) as (backend, _):
+    params = GenParams(model=None)
+    P.parse_reasoning(body, params)  # thinking on or off changes the prompt (and a model that cannot think refuses it)
+    async with backend_for(server, P.model_name(body)) as (backend, cfg):
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
             rendered, tools = T.prepare_messages(plan, messages, backend.template)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools) + prefill
-            return text, chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id)
+            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables) + prefill
+            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            return text, tokens + prefill_tokens(backend, prefill)
 
         return await asyncio.to_thread(render)

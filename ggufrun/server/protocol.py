@@ -225,12 +225,12 @@ def parse_gen(body: dict[str, Any], *, chat: bool) -> GenParams:
             raise unsupported("best_of", "only best_of equal to n (the default) is supported.")
     _parse_constraints(body, params, chat=chat)
     if chat:
-        _parse_reasoning(body, params)
+        parse_reasoning(body, params)
     _check_metadata(body)
     return params
 
 
-def _parse_reasoning(body: dict[str, Any], params: GenParams) -> None:
+def parse_reasoning(body: dict[str, Any], params: GenParams) -> None:
     """chat_template_kwargs (enable_thinking), reasoning_effort and reasoning_budget: whether a
     reasoning model thinks and for how long. Whether the model can is checked once it is known."""
     from ..reasoning import EFFORT_BUDGET
