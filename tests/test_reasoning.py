@@ -70,6 +70,44 @@ def test_watch_counts_thinking_tokens_and_asks_for_the_close_once() -> None:
     assert not plain.feed("Hello") and plain.state == ANSWER and plain.count == 0
 
 
+def test_request_fields_are_checked_by_name() -> None:
+    from ggufrun.server.api_errors import ApiError
+    from ggufrun.server.protocol import parse_gen
+
+    def gen(**body: Any) -> Any:
+        return parse_gen({"messages": ASK, **body}, chat=True)
+
+    p = gen(reasoning_effort="low")
+    assert (p.thinking, p.thinking_param, p.reasoning_budget) == (True, "reasoning_effort", 1024)
+    p = gen(chat_template_kwargs={"enable_thinking": False, "custom_flag": 1})
+    assert p.thinking is False and p.template_kwargs == {"enable_thinking": False, "custom_flag": 1}
+    assert gen(reasoning_budget=-1).reasoning_budget == -1
+    for body, param in (({"reasoning_effort": "max"}, "reasoning_effort"),
+                        ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
+                        ({"chat_template_kwargs": {"raise_exception": 1}}, "chat_template_kwargs.raise_exception"),
+                        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages"),
+                        ({"chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "high"}, "reasoning_effort"),
+                        ({"reasoning_effort": "low", "reasoning_budget": 0}, "reasoning_budget"),
+                        ({"reasoning_budget": -2}, "reasoning_budget")):
+        with pytest.raises(ApiError) as err:
+            gen(**body)
+        assert err.value.status == 400 and err.value.param == param, body
+
+
+def test_an_answer_grammar_waits_for_the_blocks_close() -> None:
+    from ggufrun.server.thinking import after_block
+    from ggufrun.server.tools import TRIGGERS
+
+    grammar, triggers = after_block('root ::= "{" [a-z]* "}"', None, FMT)
+    assert grammar.startswith('root ::= "</think>" [ \\t\\n]{0,3} answer-root') and triggers == ["</think>"]
+    _, moved = after_block("root ::= x", [TRIGGERS["qwen"], TRIGGERS["generic"]], FMT)
+    import re
+    tagged, generic = (re.compile(p) for p in moved)
+    assert tagged.fullmatch("I could write <tool_call> here\n</think>\n\n<tool_call>\n{").start(1) > 30
+    assert not tagged.fullmatch("thinking about <tool_call> still")  # a call inside the thinking triggers nothing
+    assert generic.fullmatch('plan\n</think>\n\n{"tool_calls": [').group(1).startswith('{"tool_calls"')
+
+
 # ---- a real model with a thinking template -------------------------------------------------------
 
 @pytest.fixture(scope="module")

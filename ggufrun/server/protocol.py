@@ -157,8 +157,10 @@ class GenParams:
 
 # llama.cpp server fields we honour on top of OpenAI's.
 _LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema", "cache_prompt"}
-# The chat template's own variables, which chat_template_kwargs may not replace.
-_TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents"}
+# The chat template's own variables and helpers (templates.py; Jinja's globals), which chat_template_kwargs may
+# not replace: a template calling raise_exception must reach ours.
+_TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents", "raise_exception",
+                 "strftime_now", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop", "self", "varargs", "kwargs"}
 _COMMON = {"model", "n", "stream", "stream_options", "max_tokens", "stop", "temperature", "top_p", "seed",
            "presence_penalty", "frequency_penalty", "logit_bias", "user", *_LLAMA_FIELDS}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
@@ -237,7 +239,7 @@ def parse_reasoning(body: dict[str, Any], params: GenParams) -> None:
 
     kwargs = typed(body, "chat_template_kwargs", (dict,), "an object of template variables") or {}
     for key in kwargs:
-        if not key.isidentifier() or key in _TEMPLATE_OWN:
+        if not key.isidentifier() or key in _TEMPLATE_OWN or key.startswith("_"):
             raise invalid(f"chat_template_kwargs.{key}", "not a variable a request may set (the template's own, or not a name).")
     enable = kwargs.get("enable_thinking")
     if enable is not None:
