@@ -178,6 +178,26 @@ def test_the_budget_closes_a_block_that_would_run_on(think: ServerProcess) -> No
     assert (off.choices[0].message.model_extra or {}).get("reasoning_content") is None and off.choices[0].message.content
 
 
+def test_earlier_turns_thinking_is_rendered_as_the_template_keeps_it(think: ServerProcess) -> None:
+    import urllib.request
+
+    def prompt(**body: Any) -> str:
+        req = urllib.request.Request(f"{think.url}/apply-template", json.dumps({"model": "think", **body}).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return str(json.loads(resp.read())["prompt"])
+
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    loop = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "I need the tool."},
+            {"role": "tool", "tool_call_id": "c1", "content": "18C"}]
+    assert "<think>\nI need the tool.\n</think>" in prompt(messages=loop, tools=[WEATHER])  # after the last query: kept
+    later = [*loop, {"role": "assistant", "content": "18C.", "reasoning_content": "Easy."}, {"role": "user", "content": "And Rome?"}]
+    assert "I need the tool." not in prompt(messages=later, tools=[WEATHER])  # before it: Qwen3's template drops it
+    off = prompt(messages=ASK, chat_template_kwargs={"enable_thinking": False})
+    assert off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and prompt(messages=ASK).endswith("<think>\n")
+
+
 def test_anthropic_thinking_blocks_whole_and_streamed(think: ServerProcess) -> None:
     import anthropic
 
@@ -195,12 +215,14 @@ def test_anthropic_thinking_blocks_whole_and_streamed(think: ServerProcess) -> N
         [(b.type, getattr(b, "thinking", None) or b.text) for b in m.content]
     off = c.messages.create(**{**ask, "thinking": {"type": "disabled"}})
     assert [b.type for b in off.content] == ["text"]
-    # a thinking block sent back is the assistant turn's reasoning (this template keeps it after the last query)
-    back = c.messages.create(**{**ask, "max_tokens": 8, "messages": [
-        *ASK, {"role": "assistant", "content": [{"type": "thinking", "thinking": "Light.", "signature": ""},
-                                                {"type": "text", "text": "Plants eat light."}]},
-        {"role": "user", "content": "More?"}]})
-    assert back.content
+    # a thinking block sent back is the assistant turn's reasoning: this template keeps it after the last query
+    def counted(blocks: list[dict[str, Any]]) -> int:
+        use = {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}
+        return c.messages.count_tokens(model="think", tools=[{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]}],
+                                       messages=[*ASK, {"role": "assistant", "content": [*blocks, use]},
+                                                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                                               "content": "18C"}]}]).input_tokens
+    assert counted([{"type": "thinking", "thinking": "I need the weather tool.", "signature": ""}]) > counted([])
     with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
         c.messages.create(**{**ask, "thinking": {"type": "enabled", "budget_tokens": 24}})
 

@@ -79,7 +79,7 @@ def routes(server: Server) -> list[Route]:
 
     async def apply_template(request: Request) -> Response:
         body = await read_json(request, limit)
-        _fields(body, {"model", "messages", "tools", "tool_choice", "parallel_tool_calls"})
+        _fields(body, {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "reasoning_effort"})
         prompt, _ = await chat_prompt(server, body)
         return JSONResponse({"prompt": prompt})
 
