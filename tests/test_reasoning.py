@@ -293,6 +293,7 @@ def test_tool_call_and_json_schema_come_after_the_thinking(think: ServerProcess)
     assert streamed == msg.content
 
 
+@pytest.mark.slow  # another server / two more processes: the path is covered in-process too
 def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_path: Path) -> None:
     """--reasoning-format deepseek on a template that never opens the block: the reply may (here,
     by its grammar) open one itself, as Qwen3 does; the tags are found in the reply's text."""
@@ -357,6 +358,7 @@ def test_chat_session_keeps_thinking_apart_and_think_off_turns_it_off(thinking_g
         assert "".join(off) and not off.thinking and off.stats.reasoning_tokens == 0
 
 
+@pytest.mark.slow  # another server / two more processes: the path is covered in-process too
 def test_chat_cli_shows_thinking_on_stderr_only_when_asked(thinking_gguf: Path) -> None:
     run = [sys.executable, "-m", "ggufrun.cli.main", "chat", str(thinking_gguf), "-p", ASK[0]["content"], "--threads", "2",
            "--temperature", "0", "--max-tokens", "20", "--reasoning-budget", "6", "--verbose"]
