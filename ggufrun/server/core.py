@@ -131,10 +131,8 @@ class Server:
             prompts = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
-            for request in requests:
-                job = Job(request, loop)
-                engine.submit(job)
-                jobs.append(job)
+            jobs = [Job(request, loop) for request in requests]
+            engine.submit_all(jobs, param="n" if params.n > 1 else "prompt")  # all or none: a 400 if they can never fit
         except BaseException:
             for job in jobs:
                 job.cancel()
@@ -190,7 +188,7 @@ class Server:
             self.check_engine(params, {"grammar": "tool_choice" if tool_grammar else "response_format",
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id)
             tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # (a prefilled reply continues its own text, thinking or not)
@@ -256,7 +254,7 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     async with backend_for(server, P.model_name(body)) as (backend, cfg):
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id)
             text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables) + prefill
             tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
