@@ -108,6 +108,31 @@ def test_an_answer_grammar_waits_for_the_blocks_close() -> None:
     assert generic.fullmatch('plan\n</think>\n\n{"tool_calls": [').group(1).startswith('{"tool_calls"')
 
 
+def test_format_none_passes_the_switch_but_refuses_what_needs_parsing() -> None:
+    from ggufrun.server.api_errors import ApiError
+    from ggufrun.server.protocol import parse_gen
+    from ggufrun.server.thinking import template_variables
+    from ggufrun.settings import Settings
+
+    qwen3 = TEMPLATE.read_text()
+
+    def variables(source: str, **body: Any) -> dict[str, Any]:
+        return template_variables(parse_gen({"messages": ASK, **body}, chat=True), None, Settings(), "m", source)
+
+    # --reasoning-format none on a thinking template: the block stays in the answer, the switch still works
+    assert variables(qwen3, chat_template_kwargs={"enable_thinking": False}) == {"enable_thinking": False}
+    assert variables(qwen3, reasoning_effort="high") == {"enable_thinking": True}
+    assert variables("{{ messages }}", reasoning_effort="none") == {}  # off, from a model that never thinks: fine
+    for source, body, param in ((qwen3, {"reasoning_effort": "low"}, "reasoning_effort"),  # a budget needs the parsing
+                                (qwen3, {"reasoning_budget": 64}, "reasoning_budget"),
+                                ("{{ messages }}", {"reasoning_effort": "high"}, "reasoning_effort"),
+                                ("<think>{{ messages }}", {"chat_template_kwargs": {"enable_thinking": False}},
+                                 "chat_template_kwargs.enable_thinking")):  # no switch, and nobody to close the block
+        with pytest.raises(ApiError) as err:
+            variables(source, **body)
+        assert err.value.param == param, body
+
+
 # ---- a real model with a thinking template -------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -189,7 +189,8 @@ class Server:
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
-            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id)
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
+                                                     backend.template.jinja_source)
             tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # (a prefilled reply continues its own text, thinking or not)
                 tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
@@ -255,7 +256,8 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
-            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id)
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
+                                                     backend.template.jinja_source)
             text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables) + prefill
             tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             return text, tokens + prefill_tokens(backend, prefill)

@@ -151,6 +151,7 @@ class GenParams:
     thinking: bool | None = None  # a reasoning model's thinking asked on or off (None: the template's default)
     thinking_param: str = ""  # the field that asked it, named when the model cannot think
     reasoning_budget: int | None = None  # thinking tokens before the block is closed (None: the server's --reasoning-budget)
+    budget_param: str = "reasoning_budget"  # the field that set it, named when the model cannot budget
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
 
@@ -255,14 +256,14 @@ def parse_reasoning(body: dict[str, Any], params: GenParams) -> None:
         if params.thinking is not None and params.thinking != on:
             raise invalid("reasoning_effort", f"'{effort}' contradicts chat_template_kwargs.enable_thinking.")
         params.thinking, params.thinking_param = on, params.thinking_param or "reasoning_effort"
-        params.reasoning_budget = EFFORT_BUDGET[effort]
+        params.reasoning_budget, params.budget_param = EFFORT_BUDGET[effort], "reasoning_effort"
     budget = typed(body, "reasoning_budget", (int,), "an integer")
     if budget is not None:
         if budget < -1:
             raise invalid("reasoning_budget", f"expected -1 (no limit), 0 (thinking off) or a token count (got {budget}).")
         if budget == 0 and params.thinking:
             raise invalid("reasoning_budget", f"0 turns thinking off, which contradicts {params.thinking_param}.")
-        params.reasoning_budget = budget
+        params.reasoning_budget, params.budget_param = budget, "reasoning_budget"
 
 
 def _check_metadata(body: dict[str, Any]) -> None:

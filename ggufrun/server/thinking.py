@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, start_state, steer
+from ..reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, detect, start_state, steer
 from .api_errors import invalid
 from .constraints import embed_rules
 from .protocol import GenParams
@@ -24,13 +24,29 @@ def _on(params: GenParams, settings: Any) -> tuple[bool, int]:
     return on, budget
 
 
-def template_variables(params: GenParams, fmt: ThinkFormat | None, settings: Any, model_id: str) -> dict[str, Any]:
+def template_variables(params: GenParams, fmt: ThinkFormat | None, settings: Any, model_id: str,
+                       template_source: str | None = None) -> dict[str, Any]:
     """The template's variables: the request's chat_template_kwargs, and enable_thinking where
-    the template reads it. Raises a 400 when a model that does not reason is asked to think."""
+    the template reads it. Raises a 400 when a model that does not reason is asked to think, or
+    when one served with --reasoning-format none (its thinking left in the answer, unparsed) is
+    asked for what needs the thinking parsed: a budget, or turning off a block it cannot switch."""
     if fmt is None:
-        if params.thinking:
-            raise invalid(params.thinking_param, f"model '{model_id}' does not reason (its chat template has no thinking "
-                          "block; see --reasoning-format), so thinking cannot be turned on.")
+        unparsed = detect(template_source)  # a reasoning template, served with --reasoning-format none
+        if unparsed is None:
+            if params.thinking:
+                raise invalid(params.thinking_param, f"model '{model_id}' does not reason (its chat template has no "
+                              "thinking block; see --reasoning-format), so thinking cannot be turned on.")
+            return params.template_kwargs
+        if params.reasoning_budget not in (None, -1, 0):
+            raise invalid(params.budget_param, f"model '{model_id}' is served with --reasoning-format none: its thinking "
+                          "is not parsed, so it cannot be budgeted.")
+        if params.thinking is None:
+            return params.template_kwargs
+        if unparsed.toggle:
+            return {**params.template_kwargs, "enable_thinking": params.thinking}
+        if not params.thinking:
+            raise invalid(params.thinking_param, f"model '{model_id}' is served with --reasoning-format none and its "
+                          "template has no switch, so its thinking cannot be turned off.")
         return params.template_kwargs
     on, _ = _on(params, settings)
     if fmt.toggle:
