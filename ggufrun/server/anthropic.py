@@ -32,7 +32,8 @@ KNOWN = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream"
          "metadata", "tools", "tool_choice", "thinking", "service_tier", "output_config", "cache_control"}
 COUNT_KNOWN = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "cache_control"}
 NAMES = {"max_tokens": "max_tokens", "stop": "stop_sequences", "tools": "tools", "tool_choice": "tool_choice",
-         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format"}
+         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format",
+         "response_format.json_schema.schema": "output_config.format.schema", "messages": "messages"}
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:

@@ -54,7 +54,8 @@ def _now() -> str:
 
 
 # OpenAI field -> how an Ollama client spells it, for error messages.
-NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format"}
+NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format",
+         "response_format.json_schema.schema": "format"}
 
 
 def _check_keep_alive(body: dict[str, Any]) -> None:

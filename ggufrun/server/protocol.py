@@ -186,7 +186,8 @@ class GenParams:
     logprobs: int | None = None  # None = off; else how many alternatives per token
     grammar: str | None = None  # GBNF
     grammar_triggers: list[str] | None = None  # lazy grammar: applied from where one of these patterns matches
-    json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (reported, not enforced here)
+    json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (its grammar enforces it)
+    grammar_param: str = "grammar"  # the request field the grammar or schema came from, for a 400
     ignore_eos: bool = False
 
 
@@ -282,7 +283,8 @@ def _check_metadata(body: dict[str, Any]) -> None:
 
 
 def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -> None:
-    """response_format / grammar / json_schema -> one GBNF grammar (a 400 when the converter fails)."""
+    """response_format / grammar / json_schema, checked here (cheap) and made one GBNF grammar by
+    constraints.finish off the event loop (a 400 when a limit or the converter refuses it)."""
     from . import constraints
 
     sources = [k for k in ("grammar", "json_schema") if body.get(k) is not None]
@@ -292,7 +294,7 @@ def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -
     if len(sources) > 1:
         raise invalid(sources[1], f"only one of {', '.join(sources)} may constrain the output.")
     if fmt is not None:
-        params.grammar, params.json_schema = constraints.from_response_format(fmt)
+        params.json_schema, params.grammar_param = constraints.from_response_format(fmt)
     elif body.get("grammar") is not None:
         grammar = typed(body, "grammar", (str,), "a GBNF grammar string")
         if not grammar.strip():
@@ -300,7 +302,8 @@ def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -
         params.grammar = grammar
     elif body.get("json_schema") is not None:
         schema = typed(body, "json_schema", (dict,), "a JSON schema object")
-        params.grammar, params.json_schema = constraints.schema_grammar(schema, "json_schema"), schema
+        constraints.check_schema(schema, "json_schema")
+        params.json_schema, params.grammar_param = schema, "json_schema"
 
 
 def text_of(content: Any, where: str) -> str:
@@ -327,6 +330,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "expected a non-empty list of {role, content} objects.")
+    from .limits import check_messages
+
+    check_messages(len(messages))
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
