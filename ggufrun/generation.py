@@ -490,7 +490,16 @@ def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple
         idx = np.argpartition(-scaled, n_top - 1)[:n_top]
         idx = idx[np.argsort(-scaled[idx], kind="stable")]
         top = [(int(i), float(scaled[i] - lse)) for i in idx]
-    return float(scaled[token] - lse), top
+    return _finite(scaled[token] - lse), [(i, _finite(v)) for i, v in top]
+
+
+# OpenAI's floor for a token the model gives no chance: a logprob must be a JSON number, and with
+# every token banned (-inf logits) the arithmetic above gives -inf or NaN.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else MIN_LOGPROB
 
 
 # A grammar row whose draw does not fit is drawn again among the tokens the grammar allows. With

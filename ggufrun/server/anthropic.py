@@ -155,6 +155,10 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise Refused("max_tokens", "'max_tokens' is required: an integer >= 1.")
     out: dict[str, Any] = {"messages": _messages(body), "max_tokens": max_tokens}
+    temperature = body.get("temperature")
+    # Anthropic's range is 0 to 1 (OpenAI's, which the pipeline checks, is wider)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and not 0 <= temperature <= 1:
+        raise Refused("temperature", f"'temperature' must be between 0 and 1 (got {temperature}).")
     for key in ("model", "temperature", "top_p", "top_k", "stream"):
         if body.get(key) is not None:
             out[key] = body[key]

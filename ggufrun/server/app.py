@@ -99,11 +99,11 @@ def _timings(done: Event) -> dict[str, Any]:
             "predicted_per_second": gen_n * 1000.0 / predicted_ms if predicted_ms else 0.0}
 
 
-def _usage(dones: list[Event]) -> dict[str, Any]:
-    prompt = sum(d.prompt_tokens for d in dones[:1]) if len({d.prompt_tokens for d in dones}) == 1 else \
-        sum(d.prompt_tokens for d in dones)  # n choices share one prompt; a list of prompts does not
-    completion = sum(d.completion_tokens for d in dones)
-    cached = int(getattr(dones[0], "cached_tokens", 0) or 0) if dones else 0
+def _usage(dones: dict[int, Event], n: int) -> dict[str, Any]:
+    """Usage of the finished choices by index: the n choices of one prompt share it (index // n)."""
+    prompt = sum(d.prompt_tokens for i, d in dones.items() if i % n == 0)
+    completion = sum(d.completion_tokens for d in dones.values())
+    cached = int(getattr(next(iter(dones.values())), "cached_tokens", 0) or 0) if dones else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -205,7 +205,7 @@ class _Choices:
         n = len(group.jobs)
         if self.chat:
             yield self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in range(n)])
-        dones: list[Event] = []
+        dones: dict[int, Event] = {}
         async for i, event in merged(group):
             if event.kind == "text":
                 tokens = getattr(event, "tokens", None) or []
@@ -221,12 +221,12 @@ class _Choices:
                 self.stop_sequences[i] = getattr(event, "stop_sequence", None)
                 for piece in self._pieces(i, "", final=True):
                     yield self._chunk([piece])
-                dones.append(event)
+                dones[i] = event
                 last = len(dones) == n
                 extra: dict[str, Any] = {"timings": _timings(event)} if last and n == 1 else {}
                 yield self._chunk([self._delta(i, {}, self._finish(i, event.finish_reason))], **extra)
                 if last and self.params.include_usage:
-                    yield self._chunk([], usage=_usage(dones))
+                    yield self._chunk([], usage=_usage(dones, self.params.n))
             else:
                 assert event.error is not None
                 yield api_error(event.error).body()
@@ -251,11 +251,11 @@ class _Choices:
             message["refusal"] = None
             choices.append({"index": i, "message": message, "logprobs": logprobs,
                             "finish_reason": self._finish(i, r.done.finish_reason)})
-        dones = [r.done for r in results if r.done is not None]
+        dones = {i: r.done for i, r in enumerate(results) if r.done is not None}
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": "ggufrun", "choices": choices, "usage": _usage(dones)}
+                "system_fingerprint": "ggufrun", "choices": choices, "usage": _usage(dones, self.params.n)}
         if len(dones) == 1:
-            body["timings"] = _timings(dones[0])
+            body["timings"] = _timings(next(iter(dones.values())))
         return body
 
 

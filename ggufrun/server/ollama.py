@@ -135,7 +135,8 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         for key in ("images", "thinking"):
             if m.get(key):
                 raise Refused(f"{where}.{key}", f"'{where}.{key}' is not supported (text models only).")
-        content = m.get("content") or ""
+        content = m.get("content")
+        content = "" if content is None else content  # 0, false or [] are not text: refused below
         if not isinstance(content, str):
             raise Refused(f"{where}.content", f"'{where}.content' must be a string.")
         message: dict[str, Any] = {"role": m["role"], "content": content}
