@@ -484,6 +484,9 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> l
 def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
     scaled = row.astype(np.float64) / (temp if temp > 0 else 1.0)
     m = scaled.max()
+    if not math.isfinite(m):  # every token banned: no distribution to speak of
+        ids = np.argsort(-scaled, kind="stable")[:n_top]
+        return MIN_LOGPROB, [(int(i), MIN_LOGPROB) for i in ids]
     lse = m + math.log(np.exp(scaled - m).sum())
     top: list[tuple[int, float]] = []
     if n_top:
