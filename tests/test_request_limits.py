@@ -74,6 +74,8 @@ BAD_SCHEMAS = [
     ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}}, "s.properties"),
     ({"anyOf": [{"type": "string", "maxLength": -1}]}, "s.anyOf[0].maxLength"),
     ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "s.properties.a.not"),
+    ({"type": "string", "pattern": '^a"b$'}, "s.pattern"),  # written unescaped in the JSON string
+    ({"type": "string", "pattern": "^[ -~]+$"}, "s.pattern"),  # a range holding '"' and '\\'
 ]
 
 
@@ -95,6 +97,9 @@ def test_a_schema_within_the_limits_converts_to_a_grammar_the_checker_accepts() 
     assert gbnf.check_gbnf(grammar).depth <= gbnf.MAX_DEPTH
     # no raw control character can be sampled inside a JSON string (llama.cpp's C++ converter's rule)
     assert '[^"\\\\\\x7F\\x00-\\x1F]' in grammar
+    # nor a quote, backslash or control character through a pattern's "." or [^...]
+    pattern = schema_grammar({"type": "string", "pattern": "^.[^x]$"}, "s")
+    assert pattern.count('[^"\\\\\\x7F\\x00-\\x1F') == 2, pattern
 
 
 @pytest.mark.parametrize("lo,hi", [(0, 20), (-5, 5), (-30, -7), (7, 123), (0, 0), (99, 101), (-100, 100), (123, 4567),
@@ -157,6 +162,7 @@ HUGE = {"type": "object", "properties": {"name": {"type": "string", "maxLength":
     ("/v1/chat/completions", {"model": "smol", "messages": MSG * 1025}, "messages"),
     ("/v1/responses", {"model": "smol", "input": [{"role": "user", "content": "x"}] * 1025}, "input"),
     ("/tokenize", {"content": "<|im_start|>" * 30_000}, "content"),
+    ("/v1/completions", {"model": "smol", "prompt": "<|im_start|>" * 30_000}, "prompt"),
     ("/v1/chat/completions", {"model": "smol", "messages": MSG, "repeat_penalty": 0}, "repeat_penalty"),
     ("/v1/messages", {"model": "smol", "max_tokens": 5, "messages": MSG, "temperature": 5}, "temperature"),
     ("/api/chat", {"model": "smol", "stream": False, "messages": [{"role": "user", "content": 0}]}, "messages[0].content"),

@@ -14,6 +14,8 @@ from ..errors import GgufrunError
 # llama.cpp's char rule (common/json-schema-to-grammar.cpp): raw control characters and DEL must
 # be escaped in JSON, so the grammar never samples them inside a string.
 CHAR_RULE = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+JSON_UNSAFE = r'"\\\x7F\x00-\x1F'  # what a JSON string cannot hold unescaped
+JSON_DOT = r'[^\x0A\x0D]'  # the converter's "." (narrowed with JSON_UNSAFE)
 INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _I64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -47,6 +49,19 @@ def _converter() -> Any:
             if name == "char":
                 rule = lg.BuiltinRule(CHAR_RULE, [])
             return super()._add_primitive(name, rule)
+
+        def _visit_pattern(self, pattern: str, name: str) -> Any:
+            # The converter writes a pattern's characters unescaped between the JSON quotes: "." and
+            # [^...] would let '"', '\\' and control characters in (invalid JSON); they are narrowed
+            # to what JSON holds unescaped. (constraints.check_schema refuses literal ones.)
+            before = set(self._rules)
+            out = super()._visit_pattern(pattern, name)
+            for rule in set(self._rules) - before | ({"dot"} & set(self._rules)):
+                body = self._rules[rule]
+                if rule == "dot":
+                    body = JSON_DOT
+                self._rules[rule] = body.replace("[^", "[^" + JSON_UNSAFE)
+            return out
 
         def visit(self, schema: Any, name: str) -> Any:
             if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in INT_BOUNDS):

@@ -132,6 +132,16 @@ def _check_pattern(pattern: Any, where: str) -> None:
         raise invalid(where, "expected a regular expression string.")
     if len(pattern) > MAX_PATTERN:
         raise invalid(where, f"at most {MAX_PATTERN} characters (got {len(pattern)}).")
+    # The converter writes a pattern's characters unescaped inside the JSON string: one that can
+    # match '"', '\\' or a control character would make the reply invalid JSON.
+    unsafe = '"' in pattern or "\\\\" in pattern or any(ord(c) < 0x20 for c in pattern)
+    for m in re.finditer(r"\[(?!\^)((?:[^\]\\]|\\.)*)\]", pattern):
+        for lo, hi in re.findall(r"(.)-(.)", m.group(1)):
+            if any(ord(lo) <= c <= ord(hi) for c in (0x22, 0x5C)) or ord(lo) < 0x20:
+                unsafe = True
+    if unsafe:
+        raise invalid(where, "a pattern that can match '\"', '\\' or a control character is not supported "
+                      "(the grammar writes the match unescaped in the JSON string).")
     stack: list[int] = []
     size, last, i = 0, 0, 0
     while i < len(pattern):

@@ -388,11 +388,15 @@ def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     def tokens(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
+    from .limits import check_text_size
+
     if isinstance(prompt, str):
+        check_text_size([prompt], "prompt")  # a prompt's special-token strings are parsed: slow when many
         return [prompt]
     if tokens(prompt):
         return [prompt]
     if isinstance(prompt, list) and prompt and len(prompt) <= MAX_N and all(isinstance(p, str) or tokens(p) for p in prompt):
+        check_text_size([p for p in prompt if isinstance(p, str)], "prompt")
         return list(prompt)
     raise invalid("prompt", f"expected a string, a list of up to {MAX_N} strings, a list of token ids, or a list of such lists.")
 
