@@ -135,9 +135,9 @@ def _check_pattern(pattern: Any, where: str) -> None:
     # The converter writes a pattern's characters unescaped inside the JSON string: one that can
     # match '"', '\\' or a control character would make the reply invalid JSON.
     unsafe = '"' in pattern or "\\\\" in pattern or any(ord(c) < 0x20 for c in pattern)
-    for m in re.finditer(r"\[(?!\^)((?:[^\]\\]|\\.)*)\]", pattern):
-        for lo, hi in re.findall(r"(.)-(.)", m.group(1)):
-            if any(ord(lo) <= c <= ord(hi) for c in (0x22, 0x5C)) or ord(lo) < 0x20:
+    for cls in re.findall(r"\[(?!\^)((?:[^\]\\]|\\.)*)\]", pattern):
+        for a, b in re.findall(r"(.)-(.)", cls):
+            if any(ord(a) <= c <= ord(b) for c in (0x22, 0x5C)) or ord(a) < 0x20:
                 unsafe = True
     if unsafe:
         raise invalid(where, "a pattern that can match '\"', '\\' or a control character is not supported "
