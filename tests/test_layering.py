@@ -44,3 +44,129 @@ def test_only_the_llama_package_imports_llama_cpp() -> None:
         if "import llama_cpp" in p.read_text() or "from llama_cpp" in p.read_text()
     ]
     assert importers and all(p.startswith("llama/") for p in importers), importers
+
+
+# ---- the import graph ------------------------------------------------------------------------------
+
+# Every `import` and `from ... import` of a ggufrun module counts as an edge, wherever it sits: at
+# module level, inside a function, or under `if TYPE_CHECKING:`. A function-level import only delays
+# a circle to run time (and hides it from the reader), and a TYPE_CHECKING import is still a
+# dependency of the code's meaning, so neither may be used to break one.
+API_MODULES = {"anthropic", "llamacpp", "ollama", "openai", "responses", "seed"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """ggufrun's modules -> the ggufrun modules each imports (``from pkg import mod`` names mod)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(ggufrun.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts.pop()
+        modules[".".join(parts)] = (path, is_pkg)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, (path, is_pkg) in modules.items():
+        package = name if is_pkg else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                if node.level:
+                    base = base[:len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                submodules = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+                # `from pkg import mod` depends on mod; on pkg itself only for the names that are not modules
+                targets = submodules + ([target] if len(submodules) < len(node.names) else [])
+            for target in targets:
+                while target and target not in modules:  # `import ggufrun.x.y` names ggufrun.x.y's module
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles() -> None:
+    found = cycles(import_graph())
+    assert found == [], "modules in one import circle: " + "; ".join(" ".join(c) for c in found)
+
+
+def test_api_modules_never_import_each_other() -> None:
+    # server/ reads top-down: app.py -> one module per API -> the shared core. An API that imports
+    # another, or a shared module that imports an API, ties their changes together again.
+    graph = import_graph()
+    apis = {f"ggufrun.server.{m}" for m in API_MODULES}
+    assert apis <= set(graph), apis - set(graph)
+    crossing = sorted((a, b) for a in graph if a != "ggufrun.server.app" for b in graph[a] if b in apis)
+    assert crossing == [], crossing
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    """``from ggufrun.x import _y`` or ``x._y`` outside x: a private name is x's to change, so a
+    module that needs it needs a public one (a private module, e.g. llama/_lib.py, may be imported).
+    Static, so it sees names reached through a module, not through an object (``server._engine``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(ggufrun.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts) for p in root.rglob("*.py")}
+    found = []
+    for path in root.rglob("*.py"):
+        here = path.relative_to(root.parent)
+        package = ".".join(here.parent.parts)
+        aliases = set()  # names bound to a ggufrun module here
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ggufrun")):
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+                target = ".".join(p for p in (base, node.module or "") if p)
+                for a in node.names:
+                    if f"{target}.{a.name}" in modules:
+                        aliases.add(a.asname or a.name)
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{here}:{node.lineno} imports {a.name} from {target}")
+            elif isinstance(node, ast.Import):
+                aliases.update(a.asname for a in node.names if a.asname and a.name.startswith("ggufrun"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{here}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert found == [], "\n".join(found)

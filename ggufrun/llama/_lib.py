@@ -41,7 +41,7 @@ _log_errors: list[str] = []  # llama.cpp's recent error lines, for the one-line 
 
 
 @L.llama_log_callback
-def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # Never printed: a failure becomes one line naming llama.cpp's reason (GGUFRUN_DEBUG=1 shows the log).
     if level == _GGML_LOG_ERROR:
         line = text.decode("utf-8", "replace").strip()
@@ -66,7 +66,7 @@ def init_backend() -> None:
         return
     # llama.cpp prints pages of load logs to stderr by default; keep errors only unless debugging.
     if not paths.debug():
-        L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        L.llama_log_set(quiet_log, ctypes.c_void_p(0))
     L.llama_backend_init()
     _backend_ready = True
 

@@ -84,11 +84,11 @@ def ensure() -> Decision:
     global _decision
     with _lock:
         if _decision is None:
-            from . import ggml
+            from . import libggml
 
-            present = AMX in ggml.extra_buffer_types()
+            present = AMX in libggml.extra_buffer_types()
             decision = decide(os.environ.get("GGUFRUN_AMX_BUFFERS"), present, cached_check)
-            if not decision.keep and not ggml.drop_extra_buffer_type(AMX):
+            if not decision.keep and not libggml.drop_extra_buffer_type(AMX):
                 # Not droppable alone (an older ggml without the proc address): all extra buffers go.
                 decision = Decision(True, False, decision.reason + "; all extra buffer types off", use_extra_bufts=False)
             _decision = decision
@@ -193,7 +193,7 @@ def compare(workdir: Path, threads: int = 0) -> dict[str, Any]:
     decode step (its VNNI path). Returns the relative differences and whether AMX held weights."""
     from .. import paths
     from ..synthetic import write_synthetic
-    from ._lib import L, _quiet_log, init_backend
+    from ._lib import L, init_backend, quiet_log
 
     np = __import__("numpy")
     init_backend()
@@ -216,7 +216,7 @@ def compare(workdir: Path, threads: int = 0) -> dict[str, Any]:
             for step, (a, b) in (("batch", (ours[0], ref[0])), ("decode", (ours[1], ref[1]))):
                 diffs[f"{quant} {step}"] = float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-6))
     finally:
-        L.llama_log_set(None if paths.debug() else _quiet_log, None)  # _log dies with this frame
+        L.llama_log_set(None if paths.debug() else quiet_log, None)  # _log dies with this frame
     buffers = sorted({line.split(":", 1)[-1].split("model buffer")[0].strip() for line in logs if "model buffer size" in line})
     return {"diffs": diffs, "amx_used": AMX in buffers, "buffers": buffers, "threads": threads}
 

@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ConfigError, RpcError
+# the CPU backend's features and buffer types live a floor down (amx.py needs them, and this module
+# needs amx.py's decision for cpu_backend); re-exported here, where callers have always found them
+from .libggml import cpu_features as cpu_features
+from .libggml import drop_extra_buffer_type as drop_extra_buffer_type
+from .libggml import extra_buffer_types as extra_buffer_types
+from .libggml import load, text as decode
+from .libggml import remove_from_null_terminated as remove_from_null_terminated
 
 _TYPES = ("cpu", "gpu", "igpu", "accel", "meta")  # enum ggml_backend_dev_type, in order
-_lib: Any = None
 _registered: dict[str, list[int]] = {}  # endpoint -> its device pointers, registered once per process
 _lock = threading.Lock()
 _abort_cb: Any = None  # keep the ctypes callback alive for the life of the process
@@ -28,46 +34,6 @@ _fatal_handlers: list[Callable[[str], None]] = []
 
 NO_RPC_HINT = ('Reinstall llama-cpp-python with RPC: CMAKE_ARGS="-DGGML_RPC=ON" pip install --force-reinstall '
                "--no-cache-dir --no-deps llama-cpp-python (see the README\'s set-up).")
-
-
-def _ggml() -> Any:
-    """libggml (the registry; dlsym also finds libggml-base's symbols through it), typed once."""
-    global _lib
-    if _lib is not None:
-        return _lib
-    from ._lib import L  # loads libllama with the system libstdc++ first (see _lib.py)
-
-    from llama_cpp._ggml import libggml as lib
-
-    del L
-    vp, sz, cs, i32 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int
-    sigs: dict[str, tuple[Any, list[Any]]] = {
-        "ggml_backend_reg_by_name": (vp, [cs]),
-        "ggml_backend_reg_name": (cs, [vp]),
-        "ggml_backend_reg_get_proc_address": (vp, [vp, cs]),
-        "ggml_backend_reg_dev_count": (sz, [vp]),
-        "ggml_backend_reg_dev_get": (vp, [vp, sz]),
-        "ggml_backend_register": (None, [vp]),
-        "ggml_backend_dev_count": (sz, []),
-        "ggml_backend_dev_get": (vp, [sz]),
-        "ggml_backend_dev_by_name": (vp, [cs]),
-        "ggml_backend_dev_name": (cs, [vp]),
-        "ggml_backend_dev_description": (cs, [vp]),
-        "ggml_backend_dev_type": (i32, [vp]),
-        "ggml_backend_dev_memory": (None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]),
-        "ggml_backend_dev_backend_reg": (vp, [vp]),
-        "ggml_set_abort_callback": (vp, [vp]),
-        "ggml_backend_buft_name": (cs, [vp]),
-    }
-    for name, (restype, argtypes) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    _lib = lib
-    return lib
-
-
-def _s(raw: bytes | None) -> str:
-    return raw.decode("utf-8", "replace") if raw else ""
 
 
 @dataclass(frozen=True)
@@ -83,28 +49,28 @@ class Device:
 
 
 def _device(ptr: int) -> Device:
-    lib = _ggml()
+    lib = load()
     free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
     lib.ggml_backend_dev_memory(ptr, ctypes.byref(free), ctypes.byref(total))
     kind = lib.ggml_backend_dev_type(ptr)
-    return Device(_s(lib.ggml_backend_dev_name(ptr)), _s(lib.ggml_backend_dev_description(ptr)),
+    return Device(decode(lib.ggml_backend_dev_name(ptr)), decode(lib.ggml_backend_dev_description(ptr)),
                   _TYPES[kind] if 0 <= kind < len(_TYPES) else str(kind),
-                  _s(lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(ptr))), free.value, total.value)
+                  decode(lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(ptr))), free.value, total.value)
 
 
 def devices() -> list[Device]:
     """Every device in ggml's registry, local ones first, then registered RPC workers' devices."""
-    lib = _ggml()
+    lib = load()
     return [_device(lib.ggml_backend_dev_get(i)) for i in range(lib.ggml_backend_dev_count())]
 
 
 def rpc_supported() -> bool:
     """Whether the installed llama.cpp was built with GGML_RPC=ON."""
-    return bool(_ggml().ggml_backend_reg_by_name(b"RPC"))
+    return bool(load().ggml_backend_reg_by_name(b"RPC"))
 
 
 def _rpc_proc(name: str, restype: Any, *argtypes: Any) -> Any:
-    lib = _ggml()
+    lib = load()
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise RpcError("This llama-cpp-python was built without RPC support (GGML_RPC).", NO_RPC_HINT)
@@ -132,7 +98,7 @@ def add_workers(endpoints: list[str]) -> list[Device]:
     each endpoint is probed first, and the abort hook turns a later loss into one clear line.
     """
     add_server = _rpc_proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
-    lib = _ggml()
+    lib = load()
     out: list[Device] = []
     with _lock:
         for endpoint in endpoints:
@@ -158,7 +124,7 @@ def model_devices(endpoints: list[str]) -> Any:
         add_workers(endpoints)
     if not _registered:
         return None
-    lib = _ggml()
+    lib = load()
     remote = {p for ptrs in _registered.values() for p in ptrs}
     chosen = [p for e in endpoints for p in _registered[e]]
     local = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
@@ -173,7 +139,7 @@ def offload_devices(endpoints: list[str]) -> list[Device]:
     """The devices llama.cpp would offload to, in its order: these workers' devices, then local GPUs."""
     if endpoints:
         add_workers(endpoints)
-    lib = _ggml()
+    lib = load()
     remote = {p for ptrs in _registered.values() for p in ptrs}
     local = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
     local = [p for p in local if p not in remote]
@@ -203,9 +169,9 @@ def install_abort_hook() -> None:
 
     @ctypes.CFUNCTYPE(None, ctypes.c_char_p)
     def _on_abort(message: bytes | None) -> None:
-        text = _s(message).strip().splitlines()[0] if message else "unknown error"
-        detail = text.split(": ", 1)[-1]
-        if "RPC" in text or "rpc" in text:
+        first = decode(message).strip().splitlines()[0] if message else "unknown error"
+        detail = first.split(": ", 1)[-1]
+        if "RPC" in first or "rpc" in first:
             line = f"Error: lost an RPC worker ({detail}); llama.cpp cannot continue without it, so ggufrun exits."
         else:
             line = f"Error: llama.cpp aborted: {detail}. Set GGUFRUN_DEBUG=1 for its backtrace."
@@ -217,90 +183,7 @@ def install_abort_hook() -> None:
             os._exit(1)
 
     _abort_cb = _on_abort
-    _ggml().ggml_set_abort_callback(ctypes.cast(_on_abort, ctypes.c_void_p))
-
-
-def cpu_features() -> dict[str, str]:
-    """The CPU backend's compiled-and-detected features (ggml_backend_get_features), e.g. AVX512=1.
-
-    With GGML_CPU_ALL_VARIANTS this names the variant loaded at run time; with a native build, the
-    instruction sets this build uses on this CPU.
-    """
-    lib = _ggml()
-    reg = lib.ggml_backend_reg_by_name(b"CPU")
-    if not reg:
-        return {}
-    addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
-    if not addr:
-        return {}
-
-    class Feature(ctypes.Structure):
-        _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
-
-    get = ctypes.CFUNCTYPE(ctypes.POINTER(Feature), ctypes.c_void_p)(addr)
-    out: dict[str, str] = {}
-    feats = get(reg)
-    i = 0
-    while feats and feats[i].name:
-        out[_s(feats[i].name)] = _s(feats[i].value)
-        i += 1
-    return out
-
-
-def _cpu_extra_bufts() -> Any:
-    """The CPU device's extra weight buffer types (AMX, CPU_REPACK, ...): the NULL-terminated array that
-    llama.cpp reads at every model load (make_cpu_buft_list, through the CPU backend's public
-    ``ggml_backend_dev_get_extra_bufts`` proc address), or None. ggml returns the same static
-    array each call, so an edit here holds for every later load in this process."""
-    lib = _ggml()
-    reg = lib.ggml_backend_reg_by_name(b"CPU")
-    if not reg:
-        return None
-    addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
-    if not addr:
-        return None
-    get = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)
-    arr = get(lib.ggml_backend_reg_dev_get(reg, 0))
-    return arr if arr else None
-
-
-def extra_buffer_types() -> list[str]:
-    """Names of the extra CPU weight buffer types llama.cpp will use at the next load, in its order of preference."""
-    arr = _cpu_extra_bufts()
-    lib = _ggml()
-    names: list[str] = []
-    i = 0
-    while arr is not None and arr[i]:
-        names.append(_s(lib.ggml_backend_buft_name(arr[i])))
-        i += 1
-    return names
-
-
-def remove_from_null_terminated(arr: Any, drop: Callable[[int], bool]) -> int:
-    """Remove the entries ``drop`` selects from a NULL-terminated ``c_void_p`` array, in place and in
-    order (the array only shrinks, so its storage suffices); return how many were removed."""
-    read = write = 0
-    while arr[read]:
-        ptr = arr[read]
-        if not drop(ptr):
-            arr[write] = ptr
-            write += 1
-        read += 1
-    for i in range(write, read + 1):
-        arr[i] = None
-    return read - write
-
-
-def drop_extra_buffer_type(name: str) -> bool:
-    """Stop llama.cpp from placing weights in the extra buffer type ``name`` (e.g. "AMX") at later
-    loads in this process, keeping the others (CPU_REPACK's interleaved kernels); True if it was listed.
-    The llama_model_params switch use_extra_bufts would drop them all."""
-    arr = _cpu_extra_bufts()
-    if arr is None:
-        return False
-    lib = _ggml()
-    with _lock:
-        return remove_from_null_terminated(arr, lambda p: _s(lib.ggml_backend_buft_name(p)) == name) > 0
+    load().ggml_set_abort_callback(ctypes.cast(_on_abort, ctypes.c_void_p))
 
 
 # /proc/cpuinfo flag -> the ggml CPU feature that uses it (x86; other CPUs report their own names)
@@ -346,7 +229,7 @@ def start_worker(host: str, port: int, device_names: list[str], cache_dir: str |
     """
     start = _rpc_proc("ggml_backend_rpc_start_server", None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
                       ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))
-    lib = _ggml()
+    lib = load()
     ptrs = []
     for name in device_names:
         ptr = lib.ggml_backend_dev_by_name(name.encode())

@@ -16,6 +16,7 @@ from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sampl
 from ..settings import Settings
 from . import amx
 from ._lib import ALL_LAYERS, FLASH_ATTN, L, init_backend, llama_reason, numpy
+from .grammar_filter import VocabIndex
 from .sampler import DrawChain, Grammar, Sampler, vocab_index
 
 
@@ -82,7 +83,8 @@ class Model:
         self.settings = settings
         self._model = model_ptr
         self._ctx = ctx
-        self._vocab = L.llama_model_get_vocab(model_ptr)
+        self.vocab = L.llama_model_get_vocab(model_ptr)
+        self.grammar_index: VocabIndex | None = None  # sampler.vocab_index builds it on first use
         self._mem = L.llama_get_memory(ctx)
         self.n_seq_max = n_seq_max
         self.embeddings = embeddings
@@ -93,11 +95,11 @@ class Model:
         self.unified = n_seq_max > 1 and self.seq_cells >= self.n_ctx
         self.n_batch = L.llama_n_batch(ctx)
         self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
-        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_embd = L.llama_model_n_embd(model_ptr)
-        self.bos_id = L.llama_vocab_bos(self._vocab)
-        self.eos_id = L.llama_vocab_eos(self._vocab)
-        self.eot_id = L.llama_vocab_eot(self._vocab)
+        self.bos_id = L.llama_vocab_bos(self.vocab)
+        self.eos_id = L.llama_vocab_eos(self.vocab)
+        self.eot_id = L.llama_vocab_eot(self.vocab)
         self.size_bytes = L.llama_model_size(model_ptr)
         self.n_params = L.llama_model_n_params(model_ptr)
         buf = ctypes.create_string_buffer(256)
@@ -228,18 +230,18 @@ class Model:
         # llama.cpp call that gives the GIL away and may wait to get it back.
         hit = self._eog.get(token)
         if hit is None:
-            hit = self._eog[token] = bool(L.llama_vocab_is_eog(self._vocab, token))
+            hit = self._eog[token] = bool(L.llama_vocab_is_eog(self.vocab, token))
         return hit
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (L.llama_token * n_max)()
-        n = L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special, parse_special)
+        n = L.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_special, parse_special)
         if n < 0:  # buffer too small: -n is the size needed
             n_max = -n
             arr = (L.llama_token * n_max)()
-            n = L.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special, parse_special)
+            n = L.llama_tokenize(self.vocab, data, len(data), arr, n_max, add_special, parse_special)
         return list(arr[:n])
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
@@ -247,10 +249,10 @@ class Model:
         piece = self._piece_cache.get(key)
         if piece is None:
             buf = ctypes.create_string_buffer(64)
-            n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+            n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+                n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             piece = buf.raw[:n]
             self._piece_cache[key] = piece
         return piece
@@ -395,7 +397,7 @@ class Model:
         """Sample the next token of one sequence from the logits at ``output_index``; return
         (token, logprob info or None). The caller accepts it (Generation.accept)."""
         p = seq.params
-        if p.greedy and seq.grammar is None and p.logprobs is None and seq._window is None and not len(seq.bias_ids):
+        if p.greedy and seq.grammar is None and p.logprobs is None and not p.penalised and not len(seq.bias_ids):
             return self._argmax(output_index), None
         row = numpy().ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, output_index), shape=(1, self.n_vocab))
         tokens, infos = sample_rows(row, [seq])

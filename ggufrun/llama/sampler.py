@@ -8,7 +8,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import GrammarError
 from ..generation import SamplingParams, SeqSampler
@@ -16,8 +16,21 @@ from ..settings import Settings
 from ._lib import L, init_backend, numpy
 from .grammar_filter import Candidates, VocabIndex, analyse, candidates, everything
 
-if TYPE_CHECKING:
-    from .model import Model
+
+
+class Model(Protocol):
+    """What these pieces need of a loaded model (model.Model is one). Declared here, not imported:
+    model.py builds its samplers from this module, so this one stands below it."""
+
+    vocab: Any  # the llama_vocab pointer
+    n_vocab: int
+    grammar_index: VocabIndex | None  # vocab_index builds it on first use and keeps it here
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]: ...
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes: ...
 
 
 _TOKEN_DATA = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data
@@ -58,7 +71,7 @@ class Grammar(_Owned):
     def __init__(self, model: Model, text: str, triggers: Sequence[str] = ()) -> None:
         init_backend()
         np = numpy()
-        self._ptr = L.llama_sampler_init_grammar(model._vocab, text.encode("utf-8"), b"root")
+        self._ptr = L.llama_sampler_init_grammar(model.vocab, text.encode("utf-8"), b"root")
         if not self._ptr:
             first = text.strip().splitlines()[0][:80] if text.strip() else "(empty)"
             raise GrammarError(f"llama.cpp rejected the grammar (starting '{first}').",
@@ -238,20 +251,20 @@ def _subset_buffer(size: int) -> Any:
 def _piece(model: Model, token: int, buf: Any = None) -> bytes:
     """The token's text as llama.cpp's grammar reads it (its piece cache renders special tokens)."""
     buf = buf or ctypes.create_string_buffer(64)
-    n = L.llama_token_to_piece(model._vocab, token, buf, len(buf), 0, True)
+    n = L.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
-        n = L.llama_token_to_piece(model._vocab, token, buf, -n, 0, True)
+        n = L.llama_token_to_piece(model.vocab, token, buf, -n, 0, True)
     return buf.raw[:n]
 
 
 def vocab_index(model: Model) -> VocabIndex:
     """The model's VocabIndex, built on first use (~0.2 s for 152k tokens) and kept with it."""
-    index = getattr(model, "_grammar_index", None)
+    index = model.grammar_index
     if index is None:
         buf = ctypes.create_string_buffer(256)
         index = VocabIndex([_piece(model, t, buf) for t in range(model.n_vocab)], model.is_eog)
-        model._grammar_index = index  # type: ignore[attr-defined]
+        model.grammar_index = index
     return index
 
 

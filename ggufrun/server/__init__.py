@@ -1,7 +1,34 @@
-"""ggufrun serve: an OpenAI-compatible HTTP server with continuous batching (see engine.py).
+"""ggufrun serve: OpenAI, Responses, Anthropic, Ollama and llama-server APIs over one batching engine.
 
 :func:`run` starts uvicorn in-process on the app from :func:`ggufrun.server.app.create_app`.
 This package imports Starlette and uvicorn only when used, so ``ggufrun --help`` stays fast.
+
+How the package is laid out, top-down (a module imports only those below it; tests/test_layering.py
+fails on an import circle, or on one API module importing another)::
+
+    app.py          assembles routes and middleware (middleware.py: access log, API key, errors)
+      API modules   one per API, none imports another:
+                    openai.py (chat, completions, embeddings, models), responses.py, anthropic.py,
+                    ollama.py, llamacpp.py (tokenize, detokenize, apply-template), seed.py (POST /
+                    and the chat page); health.py (/health, /metrics) is the operator's
+    translate.py    what the translating APIs share: ChatRun, field refusal, error boundary, SSE/NDJSON
+    core.py         Server: served models (models.py), engines, prompt building and prefill, the
+                    one generation pipeline (start_chat, submit), embeddings; knows no API
+    replies.py      the engine's events as OpenAI reply objects, whole or as chunks
+    protocol.py     request bodies checked (constraints.py: grammars; tools.py: tool calls)
+    request.py, api_errors.py, streaming.py   reading a body; ApiError; a job group's events
+    engine.py       continuous batching on one model, on its own thread
+
+A request's way, e.g. ``POST /v1/messages`` (Anthropic): anthropic.py checks the body and
+translates it into an OpenAI chat body -> translate.start_chat -> core.Server.start_chat checks
+it (protocol.py), looks the model up and acquires its engine (models.ModelPool loads it on first
+use), renders the prompt with the GGUF's template (off the event loop) and submits one engine.Job
+per choice -> the engine thread batches it with the other running jobs and posts text/done/error
+events to the job's queue -> replies.Choices turns those events into OpenAI chunks (or one whole
+``chat.completion``) -> anthropic.py dresses them as Anthropic's events or message, and
+streaming.EventStream sends them, cancelling the jobs if the client goes away. The OpenAI API
+sends replies.py's objects as they are. An error raised anywhere is rendered at the API's own
+boundary (translate.guarded, or the app's handler in the path's API's shape).
 """
 
 from __future__ import annotations

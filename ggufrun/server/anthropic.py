@@ -15,11 +15,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .translate import (Refused, body_of, chat_prompt, choice_of, chunk_error, guarded, require, sse, start_chat, stream,
+from .core import chat_prompt
+from .translate import (Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream,
                         streamed, text_of, tool_arguments)
 
 if TYPE_CHECKING:
-    from .app import Server
+    from .core import Server
     from .translate import ChatRun
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).

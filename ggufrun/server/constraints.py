@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .protocol import ApiError, GenParams, invalid
+from .api_errors import ApiError, invalid
+from .gbnf import check_gbnf
 
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -176,7 +177,6 @@ def schema_grammar(schema: Any, param: str) -> str:
     """GBNF for ``schema``, bounded and checked; a schema over the limits or one the converter
     cannot handle is a 400 naming ``param``. Slow for big schemas: call it off the event loop."""
     from ..llama.grammar import SchemaError, schema_to_gbnf
-    from .gbnf import check_gbnf
 
     check_schema(schema, param)
     try:
@@ -212,15 +212,14 @@ def from_response_format(fmt: dict[str, Any]) -> tuple[dict[str, Any] | None, st
     return schema, param
 
 
-def finish(params: GenParams) -> None:
-    """Off the event loop: the request's schema as its grammar (conversion of a big schema takes
-    a while), and a user's GBNF checked before llama.cpp parses it."""
-    from .gbnf import check_gbnf
-
-    if params.json_schema is not None and params.grammar is None:
-        params.grammar = schema_grammar(params.json_schema, params.grammar_param)
-    elif params.grammar is not None:
-        check_gbnf(params.grammar, params.grammar_param)
+def finish(grammar: str | None, schema: dict[str, Any] | None, param: str) -> str | None:
+    """Off the event loop: a request's grammar, its schema's when it has one (conversion of a big
+    schema takes a while); a user's GBNF checked before llama.cpp parses it."""
+    if schema is not None and grammar is None:
+        return schema_grammar(schema, param)
+    if grammar is not None:
+        check_gbnf(grammar, param)
+    return grammar
 
 
 def embed_rules(gbnf: str, prefix: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .protocol import ApiError
+from .api_errors import ApiError
 
 MAX_BYTES = 256 * 1024  # grammar text; a JSON schema's grammar within the schema limits is well under it
 MAX_RULES = 4096  # rules defined

@@ -115,7 +115,7 @@ class BodyGuard:
                                   "timeout_error")
                 return
             if message["type"] == "http.disconnect":  # the client left mid-body: nothing to answer
-                from .app import safe
+                from .request import safe
 
                 log.info("client disconnected while sending the body of %s %s", scope.get("method"),
                          safe(scope.get("path", "")))

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .protocol import ApiError, GenParams, invalid
+from .api_errors import ApiError, invalid
+from .gbnf import check_gbnf
 
 MAX_MESSAGES = 1024  # messages in one chat request
 MAX_EMBED_INPUTS = 256  # inputs in one embeddings request
@@ -39,34 +40,33 @@ def check_token_ids(ids: Sequence[int], n_vocab: int, param: str) -> None:
         raise invalid(param, f"token id {bad} is outside the vocabulary (ids 0 to {n_vocab - 1}).")
 
 
-def check_generation(model: Any, params: GenParams, prompts: list[list[int]]) -> None:
+def check_generation(model: Any, prompts: list[list[int]], n: int, logit_bias: dict[int, float] | None,
+                     grammar: str | None, grammar_param: str) -> None:
     """Off the event loop, once the prompts are tokenised: token ids against the vocabulary
     (prompts, logit_bias, the grammar's token references) and the request's total tokens."""
-    from .gbnf import check_gbnf
-
     n_vocab = model.n_vocab
     for j, prompt in enumerate(prompts):
         check_token_ids(prompt, n_vocab, "prompt" if len(prompts) == 1 else f"prompt[{j}]")
-    if params.logit_bias:
-        check_token_ids(list(params.logit_bias), n_vocab, "logit_bias")
-    if params.grammar is not None:
-        shape = check_gbnf(params.grammar, params.grammar_param)
-        check_token_ids(sorted(shape.token_ids), n_vocab, params.grammar_param)
-    total = sum(len(p) for p in prompts) * params.n
+    if logit_bias:
+        check_token_ids(list(logit_bias), n_vocab, "logit_bias")
+    if grammar is not None:
+        shape = check_gbnf(grammar, grammar_param)
+        check_token_ids(sorted(shape.token_ids), n_vocab, grammar_param)
+    total = sum(len(p) for p in prompts) * n
     if total > MAX_REQUEST_TOKENS:
         raise ApiError(400, f"The request's prompts come to {total} tokens (times n); at most {MAX_REQUEST_TOKENS} "
                        "are accepted per request.", param="prompt", kind="exceed_context_size_error")
 
 
-def compile_grammars(model: Any, params: GenParams, count: int) -> list[Any]:
-    """``count`` compiled grammars for the request's jobs (llama.cpp parses each: off the event
+def compile_grammars(model: Any, grammar: str | None, triggers: Sequence[str] | None, count: int) -> list[Any]:
+    """``count`` compiled grammars for a request's jobs (llama.cpp parses each: off the event
     loop); [] without a grammar. Raise GrammarError (400) when llama.cpp rejects it."""
-    if params.grammar is None:
+    if grammar is None:
         return []
     out: list[Any] = []
     try:
         for _ in range(count):
-            out.append(model.grammar(params.grammar, params.grammar_triggers or ()))
+            out.append(model.grammar(grammar, triggers or ()))
     except BaseException:
         for g in out:
             g.close()

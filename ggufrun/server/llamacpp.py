@@ -12,12 +12,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import limits
-from .app import read_json
+from .core import backend_for, chat_prompt
 from .protocol import ApiError
-from .translate import backend_for, chat_prompt
+from .request import read_json
 
 if TYPE_CHECKING:
-    from .app import Server
+    from .core import Server
 
 
 def _invalid(param: str, message: str) -> ApiError:

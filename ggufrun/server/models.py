@@ -222,6 +222,10 @@ class ModelPool:
             return "error"
         return "loading" if "loading" in states else "ready"
 
+    def resident(self, name: str) -> Engine | None:
+        """The engine of the model with id ``name`` if it is resident (loaded or loading), else None."""
+        return self._engines.get(name)
+
     def loaded(self) -> dict[str, str]:
         return {name: engine.state for name, engine in self._engines.items()}
 

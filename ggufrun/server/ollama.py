@@ -26,7 +26,7 @@ from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjso
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
-    from .app import Server
+    from .core import Server
     from .translate import ChatRun
     from .models import ModelConfig
 
@@ -310,7 +310,7 @@ def routes(server: Server) -> list[Route]:
         if not openai_body["messages"]:
             # Ollama loads the model when asked to generate nothing (`ollama run` does this first).
             cfg = server.lookup(openai_body.get("model"))
-            server.pool.release(await server._engine(cfg))
+            server.pool.release(await server.acquire(cfg))
             part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
             return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load"})
         run = await start_chat(server, openai_body, "/api/chat" if chat else "/api/generate")
@@ -416,7 +416,7 @@ def routes(server: Server) -> list[Route]:
                 continue
             cfg = server.lookup(name)
             facts = await entry(cfg)
-            engine = server.pool._engines.get(name)
+            engine = server.pool.resident(name)
             backend = engine.backend if engine is not None else None
             models.append({**facts, "size_vram": 0 if not backend or not backend.settings.n_gpu_layers else facts["size"],
                            "context_length": backend.n_ctx_seq if backend else None})

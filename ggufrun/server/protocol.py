@@ -1,4 +1,4 @@
-"""OpenAI's request schemas and error shape: what the HTTP layer accepts, checked before any work.
+"""OpenAI's request schemas: what the HTTP layer accepts, checked before any work (errors: api_errors.py).
 
 No silent ignoring: every field of the chat, completions and embeddings request schemas is
 either honoured or refused with a 400 that names it in ``param`` (OpenAI itself refuses
@@ -14,58 +14,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, ContextOverflowError, GgufrunError
+from ..errors import ConfigError
 from ..settings import coerce
+from . import constraints, limits
+from .api_errors import ApiError, api_error, invalid, unsupported
+
+__all__ = ["ApiError", "api_error", "invalid", "unsupported"]  # re-exported: where callers have always found them
 
 MAX_DEPTH = 64  # the deepest JSON a request needs is a tool schema; 64 levels is far beyond any real one
 MAX_NAME = 255  # model names longer than a file name cannot be served names
 MAX_N = 16  # choices per request (each one a sequence in the batch)
 ROLES = {"system", "user", "assistant", "tool", "developer"}
-
-
-class ApiError(Exception):
-    """A client error with its HTTP status and the request field at fault."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = headers or {}
-        self.extra = extra or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status, **self.extra}}
-
-
-def invalid(param: str, message: str) -> ApiError:
-    return ApiError(400, f"Invalid '{param}': {message}", param=param)
-
-
-def unsupported(param: str, why: str) -> ApiError:
-    return ApiError(400, f"'{param}' is not supported by this server: {why}", param=param, kind="invalid_request_error")
-
-
-def api_error(exc: BaseException) -> ApiError:
-    """Any error as the ApiError a client sees; unknown ones become a 500 with no internals."""
-    from .engine import QueueFullError
-
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, QueueFullError):
-        return ApiError(503, str(exc), kind="server_overloaded", headers={"Retry-After": "1"})
-    if isinstance(exc, ContextOverflowError):
-        if not exc.n_ctx:  # the shared KV cache ran out mid-batch: capacity, not the request's fault
-            return ApiError(503, f"{exc} The server is at capacity; retry shortly.", kind="server_overloaded",
-                            headers={"Retry-After": "1"})
-        return ApiError(400, str(exc), kind="exceed_context_size_error", extra={"n_prompt_tokens": exc.n_tokens, "n_ctx": exc.n_ctx})
-    if isinstance(exc, GgufrunError):
-        status = 400 if exc.http_status == 422 else exc.http_status
-        kinds = {404: "not_found_error", 503: "server_unavailable"}
-        param = getattr(exc, "param", None) or ("model" if status == 404 else None)
-        return ApiError(status, str(exc), param=param,
-                        kind=kinds.get(status, "invalid_request_error" if status < 500 else "server_error"),
-                        headers={"Retry-After": "1"} if status == 503 else None)
-    return ApiError(500, "Internal server error. Set GGUFRUN_DEBUG=1 and see the server log.", kind="server_error")
 
 
 # ---- the body ------------------------------------------------------------------------------------
@@ -285,8 +244,6 @@ def _check_metadata(body: dict[str, Any]) -> None:
 def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -> None:
     """response_format / grammar / json_schema, checked here (cheap) and made one GBNF grammar by
     constraints.finish off the event loop (a 400 when a limit or the converter refuses it)."""
-    from . import constraints
-
     sources = [k for k in ("grammar", "json_schema") if body.get(k) is not None]
     fmt = typed(body, "response_format", (dict,), "an object") if chat else None
     if fmt is not None and fmt.get("type") not in (None, "text"):
@@ -330,9 +287,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "expected a non-empty list of {role, content} objects.")
-    from .limits import check_messages
-
-    check_messages(len(messages))
+    limits.check_messages(len(messages))
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -388,15 +343,13 @@ def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     def tokens(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
-    from .limits import check_text_size
-
     if isinstance(prompt, str):
-        check_text_size([prompt], "prompt")  # a prompt's special-token strings are parsed: slow when many
+        limits.check_text_size([prompt], "prompt")  # a prompt's special-token strings are parsed: slow when many
         return [prompt]
     if tokens(prompt):
         return [prompt]
     if isinstance(prompt, list) and prompt and len(prompt) <= MAX_N and all(isinstance(p, str) or tokens(p) for p in prompt):
-        check_text_size([p for p in prompt if isinstance(p, str)], "prompt")
+        limits.check_text_size([p for p in prompt if isinstance(p, str)], "prompt")
         return list(prompt)
     raise invalid("prompt", f"expected a string, a list of up to {MAX_N} strings, a list of token ids, or a list of such lists.")
 

@@ -21,7 +21,7 @@ from .translate import (Refused, body_of, choice_of, chunk_error, guarded, requi
                         text_of)
 
 if TYPE_CHECKING:
-    from .app import Server
+    from .core import Server
     from .translate import ChatRun
 
 KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools", "tool_choice",

@@ -9,12 +9,9 @@ field it would ignore is refused instead), error conversion, and the streaming r
 
 from __future__ import annotations
 
-import asyncio
-
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +19,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
-from .app import prefill_tokens, read_json, split_prefill
-from .protocol import ApiError, api_error
+from .api_errors import ApiError, api_error
+from .replies import Choices
+from .request import read_json
 from .streaming import EventStream, JobGroup, collect
 
 if TYPE_CHECKING:
-    from .app import Server, _Choices
-    from .engine import Backend
-    from .models import ModelConfig
+    from .core import Server
     from .protocol import GenParams
 
 log = logging.getLogger("ggufrun.server")
@@ -41,7 +37,7 @@ class ChatRun:
 
     group: JobGroup
     params: GenParams
-    choices: _Choices
+    choices: Choices
 
     def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """OpenAI ``chat.completion.chunk`` objects (``streamed`` bodies end with a usage chunk)."""
@@ -130,18 +126,6 @@ async def body_of(server: Server, request: Request) -> dict[str, Any]:
     return await read_json(request, server.config.max_body_bytes)
 
 
-@asynccontextmanager
-async def backend_for(server: Server, model: str | None) -> AsyncIterator[tuple[Backend, ModelConfig]]:
-    """The named model's loaded backend, leased (not evicted) while the block runs on the loop."""
-    cfg = server.lookup(model)
-    engine = await server._engine(cfg)
-    try:
-        assert engine.backend is not None
-        yield engine.backend, cfg
-    finally:
-        server.pool.release(engine)
-
-
 def stream(run: ChatRun, chunks: AsyncIterator[bytes], media_type: str) -> Response:
     """A streamed reply that cancels the generation when the client goes away."""
     return EventStream(run.group, chunks, media_type)  # type: ignore[return-value]
@@ -150,25 +134,6 @@ def stream(run: ChatRun, chunks: AsyncIterator[bytes], media_type: str) -> Respo
 def streamed(body: dict[str, Any]) -> dict[str, Any]:
     """``body`` asking for the usage chunk at the end of a stream, which every translation reports."""
     return {**body, "stream_options": {"include_usage": True}} if body.get("stream") else body
-
-
-async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[int]]:
-    """The prompt text and tokens an OpenAI chat body renders to (tools included), without
-    generating: for count_tokens and /apply-template."""
-    from ..templates import chat_tokens
-    from . import tools as T
-
-    messages = P.parse_messages(body)
-    prefill = split_prefill(messages)  # as start_chat does: the count is the prompt a reply would get
-    plan = T.parse_tools(body)
-    async with backend_for(server, P.model_name(body)) as (backend, _):
-        def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
-            T.choose_format(plan, backend.template)
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools) + prefill
-            return text, chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)
-
-        return await asyncio.to_thread(render)
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
