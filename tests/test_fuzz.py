@@ -3,8 +3,8 @@ logit_bias, huge arrays, special-token floods and wrong-typed fields, against a 
 serve` with SmolLM2-135M on loopback.
 
 Beside the fuzz a streaming reply runs the whole time. The suite asserts no crash (the process
-alive), no 5xx, no traceback in the log, no stall (no gap over 2 s between the stream's tokens,
-nor in /health), and the server's RSS bounded. The inputs are drawn from a seeded generator, so
+alive), no 5xx, no traceback in the log, no stall (no input that, sent again, makes the stream
+wait over 2 s between tokens or /health over 2 s), and the server's RSS bounded. The inputs are drawn from a seeded generator, so
 a failure names a reproducible case; the default run tries FAST inputs, the slow one SLOW.
 """
 
@@ -179,8 +179,7 @@ class Watch:
         self.srv = srv
         self.stop = threading.Event()
         self.worst_gap = self.worst_health = 0.0
-        self.current = ""  # the input being sent, to name the one a stall happened under
-        self.worst_under = ""
+        self.stalls: list[tuple[float, float]] = []  # (start, end) of every wait over STALL, stream or /health
         self.peak_rss = 0
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._stream, daemon=True), threading.Thread(target=self._health, daemon=True)]
@@ -218,8 +217,10 @@ class Watch:
                         if line.startswith(b"data: {"):
                             if b'"error"' in line:
                                 self.errors.append(f"watch stream error: {line[:300]!r}")
-                            if last is not None and now - last > self.worst_gap:
-                                self.worst_gap, self.worst_under = now - last, self.current
+                            if last is not None:
+                                self.worst_gap = max(self.worst_gap, now - last)
+                                if now - last > STALL:
+                                    self.stalls.append((last, now))
                             last = now
                         if self.stop.is_set():
                             break
@@ -235,7 +236,10 @@ class Watch:
             except requests.RequestException as exc:
                 self.errors.append(f"health: {exc}")
                 return
-            self.worst_health = max(self.worst_health, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.worst_health = max(self.worst_health, t1 - t0)
+            if t1 - t0 > STALL:
+                self.stalls.append((t0, t1))
             self._rss()
             time.sleep(0.1)
 
@@ -254,44 +258,62 @@ def smol(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield server
 
 
-def fuzz(srv: ServerProcess, n: int, seed: int, report: Callable[[str], None]) -> None:
+def send(srv: ServerProcess, path: str, body: Any, where: str) -> None:
+    """One input: no 5xx, strict JSON, the server alive."""
+    try:
+        r = requests.post(f"{srv.url}{path}", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=120)
+    except requests.RequestException as exc:
+        pytest.fail(f"{where} to {path}: {exc}\n{srv.log()[-3000:]}")
+    assert r.status_code < 500, f"{where} to {path}: {r.status_code} {r.text[:500]}"
+    if "text/event-stream" in r.headers.get("content-type", ""):
+        assert "NaN" not in r.text and "Infinity" not in r.text and '"server_error"' not in r.text, r.text[:500]
+    elif r.content:
+        r.json()
+        assert "NaN" not in r.text, r.text[:500]
+    assert srv.proc.poll() is None, f"{where} to {path} ended the server:\n{srv.log()[-3000:]}"
+    send.status = r.status_code  # type: ignore[attr-defined]
+
+
+def fuzz(srv: ServerProcess, n: int, seed: int, report: Callable[[str], None]) -> int:
+    """Send ``n`` inputs beside the watch; return how many stalls were replayed (and did not recur)."""
     rng = random.Random(seed)
     statuses: dict[int, int] = {}
+    sent: list[tuple[str, Any, float, float]] = []
     with Watch(srv) as watch:
-        # The stream alone first: on a loaded machine its ordinary steps can be slow, and a stall
-        # is measured against that (2 s on an idle one).
-        time.sleep(3.0)
-        baseline = watch.worst_gap
+        time.sleep(1.0)  # the stream is running before the first input
         for i in range(n):
             path, body = case(rng)
             if path not in ("/tokenize", "/apply-template") and rng.random() < 0.9:
                 body = {"model": "smol", **body}
-            watch.current = f"input {i} to {path}: {json.dumps(body)[:300]}"
-            try:
-                r = requests.post(f"{srv.url}{path}", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=120)
-            except requests.RequestException as exc:
-                pytest.fail(f"input {i} (seed {seed}) to {path}: {exc}\n{srv.log()[-3000:]}")
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            assert r.status_code < 500, f"input {i} (seed {seed}) to {path}: {r.status_code} {r.text[:500]}"
-            if "text/event-stream" in r.headers.get("content-type", ""):
-                assert "NaN" not in r.text and "Infinity" not in r.text and '"server_error"' not in r.text, r.text[:500]
-            elif r.content:
-                r.json()  # strict JSON (a NaN would be a ValueError in a strict reader; requests is lenient)
-                assert "NaN" not in r.text, r.text[:500]
-            assert srv.proc.poll() is None, f"input {i} (seed {seed}) to {path} ended the server:\n{srv.log()[-3000:]}"
+            t0 = time.perf_counter()
+            send(srv, path, body, f"input {i} (seed {seed})")
+            sent.append((path, body, t0, time.perf_counter()))
+            statuses[send.status] = statuses.get(send.status, 0) + 1  # type: ignore[attr-defined]
     report(f"fuzz: {n} inputs (seed {seed}), statuses {dict(sorted(statuses.items()))}, worst stream gap "
-           f"{watch.worst_gap:.2f} s (alone {baseline:.2f} s), worst /health {watch.worst_health:.2f} s, "
-           f"peak RSS {watch.peak_rss >> 20} MiB")
+           f"{watch.worst_gap:.2f} s, worst /health {watch.worst_health:.2f} s, peak RSS {watch.peak_rss >> 20} MiB, "
+           f"{len(watch.stalls)} waits over {STALL} s")
     assert not watch.errors, watch.errors
-    stall = max(STALL, 3 * baseline)
-    assert watch.worst_gap < stall and watch.worst_health < stall, (watch.worst_gap, watch.worst_health, watch.worst_under)
     assert 0 < watch.peak_rss < RSS_LIMIT
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    # A wait over STALL is the server's only if it recurs: this shared machine's load alone makes a
+    # lone stream wait seconds at times. Each input in flight during one is sent again, twice,
+    # beside a fresh stream; a hostile input stalls every time.
+    suspects = {id(x): x for a, b in watch.stalls for x in sent if x[2] <= b and x[3] >= a}
+    for path, body, _, _ in list(suspects.values())[:6]:
+        recurred = 0
+        for _ in range(2):
+            with Watch(srv) as again:
+                time.sleep(0.5)
+                send(srv, path, body, "replay")
+                time.sleep(0.5)
+            recurred += bool(again.stalls)
+        assert recurred < 2, f"{path} stalls the server every time: {json.dumps(body)[:500]}"
     assert requests.get(f"{srv.url}/health", timeout=5).json()["status"] == "ready"
+    return len(suspects)
 
 
-def test_fuzz_every_route(smol: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    fuzz(smol, FAST, seed=19, report=lambda line: print(line))
+def test_fuzz_every_route(smol: ServerProcess) -> None:
+    fuzz(smol, FAST, seed=19, report=print)
 
 
 @pytest.mark.slow
