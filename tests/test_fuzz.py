@@ -317,6 +317,7 @@ def test_fuzz_every_route(smol: ServerProcess) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_fuzz_every_route_long(smol: ServerProcess) -> None:
     for seed in (1, 2, 3, 4):
         fuzz(smol, SLOW // 4, seed=seed, report=print)
