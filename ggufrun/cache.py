@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
-from .errors import DiskSpaceError, IntegrityError
+from .errors import ConfigError, DiskSpaceError, IntegrityError
 
 try:
     import fcntl
@@ -34,6 +34,19 @@ class CachedFile:
     filename: str
 
 
+def inside_cache(target: Path, root: Path | None = None) -> Path:
+    """``target`` with every symlink resolved, checked to lie strictly inside ``root`` (the model
+    cache, itself resolved: a cache moved to another disk by a symlink still works). A registry
+    name such as "../../victim", a file name with a "/", or a symlinked folder inside the cache
+    could otherwise make rm or pull delete or write anywhere; raise ConfigError instead."""
+    base = (root or paths.models_dir()).resolve()
+    real = Path(os.path.realpath(target))
+    if real == base or base not in real.parents:
+        raise ConfigError(f"{target} resolves to {real}, outside the model cache {base}; refusing to touch it.",
+                          "Check the name in models.toml, and symlinks under the cache folder.")
+    return real
+
+
 def _slug(target: Path) -> str:
     """A flat, unique name for a cache path, for its lock and staging folder."""
     try:
@@ -45,13 +58,13 @@ def _slug(target: Path) -> str:
 
 def staging_dir(target: Path, source: str) -> Path:
     """Where ``source`` stages ``target``; kept across processes so ModelScope can resume."""
-    return paths.home() / "tmp" / _slug(target) / source
+    return inside_cache(paths.home() / "tmp" / _slug(inside_cache(target)) / source, paths.home() / "tmp")
 
 
 @contextmanager
 def locked(target: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the lock for ``target``; ``on_wait`` is called once if another process holds it."""
-    lock_path = paths.home() / "tmp" / f"{_slug(target)}.lock"
+    lock_path = inside_cache(paths.home() / "tmp" / f"{_slug(inside_cache(target))}.lock", paths.home() / "tmp")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+b") as fh:
         if fcntl is not None:
@@ -105,7 +118,9 @@ def verify(path: Path, size: int | None, sha256: str | None, progress: Callable[
 
 def place(staged: Path, target: Path) -> Path:
     """Move a verified file to its final name atomically (a reader sees the old file or the new one)."""
+    inside_cache(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    target = inside_cache(target)  # again: a folder on the way may have become a symlink
     try:
         os.replace(staged, target)
     except OSError as exc:
@@ -124,7 +139,7 @@ def place(staged: Path, target: Path) -> Path:
 
 def discard_staging(target: Path, source: str | None = None) -> None:
     """Remove ``source``'s staging folder for ``target``, or every source's."""
-    folder = paths.home() / "tmp" / _slug(target)
+    folder = inside_cache(paths.home() / "tmp" / _slug(inside_cache(target)), paths.home() / "tmp")
     shutil.rmtree(folder / source if source else folder, ignore_errors=True)
 
 
@@ -142,17 +157,20 @@ def list_files() -> list[CachedFile]:
 
 
 def remove(target: Path) -> list[Path]:
-    """Delete a cached file and its staging leftovers; returns what was removed."""
+    """Delete a cached file and its staging leftovers; returns what was removed. Only what lies
+    inside the cache once symlinks are resolved (ConfigError otherwise)."""
     removed = []
+    root = paths.models_dir().resolve()
+    target = inside_cache(target)
     if target.is_file():
         target.unlink()
         removed.append(target)
     staging = paths.home() / "tmp" / _slug(target)
     if staging.exists():
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(inside_cache(staging, paths.home() / "tmp"), ignore_errors=True)
         removed.append(staging)
     parent = target.parent
-    if parent != paths.models_dir() and parent.is_dir() and not any(parent.iterdir()):
+    if parent != root and root in parent.parents and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()  # leave no empty per-model folders behind
     return removed
 

@@ -84,6 +84,12 @@ class ModelLoadError(GgufrunError):
     http_status = 500
 
 
+class ModelClosedError(GgufrunError):
+    """The model was unloaded (its engine stopped or failed) while a request was about to use it."""
+
+    http_status = 503
+
+
 class ContextOverflowError(GgufrunError):
     """A prompt or message does not fit in the context window."""
 
@@ -99,6 +105,12 @@ class TemplateError(GgufrunError):
 
 class BenchError(GgufrunError):
     """A benchmark configuration cannot run."""
+
+
+class BenchUsageError(BenchError):
+    """A bench request that cannot run as given (a bad flag value or combination): nothing was measured."""
+
+    exit_status = ExitStatus.USAGE
 
 
 class GrammarError(GgufrunError):

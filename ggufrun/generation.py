@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import GgufrunError
 from .settings import Settings
 
 _DEFAULTS = Settings()
@@ -713,6 +714,9 @@ class Generation:
         else:
             self.stop_ids, self.stop_texts = stop_ids, tuple(stop)
         self.stop_sequence: str | None = None  # the stop string that ended the sequence (Anthropic reports it)
+        bad = next((t for t in params.logit_bias if not 0 <= int(t) < vocab.n_vocab), None)
+        if bad is not None:  # numpy would raise mid-step, in the sampling of every row at once
+            raise GgufrunError(f"Invalid 'logit_bias': token id {bad} is outside the vocabulary of {vocab.n_vocab}.")
         grammar = grammar_factory(params.grammar) if params.grammar and grammar_factory is not None else None
         draw = draw_factory(params) if draw_factory is not None and not params.greedy else None
         self.sampler = SeqSampler(params, prompt, grammar, n_ctx, draw)

@@ -28,6 +28,12 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 # array metadata longer than this is summarised as "[TYPE x N]" instead of listed
 _ARRAY_LIST_LIMIT = 16
+# Parsing limits, so a crafted header costs milliseconds and a one-line error: real files hold
+# strings of at most a few hundred KB (a chat template), never nest arrays (llama.cpp's gguf.c
+# refuses arrays of arrays), and have tens of keys.
+MAX_STRING_BYTES = 1 << 20
+MAX_ARRAY_DEPTH = 4
+MAX_METADATA_KEYS = 1 << 16
 
 # GGUF value type id -> (name, struct format or None for string/array)
 _VALUE_TYPES: dict[int, tuple[str, str | None]] = {
@@ -208,6 +214,7 @@ class _Header:
         self.size = size
         self.avail = min(len(buf), size)
         self.pos = 0
+        self.where = "the header"  # what is being read, for the errors raised here
 
     def need(self, end: int) -> None:
         if end > self.size:
@@ -224,6 +231,8 @@ class _Header:
 
     def string(self) -> str:
         n = self.take("<Q")
+        if n > MAX_STRING_BYTES:
+            raise _Corrupt(f"{self.where} holds a {n:,}-byte string (at most {MAX_STRING_BYTES:,})")
         self.need(self.pos + n)
         data = self.buf[self.pos : self.pos + n]
         self.pos += n
@@ -232,10 +241,28 @@ class _Header:
     def skip_strings(self, count: int) -> None:
         for _ in range(count):
             n = self.take("<Q")
+            if n > MAX_STRING_BYTES:
+                raise _Corrupt(f"{self.where} holds a {n:,}-byte string (at most {MAX_STRING_BYTES:,})")
             self.need(self.pos + n)
             self.pos += n
 
-    def value(self, vtype: int, what: str) -> Any:
+    def strings_problem(self, start: int, count: int) -> str | None:
+        """Why the ``count`` strings from ``start`` cannot be a vocabulary: llama.cpp aborts on an
+        empty or a repeated token (llama-vocab.cpp asserts one id per token text)."""
+        seen: set[bytes] = set()
+        pos = start
+        for i in range(count):
+            (n,) = struct.unpack_from("<Q", self.buf, pos)
+            text = bytes(self.buf[pos + 8 : pos + 8 + n])
+            pos += 8 + n
+            if not text:
+                return f"token {i} is an empty string"
+            if text in seen:
+                return f"token {i} ({text[:40].decode('utf-8', 'replace')!r}) appears twice"
+            seen.add(text)
+        return None
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype not in _VALUE_TYPES:
             raise _Corrupt(f"{what} has unknown value type {vtype}")
         name, fmt = _VALUE_TYPES[vtype]
@@ -246,6 +273,8 @@ class _Header:
         etype, count = self.take("<I"), self.take("<Q")
         if etype not in _VALUE_TYPES:
             raise _Corrupt(f"{what} is an array of unknown type {etype}")
+        if etype == 9 and depth + 1 >= MAX_ARRAY_DEPTH:
+            raise _Corrupt(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
         ename, efmt = _VALUE_TYPES[etype]
         if efmt is not None:
             width = struct.calcsize(efmt)
@@ -255,14 +284,16 @@ class _Header:
                 return [self.take(efmt) for _ in range(count)]
             self.pos += count * width
         elif count <= _ARRAY_LIST_LIMIT:
-            return [self.value(etype, what) for _ in range(count)]
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
         elif ename == "string":
             if count > (self.size - self.pos) // 8:
                 raise _Truncated
             self.skip_strings(count)
         else:
+            if count > (self.size - self.pos) // 12:  # an array header takes 12 bytes
+                raise _Truncated
             for _ in range(count):
-                self.value(etype, what)
+                self.value(etype, what, depth + 1)
         return _ArraySummary(ename, count)
 
 
@@ -345,6 +376,9 @@ def check_model(info: GGUFInfo) -> None:
     def raw(key: str) -> Any:
         return meta.get(f"{arch}.{key}")
 
+    _check_floats(p, meta, arch)
+    _check_tensor_types(p, info.tensors)
+
     def count(key: str, lo: int, hi: int, required: bool = False) -> list[int]:
         """The value(s) of an integer hyperparameter (scalar or per-layer list), each in [lo, hi]."""
         value = raw(key)
@@ -417,6 +451,51 @@ def check_model(info: GGUFInfo) -> None:
                                f"(heads {n_head}/{n_head_kv}, head size {k}) need {list(shape)}")
 
 
+# llama.cpp's rope scaling names (llama-model.cpp LLAMA_ROPE_SCALING_TYPES): any other string
+# fails a GGML_ASSERT while the hyperparameters load.
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+# Tensor types llama.cpp's kernels cannot multiply or normalise with: a weight patched to one of
+# these (F16 -> I16, F32 -> I32: same size, so the file stays well-formed) loads, then aborts the
+# process in its first matrix multiplication.
+_NOT_WEIGHT_TYPES = ("I8", "I16", "I32", "I64", "F64")
+# One-dimensional tensors (norms, biases) are added or multiplied element-wise, which ggml's CPU
+# kernels do for float types only: a quantised norm aborts on the first token.
+_VECTOR_TYPES = ("F32", "F16", "BF16")
+
+
+def _check_floats(p: Path, meta: dict[str, Any], arch: str) -> None:
+    """Every number in the architecture's metadata finite, every epsilon and the rope base
+    positive, the rope scaling type one llama.cpp knows: a NaN or negative norm epsilon (or an
+    unknown scaling name) loads, then aborts llama.cpp in the first forward step."""
+    import math
+
+    for key, value in meta.items():
+        if not key.startswith(f"{arch}."):
+            continue
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise _fail(p, f"{key} is {v}; it must be a finite number")
+        if key.endswith("epsilon") or key.endswith(".rope.freq_base"):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values) or not values:
+                raise _fail(p, f"{key} is {value!r}; it must be a positive number")
+        if key.endswith(".rope.scaling.type") and value not in _ROPE_SCALING_TYPES:
+            shown = value[:40] if isinstance(value, str) else value
+            raise _fail(p, f"{key} is {shown!r}; llama.cpp knows {', '.join(_ROPE_SCALING_TYPES)}")
+        if key.endswith((".rope.scaling.factor", ".rope.scale_linear")):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise _fail(p, f"{key} is {value!r}; it must be a number >= 0")
+
+
+def _check_tensor_types(p: Path, tensors: tuple[TensorInfo, ...]) -> None:
+    for t in tensors:
+        if t.type in _NOT_WEIGHT_TYPES:
+            raise _fail(p, f"tensor '{t.name}' has type {t.type}, which llama.cpp cannot compute with")
+        if len([d for d in t.shape if d != 1]) <= 1 and t.type not in _VECTOR_TYPES and t.name.endswith(("norm.weight", ".bias")):
+            raise _fail(p, f"tensor '{t.name}' is a vector of type {t.type}; norms and biases must be "
+                           f"{', '.join(_VECTOR_TYPES)}")
+
+
 # A range-read header starts with this many bytes and grows 4x at a time up to the limit: a
 # 262k-token vocabulary (gemma3) takes about 5 MB, most models far less.
 REMOTE_FIRST_READ = 1024 * 1024
@@ -483,21 +562,30 @@ def _parse(p: Path, buf: Any, size: int) -> GGUFInfo:
         # every key/value needs >= 13 bytes and every tensor info >= 24: reject absurd counts
         if n_kv * 13 + n_tensors * 24 > size:
             raise _Corrupt(f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file can hold")
+        if n_kv > MAX_METADATA_KEYS:
+            raise _Corrupt(f"header claims {n_kv:,} metadata keys (at most {MAX_METADATA_KEYS:,})")
         metadata: dict[str, Any] = {}
         for i in range(n_kv):
-            section = f"metadata entry {i + 1} of {n_kv}"
+            section = h.where = f"metadata entry {i + 1} of {n_kv}"
             key = h.string()
-            section = f"metadata key '{key}'"
+            section = h.where = f"metadata key '{key}'"
             if key in metadata:
                 raise _Corrupt(f"duplicate metadata key '{key}'")
-            metadata[key] = h.value(h.take("<I"), f"metadata key '{key}'")
+            vtype = h.take("<I")
+            start = h.pos
+            metadata[key] = h.value(vtype, f"metadata key '{key}'")
+            if key == "tokenizer.ggml.tokens" and vtype == 9:
+                etype, count = struct.unpack_from("<IQ", h.buf, start)
+                problem = h.strings_problem(start + 12, count) if etype == 8 else "it is not an array of strings"
+                if problem or not count:
+                    raise _Corrupt(f"tokenizer.ggml.tokens: {problem or 'the vocabulary is empty'}")
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise _Corrupt(f"general.alignment {alignment!r} is not a power of two")
         raw: list[tuple[str, tuple[int, ...], int, int]] = []
         names: set[str] = set()
         for i in range(n_tensors):
-            section = f"tensor info {i + 1} of {n_tensors}"
+            section = h.where = f"tensor info {i + 1} of {n_tensors}"
             name = h.string()
             n_dims = h.take("<I")
             if n_dims > MAX_DIMS:

@@ -48,6 +48,9 @@ def open_model(
     spec = registry.resolve(name)
     settings = resolve(spec.defaults, cli_settings)  # bad flags fail before a download starts
     path = ensure_local(spec, offline=offline, progress=progress, report=report, n_ctx=settings.n_ctx)
+    from .trial import trial_load
+
+    trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this one
     if settings.n_gpu_layers == "auto":
         from dataclasses import replace
 

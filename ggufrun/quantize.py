@@ -19,7 +19,9 @@ def quant_types() -> list[str]:
 def quantize_file(src: Path, dst: Path, qtype: str, *, threads: int = 0) -> Path:
     """``src`` quantised to ``qtype`` at ``dst``; raises ModelLoadError when llama.cpp fails."""
     from .runtime import quantize
+    from .trial import trial_load
 
+    trial_load(src)  # llama.cpp's quantiser trusts the file as its loader does: a crash stays in a child
     return quantize(src, dst, qtype, threads=threads)
 
 

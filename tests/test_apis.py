@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ CLAUDE_GREEDY = {"extra_body": GREEDY}
 
 
 @pytest.fixture(scope="module")
-def server_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Callable[[Path], None]) -> dict[str, str]:
     home = tmp_path_factory.mktemp("apis-home")
+    seed_amx_verdict(home)
     return {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
 
 

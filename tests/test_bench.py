@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,7 @@ from ggufrun.synthetic import write_synthetic
 from sse_server import SSEServer
 
 FAST = ["-p", "32", "-n", "16", "-r", "2"]
+ROOT = str(Path(__file__).resolve().parents[1])
 BASE = Settings(threads=1)
 
 
@@ -35,6 +40,35 @@ def sweep_run(tiny_dir: Path) -> bench.BenchRun:
     targets = bench.resolve_targets(str(tiny_dir / "tiny-q8_0.gguf"), [])
     configs = bench.plan(targets, {"threads": [1, 2], "flash_attn": ["on", "off"]}, BASE, 32, 16)
     return bench.run_bench(configs, base=BASE, n_prompt=32, n_gen=16, reps=2)
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny files without the name that marks them synthetic, so that bench scores their quality."""
+    folder = tmp_path_factory.mktemp("plain")
+    for src in tiny_dir.glob("*.gguf"):
+        data = src.read_bytes()
+        assert data.count(b"ggufrun synthetic ") == 1
+        (folder / src.name).write_bytes(data.replace(b"ggufrun synthetic ", b"ggufrun plainfile "))
+    return folder
+
+
+@pytest.fixture
+def plain_entry(plain_dir: Path, ggufrun_home: Path) -> str:
+    """A user registry entry with one quant, q8_0, in the cache (no download)."""
+    (ggufrun_home / "models.toml").write_text('[plaintiny]\nquants = ["q8_0"]\nfile = "tiny-{quant}.gguf"\n'
+                                              'sources = [{hub = "huggingface", repo = "nobody/tiny"}]\n')
+    cached = ggufrun_home / "models" / "plaintiny" / "tiny-q8_0.gguf"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes((plain_dir / "tiny-q8_0.gguf").read_bytes())
+    return "plaintiny"
+
+
+def ggufrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process of its own: its real exit status and output."""
+    return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                            **(env or {})})
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -86,21 +120,94 @@ def test_cli_failing_configurations_are_rows_with_reasons(capsys: pytest.Capture
     # n_ctx beyond the model's trained length fails to load; the other configuration still runs
     code, out, _ = run_cli(capsys, "bench", str(tiny_dir / "tiny-q8_0.gguf"), *FAST, "--n-ctx", "64,99999999",
                            "--threads", "1", "--format", "json", "--no-quality")
-    assert code == 0
+    assert code == 1  # the measured row is shown, and a script still sees that one failed
     rows = json.loads(out)["rows"]
     assert [bool(r["error"]) for r in rows] == [False, True]
     assert "trained context" in rows[1]["error"] and rows[1]["pp_tps"] is None
 
 
-def test_cli_synthetic_quants_with_unknown_quant(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z", *FAST,
-                           "--threads", "1", "--format", "csv")
-    assert code == 0
-    rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["quant"] for r in rows] == ["q8_0", "q9_z"]
-    assert rows[0]["error"] == "" and float(rows[0]["tg_tps"]) > 0
-    assert rows[0]["quality_note"] == bench.SYNTHETIC_NOTE
-    assert "q9_z" in rows[1]["error"]
+def test_unknown_quants_are_refused_before_anything_is_measured(tmp_path: Path, ggufrun_home: Path) -> None:
+    started = time.monotonic()
+    proc = ggufrun("bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z,q7_x", *FAST)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "Error: Synthetic models have no quant type q9_z, q7_x. Nothing was measured.\n"
+    assert not (ggufrun_home / "synthetic").exists() and time.monotonic() - started < 30  # q8_0 was not even written
+
+
+def test_a_registry_models_missing_quant_is_refused_with_what_it_has(plain_entry: str) -> None:
+    proc = ggufrun("bench", plain_entry, "--quants", "q8_0,q5_k_m", *FAST)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"Error: {plain_entry} has no quant q5_k_m. Nothing was measured. It has q8_0; "
+                                        "--derive-from QUANT makes others with llama.cpp's quantiser."]
+    proc = ggufrun("bench", plain_entry, "--quants", "q8_0,q9_z", "--derive-from", "q8_0", *FAST)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"Error: {plain_entry} has no quant q9_z, and llama.cpp's quantiser cannot make it.")
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "Error: Give a model name or file, or --synthetic SHAPE."),
+    (("--synthetic", "tiny", "-r", "0"), "Error: -r must be >= 1 (got 0)."),
+    (("--synthetic", "tiny", "--threads", ","), "Error: Empty list for --threads."),
+    (("--url", "http://127.0.0.1:9"), "Error: --url needs --model NAME"),
+    (("--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1,x"), "Error: Invalid --concurrency"),
+])
+def test_bench_usage_errors_exit_2(args: tuple[str, ...], message: str) -> None:
+    proc = ggufrun("bench", *args)
+    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_one_file_has_no_quality_to_measure(plain_dir: Path, tmp_path: Path) -> None:
+    # Scored against itself it would get KL 0 and a quality plot: there is nothing to compare it with.
+    proc = ggufrun("bench", str(plain_dir / "tiny-q8_0.gguf"), "-p", "16", "-n", "4", "-r", "1", "--threads", "1",
+                   "--format", "json", "-o", str(tmp_path / "res"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    (row,) = doc["rows"]
+    assert row["quality_note"] == bench.NO_REFERENCE_NOTE and row["kl_divergence"] is None
+    assert any(n.startswith("Quality not measured: tiny-q8_0.gguf is the only file") for n in doc["notes"])
+    assert "Quality not measured" in proc.stderr
+    assert not (tmp_path / "res" / "quality.png").exists() and (tmp_path / "res" / "tokens_per_s.png").exists()
+
+
+def test_a_derived_file_is_not_the_silent_reference(plain_entry: str, ggufrun_home: Path,
+                                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # f16 made from q8_0 is the larger file, but it holds no more than q8_0: q8_0 is the reference, and bench says so.
+    proc = ggufrun("bench", plain_entry, "--quants", "q8_0,f16", "--derive-from", "q8_0", "-p", "16", "-n", "4",
+                   "-r", "1", "--threads", "1", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    by_quant = {r["quant"]: r for r in doc["rows"]}
+    assert by_quant["f16"]["model"] == f"{plain_entry}:f16 (derived)"
+    assert {r["quality_reference"] for r in doc["rows"]} == {f"{plain_entry}:q8_0"}
+    assert by_quant["q8_0"]["kl_divergence"] == 0 and by_quant["f16"]["kl_divergence"] is not None
+    cached = ggufrun_home / "models" / plain_entry / "tiny-q8_0.gguf"
+    note = f"Quality reference: {plain_entry}:q8_0 ({cached}), the largest file not derived from another."
+    assert note in doc["notes"] and note in proc.stderr
+    # Named as the reference, the derived file is announced as what it is.
+    derived = ggufrun_home / "derived" / plain_entry / f"{plain_entry}-f16.gguf"
+    proc = ggufrun("bench", plain_entry, "--quants", "q8_0,f16", "--derive-from", "q8_0", "-p", "16", "-n", "4",
+                   "-r", "1", "--threads", "1", "--format", "json", "--reference", str(derived))
+    assert proc.returncode == 0, proc.stderr
+    assert (f"Quality reference: {plain_entry}:f16 (derived) ({derived}), derived from q8_0 by llama.cpp's quantiser: "
+            "it holds no more than that file does.") in json.loads(proc.stdout)["notes"]
+    # and `list` shows it, with what it was made from
+    listing = json.loads(run_cli(capsys, "list", "--json")[1])
+    assert {"path": str(derived), "size": derived.stat().st_size, "derived_from": str(cached.resolve()),
+            "synthetic": False} in listing["derived"]
+    monkeypatch.setenv("COLUMNS", "300")
+    assert "Made by bench (1)" in run_cli(capsys, "list")[1]
+
+
+def test_a_spread_over_five_percent_is_flagged_as_noise(tiny_dir: Path) -> None:
+    target = bench.Target(label="t", quant="q8_0", path=tiny_dir / "tiny-q8_0.gguf")
+    (config,) = bench.plan([target], {}, BASE, 100, 10)
+    steady = bench.Result(config, samples=[bench.Sample("pp", i, 100, s) for i, s in enumerate((1.0, 1.01, 0.99))])
+    noisy = bench.Result(config, samples=[bench.Sample("tg", i, 10, s) for i, s in enumerate((1.0, 1.6, 0.7))])
+    assert bench.noise_notes([steady]) == []
+    (note,) = bench.noise_notes([steady, noisy])
+    assert note.startswith(f"Noisy machine: 1 of 2 configurations varied by more than 5% between repetitions "
+                           f"({config.describe()}: tg ±") and note.endswith("rerun when it is quiet.")
 
 
 def test_cli_output_dir_and_table(capsys: pytest.CaptureFixture[str], tiny_dir: Path, tmp_path: Path,
@@ -236,7 +343,9 @@ def test_gemma_quality_against_a_derived_quant(capsys: pytest.CaptureFixture[str
     rows = json.loads(out)["rows"]
     assert [r["error"] for r in rows] == ["", ""]
     by_quant = {r["quant"]: r for r in rows}
-    assert by_quant["q8_0"]["kl_divergence"] == 0 and by_quant["q4_k_m"]["kl_divergence"] > 0
+    # q8_0 made from q4_k_m holds no more than q4_k_m: the file it came from is the reference
+    assert by_quant["q4_k_m"]["kl_divergence"] == 0 and by_quant["q8_0"]["kl_divergence"] >= 0
+    assert {r["quality_reference"] for r in rows} == {"gemma3-270m:q4_k_m"}
     assert 5 < by_quant["q8_0"]["perplexity"] < 200
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,24 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(gemma_in_cache: Path) -> Non
 
 
 # ---- one-shot and stdin ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_a_one_shot_reply_exits_130(gemma_in_cache: Path) -> None:
+    # The README: 130 for Ctrl-C. What was streamed stays on stdout; a script sees the interruption.
+    proc = subprocess.Popen([sys.executable, "-m", "ggufrun.cli.main", "chat", "gemma3-270m", *FAST, "--max-tokens", "4000",
+                             "-p", "Count from one to one thousand in words."], cwd=REPO, env=os.environ.copy(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.read(2)  # the reply has started streaming
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert len(first) == 2 and err.splitlines()[-1] == "Interrupted."
+    assert len((first + out).split()) < 1000
+
+
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def make_engine(path: Path, *, parallel: int = 4, max_queue: int = 16, cells: in
     from ggufrun.server.models import _load_embedder
 
     def load() -> Backend:
-        model = Model.load(path, SETTINGS, n_seq_max=parallel + embeddings, kv_cells=cells or n_ctx_seq * parallel)
+        model = Model.load(path, SETTINGS, n_seq_max=parallel + embeddings, kv_cells=cells or n_ctx_seq * (parallel + embeddings))
         return Backend(model=model, settings=SETTINGS, template=select_template(model.chat_template, "chatml", "auto"),
                        n_ctx_seq=n_ctx_seq, embed_seq=parallel if embeddings else None)
 
@@ -213,10 +213,9 @@ def test_an_engine_that_dies_fails_running_and_queued_requests_and_refuses_new_o
     assert e.state == "crashed"
 
 
-def test_an_engine_that_dies_while_handing_out_tokens_still_ends_every_stream(tiny_model: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fault while a step's tokens are handed out (detokenising, stop strings): the events of
-    that step and the crash's errors still reach every client, which do not wait forever."""
+def test_a_fault_while_handing_out_one_reply_ends_only_that_reply(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault while one reply's token is handed out (detokenising, stop strings): that reply ends
+    with a 500, the other finishes with every token, and the engine keeps serving."""
     from ggufrun import generation
 
     e = make_engine(tiny_model, parallel=2, max_queue=4)
@@ -238,11 +237,20 @@ def test_an_engine_that_dies_while_handing_out_tokens_still_ends_every_stream(ti
         for job in jobs:
             e.submit(job)
         ends = await asyncio.wait_for(asyncio.gather(*(_collect(j) for j in jobs)), 20)
-        assert all(end.kind == "error" and end.error is not None and end.error.http_status == 500 for _, _, end in ends)
+        kinds = sorted(end.kind for _, _, end in ends)
+        assert kinds == ["done", "error"], kinds
+        failed = next(end for _, _, end in ends if end.kind == "error")
+        assert failed.error is not None and failed.error.http_status == 500 and "hand-out" in str(failed.error)
+        done = next(end for _, _, end in ends if end.kind == "done")
+        assert done.completion_tokens == 50 and done.finish_reason == "length"
+        after = Job(request(e, max_tokens=4, **EXACT), loop)
+        e.submit(after)
+        assert (await asyncio.wait_for(_collect(after), 20))[2].completion_tokens == 4
 
     asyncio.run(main())
+    assert e.state == "ready"
+    e.stop()
     e.join(10)
-    assert e.state == "crashed"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -370,6 +378,126 @@ def test_an_embedding_reserves_kv_cells_as_a_request_does(tiny_model: Path) -> N
                 assert done.completion_tokens == 100
 
         asyncio.run(main())
+    finally:
+        e.stop()
+        e.join(10)
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: a logit_bias id past the vocabulary raised inside the step and ended every stream.
+    Now a job that fails at admission (that id) or in the batched sampling (the documented
+    GGUFRUN_TEST_FAULT_SEED hook) ends alone with an error; its neighbours give the text they give alone."""
+    from ggufrun.server import engine as engine_mod
+
+    e = make_engine(tiny_model, parallel=4)
+    try:
+        assert e.backend is not None
+        n_vocab = e.backend.model.n_vocab
+        seeded = {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        good = [request(e, f"Prompt number {i} goes", max_tokens=12, seed=100 + i, **seeded) for i in range(3)]
+        alone = [run(e, r)[0][0] for r in good]
+        bad_bias = request(e, "A bad bias", max_tokens=12, seed=7, logit_bias={n_vocab + 5: 1.0}, **seeded)
+        results = run(e, good[0], bad_bias, good[1], good[2])
+        assert results[1][2].kind == "error" and "logit_bias" in str(results[1][2].error)
+        assert [r[0] for i, r in enumerate(results) if i != 1] == alone
+        assert all(r[2].kind == "done" and r[2].completion_tokens == 12 for i, r in enumerate(results) if i != 1)
+
+        monkeypatch.setattr(engine_mod, "FAULT_SEED", "4242")
+        faulty = request(e, "This one breaks", max_tokens=12, seed=4242, **seeded)
+        results = run(e, good[0], good[1], faulty, good[2])
+        assert results[2][2].kind == "error" and results[2][2].error is not None
+        assert results[2][2].error.http_status == 500 and "injected sampling fault" in str(results[2][2].error)
+        assert [r[0] for i, r in enumerate(results) if i != 2] == alone
+        assert e.state == "ready"
+    finally:
+        e.stop()
+        e.join(10)
+
+
+def test_a_crashed_engine_never_frees_the_model_under_a_thread_using_it(tiny_model: Path) -> None:
+    """Issue 19: the engine died while a request tokenised on another thread, freed the model under
+    it and the process segfaulted. A borrower keeps the model alive; it is freed when it is done,
+    and a new borrower is refused (ModelClosedError, a 503) rather than handed a freed model."""
+    import threading
+
+    from ggufrun.errors import ModelClosedError
+
+    e = make_engine(tiny_model, parallel=1)
+    assert e.backend is not None
+    model = e.backend.model
+    text = "The river flows past the mill and on to the sea. " * 200
+    expected = model.tokenize(text)
+    crashed, done = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def tokenising_request() -> None:  # what a handler's to_thread does, borrowing the model
+        with model.borrowed():
+            crashed.wait(30)
+            seen.append(model._closed)
+            seen.extend(model.tokenize(text) == expected for _ in range(20))
+        done.set()
+
+    worker = threading.Thread(target=tokenising_request)
+    worker.start()
+
+    def failing_decode(items: Any) -> Any:
+        raise RuntimeError("simulated llama.cpp failure")
+
+    model.decode = failing_decode  # type: ignore[method-assign]
+
+    async def main() -> None:
+        job = Job(request(e, **EXACT), asyncio.get_running_loop())
+        e.submit(job)
+        assert (await _collect(job))[2].kind == "error"
+
+    asyncio.run(main())
+    assert e.join(10) and e.state == "crashed"
+    assert not model._freed  # the engine is gone, the borrower still holds the model
+    crashed.set()
+    assert done.wait(30)
+    worker.join()
+    assert seen == [True] + [True] * 20
+    assert model._freed
+    with pytest.raises(ModelClosedError):
+        model.tokenize("more")
+
+
+def test_a_paused_reply_resumes_unchanged_and_one_cancelled_while_paused_is_freed(tiny_model: Path) -> None:
+    """A request holding both slots gives one up to a request holding none (fair admission): the
+    paused choice resumes with the text it gives alone; a paused choice whose client leaves is
+    dropped from the queue (its sampler freed, counted as cancelled) and the engine serves on."""
+    e = make_engine(tiny_model, parallel=2, max_queue=8)
+    try:
+        seeded = {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        choices = [request(e, "Choices of one request", max_tokens=60, seed=10 + k, **seeded) for k in range(2)]
+        alone = [run(e, r)[0][0] for r in choices]
+
+        async def main(cancel_paused: bool) -> list[tuple[str, list[Event], Event]]:
+            loop = asyncio.get_running_loop()
+            group = [Job(r, loop) for r in choices]
+            e.submit_all(group)
+            while not all(j.first_token_at for j in group):
+                await asyncio.sleep(0.001)
+            other = Job(request(e, "Another client", max_tokens=50 if cancel_paused else 3, **EXACT), loop)
+            e.submit(other)
+            if cancel_paused:  # (the other request's 50 tokens keep it paused meanwhile)
+                while not any(j.paused is not None for j in group):
+                    await asyncio.sleep(0.001)
+                paused = next(j for j in group if j.paused is not None)
+                paused.cancel()
+                while paused in e._queue:  # the engine drops it from the queue at its next step
+                    await asyncio.sleep(0.001)
+                assert paused.paused is None and not other.finished
+            return list(await asyncio.gather(*(_collect(j) for j in [*group, other])))
+
+        before = e._preempted
+        results = asyncio.run(main(False))
+        assert e._preempted == before + 1
+        assert [r[0] for r in results[:2]] == alone and results[2][2].completion_tokens == 3
+        results = asyncio.run(main(True))
+        assert sorted(r[2].finish_reason for r in results[:2]) == ["cancelled", "length"]
+        assert results[2][2].completion_tokens == 50
+        assert run(e, choices[0])[0][0] == alone[0] and e.counts() == (0, 0)
     finally:
         e.stop()
         e.join(10)

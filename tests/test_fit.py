@@ -53,7 +53,7 @@ def test_show_reads_the_header_without_downloading(big_hub: HubEmu, big: tuple[P
     assert not (ggufrun_home / "models").exists()
     assert big_hub.body_requests(FILE) == [] and big_hub.header_bytes(FILE) <= len(big[1]) // 10
     table = ggufrun("show", f"ms:{REPO}")
-    assert table.returncode == 0 and "not downloaded: header read from the hub" in table.stdout
+    assert table.returncode == 0 and "not in the cache: header read from the hub" in table.stdout
 
 
 def test_pull_refuses_what_cannot_run_here_and_force_pulls_anyway(big_hub: HubEmu, big: tuple[Path, bytes],

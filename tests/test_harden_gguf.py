@@ -13,7 +13,7 @@ import pytest
 from ggufrun.errors import InvalidGGUFError
 from ggufrun.gguf_info import validate
 
-from crafted import craft
+from crafted import craft, insert_kv, kv_bytes, nested_array_payload, patch_tensor, string_payload
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,33 @@ CASES = {
     "misshaped_vocab": ({"reshape": {"token_embd.weight": (100, 64)}}, "512-token vocabulary"),
 }
 
+# Files that loaded, then crashed llama.cpp on the first token (or at load, past the old checks):
+# name -> (builder(src, dest), words the one-line error must contain)
+RAW_CASES = {
+    "rms_eps_nan": (lambda s, d: craft(s, d, kv={"qwen2.attention.layer_norm_rms_epsilon": float("nan")}),
+                    "layer_norm_rms_epsilon is nan"),
+    "rms_eps_negative": (lambda s, d: craft(s, d, kv={"qwen2.attention.layer_norm_rms_epsilon": -1.0}),
+                         "layer_norm_rms_epsilon is -1.0; it must be a positive number"),
+    "rms_eps_inf": (lambda s, d: craft(s, d, kv={"qwen2.attention.layer_norm_rms_epsilon": float("inf")}), "finite"),
+    "rope_base_zero": (lambda s, d: craft(s, d, kv={"qwen2.rope.freq_base": 0.0}), "freq_base is 0.0"),
+    "rope_scaling_garbage": (lambda s, d: craft(s, d, kv={"qwen2.rope.scaling.type": "garbage"}),
+                             "rope.scaling.type is 'garbage'"),
+    "rope_scaling_factor_nan": (lambda s, d: craft(s, d, kv={"qwen2.rope.scaling.factor": float("nan")}), "finite"),
+    "tokens_empty": (lambda s, d: craft(s, d, kv={"tokenizer.ggml.tokens": [""] * 512}), "token 0 is an empty string"),
+    "tokens_duplicate": (lambda s, d: craft(s, d, kv={"tokenizer.ggml.tokens": [f"t{i % 500}" for i in range(512)]}),
+                         "token 500 ('t0') appears twice"),
+    "tokens_not_strings": (lambda s, d: craft(s, d, kv={"tokenizer.ggml.tokens": list(range(512))}),
+                           "not an array of strings"),
+    "f16_patched_to_i16": (lambda s, d: patch_tensor(s, d, "blk.0.attn_q.weight", type_id=25),
+                           "'blk.0.attn_q.weight' has type I16"),
+    "f32_patched_to_i32": (lambda s, d: patch_tensor(s, d, "blk.0.attn_norm.weight", type_id=26),
+                           "'blk.0.attn_norm.weight' has type I32"),
+    "nested_3000": (lambda s, d: insert_kv(s, d, kv_bytes("x.deep", 9, nested_array_payload(3000))),
+                    "nests arrays more than"),
+    "name_50mb": (lambda s, d: insert_kv(s, d, kv_bytes("general.name", 8, string_payload(b"n" * 50_000_000))),
+                  "holds a 50,000,000-byte string"),
+}
+
 
 @pytest.fixture(scope="module")
 def f16_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -57,6 +84,20 @@ def test_crafted_metadata_is_refused_with_one_line(case: str, f16_tiny: Path, tm
         validate(bad)
     message = str(err.value)
     assert words in message and "\n" not in message and str(bad) in message
+
+
+@pytest.mark.parametrize("case", sorted(RAW_CASES))
+def test_files_that_crashed_llama_cpp_later_are_refused_fast(case: str, f16_tiny: Path, tmp_path: Path) -> None:
+    import time
+
+    build, words = RAW_CASES[case]
+    bad = build(f16_tiny, tmp_path / f"{case}.gguf")
+    started = time.monotonic()
+    with pytest.raises(InvalidGGUFError) as err:
+        validate(bad)
+    message = str(err.value)
+    assert words in message and "\n" not in message and str(bad) in message
+    assert time.monotonic() - started < 1.0
 
 
 def test_unaltered_copy_and_real_shapes_pass(f16_tiny: Path, tmp_path: Path, tiny_model_factory) -> None:
@@ -97,3 +138,17 @@ def test_llama_cpp_log_lines_never_leak_into_the_error(case: str, kwargs: dict, 
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ") and words in proc.stderr, proc.stderr
     assert "llama_model_load" not in proc.stderr
+
+
+def test_show_names_what_chat_and_serve_would_refuse(f16_tiny: Path, tmp_path: Path) -> None:
+    """show reads any parseable header, and says when the file would not be given to llama.cpp."""
+    import json
+
+    bad = patch_tensor(f16_tiny, tmp_path / "i16.gguf", "blk.0.attn_q.weight", type_id=25)
+    runs = {}
+    for path in (bad, f16_tiny):
+        proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "show", str(path), "--json"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env=os.environ.copy(), check=False)
+        assert proc.returncode == 0, proc.stderr
+        runs[path] = json.loads(proc.stdout)["refused"]
+    assert "'blk.0.attn_q.weight' has type I16" in runs[bad] and runs[f16_tiny] is None

@@ -32,6 +32,29 @@ EVIL = {
     "recursive_macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
 }
 USER = [{"role": "user", "content": "hi"}]
+# One C call each that would allocate gigabytes (at compile time, for the constant ones, before
+# the render budget applied): every one is refused before it allocates.
+HUGE = {
+    "constant_center": "{{ 'x'|center(2000000000) }}",
+    "computed_tojson_indent": "{{ messages|tojson(indent=(10 ** 9)) }}",
+    "printf_width": "{{ '%2000000000s' % 'x' }}",
+    "printf_star_width": "{{ '%*s' % (2000000000, 'x') }}",
+    "format_filter_width": "{{ '%2000000000s'|format('x') }}",
+    "printf_mapping_width": "{{ '%(a)2000000000s' % {'a': 'x'} }}",
+    "printf_precision": "{{ '%.2000000000f' % 1.5 }}",
+    "str_format_width": "{{ '{:>2000000000}'.format('x') }}",
+    "str_format_nested_width": "{{ '{:>{}}'.format('x', 2000000000) }}",
+    "str_center_method": "{{ 'x'.center(2000000000) }}",
+    "str_ljust_computed": "{% set n = 2 * 1000000000 %}{{ 'x'.ljust(n) }}",
+    "indent_width": "{{ 'x'|indent(2000000000) }}",
+    "batch_fill": "{{ [1]|batch(2000000000, 0)|list }}",
+    "replace_growth": "{{ ('x' * 4000000)|replace('x', 'yyyy') }}",
+    "join_separator": "{{ range(100000)|join('x' * 1000) }}",
+    "lipsum": "{{ lipsum(2000000000) }}",
+    "expandtabs": "{{ 'x\t'.expandtabs(2000000000) }}",
+    "concat_doubling": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "plus_doubling": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+}
 
 
 def _render_within(template: str, seconds: float) -> BaseException | str | None:
@@ -57,6 +80,32 @@ def test_runaway_templates_stop_with_a_template_error(case: str, monkeypatch: py
     outcome = _render_within(EVIL[case], 10)
     assert isinstance(outcome, TemplateError), outcome
     assert "\n" not in str(outcome) and time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("case", sorted(HUGE))
+def test_width_and_count_arguments_are_refused_before_they_allocate(case: str) -> None:
+    import tracemalloc
+
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError) as err:
+            select_template(HUGE[case], None).render(USER)  # compiling included: nothing is folded early
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "budget" in str(err.value) and "\n" not in str(err.value)
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+    assert time.monotonic() - started < 5
+
+
+def test_bounded_filters_keep_their_results() -> None:
+    src = ("{{ messages|tojson(indent=2) }}|{{ 'ab'|center(6) }}|{{ '%3s'|format('x') }}|{{ '%-3d' % 7 }}|"
+           "{{ '{:>4}'.format('y') }}|{{ 'a' ~ 1 }}|{{ [1, 2]|join(', ') }}|{{ 'a b'|replace(' ', '_') }}|"
+           "{{ 'x\ny'|indent(2) }}|{{ [1, 2, 3]|batch(2, 0)|list }}|{{ '-'.join(['a', 'b']) }}|{{ 'ab' + 'c' }}")
+    assert select_template(src, None).render(USER) == (
+        '[\n  {\n    "role": "user",\n    "content": "hi"\n  }\n]|  ab  |  x|7  |   y|a1|1, 2|a_b|x\n  y|'
+        "[[1, 2], [3, 0]]|a-b|abc")
 
 
 def test_a_normal_template_renders_the_same_under_the_budget() -> None:

@@ -30,7 +30,10 @@ def _rpc_supported() -> bool:
 
 
 RPC = _rpc_supported()
-needs_rpc = pytest.mark.skipif(not RPC, reason='llama-cpp-python built without -DGGML_RPC=ON (the README\'s test install has it)')
+needs_rpc = pytest.mark.skipif(not RPC, reason=(
+    "this llama-cpp-python was built without -DGGML_RPC=ON (installed before the README's commands: pip keeps it "
+    'whatever CMAKE_ARGS say); rebuild it with CMAKE_ARGS="-DGGML_RPC=ON" pip install --force-reinstall '
+    "--no-cache-dir --no-deps llama-cpp-python"))
 
 
 # ---- settings: checked at merge time, wherever the value came from ---------------------------

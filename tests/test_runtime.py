@@ -27,6 +27,18 @@ def test_load_reports_model_facts(model: Model) -> None:
     assert model.n_ctx == 256 and model.n_vocab > 256
     assert model.chat_template and "im_start" in model.chat_template
     assert model.load_seconds > 0
+    # "ARCH SIZE FTYPE" with the size counted, not llama.cpp's guess from the layer count
+    assert model.description == f"qwen2 {model.n_params / 1e3:.0f}K Q8_0"
+
+
+def test_the_description_counts_the_parameters() -> None:
+    from ggufrun.llama.model import describe
+
+    # llama.cpp's llama_model_desc for SmolLM2-135M (30 layers: its table says 256M) and for gemma3-270m
+    assert describe("llama 256M Q4_1", 134_515_008) == "llama 135M Q4_1"
+    assert describe("gemma3 270M Q4_K - Medium", 268_098_176) == "gemma3 268M Q4_K - Medium"
+    assert describe("qwen2 ?B Q4_K - Medium", 7_615_616_512) == "qwen2 7.6B Q4_K - Medium"
+    assert describe("odd", 5) == "odd"
 
 
 def test_greedy_generation_is_deterministic_and_respects_max_tokens(model: Model) -> None:

@@ -25,7 +25,9 @@ LOAD_AND_GENERATE = r"""
 import json, sys
 import numpy as np
 import llama_cpp
+from ggufrun.llama import amx
 
+amx.ensure()  # the guard every model load in ggufrun goes through: AMX weight buffers off where they crash
 text = sys.argv[1]
 report = []
 for path in sys.argv[2:]:

@@ -9,7 +9,7 @@ and then, unconstrained, starts it over. Only the grammar makes what follows a v
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,11 @@ def scripted(tiny_model_factory: Any, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def zero_server(scripted: tuple[Path, dict[str, float]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"GGUFRUN_HOME": str(tmp_path_factory.mktemp("home")), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9",
+def zero_server(scripted: tuple[Path, dict[str, float]], tmp_path_factory: pytest.TempPathFactory,
+                seed_amx_verdict: Callable[[Path], None]) -> Iterator[ServerProcess]:
+    home = tmp_path_factory.mktemp("home")
+    seed_amx_verdict(home)
+    env = {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9",
            "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
     with serve(str(scripted[0]), "--served-model-name", "zero", "--parallel", "1", "--n-ctx", "1024", "--threads", "1",
                "--temperature", "0", env=env) as server:

@@ -13,12 +13,13 @@ Importing this package is cheap (no pandas, numpy or llama.cpp), so the CLI's --
 
 from __future__ import annotations
 
-from .plan import (DEFAULT_TEXT, SWEEP_KEYS, SYNTHETIC_NOTE, BenchRun, Config, Quality, Result, Sample, Target,
-                   parse_list, plan)
-from .run import measure, run_bench
-from .targets import entry_defaults, resolve_targets
+from .plan import (DEFAULT_TEXT, NO_REFERENCE_NOTE, SWEEP_KEYS, SYNTHETIC_NOTE, BenchRun, Config, Quality, Result,
+                   Sample, Target, parse_list, plan)
+from .run import check_counts, measure, noise_notes, run_bench
+from .targets import DerivedFile, derived_files, entry_defaults, resolve_targets
 
 __all__ = [
-    "DEFAULT_TEXT", "SWEEP_KEYS", "SYNTHETIC_NOTE", "BenchRun", "Config", "Quality", "Result", "Sample", "Target",
-    "entry_defaults", "measure", "parse_list", "plan", "resolve_targets", "run_bench",
+    "DEFAULT_TEXT", "NO_REFERENCE_NOTE", "SWEEP_KEYS", "SYNTHETIC_NOTE", "BenchRun", "Config", "DerivedFile", "Quality",
+    "Result", "Sample", "Target", "check_counts", "derived_files", "entry_defaults", "measure", "noise_notes",
+    "parse_list", "plan", "resolve_targets", "run_bench",
 ]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import BenchError
+from ..errors import BenchUsageError
 
 DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 ENDPOINTS = ("completions", "chat")
@@ -137,14 +137,14 @@ def run_load(
     ``params`` go into every request body (default: greedy, ``{"temperature": 0}``); client thread i
     adds ``variants[i % len(variants)]`` (e.g. a response_format for half of the clients).
     ``keep_text`` keeps each reply's text, to check what the server did with the variant.
-    Failed requests are counted, not raised. Raises BenchError for a bad URL or argument.
+    Failed requests are counted, not raised. Raises BenchUsageError for a bad URL or argument.
     """
     if concurrency < 1 or requests < 1:
-        raise BenchError(f"Concurrency and requests must be >= 1 (got {concurrency} and {requests}).")
+        raise BenchUsageError(f"Concurrency and requests must be >= 1 (got {concurrency} and {requests}).")
     if endpoint not in ENDPOINTS:
-        raise BenchError(f"Unknown endpoint '{endpoint}'.", f"Choose one of: {', '.join(ENDPOINTS)}.")
+        raise BenchUsageError(f"Unknown endpoint '{endpoint}'.", f"Choose one of: {', '.join(ENDPOINTS)}.")
     if not variants:
-        raise BenchError("Give at least one request variant.")
+        raise BenchUsageError("Give at least one request variant.")
     target = _Target.parse(url, endpoint, api_key, timeout)
     bodies = [_body(model, prompt, max_tokens, endpoint, {**(params or {"temperature": 0}), **v}) for v in variants]
 
@@ -221,11 +221,11 @@ class _Target:
     def parse(cls, url: str, endpoint: str, api_key: str | None, timeout: float) -> "_Target":
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BenchError(f"Invalid server URL '{url}'.", "Use http://HOST:PORT, e.g. http://127.0.0.1:13003.")
+            raise BenchUsageError(f"Invalid server URL '{url}'.", "Use http://HOST:PORT, e.g. http://127.0.0.1:13003.")
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise BenchError(f"Invalid port in '{url}'.") from None
+            raise BenchUsageError(f"Invalid port in '{url}'.") from None
         base = parts.path.rstrip("/")
         if base.endswith("/v1"):
             base = base[:-3]

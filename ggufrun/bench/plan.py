@@ -11,12 +11,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import BenchError
+from ..errors import BenchUsageError
 from ..settings import Settings, coerce
 
 SWEEP_KEYS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size")
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "bench_text.txt"  # bench/text.txt links here
 SYNTHETIC_NOTE = "n/a (synthetic)"
+NO_REFERENCE_NOTE = "n/a (nothing to compare against)"
+NOISY_SPREAD = 0.05  # a relative standard deviation above this flags the configuration: the machine was not quiet
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class Target:
     path: Path | None = None
     synthetic: bool = False
     error: str = ""
+    derived_from: str = ""  # made by llama.cpp's quantiser from this quant or file: it holds no more than that
+    source: Path | None = None  # the file it was made from
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class BenchRun:
     quality: dict[str, Quality] = field(default_factory=dict)  # by target label
     environment: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    notes: list[str] = field(default_factory=list)  # for the person reading: the quality reference, noise, skips
 
 
 def parse_list(key: str, text: str | None) -> list[Any] | None:
@@ -111,7 +116,7 @@ def parse_list(key: str, text: str | None) -> list[Any] | None:
         return None
     items = [part.strip() for part in str(text).split(",") if part.strip()]
     if not items:
-        raise BenchError(f"Empty list for --{key.replace('_', '-')}.")
+        raise BenchUsageError(f"Empty list for --{key.replace('_', '-')}.")
     return [coerce(key, item, "command line") for item in items]
 
 
@@ -124,7 +129,7 @@ def plan(targets: Sequence[Target], sweeps: dict[str, list[Any] | None], base: S
     """
     unknown = set(sweeps) - set(SWEEP_KEYS)
     if unknown:
-        raise BenchError(f"Cannot sweep {', '.join(sorted(unknown))}.", f"Sweepable: {', '.join(SWEEP_KEYS)}.")
+        raise BenchUsageError(f"Cannot sweep {', '.join(sorted(unknown))}.", f"Sweepable: {', '.join(SWEEP_KEYS)}.")
     default_ctx = max(n_prompt + n_gen, 16)
     lists = [sweeps.get(key) or [default_ctx if key == "n_ctx" else getattr(base, key)] for key in SWEEP_KEYS]
     configs = []

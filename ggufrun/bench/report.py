@@ -187,6 +187,7 @@ def to_markdown(run: BenchRun) -> str:
     note = f"\n{run.reps} repetitions after a warm-up; mean ± standard deviation of tokens/s.\n"
     if run.interrupted:
         note += "Interrupted: only the configurations above were measured.\n"
+    note += "".join(f"{line}\n" for line in run.notes)
     text = markdown_table(headers, cells) + note
     quants = quant_comparison(run)
     if quants["quant"].nunique() > 1 if not quants.empty else False:
@@ -201,7 +202,8 @@ def to_csv(run: BenchRun) -> str:
 def to_dict(run: BenchRun) -> dict[str, Any]:
     return {"ggufrun": __version__, "environment": run.environment or environment(build=next((r.build for r in run.results if r.build), None)),
             "parameters": {"n_prompt": run.n_prompt, "n_gen": run.n_gen, "reps": run.reps},
-            "interrupted": run.interrupted, "rows": rows(run), "samples": _records(samples_frame(run))}
+            "interrupted": run.interrupted, "notes": list(run.notes), "rows": rows(run),
+            "samples": _records(samples_frame(run))}
 
 
 def to_json(run: BenchRun) -> str:

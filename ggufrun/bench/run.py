@@ -15,9 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import BenchError
+from ..errors import BenchError, BenchUsageError
 from ..settings import Settings
-from .plan import DEFAULT_TEXT, SYNTHETIC_NOTE, BenchRun, Config, Quality, Result, Sample, Target
+from .plan import (DEFAULT_TEXT, NO_REFERENCE_NOTE, NOISY_SPREAD, SYNTHETIC_NOTE, BenchRun, Config, Quality, Result,
+                   Sample, Target)
 
 WORKER = "ggufrun.bench.worker"
 
@@ -31,10 +32,7 @@ def run_bench(configs: Sequence[Config], *, base: Settings, n_prompt: int, n_gen
     ``progress(done, total, what)`` is called before each step. Ctrl-C stops the run and returns
     what was measured, with ``interrupted`` set. Raises BenchError for bad arguments.
     """
-    if n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
-        raise BenchError(f"Nothing to measure with -p {n_prompt} -n {n_gen}.", "Give -p and/or -n > 0.")
-    if reps < 1:
-        raise BenchError(f"-r must be >= 1 (got {reps}).")
+    check_counts(n_prompt, n_gen, reps)
     bench = BenchRun(n_prompt=n_prompt, n_gen=n_gen, reps=reps)
     quality_files = _quality_files(configs) if quality else []
     total = len(configs) + (1 if quality_files else 0)
@@ -48,12 +46,21 @@ def run_bench(configs: Sequence[Config], *, base: Settings, n_prompt: int, n_gen
                 on_result(result)
         if progress and quality_files:
             progress(len(configs), total, "quality")
-        bench.quality = _quality(configs, quality_files, reference, text, base, quality_ctx) if quality else {}
+        bench.quality = _quality(configs, quality_files, reference, text, base, quality_ctx, bench.notes) if quality else {}
         if progress:
             progress(total, total, "done")
     except KeyboardInterrupt:
         bench.interrupted = True
+    bench.notes.extend(noise_notes(bench.results))
     return bench
+
+
+def check_counts(n_prompt: int, n_gen: int, reps: int) -> None:
+    """Refuse -p, -n and -r values that measure nothing (BenchUsageError), before any file is fetched."""
+    if n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
+        raise BenchUsageError(f"Nothing to measure with -p {n_prompt} -n {n_gen}.", "Give -p and/or -n > 0.")
+    if reps < 1:
+        raise BenchUsageError(f"-r must be >= 1 (got {reps}).")
 
 
 def measure(config: Config, base: Settings, n_prompt: int, n_gen: int, reps: int) -> Result:
@@ -87,15 +94,32 @@ def _quality_files(configs: Sequence[Config]) -> list[Target]:
 
 
 def _quality(configs: Sequence[Config], targets: list[Target], reference: Path | None, text: Path | None,
-             base: Settings, n_ctx: int) -> dict[str, Quality]:
-    """Quality of each real file against the reference: the given one, else the largest file
-    (the highest precision of one model's quants)."""
+             base: Settings, n_ctx: int, notes: list[str]) -> dict[str, Quality]:
+    """Quality of each real file against the reference: the given one, else the highest-precision
+    (largest) file that is not itself derived, counting the files derived ones were made from.
+    Where nothing is left to compare against the reference, quality is skipped with a note."""
     out = {t.label: Quality(reference="", note=SYNTHETIC_NOTE) for t in targets if t.synthetic}
-    real = [t for t in targets if not t.synthetic]
+    real = [t for t in targets if not t.synthetic and t.path is not None]
     if not real:
         return out
-    ref_path = reference or max((t.path for t in real if t.path), key=lambda p: p.stat().st_size)
-    ref_label = next((t.label for t in real if t.path == ref_path), ref_path.name)
+    if reference is not None:
+        ref_path = reference
+    else:
+        files = [t.path for t in real if t.path is not None]
+        candidates = [t.path for t in real if t.path is not None and not t.derived_from] + \
+            [t.source for t in real if t.source is not None]
+        ref_path = max(candidates or files, key=lambda p: p.stat().st_size)
+    same = {t.label for t in real if _same_file(t.path, ref_path)}
+    ref_target = next((t for t in real if t.label in same), None)
+    ref_label = ref_target.label if ref_target else ref_path.name
+    if len(same) == len(real):
+        notes.append(f"Quality not measured: {ref_label} is the only file, so there is nothing to compare it with "
+                     "(bench two quants, or give --reference FILE).")
+        return {**out, **{t.label: Quality(reference="", note=NO_REFERENCE_NOTE) for t in real}}
+    derived = next((t for t in real if t.path is not None and _same_file(t.path, ref_path) and t.derived_from), None)
+    how = (f", derived from {derived.derived_from} by llama.cpp's quantiser: it holds no more than that file does"
+           if derived else "" if reference is not None else ", the largest file not derived from another")
+    notes.append(f"Quality reference: {ref_label} ({ref_path}){how}.")
     text_path = text or DEFAULT_TEXT
     try:
         body = text_path.read_text(encoding="utf-8")
@@ -115,6 +139,33 @@ def _quality(configs: Sequence[Config], targets: list[Target], reference: Path |
         out[t.label] = Quality(reference=ref_label, **row) if "note" in row or "tokens" in row else \
             Quality(reference=ref_label, note="not measured")
     return out
+
+
+def _same_file(a: Path | None, b: Path) -> bool:
+    try:
+        return a is not None and a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def noise_notes(results: Sequence[Result], limit: float = NOISY_SPREAD) -> list[str]:
+    """One note naming the configurations whose repetitions spread more than ``limit`` (relative
+    standard deviation of tokens/s): numbers from a machine that was not quiet. None when all held."""
+    import statistics
+
+    noisy = []
+    for r in results:
+        spreads = []
+        for test in ("pp", "tg"):
+            rates = [s.n_tokens / s.seconds for s in r.samples if s.test == test and s.seconds > 0]
+            if len(rates) >= 2 and (spread := statistics.stdev(rates) / statistics.fmean(rates)) > limit:
+                spreads.append(f"{test} ±{spread:.0%}")
+        if spreads:
+            noisy.append(f"{r.config.describe()}: {', '.join(spreads)}")
+    if not noisy:
+        return []
+    return [f"Noisy machine: {len(noisy)} of {len(results)} configurations varied by more than {limit:.0%} between "
+            f"repetitions ({'; '.join(noisy)}); another process may have had the CPU: rerun when it is quiet."]
 
 
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,9 @@ class _Llama:
 
     def __init__(self, path: str, settings: Settings) -> None:
         from ..runtime import Model
+        from ..trial import trial_load
 
+        trial_load(path)  # a file that makes llama.cpp abort fails here with one line, not a crash
         started = time.perf_counter()
         self._model = Model.load(path, settings)
         self.load_seconds = time.perf_counter() - started

@@ -37,7 +37,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), help="Write CSV, JSON, Markdown and PNG plots here.")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), help="Print this format to stdout instead of a table.")
 @click.option("--synthetic", metavar="SHAPE", help="Bench random-weight models of this shape (e.g. qwen2-7b), no download.")
-@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Quality reference file (default: the largest file in the set).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Quality reference file (default: the largest file not derived from another).")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text for quality (default: bench/text.txt).")
 @click.option("--quality/--no-quality", default=True, show_default=True, help="Measure KL divergence, top-1 agreement, perplexity.")
 @click.option("--derive-from", metavar="QUANT|FILE", help="Make quants that cannot be fetched from this quant or file.")
@@ -76,6 +76,7 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     from ..bench import report
 
     sweeps = {key: bench.parse_list(key, kw[key]) for key in SWEEP_KEYS}
+    bench.check_counts(kw["n_prompt"], kw["n_gen"], kw["reps"])  # before any file is fetched or made
     quant_list = [q.strip() for q in (quants or "").split(",") if q.strip()]
     err = _console(stderr=True)
     registry = None if kw["synthetic"] else load_registry(ctx)
@@ -91,26 +92,28 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
                         progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what))
     _emit(kw["fmt"], lambda fmt: report.render(run, fmt), lambda: report.display(run), kw["output"],
           lambda out: report.write(run, out))
+    for note in run.notes:
+        err.print(note, markup=False, highlight=False, soft_wrap=True)
     for r in run.results:  # the table squeezes the reason; say it in full where a user reads errors
         if not r.ok:
             err.print(f"Error: {r.config.describe()}: {r.error}", markup=False, highlight=False, soft_wrap=True)
     if run.interrupted:
         err.print(f"Interrupted: kept {len(run.results)} of {len(configs)} configurations.")
         sys.exit(ExitStatus.INTERRUPTED)
-    if run.results and all(not r.ok for r in run.results):
-        sys.exit(ExitStatus.ERROR)
+    if any(not r.ok for r in run.results):
+        sys.exit(ExitStatus.ERROR)  # the rows that were measured are shown; scripts must still see the failure
 
 
 def _load_mode(kw: dict[str, Any]) -> None:
     from ..bench import load, report
-    from ..errors import BenchError
+    from ..errors import BenchUsageError
 
     if not kw["served_model"]:
-        raise BenchError("--url needs --model NAME (the model name the server knows).")
+        raise BenchUsageError("--url needs --model NAME (the model name the server knows).")
     try:
         levels = [int(x) for x in kw["concurrency"].split(",") if x.strip()]
     except ValueError:
-        raise BenchError(f"Invalid --concurrency '{kw['concurrency']}': expected a comma list of integers.") from None
+        raise BenchUsageError(f"Invalid --concurrency '{kw['concurrency']}': expected a comma list of integers.") from None
     err = _console(stderr=True)
     with _progress(err) as bar:
         task = bar.add_task(f"load {kw['url']}", total=len(levels))

@@ -82,6 +82,8 @@ def _answer_once(session: ChatSession, text: str, err: Console, verbose: bool) -
     """One-shot mode: only the reply goes to stdout (stats with --verbose, on stderr)."""
     from ..chat import format_stats
 
+    from ..errors import ExitStatus
+
     reply = session.ask(text)
     ended = stream_reply(reply, sys.stdout)
     if not ended:
@@ -89,6 +91,9 @@ def _answer_once(session: ChatSession, text: str, err: Console, verbose: bool) -
     sys.stdout.flush()
     if verbose:
         err.print(format_stats(reply.stats), markup=False, style="dim")
+    if reply.cancelled:  # Ctrl-C: the part of the reply that came is kept, and a script sees the interruption
+        err.print("Interrupted.", markup=False, highlight=False)
+        sys.exit(ExitStatus.INTERRUPTED)
 
 
 # Control characters a model may emit (ESC sequences above all) are not sent to a terminal.

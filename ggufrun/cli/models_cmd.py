@@ -14,7 +14,8 @@ from .progress import download_progress
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.pass_context
 def list_command(ctx: click.Context, as_json: bool) -> None:
-    """List the registry's models with their quants, and the files in the cache.
+    """List the registry's models with their quants, the files in the cache, and the files bench made
+    (quants derived with --derive-from, synthetic models).
 
     \b
     Examples:
@@ -22,17 +23,21 @@ def list_command(ctx: click.Context, as_json: bool) -> None:
       ggufrun list --json | jq '.cached[].path'
     """
     from .. import fetch
+    from ..bench import derived_files
     from ..cache import human_size
 
     reg = load_registry(ctx)
     files = fetch.cached()
+    made = derived_files()
     if as_json:
         models = [{"name": e.name, "aliases": list(e.aliases), "quants": list(e.quants), "default_quant": e.default_quant,
                    "family": e.family, "description": e.description,
                    "sources": [s.describe() for s in e.sources_for(e.default_quant or "")] if e.default_quant else []}
                   for e in reg.entries.values()]
         cached = [{"path": str(f.path), "size": f.size, "cache_key": f.cache_key, "filename": f.filename} for f in files]
-        click.echo(json.dumps({"models": models, "cached": cached}, indent=2))
+        derived = [{"path": str(d.path), "size": d.size, "derived_from": d.derived_from or None, "synthetic": d.synthetic}
+                   for d in made]
+        click.echo(json.dumps({"models": models, "cached": cached, "derived": derived}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -48,6 +53,12 @@ def list_command(ctx: click.Context, as_json: bool) -> None:
     console = Console(highlight=False)
     console.print(models_table)
     console.print(cached_table)
+    if made:  # quantiser output and random weights: not hub files, so apart from the cache
+        derived_table = Table("file", "size", "made from", title=f"Made by bench ({len(made)})")
+        for d in made:
+            origin = ("random weights" if d.synthetic else "not recorded") if not d.derived_from else d.derived_from
+            derived_table.add_row(str(d.path), human_size(d.size), origin + (" (synthetic)" if d.synthetic else ""))
+        console.print(derived_table)
 
 
 @click.command("pull")

@@ -22,8 +22,15 @@ SETTINGS = tuple(FIELDS)
 @click.option("--max-loaded", type=click.IntRange(1), default=None, help="Models resident at once; the least recently used is unloaded (default 3).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
-@click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' on every route but /health.")
+@click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health. Visible in `ps`: prefer "
+                   "GGUFRUN_API_KEY or --api-key-file.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Read the API key from this file (its first line), keeping it off the command line.")
 @click.option("--cors", "cors", multiple=True, help="Allow browser requests from ORIGIN (repeatable; off by default).")
+@click.option("--allowed-hosts", "allowed_hosts", multiple=True,
+              help="Also answer requests whose Host header is NAME (repeatable or comma-separated; '*' for any). "
+                   "By default only loopback names and the bound address, against DNS rebinding.")
 @settings_options(*SETTINGS)
 @click.pass_context
 def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...], **kwargs: Any) -> None:
@@ -34,12 +41,18 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
       ggufrun serve gemma3-270m
       ggufrun serve qwen2-7b-q5 --port 13003 --served-model-name qwen2:7b --n-ctx 8192
       ggufrun serve --config serve.toml --max-loaded 2
-      ggufrun serve gemma3-270m --host 0.0.0.0 --api-key "$KEY"
+      GGUFRUN_API_KEY=... ggufrun serve gemma3-270m --host 0.0.0.0
+      ggufrun serve gemma3-270m --host 0.0.0.0 --api-key-file ~/.config/ggufrun/key
     """
     from ..server import is_loopback, run
     from ..server.models import read_serve_config, single_model_config
 
     settings = cli_settings(kwargs, *SETTINGS)
+    key_file = kwargs.pop("api_key_file")
+    if key_file is not None:
+        if kwargs["api_key"] is not None:
+            raise click.UsageError("Give the API key once: --api-key (or GGUFRUN_API_KEY) or --api-key-file.")
+        kwargs["api_key"] = read_api_key(key_file)
     if (name is None) == (config_path is None):
         raise click.UsageError("Give a model NAME or --config FILE (one of them).")
     if config_path is not None and served_names:
@@ -48,10 +61,26 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
         config = read_serve_config(config_path).with_settings(settings)
     else:
         config = single_model_config(name, served_names, settings)  # type: ignore[arg-type]
-    config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, models_file=_models_file(ctx), **kwargs)
+    hosts = tuple(h.strip() for value in kwargs.pop("allowed_hosts") for h in value.split(",") if h.strip())
+    config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, allowed_hosts=hosts or None,
+                                   models_file=_models_file(ctx), **kwargs)
     if not is_loopback(config.host) and not config.api_key:
         click.echo(f"Warning: listening on {config.host} without --api-key: anyone who can reach this port can use the models.", err=True)
     run(config, preload=name is not None)
+
+
+def read_api_key(path: Path) -> str:
+    """The key on the first line of ``path``; ConfigError when the file cannot be read or is empty."""
+    from ..errors import ConfigError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read --api-key-file {path}: {getattr(exc, 'strerror', None) or exc}.") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {path} is empty.", "Write the key on its first line.")
+    return key
 
 
 def _models_file(ctx: click.Context) -> Path | None:

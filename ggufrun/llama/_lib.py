@@ -8,6 +8,7 @@ We drive llama.cpp's low-level API (llama_decode + our own sampling) rather than
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from typing import Any
 
@@ -27,6 +28,10 @@ def _prefer_system_libstdcxx() -> None:
 
 
 _prefer_system_libstdcxx()
+# On a GGML_ASSERT, ggml's backtrace printer forks and runs gdb on this process; gdb inherited the
+# server's socket and hung with it. ggml reads this variable when it aborts (ggml.c,
+# ggml_print_backtrace): set, the abort is a plain abort. Children (the trial load) inherit it.
+os.environ["GGML_NO_BACKTRACE"] = "1"
 import llama_cpp as L  # noqa: E402
 
 from .. import paths

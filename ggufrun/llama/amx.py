@@ -98,7 +98,7 @@ def ensure() -> Decision:
 # ---- the check, in a child process ------------------------------------------------------------
 
 
-def _library_key() -> str:
+def library_key() -> str:
     """What the verdict depends on: the CPU backend's library file(s), the CPU model, the kernel."""
     from llama_cpp._ggml import libggml
 
@@ -120,21 +120,30 @@ def cached_check() -> Check:
     """The verdict for this library, CPU and kernel: from the cache, or by running the check once."""
     from .. import paths
 
-    key = _library_key()
-    cache = paths.home() / "amx-check.json"
+    key = library_key()
     try:
-        entry = json.loads(cache.read_text()).get(key)
+        entry = json.loads((paths.home() / "amx-check.json").read_text()).get(key)
         if entry:
             return Check(bool(entry["ok"]), str(entry["detail"]))
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     result = run_check()
+    remember(result, key)
+    return result
+
+
+def remember(result: Check, key: str | None = None) -> None:
+    """Keep ``result`` as this library's verdict in ``$GGUFRUN_HOME/amx-check.json``, beside the
+    verdicts of other libraries (several installs share a home)."""
+    from .. import paths
+
+    cache = paths.home() / "amx-check.json"
     try:
         entries = json.loads(cache.read_text()) if cache.exists() else {}
         entries = entries if isinstance(entries, dict) else {}
     except (OSError, ValueError):
         entries = {}
-    entries[key] = {"ok": result.ok, "detail": result.detail}  # one entry per library: several installs share a home
+    entries[key or library_key()] = {"ok": result.ok, "detail": result.detail}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
@@ -142,7 +151,6 @@ def cached_check() -> Check:
         os.replace(tmp, cache)
     except OSError:
         pass  # an unwritable home: the check runs again next time
-    return result
 
 
 def run_check(timeout: float = 60.0, argv: list[str] | None = None) -> Check:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ContextOverflowError, ModelLoadError
+from ..errors import ConfigError, ContextOverflowError, ModelClosedError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
 from ..settings import Settings
 from . import amx
@@ -75,10 +77,23 @@ def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
     return split, devices
 
 
+def describe(llama_desc: str, n_params: int) -> str:
+    """llama.cpp's "ARCH SIZE FTYPE" with SIZE from the real parameter count: llama.cpp names the size
+    from a table of known layer counts, which calls SmolLM2-135M (30 layers) "256M"."""
+    arch, _, rest = llama_desc.partition(" ")
+    _, _, ftype = rest.partition(" ")
+    if not ftype or n_params <= 0:
+        return llama_desc
+    size = f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M" if n_params >= 1e6 else \
+        f"{n_params / 1e3:.0f}K"
+    return f"{arch} {size} {ftype}"
+
+
 class Model:
     """A loaded GGUF model with one llama.cpp context (one or more sequences in its KV cache)."""
 
-    def __init__(self, path: Path, settings: Settings, model_ptr: Any, ctx: Any, n_seq_max: int, load_seconds: float, embeddings: bool) -> None:
+    def __init__(self, path: Path, settings: Settings, model_ptr: Any, ctx: Any, n_seq_max: int, load_seconds: float, embeddings: bool,
+                 n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
         self._model = model_ptr
@@ -89,10 +104,14 @@ class Model:
         self.n_seq_max = n_seq_max
         self.embeddings = embeddings
         self.load_seconds = load_seconds
-        self.n_ctx = L.llama_n_ctx(ctx)
+        # llama.cpp rounds a small context up (to 256 cells): the context asked for is the limit kept,
+        # so --n-ctx 1 refuses a longer prompt instead of being silently raised.
+        self.n_ctx = min(L.llama_n_ctx(ctx), n_ctx) if n_ctx > 0 else L.llama_n_ctx(ctx)
         self._eog: dict[int, bool] = {}
-        self.seq_cells = L.llama_n_ctx_seq(ctx)  # the most one sequence can hold (all n_ctx when unified)
-        self.unified = n_seq_max > 1 and self.seq_cells >= self.n_ctx
+        self.seq_cells = min(L.llama_n_ctx_seq(ctx), self.n_ctx)  # the most one sequence can hold (all n_ctx when unified)
+        # Read from llama.cpp's own sizes, not the clamped ones: a small context is rounded up per part, so
+        # the clamped seq_cells can equal n_ctx with a part per sequence (range copies across parts abort).
+        self.unified = n_seq_max > 1 and L.llama_n_ctx_seq(ctx) >= L.llama_n_ctx(ctx)
         self.n_batch = L.llama_n_batch(ctx)
         self.n_ctx_train = L.llama_model_n_ctx_train(model_ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
@@ -104,7 +123,7 @@ class Model:
         self.n_params = L.llama_model_n_params(model_ptr)
         buf = ctypes.create_string_buffer(256)
         L.llama_model_desc(model_ptr, buf, 256)
-        self.description = buf.value.decode("utf-8", "replace")
+        self.description = describe(buf.value.decode("utf-8", "replace"), self.n_params)
         self.metadata = self._read_metadata()
         tmpl = L.llama_model_chat_template(model_ptr, None)
         self.chat_template: str | None = tmpl.decode("utf-8", "replace") if tmpl else None
@@ -120,7 +139,11 @@ class Model:
                        np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,)))
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
-        self._closed = False
+        self._closed = False  # no new borrower; freed once the last one is done
+        self._freed = False
+        self._users = 0  # threads inside borrowed(): the model is not freed under them
+        self._borrowers: dict[int, int] = {}  # thread id -> nesting depth
+        self._use_lock = threading.Lock()
         self._owns_weights = True
 
     # ---- loading ---------------------------------------------------------------------------
@@ -180,14 +203,15 @@ class Model:
         except BaseException:
             L.llama_model_free(model_ptr)
             raise
-        return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings)
+        return cls(path, settings, model_ptr, ctx, n_seq_max, time.perf_counter() - started, embeddings,
+                   n_ctx=max(kv_cells, n_ctx))
 
     def new_context(self, *, n_ctx: int, n_seq_max: int = 1, embeddings: bool = False) -> "Model":
         """A second context over these same weights (no second load): the embedder of a pooling model.
         Closing it frees only the context; the weights stay with this Model, which must outlive it."""
         settings = replace(self.settings, n_ctx=n_ctx)
         ctx = _new_context(self._model, settings, n_ctx, n_seq_max, embeddings, self.path)
-        other = Model(self.path, settings, self._model, ctx, n_seq_max, 0.0, embeddings)
+        other = Model(self.path, settings, self._model, ctx, n_seq_max, 0.0, embeddings, n_ctx=n_ctx)
         other._owns_weights = False
         return other
 
@@ -202,10 +226,44 @@ class Model:
                 out[key] = buf.value.decode("utf-8", "replace")
         return out
 
+    @contextmanager
+    def borrowed(self) -> Iterator["Model"]:
+        """Use the model from a thread other than its owner's (tokenising for a server request):
+        :meth:`close` then defers freeing it until the block ends, rather than free the vocabulary
+        under it. Raises ModelClosedError once the model is closed."""
+        me = threading.get_ident()
+        with self._use_lock:
+            if self._closed and not self._borrowers.get(me):  # a borrower may go on (nested calls)
+                raise ModelClosedError(f"The model {self.path.name} has been unloaded.", "Retry the request.")
+            self._users += 1
+            self._borrowers[me] = self._borrowers.get(me, 0) + 1
+        try:
+            yield self
+        finally:
+            with self._use_lock:
+                self._users -= 1
+                self._borrowers[me] -= 1
+                if not self._borrowers[me]:
+                    del self._borrowers[me]
+                last = self._closed and not self._users
+            if last:
+                self._free()
+
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Free the context (and the weights it owns) now, or when the last borrower is done."""
+        with self._use_lock:
+            if self._closed:
+                return
+            self._closed = True
+            busy = self._users > 0
+        if not busy:
+            self._free()
+
+    def _free(self) -> None:
+        with self._use_lock:
+            if self._freed:
+                return
+            self._freed = True
         L.llama_batch_free(self._batch)
         L.llama_free(self._ctx)
         if self._owns_weights:
@@ -234,6 +292,10 @@ class Model:
         return hit
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        with self.borrowed():  # servers tokenise on request threads: never under a freed vocabulary
+            return self._tokenize(text, add_special, parse_special)
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         arr = (L.llama_token * n_max)()
@@ -248,11 +310,12 @@ class Model:
         key = (token, special)
         piece = self._piece_cache.get(key)
         if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            with self.borrowed():
+                buf = ctypes.create_string_buffer(64)
+                n = L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+                if n < 0:
+                    buf = ctypes.create_string_buffer(-n)
+                    n = L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
             piece = buf.raw[:n]
             self._piece_cache[key] = piece
         return piece
@@ -421,12 +484,14 @@ class Model:
     def prepare_grammars(self) -> None:
         """Build what every grammar of this model reads (the vocabulary index, ~0.2 s for 152k
         tokens, once): for callers that can do it off an event loop before the first grammar."""
-        vocab_index(self)
+        with self.borrowed():
+            vocab_index(self)
 
     def grammar(self, text: str, triggers: Sequence[str] = ()) -> "Grammar":
         """A llama.cpp grammar sampler for GBNF ``text``, lazy with ``triggers`` (regex patterns: it
         applies from where one matches the text generated); raise GrammarError when llama.cpp rejects it."""
-        return Grammar(self, text, triggers)
+        with self.borrowed():
+            return Grammar(self, text, triggers)
 
     def start(self, tokens: list[int], params: SamplingParams, *, max_tokens: int = 0, stop: list[str] | tuple[str, ...] = (),
               stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False) -> Generation:

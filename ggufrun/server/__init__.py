@@ -142,7 +142,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise GgufrunError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
                            "Is another server using that port? Choose another --port.") from None
-    sock.set_inheritable(True)
+    # Never inherited: a child that outlives the server (llama.cpp's abort handler once started gdb,
+    # which kept the port after shutdown) must not hold the listening socket.
+    sock.set_inheritable(False)
     return sock
 
 

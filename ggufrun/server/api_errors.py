@@ -7,6 +7,8 @@ Below protocol.py and constraints.py (both raise these), so neither imports the 
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
@@ -35,7 +37,16 @@ def unsupported(param: str, why: str) -> ApiError:
 
 
 def api_error(exc: BaseException) -> ApiError:
-    """Any error as the ApiError a client sees; unknown ones become a 500 with no internals."""
+    """Any error as the ApiError a client sees; unknown ones become a 500 with no internals, and no
+    message names a filesystem path (:func:`scrub_paths`)."""
+    error = _api_error(exc)
+    message = scrub_paths(error.message)
+    if message == error.message:
+        return error
+    return ApiError(error.status, message, param=error.param, kind=error.kind, headers=error.headers, extra=error.extra)
+
+
+def _api_error(exc: BaseException) -> ApiError:
     from .engine import QueueFullError
 
     if isinstance(exc, ApiError):
@@ -55,3 +66,33 @@ def api_error(exc: BaseException) -> ApiError:
                         kind=kinds.get(status, "invalid_request_error" if status < 500 else "server_error"),
                         headers={"Retry-After": "1"} if status == 503 else None)
     return ApiError(500, "Internal server error. Set GGUFRUN_DEBUG=1 and see the server log.", kind="server_error")
+
+
+_PATHISH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s'\"`,;()<>\[\]{}]+")
+
+
+def _on_disk(path: str) -> bool:
+    """Whether ``path`` lies under a directory that exists (other than the root): a file path,
+    not a route such as /v1/chat/completions."""
+    head = os.path.dirname(path)
+    while head and os.path.dirname(head) != head:
+        if os.path.isdir(head):
+            return True
+        head = os.path.dirname(head)
+    return False
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute filesystem path cut to its last part: an error a client
+    reads must not tell it where the server keeps its files (the server log keeps them)."""
+    if "/" not in text and "\\" not in text:
+        return text
+
+    def repl(match: re.Match[str]) -> str:
+        raw = match.group(0)
+        path = raw.rstrip(".:")
+        if not _on_disk(path):
+            return raw
+        return os.path.basename(path.rstrip("/\\")) + raw[len(path):]
+
+    return _PATHISH.sub(repl, text)

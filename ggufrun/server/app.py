@@ -22,7 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..errors import GgufrunError
-from . import anthropic, health, llamacpp, ollama, openai, responses, seed
+from . import anthropic, health, llamacpp, ollama, openai, responses, security, seed
 from .api_errors import ApiError
 from .core import SHUTDOWN_GRACE, Server
 from .metrics import Metrics
@@ -69,6 +69,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
     routes = [*seed.routes(server), *health.routes(server), *openai.routes(server), *anthropic.routes(server),
               *ollama.routes(server), *responses.routes(server), *llamacpp.routes(server)]
     middleware = [Middleware(AccessLog, metrics=metrics, routes={r.path for r in routes})]
+    middleware += security.middleware(config, error_shape)  # Host allow-list, cross-site POSTs, auth scheme
     if config.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors), allow_methods=["GET", "POST", "OPTIONS"],
                                      allow_headers=["*"]))  # the SDKs add x-stainless-*, anthropic-*, openai-*

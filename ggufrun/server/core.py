@@ -128,8 +128,9 @@ class Server:
                                         params.grammar_param)
                 if params.grammar is not None:  # (tools may have set it): the grammar's one-time index, here too
                     backend.model.prepare_grammars()
+                count = len(prompts) * params.n  # (more than the engine can ever hold is its 400 below)
                 grammars = limits.compile_grammars(backend.model, params.grammar, params.grammar_triggers,
-                                                   len(prompts) * params.n)
+                                                   count if count <= engine.parallel + engine.max_queue else 0)
                 return prompts, grammars
 
             # off the event loop: rendering runs the GGUF's template, which may take up to its time
@@ -137,11 +138,10 @@ class Server:
             prompts, grammars = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
-            for request in requests:
-                job = Job(request, loop)
-                job.grammar = grammars.pop(0) if grammars else None  # compiled above; the engine owns it once submitted
-                engine.submit(job)
-                jobs.append(job)
+            jobs = [Job(request, loop) for request in requests]
+            for job, grammar in zip(jobs, grammars):  # compiled above; the engine owns each once submitted
+                job.grammar = grammar
+            engine.submit_all(jobs, param="n" if params.n > 1 else "prompt")  # all or none: a 400 if they can never fit
         except BaseException:
             for job in jobs:
                 job.cancel()

@@ -37,10 +37,33 @@ log = logging.getLogger("ggufrun.server")
 _SHARE_MIN = 16  # prompt tokens in common worth sharing KV cells for
 
 
+# A documented test hook (README, environment variables): a job whose seed is this number fails inside the
+# engine's batched sampling, as a bug in one request's sampler would, so tests can check that it
+# ends alone. Unset in production.
+FAULT_SEED = os.environ.get("GGUFRUN_TEST_FAULT_SEED")
+
+
+class JobFailedError(GgufrunError):
+    """One request failed inside the engine (its sampler, grammar or text hand-out); only it ends."""
+
+    http_status = 500
+
+
 class QueueFullError(GgufrunError):
     """Every slot is busy and the wait queue is full."""
 
     http_status = 503
+
+
+class TooManyJobsError(GgufrunError):
+    """A request needs more sequences than the engine can ever hold at once (slots + queue): no
+    retry can succeed, so it is the client's error (400), not a 503."""
+
+    http_status = 400
+
+    def __init__(self, message: str, hint: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
 
 
 class ShuttingDownError(GgufrunError):
@@ -127,6 +150,14 @@ class Job:
         self.cancelled = False
         self.finished = False  # set by the engine thread with the terminal event; cancel() is then a no-op
         self.grammar: Any = None  # compiled at submit, so a bad grammar is the client's 400 there
+        # The request this job is one choice (or prompt) of: admission shares the slots between
+        # requests, not jobs (Engine._next_job).
+        self.group: object = self
+        self.group_size = 1
+        # A job paused for another request (Engine._preempt): its Generation (sampler, grammar and
+        # random state), and the tokens whose KV it had (prompt, reply so far), recomputed on return.
+        self.paused: Generation | None = None
+        self.resume: list[int] = []
 
     def cancel(self) -> None:
         """Called on the loop thread when the client goes away: the engine drops the job at its next
@@ -225,6 +256,7 @@ class Engine:
         self._profile = _StepProfile(name) if os.environ.get("GGUFRUN_STEP_PROFILE") else None
         self._inflight: list[tuple[_Slot, Job]] = []  # the queued decode's output rows, in order, with their jobs
         self._outbox: list[tuple[Job, Event]] | None = None  # events of step()'s hand-out, posted together
+        self._preempted = 0  # replies paused for other requests, in all
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -238,24 +270,41 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue a job; raise QueueFullError, ShuttingDownError or GrammarError (a grammar llama.cpp rejects)."""
-        grammar = job.request.sampling.get("grammar")
-        if grammar and job.grammar is None and self.backend is not None:
-            # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
-            job.grammar = self.backend.model.grammar(grammar, job.request.sampling.get("grammar_triggers") or ())
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job], param: str | None = None) -> None:
+        """Queue one request's jobs (its prompts times its choices) together or not at all.
+
+        Raises TooManyJobsError (400, naming ``param``) when they outnumber the slots plus the
+        queue, so that waiting cannot help; QueueFullError (503) when the queue is full now;
+        ShuttingDownError; GrammarError (a grammar llama.cpp rejects)."""
+        capacity = self.parallel + self.max_queue
+        if len(jobs) > capacity:
+            raise TooManyJobsError(
+                f"This request needs {len(jobs)} sequences (prompts x n); model '{self.name}' runs {self.parallel} at once "
+                f"and queues {self.max_queue} more, so it can never be accepted.",
+                f"Send at most {capacity} per request, or serve with a larger --parallel or --max-queue.", param=param)
+        for job in jobs:
+            job.group, job.group_size = jobs[0], len(jobs)
+            grammar = job.request.sampling.get("grammar")
+            if grammar and job.grammar is None and self.backend is not None:
+                # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
+                job.grammar = self.backend.model.grammar(grammar, job.request.sampling.get("grammar_triggers") or ())
         with self._cv:
             if self._stopping or self.state != "ready":
                 raise self._refusal()
-            while self._queue and self._queue[-1].cancelled:  # clients that gave up stop counting
+            while self._queue and self._queue[-1].cancelled and self._queue[-1].paused is None:  # clients that gave up
                 self._queue.pop()
-            if any(j.cancelled for j in self._queue):
-                self._queue = deque(j for j in self._queue if not j.cancelled)
-            waiting = len(self._queue) - (self.parallel - self._n_active)
-            if waiting >= self.max_queue:
+            if any(j.cancelled and j.paused is None for j in self._queue):  # (a paused one is the engine's to free)
+                self._queue = deque(j for j in self._queue if not j.cancelled or j.paused is not None)
+            waiting = len(self._queue) + len(jobs) - (self.parallel - self._n_active)
+            if waiting > self.max_queue:
                 raise QueueFullError(
-                    f"Model '{self.name}' is busy: {self._n_active} requests running and {max(waiting, 0)} waiting.",
+                    f"Model '{self.name}' is busy: {self._n_active} requests running and "
+                    f"{max(len(self._queue) - (self.parallel - self._n_active), 0)} waiting.",
                     "Retry shortly.",
                 )
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._cv.notify()
 
     def _refusal(self) -> GgufrunError:
@@ -357,33 +406,104 @@ class Engine:
                 self._end(slot, error=cut)
 
     def _admissions(self) -> list[_Slot]:
-        """Under the lock: queued jobs that get a slot now, first come first served. A job is
-        admitted only when its KV budget (prompt + max_tokens) is free, so no running reply is ever
-        cut short for room; otherwise it (and those behind it) wait."""
+        """Under the lock: queued jobs that get a slot now (:meth:`_next_job` picks, fair between
+        requests). A job is admitted only when its KV budget (prompt + max_tokens) is free, so no
+        running reply is ever cut short for room; otherwise it (and those behind it) wait. A request
+        with no slot while another holds several gets one of them (:meth:`_preempt`)."""
         if self._stopping or self.backend is None or (self._embeds and self._embeds[0].waiting):
             return []
+        self._drop_cancelled_paused()
         admitted: list[_Slot] = []
         cells = self.backend.model.n_ctx
         reserved = self._reserved()
-        for slot in self._slots:
-            if slot.job is not None:
-                continue
-            while self._queue and self._queue[0].cancelled:  # its client left while it waited
+        held: dict[object, int] = {}
+        for s in self._slots:
+            if s.job is not None:
+                held[s.job.group] = held.get(s.job.group, 0) + 1
+        free = [s for s in self._slots if s.job is None]
+        while True:
+            while self._queue and self._queue[0].cancelled and self._queue[0].paused is None:  # its client left
                 self._queue.popleft()
-            if not self._queue:
+            job = self._next_job(held)
+            if job is None:
                 break
-            req = self._queue[0].request
-            if self._prefilling(req.prompt):
+            need = len(job.request.prompt) + job.request.max_tokens
+            if not free or (reserved + need > cells and (reserved or admitted)):
+                victim = self._victim(held, job, reserved + need - cells)
+                if victim is None:
+                    break
+                reserved -= victim.reserved
+                held[victim.job.group] -= 1  # type: ignore[union-attr]
+                self._preempt(victim)
+                free.append(victim)
+                continue
+            if self._prefilling(job.request.prompt):
                 break  # n > 1 or a common system prompt: wait a step or two and share its KV instead
-            need = len(req.prompt) + req.max_tokens
-            if reserved + need > cells and (reserved or admitted):
-                break
-            slot.job = self._queue.popleft()
+            slot = free.pop(0)
+            self._queue.remove(job)
+            slot.job = job
             slot.reserved = need
             reserved += need
+            held[job.group] = held.get(job.group, 0) + 1
             self._n_active += 1
             admitted.append(slot)
         return admitted
+
+    def _next_job(self, held: dict[object, int]) -> Job | None:
+        """The queued job to admit next: the first job of the request holding the fewest slots
+        (earliest first among equals), so a request's ``n`` choices or list of prompts take turns
+        with other requests instead of all going first."""
+        best: Job | None = None
+        best_key = (0, 0)
+        seen: set[int] = set()
+        for i, job in enumerate(self._queue):
+            if job.cancelled or id(job.group) in seen:
+                continue
+            seen.add(id(job.group))
+            key = (held.get(job.group, 0), i)
+            if best is None or key < best_key:
+                best, best_key = job, key
+        return best
+
+    def _victim(self, held: dict[object, int], job: Job, short: int) -> _Slot | None:
+        """A running job to pause so that ``job`` can start: only for a request that holds no slot,
+        and only a job of a request holding two or more (its share is then taken from it, not from
+        a request with one). With ``n: 16``, huge ``max_tokens`` and ``ignore_eos``, one request
+        kept another client's 3-token request waiting over 150 s. The victim's reservation must make
+        the room ``job`` lacks (``short`` cells); the youngest reply goes (the least to recompute)."""
+        if held.get(job.group, 0):
+            return None
+        candidates = [s for s in self._slots if s.job is not None and s.gen is not None and not s.pending
+                      and s.last >= 0 and held.get(s.job.group, 0) >= 2 and s.reserved >= short]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda s: (-held[s.job.group], s.gen.n_gen))  # type: ignore[union-attr]
+
+    def _preempt(self, slot: _Slot) -> None:
+        """Pause the slot's job back to the head of the queue (under the lock, on the engine thread).
+        Its Generation keeps every state a reply has; the KV of its tokens (prompt, reply so far and
+        the token sampled now, handed out in this step) is evaluated again when it returns, as vLLM's
+        recompute preemption does. Its cells stay until the next job takes the slot."""
+        assert slot.job is not None and slot.gen is not None and self.backend is not None
+        job = slot.job
+        job.paused, job.resume = slot.gen, self.backend.model.cached_tokens(slot.seq_id) + [slot.last]
+        slot.job, slot.gen, slot.last, slot.reserved = None, None, -1, 0
+        slot.used_at = time.monotonic()
+        self._n_active -= 1
+        self._queue.appendleft(job)
+        self._preempted += 1
+        log.info("paused a reply of %s after %d tokens for another request", self.name, job.paused.n_gen)
+
+    def _drop_cancelled_paused(self) -> None:
+        """Free the Generation of paused jobs whose client left (on the engine thread)."""
+        if not any(j.cancelled and j.paused is not None for j in self._queue):
+            return
+        for job in [j for j in self._queue if j.cancelled and j.paused is not None]:
+            self._queue.remove(job)
+            job.finished = True
+            job.paused.close()  # type: ignore[union-attr]
+            job.paused = None
+            self.metrics.finished(self.name, "cancelled")
 
     def _reserved(self) -> int:
         """KV cells promised to running jobs and to the text being embedded."""
@@ -395,6 +515,9 @@ class Engine:
             job = self._queue.popleft()
             job.finished = True
             job.emit(Event("error", error=err))
+            if job.paused is not None:  # on the engine thread: the callers are
+                job.paused.close()
+                job.paused = None
         while self._embeds:
             embed = self._embeds.popleft()
             embed.drop()  # on the engine thread: the caller is
@@ -430,26 +553,30 @@ class Engine:
         model = self.backend.model
         job = slot.job
         req = job.request
+        tokens = job.resume or req.prompt  # a paused reply returns with its tokens so far
         # Prefer this slot's own cache; another idle slot with a longer shared prefix swaps in.
-        shared = {s.seq_id: model.common_prefix(s.seq_id, req.prompt) for s in self._slots if s.job is None or s is slot}
+        shared = {s.seq_id: model.common_prefix(s.seq_id, tokens) for s in self._slots if s.job is None or s is slot}
         best = max((s for s in self._slots if s.seq_id in shared), key=lambda s: shared[s.seq_id])
         if best is not slot and shared[best.seq_id] > shared[slot.seq_id]:
             best.job, slot.job = slot.job, None
             best.reserved, slot.reserved = slot.reserved, 0
             slot = best
-        common = min(shared[slot.seq_id], len(req.prompt) - 1)
+        common = min(shared[slot.seq_id], len(tokens) - 1)
         # A running sequence (another choice of the same n > 1 request, or the same system prompt)
         # may hold a longer prefix: share its KV cells rather than evaluate them again.
-        donors = [(model.common_prefix(s.seq_id, req.prompt), s) for s in self._slots
+        donors = [(model.common_prefix(s.seq_id, tokens), s) for s in self._slots
                   if s.job is not None and s is not slot and s.gen is not None]
         best_n, donor = max(donors, key=lambda d: d[0], default=(0, None))
-        if donor is not None and min(best_n, len(req.prompt) - 1) >= max(common + _SHARE_MIN, 1):
-            kept = model.copy_prefix(donor.seq_id, slot.seq_id, min(best_n, len(req.prompt) - 1))
+        if donor is not None and min(best_n, len(tokens) - 1) >= max(common + _SHARE_MIN, 1):
+            kept = model.copy_prefix(donor.seq_id, slot.seq_id, min(best_n, len(tokens) - 1))
         else:
             kept = model.truncate(slot.seq_id, common)
-        slot.pending = list(req.prompt[kept:])
+        slot.pending = list(tokens[kept:])
         slot.last = -1
         slot.used_at = time.monotonic()
+        if job.paused is not None:
+            slot.gen, job.paused, job.resume = job.paused, None, []
+            return
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
                               stop=req.stop, ignore_eos=req.ignore_eos, cached=kept,
@@ -491,15 +618,25 @@ class Engine:
             with self._cv:
                 admitted = self._admissions()
             for slot in admitted:
-                self._admit(slot)
+                entering = slot.job
+                try:
+                    self._admit(slot)
+                except Exception as setup_exc:  # noqa: BLE001 -- this request's setup failed: it ends alone
+                    self._fail_job(entering, setup_exc)
             failed = self._launch(model)
         t3 = time.perf_counter()
         n = 0
         self._outbox = []
         try:
             for slot, job, tok, info in sampled:
-                if slot.job is job:
-                    self._accept(slot, tok, info)
+                if slot.job is job or job.paused is not None:
+                    try:
+                        if slot.job is job:
+                            self._accept(slot, tok, info)
+                        else:  # paused in this step, after its token was sampled
+                            self._accept_paused(job, tok, info)
+                    except Exception as hand_out_exc:  # noqa: BLE001 -- one reply's hand-out failed: it ends alone
+                        self._fail_job(job, hand_out_exc)
                     n += 1
         finally:  # posted even when a hand-out fails: the crash handler's errors must not land in a dead outbox
             outbox, self._outbox = self._outbox, None
@@ -526,12 +663,26 @@ class Engine:
         if not live:
             model.synchronize()
             return []
-        from ..generation import sample_rows
-
         logits = model.logits_rows(len(rows))  # waits for the device
         if len(live) < len(rows):
             logits = logits[live]  # a copy: ended jobs' samplers are already freed
-        tokens, infos = sample_rows(logits, [rows[i][0].gen.sampler for i in live])  # type: ignore[union-attr]
+        seqs = [rows[i][0].gen.sampler for i in live]  # type: ignore[union-attr]
+        try:
+            tokens, infos = _sample(logits, seqs)
+        except Exception as exc:  # noqa: BLE001
+            # One request's sampler failed the step: sample the rows one by one, so that only the
+            # rows that fail alone end. (Rows the batched pass had already penalised in place get
+            # their penalties twice for this one token: only when some sampler is broken.)
+            log.warning("batched sampling failed (%s); sampling %d rows one by one", exc, len(seqs))
+            out = []
+            for k, i in enumerate(live):
+                try:
+                    (tok,), (info,) = _sample(logits[k : k + 1], [seqs[k]])
+                except Exception as row_exc:  # noqa: BLE001
+                    self._fail_job(rows[i][1], row_exc)
+                    continue
+                out.append((rows[i][0], rows[i][1], tok, info))
+            return out
         return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
 
     def _launch(self, model: Any) -> tuple[GgufrunError, list[_Slot]] | None:
@@ -598,6 +749,50 @@ class Engine:
             self._emit(job, Event("text", text, tokens=gen.take_tokens()))
         if reason is not None:
             self._end(slot, finish_reason=reason)
+
+    def _accept_paused(self, job: Job, token: int, info: Any) -> None:
+        """The token a paused job sampled in the step that paused it; a stop string it completes
+        ends the job in the queue."""
+        gen = job.paused
+        assert gen is not None
+        text, reason = gen.accept(token, info)
+        if text or gen.tokens:
+            self._emit(job, Event("text", text, tokens=gen.take_tokens()))
+        if reason is None:
+            return
+        with self._cv:
+            if job in self._queue:
+                self._queue.remove(job)
+        job.paused, job.resume = None, []
+        st = gen.stats
+        self._emit(job, Event("done", finish_reason=reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
+                              completion_tokens=st.gen_tokens, timings=timings(st), stop_sequence=gen.stop_sequence))
+        job.finished = True
+        self.metrics.finished(self.name, reason)
+        gen.close()
+
+    def _fail_job(self, job: Job | None, exc: BaseException) -> None:
+        """End one job with an error and free its slot (its KV cells too); the others run on."""
+        slot = next((s for s in self._slots if job is not None and s.job is job), None)
+        if slot is None:
+            if job is not None and job.paused is not None:  # failed handing out the token it was paused on
+                with self._cv:
+                    if job in self._queue:
+                        self._queue.remove(job)
+                job.paused.close()
+                job.paused, job.resume, job.finished = None, [], True
+                self._emit(job, Event("error", error=JobFailedError(f"The request failed in the engine: {exc}.")))
+                self.metrics.finished(self.name, "error")
+            return
+        if isinstance(exc, GgufrunError):
+            err = exc
+        else:
+            log.error("request on %s failed in the engine", self.name, exc_info=exc)
+            err = JobFailedError(f"The request failed in the engine: {type(exc).__name__}: {exc}.",
+                                 "Other requests were not affected; see the server log.")
+        # Its KV cells stay, as a finished job's do (the bookkeeping matches them; a decode may be in
+        # flight): the next admission to the slot keeps what it shares of them.
+        self._end(slot, error=err)
 
     def _emit(self, job: Job, event: Event) -> None:
         if self._outbox is not None:  # inside step()'s hand-out: posted together at its end
@@ -727,6 +922,14 @@ class _StepProfile:
                      "admit+launch %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:2],
                      *(1e3 * v for v in s[2:]))
             self.n, self.sums = 0, [0.0] * 7
+
+
+def _sample(logits: Any, seqs: list[Any]) -> tuple[list[int], list[Any]]:
+    from ..generation import sample_rows
+
+    if FAULT_SEED is not None and any(str(s.params.seed) == FAULT_SEED for s in seqs):
+        raise RuntimeError(f"injected sampling fault for seed {FAULT_SEED} (GGUFRUN_TEST_FAULT_SEED)")
+    return sample_rows(logits, seqs)
 
 
 def _set_exception(future: concurrent.futures.Future[Any], exc: BaseException) -> None:

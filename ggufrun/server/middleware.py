@@ -91,7 +91,9 @@ def error_handler(shape: ErrorShape) -> Callable[[Request, Exception], Awaitable
             error = ApiError(exc.status_code, message, kind=kind, headers=dict(exc.headers or {}))
         else:
             error = api_error(exc)
-        if error.status >= 500 and not isinstance(exc, GgufrunError):
+        # An ApiError was raised on purpose with its reason (a model that could not load, whose
+        # failure the pool has logged in one line): only what nobody caught gets a traceback.
+        if error.status >= 500 and not isinstance(exc, (GgufrunError, ApiError)):
             log.exception("unhandled error on %s %s", request.method, safe(request.url.path), exc_info=exc)
         return JSONResponse(shape(request.url.path, error), status_code=error.status, headers=error.headers)
 

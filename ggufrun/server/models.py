@@ -10,6 +10,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     max_queue = 64
     api_key = "..."
     cors = ["http://localhost:3000"]
+    allowed_hosts = ["llm.lan"]  # Host names served beyond the loopback ones ("*": any)
 
     [[models]]
     model = "qwen2-7b-q5"           # a registry name, hf:/ms: reference or a .gguf path
@@ -42,7 +43,7 @@ from .metrics import Metrics
 log = logging.getLogger("ggufrun.server")
 
 DEFAULT_PORT = 13003
-_SERVER_KEYS = {"host", "port", "max_loaded", "parallel", "max_queue", "api_key", "cors", "max_body_bytes"}
+_SERVER_KEYS = {"host", "port", "max_loaded", "parallel", "max_queue", "api_key", "cors", "max_body_bytes", "allowed_hosts"}
 _MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings"}
 EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
 
@@ -76,6 +77,7 @@ class ServeConfig:
     max_queue: int = 64
     api_key: str | None = None
     cors: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names beyond the loopback ones and the bound address (security.py)
     max_body_bytes: int = 8 * 1024 * 1024
     models_file: Path | None = None  # the --models overlay for the registry
 
@@ -116,12 +118,13 @@ def read_serve_config(path: Path) -> ServeConfig:
         values["host"] = str(server["host"])
     if "api_key" in server:
         values["api_key"] = str(server["api_key"]) or None
-    if "cors" in server:
-        cors = server["cors"]
-        cors = [cors] if isinstance(cors, str) else cors
-        if not isinstance(cors, list) or not all(isinstance(c, str) for c in cors):
-            raise ConfigError(f"{path} [server] cors must be an origin string or a list of them (got {server['cors']!r}).")
-        values["cors"] = tuple(cors)
+    for key, what in (("cors", "an origin"), ("allowed_hosts", "a host name")):
+        if key in server:
+            items = server[key]
+            items = [items] if isinstance(items, str) else items
+            if not isinstance(items, list) or not all(isinstance(c, str) for c in items):
+                raise ConfigError(f"{path} [server] {key} must be {what} string or a list of them (got {server[key]!r}).")
+            values[key] = tuple(items)
     return ServeConfig(models=models, **values)
 
 
@@ -300,11 +303,12 @@ class ModelPool:
         from ..trial import trial_load
 
         trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this server
-        plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length)
-        # Embeddings run on this same context, in one more sequence whose cells come out of the
-        # same budget as the requests' (the engine reserves them per text): no memory of their own.
-        # That makes the cache one shared pool (Model.load), the slower layout: the price of
-        # embeddings beside generation without a second cache.
+        plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length, extra=1 if cfg.embeddings else 0)
+        # Embeddings run on this same context, in one more sequence with its own part of the cache
+        # (one slot's worth of cells more). Sharing the slots' cells as one pool (a unified cache)
+        # saved that memory, but there a sequence's cells land where the others leave room, which
+        # changes the order of attention's sums: a seeded or greedy reply changed with what ran
+        # beside it, and is slower per step (Model.load).
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
@@ -348,12 +352,13 @@ class KvPlan:
     cells: int
 
 
-def kv_plan(n_ctx: int, parallel: int, n_ctx_train: int | None) -> KvPlan:
+def kv_plan(n_ctx: int, parallel: int, n_ctx_train: int | None, *, extra: int = 0) -> KvPlan:
     """``--n-ctx`` is per request (0 = the trained length, and never beyond it), as in chat; the
-    cache is sized for all slots at once, so admission never has to cut a running reply."""
+    cache is sized for all slots at once (and ``extra`` sequences more: the embeddings'), each
+    sequence in its own part, so admission never has to cut a running reply."""
     trained = n_ctx_train or n_ctx or 4096
     n_ctx_seq = min(n_ctx or trained, trained)
-    return KvPlan(n_ctx_seq=n_ctx_seq, parallel=parallel, cells=n_ctx_seq * parallel)
+    return KvPlan(n_ctx_seq=n_ctx_seq, parallel=parallel, cells=n_ctx_seq * (parallel + extra))
 
 
 def _load_embedder(backend: Backend) -> Any:

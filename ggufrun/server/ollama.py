@@ -61,7 +61,7 @@ NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "res
 def _check_keep_alive(body: dict[str, Any]) -> None:
     keep_alive = body.get("keep_alive")
     if keep_alive is not None and not (isinstance(keep_alive, (int, float)) and keep_alive < 0 or keep_alive in ("-1", "-1s", "-1m", "-1h")):
-        raise Refused("keep_alive", "'keep_alive': ggufrun keeps a model loaded until another needs the room (see --max-models); only a negative keep_alive (keep loaded) is supported.")
+        raise Refused("keep_alive", "'keep_alive': ggufrun keeps a model loaded until another needs the room (see --max-loaded); only a negative keep_alive (keep loaded) is supported.")
 
 
 def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
