@@ -21,9 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import ConfigError, ModelLoadError
 
 TRIAL_SECONDS = 300.0
+_CONFIG_EXIT = 2  # the child's exit status for a ConfigError (a bad setting, not a bad file)
 TRIAL_PROMPT = "Hello, world. 1 + 1 ="
 _passed: set[str] = set()
 
@@ -84,6 +85,8 @@ def trial_load(path: str | Path) -> None:
                              "The file is malformed; it was not loaded.")
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("Error: ")]
     last = (lines or proc.stderr.strip().splitlines() or ["unknown failure"])[-1].removeprefix("Error: ")
+    if proc.returncode == _CONFIG_EXIT:  # the settings are at fault, not the file: the same error as in-process
+        raise ConfigError(last[:500])
     raise ModelLoadError(f"Test-loading {p.name} failed: {last[:500]}")
 
 
@@ -115,7 +118,7 @@ def _child(path: str) -> int:
             model.detokenize([*tokens, token], special=True)
     except GgufrunError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        return 1
+        return _CONFIG_EXIT if isinstance(exc, ConfigError) else 1
     return 0
 
 

@@ -31,8 +31,9 @@ class ServerProcess:
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None, port: int | None = None,
                  command: list[str] | None = None) -> None:
-        """Start ``ggufrun serve ARGS --port PORT``, or ``COMMAND ARGS --port PORT`` (llama-server, say)."""
-        self.port = port or free_port()
+        """Start ``ggufrun serve ARGS --port PORT``, or ``COMMAND ARGS --port PORT`` (llama-server, say).
+        ``port=0`` lets the server pick one: ``wait_ready`` reads it from the start-up line."""
+        self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.NamedTemporaryFile(prefix="ggufrun-serve-", suffix=".log", delete=False)
         base = command or [sys.executable, "-m", "ggufrun.cli.main", "serve"]
@@ -49,6 +50,15 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if self.port == 0:
+                import re
+
+                found = re.search(r"Listening on http://127\.0\.0\.1:(\d+) ", self.log())
+                if found is None:
+                    time.sleep(0.1)
+                    continue
+                self.port = int(found.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
                     body = json.loads(resp.read())
@@ -79,9 +89,9 @@ class ServerProcess:
 
 @contextmanager
 def serve(*args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0,
-          command: list[str] | None = None) -> Iterator[ServerProcess]:
+          command: list[str] | None = None, port: int | None = None) -> Iterator[ServerProcess]:
     """``with serve(str(model), "--parallel", "4") as srv: ...`` -- started, ready, stopped after."""
-    server = ServerProcess(list(args), env=env, command=command)
+    server = ServerProcess(list(args), env=env, command=command, port=port)
     try:
         server.wait_ready(ready_timeout)
         yield server

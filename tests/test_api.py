@@ -248,7 +248,7 @@ def test_ids_health_and_logs_reveal_no_paths(smol: ServerProcess, smollm2_gguf: 
     assert str(smollm2_gguf.parent) not in health and SMOL in health
     # a percent-encoded newline in the path must not start a forged log line
     with socket.create_connection(("127.0.0.1", smol.port), timeout=10) as s:
-        s.sendall(b"GET /x%0aFORGED-LINE HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /x%0aFORGED-LINE HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert b"404" in s.recv(4096)
     r = post(smol, "/", {"prompt": "hi\nFORGED-SEED-LINE", "max_tokens": 2})
     assert r.status_code == 200

@@ -366,28 +366,57 @@ def test_pipeline_errors_name_the_clients_field(smol: ServerProcess) -> None:
     assert verbose.status_code == 400 and "verbose" in verbose.json()["error"]
 
 
-def _cancelled(server: ServerProcess) -> float:
+def _metric(server: ServerProcess, name: str, label: str = "") -> float:
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("ggufrun_completions_total") and 'reason="cancelled"' in line)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and label in line)
 
 
-def test_leaving_a_stream_cancels_its_generation(smol: ServerProcess) -> None:
-    """NDJSON (Ollama) and named-event SSE (Anthropic) streams stop generating when the client leaves."""
+# Replies that cannot end before the client leaves, whatever the model would say: ignore_eos, or a
+# schema that needs hundreds of numbers (the grammar allows no end before them).
+_NUMBERS = {"type": "object", "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 400}},
+            "required": ["n"], "additionalProperties": False}
+_LONG = [{"role": "user", "content": "List numbers."}]
+_LEAVERS = {
+    "openai chat": ("/v1/chat/completions", {"messages": _LONG, "max_tokens": 1500, "ignore_eos": True}),
+    "openai completions": ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}),
+    "responses": ("/v1/responses", {"input": "List numbers.", "max_output_tokens": 1500,
+                                    "text": {"format": {"type": "json_schema", "name": "n", "schema": _NUMBERS}}}),
+    "anthropic": ("/v1/messages", {"messages": _LONG, "max_tokens": 1500,
+                                   "output_config": {"format": {"type": "json_schema", "schema": _NUMBERS}}}),
+    "ollama chat": ("/api/chat", {"messages": _LONG, "format": _NUMBERS, "options": {"num_predict": 1500}}),
+    "ollama generate": ("/api/generate", {"prompt": "List numbers.", "format": _NUMBERS, "options": {"num_predict": 1500}}),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("api", list(_LEAVERS))
+def test_a_client_that_leaves_frees_its_slot(smol: ServerProcess, api: str, stream: bool) -> None:
+    """A client that hangs up while its reply is generated, streamed or not, on any API: the job is
+    cancelled at the engine's next step (its slot free again) and the log has no traceback."""
+    import socket
     import time
 
-    long = [{"role": "user", "content": "Write a very long story about the sea."}]
-    for path, body in (("/api/chat", {"model": "smol", "messages": long, "options": {"num_predict": 1500}}),
-                       ("/v1/messages", {"model": "smol", "messages": long, "max_tokens": 1500, "stream": True})):
-        before = _cancelled(smol)
-        with requests.post(f"{smol.url}{path}", json=body, stream=True, timeout=60) as reply:
-            assert reply.status_code == 200
-            # Hang up once text flows (message_start comes before the job has a slot).
-            assert any(b'"content"' in line or b"text_delta" in line for line in reply.iter_lines())
+    path, fields = _LEAVERS[api]
+    body = json.dumps({"model": "smol", "stream": stream, **fields}).encode()
+    deadline = time.monotonic() + 60
+    while _metric(smol, "ggufrun_active_requests") and time.monotonic() < deadline:  # an earlier test's reply
+        time.sleep(0.05)
+    cancelled = _metric(smol, "ggufrun_completions_total", 'reason="cancelled"')
+    with socket.create_connection(("127.0.0.1", smol.port), timeout=10) as client:
+        client.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{smol.port}\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 60
-        while _cancelled(smol) == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _cancelled(smol) == before + 1, f"{path}: the generation went on after the client left"
+        while _metric(smol, "ggufrun_active_requests") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(smol, "ggufrun_active_requests") >= 1, "the request never got a slot"
+    deadline = time.monotonic() + 60
+    while (_metric(smol, "ggufrun_active_requests") or _metric(smol, "ggufrun_completions_total", 'reason="cancelled"') == cancelled) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(smol, "ggufrun_completions_total", 'reason="cancelled"') == cancelled + 1, f"{api}: the generation went on"
+    assert _metric(smol, "ggufrun_active_requests") == 0
+    log = smol.log()
+    assert "Traceback" not in log and "RuntimeError" not in log, log[-3000:]
 
 
 def test_wrong_types_and_long_texts_are_refused_in_each_apis_shape(smol: ServerProcess) -> None:

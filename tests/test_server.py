@@ -443,8 +443,11 @@ class DevTools:
         self._from, from_w = os.pipe()
 
         def wire() -> None:
-            os.dup2(to_r, 3)
-            os.dup2(from_w, 4)
+            # Copies above 4 first: a pipe end that is already fd 3 or 4 would be clobbered, or kept
+            # close-on-exec (dup2 onto itself changes nothing), by a direct dup2.
+            read_end, write_end = os.dup(to_r), os.dup(from_w)
+            os.dup2(read_end, 3)
+            os.dup2(write_end, 4)
 
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -523,6 +526,90 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny_model: Path, server_
             browser.close()
 
 
+def _metric(server: ServerProcess, name: str, label: str = "") -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and label in line)
+
+
+# Records what the page sends and makes the reply unable to end by itself (ignore_eos), so that
+# Stop, not the model, ends it; the page itself is unchanged.
+_RECORD_FETCH = """
+window.sent = [];
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (url === "/v1/chat/completions") {
+    const body = JSON.parse(options.body);
+    window.sent.push(body);
+    options = {...options, body: JSON.stringify({...body, ignore_eos: true})};
+  }
+  return realFetch(url, options);
+};
+true
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
+def test_web_page_sends_its_settings_and_stop_cancels_the_generation(smollm2_gguf: Path, server_env: dict[str, str],
+                                                                      tmp_path: Path) -> None:
+    """`ggufrun serve` (the default model) and its page: the settings are filled in with the model's
+    system prompt and defaults and go with the request; Stop aborts the stream and the server
+    cancels the job and frees its slot."""
+    from ggufrun import prompts
+
+    home = Path(server_env["GGUFRUN_HOME"])
+    dest = home / "models" / "smollm2-135m" / smollm2_gguf.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        try:
+            os.link(smollm2_gguf, dest)
+        except OSError:
+            shutil.copy2(smollm2_gguf, dest)
+    with serve("--threads", "2", "--n-ctx", "2048", env={**server_env, "GGUFRUN_OFFLINE": "1"}) as s:
+        browser = DevTools(tmp_path / "chromium-profile")
+        try:
+            target = browser.call("Target.createTarget", url=s.url)["targetId"]
+            browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            browser.call("Runtime.enable")
+
+            def wait_for(expression: str, timeout: float = 60.0) -> Any:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    result = browser.evaluate(expression)
+                    if result:
+                        return result
+                    time.sleep(0.05)
+                raise AssertionError(f"timed out waiting for {expression}")
+
+            value = "document.getElementById('{}').value".format
+            wait_for("document.body.dataset.defaults === 'loaded'")
+            assert browser.evaluate(value("system")) == prompts.resolve_system("@assistant")
+            assert (browser.evaluate(value("temperature")), browser.evaluate(value("max-tokens"))) == ("0.2", "2048")
+            assert browser.evaluate("document.getElementById('stop').disabled") is True
+            browser.evaluate(_RECORD_FETCH)
+            browser.evaluate("document.getElementById('toggle-settings').click(); document.getElementById('temperature').value = '0.7';"
+                             "document.getElementById('input').value = 'Tell me a story.'; document.getElementById('send').click(); true")
+            wait_for("document.querySelector('.msg.assistant .text').textContent.length > 0")
+            assert _metric(s, "ggufrun_active_requests") == 1
+            browser.evaluate("document.getElementById('stop').click(); true")
+            wait_for("document.querySelector('.msg.assistant.done') !== null")
+            assert browser.evaluate("document.querySelector('.msg.assistant').className") == "msg assistant stopped done"
+            assert "(stopped)" in browser.evaluate("document.getElementById('stats').textContent")
+            assert browser.evaluate("[document.getElementById('send').disabled, document.getElementById('stop').disabled]") == [False, True]
+            deadline = time.monotonic() + 30
+            while (_metric(s, "ggufrun_active_requests") or not _metric(s, "ggufrun_completions_total", 'reason="cancelled"')) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _metric(s, "ggufrun_completions_total", 'reason="cancelled"') == 1, "the server went on generating"
+            assert _metric(s, "ggufrun_active_requests") == 0
+            sent = browser.evaluate("window.sent")
+        finally:
+            browser.close()
+        assert sent == [{"model": "default", "stream": True, "temperature": 0.7, "max_tokens": 2048,
+                         "messages": [{"role": "system", "content": prompts.resolve_system("@assistant")},
+                                      {"role": "user", "content": "Tell me a story."}]}]
+        assert "Traceback" not in s.log()
+
+
 # ---- pieces without a server ---------------------------------------------------------------------
 
 def test_stop_string_helpers() -> None:
@@ -569,7 +656,7 @@ def test_serve_config_is_strict(tmp_path: Path) -> None:
                        ('[[models]]\nmodel = "a"\ntemperature = -1\n', "temperature"),
                        ('[server]\nport = 1\n', "no models"),
                        ('[server]\ncors = 5\n[[models]]\nmodel = "a"\n', "cors"),
-                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 1-65535")):
+                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 0-65535")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=word):

@@ -10,15 +10,16 @@ import click
 from ..settings import FIELDS
 
 
-def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def settings_options(*names: str, helps: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add ``--name`` flags for these settings fields; values stay None unless given, and are
-    validated by settings.coerce, never here, so a flag is parsed in one place only."""
+    validated by settings.coerce, never here, so a flag is parsed in one place only. ``helps``
+    replaces a field's help where a command gives it another default."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):
             field = FIELDS[name]
             fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar=(field.type.__name__.upper() + ("|auto" if field.auto else ""))
-                              if not field.choices else "|".join(field.choices), help=field.help)(fn)
+                              if not field.choices else "|".join(field.choices), help=(helps or {}).get(name, field.help))(fn)
         return fn
 
     return decorate

@@ -17,8 +17,10 @@ SETTINGS = tuple(FIELDS)
 @click.argument("name", required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="Serve config TOML: several models, loaded on demand.")
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1; 0.0.0.0 listens on every interface).")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 13003).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 13003; 0 picks a free one, printed at start-up).")
 @click.option("--served-model-name", "served_names", multiple=True, help="Name clients use for the model (repeatable); the registry name works too.")
+@click.option("-s", "--system", default=None, metavar="@NAME|FILE|TEXT",
+              help="Default system prompt for requests that bring none (default: the registry entry's; \"\" for none).")
 @click.option("--max-loaded", type=click.IntRange(1), default=None, help="Models resident at once; the least recently used is unloaded (default 3).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
@@ -31,13 +33,24 @@ SETTINGS = tuple(FIELDS)
 @click.option("--allowed-hosts", "allowed_hosts", multiple=True,
               help="Also answer requests whose Host header is NAME (repeatable or comma-separated; '*' for any). "
                    "By default only loopback names and the bound address, against DNS rebinding.")
-@settings_options(*SETTINGS)
+@settings_options(*SETTINGS, helps={"max_tokens": "Most tokens a reply generates when the request sets no limit: the model's "
+                                                  "models.toml default, else 2048 (0 = until end of turn or the context). "
+                                                  "A request may ask for more, up to its context."})
 @click.pass_context
-def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...], **kwargs: Any) -> None:
-    """Serve models over an OpenAI-compatible HTTP API with continuous batching.
+def serve_command(ctx: click.Context, name: str | None, config_path: Path | None, served_names: tuple[str, ...],
+                  system: str | None, **kwargs: Any) -> None:
+    """Serve NAME (default: the registry's `default`, as `ggufrun chat`) over the OpenAI, Anthropic
+    and Ollama APIs with continuous batching, and a chat page at the URL printed at start-up.
+
+    A request that sets no limit (max_tokens, max_output_tokens, num_predict) generates at most
+    --max-tokens tokens: the model's own default in models.toml, else 2048 (0: until the end of
+    turn or the context). A request may ask for more, up to its context (--n-ctx). Requests
+    without a system prompt or sampling fields get the model's: --system, else its models.toml
+    `system`, and its settings.
 
     \b
     Examples:
+      ggufrun serve
       ggufrun serve gemma3-270m
       ggufrun serve qwen2-7b-q5 --port 13003 --served-model-name qwen2:7b --n-ctx 8192
       ggufrun serve --config serve.toml --max-loaded 2
@@ -53,14 +66,18 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
         if kwargs["api_key"] is not None:
             raise click.UsageError("Give the API key once: --api-key (or GGUFRUN_API_KEY) or --api-key-file.")
         kwargs["api_key"] = read_api_key(key_file)
-    if (name is None) == (config_path is None):
-        raise click.UsageError("Give a model NAME or --config FILE (one of them).")
+    if name is not None and config_path is not None:
+        raise click.UsageError("Give a model NAME or --config FILE, not both.")
+    if config_path is None and name is None:
+        name = "default"  # as `ggufrun chat` with no name
     if config_path is not None and served_names:
         raise click.UsageError("--served-model-name names the model given as NAME; in --config use served_model_name.")
+    if config_path is not None and system is not None:
+        raise click.UsageError("--system is the system prompt of the model given as NAME; in --config use system per model.")
     if config_path is not None:
         config = read_serve_config(config_path).with_settings(settings)
     else:
-        config = single_model_config(name, served_names, settings)  # type: ignore[arg-type]
+        config = single_model_config(name, served_names, settings, system)  # type: ignore[arg-type]
     hosts = tuple(h.strip() for value in kwargs.pop("allowed_hosts") for h in value.split(",") if h.strip())
     config = config.with_overrides(cors=tuple(kwargs.pop("cors")) or None, allowed_hosts=hosts or None,
                                    models_file=_models_file(ctx), **kwargs)

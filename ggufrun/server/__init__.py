@@ -101,6 +101,8 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     logger.propagate = False
     app = create_app(config, preload=preload)
     app_server = app.state.server
+    for line in address_lines(sock.getsockname()):
+        logger.info("%s", line)
 
     class Server(uvicorn.Server):
         """uvicorn's server, which also tells the engines to wind down when SIGTERM/SIGINT arrives."""
@@ -120,6 +122,17 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
         sock.close()
     if app_server.fatal is not None:  # `ggufrun serve NAME` whose model cannot load: exit non-zero, one line
         raise app_server.fatal
+
+
+def address_lines(address: tuple[Any, ...]) -> list[str]:
+    """The start-up lines that say where the server listens (the port the OS chose for --port 0)
+    and where the chat page is, at an address a browser on this machine can open."""
+    host, port = str(address[0]), int(address[1])
+    ipv6 = ":" in host
+    shown = f"[{host}]" if ipv6 else host
+    browsable = ("[::1]" if ipv6 else "127.0.0.1") if host in ("0.0.0.0", "::") else shown
+    return [f"Listening on http://{shown}:{port} (OpenAI /v1, Anthropic /v1/messages, Ollama /api)",
+            f"Chat page: http://{browsable}:{port}/"]
 
 
 def bind(host: str, port: int) -> socket.socket:

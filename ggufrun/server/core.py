@@ -197,7 +197,7 @@ class Server:
             self.check_engine(params, {"grammar": "tool_choice" if tool_grammar else "response_format",
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             return [chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)]
 
         group = await self.submit(params, cfg, build)
@@ -245,7 +245,7 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     async with backend_for(server, P.model_name(body)) as (backend, _):
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
-            rendered, tools = T.prepare_messages(plan, messages, backend.template)
+            rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             text = backend.template.render(rendered, add_generation_prompt=True, tools=tools) + prefill
             return text, chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)
 

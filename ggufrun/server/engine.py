@@ -82,6 +82,14 @@ class Backend:
     n_ctx_seq: int  # the longest sequence (prompt + reply) one request may use
     description: str = ""
     embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
+    system: str | None = None  # the model's default system prompt (models.ModelDefaults)
+
+    def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` with the model's default system prompt first, unless they carry a system
+        message of their own (every API's system field arrives as one), as Ollama applies SYSTEM."""
+        if self.system is None or any(m.get("role") == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": self.system}, *messages]
 
 
 @dataclass

@@ -4,7 +4,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
 
     [server]                    # every key optional; command-line flags win
     host = "127.0.0.1"
-    port = 13003
+    port = 13003                # 0: a free port, printed at start-up
     max_loaded = 2              # resident models at most; the least recently used goes first
     parallel = 4                # default slots per model (sequences decoded together)
     max_queue = 64
@@ -17,6 +17,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     served_model_name = ["qwen2:7b"] # names clients use (vLLM's --served-model-name); the model name works too
     parallel = 2
     embeddings = true               # serve /v1/embeddings on the same context (default true)
+    system = "@assistant"           # default system prompt: @NAME, a file or the text (default: the registry entry's)
     n_ctx = 8192                    # any ggufrun setting: n_gpu_layers, flash_attn, temperature...
 
 A model loads on its first request, on its own engine thread. ``n_ctx`` is per request, as
@@ -33,19 +34,27 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, GgufrunError, UnknownModelError
-from ..settings import FIELDS, coerce, load_toml
+from ..settings import FIELDS, Settings, coerce, load_toml, resolve
 from .engine import Backend, Engine, ShuttingDownError
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from ..registry import ModelSpec
 
 log = logging.getLogger("ggufrun.server")
 
 DEFAULT_PORT = 13003
 _SERVER_KEYS = {"host", "port", "max_loaded", "parallel", "max_queue", "api_key", "cors", "max_body_bytes", "allowed_hosts"}
-_MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings"}
+_MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings", "system"}
 EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
+# The most tokens a reply generates when neither the request nor the model's settings (models.toml,
+# config, environment, --max-tokens) give a limit. llama-server generates until the context is full
+# and Ollama until 10 x num_ctx: with a small model that loops, minutes of text nobody asked for.
+# 2048 tokens hold a long answer or a page of code; a request may still ask for up to its context.
+SERVE_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class ModelConfig:
     settings: dict[str, Any] = field(default_factory=dict)
     parallel: int | None = None  # None: the server's --parallel
     embeddings: bool = True
+    system: str | None = None  # the default system prompt (@NAME, a file or text); None: the registry entry's
 
     @property
     def id(self) -> str:
@@ -111,9 +121,9 @@ def read_serve_config(path: Path) -> ServeConfig:
     values: dict[str, Any] = {}
     for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes"):
         if key in server:
-            values[key] = _positive_int(server[key], f"{path} [server] {key}", allow_zero=key == "max_queue")
+            values[key] = _positive_int(server[key], f"{path} [server] {key}", allow_zero=key in ("max_queue", "port"))
     if values.get("port", 1) > 65535:
-        raise ConfigError(f"{path} [server] port must be 1-65535 (got {values['port']}).")
+        raise ConfigError(f"{path} [server] port must be 0-65535 (0: any free port; got {values['port']}).")
     if "host" in server:
         values["host"] = str(server["host"])
     if "api_key" in server:
@@ -128,11 +138,34 @@ def read_serve_config(path: Path) -> ServeConfig:
     return ServeConfig(models=models, **values)
 
 
-def single_model_config(name: str, served_names: tuple[str, ...], settings: dict[str, Any]) -> ServeConfig:
-    """The config of ``ggufrun serve NAME``: one model whose settings come from the flags."""
-    models = (ModelConfig(model=name, served_names=served_names),)
+def single_model_config(name: str, served_names: tuple[str, ...], settings: dict[str, Any],
+                        system: str | None = None) -> ServeConfig:
+    """The config of ``ggufrun serve NAME``: one model whose settings (and system prompt) come from the flags."""
+    models = (ModelConfig(model=name, served_names=served_names, system=system),)
     _check_names(models, "the command line")
     return ServeConfig(models=models).with_settings(settings)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a served model gives a request that leaves a field out, as Ollama applies a Modelfile's
+    SYSTEM and PARAMETERs: the sampling settings and max_tokens (a request's own fields win), and
+    the system prompt (a request with a system message of its own, instructions or system keeps it)."""
+
+    settings: Settings
+    system: str | None = None
+
+
+def model_defaults(spec: ModelSpec, cfg: ModelConfig) -> ModelDefaults:
+    """The defaults of ``cfg``'s model (``spec``, its registry entry): the one place they are
+    resolved, for generation and for what /api/show and the chat page show. Raises ConfigError."""
+    from .. import prompts
+
+    # serve's own max_tokens is the lowest layer: the entry's defaults, the config file, the
+    # environment and --max-tokens (0: until the end of turn or the context) all override it.
+    settings = resolve({"max_tokens": SERVE_MAX_TOKENS, **(spec.defaults or {})}, cfg.settings)
+    chosen = cfg.system if cfg.system is not None else spec.system
+    return ModelDefaults(settings=settings, system=prompts.resolve_system(chosen) if chosen else None)  # "": none
 
 
 def _model_from_toml(raw: Any, where: str) -> ModelConfig:
@@ -154,8 +187,11 @@ def _model_from_toml(raw: Any, where: str) -> ModelConfig:
     embeddings = raw.get("embeddings", True)
     if not isinstance(embeddings, bool):
         raise ConfigError(f"{where}: embeddings must be true or false.")
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ConfigError(f'{where}: system must be a string (@NAME, a file or the text; "" for none).')
     return ModelConfig(model=model.strip(), served_names=tuple(n.strip() for n in names), settings=settings,
-                       parallel=parallel, embeddings=embeddings)
+                       parallel=parallel, embeddings=embeddings, system=system)
 
 
 def _positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
@@ -185,10 +221,15 @@ class ModelPool:
         self.closing = False
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
-            registry.resolve(cfg.model)  # an unknown name or a missing file fails now, before the server starts
+            # an unknown name, a missing file or a bad system prompt or setting fails now, before the server starts
+            model_defaults(registry.resolve(cfg.model), cfg)
             for name in (*cfg.served_names, cfg.id, cfg.model):
                 self._names.setdefault(name, cfg)
         metrics.add_gauges(self._gauges)
+
+    def defaults(self, cfg: ModelConfig) -> ModelDefaults:
+        """The system prompt and settings ``cfg``'s requests get by default (model_defaults)."""
+        return model_defaults(self.registry.resolve(cfg.model), cfg)
 
     def ids(self) -> list[str]:
         return [cfg.id for cfg in self.config.models]
@@ -294,11 +335,11 @@ class ModelPool:
         from ..fetch import ensure_local
         from ..gguf_info import inspect
         from ..loader import open_model
-        from ..settings import resolve
         from ..templates import select_template
 
         spec = self.registry.resolve(cfg.model)
-        per_request = resolve(spec.defaults, cfg.settings)
+        defaults = model_defaults(spec, cfg)
+        per_request = defaults.settings
         path = ensure_local(spec)
         from ..trial import trial_load
 
@@ -316,7 +357,8 @@ class ModelPool:
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
         return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
-                       description=model.description, embed_seq=parallel if cfg.embeddings else None)
+                       description=model.description, embed_seq=parallel if cfg.embeddings else None,
+                       system=defaults.system)
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         queue, active, loaded = {}, {}, {}

@@ -26,6 +26,7 @@ from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjso
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
+    from ..settings import Settings
     from .core import Server
     from .translate import ChatRun
     from .models import ModelConfig
@@ -38,6 +39,7 @@ OLLAMA_API_VERSION = "0.12.0"
 OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
            "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "repeat_last_n": "repeat_last_n"}
+UNTIL_CONTEXT_FULL = 1 << 30  # a max_tokens no context holds
 DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
 MESSAGE_KNOWN = {"role", "content", "images", "thinking", "tool_calls", "tool_name", "name"}
 CHAT_KNOWN = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think", "logprobs", "top_logprobs"}
@@ -105,9 +107,10 @@ def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
             raise Refused(f"options.{name}", f"Option '{name}' is not supported per request; set it when starting `ggufrun serve` (options: {', '.join(sorted(OPTIONS))}).")
         if name == "num_predict":
             if not isinstance(value, int) or isinstance(value, bool) or value < -2 or value == 0:
-                raise Refused("options.num_predict", "'options.num_predict' must be >= 1, or -1 / -2 for no limit.")
-            if value > 0:
-                out["max_tokens"] = value
+                raise Refused("options.num_predict", "'options.num_predict' must be >= 1, or -1 / -2 to generate until the context is full.")
+            # -1 (Ollama: no limit) and -2 (fill the context) both run until the context is full:
+            # the server caps every max_tokens at the room the prompt leaves.
+            out["max_tokens"] = value if value > 0 else UNTIL_CONTEXT_FULL
         elif name == "stop" and isinstance(value, list) and not value:
             continue
         else:
@@ -265,6 +268,14 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
                           **({"logprobs": logprobs} if logprobs else {})})
 
 
+def parameters(settings: Settings) -> str:
+    """The settings a request gets by default, as ``ollama show`` lists a Modelfile's PARAMETERs:
+    one ``name value`` line each, in Ollama's names (num_predict -1: until the context is full)."""
+    values = {name: getattr(settings, OPTIONS[name]) for name in OPTIONS if name not in ("stop", "num_predict")}
+    values["num_predict"] = settings.max_tokens or -1
+    return "\n".join(f"{name:<30} {value}" for name, value in sorted(values.items()))
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -404,9 +415,13 @@ def routes(server: Server) -> list[Route]:
         model_info = {} if info is None else {k: v for k, v in info.metadata.items()
                                               if isinstance(v, (str, int, float, bool)) and k != "tokenizer.chat_template"}
         capabilities = ["completion", *(["embedding"] if cfg.embeddings else []), *(["tools"] if supports("tools") else [])]
-        return JSONResponse({"modelfile": "", "parameters": "", "template": (info.chat_template if info else None) or "",
-                             "details": facts["details"], "model_info": model_info, "capabilities": capabilities,
-                             "modified_at": facts["modified_at"]})
+        defaults = server.pool.defaults(cfg)
+        shown: dict[str, Any] = {"modelfile": "", "parameters": parameters(defaults.settings),
+                                 "template": (info.chat_template if info else None) or "", "details": facts["details"],
+                                 "model_info": model_info, "capabilities": capabilities, "modified_at": facts["modified_at"]}
+        if defaults.system is not None:
+            shown["system"] = defaults.system
+        return JSONResponse(shown)
 
     @guarded(_render_error)
     async def ps(request: Request) -> Response:

@@ -8,9 +8,10 @@ their slots and queue places are freed at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ async def wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def merged(group: JobGroup) -> AsyncIterator[tuple[int, Event]]:
+async def merged(group: JobGroup) -> AsyncGenerator[tuple[int, Event], None]:
     """(job index, event) in arrival order, until every job has sent its terminal event."""
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -111,26 +112,12 @@ class Collected:
     done: Event | None = None
 
 
-async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
-    """Every job's whole reply; None (and the jobs cancelled) if the client left first.
-    An error event raises its error."""
+async def _gather(group: JobGroup) -> list[Collected]:
+    """Every job's whole reply, read in this one task; an error event raises its error."""
     results = [Collected() for _ in group.jobs]
     parts: list[list[str]] = [[] for _ in group.jobs]
-    watcher = asyncio.ensure_future(wait_disconnect(request.receive))
-    events = merged(group)
-    try:
-        while True:
-            getter = asyncio.ensure_future(events.__anext__())
-            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                group.cancel()
-                log.info("client disconnected before the reply was complete")
-                return None
-            try:
-                i, event = getter.result()
-            except StopAsyncIteration:
-                break
+    async with contextlib.aclosing(merged(group)) as events:
+        async for i, event in events:
             if event.kind == "text":
                 parts[i].append(event.text)
                 results[i].tokens.extend(getattr(event, "tokens", None) or ())
@@ -139,10 +126,36 @@ async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
             else:
                 assert event.error is not None
                 raise event.error
-    finally:
-        watcher.cancel()
-        group.cancel()  # a no-op once the jobs ended; frees the slots when this task is cancelled (shutdown)
-        await events.aclose()  # type: ignore[attr-defined]
     for r, p in zip(results, parts):
         r.text = "".join(p)
     return results
+
+
+async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
+    """Every job's whole reply; None (and the jobs cancelled) if the client left first.
+    An error event raises its error."""
+    # The events are read to the end in a task of their own, raced against the disconnect
+    # watcher: the reader is cancelled as a whole, never an async generator closed while another
+    # task is inside it (that raised "aclose(): asynchronous generator is already running").
+    reader = asyncio.ensure_future(_gather(group))
+    watcher = asyncio.ensure_future(wait_disconnect(request.receive))
+    watcher.add_done_callback(_retrieve)
+    try:
+        await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if reader.done():
+            return reader.result()
+        log.info("client disconnected before the reply was complete")
+        return None
+    finally:
+        group.cancel()  # a no-op once the jobs ended; frees the slots when the client left or this task was cancelled
+        watcher.cancel()
+        if not reader.done():
+            reader.cancel()
+            reader.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a task's outcome as seen: a reader dropped after its client left, or a watcher whose
+    channel failed, has nobody to tell."""
+    if not task.cancelled():
+        task.exception()
