@@ -16,7 +16,7 @@ from .gbnf import check_gbnf
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
 MAX_STRING_LENGTH = 1000  # minLength / maxLength (each extra character is one nested group)
-MAX_ITEMS = 256  # minItems / maxItems
+MAX_ITEMS = 1000  # minItems / maxItems (each optional item beyond the minimum is one nested group)
 MAX_ENUM = 1024  # enum values
 MAX_PROPERTIES = 256  # properties of one object
 MAX_SCHEMA_NODES = 4096  # sub-schemas in all
