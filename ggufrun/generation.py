@@ -498,13 +498,25 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> l
 def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
     scaled = row.astype(np.float64) / (temp if temp > 0 else 1.0)
     m = scaled.max()
+    if not math.isfinite(m):  # every token banned: no distribution to speak of
+        ids = np.argsort(-scaled, kind="stable")[:n_top]
+        return MIN_LOGPROB, [(int(i), MIN_LOGPROB) for i in ids]
     lse = m + math.log(np.exp(scaled - m).sum())
     top: list[tuple[int, float]] = []
     if n_top:
         idx = np.argpartition(-scaled, n_top - 1)[:n_top]
         idx = idx[np.argsort(-scaled[idx], kind="stable")]
         top = [(int(i), float(scaled[i] - lse)) for i in idx]
-    return float(scaled[token] - lse), top
+    return _finite(scaled[token] - lse), [(i, _finite(v)) for i, v in top]
+
+
+# OpenAI's floor for a token the model gives no chance: a logprob must be a JSON number, and with
+# every token banned (-inf logits) the arithmetic above gives -inf or NaN.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else MIN_LOGPROB
 
 
 # A grammar row whose draw does not fit is drawn again among the tokens the grammar allows. With

@@ -50,7 +50,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("top_p", float, "Nucleus sampling threshold.", min=0.0, max=1.0, sampling=True),
     Field("top_k", int, "Top-k sampling (0 = off).", min=0, sampling=True),
     Field("min_p", float, "Min-p sampling threshold.", min=0.0, max=1.0, sampling=True),
-    Field("repeat_penalty", float, "Penalty for repeating recent tokens (1.0 = off).", min=0.0, max=10.0, sampling=True),
+    # llama.cpp divides positive logits by it: 0 would divide by zero
+    Field("repeat_penalty", float, "Penalty for repeating recent tokens (1.0 = off).", min=0.01, max=10.0, sampling=True),
     Field("presence_penalty", float, "Subtract this from every token already in the recent window (0 = off).", min=-2.0, max=2.0, sampling=True),
     Field("frequency_penalty", float, "Subtract this times a token's count in the recent window (0 = off).", min=-2.0, max=2.0, sampling=True),
     Field("repeat_last_n", int, "Tokens the penalties look back over, prompt included (-1 = the whole context, 0 = off).", min=-1, sampling=True),

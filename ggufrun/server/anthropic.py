@@ -35,7 +35,8 @@ COUNT_KNOWN = {"model", "messages", "system", "tools", "tool_choice", "thinking"
 NAMES = {"max_tokens": "max_tokens", "stop": "stop_sequences", "tools": "tools", "tool_choice": "tool_choice",
          "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format",
          "chat_template_kwargs.enable_thinking": "thinking", "reasoning_budget": "thinking.budget_tokens",
-         "reasoning_effort": "output_config.effort"}
+         "reasoning_effort": "output_config.effort",
+         "response_format.json_schema.schema": "output_config.format.schema", "messages": "messages"}
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -182,6 +183,10 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise Refused("max_tokens", "'max_tokens' is required: an integer >= 1.")
     out: dict[str, Any] = {"messages": _messages(body), "max_tokens": max_tokens}
+    temperature = body.get("temperature")
+    # Anthropic's range is 0 to 1 (OpenAI's, which the pipeline checks, is wider)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and not 0 <= temperature <= 1:
+        raise Refused("temperature", f"'temperature' must be between 0 and 1 (got {temperature}).")
     for key in ("model", "temperature", "top_p", "top_k", "stream"):
         if body.get(key) is not None:
             out[key] = body[key]

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
+from . import constraints, limits
 from . import protocol as P
 from . import thinking
 from . import tools as T
@@ -121,17 +122,26 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            def prepare(backend: Backend) -> list[list[int]]:
+            def prepare(backend: Backend) -> tuple[list[list[int]], list[Any]]:
+                params.grammar = constraints.finish(params.grammar, params.json_schema, params.grammar_param)
                 prompts = build(backend)
+                limits.check_generation(backend.model, prompts, params.n, params.logit_bias, params.grammar,
+                                        params.grammar_param)
                 if params.grammar is not None:  # (tools may have set it): the grammar's one-time index, here too
                     backend.model.prepare_grammars()
-                return prompts
+                count = len(prompts) * params.n  # (more than the engine can ever hold is its 400 below)
+                grammars = limits.compile_grammars(backend.model, params.grammar, params.grammar_triggers,
+                                                   count if count <= engine.parallel + engine.max_queue else 0)
+                return prompts, grammars
 
-            # off the event loop: rendering runs the GGUF's template, which may take up to its time budget
-            prompts = await asyncio.to_thread(prepare, backend)
+            # off the event loop: rendering runs the GGUF's template, which may take up to its time
+            # budget; converting a schema and compiling grammars take time too
+            prompts, grammars = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
             jobs = [Job(request, loop) for request in requests]
+            for job, grammar in zip(jobs, grammars):  # compiled above; the engine owns each once submitted
+                job.grammar = grammar
             engine.submit_all(jobs, param="n" if params.n > 1 else "prompt")  # all or none: a 400 if they can never fit
         except BaseException:
             for job in jobs:
@@ -211,20 +221,8 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            texts = []
-            for i, item in enumerate(inputs):
-                where = f"input[{i}]" if len(inputs) > 1 else "input"
-                if isinstance(item, list):
-                    bad = [t for t in item if t >= backend.model.n_vocab]
-                    if bad:
-                        raise invalid(where, f"token id {bad[0]} is outside the vocabulary of {backend.model.n_vocab}.")
-                    item = backend.model.detokenize(item)
-                n_tokens = len(backend.model.tokenize(item))
-                if n_tokens > backend.model.n_batch:  # the embedder decodes a text in one batch: longer would be cut
-                    raise ApiError(400, f"Invalid '{where}': it has {n_tokens} tokens; at most {backend.model.n_batch} "
-                                   "(the batch size) can be embedded. Split the text or serve with a larger --batch-size.",
-                                   param=where, kind="exceed_context_size_error")
-                texts.append(item)
+            # off the event loop: text full of special-token strings is slow to tokenise
+            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs)
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)

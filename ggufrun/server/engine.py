@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +204,7 @@ def _post(outbox: list[tuple[Job, Event]]) -> None:
 
 @dataclass
 class _EmbedJob:
-    texts: list[str]
+    texts: Sequence[str | list[int]]  # token ids, or text tokenised on the engine thread
     future: concurrent.futures.Future[tuple[list[list[float]], int]]
     vectors: list[list[float]] = field(default_factory=list)
     n_tokens: int = 0
@@ -323,7 +323,7 @@ class Engine:
             return self.error
         return ShuttingDownError(f"Model '{self.name}' is shutting down.", "Retry in a moment.")
 
-    def embed(self, texts: list[str]) -> concurrent.futures.Future[tuple[list[list[float]], int]]:
+    def embed(self, texts: Sequence[str | list[int]]) -> concurrent.futures.Future[tuple[list[list[float]], int]]:
         """Vectors and the token count, computed on the engine thread one text per step, between
         generation steps; cancelling the future drops the rest of the work."""
         future: concurrent.futures.Future[tuple[list[list[float]], int]] = concurrent.futures.Future()
@@ -854,7 +854,8 @@ class Engine:
                     self._embedder = self._load_embedder(self.backend)
                 if job.steps is None:
                     if job.tokens is None:
-                        job.tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])[: self.backend.model.n_batch]
+                        item = job.texts[len(job.vectors)]  # token ids from the handler (tokenised off the loop), or text
+                        job.tokens = (list(item) if isinstance(item, list) else self.backend.model.tokenize(item))[: self.backend.model.n_batch]
                     tokens = job.tokens
                     if getattr(self._embedder, "shares_context", False):
                         # Its text goes into the requests' cache: its cells are reserved as a job's are,

@@ -57,7 +57,8 @@ def _now() -> str:
 
 # OpenAI field -> how an Ollama client spells it, for error messages.
 NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format",
-         "chat_template_kwargs.enable_thinking": "think", "reasoning_effort": "think"}
+         "chat_template_kwargs.enable_thinking": "think", "reasoning_effort": "think",
+         "response_format.json_schema.schema": "format"}
 
 
 def _check_keep_alive(body: dict[str, Any]) -> None:
@@ -142,7 +143,8 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
             raise Refused(f"{where}.{unknown[0]}", f"Unknown field '{where}.{unknown[0]}'.")
         if m.get("images"):
             raise Refused(f"{where}.images", f"'{where}.images' is not supported (text models only).")
-        content = m.get("content") or ""
+        content = m.get("content")
+        content = "" if content is None else content  # 0, false or [] are not text: refused below
         if not isinstance(content, str):
             raise Refused(f"{where}.content", f"'{where}.content' must be a string.")
         message: dict[str, Any] = {"role": m["role"], "content": content}

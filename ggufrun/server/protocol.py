@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..settings import coerce
-from . import constraints
+from . import constraints, limits
 from .api_errors import ApiError, api_error, invalid, unsupported
 
 __all__ = ["ApiError", "api_error", "invalid", "unsupported"]  # re-exported: where callers have always found them
@@ -145,7 +145,8 @@ class GenParams:
     logprobs: int | None = None  # None = off; else how many alternatives per token
     grammar: str | None = None  # GBNF
     grammar_triggers: list[str] | None = None  # lazy grammar: applied from where one of these patterns matches
-    json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (reported, not enforced here)
+    json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (its grammar enforces it)
+    grammar_param: str = "grammar"  # the request field the grammar or schema came from, for a 400
     ignore_eos: bool = False
     raw_grammar: bool = False  # the grammar came as llama.cpp's 'grammar' field: it shapes the whole reply, thinking too
     thinking: bool | None = None  # a reasoning model's thinking asked on or off (None: the template's default)
@@ -287,7 +288,8 @@ def _check_metadata(body: dict[str, Any]) -> None:
 
 
 def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -> None:
-    """response_format / grammar / json_schema -> one GBNF grammar (a 400 when the converter fails)."""
+    """response_format / grammar / json_schema, checked here (cheap) and made one GBNF grammar by
+    constraints.finish off the event loop (a 400 when a limit or the converter refuses it)."""
     sources = [k for k in ("grammar", "json_schema") if body.get(k) is not None]
     fmt = typed(body, "response_format", (dict,), "an object") if chat else None
     if fmt is not None and fmt.get("type") not in (None, "text"):
@@ -295,7 +297,7 @@ def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -
     if len(sources) > 1:
         raise invalid(sources[1], f"only one of {', '.join(sources)} may constrain the output.")
     if fmt is not None:
-        params.grammar, params.json_schema = constraints.from_response_format(fmt)
+        params.json_schema, params.grammar_param = constraints.from_response_format(fmt)
     elif body.get("grammar") is not None:
         grammar = typed(body, "grammar", (str,), "a GBNF grammar string")
         if not grammar.strip():
@@ -303,7 +305,8 @@ def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -
         params.grammar, params.raw_grammar = grammar, True
     elif body.get("json_schema") is not None:
         schema = typed(body, "json_schema", (dict,), "a JSON schema object")
-        params.grammar, params.json_schema = constraints.schema_grammar(schema, "json_schema"), schema
+        constraints.check_schema(schema, "json_schema")
+        params.json_schema, params.grammar_param = schema, "json_schema"
 
 
 def text_of(content: Any, where: str) -> str:
@@ -330,6 +333,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "expected a non-empty list of {role, content} objects.")
+    limits.check_messages(len(messages))
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -389,10 +393,12 @@ def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
     if isinstance(prompt, str):
+        limits.check_text_size([prompt], "prompt")  # a prompt's special-token strings are parsed: slow when many
         return [prompt]
     if tokens(prompt):
         return [prompt]
     if isinstance(prompt, list) and prompt and len(prompt) <= MAX_N and all(isinstance(p, str) or tokens(p) for p in prompt):
+        limits.check_text_size([p for p in prompt if isinstance(p, str)], "prompt")
         return list(prompt)
     raise invalid("prompt", f"expected a string, a list of up to {MAX_N} strings, a list of token ids, or a list of such lists.")
 

@@ -38,16 +38,17 @@ def timings(done: Event) -> dict[str, Any]:
             "predicted_per_second": gen_n * 1000.0 / predicted_ms if predicted_ms else 0.0}
 
 
-def usage(dones: list[Event], reasoning: bool = False) -> dict[str, Any]:
-    """OpenAI's usage object; with ``reasoning`` (a thinking reply), the thinking tokens apart."""
-    prompt = sum(d.prompt_tokens for d in dones[:1]) if len({d.prompt_tokens for d in dones}) == 1 else \
-        sum(d.prompt_tokens for d in dones)  # n choices share one prompt; a list of prompts does not
-    completion = sum(d.completion_tokens for d in dones)
-    cached = int(getattr(dones[0], "cached_tokens", 0) or 0) if dones else 0
-    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-           "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(dones: dict[int, Event], n: int, reasoning: bool = False) -> dict[str, Any]:
+    """Usage of the finished choices by index: the n choices of one prompt share it (index // n); with
+    ``reasoning`` (a thinking reply), the thinking tokens apart."""
+    prompt = sum(d.prompt_tokens for i, d in dones.items() if i % n == 0)
+    completion = sum(d.completion_tokens for d in dones.values())
+    cached = int(getattr(next(iter(dones.values())), "cached_tokens", 0) or 0) if dones else 0
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                           "prompt_tokens_details": {"cached_tokens": cached}}
     if reasoning:
-        out["completion_tokens_details"] = {"reasoning_tokens": sum(int(getattr(d, "reasoning_tokens", 0) or 0) for d in dones)}
+        out["completion_tokens_details"] = {"reasoning_tokens": sum(int(getattr(d, "reasoning_tokens", 0) or 0)
+                                                                    for d in dones.values())}
     return out
 
 
@@ -165,7 +166,7 @@ class Choices:
         n = len(group.jobs)
         if self.chat:
             yield self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in range(n)])
-        dones: list[Event] = []
+        dones: dict[int, Event] = {}
         async for i, event in merged(group):
             if event.kind == "text":
                 tokens = getattr(event, "tokens", None) or []
@@ -181,12 +182,12 @@ class Choices:
                 self.stop_sequences[i] = getattr(event, "stop_sequence", None)
                 for piece in self._pieces(i, "", final=True):
                     yield self._chunk([piece])
-                dones.append(event)
+                dones[i] = event
                 last = len(dones) == n
                 extra: dict[str, Any] = {"timings": timings(event)} if last and n == 1 else {}
                 yield self._chunk([self._delta(i, {}, self._finish(i, event.finish_reason))], **extra)
                 if last and self.params.include_usage:
-                    yield self._chunk([], usage=usage(dones, self.params.think is not None))
+                    yield self._chunk([], usage=usage(dones, self.params.n, self.params.think is not None))
             else:
                 assert event.error is not None
                 yield api_error(event.error).body()
@@ -217,9 +218,10 @@ class Choices:
             message["refusal"] = None
             choices.append({"index": i, "message": message, "logprobs": logprobs,
                             "finish_reason": self._finish(i, r.done.finish_reason)})
-        dones = [r.done for r in results if r.done is not None]
+        dones = {i: r.done for i, r in enumerate(results) if r.done is not None}
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": "ggufrun", "choices": choices, "usage": usage(dones, self.params.think is not None)}
+                "system_fingerprint": "ggufrun", "choices": choices,
+                "usage": usage(dones, self.params.n, self.params.think is not None)}
         if len(dones) == 1:
-            body["timings"] = timings(dones[0])
+            body["timings"] = timings(next(iter(dones.values())))
         return body

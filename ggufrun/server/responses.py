@@ -32,7 +32,8 @@ KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "
 EXTRAS = ("top_k", "min_p", "seed", "repeat_penalty")
 NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice",
          "parallel_tool_calls": "parallel_tool_calls", "logprobs": "top_logprobs", "top_logprobs": "top_logprobs",
-         "reasoning_effort": "reasoning.effort"}
+         "reasoning_effort": "reasoning.effort",
+         "response_format.json_schema.schema": "text.format.schema", "messages": "input"}
 # include values that need nothing from us: reasoning items carry their text in the clear, nothing is encrypted.
 # "message.output_text.logprobs" is honoured (see to_openai).
 HARMLESS_INCLUDES = {"reasoning.encrypted_content", "message.output_text.logprobs"}
