@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
 from .generation import classify_stops
+from .reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, ThinkSplitter, detect, start_state, steer
 from .templates import ChatTemplate, chat_tokens, select_template
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ HELP = """Commands:
   /save FILE          write the conversation to a JSON file
   /load FILE          restore a conversation written by /save
   /stats              token counts, KV-cache reuse and speed
+  /think [on|off]     a reasoning model: show, or turn on or off, its thinking before it answers
   /exit               leave (Ctrl-D does too)
 Multi-line input: end a line with \\ to continue it, or wrap the text in \"\"\" lines.
 Ctrl-C stops a reply and keeps the session."""
@@ -51,25 +53,31 @@ class CommandResult:
 
 
 class Reply:
-    """One assistant reply, streamed: iterate for text pieces as tokens arrive.
+    """One assistant reply, streamed: iterate for the answer's text pieces as tokens arrive, or
+    :meth:`parts` for ("thinking" | "answer", text) pieces (a reasoning model's thinking apart).
 
     ``notice`` is set before the first piece when older turns were dropped to make room.
     :meth:`cancel` (safe from a signal handler) stops after the current token; the text produced
     so far stays in the conversation. ``stats`` is filled as generation goes.
     """
 
-    def __init__(self, session: ChatSession, tokens: list[int], notice: str | None) -> None:
+    def __init__(self, session: ChatSession, tokens: list[int], notice: str | None, think: ThinkBudget | None = None) -> None:
         from .generation import GenStats
 
         self.notice = notice
         self.stats: GenStats = GenStats()
         self.text = ""
+        self.thinking = ""
         self.cancelled = False
         self._session = session
         self._tokens = tokens
+        self._think = think
         self._stream = self._generate()
 
     def __iter__(self) -> Iterator[str]:
+        return (text for kind, text in self._stream if kind == ANSWER)
+
+    def parts(self) -> Iterator[tuple[str, str]]:
         return self._stream
 
     def cancel(self) -> None:
@@ -79,24 +87,34 @@ class Reply:
         """Stop generating (if still running) and record the reply in the conversation."""
         self._stream.close()
 
-    def _generate(self) -> Generator[str, None, None]:
+    def _generate(self) -> Generator[tuple[str, str], None, None]:
         session = self._session
         model = session.model
         gen = model.start(self._tokens, session._sampler.params, max_tokens=session.settings.max_tokens,
-                          stop=session._text_stops, stop_ids=session._stop_ids)
+                          stop=session._text_stops, stop_ids=session._stop_ids, think=self._think)
         self.stats = gen.stats
         parts: list[str] = []
+        thoughts: list[str] = []
         stream = model.stream(gen, self._tokens)
+        splitter = ThinkSplitter(self._think.fmt, self._think.start) if self._think is not None else None
         try:
             for _tok, piece in stream:  # the hot loop: one sample, one accept and a yield per token
                 if piece:
-                    parts.append(piece)
-                    yield piece
+                    if splitter is None:
+                        parts.append(piece)
+                        yield ANSWER, piece
+                    else:
+                        for kind, text in splitter.feed(piece):
+                            (thoughts if kind == THINKING else parts).append(text)
+                            yield kind, text
                 if self.cancelled:
                     break
+            for kind, text in splitter.finish() if splitter is not None else ():
+                (thoughts if kind == THINKING else parts).append(text)
+                yield kind, text
         finally:
             stream.close()
-            self.text = "".join(parts)
+            self.text, self.thinking = "".join(parts), "".join(thoughts)
             session._record(self)
 
 
@@ -118,6 +136,8 @@ class ChatSession:
         self.last_stats: GenStats | None = None
         self.totals = {"turns": 0, "prompt_tokens": 0, "cached_tokens": 0, "gen_tokens": 0, "gen_seconds": 0.0}
         self._sampler: Any = None
+        self.thinking = settings.reasoning_budget != 0  # /think on|off, for a reasoning model
+        self.reasoning: ThinkFormat | None = None
         self.template = self._select_template(settings.template)
         self._new_sampler()
 
@@ -131,6 +151,7 @@ class ChatSession:
         # A stop string that is one token in this vocabulary is matched by id (cheap, and control
         # tokens print as nothing); longer ones are matched in the text.
         self._stop_ids, self._text_stops = classify_stops(model, template.stop)
+        self.reasoning = detect(template.jinja_source, self.settings.reasoning_format)
         return template
 
     def _new_sampler(self) -> None:
@@ -150,7 +171,25 @@ class ChatSession:
     def tokens(self, history: list[dict[str, str]] | None = None, add_generation_prompt: bool = True) -> list[int]:
         """The conversation (or ``history`` after the system prompt) rendered and tokenized, with
         BOS added where the model wants one, once."""
-        return chat_tokens(self.template, self.model, self.messages(history), add_generation_prompt=add_generation_prompt)
+        fmt = self.reasoning
+        variables = {"enable_thinking": self.thinking} if fmt is not None and fmt.toggle else None
+        return chat_tokens(self.template, self.model, self.messages(history), add_generation_prompt=add_generation_prompt,
+                           variables=variables)
+
+    def _think_plan(self, tokens: list[int]) -> tuple[list[int], ThinkBudget | None]:
+        """The prompt with thinking turned off where the template cannot, and where the reply starts."""
+        fmt = self.reasoning
+        if fmt is None:
+            return tokens, None
+        start = start_state(self.model.detokenize(tokens[-8:], special=True), fmt)
+        extra, start = steer(fmt, start, self.thinking)
+        if extra:
+            tokens = tokens + self.model.tokenize(extra, add_special=False, parse_special=True)
+        if start == ANSWER:
+            return tokens, None
+        budget = self.settings.reasoning_budget
+        close = self.model.tokenize(fmt.close_text, add_special=False, parse_special=True)
+        return tokens, ThinkBudget(fmt, start, budget if budget > 0 else None, close)
 
     def reply_room(self) -> int:
         """Context kept free for the reply when deciding whether the history must be trimmed."""
@@ -184,12 +223,16 @@ class ChatSession:
             notice = f"The conversation passed the {self.model.n_ctx}-token context: dropped the oldest {what}" + (
                 " (the system prompt stays)." if self.system else ".")
         self._sampler.reset()
-        return Reply(self, tokens, notice)
+        tokens, think = self._think_plan(tokens)
+        return Reply(self, tokens, notice, think)
 
     def _record(self, reply: Reply) -> None:
         """Called when a reply ends (finished, stopped or cancelled): keep it and count it."""
-        if reply.text:
-            self.history.append({"role": "assistant", "content": reply.text})
+        if reply.text or reply.thinking:
+            turn = {"role": "assistant", "content": reply.text}
+            if reply.thinking:  # the template renders it back where it keeps thinking (most drop it)
+                turn["reasoning_content"] = reply.thinking
+            self.history.append(turn)
         elif self.history and self.history[-1]["role"] == "user":
             self.history.pop()  # nothing was said: forget the question rather than leave it unanswered
         st = reply.stats
@@ -235,6 +278,8 @@ class ChatSession:
             return CommandResult(f"Loaded {len(self.history)} messages from {path}.")
         if name == "/stats":
             return CommandResult(self.stats_text())
+        if name == "/think":
+            return self._cmd_think(arg)
         raise ConfigError(f"Unknown command '{name}'.", "Type /help for the list.")
 
     def _cmd_system(self, arg: str) -> CommandResult:
@@ -244,6 +289,16 @@ class ChatSession:
             return CommandResult(f"System prompt: {self.system}" if self.system else "No system prompt.")
         self.system = resolve_system(arg)
         return CommandResult("System prompt set.")
+
+    def _cmd_think(self, arg: str) -> CommandResult:
+        if self.reasoning is None:
+            raise ConfigError(f"{self.model_name} does not reason: its chat template has no thinking block.",
+                              "Restart with --reasoning-format deepseek if it writes <think> blocks anyway.")
+        if arg.lower() not in ("", "on", "off"):
+            raise ConfigError(f"/think takes on or off, not '{arg}'.")
+        if arg:
+            self.thinking = arg.lower() == "on"
+        return CommandResult(f"Thinking {'on' if self.thinking else 'off'}.")
 
     def _cmd_set(self, arg: str) -> CommandResult:
         if not arg:
@@ -317,7 +372,9 @@ class ChatSession:
         if isinstance(system, str):
             check_utf8(system, f"{path}: the system prompt")
         self.system = system if isinstance(system, str) and system else None
-        self.history = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.history = [{"role": m["role"], "content": m["content"],
+                         **({"reasoning_content": m["reasoning_content"]} if isinstance(m.get("reasoning_content"), str) else {})}
+                        for m in messages]
         return path
 
 
@@ -336,5 +393,6 @@ def format_stats(st: GenStats) -> str:
     prompt = f"{st.prompt_tokens} prompt tokens"
     if st.cached_tokens:
         prompt += f" ({st.cached_tokens} cached)"
-    return (f"{prompt} · {st.gen_tokens} generated · first token {st.ttft_seconds:.2f} s"
+    thought = f" ({st.reasoning_tokens} thinking)" if st.reasoning_tokens else ""
+    return (f"{prompt} · {st.gen_tokens} generated{thought} · first token {st.ttft_seconds:.2f} s"
             f" · {st.gen_tps:.1f} tok/s")

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import GgufrunError
+from .reasoning import ThinkBudget, ThinkWatch
 from .settings import Settings
 
 _DEFAULTS = Settings()
@@ -111,6 +112,7 @@ class GenStats:
     gen_seconds: float = 0.0  # from the first generated token to the last
     ttft_seconds: float = 0.0  # from the start to the first generated token
     finish_reason: str = ""  # "stop" (end of turn or stop string), "length" (max_tokens or context full)
+    reasoning_tokens: int = 0  # of gen_tokens, those a reasoning model spent thinking (its tags included)
 
     @property
     def prompt_tps(self) -> float:
@@ -153,6 +155,17 @@ class SeqSampler:
         bias = {int(t): float(b) for t, b in params.logit_bias.items()}
         self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
         self.bias_vals = np.array([-np.inf if b <= -100 else b for b in bias.values()], dtype=np.float32)
+        self.forced: deque[int] | None = None  # tokens that come next whatever the logits say (a thinking budget's close)
+
+    def take_forced(self, drawn: int) -> int:
+        """The next forced token in place of ``drawn``; a grammar that would reject it ends the forcing."""
+        assert self.forced
+        token = self.forced[0]
+        if self.grammar is not None and not self.grammar.allows(token):
+            self.forced = None
+            return drawn
+        self.forced.popleft()
+        return token
 
     def _push(self, token: int) -> None:
         w = self._window
@@ -485,13 +498,25 @@ def _top_k_candidates(logits: np.ndarray, ks: np.ndarray, threads: int = 1) -> l
 def _logprob_info(row: np.ndarray, temp: float, token: int, n_top: int) -> tuple[float, list[tuple[int, float]]]:
     scaled = row.astype(np.float64) / (temp if temp > 0 else 1.0)
     m = scaled.max()
+    if not math.isfinite(m):  # every token banned: no distribution to speak of
+        ids = np.argsort(-scaled, kind="stable")[:n_top]
+        return MIN_LOGPROB, [(int(i), MIN_LOGPROB) for i in ids]
     lse = m + math.log(np.exp(scaled - m).sum())
     top: list[tuple[int, float]] = []
     if n_top:
         idx = np.argpartition(-scaled, n_top - 1)[:n_top]
         idx = idx[np.argsort(-scaled[idx], kind="stable")]
         top = [(int(i), float(scaled[i] - lse)) for i in idx]
-    return float(scaled[token] - lse), top
+    return _finite(scaled[token] - lse), [(i, _finite(v)) for i, v in top]
+
+
+# OpenAI's floor for a token the model gives no chance: a logprob must be a JSON number, and with
+# every token banned (-inf logits) the arithmetic above gives -inf or NaN.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else MIN_LOGPROB
 
 
 # A grammar row whose draw does not fit is drawn again among the tokens the grammar allows. With
@@ -629,6 +654,8 @@ def sample_rows(logits: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], 
     _constrain(logits, tokens, seqs)
     infos: list[tuple[float, list[tuple[int, float]]] | None] = [None] * n
     for i, s in enumerate(seqs):
+        if s.forced:
+            tokens[i] = s.take_forced(int(tokens[i]))
         if s.params.logprobs is not None and tokens[i] >= 0:
             infos[i] = _logprob_info(logits[i], s.params.temperature, int(tokens[i]), s.params.logprobs)
     return [int(t) for t in tokens], infos
@@ -689,7 +716,8 @@ class Generation:
     def __init__(self, vocab: Vocab, prompt: list[int], params: SamplingParams, *, max_tokens: int = 0,
                  n_ctx: int = 0, stop: list[str] | tuple[str, ...] = (), stop_ids: frozenset[int] | None = None,
                  ignore_eos: bool = False, cached: int = 0, grammar_factory: Callable[[str], GrammarLike] | None = None,
-                 draw_factory: Callable[[SamplingParams], DrawLike | None] | None = None) -> None:
+                 draw_factory: Callable[[SamplingParams], DrawLike | None] | None = None,
+                 think: ThinkBudget | None = None) -> None:
         self.vocab = vocab
         self.params = params
         self.max_tokens = max_tokens
@@ -716,6 +744,7 @@ class Generation:
         self._held = ""
         self.finish_reason = ""
         self.tokens: list[TokenInfo] = []  # logprob entries behind the text not yet returned
+        self.watch = ThinkWatch(think) if think is not None else None  # a reasoning model's thinking, counted
 
     @property
     def n_gen(self) -> int:
@@ -738,6 +767,10 @@ class Generation:
         self.sampler.accept(token)
         st.gen_tokens += 1
         piece = self._utf8.decode(self.vocab.token_bytes(token))
+        if self.watch is not None:
+            if self.watch.feed(piece):  # the thinking budget is spent: its block's close comes next
+                self.sampler.forced = deque(self.watch.plan.close_tokens)
+            st.reasoning_tokens = self.watch.count
         if self.params.logprobs is not None:
             lp, top = info if info is not None else (None, [])
             self.tokens.append(TokenInfo(token, self.vocab.token_bytes(token).decode("utf-8", "replace"), lp,

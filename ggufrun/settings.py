@@ -50,12 +50,17 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("top_p", float, "Nucleus sampling threshold.", min=0.0, max=1.0, sampling=True),
     Field("top_k", int, "Top-k sampling (0 = off).", min=0, sampling=True),
     Field("min_p", float, "Min-p sampling threshold.", min=0.0, max=1.0, sampling=True),
-    Field("repeat_penalty", float, "Penalty for repeating recent tokens (1.0 = off).", min=0.0, max=10.0, sampling=True),
+    # llama.cpp divides positive logits by it: 0 would divide by zero
+    Field("repeat_penalty", float, "Penalty for repeating recent tokens (1.0 = off).", min=0.01, max=10.0, sampling=True),
     Field("presence_penalty", float, "Subtract this from every token already in the recent window (0 = off).", min=-2.0, max=2.0, sampling=True),
     Field("frequency_penalty", float, "Subtract this times a token's count in the recent window (0 = off).", min=-2.0, max=2.0, sampling=True),
     Field("repeat_last_n", int, "Tokens the penalties look back over, prompt included (-1 = the whole context, 0 = off).", min=-1, sampling=True),
     Field("max_tokens", int, "Most tokens to generate per reply (0 = until end of turn or context).", min=0, sampling=True),
     Field("template", str, "Chat template: auto (the GGUF's own, else the family's) or chatml, gemma, llama3, plain."),
+    Field("reasoning_format", str, "Thinking of reasoning models: auto (from the chat template), none (leave it in the answer) "
+          "or deepseek (<think>...</think>).", choices=("auto", "none", "deepseek")),
+    Field("reasoning_budget", int, "Most thinking tokens per reply before the block is closed and the answer follows "
+          "(-1 = no limit, 0 = thinking off).", min=-1),
     Field("rpc", str, "RPC workers HOST:PORT,... (ggufrun rpc-worker) whose devices llama.cpp offloads layers to."),
     Field("split_mode", str, "How layers spread over several devices.", choices=("layer", "row", "none")),
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
@@ -86,6 +91,8 @@ class Settings:
     repeat_last_n: int = 64
     max_tokens: int = 0
     template: str = "auto"
+    reasoning_format: str = "auto"
+    reasoning_budget: int = -1
     rpc: str = ""
     split_mode: str = "layer"
     tensor_split: str = ""

@@ -124,9 +124,11 @@ class ChatTemplate:
                  "override": "--template"}[self.source]
         return f"{self.name} (from {where})"
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None) -> str:
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: Sequence[Any] | None = None,
+               variables: Mapping[str, Any] | None = None) -> str:
         """Prompt text for ``messages`` (dicts with role and content; ``tools`` reach a GGUF
-        template that renders them, see server/tools.py); raise TemplateError."""
+        template that renders them, see server/tools.py; ``variables`` too, such as
+        ``enable_thinking``: a request's chat_template_kwargs); raise TemplateError."""
         for m in messages:
             if not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant", "tool"):
                 raise TemplateError(f"Invalid chat message {m!r}: role must be system, user or assistant.")
@@ -140,6 +142,7 @@ class ChatTemplate:
                 eos_token=self.eos_token,
                 tools=list(tools) if tools else None,
                 documents=None,
+                **(variables or {}),
             ))
         except TemplateError:
             raise
@@ -479,7 +482,7 @@ def guess_family(metadata: Mapping[str, Any]) -> str:
 
 
 def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                tools: Sequence[Any] | None = None) -> list[int]:
+                tools: Sequence[Any] | None = None, variables: Mapping[str, Any] | None = None) -> list[int]:
     """Render ``messages`` with ``template`` and tokenize them for ``model`` (a runtime.Model).
 
     Only the template's own markers become control tokens: text inside a message is tokenised as
@@ -491,10 +494,10 @@ def chat_tokens(template: "ChatTemplate", model: Any, messages: list[dict[str, A
     """
     marked = [i for i, m in enumerate(messages) if _holds_special(model, m.get("content"))]
     if not marked:  # the common case: one render, one tokenize call, as before
-        tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools),
-                                add_special=True, parse_special=True)
+        tokens = model.tokenize(template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                                variables=variables), add_special=True, parse_special=True)
     else:
-        tokens = _tokenize_marked(template, model, messages, marked, add_generation_prompt, tools)
+        tokens = _tokenize_marked(template, model, messages, marked, add_generation_prompt, tools, variables)
     if len(tokens) > 1 and tokens[0] == tokens[1] == model.bos_id:
         del tokens[0]
     return tokens
@@ -510,7 +513,8 @@ def _holds_special(model: Any, content: Any) -> bool:
 
 
 def _tokenize_marked(template: "ChatTemplate", model: Any, messages: list[dict[str, Any]], marked: list[int],
-                     add_generation_prompt: bool, tools: Sequence[Any] | None) -> list[int]:
+                     add_generation_prompt: bool, tools: Sequence[Any] | None,
+                     variables: Mapping[str, Any] | None = None) -> list[int]:
     # Wrap the risky messages' text in markers no user can guess (private-use characters and a
     # random nonce), render, then tokenise between the markers as plain text.
     nonce = secrets.token_hex(8)
@@ -523,7 +527,7 @@ def _tokenize_marked(template: "ChatTemplate", model: Any, messages: list[dict[s
                 for p in content]
 
     wrapped = [dict(m, content=wrap(m["content"])) if i in marked else m for i, m in enumerate(messages)]
-    text = template.render(wrapped, add_generation_prompt=add_generation_prompt, tools=tools)
+    text = template.render(wrapped, add_generation_prompt=add_generation_prompt, tools=tools, variables=variables)
     parts = re.split(f"({re.escape(start)}|{re.escape(end)})", text)
     tokens: list[int] = []
     inside = False

@@ -27,7 +27,7 @@ from serverutil import ServerProcess, serve
 
 from ggufrun.generation import SamplingParams
 from ggufrun.server import tools as T
-from ggufrun.server.constraints import embed_rules, from_response_format
+from ggufrun.server.constraints import embed_rules, from_response_format, schema_grammar
 from ggufrun.server.engine import GenRequest
 from ggufrun.server.protocol import ApiError, parse_body, parse_messages
 
@@ -175,9 +175,10 @@ def test_tool_choice_becomes_a_grammar_and_bad_tools_are_400() -> None:
 
 
 def test_response_format_converts_or_is_refused() -> None:
-    grammar, schema = from_response_format({"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}})
+    schema, param = from_response_format({"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}})
+    grammar = schema_grammar(schema, param)
     assert schema == PERSON and "root ::=" in grammar and '"\\"age\\""' in grammar
-    assert from_response_format({"type": "text"}) == (None, None)
+    assert from_response_format({"type": "text"})[0] is None
     for fmt, param in (({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}},
                         "response_format.json_schema.schema"),
                        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "http://example.com/s"}}},
@@ -185,7 +186,7 @@ def test_response_format_converts_or_is_refused() -> None:
                        ({"type": "xml"}, "response_format.type"),
                        ({"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}, "response_format.json_schema.name")):
         with pytest.raises(ApiError) as err:
-            from_response_format(fmt)
+            schema_grammar(*from_response_format(fmt))
         assert err.value.status == 400 and err.value.param == param, fmt
     rules, root = embed_rules('root ::= "{" space x "}"\nx ::= [a-z] | "root"\nspace ::= " "?', "p")
     assert root == "p-root" and 'p-root ::= "{" p-space p-x "}"' in rules and 'p-x ::= [a-z] | "root"' in rules

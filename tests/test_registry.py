@@ -24,6 +24,9 @@ def reg() -> registry.Registry:
 
 @pytest.mark.parametrize("name, resolved, filename", [
     ("qwen2-7b-q5", "qwen2-7b-instruct:q5_k_m", "qwen2-7b-instruct-q5_k_m.gguf"),  # short quant
+    ("qwen3", "qwen3-8b:Q4_K_M", "Qwen3-8B-Q4_K_M.gguf"),  # reasoning models, as Qwen's own repos spell their files
+    ("qwen3-4b-q5", "qwen3-4b:Q5_K_M", "Qwen3-4B-Q5_K_M.gguf"),
+    ("qwen3:0.6b", "qwen3-0.6b:Q8_0", "Qwen3-0.6B-Q8_0.gguf"),
     ("qwen2-7b-q4", "qwen2-7b-instruct:q4_k_m", "qwen2-7b-instruct-q4_k_m.gguf"),
     ("qwen2-7b-q8", "qwen2-7b-instruct:q8_0", "qwen2-7b-instruct-q8_0.gguf"),
     ("qwen2-7b-q2", "qwen2-7b-instruct:q2_k", "qwen2-7b-instruct-q2_k.gguf"),

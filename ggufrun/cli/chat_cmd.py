@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size", "seed", "temperature", "top_p",
                  "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "max_tokens",
-                 "template", "rpc", "split_mode", "tensor_split", "main_gpu")
+                 "template", "reasoning_format", "reasoning_budget", "rpc", "split_mode", "tensor_split", "main_gpu")
 
 
 @click.command("chat")
@@ -26,9 +26,13 @@ CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size",
 @click.option("-s", "--system", default=None, metavar="@NAME|FILE|TEXT",
               help="System prompt: @assistant, @translator, @json (or your own in $GGUFRUN_HOME/prompts), a file, or the text.")
 @click.option("-v", "--verbose", is_flag=True, help="Say on stderr which template is used and how the model loaded.")
+@click.option("--show-thinking/--hide-thinking", "show_thinking", default=None,
+              help="A reasoning model's thinking, dimmed before its answer (default: shown in the chat, hidden with -p; "
+                   "with -p it goes to stderr). /think on|off turns the thinking itself on or off.")
 @settings_options(*CHAT_SETTINGS)
 @click.pass_context
-def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str | None, verbose: bool, **kwargs: Any) -> None:
+def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str | None, verbose: bool,
+                 show_thinking: bool | None, **kwargs: Any) -> None:
     """Chat with MODEL (default: the registry's `default`, SmolLM2 135M Instruct) in the terminal, or answer one prompt (-p, or text piped on stdin).
 
     \b
@@ -60,9 +64,9 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
                   f"n_ctx {loaded.model.n_ctx}, threads {loaded.settings.effective_threads()}", markup=False, style="dim")
         err.print(f"template: {session.template.describe()}", markup=False, style="dim")
     if once is not None:
-        _answer_once(session, once, err, verbose)
+        _answer_once(session, once, err, verbose, sys.stderr if show_thinking else None)
     else:
-        Repl(session, err).run()
+        Repl(session, err, show_thinking is not False).run()
 
 
 def _read_stdin() -> str:
@@ -78,14 +82,15 @@ def _read_stdin() -> str:
     return text
 
 
-def _answer_once(session: ChatSession, text: str, err: Console, verbose: bool) -> None:
-    """One-shot mode: only the reply goes to stdout (stats with --verbose, on stderr)."""
+def _answer_once(session: ChatSession, text: str, err: Console, verbose: bool, thinking: TextIO | None) -> None:
+    """One-shot mode: only the reply goes to stdout (stats with --verbose, and thinking with
+    --show-thinking, on stderr)."""
     from ..chat import format_stats
 
     from ..errors import ExitStatus
 
     reply = session.ask(text)
-    ended = stream_reply(reply, sys.stdout)
+    ended = stream_reply(reply, sys.stdout, thinking)
     if not ended:
         sys.stdout.write("\n")
     sys.stdout.flush()
@@ -100,22 +105,46 @@ def _answer_once(session: ChatSession, text: str, err: Console, verbose: bool) -
 _TERMINAL_UNSAFE = {c: None for c in [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)]}
 
 
-def stream_reply(reply: Reply, out: TextIO) -> bool:
-    """Write a reply as it is generated; Ctrl-C stops it (not the program). True if it ended in a newline."""
-    flush = out.flush
+_DIM, _PLAIN = "\x1b[2m", "\x1b[0m"
+
+
+def _writer(out: TextIO) -> Any:
     if out.isatty():
         raw_write, table = out.write, _TERMINAL_UNSAFE
-        write = lambda piece: raw_write(piece.translate(table))
-    else:
-        write = out.write
+        return lambda piece: raw_write(piece.translate(table))
+    return out.write
+
+
+def stream_reply(reply: Reply, out: TextIO, thinking: TextIO | None = None) -> bool:
+    """Write a reply as it is generated; Ctrl-C stops it (not the program). True if it ended in a
+    newline. A reasoning model's thinking goes to ``thinking`` (dimmed on a terminal), or nowhere."""
+    write = _writer(out)
+    think_write = _writer(thinking) if thinking is not None else None
+    dim = thinking is not None and thinking.isatty()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: reply.cancel())
     last = "\n"
+    in_thought = False
     try:
-        for piece in reply:
+        for kind, piece in reply.parts():
+            if kind == "thinking":
+                if think_write is None or thinking is None:
+                    continue
+                if not in_thought and dim:
+                    thinking.write(_DIM)
+                in_thought = True
+                think_write(piece)
+                thinking.flush()
+                continue
+            if in_thought and thinking is not None:  # the thinking is over: the answer starts on its own line
+                thinking.write((_PLAIN if dim else "") + "\n\n")
+                thinking.flush()
+                in_thought = False
             write(piece)
-            flush()
+            out.flush()
             last = piece
     finally:
+        if in_thought and thinking is not None:
+            thinking.write((_PLAIN if dim else "") + "\n")
         signal.signal(signal.SIGINT, previous)
         reply.close()
     return last.endswith("\n")
@@ -124,9 +153,10 @@ def stream_reply(reply: Reply, out: TextIO) -> bool:
 class Repl:
     """The interactive loop: readline history, multi-line input, /commands, streamed replies."""
 
-    def __init__(self, session: ChatSession, err: Console) -> None:
+    def __init__(self, session: ChatSession, err: Console, show_thinking: bool = True) -> None:
         self.session = session
         self.err = err
+        self.show_thinking = show_thinking
 
     def run(self) -> None:
         from .. import paths
@@ -184,7 +214,7 @@ class Repl:
         reply = self.session.ask(text)
         if reply.notice:
             self.err.print(reply.notice, markup=False, style="yellow")
-        ended = stream_reply(reply, sys.stdout)
+        ended = stream_reply(reply, sys.stdout, sys.stdout if self.show_thinking else None)
         sys.stdout.write("" if ended else "\n")
         sys.stdout.flush()
         if reply.cancelled:

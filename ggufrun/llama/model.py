@@ -501,7 +501,7 @@ class Model:
         """Sample the next token of one sequence from the logits at ``output_index``; return
         (token, logprob info or None). The caller accepts it (Generation.accept)."""
         p = seq.params
-        if p.greedy and seq.grammar is None and p.logprobs is None and not p.penalised and not len(seq.bias_ids):
+        if p.greedy and seq.grammar is None and p.logprobs is None and not p.penalised and not len(seq.bias_ids) and not seq.forced:
             return self._argmax(output_index), None
         row = numpy().ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, output_index), shape=(1, self.n_vocab))
         tokens, infos = sample_rows(row, [seq])
@@ -535,8 +535,10 @@ class Model:
             return Grammar(self, text, triggers)
 
     def start(self, tokens: list[int], params: SamplingParams, *, max_tokens: int = 0, stop: list[str] | tuple[str, ...] = (),
-              stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False) -> Generation:
-        """A Generation for ``tokens`` in sequence ``seq_id`` (the prompt checked against the context)."""
+              stop_ids: frozenset[int] | None = None, seq_id: int = 0, ignore_eos: bool = False,
+              think: Any = None) -> Generation:
+        """A Generation for ``tokens`` in sequence ``seq_id`` (the prompt checked against the context);
+        ``think``: a reasoning.ThinkBudget, for a reasoning model's thinking to be counted and budgeted."""
         if not tokens:
             raise ContextOverflowError("Empty prompt.")
         if len(tokens) >= self.n_ctx:
@@ -545,7 +547,7 @@ class Model:
                 "Shorten it or raise --n-ctx.", n_tokens=len(tokens), n_ctx=self.n_ctx,
             )
         return Generation(self, tokens, params, max_tokens=max_tokens, n_ctx=self.n_ctx, stop=stop, stop_ids=stop_ids,
-                          ignore_eos=ignore_eos, grammar_factory=self.grammar, draw_factory=self.draw_chain)
+                          ignore_eos=ignore_eos, grammar_factory=self.grammar, draw_factory=self.draw_chain, think=think)
 
     def stream(self, gen: Generation, tokens: list[int], *, seq_id: int = 0) -> Generator[tuple[int, str], None, None]:
         """Drive ``gen`` over ``tokens`` in one sequence, reusing the KV cache's common prefix:

@@ -33,7 +33,10 @@ KNOWN = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream"
          "metadata", "tools", "tool_choice", "thinking", "service_tier", "output_config", "cache_control"}
 COUNT_KNOWN = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "cache_control"}
 NAMES = {"max_tokens": "max_tokens", "stop": "stop_sequences", "tools": "tools", "tool_choice": "tool_choice",
-         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format"}
+         "parallel_tool_calls": "tool_choice.disable_parallel_tool_use", "response_format": "output_config.format",
+         "chat_template_kwargs.enable_thinking": "thinking", "reasoning_budget": "thinking.budget_tokens",
+         "reasoning_effort": "output_config.effort",
+         "response_format.json_schema.schema": "output_config.format.schema", "messages": "messages"}
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -107,12 +110,17 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(content, list) or not content:
             raise Refused(f"{where}.content", f"'{where}.content' must be a string or a non-empty list of content blocks.")
         texts: list[str] = []
+        thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
         for j, block in enumerate(content):
             at = f"{where}.content[{j}]"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
+            elif kind == "thinking" and m["role"] == "assistant" and isinstance(block.get("thinking"), str):
+                thoughts.append(block["thinking"])  # sent back: the template renders it where it keeps thinking
+            elif kind == "redacted_thinking" and m["role"] == "assistant":
+                continue  # another provider's encrypted thinking: nothing a local template can render
             elif kind == "tool_use" and m["role"] == "assistant":
                 if not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str) and isinstance(block.get("input"), dict)):
                     raise Refused(at, f"'{at}': a tool_use block needs id, name and an input object.")
@@ -131,6 +139,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
         elif texts or m["role"] == "assistant":
             out.append({"role": m["role"], "content": "".join(texts)})
+        if thoughts:
+            out[-1]["reasoning_content"] = "".join(thoughts)
     return out
 
 
@@ -139,8 +149,26 @@ def _check_common(body: dict[str, Any], known: set[str]) -> None:
     if unknown:
         raise Refused(unknown[0], f"'{unknown[0]}' is not supported.")
     thinking = body.get("thinking")
-    if thinking is not None and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
-        raise Refused("thinking", "Extended thinking is not supported: send no 'thinking' or {\"type\": \"disabled\"}.")
+    if thinking is not None:
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled") \
+                or set(thinking) - {"type", "budget_tokens"}:
+            raise Refused("thinking", "'thinking' must be {\"type\": \"enabled\", \"budget_tokens\": N} or {\"type\": \"disabled\"}.")
+        budget = thinking.get("budget_tokens")
+        if thinking["type"] == "enabled" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+            raise Refused("thinking.budget_tokens", "'thinking.budget_tokens' must be an integer >= 1.")
+
+
+def _thinking(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """Anthropic's ``thinking`` as the pipeline's enable_thinking and reasoning_budget."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return  # the model's own default (a reasoning template thinks unless told not to)
+    enabled = thinking["type"] == "enabled"
+    out["chat_template_kwargs"] = {"enable_thinking": enabled}
+    if enabled:
+        if thinking["budget_tokens"] >= out.get("max_tokens", 1 << 62):  # as Anthropic: the thinking must leave room for the answer
+            raise Refused("thinking.budget_tokens", "'thinking.budget_tokens' must be less than max_tokens.")
+        out["reasoning_budget"] = thinking["budget_tokens"]
 
 
 def to_openai(body: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +183,10 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise Refused("max_tokens", "'max_tokens' is required: an integer >= 1.")
     out: dict[str, Any] = {"messages": _messages(body), "max_tokens": max_tokens}
+    temperature = body.get("temperature")
+    # Anthropic's range is 0 to 1 (OpenAI's, which the pipeline checks, is wider)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and not 0 <= temperature <= 1:
+        raise Refused("temperature", f"'temperature' must be between 0 and 1 (got {temperature}).")
     for key in ("model", "temperature", "top_p", "top_k", "stream"):
         if body.get(key) is not None:
             out[key] = body[key]
@@ -169,6 +201,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
         out["tools"] = tools
     _tool_choice(body.get("tool_choice"), out)
     _output_config(body.get("output_config"), out)
+    _thinking(body, out)
     require(out, NAMES)
     return streamed(out)
 
@@ -179,8 +212,11 @@ def _output_config(config: Any, out: dict[str, Any]) -> None:
         return
     if not isinstance(config, dict) or set(config) - {"effort", "format"}:
         raise Refused("output_config", "'output_config' may hold format (and effort).")
-    if config.get("effort") is not None:
-        raise Refused("output_config.effort", "'output_config.effort' is not supported: ggufrun's models have no effort levels.")
+    effort = config.get("effort")
+    if effort is not None:  # a reasoning model's thinking budget (reasoning.EFFORT_BUDGET); refused where it does not think
+        if effort not in ("low", "medium", "high"):
+            raise Refused("output_config.effort", "'output_config.effort' must be low, medium or high.")
+        out["reasoning_effort"] = effort
     fmt = config.get("format")
     if fmt is None:
         return
@@ -209,6 +245,8 @@ def from_openai(result: dict[str, Any], stop: str | None = None) -> dict[str, An
     choice = result["choices"][0]
     message = choice["message"]
     content: list[dict[str, Any]] = []
+    if message.get("reasoning_content"):  # (a local model's thinking carries no signature to check)
+        content.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
@@ -246,6 +284,15 @@ async def events(run: ChatRun, model: str, asked: Sequence[str] = ()) -> AsyncIt
         if choice.get("finish_reason"):
             finish = choice["finish_reason"]
         delta = choice.get("delta") or {}
+        if delta.get("reasoning_content"):
+            if kind != "thinking":
+                if index >= 0:
+                    yield sse("content_block_stop", {"type": "content_block_stop", "index": index})
+                index, kind = index + 1, "thinking"
+                yield sse("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+            yield sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}})
         if delta.get("content"):
             if kind != "text":
                 if index >= 0:
@@ -287,7 +334,7 @@ def routes(server: Server) -> list[Route]:
             return Response(status_code=499)
         return JSONResponse({**from_openai(result, _stop(run, asked)), "model": model})
 
-    @guarded(_render_error)
+    @guarded(_render_error, NAMES)
     async def count_tokens(request: Request) -> Response:
         body = await body_of(server, request)
         _check_common(body, COUNT_KNOWN)
@@ -297,7 +344,9 @@ def routes(server: Server) -> list[Route]:
             openai_body["tools"] = tools
         # Checked as /v1/messages checks them, though only the tools change the count.
         _tool_choice(body.get("tool_choice"), openai_body)
-        _output_config(body.get("output_config"), {})
+        _output_config(body.get("output_config"), openai_body)
+        openai_body.pop("response_format", None)  # (it does not change the prompt)
+        _thinking(body, openai_body)
         require(openai_body, NAMES)
         _, tokens = await chat_prompt(server, openai_body)
         return JSONResponse({"input_tokens": len(tokens)})

@@ -17,7 +17,9 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
+from . import constraints, limits
 from . import protocol as P
+from . import thinking
 from . import tools as T
 from .api_errors import ApiError, invalid
 from .engine import Backend, Engine, GenRequest, Job, ShuttingDownError
@@ -120,17 +122,26 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            def prepare(backend: Backend) -> list[list[int]]:
+            def prepare(backend: Backend) -> tuple[list[list[int]], list[Any]]:
+                params.grammar = constraints.finish(params.grammar, params.json_schema, params.grammar_param)
                 prompts = build(backend)
+                limits.check_generation(backend.model, prompts, params.n, params.logit_bias, params.grammar,
+                                        params.grammar_param)
                 if params.grammar is not None:  # (tools may have set it): the grammar's one-time index, here too
                     backend.model.prepare_grammars()
-                return prompts
+                count = len(prompts) * params.n  # (more than the engine can ever hold is its 400 below)
+                grammars = limits.compile_grammars(backend.model, params.grammar, params.grammar_triggers,
+                                                   count if count <= engine.parallel + engine.max_queue else 0)
+                return prompts, grammars
 
-            # off the event loop: rendering runs the GGUF's template, which may take up to its time budget
-            prompts = await asyncio.to_thread(prepare, backend)
+            # off the event loop: rendering runs the GGUF's template, which may take up to its time
+            # budget; converting a schema and compiling grammars take time too
+            prompts, grammars = await asyncio.to_thread(prepare, backend)
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
             jobs = [Job(request, loop) for request in requests]
+            for job, grammar in zip(jobs, grammars):  # compiled above; the engine owns each once submitted
+                job.grammar = grammar
             engine.submit_all(jobs, param="n" if params.n > 1 else "prompt")  # all or none: a 400 if they can never fit
         except BaseException:
             for job in jobs:
@@ -160,7 +171,7 @@ class Server:
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos)
+                          ignore_eos=params.ignore_eos, think=params.think)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
@@ -188,7 +199,12 @@ class Server:
                                         "logprobs": "logprobs"})
             params.stop = [*params.stop, *(s for s in backend.template.stop if s not in params.stop)]
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
-            return [chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)]
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
+                                                     backend.template.jinja_source)
+            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            if not prefill:  # (a prefilled reply continues its own text, thinking or not)
+                tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
+            return [tokens + prefill_tokens(backend, prefill)]
 
         group = await self.submit(params, cfg, build)
         return group, params, Choices(True, params.model or cfg.id, params, plan, params.n)
@@ -205,25 +221,8 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
-            texts = []
-            if backend.embed_seq is not None and not backend.model.pools_embeddings:
-                # On the generation context a text goes through in chunks of the steps' batches: its
-                # sequence's cells are the limit. An embedding model's own context pools one batch.
-                limit, what, flag = backend.model.seq_cells, "(a sequence's context)", "--n-ctx"
-            else:
-                limit, what, flag = backend.model.n_batch, "(the batch size)", "--batch-size"
-            for i, item in enumerate(inputs):
-                where = f"input[{i}]" if len(inputs) > 1 else "input"
-                if isinstance(item, list):
-                    bad = [t for t in item if t >= backend.model.n_vocab]
-                    if bad:
-                        raise invalid(where, f"token id {bad[0]} is outside the vocabulary of {backend.model.n_vocab}.")
-                    item = backend.model.detokenize(item)
-                n_tokens = len(backend.model.tokenize(item))
-                if n_tokens > limit:  # longer would be cut
-                    raise ApiError(400, f"Invalid '{where}': it has {n_tokens} tokens; at most {limit} {what} can be embedded. "
-                                   f"Split the text or serve with a larger {flag}.", param=where, kind="exceed_context_size_error")
-                texts.append(item)
+            # off the event loop: text full of special-token strings is slow to tokenise
+            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs, limits.embedding_limit(backend))
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)
@@ -249,11 +248,16 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
     messages = P.parse_messages(body)
     prefill = split_prefill(messages)  # as start_chat does: the count is the prompt a reply would get
     plan = T.parse_tools(body)
-    async with backend_for(server, P.model_name(body)) as (backend, _):
+    params = GenParams(model=None)
+    P.parse_reasoning(body, params)  # thinking on or off changes the prompt (and a model that cannot think refuses it)
+    async with backend_for(server, P.model_name(body)) as (backend, cfg):
         def render() -> tuple[str, list[int]]:  # a template may take seconds: off the event loop, as chat's
             T.choose_format(plan, backend.template)
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools) + prefill
-            return text, chat_tokens(backend.template, backend.model, rendered, tools=tools) + prefill_tokens(backend, prefill)
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
+                                                     backend.template.jinja_source)
+            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables) + prefill
+            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            return text, tokens + prefill_tokens(backend, prefill)
 
         return await asyncio.to_thread(render)

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,7 @@ class Backend:
     n_ctx_seq: int  # the longest sequence (prompt + reply) one request may use
     description: str = ""
     embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
+    reasoning: Any = None  # reasoning.ThinkFormat when the model thinks before it answers
     system: str | None = None  # the model's default system prompt (models.ModelDefaults)
 
     def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -112,6 +113,7 @@ class GenRequest:
     sampling: dict[str, Any]  # SamplingParams fields
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
 
 
 @dataclass(slots=True)
@@ -132,6 +134,7 @@ class Event:
     cached_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     stop_sequence: str | None = None  # done: the stop string that ended the reply, if one did
+    reasoning_tokens: int = 0  # done: of completion_tokens, those spent thinking
 
 
 def timings(stats: GenStats) -> dict[str, float]:
@@ -204,7 +207,7 @@ def _post(outbox: list[tuple[Job, Event]]) -> None:
 
 @dataclass
 class _EmbedJob:
-    texts: list[str]
+    texts: Sequence[str | list[int]]  # token ids, or text tokenised on the engine thread
     future: concurrent.futures.Future[tuple[list[list[float]], int]]
     vectors: list[list[float]] = field(default_factory=list)
     n_tokens: int = 0
@@ -329,7 +332,7 @@ class Engine:
             return self.error
         return ShuttingDownError(f"Model '{self.name}' is shutting down.", "Retry in a moment.")
 
-    def embed(self, texts: list[str]) -> concurrent.futures.Future[tuple[list[list[float]], int]]:
+    def embed(self, texts: Sequence[str | list[int]]) -> concurrent.futures.Future[tuple[list[list[float]], int]]:
         """Vectors and the token count, computed on the engine thread one text per step, between
         generation steps; cancelling the future drops the rest of the work."""
         future: concurrent.futures.Future[tuple[list[list[float]], int]] = concurrent.futures.Future()
@@ -597,7 +600,7 @@ class Engine:
             return
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
-                              stop=req.stop, ignore_eos=req.ignore_eos, cached=kept,
+                              stop=req.stop, ignore_eos=req.ignore_eos, cached=kept, think=req.think,
                               grammar_factory=lambda _text: job.grammar, draw_factory=model.draw_chain)
         slot.gen.started = job.created
         job.grammar = None  # the Generation owns (and frees) it now
@@ -878,7 +881,8 @@ class Engine:
             st = gen.stats if gen is not None else GenStats(prompt_tokens=len(job.request.prompt))
             self._emit(job, Event("done", finish_reason=finish_reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
                            completion_tokens=st.gen_tokens, timings=timings(st),
-                           stop_sequence=gen.stop_sequence if gen is not None else None))
+                           stop_sequence=gen.stop_sequence if gen is not None else None,
+                           reasoning_tokens=st.reasoning_tokens))
         job.finished = True
         self.metrics.finished(self.name, "error" if error is not None else finish_reason or "cancelled")
         if gen is not None:
@@ -911,7 +915,8 @@ class Engine:
                     return  # its text is under way in the steps' decodes
                 if job.steps is None:
                     if job.tokens is None:
-                        job.tokens = self.backend.model.tokenize(job.texts[len(job.vectors)])
+                        item = job.texts[len(job.vectors)]  # token ids from the handler (tokenised off the loop), or text
+                        job.tokens = list(item) if isinstance(item, list) else self.backend.model.tokenize(item)
                         if not shared:  # an embedding model's context pools one batch (the server refuses longer texts)
                             job.tokens = job.tokens[: self.backend.model.n_batch]
                     tokens = job.tokens

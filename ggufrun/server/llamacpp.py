@@ -4,12 +4,14 @@ Errors are in the OpenAI shape, as llama-server's are."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import limits
 from .core import backend_for, chat_prompt
 from .protocol import ApiError
 from .request import read_json
@@ -59,10 +61,15 @@ def routes(server: Server) -> list[Route]:
         with_pieces = _flag(body, "with_pieces", False)
         async with backend_for(server, body.get("model")) as (backend, _):
             model = backend.model
-            tokens = model.tokenize(content, add_special=add_special, parse_special=parse_special) if content else []
-            if not with_pieces:
-                return JSONResponse({"tokens": tokens})
-            return JSONResponse({"tokens": [{"id": t, "piece": _piece(model.token_bytes(t, special=True))} for t in tokens]})
+            limits.check_text_size([content], "content")
+
+            def run() -> list[Any]:  # off the event loop: special-token strings are slow to find
+                tokens = model.tokenize(content, add_special=add_special, parse_special=parse_special) if content else []
+                if not with_pieces:
+                    return tokens
+                return [{"id": t, "piece": _piece(model.token_bytes(t, special=True))} for t in tokens]
+
+            return JSONResponse({"tokens": await asyncio.to_thread(run)})
 
     async def detokenize(request: Request) -> Response:
         body = await read_json(request, limit)
@@ -79,7 +86,7 @@ def routes(server: Server) -> list[Route]:
 
     async def apply_template(request: Request) -> Response:
         body = await read_json(request, limit)
-        _fields(body, {"model", "messages", "tools", "tool_choice", "parallel_tool_calls"})
+        _fields(body, {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "reasoning_effort"})
         prompt, _ = await chat_prompt(server, body)
         return JSONResponse({"prompt": prompt})
 

@@ -335,6 +335,7 @@ class ModelPool:
         from ..fetch import ensure_local
         from ..gguf_info import inspect
         from ..loader import open_model
+        from ..reasoning import detect
         from ..templates import select_template
 
         spec = self.registry.resolve(cfg.model)
@@ -358,7 +359,7 @@ class ModelPool:
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
         return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
                        description=model.description, embed_seq=parallel if cfg.embeddings else None,
-                       system=defaults.system)
+                       system=defaults.system, reasoning=detect(template.jinja_source, per_request.reasoning_format))
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         queue, active, loaded = {}, {}, {}

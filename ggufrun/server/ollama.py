@@ -56,7 +56,9 @@ def _now() -> str:
 
 
 # OpenAI field -> how an Ollama client spells it, for error messages.
-NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format"}
+NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "response_format": "format",
+         "chat_template_kwargs.enable_thinking": "think", "reasoning_effort": "think",
+         "response_format.json_schema.schema": "format"}
 
 
 def _check_keep_alive(body: dict[str, Any]) -> None:
@@ -79,8 +81,13 @@ def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
         raise Refused("stream", "'stream' must be true or false.")
     out["stream"] = stream_flag
     _check_keep_alive(body)
-    if body.get("think") not in (None, False):
-        raise Refused("think", "'think' is not supported: ggufrun does not separate a model's thinking.")
+    think = body.get("think")
+    if isinstance(think, bool):  # false is accepted from any model; true is refused by one that does not reason
+        out["chat_template_kwargs"] = {"enable_thinking": think}
+    elif think in ("low", "medium", "high"):  # (gpt-oss's levels): a thinking budget, reasoning.EFFORT_BUDGET
+        out["reasoning_effort"] = think
+    elif think is not None:
+        raise Refused("think", "'think' must be true, false, or one of low, medium, high.")
     fmt = body.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -134,13 +141,17 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         unknown = sorted(k for k in m if k not in MESSAGE_KNOWN and m[k] is not None)
         if unknown:
             raise Refused(f"{where}.{unknown[0]}", f"Unknown field '{where}.{unknown[0]}'.")
-        for key in ("images", "thinking"):
-            if m.get(key):
-                raise Refused(f"{where}.{key}", f"'{where}.{key}' is not supported (text models only).")
-        content = m.get("content") or ""
+        if m.get("images"):
+            raise Refused(f"{where}.images", f"'{where}.images' is not supported (text models only).")
+        content = m.get("content")
+        content = "" if content is None else content  # 0, false or [] are not text: refused below
         if not isinstance(content, str):
             raise Refused(f"{where}.content", f"'{where}.content' must be a string.")
         message: dict[str, Any] = {"role": m["role"], "content": content}
+        if m.get("thinking"):
+            if m["role"] != "assistant" or not isinstance(m["thinking"], str):
+                raise Refused(f"{where}.thinking", f"'{where}.thinking' must be a string, on an assistant message.")
+            message["reasoning_content"] = m["thinking"]  # the template renders it where it keeps thinking
         calls = m.get("tool_calls")
         if calls and (m["role"] != "assistant" or not isinstance(calls, list)):
             raise Refused(f"{where}.tool_calls", f"'{where}.tool_calls' must be a list, on an assistant message.")
@@ -259,6 +270,10 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
             entry["function"]["name"] += function.get("name") or ""
             entry["function"]["arguments"] += function.get("arguments") or ""
         logprobs = _logprobs(choice)
+        if delta.get("reasoning_content"):
+            thought = delta["reasoning_content"]
+            part = {"message": {"role": "assistant", "content": "", "thinking": thought}} if chat else {"response": "", "thinking": thought}
+            yield ndjson({"model": model, "created_at": _now(), **part, "done": False})
         if delta.get("content") or logprobs:
             text = delta.get("content") or ""
             part = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
@@ -333,11 +348,15 @@ def routes(server: Server) -> list[Route]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if chat:
             reply: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+            if message.get("reasoning_content"):
+                reply["thinking"] = message["reasoning_content"]
             if message.get("tool_calls"):
                 reply["tool_calls"] = _ollama_calls(message["tool_calls"])
             out["message"] = reply
         else:
             out["response"] = message.get("content") or ""
+            if message.get("reasoning_content"):
+                out["thinking"] = message["reasoning_content"]
         if openai_body.get("logprobs"):
             out["logprobs"] = _logprobs(choice) or []
         out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..settings import coerce
-from . import constraints
+from . import constraints, limits
 from .api_errors import ApiError, api_error, invalid, unsupported
 
 __all__ = ["ApiError", "api_error", "invalid", "unsupported"]  # re-exported: where callers have always found them
@@ -145,23 +145,35 @@ class GenParams:
     logprobs: int | None = None  # None = off; else how many alternatives per token
     grammar: str | None = None  # GBNF
     grammar_triggers: list[str] | None = None  # lazy grammar: applied from where one of these patterns matches
-    json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (reported, not enforced here)
+    json_schema: dict[str, Any] | None = None  # the schema the reply must validate against (its grammar enforces it)
+    grammar_param: str = "grammar"  # the request field the grammar or schema came from, for a 400
     ignore_eos: bool = False
+    raw_grammar: bool = False  # the grammar came as llama.cpp's 'grammar' field: it shapes the whole reply, thinking too
+    thinking: bool | None = None  # a reasoning model's thinking asked on or off (None: the template's default)
+    thinking_param: str = ""  # the field that asked it, named when the model cannot think
+    reasoning_budget: int | None = None  # thinking tokens before the block is closed (None: the server's --reasoning-budget)
+    budget_param: str = "reasoning_budget"  # the field that set it, named when the model cannot budget
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
+    think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
 _LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema", "cache_prompt"}
+# The chat template's own variables and helpers (templates.py; Jinja's globals), which chat_template_kwargs may
+# not replace: a template calling raise_exception must reach ours.
+_TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents", "raise_exception",
+                 "strftime_now", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop", "self", "varargs", "kwargs"}
 _COMMON = {"model", "n", "stream", "stream_options", "max_tokens", "stop", "temperature", "top_p", "seed",
            "presence_penalty", "frequency_penalty", "logit_bias", "user", *_LLAMA_FIELDS}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
                          "parallel_tool_calls", "response_format", "metadata", "store", "service_tier", "modalities",
-                         "safety_identifier", "prompt_cache_key"}
+                         "safety_identifier", "prompt_cache_key", "reasoning_effort", "chat_template_kwargs",
+                         "reasoning_budget"}
 CHAT_REFUSED = {
     "audio": "this server generates text only.",
     "functions": "the deprecated 'functions' field is not supported; send 'tools' instead.",
     "function_call": "the deprecated 'function_call' field is not supported; send 'tool_choice' instead.",
     "prediction": "predicted outputs are not supported.",
-    "reasoning_effort": "the served models have no reasoning-effort control.",
     "verbosity": "the served models have no verbosity control.",
     "web_search_options": "this server has no web search.",
 }
@@ -216,8 +228,43 @@ def parse_gen(body: dict[str, Any], *, chat: bool) -> GenParams:
         if best_of is not None and best_of != params.n:
             raise unsupported("best_of", "only best_of equal to n (the default) is supported.")
     _parse_constraints(body, params, chat=chat)
+    if chat:
+        parse_reasoning(body, params)
     _check_metadata(body)
     return params
+
+
+def parse_reasoning(body: dict[str, Any], params: GenParams) -> None:
+    """chat_template_kwargs (enable_thinking), reasoning_effort and reasoning_budget: whether a
+    reasoning model thinks and for how long. Whether the model can is checked once it is known."""
+    from ..reasoning import EFFORT_BUDGET
+
+    kwargs = typed(body, "chat_template_kwargs", (dict,), "an object of template variables") or {}
+    for key in kwargs:
+        if not key.isidentifier() or key in _TEMPLATE_OWN or key.startswith("_"):
+            raise invalid(f"chat_template_kwargs.{key}", "not a variable a request may set (the template's own, or not a name).")
+    enable = kwargs.get("enable_thinking")
+    if enable is not None:
+        if not isinstance(enable, bool):
+            raise invalid("chat_template_kwargs.enable_thinking", "expected true or false.")
+        params.thinking, params.thinking_param = enable, "chat_template_kwargs.enable_thinking"
+    params.template_kwargs = dict(kwargs)
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in EFFORT_BUDGET:
+            raise invalid("reasoning_effort", f"expected one of {', '.join(EFFORT_BUDGET)} (got {json.dumps(effort)}).")
+        on = effort != "none"
+        if params.thinking is not None and params.thinking != on:
+            raise invalid("reasoning_effort", f"'{effort}' contradicts chat_template_kwargs.enable_thinking.")
+        params.thinking, params.thinking_param = on, params.thinking_param or "reasoning_effort"
+        params.reasoning_budget, params.budget_param = EFFORT_BUDGET[effort], "reasoning_effort"
+    budget = typed(body, "reasoning_budget", (int,), "an integer")
+    if budget is not None:
+        if budget < -1:
+            raise invalid("reasoning_budget", f"expected -1 (no limit), 0 (thinking off) or a token count (got {budget}).")
+        if budget == 0 and params.thinking:
+            raise invalid("reasoning_budget", f"0 turns thinking off, which contradicts {params.thinking_param}.")
+        params.reasoning_budget, params.budget_param = budget, "reasoning_budget"
 
 
 def _check_metadata(body: dict[str, Any]) -> None:
@@ -241,7 +288,8 @@ def _check_metadata(body: dict[str, Any]) -> None:
 
 
 def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -> None:
-    """response_format / grammar / json_schema -> one GBNF grammar (a 400 when the converter fails)."""
+    """response_format / grammar / json_schema, checked here (cheap) and made one GBNF grammar by
+    constraints.finish off the event loop (a 400 when a limit or the converter refuses it)."""
     sources = [k for k in ("grammar", "json_schema") if body.get(k) is not None]
     fmt = typed(body, "response_format", (dict,), "an object") if chat else None
     if fmt is not None and fmt.get("type") not in (None, "text"):
@@ -249,15 +297,16 @@ def _parse_constraints(body: dict[str, Any], params: GenParams, *, chat: bool) -
     if len(sources) > 1:
         raise invalid(sources[1], f"only one of {', '.join(sources)} may constrain the output.")
     if fmt is not None:
-        params.grammar, params.json_schema = constraints.from_response_format(fmt)
+        params.json_schema, params.grammar_param = constraints.from_response_format(fmt)
     elif body.get("grammar") is not None:
         grammar = typed(body, "grammar", (str,), "a GBNF grammar string")
         if not grammar.strip():
             raise invalid("grammar", "expected a non-empty GBNF grammar.")
-        params.grammar = grammar
+        params.grammar, params.raw_grammar = grammar, True
     elif body.get("json_schema") is not None:
         schema = typed(body, "json_schema", (dict,), "a JSON schema object")
-        params.grammar, params.json_schema = constraints.schema_grammar(schema, "json_schema"), schema
+        constraints.check_schema(schema, "json_schema")
+        params.json_schema, params.grammar_param = schema, "json_schema"
 
 
 def text_of(content: Any, where: str) -> str:
@@ -284,12 +333,13 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "expected a non-empty list of {role, content} objects.")
+    limits.check_messages(len(messages))
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise invalid(f"messages[{i}].role", f"expected one of {', '.join(sorted(ROLES))}.")
         role = m["role"]
-        allowed = {"role", "content", "name"} | ({"tool_calls", "refusal", "audio"} if role == "assistant" else set()) \
+        allowed = {"role", "content", "name"} | ({"tool_calls", "refusal", "audio", "reasoning_content"} if role == "assistant" else set()) \
             | ({"tool_call_id"} if role == "tool" else set())
         for key in m:
             if key not in allowed:
@@ -301,6 +351,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                                "content": text_of(m.get("content"), f"messages[{i}].content")}
         if name:
             msg["name"] = name
+        reasoning = typed(m, "reasoning_content", (str,), "a string", param=f"messages[{i}].reasoning_content")
+        if reasoning:  # a reasoning template (Qwen3's) renders it back where it keeps it; most drop it
+            msg["reasoning_content"] = reasoning
         if role == "assistant" and m.get("tool_calls") is not None:
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
         elif role == "assistant" and m.get("content") is None and not m.get("refusal"):
@@ -340,10 +393,12 @@ def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
         return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
     if isinstance(prompt, str):
+        limits.check_text_size([prompt], "prompt")  # a prompt's special-token strings are parsed: slow when many
         return [prompt]
     if tokens(prompt):
         return [prompt]
     if isinstance(prompt, list) and prompt and len(prompt) <= MAX_N and all(isinstance(p, str) or tokens(p) for p in prompt):
+        limits.check_text_size([p for p in prompt if isinstance(p, str)], "prompt")
         return list(prompt)
     raise invalid("prompt", f"expected a string, a list of up to {MAX_N} strings, a list of token ids, or a list of such lists.")
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..reasoning import THINKING, ThinkSplitter, split
 from . import tools as T
 from .api_errors import api_error
 from .engine import Event
@@ -37,13 +38,18 @@ def timings(done: Event) -> dict[str, Any]:
             "predicted_per_second": gen_n * 1000.0 / predicted_ms if predicted_ms else 0.0}
 
 
-def usage(dones: list[Event]) -> dict[str, Any]:
-    prompt = sum(d.prompt_tokens for d in dones[:1]) if len({d.prompt_tokens for d in dones}) == 1 else \
-        sum(d.prompt_tokens for d in dones)  # n choices share one prompt; a list of prompts does not
-    completion = sum(d.completion_tokens for d in dones)
-    cached = int(getattr(dones[0], "cached_tokens", 0) or 0) if dones else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(dones: dict[int, Event], n: int, reasoning: bool = False) -> dict[str, Any]:
+    """Usage of the finished choices by index: the n choices of one prompt share it (index // n); with
+    ``reasoning`` (a thinking reply), the thinking tokens apart."""
+    prompt = sum(d.prompt_tokens for i, d in dones.items() if i % n == 0)
+    completion = sum(d.completion_tokens for d in dones.values())
+    cached = int(getattr(next(iter(dones.values())), "cached_tokens", 0) or 0) if dones else 0
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                           "prompt_tokens_details": {"cached_tokens": cached}}
+    if reasoning:
+        out["completion_tokens_details"] = {"reasoning_tokens": sum(int(getattr(d, "reasoning_tokens", 0) or 0)
+                                                                    for d in dones.values())}
+    return out
 
 
 def chat_logprobs(tokens: list[Any]) -> dict[str, Any]:
@@ -73,6 +79,8 @@ class Choices:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self.streams = [T.ToolStream(self.plan, incremental=True) if self.plan else None for _ in range(n)]
+        think = params.think  # a reasoning model's reply: its thinking block goes out apart, as reasoning_content
+        self.splitters = [ThinkSplitter(think.fmt, think.start) if think is not None else None for _ in range(n)]
         self.n_calls = [0] * n
         self.offsets = [0] * n
         # Per choice, the stop string that ended it once it has: not in OpenAI's objects, but the
@@ -108,6 +116,21 @@ class Choices:
         return out
 
     def _pieces(self, i: int, text: str, final: bool) -> list[dict[str, Any]]:
+        splitter = self.splitters[i]
+        if splitter is None:
+            return self._answer_pieces(i, text, final)
+        parts = splitter.feed(text) if text else []
+        if final:
+            parts += splitter.finish()
+        out: list[dict[str, Any]] = []
+        for kind, value in parts:  # thinking as reasoning_content deltas (DeepSeek's and llama-server's convention)
+            out.extend([self._delta(i, {"reasoning_content": value})] if kind == THINKING else
+                       self._answer_pieces(i, value, False))
+        if final:
+            out.extend(self._answer_pieces(i, "", True))
+        return out
+
+    def _answer_pieces(self, i: int, text: str, final: bool) -> list[dict[str, Any]]:
         stream = self.streams[i]
         if stream is None:
             return [self._delta(i, {"content": text})] if text else []
@@ -143,7 +166,7 @@ class Choices:
         n = len(group.jobs)
         if self.chat:
             yield self._chunk([self._delta(i, {"role": "assistant", "content": ""}) for i in range(n)])
-        dones: list[Event] = []
+        dones: dict[int, Event] = {}
         async for i, event in merged(group):
             if event.kind == "text":
                 tokens = getattr(event, "tokens", None) or []
@@ -159,12 +182,12 @@ class Choices:
                 self.stop_sequences[i] = getattr(event, "stop_sequence", None)
                 for piece in self._pieces(i, "", final=True):
                     yield self._chunk([piece])
-                dones.append(event)
+                dones[i] = event
                 last = len(dones) == n
                 extra: dict[str, Any] = {"timings": timings(event)} if last and n == 1 else {}
                 yield self._chunk([self._delta(i, {}, self._finish(i, event.finish_reason))], **extra)
                 if last and self.params.include_usage:
-                    yield self._chunk([], usage=usage(dones))
+                    yield self._chunk([], usage=usage(dones, self.params.n, self.params.think is not None))
             else:
                 assert event.error is not None
                 yield api_error(event.error).body()
@@ -180,8 +203,14 @@ class Choices:
                 choices.append({"index": i, "text": r.text, "logprobs": logprobs, "finish_reason": r.done.finish_reason})
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": r.text}
+            answer = r.text
+            if self.params.think is not None:
+                thought, answer = split(r.text, self.params.think.fmt, self.params.think.start)
+                message["content"] = answer
+                if thought:
+                    message["reasoning_content"] = thought
             if self.plan is not None:
-                content, calls = T.parse_reply(self.plan, r.text)
+                content, calls = T.parse_reply(self.plan, answer)
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls
@@ -189,9 +218,10 @@ class Choices:
             message["refusal"] = None
             choices.append({"index": i, "message": message, "logprobs": logprobs,
                             "finish_reason": self._finish(i, r.done.finish_reason)})
-        dones = [r.done for r in results if r.done is not None]
+        dones = {i: r.done for i, r in enumerate(results) if r.done is not None}
         body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": "ggufrun", "choices": choices, "usage": usage(dones)}
+                "system_fingerprint": "ggufrun", "choices": choices,
+                "usage": usage(dones, self.params.n, self.params.think is not None)}
         if len(dones) == 1:
-            body["timings"] = timings(dones[0])
+            body["timings"] = timings(next(iter(dones.values())))
         return body

@@ -31,8 +31,10 @@ KNOWN = {"model", "input", "instructions", "max_output_tokens", "temperature", "
 # llama.cpp's sampling fields, taken here as llama-server takes them on its OpenAI routes.
 EXTRAS = ("top_k", "min_p", "seed", "repeat_penalty")
 NAMES = {"max_tokens": "max_output_tokens", "response_format": "text.format", "tools": "tools", "tool_choice": "tool_choice",
-         "parallel_tool_calls": "parallel_tool_calls", "logprobs": "top_logprobs", "top_logprobs": "top_logprobs"}
-# include values that need nothing from us: ggufrun produces no reasoning items to encrypt.
+         "parallel_tool_calls": "parallel_tool_calls", "logprobs": "top_logprobs", "top_logprobs": "top_logprobs",
+         "reasoning_effort": "reasoning.effort",
+         "response_format.json_schema.schema": "text.format.schema", "messages": "input"}
+# include values that need nothing from us: reasoning items carry their text in the clear, nothing is encrypted.
 # "message.output_text.logprobs" is honoured (see to_openai).
 HARMLESS_INCLUDES = {"reasoning.encrypted_content", "message.output_text.logprobs"}
 
@@ -56,8 +58,13 @@ def _refuse_set(body: dict[str, Any]) -> None:
     if body.get("truncation") not in (None, "disabled"):
         raise Refused("truncation", "'truncation' must be disabled: a conversation longer than the context is refused, not cut.")
     reasoning = body.get("reasoning")
-    if reasoning is not None and not (isinstance(reasoning, dict) and all(v is None for v in reasoning.values())):
-        raise Refused("reasoning", "'reasoning' is not supported: ggufrun's models are not run as reasoning models.")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict) or set(reasoning) - {"effort", "summary", "generate_summary"}:
+            raise Refused("reasoning", "'reasoning' may hold effort (and summary).")
+        for key in ("summary", "generate_summary"):
+            if reasoning.get(key) is not None:
+                raise Refused(f"reasoning.{key}", f"'reasoning.{key}' is not supported: a local model's thinking is returned "
+                                                  "whole (reasoning items' content), not summarised.")
     include = body.get("include") or []
     if not isinstance(include, list) or any(not isinstance(i, str) or i not in HARMLESS_INCLUDES for i in include):
         raise Refused("include", f"'include' may only hold {', '.join(sorted(HARMLESS_INCLUDES))}.")
@@ -79,6 +86,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(instructions, str):
             raise Refused("instructions", "'instructions' must be a string.")
         out.append({"role": "system", "content": instructions})
+    thought = ""  # a reasoning item sent back: it belongs to the assistant turn that follows it
     items = body.get("input")
     if isinstance(items, str):
         return [*out, {"role": "user", "content": items}]
@@ -87,6 +95,12 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     for i, item in enumerate(items):
         where = f"input[{i}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "reasoning":
+            parts = [*(item.get("content") or []), *(item.get("summary") or [])]
+            if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+                raise Refused(where, f"'{where}': a reasoning item's content and summary are lists of text parts.")
+            thought += "".join(p["text"] for p in parts)
+            continue
         if kind == "message" and item.get("role") in ("user", "assistant", "system", "developer"):
             role = "system" if item["role"] == "developer" else item["role"]
             out.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
@@ -106,7 +120,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 raise Refused(f"{where}.call_id", f"'{where}.call_id' must be a string.")
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), f"{where}.output")})
         else:
-            raise Refused(where, f"'{where}': item type {kind!r} is not supported (message, function_call, function_call_output).")
+            raise Refused(where, f"'{where}': item type {kind!r} is not supported (message, reasoning, function_call, "
+                                 "function_call_output).")
+        if thought and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"], thought = thought, ""
     return out
 
 
@@ -174,6 +191,9 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
         out["logprobs"], out["top_logprobs"] = True, body.get("top_logprobs") or 0
     _tools(body, out)
     _format(body, out)
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        out["reasoning_effort"] = effort
     require(out, NAMES)
     return streamed(out)
 
@@ -197,7 +217,8 @@ class _Builder:
             "error": error, "incomplete_details": {"reason": "max_output_tokens"} if finish == "length" else None,
             "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
             "model": self.model, "output": list(self.output), "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+            "previous_response_id": None, "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+            "store": False,
             "temperature": body.get("temperature"), "text": text, "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [], "top_p": body.get("top_p"), "truncation": "disabled",
             "usage": _usage(usage) if usage is not None else None, "user": body.get("user"), "metadata": body.get("metadata") or {},
@@ -211,13 +232,20 @@ class _Builder:
 
 def _usage(usage: dict[str, Any]) -> dict[str, Any]:
     return {"input_tokens": usage.get("prompt_tokens", 0), "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage.get("completion_tokens", 0), "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": usage.get("completion_tokens", 0),
+            "output_tokens_details": {"reasoning_tokens": (usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)},
             "total_tokens": usage.get("total_tokens", 0)}
 
 
 def _message_item(text: str, status: str = "completed", logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
+
+
+def _reasoning_item(text: str, status: str = "completed") -> dict[str, Any]:
+    """A model's thinking, whole, as the Responses API returns raw reasoning (gpt-oss's reasoning_text)."""
+    return {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex}", "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if text else []}
 
 
 def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
@@ -233,6 +261,8 @@ def _call_item(call: dict[str, Any]) -> dict[str, Any]:
 def from_openai(result: dict[str, Any], builder: _Builder) -> dict[str, Any]:
     choice = result["choices"][0]
     message = choice["message"]
+    if message.get("reasoning_content"):
+        builder.output.append(_reasoning_item(message["reasoning_content"]))
     if message.get("content") or not message.get("tool_calls"):
         builder.output.append(_message_item(message.get("content") or "", logprobs=_logprobs(choice)))
     builder.output.extend(_call_item(call) for call in message.get("tool_calls") or [])
@@ -249,6 +279,20 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
     message: dict[str, Any] | None = None  # the open message item
     calls: dict[int, dict[str, Any]] = {}  # OpenAI tool-call index -> function_call item
     finish = "stop"
+    thinking: dict[str, Any] | None = None  # the open reasoning item
+    thought: list[str] = []
+
+    def close_reasoning() -> list[bytes]:
+        nonlocal thinking
+        if thinking is None:
+            return []
+        index = b.output.index(thinking)
+        whole = "".join(thought)
+        thinking.update(status="completed", content=[{"type": "reasoning_text", "text": whole}])
+        out = [b.event("response.reasoning_text.done", item_id=thinking["id"], output_index=index, content_index=0, text=whole),
+               b.event("response.output_item.done", output_index=index, item=thinking)]
+        thinking = None
+        return out
 
     def close_message() -> list[bytes]:
         nonlocal message, logprobs
@@ -275,7 +319,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
             return
         choice = choice_of(chunk)
         if choice is None:  # the last chunk: usage only
-            for out in close_message():
+            for out in [*close_reasoning(), *close_message()]:
                 yield out
             for call_item in calls.values():
                 index = b.output.index(call_item)
@@ -291,6 +335,17 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
         delta = choice.get("delta") or {}
         piece_logprobs = _logprobs(choice)
         logprobs.extend(piece_logprobs)
+        if delta.get("reasoning_content"):
+            if thinking is None:
+                thinking = _reasoning_item("", "in_progress")
+                b.output.append(thinking)
+                yield b.event("response.output_item.added", output_index=len(b.output) - 1, item=dict(thinking))
+            thought.append(delta["reasoning_content"])
+            yield b.event("response.reasoning_text.delta", item_id=thinking["id"], output_index=b.output.index(thinking),
+                          content_index=0, delta=delta["reasoning_content"])
+        if delta.get("content") or delta.get("tool_calls"):
+            for out in close_reasoning():
+                yield out
         if delta.get("content"):
             if message is None:
                 message = _message_item("", "in_progress")

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constraints import embed_rules, schema_grammar
+from .constraints import check_schema, embed_rules, schema_grammar
 from .protocol import ApiError, invalid
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -169,7 +169,7 @@ def prepare_messages(plan: ToolPlan | None, messages: list[dict[str, Any]], temp
                 f"Result of tool call {m['tool_call_id']}:\n{m['content']}"
             out.append({"role": "user", "content": result})
         else:
-            out.append({k: v for k, v in m.items() if k in ("role", "content")})
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "reasoning_content")})
     if plan is not None and plan.active:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{_instructions(plan)}"}
@@ -212,6 +212,8 @@ def lazy_grammar(plan: ToolPlan | None) -> tuple[str, list[str]] | None:
 
 def _calls_grammar(plan: ToolPlan) -> str:
     key = "parameters" if plan.fmt == "llama3" else "arguments"
+    for i, t in enumerate(plan.tools):  # each schema's limits, named where the client wrote it
+        check_schema(t["function"].get("parameters") or {"type": "object"}, f"tools[{i}].function.parameters")
     tools = [t for t in plan.tools if plan.forced in (None, t["function"]["name"])]
     items = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                key: t["function"].get("parameters") or {"type": "object"}},

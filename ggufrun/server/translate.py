@@ -84,6 +84,10 @@ def as_error(exc: BaseException, names: dict[str, str] | None = None) -> tuple[i
         return exc.status, "invalid_request_error", exc.message, exc.param
     error = api_error(exc)
     message, param = error.message, error.param
+    # a path inside a renamed field (a schema keyword's, say) keeps its tail: the longest prefix wins
+    prefix = max((k for k in names or () if (error.param or "").startswith((f"{k}.", f"{k}["))), key=len, default=None)
+    if names and prefix is not None and error.param not in names:
+        names = {error.param: names[prefix] + error.param[len(prefix):]}  # type: ignore[dict-item,index]
     if names and error.param in names:
         param = names[error.param]
         message = message.replace(f"'{error.param}'", f"'{param}'")
