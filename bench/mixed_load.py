@@ -15,9 +15,11 @@ and measured, in one run:
     0.8, and the streams' token gap p99 < 3x a plain decode step (the median gap alone).
 
 A stream's tok/s counts from its first token (TTFT excluded); gaps are the times between its
-chunks. CPU (SmolLM2-135M, ~2 minutes on 2 idle cores; GPU: any GGUF)::
+chunks. CPU (SmolLM2-135M, about 70 s; on a 2-core box shared with other work, ``--threads 1``: two
+llama.cpp threads wait on each other at every op when one is descheduled, which makes small decodes
+cost seconds and measures the neighbours, not the server). GPU: any GGUF::
 
-    PYTHONPATH=. python bench/mixed_load.py                      # SmolLM2 (the registry's default), CPU
+    PYTHONPATH=. python bench/mixed_load.py --threads 1          # SmolLM2 (the registry's default), CPU
     PYTHONPATH=. python bench/mixed_load.py --model q7.gguf --n-gpu-layers -1 --sizes 10,100,500,2000 \\
         --streams 12 --long-prompts 6 --long-tokens 11000 --n-ctx 12288 --embed-texts 48 --embed-tokens 400
 
@@ -128,10 +130,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,500,2000", help="(a): text sizes in tokens")
     ap.add_argument("--streams", type=int, default=2, help="(b), (c): streams at once")
     ap.add_argument("--max-tokens", type=int, default=48, help="(b), (c): tokens per stream")
-    ap.add_argument("--embed-texts", type=int, default=4, help="(b): texts per embeddings request")
-    ap.add_argument("--embed-tokens", type=int, default=400, help="(b): tokens per text")
+    ap.add_argument("--embed-texts", type=int, default=2, help="(b): texts per embeddings request")
+    ap.add_argument("--embed-tokens", type=int, default=200, help="(b): tokens per text")
     ap.add_argument("--long-prompts", type=int, default=1, help="(c): clients sending long prompts")
-    ap.add_argument("--long-tokens", type=int, default=1500, help="(c): tokens per long prompt")
+    ap.add_argument("--long-tokens", type=int, default=1000, help="(c): tokens per long prompt")
     ap.add_argument("--step-tokens", default=None, help="serve's --step-tokens (default: serve's own, auto)")
     ap.add_argument("--json", type=Path, default=None)
     opts = ap.parse_args()
