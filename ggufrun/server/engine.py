@@ -769,7 +769,7 @@ class Engine:
             return exc, [slot for slot, _, _ in batch]
         self._decoded = True
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
-        self._budget.launched(n_rows, n_chunks)
+        self._budget.launched(n_rows or waiting, n_chunks)
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
