@@ -36,7 +36,7 @@ def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Calla
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
-    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--parallel", "2", "--n-ctx", "2048", "--threads", "2",
+    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--parallel", "2", "--n-ctx", "2048", "--threads", "1",
                env=server_env) as server:
         yield server
 

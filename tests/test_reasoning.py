@@ -145,10 +145,11 @@ def thinking_gguf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def think(thinking_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"GGUFRUN_HOME": str(tmp_path_factory.mktemp("home")), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9",
-           "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
-    with serve(str(thinking_gguf), "--served-model-name", "think", "--parallel", "2", "--n-ctx", "2048", "--threads", "2",
+def think(thinking_gguf: Path, tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> Iterator[ServerProcess]:
+    home = tmp_path_factory.mktemp("home")
+    seed_amx_verdict(home)  # the session's AMX verdict: no second check per server
+    env = {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
+    with serve(str(thinking_gguf), "--served-model-name", "think", "--parallel", "2", "--n-ctx", "2048", "--threads", "1",
                "--reasoning-budget", str(BUDGET), env=env) as server:
         yield server
 
@@ -319,11 +320,12 @@ def test_tool_call_and_json_schema_come_after_the_thinking(think: ServerProcess)
 
 
 @pytest.mark.slow  # another server / two more processes: the path is covered in-process too
-def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_path: Path, seed_amx_verdict: Any) -> None:
     """--reasoning-format deepseek on a template that never opens the block: the reply may (here,
     by its grammar) open one itself, as Qwen3 does; the tags are found in the reply's text."""
+    seed_amx_verdict(tmp_path)
     env = {"GGUFRUN_HOME": str(tmp_path), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
-    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "2",
+    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "1",
                "--reasoning-format", "deepseek", env=env) as server:
         oa = openai_client(server)
         grammar = 'root ::= "<think>\\n" [a-z ]{3,12} "\\n</think>\\n\\n" "Paris"'
@@ -335,13 +337,14 @@ def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_pat
         assert plain.choices[0].message.content and (plain.choices[0].message.model_extra or {}).get("reasoning_content") is None
 
 
-def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Path, tmp_path: Path) -> None:
+def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Path, tmp_path: Path, seed_amx_verdict: Any) -> None:
     import anthropic
     import ollama
     import openai
 
+    seed_amx_verdict(tmp_path)
     env = {"GGUFRUN_HOME": str(tmp_path), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
-    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "2", env=env) as server:
+    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "1", env=env) as server:
         oa = openai_client(server)
         for extra, param in (({"reasoning_effort": "high"}, "reasoning_effort"),
                              ({"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}, "chat_template_kwargs.enable_thinking")):

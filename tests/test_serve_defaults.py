@@ -43,7 +43,7 @@ def default_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory)
     """`ggufrun serve --port 0` with no name, the default model already pulled, offline."""
     home = tmp_path_factory.mktemp("default-home")
     _place(smollm2_gguf, home, "smollm2-135m")
-    with serve("--parallel", "2", "--n-ctx", "1024", "--threads", "2", env={"GGUFRUN_HOME": str(home), **OFFLINE},
+    with serve("--parallel", "2", "--n-ctx", "1024", "--threads", "1", env={"GGUFRUN_HOME": str(home), **OFFLINE},
                port=0) as server:
         yield server
 
