@@ -27,14 +27,20 @@ def amx_verdict() -> "Check | None":
 
 
 @pytest.fixture(scope="session")
-def seed_amx_verdict(amx_verdict: "Check | None") -> Callable[[Path], None]:
+def seed_amx_verdict(amx_verdict: "Check | None", tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], None]:
     """``seed(home)``: give a GGUFRUN_HOME the session's AMX verdict, so that every model a test loads goes
-    through the product's guard (AMX dropped where it crashes) without each home paying for the check."""
+    through the product's guard (AMX dropped where it crashes) without each home paying for the check;
+    and the session's trial loads (trial.py's stamps, one per file that passed), so that a file is
+    trial-loaded once per session, not once per test (a child process each: ~0.3-0.8 s)."""
     from ggufrun.llama import amx
 
     key = amx.library_key() if amx_verdict is not None else ""
+    trials = tmp_path_factory.mktemp("trials")
 
     def seed(home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "trials").exists():
+            (home / "trials").symlink_to(trials, target_is_directory=True)
         if amx_verdict is not None:
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("GGUFRUN_HOME", str(home))

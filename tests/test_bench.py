@@ -170,6 +170,7 @@ def test_one_file_has_no_quality_to_measure(plain_dir: Path, tmp_path: Path) -> 
     assert not (tmp_path / "res" / "quality.png").exists() and (tmp_path / "res" / "tokens_per_s.png").exists()
 
 
+@pytest.mark.slow  # three quantisations and two bench runs (seconds on 2 cores): the derived-reference rule runs in the slow suite
 def test_a_derived_file_is_not_the_silent_reference(plain_entry: str, ggufrun_home: Path,
                                                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # f16 made from q8_0 is the larger file, but it holds no more than q8_0: q8_0 is the reference, and bench says so.

@@ -22,7 +22,7 @@ import pytest
 import requests
 from serverutil import ServerProcess, serve
 
-FAST, SLOW = 40, 800
+FAST, SLOW = 24, 800  # the default run stays a few seconds; -m slow sends 800
 STALL = 2.0  # seconds: the most a running stream may wait between two tokens
 RSS_LIMIT = 2 << 30  # bytes: SmolLM2 serves in ~0.4 GB; a grammar or array that grows memory goes far past
 N_VOCAB = 49152
