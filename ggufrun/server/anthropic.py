@@ -257,6 +257,12 @@ def from_openai(result: dict[str, Any], stop: str | None = None) -> dict[str, An
             "usage": _usage(result.get("usage"))}
 
 
+def _next_block(index: int, block: dict[str, Any]) -> list[bytes]:
+    """The events that close the open content block ``index`` (none when -1) and open ``block`` after it."""
+    closing = [sse("content_block_stop", {"type": "content_block_stop", "index": index})] if index >= 0 else []
+    return [*closing, sse("content_block_start", {"type": "content_block_start", "index": index + 1, "content_block": block})]
+
+
 async def events(run: ChatRun, model: str, asked: Sequence[str] = ()) -> AsyncIterator[bytes]:
     """Anthropic's event stream from the OpenAI chunks of ``run``; ``asked``: the client's stop sequences."""
     message: dict[str, Any] = {"id": _message_id(), "type": "message", "role": "assistant", "model": model, "content": [],
@@ -286,32 +292,27 @@ async def events(run: ChatRun, model: str, asked: Sequence[str] = ()) -> AsyncIt
         delta = choice.get("delta") or {}
         if delta.get("reasoning_content"):
             if kind != "thinking":
-                if index >= 0:
-                    yield sse("content_block_stop", {"type": "content_block_stop", "index": index})
+                for event in _next_block(index, {"type": "thinking", "thinking": "", "signature": ""}):
+                    yield event
                 index, kind = index + 1, "thinking"
-                yield sse("content_block_start", {"type": "content_block_start", "index": index,
-                                                  "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
             yield sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                               "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}})
         if delta.get("content"):
             if kind != "text":
-                if index >= 0:
-                    yield sse("content_block_stop", {"type": "content_block_stop", "index": index})
+                for event in _next_block(index, {"type": "text", "text": ""}):
+                    yield event
                 index, kind = index + 1, "text"
-                yield sse("content_block_start", {"type": "content_block_start", "index": index,
-                                                  "content_block": {"type": "text", "text": ""}})
             yield sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                               "delta": {"type": "text_delta", "text": delta["content"]}})
         for call in delta.get("tool_calls") or []:
             tag = f"tool:{call.get('index', 0)}"
             function = call.get("function") or {}
             if kind != tag:
-                if index >= 0:
-                    yield sse("content_block_stop", {"type": "content_block_stop", "index": index})
-                index, kind = index + 1, tag
                 block = {"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
                          "name": function.get("name", ""), "input": {}}
-                yield sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+                for event in _next_block(index, block):
+                    yield event
+                index, kind = index + 1, tag
             if function.get("arguments"):
                 yield sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                   "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
