@@ -11,14 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from crafted import fuzz_cases
-from serverutil import serve
+from serverutil import post_json, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 # The cases that crashed or hung a command before (issue 20), one per kind, and a valid copy.
@@ -67,15 +65,6 @@ def _check_one_line(results: list[dict], names: list[str]) -> None:
         assert r["seconds"] < PER_FILE_SECONDS, f"{name}: {r['seconds']} s"
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def _fuzz(names: list[str], tiny_model_factory, tmp_path: Path) -> dict[str, int]:
     src = tiny_model_factory("qwen2", "f16", True)
     files = _build(names, src, tmp_path / "crafted")
@@ -91,11 +80,11 @@ def _fuzz(names: list[str], tiny_model_factory, tmp_path: Path) -> dict[str, int
     statuses: dict[str, int] = {}
     with serve("--config", str(config), "--max-loaded", "2", env={"GGUFRUN_HOME": str(home)}) as srv:
         for i, name in enumerate(names):
-            status, body = _post(f"{srv.url}/v1/completions", {"model": f"bad{i}", "prompt": "hi", "max_tokens": 2})
+            status, body = post_json(f"{srv.url}/v1/completions", {"model": f"bad{i}", "prompt": "hi", "max_tokens": 2})
             statuses[name] = status
             assert srv.proc.poll() is None, f"{name} killed the server: {srv.log()[-2000:]}"
             assert status == 200 or (400 <= status < 600 and "\n" not in body["error"]["message"]), (name, body)
-            status, body = _post(f"{srv.url}/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 2})
+            status, body = post_json(f"{srv.url}/v1/completions", {"model": "good", "prompt": "hi", "max_tokens": 2})
             assert status == 200 and body["usage"]["completion_tokens"] >= 1, (name, body)
         log = srv.log()
         assert "Traceback" not in log and "gdb" not in log, log[log.find("Traceback") - 500:][:3000]

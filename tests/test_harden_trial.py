@@ -3,19 +3,16 @@ gguf_info.check_model does not foresee gives a 500 for that model, and the serve
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from crafted import craft, patch_tensor
-from serverutil import serve
+from serverutil import post_json, serve
 
 # Switches off ggufrun's own metadata checks in every Python process that starts with this folder
 # on its path: the server and its trial child then meet llama.cpp's abort as an unforeseen file would.
@@ -31,15 +28,6 @@ def unchecked_env(tmp_path: Path, seed_amx_verdict: Callable[[Path], None]) -> d
     seed_amx_verdict(home)
     return {"PYTHONPATH": f"{Path(__file__).resolve().parents[1]}{os.pathsep}{site}", "GGUFRUN_HOME": str(home),
             "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 # Files that crash llama.cpp at load, or load cleanly and crash on the first token (the NaN epsilon
@@ -65,10 +53,10 @@ def test_a_file_that_crashes_llama_cpp_is_a_500_and_the_server_lives(tiny_model_
     with serve("--config", str(config), env=unchecked_env) as srv:
         srv_port = srv.port
         for name in bad:
-            status, body = _post(f"{srv.url}/v1/completions", {"model": name, "prompt": "x", "max_tokens": 2})
+            status, body = post_json(f"{srv.url}/v1/completions", {"model": name, "prompt": "x", "max_tokens": 2})
             assert status == 500 and "crashed (SIG" in body["error"]["message"], body
             assert srv.proc.poll() is None
-            status, body = _post(f"{srv.url}/v1/completions", {"model": "good", "prompt": "x", "max_tokens": 2})
+            status, body = post_json(f"{srv.url}/v1/completions", {"model": "good", "prompt": "x", "max_tokens": 2})
             assert status == 200 and body["usage"]["completion_tokens"] >= 1
         assert "gdb" not in srv.log()
     # nothing the server started still holds its port: a restart binds it at once (SO_REUSEADDR, as
