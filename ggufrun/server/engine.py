@@ -164,7 +164,6 @@ class Job:
         # The request this job is one choice (or prompt) of: admission shares the slots between
         # requests, not jobs (Engine._next_job).
         self.group: object = self
-        self.group_size = 1
         # A job paused for another request (Engine._preempt): its Generation (sampler, grammar and
         # random state), and the tokens whose KV it had (prompt, reply so far), recomputed on return.
         self.paused: Generation | None = None
@@ -231,6 +230,13 @@ class _Slot:
     used_at: float = 0.0
 
 
+
+def _done(reason: str, st: GenStats, gen: Any) -> Event:
+    """A reply's closing event from its generation's stats (``gen`` None: it never started)."""
+    return Event("done", finish_reason=reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
+                 completion_tokens=st.gen_tokens, timings=timings(st),
+                 stop_sequence=gen.stop_sequence if gen is not None else None, reasoning_tokens=st.reasoning_tokens)
+
 class Engine:
     """One model, one thread, up to ``parallel`` sequences decoded together."""
 
@@ -296,7 +302,7 @@ class Engine:
                 f"and queues {self.max_queue} more, so it can never be accepted.",
                 f"Send at most {capacity} per request, or serve with a larger --parallel or --max-queue.", param=param)
         for job in jobs:
-            job.group, job.group_size = jobs[0], len(jobs)
+            job.group = jobs[0]
             grammar = job.request.sampling.get("grammar")
             if grammar and job.grammar is None and self.backend is not None:
                 # Parsing reads only the immutable vocabulary, so it is safe off the engine thread.
@@ -775,15 +781,22 @@ class Engine:
             if job in self._queue:
                 self._queue.remove(job)
         job.paused, job.resume = None, []
-        st = gen.stats
-        self._emit(job, Event("done", finish_reason=reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
-                              completion_tokens=st.gen_tokens, timings=timings(st), stop_sequence=gen.stop_sequence))
+        self._emit(job, _done(reason, gen.stats, gen))
         job.finished = True
         self.metrics.finished(self.name, reason)
         gen.close()
+        if job.grammar is not None:  # as _end frees a finished slot's
+            job.grammar.close()
+            job.grammar = None
 
     def _fail_job(self, job: Job | None, exc: BaseException) -> None:
         """End one job with an error and free its slot (its KV cells too); the others run on."""
+        if isinstance(exc, GgufrunError):
+            err = exc
+        else:
+            log.error("request on %s failed in the engine", self.name, exc_info=exc)
+            err = JobFailedError(f"The request failed in the engine: {type(exc).__name__}: {exc}.",
+                                 "Other requests were not affected; see the server log.")
         slot = next((s for s in self._slots if job is not None and s.job is job), None)
         if slot is None:
             if job is not None and job.paused is not None:  # failed handing out the token it was paused on
@@ -792,15 +805,12 @@ class Engine:
                         self._queue.remove(job)
                 job.paused.close()
                 job.paused, job.resume, job.finished = None, [], True
-                self._emit(job, Event("error", error=JobFailedError(f"The request failed in the engine: {exc}.")))
+                if job.grammar is not None:
+                    job.grammar.close()
+                    job.grammar = None
+                self._emit(job, Event("error", error=err))
                 self.metrics.finished(self.name, "error")
             return
-        if isinstance(exc, GgufrunError):
-            err = exc
-        else:
-            log.error("request on %s failed in the engine", self.name, exc_info=exc)
-            err = JobFailedError(f"The request failed in the engine: {type(exc).__name__}: {exc}.",
-                                 "Other requests were not affected; see the server log.")
         # Its KV cells stay, as a finished job's do (the bookkeeping matches them; a decode may be in
         # flight): the next admission to the slot keeps what it shares of them.
         self._end(slot, error=err)
@@ -822,10 +832,7 @@ class Engine:
             if tail:
                 self._emit(job, Event("text", tail))
             st = gen.stats if gen is not None else GenStats(prompt_tokens=len(job.request.prompt))
-            self._emit(job, Event("done", finish_reason=finish_reason, prompt_tokens=st.prompt_tokens, cached_tokens=st.cached_tokens,
-                           completion_tokens=st.gen_tokens, timings=timings(st),
-                           stop_sequence=gen.stop_sequence if gen is not None else None,
-                           reasoning_tokens=st.reasoning_tokens))
+            self._emit(job, _done(finish_reason, st, gen))
         job.finished = True
         self.metrics.finished(self.name, "error" if error is not None else finish_reason or "cancelled")
         if gen is not None:
