@@ -103,7 +103,8 @@ def test_a_schema_within_the_limits_converts_to_a_grammar_the_checker_accepts() 
 
 
 @pytest.mark.parametrize("lo,hi", [(0, 20), (-5, 5), (-30, -7), (7, 123), (0, 0), (99, 101), (-100, 100), (123, 4567),
-                                   (5, None), (None, 5), (-12, None), (None, -3), (10, None), (None, 0), (0, None)])
+                                   (5, None), (None, 5), (-12, None), (None, -3), (10, None), (None, 0), (0, None),
+                                   (100, None), (905, None), (None, -905), (2000, None), (-905, -100)])  # zeros after the first digit
 def test_integer_ranges_become_grammars_that_match_exactly_the_range(lo: int | None, hi: int | None) -> None:
     """Read the GBNF as a regular expression (it uses only literals, classes, groups and {m,n})."""
     text = min_max_int(lo, hi)

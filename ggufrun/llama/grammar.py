@@ -196,8 +196,18 @@ def min_max_int(lo: int | None, hi: int | None, decimals_left: int = 16, top_lev
                 out.append(" ")
                 more_digits(len(s), less)
                 out.append(" | ")
+            # After the first digit: the rest's own digits at least s[1:] (as many of them, its leading
+            # zeros kept: llama.cpp recursed on int(s[1:]), so a minimum of 100 let "10".."19" through),
+            # or any longer run of digits.
+            k = len(s) - 1
             digit_range(c, c)
-            out.append(f" ({min_max_int(int(s[1:]), None, less, False)})")
+            out.append(" ((")
+            uniform_range(s[1:], "9" * k)
+            out.append(")")
+            if less is None or less >= k + 1:
+                out.append(" | ")
+                more_digits(k + 1, less)
+            out.append(")")
             if c < "9":
                 out.append(" | ")
                 digit_range(chr(ord(c) + 1), "9")
