@@ -22,7 +22,7 @@ MAX_BYTES = 256 * 1024  # grammar text; a JSON schema's grammar within the schem
 MAX_RULES = 4096  # rules defined
 MAX_DEPTH = 1000  # nested groups: llama.cpp's parser recurses per level (one worker thread's stack holds 1000)
 MAX_REPEAT = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD: above it, {m,n} silently becomes {m,}
-MAX_EXPANDED = 100_000  # grammar elements once every repetition is written out (what llama.cpp builds)
+MAX_EXPANDED = 300_000  # grammar elements once every repetition is written out (each byte of text counts as one, so above MAX_BYTES)
 
 _NAME = re.compile(r"[A-Za-z0-9-]+")
 _SPACE = re.compile(r"[ \t]*(?:#[^\r\n]*)?")
