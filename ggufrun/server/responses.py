@@ -122,8 +122,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             raise Refused(where, f"'{where}': item type {kind!r} is not supported (message, reasoning, function_call, "
                                  "function_call_output).")
-        if thought and out[-1]["role"] == "assistant":
-            out[-1]["reasoning_content"], thought = thought, ""
+        if thought:  # it belongs to this turn if an assistant's, else to none (not a later answer's)
+            if out[-1]["role"] == "assistant":
+                out[-1]["reasoning_content"] = thought
+            thought = ""
     return out
 
 
