@@ -127,11 +127,10 @@ def test_cli_failing_configurations_are_rows_with_reasons(capsys: pytest.Capture
 
 
 def test_unknown_quants_are_refused_before_anything_is_measured(tmp_path: Path, ggufrun_home: Path) -> None:
-    started = time.monotonic()
     proc = ggufrun("bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z,q7_x", *FAST)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "Error: Synthetic models have no quant type q9_z, q7_x. Nothing was measured.\n"
-    assert not (ggufrun_home / "synthetic").exists() and time.monotonic() - started < 30  # q8_0 was not even written
+    assert not (ggufrun_home / "synthetic").exists()  # q8_0 was not even written: nothing was measured
 
 
 def test_a_registry_models_missing_quant_is_refused_with_what_it_has(plain_entry: str) -> None:

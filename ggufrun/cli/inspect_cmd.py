@@ -58,7 +58,7 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
         check_model(info)  # what chat and serve would refuse before llama.cpp sees the file
         problem = None
     except InvalidGGUFError as exc:
-        problem = exc.message.split(": ", 1)[-1] if ": " in exc.message else exc.message
+        problem = exc.message.split(": ", 1)[-1]  # without the file name
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
     cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
     auto = offload.plan(info, n_ctx)
