@@ -33,7 +33,8 @@ BAD_GRAMMARS = [
     ("root ::= " + "(" * 1500 + '"a"' + ")" * 1500, "nested"),  # llama.cpp's parser recursion
     ('root ::= "a"{3000}', "2000"),  # llama.cpp silently turns {m,n} over 2000 into {m,}
     ('root ::= "a"{0,99999999999}', "repetition"),
-    ("root ::= r0 r1 r2 r3 r4 r5\n" + "\n".join(f'r{i} ::= "abcdefghij"{{2000}}' for i in range(6)), "expands"),
+    ("root ::= " + " ".join(f"r{i}" for i in range(16)) + "\n" +  # 16 x 10 x 2,000 elements, over 300,000
+     "\n".join(f'r{i} ::= "abcdefghij"{{2000}}' for i in range(16)), "expands"),
     ("root ::= x", "never defined"),
     ('x ::= "a"', "no 'root'"),
     ('root ::= "a" )', "unbalanced"),
@@ -76,6 +77,8 @@ BAD_SCHEMAS = [
     ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "s.properties.a.not"),
     ({"type": "string", "pattern": '^a"b$'}, "s.pattern"),  # written unescaped in the JSON string
     ({"type": "string", "pattern": "^[ -~]+$"}, "s.pattern"),  # a range holding '"' and '\\'
+    ({"type": "string", "pattern": "^\\x22$"}, "s.pattern"),  # an escape naming a quote is a quote to llama.cpp
+    ({"type": "string", "pattern": "^[\\x20-\\x7e]+$"}, "s.pattern"),  # escapes in a range holding both
 ]
 
 
@@ -97,6 +100,9 @@ def test_a_schema_within_the_limits_converts_to_a_grammar_the_checker_accepts() 
     assert gbnf.check_gbnf(grammar).depth <= gbnf.MAX_DEPTH
     # no raw control character can be sampled inside a JSON string (llama.cpp's C++ converter's rule)
     assert '[^"\\\\\\x7F\\x00-\\x1F]' in grammar
+    # bounds on the list spelling of the type are written into the grammar too
+    assert "a ::= ([5-7]) space" in schema_grammar({"type": "object", "properties": {"a": {"type": ["integer"], "minimum": 5,
+                                                                                         "maximum": 7}}}, "s")
     # nor a quote, backslash or control character through a pattern's "." or [^...]
     pattern = schema_grammar({"type": "string", "pattern": "^.[^x]$"}, "s")
     assert pattern.count('[^"\\\\\\x7F\\x00-\\x1F') == 2, pattern
