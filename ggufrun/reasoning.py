@@ -21,8 +21,8 @@ from typing import Mapping
 FORMATS = ("auto", "none", "deepseek")
 
 # OpenAI's reasoning_effort (and the Responses API's reasoning.effort) as a thinking budget in
-# tokens: 0 turns thinking off, None leaves the server's --reasoning-budget.
-EFFORT_BUDGET: Mapping[str, int | None] = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": None}
+# tokens: 0 turns thinking off, -1 sets no limit (high: above medium whatever --reasoning-budget is).
+EFFORT_BUDGET: Mapping[str, int | None] = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": -1}
 
 # Where a reply starts: inside the block (the prompt opened it), before it (the model may open
 # one), or in the answer (thinking is off, or the model does not reason).

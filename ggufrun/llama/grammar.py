@@ -64,7 +64,8 @@ def _converter() -> Any:
             return out
 
         def visit(self, schema: Any, name: str) -> Any:
-            if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in INT_BOUNDS):
+            # ["integer"] too: constraints.check_schema lets bounds through for either spelling
+            if isinstance(schema, dict) and schema.get("type") in ("integer", ["integer"]) and any(k in schema for k in INT_BOUNDS):
                 lo, hi = int_bounds(schema)
                 rule_name = name + "-" if name in lg.RESERVED_NAMES else name or "root"
                 return self._add_rule(rule_name, f"({min_max_int(lo, hi)}) space")

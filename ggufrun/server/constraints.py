@@ -127,6 +127,9 @@ def check_schema(schema: Any, param: str) -> None:
     walk(schema, param, 0)
 
 
+_HEX_ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4}))")
+
+
 def _check_pattern(pattern: Any, where: str) -> None:
     """A pattern's length, and the size its repetitions write out (``((a{999}){999}){999}`` is short)."""
     if not isinstance(pattern, str):
@@ -136,7 +139,10 @@ def _check_pattern(pattern: Any, where: str) -> None:
     # The converter writes a pattern's characters unescaped inside the JSON string: one that can
     # match '"', '\\' or a control character would make the reply invalid JSON.
     unsafe = '"' in pattern or "\\\\" in pattern or any(ord(c) < 0x20 for c in pattern)
-    for cls in re.findall(r"\[(?!\^)((?:[^\]\\]|\\.)*)\]", pattern):
+    # \xNN and \uNNNN escapes reach llama.cpp's grammar as the characters they name ("\x22" is a quote)
+    escaped = [int(m.group(1) or m.group(2), 16) for m in _HEX_ESCAPE.finditer(pattern)]
+    unsafe = unsafe or any(c < 0x20 or c in (0x22, 0x5C) for c in escaped)
+    for cls in re.findall(r"\[(?!\^)((?:[^\]\\]|\\.)*)\]", _HEX_ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), pattern)):
         for a, b in re.findall(r"(.)-(.)", cls):
             if any(ord(a) <= c <= ord(b) for c in (0x22, 0x5C)) or ord(a) < 0x20:
                 unsafe = True
