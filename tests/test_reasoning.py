@@ -397,3 +397,16 @@ def test_chat_cli_shows_thinking_on_stderr_only_when_asked(thinking_gguf: Path) 
     assert "thinking)" in hidden.stderr  # the stats line counts the thinking tokens apart
     thought = shown.stderr.split("template:")[-1]
     assert len(shown.stderr) > len(hidden.stderr) and "think>" not in thought
+
+
+def test_the_seed_route_answers_with_the_answer_alone(think: ServerProcess) -> None:
+    """POST / (the seed's demo) goes through the same thinking plan and returns the answer, as chat's
+    window does: the same text as OpenAI chat's content for the same messages."""
+    import requests
+
+    r = requests.post(f"{think.url}/", json={"prompt": ASK[0]["content"], "max_tokens": 24, **GREEDY}, timeout=120)
+    assert r.status_code == 200, r.text
+    msg = openai_client(think).chat.completions.create(
+        model="think", max_tokens=24, extra_body=GREEDY,
+        messages=[{"role": "system", "content": "You are a helpful assistant."}, *ASK]).choices[0].message
+    assert msg.model_extra["reasoning_content"] and r.json()["response"] == msg.content

@@ -12,8 +12,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..reasoning import split
 from ..templates import chat_tokens
 from . import protocol as P
+from . import thinking
 from .api_errors import invalid
 from .core import Server
 from .engine import Backend
@@ -45,15 +47,21 @@ def routes(server: Server) -> list[Route]:
         def build(backend: Backend) -> list[list[int]]:
             params.stop = [*params.stop, *backend.template.stop]
             params.max_tokens = params.max_tokens or backend.settings.max_tokens or SEED_MAX_TOKENS
-            return [chat_tokens(backend.template, backend.model, messages)]
+            variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
+                                                     backend.template.jinja_source)
+            tokens = chat_tokens(backend.template, backend.model, messages, variables=variables)
+            return [thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)]
 
         group = await server.submit(params, cfg, build)
         results = await collect(request, group)
         if results is None:
             return Response(status_code=499)
+        text = results[0].text
+        if params.think is not None:  # a reasoning model's: the seed's one field holds the answer, as chat's window does
+            text = split(text, params.think.fmt, params.think.start)[1]
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        log.info('[%s] prompt:"%s", response:"%s"', now, safe(prompt), safe(results[0].text))
-        return JSONResponse({"response": results[0].text, "status": 200, "time": now})
+        log.info('[%s] prompt:"%s", response:"%s"', now, safe(prompt), safe(text))
+        return JSONResponse({"response": text, "status": 200, "time": now})
 
     async def page(request: Request) -> Response:
         html = resources.files("ggufrun.server").joinpath("static/index.html").read_text(encoding="utf-8")
