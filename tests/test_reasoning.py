@@ -410,3 +410,25 @@ def test_the_seed_route_answers_with_the_answer_alone(think: ServerProcess) -> N
         model="think", max_tokens=24, extra_body=GREEDY,
         messages=[{"role": "system", "content": "You are a helpful assistant."}, *ASK]).choices[0].message
     assert msg.model_extra["reasoning_content"] and r.json()["response"] == msg.content
+
+
+def test_the_chat_page_shows_thinking_apart_from_the_answer(think: ServerProcess, tmp_path: Path) -> None:
+    """The page reads reasoning_content: the thinking is shown (dimmed) above the answer, not dropped."""
+    import os
+
+    from test_server import CHROMIUM, DevTools
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    browser = DevTools(tmp_path / "chromium-profile")
+    try:
+        browser.open(think.url)
+        browser.wait_for("document.body.dataset.defaults === 'loaded'")
+        browser.evaluate("document.getElementById('max-tokens').value = '24'; document.getElementById('temperature').value = '0';"
+                         "document.getElementById('input').value = 'Explain photosynthesis.'; document.getElementById('send').click(); true")
+        browser.wait_for("document.querySelector('.msg.assistant.done') !== null")
+        thought = browser.evaluate("(document.querySelector('.msg.assistant .thinking') || {}).textContent || ''")
+        answer = browser.evaluate("document.querySelector('.msg.assistant .text').textContent")
+        assert thought and "<think>" not in thought + answer and "</think>" not in thought + answer
+    finally:
+        browser.close()

@@ -485,6 +485,22 @@ class DevTools:
                 self._buf += chunk
         raise TimeoutError(method)
 
+    def open(self, url: str) -> None:
+        """A new tab on ``url``, this client attached to it."""
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable")
+
+    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
+        """The first truthy value of ``expression`` in the page, polled; AssertionError past ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.evaluate(expression)
+            if result:
+                return result
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {expression}")
+
     def evaluate(self, expression: str) -> Any:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
@@ -502,18 +518,8 @@ def test_web_page_streams_a_reply_in_headless_chromium(tiny_model: Path, server_
                env=server_env) as s:
         browser = DevTools(tmp_path / "chromium-profile")
         try:
-            target = browser.call("Target.createTarget", url=s.url)["targetId"]
-            browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            browser.call("Runtime.enable")
-
-            def wait_for(expression: str, timeout: float = 30.0) -> Any:
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    result = browser.evaluate(expression)
-                    if result:
-                        return result
-                    time.sleep(0.1)
-                raise AssertionError(f"timed out waiting for {expression}")
+            browser.open(s.url)
+            wait_for = browser.wait_for
 
             assert wait_for("document.querySelector('#model option') && document.querySelector('#model').value") == "tiny"
             browser.evaluate("document.getElementById('input').value = 'Hello there'; document.getElementById('form').requestSubmit(); true")
@@ -567,18 +573,8 @@ def test_web_page_sends_its_settings_and_stop_cancels_the_generation(smollm2_ggu
     with serve("--threads", "2", "--n-ctx", "2048", env={**server_env, "GGUFRUN_OFFLINE": "1"}) as s:
         browser = DevTools(tmp_path / "chromium-profile")
         try:
-            target = browser.call("Target.createTarget", url=s.url)["targetId"]
-            browser.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            browser.call("Runtime.enable")
-
-            def wait_for(expression: str, timeout: float = 60.0) -> Any:
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    result = browser.evaluate(expression)
-                    if result:
-                        return result
-                    time.sleep(0.05)
-                raise AssertionError(f"timed out waiting for {expression}")
+            browser.open(s.url)
+            wait_for = browser.wait_for
 
             value = "document.getElementById('{}').value".format
             wait_for("document.body.dataset.defaults === 'loaded'")
