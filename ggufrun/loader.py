@@ -63,5 +63,28 @@ def open_model(
         if plan.devices and report is not None:  # a CPU-only build: nothing worth saying
             report(plan.describe())
     model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells)
+    if settings.spec != "off" or settings.draft_model:
+        _speculate(model, spec.name, settings, registry, cli_settings, offline, n_seq_max, kv_cells)
     family = spec.family or guess_family(model.metadata)
     return LoadedModel(model=model, spec=spec, settings=settings, family=family)
+
+
+def _speculate(model: Model, name: str, settings: Settings, registry: Registry, cli_settings: Mapping[str, Any] | None,
+               offline: bool | None, n_seq_max: int, kv_cells: int) -> None:
+    """Attach the speculator the settings ask for to ``model``; a draft model is opened as any
+    model is (resolved, fetched, offloaded by the same auto rule), with the target's context and
+    sequences. A refusal frees the target."""
+    from . import speculative
+
+    keep = ("n_gpu_layers", "flash_attn", "threads", "batch_size", "ubatch_size", "rpc", "split_mode", "tensor_split", "main_gpu")
+    draft_cli = {k: v for k, v in (cli_settings or {}).items() if k in keep}
+    draft_cli.update(n_ctx=settings.n_ctx or model.n_ctx, spec="off", draft_model="")
+
+    def load_draft(draft_name: str) -> Model:
+        return open_model(draft_name, registry, draft_cli, offline=offline, n_seq_max=n_seq_max, kv_cells=kv_cells).model
+
+    try:
+        model.speculator = speculative.build(model, settings, name, load_draft)
+    except BaseException:
+        model.close()
+        raise

@@ -65,6 +65,12 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("split_mode", str, "How layers spread over several devices.", choices=("layer", "row", "none")),
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
     Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
+    Field("spec", str, "Speculative decoding without a second model: ngram (continue an earlier occurrence of the "
+          "last tokens in the prompt or reply), or off.", choices=("off", "ngram")),
+    Field("draft_model", str, "Speculative decoding with this small model of the same vocabulary drafting "
+          "(any name ggufrun resolves; empty = none)."),
+    Field("draft_max", int, "Most tokens drafted per step (speculative decoding).", min=1, max=64),
+    Field("draft_min", int, "Fewest draft tokens worth checking; a shorter draft is not used.", min=0, max=64),
 )}
 
 
@@ -95,6 +101,10 @@ class Settings:
     split_mode: str = "layer"
     tensor_split: str = ""
     main_gpu: int = 0
+    spec: str = "off"
+    draft_model: str = ""
+    draft_max: int = 16
+    draft_min: int = 0
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""

@@ -145,6 +145,7 @@ class Model:
         self._borrowers: dict[int, int] = {}  # thread id -> nesting depth
         self._use_lock = threading.Lock()
         self._owns_weights = True
+        self.speculator: Any = None  # speculative.Speculator: drafts for stream() and the server's engine
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -268,6 +269,8 @@ class Model:
         L.llama_free(self._ctx)
         if self._owns_weights:
             L.llama_model_free(self._model)
+        if self.speculator is not None:
+            self.speculator.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -410,8 +413,8 @@ class Model:
                 tok[n : n + k] = tokens
                 pos_v[n : n + k] = range(pos, pos + k)
                 logit[n : n + k] = 1 if all_logits else 0
-                if want:
-                    logit[n + k - 1] = 1
+                if want:  # True, or how many trailing positions want logits (a speculative draft's)
+                    logit[n + k - int(want) : n + k] = 1
             for i in range(n, n + k):
                 if slots[i] != seq_id:  # each slot keeps its last seq id; rewrite only on change
                     b.seq_id[i][0] = seq_id
@@ -439,7 +442,8 @@ class Model:
 
     def decode(self, items: list[tuple[int, list[int], bool]]) -> list[int]:
         """Evaluate tokens for several sequences in one llama_decode; return, per item, the output
-        index to sample from (-1 where no logits were asked). The tokens of all items together must
+        index to sample from (-1 where no logits were asked; an int ``want`` > 1 asks for that many
+        trailing positions, the last one's index returned). The tokens of all items together must
         fit in n_batch, except for a single item, which is split into n_batch chunks."""
         if len(items) == 1 and len(items[0][1]) > self.n_batch:
             seq_id, tokens, want = items[0]
@@ -512,6 +516,11 @@ class Model:
         """Drive ``gen`` over ``tokens`` in one sequence, reusing the KV cache's common prefix:
         yield (token, text now safe to show) per generated token, then (-1, held-back text) when it
         ends. Closing the iterator early is safe (the generation ends as "cancelled")."""
+        if self.speculator is not None:
+            from ..speculative import stream
+
+            yield from stream(self, self.speculator, gen, tokens, seq_id)
+            return
         st = gen.stats
         gen.started = time.perf_counter()
         common = min(self.common_prefix(seq_id, tokens), len(tokens) - 1)  # the last prompt token is re-evaluated for its logits

@@ -1,0 +1,381 @@
+"""Speculative decoding: a drafter guesses the next few tokens, the target checks them in one decode.
+
+libllama has no speculative API (llama.cpp keeps it in its common library), so it is built here on
+what every ggufrun generation already uses: the target evaluates ``[last token] + draft`` in one
+``llama_decode`` with logits at every position; each position's row goes through the sequence's own
+sampler (penalties, bias, grammar, its seeded generator), in order, and the reply keeps tokens while
+the sampled token equals the draft's; the first that differs (or the token after a fully accepted
+draft) is the target's own. The rejected tail leaves the KV cache (``llama_memory_seq_rm``).
+
+Why this is exact: with a deterministic draft token ``x``, drawing ``t`` from the target's
+distribution ``p`` and keeping ``x`` iff ``t == x`` accepts ``x`` with probability ``p(x)`` and
+otherwise yields ``t`` from ``p`` without ``x``, renormalised: the standard rejection rule, with
+one draw per generated token. So a seeded reply is the same token for token with or without
+speculation, greedy or sampled, and penalties, bias, stop strings, grammars and logprobs see only
+accepted tokens and the target's logits.
+
+Two drafters: :class:`NgramDrafter` (the latest earlier occurrence of the text's last few tokens
+proposes what followed it: no second model; editing and code tasks repeat) and
+:class:`ModelDrafter` (a small model of the same vocabulary, greedy, in its own context with one
+sequence per target sequence). :class:`Speculator` holds one of them with the per-sequence pace:
+the draft length follows what gets accepted, and a sequence whose drafts keep failing stops drafting
+for exponentially longer spans, so speculation that does not pay costs next to nothing.
+
+This module stays free of llama.cpp: the models it drives are ``llama.model.Model`` objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import ConfigError, ContextOverflowError
+
+DRAFT_MAX = 16  # llama-server's speculative.n_max default
+DRAFT_MIN = 0  # llama-server's speculative.n_min default
+NGRAM_SIZES = (4, 3, 2)  # longest first: a longer match predicts better
+P_MIN = 0.75  # a model draft stops at a token its drafter gives less than this (llama.cpp's p_min)
+BACKOFF_MAX = 64  # steps a sequence whose drafts all failed waits, at most, before drafting again
+# A serving step's tokens from generating sequences, drafts included, stay within this: past it a
+# batch is busy enough that extra positions cost the others time (64 streams draft nothing).
+STEP_TOKENS = 32
+
+
+class Drafter(Protocol):
+    def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """Per (seq_id, tokens so far, most to draft): the guessed continuation (maybe empty)."""
+        ...
+
+    def forget(self, seq_id: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NgramDrafter:
+    """Prompt and history lookup: the continuation of the latest earlier occurrence of the last
+    4, 3 or 2 tokens. An index per sequence (n-gram -> where its latest follower starts) grows with
+    the text, so a step costs a few dict lookups, not a scan of the context."""
+
+    label = "ngram"
+
+    def __init__(self) -> None:
+        self._seqs: dict[int, tuple[list[int], list[dict[tuple[int, ...], int]]]] = {}
+
+    def _index(self, seq_id: int, tokens: list[int]) -> list[dict[tuple[int, ...], int]]:
+        known = self._seqs.get(seq_id)
+        if known is not None and len(tokens) >= len(known[0]) and tokens[: len(known[0])] == known[0]:
+            hist, index = known
+        else:
+            hist, index = [], [{} for _ in NGRAM_SIZES]
+        for i in range(len(hist), len(tokens)):
+            for k, n in enumerate(NGRAM_SIZES):
+                if i >= n:
+                    index[k][tuple(tokens[i - n : i])] = i
+        self._seqs[seq_id] = (list(tokens), index)
+        return index
+
+    def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        out = []
+        for seq_id, tokens, n_max in items:
+            index = self._index(seq_id, tokens)
+            guess: list[int] = []
+            if n_max > 0:
+                for k, n in enumerate(NGRAM_SIZES):
+                    at = index[k].get(tuple(tokens[-n:])) if len(tokens) > n else None
+                    if at is not None:
+                        guess = tokens[at : at + n_max]
+                        break
+            out.append(guess)
+        return out
+
+    def forget(self, seq_id: int) -> None:
+        self._seqs.pop(seq_id, None)
+
+    def close(self) -> None:
+        self._seqs.clear()
+
+
+class ModelDrafter:
+    """A small model of the target's vocabulary drafting greedily in a context of its own, one
+    sequence per target sequence (its KV keeps the common prefix between steps). Every sequence
+    drafting in a step goes through the same decodes: one to catch up on the accepted tokens, then
+    one per drafted position."""
+
+    def __init__(self, model: Any, name: str, p_min: float = P_MIN) -> None:
+        self.model = model
+        self.label = name
+        self.p_min = p_min
+
+    def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        m = self.model
+        out: list[list[int]] = [[] for _ in items]
+        live = []
+        for i, (seq_id, tokens, n_max) in enumerate(items):
+            if n_max <= 0 or len(tokens) + n_max > m.seq_cells:
+                continue
+            keep = m.truncate(seq_id, min(m.common_prefix(seq_id, tokens), len(tokens) - 1))
+            live.append((i, seq_id, tokens[keep:], n_max))
+        if not live:
+            return out
+        try:
+            rows = self._decode([(seq_id, todo) for _, seq_id, todo, _ in live])
+            for step in range(max(n for *_, n in live)):
+                picks = _greedy(rows, self.p_min)
+                going = []
+                for (i, seq_id, _, n_max), tok in zip(live, picks):
+                    if tok < 0:
+                        continue
+                    out[i].append(tok)
+                    if len(out[i]) < n_max:
+                        going.append((i, seq_id, [tok], n_max))
+                live = going
+                if not live:
+                    break
+                rows = self._decode([(seq_id, todo) for _, seq_id, todo, _ in live])
+        except ContextOverflowError:  # the draft's cache is full: these sequences go on without drafts
+            pass
+        return out
+
+    def _decode(self, items: list[tuple[int, list[int]]]) -> np.ndarray:
+        """One decode (a long catch-up alone, in chunks) with a row per item; returns a copy."""
+        m = self.model
+        if sum(len(t) for _, t in items) <= m.n_batch:
+            m.decode([(s, t, True) for s, t in items])
+            return np.array(m.logits_rows(len(items)))
+        rows = []
+        for seq_id, todo in items:
+            m.decode([(seq_id, todo, True)])
+            rows.append(np.array(m.logits_rows(1))[0])
+        return np.stack(rows)
+
+    def forget(self, seq_id: int) -> None:
+        """Nothing: the next draft for the sequence keeps what it shares of its cache."""
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def _greedy(rows: np.ndarray, p_min: float) -> list[int]:
+    """Each row's argmax, or -1 where its probability is below ``p_min`` (a guess not worth checking)."""
+    best = rows.argmax(axis=1)
+    if p_min <= 0:
+        return [int(t) for t in best]
+    top = rows[np.arange(len(rows)), best].astype(np.float64)
+    z = np.exp(rows.astype(np.float64) - top[:, None]).sum(axis=1)
+    return [int(t) if 1.0 / zz >= p_min else -1 for t, zz in zip(best, z)]
+
+
+@dataclass
+class Pace:
+    """One sequence's drafting pace: how long a draft to ask for, and how many steps to wait
+    after drafts that were all rejected (1, 2, 4 ... BACKOFF_MAX)."""
+
+    n_max: int = DRAFT_MAX
+    n_min: int = DRAFT_MIN
+    length: int = DRAFT_MAX
+    misses: int = 0
+    wait: int = 0
+
+    def want(self) -> int:
+        if self.wait > 0:
+            self.wait -= 1
+            return 0
+        return self.length
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return
+        if accepted == 0:
+            self.misses += 1
+            self.wait = min(1 << (self.misses - 1), BACKOFF_MAX)
+            self.length = max(1, self.length // 2)
+            return
+        self.misses = 0
+        self.length = min(self.n_max, self.length + 2) if accepted == drafted else max(1, accepted + 1)
+
+
+@dataclass
+class SpecStats:
+    """Totals over a speculator's life, for bench's acceptance-rate column."""
+
+    drafts: int = 0  # verifications with a draft
+    drafted: int = 0  # draft tokens checked
+    accepted: int = 0  # of those, kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class Speculator:
+    """A drafter with each sequence's pace; attached to a target ``Model`` (``model.speculator``),
+    where ``Model.stream`` (chat, bench) and the server's engine find it."""
+
+    drafter: Any
+    n_max: int = DRAFT_MAX
+    n_min: int = DRAFT_MIN
+    paces: dict[int, Pace] = field(default_factory=dict)
+    stats: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def label(self) -> str:
+        return str(self.drafter.label)
+
+    def begin(self, seq_id: int, n_max: int | None = None, n_min: int | None = None) -> None:
+        """A new reply in ``seq_id``, with the request's own draft bounds where it gave them."""
+        top = self.n_max if n_max is None else n_max
+        self.paces[seq_id] = Pace(n_max=top, n_min=self.n_min if n_min is None else n_min, length=top)
+        self.drafter.forget(seq_id)
+
+    def drafts(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """Drafts for (seq_id, tokens so far, room): each asks for what its pace wants (within
+        ``room``), and one shorter than the sequence's draft minimum is dropped."""
+        asks = []
+        for seq_id, tokens, room in items:
+            pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, self.n_max))
+            asks.append((seq_id, tokens, min(pace.want(), room)))
+        if not any(n > 0 for _, _, n in asks):
+            return [[] for _ in items]
+        out = self.drafter.draft(asks)
+        for k, (seq_id, _, n) in enumerate(asks):
+            pace = self.paces[seq_id]
+            if not out[k] or len(out[k]) < max(pace.n_min, 1):
+                out[k] = []
+            out[k] = out[k][:n]
+        return out
+
+    def record(self, seq_id: int, drafted: int, accepted: int) -> None:
+        if drafted:
+            self.stats.drafts += 1
+            self.stats.drafted += drafted
+            self.stats.accepted += accepted
+        pace = self.paces.get(seq_id)
+        if pace is not None:
+            pace.record(drafted, accepted)
+
+    def close(self) -> None:
+        self.drafter.close()
+
+
+def verify(rows: Any, draft: list[int], gen: Any, accept: Any) -> list[int]:
+    """Walk the target's rows for ``[last] + draft`` in order: sample each with the sequence's own
+    sampler, hand the token to ``accept(token, info)`` (which returns True once the reply ended),
+    and go on while it equals the draft's. Returns the tokens taken: the accepted draft tokens and
+    then the target's own one (the correction, or the bonus after a fully accepted draft)."""
+    from .generation import sample_rows
+
+    out: list[int] = []
+    sampler = gen.sampler
+    for i in range(len(draft) + 1):
+        (tok,), (info,) = sample_rows(rows[i : i + 1], [sampler])
+        out.append(tok)
+        if accept(tok, info) or i == len(draft) or tok != draft[i]:
+            break
+    return out
+
+
+def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: int = 0) -> Generator[tuple[int, str], None, None]:
+    """``Model.stream`` with speculation: the same contract (yield (token, text) per generated
+    token, then (-1, held-back text)); each step decodes the last token with a draft."""
+    import time
+
+    st = gen.stats
+    gen.started = time.perf_counter()
+    kept = model.truncate(seq_id, min(model.common_prefix(seq_id, tokens), len(tokens) - 1))
+    st.cached_tokens = kept
+    model.decode([(seq_id, tokens[kept:], True)])
+    spec.begin(seq_id, getattr(gen, "spec_n_max", None), getattr(gen, "spec_n_min", None))
+    draft: list[int] = []
+    ended: list[tuple[int, str]] = []
+
+    def take(tok: int, info: Any) -> bool:
+        text, reason = gen.accept(tok, info)
+        if reason is not None:
+            ended.append((tok if tok >= 0 and reason == "length" else -1, text))
+            return True
+        pieces.append((tok, text))
+        return False
+
+    try:
+        while True:
+            base = model.seq_len(seq_id) - len(draft)  # the last token included
+            pieces: list[tuple[int, str]] = []
+            out = verify(model.logits_rows(len(draft) + 1), draft, gen, take)
+            if draft:
+                spec.record(seq_id, len(draft), len(out) - 1)
+                model.truncate(seq_id, base + len(out) - 1)
+            yield from pieces
+            if ended:
+                tok, text = ended[0]
+                if tok >= 0 or text:
+                    yield tok, text
+                return
+            last = out[-1]
+            room = model.n_ctx - model.seq_len(seq_id) - 1
+            if room < 0:  # the context is full
+                gen.finish_reason = st.finish_reason = "length"
+                tail = gen.finish()
+                if tail:
+                    yield -1, tail
+                return
+            left = (gen.max_tokens - gen.n_gen - 1) if gen.max_tokens else room
+            history = model.cached_tokens(seq_id) + [last]
+            draft = spec.drafts([(seq_id, history, min(room, left))])[0]
+            model.decode([(seq_id, [last, *draft], len(draft) + 1)])
+    finally:
+        gen.close()
+
+
+def check_vocab(target: Any, draft: Any, target_name: str, draft_name: str) -> None:
+    """Refuse (ConfigError) a draft model whose tokens are not the target's: the same count, the
+    same special tokens and the same text for every id (a stride of them past 65,536)."""
+    why = None
+    if target.n_vocab != draft.n_vocab:
+        why = f"{draft.n_vocab} tokens against {target.n_vocab}"
+    else:
+        for what in ("bos_id", "eos_id", "eot_id"):
+            a, b = getattr(target, what), getattr(draft, what)
+            if a != b:
+                why = f"its {what.split('_')[0]} token is {b}, the target's {a}"
+                break
+    if why is None:
+        n = target.n_vocab
+        ids = range(n) if n <= 65536 else sorted({*range(0, n, max(n // 16384, 1)), *range(max(n - 2048, 0), n)})
+        for i in ids:
+            a, b = target.token_bytes(i, special=True), draft.token_bytes(i, special=True)
+            if a != b:
+                why = f"token {i} is {b!r} there and {a!r} in the target"
+                break
+            if target.is_eog(i) != draft.is_eog(i):
+                why = f"token {i} ends generation in one and not the other"
+                break
+    if why is not None:
+        raise ConfigError(f"Draft model '{draft_name}' does not share the vocabulary of '{target_name}': {why}.",
+                          "Use a draft from the same model family (same tokenizer), or --spec ngram.")
+
+
+def build(target: Any, settings: Any, target_name: str, load_draft: Any) -> Speculator | None:
+    """The speculator ``settings`` ask for (None for none): ``spec = "ngram"``, or ``draft_model``
+    loaded by ``load_draft(name)`` (a ``Model``, closed again when its vocabulary is refused)."""
+    if settings.spec == "ngram" and settings.draft_model:
+        raise ConfigError(f"Both --spec ngram and --draft-model {settings.draft_model} were given.",
+                          "Choose one way of drafting.")
+    if settings.draft_min > settings.draft_max:
+        raise ConfigError(f"--draft-min {settings.draft_min} is more than --draft-max {settings.draft_max}.")
+    drafter: Any
+    if settings.spec == "ngram":
+        drafter = NgramDrafter()
+    elif settings.draft_model:
+        draft = load_draft(settings.draft_model)
+        try:
+            check_vocab(target, draft, target_name, settings.draft_model)
+        except BaseException:
+            draft.close()
+            raise
+        drafter = ModelDrafter(draft, settings.draft_model)
+    else:
+        return None
+    return Speculator(drafter, n_max=settings.draft_max, n_min=settings.draft_min)
