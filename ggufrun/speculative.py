@@ -379,3 +379,23 @@ def build(target: Any, settings: Any, target_name: str, load_draft: Any) -> Spec
     else:
         return None
     return Speculator(drafter, n_max=settings.draft_max, n_min=settings.draft_min)
+
+
+def step_drafts(spec: Speculator, model: Any, items: list[tuple[int, int, int]], n_generating: int) -> list[list[int]]:
+    """The serving engine's drafts for one step: per (seq_id, last token, room) of the sequences
+    generating, within STEP_TOKENS for the step's generating tokens in all (a busy batch gets
+    short drafts or none: its extra positions would cost every sequence time)."""
+    share = (STEP_TOKENS - n_generating) // max(n_generating, 1)
+    if share <= 0 or not items:
+        return [[] for _ in items]
+    asks = [(seq_id, model.cached_tokens(seq_id) + [last], min(room, share)) for seq_id, last, room in items]
+    return spec.drafts(asks)
+
+
+def engine_verify(model: Any, spec: Speculator, seq_id: int, rows: Any, draft: list[int], gen: Any, accept: Any) -> list[int]:
+    """Check one sequence's draft inside a serving step: ``verify`` over its rows, then the rejected
+    tail out of the KV cache and the pace updated. Returns the tokens taken."""
+    out = verify(rows, draft, gen, accept)
+    spec.record(seq_id, len(draft), len(out) - 1)
+    model.truncate(seq_id, model.seq_len(seq_id) - (len(draft) - (len(out) - 1)))
+    return out

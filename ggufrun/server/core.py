@@ -170,8 +170,11 @@ class Server:
                             ("logprobs", params.logprobs), ("logit_bias", params.logit_bias)):
             if value is not None:
                 sampling[name] = value
+        if (params.draft[0] or params.draft[1]) and backend.model.speculator is None:
+            raise ApiError(400, "This model is served without speculative decoding, so 'speculative.n_max'/'n_min' cannot apply.",
+                           param="speculative.n_max" if params.draft[0] else "speculative.n_min")
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, think=params.think)
+                          ignore_eos=params.ignore_eos, think=params.think, draft=params.draft)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,

@@ -111,6 +111,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
+    draft: tuple[int | None, int | None] = (None, None)  # the request's speculative.n_max, n_min (None: the server's)
 
 
 @dataclass(slots=True)
@@ -228,6 +229,7 @@ class _Slot:
     gen: Generation | None = None
     reserved: int = 0  # KV cells promised to this job at admission (prompt + max_tokens)
     used_at: float = 0.0
+    draft: list[int] = field(default_factory=list)  # speculative tokens decoded after ``last`` in the step in flight
 
 
 
@@ -600,6 +602,8 @@ class Engine:
                               grammar_factory=lambda _text: job.grammar, draw_factory=model.draw_chain)
         slot.gen.started = job.created
         job.grammar = None  # the Generation owns (and frees) it now
+        if model.speculator is not None:
+            model.speculator.begin(slot.seq_id, *req.draft)
         self.metrics.prompt(self.name, len(req.prompt))
 
     def step(self, embed: _EmbedJob | None = None) -> None:
@@ -679,7 +683,11 @@ class Engine:
         live = [i for i, (slot, job) in enumerate(rows) if slot.job is job and not job.cancelled]
         if not live:
             model.synchronize()
+            for slot, _ in rows:
+                slot.draft = []
             return []
+        if any(slot.draft for slot, _ in rows):  # speculating sequences own several rows each
+            return self._collect_drafts(model, rows, live)
         logits = model.logits_rows(len(rows))  # waits for the device
         if len(live) < len(rows):
             logits = logits[live]  # a copy: ended jobs' samplers are already freed
@@ -707,16 +715,19 @@ class Engine:
         running = [s for s in self._slots if s.job is not None]
         if not running:
             return None
-        self._make_room(running)
+        drafts = self._drafts(model, running)
+        self._make_room(running, extra=sum(len(d) for d in drafts.values()))
         budget = model.n_batch
-        batch: list[tuple[_Slot, list[int], bool]] = []
+        batch: list[tuple[_Slot, list[int], int]] = []
         for slot in running:  # generating sequences first: one token each keeps their pace steady
             if not slot.pending and slot.last >= 0 and budget > 0:
-                batch.append((slot, [slot.last], True))
-                budget -= 1
+                slot.draft = drafts.get(slot.seq_id, [])[: budget - 1]
+                batch.append((slot, [slot.last, *slot.draft], 1 + len(slot.draft)))
+                budget -= 1 + len(slot.draft)
         for slot in running:
             if slot.pending and budget > 0:
                 chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
+                slot.draft = []
                 batch.append((slot, chunk, not slot.pending))
                 budget -= len(chunk)
         if not batch:
@@ -724,12 +735,72 @@ class Engine:
         try:
             outputs = model.decode([(s.seq_id, toks, want) for s, toks, want in batch])
         except GgufrunError as exc:
+            for slot, _, _ in batch:
+                slot.draft = []
             return exc, [slot for slot, _, _ in batch]
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
         self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs) if index >= 0]  # type: ignore[misc]
         return None
+
+    def _drafts(self, model: Any, running: list[_Slot]) -> dict[int, list[int]]:
+        """Speculative drafts for this step's generating sequences (speculative.step_drafts), each
+        within its own reservation and part of the cache."""
+        if model.speculator is None:
+            return {}
+        from ..speculative import step_drafts
+
+        gen = [s for s in running if not s.pending and s.last >= 0]
+        items = [(s.seq_id, s.last, min(s.reserved, model.seq_cells) - model.seq_len(s.seq_id) - 1) for s in gen]
+        return {seq: d for (seq, _, _), d in zip(items, step_drafts(model.speculator, model, items, len(gen)))}
+
+    def _collect_drafts(self, model: Any, rows: list[tuple[_Slot, Job]], live: list[int]) -> list[tuple[_Slot, Job, int, Any]]:
+        """_collect for a step with drafts: each speculating sequence's rows are checked in order
+        (speculative.engine_verify), its tokens taken and handed out now; the others' single rows
+        are sampled together as usual."""
+        from ..speculative import engine_verify
+
+        spans, at = [], 0
+        for slot, _ in rows:
+            spans.append((at, 1 + len(slot.draft)))
+            at += 1 + len(slot.draft)
+        logits = model.logits_rows(at)  # waits for the device
+        plain = [i for i in live if not rows[i][0].draft]
+        out: list[tuple[_Slot, Job, int, Any]] = []
+        if plain:
+            picked = logits[[spans[i][0] for i in plain]]  # a copy, as _collect's
+            seqs = [rows[i][0].gen.sampler for i in plain]  # type: ignore[union-attr]
+            try:
+                tokens, infos = _sample(picked, seqs)
+                out = [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(plain, tokens, infos)]
+            except Exception as exc:  # noqa: BLE001 -- as _collect: those rows end, the others go on
+                for i in plain:
+                    self._fail_job(rows[i][1], exc)
+        for i in live:
+            slot, job = rows[i]
+            draft, slot.draft = slot.draft, []
+            if not draft or slot.job is not job:
+                continue
+            start, n = spans[i]
+            try:
+                taken = engine_verify(model, model.speculator, slot.seq_id, logits[start : start + n], draft, slot.gen,
+                                      lambda tok, info, slot=slot: self._take(slot, tok, info))
+            except Exception as exc:  # noqa: BLE001 -- this reply's sampler or hand-out failed: it ends alone
+                self._fail_job(job, exc)
+                continue
+            self.metrics.generated(self.name, len(taken))
+            if slot.job is job:
+                slot.last = taken[-1]
+        for slot, _ in rows:
+            slot.draft = []
+        return out
+
+    def _take(self, slot: _Slot, token: int, info: Any) -> bool:
+        """One verified token through _accept; True once the reply has ended."""
+        job = slot.job
+        self._accept(slot, token, info)
+        return slot.job is not job
 
     def _make_room(self, running: list[_Slot], extra: int = 0) -> None:
         """Keep this step (and ``extra`` more cells) within the KV cache by dropping idle slots'

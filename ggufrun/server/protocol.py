@@ -155,10 +155,12 @@ class GenParams:
     budget_param: str = "reasoning_budget"  # the field that set it, named when the model cannot budget
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
+    draft: tuple[int | None, int | None] = (None, None)  # llama-server's speculative.n_max, speculative.n_min
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
-_LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema", "cache_prompt"}
+_LLAMA_FIELDS = {"top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "grammar", "json_schema", "cache_prompt",
+                 "speculative.n_max", "speculative.n_min"}
 # The chat template's own variables and helpers (templates.py; Jinja's globals), which chat_template_kwargs may
 # not replace: a template calling raise_exception must reach ours.
 _TEMPLATE_OWN = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents", "raise_exception",
@@ -210,7 +212,7 @@ def parse_gen(body: dict[str, Any], *, chat: bool) -> GenParams:
                 if (v := setting(body, name)) is not None}
     ignore_eos = bool(typed(body, "ignore_eos", (bool,), "true or false"))
     params = GenParams(model=model, n=n or 1, stream=stream, include_usage=include_usage, max_tokens=max_tokens, stop=stops,
-                       sampling=sampling, logit_bias=parse_logit_bias(body), ignore_eos=ignore_eos)
+                       sampling=sampling, logit_bias=parse_logit_bias(body), ignore_eos=ignore_eos, draft=_draft_bounds(body))
     if chat:
         want = typed(body, "logprobs", (bool,), "true or false")
         top = typed(body, "top_logprobs", (int,), "an integer")
@@ -232,6 +234,20 @@ def parse_gen(body: dict[str, Any], *, chat: bool) -> GenParams:
         parse_reasoning(body, params)
     _check_metadata(body)
     return params
+
+
+def _draft_bounds(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    """llama-server's ``speculative.n_max`` and ``speculative.n_min``: this request's draft length
+    bounds (0..64; n_max 0 drafts nothing)."""
+    bounds = []
+    for key in ("speculative.n_max", "speculative.n_min"):
+        value = typed(body, key, (int,), "an integer")
+        if value is not None and not 0 <= value <= 64:
+            raise invalid(key, f"must be between 0 and 64 (got {value}).")
+        bounds.append(value)
+    if bounds[0] is not None and bounds[1] is not None and bounds[1] > bounds[0]:
+        raise invalid("speculative.n_min", f"is more than speculative.n_max ({bounds[1]} > {bounds[0]}).")
+    return bounds[0], bounds[1]
 
 
 def parse_reasoning(body: dict[str, Any], params: GenParams) -> None:

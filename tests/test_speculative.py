@@ -1,0 +1,209 @@
+"""Speculative decoding (issue 24): the verification rule is exact (seeded identity, and a chi-square
+test of the kept distribution), the drafters and the pace, and end to end on SmolLM2 in chat's
+stream and the server's engine: greedy and seeded replies identical token for token with and without
+a draft, a draft of another vocabulary refused in one line."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ggufrun import speculative as S
+from ggufrun.errors import ConfigError
+from ggufrun.generation import SamplingParams, SeqSampler, sample_rows
+
+# Flash attention off and contexts under 256 cells: llama.cpp's CPU decode then gives a position
+# the same logits whether it is decoded alone or with a draft (its flash-attention kernel, and the
+# attention's padding past 256 cells, change the sums with the batch's shape).
+SMALL = dict(n_ctx=256, threads=2, flash_attn="off")
+
+
+class _Gen:
+    """What verify needs of a Generation: its sampler, and accept feeding it."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.sampler = SeqSampler(params)
+        self.taken: list[int] = []
+
+    def accept(self, tok: int, info: Any) -> bool:
+        self.sampler.accept(tok)
+        self.taken.append(tok)
+        return False
+
+
+def _rows(rng: np.random.Generator, n: int, vocab: int = 8) -> np.ndarray:
+    return rng.normal(0, 1.5, size=(n, vocab)).astype(np.float32)
+
+
+def test_verify_takes_what_plain_sampling_would_with_the_same_seed() -> None:
+    """One draw per generated token: with drafts right, wrong or mixed, the tokens kept are the ones
+    the request's seeded sampler picks row by row without speculation."""
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=42, repeat_penalty=1.3)
+    for trial in range(50):
+        rows = _rows(rng, 5)
+        plain = _Gen(params)
+        expect = []
+        for i in range(5):
+            (tok,), _ = sample_rows(rows[i : i + 1].copy(), [plain.sampler])
+            plain.sampler.accept(tok)
+            expect.append(tok)
+        draft = [t if rng.random() < 0.7 else (t + 1) % 8 for t in expect[:4]]
+        spec = _Gen(params)
+        out = S.verify(rows.copy(), draft, spec, spec.accept)
+        assert out == expect[: len(out)]
+        k = next((i for i, (a, b) in enumerate(zip(draft, expect)) if a != b), 4)
+        assert len(out) == k + 1  # the agreeing prefix, then the target's own token
+
+
+def test_kept_distribution_is_the_targets() -> None:
+    """Chi-square over 4,000 seeds: the first token kept after a draft token ``x`` follows the
+    target's distribution (accept x with p(x), else the residual), not the draft's."""
+    logits = np.array([[2.0, 1.0, 0.5, 0.0, -1.0]], dtype=np.float32)
+    p = np.exp(logits[0] - logits[0].max())
+    p /= p.sum()
+    counts = np.zeros(5)
+    n = 4000
+    for seed in range(n):
+        gen = _Gen(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed))
+        out = S.verify(np.repeat(logits, 2, axis=0), [3], gen, gen.accept)  # the draft says token 3 (p ~ 0.07)
+        counts[out[0]] += 1
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 18.47  # 4 degrees of freedom, p = 0.001
+
+
+def test_ngram_drafter_continues_an_earlier_occurrence() -> None:
+    d = S.NgramDrafter()
+    text = [1, 2, 3, 4, 5, 6, 7, 9, 9, 2, 3, 4]
+    assert d.draft([(0, text, 3)]) == [[5, 6, 7]]
+    assert d.draft([(0, text + [5, 6], 2)]) == [[7, 9]]  # the index grows with the text
+    assert d.draft([(0, [8, 8, 1], 4)]) == [[]]  # a new text: rebuilt, nothing to continue
+    assert d.draft([(1, text, 0)]) == [[]]
+
+
+def test_pace_backs_off_exponentially_and_recovers() -> None:
+    spec = S.Speculator(S.NgramDrafter(), n_max=8)
+    spec.begin(0)
+    pace = spec.paces[0]
+    assert pace.want() == 8
+    waits = []
+    for _ in range(8):
+        pace.record(4, 0)
+        waits.append(pace.wait)
+        while pace.want() == 0:
+            pass
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 64]
+    pace.record(2, 2)
+    assert pace.misses == 0 and pace.want() >= 1
+    spec.begin(0, n_max=0)  # a request's speculative.n_max 0: no drafts
+    assert spec.drafts([(0, [1, 2, 3, 1, 2], 8)]) == [[]]
+
+
+@pytest.fixture(scope="module")
+def smol_pair(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """SmolLM2-135M Q4_1 as target and the same weights requantised to Q4_0 as draft."""
+    from ggufrun.quantize import quantize_file
+
+    draft = tmp_path_factory.mktemp("draft") / "smol-q4_0.gguf"
+    return smollm2_gguf, quantize_file(smollm2_gguf, draft, "q4_0")
+
+
+PROMPT = ("<|im_start|>user\nCopy this list: apples, pears, plums, apples, pears, plums, apples, pears.<|im_end|>\n"
+          "<|im_start|>assistant\n")
+
+
+def _reply(model: Any, params: SamplingParams, n: int = 24) -> list[int]:
+    prompt = model.tokenize(PROMPT)
+    gen = model.start(prompt, params, max_tokens=n)
+    out = [t for t, _ in model.stream(gen, prompt) if t >= 0]
+    model.reset()
+    return out
+
+
+@pytest.mark.parametrize("how", ["ngram", pytest.param("draft", marks=pytest.mark.slow)])
+def test_stream_is_identical_with_speculation(smol_pair: tuple[Path, Path], how: str) -> None:
+    """Chat's path (Model.stream): greedy and seeded-sampled replies token for token the same."""
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    target_path, draft_path = smol_pair
+    settings = Settings(**SMALL)  # type: ignore[arg-type]
+    with Model.load(target_path, settings) as target:
+        greedy = SamplingParams(temperature=0.0)
+        sampled = SamplingParams(temperature=0.8, seed=3, repeat_penalty=1.1)
+        base = [_reply(target, greedy), _reply(target, sampled)]
+        drafter = S.NgramDrafter() if how == "ngram" else S.ModelDrafter(Model.load(draft_path, settings), "q4_0")
+        target.speculator = S.Speculator(drafter, n_max=6)
+        assert [_reply(target, greedy), _reply(target, sampled)] == base
+        stats = target.speculator.stats
+        assert stats.drafted > 0 and stats.accepted > 0
+
+
+def test_draft_of_another_vocabulary_is_refused(smollm2_gguf: Path, tiny_model: Path) -> None:
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    settings = Settings(**SMALL)  # type: ignore[arg-type]
+    with Model.load(smollm2_gguf, settings) as target, Model.load(tiny_model, Settings(n_ctx=64, threads=1)) as other:
+        with pytest.raises(ConfigError, match="does not share the vocabulary of 'smol'"):
+            S.check_vocab(target, other, "smol", "tiny")
+        S.check_vocab(target, target, "smol", "smol")  # the same file passes
+
+
+@pytest.mark.slow
+def test_engine_speculates_per_sequence_inside_the_batch(smol_pair: tuple[Path, Path]) -> None:
+    """The serving engine: three requests at once (greedy, seeded, greedy with the request's own
+    speculative.n_max 0) give the replies they give without speculation, while drafts are checked
+    in the same decodes as the other sequences' tokens."""
+    from ggufrun.runtime import Model
+    from ggufrun.server.engine import Backend, Engine, GenRequest, Job
+    from ggufrun.server.metrics import Metrics
+    from ggufrun.settings import Settings
+    from ggufrun.templates import select_template
+
+    target_path, draft_path = smol_pair
+    settings = Settings(**SMALL)  # type: ignore[arg-type]
+
+    def serve(spec: bool) -> tuple[list[str], Any]:
+        def load() -> Backend:
+            model = Model.load(target_path, settings, n_seq_max=3, kv_cells=3 * 256)
+            if spec:
+                model.speculator = S.Speculator(S.ModelDrafter(Model.load(draft_path, settings, n_seq_max=3, kv_cells=3 * 256), "q4_0"), n_max=6)
+            return Backend(model=model, settings=settings, template=select_template(model.chat_template, "chatml", "auto"), n_ctx_seq=256)
+
+        engine = Engine("smol", load, parallel=3, max_queue=4, metrics=Metrics()).start()
+        backend = engine.loaded.result(timeout=120)
+        prompt = backend.model.tokenize(PROMPT)
+        reqs = [GenRequest(prompt=prompt, max_tokens=20, sampling={"temperature": 0.0}),
+                GenRequest(prompt=prompt, max_tokens=20, sampling={"temperature": 0.7, "seed": 11}),
+                GenRequest(prompt=prompt, max_tokens=20, sampling={"temperature": 0.0}, draft=(0, None))]
+
+        async def main() -> list[str]:
+            loop = asyncio.get_running_loop()
+            jobs = [Job(r, loop) for r in reqs]
+            engine.submit_all(jobs)
+            texts = []
+            for job in jobs:
+                parts = []
+                while (ev := await asyncio.wait_for(job.events.get(), 120)).kind == "text":
+                    parts.append(ev.text)
+                assert ev.kind == "done" and ev.completion_tokens == 20, ev
+                texts.append("".join(parts))
+            return texts
+
+        try:
+            out = asyncio.run(main())
+            stats = backend.model.speculator.stats if spec else None
+        finally:
+            engine.stop()
+            engine.join(10)
+        return out, stats
+
+    plain, _ = serve(False)
+    spec, stats = serve(True)
+    assert spec == plain
+    assert stats.drafted > 0 and stats.accepted > 0
