@@ -113,6 +113,8 @@ class GenStats:
     ttft_seconds: float = 0.0  # from the start to the first generated token
     finish_reason: str = ""  # "stop" (end of turn or stop string), "length" (max_tokens or context full)
     reasoning_tokens: int = 0  # of gen_tokens, those a reasoning model spent thinking (its tags included)
+    draft_n: int = 0  # speculative decoding: draft tokens checked (llama-server's timings.draft_n)
+    draft_accepted: int = 0  # of those, kept (timings.draft_n_accepted)
 
     @property
     def prompt_tps(self) -> float:

@@ -78,7 +78,7 @@ def _speculate(model: Model, name: str, settings: Settings, registry: Registry, 
 
     keep = ("n_gpu_layers", "flash_attn", "threads", "batch_size", "ubatch_size", "rpc", "split_mode", "tensor_split", "main_gpu")
     draft_cli = {k: v for k, v in (cli_settings or {}).items() if k in keep}
-    draft_cli.update(n_ctx=settings.n_ctx or model.n_ctx, spec="off", draft_model="")
+    draft_cli.update(n_ctx=settings.n_ctx or model.n_ctx, spec="off", draft_model="")  # the draft drafts nothing itself
 
     def load_draft(draft_name: str) -> Model:
         return open_model(draft_name, registry, draft_cli, offline=offline, n_seq_max=n_seq_max, kv_cells=kv_cells).model

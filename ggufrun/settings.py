@@ -71,6 +71,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           "(any name ggufrun resolves; empty = none)."),
     Field("draft_max", int, "Most tokens drafted per step (speculative decoding).", min=1, max=64),
     Field("draft_min", int, "Fewest draft tokens worth checking; a shorter draft is not used.", min=0, max=64),
+    Field("draft_p_min", float, "A draft model stops drafting at a token it gives less than this probability.", min=0.0, max=1.0),
 )}
 
 
@@ -105,6 +106,7 @@ class Settings:
     draft_model: str = ""
     draft_max: int = 16
     draft_min: int = 0
+    draft_p_min: float = 0.75  # llama-server's --draft-p-min
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""

@@ -274,6 +274,9 @@ def verify(rows: Any, draft: list[int], gen: Any, accept: Any) -> list[int]:
         out.append(tok)
         if accept(tok, info) or i == len(draft) or tok != draft[i]:
             break
+    if draft:
+        gen.stats.draft_n += len(draft)
+        gen.stats.draft_accepted += sum(1 for a, b in zip(out, draft) if a == b)
     return out
 
 
@@ -375,7 +378,7 @@ def build(target: Any, settings: Any, target_name: str, load_draft: Any) -> Spec
         except BaseException:
             draft.close()
             raise
-        drafter = ModelDrafter(draft, settings.draft_model)
+        drafter = ModelDrafter(draft, settings.draft_model, p_min=settings.draft_p_min)
     else:
         return None
     return Speculator(drafter, n_max=settings.draft_max, n_min=settings.draft_min)

@@ -359,6 +359,9 @@ def write_synthetic(
     vocab_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = True,
+    inert: bool = False,
+    layers: int | None = None,
+    perturb: float = 0.0,
 ) -> Path:
     """Write a random-weight GGUF to ``path`` (atomically) and return the path.
 
@@ -370,14 +373,27 @@ def write_synthetic(
     existing file is left alone.
     Raises ConfigError for a bad shape or quant or an existing file (overwrite=False),
     DiskSpaceError when the disk is too small.
+
+    Target/draft pairs for speculative decoding (random weights never agree otherwise): ``inert``
+    zeroes every layer's attention output and FFN down projection, so the layers add nothing to the
+    residual stream and the next token depends on the last token alone, through the embedding and
+    output matrices, which are drawn from ``seed`` and the tensor's name only. Two inert files of
+    the same shape but for ``layers`` (a cheap draft: ``layers=1``) and the same seed then predict
+    the same next token; ``perturb`` (0..1) draws that share of the output matrix's rows anew, so
+    the draft disagrees on about that share of tokens (1: a draft that is never right).
     """
     import gguf
     import numpy as np
 
     spec = parse_shape(shape, arch)
-    if vocab_size is not None:
-        spec = replace(spec, n_vocab=vocab_size)
+    if vocab_size is not None or layers is not None:
+        spec = replace(spec, n_vocab=vocab_size or spec.n_vocab, n_layer=layers or spec.n_layer)
         _check(spec)
+    if not 0.0 <= perturb <= 1.0 or (perturb and not inert):
+        raise ConfigError(f"perturb={perturb}: give a share between 0 and 1, with an inert model.")
+    if inert and spec.tied:  # tied, an inert model's best next token is the last one: every draft agrees
+        raise ConfigError(f"An inert model needs its own output matrix; shape {spec.name} ties it to the embedding.",
+                          "Use qwen2-7b, or add tied=0 to an ARCH:... shape.")
     quant = _quant(quant)
     tensors = plan(spec, quant=quant)
     total = sum(t.n_bytes for t in tensors)
@@ -424,7 +440,8 @@ def write_synthetic(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
-        _write_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np)
+        _write_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np,
+                    inert=inert, perturb=perturb)
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -476,15 +493,25 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
 _CHUNK = 64 << 20  # bytes of random data generated at a time
 
 
+_SHARED = ("token_embd.weight", "output.weight")  # an inert pair's common matrices
+_ZERO = (".attn_output.weight", ".ffn_down.weight")  # zero in an inert model: its layers add nothing
+
+
 def _write_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
-                progress: Callable[[int, int], None] | None, np: Any) -> None:
+                progress: Callable[[int, int], None] | None, np: Any, *, inert: bool = False,
+                perturb: float = 0.0) -> None:
     import gguf
 
     noise = _Noise(seed, min(_CHUNK, total), np)
     done = 0
     for t in tensors:
         fout.write(b"\0" * (-fout.tell() % alignment))
-        if t.fill == "ones":
+        if inert and t.name.endswith(_ZERO):
+            for start in range(0, t.n_bytes, _CHUNK):
+                fout.write(bytes(min(_CHUNK, t.n_bytes - start)))
+        elif inert and t.name in _SHARED and t.type not in ("F32", "F16"):
+            _write_shared(fout, t, seed, perturb if t.name == "output.weight" else 0.0, np)
+        elif t.fill == "ones":
             np.ones(t.n_bytes // 4, dtype=np.float32).tofile(fout)
         elif t.type in ("F32", "F16"):
             n = t.n_bytes // (4 if t.type == "F32" else 2)
@@ -501,6 +528,32 @@ def _write_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: i
         done += t.n_bytes
         if progress is not None:
             progress(done, total)
+
+
+def _write_shared(fout: Any, t: PlannedTensor, seed: int, perturb: float, np: Any) -> None:
+    """A shared matrix of an inert pair: its blocks from (seed, name) alone, in fixed chunks, so
+    files of other depths hold the same bytes; ``perturb``: that share of rows drawn anew."""
+    import zlib
+
+    import gguf
+
+    type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type]][1]
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type]][0]
+    per_row = t.shape[0] // block
+    n_blocks = t.n_bytes // type_size
+    key = zlib.crc32(t.name.encode())
+    same, other = _Noise((seed, key), 1 << 24, np), _Noise((seed, key, 1), 1 << 24, np)
+    redraw = np.random.default_rng((seed, key, 2)).random(n_blocks // per_row) < perturb
+    rows_per_chunk = max(1, (_CHUNK // type_size) // per_row)
+    for row0 in range(0, n_blocks // per_row, rows_per_chunk):
+        rows = min(rows_per_chunk, n_blocks // per_row - row0)
+        blocks = _set_block_scales(same.bytes(rows * per_row * type_size).reshape(rows * per_row, type_size), t.type, np)
+        picked = redraw[row0 : row0 + rows]
+        if picked.any():
+            fresh = _set_block_scales(other.bytes(rows * per_row * type_size).reshape(rows * per_row, type_size), t.type, np)
+            mask = np.repeat(picked, per_row)
+            blocks[mask] = fresh[mask]
+        blocks.tofile(fout)
 
 
 class _Noise:

@@ -14,7 +14,7 @@ import pytest
 
 from ggufrun import speculative as S
 from ggufrun.errors import ConfigError
-from ggufrun.generation import SamplingParams, SeqSampler, sample_rows
+from ggufrun.generation import GenStats, SamplingParams, SeqSampler, sample_rows
 
 # Flash attention off and contexts under 256 cells: llama.cpp's CPU decode then gives a position
 # the same logits whether it is decoded alone or with a draft (its flash-attention kernel, and the
@@ -27,6 +27,7 @@ class _Gen:
 
     def __init__(self, params: SamplingParams) -> None:
         self.sampler = SeqSampler(params)
+        self.stats = GenStats()
         self.taken: list[int] = []
 
     def accept(self, tok: int, info: Any) -> bool:
@@ -207,3 +208,38 @@ def test_engine_speculates_per_sequence_inside_the_batch(smol_pair: tuple[Path, 
     spec, stats = serve(True)
     assert spec == plain
     assert stats.drafted > 0 and stats.accepted > 0
+
+
+@pytest.mark.slow
+def test_synthetic_inert_pairs_control_the_acceptance(tmp_path: Path) -> None:
+    """`ggufrun synth --inert`: a 1-layer draft of a 3-layer target's shape and seed agrees with it
+    on every token; --perturb 1 makes a draft that is (nearly) never right. Replies stay the target's."""
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+    from ggufrun.synthetic import write_synthetic
+
+    shape = "qwen2:layers=3,dim=256,heads=4,kv_heads=2,ff=512,vocab=2000,tied=0"
+    target_path = write_synthetic(tmp_path / "t.gguf", shape, inert=True)
+    settings = Settings(**SMALL)  # type: ignore[arg-type]
+    rates = []
+    with Model.load(target_path, settings) as target:
+        prompt = target.tokenize("one two three")
+        greedy = SamplingParams(temperature=0.0)
+
+        def reply() -> list[int]:
+            gen = target.start(prompt, greedy, max_tokens=40, ignore_eos=True)
+            out = [t for t, _ in target.stream(gen, prompt) if t >= 0]
+            target.reset()
+            return out
+
+        base = reply()
+        for perturb in (0.0, 1.0):
+            draft = write_synthetic(tmp_path / f"d{perturb}.gguf", shape, inert=True, layers=1, perturb=perturb)
+            target.speculator = S.Speculator(S.ModelDrafter(Model.load(draft, settings), "d", p_min=0.0), n_max=4)
+            assert reply() == base
+            rates.append(target.speculator.stats.acceptance)
+            target.speculator.close()
+            target.speculator = None
+    assert rates[0] == 1.0 and rates[1] < 0.1
+    with pytest.raises(ConfigError, match="needs its own output matrix"):
+        write_synthetic(tmp_path / "x.gguf", "tiny", inert=True)

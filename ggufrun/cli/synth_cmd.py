@@ -16,7 +16,14 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the same seed writes the same file).")
 @click.option("--no-template", is_flag=True, help="Write no chat template (the registry family then applies).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int, no_template: bool, force: bool) -> None:
+@click.option("--inert", is_flag=True, help="Speculative-decoding pairs: layers that add nothing, so the next token follows "
+              "from the last one through embedding and output matrices drawn from --seed alone; inert files of one shape "
+              "and seed (any --layers) predict alike.")
+@click.option("--layers", type=click.IntRange(1), default=None, help="Override the shape's layer count (a cheap draft: 1).")
+@click.option("--perturb", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="With --inert: share of output rows drawn anew, so a draft disagrees on about that share of tokens.")
+def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int, no_template: bool, force: bool,
+                  inert: bool, layers: int | None, perturb: float) -> None:
     """Write a random-weight GGUF with a real architecture's exact tensor layout, tokenizer and
     chat template. It loads and runs like the real model (speed depends on shapes and quant
     types, not on values) but says nothing meaningful.
@@ -26,6 +33,8 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
       ggufrun synth --shape qwen2-7b --out q7.gguf
       ggufrun synth --shape gemma-2-9b --quant q5_k_m --out g9.gguf
       ggufrun synth --shape llama:layers=4,dim=256,heads=4,kv_heads=2,ff=512,vocab=2000 --out small.gguf
+      ggufrun synth --shape qwen2-7b --inert --out target.gguf
+      ggufrun synth --shape qwen2-7b --inert --layers 1 --perturb 0.5 --out draft.gguf
     """
     from ..cache import human_size
     from ..gguf_info import inspect
@@ -35,7 +44,8 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
 
     with RichProgress() as progress:
         path = write_synthetic(out, shape, arch=arch, quant=quant, seed=seed, chat_template=not no_template,
-                               overwrite=force, progress=lambda done, total: progress(f"writing {out}", done, total))
+                               overwrite=force, progress=lambda done, total: progress(f"writing {out}", done, total),
+                               inert=inert, layers=layers, perturb=perturb)
     info = inspect(path)
     click.echo(f"Wrote {path}: {info.architecture} {shape}, {info.file_type}, {human_count(info.parameter_count)} "
                f"parameters, {human_size(info.file_size)}.")

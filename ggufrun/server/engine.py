@@ -146,6 +146,7 @@ def timings(stats: GenStats) -> dict[str, float]:
         "predicted_n": stats.gen_tokens, "predicted_ms": predicted_ms,
         "predicted_per_token_ms": predicted_ms / max(stats.gen_tokens - 1, 1),
         "predicted_per_second": stats.gen_tps,
+        **({"draft_n": stats.draft_n, "draft_n_accepted": stats.draft_accepted} if stats.draft_n else {}),
     }
 
 
