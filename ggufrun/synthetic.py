@@ -560,7 +560,7 @@ class _Noise:
     """Deterministic random bytes at memory speed: one random pool, XOR-ed with a fresh random
     word per call (generating every byte with numpy's RNG made a 5 GB file CPU-bound)."""
 
-    def __init__(self, seed: int, size: int, np: Any) -> None:
+    def __init__(self, seed: int | tuple[int, ...], size: int, np: Any) -> None:
         self.np = np
         self.rng = np.random.default_rng(seed)
         self.pool = self._words(-(-size // 8))
