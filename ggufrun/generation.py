@@ -99,6 +99,7 @@ class TokenInfo:
     text: str
     logprob: float | None = None
     top: list[tuple[str, float]] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)  # the alternatives' token ids (llama-server's probs name them)
 
 
 @dataclass
@@ -774,7 +775,8 @@ class Generation:
         if self.params.logprobs is not None:
             lp, top = info if info is not None else (None, [])
             self.tokens.append(TokenInfo(token, self.vocab.token_bytes(token).decode("utf-8", "replace"), lp,
-                                         [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top]))
+                                         [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top],
+                                         [t for t, _ in top]))
         text = self._held + piece
         if self.stop_texts:
             text, self._held, hit = split_stop(text, self.stop_texts)

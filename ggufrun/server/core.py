@@ -171,7 +171,7 @@ class Server:
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, think=params.think)
+                          ignore_eos=params.ignore_eos, think=params.think, slot=params.slot)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
@@ -209,7 +209,8 @@ class Server:
         group = await self.submit(params, cfg, build)
         return group, params, Choices(True, params.model or cfg.id, params, plan, params.n)
 
-    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any]) -> tuple[ModelConfig, list[list[float]], int]:
+    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any], *,
+                          rank: bool = False) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
         without embeddings, a token outside the vocabulary, a text longer than one batch (the
@@ -221,6 +222,9 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
+            if backend.model.ranks != rank:  # a reranker's head gives scores, not vectors (rerank.py asks for them)
+                why = "a reranker: send its texts to /v1/rerank" if backend.model.ranks else "not a reranker (no rank pooling)"
+                raise ApiError(400, f"Model '{cfg.id}' is {why}.", param="model")
             # off the event loop: text full of special-token strings is slow to tokenise
             texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs)
             future = engine.embed(texts)
