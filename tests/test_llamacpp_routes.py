@@ -164,6 +164,19 @@ def test_completion_logit_bias_forms(server: ServerProcess) -> None:
         assert other["tokens"][0] != first
 
 
+def test_completion_cuts_at_indent_and_time_limit(server: ServerProcess) -> None:
+    """n_indent and t_max_predict_ms end a reply as llama-server does (a grammar makes the lines)."""
+    body = {"model": "coder", "prompt": "hi", "n_predict": 64, "grammar": 'root ::= "x\\n  y\\nzz" [a-z]*', **GREEDY}
+    cut = post(server, "/completion", {**body, "n_indent": 2}).json()
+    assert cut["content"] == "x\n  y\n" and cut["stop_type"] == "limit"
+    streamed = stream(server, "/completion", {**body, "n_indent": 2})
+    assert "".join(e["content"] for e in streamed[:-1]) == "x\n  y\n" and streamed[-1]["stop_type"] == "limit"
+    lines = {"model": "coder", "prompt": "hi", "n_predict": 400, "grammar": 'root ::= "ab\\n" root', "t_max_predict_ms": 1,
+             **GREEDY}  # (a grammar with no end: the reply can only be cut)
+    timed = post(server, "/completion", lines).json()
+    assert timed["stop_type"] == "limit" and timed["content"].endswith("\n") and timed["tokens_predicted"] < 400
+
+
 def test_indent_cut_is_llama_servers() -> None:
     assert native.indent_cut("x = 1\n    y = 2\n", 4) is None
     assert native.indent_cut("x = 1\n    y = 2\n  z", 4) == len("x = 1\n    y = 2\n  ")
@@ -273,6 +286,50 @@ def test_slots_save_restore_erase(server: ServerProcess, home: Path) -> None:
         assert resp.status_code == status, (params, body, resp.text)
     assert requests.post(f"{server.url}/slots/5", params={"action": "erase", "model": "coder"}, timeout=60).status_code == 400
     assert not list((home / "slots").rglob("x")) and sorted(p.name for p in (home / "slots" / "coder").iterdir()) == ["fox.bin"]
+
+
+def test_a_slot_operation_waits_for_no_request_and_refuses_a_busy_slot(models: dict[str, Path]) -> None:
+    """On the engine itself: a save/erase runs between steps, on an idle slot only (409 otherwise).
+    Each decode is slowed by 20 ms so that the reply surely still runs when the call comes."""
+    import asyncio
+    import time
+
+    from ggufrun.server.engine import Backend, Engine, GenRequest, Job, SlotBusyError
+    from ggufrun.server.metrics import Metrics
+    from ggufrun.settings import Settings
+    from ggufrun.templates import select_template
+
+    def load() -> Backend:
+        from ggufrun.llama.model import Model
+
+        settings = Settings(n_ctx=128, threads=1, batch_size=64, ubatch_size=64)
+        model = Model.load(models["chat"], settings, n_seq_max=2, kv_cells=256)
+        decode = model.decode
+        model.decode = lambda items: (time.sleep(0.02), decode(items))[1]  # type: ignore[method-assign]
+        return Backend(model=model, settings=settings, template=select_template(model.chat_template, "chatml", "auto"),
+                       n_ctx_seq=128)
+
+    engine = Engine("chat", load, parallel=2, max_queue=4, metrics=Metrics()).start()
+    engine.loaded.result(timeout=60)
+
+    async def main() -> None:
+        assert engine.backend is not None
+        prompt = engine.backend.model.tokenize("hello world")
+        job = Job(GenRequest(prompt=prompt, max_tokens=100, sampling={"temperature": 0.0}, ignore_eos=True, slot=1),
+                  asyncio.get_running_loop())
+        engine.submit(job)
+        assert (await asyncio.wait_for(job.events.get(), 60)).kind == "text"
+        assert job.slot == 1 and [busy for _, busy, _ in engine.slot_states()] == [False, True]
+        with pytest.raises(SlotBusyError, match="Slot 1 .* is processing"):
+            await asyncio.wrap_future(engine.call_on_slot(1, lambda model, seq: seq))
+        assert await asyncio.wrap_future(engine.call_on_slot(0, lambda model, seq: (seq, model.seq_len(seq)))) == (0, 0)
+        job.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+        engine.join(10)
 
 
 # ---- /embedding, /rerank ---------------------------------------------------------------------------

@@ -133,8 +133,8 @@ def routes(server: Server) -> list[Route]:
         group = await server.submit(params, cfg, build)
         replies = native.NativeReplies(req, group, params.model or cfg.id, texts, _n_ctx(server, cfg))
         if params.stream:  # llama-server's native stream: one object an event, no [DONE]
-            return EventStream(group, (sse(obj) async for obj in replies.stream()))  # type: ignore[return-value]
-        results = await _unless_gone(request, group, replies.whole())
+            return EventStream(replies.group, (sse(obj) async for obj in replies.stream()))  # type: ignore[return-value]
+        results = await _unless_gone(request, replies.group, replies.whole())
         if results is None:
             return Response(status_code=499)
         return JSONResponse(results[0] if len(results) == 1 else results)

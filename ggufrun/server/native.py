@@ -317,11 +317,29 @@ class _Reply:
     cut: str = ""  # "limit" when n_indent or t_max_predict_ms ended it here
 
 
+class CutGroup(JobGroup):
+    """A request's jobs, where one job cut here (cancelled by n_indent or t_max_predict_ms) does
+    not count as the client gone: the stream goes on with its final object and the other jobs."""
+
+    def __init__(self, jobs: list[Any]) -> None:
+        super().__init__(jobs)
+        self.gone = False
+
+    def cancel(self) -> None:
+        self.gone = True
+        super().cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.gone
+
+
 class NativeReplies:
     """The engine's events of one /completion request as llama-server's objects."""
 
     def __init__(self, req: NativeRequest, group: JobGroup, model: str, prompt_texts: list[str], n_ctx: int) -> None:
-        self.req, self.group, self.model, self.prompt_texts, self.n_ctx = req, group, model, prompt_texts, n_ctx
+        self.req, self.model, self.prompt_texts, self.n_ctx = req, model, prompt_texts, n_ctx
+        self.group = CutGroup(group.jobs)  # (EventStream and the disconnect watcher take this one)
         self.replies = [_Reply() for _ in group.jobs]
         self.started = time.perf_counter()
 
@@ -336,9 +354,8 @@ class NativeReplies:
             cut = indent_cut(r.text + text, self.req.n_indent)
             if cut is not None:
                 text, r.cut = text[: max(cut - len(r.text), 0)], "limit"
-        if (not r.cut and self.req.t_max_predict_ms and "\n" in text and "\n" in r.text + text[: text.rfind("\n")]
-                and (now - r.first_at) * 1e3 > self.req.t_max_predict_ms):
-            r.cut = "limit"  # a new line after the time limit: llama-server stops there, that line included
+        if not r.cut and self.req.t_max_predict_ms and "\n" in text and (now - r.first_at) * 1e3 > self.req.t_max_predict_ms:
+            r.cut = "limit"  # a new line past the time limit: llama-server stops there, the new line included
         r.text += text
         r.tokens += tokens
         if r.cut:
