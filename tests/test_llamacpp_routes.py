@@ -378,3 +378,27 @@ def test_rerank(server: ServerProcess, models: dict[str, Path]) -> None:
                        ({"documents": ["a"], "return_documents": True}, "return_documents")):
         resp = post(server, "/v1/rerank", {"model": "reranker", "query": "q", **bad})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+HOSTILE: list[Any] = [None, True, -1, 1e308, "", "x" * 300_000, [], [None], [[]], [-5], [10**12], [True], {"a": {}}, [["x", 1]],
+                      [{"filename": 3}], {"prompt_string": 5}]
+
+
+@pytest.mark.parametrize("path, fields", [
+    ("/completion", ["prompt", "n_predict", "logit_bias", "samplers", "stop", "n_probs", "id_slot", "grammar", "response_fields",
+                     "json_schema", "n_indent", "t_max_predict_ms"]),
+    ("/infill", ["input_prefix", "input_suffix", "input_extra", "prompt"]),
+    ("/embedding", ["content", "embd_normalize"]),
+    ("/v1/rerank", ["query", "documents", "top_n"]),
+    ("/slots/0?action=save", ["filename"]),
+])
+def test_hostile_fields_are_4xx_never_500(server: ServerProcess, path: str, fields: list[str]) -> None:
+    base = {"/completion": {"prompt": "hi", "n_predict": 1}, "/infill": {"input_prefix": "a", "input_suffix": "b", "n_predict": 1},
+            "/embedding": {"content": "hi"}, "/v1/rerank": {"query": "q", "documents": ["a"]},
+            "/slots/0?action=save": {"filename": "h.bin"}}[path]
+    model = "reranker" if "rerank" in path else "chat" if "embedding" in path else "coder"
+    for field in fields:
+        for value in HOSTILE:
+            resp = post(server, path, {**base, "model": model, field: value})
+            assert resp.status_code < 500, (field, value, resp.text[:300])
+            assert resp.status_code == 200 or "error" in resp.json()

@@ -166,7 +166,8 @@ def routes(server: Server) -> list[Route]:
         return JSONResponse(await slots.states(server, _query_model(request), request.query_params.get("fail_on_no_slot")))
 
     async def slot_action(request: Request) -> Response:
-        body = await read_json(request, limit) if request.headers.get("content-length", "0") != "0" else {}
+        empty = request.headers.get("content-length") in (None, "0") and "transfer-encoding" not in request.headers
+        body = {} if empty else await read_json(request, limit)  # erase takes no body
         return JSONResponse(await slots.act(server, request.path_params["id_slot"], request.query_params.get("action"), body,
                                             _query_model(request)))
 
@@ -177,10 +178,15 @@ def routes(server: Server) -> list[Route]:
             raise unsupported("encoding_format", "the native route answers floats (base64 is /v1/embeddings').")
         key = "input" if body.get("input") is not None else "content"
         raw = body.get(key)
-        inputs = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)) \
-            else raw
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, (str, list)) for t in inputs):
+
+        def ids(value: Any) -> bool:
+            return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+        inputs = [raw] if isinstance(raw, str) or ids(raw) else raw
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) or ids(t) for t in inputs):
             raise _invalid(key, "expected a string, token ids, or a list of such.")
+        if any(isinstance(t, str) and not t.strip() for t in inputs):
+            raise _invalid(key, "expected non-empty text.")
         norm = body.get("embd_normalize", 2)
         if isinstance(norm, bool) or not isinstance(norm, int) or norm < -1:
             raise _invalid("embd_normalize", "expected -1 (none), 0 (max absolute), 1 (taxicab), 2 (Euclidean) or p > 2.")

@@ -134,6 +134,7 @@ def _logit_bias(value: Any) -> list[tuple[int | str, float]]:
             out.append((key, float(bias)))
         else:
             raise invalid("logit_bias", f"a bias is a number or false (got {json.dumps(bias)}).")
+    check_text_size([k for k, _ in out if isinstance(k, str)], "logit_bias")
     return out
 
 
