@@ -85,7 +85,8 @@ def tokenize_mixed(model: Any, value: str | list[str | int], param: str) -> list
 def infill_tokens(model: Any, specials: dict[str, int], prefix: str | list[str | int], suffix: str | list[str | int],
                   extra: list[dict[str, str]], prompt: list[int], *, n_batch: int, n_predict: int, n_ctx: int) -> list[int]:
     """The prompt tokens llama-server's format_prompt_infill makes of these parts (see the module
-    docstring). ``n_predict``: the reply's limit, -1 for none (llama-server's default)."""
+    docstring). ``n_predict``: the reply's limit, -1 for none; llama-server reads its server-wide
+    --n-predict there (default -1), ggufrun the request's, the room the extra context must leave."""
     def plain(text: str) -> list[int]:
         return model.tokenize(text, add_special=False, parse_special=False) if text else []
 
