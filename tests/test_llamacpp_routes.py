@@ -143,7 +143,9 @@ def test_completion_id_slot_and_samplers(server: ServerProcess) -> None:
 
 @pytest.mark.parametrize("body, param", [
     ({"mirostat": 2}, "mirostat"), ({"dry_multiplier": 0.8}, "dry_multiplier"), ({"typical_p": 0.5}, "typical_p"),
-    ({"samplers": ["top_k", "infill"]}, "samplers"), ({"samplers": ["temperature", "top_k"]}, "samplers"),
+    ({"samplers": ["infill", "top_k"]}, "samplers"), ({"samplers": ["top_k", "infill", "penalties"]}, "samplers"),
+    ({"samplers": ["top_k", "infill"], "top_k": 1000}, "top_k"), ({"samplers": ["temperature", "top_k"]}, "samplers"),
+    ({"t_max_prompt_ms": "soon"}, "t_max_prompt_ms"),
     ({"samplers": ["top_k"], "top_p": 0.5}, "samplers"), ({"cache_prompt": False}, "cache_prompt"),
     ({"lora": [{"id": 0, "scale": 1}]}, "lora"), ({"timings_per_token": True}, "timings_per_token"),
     ({"post_sampling_probs": True}, "post_sampling_probs"), ({"n_probs": 21}, "n_probs"), ({"bogus": 1}, "bogus"),
@@ -237,9 +239,126 @@ def test_infill_route_sends_those_tokens(server: ServerProcess, models: dict[str
     refused = post(server, "/infill", {"model": "chat", "input_prefix": "p", "input_suffix": "s"})
     assert refused.status_code == 400 and "Infill is not supported by model 'chat'" in refused.json()["error"]["message"]
     for bad, param in (({"input_suffix": "s"}, "input_prefix"), ({"input_prefix": "p", "input_suffix": "s", "prompt": 3}, "prompt"),
-                       ({"input_prefix": "p", "input_suffix": "s", "input_extra": [{"filename": "x"}]}, "input_extra[0]")):
+                       ({"input_prefix": "p", "input_suffix": "s", "input_extra": [{"filename": "x"}]}, "input_extra[0]"),
+                       ({"input_prefix": "p", "input_suffix": "s", "input_extra": [{"text": "x", "time": "now"}]},
+                        "input_extra[0].time")):
         resp = post(server, "/infill", {"model": "coder", **bad})
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+def test_infill_sampler_is_llama_cpps(models: dict[str, Path]) -> None:
+    """The chain a request with samplers [top_k, top_p, infill] gets draws, seed for seed, the token
+    a chain built here straight from llama_sampler_init_infill draws, on crafted logits where the
+    infill sampler matters: " u" and " use" merge into the likelier " us", and an end token with
+    a small but not negligible share ends the middle."""
+    import ctypes
+
+    import llama_cpp as L
+    import numpy as np
+
+    from ggufrun.generation import SamplingParams
+
+    with _loaded(models["coder"]) as m:
+        v = m.n_vocab
+        u, us, use = (m.tokenize(t, add_special=False, parse_special=False)[0] for t in (" u", " us", " use"))
+        assert [m.token_bytes(t) for t in (u, us, use)] == [b" u", b" us", b" use"]
+
+        def direct(row: Any, seed: int) -> int:
+            chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            for part in (L.llama_sampler_init_top_k(40), L.llama_sampler_init_top_p(0.9, 1), L.llama_sampler_init_infill(m.vocab),
+                         L.llama_sampler_init_temp(1.0), L.llama_sampler_init_dist(seed)):
+                L.llama_sampler_chain_add(chain, part)
+            data = (L.llama_token_data * v)(*(L.llama_token_data(i, float(row[i]), 0.0) for i in range(v)))
+            arr = L.llama_token_data_array(data=data, size=v, selected=-1, sorted=False)
+            L.llama_sampler_apply(chain, ctypes.byref(arr))
+            token = data[arr.selected].id
+            L.llama_sampler_free(chain)
+            return int(token)
+
+        def drawn(row: Any, infill: int, seeds: range, temperature: float = 1.0) -> list[int]:
+            out = []
+            for seed in seeds:
+                chain = m.draw_chain(SamplingParams(top_k=40, top_p=0.9, min_p=0.0, temperature=temperature, seed=seed,
+                                                    infill=infill))
+                out.append(chain.draw(row.copy()))
+                chain.close()
+            return out
+
+        row = np.random.default_rng(0).normal(0, 1, v).astype(np.float32)
+        row[[u, us, use]] = 6.0, 6.2, 5.5
+        row[m.eos_id] = -5.0
+        plain, infill = drawn(row, -1, range(60)), drawn(row, 2, range(60))
+        assert {u, us, use} <= set(plain) and set(infill) == {us}
+        assert infill == [direct(row, seed) for seed in range(60)]
+        row[m.eos_id] = 4.5  # ~7% of the mass: inside top_p, enough for the infill sampler to end here
+        assert set(drawn(row, 2, range(20))) == {m.eos_id} != set(drawn(row, -1, range(20)))
+        assert drawn(row, 2, range(20)) == [direct(row, seed) for seed in range(20)]
+        # temperature 0 after it: not the engine's argmax fast path, the chain's pick among what it left
+        assert not SamplingParams(temperature=0.0, infill=2).greedy
+        assert drawn(row, 2, range(3), 0.0) == [m.eos_id] * 3 and drawn(row, -1, range(3), 0.0) == [us] * 3
+
+
+# llama.vim's FIM request (autoload/llama.vim, llama#fim, ggml-org/llama.vim a1c8e6e) with its default
+# config (n_predict 128, stop_strings [], t_max_prompt_ms 500; t_max_predict_ms 250 on a first request),
+# a ring chunk as s:ring_get_extra sends it (vim's reltime() for "time"), and "model": "" (its
+# model_fim default: the `exists()` test always passes)
+LLAMA_VIM_FIM = {
+    "id_slot": 0, "input_prefix": "def add(a, b):\n", "input_suffix": "\n\nprint(add(1, 2))\n",
+    "input_extra": [{"text": "import os\nimport sys\n", "time": [1764971000, 123456], "filename": "util.py"}],
+    "prompt": "    return", "n_predict": 128, "stop": [], "n_indent": 4, "top_k": 40, "top_p": 0.90,
+    "samplers": ["top_k", "top_p", "infill"], "stream": False, "cache_prompt": True, "t_max_prompt_ms": 500,
+    "t_max_predict_ms": 250,
+    "response_fields": ["content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
+                        "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
+                        "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated", "tokens_cached"],
+    "model": "",
+}
+# llama.vim's ring update (s:ring_update): the extra context into the slot's cache, nothing predicted
+LLAMA_VIM_RING = {
+    "id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": LLAMA_VIM_FIM["input_extra"], "prompt": "",
+    "n_predict": 0, "temperature": 0.0, "samplers": [], "stream": False, "cache_prompt": True, "t_max_prompt_ms": 1,
+    "t_max_predict_ms": 1, "response_fields": [""], "model": "",
+}
+# llama.vscode's createRequestPayload (src/llama-server.ts, ggml-org/llama.vscode 3938fb3) with its defaults
+# (n_predict 128, max_parallel_completions 3, t_max_prompt_ms 500, t_max_predict_ms 2500; chunks from
+# extra-context.ts with Date.now() as "time"), and its noPredict form that warms the cache
+LLAMA_VSCODE_FIM = {
+    "id_slot": 0, "input_prefix": "def add(a, b):\n", "input_suffix": "\n\nprint(add(1, 2))\n",
+    "input_extra": [{"text": "import os\n", "time": 1764971000123, "filename": "/home/u/util.py"}], "prompt": "    return",
+    "n_predict": 128, "n_cmpl": 3, "top_k": 40, "top_p": 0.99, "stream": False, "samplers": ["top_k", "top_p", "infill"],
+    "cache_prompt": True, "n_indent": 4, "t_max_prompt_ms": 500, "t_max_predict_ms": 2500,
+}
+LLAMA_VSCODE_PREP = {
+    "id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": LLAMA_VSCODE_FIM["input_extra"], "prompt": "",
+    "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1,
+}
+
+
+def test_llama_vim_and_llama_vscode_requests(server: ServerProcess) -> None:
+    """Their exact bodies, answered with the fields they read (a template-free coder named by ""
+    or by nothing: the first model served)."""
+    import re
+
+    ring = post(server, "/infill", LLAMA_VIM_RING)
+    assert ring.status_code == 200 and ring.json() == {}
+    resp = post(server, "/infill", LLAMA_VIM_FIM)
+    assert resp.status_code == 200 and re.search(r'"content"\s*:"', resp.text)  # llama.vim's own test of the reply
+    reply = resp.json()
+    assert set(reply) == set(LLAMA_VIM_FIM["response_fields"]) and isinstance(reply["content"], str)
+    # the ring update put the extra context in slot 0's cache: only the local context is new
+    assert 0 < reply["timings/prompt_n"] < reply["tokens_cached"] and reply["truncated"] is False
+    # A random model gives its six end tokens ~1% of the mass, above the 1/(3 x 40 candidates) at
+    # which the infill sampler ends the middle: with it, nothing; the same request without it writes.
+    assert reply["timings/predicted_n"] == 0 and reply["content"] == ""
+    plain = [post(server, "/infill", {**LLAMA_VIM_FIM, "samplers": ["top_k", "top_p"], "seed": seed}).json() for seed in (1, 2, 3)]
+    assert max(r["timings/predicted_n"] for r in plain) > 0 and any(r["content"] for r in plain)
+    assert post(server, "/infill", LLAMA_VSCODE_PREP).status_code == 200  # no model: the first served (coder)
+    replies = post(server, "/infill", LLAMA_VSCODE_FIM).json()
+    assert isinstance(replies, list) and len(replies) == 3
+    for r in replies:  # src/completion.ts getComplFromContent, src/statusbar.ts showInfo
+        assert r["content"] == "" and r["stop_type"] == "eos" and r["tokens_cached"] > 0
+        assert r["generation_settings"]["n_ctx"] == 1024 and r["generation_settings"]["samplers"] == ["top_k", "top_p", "infill"]
+        assert {"prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"} <= set(r["timings"])
 
 
 def test_v1_completions_suffix_with_openai(server: ServerProcess) -> None:
@@ -386,7 +505,7 @@ HOSTILE: list[Any] = [None, True, -1, 1e308, "", "x" * 300_000, [], [None], [[]]
 
 @pytest.mark.parametrize("path, fields", [
     ("/completion", ["prompt", "n_predict", "logit_bias", "samplers", "stop", "n_probs", "id_slot", "grammar", "response_fields",
-                     "json_schema", "n_indent", "t_max_predict_ms"]),
+                     "json_schema", "n_indent", "t_max_predict_ms", "t_max_prompt_ms"]),
     ("/infill", ["input_prefix", "input_suffix", "input_extra", "prompt"]),
     ("/embedding", ["content", "embd_normalize"]),
     ("/v1/rerank", ["query", "documents", "top_n"]),

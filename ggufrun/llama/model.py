@@ -479,7 +479,7 @@ class Model:
 
     def draw_chain(self, params: SamplingParams) -> "DrawChain":
         """llama.cpp's truncate-and-draw chain for one request (see DrawChain)."""
-        return DrawChain(params, self.n_vocab)
+        return DrawChain(params, self.n_vocab, self)
 
     def prepare_grammars(self) -> None:
         """Build what every grammar of this model reads (the vocabulary index, ~0.2 s for 152k

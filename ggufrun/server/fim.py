@@ -47,15 +47,26 @@ def check_extra(value: Any) -> list[dict[str, str]]:
     for i, chunk in enumerate(value):
         if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str):
             raise invalid(f"input_extra[{i}]", 'a chunk must contain a "text" field with a string value.')
-        unknown = set(chunk) - {"text", "filename"}
+        # "time": when llama.vim / llama.vscode picked the chunk, their own bookkeeping, which
+        # llama-server does not read either (checked as a number or vim's reltime list, then unused)
+        unknown = set(chunk) - {"text", "filename", "time"}
         if unknown:
-            raise invalid(f"input_extra[{i}].{sorted(unknown)[0]}", 'a chunk has only "filename" and "text".')
+            raise invalid(f"input_extra[{i}].{sorted(unknown)[0]}", 'a chunk has only "filename", "text" and "time".')
+        if "time" in chunk and not _timestamp(chunk["time"]):
+            raise invalid(f"input_extra[{i}].time", "must be a number (or a list of numbers, as vim's reltime()).")
         name = chunk.get("filename", "tmp")
         if not isinstance(name, str):
             raise invalid(f"input_extra[{i}].filename", "must be a string.")
         out.append({"text": chunk["text"], "filename": name})
     check_text_size([c["text"] + c["filename"] for c in out], "input_extra")
     return out
+
+
+def _timestamp(value: Any) -> bool:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return number(value) or (isinstance(value, list) and len(value) <= 4 and all(number(v) for v in value))
 
 
 def check_mixed(value: Any, param: str) -> str | list[str | int]:

@@ -126,6 +126,7 @@ def routes(server: Server) -> list[Route]:
                 prompts = [native.prompt_tokens(model, p) for p in req.prompts]
             texts[:] = [model.detokenize(t, special=True) for t in prompts]
             sampling = {**backend.settings.sampling(), "seed": backend.settings.seed, **params.sampling}
+            native.check_infill(req, sampling, model)
             req.settings = native.generation_settings(req, sampling, backend.n_ctx_seq, params.model or cfg.id,
                                                       backend.settings.max_tokens)
             return prompts

@@ -41,7 +41,7 @@ _TUNING = {"dynatemp_exponent", "dry_base", "dry_allowed_length", "dry_penalty_l
 _ORDER = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"]
 _NEUTRAL: dict[str, dict[str, Any]] = {"penalties": {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0},
             "top_k": {"top_k": 0}, "top_p": {"top_p": 1.0}, "min_p": {"min_p": 0.0}, "temperature": {"temperature": 1.0}}
-_OWN = {"prompt", "n_predict", "max_tokens", "n_indent", "n_keep", "n_cmpl", "logit_bias", "n_probs", "t_max_predict_ms",
+_OWN = {"prompt", "n_predict", "max_tokens", "n_indent", "n_keep", "n_cmpl", "logit_bias", "n_probs", "t_max_predict_ms", "t_max_prompt_ms",
         "id_slot", "cache_prompt", "return_tokens", "samplers", "timings_per_token", "return_progress",
         "post_sampling_probs", "response_fields", "lora", "sse_ping_interval", "dry_sequence_breakers"}
 COMPLETION_FIELDS = _PASSED | set(_OFF) | _TUNING | _OWN
@@ -138,37 +138,74 @@ def _logit_bias(value: Any) -> list[tuple[int | str, float]]:
     return out
 
 
-def _samplers(value: Any, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """``samplers``: those the engine applies, in llama.cpp's order; a sampler left out is neutral
-    (as in llama.cpp's chain), which contradicts a request that also sets its parameter. Returns
-    the neutral values and the samplers that run."""
+# The engine's llama.cpp draw chain, in its order: the infill sampler goes among these.
+_CHAIN = ["top_k", "top_p", "min_p", "temperature"]
+
+
+def _samplers(value: Any, body: dict[str, Any], sampled: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """``samplers``: those the engine applies, in llama.cpp's order, and llama.cpp's infill sampler
+    where listed (after top-k); a sampler left out is neutral (as in llama.cpp's chain), which
+    contradicts a request that also sets its parameter, unless nothing is sampled (``sampled``
+    false: n_predict 0, as llama.vim's context-only requests send temperature with no samplers).
+    Returns the sampling values (neutral ones, ``infill``'s place) and the samplers that run."""
     if value is None:
         return {}, list(_NEUTRAL)
     names = list(value) if isinstance(value, list) else None
     if isinstance(value, str):  # llama-server's short form: one letter a sampler
         letters = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "typ_p", "p": "top_p", "m": "min_p",
-                   "x": "xtc", "t": "temperature"}
+                   "x": "xtc", "t": "temperature", "i": "infill"}
         names = [letters.get(c, c) for c in value]
     if names is None or not all(isinstance(n, str) for n in names):
         raise invalid("samplers", "expected a list of sampler names.")
     names = [{"typical_p": "typ_p", "nucleus": "top_p", "top-k": "top_k", "top-p": "top_p", "min-p": "min_p",
               "temp": "temperature", "repetition": "penalties"}.get(n, n) for n in names]
+    out: dict[str, Any] = {}
+    listed = list(names)
+    if "infill" in names:
+        at = names.index("infill")
+        before, after = names[:at], names[at + 1:]
+        if "infill" in after:
+            raise unsupported("samplers", "the infill sampler runs once in this server's chain.")
+        if "penalties" in after:
+            raise unsupported("samplers", "penalties run before the infill sampler here (list 'penalties' first).")
+        if "top_k" not in before:
+            raise unsupported("samplers", "the infill sampler compares every pair of candidates, so this server runs it "
+                              f"after top_k (1 to {INFILL_TOP_K_MAX}): list 'top_k' before 'infill'.")
+        out["infill"] = max(_CHAIN.index(n) + 1 for n in before if n in _CHAIN)
+        names = before + after
     for n in names:
         if n not in _ORDER:
-            why = "the infill sampler" if n == "infill" else f"sampler '{n}'"
-            raise unsupported("samplers", f"{why} is not one this server applies (it has {', '.join(_ORDER)}).")
+            raise unsupported("samplers", f"sampler '{n}' is not one this server applies (it has {', '.join(_ORDER)}, infill).")
     positions = [_ORDER.index(n) for n in names]
     if positions != sorted(set(positions)):
         raise unsupported("samplers", f"the engine applies its samplers in llama.cpp's default order ({', '.join(_ORDER)}).")
-    out: dict[str, Any] = {}
     for sampler, neutral in _NEUTRAL.items():
         if sampler in names:
             continue
         for key, v in neutral.items():
-            if body.get(key) is not None and body[key] != v:
+            if sampled and body.get(key) is not None and body[key] != v:
                 raise invalid("samplers", f"'{sampler}' is left out, which contradicts '{key}': {json.dumps(body[key])}.")
             out[key] = v
-    return out, [n for n in names if n in _NEUTRAL]
+    return out, [n for n in listed if n in _NEUTRAL or n == "infill"]
+
+
+INFILL_TOP_K_MAX = 256  # the infill sampler's pairwise merge: 65k comparisons a token at most
+
+
+def check_infill(req: NativeRequest, sampling: dict[str, Any], model: Any) -> None:
+    """A request with the infill sampler: top_k that bounds its candidates, and a vocabulary
+    llama.cpp's infill sampler can read (it aborts on a token over 512 bytes); else a 400."""
+    if req.params.sampling.get("infill", -1) < 0:
+        return
+    top_k = sampling.get("top_k") or 0
+    if not 0 < top_k <= INFILL_TOP_K_MAX:
+        raise unsupported("top_k", f"the infill sampler compares every pair of candidates: it needs top_k from 1 to "
+                          f"{INFILL_TOP_K_MAX} before it (got {top_k}).")
+    from ..llama.sampler import infill_refusal
+
+    why = infill_refusal(model)
+    if why:
+        raise unsupported("samplers", f"the infill sampler cannot run on this model: {why}")
 
 
 def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = False) -> NativeRequest:
@@ -187,9 +224,9 @@ def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = Fals
     breakers = body.get("dry_sequence_breakers")
     if breakers is not None and not (isinstance(breakers, list) and all(isinstance(b, str) for b in breakers)):
         raise invalid("dry_sequence_breakers", "expected a list of strings.")
-    neutral, samplers = _samplers(body.get("samplers"), body)
-    params.sampling.update(neutral)
     n_predict = _int(body, "n_predict", -1) if body.get("n_predict") is not None else _int(body, "max_tokens", -1)
+    neutral, samplers = _samplers(body.get("samplers"), body, sampled=n_predict != 0)
+    params.sampling.update(neutral)
     params.max_tokens = None if n_predict is None else (1 << 30 if n_predict == -1 else max(n_predict, 1))
     n_cmpl = _int(body, "n_cmpl", 1, P.MAX_N)
     params.n = n_cmpl or 1
@@ -213,6 +250,9 @@ def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = Fals
     if not all(isinstance(f, str) for f in fields_):
         raise invalid("response_fields", "expected a list of field names.")
     t_max = P.typed(body, "t_max_predict_ms", (int, float), "a number of milliseconds") or 0
+    # llama-server reads no t_max_prompt_ms (a TODO in its task params): llama.vim and llama.vscode
+    # send it with every request, so it is checked and, as there, bounds nothing (see the README)
+    P.typed(body, "t_max_prompt_ms", (int, float), "a number of milliseconds")
     if infill:  # /infill's prompt is text after the prefix (llama-server: a string, optional)
         prompts: list[list[str | int]] = [[P.typed(body, "prompt", (str,), "a string") or ""]]
         check_text_size([prompts[0][0]], "prompt")  # type: ignore[list-item]
