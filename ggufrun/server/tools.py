@@ -389,7 +389,10 @@ class ToolStream:
                 for call in calls:
                     self._add(call, out)
         elif self.in_tag:  # a call cut short (max_tokens): keep it if its JSON is whole
-            self._call(self.buffer, out, "" if cut else OPEN + self.buffer)
+            # dropped when cut where a call's JSON was beginning; a tag followed by anything else
+            # (an unconstrained reply's text) is given back as it was
+            began = cut and self.buffer.lstrip()[:1] in ("", "{")
+            self._call(self.buffer, out, "" if began else OPEN + self.buffer)
         elif self.buffer:
             out.append(("content", self.buffer))
         self.buffer = ""
