@@ -286,7 +286,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
     thinking: dict[str, Any] | None = None  # the open reasoning item
     thought: list[str] = []
 
-    def status(item: dict[str, Any], final: bool) -> str:
+    def closing_status(item: dict[str, Any], final: bool) -> str:
         """An item's status as it closes: "incomplete" for the one max_output_tokens cut (the last)."""
         return "incomplete" if final and finish == "length" and item is b.output[-1] else "completed"
 
@@ -296,7 +296,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
             return []
         index = b.output.index(thinking)
         whole = "".join(thought)
-        thinking.update(status=status(thinking, final), content=[{"type": "reasoning_text", "text": whole}])
+        thinking.update(status=closing_status(thinking, final), content=[{"type": "reasoning_text", "text": whole}])
         out = [b.event("response.reasoning_text.done", item_id=thinking["id"], output_index=index, content_index=0, text=whole),
                b.event("response.output_item.done", output_index=index, item=thinking)]
         thinking = None
@@ -309,7 +309,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
         index = b.output.index(message)
         whole = "".join(text)
         part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": logprobs}
-        message.update(status=status(message, final), content=[part])
+        message.update(status=closing_status(message, final), content=[part])
         out = [b.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0, text=whole,
                        logprobs=logprobs),
                b.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0, part=part),
@@ -331,7 +331,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
                 yield out
             for call_item in calls.values():
                 index = b.output.index(call_item)
-                call_item["status"] = status(call_item, True)
+                call_item["status"] = closing_status(call_item, True)
                 yield b.event("response.function_call_arguments.done", item_id=call_item["id"], output_index=index,
                               arguments=call_item["arguments"], name=call_item["name"])
                 yield b.event("response.output_item.done", output_index=index, item=call_item)
