@@ -7,6 +7,7 @@ OpenAI's shape, as the Responses API's are.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -255,6 +256,18 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
     return list((choice.get("logprobs") or {}).get("content") or [])
 
 
+def _was_cut(item: dict[str, Any]) -> bool:
+    """Whether the last item of a reply that hit max_output_tokens is cut: text or thinking is; a
+    function call is when its arguments are not whole JSON (the cut came after a call was written whole)."""
+    if item["type"] != "function_call":
+        return True
+    try:
+        json.loads(item["arguments"])
+        return False
+    except ValueError:
+        return True
+
+
 def _call_item(call: dict[str, Any]) -> dict[str, Any]:
     return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"], "name": call["function"]["name"],
             "arguments": call["function"].get("arguments") or "", "status": "completed"}
@@ -269,7 +282,7 @@ def from_openai(result: dict[str, Any], builder: _Builder) -> dict[str, Any]:
         builder.output.append(_message_item(message.get("content") or "", logprobs=_logprobs(choice)))
     builder.output.extend(_call_item(call) for call in message.get("tool_calls") or [])
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-    if status == "incomplete":
+    if status == "incomplete" and _was_cut(builder.output[-1]):
         builder.output[-1]["status"] = "incomplete"  # the item being written when max_output_tokens cut it
     return builder.response(status, result.get("usage"), choice["finish_reason"])
 
@@ -288,7 +301,7 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
 
     def closing_status(item: dict[str, Any], final: bool) -> str:
         """An item's status as it closes: "incomplete" for the one max_output_tokens cut (the last)."""
-        return "incomplete" if final and finish == "length" and item is b.output[-1] else "completed"
+        return "incomplete" if final and finish == "length" and item is b.output[-1] and _was_cut(item) else "completed"
 
     def close_reasoning(final: bool = False) -> list[bytes]:
         nonlocal thinking
