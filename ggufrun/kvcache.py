@@ -1,5 +1,5 @@
-"""KV cache types (llama.cpp's -ctk/-ctv): their sizes for the memory estimates, and the checks
-llama.cpp makes when it creates a context, made first so that a refusal names the setting to change.
+"""KV cache types (llama.cpp's -ctk/-ctv): the checks llama.cpp makes when it creates a context, made
+first so that a refusal names the setting to change (their sizes are settings.KV_CACHE_BYTES).
 
 llama.cpp 0.3.36 (llama_init_from_model), seen in child processes: a quantized V cache with flash
 attention off returns no context ("quantized V cache requires flash_attn"); with flash attention
@@ -11,24 +11,13 @@ both failed with a generic message; the checks here say which flag to change.
 from __future__ import annotations
 
 from .errors import ConfigError
-from .settings import KV_CACHE_BYTES, Settings
+from .settings import Settings
 
 BLOCK = 32  # elements per block of every quantized type llama.cpp takes for the KV cache
 
 
 def is_quantized(kind: str) -> bool:
     return kind not in ("f32", "f16", "bf16")
-
-
-def bytes_per_elem(kind: str) -> float:
-    """Bytes one K or V element takes in a cache of this type (a q8_0 block: 34 bytes for 32)."""
-    return KV_CACHE_BYTES[kind]
-
-
-def kv_bytes(n_cells: int, n_layer: int, n_head_kv: int, head_dim_k: int, head_dim_v: int, settings: Settings) -> int:
-    """The KV cache's size as llama.cpp allocates it: per layer, ``n_cells`` rows of K and of V."""
-    per_cell = n_head_kv * (head_dim_k * bytes_per_elem(settings.cache_type_k) + head_dim_v * bytes_per_elem(settings.cache_type_v))
-    return int(n_cells * n_layer * per_cell)
 
 
 def check(settings: Settings, head_dim_k: int, head_dim_v: int, model: str) -> None:
