@@ -44,7 +44,7 @@ def env_for(home: Path, **more: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny(tiny_model: Path, home: Path) -> Iterator[ServerProcess]:
     with serve(str(tiny_model), "--served-model-name", "tiny", "--n-ctx", "2048", "--parallel", "2", "--threads", "1",
-               "--keep-alive", "5m", env=env_for(home)) as server:
+               "--keep-alive", "5m", "--max-num-ctx", "3072", env=env_for(home)) as server:
         yield server
 
 
@@ -227,6 +227,20 @@ def test_ps_and_stop_are_processes_talking_to_the_server(tiny: ServerProcess, ho
 def test_a_malformed_keep_alive_flag_is_one_line(home: Path, tiny_model: Path) -> None:
     out = ggufrun("serve", str(tiny_model), "--keep-alive", "soon", home=home)
     assert out.returncode == 2 and "--keep-alive" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_larger_num_ctx_reloads_the_model_where_serve_allows_it(tiny: ServerProcess) -> None:
+    """--max-num-ctx 3072: a num_ctx of 3000 (over --n-ctx 2048) reloads the model with it; smaller
+    ones then fit without another reload. (Last of the tiny server's tests: the context stays.)"""
+    c = client(tiny)
+    c.generate(model="tiny", keep_alive="5m", options={"num_ctx": 128})
+    reply = c.chat(model="tiny", messages=HI, keep_alive="5m", options={"num_ctx": 3000, "num_predict": 2})
+    assert reply.done and loaded(tiny)["tiny"]["context_length"] == 3000
+    c.chat(model="tiny", messages=HI, keep_alive="5m", options={"num_ctx": 256, "num_predict": 2})
+    assert loaded(tiny)["tiny"]["context_length"] == 3000 and tiny.log().count("reloading with num_ctx") == 1
+    with pytest.raises(ollama.ResponseError) as beyond:  # past --max-num-ctx: the 400, no reload
+        c.chat(model="tiny", messages=HI, keep_alive="5m", options={"num_ctx": 3500})
+    assert beyond.value.status_code == 400 and "3000" in beyond.value.error and "--max-num-ctx" in beyond.value.error
 
 
 # ---- residency by memory ---------------------------------------------------------------------

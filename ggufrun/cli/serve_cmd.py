@@ -27,6 +27,10 @@ SETTINGS = tuple(FIELDS)
 @click.option("--keep-alive", "keep_alive", envvar="GGUFRUN_KEEP_ALIVE", default=None, metavar="DURATION",
               help="Unload a model idle this long: 30s, 5m, 1h, 0 (right after each reply) or -1 (never); an Ollama "
                    "request's keep_alive overrides it for its model (default 5m, as Ollama).")
+@click.option("--max-num-ctx", "max_num_ctx", type=click.IntRange(0), default=None, metavar="TOKENS",
+              help="An Ollama request's options.num_ctx above --n-ctx reloads the model with it (once its running "
+                   "requests end), up to TOKENS; the model keeps the larger context until unloaded (default 0: such "
+                   "a request is a 400 naming the limit).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
 @click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None,

@@ -89,14 +89,16 @@ def format_keep_alive(seconds: float | None) -> str:
 def request_context(served: int, asked: int | None, model: str) -> int:
     """The context (prompt + reply, in tokens) one request gets: the served one, or less when it
     asks for less (Ollama's options.num_ctx). More than the model was loaded with is a 400: the
-    KV cache of a loaded model cannot grow, and reloading it would cut the other clients' replies."""
+    KV cache of a loaded model cannot grow (``serve --max-num-ctx`` lets such a request reload it
+    first: ModelPool.fit_context)."""
     from .api_errors import ApiError
 
     if asked is None:
         return served
     if asked > served:
         raise ApiError(400, f"'options.num_ctx' is {asked}, but model '{model}' is served with {served} tokens per request: "
-                            f"send num_ctx {served} or less, or restart the server with --n-ctx {asked}.", param="num_ctx")
+                            f"send num_ctx {served} or less, or restart the server with --n-ctx {asked} (or --max-num-ctx "
+                            f"{asked}, to reload the model for such a request).", param="num_ctx")
     return asked
 
 

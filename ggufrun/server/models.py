@@ -7,6 +7,7 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     port = 13003                # 0: a free port, printed at start-up
     max_loaded = 2              # resident models at most; the least recently used goes first
     keep_alive = "5m"           # unload a model idle this long (Ollama's keep_alive; "-1": never)
+    max_num_ctx = 32768         # a request's num_ctx above n_ctx reloads the model with it, up to this (default 0: a 400)
     parallel = 4                # default slots per model (sequences decoded together)
     max_queue = 64
     api_key = "..."
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ggufrun.server")
 
-_SERVER_KEYS = {"host", "port", "max_loaded", "keep_alive", "parallel", "max_queue", "api_key", "cors", "max_body_bytes", "allowed_hosts"}
+_SERVER_KEYS = {"host", "port", "max_loaded", "keep_alive", "max_num_ctx", "parallel", "max_queue", "api_key", "cors", "max_body_bytes", "allowed_hosts"}
 _MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings", "system"}
 EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
 # The most tokens a reply generates when neither the request nor the model's settings (models.toml,
@@ -89,6 +90,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     max_loaded: int = 3  # as OLLAMA_MAX_LOADED_MODELS on a CPU
     keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds an idle model stays loaded; negative: forever
+    max_num_ctx: int = 0  # the largest num_ctx a request may reload a model with (0: none, a larger one is a 400)
     parallel: int = 4
     max_queue: int = 64
     api_key: str | None = None
@@ -125,9 +127,10 @@ def read_serve_config(path: Path) -> ServeConfig:
     models = tuple(_model_from_toml(raw, f"{path} [[models]] #{i + 1}") for i, raw in enumerate(raw_models))
     _check_names(models, str(path))
     values: dict[str, Any] = {}
-    for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes"):
+    for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes", "max_num_ctx"):
         if key in server:
-            values[key] = _positive_int(server[key], f"{path} [server] {key}", allow_zero=key in ("max_queue", "port"))
+            values[key] = _positive_int(server[key], f"{path} [server] {key}",
+                                        allow_zero=key in ("max_queue", "port", "max_num_ctx"))
     if values.get("port", 1) > 65535:
         raise ConfigError(f"{path} [server] port must be 0-65535 (0: any free port; got {values['port']}).")
     if "host" in server:
@@ -238,6 +241,7 @@ class ModelPool:
         self.closing = False
         self.residency = Residency(None if config.keep_alive < 0 else config.keep_alive)
         self._reaper: asyncio.Task[None] | None = None
+        self._grown: dict[str, int] = {}  # model id -> the n_ctx a request's num_ctx reloaded it with
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
             # an unknown name, a missing file or a bad system prompt or setting fails now, before the server starts
@@ -305,7 +309,7 @@ class ModelPool:
                 if engine is None or engine.state in ("failed", "crashed", "stopped"):
                     if engine is not None:
                         del self._engines[cfg.id]  # a failed load is retried by the next request
-                    await self._make_room(cfg)
+                    await self._make_room(self._sized(cfg))
                     engine = self._start(cfg)
         # No await from here to the lease: eviction (which skips leased engines) cannot slip in.
         self._engines.move_to_end(cfg.id)
@@ -361,7 +365,41 @@ class ModelPool:
         """Start loading a model now (``ggufrun serve NAME``), so /health says loading, then ready."""
         return self._engines.get(cfg.id) or self._start(cfg)
 
+    def _sized(self, cfg: ModelConfig) -> ModelConfig:
+        """``cfg`` with the context a request's num_ctx reloaded it with, if one did."""
+        grown = self._grown.get(cfg.id)
+        return replace(cfg, settings={**cfg.settings, "n_ctx": grown}) if grown else cfg
+
+    async def fit_context(self, cfg: ModelConfig, n_ctx: int) -> None:
+        """Reload ``cfg``'s model with ``n_ctx`` tokens per request when a request asks for more than
+        it was loaded with and --max-num-ctx allows that (Ollama reloads for a num_ctx). It keeps
+        the larger context until unloaded, so that smaller requests fit in it without reloading
+        again. Waits for the running requests to end (never cuts them); ShuttingDownError (503)
+        when they do not end within EVICT_WAIT."""
+        if n_ctx > self.config.max_num_ctx:
+            return  # within the served context, or the 400 of lifecycle.request_context
+        engine = await self.acquire(cfg)
+        try:
+            assert engine.backend is not None
+            have, trained = engine.backend.n_ctx_seq, engine.backend.model.n_ctx_train
+        finally:
+            self.release(engine)
+        if n_ctx <= have or n_ctx > trained:
+            return  # it fits; or no reload could hold it (the 400 says the limit)
+        self._grown[cfg.id] = max(n_ctx, self._grown.get(cfg.id, 0))
+        waited = 0.0
+        while self._engines.get(cfg.id) is engine and engine.busy():
+            if waited >= EVICT_WAIT:
+                raise ShuttingDownError(f"Model '{cfg.id}' is busy; it reloads with num_ctx {n_ctx} once its requests end.",
+                                        "Retry shortly.")
+            await asyncio.sleep(0.05)
+            waited += 0.05
+        if self._engines.get(cfg.id) is engine:  # (no await since the check: nobody leased it in between)
+            self._evict(cfg.id, f"reloading with num_ctx {n_ctx}")
+            await asyncio.to_thread(engine.join, 10.0)
+
     def _start(self, cfg: ModelConfig) -> Engine:
+        cfg = self._sized(cfg)
         parallel = cfg.parallel or self.config.parallel
         self.residency.snapshot_capacity()  # before the first load: the room every model shares
         if self._reaper is None:

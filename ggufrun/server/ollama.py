@@ -364,13 +364,15 @@ def routes(server: Server) -> list[Route]:
         residence = _residence(body)
         model = body.get("model") or server.lookup(None).id
         cfg = server.lookup(openai_body.get("model"))
+        # Ollama's own load and unload: nothing to generate loads the model (`ollama run` does
+        # this first); with keep_alive 0 it unloads it (`ollama stop`), once its requests end.
+        part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+        if not openai_body["messages"] and residence.given and residence.keep_alive == 0:
+            server.pool.unload(cfg.id)
+            return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "unload"})
+        if residence.num_ctx is not None:  # more than the model was loaded with: reloaded, where serve allows it
+            await server.pool.fit_context(cfg, residence.num_ctx)
         if not openai_body["messages"]:
-            # Ollama's own load and unload: nothing to generate loads the model (`ollama run` does
-            # this first); with keep_alive 0 it unloads it (`ollama stop`), once its requests end.
-            part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            if residence.given and residence.keep_alive == 0:
-                server.pool.unload(cfg.id)
-                return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "unload"})
             engine = await server.acquire(cfg)
             try:
                 assert engine.backend is not None
@@ -417,6 +419,8 @@ def routes(server: Server) -> list[Route]:
     async def vectors(model: Any, texts: list[str], residence: Residence) -> tuple[str, list[list[float]], int]:
         if model is not None and not isinstance(model, str):
             raise Refused("model", "'model' must be a string.")
+        if residence.num_ctx is not None:
+            await server.pool.fit_context(server.lookup(_model_name(model) if model else None), residence.num_ctx)
         cfg, result, n_tokens = await server.embed_texts(_model_name(model) if model else None, texts, residence.num_ctx)
         _keep(server, cfg, residence)
         return cfg.id, result, n_tokens
