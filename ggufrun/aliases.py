@@ -47,7 +47,7 @@ def copy_model(registry: Registry, source: str, destination: str) -> Entry:
     downloaded), ConfigError (a bad or taken destination name, or a models.toml that cannot be
     written)."""
     if parse(source).kind == "path":
-        raise UnknownModelError(f"'{source}' is a file path; only models in the cache can be copied.")
+        raise UnknownModelError(f"'{os.path.basename(source)}' is a file; only models in the cache can be copied.")
     if destination.endswith(":latest"):
         destination = destination[: -len(":latest")]
     if not NAME.fullmatch(destination):

@@ -353,4 +353,12 @@ def test_pull_delete_and_copy_through_the_ollama_package(hub_server: tuple[Serve
         refused = requests.delete(f"{server.url}/api/delete", json=body, timeout=10)
         assert refused.status_code == 400 and "path" in refused.json()["error"]
     assert (home / "models" / "tm-hf" / FILE).exists()
+    c.generate(model="tiny")
+    with pytest.raises(ollama.ResponseError) as outside:  # served from a file path: not the cache's to delete
+        c.delete("tiny")
+    assert outside.value.status_code == 400 and "outside the cache" in outside.value.error
+    assert "tiny" in loaded(server)  # and not unloaded on the way
+    with pytest.raises(ollama.ResponseError) as not_cached:
+        c.copy("tiny", "tiny-2")
+    assert not_cached.value.status_code == 404 and "/" not in not_cached.value.error
 

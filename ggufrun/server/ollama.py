@@ -522,7 +522,9 @@ def routes(server: Server) -> list[Route]:
             raise Refused(keys[0], f"'{keys[0]}' must name a model.")
         if parse(value).kind == "path":  # a remote client must not point the server at its disk
             raise Refused(keys[0], f"'{keys[0]}' must be a registry name or an hf:/ms: reference, not a file path.")
-        return _model_name(value)
+        value = _model_name(value)
+        # a name /api/tags lists (served_model_name) stands for the model it serves
+        return next((cfg.model for cfg in server.config.models if value in cfg.served_names), value)
 
     @guarded(_render_error)
     async def pull(request: Request) -> Response:
@@ -593,6 +595,9 @@ def routes(server: Server) -> list[Route]:
         body = await body_of(server, request)
         name = named(body, "model", "name")
         spec = await asyncio.to_thread(server.pool.registry.resolve, name)
+        if spec.path is not None:  # (a served model given by path): the cache is all /api/delete may touch
+            raise Refused("model", f"Model '{body.get('model') or body.get('name')}' is served from a file outside the cache; "
+                                   "only cached models can be deleted.")
         for cfg in server.config.models:  # a served model whose file this is: unloaded first, unless in use
             try:
                 same = server.pool.registry.resolve(cfg.model).cache_path() == spec.cache_path()
