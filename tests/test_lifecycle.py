@@ -289,7 +289,8 @@ def _gguf(path: Path) -> bytes:
 
 
 @pytest.fixture
-def hub_server(tiny_model: Path, tmp_path: Path, seed_amx_verdict: Callable[[Path], None]) -> Iterator[tuple[ServerProcess, Path, bytes]]:
+def hub_server(tiny_model: Path, tmp_path: Path,
+               seed_amx_verdict: Callable[[Path], None]) -> Iterator[tuple[ServerProcess, Path, bytes]]:
     import hashlib
 
     from hubemu import HubEmu

@@ -10,8 +10,10 @@ from ..remote import DEFAULT_PORT
 
 
 def _endpoint_options(f):  # type: ignore[no-untyped-def]
-    f = click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None, help="The server's --api-key (or GGUFRUN_API_KEY).")(f)
-    f = click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True, help="The server's port.")(f)
+    f = click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None,
+                     help="The server's --api-key (or GGUFRUN_API_KEY).")(f)
+    f = click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
+                     help="The server's port.")(f)
     return click.option("--host", default="127.0.0.1", show_default=True, help="The server's address (as given to serve --host).")(f)
 
 

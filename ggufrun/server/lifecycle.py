@@ -49,7 +49,8 @@ def parse_keep_alive(value: Any, what: str = "keep_alive") -> float | None:
     string ("5m", "1h30m", "0", "-1s"), plus a bare number in a string ("300", "-1") as seconds.
     Raises KeepAliveError naming ``what``."""
     if isinstance(value, bool) or value is None:
-        raise KeepAliveError(f"'{what}' must be a duration such as \"5m\", \"1h\" or \"30s\", or a number of seconds (got {value!r}).")
+        raise KeepAliveError(f"'{what}' must be a duration such as \"5m\", \"1h\" or \"30s\", or a number of seconds "
+                             f"(got {value!r}).")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):

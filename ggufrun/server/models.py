@@ -44,7 +44,8 @@ from ..errors import ConfigError, GgufrunError, UnknownModelError
 from ..remote import DEFAULT_PORT
 from ..settings import FIELDS, Settings, coerce, load_toml, resolve
 from .engine import Backend, Engine, ShuttingDownError
-from .lifecycle import DEFAULT_KEEP_ALIVE, REAP_SECONDS, KeepAliveError, Residency, estimate, format_keep_alive, parse_keep_alive
+from .lifecycle import (DEFAULT_KEEP_ALIVE, REAP_SECONDS, KeepAliveError, Residency, estimate, format_keep_alive,
+                        parse_keep_alive)
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ggufrun.server")
 
-_SERVER_KEYS = {"host", "port", "max_loaded", "keep_alive", "max_num_ctx", "parallel", "max_queue", "api_key", "cors", "max_body_bytes", "allowed_hosts"}
+_SERVER_KEYS = {"host", "port", "max_loaded", "keep_alive", "max_num_ctx", "parallel", "max_queue", "api_key", "cors",
+                "max_body_bytes", "allowed_hosts"}
 _MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings", "system"}
 EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
 # The most tokens a reply generates when neither the request nor the model's settings (models.toml,
@@ -430,7 +432,8 @@ class ModelPool:
                 continue
             if waited >= EVICT_WAIT:
                 reason = "" if full else f" ('{cfg.id}' {short})"
-                raise ShuttingDownError(f"All {len(self._engines)} resident models are busy; cannot load another now{reason}.",
+                raise ShuttingDownError(f"All {len(self._engines)} resident models are busy; "
+                                        f"cannot load another now{reason}.",
                                         "Retry later, or raise --max-loaded." if full else "Retry later.")
             await asyncio.sleep(0.1)
             waited += 0.1

@@ -538,7 +538,8 @@ def routes(server: Server) -> list[Route]:
         if unknown:
             raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
         if body.get("insecure"):
-            raise Refused("insecure", "'insecure' is not supported: ggufrun always verifies TLS and every file's size and sha256.")
+            raise Refused("insecure", "'insecure' is not supported: ggufrun always verifies TLS and every file's size "
+                                      "and sha256.")
         stream_flag = body.get("stream", True)
         if not isinstance(stream_flag, bool):
             raise Refused("stream", "'stream' must be true or false.")
