@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from typing import Any
 
 from . import cache, paths
@@ -19,6 +20,7 @@ from .refs import parse
 from .registry import Entry, ModelSpec, Registry, load_file
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_WRITING = threading.Lock()  # two copies at once must not each rewrite models.toml from the same old text
 
 
 def _toml(value: Any) -> str:
@@ -52,7 +54,14 @@ def copy_model(registry: Registry, source: str, destination: str) -> Entry:
         destination = destination[: -len(":latest")]
     if not NAME.fullmatch(destination):
         raise ConfigError(f"Invalid model name '{destination}'.", "Use letters, digits, '.', '_' and '-' (64 at most).")
-    if registry.get(destination) is not None:
+    with _WRITING:
+        return _copy(registry, source, destination)
+
+
+def _copy(registry: Registry, source: str, destination: str) -> Entry:
+    registry_file = paths.user_registry()
+    taken = registry.get(destination) is not None or (registry_file.exists() and destination in load_file(registry_file))
+    if taken:
         raise ConfigError(f"'{destination}' already names a model.", "Pick another name, or delete that one first.")
     spec = registry.resolve(source)
     if spec.from_repo:
@@ -70,7 +79,6 @@ def copy_model(registry: Registry, source: str, destination: str) -> Entry:
     if link.exists() and not os.path.samefile(link, target):
         raise ConfigError(f"The cache already holds a file for '{destination}'.", f"Remove it first: `ggufrun rm {destination}`.")
     entry_text = _entry_text(spec, destination, target.stat().st_size)
-    registry_file = paths.user_registry()
     old = registry_file.read_text(encoding="utf-8") if registry_file.exists() else ""
     new = old + ("" if not old or old.endswith("\n") else "\n") + entry_text
     staged = registry_file.with_name(f".{registry_file.name}.{os.getpid()}.tmp")

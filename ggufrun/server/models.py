@@ -23,8 +23,8 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     n_ctx = 8192                    # any ggufrun setting: n_gpu_layers, flash_attn, temperature...
 
 A model loads on its first request, on its own engine thread, and unloads after ``keep_alive``
-idle, or when another needs its memory or its place under ``max_loaded`` (lifecycle.py). ``n_ctx`` is per request, as
-Ollama's num_ctx: a model with ``parallel = 4`` gets a KV cache of 4 x n_ctx cells (capped at the
+idle, or when another needs its memory or its place under ``max_loaded`` (lifecycle.py).
+``n_ctx`` is per request, as Ollama's num_ctx: a model with ``parallel = 4`` gets a KV cache of 4 x n_ctx cells (capped at the
 trained length), so four full-length requests fit at once.
 """
 
@@ -375,8 +375,8 @@ class ModelPool:
     async def fit_context(self, cfg: ModelConfig, n_ctx: int) -> None:
         """Reload ``cfg``'s model with ``n_ctx`` tokens per request when a request asks for more than
         it was loaded with and --max-num-ctx allows that (Ollama reloads for a num_ctx). It keeps
-        the larger context until unloaded, so that smaller requests fit in it without reloading
-        again. Waits for the running requests to end (never cuts them); ShuttingDownError (503)
+        the larger context from then on (its later loads too), so that smaller requests fit in it
+        without reloading it back. Waits for the running requests to end (never cuts them); ShuttingDownError (503)
         when they do not end within EVICT_WAIT."""
         if n_ctx > self.config.max_num_ctx:
             return  # within the served context, or the 400 of lifecycle.request_context
