@@ -249,25 +249,52 @@ def test_a_larger_num_ctx_reloads_the_model_where_serve_allows_it(tiny: ServerPr
 def test_models_are_kept_by_memory_not_only_by_count(both: bool, tiny_model_factory: Callable[..., Path], home: Path,
                                                      tmp_path: Path) -> None:
     """Two models, --max-loaded 3, and RAM (simulated) for one of them at a time by the estimate
-    `show` prints: loading the second unloads the first; with room for both, both stay."""
+    `show` prints: loading the second unloads the first; with room for both, both stay. The second
+    offloads a layer to a (simulated) GPU: /api/ps's size_vram is that layer's share."""
     from ggufrun.gguf_info import inspect
 
     first, second = tiny_model_factory("qwen2", "q8_0", True), tiny_model_factory("llama", "q8_0", True)
-    need = [inspect(p).memory_estimate(128 * 2, n_gpu_layers=0).cpu for p in (first, second)]  # 128 x (1 slot + embeddings)
+    estimates = [inspect(p).memory_estimate(128 * 2, n_gpu_layers=n) for p, n in ((first, 0), (second, 1))]  # 1 slot + embeddings
+    need = [e.cpu for e in estimates]
     config = tmp_path / "serve.toml"
     config.write_text(f'[server]\nmax_loaded = 3\nparallel = 1\nkeep_alive = "-1"\n'
-                      f'[[models]]\nmodel = "{first}"\nserved_model_name = "one"\nn_ctx = 128\n'
-                      f'[[models]]\nmodel = "{second}"\nserved_model_name = "two"\nn_ctx = 128\n')
+                      f'[[models]]\nmodel = "{first}"\nserved_model_name = "one"\nn_ctx = 128\nn_gpu_layers = 0\n'
+                      f'[[models]]\nmodel = "{second}"\nserved_model_name = "two"\nn_ctx = 128\nn_gpu_layers = 1\n')
     ram = sum(need) + 1_000_000 if both else max(need) + min(need) // 2
-    with serve("--config", str(config), "--threads", "1", env=env_for(home, GGUFRUN_SIMULATE_RAM=str(ram))) as server:
+    env = env_for(home, GGUFRUN_SIMULATE_RAM=str(ram), GGUFRUN_SIMULATE_GPU="name=Sim,total=8GiB,free=8GiB")
+    with serve("--config", str(config), "--threads", "1", env=env) as server:
         c = client(server)
         c.generate(model="one", options={"num_ctx": 64})
         c.generate(model="two", options={"num_ctx": 64})
         ps = loaded(server)
         assert sorted(ps) == (["one", "two"] if both else ["two"]), (ram, need, ps)
-        assert ps["two"]["size"] == pytest.approx(need[1], rel=0.01)
+        assert ps["two"]["size"] == estimates[1].total and ps["two"]["size_vram"] == estimates[1].gpu > 0
         if not both:
             assert "unloading model one (least recently used; 'two' needs" in server.log()
+
+
+def test_a_model_fits_by_ram_and_by_gpu_memory_beside_the_resident_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Residency.shortfall's sums, against devices simulated the way offload's tests simulate them."""
+    from ggufrun.gguf_info import MemoryEstimate
+    from ggufrun.server.lifecycle import Residency
+
+    gib = 1 << 30
+    monkeypatch.setenv("GGUFRUN_SIMULATE_RAM", "10GiB")
+    monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=Sim,total=9GiB,free=9GiB")  # 8 GiB after offload's 1 GiB margin
+
+    def need(cpu: int, gpu: int) -> MemoryEstimate:
+        return MemoryEstimate(n_ctx=1, n_gpu_layers=1 if gpu else 0, weights_gpu=gpu * gib, weights_cpu=cpu * gib,
+                              kv_gpu=0, kv_cpu=0, compute=0)
+
+    residency = Residency(300.0)
+    residency.snapshot_capacity()
+    residency.set_memory("a", need(6, 5))
+    assert residency.shortfall(need(4, 3), ["a"]) is None
+    assert "of RAM" in (residency.shortfall(need(5, 0), ["a"]) or "")
+    assert "of GPU memory" in (residency.shortfall(need(1, 4), ["a"]) or "")
+    assert residency.shortfall(need(5, 4), []) is None  # alone it fits
+    monkeypatch.setenv("GGUFRUN_SIMULATE_RAM", "3GiB")  # what the devices report now counts too
+    assert "of RAM" in (residency.shortfall(need(4, 0), []) or "")
 
 
 # ---- the store: pull, delete, copy -------------------------------------------------------------
