@@ -354,14 +354,17 @@ class ModelPool:
         while not self.closing:
             await asyncio.sleep(REAP_SECONDS)
             now = time.monotonic()
-            for name, engine in list(self._engines.items()):
-                if engine.state == "loading":
-                    continue
-                if engine.busy():
-                    self.residency.touch(name)
-                elif self.residency.expired(name, now):
-                    keep = self.residency.keep_alive(name)
-                    self._evict(name, f"idle for keep_alive {format_keep_alive(keep)}" if keep else "keep_alive 0")
+            try:
+                for name, engine in list(self._engines.items()):
+                    if engine.state == "loading":
+                        continue
+                    if engine.busy():
+                        self.residency.touch(name)
+                    elif self.residency.expired(name, now):
+                        keep = self.residency.keep_alive(name)
+                        self._evict(name, f"idle for keep_alive {format_keep_alive(keep)}" if keep else "keep_alive 0")
+            except Exception:  # noqa: BLE001 (a reaper that died would leave every model loaded, silently)
+                log.exception("checking idle models failed")
 
     def preload(self, cfg: ModelConfig) -> Engine:
         """Start loading a model now (``ggufrun serve NAME``), so /health says loading, then ready."""
