@@ -150,6 +150,8 @@ def test_keep_alive_zero_unloads_after_the_reply_and_an_empty_prompt_loads(tiny:
     assert wait_until(lambda: "tiny" not in loaded(tiny), 3.0)
     load = c.generate(model="tiny", keep_alive="3m", options={"num_ctx": 128})  # `ollama run`'s load
     assert load.done_reason == "load" and 170 < seconds_left(loaded(tiny)["tiny"]) <= 181
+    assert load.load_duration > 0  # it waited for a load; a request to the loaded model waits for none
+    assert c.chat(model="tiny", messages=HI, keep_alive="3m", options={"num_ctx": 128, "num_predict": 1}).load_duration == 0
     unload = c.generate(model="tiny", keep_alive=0, options={"num_ctx": 128})  # `ollama stop`
     assert unload.done_reason == "unload" and "tiny" not in loaded(tiny)
     assert c.chat(model="tiny", messages=[], keep_alive=0).done_reason == "unload"  # unloading an unloaded model

@@ -243,11 +243,12 @@ def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     return streamed(out)
 
 
-def _stats(usage: dict[str, Any] | None, timings: dict[str, Any] | None, started: float, done_reason: str) -> dict[str, Any]:
+def _stats(usage: dict[str, Any] | None, timings: dict[str, Any] | None, started: float, done_reason: str,
+           load_ns: int = 0) -> dict[str, Any]:
     """Ollama's counters and nanosecond durations, from the engine's llama-server-style timings."""
     usage, timings = usage or {}, timings or {}
     return {"done": True, "done_reason": done_reason, "total_duration": int((time.perf_counter() - started) * 1e9),
-            "load_duration": 0, "prompt_eval_count": usage.get("prompt_tokens", 0),
+            "load_duration": load_ns, "prompt_eval_count": usage.get("prompt_tokens", 0),
             "prompt_eval_duration": int(float(timings.get("prompt_ms") or 0) * 1e6),
             "eval_count": usage.get("completion_tokens", 0), "eval_duration": int(float(timings.get("predicted_ms") or 0) * 1e6)}
 
@@ -267,7 +268,7 @@ def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
                           "arguments": tool_arguments(c["function"].get("arguments") or "", "tool call's")}} for c in calls]
 
 
-async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> AsyncIterator[bytes]:
+async def _ndjson(run: ChatRun, model: str, started: float, chat: bool, load_ns: int = 0) -> AsyncIterator[bytes]:
     """Ollama's NDJSON stream from the OpenAI chunks of ``run``."""
     finish = "stop"
     timings: dict[str, Any] | None = None
@@ -289,7 +290,7 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
                 yield ndjson({"model": model, "created_at": _now(), "message": message, "done": False})
             final: dict[str, Any] = {"model": model, "created_at": _now()}
             final.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-            final.update(_stats(chunk.get("usage"), timings, started, DONE_REASONS.get(finish, "stop")))
+            final.update(_stats(chunk.get("usage"), timings, started, DONE_REASONS.get(finish, "stop"), load_ns))
             yield ndjson(final)
             return
         finish = choice.get("finish_reason") or finish
@@ -364,6 +365,14 @@ def routes(server: Server) -> list[Route]:
         residence = _residence(body)
         model = body.get("model") or server.lookup(None).id
         cfg = server.lookup(openai_body.get("model"))
+        before = server.pool.resident(cfg.id)
+        fresh = before is None or before.state != "ready"
+
+        def load_ns() -> int:
+            """How long the load this request waited for took (Ollama's load_duration); 0 if none."""
+            engine = server.pool.resident(cfg.id)
+            return int(engine.backend.model.load_seconds * 1e9) if fresh and engine and engine.backend else 0
+
         # Ollama's own load and unload: nothing to generate loads the model (`ollama run` does
         # this first); with keep_alive 0 it unloads it (`ollama stop`), once its requests end.
         part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
@@ -381,11 +390,11 @@ def routes(server: Server) -> list[Route]:
             finally:
                 server.pool.release(engine)
             return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load",
-                                 "total_duration": int((time.perf_counter() - started) * 1e9)})
+                                 "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns()})
         run = await start_chat(server, openai_body, "/api/chat" if chat else "/api/generate", residence.num_ctx)
         _keep(server, cfg, residence)
         if openai_body["stream"]:
-            return stream(run, _ndjson(run, model, started, chat), "application/x-ndjson")
+            return stream(run, _ndjson(run, model, started, chat, load_ns()), "application/x-ndjson")
         result = await run.whole(request)
         if result is None:
             return Response(status_code=499)
@@ -405,7 +414,8 @@ def routes(server: Server) -> list[Route]:
                 out["thinking"] = message["reasoning_content"]
         if openai_body.get("logprobs"):
             out["logprobs"] = _logprobs(choice) or []
-        out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))
+        out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop"),
+                          load_ns()))
         return JSONResponse(out)
 
     @guarded(_render_error, NAMES)
