@@ -215,9 +215,20 @@ def has_gpu() -> bool:
     return bool(gpus())
 
 
-def estimate(info: Any, cells: int, n_gpu_layers: Any) -> MemoryEstimate:
+def estimate(info: Any, cells: int, n_gpu_layers: Any, n_ctx_seq: int | None = None) -> MemoryEstimate:
     """The memory a model takes with ``cells`` KV cells and ``n_gpu_layers`` offloaded ("auto": as
-    the loader would decide it now); on a machine without a GPU every layer is on the CPU."""
+    the loader would decide it now); on a machine without a GPU every layer is on the CPU. With
+    each sequence in its own part of the cache (``n_ctx_seq`` cells), attention's scores span one
+    part, not all cells: the compute allowance is that of one sequence's context."""
+    from dataclasses import replace
+
+    whole = _estimate(info, cells, n_gpu_layers)
+    if n_ctx_seq is None or n_ctx_seq >= cells:
+        return whole
+    return replace(whole, compute=_estimate(info, n_ctx_seq, whole.n_gpu_layers).compute)
+
+
+def _estimate(info: Any, cells: int, n_gpu_layers: Any) -> MemoryEstimate:
     if not has_gpu():
         ngl = 0
     elif n_gpu_layers == "auto":
