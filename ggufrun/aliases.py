@@ -2,7 +2,8 @@
 user's models.toml that points at the same sources, and a hard link to the cached file under
 the new name's cache folder, so that no bytes are copied and removing either name leaves the
 other whole. Nothing outside the cache is written but the user's models.toml, which is written
-atomically and only after the new text has loaded strictly.
+atomically and only after the new text has loaded strictly. :func:`forget_copy` takes such an
+entry out again (Ollama's delete of a copy), and only an entry this module wrote.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .refs import parse
 from .registry import Entry, ModelSpec, Registry, load_file
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MARK = "copy of "  # how a copy's description starts: forget_copy removes no entry without it
 _WRITING = threading.Lock()  # two copies at once must not each rewrite models.toml from the same old text
 
 
@@ -114,7 +116,7 @@ def _entry_text(spec: ModelSpec, name: str, size: int) -> str:
         sources.append(item)
     if not sources:  # (a cached file always came from a source; an entry needs one)
         raise ConfigError(f"'{spec.name}' has no source to record.")
-    lines = [f"\n[{json.dumps(name)}]", f"description = {_toml(f'copy of {spec.name}')}", f"quants = {_toml([quant])}",
+    lines = [f"\n[{json.dumps(name)}]", f"description = {_toml(MARK + spec.name)}", f"quants = {_toml([quant])}",
              f"file = {_toml(_braces(spec.filename))}", f"sources = {_toml(sources)}"]
     if spec.family:
         lines.append(f"family = {_toml(spec.family)}")
@@ -130,3 +132,30 @@ def _entry_text(spec: ModelSpec, name: str, size: int) -> str:
 def with_entry(registry: Registry, entry: Entry) -> Registry:
     """``registry`` with ``entry`` added (a running server learns a copy without re-reading files)."""
     return Registry({**registry.entries, entry.name: entry})
+
+
+def forget_copy(registry: Registry, name: str) -> Registry | None:
+    """Remove the user-registry entry ``name`` if copy_model wrote it; the registry without it, or
+    None when ``name`` is no such copy (a shipped or hand-written entry is never touched)."""
+    with _WRITING:
+        entry = registry.get(name)
+        registry_file = paths.user_registry()
+        if entry is None or not entry.description.startswith(MARK) or not registry_file.exists():
+            return None
+        lines = registry_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        header = f"[{json.dumps(entry.name)}]"
+        start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+        marked = f"description = {json.dumps(MARK)[:-1]}"
+        if start is None or start + 1 >= len(lines) or not lines[start + 1].startswith(marked):
+            return None  # not the shape copy_model writes: leave the user's file alone
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        while start > 0 and not lines[start - 1].strip():  # the blank line copy_model put before it
+            start -= 1
+        staged = registry_file.with_name(f".{registry_file.name}.{os.getpid()}.tmp")
+        try:
+            staged.write_text("".join(lines[:start] + lines[end:]), encoding="utf-8")
+            load_file(staged)
+            os.replace(staged, registry_file)
+        finally:
+            staged.unlink(missing_ok=True)
+    return Registry({k: v for k, v in registry.entries.items() if k != entry.name})

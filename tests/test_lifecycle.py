@@ -377,6 +377,10 @@ def test_pull_delete_and_copy_through_the_ollama_package(hub_server: tuple[Serve
         c.copy("tm", "../../outside")
     assert c.delete("tm-mine").status == "success"
     assert not copy.exists() and cached.read_bytes() == data  # the other name is whole
+    assert "tm-mine" not in (home / "models.toml").read_text() and "[tm-hf]" in (home / "models.toml").read_text()
+    with pytest.raises(ollama.ResponseError) as forgotten:
+        c.delete("tm-mine")
+    assert forgotten.value.status_code == 404
     assert c.delete("tm").status == "success" and not cached.exists()
     with pytest.raises(ollama.ResponseError) as gone:
         c.delete("tm")
@@ -397,3 +401,29 @@ def test_pull_delete_and_copy_through_the_ollama_package(hub_server: tuple[Serve
         c.copy("tiny", "tiny-2")
     assert not_cached.value.status_code == 404 and "/" not in not_cached.value.error
 
+
+
+def test_a_copy_is_forgotten_alone_and_a_hand_written_entry_never(ggufrun_home: Path) -> None:
+    """copy_model appends one entry and links the file; forget_copy takes out exactly that entry, keeping
+    the user's own text around it, and refuses entries it did not write."""
+    from ggufrun import registry
+    from ggufrun.aliases import copy_model, forget_copy
+
+    mine = '# my models\n[tm]\nquants = ["q4_0"]\nfile = "tm-{quant}.gguf"\nsources = [{ hub = "huggingface", repo = "o/r" }]\n'
+    (ggufrun_home / "models.toml").write_text(mine)
+    cached = ggufrun_home / "models" / "tm" / "tm-q4_0.gguf"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"GGUF" + bytes(100))
+    reg = registry.load()
+    entry = copy_model(reg, "tm", "tm-two")
+    assert entry.description == "copy of tm:q4_0"
+    assert registry.load().resolve("tm-two").cache_path().read_bytes() == cached.read_bytes()
+    with (ggufrun_home / "models.toml").open("a") as f:
+        f.write('[other]\nquants = ["q8_0"]\nfile = "o-{quant}.gguf"\nsources = [{ hub = "modelscope", repo = "o/o" }]\n')
+    reg = registry.load()
+    assert forget_copy(reg, "tm") is None and forget_copy(reg, "other") is None and forget_copy(reg, "nope") is None
+    smaller = forget_copy(reg, "tm-two")
+    assert smaller is not None and smaller.get("tm-two") is None
+    text = (ggufrun_home / "models.toml").read_text()
+    assert text.startswith(mine) and "tm-two" not in text and "[other]" in text
+    assert set(registry.load().entries) >= {"tm", "other"} and "tm-two" not in registry.load().entries

@@ -600,7 +600,9 @@ def routes(server: Server) -> list[Route]:
 
     @guarded(_render_error)
     async def delete(request: Request) -> Response:
-        """Remove a model from the cache (only the cache: `ggufrun rm`'s rules), unloading it first."""
+        """Remove a model from the cache (only the cache: `ggufrun rm`'s rules), unloading it first;
+        a name /api/copy made leaves the registry too."""
+        from ..aliases import forget_copy
         from ..fetch import remove
 
         body = await body_of(server, request)
@@ -617,7 +619,10 @@ def routes(server: Server) -> list[Route]:
             if same and server.pool.unload(cfg.id) is False:
                 raise Refused("model", f"Model '{name}' is in use; it unloads when its requests end. Retry then.", status=409)
         removed = await asyncio.to_thread(remove, spec)
-        if not any(p.suffix == ".gguf" for p in removed):
+        smaller = await asyncio.to_thread(forget_copy, server.pool.registry, name)  # a copy's name goes with it
+        if smaller is not None:
+            server.pool.registry = smaller
+        elif not any(p.suffix == ".gguf" for p in removed):
             raise Refused("model", f"model '{name}' not found", status=404)
         return JSONResponse({})
 
