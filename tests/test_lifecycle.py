@@ -192,10 +192,11 @@ def test_an_unload_never_frees_a_model_a_request_uses(tiny: ServerProcess) -> No
 
 def test_llama_server_router_load_and_unload(tiny: ServerProcess) -> None:
     url = tiny.url
+    status = lambda: requests.get(f"{url}/models", timeout=10).json()["data"][0]["status"]["value"]  # noqa: E731
     assert requests.post(f"{url}/models/load", json={"model": "tiny"}, timeout=30).json() == {"success": True}
-    assert "tiny" in loaded(tiny)
+    assert "tiny" in loaded(tiny) and status() == "loaded"
     assert requests.post(f"{url}/models/unload", json={"model": "tiny"}, timeout=30).json() == {"success": True}
-    assert "tiny" not in loaded(tiny)
+    assert "tiny" not in loaded(tiny) and status() == "unloaded"
     again = requests.post(f"{url}/models/unload", json={"model": "tiny"}, timeout=30)
     assert again.status_code == 400 and "not loaded" in again.json()["error"]["message"]
     unknown = requests.post(f"{url}/models/load", json={"model": "nope"}, timeout=30)

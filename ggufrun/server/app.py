@@ -3,7 +3,7 @@
 Which module answers what (see the package docstring for a request's way through them):
 openai.py ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``;
 responses.py ``/v1/responses``; anthropic.py ``/v1/messages``; ollama.py ``/api/*``; llamacpp.py
-``/tokenize``, ``/detokenize``, ``/apply-template``; router.py ``/models/load``, ``/models/unload``;
+``/tokenize``, ``/detokenize``, ``/apply-template``; router.py ``/models``, ``/models/load``, ``/models/unload``;
 seed.py ``POST /`` and the chat page; health.py ``/health`` and ``/metrics``. Every error a route's
 own API did not render is JSON in the shape of the API its path belongs to (:func:`error_shape`).
 """

@@ -1,4 +1,5 @@
-"""llama-server's router routes for loading and unloading a model by hand: ``POST /models/load`` and
+"""llama-server's router routes: ``GET /models`` (the served models, each with ``status.value``
+loaded, loading or unloaded), and loading and unloading a model by hand: ``POST /models/load`` and
 ``POST /models/unload`` with ``{"model": NAME}``, answering ``{"success": true}`` (errors in the
 OpenAI shape, as llama-server's). A loaded model then stays for the server's --keep-alive, as one
 a request loaded; unloading waits for nothing: a model in use unloads when its requests end
@@ -23,6 +24,13 @@ def _model(body: object) -> str:
 
 
 def routes(server: Server) -> list[Route]:
+    async def models(request: Request) -> Response:
+        states = {"ready": "loaded", "loading": "loading"}
+        loaded = server.pool.loaded()
+        data = [{"id": cfg.id, "object": "model", "owned_by": "ggufrun", "created": server.started,
+                 "status": {"value": states.get(loaded.get(cfg.id, ""), "unloaded")}} for cfg in server.config.models]
+        return JSONResponse({"object": "list", "data": data})
+
     async def load(request: Request) -> Response:
         cfg = server.lookup(_model(await read_json(request, server.config.max_body_bytes)))
         server.pool.release(await server.acquire(cfg))
@@ -35,4 +43,5 @@ def routes(server: Server) -> list[Route]:
             raise ApiError(400, f"Model '{cfg.id}' is not loaded.", param="model")
         return JSONResponse({"success": True, **({} if done else {"pending": "in use: it unloads when its requests end"})})
 
-    return [Route("/models/load", load, methods=["POST"]), Route("/models/unload", unload, methods=["POST"])]
+    return [Route("/models", models, methods=["GET"]), Route("/models/load", load, methods=["POST"]),
+            Route("/models/unload", unload, methods=["POST"])]
