@@ -155,6 +155,7 @@ class GenParams:
     budget_param: str = "reasoning_budget"  # the field that set it, named when the model cannot budget
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
+    n_ctx: int | None = None  # a smaller context (prompt + reply) for this request: Ollama's options.num_ctx
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
