@@ -114,3 +114,14 @@ def test_bench_measures_each_cache_type(smollm2_gguf: Path) -> None:
     assert [rows[t]["cache_type_v"] for t in ("f16", "q4_0")] == ["f16", "q4_0"]
     assert all(rows[t]["pp_tps"] > 0 and rows[t]["tg_tps"] > 0 and rows[t]["peak_rss_bytes"] > 0 for t in rows)
     assert abs(rows["q4_0"]["kv_bytes"] / rows["f16"]["kv_bytes"] - 18 / 64) < 0.01
+
+
+def test_a_server_keeps_models_by_the_memory_their_cache_types_take(smollm2_gguf: Path) -> None:
+    """Residency by memory (serve's lifecycle) counts a quantized cache at its own size: all the slots' cells."""
+    from ggufrun.server.lifecycle import estimate
+
+    info = inspect(smollm2_gguf)
+    f16 = estimate(info, 4 * 2048, 0, 2048)
+    q8 = estimate(info, 4 * 2048, 0, 2048, ("q8_0", "q8_0"))
+    assert f16.kv_cache == 4 * 2048 * info.block_count * info.head_count_kv * info.key_length * 4
+    assert q8.kv_cache == int(f16.kv_cache * 34 / 64) and q8.weights == f16.weights and q8.total < f16.total
