@@ -189,3 +189,19 @@ def test_cut_replies_in_the_json_formats_keep_the_whole_calls() -> None:
 def test_partial_arguments_read_as_the_anthropic_sdk_reads_them(text: str) -> None:
     jiter = pytest.importorskip("jiter")  # the anthropic SDK's parser of a stream's partial input_json
     assert partial_object(text) == jiter.from_json(text.encode(), partial_mode=True)
+
+
+def test_ollama_a_cut_call_is_read_as_far_as_it_goes() -> None:
+    """Ollama carries arguments as objects: the last call of a reply cut by num_predict gives the
+    object written so far, as Anthropic's tool_use does (it was a 500); a whole reply's malformed
+    arguments are still the server's error. (Through the API no client can force a call on Ollama's
+    side, and a random model never starts one, so the translation is checked directly.)"""
+    from ggufrun.server.api_errors import ApiError
+    from ggufrun.server.ollama import _ollama_calls
+
+    calls = [{"function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+             {"function": {"name": "get_weather", "arguments": '{"city": "Lon'}}]
+    out = _ollama_calls(calls, cut=True)
+    assert [c["function"]["arguments"] for c in out] == [{"city": "Oslo"}, {}]
+    with pytest.raises(ApiError):
+        _ollama_calls(calls, cut=False)
