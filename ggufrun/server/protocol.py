@@ -156,6 +156,7 @@ class GenParams:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
     slot: int | None = None  # llama-server's id_slot: the slot every job of the request runs in
+    n_ctx: int | None = None  # a smaller context (prompt + reply) for this request: Ollama's options.num_ctx
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
