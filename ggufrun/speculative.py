@@ -36,8 +36,9 @@ from .errors import ConfigError, ContextOverflowError
 
 DRAFT_MAX = 16  # llama-server's speculative.n_max default
 DRAFT_MIN = 0  # llama-server's speculative.n_min default
-NGRAM_SIZES = (4, 3, 2)  # longest first: a longer match predicts better
+NGRAM_SIZES = (4, 3)  # longest first: a longer match predicts better (2-grams drafted free text in vain)
 P_MIN = 0.75  # a model draft stops at a token its drafter gives less than this (llama.cpp's p_min)
+FIRST_DRAFT = 4  # a sequence's first draft length, doubled while drafts are accepted whole
 BACKOFF_MAX = 64  # steps a sequence whose drafts all failed waits, at most, before drafting again
 # A serving step's tokens from generating sequences, drafts included, stay within this: past it a
 # batch is busy enough that extra positions cost the others time (64 streams draft nothing).
@@ -55,7 +56,7 @@ class Drafter(Protocol):
 
 class NgramDrafter:
     """Prompt and history lookup: the continuation of the latest earlier occurrence of the last
-    4, 3 or 2 tokens. An index per sequence (n-gram -> where its latest follower starts) grows with
+    4 or 3 tokens. An index per sequence (n-gram -> where its latest follower starts) grows with
     the text, so a step costs a few dict lookups, not a scan of the context."""
 
     label = "ngram"
@@ -113,9 +114,13 @@ class ModelDrafter:
         out: list[list[int]] = [[] for _ in items]
         live = []
         for i, (seq_id, tokens, n_max) in enumerate(items):
-            if n_max <= 0 or len(tokens) + n_max > m.seq_cells:
+            if len(tokens) + max(n_max, 0) > m.seq_cells:
                 continue
             keep = m.truncate(seq_id, min(m.common_prefix(seq_id, tokens), len(tokens) - 1))
+            if n_max <= 0:  # no draft asked: only catch up on the text (a prompt read ahead of the first draft)
+                if len(tokens) - 1 > keep:
+                    m.decode([(seq_id, tokens[keep:-1], False)])
+                continue
             live.append((i, seq_id, tokens[keep:], n_max))
         if not live:
             return out
@@ -192,8 +197,9 @@ class Pace:
             self.wait = min(1 << (self.misses - 1), BACKOFF_MAX)
             self.length = max(1, self.length // 2)
             return
-        self.misses = 0
-        self.length = min(self.n_max, self.length + 2) if accepted == drafted else max(1, accepted + 1)
+        if 2 * accepted >= drafted:  # a draft that paid: the run of failures ends
+            self.misses = 0
+        self.length = min(self.n_max, 2 * self.length) if accepted == drafted else max(1, accepted + 1)
 
 
 @dataclass
@@ -227,7 +233,8 @@ class Speculator:
     def begin(self, seq_id: int, n_max: int | None = None, n_min: int | None = None) -> None:
         """A new reply in ``seq_id``, with the request's own draft bounds where it gave them."""
         top = self.n_max if n_max is None else n_max
-        self.paces[seq_id] = Pace(n_max=top, n_min=self.n_min if n_min is None else n_min, length=top)
+        # A first draft is short: a wrong one costs its verification, a right one doubles the next.
+        self.paces[seq_id] = Pace(n_max=top, n_min=self.n_min if n_min is None else n_min, length=min(top, FIRST_DRAFT))
         self.drafter.forget(seq_id)
 
     def drafts(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
@@ -235,7 +242,7 @@ class Speculator:
         ``room``), and one shorter than the sequence's draft minimum is dropped."""
         asks = []
         for seq_id, tokens, room in items:
-            pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, self.n_max))
+            pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, min(self.n_max, FIRST_DRAFT)))
             asks.append((seq_id, tokens, min(pace.want(), room)))
         if not any(n > 0 for _, _, n in asks):
             return [[] for _ in items]
@@ -290,7 +297,8 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
     kept = model.truncate(seq_id, min(model.common_prefix(seq_id, tokens), len(tokens) - 1))
     st.cached_tokens = kept
     model.decode([(seq_id, tokens[kept:], True)])
-    spec.begin(seq_id, getattr(gen, "spec_n_max", None), getattr(gen, "spec_n_min", None))
+    spec.begin(seq_id)
+    spec.drafter.draft([(seq_id, tokens, 0)])  # a draft model reads the prompt now, as the target did (its prompt time)
     draft: list[int] = []
     ended: list[tuple[int, str]] = []
 

@@ -90,7 +90,9 @@ def test_pace_backs_off_exponentially_and_recovers() -> None:
     spec = S.Speculator(S.NgramDrafter(), n_max=8)
     spec.begin(0)
     pace = spec.paces[0]
-    assert pace.want() == 8
+    assert pace.want() == 4  # a first draft is short
+    pace.record(4, 4)
+    assert pace.want() == 8  # and doubles while whole drafts are accepted
     waits = []
     for _ in range(8):
         pace.record(4, 0)
