@@ -245,3 +245,13 @@ def test_synthetic_inert_pairs_control_the_acceptance(tmp_path: Path) -> None:
     assert rates[0] == 1.0 and rates[1] < 0.1
     with pytest.raises(ConfigError, match="needs its own output matrix"):
         write_synthetic(tmp_path / "x.gguf", "tiny", inert=True)
+
+
+def test_request_draft_bounds_are_checked() -> None:
+    """llama-server's speculative.n_max / n_min on the OpenAI routes: honoured as given, refused (400) when out of range."""
+    from ggufrun.server.protocol import ApiError, parse_gen
+
+    assert parse_gen({"prompt": "x", "speculative.n_max": 4, "speculative.n_min": 2}, chat=False).draft == (4, 2)
+    for bad in ({"speculative.n_max": 65}, {"speculative.n_max": "4"}, {"speculative.n_max": 2, "speculative.n_min": 3}):
+        with pytest.raises(ApiError):
+            parse_gen({"prompt": "x", **bad}, chat=False)
