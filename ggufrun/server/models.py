@@ -354,6 +354,9 @@ class ModelPool:
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
+        # Structured output's vocabulary index (0.1-0.5 s), here before any request: built by the
+        # first burst of constrained requests it starved the engine thread of the GIL (issue 22).
+        model.prepare_grammars()
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
