@@ -3,13 +3,15 @@
 For each client count C (``--levels``) each server is started fresh (as serve_load.py starts it) and
 measured twice with C client threads and ``--requests-per-client`` x C chat requests:
 
-* plain: every client streams ``--max-tokens`` tokens of free text (ignore_eos);
+* plain: every client streams ``--max-tokens`` tokens of free text (ignore_eos), for the prompts the
+  constrained requests get (an extraction request each: no prompt is shared, as none is in the mix);
 * mix:   every second client asks for ``response_format`` json_schema instead, and EVERY ONE of its
   requests carries a fresh variant of one of the schemas below (property names, lengths and bounds
   numbered by the request), so that nothing a server keeps per schema helps the next request:
   extraction workloads send a schema per document. Constrained requests end where the JSON does
   (no ignore_eos: a finished structure allows only end of generation), within ``--max-tokens`` x 2.
 
+With ``--rounds`` N, both modes run N times, alternating which goes first, and are summed.
 Printed: tokens/s of each server in each mode, mix / plain (the issue 22 target: >= 0.9 at 16 and 64
 clients on the GPU), and for the constrained replies how many finished ("stop") and how many of
 those validate against their own schema (jsonschema); a reply cut by max_tokens is counted apart.
@@ -122,11 +124,17 @@ def schema_for(number: int) -> tuple[str, dict[str, Any]]:
     return name, SCHEMAS[name](number)
 
 
+def unconstrained(number: int) -> dict[str, Any]:
+    """The body fields of request ``number`` without a schema: the same prompt as its constrained
+    twin, so that both modes prefill alike (a prompt every request shares would be cached)."""
+    name, _ = schema_for(number)
+    return {"messages": [{"role": "user", "content": f"Extract the {name} from this text as JSON.\n\n{TEXT}"}]}
+
+
 def constrained(number: int, max_tokens: int) -> dict[str, Any]:
     """The body fields of constrained request ``number``."""
     name, schema = schema_for(number)
-    return {"messages": [{"role": "user", "content": f"Extract the {name} from this text as JSON.\n\n{TEXT}"}],
-            "max_tokens": max_tokens,
+    return {**unconstrained(number), "max_tokens": max_tokens,
             "response_format": {"type": "json_schema", "json_schema": {"name": f"{name}_{number}", "schema": schema, "strict": True}}}
 
 
@@ -160,27 +168,39 @@ def measure(kind: str, opts: argparse.Namespace, path: Path, clients: int, bin_p
         {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "ignore_eos": True}
     cmax = opts.max_tokens * 2
 
-    offset = 10_000 * clients  # (no variant repeats across levels either)
-
-    def fresh(number: int) -> dict[str, Any]:
-        return {**constrained(number + offset, cmax), "ignore_eos": False}
-
     with server(server_argv(kind, sopts, path, clients, port, bin_path or Path("llama-server")), port) as url:
         # warm-up: page faults, and what a server builds once per model (ggufrun's vocabulary index)
         run_load(url, "bench", 1, 1, max_tokens=8, prompt=PLAIN_PROMPT, endpoint="chat")
         run_load(url, "bench", 1, 1, max_tokens=8, endpoint="chat", variants=[lambda n: constrained(n + 99_999, 8)])
-        for mode, variants in (("plain", [{}]), ("mix", [fresh, {}])):
-            result = run_load(url, "bench", clients, opts.requests_per_client * clients, max_tokens=opts.max_tokens,
-                              prompt=PLAIN_PROMPT, endpoint="chat", params=plain, variants=variants, keep_text=True)
-            r = {"server": kind, "clients": clients, "mode": mode, **result.summary()}
-            if mode == "mix":
-                r.update(check(result, lambda c: c % 2 == 0, offset))
-                free = [s for s in result.samples if s.ok and s.client % 2 == 1]
-                r["plain_tokens_in_mix"] = sum(s.tokens for s in free)
+        totals: dict[str, dict[str, Any]] = {m: {"tokens": 0, "seconds": 0.0, "errors": 0, "first_error": "", "finished": 0,
+                                                 "valid": 0, "cut": 0, "invalid_examples": []} for m in ("plain", "mix")}
+        for rnd in range(opts.rounds):  # alternating which mode goes first: a busy neighbour slows both alike
+            offset = 10_000 * clients + 1_000 * rnd  # no variant repeats across rounds or levels
+
+            def fresh(number: int, offset: int = offset) -> dict[str, Any]:
+                return {**constrained(number + offset, cmax), "ignore_eos": False}
+
+            def free(number: int, offset: int = offset) -> dict[str, Any]:
+                return unconstrained(number + offset)
+
+            for mode in ("plain", "mix") if rnd % 2 == 0 else ("mix", "plain"):
+                variants = [free] if mode == "plain" else [fresh, free]
+                result = run_load(url, "bench", clients, opts.requests_per_client * clients, max_tokens=opts.max_tokens,
+                                  prompt=PLAIN_PROMPT, endpoint="chat", params=plain, variants=variants, keep_text=True)
+                t = totals[mode]
+                t["tokens"] += result.total_tokens
+                t["seconds"] += result.seconds
+                t["errors"] += result.errors
+                t["first_error"] = t["first_error"] or result.summary()["first_error"]
+                if mode == "mix":
+                    for key, value in check(result, lambda c: c % 2 == 0, offset).items():
+                        t[key] += value
+        for mode, t in totals.items():
+            r = {"server": kind, "clients": clients, "mode": mode, "tokens_per_s": t["tokens"] / t["seconds"], **t}
             rows.append(r)
             print(f"  {kind:12s} clients={clients:3d} {mode:5s} {r['tokens_per_s']:8.1f} tok/s  errors {r['errors']} "
                   f"{r['first_error'][:120]}" + (f"  constrained: {r['valid']}/{r['finished']} finished valid, "
-                                                 f"{r['cut']} cut {r['invalid_examples']}" if mode == "mix" else ""),
+                                                 f"{r['cut']} cut {r['invalid_examples'][:3]}" if mode == "mix" else ""),
                   file=sys.stderr)
     return rows
 
@@ -191,6 +211,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--levels", default="4", help="client counts, comma list (on a GPU 16,64)")
     ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="plain and mix this many times each, alternating")
     ap.add_argument("--max-tokens", type=int, default=64, help="plain streams' length; constrained ones get twice it")
     ap.add_argument("--sampling", choices=["greedy", "sampled"], default="greedy")
     ap.add_argument("--n-gpu-layers", type=int, default=0)

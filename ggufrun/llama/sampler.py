@@ -91,6 +91,12 @@ class Grammar(_Owned):
         self._cand: Candidates | None = None  # candidates() of the current state, once found
         self._allowed_cand: Any = None  # allowed_candidates() of the current state, once found
         self._redrawn = False  # candidates() was asked for since the last accept
+        if not self._awaiting:
+            # The first state's candidates, and where few which it allows, here where the request is
+            # prepared (off the engine's step): a reply's first draw mostly misses the grammar.
+            self._cand = self._candidates()
+            if self._cand.count <= _PRECHECK_MAX:
+                self.allowed_candidates()
 
     def _apply(self, data: Any, ptr: Any = None) -> None:
         """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
