@@ -301,16 +301,17 @@ def plan(shape: str | ShapeSpec = "tiny", arch: str | None = None, quant: str = 
     return out
 
 
-def build_vocab(n_vocab: int, family: str) -> tuple[list[str], list[float], list[int], dict[str, int]]:
+def build_vocab(n_vocab: int, family: str, extra: tuple[str, ...] = ()) -> tuple[list[str], list[float], list[int], dict[str, int]]:
     """An SPM ("llama") vocabulary of exactly ``n_vocab`` tokens: <unk> <s> </s>, the chat
     control tokens, 256 byte-fallback tokens (so any text tokenizes), English words with every
     prefix (so SPM's pairwise merges can reach them), and pronounceable filler.
 
+    ``extra``: more control tokens after the chat ones (a vision projector's image markers).
     Returns tokens, scores, token types and the special ids (bos, eos, unk, eot)."""
     from gguf import TokenType
 
-    tokens = ["<unk>", "<s>", "</s>", *CHAT_TOKENS]
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.CONTROL] * len(CHAT_TOKENS)
+    tokens = ["<unk>", "<s>", "</s>", *CHAT_TOKENS, *extra]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.CONTROL] * (len(CHAT_TOKENS) + len(extra))
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [TokenType.BYTE] * 256
     scores = [0.0] * len(tokens)
@@ -359,6 +360,7 @@ def write_synthetic(
     vocab_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = True,
+    extra_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a random-weight GGUF to ``path`` (atomically) and return the path.
 
@@ -367,7 +369,8 @@ def write_synthetic(
     ``chat_template``: True writes the family's template (chatml for qwen2/llama, gemma turns for
     gemma), False none, a string that template. ``progress(done_bytes, total_bytes)`` is called
     as tensor data is written. Deterministic for a given seed. With ``overwrite=False`` an
-    existing file is left alone.
+    existing file is left alone. ``extra_tokens``: control tokens added to the vocabulary (the
+    image markers a vision projector looks up, synthetic_vision.VISION_TOKENS).
     Raises ConfigError for a bad shape or quant or an existing file (overwrite=False),
     DiskSpaceError when the disk is too small.
     """
@@ -410,7 +413,7 @@ def write_synthetic(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(tmp, spec.arch)
     try:
-        _write_metadata(writer, spec, quant, family, template, gguf)
+        _write_metadata(writer, spec, quant, family, template, gguf, extra_tokens)
         for t in tensors:
             ne = t.shape[::-1]  # numpy order
             if t.type in ("F32", "F16"):
@@ -433,7 +436,8 @@ def write_synthetic(
     return out
 
 
-def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any) -> None:
+def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any,
+                    extra_tokens: tuple[str, ...] = ()) -> None:
     w.add_name(f"ggufrun synthetic {spec.name} {quant}")
     w.add_file_type(int(gguf.LlamaFileType[QUANTS[quant].file_type]))
     if quant not in ("f32", "f16"):
@@ -456,7 +460,7 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
     if spec.arch == "gemma2":
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
-    tokens, scores, types, ids = build_vocab(spec.n_vocab, family)
+    tokens, scores, types, ids = build_vocab(spec.n_vocab, family, extra_tokens)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)

@@ -7,6 +7,7 @@ import codecs
 import ctypes
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -138,6 +139,8 @@ class Model:
                        np.ctypeslib.as_array(self._batch.pos, shape=(size,)),
                        np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,)))
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
+        # image embeddings by key (llama/vision.py), held by the requests that use them
+        self.images: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False  # no new borrower; freed once the last one is done
         self._freed = False
@@ -428,6 +431,10 @@ class Model:
                     f"Sequence of {self.seq_len(seq_id) + len(tokens)} tokens does not fit the context of {self.n_ctx}.",
                     n_tokens=self.seq_len(seq_id) + len(tokens), n_ctx=self.n_ctx,
                 )
+        if any(t and (t[0] < 0 or (len(t) > 1 and min(t) < 0)) for _, t, _ in items):  # image tokens (images.py)
+            from .vision import decode_with_images
+
+            return decode_with_images(self, items, all_logits)
         out = self._fill(items, all_logits)
         rc = L.llama_decode(self._ctx, self._batch)
         if rc != 0:
