@@ -427,7 +427,7 @@ def write_synthetic(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
-        _write_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np)
+        write_tensor_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np)
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -480,8 +480,9 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
 _CHUNK = 64 << 20  # bytes of random data generated at a time
 
 
-def _write_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
-                progress: Callable[[int, int], None] | None, np: Any) -> None:
+def write_tensor_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
+                      progress: Callable[[int, int], None] | None, np: Any) -> None:
+    """Stream the tensors' random data into an open GGUF file after its header (synthetic_vision too)."""
     import gguf
 
     noise = _Noise(seed, min(_CHUNK, total), np)

@@ -55,7 +55,7 @@ class ProjectorSpec:
 
 PROJECTORS: dict[str, ProjectorSpec] = {
     "smolvlm-tiny": ProjectorSpec("smolvlm", n_embd=32, n_ff=64, n_layer=2, n_head=2, image_size=32, patch_size=8,
-                                  scale=2, longest_edge=32),
+                                  scale=2, longest_edge=64),
     # SmolVLM-256M/500M-Instruct's vision tower (SigLIP base patch16 at 512 px, scale factor 4,
     # longest edge 2048 = up to 4x4 tiles + overview of 64 tokens each)
     "smolvlm": ProjectorSpec("smolvlm", n_embd=768, n_ff=3072, n_layer=12, n_head=12, image_size=512, patch_size=16,
@@ -121,7 +121,7 @@ def write_projector(path: str | Path, projector: str | ProjectorSpec, text_n_emb
     import gguf
     import numpy as np
 
-    from .synthetic import _write_data
+    from .synthetic import write_tensor_data
 
     spec = projector if isinstance(projector, ProjectorSpec) else projector_spec(projector)
     if text_n_embd < 1:
@@ -160,7 +160,7 @@ def write_projector(path: str | Path, projector: str | ProjectorSpec, text_n_emb
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
-        _write_data(writer.fout[0], tensors, seed, writer.data_alignment, total, None, np)
+        write_tensor_data(writer.fout[0], tensors, seed, writer.data_alignment, total, None, np)
         writer.close()
         os.replace(tmp, out)
     finally:

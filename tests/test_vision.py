@@ -71,8 +71,9 @@ def test_synthetic_projector_loads_tokenizes_and_encodes_in_libmtmd(tmp_path: Pa
     assert got["seq"] == 1 + got["n"] + 2 and got["out"] == [2]  # image rows took their positions; logits of the last text run
     assert got["same"]  # the same bytes give the same image tokens: prefix reuse
     if kind.startswith("smolvlm"):
-        # a 40x30 picture: one 32 px tile and the overview, 4 tokens each, framed by idefics3's markers
-        assert got["images"] == [[4, 64], [4, 64]] and "<global-img>" in got["text"] and not got["non_causal"]
+        # a 40x30 picture scaled to 64x48: the overview and 2x2 tiles of 32 px, 4 tokens each, framed by idefics3's markers
+        assert got["images"] == [[4, 64]] * 5 and "<global-img>" in got["text"] and "<row_2_col_2>" in got["text"]
+        assert not got["non_causal"]
     else:
         assert got["images"] == [[4, 64]] and "<start_of_image>" in got["text"] and got["non_causal"]
 
@@ -141,3 +142,226 @@ def test_prompt_chunks_stop_where_text_and_images_meet() -> None:
     assert run_end([-3, -4, 7], 10) == 2
     assert run_end([-3, -4, -5], 2) == 2
     assert run_end([], 4) == 0
+
+
+# ---- serving: every API with real clients and real image bytes ----------------------------------
+
+import base64  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+from serverutil import ServerProcess, serve  # noqa: E402
+
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+ollama = pytest.importorskip("ollama")
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Callable[[Path], None]) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("vision-home")
+    seed_amx_verdict(home)
+    return {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
+
+
+@pytest.fixture(scope="module")
+def vsrv(vlm: tuple[Path, Path], server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    model, mmproj = vlm
+    with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "4", "--n-ctx", "512",
+               "--threads", "1", env=server_env) as server:
+        yield server
+
+
+def data_url(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def oai(server: ServerProcess) -> Any:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(client: Any, *parts: dict[str, Any], **kw: Any) -> Any:
+    kw.setdefault("max_tokens", 4)
+    return client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": list(parts)}], **GREEDY, **kw)
+
+
+def img(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+TEXT = {"type": "text", "text": "What is in the picture?"}
+
+
+def test_openai_image_url_counts_its_tokens_and_a_repeated_image_reuses_its_kv(vsrv: ServerProcess) -> None:
+    client = oai(vsrv)
+    plain = ask(client, TEXT)
+    seen = ask(client, TEXT, img(data_url(png(color=(1, 2, 3)))))
+    # a 40x30 picture: overview + 2x2 tiles of 4 tokens each, framed by idefics3's marker tokens
+    assert seen.usage.prompt_tokens >= plain.usage.prompt_tokens + 20
+    again = ask(client, TEXT, img(data_url(png(color=(1, 2, 3)))))
+    assert again.usage.prompt_tokens == seen.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == seen.usage.prompt_tokens - 1  # the image's KV reused
+    other = ask(client, TEXT, img(data_url(png(color=(9, 9, 9)))))
+    # another image: the text and framing before it are reused, its own 8 tokens and what follows are not
+    assert other.usage.prompt_tokens_details.cached_tokens <= seen.usage.prompt_tokens - 8 - 1
+    jpeg = ask(client, img(data_url(png(20, 60, fmt="JPEG"), "jpeg")), TEXT)  # tall: 1x2 tiles + overview
+    assert plain.usage.prompt_tokens + 12 <= jpeg.usage.prompt_tokens < seen.usage.prompt_tokens
+    assert jpeg.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("url,match", [
+    ("http://127.0.0.1:9/cat.png", "does not fetch image URLs"),
+    ("data:image/png;base64,AAAA", "not an image ggufrun can read"),
+    (data_url(png()[:70]), "corrupt or truncated"),
+    ("data:image/png;base64,@@@", "not valid base64"),
+    ("file:///etc/passwd", "expected a data: URL or an http"),
+])
+def test_openai_bad_images_are_400s_naming_the_part(vsrv: ServerProcess, url: str, match: str) -> None:
+    with pytest.raises(openai.BadRequestError, match=match) as err:
+        ask(oai(vsrv), TEXT, img(url))
+    assert err.value.body["param"] == "messages[0].content[1].image_url.url"
+
+
+def test_images_beside_text_requests_all_answer(vsrv: ServerProcess) -> None:
+    client = oai(vsrv)
+    results: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        parts = [TEXT, img(data_url(png(20 + i, 30, color=(i, 40, 80))))] if i % 2 else [TEXT]
+        results[i] = ask(client, *parts, max_tokens=6)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == list(range(8))
+    assert all(r.usage.completion_tokens == 6 for r in results.values())
+
+
+def test_responses_input_image(vsrv: ServerProcess) -> None:
+    client = oai(vsrv)
+    r = client.responses.create(model="vlm", max_output_tokens=4, temperature=0, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Describe"}, {"type": "input_image", "image_url": data_url(png(color=(5, 6, 7)))}]}])
+    plain = client.responses.create(model="vlm", max_output_tokens=4, temperature=0, input="Describe")
+    assert r.status in ("completed", "incomplete") and r.usage.input_tokens >= plain.usage.input_tokens + 8
+    with pytest.raises(openai.BadRequestError, match="file_id"):
+        client.responses.create(model="vlm", max_output_tokens=4, input=[{"role": "user", "content": [
+            {"type": "input_image", "file_id": "file-1"}]}])
+
+
+def test_anthropic_image_blocks(vsrv: ServerProcess) -> None:
+    client = anthropic.Anthropic(base_url=vsrv.url, api_key="unused", max_retries=0, timeout=60)
+    jpeg = base64.b64encode(png(fmt="JPEG")).decode()
+    msg = client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": jpeg}},
+        {"type": "text", "text": "What is this?"}]}])
+    plain = client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": "What is this?"}])
+    assert msg.usage.input_tokens >= plain.usage.input_tokens + 8
+    with pytest.raises(anthropic.BadRequestError, match="media_type") as err:
+        client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/tiff", "data": jpeg}}]}])
+    assert err.value.body["type"] == "error"  # Anthropic's own error shape
+    with pytest.raises(anthropic.BadRequestError, match="corrupt or truncated"):
+        client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(png()[:70]).decode()}}, {"type": "text", "text": "x"}]}])
+
+
+def test_ollama_images(vsrv: ServerProcess) -> None:
+    client = ollama.Client(host=vsrv.url, timeout=60)
+    r = client.chat(model="vlm", messages=[{"role": "user", "content": "What is this?", "images": [png(color=(3, 3, 3))]}],
+                    options={"num_predict": 4, "temperature": 0})
+    plain = client.chat(model="vlm", messages=[{"role": "user", "content": "What is this?"}],
+                        options={"num_predict": 4, "temperature": 0})
+    assert r.prompt_eval_count >= plain.prompt_eval_count + 8
+    with pytest.raises(ollama.ResponseError, match="not an image"):
+        client.chat(model="vlm", messages=[{"role": "user", "content": "x", "images": [b"not an image at all"]}],
+                    options={"num_predict": 2})
+
+
+def test_a_text_model_refuses_images_by_name(tiny_model: Path, server_env: dict[str, str]) -> None:
+    with serve(str(tiny_model), "--served-model-name", "tiny", "--n-ctx", "256", "--threads", "1", env=server_env) as srv:
+        with pytest.raises(openai.BadRequestError, match="Model 'tiny' does not see images"):
+            oai(srv).chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
+                TEXT, img(data_url(png()))]}])
+        with pytest.raises(ollama.ResponseError, match="does not see images"):
+            ollama.Client(host=srv.url, timeout=60).chat(model="tiny", messages=[
+                {"role": "user", "content": "x", "images": [png()]}])
+
+
+@pytest.mark.slow
+def test_image_urls_are_fetched_only_with_the_flag(vlm: tuple[Path, Path], server_env: dict[str, str], tmp_path: Path) -> None:
+    import functools
+    import http.server
+
+    (tmp_path / "cat.png").write_bytes(png(color=(7, 7, 7)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        model, mmproj = vlm
+        with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--n-ctx", "512", "--threads", "1",
+                   "--allow-image-urls", env=server_env) as srv:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}/cat.png"
+            r = ask(oai(srv), TEXT, img(url))
+            assert r.usage.prompt_tokens > 8
+            with pytest.raises(openai.BadRequestError, match="could not fetch"):
+                ask(oai(srv), TEXT, img(url + ".missing"))
+    finally:
+        httpd.shutdown()
+
+
+# ---- models: the projector found and fetched with its model --------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["hf", pytest.param("ms", marks=pytest.mark.slow)])
+def test_a_repo_reference_fetches_the_repos_projector_and_loads_it(kind: str, vlm: tuple[Path, Path], ggufrun_home: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubemu import HubEmu
+
+    from ggufrun import registry
+    from ggufrun.loader import open_model
+
+    model, mmproj = vlm
+    with HubEmu() as emu:
+        emu.add(kind, "Org/VLM-GGUF", "vlm-Q4_K_M.gguf", model.read_bytes())
+        emu.add(kind, "Org/VLM-GGUF", "mmproj-vlm-f16.gguf", mmproj.read_bytes())
+        emu.add(kind, "Org/VLM-GGUF", "mmproj-vlm-Q8_0.gguf", b"GGUF not this one")
+        emu.add(kind, "Org/Text-GGUF", "text-Q4_K_M.gguf", model.read_bytes())
+        monkeypatch.setenv("GGUFRUN_HF_ENDPOINT", emu.url)
+        monkeypatch.setenv("GGUFRUN_MS_ENDPOINT", emu.url)
+        monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
+        settings = {"n_ctx": 256, "threads": 1}
+        loaded = open_model(f"{kind}:Org/VLM-GGUF", registry.load(), settings)
+        try:
+            assert loaded.vision is not None and loaded.vision.path.name == "mmproj-vlm-f16.gguf"
+            assert loaded.vision.path.read_bytes() == mmproj.read_bytes()
+        finally:
+            loaded.close()
+        text = open_model(f"{kind}:Org/Text-GGUF", registry.load(), settings)
+        text.close()
+        assert text.vision is None
+        emu.requests.clear()
+        for name in ("VLM", "Text"):  # cached: no request (a text-only repo was listed once and marked)
+            open_model(f"{kind}:Org/{name}-GGUF", registry.load(), settings).close()
+        assert emu.requests == []
+
+
+def test_mmproj_flag_overrides_and_a_wrong_projector_is_refused_by_name(vlm: tuple[Path, Path], tmp_path: Path) -> None:
+    from ggufrun import registry
+    from ggufrun.loader import open_model
+
+    model, mmproj = vlm
+    wide = write_projector(tmp_path / "wide.gguf", "smolvlm-tiny", 96)
+    with pytest.raises(InvalidGGUFError, match="feeds a text model of width 96; this model's is 64"):
+        open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(wide)})
+    from ggufrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="No projector file"):
+        open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(tmp_path / "none.gguf")})
+    loaded = open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(mmproj)})
+    assert loaded.vision is not None
+    loaded.close()

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size", "seed", "temperature", "top_p",
                  "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "max_tokens",
-                 "template", "reasoning_format", "reasoning_budget", "rpc", "split_mode", "tensor_split", "main_gpu")
+                 "template", "reasoning_format", "reasoning_budget", "rpc", "split_mode", "tensor_split", "main_gpu", "mmproj")
 
 
 @click.command("chat")

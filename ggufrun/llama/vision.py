@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,25 @@ from ..images import Picture, image_tokens
 from ._lib import L, llama_reason, numpy
 
 
+_quiet = False
+
+
 def _mtmd() -> Any:
+    global _quiet
     import llama_cpp.mtmd_cpp as M
 
+    if not _quiet:  # libmtmd logs every image it sees to stderr: errors only, as llama.cpp's (_lib.py)
+        from .. import paths
+        from ._lib import quiet_log
+
+        if not paths.debug():
+            M.mtmd_log_set(quiet_log, ctypes.c_void_p(0))
+            M.mtmd_helper_log_set(quiet_log, ctypes.c_void_p(0))
+        _quiet = True
     return M
+
+
+RECENT_IMAGES = 16  # encoded pictures kept for reuse (a 1,088-token SmolVLM picture is ~2.5 MB of rows)
 
 
 class ImageEmbedding:
@@ -75,6 +91,9 @@ class Projector:
                               "Use a vision model with plain positions (SmolVLM), or llama-server for this one.")
         self.marker = (M.mtmd_default_marker() or b"<__media__>").decode()
         self.non_causal: bool | None = None  # learnt from the first image chunk (gemma3: True)
+        # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
+        self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
+        self.encoded = 0  # pictures encoded (the rest came from _recent)
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
@@ -92,9 +111,23 @@ class Projector:
         picture's image tokens between them, and the embeddings those name. Runs libmtmd's
         preprocessing and the vision encoder: call it off the event loop and the engine thread.
         Raises ConfigError (an image libmtmd refuses), ModelLoadError (encoding failed)."""
+        name = (pic.digest, pic.width, pic.height)
+        with self.lock:
+            hit = self._recent.get(name)
+            if hit is not None:
+                self._recent.move_to_end(name)
+                return list(hit[0]), list(hit[1])
+            block = self._block(pic)
+            self._recent[name] = block
+            while len(self._recent) > RECENT_IMAGES:
+                self._recent.popitem(last=False)
+            self.encoded += 1
+            return list(block[0]), list(block[1])
+
+    def _block(self, pic: Picture) -> tuple[list[int], list[ImageEmbedding]]:
         M = _mtmd()
         np = numpy()
-        with self.lock, self.model.borrowed():
+        with self.model.borrowed():
             if not self._ctx:
                 raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
             chunks = M.mtmd_input_chunks_init()

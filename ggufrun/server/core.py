@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
-from . import constraints, limits
+from . import constraints, limits, media
 from . import protocol as P
 from . import thinking
 from . import tools as T
@@ -171,7 +171,7 @@ class Server:
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, think=params.think)
+                          ignore_eos=params.ignore_eos, think=params.think, images=params.images)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
@@ -201,7 +201,11 @@ class Server:
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            if media.has_images(rendered):  # encoded here, off the loop and the engine thread
+                tokens = media.prompt_tokens(backend, cfg.id, rendered, allow_urls=self.config.allow_image_urls,
+                                             images=params.images, template=backend.template, tools=tools, variables=variables)
+            else:
+                tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # (a prefilled reply continues its own text, thinking or not)
                 tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
             return [tokens + prefill_tokens(backend, prefill)]

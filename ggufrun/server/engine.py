@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, TokenInfo
+from ..images import run_end
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
@@ -84,6 +85,7 @@ class Backend:
     embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
     reasoning: Any = None  # reasoning.ThinkFormat when the model thinks before it answers
     system: str | None = None  # the model's default system prompt (models.ModelDefaults)
+    vision: Any = None  # llama.vision.Projector when the model sees images (server/media.py)
 
     def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``messages`` with the model's default system prompt first, unless they carry a system
@@ -111,6 +113,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
+    images: list[Any] = field(default_factory=list)  # the embeddings its image tokens name, held while it lives
 
 
 @dataclass(slots=True)
@@ -716,7 +719,8 @@ class Engine:
                 budget -= 1
         for slot in running:
             if slot.pending and budget > 0:
-                chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
+                take = budget if min(slot.pending[:budget]) >= 0 else run_end(slot.pending, budget)  # text or images
+                chunk, slot.pending = slot.pending[:take], slot.pending[take:]
                 batch.append((slot, chunk, not slot.pending))
                 budget -= len(chunk)
         if not batch:

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from . import media
 from .protocol import ApiError
 from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, start_chat, stream, streamed,
                         supports, tool_arguments)
@@ -141,13 +142,15 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         unknown = sorted(k for k in m if k not in MESSAGE_KNOWN and m[k] is not None)
         if unknown:
             raise Refused(f"{where}.{unknown[0]}", f"Unknown field '{where}.{unknown[0]}'.")
-        if m.get("images"):
-            raise Refused(f"{where}.images", f"'{where}.images' is not supported (text models only).")
         content = m.get("content")
         content = "" if content is None else content  # 0, false or [] are not text: refused below
         if not isinstance(content, str):
             raise Refused(f"{where}.content", f"'{where}.content' must be a string.")
         message: dict[str, Any] = {"role": m["role"], "content": content}
+        if m.get("images"):  # shown to the model before the message's text, as Ollama does
+            if m["role"] != "user":
+                raise Refused(f"{where}.images", f"'{where}.images' may only be on a user message.")
+            message["content"] = media.ollama_content(content, m["images"], f"{where}.images")
         if m.get("thinking"):
             if m["role"] != "assistant" or not isinstance(m["thinking"], str):
                 raise Refused(f"{where}.thinking", f"'{where}.thinking' must be a string, on an assistant message.")
