@@ -90,9 +90,10 @@ def image_row(token: int) -> tuple[int, int]:
     return v >> _ROW_BITS, v & ((1 << _ROW_BITS) - 1)
 
 
-def run_end(tokens: Sequence[int], limit: int) -> int:
+def run_end(tokens: Sequence[int], limit: int, *, whole: bool = False) -> int:
     """How many leading ``tokens`` (at most ``limit``) are all text or all image tokens: one
-    decode batch holds either token ids or embeddings, so a prompt chunk stops where they change."""
+    decode batch holds either token ids or embeddings, so a prompt chunk stops where they change.
+    ``whole``: an image is never cut (0 when it does not fit ``limit``: it waits for a roomier step)."""
     if not tokens or limit <= 0:
         return 0
     image = tokens[0] < 0
@@ -100,6 +101,8 @@ def run_end(tokens: Sequence[int], limit: int) -> int:
     for i in range(1, n):
         if (tokens[i] < 0) != image:
             return i
+    if whole and image and n < len(tokens) and tokens[n] < 0:
+        return 0
     return n
 
 

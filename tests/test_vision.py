@@ -365,3 +365,26 @@ def test_mmproj_flag_overrides_and_a_wrong_projector_is_refused_by_name(vlm: tup
     loaded = open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(mmproj)})
     assert loaded.vision is not None
     loaded.close()
+
+
+def test_whole_images_are_never_cut_between_steps() -> None:
+    assert run_end([-3, -4, -5, 7], 2, whole=True) == 0  # waits for a step with room
+    assert run_end([-3, -4, -5, 7], 3, whole=True) == 3
+    assert run_end([5, 6, -3], 2, whole=True) == 2
+
+
+@pytest.mark.slow
+def test_gemma3_images_are_decoded_whole_beside_other_requests(tmp_path: Path, server_env: dict[str, str]) -> None:
+    model = write_synthetic(tmp_path / "g.gguf", "tiny-gemma3", extra_tokens=VISION_TOKENS["gemma3"])
+    mmproj = write_projector(tmp_path / "gp.gguf", "gemma3-tiny", 64)
+    with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "3", "--n-ctx", "256",
+               "--batch-size", "16", "--threads", "1", env=server_env) as srv:
+        client = oai(srv)
+        results: list[Any] = []
+        threads = [threading.Thread(target=lambda i=i: results.append(ask(client, TEXT, img(data_url(png(color=(i, 1, 1)))),
+                                                                          max_tokens=8))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == 3 and all(r.usage.completion_tokens == 8 for r in results)

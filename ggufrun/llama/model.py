@@ -141,6 +141,7 @@ class Model:
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
         # image embeddings by key (llama/vision.py), held by the requests that use them
         self.images: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.whole_images = False  # its projector decodes each image in one batch, attending both ways (gemma-3)
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False  # no new borrower; freed once the last one is done
         self._freed = False
@@ -448,6 +449,8 @@ class Model:
         """Evaluate tokens for several sequences in one llama_decode; return, per item, the output
         index to sample from (-1 where no logits were asked). The tokens of all items together must
         fit in n_batch, except for a single item, which is split into n_batch chunks."""
+        if len(items) == 1 and len(items[0][1]) > self.n_batch and min(items[0][1]) < 0:
+            return self._decode_batch(items)  # image tokens: llama/vision.py cuts batches where images start and end
         if len(items) == 1 and len(items[0][1]) > self.n_batch:
             seq_id, tokens, want = items[0]
             for start in range(0, len(tokens), self.n_batch):

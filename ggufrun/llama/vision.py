@@ -64,7 +64,7 @@ class Projector:
     def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool) -> None:
         from ..projector_info import validate_projector
 
-        validate_projector(path, model.n_embd)  # llama.cpp asserts (aborts) on some malformed projectors
+        info = validate_projector(path, model.n_embd)  # llama.cpp asserts (aborts) on some malformed projectors
         M = _mtmd()
         params = M.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -90,7 +90,10 @@ class Projector:
             raise ConfigError(f"{path.name} needs M-RoPE positions (Qwen-VL family), which ggufrun does not decode yet.",
                               "Use a vision model with plain positions (SmolVLM), or llama-server for this one.")
         self.marker = (M.mtmd_default_marker() or b"<__media__>").decode()
-        self.non_causal: bool | None = None  # learnt from the first image chunk (gemma3: True)
+        self.info = info
+        # gemma-3's images attend both ways (mtmd_decode_use_non_causal): each is decoded whole, in one batch
+        self.non_causal: bool | None = info.projector_type == "gemma3"
+        model.whole_images = self.non_causal
         # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
         self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
         self.encoded = 0  # pictures encoded (the rest came from _recent)
@@ -159,8 +162,11 @@ class Projector:
                     if M.mtmd_input_chunk_get_n_pos(chunk) != n_tok:
                         raise ConfigError("This projector gives an image fewer positions than tokens, which ggufrun "
                                           "does not decode yet.")
-                    if self.non_causal is None:
-                        self.non_causal = bool(M.mtmd_decode_use_non_causal(self._ctx, chunk))
+                    if bool(M.mtmd_decode_use_non_causal(self._ctx, chunk)) != self.non_causal:
+                        raise ConfigError("This projector's attention over images is not the one ggufrun expected.")
+                    if self.non_causal and n_tok > max(self.model.n_batch, 1):
+                        raise ConfigError(f"An image of {n_tok} tokens does not fit one batch of {self.model.n_batch}; "
+                                          "this projector needs it whole.", f"Serve with --batch-size {n_tok} or more.")
                     if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
                         raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
                     out = M.mtmd_get_output_embd(self._ctx)
@@ -217,7 +223,15 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
             batch.seq_id[n][0] = seq_id
             n += 1
     batch.n_tokens = n
-    rc = L.llama_decode(model._ctx, batch)
+    # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
+    whole = model.whole_images
+    if whole:
+        L.llama_set_causal_attn(model._ctx, False)
+    try:
+        rc = L.llama_decode(model._ctx, batch)
+    finally:
+        if whole:
+            L.llama_set_causal_attn(model._ctx, True)
     if rc != 0:
         raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
             ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
@@ -244,14 +258,21 @@ def decode_with_images(model: Any, items: list[tuple[int, list[int], bool]], all
         seq_id, tokens, want = items[0]
         runs = _runs(tokens)
         out = [-1]
+        size = max(model.n_batch, 1)
         for k, run in enumerate(runs):
             last = k == len(runs) - 1
             if run[0] < 0:
                 if last and want:
                     raise ConfigError("A prompt cannot end with an image: the model answers after text.")
-                _decode_embeddings(model, [(seq_id, run)])
+                if model.whole_images and len(run) > size:
+                    raise ConfigError(f"An image of {len(run)} tokens does not fit one batch of {size}; this projector "
+                                      "needs it whole.", f"Use --batch-size {len(run)} or more.")
+                for start in range(0, len(run), size):
+                    _decode_embeddings(model, [(seq_id, run[start : start + size])])
             else:
-                out = model._decode_batch([(seq_id, run, want and last)], all_logits)
+                for start in range(0, len(run), size):
+                    end = start + size >= len(run)
+                    out = model._decode_batch([(seq_id, run[start : start + size], want and last and end)], all_logits)
         return out
     images = [(s, t) for s, t, _ in items if t and t[0] < 0]
     if any(min(t) < 0 <= max(t) for _, t, _ in items if t):

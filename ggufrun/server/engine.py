@@ -719,7 +719,9 @@ class Engine:
                 budget -= 1
         for slot in running:
             if slot.pending and budget > 0:
-                take = budget if min(slot.pending[:budget]) >= 0 else run_end(slot.pending, budget)  # text or images
+                take = budget if min(slot.pending[:budget]) >= 0 else run_end(slot.pending, budget, whole=model.whole_images)
+                if not take:
+                    continue  # a whole image waits for a step with room for it (gemma-3)
                 chunk, slot.pending = slot.pending[:take], slot.pending[take:]
                 batch.append((slot, chunk, not slot.pending))
                 budget -= len(chunk)
