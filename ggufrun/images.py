@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import GgufrunError
+from .errors import ExitStatus, GgufrunError
 
 MAX_IMAGE_BYTES = 20 << 20  # an encoded image; OpenAI's own limit is 20 MB
 MAX_PIXELS = 50_000_000  # decoded width x height (Pillow's decompression-bomb guard is ~89 M)
@@ -28,6 +28,12 @@ class ImageError(GgufrunError):
     """An image a request or a file carries that cannot be used (format, size, corrupt bytes)."""
 
     http_status = 400
+
+
+class UnsupportedProjectorError(GgufrunError):
+    """A projector that loads but whose image positions ggufrun does not decode yet (M-RoPE)."""
+
+    exit_status = ExitStatus.USAGE
 
 
 class NoVisionError(GgufrunError):
@@ -161,3 +167,36 @@ def pictures_in(messages: list[dict[str, Any]]) -> list[Picture]:
 
 
 BlockFn = Callable[[Picture], tuple[list[int], list[Any]]]
+
+
+def read_picture(path: Any, vision: Any, model_name: str) -> Picture:
+    """An image file for a chat message. Raises NoVisionError (``vision`` None), ImageError."""
+    from pathlib import Path
+
+    if vision is None:
+        raise NoVisionError(f"{model_name} does not see images (it has no vision projector).",
+                            "Use a vision model (ggufrun list), or give it one with --mmproj FILE.")
+    if getattr(vision, "reason", None):  # vision.TextOnly: a projector ggufrun cannot decode yet
+        raise NoVisionError(f"{model_name} reads text only here: {vision.reason}")
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise ImageError(f"No image file at {p}.")
+        if p.stat().st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{p} is {p.stat().st_size / 1e6:.1f} MB; the limit is {MAX_IMAGE_BYTES / 1e6:.0f} MB.")
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"Cannot read {p}: {exc.strerror}.") from None
+    return load_picture(data, what=str(p))
+
+
+def session_blocks(vision: Any, model: Any, messages: list[dict[str, Any]]) -> tuple[list[list[int]], list[Any]]:
+    """Every picture's tokens in ``messages`` (the projector keeps recent ones encoded), and the
+    embeddings they name (registered with the model; hold them while the tokens are decoded)."""
+    blocks, held = [], []
+    for pic in pictures_in(messages):
+        tokens, embeds = vision.block(pic)
+        for e in embeds:
+            held.append(model.images.setdefault(e.key, e))
+        blocks.append(tokens)
+    return blocks, held

@@ -42,8 +42,14 @@ def inspect_projector(path: str | Path) -> ProjectorInfo:
     if meta.get("clip.has_vision_encoder") is not True:
         raise _bad(p, "it has no vision encoder (an audio-only projector?)")
     kind = meta.get("clip.projector_type") or meta.get("clip.vision.projector_type")
-    if kind not in SUPPORTED:
-        raise _bad(p, f"projector type {str(kind)[:40]!r} is not one ggufrun checks and decodes yet ({', '.join(SUPPORTED)})")
+    if not isinstance(kind, str) or not kind:
+        raise _bad(p, "clip.projector_type is missing")
+    if kind not in SUPPORTED:  # a real projector libmtmd knows, but not one ggufrun decodes: never opened
+        from .images import UnsupportedProjectorError
+
+        why = "gives images 2-D (M-RoPE) positions" if kind.startswith("qwen") else f"is a {kind[:40]} projector"
+        raise UnsupportedProjectorError(f"{p.name} {why}, which ggufrun does not decode yet (it decodes {', '.join(SUPPORTED)}).",
+                                        "Use SmolVLM or gemma-3 for images, or llama-server for this model.")
 
     def num(key: str, default: int | None = None) -> int:
         v = meta.get(key, default)

@@ -92,13 +92,71 @@ def projector_spec(spec: Any, *, offline: bool | None = None, report: Any = None
                    from_repo=False)
 
 
-def load_projector(model: Any, spec: Any, settings: Any, **fetch: Any) -> Any:
-    """A llama.vision.Projector over ``model``, or None when it has no projector. Raises
-    InvalidGGUFError (a projector that does not fit this model), ConfigError, ModelLoadError."""
-    path = projector_path(spec, settings, **fetch)
+def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None = None, progress: Any = None,
+                   report: Any = None) -> Any:
+    """A llama.vision.Projector over ``model``; TextOnly for a projector whose image positions
+    ggufrun does not decode yet (reported); None when it has none. Raises InvalidGGUFError (a
+    projector that does not fit this model), ConfigError, ModelLoadError."""
+    path = projector_path(spec, settings, offline=offline, progress=progress, report=report)
     if path is None:
         return None
+    from .images import UnsupportedProjectorError
     from .llama.vision import Projector
 
     gpu = settings.n_gpu_layers != 0
-    return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu)
+    try:
+        return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu)
+    except UnsupportedProjectorError as exc:
+        if report is not None:
+            report(f"{exc.message} Text only.")
+        return TextOnly(path, exc.message)
+
+
+class TextOnly:
+    """A projector this model cannot use yet: the model serves text, and an image is refused
+    with the reason (rather than the model failing to load, or images being dropped)."""
+
+    non_causal = False
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+
+    def block(self, picture: Any) -> tuple[list[int], list[Any]]:
+        from .images import ImageError
+
+        raise ImageError(f"This model reads text only here: {self.reason}")
+
+    def close(self) -> None:
+        pass
+
+
+def summary(spec: Any, settings_mmproj: str = "") -> dict[str, Any] | None:
+    """What `show` says about a model's images, from the cache only (no download): None without a
+    projector; else {"sees_images", "projector", "projector_type", "tokens_per_tile", "image_size",
+    "memory_bytes"} (memory: the projector's weights, held beside the model's), or a "reason"."""
+    from .errors import GgufrunError
+    from .images import UnsupportedProjectorError
+    from .projector_info import inspect_projector
+
+    if settings_mmproj:
+        path: Path | None = Path(settings_mmproj).expanduser()
+    else:
+        try:
+            pspec = projector_spec(spec, offline=True)
+        except GgufrunError:
+            return None
+        if pspec is None:
+            return None
+        path = pspec.cache_path()
+        if not path.is_file():
+            return {"sees_images": True, "projector": pspec.filename, "memory_bytes": None,
+                    "reason": "the projector is fetched with the model (not cached yet: its size is unknown here)"}
+    assert path is not None
+    try:
+        pi = inspect_projector(path)
+    except UnsupportedProjectorError as exc:
+        return {"sees_images": False, "projector": path.name, "memory_bytes": path.stat().st_size, "reason": exc.message}
+    except GgufrunError as exc:
+        return {"sees_images": False, "projector": path.name, "memory_bytes": None, "reason": exc.message}
+    return {"sees_images": True, "projector": path.name, "projector_type": pi.projector_type,
+            "tokens_per_tile": pi.tokens_per_tile, "image_size": pi.image_size, "memory_bytes": pi.file_size}

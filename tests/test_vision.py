@@ -388,3 +388,94 @@ def test_gemma3_images_are_decoded_whole_beside_other_requests(tmp_path: Path, s
         for t in threads:
             t.join(60)
         assert len(results) == 3 and all(r.usage.completion_tokens == 8 for r in results)
+
+
+def test_a_projector_ggufrun_does_not_decode_leaves_the_model_text_only(vlm: tuple[Path, Path], tmp_path: Path) -> None:
+    import gguf
+
+    from ggufrun import registry
+    from ggufrun.loader import open_model
+
+    model, _ = vlm
+    qwen = tmp_path / "mmproj-qwen.gguf"  # a Qwen2.5-VL projector's header: M-RoPE positions
+    w = gguf.GGUFWriter(qwen, "clip")
+    w.add_string("clip.projector_type", "qwen2.5vl")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    said: list[str] = []
+    loaded = open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(qwen)}, report=said.append)
+    try:
+        assert "M-RoPE" in said[0] and loaded.vision is not None
+        with pytest.raises(ImageError, match="reads text only here: .*M-RoPE"):
+            loaded.vision.block(load_picture(png()))
+    finally:
+        loaded.close()
+
+
+# ---- chat: --image, /image, -p -------------------------------------------------------------------
+
+
+def test_chat_session_sees_images_and_reuses_them_across_turns(vlm: tuple[Path, Path], tmp_path: Path) -> None:
+    from ggufrun import registry
+    from ggufrun.chat import ChatSession
+    from ggufrun.images import NoVisionError
+    from ggufrun.loader import open_model
+
+    model, mmproj = vlm
+    image = tmp_path / "g.png"
+    image.write_bytes(png(50, 40, color=(10, 200, 30)))
+    loaded = open_model(str(model), registry.load(), {"n_ctx": 512, "threads": 1, "mmproj": str(mmproj), "max_tokens": 4,
+                                                      "temperature": 0})
+    try:
+        session = ChatSession(loaded.model, loaded.settings, family=loaded.family, vision=loaded.vision)
+        assert "Image attached (50x40)" in session.command(f"/image {image}").text
+        first = session.ask("What is this?")
+        list(first)
+        plain = ChatSession(loaded.model, loaded.settings, family=loaded.family).tokens([{"role": "user", "content": "What is this?"}])
+        assert first.stats.prompt_tokens >= len(plain) + 20  # overview + 2x2 tiles of 4 tokens, and their markers
+        encoded = loaded.vision.encoded
+        second = session.ask("And now?")
+        list(second)
+        assert loaded.vision.encoded == encoded  # the picture in the history is not encoded again
+        assert second.stats.cached_tokens >= first.stats.prompt_tokens - 1  # nor decoded again: its KV is reused
+        saved = json.loads(session.save(tmp_path / "chat.json").read_text())
+        assert saved["messages"][0]["content"].startswith("[image 50x40]")
+        with pytest.raises(ImageError, match="No image file"):
+            session.command(f"/image {tmp_path / 'missing.png'}")
+        (tmp_path / "text.png").write_text("not an image")
+        with pytest.raises(ImageError, match="not an image"):
+            session.attach_image(tmp_path / "text.png")
+        blind = ChatSession(loaded.model, loaded.settings, family=loaded.family, model_name="tiny")
+        with pytest.raises(NoVisionError, match="tiny does not see images"):
+            blind.command(f"/image {image}")
+    finally:
+        loaded.close()
+
+
+def test_chat_cli_image_with_p(vlm: tuple[Path, Path], tmp_path: Path) -> None:
+    model, mmproj = vlm
+    image = tmp_path / "g.jpg"
+    image.write_bytes(png(fmt="JPEG"))
+    base = [sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "What is it?", "--max-tokens", "3",
+            "--n-ctx", "512", "--threads", "1", "-v"]
+    ok = subprocess.run([*base, "--mmproj", str(mmproj), "--image", str(image)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run([*base, "--image", str(image)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode != 0 and "does not see images" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_show_says_the_model_sees_images_and_what_the_projector_costs(vlm: tuple[Path, Path]) -> None:
+    from click.testing import CliRunner
+
+    from ggufrun.cli.main import cli
+
+    model, mmproj = vlm
+    out = CliRunner().invoke(cli, ["show", str(model), "--mmproj", str(mmproj), "--json"])
+    assert out.exit_code == 0, out.output
+    vision = json.loads(out.output)["vision"]
+    assert vision["sees_images"] and vision["projector_type"] == "idefics3" and vision["memory_bytes"] == mmproj.stat().st_size
+    table = CliRunner().invoke(cli, ["show", str(model), "--mmproj", str(mmproj)])
+    assert "images" in table.output and "4 tokens per 32 px tile" in table.output

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelLoadError
-from ..images import Picture, image_tokens
+from ..images import Picture, UnsupportedProjectorError, image_tokens
 from ._lib import L, llama_reason, numpy
 
 
@@ -87,8 +87,9 @@ class Projector:
         self.mrope = bool(M.mtmd_decode_use_mrope(self._ctx))
         if self.mrope:
             self.close()
-            raise ConfigError(f"{path.name} needs M-RoPE positions (Qwen-VL family), which ggufrun does not decode yet.",
-                              "Use a vision model with plain positions (SmolVLM), or llama-server for this one.")
+            raise UnsupportedProjectorError(
+                f"{path.name} gives images 2-D (M-RoPE) positions (Qwen-VL family), which ggufrun does not decode yet.",
+                "Use a vision model with plain positions (SmolVLM, gemma-3), or llama-server for this one.")
         self.marker = (M.mtmd_default_marker() or b"<__media__>").decode()
         self.info = info
         # gemma-3's images attend both ways (mtmd_decode_use_non_causal): each is decoded whole, in one batch
