@@ -213,16 +213,22 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
     n = 0
     for seq_id, tokens in items:
         start = len(model._seq.setdefault(seq_id, []))
-        for i, tok in enumerate(tokens):
-            key, row = image_row(tok)
+        i = 0
+        while i < len(tokens):  # one slice copy per run of consecutive rows of one image
+            key, row = image_row(tokens[i])
             image = model.images.get(key)
-            if image is None or row >= image.n_tokens:
+            k = 1
+            while i + k < len(tokens) and tokens[i + k] == tokens[i] - k:
+                k += 1
+            if image is None or row + k > image.n_tokens:
                 raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
-            embd[n] = image.rows[row]
-            pos[n] = start + i
-            logits[n] = 0
-            batch.seq_id[n][0] = seq_id
-            n += 1
+            embd[n : n + k] = image.rows[row : row + k]
+            pos[n : n + k] = range(start + i, start + i + k)
+            logits[n : n + k] = 0
+            for j in range(n, n + k):
+                batch.seq_id[j][0] = seq_id
+            n += k
+            i += k
     batch.n_tokens = n
     # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
     whole = model.whole_images
