@@ -313,6 +313,8 @@ class Model:
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         key = (token, special)
         piece = self._piece_cache.get(key)
+        if piece is None and token < 0:  # an image token (images.py) has no text; llama.cpp would index out of range
+            return b""
         if piece is None:
             with self.borrowed():
                 buf = ctypes.create_string_buffer(64)

@@ -260,8 +260,12 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables) + prefill
+            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables)
             tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
-            return text, tokens + prefill_tokens(backend, prefill)
+            if not prefill:  # what start_chat adds to turn thinking off where the template cannot
+                steered = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
+                text += backend.model.detokenize(steered[len(tokens):], special=True)
+                tokens = steered
+            return text + prefill, tokens + prefill_tokens(backend, prefill)
 
         return await asyncio.to_thread(render)
