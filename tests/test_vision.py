@@ -264,6 +264,10 @@ def test_anthropic_image_blocks(vsrv: ServerProcess) -> None:
         client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/tiff", "data": jpeg}}]}])
     assert err.value.body["type"] == "error"  # Anthropic's own error shape
+    counted = client.messages.count_tokens(model="vlm", messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": jpeg}},
+        {"type": "text", "text": "What is this?"}]}])
+    assert counted.input_tokens == msg.usage.input_tokens  # the image's tokens counted as the reply's prompt has them
     with pytest.raises(anthropic.BadRequestError, match="corrupt or truncated"):
         client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
@@ -277,6 +281,8 @@ def test_ollama_images(vsrv: ServerProcess) -> None:
     plain = client.chat(model="vlm", messages=[{"role": "user", "content": "What is this?"}],
                         options={"num_predict": 4, "temperature": 0})
     assert r.prompt_eval_count >= plain.prompt_eval_count + 8
+    gen = client.generate(model="vlm", prompt="What is this?", images=[png(color=(4, 4, 4))], options={"num_predict": 2})
+    assert gen.prompt_eval_count >= plain.prompt_eval_count + 8
     with pytest.raises(ollama.ResponseError, match="not an image"):
         client.chat(model="vlm", messages=[{"role": "user", "content": "x", "images": [b"not an image at all"]}],
                     options={"num_predict": 2})

@@ -260,8 +260,12 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            text = backend.template.render(media.as_text(rendered), add_generation_prompt=True, tools=tools, variables=variables)
+            if media.has_images(rendered):  # an image's tokens count as in the reply's prompt
+                tokens = media.prompt_tokens(backend, cfg.id, rendered, allow_urls=server.config.allow_image_urls, images=[],
+                                             template=backend.template, tools=tools, variables=variables)
+            else:
+                tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # what start_chat adds to turn thinking off where the template cannot
                 steered = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
                 text += backend.model.detokenize(steered[len(tokens):], special=True)

@@ -191,3 +191,15 @@ def ollama_content(text: str, images: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise _refused(where, f"'{where}' must be a list of base64-encoded images.")
     return [*(_url_part(f"data:image/*;base64,{i}") for i in images), {"type": "text", "text": text}]
+
+
+def as_text(messages: list[dict[str, Any]], marker: str = "<__media__>") -> list[dict[str, Any]]:
+    """Messages with each image as libmtmd's media marker in its text (what /apply-template shows)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(p, Mapping) and p.get("type") == "image" for p in content):
+            text = "".join(marker if p.get("type") == "image" else p.get("text", "") for p in content if isinstance(p, Mapping))
+            m = {**m, "content": text}
+        out.append(m)
+    return out

@@ -203,14 +203,15 @@ def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     _common(body, GENERATE_KNOWN, out)
     for key, why in (("suffix", "fill-in-the-middle"), ("template", "a per-request template"), ("context", "a context array"),
-                     ("images", "images"), ("raw", "raw prompts")):
+                     ("raw", "raw prompts")):
         if body.get(key):
             raise Refused(key, f"'{key}' is not supported ({why}); use /v1/completions for raw prompts.")
     prompt = body.get("prompt") or ""
     system = body.get("system") or ""
     if not isinstance(prompt, str) or not isinstance(system, str):
         raise Refused("prompt", "'prompt' and 'system' must be strings.")
-    out["messages"] = ([{"role": "system", "content": system}] if system else []) + ([{"role": "user", "content": prompt}] if prompt else [])
+    user: Any = media.ollama_content(prompt, body["images"], "images") if body.get("images") else prompt
+    out["messages"] = ([{"role": "system", "content": system}] if system else []) + ([{"role": "user", "content": user}] if user else [])
     require(out, NAMES)
     return streamed(out)
 
