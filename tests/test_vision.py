@@ -247,6 +247,10 @@ def test_responses_input_image(vsrv: ServerProcess) -> None:
         {"type": "input_text", "text": "Describe"}, {"type": "input_image", "image_url": data_url(png(color=(5, 6, 7)))}]}])
     plain = client.responses.create(model="vlm", max_output_tokens=4, temperature=0, input="Describe")
     assert r.status in ("completed", "incomplete") and r.usage.input_tokens >= plain.usage.input_tokens + 8
+    with pytest.raises(openai.BadRequestError, match="corrupt or truncated") as bad:  # named by the Responses field
+        client.responses.create(model="vlm", max_output_tokens=4, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "Describe"}, {"type": "input_image", "image_url": data_url(png()[:70])}]}])
+    assert bad.value.body["param"] == "input[0].content[1].image_url"
     with pytest.raises(openai.BadRequestError, match="file_id"):
         client.responses.create(model="vlm", max_output_tokens=4, input=[{"role": "user", "content": [
             {"type": "input_image", "file_id": "file-1"}]}])
@@ -461,6 +465,7 @@ def test_chat_session_sees_images_and_reuses_them_across_turns(vlm: tuple[Path, 
         loaded.close()
 
 
+@pytest.mark.slow
 def test_chat_cli_image_with_p(vlm: tuple[Path, Path], tmp_path: Path) -> None:
     model, mmproj = vlm
     image = tmp_path / "g.jpg"

@@ -19,6 +19,12 @@ from .api_errors import ApiError
 URL_TIMEOUT = 10.0
 
 
+class Where(str):
+    """The field an image came in through another API (input[0].content[1], messages[0].images[0]),
+    carried on the OpenAI part its translator makes, so that a 400 names the client's own field.
+    A str subclass no JSON body can hold."""
+
+
 def image_part(source: str, where: str, *, media_type: str | None = None) -> dict[str, Any]:
     """A content part standing for one image: ``source`` is a data: URL, an http(s) URL or
     (with ``media_type``) bare base64. Checked when the prompt is built."""
@@ -129,7 +135,8 @@ def openai_content(content: Any, where: str) -> list[dict[str, Any]] | None:
             detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
             if detail not in ("auto", "low", "high"):
                 raise ApiError(400, f"Invalid '{at}.image_url.detail': expected auto, low or high.", param=f"{at}.image_url.detail")
-            out.append(image_part(url if isinstance(url, str) else "", f"{at}.image_url.url"))
+            named = part.get("where")  # type: ignore[union-attr]
+            out.append(image_part(url if isinstance(url, str) else "", named if isinstance(named, Where) else f"{at}.image_url.url"))
         else:
             raise ApiError(400, f"Invalid '{at}': expected a text or image_url part.", param=at)
     return out
@@ -144,8 +151,8 @@ def _refused(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def _url_part(url: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": url}}
+def _url_part(url: str, where: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}, "where": Where(where)}
 
 
 def anthropic_image(block: Mapping[str, Any], at: str) -> dict[str, Any]:
@@ -158,9 +165,9 @@ def anthropic_image(block: Mapping[str, Any], at: str) -> dict[str, Any]:
             raise _refused(f"{at}.source.media_type", f"'{at}.source.media_type' must be one of {', '.join(ANTHROPIC_TYPES)}.")
         if not isinstance(data, str) or not data:
             raise _refused(f"{at}.source.data", f"'{at}.source.data' must be the image in base64.")
-        return _url_part(f"data:{media_type};base64,{data}")
+        return _url_part(f"data:{media_type};base64,{data}", f"{at}.source.data")
     if kind == "url" and isinstance(source.get("url"), str):  # type: ignore[union-attr]
-        return _url_part(source["url"])  # type: ignore[index]
+        return _url_part(source["url"], f"{at}.source.url")  # type: ignore[index]
     raise _refused(f"{at}.source", f"'{at}.source' must be {{type: base64, media_type, data}} or {{type: url, url}}.")
 
 
@@ -180,7 +187,7 @@ def responses_content(content: Any, where: str) -> list[dict[str, Any]] | None:
             url = part.get("image_url")  # type: ignore[union-attr]
             if not isinstance(url, str) or not url:
                 raise _refused(f"{at}.image_url", f"'{at}.image_url' must be a data: URL (or an http(s) URL).")
-            out.append(_url_part(url))
+            out.append(_url_part(url, f"{at}.image_url"))
         else:
             raise _refused(at, f"'{at}': content of type {kind!r} is not supported (input_text, input_image).")
     return out
@@ -190,7 +197,8 @@ def ollama_content(text: str, images: Any, where: str) -> list[dict[str, Any]]:
     """An Ollama message's ``images`` (base64 strings) before its text, as OpenAI parts."""
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise _refused(where, f"'{where}' must be a list of base64-encoded images.")
-    return [*(_url_part(f"data:image/*;base64,{i}") for i in images), {"type": "text", "text": text}]
+    return [*(_url_part(f"data:image/*;base64,{i}", f"{where}[{k}]") for k, i in enumerate(images)),
+            {"type": "text", "text": text}]
 
 
 def as_text(messages: list[dict[str, Any]], marker: str = "<__media__>") -> list[dict[str, Any]]:
