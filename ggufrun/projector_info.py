@@ -32,10 +32,15 @@ def _bad(path: Path, what: str) -> InvalidGGUFError:
 
 
 def inspect_projector(path: str | Path) -> ProjectorInfo:
-    """Read and check a projector's header and tensor shapes. Raises InvalidGGUFError."""
+    """Read and check a projector's header and tensor shapes. Raises InvalidGGUFError,
+    UnsupportedProjectorError (a real projector ggufrun does not decode)."""
     from .gguf_info import inspect
 
-    info = inspect(path)  # structure: magic, version, truncation, offsets
+    return check_projector(inspect(path))  # structure first: magic, version, truncation, offsets
+
+
+def check_projector(info: Any) -> ProjectorInfo:
+    """inspect_projector's checks on a parsed header (a gguf_info.GGUFInfo, local or read from a hub)."""
     p, meta = info.path, info.metadata
     if info.architecture != "clip":
         raise _bad(p, f"its architecture is {info.architecture!r}, not clip (is it the model itself?)")

@@ -131,7 +131,8 @@ class TextOnly:
 
 
 def summary(spec: Any, settings_mmproj: str = "") -> dict[str, Any] | None:
-    """What `show` says about a model's images, from the cache only (no download): None without a
+    """What `show` says about a model's images, without a download (the cache, else the projector's
+    header from its hub): None without a
     projector; else {"sees_images", "projector", "projector_type", "tokens_per_tile", "image_size",
     "memory_bytes"} (memory: the projector's weights, held beside the model's), or a "reason"."""
     from .errors import GgufrunError
@@ -142,15 +143,27 @@ def summary(spec: Any, settings_mmproj: str = "") -> dict[str, Any] | None:
         path: Path | None = Path(settings_mmproj).expanduser()
     else:
         try:
-            pspec = projector_spec(spec, offline=True)
+            pspec = projector_spec(spec)  # a repo is listed once (as show reads an uncached model's header)
         except GgufrunError:
             return None
         if pspec is None:
             return None
         path = pspec.cache_path()
-        if not path.is_file():
-            return {"sees_images": True, "projector": pspec.filename, "memory_bytes": None,
-                    "reason": "the projector is fetched with the model (not cached yet: its size is unknown here)"}
+        if not path.is_file():  # its header from the hub (range requests), as show reads the model's
+            from .fetch import read_header
+            from .projector_info import check_projector
+
+            name = Path(pspec.filename).name
+            try:
+                header = read_header(pspec, hubs_only=True)
+                pi = check_projector(header.info)
+            except UnsupportedProjectorError as exc:
+                return {"sees_images": False, "projector": name, "memory_bytes": None, "reason": exc.message}
+            except GgufrunError:
+                return {"sees_images": True, "projector": name, "memory_bytes": None,
+                        "reason": "the projector is fetched with the model (not cached, and its header could not be read)"}
+            return {"sees_images": True, "projector": name, "projector_type": pi.projector_type,
+                    "tokens_per_tile": pi.tokens_per_tile, "image_size": pi.image_size, "memory_bytes": pi.file_size}
     assert path is not None
     try:
         pi = inspect_projector(path)

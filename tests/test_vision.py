@@ -345,6 +345,10 @@ def test_a_repo_reference_fetches_the_repos_projector_and_loads_it(kind: str, vl
         monkeypatch.setenv("GGUFRUN_MS_ENDPOINT", emu.url)
         monkeypatch.setenv("MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS", "1")
         settings = {"n_ctx": 256, "threads": 1}
+        from ggufrun.vision import summary
+
+        remote = summary(registry.load().resolve(f"{kind}:Org/VLM-GGUF"))  # show, before a pull: the header by range requests
+        assert remote is not None and remote["projector_type"] == "idefics3" and remote["projector"] == "mmproj-vlm-f16.gguf"
         loaded = open_model(f"{kind}:Org/VLM-GGUF", registry.load(), settings)
         try:
             assert loaded.vision is not None and loaded.vision.path.name == "mmproj-vlm-f16.gguf"
