@@ -494,3 +494,25 @@ def test_show_says_the_model_sees_images_and_what_the_projector_costs(vlm: tuple
     assert vision["sees_images"] and vision["projector_type"] == "idefics3" and vision["memory_bytes"] == mmproj.stat().st_size
     table = CliRunner().invoke(cli, ["show", str(model), "--mmproj", str(mmproj)])
     assert "images" in table.output and "4 tokens per 32 px tile" in table.output
+
+
+def test_one_engine_step_decodes_an_image_beside_another_sequences_tokens(vlm: tuple[Path, Path]) -> None:
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    with Model.load(model_path, Settings(n_ctx=512, threads=1, batch_size=128, ubatch_size=128), n_seq_max=2) as model:
+        proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
+        tokens, embeds = proj.block(load_picture(png()))
+        held = [model.images.setdefault(e.key, e) for e in embeds]
+        first_image = next(i for i, t in enumerate(tokens) if t < 0)
+        run = run_end(tokens[first_image:], 128)
+        model.decode([(0, [1, 10, 11], True)])
+        model.decode([(1, [1] + tokens[:first_image], False)])
+        # the step: sequence 0's next token (token batch, sampled) and sequence 1's image rows (embedding batch)
+        out = model.decode([(0, [12], True), (1, tokens[first_image:first_image + run], False)])
+        assert out == [0, -1] and model.seq_len(0) == 4 and model.seq_len(1) == 1 + first_image + run
+        assert model.logits_rows(1).shape == (1, model.n_vocab)  # the text row's logits survive the image batch
+        proj.close()
+        assert held
