@@ -3,13 +3,18 @@ encoded and decoded beside text in the engine's batches, and every API sending r
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from serverutil import ServerProcess, serve
 
 from ggufrun.errors import InvalidGGUFError
 from ggufrun.images import ImageError, load_picture, run_end
@@ -145,13 +150,6 @@ def test_prompt_chunks_stop_where_text_and_images_meet() -> None:
 
 
 # ---- serving: every API with real clients and real image bytes ----------------------------------
-
-import base64  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from typing import Any  # noqa: E402
-
-from serverutil import ServerProcess, serve  # noqa: E402
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
