@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
-from . import constraints, limits, media
+from . import constraints, lifecycle, limits, media
 from . import protocol as P
 from . import thinking
 from . import tools as T
@@ -152,12 +152,13 @@ class Server:
         return JobGroup(jobs)
 
     def _gen_request(self, backend: Backend, tokens: list[int], params: GenParams, k: int) -> GenRequest:
-        limit = backend.n_ctx_seq
+        limit = lifecycle.request_context(backend.n_ctx_seq, params.n_ctx, params.model or self.config.models[0].id)
         if not tokens:
             raise ApiError(400, "The prompt is empty.", param="prompt")
         if len(tokens) >= limit:
             raise ContextOverflowError(
                 f"The prompt has {len(tokens)} tokens; the context holds {limit} per request, so no room is left for a reply.",
+                "Shorten the prompt or send a larger num_ctx." if limit < backend.n_ctx_seq else
                 "Shorten the prompt or serve the model with a larger --n-ctx.", n_tokens=len(tokens), n_ctx=limit)
         room = limit - len(tokens)
         wanted = params.max_tokens or backend.settings.max_tokens or room
@@ -173,12 +174,14 @@ class Server:
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
                           ignore_eos=params.ignore_eos, think=params.think, images=params.images)
 
-    async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
+    async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions",
+                         n_ctx: int | None = None) -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
         Responses) translate their requests into such a body and read the same events:
         ``collect(request, group)`` + ``choices.whole(...)``, or ``merged(group)`` to stream."""
         P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, endpoint)
         params = P.parse_gen(body, chat=True)
+        params.n_ctx = n_ctx
         messages = P.parse_messages(body)
         plan = T.parse_tools(body)
         cfg = self.lookup(params.model)
@@ -213,7 +216,8 @@ class Server:
         group = await self.submit(params, cfg, build)
         return group, params, Choices(True, params.model or cfg.id, params, plan, params.n)
 
-    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any]) -> tuple[ModelConfig, list[list[float]], int]:
+    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any],
+                          n_ctx: int | None = None) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
         without embeddings, a token outside the vocabulary, a text longer than one batch (the
@@ -227,6 +231,8 @@ class Server:
             assert backend is not None
             # off the event loop: text full of special-token strings is slow to tokenise
             texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs)
+            if n_ctx is not None:  # Ollama's num_ctx: each text within it, and it within the served context
+                lifecycle.check_embed_context(texts, lifecycle.request_context(backend.n_ctx_seq, n_ctx, cfg.id))
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)

@@ -156,6 +156,7 @@ class GenParams:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
     images: list[Any] = field(default_factory=list)  # set at render: the image embeddings its prompt names (media.py)
+    n_ctx: int | None = None  # a smaller context (prompt + reply) for this request: Ollama's options.num_ctx
 
 
 # llama.cpp server fields we honour on top of OpenAI's.

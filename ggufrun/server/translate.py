@@ -49,9 +49,10 @@ class ChatRun:
         return None if results is None else self.choices.whole(results)
 
 
-async def start_chat(server: Server, body: dict[str, Any], endpoint: str) -> ChatRun:
-    """Submit a translated OpenAI chat body through the server's one chat pipeline."""
-    return ChatRun(*await server.start_chat(body, endpoint))
+async def start_chat(server: Server, body: dict[str, Any], endpoint: str, n_ctx: int | None = None) -> ChatRun:
+    """Submit a translated OpenAI chat body through the server's one chat pipeline (``n_ctx``: a
+    smaller context for this request, Ollama's num_ctx)."""
+    return ChatRun(*await server.start_chat(body, endpoint, n_ctx))
 
 
 def supports(field: str) -> bool:
