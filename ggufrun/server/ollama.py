@@ -231,8 +231,6 @@ def chat_to_openai(body: dict[str, Any]) -> dict[str, Any]:
 def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     _common(body, GENERATE_KNOWN, out)
-    if body.get("images"):
-        raise Refused("images", "'images' is not supported by this model: it reads text only.")
     for key, why in (("suffix", "fill-in-the-middle"), ("template", "a per-request template"), ("context", "a context array"),
                      ("raw", "raw prompts")):
         if body.get(key):
