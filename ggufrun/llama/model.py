@@ -18,13 +18,16 @@ from ..errors import ConfigError, ContextOverflowError, ModelClosedError, ModelL
 from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
 from ..settings import Settings
 from . import amx
-from ._lib import ALL_LAYERS, FLASH_ATTN, L, init_backend, llama_reason, numpy
+from ._lib import ALL_LAYERS, FLASH_ATTN, KV_TYPES, L, init_backend, kv_buffer_bytes, llama_reason, numpy
 from .grammar_filter import VocabIndex
 from .sampler import DrawChain, Grammar, Sampler, vocab_index
 
 
 def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int, embeddings: bool, path: Path,
                  unified: bool = False) -> Any:
+    from ..kvcache import check
+
+    check(settings, *_head_dims(model_ptr), path.name)
     cparams = L.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = min(settings.batch_size, n_ctx)
@@ -34,11 +37,13 @@ def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int,
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     cparams.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+    cparams.type_k, cparams.type_v = KV_TYPES[settings.cache_type_k], KV_TYPES[settings.cache_type_v]
     cparams.embeddings = embeddings
     cparams.no_perf = True
     # unified: the sequences share one pool of n_ctx cells (a server with fewer cells than its slots
     # times their context); else each has its own n_ctx / n_seq_max, llama.cpp's default.
     cparams.kv_unified = unified and n_seq_max > 1
+    kv_buffer_bytes()  # forget older contexts' lines
     ctx = L.llama_init_from_model(model_ptr, cparams)
     if not ctx:
         raise ModelLoadError(
@@ -47,6 +52,21 @@ def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int,
             "Try a smaller --n-ctx or fewer --n-gpu-layers.",
         )
     return ctx
+
+
+def _head_dims(model_ptr: Any) -> tuple[int, int]:
+    """The K and V head sizes as llama.cpp reads them: ARCH.attention.key_length/value_length, else n_embd / n_head."""
+    def meta(key: str) -> str:
+        buf = ctypes.create_string_buffer(128)
+        n = L.llama_model_meta_val_str(model_ptr, key.encode(), buf, 128)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+    arch = meta("general.architecture")
+    default = L.llama_model_n_embd(model_ptr) // max(L.llama_model_n_head(model_ptr), 1)
+    k = meta(f"{arch}.attention.key_length")
+    v = meta(f"{arch}.attention.value_length")
+    dim_k = int(k) if k.isdigit() else default
+    return dim_k, int(v) if v.isdigit() else dim_k
 
 
 _SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
@@ -97,6 +117,7 @@ class Model:
                  n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
+        self.kv_bytes = kv_buffer_bytes()  # the KV cache as llama.cpp logged allocating it, just before
         self._model = model_ptr
         self._ctx = ctx
         self.vocab = L.llama_model_get_vocab(model_ptr)
@@ -177,7 +198,9 @@ class Model:
             from ..offload import decide
 
             info = info or inspect(path)
-            plan = decide(info, settings.n_ctx or info.context_length or 4096, path.name, n_ubatch=settings.ubatch_size)
+            n_ctx = settings.n_ctx or info.context_length or 4096
+            plan = decide(info, n_ctx, path.name, n_ubatch=settings.ubatch_size, kv_cells=max(kv_cells, n_ctx),
+                          cache_types=(settings.cache_type_k, settings.cache_type_v))
             settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
         ngl = int(settings.n_gpu_layers)
         init_backend()

@@ -215,26 +215,28 @@ def has_gpu() -> bool:
     return bool(gpus())
 
 
-def estimate(info: Any, cells: int, n_gpu_layers: Any, n_ctx_seq: int | None = None) -> MemoryEstimate:
+def estimate(info: Any, cells: int, n_gpu_layers: Any, n_ctx_seq: int | None = None,
+             cache_types: tuple[str, str] = ("f16", "f16")) -> MemoryEstimate:
     """The memory a model takes with ``cells`` KV cells and ``n_gpu_layers`` offloaded ("auto": as
     the loader would decide it now); on a machine without a GPU every layer is on the CPU. With
     each sequence in its own part of the cache (``n_ctx_seq`` cells), attention's scores span one
-    part, not all cells: the compute allowance is that of one sequence's context."""
+    part, not all cells: the compute allowance is that of one sequence's context. ``cache_types``:
+    the KV cache's K and V types (--cache-type-k/-v), whose sizes the cache's bytes follow."""
     from dataclasses import replace
 
-    whole = _estimate(info, cells, n_gpu_layers)
+    whole = _estimate(info, cells, n_gpu_layers, cache_types)
     if n_ctx_seq is None or n_ctx_seq >= cells:
         return whole
-    return replace(whole, compute=_estimate(info, n_ctx_seq, whole.n_gpu_layers).compute)
+    return replace(whole, compute=_estimate(info, n_ctx_seq, whole.n_gpu_layers, cache_types).compute)
 
 
-def _estimate(info: Any, cells: int, n_gpu_layers: Any) -> MemoryEstimate:
+def _estimate(info: Any, cells: int, n_gpu_layers: Any, cache_types: tuple[str, str]) -> MemoryEstimate:
     if not has_gpu():
         ngl = 0
     elif n_gpu_layers == "auto":
         from ..offload import plan
 
-        ngl = plan(info, cells).n_gpu_layers
+        ngl = plan(info, cells, cache_types=cache_types).n_gpu_layers
     else:
         ngl = int(n_gpu_layers)
-    return info.memory_estimate(cells, n_gpu_layers=ngl)  # type: ignore[no-any-return]
+    return info.memory_estimate(cells, n_gpu_layers=ngl, cache_types=cache_types)  # type: ignore[no-any-return]

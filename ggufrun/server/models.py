@@ -455,7 +455,7 @@ class ModelPool:
             parallel = cfg.parallel or self.config.parallel
             settings = model_defaults(spec, cfg).settings
             plan = kv_plan(settings.n_ctx, parallel, info.context_length, extra=1 if cfg.embeddings else 0)
-            return estimate(info, plan.cells, settings.n_gpu_layers, plan.n_ctx_seq)
+            return estimate(info, plan.cells, settings.n_gpu_layers, plan.n_ctx_seq, (settings.cache_type_k, settings.cache_type_v))
         except GgufrunError:
             return None  # the load reports it
 
@@ -485,7 +485,8 @@ class ModelPool:
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
         # what it really takes: its cells, and the layers llama.cpp got ("auto" resolved)
-        self.residency.set_memory(cfg.id, estimate(info, plan.cells, model.settings.n_gpu_layers, plan.n_ctx_seq))
+        self.residency.set_memory(cfg.id, estimate(info, plan.cells, model.settings.n_gpu_layers, plan.n_ctx_seq,
+                                                        (model.settings.cache_type_k, model.settings.cache_type_v)))
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)

@@ -265,9 +265,12 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
             for t in content]
 
 
-def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _ollama_calls(calls: list[dict[str, Any]], cut: bool) -> list[dict[str, Any]]:
+    """Ollama's calls carry arguments as objects. ``cut``: the reply stopped at num_predict, so the
+    last call's arguments are read as far as they go (done_reason says "length"), as Anthropic's are."""
     return [{"function": {"name": c["function"]["name"],
-                          "arguments": tool_arguments(c["function"].get("arguments") or "", "tool call's")}} for c in calls]
+                          "arguments": tool_arguments(c["function"].get("arguments") or "", "tool call's",
+                                                      cut=cut and i == len(calls) - 1)}} for i, c in enumerate(calls)]
 
 
 async def _ndjson(run: ChatRun, model: str, started: float, chat: bool, load_ns: int = 0) -> AsyncIterator[bytes]:
@@ -283,8 +286,8 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool, load_ns:
         choice = choice_of(chunk)
         if choice is None:  # the last chunk: usage only
             if calls:
-                try:  # Ollama carries arguments as objects: a call cut short (num_predict) has none to send
-                    found = _ollama_calls([calls[k] for k in sorted(calls)])
+                try:
+                    found = _ollama_calls([calls[k] for k in sorted(calls)], cut=finish == "length")
                 except ApiError as exc:
                     yield ndjson({"error": exc.message})
                     return
@@ -408,7 +411,7 @@ def routes(server: Server) -> list[Route]:
             if message.get("reasoning_content"):
                 reply["thinking"] = message["reasoning_content"]
             if message.get("tool_calls"):
-                reply["tool_calls"] = _ollama_calls(message["tool_calls"])
+                reply["tool_calls"] = _ollama_calls(message["tool_calls"], cut=choice.get("finish_reason") == "length")
             out["message"] = reply
         else:
             out["response"] = message.get("content") or ""
