@@ -76,6 +76,7 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("split_mode", str, "How layers spread over several devices.", choices=("layer", "row", "none")),
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
     Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
+    Field("mmproj", str, "A vision projector (mmproj GGUF) for the model, in place of the one fetched with it: images in chat and serve."),
 )}
 
 
@@ -108,6 +109,7 @@ class Settings:
     split_mode: str = "layer"
     tensor_split: str = ""
     main_gpu: int = 0
+    mmproj: str = ""
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""

@@ -334,7 +334,7 @@ def build_vocab(n_vocab: int, family: str, extra: tuple[str, ...] = ()) -> tuple
     control tokens, 256 byte-fallback tokens (so any text tokenizes), English words with every
     prefix (so SPM's pairwise merges can reach them), and pronounceable filler.
 
-    ``extra`` control tokens (FIM's) follow the chat tokens.
+    ``extra`` control tokens (FIM's, a vision projector's image markers) follow the chat tokens.
 
     Returns tokens, scores, token types and the special ids (bos, eos, unk, eot)."""
     from gguf import TokenType
@@ -390,6 +390,7 @@ def write_synthetic(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = True,
     fim: str | None = None,
+    extra_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a random-weight GGUF to ``path`` (atomically) and return the path.
 
@@ -400,6 +401,8 @@ def write_synthetic(
     as tensor data is written. Deterministic for a given seed. With ``overwrite=False`` an
     existing file is left alone. ``fim``: "qwen" or "basic" adds fill-in-the-middle tokens (FIM_TOKENS).
     A reranker shape also gets Qwen3-Reranker's rerank template and labels, and rank pooling.
+    ``extra_tokens``: control tokens added to the vocabulary (the image markers a vision
+    projector looks up, synthetic_vision.VISION_TOKENS).
     Raises ConfigError for a bad shape or quant or an existing file (overwrite=False),
     DiskSpaceError when the disk is too small.
     """
@@ -444,7 +447,7 @@ def write_synthetic(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(tmp, spec.arch)
     try:
-        _write_metadata(writer, spec, quant, family, template, gguf, fim)
+        _write_metadata(writer, spec, quant, family, template, gguf, fim, extra_tokens)
         for t in tensors:
             ne = t.shape[::-1]  # numpy order
             if t.type in ("F32", "F16"):
@@ -458,7 +461,7 @@ def write_synthetic(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
-        _write_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np)
+        write_tensor_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np)
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -468,7 +471,7 @@ def write_synthetic(
 
 
 def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any,
-                    fim: str | None = None) -> None:
+                    fim: str | None = None, extra_tokens: tuple[str, ...] = ()) -> None:
     w.add_name(f"ggufrun synthetic {spec.name} {quant}")
     w.add_file_type(int(gguf.LlamaFileType[QUANTS[quant].file_type]))
     if quant not in ("f32", "f16"):
@@ -493,7 +496,7 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
     fim_names = FIM_TOKENS[fim] if fim else {}
-    tokens, scores, types, ids = build_vocab(spec.n_vocab, family, tuple(fim_names.values()))
+    tokens, scores, types, ids = build_vocab(spec.n_vocab, family, tuple(fim_names.values()) + tuple(extra_tokens))
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -520,8 +523,9 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
 _CHUNK = 64 << 20  # bytes of random data generated at a time
 
 
-def _write_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
-                progress: Callable[[int, int], None] | None, np: Any) -> None:
+def write_tensor_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
+                      progress: Callable[[int, int], None] | None, np: Any) -> None:
+    """Stream the tensors' random data into an open GGUF file after its header (synthetic_vision too)."""
     import gguf
 
     noise = _Noise(seed, min(_CHUNK, total), np)

@@ -289,8 +289,9 @@ def test_responses_refusals(smol: ServerProcess) -> None:
         c.responses.create(model="smol", input="hi", previous_response_id="resp_1")
     with pytest.raises(openai.BadRequestError, match="web_search"):
         c.responses.create(model="smol", input="hi", tools=[{"type": "web_search"}])
-    with pytest.raises(openai.BadRequestError, match="input_image"):
+    with pytest.raises(openai.BadRequestError, match="does not see images") as no_eyes:  # a text model (tests/test_vision.py: a vision one)
         c.responses.create(model="smol", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}])
+    assert no_eyes.value.body["param"] == "input[0].content[0].image_url"
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model="nope", input="hi")
     if not supports("tools"):

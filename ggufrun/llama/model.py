@@ -7,6 +7,7 @@ import codecs
 import ctypes
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -159,6 +160,9 @@ class Model:
                        np.ctypeslib.as_array(self._batch.pos, shape=(size,)),
                        np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,)))
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
+        # image embeddings by key (llama/vision.py), held by the requests that use them
+        self.images: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.whole_images = False  # its projector decodes each image in one batch, attending both ways (gemma-3)
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False  # no new borrower; freed once the last one is done
         self._freed = False
@@ -332,6 +336,8 @@ class Model:
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         key = (token, special)
         piece = self._piece_cache.get(key)
+        if piece is None and token < 0:  # an image token (images.py) has no text; llama.cpp would index out of range
+            return b""
         if piece is None:
             with self.borrowed():
                 buf = ctypes.create_string_buffer(64)
@@ -451,6 +457,10 @@ class Model:
                     f"Sequence of {self.seq_len(seq_id) + len(tokens)} tokens does not fit the context of {self.n_ctx}.",
                     n_tokens=self.seq_len(seq_id) + len(tokens), n_ctx=self.n_ctx,
                 )
+        if any(t and (t[0] < 0 or (len(t) > 1 and min(t) < 0)) for _, t, _ in items):  # image tokens (images.py)
+            from .vision import decode_with_images
+
+            return decode_with_images(self, items, all_logits)
         out = self._fill(items, all_logits)
         rc = L.llama_decode(self._ctx, self._batch)
         if rc != 0:
@@ -464,6 +474,8 @@ class Model:
         """Evaluate tokens for several sequences in one llama_decode; return, per item, the output
         index to sample from (-1 where no logits were asked). The tokens of all items together must
         fit in n_batch, except for a single item, which is split into n_batch chunks."""
+        if len(items) == 1 and len(items[0][1]) > self.n_batch and min(items[0][1]) < 0:
+            return self._decode_batch(items)  # image tokens: llama/vision.py cuts batches where images start and end
         if len(items) == 1 and len(items[0][1]) > self.n_batch:
             seq_id, tokens, want = items[0]
             for start in range(0, len(tokens), self.n_batch):

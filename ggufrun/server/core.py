@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
-from . import constraints, lifecycle, limits
+from . import constraints, lifecycle, limits, media
 from . import protocol as P
 from . import thinking
 from . import tools as T
@@ -172,7 +172,8 @@ class Server:
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, think=params.think, slot=params.slot)
+                          ignore_eos=params.ignore_eos, think=params.think, slot=params.slot,
+                          images=params.images)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions",
                          n_ctx: int | None = None) -> tuple[JobGroup, GenParams, Choices]:
@@ -204,7 +205,11 @@ class Server:
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            if media.has_images(rendered):  # encoded here, off the loop and the engine thread
+                tokens = media.prompt_tokens(backend, cfg.id, rendered, allow_urls=self.config.allow_image_urls,
+                                             images=params.images, template=backend.template, tools=tools, variables=variables)
+            else:
+                tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # (a prefilled reply continues its own text, thinking or not)
                 tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
             return [tokens + prefill_tokens(backend, prefill)]
@@ -265,8 +270,12 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            text = backend.template.render(media.as_text(rendered), add_generation_prompt=True, tools=tools, variables=variables)
+            if media.has_images(rendered):  # an image's tokens count as in the reply's prompt
+                tokens = media.prompt_tokens(backend, cfg.id, rendered, allow_urls=server.config.allow_image_urls, images=[],
+                                             template=backend.template, tools=tools, variables=variables)
+            else:
+                tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # what start_chat adds to turn thinking off where the template cannot
                 steered = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
                 text += backend.model.detokenize(steered[len(tokens):], special=True)

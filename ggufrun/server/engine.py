@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, TokenInfo
+from ..images import run_end
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
@@ -90,6 +91,7 @@ class Backend:
     embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
     reasoning: Any = None  # reasoning.ThinkFormat when the model thinks before it answers
     system: str | None = None  # the model's default system prompt (models.ModelDefaults)
+    vision: Any = None  # llama.vision.Projector when the model sees images (server/media.py)
 
     def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``messages`` with the model's default system prompt first, unless they carry a system
@@ -118,6 +120,7 @@ class GenRequest:
     ignore_eos: bool = False
     think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
     slot: int | None = None  # the slot (sequence) it must run in (llama-server's id_slot); it waits for it
+    images: list[Any] = field(default_factory=list)  # the embeddings its image tokens name, held while it lives
 
 
 @dataclass(slots=True)
@@ -749,7 +752,10 @@ class Engine:
                 budget -= 1
         for slot in running:
             if slot.pending and budget > 0:
-                chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
+                take = budget if min(slot.pending[:budget]) >= 0 else run_end(slot.pending, budget, whole=model.whole_images)
+                if not take:
+                    continue  # a whole image waits for a step with room for it (gemma-3)
+                chunk, slot.pending = slot.pending[:take], slot.pending[take:]
                 batch.append((slot, chunk, not slot.pending))
                 budget -= len(chunk)
         if not batch:
