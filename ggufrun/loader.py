@@ -20,8 +20,11 @@ class LoadedModel:
     spec: ModelSpec
     settings: Settings
     family: str  # template family used when the GGUF has no template: the registry's, else guessed
+    vision: Any = None  # llama.vision.Projector when the model has a projector (it sees images)
 
     def close(self) -> None:
+        if self.vision is not None:
+            self.vision.close()
         self.model.close()
 
 
@@ -58,10 +61,19 @@ def open_model(
         from .offload import decide
 
         info = validate(path)  # a crafted header is refused before its numbers are trusted
-        plan = decide(info, settings.n_ctx or info.context_length or 4096, spec.name, n_ubatch=settings.ubatch_size)
+        n_ctx = settings.n_ctx or info.context_length or 4096
+        plan = decide(info, n_ctx, spec.name, n_ubatch=settings.ubatch_size, kv_cells=max(kv_cells, n_ctx),
+                      cache_types=(settings.cache_type_k, settings.cache_type_v))
         settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
         if plan.devices and report is not None:  # a CPU-only build: nothing worth saying
             report(plan.describe())
     model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells)
     family = spec.family or guess_family(model.metadata)
-    return LoadedModel(model=model, spec=spec, settings=settings, family=family)
+    try:
+        from .vision import load_projector
+
+        vision = load_projector(model, spec, settings, offline=offline, progress=progress, report=report)
+    except BaseException:
+        model.close()
+        raise
+    return LoadedModel(model=model, spec=spec, settings=settings, family=family, vision=vision)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..images import image_row
 from .api_errors import ApiError, invalid
 from .gbnf import check_gbnf
 
@@ -45,8 +46,9 @@ def check_generation(model: Any, prompts: list[list[int]], n: int, logit_bias: d
     """Off the event loop, once the prompts are tokenised: token ids against the vocabulary
     (prompts, logit_bias, the grammar's token references) and the request's total tokens."""
     n_vocab = model.n_vocab
-    for j, prompt in enumerate(prompts):
-        check_token_ids(prompt, n_vocab, "prompt" if len(prompts) == 1 else f"prompt[{j}]")
+    for j, prompt in enumerate(prompts):  # image tokens pass only where the model holds their image (images.py)
+        check_token_ids([t for t in prompt if t >= 0 or image_row(t)[0] not in model.images], n_vocab,
+                        "prompt" if len(prompts) == 1 else f"prompt[{j}]")
     if logit_bias:
         check_token_ids(list(logit_bias), n_vocab, "logit_bias")
     if grammar is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..settings import coerce
-from . import constraints, limits
+from . import constraints, limits, media
 from .api_errors import ApiError, api_error, invalid, unsupported
 
 __all__ = ["ApiError", "api_error", "invalid", "unsupported"]  # re-exported: where callers have always found them
@@ -155,6 +155,9 @@ class GenParams:
     budget_param: str = "reasoning_budget"  # the field that set it, named when the model cannot budget
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
+    slot: int | None = None  # llama-server's id_slot: the slot every job of the request runs in
+    images: list[Any] = field(default_factory=list)  # set at render: the image embeddings its prompt names (media.py)
+    n_ctx: int | None = None  # a smaller context (prompt + reply) for this request: Ollama's options.num_ctx
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
@@ -178,7 +181,7 @@ CHAT_REFUSED = {
     "web_search_options": "this server has no web search.",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"}
-COMPLETION_REFUSED = {"suffix": "fill-in-the-middle is not supported.", "echo": "echoing the prompt is not supported."}
+COMPLETION_REFUSED = {"echo": "echoing the prompt is not supported."}  # suffix: fill-in-the-middle (fim.py)
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 EMBEDDING_REFUSED = {"dimensions": "the embedding size is fixed by the model."}
 
@@ -347,8 +350,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if m.get("audio") is not None:
             raise unsupported(f"messages[{i}].audio", "this server generates text only.")
         name = typed(m, "name", (str,), "a string", param=f"messages[{i}].name")
+        with_images = media.openai_content(m.get("content"), f"messages[{i}].content") if role == "user" else None
         msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                               "content": text_of(m.get("content"), f"messages[{i}].content")}
+                               "content": with_images or text_of(m.get("content"), f"messages[{i}].content")}
         if name:
             msg["name"] = name
         reasoning = typed(m, "reasoning_content", (str,), "a string", param=f"messages[{i}].reasoning_content")
