@@ -305,11 +305,12 @@ def test_responses_function_call_and_output_round_trip(smol: ServerProcess) -> N
     c = oai(smol)
     tool = {"type": "function", "name": "get_weather", "description": "Current weather in a city", "parameters": CITY, "strict": True}
     forced = {"type": "function", "name": "get_weather"}
-    whole = c.responses.create(model="smol", input=ASK, tools=[tool], tool_choice=forced, parallel_tool_calls=False, max_output_tokens=100)
+    whole = c.responses.create(model="smol", input=ASK, tools=[tool], tool_choice=forced, parallel_tool_calls=False, max_output_tokens=100,
+                             temperature=0)
     calls = [o for o in whole.output if o.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments)["city"], str)
     events = list(c.responses.create(model="smol", input=ASK, tools=[tool], tool_choice=forced, parallel_tool_calls=False,
-                                     max_output_tokens=100, stream=True))
+                                     max_output_tokens=100, stream=True, temperature=0))
     kinds = [e.type for e in events]
     assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
     done = [e for e in events if e.type == "response.function_call_arguments.done"][0]
