@@ -65,6 +65,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("split_mode", str, "How layers spread over several devices.", choices=("layer", "row", "none")),
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
     Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
+    Field("step_tokens", int, "serve: prompt and embedding tokens one engine step takes beside generating replies: auto "
+          "(as many as keep steps within 1.2x a plain decode step on average and 2x at most, measured) or a fixed count.", min=1, auto=True),
 )}
 
 
@@ -95,6 +97,7 @@ class Settings:
     split_mode: str = "layer"
     tensor_split: str = ""
     main_gpu: int = 0
+    step_tokens: int | str = "auto"  # the engine's per-step budget (server/budget.py)
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""

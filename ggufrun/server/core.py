@@ -212,8 +212,8 @@ class Server:
     async def embed_texts(self, model: str | None, inputs: list[str] | list[Any]) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
-        without embeddings, a token outside the vocabulary, a text longer than one batch (the
-        embedder would cut it)."""
+        without embeddings, a token outside the vocabulary, a text longer than the embedder takes
+        (a sequence's context on the generation context; one batch on an embedding model's own)."""
         cfg = self.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
@@ -222,7 +222,7 @@ class Server:
             backend = engine.backend
             assert backend is not None
             # off the event loop: text full of special-token strings is slow to tokenise
-            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs)
+            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs, limits.embedding_limit(backend))
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)

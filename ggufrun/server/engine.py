@@ -6,8 +6,10 @@ hand the engine a :class:`Job` and read its events from an ``asyncio.Queue`` tha
 through ``loop.call_soon_threadsafe``.
 
 Each step the engine builds one batch: the last sampled token of every generating sequence, then
-chunks of waiting prompts up to ``n_batch`` tokens, and evaluates it with one ``llama_decode``
-(``Model.decode``). So a new request's prompt is processed alongside the others' next tokens
+chunks of waiting prompts and of the text being embedded, up to a per-step token budget
+(budget.py: bounded so a step stays within a multiple of a plain decode step, taking turns
+between the prompts and the text), and evaluates it with one ``llama_decode`` (``Model.decode``).
+So a new request's prompt, or a text to embed, is processed alongside the others' next tokens
 instead of after them, and ``--parallel N`` sequences cost little more per step than one.
 
 Requests beyond the N slots wait in a bounded queue (``--max-queue``); past that, ``submit``
@@ -31,6 +33,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, TokenInfo
+from .budget import StepBudget, fixed_tokens
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
@@ -207,10 +210,12 @@ class _EmbedJob:
     future: concurrent.futures.Future[tuple[list[list[float]], int]]
     vectors: list[list[float]] = field(default_factory=list)
     n_tokens: int = 0
-    steps: Any = None  # the text being embedded: a Model.embed_steps generator, one decode per step
+    steps: Any = None  # the text being embedded on a context of its own: a Model.embed_steps generator, one decode per step
     cells: int = 0  # KV cells reserved for that text (embeddings on the generation context)
     waiting: bool = False  # its text waits for cells: admissions pause meanwhile
-    tokens: list[int] | None = None  # that text's tokens, kept while it waits
+    tokens: list[int] | None = None  # that text's tokens, kept while it waits and while it is embedded
+    sent: int = 0  # on the generation context: tokens of that text in decodes so far (chunks of the steps' batches)
+    total: Any = None  # and the sum of their hidden states (float64), for the mean
 
     def drop(self) -> None:
         if self.steps is not None:
@@ -274,6 +279,10 @@ class Engine:
         self._inflight: list[tuple[_Slot, Job]] = []  # the queued decode's output rows, in order, with their jobs
         self._outbox: list[tuple[Job, Event]] | None = None  # events of step()'s hand-out, posted together
         self._preempted = 0  # replies paused for other requests, in all
+        self._budget: StepBudget | None = None  # set once loaded (it needs n_batch and the settings)
+        self._embed_rows: tuple[_EmbedJob, int, int] | None = None  # the decode in flight's embedding chunk: job, first output, count
+        self._decoded = False  # a decode was queued since the last step read its results
+        self._turn = 0  # which chunk consumer (waiting prompt or text being embedded) goes first this step
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -375,6 +384,7 @@ class Engine:
             self._fail(err, "failed")
             self.loaded.set_exception(err)
             return
+        self._budget = StepBudget(self.backend.model.n_batch, fixed_tokens(getattr(self.backend.settings, "step_tokens", None)))
         self.state = "ready"
         self.loaded.set_result(self.backend)
         log.info("model %s ready (%s, %d slots, %d tokens per request)", self.name, self.backend.description,
@@ -619,8 +629,14 @@ class Engine:
         if prof is not None and self._inflight:
             model.synchronize()
         t1 = time.perf_counter()
+        decoded, self._decoded = self._decoded, False
         sampled = self._collect(model)
+        self._embed_collect(model)
         t2 = time.perf_counter()
+        if decoded and self._budget is not None:
+            self._budget.finished(t2)
+        with self._cv:  # the head now: the one passed in may have finished in _embed_collect
+            embed = self._embeds[0] if self._embeds else None
         if embed is not None:
             self._embed_one(embed)
         for slot in self._slots:
@@ -640,7 +656,7 @@ class Engine:
                     self._admit(slot)
                 except Exception as setup_exc:  # noqa: BLE001 -- this request's setup failed: it ends alone
                     self._fail_job(entering, setup_exc)
-            failed = self._launch(model)
+            failed = self._launch(model, waiting=len(sampled))
         t3 = time.perf_counter()
         n = 0
         self._outbox = []
@@ -702,33 +718,74 @@ class Engine:
             return out
         return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
 
-    def _launch(self, model: Any) -> tuple[GgufrunError, list[_Slot]] | None:
-        """Queue the next decode; on failure return the error and the slots it was for."""
+    def _launch(self, model: Any, waiting: int = 0) -> tuple[GgufrunError, list[_Slot]] | None:
+        """Queue the next decode; on failure return the error and the slots it was for.
+
+        Generating sequences first (one token each keeps their pace steady), then the waiting
+        prompts' chunks and the text being embedded share the step's budget (budget.py), taking
+        turns at going first so that neither starves the other. ``waiting``: tokens sampled and not
+        yet handed out (after this launch); the budget holds for them too, even where no row goes
+        on: a reply's last token waited behind a whole 512-token chunk (seconds on a CPU)."""
         running = [s for s in self._slots if s.job is not None]
-        if not running:
+        embed = self._embed_chunkable()
+        if not running and embed is None:
             return None
-        self._make_room(running)
+        assert self._budget is not None
+        rows = [s for s in running if not s.pending and s.last >= 0]
+        self._make_room(running, extra=min(len(embed.tokens) - embed.sent, model.n_batch) if embed is not None else 0)  # type: ignore[arg-type]
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], bool]] = []
-        for slot in running:  # generating sequences first: one token each keeps their pace steady
-            if not slot.pending and slot.last >= 0 and budget > 0:
-                batch.append((slot, [slot.last], True))
-                budget -= 1
-        for slot in running:
-            if slot.pending and budget > 0:
-                chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
-                batch.append((slot, chunk, not slot.pending))
-                budget -= len(chunk)
-        if not batch:
+        for slot in rows[:budget]:
+            batch.append((slot, [slot.last], True))
+        n_rows = len(batch)
+        chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting))
+        consumers: list[_Slot | _EmbedJob] = [s for s in running if s.pending]
+        if embed is not None:
+            consumers.append(embed)
+        if consumers:
+            self._turn = (self._turn + 1) % len(consumers)
+            consumers = consumers[self._turn:] + consumers[: self._turn]
+        embed_part: list[int] = []
+        outputs = len(batch)
+        for who in consumers:
+            if chunks <= 0:
+                break
+            if isinstance(who, _EmbedJob):
+                # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped
+                take = min(chunks, max(model.output_rows - outputs, 8), len(who.tokens) - who.sent)  # type: ignore[arg-type]
+                embed_part = who.tokens[who.sent : who.sent + take]  # type: ignore[index]
+                chunks -= len(embed_part)
+                continue
+            chunk, who.pending = who.pending[:chunks], who.pending[chunks:]
+            batch.append((who, chunk, not who.pending))
+            outputs += not who.pending
+            chunks -= len(chunk)
+        if not batch and not embed_part:
             return None
+        items = [(s.seq_id, toks, want) for s, toks, want in batch]
         try:
-            outputs = model.decode([(s.seq_id, toks, want) for s, toks, want in batch])
+            if embed_part:
+                assert embed is not None and self.backend is not None and self.backend.embed_seq is not None
+                outputs_ = model.decode(items, embed=(self.backend.embed_seq, embed_part))
+            else:
+                outputs_ = model.decode(items)
         except GgufrunError as exc:
+            if embed_part:
+                self._embed_failed(embed, exc)  # type: ignore[arg-type]
             return exc, [slot for slot, _, _ in batch]
+        self._decoded = True
+        n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
+        self._budget.launched(n_rows or waiting, n_chunks)
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
-        self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs) if index >= 0]  # type: ignore[misc]
+        self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs_) if index >= 0]  # type: ignore[misc]
+        if embed_part:
+            assert embed is not None
+            self._embed_rows = (embed, len(self._inflight), len(embed_part))
+            embed.sent += len(embed_part)
+        if self._profile is not None:
+            self._profile.chunks(n_chunks, self._budget.allowance(n_rows or waiting))
         return None
 
     def _make_room(self, running: list[_Slot], extra: int = 0) -> None:
@@ -849,8 +906,9 @@ class Engine:
             self._n_active -= 1
 
     def _embed_one(self, job: _EmbedJob) -> None:
-        """One decode of the oldest embedding request's current text (a chunk of it), so a running
-        stream waits at most one such decode. A cancelled request is dropped."""
+        """Move the oldest embedding request on. On the generation context (the usual case) this
+        starts its next text, whose chunks then ride in the steps' decodes (:meth:`_launch`); an
+        embedding model's own context embeds one chunk per step here. A cancelled request is dropped."""
         assert self.backend is not None
         error: GgufrunError | None = None
         if not job.future.cancelled():
@@ -859,12 +917,17 @@ class Engine:
                     if self._load_embedder is None:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
                     self._embedder = self._load_embedder(self.backend)
+                shared = getattr(self._embedder, "shares_context", False)
+                if shared and (job.total is not None or self._embed_rows is not None):
+                    return  # its text is under way in the steps' decodes
                 if job.steps is None:
                     if job.tokens is None:
                         item = job.texts[len(job.vectors)]  # token ids from the handler (tokenised off the loop), or text
-                        job.tokens = (list(item) if isinstance(item, list) else self.backend.model.tokenize(item))[: self.backend.model.n_batch]
+                        job.tokens = list(item) if isinstance(item, list) else self.backend.model.tokenize(item)
+                        if not shared:  # an embedding model's context pools one batch (the server refuses longer texts)
+                            job.tokens = job.tokens[: self.backend.model.n_batch]
                     tokens = job.tokens
-                    if getattr(self._embedder, "shares_context", False):
+                    if shared:
                         # Its text goes into the requests' cache: its cells are reserved as a job's are,
                         # so it waits (a step at a time) rather than take a running reply's room.
                         cells = self.backend.model.n_ctx
@@ -878,7 +941,12 @@ class Engine:
                             if job.waiting:
                                 return
                             job.cells = len(tokens)
-                        self._make_room([], extra=len(tokens))
+                        if job.total is None:
+                            import numpy as np
+
+                            job.total = np.zeros(self.backend.model.n_embd, dtype=np.float64)
+                            self.backend.model.reset(self.backend.embed_seq)
+                        return  # _launch sends its chunks
                     job.steps = self._embedder.embed_steps(tokens)
                 try:
                     next(job.steps)
@@ -894,7 +962,53 @@ class Engine:
                 error = ModelLoadError(f"Embedding failed: {exc}.")
             if error is None and len(job.vectors) < len(job.texts):
                 return
+        self._embed_done(job, error)
+
+    def _embed_chunkable(self) -> _EmbedJob | None:
+        """The embedding request whose text has chunks to send in this step's decode, if any."""
+        with self._cv:
+            job = self._embeds[0] if self._embeds else None
+        if (job is None or job.total is None or job.tokens is None or job.waiting or job.future.cancelled()
+                or self._embed_rows is not None or job.sent >= len(job.tokens)):
+            return None
+        return job
+
+    def _embed_collect(self, model: Any) -> None:
+        """Add the finished decode's embedding chunk to its text's sum; finish the text at its end."""
+        if self._embed_rows is None:
+            return
+        job, first, n = self._embed_rows
+        self._embed_rows = None
+        assert self.backend is not None
+        if job.future.cancelled():
+            self._embed_done(job, None)
+            return
+        try:
+            job.total += model.embedding_rows(first, n).sum(axis=0, dtype=job.total.dtype)
+        except GgufrunError as exc:
+            self._embed_failed(job, exc)
+            return
+        if job.sent < len(job.tokens):  # type: ignore[arg-type]
+            return
+        norm = float((job.total * job.total).sum()) ** 0.5 or 1.0  # the mean's direction: no need to divide by the count
+        job.vectors.append((job.total / norm).tolist())
+        job.n_tokens += job.sent
+        model.reset(self.backend.embed_seq)
+        job.tokens, job.total, job.sent, job.cells = None, None, 0, 0
+        if len(job.vectors) == len(job.texts):
+            self._embed_done(job, None)
+
+    def _embed_failed(self, job: _EmbedJob, exc: GgufrunError) -> None:
+        self._embed_done(job, exc)
+
+    def _embed_done(self, job: _EmbedJob, error: GgufrunError | None) -> None:
+        """Take a finished, failed or cancelled embedding request off the queue and answer it."""
         job.drop()
+        if job.total is not None and self.backend is not None and self.backend.embed_seq is not None:
+            self.backend.model.reset(self.backend.embed_seq)  # its text's cells go back to the requests
+        job.tokens, job.total, job.sent = None, None, 0
+        if self._embed_rows is not None and self._embed_rows[0] is job:
+            self._embed_rows = None
         with self._cv:  # off the queue before the handler hears back
             if self._embeds and self._embeds[0] is job:
                 self._embeds.popleft()
@@ -930,6 +1044,11 @@ class _StepProfile:
         self.n = 0
         self.sums = [0.0] * 7
         self.last_end = 0.0
+        self.chunk_sums = [0, 0]  # prompt and embedding tokens decoded beside the rows; the budget they had
+
+    def chunks(self, tokens: int, budget: int) -> None:
+        self.chunk_sums[0] += tokens
+        self.chunk_sums[1] += budget
 
     def add(self, rows: int, sampled: int, *phases: float) -> None:
         self.n += 1
@@ -937,10 +1056,11 @@ class _StepProfile:
             self.sums[i] += v
         if self.n % 64 == 0:
             s = [v / self.n for v in self.sums]
-            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled; ms: device wait %.2f, sample %.2f, "
-                     "admit+launch %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:2],
+            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled, %.1f prompt/embedding tokens "
+                     "(budget %.1f); ms: device wait %.2f, sample %.2f, admit+launch %.2f, accept+emit %.2f, between steps %.2f",
+                     self.name, self.n, *s[:2], self.chunk_sums[0] / self.n, self.chunk_sums[1] / self.n,
                      *(1e3 * v for v in s[2:]))
-            self.n, self.sums = 0, [0.0] * 7
+            self.n, self.sums, self.chunk_sums = 0, [0.0] * 7, [0, 0]
 
 
 def _sample(logits: Any, seqs: list[Any]) -> tuple[list[int], list[Any]]:

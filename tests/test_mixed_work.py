@@ -1,0 +1,158 @@
+"""Issue 22: embeddings and prompts share each engine step's token budget with the streams.
+
+A real `ggufrun serve` on SmolLM2 and the openai client: an embedding is the same vector whether
+its text went through in one decode or in budget-sized chunks beside a stream, and the same as the
+8-token chunks the server used to embed in; a text longer than one batch is embedded; a stream
+beside a long embedding keeps its steps bounded by the budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from serverutil import ServerProcess, serve
+
+TEXT = (Path(__file__).parent.parent / "bench" / "text.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Callable[[Path], None]) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("mixed-home")
+    seed_amx_verdict(home)
+    return {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf: Path, server_env: dict[str, str]) -> Iterator[ServerProcess]:
+    # step_tokens 4: a fixed budget, so what a step may carry beside a stream does not depend on the machine's load
+    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--parallel", "2", "--n-ctx", "1536", "--threads", "1",
+               "--temperature", "0", "--step-tokens", "4", env=server_env) as server:
+        yield server
+
+
+def client(server: ServerProcess) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def cosine(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def old_embedding(path: Path, text: str) -> np.ndarray:
+    """The vector as the server computed it before issue 22: 8-token decodes on a generation context
+    with embeddings switched on, every token an output, mean-pooled and L2-normalised."""
+    from ggufrun.llama._lib import L
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    with Model.load(path, Settings(n_ctx=1536, threads=1), n_seq_max=3) as model:
+        tokens = model.tokenize(text)
+        total = np.zeros(model.n_embd)
+        for start in range(0, len(tokens), 8):
+            part = tokens[start : start + 8]
+            L.llama_set_embeddings(model._ctx, True)
+            model._decode_batch([(0, part, True)], all_logits=True)
+            total += np.ctypeslib.as_array(L.llama_get_embeddings(model._ctx), shape=(len(part), model.n_embd)).sum(axis=0)
+            L.llama_set_embeddings(model._ctx, False)
+    return total / np.linalg.norm(total)
+
+
+def stream_gaps(server: ServerProcess, max_tokens: int, out: dict[str, Any]) -> None:
+    times = []
+    for chunk in client(server).completions.create(model="smol", prompt="Count: 1, 2, 3,", max_tokens=max_tokens,
+                                                   stream=True, extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+    out["gaps"] = [b - a for a, b in zip(times, times[1:])]
+
+
+def test_an_embedding_is_the_same_whole_chunked_beside_a_stream_and_as_before(smol: ServerProcess, smollm2_gguf: Path) -> None:
+    text = TEXT[:400]
+    whole = client(smol).embeddings.create(model="smol", input=text).data[0].embedding  # alone: one decode
+    out: dict[str, Any] = {}
+    stream = threading.Thread(target=stream_gaps, args=(smol, 30, out))
+    stream.start()
+    time.sleep(0.3)  # the stream generates: the text goes through 4 tokens a step beside it
+    chunked = client(smol).embeddings.create(model="smol", input=text).data[0].embedding
+    stream.join()
+    assert len(out["gaps"]) >= 20
+    assert abs(np.linalg.norm(whole) - 1.0) < 1e-4
+    assert cosine(whole, chunked) > 0.9999
+    assert cosine(whole, old_embedding(smollm2_gguf, text)) > 0.9999
+
+
+@pytest.mark.slow
+def test_a_text_longer_than_a_batch_is_embedded_and_one_longer_than_a_sequence_is_refused(smol: ServerProcess) -> None:
+    import openai
+
+    long = (TEXT * 2)[:3000]  # ~700 tokens: more than --batch-size 512, less than --n-ctx 1536
+    data = client(smol).embeddings.create(model="smol", input=[long, "short"]).data
+    assert len(data) == 2 and cosine(data[0].embedding, data[1].embedding) < 0.99
+    with pytest.raises(openai.BadRequestError, match="1536"):
+        client(smol).embeddings.create(model="smol", input=TEXT * 2)
+
+
+@pytest.mark.slow
+def test_a_stream_beside_a_long_embedding_keeps_bounded_steps(smol: ServerProcess) -> None:
+    """With a budget of 4 tokens a step, a stream beside a 1,400-token text waits at most a few
+    tokens' work per step: its longest gap stays well under what one whole-batch step of the
+    text costs (the text used to go through in steps of its own, and now could take 512 a step)."""
+    text = (TEXT * 2)[:5600]
+    t = time.perf_counter()
+    client(smol).embeddings.create(model="smol", input=text[:2000])  # ~500 tokens: one decode, alone
+    batch_step = time.perf_counter() - t
+    done: dict[str, Any] = {}
+
+    def embed() -> None:
+        done["vector"] = client(smol).embeddings.create(model="smol", input=text).data[0].embedding
+
+    worker = threading.Thread(target=embed)
+    worker.start()
+    time.sleep(0.5)
+    out: dict[str, Any] = {}
+    stream_gaps(smol, 40, out)
+    stream_over = time.perf_counter()
+    worker.join()
+    gaps = sorted(out["gaps"])
+    assert len(gaps) >= 30
+    assert "vector" in done and time.perf_counter() >= stream_over  # the text was still being embedded beside it
+    assert gaps[-1] < batch_step / 2, (gaps[-5:], batch_step)
+
+
+def test_the_step_budget_keeps_chunk_steps_near_a_plain_step() -> None:
+    """The auto budget from measured step times: a plain step of 20 ms and chunk tokens of 5 ms each
+    give a cap of 4 tokens a step (2x a plain step at most) and 0.8 tokens a step on average (1.2x);
+    with nothing generating a step takes the whole batch; a fixed budget stays fixed."""
+    from ggufrun.server.budget import StepBudget
+
+    b = StepBudget(512)
+    assert b.allowance(0) == 512 and b.allowance(2) == 16  # before any measurement
+    now = 100.0
+    b.finished(now)
+    for _ in range(5):  # plain steps of 20 ms
+        b.launched(2, 0)
+        now += 0.020
+        b.finished(now)
+    sent = []
+    for _ in range(40):
+        chunk = b.allowance(2)
+        sent.append(chunk)
+        b.launched(2, chunk)
+        now += 0.020 + 0.005 * chunk
+        b.finished(now)
+    assert b.tokens == 4 and abs(b.rate - 0.8) < 1e-6
+    assert max(sent[-20:]) <= 4 and abs(sum(sent[-20:]) / 20 - 0.8) <= 0.25
+    fixed = StepBudget(512, fixed=8)
+    fixed.launched(2, 8)
+    fixed.finished(1.0)
+    fixed.finished(9.0)
+    assert fixed.allowance(2) == 8 and fixed.allowance(0) == 512
