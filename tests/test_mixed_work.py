@@ -90,6 +90,33 @@ def test_an_embedding_is_the_same_whole_chunked_beside_a_stream_and_as_before(sm
     assert cosine(whole, old_embedding(smollm2_gguf, text)) > 0.9999
 
 
+def test_a_prompt_and_a_text_chunked_in_the_same_steps_give_what_they_give_alone(smol: ServerProcess) -> None:
+    """A prompt's chunks and a text's go through beside a stream in the same stretch of steps: the
+    reply is the one the prompt gets alone and the vector is the text's alone. (They used to share
+    decodes, where llama.cpp, with embeddings on, makes every token an output: the prompt's last
+    logits were read from its first token's row and the text's hidden states from the prompt's.)"""
+    prompt, text = TEXT[:500], TEXT[600:1200]
+    oai = client(smol)
+    reply = oai.completions.create(model="smol", prompt=prompt, max_tokens=6).choices[0].text
+    vector = oai.embeddings.create(model="smol", input=text).data[0].embedding
+    out: dict[str, Any] = {}
+    got: dict[str, Any] = {}
+    stream = threading.Thread(target=stream_gaps, args=(smol, 120, out))
+    stream.start()
+    time.sleep(0.3)  # the stream generates: both go through 4 tokens a step beside it, taking turns
+
+    def embed() -> None:
+        got["vector"] = client(smol).embeddings.create(model="smol", input=text).data[0].embedding
+
+    worker = threading.Thread(target=embed)
+    worker.start()
+    beside = oai.completions.create(model="smol", prompt=prompt, max_tokens=6).choices[0].text
+    worker.join()
+    stream.join()
+    assert beside == reply
+    assert cosine(vector, got["vector"]) > 0.9999
+
+
 @pytest.mark.slow
 def test_a_text_longer_than_a_batch_is_embedded_and_one_longer_than_a_sequence_is_refused(smol: ServerProcess) -> None:
     import openai
@@ -128,31 +155,58 @@ def test_a_stream_beside_a_long_embedding_keeps_bounded_steps(smol: ServerProces
     assert gaps[-1] < batch_step / 2, (gaps[-5:], batch_step)
 
 
+def run_steps(b: Any, now: float, n: int, plain: float, per_token: dict[str, float], kinds: list[str]) -> tuple[float, list[tuple[str, int]]]:
+    """``n`` steps of two rows under budget ``b``, each step's time a plain step's plus its chunk's
+    tokens at their kind's cost; returns the clock and what each step carried."""
+    sent = []
+    for _ in range(n):
+        kind = b.pick(kinds) if kinds else "prompt"
+        chunk = b.allowance(2, kind) if kinds else 0
+        sent.append((kind, chunk))
+        b.launched(2, kind, chunk, now)
+        now += plain + per_token.get(kind, 0.0) * chunk
+        b.finished(now)
+    return now, sent
+
+
 def test_the_step_budget_keeps_chunk_steps_near_a_plain_step() -> None:
-    """The auto budget from measured step times: a plain step of 20 ms and chunk tokens of 5 ms each
-    give a cap of 4 tokens a step (2x a plain step at most) and 0.8 tokens a step on average (1.2x);
-    with nothing generating a step takes the whole batch; a fixed budget stays fixed."""
+    """The auto budget from measured step times: a plain step of 20 ms and prompt tokens of 5 ms
+    each give a cap of 4 tokens a step (2x a plain step at most) and 0.8 tokens a step on average
+    (1.2x); with nothing generating a step takes the whole batch; a fixed budget stays fixed."""
     from ggufrun.server.budget import StepBudget
 
     b = StepBudget(512)
-    assert b.allowance(0) == 512 and b.allowance(2) == 16  # before any measurement
-    now = 100.0
-    b.finished(now)
-    for _ in range(5):  # plain steps of 20 ms
-        b.launched(2, 0)
-        now += 0.020
-        b.finished(now)
-    sent = []
-    for _ in range(40):
-        chunk = b.allowance(2)
-        sent.append(chunk)
-        b.launched(2, chunk)
-        now += 0.020 + 0.005 * chunk
-        b.finished(now)
-    assert b.tokens == 4 and abs(b.rate - 0.8) < 1e-6
-    assert max(sent[-20:]) <= 4 and abs(sum(sent[-20:]) / 20 - 0.8) <= 0.25
+    assert b.allowance(0, "prompt") == 512 and b.allowance(2, "prompt") == 16  # before any measurement
+    now, _ = run_steps(b, 100.0, 5, 0.020, {}, [])  # plain steps
+    now, sent = run_steps(b, now, 60, 0.020, {"prompt": 0.005}, ["prompt"])
+    assert abs(b.token_s["prompt"] - 0.005) < 1e-6
+    tokens = [n for _, n in sent[-30:]]
+    assert max(tokens) <= 4 and abs(sum(tokens) / 30 - 0.8) <= 0.25
     fixed = StepBudget(512, fixed=8)
-    fixed.launched(2, 8)
-    fixed.finished(1.0)
+    fixed.launched(2, "embed", 8, 1.0)
     fixed.finished(9.0)
-    assert fixed.allowance(2) == 8 and fixed.allowance(0) == 512
+    assert fixed.allowance(2, "embed") == 8 and fixed.allowance(2, "prompt") == 8 and fixed.allowance(0, "prompt") == 512
+
+
+def test_each_kind_of_chunk_has_its_own_cost_and_its_turn() -> None:
+    """What reverted this budget once: embedding tokens (7 ms each here) beside prompt tokens (0.5
+    ms) calibrated one shared token budget, and prompts crawled. Each kind now has its cost: a
+    prompt gets 10x the tokens a text does per step, both within 2x a plain step, and the two take
+    turns by time (neither starves: each gets about half the chunk time)."""
+    from ggufrun.server.budget import StepBudget
+
+    b = StepBudget(512)
+    costs = {"prompt": 0.0005, "embed": 0.007}
+    now, _ = run_steps(b, 100.0, 5, 0.020, costs, [])
+    now, sent = run_steps(b, now, 400, 0.020, costs, ["prompt", "embed"])
+    assert abs(b.token_s["prompt"] - 0.0005) < 1e-6 and abs(b.token_s["embed"] - 0.007) < 1e-6
+    late = sent[-200:]
+    prompt = [n for k, n in late if k == "prompt"]
+    embed = [n for k, n in late if k == "embed"]
+    assert max(prompt) <= 40 and max(embed) <= 2 and max(prompt) >= 10 * max(embed)
+    prompt_s, embed_s = sum(prompt) * costs["prompt"], sum(embed) * costs["embed"]
+    assert 0.6 < prompt_s / embed_s < 1.6, (prompt_s, embed_s)
+    assert 0.7 < (prompt_s + embed_s) / (200 * 0.020) / 0.2 < 1.3  # 1.2x a plain step on average
+    # a kind alone banks no time: a prompt that arrives after a long text goes next
+    now, _ = run_steps(b, now, 200, 0.020, costs, ["embed"])
+    assert b.pick(["prompt", "embed"]) == "prompt"

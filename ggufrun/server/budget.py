@@ -1,78 +1,123 @@
-"""How many prompt and embedding tokens one engine step takes beside the replies being generated.
+"""How much prompt and embedding work one engine step takes beside the replies being generated.
 
-Every step decodes one token of each generating reply first; prompt chunks and embedding chunks
-share what is left of a token budget (as vLLM's and SGLang's chunked prefill do). A prompt of
-11k tokens or a batch of long texts to embed then costs the streams a bounded share of each step,
-not a whole prefill: under ``auto`` the budget is steered so that steps take on average at most
-:data:`SLACK` times a plain decode step (streams keep >= 1/SLACK of their pace) and one step at
-most :data:`PEAK` times, measured on the machine as it runs. With nothing generating, the step takes all of ``n_batch``: a prompt or
-text alone goes through at full speed.
+Every step decodes one token of each generating reply first; then either a prompt chunk or a chunk
+of the text being embedded goes in, up to a budget (as vLLM's and SGLang's chunked prefill do). A
+prompt of 11k tokens or a batch of long texts to embed then costs the streams a bounded share of
+each step, not a whole prefill: under ``auto`` the budget is a time, steered so that steps take on
+average at most :data:`SLACK` times a plain decode step (streams keep >= 1/SLACK of their pace) and
+one step at most :data:`PEAK` times, measured on the machine as it runs.
+
+The budget is spent in estimated seconds, not tokens: each kind of chunk has its own measured cost
+per token. One token budget for both let the dearer kind calibrate it for the other (an embedding
+chunk beside a prompt chunk made llama.cpp output every token of both: the budget learnt ~7 ms a
+token where a prompt token costs ~0.5, and a new stream's prompt beside a long text waited 2.4 s).
+The two kinds also take turns by the time each has had (:meth:`StepBudget.pick`), so a new stream's
+prompt never waits behind a whole text and a text is never starved by a stream of prompts.
+
+With nothing generating, a step takes all of ``n_batch``: a prompt or text alone goes at full speed.
 """
 
 from __future__ import annotations
 
 SLACK = 1.2  # steps with chunks may take this many plain decode steps, on average
 PEAK = 2.0  # and one step at most this many (a stream's longest gap)
-_FIRST = 16  # the budget before any step has been measured
+_FIRST = 16  # the tokens a step may take before its kind's cost has been measured
 _EMA = 0.2  # weight of the newest measurement in the running means
+
+KINDS = ("prompt", "embed")
 
 
 class StepBudget:
-    """The per-step token budget: fixed (``step_tokens = N``) or steered (``auto``) from the measured
-    time between decodes, a plain step's (only replies' tokens) against one that carried chunks.
+    """The per-step budget: fixed (``step_tokens = N``: N tokens of either kind) or steered
+    (``auto``) from the measured time between decodes, a plain step's (only replies' tokens)
+    against one that carried a chunk of one kind.
 
-    Steered, it is a rate (tokens per step, possibly under one) paid out as credit, and a cap on
-    one step's chunk: a chunk has a fixed cost of its own (llama.cpp evaluates a batch whose
-    sequences have unequal token counts in several micro-batches), so on a CPU a chunk of a few
-    tokens every few steps keeps the streams' pace where a token every step would not."""
+    Steered, it is a rate (seconds of chunk work per step, possibly a fraction of a token's) paid
+    out as credit, and a cap on one step's chunk: a chunk has a fixed cost of its own (llama.cpp
+    evaluates a batch whose sequences have unequal token counts in several micro-batches), so on a
+    CPU a chunk of a few tokens every few steps keeps the streams' pace where a token every step
+    would not."""
 
     def __init__(self, n_batch: int, fixed: int | None = None) -> None:
         self.n_batch = max(n_batch, 1)
         self.fixed = min(fixed, self.n_batch) if fixed else None
-        self.tokens = self.fixed or min(_FIRST, self.n_batch)  # the most one step's chunks may take
-        self.rate = float(self.tokens)  # tokens per step, on average
-        self.credit = float(self.tokens)
         self.plain_s = 0.0  # running mean of a plain decode step, seconds
-        self.per_token_s = 0.0  # running mean of what a chunk token adds to a step
+        self.token_s = dict.fromkeys(KINDS, 0.0)  # running mean of what a chunk token of each kind adds to a step
+        self.credit_s = 0.0  # seconds of chunk work the next steps may still take
+        self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
         self._last_done = 0.0
-        self._launched: tuple[int, int] = (0, 0)  # rows and chunk tokens of the decode in flight
+        self._launched: tuple[int, str, int, float] = (0, "", 0, 0.0)  # rows, kind, tokens of the decode in flight; when queued
 
-    def allowance(self, rows: int) -> int:
-        """Chunk tokens the next decode may take beside ``rows`` generating replies."""
+    @property
+    def cap_s(self) -> float:
+        """The most chunk work one step may carry beside the rows (0 before a plain step is measured)."""
+        return (PEAK - 1.0) * self.plain_s
+
+    @property
+    def rate_s(self) -> float:
+        """Chunk work per step on average."""
+        return (SLACK - 1.0) * self.plain_s
+
+    def allowance(self, rows: int, kind: str) -> int:
+        """Tokens of ``kind`` the next decode may take beside ``rows`` generating replies."""
+        room = self.n_batch - rows
         if not rows:
             return self.n_batch
         if self.fixed is not None:
-            return max(min(self.fixed, self.n_batch - rows), 0)
-        return max(min(self.tokens, int(self.credit), self.n_batch - rows), 0)
+            return max(min(self.fixed, room), 0)
+        cost = self.token_s[kind]
+        if not self.plain_s or not cost:
+            return max(min(_FIRST, room), 0)  # not measured yet: a small chunk measures it
+        return max(min(int(min(self.cap_s, self.credit_s) / cost + 1e-9), room), 0)
 
-    def launched(self, rows: int, chunk: int) -> None:
+    def pick(self, kinds: list[str]) -> str:
+        """Which kind of chunk the next step carries, among those with work waiting: the one that has
+        had the least time. A kind with nothing waiting banks no time for later."""
+        for kind in KINDS:
+            if kind not in kinds:
+                others = [self.spent_s[k] for k in kinds]
+                self.spent_s[kind] = max(others, default=0.0)
+        return min(kinds, key=lambda k: self.spent_s[k])
+
+    def launched(self, rows: int, kind: str, tokens: int, now: float) -> None:
         """Note what the decode just queued holds (and pay its chunk out of the credit)."""
-        self._launched = (rows, chunk)
+        self._launched = (rows, kind, tokens, now)
+        if not tokens:
+            if rows and self.fixed is None:
+                self.credit_s = min(self.credit_s + self.rate_s, self.cap_s + self.rate_s)
+            return
+        spent = tokens * (self.token_s[kind] or self.plain_s / _FIRST or 1e-3)
+        self.spent_s[kind] += spent
         if rows and self.fixed is None:
-            self.credit = min(self.credit - chunk + self.rate, max(self.tokens, 1) + self.rate)
+            self.credit_s = min(self.credit_s - spent + self.rate_s, self.cap_s + self.rate_s)
 
     def finished(self, now: float) -> None:
         """The decode in flight has finished at ``now`` (its rows were read): the time since the
-        previous one finished is its cost, the engine's host work included (what a stream feels)."""
-        period = now - self._last_done if self._last_done else 0.0
+        previous one finished (or since it was queued, after an idle spell) is its cost, the
+        engine's host work included (what a stream feels)."""
+        rows, kind, tokens, queued = self._launched
+        period = now - max(self._last_done, queued) if queued else 0.0
         self._last_done = now
-        rows, chunk = self._launched
-        self._launched = (0, 0)
+        self._launched = (0, "", 0, 0.0)
         if not rows or period <= 0.0 or period > 60.0:
             return
-        if not chunk:
+        if not tokens:
             self.plain_s = period if not self.plain_s else (1 - _EMA) * self.plain_s + _EMA * period
             return
-        if self.fixed is not None or not self.plain_s:
+        if not self.plain_s:
             return
-        per_token = max(period - self.plain_s, 0.0) / chunk
-        self.per_token_s = per_token if not self.per_token_s else (1 - _EMA) * self.per_token_s + _EMA * per_token
-        if self.per_token_s <= 0.0:
-            self.tokens = min(self.n_batch, self.tokens * 2)
-            self.rate = float(self.tokens)
-            return
-        self.tokens = max(1, min(self.n_batch, int((PEAK - 1.0) * self.plain_s / self.per_token_s + 1e-6)))
-        self.rate = min(float(self.tokens), (SLACK - 1.0) * self.plain_s / self.per_token_s)
+        per_token = max(period - self.plain_s, 0.0) / tokens
+        old = self.token_s[kind]
+        self.token_s[kind] = per_token if not old else (1 - _EMA) * old + _EMA * per_token
+        # no dearer than measured, but never free: at the floor a step may take a whole batch
+        self.token_s[kind] = max(self.token_s[kind], self.cap_s / self.n_batch, 1e-9)
+
+    def describe(self) -> str:
+        """For the step profile: the per-token costs and the cap, in ms."""
+        if self.fixed is not None:
+            return f"fixed {self.fixed} tokens"
+        return (f"plain step {1e3 * self.plain_s:.2f} ms, prompt token {1e3 * self.token_s['prompt']:.3f} ms, "
+                f"embedding token {1e3 * self.token_s['embed']:.3f} ms, cap {1e3 * self.cap_s:.2f} ms")
 
 
 def fixed_tokens(setting: object) -> int | None:

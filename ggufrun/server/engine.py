@@ -282,7 +282,7 @@ class Engine:
         self._budget: StepBudget | None = None  # set once loaded (it needs n_batch and the settings)
         self._embed_rows: tuple[_EmbedJob, int, int] | None = None  # the decode in flight's embedding chunk: job, first output, count
         self._decoded = False  # a decode was queued since the last step read its results
-        self._turn = 0  # which chunk consumer (waiting prompt or text being embedded) goes first this step
+        self._turn = 0  # which waiting prompt goes first this step
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -721,9 +721,10 @@ class Engine:
     def _launch(self, model: Any, waiting: int = 0) -> tuple[GgufrunError, list[_Slot]] | None:
         """Queue the next decode; on failure return the error and the slots it was for.
 
-        Generating sequences first (one token each keeps their pace steady), then the waiting
-        prompts' chunks and the text being embedded share the step's budget (budget.py), taking
-        turns at going first so that neither starves the other. ``waiting``: tokens sampled and not
+        Generating sequences first (one token each keeps their pace steady), then a chunk of the
+        waiting prompts or of the text being embedded, within the step's budget (budget.py: in
+        estimated time, the two kinds taking turns by the time each has had, so that neither
+        starves the other). ``waiting``: tokens sampled and not
         yet handed out (after this launch); the budget holds for them too, even where no row goes
         on: a reply's last token waited behind a whole 512-token chunk (seconds on a CPU)."""
         running = [s for s in self._slots if s.job is not None]
@@ -738,28 +739,26 @@ class Engine:
         for slot in rows[:budget]:
             batch.append((slot, [slot.last], True))
         n_rows = len(batch)
-        chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting))
-        consumers: list[_Slot | _EmbedJob] = [s for s in running if s.pending]
-        if embed is not None:
-            consumers.append(embed)
-        if consumers:
-            self._turn = (self._turn + 1) % len(consumers)
-            consumers = consumers[self._turn:] + consumers[: self._turn]
+        # One kind of chunk a step: prompts' or the text's. With embeddings on, llama.cpp makes every
+        # token of the decode an output (a prompt chunk's too: logits for each, and the rows read
+        # back shift), so the two never share a decode; they take turns by the time each has had.
+        prompts = [s for s in running if s.pending]
+        kinds = (["prompt"] if prompts else []) + (["embed"] if embed is not None else [])
+        kind = self._budget.pick(kinds) if kinds else "prompt"
+        chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting, kind))
         embed_part: list[int] = []
-        outputs = len(batch)
-        for who in consumers:
-            if chunks <= 0:
-                break
-            if isinstance(who, _EmbedJob):
-                # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped
-                take = min(chunks, max(model.output_rows - outputs, 8), len(who.tokens) - who.sent)  # type: ignore[arg-type]
-                embed_part = who.tokens[who.sent : who.sent + take]  # type: ignore[index]
-                chunks -= len(embed_part)
-                continue
-            chunk, who.pending = who.pending[:chunks], who.pending[chunks:]
-            batch.append((who, chunk, not who.pending))
-            outputs += not who.pending
-            chunks -= len(chunk)
+        if kind == "embed" and embed is not None and chunks > 0:
+            # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped
+            take = min(chunks, max(model.output_rows - n_rows, 8), len(embed.tokens) - embed.sent)  # type: ignore[arg-type]
+            embed_part = embed.tokens[embed.sent : embed.sent + take]  # type: ignore[index]
+        elif prompts:
+            self._turn = (self._turn + 1) % len(prompts)  # which prompt goes first: each in turn
+            for slot in prompts[self._turn:] + prompts[: self._turn]:
+                if chunks <= 0:
+                    break
+                chunk, slot.pending = slot.pending[:chunks], slot.pending[chunks:]
+                batch.append((slot, chunk, not slot.pending))
+                chunks -= len(chunk)
         if not batch and not embed_part:
             return None
         items = [(s.seq_id, toks, want) for s, toks, want in batch]
@@ -775,7 +774,7 @@ class Engine:
             return exc, [slot for slot, _, _ in batch]
         self._decoded = True
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
-        self._budget.launched(n_rows or waiting, n_chunks)
+        self._budget.launched(n_rows or waiting, kind, n_chunks, time.perf_counter())
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
@@ -785,7 +784,7 @@ class Engine:
             self._embed_rows = (embed, len(self._inflight), len(embed_part))
             embed.sent += len(embed_part)
         if self._profile is not None:
-            self._profile.chunks(n_chunks, self._budget.allowance(n_rows or waiting))
+            self._profile.chunks(kind, n_chunks, self._budget)
         return None
 
     def _make_room(self, running: list[_Slot], extra: int = 0) -> None:
@@ -1044,11 +1043,12 @@ class _StepProfile:
         self.n = 0
         self.sums = [0.0] * 7
         self.last_end = 0.0
-        self.chunk_sums = [0, 0]  # prompt and embedding tokens decoded beside the rows; the budget they had
+        self.chunk_sums = {"prompt": 0, "embed": 0}  # tokens of each kind decoded beside the rows
+        self.budget: StepBudget | None = None
 
-    def chunks(self, tokens: int, budget: int) -> None:
-        self.chunk_sums[0] += tokens
-        self.chunk_sums[1] += budget
+    def chunks(self, kind: str, tokens: int, budget: StepBudget) -> None:
+        self.chunk_sums[kind] += tokens
+        self.budget = budget
 
     def add(self, rows: int, sampled: int, *phases: float) -> None:
         self.n += 1
@@ -1056,11 +1056,11 @@ class _StepProfile:
             self.sums[i] += v
         if self.n % 64 == 0:
             s = [v / self.n for v in self.sums]
-            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled, %.1f prompt/embedding tokens "
-                     "(budget %.1f); ms: device wait %.2f, sample %.2f, admit+launch %.2f, accept+emit %.2f, between steps %.2f",
-                     self.name, self.n, *s[:2], self.chunk_sums[0] / self.n, self.chunk_sums[1] / self.n,
-                     *(1e3 * v for v in s[2:]))
-            self.n, self.sums, self.chunk_sums = 0, [0.0] * 7, [0, 0]
+            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled, %.1f prompt and %.1f embedding tokens "
+                     "(budget: %s); ms: device wait %.2f, sample %.2f, admit+launch %.2f, accept+emit %.2f, between steps %.2f",
+                     self.name, self.n, *s[:2], self.chunk_sums["prompt"] / self.n, self.chunk_sums["embed"] / self.n,
+                     self.budget.describe() if self.budget is not None else "-", *(1e3 * v for v in s[2:]))
+            self.n, self.sums, self.chunk_sums = 0, [0.0] * 7, {"prompt": 0, "embed": 0}
 
 
 def _sample(logits: Any, seqs: list[Any]) -> tuple[list[int], list[Any]]:
