@@ -14,14 +14,21 @@ and measured, in one run:
     send ``--long-tokens``-token prompts (max_tokens 1) back to back. Bars: tok/s beside / alone >=
     0.8, and the streams' token gap p99 < 3x a plain decode step (the median gap alone).
 
+With ``--llama-server`` (its binary or bin folder; default $LLAMA_BIN, then PATH) llama-server runs the
+same mix after, on the same token ids: (a) prefill on a server with the same slots and context, embedding on
+a second one (``--embeddings --pooling mean``: a server started so serves only the embedding routes), so
+(b) has no llama-server counterpart; (c) as above. Its ratios are against itself alone, and the last line
+compares the two servers' streams.
+
 A stream's tok/s counts from its first token (TTFT excluded); gaps are the times between its
 chunks. CPU (SmolLM2-135M, about 70 s; on a 2-core box shared with other work, ``--threads 1``: two
 llama.cpp threads wait on each other at every op when one is descheduled, which makes small decodes
 cost seconds and measures the neighbours, not the server). GPU: any GGUF::
 
     PYTHONPATH=. python bench/mixed_load.py --threads 1          # SmolLM2 (the registry's default), CPU
-    PYTHONPATH=. python bench/mixed_load.py --model q7.gguf --n-gpu-layers -1 --sizes 10,100,500,2000 \\
-        --streams 12 --long-prompts 6 --long-tokens 11000 --n-ctx 12288 --embed-texts 48 --embed-tokens 400
+    python3 bench/mixed_load.py --model .gpubuild/q7-q4_k_m.gguf --n-gpu-layers -1 --threads 8 --llama-server \\
+        --sizes 10,100,500,2000 --streams 12 --max-tokens 128 --long-prompts 6 --long-tokens 11000 --n-ctx 12288 \\
+        --embed-texts 48 --embed-tokens 400
 
 ``--step-tokens`` is passed to serve (the per-step budget: auto or N); ``--json FILE`` keeps the numbers.
 With BENCH_SERVER_LOG=FILE and GGUFRUN_STEP_PROFILE=1 the server's step profile is kept too.
@@ -39,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from reference import GGUFRUN, free_port, model_path, server
+from reference import GGUFRUN, find_tool, free_port, model_path, server
 
 TEXT = (Path(__file__).parent / "text.txt").read_text()
 STREAM_PROMPT = "Count from 1 to 500, separated by commas: 1, 2, 3,"
@@ -121,6 +128,101 @@ def beside(client: httpx.Client, n: int, max_tokens: int, load: Any, clients: in
     return result, done[0]
 
 
+def embed_vs_prefill(client: httpx.Client, embedder: httpx.Client, ids: list[int], sizes: list[int]) -> list[dict[str, float]]:
+    """(a): each size as a completion prompt (``max_tokens`` 1: its prefill) on ``client`` and as an
+    embeddings input on ``embedder``, both as token ids; every prompt a new slice (no cached prefix)."""
+    rows = []
+    for i, n in enumerate(sizes):
+        prefill = embed = float("inf")
+        for k in range(3 if n <= 500 else 1):  # the best of three where a run is short (noise)
+            slice_ = ids[i * 7 + k * 5 + n : i * 7 + k * 5 + 2 * n]
+            t = time.perf_counter()
+            r = client.post("/v1/completions", json={"model": "bench", "prompt": slice_, "max_tokens": 1, "temperature": 0})
+            r.raise_for_status()
+            prefill = min(prefill, time.perf_counter() - t)
+            t = time.perf_counter()
+            r = embedder.post("/v1/embeddings", json={"model": "bench", "input": [slice_]})
+            r.raise_for_status()
+            embed = min(embed, time.perf_counter() - t)
+        rows.append({"tokens": n, "prefill_s": prefill, "embed_s": embed, "ratio": embed / prefill})
+    return rows
+
+
+def measure(client: httpx.Client, embedder: httpx.Client | None, ids: list[int], sizes: list[int],
+            opts: argparse.Namespace) -> dict[str, Any]:
+    """(a), the streams alone, (b) where ``client`` also embeds (``embedder is client``), (c)."""
+    results: dict[str, Any] = {}
+    if embedder is not None:
+        results["embed_vs_prefill"] = embed_vs_prefill(client, embedder, ids, sizes)
+    results["alone"] = run_streams(client, opts.streams, opts.max_tokens)
+    base = opts.embed_tokens * opts.embed_texts
+
+    def embed_load(i: int, k: int) -> None:
+        off = (k % 3) * opts.embed_tokens
+        texts = [ids[off + j * opts.embed_tokens // 2 : off + j * opts.embed_tokens // 2 + opts.embed_tokens]
+                 for j in range(opts.embed_texts)]
+        client.post("/v1/embeddings", json={"model": "bench", "input": texts}).raise_for_status()
+
+    if embedder is client:
+        results["beside_embeddings"], results["embeddings_done"] = beside(client, opts.streams, opts.max_tokens, embed_load, 1)
+
+    def long_load(i: int, k: int) -> None:
+        off = base + 1 + (i * 97 + k * 13) % max(len(ids) - base - opts.long_tokens - 1, 1)
+        prompt = ids[off : off + opts.long_tokens]
+        client.post("/v1/completions", json={"model": "bench", "prompt": prompt, "max_tokens": 1,
+                                             "temperature": 0}).raise_for_status()
+
+    results["beside_long_prompts"], results["long_prompts_done"] = beside(client, opts.streams, opts.max_tokens,
+                                                                           long_load, opts.long_prompts)
+    return results
+
+
+def report(name: str, results: dict[str, Any]) -> None:
+    """Print one server's numbers against the bars."""
+    print(f"\n== {name}")
+    if "embed_vs_prefill" in results:
+        print("(a) embedding vs prefill (bar: <= 1.5x)")
+        for row in results["embed_vs_prefill"]:
+            ok = "ok" if row["ratio"] <= 1.5 else "MISS"
+            print(f"  {row['tokens']:>6} tokens: prefill {row['prefill_s']:7.3f} s, embed {row['embed_s']:7.3f} s, "
+                  f"ratio {row['ratio']:5.2f}  {ok}")
+    alone = results["alone"]
+    step = alone["gap_median_ms"]
+
+    def line(title: str, r: dict[str, float], bar: float, gap_bar: float | None) -> None:
+        ratio = r["tok_s"] / alone["tok_s"]
+        verdict = "ok" if ratio >= bar else "MISS"
+        gap = r["gap_p99_ms"] / step
+        extra = f", gap p99 {r['gap_p99_ms']:.0f} ms = {gap:.2f}x a plain step" if gap_bar else ""
+        if gap_bar:
+            verdict += " / ok" if gap < gap_bar else " / MISS"
+        print(f"  {title}: {r['tok_s']:.1f} tok/s = {ratio:.2f}x alone (bar >= {bar}){extra}"
+              f"{f' (bar < {gap_bar}x)' if gap_bar else ''}  {verdict}")
+
+    print(f"streams alone: {alone['tok_s']:.1f} tok/s each, plain decode step (median gap) {step:.1f} ms, "
+          f"gap p99 {alone['gap_p99_ms']:.0f} ms")
+    if "beside_embeddings" in results:
+        line(f"(b) beside embeddings ({results['embeddings_done']} requests)", results["beside_embeddings"], 0.7, None)
+    else:
+        print("  (b) beside embeddings: n/a (llama-server serves completions or embeddings, not both: --embeddings "
+              "restricts it to the embedding routes)")
+    line(f"(c) beside long prompts ({results['long_prompts_done']} prompts)", results["beside_long_prompts"], 0.8, 3.0)
+
+
+def llama_server_argv(binary: Path, path: Path, port: int, opts: argparse.Namespace, parallel: int,
+                      embed_tokens: int = 0) -> list[str]:
+    """llama-server with the same model, slots and context per slot; ``embed_tokens``: an embedding
+    server instead (``--embeddings --pooling mean``, one slot, a micro-batch that holds the longest text)."""
+    argv = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-a", "bench", "--no-webui",
+            "-ngl", str(999 if int(opts.n_gpu_layers) < 0 else opts.n_gpu_layers)]
+    if opts.threads:
+        argv += ["-t", str(opts.threads), "-tb", str(opts.threads)]
+    if embed_tokens:
+        batch = max(2048, embed_tokens)
+        return argv + ["--embeddings", "--pooling", "mean", "-np", "1", "-c", str(batch), "-b", str(batch), "-ub", str(batch)]
+    return argv + ["-np", str(parallel), "-c", str(opts.n_ctx * parallel)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="a .gguf path or registry name (default smollm2)")
@@ -135,10 +237,13 @@ def main() -> None:
     ap.add_argument("--long-prompts", type=int, default=1, help="(c): clients sending long prompts")
     ap.add_argument("--long-tokens", type=int, default=1000, help="(c): tokens per long prompt")
     ap.add_argument("--step-tokens", default=None, help="serve's --step-tokens (default: serve's own, auto)")
+    ap.add_argument("--llama-server", nargs="?", const="", default=None, metavar="BIN",
+                    help="also measure llama-server on the same mix (its binary or bin folder; default $LLAMA_BIN, PATH)")
     ap.add_argument("--json", type=Path, default=None)
     opts = ap.parse_args()
     sizes = [int(x) for x in opts.sizes.split(",")]
     path = model_path(opts.model)
+    reference_bin = find_tool("llama-server", opts.llama_server or None) if opts.llama_server is not None else None
     port = free_port()
     parallel = opts.streams + opts.long_prompts
     argv = [*GGUFRUN, "serve", str(path), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
@@ -154,69 +259,34 @@ def main() -> None:
         ids = tokens_of(client, max(sizes) * 4 + opts.long_tokens * 4 + opts.embed_tokens * opts.embed_texts + 64)
         client.post("/v1/completions", json={"model": "bench", "prompt": "Hello", "max_tokens": 4}).raise_for_status()
         client.post("/v1/embeddings", json={"model": "bench", "input": "Hello"}).raise_for_status()
-
-        # (a) embedding vs prefill, same token count; each prompt a new slice (no cached prefix)
-        rows = []
-        for i, n in enumerate(sizes):
-            prefill = embed = float("inf")
-            for k in range(3 if n <= 500 else 1):  # the best of three where a run is short (noise)
-                slice_ = ids[i * 7 + k * 5 + n : i * 7 + k * 5 + 2 * n]
-                t = time.perf_counter()
-                r = client.post("/v1/completions", json={"model": "bench", "prompt": slice_, "max_tokens": 1, "temperature": 0})
-                r.raise_for_status()
-                prefill = min(prefill, time.perf_counter() - t)
-                t = time.perf_counter()
-                r = client.post("/v1/embeddings", json={"model": "bench", "input": [slice_]})
-                r.raise_for_status()
-                embed = min(embed, time.perf_counter() - t)
-            rows.append({"tokens": n, "prefill_s": prefill, "embed_s": embed, "ratio": embed / prefill})
-        results["embed_vs_prefill"] = rows
-
-        # (b), (c): streams alone, beside embeddings, beside long prompts
-        alone = run_streams(client, opts.streams, opts.max_tokens)
-        base = opts.embed_tokens * opts.embed_texts
-
-        def embed_load(i: int, k: int) -> None:
-            off = (k % 3) * opts.embed_tokens
-            texts = [ids[off + j * opts.embed_tokens // 2 : off + j * opts.embed_tokens // 2 + opts.embed_tokens]
-                     for j in range(opts.embed_texts)]
-            client.post("/v1/embeddings", json={"model": "bench", "input": texts}).raise_for_status()
-
-        with_embed, n_embed = beside(client, opts.streams, opts.max_tokens, embed_load, 1)
-
-        def long_load(i: int, k: int) -> None:
-            off = base + 1 + (i * 97 + k * 13) % max(len(ids) - base - opts.long_tokens - 1, 1)
-            prompt = ids[off : off + opts.long_tokens]
-            client.post("/v1/completions", json={"model": "bench", "prompt": prompt, "max_tokens": 1,
-                                                 "temperature": 0}).raise_for_status()
-
-        with_long, n_long = beside(client, opts.streams, opts.max_tokens, long_load, opts.long_prompts)
-        results.update(alone=alone, beside_embeddings=with_embed, embeddings_done=n_embed,
-                       beside_long_prompts=with_long, long_prompts_done=n_long)
+        results["ggufrun"] = measure(client, client, ids, sizes, opts)
+    print(f"serve {' '.join(argv[4:])}")
+    report("ggufrun", results["ggufrun"])
+    if reference_bin is not None:
+        # The same token ids (same file, same vocabulary); embeddings from a server of their own.
+        try:
+            ref: dict[str, Any] = {}
+            eport = free_port()
+            eargv = llama_server_argv(reference_bin, path, eport, opts, parallel, embed_tokens=max(sizes))
+            gport = free_port()
+            gargv = llama_server_argv(reference_bin, path, gport, opts, parallel)
+            with server(gargv, gport) as gurl, server(eargv, eport) as eurl, \
+                    httpx.Client(base_url=gurl, timeout=600) as gen, httpx.Client(base_url=eurl, timeout=600) as emb:
+                gen.post("/v1/completions", json={"model": "bench", "prompt": "Hello", "max_tokens": 4}).raise_for_status()
+                emb.post("/v1/embeddings", json={"model": "bench", "input": "Hello"}).raise_for_status()
+                ref = measure(gen, emb, ids, sizes, opts)
+            results["llama-server"] = ref | {"argv": gargv[1:], "embed_argv": eargv[1:]}
+            print(f"\nllama-server {' '.join(gargv[1:])}\nembeddings: llama-server {' '.join(eargv[1:])}")
+            report("llama-server", ref)
+            mine, theirs = results["ggufrun"], ref
+            print("\nggufrun / llama-server: streams alone "
+                  f"{mine['alone']['tok_s'] / theirs['alone']['tok_s']:.2f}x, beside long prompts "
+                  f"{mine['beside_long_prompts']['tok_s'] / theirs['beside_long_prompts']['tok_s']:.2f}x "
+                  f"(gap p99 {mine['beside_long_prompts']['gap_p99_ms']:.0f} vs {theirs['beside_long_prompts']['gap_p99_ms']:.0f} ms)")
+        except Exception as exc:  # noqa: BLE001 -- the reference failing must not lose ggufrun's numbers
+            print(f"\nllama-server: not measured ({type(exc).__name__}: {exc})")
+            results["llama-server"] = {"error": str(exc)}
     results["seconds"] = time.perf_counter() - began
-
-    print(f"serve {' '.join(argv[4:])}\n")
-    print("(a) embedding vs prefill (bar: <= 1.5x)")
-    for row in results["embed_vs_prefill"]:
-        ok = "ok" if row["ratio"] <= 1.5 else "MISS"
-        print(f"  {row['tokens']:>6} tokens: prefill {row['prefill_s']:7.3f} s, embed {row['embed_s']:7.3f} s, "
-              f"ratio {row['ratio']:5.2f}  {ok}")
-    step = alone["gap_median_ms"]
-
-    def line(name: str, r: dict[str, float], bar: float, gap_bar: float | None) -> None:
-        ratio = r["tok_s"] / alone["tok_s"]
-        verdict = "ok" if ratio >= bar else "MISS"
-        gap = r["gap_p99_ms"] / step
-        extra = f", gap p99 {r['gap_p99_ms']:.0f} ms = {gap:.2f}x a plain step" if gap_bar else ""
-        if gap_bar:
-            verdict += " / ok" if gap < gap_bar else " / MISS"
-        print(f"  {name}: {r['tok_s']:.1f} tok/s = {ratio:.2f}x alone (bar >= {bar}){extra}"
-              f"{f' (bar < {gap_bar}x)' if gap_bar else ''}  {verdict}")
-
-    print(f"\nstreams alone: {alone['tok_s']:.1f} tok/s each, plain decode step (median gap) {step:.1f} ms, "
-          f"gap p99 {alone['gap_p99_ms']:.0f} ms")
-    line(f"(b) beside embeddings ({results['embeddings_done']} requests)", with_embed, 0.7, None)
-    line(f"(c) beside long prompts ({results['long_prompts_done']} prompts)", with_long, 0.8, 3.0)
     print(f"\n{results['seconds']:.0f} s in all")
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=2))

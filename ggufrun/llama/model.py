@@ -77,8 +77,9 @@ def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
     return split, devices
 
 
-# The logits one decode's outputs may take (see Model.output_rows).
-OUTPUT_BYTES = 64 << 20
+# The logits one decode's outputs may take (see Model.output_rows). 64 MiB made a text's chunks 110
+# tokens on qwen2's 152k vocabulary: four times the decodes of its prefill, each with a fixed cost.
+OUTPUT_BYTES = 256 << 20
 
 
 def describe(llama_desc: str, n_params: int) -> str:
@@ -488,8 +489,9 @@ class Model:
     def output_rows(self) -> int:
         """The most outputs (tokens whose logits or hidden states are read) one decode should ask:
         llama.cpp keeps a vocabulary row of logits per output for good (output_reserve: logits are
-        reserved even when only embeddings are read), so the rows are capped at 64 MiB of logits
-        (341 on SmolLM2's 49k vocabulary, 64 on gemma3's 262k), at least n_seq_max."""
+        reserved and copied out even when only embeddings are read: llama_context::decode, pooled
+        or not), so the rows are capped at 256 MiB of logits (441 on qwen2's 152k vocabulary, 256 on
+        gemma3's 262k, all of a 512-token batch on SmolLM2's 49k), at least n_seq_max."""
         return min(self.n_batch, max(self.n_seq_max, OUTPUT_BYTES // (4 * max(self.n_vocab, 1))))
 
     def logits_rows(self, n: int) -> Any:
