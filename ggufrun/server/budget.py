@@ -42,7 +42,14 @@ class StepBudget:
         self.n_batch = max(n_batch, 1)
         self.fixed = min(fixed, self.n_batch) if fixed else None
         self.plain_s = 0.0  # running mean of a plain decode step, seconds
-        self.token_s = dict.fromkeys(KINDS, 0.0)  # running mean of what a chunk token of each kind adds to a step
+        # What a chunk of each kind adds to a step: fixed_s + token_s * tokens, fitted to the measured steps
+        # (running means of n, y, n*n, n*y). The fixed part is real: beside the rows, a chunk is a micro-batch
+        # of its own (llama.cpp splits a batch whose sequences have unequal token counts), another pass
+        # over the weights; on a CPU it costs most of a plain step.
+        self.token_s = dict.fromkeys(KINDS, 0.0)
+        self.fixed_s = dict.fromkeys(KINDS, 0.0)
+        self._fit: dict[str, list[float]] = {}
+        self._largest = dict.fromkeys(KINDS, 0)  # the longest chunk of each kind measured: the next is at most twice it
         self.credit_s = 0.0  # seconds of chunk work the next steps may still take
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
         self._last_done = 0.0
@@ -58,17 +65,30 @@ class StepBudget:
         """Chunk work per step on average."""
         return (SLACK - 1.0) * self.plain_s
 
-    def allowance(self, rows: int, kind: str) -> int:
-        """Tokens of ``kind`` the next decode may take beside ``rows`` generating replies."""
-        room = self.n_batch - rows
+    def cost_s(self, kind: str, tokens: int) -> float:
+        """The estimated seconds a chunk of ``tokens`` of ``kind`` adds to a step."""
+        return self.fixed_s[kind] + self.token_s[kind] * tokens if tokens else 0.0
+
+    def allowance(self, rows: int, kind: str, want: int) -> int:
+        """Tokens of ``kind`` the next decode may take beside ``rows`` generating replies, ``want``
+        being what waits. Steered: all that waits when it fits a step's cap (a new stream's short
+        prompt goes at once, running the credit at most a cap into debt); else a capful once the
+        credit holds one (a chunk's fixed cost is spread over as many tokens as a step may take);
+        else nothing this step."""
+        room = max(self.n_batch - rows, 0)
         if not rows:
-            return self.n_batch
+            return min(self.n_batch, want)
         if self.fixed is not None:
-            return max(min(self.fixed, room), 0)
-        cost = self.token_s[kind]
-        if not self.plain_s or not cost:
-            return max(min(_FIRST, room), 0)  # not measured yet: a small chunk measures it
-        return max(min(int(min(self.cap_s, self.credit_s) / cost + 1e-9), room), 0)
+            return min(self.fixed, room, want)
+        if not self.plain_s or not self.token_s[kind]:
+            return min(_FIRST, room, want)  # not measured yet: a small chunk measures it
+        whole = self.cost_s(kind, want)
+        if want <= min(room, max(2 * self._largest[kind], _FIRST)) and whole <= min(self.cap_s, self.credit_s + self.cap_s):
+            return want
+        if self.credit_s >= self.cap_s:
+            n = int((self.cap_s - self.fixed_s[kind]) / self.token_s[kind] + 1e-9)
+            return min(max(n, 1), 2 * self._largest[kind], room, want)  # one token at least: a chunk dearer than the cap still goes
+        return 0
 
     def pick(self, kinds: list[str]) -> str:
         """Which kind of chunk the next step carries, among those with work waiting: the one that has
@@ -79,24 +99,29 @@ class StepBudget:
                 self.spent_s[kind] = max(others, default=0.0)
         return min(kinds, key=lambda k: self.spent_s[k])
 
-    def launched(self, rows: int, kind: str, tokens: int, now: float) -> None:
-        """Note what the decode just queued holds (and pay its chunk out of the credit)."""
-        self._launched = (rows, kind, tokens, now)
+    def launched(self, rows: int, kind: str, tokens: int, started: float) -> None:
+        """Note what the decode just queued holds (and pay its chunk out of the credit); ``started``:
+        when its step's work began (before llama_decode, which computes in the call on a CPU)."""
+        self._launched = (rows, kind, tokens, started)
         if not tokens:
             if rows and self.fixed is None:
                 self.credit_s = min(self.credit_s + self.rate_s, self.cap_s + self.rate_s)
             return
-        spent = tokens * (self.token_s[kind] or self.plain_s / _FIRST or 1e-3)
+        spent = self.cost_s(kind, tokens) if self.token_s[kind] else tokens * (self.plain_s / _FIRST or 1e-3)
         self.spent_s[kind] += spent
         if rows and self.fixed is None:
             self.credit_s = min(self.credit_s - spent + self.rate_s, self.cap_s + self.rate_s)
 
+    def idle(self) -> None:
+        """A step found no decode in flight: the next one's cost counts from its own start."""
+        self._last_done = 0.0
+
     def finished(self, now: float) -> None:
         """The decode in flight has finished at ``now`` (its rows were read): the time since the
-        previous one finished (or since it was queued, after an idle spell) is its cost, the
+        previous one finished (or since its step began, after an idle spell) is its cost, the
         engine's host work included (what a stream feels)."""
-        rows, kind, tokens, queued = self._launched
-        period = now - max(self._last_done, queued) if queued else 0.0
+        rows, kind, tokens, started = self._launched
+        period = now - (self._last_done or started) if started else 0.0
         self._last_done = now
         self._launched = (0, "", 0, 0.0)
         if not rows or period <= 0.0 or period > 60.0:
@@ -106,18 +131,35 @@ class StepBudget:
             return
         if not self.plain_s:
             return
-        per_token = max(period - self.plain_s, 0.0) / tokens
-        old = self.token_s[kind]
-        self.token_s[kind] = per_token if not old else (1 - _EMA) * old + _EMA * per_token
-        # no dearer than measured, but never free: at the floor a step may take a whole batch
-        self.token_s[kind] = max(self.token_s[kind], self.cap_s / self.n_batch, 1e-9)
+        self._learn(kind, tokens, max(period - self.plain_s, 0.0))
+
+    def _learn(self, kind: str, n: int, y: float) -> None:
+        """Fold one chunk (``n`` tokens, ``y`` seconds over a plain step) into its kind's fit."""
+        self._largest[kind] = max(self._largest[kind], n)
+        fit = self._fit.get(kind)
+        point = [float(n), y, float(n * n), n * y]
+        if fit is None:
+            fit = self._fit[kind] = point
+        else:
+            for i, v in enumerate(point):
+                fit[i] = (1 - _EMA) * fit[i] + _EMA * v
+        mn, my, mnn, mny = fit
+        var = mnn - mn * mn
+        floor = max(self.cap_s / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
+        if var > (0.05 * mn) ** 2:  # sizes varied enough to tell the fixed part from the per-token one
+            per = (mny - mn * my) / var
+            per = max(per, floor)
+            self.token_s[kind], self.fixed_s[kind] = per, max(my - per * mn, 0.0)
+        else:
+            self.token_s[kind], self.fixed_s[kind] = max(my / max(mn, 1.0), floor), 0.0
 
     def describe(self) -> str:
         """For the step profile: the per-token costs and the cap, in ms."""
         if self.fixed is not None:
             return f"fixed {self.fixed} tokens"
-        return (f"plain step {1e3 * self.plain_s:.2f} ms, prompt token {1e3 * self.token_s['prompt']:.3f} ms, "
-                f"embedding token {1e3 * self.token_s['embed']:.3f} ms, cap {1e3 * self.cap_s:.2f} ms")
+        return (f"plain step {1e3 * self.plain_s:.2f} ms, cap {1e3 * self.cap_s:.2f} ms, credit {1e3 * self.credit_s:.2f} ms; "
+                f"a chunk adds: prompt {1e3 * self.fixed_s['prompt']:.2f} + {1e3 * self.token_s['prompt']:.3f}/token ms, "
+                f"embedding {1e3 * self.fixed_s['embed']:.2f} + {1e3 * self.token_s['embed']:.3f}/token ms")
 
 
 def fixed_tokens(setting: object) -> int | None:

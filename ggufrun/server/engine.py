@@ -633,8 +633,10 @@ class Engine:
         sampled = self._collect(model)
         self._embed_collect(model)
         t2 = time.perf_counter()
-        if decoded and self._budget is not None:
+        if self._budget is not None and decoded:
             self._budget.finished(t2)
+        elif self._budget is not None:
+            self._budget.idle()
         with self._cv:  # the head now: the one passed in may have finished in _embed_collect
             embed = self._embeds[0] if self._embeds else None
         if embed is not None:
@@ -745,12 +747,15 @@ class Engine:
         prompts = [s for s in running if s.pending]
         kinds = (["prompt"] if prompts else []) + (["embed"] if embed is not None else [])
         kind = self._budget.pick(kinds) if kinds else "prompt"
-        chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting, kind))
+        if kind == "embed" and embed is not None:
+            queued = min(len(embed.tokens) - embed.sent, max(model.output_rows - n_rows, 8))  # type: ignore[arg-type]
+        else:
+            queued = sum(len(slot.pending) for slot in prompts)
+        chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting, kind, queued))
         embed_part: list[int] = []
         if kind == "embed" and embed is not None and chunks > 0:
-            # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped
-            take = min(chunks, max(model.output_rows - n_rows, 8), len(embed.tokens) - embed.sent)  # type: ignore[arg-type]
-            embed_part = embed.tokens[embed.sent : embed.sent + take]  # type: ignore[index]
+            # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped in want
+            embed_part = embed.tokens[embed.sent : embed.sent + chunks]  # type: ignore[index]
         elif prompts:
             self._turn = (self._turn + 1) % len(prompts)  # which prompt goes first: each in turn
             for slot in prompts[self._turn:] + prompts[: self._turn]:
@@ -762,6 +767,7 @@ class Engine:
         if not batch and not embed_part:
             return None
         items = [(s.seq_id, toks, want) for s, toks, want in batch]
+        started = time.perf_counter()
         try:
             if embed_part:
                 assert embed is not None and self.backend is not None and self.backend.embed_seq is not None
@@ -774,7 +780,7 @@ class Engine:
             return exc, [slot for slot, _, _ in batch]
         self._decoded = True
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
-        self._budget.launched(n_rows or waiting, kind, n_chunks, time.perf_counter())
+        self._budget.launched(n_rows or waiting, kind, n_chunks, started)
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
