@@ -199,7 +199,7 @@ def run_steps(b: Any, now: float, n: int, plain: float, per_token: dict[str, flo
     tokens at their kind's cost; returns the clock and what each step carried."""
     sent = []
     for _ in range(n):
-        kind = b.pick(kinds) if kinds else "prompt"
+        kind = b.pick(kinds)
         chunk = b.allowance(2, kind, 10**6) if kinds else 0
         sent.append((kind, chunk))
         b.launched(2, kind, chunk, now)
@@ -231,7 +231,8 @@ def test_each_kind_of_chunk_has_its_own_cost_and_its_turn() -> None:
     """What reverted this budget once: embedding tokens (7 ms each here) beside prompt tokens (0.5
     ms) calibrated one shared token budget, and prompts crawled. Each kind now has its cost: a
     prompt gets 10x the tokens a text does per step, both within 2x a plain step, and the two take
-    turns by time (neither starves: each gets about half the chunk time)."""
+    turns by time (neither starves: each gets about half the chunk time, 1.3x a plain step on
+    average while a text waits, 1.2x for prompts alone)."""
     from ggufrun.server.budget import StepBudget
 
     b = StepBudget(512)
@@ -245,7 +246,7 @@ def test_each_kind_of_chunk_has_its_own_cost_and_its_turn() -> None:
     assert max(prompt) <= 40 and max(embed) <= 2 and max(prompt) >= 10 * max(embed)
     prompt_s, embed_s = sum(prompt) * costs["prompt"], sum(embed) * costs["embed"]
     assert 0.6 < prompt_s / embed_s < 1.6, (prompt_s, embed_s)
-    assert 0.7 < (prompt_s + embed_s) / (200 * 0.020) / 0.2 < 1.3  # 1.2x a plain step on average
+    assert 0.8 < (prompt_s + embed_s) / (200 * 0.020) / 0.3 < 1.2  # 1.3x a plain step on average while a text waits
     # a kind alone banks no time: a prompt that arrives after a long text goes next
     now, _ = run_steps(b, now, 200, 0.020, costs, ["embed"])
     assert b.pick(["prompt", "embed"]) == "prompt"

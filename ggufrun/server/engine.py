@@ -746,7 +746,7 @@ class Engine:
         # back shift), so the two never share a decode; they take turns by the time each has had.
         prompts = [s for s in running if s.pending]
         kinds = (["prompt"] if prompts else []) + (["embed"] if embed is not None else [])
-        kind = self._budget.pick(kinds) if kinds else "prompt"
+        kind = self._budget.pick(kinds)
         if kind == "embed" and embed is not None:
             queued = min(len(embed.tokens) - embed.sent, max(model.output_rows - n_rows, 8))  # type: ignore[arg-type]
         else:
