@@ -5,7 +5,7 @@ of the text being embedded goes in, up to a budget (as vLLM's and SGLang's chunk
 prompt of 11k tokens or a batch of long texts to embed then costs the streams a bounded share of
 each step, not a whole prefill: under ``auto`` the budget is a time, steered so that steps take on
 average at most :data:`SLACK` times a plain decode step (streams keep >= 1/SLACK of their pace) and
-one step at most :data:`PEAK` times, measured on the machine as it runs.
+one step at most :data:`PEAK` times (both per kind of work), measured on the machine as it runs.
 
 The budget is spent in estimated seconds, not tokens: each kind of chunk has its own measured cost
 per token. One token budget for both let the dearer kind calibrate it for the other (an embedding
@@ -24,7 +24,11 @@ from __future__ import annotations
 # and 0.7). Texts get more: each is a chunk of its own (one embedding sequence), and a request of 256
 # short texts beside a stream took 120 s at 1.2 on a loaded 2-core CPU.
 SLACK = {"prompt": 1.2, "embed": 1.3}
-PEAK = 2.0  # and one step at most this many (a stream's longest gap)
+# and one step at most this many (a stream's longest gap; issue 22's bar beside long prompts: p99 < 3x).
+# A text's chunks may be larger and rarer: on a CPU a few tokens beside the rows cost nearly what a
+# whole chunk does (~35 ms a token in chunks of 8 against ~5 in chunks of 340, SmolLM2), so capfuls of
+# one plain step left a 1,000-token text ~1 token a step, 95 s beside one stream (18.7 s alone).
+PEAK = {"prompt": 2.0, "embed": 4.0}
 _FIRST = 16  # the tokens a step may take before its kind's cost has been measured
 _EMA = 0.2  # weight of the newest measurement in the running means
 
@@ -60,10 +64,13 @@ class StepBudget:
         self._last_done = 0.0
         self._launched: tuple[int, str, int, float] = (0, "", 0, 0.0)  # rows, kind, tokens of the decode in flight; when queued
 
+    def cap_s(self, kind: str) -> float:
+        """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""
+        return (PEAK[kind] - 1.0) * self.plain_s
+
     @property
-    def cap_s(self) -> float:
-        """The most chunk work one step may carry beside the rows (0 before a plain step is measured)."""
-        return (PEAK - 1.0) * self.plain_s
+    def _credit_cap_s(self) -> float:
+        return max((self.cap_s(k) for k in self._waiting), default=self.cap_s(KINDS[0])) + self.rate_s
 
     @property
     def rate_s(self) -> float:
@@ -88,10 +95,11 @@ class StepBudget:
         if not self.plain_s or not self.token_s[kind]:
             return min(_FIRST, room, want)  # not measured yet: a small chunk measures it
         whole = self.cost_s(kind, want)
-        if want <= min(room, max(2 * self._largest[kind], _FIRST)) and whole <= min(self.cap_s, self.credit_s + self.cap_s):
+        cap = self.cap_s(kind)
+        if want <= min(room, max(2 * self._largest[kind], _FIRST)) and whole <= min(cap, self.credit_s + cap):
             return want
-        if self.credit_s >= self.cap_s:
-            n = int((self.cap_s - self.fixed_s[kind]) / self.token_s[kind] + 1e-9)
+        if self.credit_s >= cap:
+            n = int((cap - self.fixed_s[kind]) / self.token_s[kind] + 1e-9)
             return min(max(n, 1), 2 * self._largest[kind], room, want)  # one token at least: a chunk dearer than the cap still goes
         return 0
 
@@ -113,12 +121,12 @@ class StepBudget:
         self._launched = (rows, kind, tokens, started)
         if not tokens:
             if rows and self.fixed is None:
-                self.credit_s = min(self.credit_s + self.rate_s, self.cap_s + self.rate_s)
+                self.credit_s = min(self.credit_s + self.rate_s, self._credit_cap_s)
             return
         spent = self.cost_s(kind, tokens) if self.token_s[kind] else tokens * (self.plain_s / _FIRST or 1e-3)
         self.spent_s[kind] += spent
         if rows and self.fixed is None:
-            self.credit_s = min(self.credit_s - spent + self.rate_s, self.cap_s + self.rate_s)
+            self.credit_s = min(self.credit_s - spent + self.rate_s, self._credit_cap_s)
 
     def idle(self) -> None:
         """A step found no decode in flight: the next one's cost counts from its own start."""
@@ -153,7 +161,7 @@ class StepBudget:
                 fit[i] = (1 - _EMA) * fit[i] + _EMA * v
         mn, my, mnn, mny = fit
         var = mnn - mn * mn
-        floor = max(self.cap_s / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
+        floor = max(self.cap_s(kind) / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
         if var > (0.05 * mn) ** 2:  # sizes varied enough to tell the fixed part from the per-token one
             per = (mny - mn * my) / var
             per = max(per, floor)
@@ -165,7 +173,7 @@ class StepBudget:
         """For the step profile: the per-token costs and the cap, in ms."""
         if self.fixed is not None:
             return f"fixed {self.fixed} tokens"
-        return (f"plain step {1e3 * self.plain_s:.2f} ms, cap {1e3 * self.cap_s:.2f} ms, credit {1e3 * self.credit_s:.2f} ms; "
+        return (f"plain step {1e3 * self.plain_s:.2f} ms, credit {1e3 * self.credit_s:.2f} ms; "
                 f"a chunk adds: prompt {1e3 * self.fixed_s['prompt']:.2f} + {1e3 * self.token_s['prompt']:.3f}/token ms, "
                 f"embedding {1e3 * self.fixed_s['embed']:.2f} + {1e3 * self.token_s['embed']:.3f}/token ms")
 
