@@ -58,6 +58,7 @@ class StepBudget:
         self.fixed_s = dict.fromkeys(KINDS, 0.0)
         self._fit: dict[str, list[float]] = {}
         self._largest = dict.fromkeys(KINDS, 0)  # the longest chunk of each kind measured: the next is at most twice it
+        self._split: set[str] = set()  # kinds whose fixed part has been told apart (chunks of several sizes seen)
         self.credit_s = 0.0  # seconds of chunk work the next steps may still take
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
         self._waiting: list[str] = []  # the kinds with work waiting at the last pick
@@ -99,8 +100,12 @@ class StepBudget:
         if want <= min(room, max(2 * self._largest[kind], _FIRST)) and whole <= min(cap, self.credit_s + cap):
             return want
         if self.credit_s >= cap:
-            n = int((cap - self.fixed_s[kind]) / self.token_s[kind] + 1e-9)
-            return min(max(n, 1), 2 * self._largest[kind], room, want)  # one token at least: a chunk dearer than the cap still goes
+            n = max(int((cap - self.fixed_s[kind]) / self.token_s[kind] + 1e-9), 1)  # one at least: a chunk dearer than the cap still goes
+            mean = self._fit[kind][0]
+            if kind not in self._split and abs(n - mean) <= 0.1 * mean:
+                # chunks all of one size cannot tell the fixed part from the per-token one: one of another size can
+                n = n // 2 if n >= 2 else 2
+            return min(n, 2 * self._largest[kind], room, want)
         return 0
 
     def pick(self, kinds: list[str]) -> str:
@@ -163,11 +168,12 @@ class StepBudget:
         var = mnn - mn * mn
         floor = max(self.cap_s(kind) / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
         if var > (0.05 * mn) ** 2:  # sizes varied enough to tell the fixed part from the per-token one
-            per = (mny - mn * my) / var
-            per = max(per, floor)
-            self.token_s[kind], self.fixed_s[kind] = per, max(my - per * mn, 0.0)
-        else:
-            self.token_s[kind], self.fixed_s[kind] = max(my / max(mn, 1.0), floor), 0.0
+            per = max((mny - mn * my) / var, floor)
+            self.token_s[kind], self.fixed_s[kind] = per, min(max(my - per * mn, 0.0), my)
+            self._split.add(kind)
+        else:  # chunks of one size lately: the fixed part as last told apart, the rest per token
+            fixed = min(self.fixed_s[kind], my)
+            self.token_s[kind], self.fixed_s[kind] = max((my - fixed) / max(mn, 1.0), floor), fixed
 
     def describe(self) -> str:
         """For the step profile: the per-token costs and the cap, in ms."""
