@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
 from .generation import classify_stops
-from .reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, ThinkSplitter, detect, start_state, steer
+from .reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, ThinkSplitter, detect, plan_reply
 from .templates import ChatTemplate, chat_tokens, select_template
 
 if TYPE_CHECKING:
@@ -181,15 +181,8 @@ class ChatSession:
         fmt = self.reasoning
         if fmt is None:
             return tokens, None
-        start = start_state(self.model.detokenize(tokens[-8:], special=True), fmt)
-        extra, start = steer(fmt, start, self.thinking)
-        if extra:
-            tokens = tokens + self.model.tokenize(extra, add_special=False, parse_special=True)
-        if start == ANSWER:
-            return tokens, None
-        budget = self.settings.reasoning_budget
-        close = self.model.tokenize(fmt.close_text, add_special=False, parse_special=True)
-        return tokens, ThinkBudget(fmt, start, budget if budget > 0 else None, close)
+        tokens, _, think = plan_reply(self.model, tokens, fmt, self.thinking, self.settings.reasoning_budget)
+        return tokens, think
 
     def reply_room(self) -> int:
         """Context kept free for the reply when deciding whether the history must be trimmed."""

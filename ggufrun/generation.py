@@ -75,6 +75,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias; -inf (or <= -100) bans
     grammar: str | None = None  # GBNF text
     logprobs: int | None = None  # None = off; 0..20 = the sampled token's logprob plus that many alternatives
+    # llama.cpp's infill sampler (llama-server's "infill" in samplers): -1 off, else where it runs in
+    # the draw chain, after this many of top-k, top-p, min-p, temperature. Only a llama.cpp chain has it.
+    infill: int = -1
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
@@ -83,7 +86,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        # the infill sampler can drop the likeliest token (merged into its prefix): its chain draws
+        return self.temperature <= 0 and self.infill < 0
 
     @property
     def penalised(self) -> bool:
@@ -99,6 +103,7 @@ class TokenInfo:
     text: str
     logprob: float | None = None
     top: list[tuple[str, float]] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)  # the alternatives' token ids (llama-server's probs name them)
 
 
 @dataclass
@@ -735,6 +740,8 @@ class Generation:
             raise GgufrunError(f"Invalid 'logit_bias': token id {bad} is outside the vocabulary of {vocab.n_vocab}.")
         grammar = grammar_factory(params.grammar) if params.grammar and grammar_factory is not None else None
         draw = draw_factory(params) if draw_factory is not None and not params.greedy else None
+        if params.infill >= 0 and draw is None:
+            raise GgufrunError("The infill sampler runs only in llama.cpp's sampler chain (no draw_factory was given).")
         self.sampler = SeqSampler(params, prompt, grammar, n_ctx, draw)
         self.n_prompt = len(prompt)
         self.stats = GenStats(prompt_tokens=len(prompt), cached_tokens=cached)
@@ -774,7 +781,8 @@ class Generation:
         if self.params.logprobs is not None:
             lp, top = info if info is not None else (None, [])
             self.tokens.append(TokenInfo(token, self.vocab.token_bytes(token).decode("utf-8", "replace"), lp,
-                                         [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top]))
+                                         [(self.vocab.token_bytes(t).decode("utf-8", "replace"), v) for t, v in top],
+                                         [t for t, _ in top]))
         text = self._held + piece
         if self.stop_texts:
             text, self._held, hit = split_stop(text, self.stop_texts)

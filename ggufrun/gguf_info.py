@@ -148,8 +148,12 @@ class GGUFInfo:
                 for f in fields(self) if f.name != "tensors"}
 
     def memory_estimate(self, n_ctx: int, n_gpu_layers: int = -1, kv_bytes_per_elem: float = 2.0,
-                        n_ubatch: int = 512) -> MemoryEstimate:
+                        n_ubatch: int = 512, *, cache_types: tuple[str, str] | None = None,
+                        kv_cells: int | None = None) -> MemoryEstimate:
         """Estimate memory for ``n_ctx`` tokens with ``n_gpu_layers`` offloaded (-1: all).
+
+        ``cache_types`` (K, V: "f16", "q8_0"...) replaces ``kv_bytes_per_elem`` with each type's
+        size; ``kv_cells`` is the whole cache where it holds more than one sequence (a server's slots).
 
         Follows llama.cpp's placement: the last ``n_gpu_layers`` blocks go to the GPU, the
         output layer too once ``n_gpu_layers`` exceeds the block count, the token embedding
@@ -175,7 +179,13 @@ class GGUFInfo:
                 weights_gpu += t.n_bytes  # llama.cpp duplicates a tied embedding as the output layer
         head_dim = self.key_length or ((self.embedding_length or 0) // (self.head_count or 1))
         v_dim = self.value_length or head_dim
-        per_layer = int(n_ctx * (self.head_count_kv or self.head_count or 0) * (head_dim + v_dim) * kv_bytes_per_elem)
+        if cache_types is None:
+            bytes_k = bytes_v = kv_bytes_per_elem
+        else:
+            from .settings import KV_CACHE_BYTES
+
+            bytes_k, bytes_v = KV_CACHE_BYTES[cache_types[0]], KV_CACHE_BYTES[cache_types[1]]
+        per_layer = int((kv_cells or n_ctx) * (self.head_count_kv or self.head_count or 0) * (head_dim * bytes_k + v_dim * bytes_v))
         n_gpu_blocks = min(ngl, n_layer)
         ubatch = min(n_ubatch, n_ctx)
         # The graph allocator reuses memory, so the biggest buffers dominate: the logits of a

@@ -58,7 +58,9 @@ def open_model(
         from .offload import decide
 
         info = validate(path)  # a crafted header is refused before its numbers are trusted
-        plan = decide(info, settings.n_ctx or info.context_length or 4096, spec.name, n_ubatch=settings.ubatch_size)
+        n_ctx = settings.n_ctx or info.context_length or 4096
+        plan = decide(info, n_ctx, spec.name, n_ubatch=settings.ubatch_size, kv_cells=max(kv_cells, n_ctx),
+                      cache_types=(settings.cache_type_k, settings.cache_type_v))
         settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
         if plan.devices and report is not None:  # a CPU-only build: nothing worth saying
             report(plan.describe())

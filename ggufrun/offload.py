@@ -84,7 +84,7 @@ def gpu_budget(device: Device) -> int:
 
 
 def plan(info: GGUFInfo, n_ctx: int, *, devices: Sequence[Device] | None = None, ram: int | None = None,
-         n_ubatch: int = 512) -> Plan:
+         n_ubatch: int = 512, cache_types: tuple[str, str] = ("f16", "f16"), kv_cells: int | None = None) -> Plan:
     """The most layers whose GPU share fits the GPUs' free memory less a margin.
 
     ``devices`` defaults to llama.cpp's GPUs (or the simulated ones). llama.cpp splits layers
@@ -101,11 +101,12 @@ def plan(info: GGUFInfo, n_ctx: int, *, devices: Sequence[Device] | None = None,
     lo, hi = 0, n_layers if devices else 0
     while lo < hi:  # memory grows with every layer offloaded: the largest that fits
         mid = (lo + hi + 1) // 2
-        if info.memory_estimate(n_ctx, n_gpu_layers=mid, n_ubatch=n_ubatch).gpu <= budget:
+        if info.memory_estimate(n_ctx, n_gpu_layers=mid, n_ubatch=n_ubatch, cache_types=cache_types, kv_cells=kv_cells).gpu <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return Plan(n_gpu_layers=lo, n_layers=n_layers, estimate=info.memory_estimate(n_ctx, n_gpu_layers=lo, n_ubatch=n_ubatch),
+    estimate = info.memory_estimate(n_ctx, n_gpu_layers=lo, n_ubatch=n_ubatch, cache_types=cache_types, kv_cells=kv_cells)
+    return Plan(n_gpu_layers=lo, n_layers=n_layers, estimate=estimate,
                 devices=tuple(devices), ram_available=ram)
 
 
@@ -125,11 +126,12 @@ def check_ram(p: Plan, what: str) -> None:
     )
 
 
-def decide(info: GGUFInfo, n_ctx: int, what: str, *, n_ubatch: int = 512) -> Plan:
+def decide(info: GGUFInfo, n_ctx: int, what: str, *, n_ubatch: int = 512, cache_types: tuple[str, str] = ("f16", "f16"),
+           kv_cells: int | None = None) -> Plan:
     """plan() for a model about to load, refused (DoesNotFitError) when the CPU share does not fit."""
     trained = info.context_length
     if trained and n_ctx > trained:  # the same refusal llama.cpp's loading would give, before any estimate
         raise ConfigError(f"n_ctx={n_ctx} is larger than the model's trained context ({trained}).", f"Use --n-ctx {trained} or less.")
-    p = plan(info, n_ctx, n_ubatch=n_ubatch)
+    p = plan(info, n_ctx, n_ubatch=n_ubatch, cache_types=cache_types, kv_cells=kv_cells)
     check_ram(p, what)
     return p

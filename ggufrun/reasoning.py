@@ -16,7 +16,7 @@ gets neither: its path is unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 FORMATS = ("auto", "none", "deepseek")
 
@@ -83,6 +83,21 @@ def steer(fmt: ThinkFormat, start: str, on: bool, open_block: bool = False) -> t
     if on and open_block and start == START:
         return f"{fmt.open}\n", THINKING
     return "", start
+
+
+def plan_reply(model: Any, tokens: list[int], fmt: ThinkFormat, on: bool, budget: int,
+               open_block: bool = False) -> tuple[list[int], str, ThinkBudget | None]:
+    """The prompt's tokens with what :func:`steer` adds, where the reply starts, and its thinking
+    budget (None where it starts in the answer). ``budget`` <= 0: no limit. Chat and serve both
+    plan a reasoning reply here."""
+    start = start_state(model.detokenize(tokens[-8:], special=True), fmt)
+    extra, start = steer(fmt, start, on, open_block=open_block)
+    if extra:
+        tokens = tokens + model.tokenize(extra, add_special=False, parse_special=True)
+    if start == ANSWER:
+        return tokens, start, None
+    close = model.tokenize(fmt.close_text, add_special=False, parse_special=True)
+    return tokens, start, ThinkBudget(fmt, start, budget if budget > 0 else None, close)
 
 
 def _partial(text: str, tag: str) -> int:

@@ -35,13 +35,24 @@ class Field:
     choices: tuple[str, ...] | None = None
     sampling: bool = False
     auto: bool = False  # also accepts the word "auto"
+    short: str = ""  # llama.cpp's short flag, where people know it (-ctk)
 
+
+# The KV cache types llama.cpp's -ctk/-ctv accept (common/arg.cpp kv_cache_types), and each one's bytes
+# per element: a quantized type stores a block of 32 elements in the bytes given (ggml's block_q8_0 etc).
+KV_CACHE_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                                    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
+KV_CACHE_TYPES = tuple(KV_CACHE_BYTES)
 
 FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("n_gpu_layers", int, "Layers to offload to the GPU: auto (as many as fit in free GPU memory), -1 = all, 0 = CPU only.",
           min=-1, auto=True),
     Field("n_ctx", int, "Context window in tokens (0 = the model's trained length).", min=0),
     Field("flash_attn", str, "Flash attention.", choices=("on", "off", "auto")),
+    Field("cache_type_k", str, "KV cache type of the keys (llama.cpp -ctk): f16, or q8_0/q4_0... for less memory.",
+          choices=KV_CACHE_TYPES, short="-ctk"),
+    Field("cache_type_v", str, "KV cache type of the values (llama.cpp -ctv); a quantized one needs flash attention.",
+          choices=KV_CACHE_TYPES, short="-ctv"),
     Field("threads", int, "CPU threads for generation (0 = number of physical cores).", min=0, max=1024),
     Field("batch_size", int, "Prompt processing batch size (logical, llama.cpp -b).", min=1),
     Field("ubatch_size", int, "Physical micro-batch size (llama.cpp -ub).", min=1),
@@ -77,6 +88,8 @@ class Settings:
     n_gpu_layers: int | str = "auto"  # "auto" is resolved against the model and the GPUs before loading
     n_ctx: int = 4096
     flash_attn: str = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
     threads: int = 0
     batch_size: int = 512
     ubatch_size: int = 512

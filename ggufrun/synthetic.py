@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, DiskSpaceError
 
-ARCHES = ("qwen2", "llama", "gemma2", "gemma3")
+ARCHES = ("qwen2", "qwen3", "llama", "gemma2", "gemma3")
 _ARCH_ALIASES = {"gemma": "gemma2"}
 
 
@@ -48,6 +48,7 @@ class ShapeSpec:
     rms_eps: float = 1e-6
     sliding_window: int = 4096  # gemma2/gemma3 only
     name: str = "custom"
+    reranker: bool = False  # qwen3 only: Qwen3-Reranker's rank head (cls.output over "yes"/"no", rank pooling)
 
     @property
     def n_embd_head(self) -> int:
@@ -62,6 +63,13 @@ SHAPES: dict[str, ShapeSpec] = {
     "tiny-llama": ShapeSpec(arch="llama", name="tiny-llama", **_TINY),
     "tiny-gemma": ShapeSpec(arch="gemma2", name="tiny-gemma", sliding_window=512, **_TINY),
     "tiny-gemma3": ShapeSpec(arch="gemma3", name="tiny-gemma3", sliding_window=512, **_TINY),
+    "tiny-qwen3": ShapeSpec(arch="qwen3", name="tiny-qwen3", **_TINY),
+    # Qwen3-Reranker's shape (tiny and real): llama.cpp scores a (query, document) prompt with its
+    # rank pooling, the last token's state through cls.output (the "yes"/"no" rows of the LM head).
+    "tiny-qwen3-reranker": ShapeSpec(arch="qwen3", name="tiny-qwen3-reranker", reranker=True, **_TINY),
+    "qwen3-reranker-0.6b": ShapeSpec(arch="qwen3", name="qwen3-reranker-0.6b", n_layer=28, n_embd=1024, n_head=16, n_head_kv=8,
+                                     head_dim=128, n_ff=3072, n_vocab=151669, context_length=40960, rope_freq_base=1e6,
+                                     reranker=True),
     "qwen2-0.5b": ShapeSpec(arch="qwen2", name="qwen2-0.5b", n_layer=24, n_embd=896, n_head=14, n_head_kv=2,
                             n_ff=4864, n_vocab=151936, context_length=32768, rope_freq_base=1e6),
     "qwen2-7b": ShapeSpec(arch="qwen2", name="qwen2-7b", n_layer=28, n_embd=3584, n_head=28, n_head_kv=4,
@@ -129,6 +137,22 @@ GEMMA_TEMPLATE = (
 )
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE}
 
+# Qwen3-Reranker's prompt (convert_hf_to_gguf.py writes it as tokenizer.chat_template.rerank) and labels
+RERANK_TEMPLATE = (
+    '<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct '
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n<Instruct>: Given a web '
+    'search query, retrieve relevant passages that answer the query\n<Query>: {query}\n<Document>: {document}'
+    '<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n'
+)
+RERANK_LABELS = ("yes", "no")
+# Fill-in-the-middle tokens, after the chat tokens (``fim=``): Qwen2.5-Coder's six (repo-level FIM
+# included), or only prefix/suffix/middle (CodeLlama-style names), as tokenizer.ggml.fim_*_token_id.
+FIM_TOKENS = {
+    "qwen": {"pre": "<|fim_prefix|>", "suf": "<|fim_suffix|>", "mid": "<|fim_middle|>", "pad": "<|fim_pad|>",
+             "rep": "<|repo_name|>", "sep": "<|file_sep|>"},
+    "basic": {"pre": "<PRE>", "suf": "<SUF>", "mid": "<MID>"},
+}
+
 # token ids fixed in every synthetic vocabulary
 UNK, BOS, EOS = 0, 1, 2
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>")
@@ -189,7 +213,7 @@ def _explicit_shape(text: str) -> ShapeSpec:
             values[_SHAPE_KEYS[key]] = bool(int(value)) if key == "tied" else int(value)
         except ValueError:
             raise ConfigError(f"Shape item '{item}' needs an integer value.") from None
-    base = {"qwen2": "tiny", "llama": "tiny-llama", "gemma2": "tiny-gemma", "gemma3": "tiny-gemma3"}[arch]
+    base = {"qwen2": "tiny", "qwen3": "tiny-qwen3", "llama": "tiny-llama", "gemma2": "tiny-gemma", "gemma3": "tiny-gemma3"}[arch]
     return replace(SHAPES[base], name=text, **values)
 
 
@@ -202,6 +226,8 @@ def _check(spec: ShapeSpec) -> None:
         raise ConfigError(f"Shape '{spec.name}': dim {spec.n_embd} is not a multiple of heads {spec.n_head}.")
     if spec.arch in ("qwen2", "llama") and spec.head_dim not in (None, spec.n_embd // spec.n_head):
         raise ConfigError(f"Shape '{spec.name}': {spec.arch} needs head_dim = dim / heads.")
+    if spec.reranker and spec.arch != "qwen3":
+        raise ConfigError(f"Shape '{spec.name}': only qwen3 shapes have a reranker head (Qwen3-Reranker).")
     if spec.n_head % spec.n_head_kv:
         raise ConfigError(f"Shape '{spec.name}': heads {spec.n_head} is not a multiple of kv_heads {spec.n_head_kv}.")
     if spec.arch == "gemma2" and not spec.tied:
@@ -263,7 +289,7 @@ def _layout(spec: ShapeSpec) -> Iterator[tuple[str, tuple[int, ...], str]]:
             yield b + "attn_q.bias", (q_dim,), "bias"
             yield b + "attn_k.bias", (kv_dim,), "bias"
             yield b + "attn_v.bias", (kv_dim,), "bias"
-        if spec.arch == "gemma3":
+        if spec.arch in ("gemma3", "qwen3"):
             yield b + "attn_q_norm.weight", (hd,), "ones"
             yield b + "attn_k_norm.weight", (hd,), "ones"
         yield b + "attn_output.weight", (q_dim, e), "weight"
@@ -278,6 +304,8 @@ def _layout(spec: ShapeSpec) -> Iterator[tuple[str, tuple[int, ...], str]]:
     yield "output_norm.weight", (e,), "ones"
     if not spec.tied:
         yield "output.weight", (e, v), "weight"
+    if spec.reranker:
+        yield "cls.output.weight", (e, len(RERANK_LABELS)), "weight"
 
 
 def plan(shape: str | ShapeSpec = "tiny", arch: str | None = None, quant: str = "q8_0") -> list[PlannedTensor]:
@@ -301,16 +329,18 @@ def plan(shape: str | ShapeSpec = "tiny", arch: str | None = None, quant: str = 
     return out
 
 
-def build_vocab(n_vocab: int, family: str) -> tuple[list[str], list[float], list[int], dict[str, int]]:
+def build_vocab(n_vocab: int, family: str, extra: tuple[str, ...] = ()) -> tuple[list[str], list[float], list[int], dict[str, int]]:
     """An SPM ("llama") vocabulary of exactly ``n_vocab`` tokens: <unk> <s> </s>, the chat
     control tokens, 256 byte-fallback tokens (so any text tokenizes), English words with every
     prefix (so SPM's pairwise merges can reach them), and pronounceable filler.
 
+    ``extra`` control tokens (FIM's) follow the chat tokens.
+
     Returns tokens, scores, token types and the special ids (bos, eos, unk, eot)."""
     from gguf import TokenType
 
-    tokens = ["<unk>", "<s>", "</s>", *CHAT_TOKENS]
-    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.CONTROL] * len(CHAT_TOKENS)
+    tokens = ["<unk>", "<s>", "</s>", *CHAT_TOKENS, *extra]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.CONTROL] * (len(CHAT_TOKENS) + len(extra))
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [TokenType.BYTE] * 256
     scores = [0.0] * len(tokens)
@@ -359,6 +389,7 @@ def write_synthetic(
     vocab_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = True,
+    fim: str | None = None,
 ) -> Path:
     """Write a random-weight GGUF to ``path`` (atomically) and return the path.
 
@@ -367,7 +398,8 @@ def write_synthetic(
     ``chat_template``: True writes the family's template (chatml for qwen2/llama, gemma turns for
     gemma), False none, a string that template. ``progress(done_bytes, total_bytes)`` is called
     as tensor data is written. Deterministic for a given seed. With ``overwrite=False`` an
-    existing file is left alone.
+    existing file is left alone. ``fim``: "qwen" or "basic" adds fill-in-the-middle tokens (FIM_TOKENS).
+    A reranker shape also gets Qwen3-Reranker's rerank template and labels, and rank pooling.
     Raises ConfigError for a bad shape or quant or an existing file (overwrite=False),
     DiskSpaceError when the disk is too small.
     """
@@ -379,6 +411,8 @@ def write_synthetic(
         spec = replace(spec, n_vocab=vocab_size)
         _check(spec)
     quant = _quant(quant)
+    if fim is not None and fim not in FIM_TOKENS:
+        raise ConfigError(f"Unknown FIM token set '{fim}'.", f"Choose one of: {', '.join(FIM_TOKENS)}.")
     tensors = plan(spec, quant=quant)
     total = sum(t.n_bytes for t in tensors)
     out = Path(path)
@@ -410,7 +444,7 @@ def write_synthetic(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(tmp, spec.arch)
     try:
-        _write_metadata(writer, spec, quant, family, template, gguf)
+        _write_metadata(writer, spec, quant, family, template, gguf, fim)
         for t in tensors:
             ne = t.shape[::-1]  # numpy order
             if t.type in ("F32", "F16"):
@@ -433,7 +467,8 @@ def write_synthetic(
     return out
 
 
-def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any) -> None:
+def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any,
+                    fim: str | None = None) -> None:
     w.add_name(f"ggufrun synthetic {spec.name} {quant}")
     w.add_file_type(int(gguf.LlamaFileType[QUANTS[quant].file_type]))
     if quant not in ("f32", "f16"):
@@ -449,14 +484,16 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
     if spec.arch == "llama":
         w.add_rope_dimension_count(spec.n_embd_head)
         w.add_vocab_size(spec.n_vocab)
-    if spec.arch in ("gemma2", "gemma3"):
+    if spec.arch in ("gemma2", "gemma3", "qwen3"):
         w.add_key_length(spec.n_embd_head)
         w.add_value_length(spec.n_embd_head)
-        w.add_sliding_window(spec.sliding_window)
+        if spec.arch != "qwen3":
+            w.add_sliding_window(spec.sliding_window)
     if spec.arch == "gemma2":
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
-    tokens, scores, types, ids = build_vocab(spec.n_vocab, family)
+    fim_names = FIM_TOKENS[fim] if fim else {}
+    tokens, scores, types, ids = build_vocab(spec.n_vocab, family, tuple(fim_names.values()))
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -466,10 +503,17 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
     w.add_eot_token_id(ids["eot"])
     w.add_unk_token_id(ids["unk"])
     w.add_pad_token_id(ids["unk"])
-    w.add_add_bos_token(spec.arch != "qwen2")  # Qwen adds no BOS; llama and gemma do
+    for role, text in fim_names.items():
+        w.add_uint32(getattr(gguf.Keys.Tokenizer, f"FIM_{role.upper()}_ID"), tokens.index(text))
+    w.add_add_bos_token(spec.arch not in ("qwen2", "qwen3"))  # Qwen adds no BOS; llama and gemma do
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)  # so that text round-trips through tokenize/detokenize unchanged
-    if template:
+    if spec.reranker:
+        w.add_pooling_type(gguf.PoolingType.RANK)
+        w.add_classifier_output_labels(list(RERANK_LABELS))
+        w.add_chat_template([*([{"name": "default", "template": template}] if template else []),
+                             {"name": "rerank", "template": RERANK_TEMPLATE}])
+    elif template:
         w.add_chat_template(template)
 
 

@@ -233,7 +233,7 @@ def test_ollama_refusals(smol: ServerProcess) -> None:
         with pytest.raises(ollama.ResponseError, match="format") as fmt:
             c.chat(model="smol", messages=HI, format=schema)
         assert fmt.value.status_code == 400
-    bad = post(smol, "/api/chat", {"model": "smol", "messages": HI, "stream": False, "keep_alive": 0})
+    bad = post(smol, "/api/chat", {"model": "smol", "messages": HI, "stream": False, "keep_alive": "soon"})
     assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
 
 
@@ -425,7 +425,8 @@ def test_wrong_types_and_long_texts_are_refused_in_each_apis_shape(smol: ServerP
     cases = [
         ("/v1/messages/count_tokens", {"model": 5, "messages": [{"role": "user", "content": "hi"}]}, "model"),
         ("/api/embed", {"model": 5, "input": "red"}, "model"),
-        ("/api/embed", {"model": "smol", "input": "red", "keep_alive": "5m"}, "keep_alive"),
+        ("/api/embed", {"model": "smol", "input": "red", "keep_alive": "5 minutes"}, "keep_alive"),
+        ("/api/embed", {"model": "smol", "input": "red", "options": {"num_ctx": 1 << 20}}, "num_ctx"),
         ("/api/embed", {"model": "smol", "input": "river " * 3000}, "input"),
         ("/api/embeddings", {"model": "smol", "prompt": "river " * 3000}, "input"),
         ("/v1/responses", {"model": "smol", "input": "hi", "include": [{}]}, "include"),

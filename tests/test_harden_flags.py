@@ -56,13 +56,14 @@ def test_every_flag_an_error_names_exists() -> None:
 
 
 def test_the_scan_sees_error_strings() -> None:
-    """The guard is real: it finds the flags the Ollama keep_alive error and the serve usage error name."""
+    """The guard is real: it finds the flags the pool's eviction, the num_ctx refusal and the serve
+    usage error name."""
     seen = set()
-    for path in (ROOT / "server" / "ollama.py", ROOT / "cli" / "serve_cmd.py"):
+    for path in (ROOT / "server" / "models.py", ROOT / "server" / "lifecycle.py", ROOT / "cli" / "serve_cmd.py"):
         for call in _message_calls(ast.parse(path.read_text(encoding="utf-8"))):
             seen |= {m for node in ast.walk(call) if isinstance(node, ast.Constant) and isinstance(node.value, str)
                      for m in FLAG.findall(node.value)}
-    assert {"--max-loaded", "--api-key-file"} <= seen
+    assert {"--max-loaded", "--n-ctx", "--api-key-file"} <= seen
 
 
 def _serve_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serverutil import ServerProcess, serve
+from serverutil import ServerProcess, post_json, serve
 
 from ggufrun.reasoning import ANSWER, START, THINKING, ThinkBudget, ThinkFormat, ThinkSplitter, ThinkWatch, detect, split
 
@@ -335,6 +335,15 @@ def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_pat
         assert r.usage.completion_tokens_details.reasoning_tokens < r.usage.completion_tokens
         plain = oa.chat.completions.create(model="smol", messages=ASK, max_tokens=4, extra_body=GREEDY)
         assert plain.choices[0].message.content and (plain.choices[0].message.model_extra or {}).get("reasoning_content") is None
+        # thinking off on a template that cannot switch it: the server closes an empty block for the model,
+        # and the prompt that /apply-template and count_tokens report is that prompt
+        off = {"messages": ASK, "chat_template_kwargs": {"enable_thinking": False}}
+        status, shown = post_json(f"{server.url}/apply-template", off)
+        assert status == 200 and shown["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        status, on = post_json(f"{server.url}/v1/messages/count_tokens", {"model": "smol", "messages": ASK})
+        status_off, counted = post_json(f"{server.url}/v1/messages/count_tokens",
+                                        {"model": "smol", "messages": ASK, "thinking": {"type": "disabled"}})
+        assert status == status_off == 200 and counted["input_tokens"] > on["input_tokens"]
 
 
 def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Path, tmp_path: Path, seed_amx_verdict: Any) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from ..errors import BenchUsageError
 from ..settings import Settings, coerce
 
-SWEEP_KEYS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size")
+SWEEP_KEYS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size", "cache_type_k", "cache_type_v")
+PAIRED_CACHE_TYPES = "cache_types"  # --cache-types f16,q8_0: K and V of one type each, swept together
 DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "bench_text.txt"  # bench/text.txt links here
 SYNTHETIC_NOTE = "n/a (synthetic)"
 NO_REFERENCE_NOTE = "n/a (nothing to compare against)"
@@ -44,14 +45,18 @@ class Config:
     n_ctx: int
     threads: int
     batch_size: int
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
     def settings(self, base: Settings) -> Settings:
         return replace(base, n_gpu_layers=self.n_gpu_layers, flash_attn=self.flash_attn, n_ctx=self.n_ctx,
-                       threads=self.threads, batch_size=self.batch_size)
+                       threads=self.threads, batch_size=self.batch_size, cache_type_k=self.cache_type_k,
+                       cache_type_v=self.cache_type_v)
 
     def describe(self) -> str:
+        kv = "" if (self.cache_type_k, self.cache_type_v) == ("f16", "f16") else f" ctk={self.cache_type_k} ctv={self.cache_type_v}"
         return (f"{self.target.label} ngl={self.n_gpu_layers} fa={self.flash_attn} n_ctx={self.n_ctx} "
-                f"threads={self.threads} batch={self.batch_size}")
+                f"threads={self.threads} batch={self.batch_size}{kv}")
 
 
 @dataclass
@@ -76,6 +81,7 @@ class Result:
     description: str = ""
     peak_rss_bytes: int | None = None
     gpu_mem_bytes: int | None = None
+    kv_bytes: int | None = None  # the KV cache as llama.cpp reported allocating it
     build: dict[str, Any] = field(default_factory=dict)  # the worker's llama.cpp: version, system info, devices
     samples: list[Sample] = field(default_factory=list)
 
@@ -126,14 +132,21 @@ def plan(targets: Sequence[Target], sweeps: dict[str, list[Any] | None], base: S
 
     A setting without a list takes its value from ``base``, except n_ctx, which defaults to
     n_prompt + n_gen as in llama-bench (a larger cache only costs memory, not speed).
+    ``sweeps["cache_types"]`` pairs K and V (f16/f16, q8_0/q8_0...) instead of crossing two lists.
     """
-    unknown = set(sweeps) - set(SWEEP_KEYS)
+    unknown = set(sweeps) - set(SWEEP_KEYS) - {PAIRED_CACHE_TYPES}
     if unknown:
         raise BenchUsageError(f"Cannot sweep {', '.join(sorted(unknown))}.", f"Sweepable: {', '.join(SWEEP_KEYS)}.")
+    paired = sweeps.get(PAIRED_CACHE_TYPES)
+    if paired and (sweeps.get("cache_type_k") or sweeps.get("cache_type_v")):
+        raise BenchUsageError("--cache-types sets K and V together: give it, or --cache-type-k/--cache-type-v lists, not both.")
     default_ctx = max(n_prompt + n_gen, 16)
-    lists = [sweeps.get(key) or [default_ctx if key == "n_ctx" else getattr(base, key)] for key in SWEEP_KEYS]
+    keys = SWEEP_KEYS[:5]
+    lists = [sweeps.get(key) or [default_ctx if key == "n_ctx" else getattr(base, key)] for key in keys]
+    kv = [(t, t) for t in paired] if paired else list(itertools.product(
+        sweeps.get("cache_type_k") or [base.cache_type_k], sweeps.get("cache_type_v") or [base.cache_type_v]))
     configs = []
     for target in targets:
-        for ngl, fa, n_ctx, threads, batch in itertools.product(*lists):
-            configs.append(Config(target, ngl, fa, n_ctx, threads or base.effective_threads(), batch))
+        for (ngl, fa, n_ctx, threads, batch), (k, v) in itertools.product(itertools.product(*lists), kv):
+            configs.append(Config(target, ngl, fa, n_ctx, threads or base.effective_threads(), batch, k, v))
     return configs

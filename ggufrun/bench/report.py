@@ -24,11 +24,11 @@ if TYPE_CHECKING:
 
 FORMATS = ("md", "csv", "json")
 
-SETTING_COLUMNS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size")
+SETTING_COLUMNS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size", "cache_type_k", "cache_type_v")
 COLUMNS = (
     "model", "quant", "file_bytes", "n_params", *SETTING_COLUMNS,
     "load_s", "pp_tokens", "pp_tps", "pp_tps_std", "tg_tokens", "tg_tps", "tg_tps_std", "peak_rss_bytes",
-    "gpu_mem_bytes", "kl_divergence", "top1_agreement", "perplexity", "quality_reference", "quality_note", "error",
+    "gpu_mem_bytes", "kv_bytes", "kl_divergence", "top1_agreement", "perplexity", "quality_reference", "quality_note", "error",
 )
 SAMPLE_COLUMNS = ("config", "model", "test", "rep", "n_tokens", "seconds")
 LOAD_COLUMNS = (
@@ -64,7 +64,7 @@ def frame(run: BenchRun) -> "pd.DataFrame":
             "model": c.target.label, "quant": c.target.quant, "file_bytes": result.file_bytes,
             "n_params": result.n_params, **{k: getattr(c, k) for k in SETTING_COLUMNS},
             "load_s": result.load_seconds, "pp_tokens": run.n_prompt, "tg_tokens": run.n_gen,
-            "peak_rss_bytes": result.peak_rss_bytes, "gpu_mem_bytes": result.gpu_mem_bytes,
+            "peak_rss_bytes": result.peak_rss_bytes, "gpu_mem_bytes": result.gpu_mem_bytes, "kv_bytes": result.kv_bytes,
             "kl_divergence": q.kl_divergence if q else None, "top1_agreement": q.top1_agreement if q else None,
             "perplexity": q.perplexity if q else None, "quality_reference": q.reference if q else "",
             "quality_note": q.note if q else "", "error": result.error,
@@ -151,9 +151,12 @@ def display(run: BenchRun) -> tuple[list[str], list[list[str]]]:
         ("n_ctx", lambda r: str(r["n_ctx"])),
         ("threads", lambda r: str(r["threads"])),
         ("batch", lambda r: str(r["batch_size"])),
+        ("ctk", lambda r: r["cache_type_k"]),
+        ("ctv", lambda r: r["cache_type_v"]),
         ("load s", lambda r: _num(r["load_s"], ".2f")),
         (f"pp{run.n_prompt} t/s", lambda r: _pm(r["pp_tps"], r["pp_tps_std"])),
         (f"tg{run.n_gen} t/s", lambda r: _pm(r["tg_tps"], r["tg_tps_std"])),
+        ("KV cache", lambda r: _size(r["kv_bytes"])),
         ("peak RSS", lambda r: _size(r["peak_rss_bytes"])),
         ("GPU mem", lambda r: _size(r["gpu_mem_bytes"])),
         ("KL div", lambda r: _num(r["kl_divergence"], ".5f") or r["quality_note"]),
@@ -275,7 +278,8 @@ def plot(run: BenchRun, out_dir: Path) -> list[Path]:
 def _short_label(row: dict[str, Any], data: list[dict[str, Any]]) -> str:
     """The model, plus only the settings that differ between rows."""
     parts = [str(row["quant"] or row["model"])]
-    for key, tag in (("n_gpu_layers", "ngl"), ("flash_attn", "fa"), ("n_ctx", "ctx"), ("threads", "t"), ("batch_size", "b")):
+    for key, tag in (("n_gpu_layers", "ngl"), ("flash_attn", "fa"), ("n_ctx", "ctx"), ("threads", "t"), ("batch_size", "b"),
+                     ("cache_type_k", "ctk"), ("cache_type_v", "ctv")):
         if len({r[key] for r in data}) > 1:
             parts.append(f"{tag}={row[key]}")
     if len({r["model"] for r in data}) > len({r["quant"] for r in data}):

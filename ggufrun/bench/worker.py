@@ -41,7 +41,7 @@ class _Llama:
         self.load_seconds = time.perf_counter() - started
         m = self._model
         self.n_vocab, self.bos_id, self.n_batch, self.n_ctx = m.n_vocab, m.bos_id, m.n_batch, m.n_ctx
-        self.n_params, self.description = m.n_params, m.description
+        self.n_params, self.description, self.kv_bytes = m.n_params, m.description, m.kv_bytes
 
     @staticmethod
     def build() -> dict[str, Any]:
@@ -103,6 +103,7 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
     out = {"load_seconds": model.load_seconds, "file_bytes": Path(job["path"]).stat().st_size,
            "n_params": model.n_params, "description": model.description, "peak_rss_bytes": memory.peak_rss_bytes(),
            "gpu_mem_bytes": gpu_after - gpu_before if gpu_before is not None and gpu_after is not None else None,
+           "kv_bytes": model.kv_bytes,
            "build": model.build(), "samples": samples}
     model.close()
     return out

@@ -17,12 +17,16 @@ DEVICE_SETTINGS = ("rpc", "split_mode", "tensor_split", "main_gpu")
 
 
 def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--n-gpu-layers, --flash-attn, --n-ctx, --threads, --batch-size as comma lists; each value
-    is validated by settings.coerce (in bench.parse_list), like the single-value flags elsewhere."""
+    """--n-gpu-layers, --flash-attn, --n-ctx, --threads, --batch-size, --cache-type-k/-v as comma lists;
+    each value is validated by settings.coerce (in bench.parse_list), like the single-value flags elsewhere."""
+    fn = click.option("--cache-types", "cache_types", default=None, metavar="LIST",
+                      help="KV cache types to sweep with K and V alike, e.g. f16,q8_0,q4_0 (a quantized V turns "
+                           "flash attention on unless --flash-attn off).")(fn)
     for name in reversed(SWEEP_KEYS):
         field = FIELDS[name]
         extra = " Default: -p + -n, as llama-bench." if name == "n_ctx" else ""
-        fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar="LIST",
+        flags = [f"--{name.replace('_', '-')}", *([field.short] if field.short else [])]
+        fn = click.option(*flags, name, default=None, metavar="LIST",
                           help=f"{field.help} Comma list to sweep.{extra}")(fn)
     return fn
 
@@ -63,10 +67,11 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
       ggufrun bench gemma3-270m --threads 1,2 --format md
       ggufrun bench qwen2-7b --quants q4_k_m,q5_k_m --n-gpu-layers -1 --flash-attn on,off -o results/
       ggufrun bench --synthetic qwen2-7b --quants q4_k_m,q5_k_m,q8_0 --n-gpu-layers -1
+      ggufrun bench gemma3-270m --cache-types f16,q8_0,q4_0 --n-ctx 8192 --no-quality
       ggufrun bench --url http://127.0.0.1:13003 --model qwen2:7b --concurrency 1,2,4,8,16 --requests 64
     """
     if kw["url"]:
-        given = [f"--{k.replace('_', '-')}" for k in DEVICE_SETTINGS if kw.get(k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in (*DEVICE_SETTINGS, *SWEEP_KEYS, "cache_types") if kw.get(k) is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)} set(s) how a model loads here; with --url the server's own flags decide.")
         for k in DEVICE_SETTINGS:
@@ -76,6 +81,7 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     from ..bench import report
 
     sweeps = {key: bench.parse_list(key, kw[key]) for key in SWEEP_KEYS}
+    sweeps["cache_types"] = bench.parse_list("cache_type_k", kw["cache_types"])  # each a valid K (and V) type
     bench.check_counts(kw["n_prompt"], kw["n_gen"], kw["reps"])  # before any file is fetched or made
     quant_list = [q.strip() for q in (quants or "").split(",") if q.strip()]
     err = _console(stderr=True)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from ..chat import ChatSession, Reply
 
-CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "threads", "batch_size", "seed", "temperature", "top_p",
+CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "cache_type_k", "cache_type_v", "threads", "batch_size", "seed", "temperature", "top_p",
                  "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "max_tokens",
                  "template", "reasoning_format", "reasoning_budget", "rpc", "split_mode", "tensor_split", "main_gpu")
 

@@ -18,7 +18,8 @@ def settings_options(*names: str, helps: dict[str, str] | None = None) -> Callab
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):
             field = FIELDS[name]
-            fn = click.option(f"--{name.replace('_', '-')}", name, default=None, metavar=(field.type.__name__.upper() + ("|auto" if field.auto else ""))
+            flags = [f"--{name.replace('_', '-')}", *([field.short] if field.short else [])]
+            fn = click.option(*flags, name, default=None, metavar=(field.type.__name__.upper() + ("|auto" if field.auto else ""))
                               if not field.choices else "|".join(field.choices), help=(helps or {}).get(name, field.help))(fn)
         return fn
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import load_registry
+from .common import cli_settings, load_registry, settings_options
 
 _FALLBACK_N_CTX = 4096
 
@@ -16,8 +16,9 @@ _FALLBACK_N_CTX = 4096
 @click.option("--n-ctx", type=click.IntRange(min=1), default=None,
               help="Context for the memory estimate (default: the model's, capped at its registry n_ctx or 4096).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@settings_options("cache_type_k", "cache_type_v")
 @click.pass_context
-def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool) -> None:
+def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool, **kw: str | None) -> None:
     """Show what a GGUF file holds, read from its header without loading the model.
 
     MODEL is a registry name, a path to a .gguf file, or a hub reference. One that is not cached has
@@ -28,15 +29,19 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     Examples:
       ggufrun show gemma3-270m
       ggufrun show ./q7.gguf --n-ctx 8192
+      ggufrun show ./q7.gguf --n-ctx 32768 -ctk q8_0 -ctv q8_0
       ggufrun show qwen2-7b-q5 --json | jq .memory.total
       ggufrun show hf:bartowski/gemma-2-9b-it-GGUF:Q5_K_M
     """
-    from .. import fetch, offload
+    from .. import fetch, offload, settings
     from ..cache import human_size
     from ..errors import NotCachedError
     from ..gguf_info import inspect
 
     spec = load_registry(ctx).resolve(model)
+    # The cache types as chat and serve would load this model: its registry defaults, config, environment, flags
+    resolved = settings.resolve({k: v for k, v in spec.defaults.items() if k.startswith("cache_type")}, cli=cli_settings(kw, "cache_type_k", "cache_type_v"))
+    types = (resolved.cache_type_k, resolved.cache_type_v)
     origin = ""
     try:
         info = inspect(fetch.ensure_local(spec, offline=True))
@@ -60,15 +65,15 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     except InvalidGGUFError as exc:
         problem = exc.message.split(": ", 1)[-1]  # without the file name
     n_ctx = n_ctx or min(info.context_length or _FALLBACK_N_CTX, spec.defaults.get("n_ctx") or _FALLBACK_N_CTX)
-    cpu, gpu = info.memory_estimate(n_ctx, n_gpu_layers=0), info.memory_estimate(n_ctx, n_gpu_layers=-1)
-    auto = offload.plan(info, n_ctx)
+    cpu, gpu = (info.memory_estimate(n_ctx, n_gpu_layers=ngl, cache_types=types) for ngl in (0, -1))
+    auto = offload.plan(info, n_ctx, cache_types=types)
     try:
         offload.check_ram(auto, spec.name)
         refusal = None
     except offload.DoesNotFitError as exc:
         refusal = str(exc)
     if as_json:
-        click.echo(json.dumps({**info.to_dict(), "refused": problem, "memory": {"cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
+        click.echo(json.dumps({**info.to_dict(), "refused": problem, "memory": {"cache_type_k": types[0], "cache_type_v": types[1], "cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
                                                             "auto": {**auto.to_dict(), "refused": refusal}}},
                               indent=2, default=str))
         return
@@ -80,20 +85,21 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     table = Table(show_header=False, title=title, title_justify="left", box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    types = ", ".join(f"{t} x{n}" for t, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
+    kv_label = types[0] if types[0] == types[1] else f"K {types[0]}, V {types[1]}"
+    tensor_types = ", ".join(f"{t} x{n}" for t, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
     template = f"yes ({info.template_family})" if info.chat_template else "none (the registry family is used)"
     head_dim = f"{info.key_length}" + (f" / {info.value_length}" if info.value_length != info.key_length else "")
     rows = [
         ("architecture", info.architecture or "?"), ("name", info.name or ""),
         ("parameters", human_count(info.parameter_count)), ("quant", info.file_type),
-        ("tensors", f"{info.n_tensors} ({types})"),
+        ("tensors", f"{info.n_tensors} ({tensor_types})"),
         ("file size", f"{human_size(info.file_size)} (tensor data {human_size(info.tensor_bytes)}, GGUF v{info.version})"),
         ("context length", _opt(info.context_length)), ("layers", _opt(info.block_count)),
         ("embedding", _opt(info.embedding_length)), ("feed-forward", _opt(info.feed_forward_length)),
         ("heads / KV heads", f"{_opt(info.head_count)} / {_opt(info.head_count_kv)}"), ("head dim", head_dim),
         ("vocab", _opt(info.vocab_size)), ("BOS / EOS", f"{_opt(info.bos_token_id)} / {_opt(info.eos_token_id)}"),
         ("chat template", template),
-        (f"memory @ n_ctx {n_ctx}", f"{human_size(cpu.total)} = weights {human_size(cpu.weights)} + KV cache (f16) "
+        (f"memory @ n_ctx {n_ctx}", f"{human_size(cpu.total)} = weights {human_size(cpu.weights)} + KV cache ({kv_label}) "
                                     f"{human_size(cpu.kv_cache)} + compute ~{human_size(cpu.compute)}"),
         ("all layers on GPU", f"GPU {human_size(gpu.gpu)} + CPU {human_size(gpu.cpu)} (the token embedding stays in RAM)"),
         ("--n-gpu-layers auto", f"would refuse: {refusal}" if refusal else auto.describe()),

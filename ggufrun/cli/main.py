@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth_cmd", "Write a random-weight GGUF in a real architecture's shape."),
     "chat": ("chat_cmd", "Chat with a model in the terminal, or answer one prompt."),
     "serve": ("serve_cmd", "Serve models over an OpenAI-compatible HTTP API."),
+    "ps": ("ps_cmd", "List the models a running server has loaded."),
+    "stop": ("ps_cmd", "Unload a model from a running server."),
     "bench": ("bench_cmd", "Benchmark speed, memory and quality per quantisation."),
     "quantize": ("bench_cmd", "Quantise a GGUF file to other types with llama.cpp."),
     "rpc-worker": ("rpc_cmd", "Serve this host's devices to --rpc clients (llama.cpp RPC)."),

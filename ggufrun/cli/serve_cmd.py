@@ -21,7 +21,16 @@ SETTINGS = tuple(FIELDS)
 @click.option("--served-model-name", "served_names", multiple=True, help="Name clients use for the model (repeatable); the registry name works too.")
 @click.option("-s", "--system", default=None, metavar="@NAME|FILE|TEXT",
               help="Default system prompt for requests that bring none (default: the registry entry's; \"\" for none).")
-@click.option("--max-loaded", type=click.IntRange(1), default=None, help="Models resident at once; the least recently used is unloaded (default 3).")
+@click.option("--max-loaded", type=click.IntRange(1), default=None,
+              help="Models resident at once, at most; the least recently used idle one is unloaded for another, as it "
+                   "is when the next one's memory estimate does not fit beside them (default 3).")
+@click.option("--keep-alive", "keep_alive", envvar="GGUFRUN_KEEP_ALIVE", default=None, metavar="DURATION",
+              help="Unload a model idle this long: 30s, 5m, 1h, 0 (right after each reply) or -1 (never); an Ollama "
+                   "request's keep_alive overrides it for its model (default 5m, as Ollama).")
+@click.option("--max-num-ctx", "max_num_ctx", type=click.IntRange(0), default=None, metavar="TOKENS",
+              help="An Ollama request's options.num_ctx above --n-ctx reloads the model with it (once its running "
+                   "requests end), up to TOKENS; the model keeps the larger context until unloaded (default 0: such "
+                   "a request is a 400 naming the limit).")
 @click.option("--parallel", type=click.IntRange(1, 256), default=None, help="Requests decoded together per model (default 4).")
 @click.option("--max-queue", type=click.IntRange(0), default=None, help="Requests waiting for a slot before 503 (default 64).")
 @click.option("--api-key", envvar="GGUFRUN_API_KEY", default=None,
@@ -53,14 +62,16 @@ def serve_command(ctx: click.Context, name: str | None, config_path: Path | None
       ggufrun serve
       ggufrun serve gemma3-270m
       ggufrun serve qwen2-7b-q5 --port 13003 --served-model-name qwen2:7b --n-ctx 8192
-      ggufrun serve --config serve.toml --max-loaded 2
+      ggufrun serve --config serve.toml --max-loaded 2 --keep-alive 30m
       GGUFRUN_API_KEY=... ggufrun serve gemma3-270m --host 0.0.0.0
       ggufrun serve gemma3-270m --host 0.0.0.0 --api-key-file ~/.config/ggufrun/key
     """
     from ..server import is_loopback, run
-    from ..server.models import read_serve_config, single_model_config
+    from ..server.models import keep_alive_setting, read_serve_config, single_model_config
 
     settings = cli_settings(kwargs, *SETTINGS)
+    if kwargs["keep_alive"] is not None:
+        kwargs["keep_alive"] = keep_alive_setting(kwargs["keep_alive"], "--keep-alive")
     key_file = kwargs.pop("api_key_file")
     if key_file is not None:
         if kwargs["api_key"] is not None:

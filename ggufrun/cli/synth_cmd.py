@@ -7,16 +7,20 @@ import click
 
 @click.command("synth")
 @click.option("--shape", default="tiny", show_default=True,
-              help="tiny, tiny-llama, tiny-gemma, tiny-gemma3, qwen2-0.5b, qwen2-7b, gemma-2-9b, "
+              help="tiny, tiny-llama, tiny-gemma, tiny-gemma3, tiny-qwen3, tiny-qwen3-reranker, qwen3-reranker-0.6b, "
+                   "qwen2-0.5b, qwen2-7b, gemma-2-9b, "
                    "or ARCH:layers=N,dim=N,heads=N,kv_heads=N,ff=N,vocab=N.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
-@click.option("--arch", default=None, help="Override the shape's architecture: qwen2, llama, gemma (gemma2), gemma3.")
+@click.option("--arch", default=None, help="Override the shape's architecture: qwen2, qwen3, llama, gemma (gemma2), gemma3.")
 @click.option("--quant", default="q4_k_m", show_default=True,
               help="f32, f16, q8_0, q5_0, q4_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (the same seed writes the same file).")
 @click.option("--no-template", is_flag=True, help="Write no chat template (the registry family then applies).")
+@click.option("--fim", type=click.Choice(["qwen", "basic"]), default=None,
+              help="Add fill-in-the-middle tokens: Qwen2.5-Coder's six (repo-level FIM too) or prefix/suffix/middle only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int, no_template: bool, force: bool) -> None:
+def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int, no_template: bool, fim: str | None,
+                  force: bool) -> None:
     """Write a random-weight GGUF with a real architecture's exact tensor layout, tokenizer and
     chat template. It loads and runs like the real model (speed depends on shapes and quant
     types, not on values) but says nothing meaningful.
@@ -26,6 +30,8 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
       ggufrun synth --shape qwen2-7b --out q7.gguf
       ggufrun synth --shape gemma-2-9b --quant q5_k_m --out g9.gguf
       ggufrun synth --shape llama:layers=4,dim=256,heads=4,kv_heads=2,ff=512,vocab=2000 --out small.gguf
+      ggufrun synth --shape tiny --fim qwen --no-template --out coder.gguf    # for /infill
+      ggufrun synth --shape tiny-qwen3-reranker --out rerank.gguf             # for /v1/rerank
     """
     from ..cache import human_size
     from ..gguf_info import inspect
@@ -35,7 +41,7 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
 
     with RichProgress() as progress:
         path = write_synthetic(out, shape, arch=arch, quant=quant, seed=seed, chat_template=not no_template,
-                               overwrite=force, progress=lambda done, total: progress(f"writing {out}", done, total))
+                               overwrite=force, fim=fim, progress=lambda done, total: progress(f"writing {out}", done, total))
     info = inspect(path)
     click.echo(f"Wrote {path}: {info.architecture} {shape}, {info.file_type}, {human_count(info.parameter_count)} "
                f"parameters, {human_size(info.file_size)}.")

@@ -17,13 +17,16 @@ from ..errors import ConfigError, ContextOverflowError, ModelClosedError, ModelL
 from ..generation import GenStats, Generation, SamplingParams, SeqSampler, sample_rows
 from ..settings import Settings
 from . import amx
-from ._lib import ALL_LAYERS, FLASH_ATTN, L, init_backend, llama_reason, numpy
+from ._lib import ALL_LAYERS, FLASH_ATTN, KV_TYPES, L, init_backend, kv_buffer_bytes, llama_reason, numpy
 from .grammar_filter import VocabIndex
 from .sampler import DrawChain, Grammar, Sampler, vocab_index
 
 
 def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int, embeddings: bool, path: Path,
                  unified: bool = False) -> Any:
+    from ..kvcache import check
+
+    check(settings, *_head_dims(model_ptr), path.name)
     cparams = L.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = min(settings.batch_size, n_ctx)
@@ -33,11 +36,13 @@ def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int,
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     cparams.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+    cparams.type_k, cparams.type_v = KV_TYPES[settings.cache_type_k], KV_TYPES[settings.cache_type_v]
     cparams.embeddings = embeddings
     cparams.no_perf = True
     # unified: the sequences share one pool of n_ctx cells (a server with fewer cells than its slots
     # times their context); else each has its own n_ctx / n_seq_max, llama.cpp's default.
     cparams.kv_unified = unified and n_seq_max > 1
+    kv_buffer_bytes()  # forget older contexts' lines
     ctx = L.llama_init_from_model(model_ptr, cparams)
     if not ctx:
         raise ModelLoadError(
@@ -46,6 +51,21 @@ def _new_context(model_ptr: Any, settings: Settings, n_ctx: int, n_seq_max: int,
             "Try a smaller --n-ctx or fewer --n-gpu-layers.",
         )
     return ctx
+
+
+def _head_dims(model_ptr: Any) -> tuple[int, int]:
+    """The K and V head sizes as llama.cpp reads them: ARCH.attention.key_length/value_length, else n_embd / n_head."""
+    def meta(key: str) -> str:
+        buf = ctypes.create_string_buffer(128)
+        n = L.llama_model_meta_val_str(model_ptr, key.encode(), buf, 128)
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+    arch = meta("general.architecture")
+    default = L.llama_model_n_embd(model_ptr) // max(L.llama_model_n_head(model_ptr), 1)
+    k = meta(f"{arch}.attention.key_length")
+    v = meta(f"{arch}.attention.value_length")
+    dim_k = int(k) if k.isdigit() else default
+    return dim_k, int(v) if v.isdigit() else dim_k
 
 
 _SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
@@ -101,6 +121,7 @@ class Model:
                  n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
+        self.kv_bytes = kv_buffer_bytes()  # the KV cache as llama.cpp logged allocating it, just before
         self._model = model_ptr
         self._ctx = ctx
         self.vocab = L.llama_model_get_vocab(model_ptr)
@@ -178,7 +199,9 @@ class Model:
             from ..offload import decide
 
             info = info or inspect(path)
-            plan = decide(info, settings.n_ctx or info.context_length or 4096, path.name, n_ubatch=settings.ubatch_size)
+            n_ctx = settings.n_ctx or info.context_length or 4096
+            plan = decide(info, n_ctx, path.name, n_ubatch=settings.ubatch_size, kv_cells=max(kv_cells, n_ctx),
+                          cache_types=(settings.cache_type_k, settings.cache_type_v))
             settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
         ngl = int(settings.n_gpu_layers)
         init_backend()
@@ -522,7 +545,7 @@ class Model:
 
     def draw_chain(self, params: SamplingParams) -> "DrawChain":
         """llama.cpp's truncate-and-draw chain for one request (see DrawChain)."""
-        return DrawChain(params, self.n_vocab)
+        return DrawChain(params, self.n_vocab, self)
 
     def prepare_grammars(self) -> None:
         """Build what every grammar of this model reads (the vocabulary index, ~0.2 s for 152k
@@ -639,6 +662,56 @@ class Model:
         """Whether the model pools its own embeddings (an embedding model: mean, CLS, last...)."""
         return bool(L.llama_pooling_type(self._ctx) != L.LLAMA_POOLING_TYPE_NONE)
 
+    # ---- llama-server's extras: fill-in-the-middle tokens, rank pooling, slot files ----------
+
+    def vocab_specials(self) -> dict[str, int]:
+        """The tokens llama-server's /infill and /rerank build prompts with: ``fim_pre``, ``fim_suf``,
+        ``fim_mid``, ``fim_rep``, ``fim_sep``, ``fim_pad``, ``sep`` (-1 where the vocabulary has none;
+        llama.cpp also finds FIM tokens by their text where the metadata names none), and
+        ``add_bos``/``add_eos``/``add_sep`` (1 where tokenising a text adds that token)."""
+        v = self.vocab
+        out = {name: int(getattr(L, f"llama_vocab_{name}")(v)) for name in
+               ("fim_pre", "fim_suf", "fim_mid", "fim_rep", "fim_sep", "fim_pad", "sep")}
+        for name in ("bos", "eos", "sep"):
+            out[f"add_{name}"] = int(bool(getattr(L, f"llama_vocab_get_add_{name}")(v)))
+        return out
+
+    @property
+    def ranks(self) -> bool:
+        """Whether the model is a reranker (rank pooling: its classification head scores a text)."""
+        return bool(L.llama_pooling_type(self._ctx) == L.LLAMA_POOLING_TYPE_RANK)
+
+    def named_template(self, name: str) -> str | None:
+        """A named template of the GGUF (``tokenizer.chat_template.NAME``: "rerank" for Qwen3-Reranker)."""
+        raw = L.llama_model_chat_template(self._model, name.encode())
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def save_seq(self, seq_id: int, path: Path) -> tuple[int, int]:
+        """Write a sequence's KV cells and tokens to ``path`` (llama_state_seq_save_file): (tokens, bytes)."""
+        tokens = self._seq.get(seq_id, [])
+        arr = (L.llama_token * max(len(tokens), 1))(*tokens)
+        self.synchronize()
+        written = L.llama_state_seq_save_file(self._ctx, str(path).encode(), seq_id, arr, len(tokens))
+        if not written:
+            raise ModelLoadError(f"llama.cpp could not save sequence {seq_id} to {path.name}{llama_reason()}.")
+        return len(tokens), int(written)
+
+    def load_seq(self, seq_id: int, path: Path) -> tuple[int, int]:
+        """Replace a sequence's KV cells with those saved in ``path``: (tokens, bytes read). A file
+        llama.cpp rejects (another model, too many cells) or one with tokens outside the vocabulary
+        leaves the sequence empty and raises ModelLoadError."""
+        self.reset(seq_id)
+        arr = (L.llama_token * self.seq_cells)()
+        count = ctypes.c_size_t(0)
+        self.synchronize()
+        read = L.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, arr, self.seq_cells, ctypes.byref(count))
+        tokens = list(arr[: min(count.value, self.seq_cells)])
+        if not read or any(not 0 <= t < self.n_vocab for t in tokens):
+            self.reset(seq_id)
+            raise ModelLoadError(f"{path.name} is not a saved sequence of this model and context{llama_reason()}.")
+        self._seq[seq_id] = tokens
+        return len(tokens), int(read)
+
     def embed_steps(self, text: str | list[int], *, seq_id: int = 0) -> Generator[None, None, tuple[list[float], int]]:
         """Embed one text (or its tokens; cut to n_batch) in sequence ``seq_id``, one llama_decode per
         ``next()``; the generator's value is the L2-normalised vector (mean-pooled where the model
@@ -656,7 +729,9 @@ class Model:
             raise ModelLoadError("This model pools its embeddings; it needs a context loaded with embeddings.")
         chunk = self.n_batch if pooled else self.output_rows
         tokens = (self.tokenize(text) if isinstance(text, str) else text)[: self.n_batch]
-        total = np.zeros(self.n_embd, dtype=np.float64)
+        rank = pooled and self.ranks  # a reranker pools to its classification head's scores, not a vector
+        width = max(L.llama_model_n_cls_out(self._model), 1) if rank else self.n_embd
+        total = np.zeros(width, dtype=np.float64)
         self.reset(seq_id)
         try:
             for start in range(0, len(tokens), chunk):
@@ -668,7 +743,7 @@ class Model:
                 try:
                     self._decode_batch([(seq_id, part, True)], all_logits=True)
                     if pooled:
-                        total += np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, seq_id), shape=(self.n_embd,))
+                        total += np.ctypeslib.as_array(L.llama_get_embeddings_seq(self._ctx, seq_id), shape=(width,))
                     else:
                         total += np.ctypeslib.as_array(L.llama_get_embeddings(self._ctx), shape=(len(part), self.n_embd)).sum(axis=0)
                 finally:
@@ -676,6 +751,8 @@ class Model:
                         L.llama_set_embeddings(self._ctx, False)
         finally:
             self.reset(seq_id)
+        if rank:  # the scores as the head gives them (llama-server's relevance_score is the first)
+            return total.tolist(), len(tokens)
         norm = float(np.linalg.norm(total)) or 1.0  # the mean's direction: no need to divide by the count
         return (total / norm).tolist(), len(tokens)
 

@@ -6,6 +6,7 @@ import codecs
 import ctypes
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -321,18 +322,48 @@ def _accept_keeping_gil() -> Any:
     return _keeping_gil("llama_sampler_accept", [ctypes.c_void_p, ctypes.c_int32])
 
 
-def _draw_parts(params: SamplingParams, n_vocab: int) -> list[Any]:
-    """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for ``params``, as samplers."""
-    parts = []
-    if 0 < params.top_k < n_vocab:
-        parts.append(L.llama_sampler_init_top_k(params.top_k))
-    if params.top_p < 1.0:
-        parts.append(L.llama_sampler_init_top_p(params.top_p, 1))
-    if params.min_p > 0.0:
-        parts.append(L.llama_sampler_init_min_p(params.min_p, 1))
-    parts.append(L.llama_sampler_init_temp(params.temperature))
+def _draw_parts(params: SamplingParams, n_vocab: int, vocab: Any = None) -> list[Any]:
+    """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for ``params``, as samplers,
+    with its infill sampler at ``params.infill`` among them where asked (``vocab`` given)."""
+    steps: list[Callable[[], Any] | None] = [
+        (lambda: L.llama_sampler_init_top_k(params.top_k)) if 0 < params.top_k < n_vocab else None,
+        (lambda: L.llama_sampler_init_top_p(params.top_p, 1)) if params.top_p < 1.0 else None,
+        (lambda: L.llama_sampler_init_min_p(params.min_p, 1)) if params.min_p > 0.0 else None,
+        lambda: L.llama_sampler_init_temp(params.temperature),
+    ]
+    if params.infill >= 0:
+        if vocab is None:
+            raise ValueError("the infill sampler needs the model's vocabulary")
+        steps.insert(min(params.infill, len(steps)), lambda: L.llama_sampler_init_infill(vocab))
+    parts = [make() for make in steps if make is not None]
     parts.append(L.llama_sampler_init_dist(L.LLAMA_DEFAULT_SEED if params.seed < 0 else params.seed))
     return parts
+
+
+# llama.cpp's infill sampler renders candidates into 512-byte buffers and, for a longer piece,
+# resizes them to the negative length it got back (an abort).
+INFILL_PIECE_MAX = 512
+_infill_checked: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def infill_refusal(model: Any) -> str:
+    """Why llama.cpp's infill sampler cannot run on this model's vocabulary ("" when it can): a
+    token piece over 512 bytes, or no end-of-text/end-of-sequence token to end on. Checked once a model."""
+    known = _infill_checked.get(model)
+    if known is not None:
+        return known
+    why = ""
+    if model.eot_id < 0 and model.eos_id < 0:
+        why = "the model has no end-of-text or end-of-sequence token."
+    else:
+        with model.borrowed():
+            buf = ctypes.create_string_buffer(INFILL_PIECE_MAX)
+            for t in range(model.n_vocab):
+                if L.llama_token_to_piece(model.vocab, t, buf, INFILL_PIECE_MAX, 0, False) < 0:
+                    why = f"token {t}'s text is longer than {INFILL_PIECE_MAX} bytes, which llama.cpp's infill sampler cannot take."
+                    break
+    _infill_checked[model] = why
+    return why
 
 
 def _chain(parts: list[Any]) -> Any:
@@ -349,11 +380,15 @@ class DrawChain(_Owned):
     """llama.cpp's top-k, top-p, min-p, temperature and seeded draw for one request, applied to a
     row of logits that generation.py has already penalised and biased."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
-        self._ptr = _chain(_draw_parts(params, n_vocab))
+    def __init__(self, params: SamplingParams, n_vocab: int, model: Any = None) -> None:
+        """``model`` (its vocabulary, end tokens) only for a chain with the infill sampler."""
+        self._ptr = _chain(_draw_parts(params, n_vocab, model.vocab if model is not None else None))
         self._n_vocab = n_vocab
-        # The chain's k (0: no top-k): with it, generation.py hands draw_among a row's top candidates.
-        self.top_k = params.top_k if 0 < params.top_k < n_vocab else 0
+        # The chain's k (0: no top-k): with it, generation.py hands draw_among a row's top candidates
+        # (not where the infill sampler runs before top-k: it reads every candidate).
+        self.top_k = params.top_k if 0 < params.top_k < n_vocab and params.infill != 0 else 0
+        # The infill sampler ends on the vocabulary's EOT token, which may be none (-1): then EOS.
+        self._end = -1 if model is None else model.eot_id if model.eot_id >= 0 else model.eos_id
 
     def _buffer(self, size: int) -> tuple[Any, Any, Any]:
         """This thread's candidate buffer, at least ``size`` long, its llama_token_data_array and
@@ -373,7 +408,8 @@ class DrawChain(_Owned):
     def _apply(self, data: Any, arr: Any, n: int, apply: Any = None) -> int:
         arr.size, arr.selected, arr.sorted = n, -1, False
         (apply or L.llama_sampler_apply)(self._ptr, ctypes.byref(arr))  # the ordinary binding releases the GIL
-        return int(data["id"][arr.selected])
+        token = int(data["id"][arr.selected])
+        return token if token >= 0 else self._end
 
     @staticmethod
     def draw_rows(chains: list["DrawChain"], ids: Any, vals: Any, counts: Any) -> Any:

@@ -249,12 +249,19 @@ def from_openai(result: dict[str, Any], stop: str | None = None) -> dict[str, An
         content.append({"type": "thinking", "thinking": message["reasoning_content"], "signature": ""})
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
-    for call in message.get("tool_calls") or []:
-        content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                        "input": tool_arguments(call["function"].get("arguments") or "", "tool call's")})
+    calls = message.get("tool_calls") or []
+    for k, call in enumerate(calls):  # at max_tokens the last call may be cut: its input as far as it got
+        cut = choice["finish_reason"] == "length" and k == len(calls) - 1
+        content.append({"type": "tool_use", "id": tool_use_id(call["id"]), "name": call["function"]["name"],
+                        "input": tool_arguments(call["function"].get("arguments") or "", "tool call's", cut)})
     return {"id": _message_id(), "type": "message", "role": "assistant", "model": result["model"], "content": content,
             "stop_reason": _stop_reason(choice["finish_reason"], stop), "stop_sequence": stop,
             "usage": _usage(result.get("usage"))}
+
+
+def tool_use_id(call_id: str) -> str:
+    """Anthropic's id for a tool call ("toolu_..."), from the engine's OpenAI-style "call_..." one."""
+    return f"toolu_{call_id.removeprefix('call_') or uuid.uuid4().hex[:24]}"
 
 
 def _next_block(index: int, block: dict[str, Any]) -> list[bytes]:
@@ -308,7 +315,7 @@ async def events(run: ChatRun, model: str, asked: Sequence[str] = ()) -> AsyncIt
             tag = f"tool:{call.get('index', 0)}"
             function = call.get("function") or {}
             if kind != tag:
-                block = {"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+                block = {"type": "tool_use", "id": tool_use_id(call.get("id") or ""),
                          "name": function.get("name", ""), "input": {}}
                 for event in _next_block(index, block):
                     yield event

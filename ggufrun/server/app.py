@@ -3,7 +3,8 @@
 Which module answers what (see the package docstring for a request's way through them):
 openai.py ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``;
 responses.py ``/v1/responses``; anthropic.py ``/v1/messages``; ollama.py ``/api/*``; llamacpp.py
-``/tokenize``, ``/detokenize``, ``/apply-template``; seed.py ``POST /`` and the chat page;
+llama-server's own (``/tokenize``, ``/completion``, ``/infill``, ``/props``, ``/slots``, ``/rerank``...);
+router.py ``/models``, ``/models/load``, ``/models/unload``; seed.py ``POST /`` and the chat page;
 health.py ``/health`` and ``/metrics``. Every error a route's own API did not render is JSON in
 the shape of the API its path belongs to (:func:`error_shape`).
 """
@@ -22,7 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ..errors import GgufrunError
-from . import anthropic, health, llamacpp, ollama, openai, responses, security, seed
+from . import anthropic, health, llamacpp, ollama, openai, responses, router, security, seed
 from .api_errors import ApiError
 from .core import SHUTDOWN_GRACE, Server
 from .metrics import Metrics
@@ -67,7 +68,7 @@ def create_app(config: ServeConfig, *, registry: Any = None, preload: bool = Fal
             server.stop_server()
 
     routes = [*seed.routes(server), *health.routes(server), *openai.routes(server), *anthropic.routes(server),
-              *ollama.routes(server), *responses.routes(server), *llamacpp.routes(server)]
+              *ollama.routes(server), *responses.routes(server), *llamacpp.routes(server), *router.routes(server)]
     middleware = [Middleware(AccessLog, metrics=metrics, routes={r.path for r in routes})]
     middleware += security.middleware(config, error_shape)  # Host allow-list, cross-site POSTs, auth scheme
     if config.cors:

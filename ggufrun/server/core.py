@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
-from . import constraints, limits
+from . import constraints, lifecycle, limits
 from . import protocol as P
 from . import thinking
 from . import tools as T
@@ -152,12 +152,13 @@ class Server:
         return JobGroup(jobs)
 
     def _gen_request(self, backend: Backend, tokens: list[int], params: GenParams, k: int) -> GenRequest:
-        limit = backend.n_ctx_seq
+        limit = lifecycle.request_context(backend.n_ctx_seq, params.n_ctx, params.model or self.config.models[0].id)
         if not tokens:
             raise ApiError(400, "The prompt is empty.", param="prompt")
         if len(tokens) >= limit:
             raise ContextOverflowError(
                 f"The prompt has {len(tokens)} tokens; the context holds {limit} per request, so no room is left for a reply.",
+                "Shorten the prompt or send a larger num_ctx." if limit < backend.n_ctx_seq else
                 "Shorten the prompt or serve the model with a larger --n-ctx.", n_tokens=len(tokens), n_ctx=limit)
         room = limit - len(tokens)
         wanted = params.max_tokens or backend.settings.max_tokens or room
@@ -171,14 +172,16 @@ class Server:
             if value is not None:
                 sampling[name] = value
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, think=params.think)
+                          ignore_eos=params.ignore_eos, think=params.think, slot=params.slot)
 
-    async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions") -> tuple[JobGroup, GenParams, Choices]:
+    async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions",
+                         n_ctx: int | None = None) -> tuple[JobGroup, GenParams, Choices]:
         """Validate an OpenAI chat body and submit its jobs. The other APIs (Ollama, Anthropic,
         Responses) translate their requests into such a body and read the same events:
         ``collect(request, group)`` + ``choices.whole(...)``, or ``merged(group)`` to stream."""
         P.check_fields(body, P.CHAT_FIELDS, P.CHAT_REFUSED, endpoint)
         params = P.parse_gen(body, chat=True)
+        params.n_ctx = n_ctx
         messages = P.parse_messages(body)
         plan = T.parse_tools(body)
         cfg = self.lookup(params.model)
@@ -209,7 +212,8 @@ class Server:
         group = await self.submit(params, cfg, build)
         return group, params, Choices(True, params.model or cfg.id, params, plan, params.n)
 
-    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any]) -> tuple[ModelConfig, list[list[float]], int]:
+    async def embed_texts(self, model: str | None, inputs: list[str] | list[Any], n_ctx: int | None = None, *,
+                          rank: bool = False) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
         without embeddings, a token outside the vocabulary, a text longer than the embedder takes
@@ -221,8 +225,13 @@ class Server:
         try:
             backend = engine.backend
             assert backend is not None
+            if backend.model.ranks != rank:  # a reranker's head gives scores, not vectors (rerank.py asks for them)
+                why = "a reranker: send its texts to /v1/rerank" if backend.model.ranks else "not a reranker (no rank pooling)"
+                raise ApiError(400, f"Model '{cfg.id}' is {why}.", param="model")
             # off the event loop: text full of special-token strings is slow to tokenise
             texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs, limits.embedding_limit(backend))
+            if n_ctx is not None:  # Ollama's num_ctx: each text within it, and it within the served context
+                lifecycle.check_embed_context(texts, lifecycle.request_context(backend.n_ctx_seq, n_ctx, cfg.id))
             future = engine.embed(texts)
         finally:
             self.pool.release(engine)
@@ -256,8 +265,12 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables) + prefill
+            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables)
             tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
-            return text, tokens + prefill_tokens(backend, prefill)
+            if not prefill:  # what start_chat adds to turn thinking off where the template cannot
+                steered = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
+                text += backend.model.detokenize(steered[len(tokens):], special=True)
+                tokens = steered
+            return text + prefill, tokens + prefill_tokens(backend, prefill)
 
         return await asyncio.to_thread(render)

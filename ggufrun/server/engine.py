@@ -6,9 +6,9 @@ hand the engine a :class:`Job` and read its events from an ``asyncio.Queue`` tha
 through ``loop.call_soon_threadsafe``.
 
 Each step the engine builds one batch: the last sampled token of every generating sequence, then
-chunks of waiting prompts and of the text being embedded, up to a per-step token budget
-(budget.py: bounded so a step stays within a multiple of a plain decode step, taking turns
-between the prompts and the text), and evaluates it with one ``llama_decode`` (``Model.decode``).
+a chunk of the waiting prompts or of the text being embedded, within a per-step budget
+(budget.py: in estimated time, so a step stays within a multiple of a plain decode step, the
+prompts and the text taking turns), and evaluates it with one ``llama_decode`` (``Model.decode``).
 So a new request's prompt, or a text to embed, is processed alongside the others' next tokens
 instead of after them, and ``--parallel N`` sequences cost little more per step than one.
 
@@ -69,6 +69,12 @@ class TooManyJobsError(GgufrunError):
         self.param = param
 
 
+class SlotBusyError(GgufrunError):
+    """A slot operation (save, restore, erase) named a slot a request is running in."""
+
+    http_status = 409
+
+
 class ShuttingDownError(GgufrunError):
     """The server is stopping (or the model is being unloaded) and takes no new work."""
 
@@ -114,6 +120,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
+    slot: int | None = None  # the slot (sequence) it must run in (llama-server's id_slot); it waits for it
 
 
 @dataclass(slots=True)
@@ -171,6 +178,7 @@ class Job:
         # random state), and the tokens whose KV it had (prompt, reply so far), recomputed on return.
         self.paused: Generation | None = None
         self.resume: list[int] = []
+        self.slot = -1  # the slot it runs in, once admitted (llama-server's id_slot in replies)
 
     def cancel(self) -> None:
         """Called on the loop thread when the client goes away: the engine drops the job at its next
@@ -283,6 +291,7 @@ class Engine:
         self._embed_rows: tuple[_EmbedJob, int, int] | None = None  # the decode in flight's embedding chunk: job, first output, count
         self._decoded = False  # a decode was queued since the last step read its results
         self._turn = 0  # which waiting prompt goes first this step
+        self._calls: deque[tuple[int, Callable[[Any, int], Any], concurrent.futures.Future[Any]]] = deque()
 
     # ---- the loop thread's side -------------------------------------------------------------
 
@@ -348,6 +357,22 @@ class Engine:
             self._embeds.append(_EmbedJob(texts, future))
             self._cv.notify()
         return future
+
+    def call_on_slot(self, slot: int, fn: Callable[[Any, int], Any]) -> concurrent.futures.Future[Any]:
+        """Run ``fn(model, seq_id)`` on the engine thread between steps (llama-server's slot save,
+        restore, erase); its future raises SlotBusyError while a request runs in that slot."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._cv:
+            if self._stopping or self.state != "ready":
+                raise self._refusal()
+            self._calls.append((slot, fn, future))
+            self._cv.notify()
+        return future
+
+    def slot_states(self) -> list[tuple[int, bool, int]]:
+        """(slot id, whether a request runs in it, tokens in its KV cache) per slot: a snapshot."""
+        model = self.backend.model if self.backend is not None else None
+        return [(s.seq_id, s.job is not None, model.seq_len(s.seq_id) if model is not None else 0) for s in self._slots]
 
     def busy(self) -> bool:
         with self._cv:
@@ -416,7 +441,7 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not (self._queue or self._embeds or self._n_active or self._stopping or self._inflight):
+                while not (self._queue or self._embeds or self._n_active or self._stopping or self._inflight or self._calls):
                     self._cv.wait()
                 if self._stopping:
                     self._refuse_queued(ShuttingDownError("The server is shutting down.", "Retry against another instance."))
@@ -455,6 +480,9 @@ class Engine:
             if job is None:
                 break
             need = len(job.request.prompt) + job.request.max_tokens
+            pinned = job.request.slot
+            if pinned is not None and all(s.seq_id != pinned for s in free):
+                break  # its slot is busy: it waits (as in llama-server), and those behind it too
             if not free or (reserved + need > cells and (reserved or admitted)):
                 victim = self._victim(held, job, reserved + need - cells)
                 if victim is None:
@@ -466,7 +494,7 @@ class Engine:
                 continue
             if self._prefilling(job.request.prompt):
                 break  # n > 1 or a common system prompt: wait a step or two and share its KV instead
-            slot = free.pop(0)
+            slot = free.pop(next(i for i, s in enumerate(free) if s.seq_id == pinned) if pinned is not None else 0)
             self._queue.remove(job)
             slot.job = job
             slot.reserved = need
@@ -545,6 +573,8 @@ class Engine:
             if job.paused is not None:  # on the engine thread: the callers are
                 job.paused.close()
                 job.paused = None
+        while self._calls:
+            _set_exception(self._calls.popleft()[2], err)
         while self._embeds:
             embed = self._embeds.popleft()
             embed.drop()  # on the engine thread: the caller is
@@ -584,7 +614,7 @@ class Engine:
         # Prefer this slot's own cache; another idle slot with a longer shared prefix swaps in.
         shared = {s.seq_id: model.common_prefix(s.seq_id, tokens) for s in self._slots if s.job is None or s is slot}
         best = max((s for s in self._slots if s.seq_id in shared), key=lambda s: shared[s.seq_id])
-        if best is not slot and shared[best.seq_id] > shared[slot.seq_id]:
+        if best is not slot and shared[best.seq_id] > shared[slot.seq_id] and req.slot is None:
             best.job, slot.job = slot.job, None
             best.reserved, slot.reserved = slot.reserved, 0
             slot = best
@@ -601,6 +631,7 @@ class Engine:
         slot.pending = list(tokens[kept:])
         slot.last = -1
         slot.used_at = time.monotonic()
+        job.slot = slot.seq_id
         if job.paused is not None:
             slot.gen, job.paused, job.resume = job.paused, None, []
             return
@@ -644,6 +675,8 @@ class Engine:
         for slot in self._slots:
             if slot.job is not None and slot.job.cancelled:
                 self._end(slot, finish_reason="cancelled")
+        if self._calls:
+            self._slot_calls(model)
         for slot, job, tok, _ in sampled:
             if slot.job is job:
                 assert slot.gen is not None
@@ -726,9 +759,9 @@ class Engine:
         Generating sequences first (one token each keeps their pace steady), then a chunk of the
         waiting prompts or of the text being embedded, within the step's budget (budget.py: in
         estimated time, the two kinds taking turns by the time each has had, so that neither
-        starves the other). ``waiting``: tokens sampled and not
-        yet handed out (after this launch); the budget holds for them too, even where no row goes
-        on: a reply's last token waited behind a whole 512-token chunk (seconds on a CPU)."""
+        starves the other). ``waiting``: tokens sampled and not yet handed out (after this
+        launch); the budget holds for them too, even where no row goes on: a reply's last token
+        waited behind a whole 512-token chunk (seconds on a CPU)."""
         running = [s for s in self._slots if s.job is not None]
         embed = self._embed_chunkable()
         if not running and embed is None:
@@ -754,7 +787,7 @@ class Engine:
         chunks = min(budget - n_rows, self._budget.allowance(n_rows or waiting, kind, queued))
         embed_part: list[int] = []
         if kind == "embed" and embed is not None and chunks > 0:
-            # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped in want
+            # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped in queued
             embed_part = embed.tokens[embed.sent : embed.sent + chunks]  # type: ignore[index]
         elif prompts:
             self._turn = (self._turn + 1) % len(prompts)  # which prompt goes first: each in turn
@@ -850,6 +883,25 @@ class Engine:
         if job.grammar is not None:  # as _end frees a finished slot's
             job.grammar.close()
             job.grammar = None
+
+    def _slot_calls(self, model: Any) -> None:
+        """Run the queued slot calls (call_on_slot) on their slots, refused for a slot that is busy."""
+        with self._cv:
+            calls, self._calls = list(self._calls), deque()
+        for seq_id, fn, future in calls:
+            if future.cancelled():
+                continue
+            if any(s.seq_id == seq_id and s.job is not None for s in self._slots):
+                _set_exception(future, SlotBusyError(f"Slot {seq_id} of '{self.name}' is processing a request.",
+                                                     "Retry when it is idle (GET /slots shows is_processing)."))
+                continue
+            try:
+                result = fn(model, seq_id)
+            except Exception as exc:  # noqa: BLE001 -- the caller's error, reported to its client
+                _set_exception(future, exc)
+                continue
+            if not future.done():
+                future.set_result(result)
 
     def _fail_job(self, job: Job | None, exc: BaseException) -> None:
         """End one job with an error and free its slot (its KV cells too); the others run on."""

@@ -6,6 +6,8 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     host = "127.0.0.1"
     port = 13003                # 0: a free port, printed at start-up
     max_loaded = 2              # resident models at most; the least recently used goes first
+    keep_alive = "5m"           # unload a model idle this long (Ollama's keep_alive; "-1": never)
+    max_num_ctx = 32768         # a request's num_ctx above n_ctx reloads the model with it, up to this (default 0: a 400)
     parallel = 4                # default slots per model (sequences decoded together)
     max_queue = 64
     api_key = "..."
@@ -20,8 +22,9 @@ A serve config (``--config serve.toml``) lists models, each with its own setting
     system = "@assistant"           # default system prompt: @NAME, a file or the text (default: the registry entry's)
     n_ctx = 8192                    # any ggufrun setting: n_gpu_layers, flash_attn, temperature...
 
-A model loads on its first request, on its own engine thread. ``n_ctx`` is per request, as
-Ollama's num_ctx: a model with ``parallel = 4`` gets a KV cache of 4 x n_ctx cells (capped at the
+A model loads on its first request, on its own engine thread, and unloads after ``keep_alive``
+idle, or when another needs its memory or its place under ``max_loaded`` (lifecycle.py).
+``n_ctx`` is per request, as Ollama's num_ctx: a model with ``parallel = 4`` gets a KV cache of 4 x n_ctx cells (capped at the
 trained length), so four full-length requests fit at once.
 """
 
@@ -31,23 +34,28 @@ from pathlib import PurePath
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, GgufrunError, UnknownModelError
+from ..remote import DEFAULT_PORT
 from ..settings import FIELDS, Settings, coerce, load_toml, resolve
 from .engine import Backend, Engine, ShuttingDownError
+from .lifecycle import (DEFAULT_KEEP_ALIVE, REAP_SECONDS, KeepAliveError, Residency, estimate, format_keep_alive,
+                        parse_keep_alive)
 from .metrics import Metrics
 
 if TYPE_CHECKING:
+    from ..gguf_info import MemoryEstimate
     from ..registry import ModelSpec
 
 log = logging.getLogger("ggufrun.server")
 
-DEFAULT_PORT = 13003
-_SERVER_KEYS = {"host", "port", "max_loaded", "parallel", "max_queue", "api_key", "cors", "max_body_bytes", "allowed_hosts"}
+_SERVER_KEYS = {"host", "port", "max_loaded", "keep_alive", "max_num_ctx", "parallel", "max_queue", "api_key", "cors",
+                "max_body_bytes", "allowed_hosts"}
 _MODEL_KEYS = {"model", "served_model_name", "parallel", "embeddings", "system"}
 EVICT_WAIT = 60.0  # seconds a request waits for a busy model to finish before loading another fails
 # The most tokens a reply generates when neither the request nor the model's settings (models.toml,
@@ -83,6 +91,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     max_loaded: int = 3  # as OLLAMA_MAX_LOADED_MODELS on a CPU
+    keep_alive: float = DEFAULT_KEEP_ALIVE  # seconds an idle model stays loaded; negative: forever
+    max_num_ctx: int = 0  # the largest num_ctx a request may reload a model with (0: none, a larger one is a 400)
     parallel: int = 4
     max_queue: int = 64
     api_key: str | None = None
@@ -119,13 +129,16 @@ def read_serve_config(path: Path) -> ServeConfig:
     models = tuple(_model_from_toml(raw, f"{path} [[models]] #{i + 1}") for i, raw in enumerate(raw_models))
     _check_names(models, str(path))
     values: dict[str, Any] = {}
-    for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes"):
+    for key in ("port", "max_loaded", "parallel", "max_queue", "max_body_bytes", "max_num_ctx"):
         if key in server:
-            values[key] = _positive_int(server[key], f"{path} [server] {key}", allow_zero=key in ("max_queue", "port"))
+            values[key] = _positive_int(server[key], f"{path} [server] {key}",
+                                        allow_zero=key in ("max_queue", "port", "max_num_ctx"))
     if values.get("port", 1) > 65535:
         raise ConfigError(f"{path} [server] port must be 0-65535 (0: any free port; got {values['port']}).")
     if "host" in server:
         values["host"] = str(server["host"])
+    if "keep_alive" in server:
+        values["keep_alive"] = keep_alive_setting(server["keep_alive"], f"{path} [server] keep_alive")
     if "api_key" in server:
         values["api_key"] = str(server["api_key"]) or None
     for key, what in (("cors", "an origin"), ("allowed_hosts", "a host name")):
@@ -136,6 +149,15 @@ def read_serve_config(path: Path) -> ServeConfig:
                 raise ConfigError(f"{path} [server] {key} must be {what} string or a list of them (got {server[key]!r}).")
             values[key] = tuple(items)
     return ServeConfig(models=models, **values)
+
+
+def keep_alive_setting(value: Any, where: str) -> float:
+    """A serve keep_alive ("5m", 300, "-1") as ServeConfig holds it: seconds, -1.0 for forever."""
+    try:
+        seconds = parse_keep_alive(value, where)
+    except KeepAliveError as exc:
+        raise ConfigError(str(exc)) from None
+    return -1.0 if seconds is None else seconds
 
 
 def single_model_config(name: str, served_names: tuple[str, ...], settings: dict[str, Any],
@@ -219,6 +241,9 @@ class ModelPool:
         self._engines: OrderedDict[str, Engine] = OrderedDict()  # by ModelConfig.id, least recently used first
         self._load_lock = asyncio.Lock()
         self.closing = False
+        self.residency = Residency(None if config.keep_alive < 0 else config.keep_alive)
+        self._reaper: asyncio.Task[None] | None = None
+        self._grown: dict[str, int] = {}  # model id -> the n_ctx a request's num_ctx reloaded it with
         self._names: dict[str, ModelConfig] = {}
         for cfg in config.models:
             # an unknown name, a missing file or a bad system prompt or setting fails now, before the server starts
@@ -286,11 +311,12 @@ class ModelPool:
                 if engine is None or engine.state in ("failed", "crashed", "stopped"):
                     if engine is not None:
                         del self._engines[cfg.id]  # a failed load is retried by the next request
-                    await self._make_room()
+                    await self._make_room(self._sized(cfg))
                     engine = self._start(cfg)
         # No await from here to the lease: eviction (which skips leased engines) cannot slip in.
         self._engines.move_to_end(cfg.id)
         engine.leases += 1
+        self.residency.touch(cfg.id)
         try:
             await engine.wait_ready()
         except BaseException:
@@ -300,35 +326,137 @@ class ModelPool:
 
     def release(self, engine: Engine) -> None:
         engine.leases -= 1
+        self.residency.touch(engine.name)
+
+    def unload(self, name: str) -> bool | None:
+        """Unload model ``name`` now (Ollama's keep_alive 0, ``ggufrun stop``): True when done, False
+        when it is busy (it unloads once its requests end), None when it is not resident."""
+        engine = self._engines.get(name)
+        if engine is None:
+            return None
+        self.residency.keep(name, 0.0)
+        if engine.busy() or engine.state == "loading":
+            return False
+        self._evict(name, "asked to")
+        return True
+
+    def _evict(self, name: str, why: str) -> Engine:
+        """Take ``name`` out of the pool and stop its engine; the caller has checked it is idle
+        (with no await since: a request leases it on the loop, atomically with that check)."""
+        engine = self._engines.pop(name)
+        self.residency.forget(name)
+        log.info("unloading model %s (%s)", name, why)
+        engine.stop()
+        return engine
+
+    async def _reap(self) -> None:
+        """Unload models idle past their keep_alive; a busy model's idle time starts again."""
+        while not self.closing:
+            await asyncio.sleep(REAP_SECONDS)
+            now = time.monotonic()
+            try:
+                for name, engine in list(self._engines.items()):
+                    if engine.state == "loading":
+                        continue
+                    if engine.busy():
+                        self.residency.touch(name)
+                    elif self.residency.expired(name, now):
+                        keep = self.residency.keep_alive(name)
+                        self._evict(name, f"idle for keep_alive {format_keep_alive(keep)}" if keep else "keep_alive 0")
+            except Exception:  # noqa: BLE001 (a reaper that died would leave every model loaded, silently)
+                log.exception("checking idle models failed")
 
     def preload(self, cfg: ModelConfig) -> Engine:
         """Start loading a model now (``ggufrun serve NAME``), so /health says loading, then ready."""
         return self._engines.get(cfg.id) or self._start(cfg)
 
+    def _sized(self, cfg: ModelConfig) -> ModelConfig:
+        """``cfg`` with the context a request's num_ctx reloaded it with, if one did."""
+        grown = self._grown.get(cfg.id)
+        return replace(cfg, settings={**cfg.settings, "n_ctx": grown}) if grown else cfg
+
+    async def fit_context(self, cfg: ModelConfig, n_ctx: int) -> None:
+        """Reload ``cfg``'s model with ``n_ctx`` tokens per request when a request asks for more than
+        it was loaded with and --max-num-ctx allows that (Ollama reloads for a num_ctx). It keeps
+        the larger context from then on (its later loads too), so that smaller requests fit in it
+        without reloading it back. Waits for the running requests to end (never cuts them); ShuttingDownError (503)
+        when they do not end within EVICT_WAIT."""
+        if n_ctx > self.config.max_num_ctx:
+            return  # within the served context, or the 400 of lifecycle.request_context
+        engine = await self.acquire(cfg)
+        try:
+            assert engine.backend is not None
+            have, trained = engine.backend.n_ctx_seq, engine.backend.model.n_ctx_train
+        finally:
+            self.release(engine)
+        if n_ctx <= have or n_ctx > trained:
+            return  # it fits; or no reload could hold it (the 400 says the limit)
+        self._grown[cfg.id] = max(n_ctx, self._grown.get(cfg.id, 0))
+        waited = 0.0
+        while self._engines.get(cfg.id) is engine and engine.busy():
+            if waited >= EVICT_WAIT:
+                raise ShuttingDownError(f"Model '{cfg.id}' is busy; it reloads with num_ctx {n_ctx} once its requests end.",
+                                        "Retry shortly.")
+            await asyncio.sleep(0.05)
+            waited += 0.05
+        if self._engines.get(cfg.id) is engine:  # (no await since the check: nobody leased it in between)
+            self._evict(cfg.id, f"reloading with num_ctx {n_ctx}")
+            await asyncio.to_thread(engine.join, 10.0)
+
     def _start(self, cfg: ModelConfig) -> Engine:
+        cfg = self._sized(cfg)
         parallel = cfg.parallel or self.config.parallel
+        self.residency.snapshot_capacity()  # before the first load: the room every model shares
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         engine = Engine(cfg.id, lambda: self._load(cfg, parallel), parallel=parallel, max_queue=self.config.max_queue,
                         metrics=self.metrics, load_embedder=_load_embedder if cfg.embeddings else None)
         self._engines[cfg.id] = engine
         log.info("loading model %s (%s)", cfg.id, cfg.model)
         return engine.start()
 
-    async def _make_room(self) -> None:
+    async def _make_room(self, cfg: ModelConfig) -> None:
+        """Unload least recently used idle models until ``cfg`` fits: under --max-loaded, and in
+        memory by its estimate (when its file is here to estimate from)."""
+        need = await asyncio.to_thread(self._estimate, cfg)
+        self.residency.set_memory(cfg.id, need)
         waited = 0.0
-        while len(self._engines) >= self.config.max_loaded:
+        while True:
+            full = len(self._engines) >= self.config.max_loaded
+            short = self.residency.shortfall(need, list(self._engines)) if need and self._engines and not full else None
+            if not full and short is None:
+                return
             idle = [e for e in self._engines.values() if not e.busy() and e.state != "loading"]
             if idle:
                 victim = idle[0]  # the OrderedDict keeps least recently used first
-                del self._engines[victim.name]
-                log.info("unloading model %s (least recently used; --max-loaded %d)", victim.name, self.config.max_loaded)
-                victim.stop()
+                why = f"--max-loaded {self.config.max_loaded}" if full else f"'{cfg.id}' {short}"
+                self._evict(victim.name, f"least recently used; {why}")
                 await asyncio.to_thread(victim.join, 10.0)
                 continue
             if waited >= EVICT_WAIT:
-                raise ShuttingDownError(f"All {len(self._engines)} resident models are busy; cannot load another now.",
-                                        "Retry later, or raise --max-loaded.")
+                reason = "" if full else f" ('{cfg.id}' {short})"
+                raise ShuttingDownError(f"All {len(self._engines)} resident models are busy; "
+                                        f"cannot load another now{reason}.",
+                                        "Retry later, or raise --max-loaded." if full else "Retry later.")
             await asyncio.sleep(0.1)
             waited += 0.1
+
+    def _estimate(self, cfg: ModelConfig) -> MemoryEstimate | None:
+        """``cfg``'s memory as it would load now; None when its file is not here yet (a load fetches it)."""
+        from ..gguf_info import inspect
+
+        try:
+            spec = self.registry.resolve(cfg.model)
+            path = spec.cache_path()
+            if spec.from_repo or not path.is_file():
+                return None
+            info = inspect(path)
+            parallel = cfg.parallel or self.config.parallel
+            settings = model_defaults(spec, cfg).settings
+            plan = kv_plan(settings.n_ctx, parallel, info.context_length, extra=1 if cfg.embeddings else 0)
+            return estimate(info, plan.cells, settings.n_gpu_layers, plan.n_ctx_seq, (settings.cache_type_k, settings.cache_type_v))
+        except GgufrunError:
+            return None  # the load reports it
 
     def _load(self, cfg: ModelConfig, parallel: int) -> Backend:
         """Runs on the engine thread: fetch if needed, load with one KV cache for every slot."""
@@ -345,7 +473,8 @@ class ModelPool:
         from ..trial import trial_load
 
         trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this server
-        plan = kv_plan(per_request.n_ctx, parallel, inspect(path).context_length, extra=1 if cfg.embeddings else 0)
+        info = inspect(path)
+        plan = kv_plan(per_request.n_ctx, parallel, info.context_length, extra=1 if cfg.embeddings else 0)
         # Embeddings run on this same context, in one more sequence with its own part of the cache
         # (one slot's worth of cells more). Sharing the slots' cells as one pool (a unified cache)
         # saved that memory, but there a sequence's cells land where the others leave room, which
@@ -354,6 +483,9 @@ class ModelPool:
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
+        # what it really takes: its cells, and the layers llama.cpp got ("auto" resolved)
+        self.residency.set_memory(cfg.id, estimate(info, plan.cells, model.settings.n_gpu_layers, plan.n_ctx_seq,
+                                                        (model.settings.cache_type_k, model.settings.cache_type_v)))
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
@@ -378,6 +510,8 @@ class ModelPool:
     async def shutdown(self, grace: float) -> None:
         """Drain, then wait for every engine thread to free its model."""
         self.drain(grace)
+        if self._reaper is not None:
+            self._reaper.cancel()
         engines = list(self._engines.values())
         self._engines.clear()
         for engine in engines:

@@ -1,7 +1,10 @@
 """Ollama's API (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``, ``/api/tags``,
-``/api/show``, ``/api/ps``, ``/api/version``) over the server's OpenAI chat pipeline, so that the
-``ollama`` package and Ollama front-ends work against ggufrun. Replies stream as NDJSON (Ollama's
-default); errors are ``{"error": "..."}``. Durations are nanoseconds, as Ollama reports them.
+``/api/show``, ``/api/ps``, ``/api/version``, and the store: ``/api/pull``, ``/api/delete``,
+``/api/copy``) over the server's OpenAI chat pipeline, so that the ``ollama`` package and Ollama
+front-ends work against ggufrun. Replies stream as NDJSON (Ollama's default); errors are
+``{"error": "..."}``. Durations are nanoseconds, as Ollama reports them. ``keep_alive`` and
+``options.num_ctx`` are a model's lifecycle (lifecycle.py): how long it stays loaded, and a
+request's context within the one it was loaded with.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
+from ..errors import GgufrunError
+from .lifecycle import KeepAliveError, has_gpu, parse_keep_alive, request_context
 from .protocol import ApiError
-from .translate import (Refused, body_of, choice_of, chunk_error, guarded, ndjson, require, start_chat, stream, streamed,
-                        supports, tool_arguments)
+from .translate import (Refused, as_error, body_of, choice_of, chunk_error, guarded, ndjson, require, start_chat, stream,
+                        streamed, supports, tool_arguments)
 
 if TYPE_CHECKING:
     from ..gguf_info import GGUFInfo
@@ -34,8 +40,8 @@ if TYPE_CHECKING:
 # Ollama clients compare /api/version against the Ollama release that added a feature; this
 # is the release whose API (format schemas, tools, /api/embed) the routes below follow.
 OLLAMA_API_VERSION = "0.12.0"
-# Ollama's options that map onto OpenAI chat fields; the rest (num_ctx, num_gpu, num_thread,
-# mirostat, ...) are load-time or sampler settings ggufrun takes at `ggufrun serve`, so refused.
+# Ollama's options that map onto OpenAI chat fields, and num_ctx (_residence); the rest (num_gpu,
+# num_thread, mirostat, ...) are load-time or sampler settings ggufrun takes at `ggufrun serve`, so refused.
 OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
            "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "repeat_last_n": "repeat_last_n"}
@@ -61,10 +67,33 @@ NAMES = {**{openai: f"options.{name}" for name, openai in OPTIONS.items()}, "res
          "response_format.json_schema.schema": "format"}
 
 
-def _check_keep_alive(body: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class Residence:
+    """A request's say on its model's lifecycle: keep_alive (``given`` false: the server's
+    --keep-alive applies again, as in Ollama) and options.num_ctx."""
+
+    given: bool
+    keep_alive: float | None  # seconds; None: forever
+    num_ctx: int | None
+
+
+def _residence(body: dict[str, Any]) -> Residence:
     keep_alive = body.get("keep_alive")
-    if keep_alive is not None and not (isinstance(keep_alive, (int, float)) and keep_alive < 0 or keep_alive in ("-1", "-1s", "-1m", "-1h")):
-        raise Refused("keep_alive", "'keep_alive': ggufrun keeps a model loaded until another needs the room (see --max-loaded); only a negative keep_alive (keep loaded) is supported.")
+    try:
+        seconds = None if keep_alive is None else parse_keep_alive(keep_alive)
+    except KeepAliveError as exc:
+        raise Refused("keep_alive", str(exc)) from None
+    options = body.get("options")
+    num_ctx = options.get("num_ctx") if isinstance(options, dict) else None
+    if num_ctx is not None and (not isinstance(num_ctx, int) or isinstance(num_ctx, bool) or num_ctx < 1):
+        raise Refused("options.num_ctx", f"'options.num_ctx' must be a number of tokens >= 1 (got {num_ctx!r}).")
+    return Residence(keep_alive is not None, seconds, num_ctx)
+
+
+def _keep(server: Server, cfg: ModelConfig, residence: Residence) -> None:
+    """The model's keep_alive from now on: the request's, else the server's default (as Ollama does)."""
+    residency = server.pool.residency
+    residency.keep(cfg.id, residence.keep_alive if residence.given else residency.default)
 
 
 def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
@@ -80,7 +109,7 @@ def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
     if not isinstance(stream_flag, bool):
         raise Refused("stream", "'stream' must be true or false.")
     out["stream"] = stream_flag
-    _check_keep_alive(body)
+    _residence(body)
     think = body.get("think")
     if isinstance(think, bool):  # false is accepted from any model; true is refused by one that does not reason
         out["chat_template_kwargs"] = {"enable_thinking": think}
@@ -107,10 +136,10 @@ def _common(body: dict[str, Any], known: set[str], out: dict[str, Any]) -> None:
     if not isinstance(options, dict):
         raise Refused("options", "'options' must be an object.")
     for name, value in options.items():
-        if value is None:
+        if value is None or name == "num_ctx":  # (num_ctx: _residence, the engine's context per request)
             continue
         if name not in OPTIONS:
-            raise Refused(f"options.{name}", f"Option '{name}' is not supported per request; set it when starting `ggufrun serve` (options: {', '.join(sorted(OPTIONS))}).")
+            raise Refused(f"options.{name}", f"Option '{name}' is not supported per request; set it when starting `ggufrun serve` (options: {', '.join(sorted([*OPTIONS, 'num_ctx']))}).")
         if name == "num_predict":
             if not isinstance(value, int) or isinstance(value, bool) or value < -2 or value == 0:
                 raise Refused("options.num_predict", "'options.num_predict' must be >= 1, or -1 / -2 to generate until the context is full.")
@@ -199,8 +228,10 @@ def chat_to_openai(body: dict[str, Any]) -> dict[str, Any]:
 def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     _common(body, GENERATE_KNOWN, out)
+    if body.get("images"):
+        raise Refused("images", "'images' is not supported by this model: it reads text only.")
     for key, why in (("suffix", "fill-in-the-middle"), ("template", "a per-request template"), ("context", "a context array"),
-                     ("images", "images"), ("raw", "raw prompts")):
+                     ("raw", "raw prompts")):
         if body.get(key):
             raise Refused(key, f"'{key}' is not supported ({why}); use /v1/completions for raw prompts.")
     prompt = body.get("prompt") or ""
@@ -212,11 +243,12 @@ def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     return streamed(out)
 
 
-def _stats(usage: dict[str, Any] | None, timings: dict[str, Any] | None, started: float, done_reason: str) -> dict[str, Any]:
+def _stats(usage: dict[str, Any] | None, timings: dict[str, Any] | None, started: float, done_reason: str,
+           load_ns: int = 0) -> dict[str, Any]:
     """Ollama's counters and nanosecond durations, from the engine's llama-server-style timings."""
     usage, timings = usage or {}, timings or {}
     return {"done": True, "done_reason": done_reason, "total_duration": int((time.perf_counter() - started) * 1e9),
-            "load_duration": 0, "prompt_eval_count": usage.get("prompt_tokens", 0),
+            "load_duration": load_ns, "prompt_eval_count": usage.get("prompt_tokens", 0),
             "prompt_eval_duration": int(float(timings.get("prompt_ms") or 0) * 1e6),
             "eval_count": usage.get("completion_tokens", 0), "eval_duration": int(float(timings.get("predicted_ms") or 0) * 1e6)}
 
@@ -231,12 +263,15 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
             for t in content]
 
 
-def _ollama_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _ollama_calls(calls: list[dict[str, Any]], cut: bool) -> list[dict[str, Any]]:
+    """Ollama's calls carry arguments as objects. ``cut``: the reply stopped at num_predict, so the
+    last call's arguments are read as far as they go (done_reason says "length"), as Anthropic's are."""
     return [{"function": {"name": c["function"]["name"],
-                          "arguments": tool_arguments(c["function"].get("arguments") or "", "tool call's")}} for c in calls]
+                          "arguments": tool_arguments(c["function"].get("arguments") or "", "tool call's",
+                                                      cut=cut and i == len(calls) - 1)}} for i, c in enumerate(calls)]
 
 
-async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> AsyncIterator[bytes]:
+async def _ndjson(run: ChatRun, model: str, started: float, chat: bool, load_ns: int = 0) -> AsyncIterator[bytes]:
     """Ollama's NDJSON stream from the OpenAI chunks of ``run``."""
     finish = "stop"
     timings: dict[str, Any] | None = None
@@ -249,8 +284,8 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
         choice = choice_of(chunk)
         if choice is None:  # the last chunk: usage only
             if calls:
-                try:  # Ollama carries arguments as objects: a call cut short (num_predict) has none to send
-                    found = _ollama_calls([calls[k] for k in sorted(calls)])
+                try:
+                    found = _ollama_calls([calls[k] for k in sorted(calls)], cut=finish == "length")
                 except ApiError as exc:
                     yield ndjson({"error": exc.message})
                     return
@@ -258,7 +293,7 @@ async def _ndjson(run: ChatRun, model: str, started: float, chat: bool) -> Async
                 yield ndjson({"model": model, "created_at": _now(), "message": message, "done": False})
             final: dict[str, Any] = {"model": model, "created_at": _now()}
             final.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
-            final.update(_stats(chunk.get("usage"), timings, started, DONE_REASONS.get(finish, "stop")))
+            final.update(_stats(chunk.get("usage"), timings, started, DONE_REASONS.get(finish, "stop"), load_ns))
             yield ndjson(final)
             return
         finish = choice.get("finish_reason") or finish
@@ -330,16 +365,39 @@ def routes(server: Server) -> list[Route]:
         started = time.perf_counter()
         body = await body_of(server, request)
         openai_body = chat_to_openai(body) if chat else generate_to_openai(body)
+        residence = _residence(body)
         model = body.get("model") or server.lookup(None).id
+        cfg = server.lookup(openai_body.get("model"))
+        before = server.pool.resident(cfg.id)
+        fresh = before is None or before.state != "ready"
+
+        def load_ns() -> int:
+            """How long the load this request waited for took (Ollama's load_duration); 0 if none."""
+            engine = server.pool.resident(cfg.id)
+            return int(engine.backend.model.load_seconds * 1e9) if fresh and engine and engine.backend else 0
+
+        # Ollama's own load and unload: nothing to generate loads the model (`ollama run` does
+        # this first); with keep_alive 0 it unloads it (`ollama stop`), once its requests end.
+        part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+        if not openai_body["messages"] and residence.given and residence.keep_alive == 0:
+            server.pool.unload(cfg.id)
+            return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "unload"})
+        if residence.num_ctx is not None:  # more than the model was loaded with: reloaded, where serve allows it
+            await server.pool.fit_context(cfg, residence.num_ctx)
         if not openai_body["messages"]:
-            # Ollama loads the model when asked to generate nothing (`ollama run` does this first).
-            cfg = server.lookup(openai_body.get("model"))
-            server.pool.release(await server.acquire(cfg))
-            part = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load"})
-        run = await start_chat(server, openai_body, "/api/chat" if chat else "/api/generate")
+            engine = await server.acquire(cfg)
+            try:
+                assert engine.backend is not None
+                request_context(engine.backend.n_ctx_seq, residence.num_ctx, cfg.id)  # a load it cannot honour is refused too
+                _keep(server, cfg, residence)
+            finally:
+                server.pool.release(engine)
+            return JSONResponse({"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load",
+                                 "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": load_ns()})
+        run = await start_chat(server, openai_body, "/api/chat" if chat else "/api/generate", residence.num_ctx)
+        _keep(server, cfg, residence)
         if openai_body["stream"]:
-            return stream(run, _ndjson(run, model, started, chat), "application/x-ndjson")
+            return stream(run, _ndjson(run, model, started, chat, load_ns()), "application/x-ndjson")
         result = await run.whole(request)
         if result is None:
             return Response(status_code=499)
@@ -351,7 +409,7 @@ def routes(server: Server) -> list[Route]:
             if message.get("reasoning_content"):
                 reply["thinking"] = message["reasoning_content"]
             if message.get("tool_calls"):
-                reply["tool_calls"] = _ollama_calls(message["tool_calls"])
+                reply["tool_calls"] = _ollama_calls(message["tool_calls"], cut=choice.get("finish_reason") == "length")
             out["message"] = reply
         else:
             out["response"] = message.get("content") or ""
@@ -359,7 +417,8 @@ def routes(server: Server) -> list[Route]:
                 out["thinking"] = message["reasoning_content"]
         if openai_body.get("logprobs"):
             out["logprobs"] = _logprobs(choice) or []
-        out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop")))
+        out.update(_stats(result.get("usage"), result.get("timings"), started, DONE_REASONS.get(choice["finish_reason"], "stop"),
+                          load_ns()))
         return JSONResponse(out)
 
     @guarded(_render_error, NAMES)
@@ -370,33 +429,41 @@ def routes(server: Server) -> list[Route]:
     async def generate(request: Request) -> Response:
         return await generate_like(request, chat=False)
 
-    async def vectors(model: Any, texts: list[str]) -> tuple[str, list[list[float]], int]:
+    async def vectors(model: Any, texts: list[str], residence: Residence) -> tuple[str, list[list[float]], int]:
         if model is not None and not isinstance(model, str):
             raise Refused("model", "'model' must be a string.")
-        cfg, result, n_tokens = await server.embed_texts(_model_name(model) if model else None, texts)
+        if residence.num_ctx is not None:
+            await server.pool.fit_context(server.lookup(_model_name(model) if model else None), residence.num_ctx)
+        cfg, result, n_tokens = await server.embed_texts(_model_name(model) if model else None, texts, residence.num_ctx)
+        _keep(server, cfg, residence)
         return cfg.id, result, n_tokens
 
-    def embed_fields(body: dict[str, Any], known: set[str]) -> None:
+    def embed_fields(body: dict[str, Any], known: set[str]) -> Residence:
         unknown = sorted(k for k in set(body) - known if body[k] is not None)
         if unknown:
             raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
-        _check_keep_alive(body)
-        if body.get("options"):
-            raise Refused("options", "'options' are not supported for embeddings.")
+        residence = _residence(body)
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise Refused("options", "'options' must be an object.")
+        other = sorted(k for k, v in options.items() if k != "num_ctx" and v is not None)
+        if other:
+            raise Refused(f"options.{other[0]}", f"Option '{other[0]}' is not supported for embeddings (num_ctx is).")
         if body.get("dimensions") is not None:
             raise Refused("dimensions", "'dimensions' is not supported: ggufrun returns the model's full embedding.")
+        return residence
 
     @guarded(_render_error)
     async def embed(request: Request) -> Response:
         started = time.perf_counter()
         body = await body_of(server, request)
         # truncate is accepted either way: an input longer than the context is refused, never cut.
-        embed_fields(body, {"model", "input", "truncate", "options", "keep_alive", "dimensions"})
+        residence = embed_fields(body, {"model", "input", "truncate", "options", "keep_alive", "dimensions"})
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts) or len(texts) > 256:
             raise Refused("input", "'input' must be a non-empty string or a list of 1 to 256 non-empty strings.")
-        name, result, n_tokens = await vectors(body.get("model"), texts)
+        name, result, n_tokens = await vectors(body.get("model"), texts, residence)
         return JSONResponse({"model": body.get("model") or name, "embeddings": result,
                              "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
                              "prompt_eval_count": n_tokens})
@@ -404,11 +471,11 @@ def routes(server: Server) -> list[Route]:
     @guarded(_render_error)
     async def embeddings(request: Request) -> Response:
         body = await body_of(server, request)
-        embed_fields(body, {"model", "prompt", "options", "keep_alive"})
+        residence = embed_fields(body, {"model", "prompt", "options", "keep_alive"})
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise Refused("prompt", "'prompt' must be a non-empty string.")
-        _, result, _ = await vectors(body.get("model"), [prompt])
+        _, result, _ = await vectors(body.get("model"), [prompt], residence)
         return JSONResponse({"embedding": result[0]})
 
     @guarded(_render_error)
@@ -442,17 +509,141 @@ def routes(server: Server) -> list[Route]:
 
     @guarded(_render_error)
     async def ps(request: Request) -> Response:
+        """The loaded models, as `ollama ps` reads them: size is the memory estimate (weights, KV
+        cache for every slot, compute), size_vram its share on GPUs (0 without one)."""
         models = []
+        gpu = await asyncio.to_thread(has_gpu)
         for name, state in server.pool.loaded().items():
-            if state != "ready":
+            engine = server.pool.resident(name)
+            if state != "ready" or engine is None or engine.backend is None:
                 continue
             cfg = server.lookup(name)
             facts = await entry(cfg)
-            engine = server.pool.resident(name)
-            backend = engine.backend if engine is not None else None
-            models.append({**facts, "size_vram": 0 if not backend or not backend.settings.n_gpu_layers else facts["size"],
-                           "context_length": backend.n_ctx_seq if backend else None})
+            memory = server.pool.residency.memory(name)
+            size = memory.total if memory else facts["size"]
+            models.append({**facts, "size": size, "size_vram": memory.gpu if memory and gpu else 0,
+                           "expires_at": server.pool.residency.expires_at(name, engine.busy()),
+                           "context_length": engine.backend.n_ctx_seq})
         return JSONResponse({"models": models})
+
+    def named(body: dict[str, Any], *keys: str) -> str:
+        """The model a store request names (``model``, or the older ``name``), never a file path."""
+        from ..refs import parse
+
+        value = next((body[k] for k in keys if body.get(k) not in (None, "")), None)
+        if not isinstance(value, str):
+            raise Refused(keys[0], f"'{keys[0]}' must name a model.")
+        if parse(value).kind == "path":  # a remote client must not point the server at its disk
+            raise Refused(keys[0], f"'{keys[0]}' must be a registry name or an hf:/ms: reference, not a file path.")
+        value = _model_name(value)
+        # a name /api/tags lists (served_model_name) stands for the model it serves
+        return next((cfg.model for cfg in server.config.models if value in cfg.served_names), value)
+
+    @guarded(_render_error)
+    async def pull(request: Request) -> Response:
+        """Download a model into the cache through ggufrun's fetcher (both hubs, verified), with
+        Ollama's progress lines. A client that goes away does not stop it: the download finishes
+        into the cache (atomically, as `ggufrun pull`)."""
+        from ..fetch import pull as fetch_pull
+
+        body = await body_of(server, request)
+        unknown = sorted(k for k in set(body) - {"model", "name", "stream", "insecure"} if body[k] is not None)
+        if unknown:
+            raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
+        if body.get("insecure"):
+            raise Refused("insecure", "'insecure' is not supported: ggufrun always verifies TLS and every file's size "
+                                      "and sha256.")
+        stream_flag = body.get("stream", True)
+        if not isinstance(stream_flag, bool):
+            raise Refused("stream", "'stream' must be true or false.")
+        spec = await asyncio.to_thread(server.pool.registry.resolve, named(body, "model", "name"))
+        digest = f"sha256:{spec.sha256.lower()}" if spec.sha256 else None
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+        last: dict[str, float] = {}
+
+        def progress(desc: str, done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if done != total and now - last.get(desc, 0.0) < 0.1:  # ten lines a second per file at most
+                return
+            last[desc] = now
+            line: dict[str, Any] = {"status": "verifying sha256 digest" if desc.startswith("verifying") else f"pulling {desc}"}
+            line.update({k: v for k, v in (("digest", digest), ("total", total), ("completed", done)) if v is not None})
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+        def work() -> None:
+            try:
+                result = fetch_pull(spec, progress=progress)
+                if result.cached:
+                    size = result.path.stat().st_size
+                    progress(spec.filename, size, size)
+                loop.call_soon_threadsafe(lines.put_nowait, None)
+            except BaseException as exc:  # noqa: BLE001 (sent to the client as the error line)
+                loop.call_soon_threadsafe(lines.put_nowait, exc)
+
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        if not stream_flag:
+            await task
+            while (item := lines.get_nowait()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+            return JSONResponse({"status": "success"})
+
+        async def lines_out() -> AsyncIterator[bytes]:
+            yield ndjson({"status": "pulling manifest"})
+            while (item := await lines.get()) is not None:
+                if isinstance(item, BaseException):
+                    yield ndjson({"error": as_error(item)[2]})
+                    return
+                yield ndjson(item)
+            for status in ("writing manifest", "success"):
+                yield ndjson({"status": status})
+
+        return StreamingResponse(lines_out(), media_type="application/x-ndjson")
+
+    @guarded(_render_error)
+    async def delete(request: Request) -> Response:
+        """Remove a model from the cache (only the cache: `ggufrun rm`'s rules), unloading it first;
+        a name /api/copy made leaves the registry too."""
+        from ..aliases import forget_copy
+        from ..fetch import remove
+
+        body = await body_of(server, request)
+        name = named(body, "model", "name")
+        spec = await asyncio.to_thread(server.pool.registry.resolve, name)
+        if spec.path is not None:  # (a served model given by path): the cache is all /api/delete may touch
+            raise Refused("model", f"Model '{body.get('model') or body.get('name')}' is served from a file outside the cache; "
+                                   "only cached models can be deleted.")
+        for cfg in server.config.models:  # a served model whose file this is: unloaded first, unless in use
+            try:
+                same = server.pool.registry.resolve(cfg.model).cache_path() == spec.cache_path()
+            except GgufrunError:
+                continue
+            if same and server.pool.unload(cfg.id) is False:
+                raise Refused("model", f"Model '{name}' is in use; it unloads when its requests end. Retry then.", status=409)
+        removed = await asyncio.to_thread(remove, spec)
+        smaller = await asyncio.to_thread(forget_copy, server.pool.registry, name)  # a copy's name goes with it
+        if smaller is not None:
+            server.pool.registry = smaller
+        elif not any(p.suffix == ".gguf" for p in removed):
+            raise Refused("model", f"model '{name}' not found", status=404)
+        return JSONResponse({})
+
+    @guarded(_render_error)
+    async def copy(request: Request) -> Response:
+        """A second name for a cached model: a models.toml entry and a hard link (aliases.py)."""
+        from ..aliases import copy_model, with_entry
+
+        body = await body_of(server, request)
+        unknown = sorted(set(body) - {"source", "destination"})
+        if unknown:
+            raise Refused(unknown[0], f"Unknown field '{unknown[0]}'.")
+        source, destination = named(body, "source"), body.get("destination")
+        if not isinstance(destination, str) or not destination:
+            raise Refused("destination", "'destination' must name the copy.")
+        entry = await asyncio.to_thread(copy_model, server.pool.registry, source, destination)
+        server.pool.registry = with_entry(server.pool.registry, entry)
+        return JSONResponse({})
 
     async def version(request: Request) -> Response:
         return JSONResponse({"version": OLLAMA_API_VERSION, "ggufrun": __version__})
@@ -460,4 +651,6 @@ def routes(server: Server) -> list[Route]:
     return [Route("/api/chat", chat, methods=["POST"]), Route("/api/generate", generate, methods=["POST"]),
             Route("/api/embed", embed, methods=["POST"]), Route("/api/embeddings", embeddings, methods=["POST"]),
             Route("/api/tags", tags, methods=["GET"]), Route("/api/show", show, methods=["POST"]),
-            Route("/api/ps", ps, methods=["GET"]), Route("/api/version", version, methods=["GET"])]
+            Route("/api/ps", ps, methods=["GET"]), Route("/api/version", version, methods=["GET"]),
+            Route("/api/pull", pull, methods=["POST"]), Route("/api/delete", delete, methods=["DELETE"]),
+            Route("/api/copy", copy, methods=["POST"])]

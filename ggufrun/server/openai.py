@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import fim, limits
 from . import protocol as P
 from .api_errors import invalid
 from .core import Server
@@ -46,6 +47,9 @@ def routes(server: Server) -> list[Route]:
         P.check_fields(body, P.COMPLETION_FIELDS, P.COMPLETION_REFUSED, "/v1/completions")
         params = P.parse_gen(body, chat=False)
         prompts = P.parse_prompts(body)
+        suffix = P.typed(body, "suffix", (str,), "a string")
+        if suffix is not None:
+            limits.check_text_size([suffix], "suffix")
         cfg = server.lookup(params.model)
 
         def build(backend: Backend) -> list[list[int]]:
@@ -59,6 +63,9 @@ def routes(server: Server) -> list[Route]:
                     out.append(list(prompt))
                 else:
                     out.append(backend.model.tokenize(prompt, add_special=True, parse_special=True))
+                if suffix is not None:  # fill in the middle: this prompt before, the suffix after
+                    out[-1] = fim.suffix_prompt(backend.model, cfg.id, prompt, suffix, n_ctx=backend.n_ctx_seq,
+                                                n_predict=params.max_tokens or -1)
             return out
 
         group = await server.submit(params, cfg, build)

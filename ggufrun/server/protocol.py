@@ -155,6 +155,8 @@ class GenParams:
     budget_param: str = "reasoning_budget"  # the field that set it, named when the model cannot budget
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs: variables for the template
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
+    slot: int | None = None  # llama-server's id_slot: the slot every job of the request runs in
+    n_ctx: int | None = None  # a smaller context (prompt + reply) for this request: Ollama's options.num_ctx
 
 
 # llama.cpp server fields we honour on top of OpenAI's.
@@ -178,7 +180,7 @@ CHAT_REFUSED = {
     "web_search_options": "this server has no web search.",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "best_of", "echo", "suffix"}
-COMPLETION_REFUSED = {"suffix": "fill-in-the-middle is not supported.", "echo": "echoing the prompt is not supported."}
+COMPLETION_REFUSED = {"echo": "echoing the prompt is not supported."}  # suffix: fill-in-the-middle (fim.py)
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 EMBEDDING_REFUSED = {"dimensions": "the embedding size is fixed by the model."}
 

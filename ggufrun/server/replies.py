@@ -82,6 +82,7 @@ class Choices:
         think = params.think  # a reasoning model's reply: its thinking block goes out apart, as reasoning_content
         self.splitters = [ThinkSplitter(think.fmt, think.start) if think is not None else None for _ in range(n)]
         self.n_calls = [0] * n
+        self.cut = [False] * n  # per choice: it ended at max_tokens (a call in it may be cut short)
         self.offsets = [0] * n
         # Per choice, the stop string that ended it once it has: not in OpenAI's objects, but the
         # Anthropic translation reports it (stop_reason "stop_sequence").
@@ -136,7 +137,7 @@ class Choices:
             return [self._delta(i, {"content": text})] if text else []
         parts = stream.feed(text) if text else []
         if final:
-            parts += stream.finish()
+            parts += stream.finish(self.cut[i])
         out = []
         for kind, value in parts:
             if kind == "content":
@@ -180,6 +181,7 @@ class Choices:
                     yield self._chunk([piece])
             elif event.kind == "done":
                 self.stop_sequences[i] = getattr(event, "stop_sequence", None)
+                self.cut[i] = event.finish_reason == "length"
                 for piece in self._pieces(i, "", final=True):
                     yield self._chunk([piece])
                 dones[i] = event
@@ -210,7 +212,7 @@ class Choices:
                 if thought:
                     message["reasoning_content"] = thought
             if self.plan is not None:
-                content, calls = T.parse_reply(self.plan, answer)
+                content, calls = T.parse_reply(self.plan, answer, cut=r.done.finish_reason == "length")
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = calls

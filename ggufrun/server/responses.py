@@ -7,6 +7,7 @@ OpenAI's shape, as the Responses API's are.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -255,6 +256,18 @@ def _logprobs(choice: dict[str, Any]) -> list[dict[str, Any]]:
     return list((choice.get("logprobs") or {}).get("content") or [])
 
 
+def _was_cut(item: dict[str, Any]) -> bool:
+    """Whether the last item of a reply that hit max_output_tokens is cut: text or thinking is; a
+    function call is when its arguments are not whole JSON (the cut came after a call was written whole)."""
+    if item["type"] != "function_call":
+        return True
+    try:
+        json.loads(item["arguments"])
+        return False
+    except ValueError:
+        return True
+
+
 def _call_item(call: dict[str, Any]) -> dict[str, Any]:
     return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"], "name": call["function"]["name"],
             "arguments": call["function"].get("arguments") or "", "status": "completed"}
@@ -269,6 +282,8 @@ def from_openai(result: dict[str, Any], builder: _Builder) -> dict[str, Any]:
         builder.output.append(_message_item(message.get("content") or "", logprobs=_logprobs(choice)))
     builder.output.extend(_call_item(call) for call in message.get("tool_calls") or [])
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+    if status == "incomplete" and _was_cut(builder.output[-1]):
+        builder.output[-1]["status"] = "incomplete"  # the item being written when max_output_tokens cut it
     return builder.response(status, result.get("usage"), choice["finish_reason"])
 
 
@@ -284,26 +299,30 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
     thinking: dict[str, Any] | None = None  # the open reasoning item
     thought: list[str] = []
 
-    def close_reasoning() -> list[bytes]:
+    def closing_status(item: dict[str, Any], final: bool) -> str:
+        """An item's status as it closes: "incomplete" for the one max_output_tokens cut (the last)."""
+        return "incomplete" if final and finish == "length" and item is b.output[-1] and _was_cut(item) else "completed"
+
+    def close_reasoning(final: bool = False) -> list[bytes]:
         nonlocal thinking
         if thinking is None:
             return []
         index = b.output.index(thinking)
         whole = "".join(thought)
-        thinking.update(status="completed", content=[{"type": "reasoning_text", "text": whole}])
+        thinking.update(status=closing_status(thinking, final), content=[{"type": "reasoning_text", "text": whole}])
         out = [b.event("response.reasoning_text.done", item_id=thinking["id"], output_index=index, content_index=0, text=whole),
                b.event("response.output_item.done", output_index=index, item=thinking)]
         thinking = None
         return out
 
-    def close_message() -> list[bytes]:
+    def close_message(final: bool = False) -> list[bytes]:
         nonlocal message, logprobs
         if message is None:
             return []
         index = b.output.index(message)
         whole = "".join(text)
         part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": logprobs}
-        message.update(status="completed", content=[part])
+        message.update(status=closing_status(message, final), content=[part])
         out = [b.event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0, text=whole,
                        logprobs=logprobs),
                b.event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0, part=part),
@@ -321,11 +340,11 @@ async def events(run: ChatRun, b: _Builder) -> AsyncIterator[bytes]:
             return
         choice = choice_of(chunk)
         if choice is None:  # the last chunk: usage only
-            for out in [*close_reasoning(), *close_message()]:
+            for out in [*close_reasoning(final=True), *close_message(final=True)]:
                 yield out
             for call_item in calls.values():
                 index = b.output.index(call_item)
-                call_item["status"] = "completed"
+                call_item["status"] = closing_status(call_item, True)
                 yield b.event("response.function_call_arguments.done", item_id=call_item["id"], output_index=index,
                               arguments=call_item["arguments"], name=call_item["name"])
                 yield b.event("response.output_item.done", output_index=index, item=call_item)

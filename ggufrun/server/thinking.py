@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, detect, start_state, steer
+from ..reasoning import THINKING, ThinkFormat, detect, plan_reply
 from .api_errors import invalid
 from .constraints import embed_rules
 from .protocol import GenParams
@@ -62,14 +62,8 @@ def plan(params: GenParams, fmt: ThinkFormat | None, settings: Any, model: Any, 
     if fmt is None:
         return tokens
     on, budget = _on(params, settings)
-    start = start_state(model.detokenize(tokens[-8:], special=True), fmt)
-    extra, start = steer(fmt, start, on, open_block=params.grammar is not None and not params.raw_grammar)
-    if extra:
-        tokens = tokens + model.tokenize(extra, add_special=False, parse_special=True)
-    if start == ANSWER:
-        return tokens
-    close = model.tokenize(fmt.close_text, add_special=False, parse_special=True)
-    params.think = ThinkBudget(fmt, start, budget if budget > 0 else None, close)
+    tokens, start, params.think = plan_reply(model, tokens, fmt, on, budget,
+                                             open_block=params.grammar is not None and not params.raw_grammar)
     if params.grammar is not None and not params.raw_grammar and start == THINKING:
         params.grammar, params.grammar_triggers = after_block(params.grammar, params.grammar_triggers, fmt)
     return tokens

@@ -289,6 +289,7 @@ class ToolStream:
     growing: dict[str, Any] | None = None  # the call whose arguments are streaming
     args_at: int = 0  # where its arguments start in the buffer
     args_sent: int = 0  # how many of their characters were given out
+    whole_call: bool = False  # the tagged call being read is not streamed (its arguments are not an object)
 
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buffer += text
@@ -329,8 +330,17 @@ class ToolStream:
     def _grow(self, out: list[tuple[str, Any]]) -> bool:
         """Stream the arguments of the tagged call being written; True when that call just ended."""
         if self.growing is None:
+            if self.whole_call:
+                return False
             m = _HEAD.match(self.buffer)
             if m is None or m.group(1) not in self.plan.names or (self.calls and not self.plan.parallel):
+                return False
+            if m.end() == len(self.buffer):
+                return False  # wait for the arguments' first character
+            if self.buffer[m.end()] != "{":
+                # Arguments written as a JSON string (or anything but an object) are read whole and given
+                # as one call, re-serialised; streamed raw, they would not be an object's JSON.
+                self.whole_call = True
                 return False
             self.growing = {"id": new_call_id(), "type": "function", "function": {"name": m.group(1), "arguments": ""}}
             self.args_at, self.args_sent = m.end(), 0
@@ -349,40 +359,54 @@ class ToolStream:
             self.args_sent = len(ready)
         if end < 0:
             return False
-        self.growing["function"]["arguments"] = ready.strip()
+        # exactly the text streamed, so that the fragments joined equal a whole reply's arguments
+        self.growing["function"]["arguments"] = ready[: self.args_sent]
         self.calls.append(self.growing)
         self.growing = None
         self.buffer, self.in_tag = self.buffer[end + len(CLOSE):], False
         return True
 
-    def finish(self) -> list[tuple[str, Any]]:
+    def finish(self, cut: bool = False) -> list[tuple[str, Any]]:
+        """The rest of the reply; ``cut``: generation stopped at max_tokens (finish_reason "length").
+
+        A call cut short never leaves its markup in the content. As OpenAI does, the calls written
+        whole are kept and the cut one is kept too with its arguments as far as they got (the stream
+        already sent them; finish_reason "length" says they are incomplete), where its arguments had
+        begun; cut before that, it is dropped."""
         out: list[tuple[str, Any]] = []
-        if self.growing is not None:  # cut short (max_tokens): what was sent stays sent
-            self.growing["function"]["arguments"] = self.buffer[self.args_at:][: self.args_sent].strip()
+        if self.growing is not None:  # cut short: what was sent stays sent
+            self.growing["function"]["arguments"] = self.buffer[self.args_at:][: self.args_sent]
             self.calls.append(self.growing)
             self.growing, self.buffer, self.in_tag = None, "", False
             return out
         if self.json_mode:
             calls = _json_calls(self.buffer)
+            if calls is None and cut and self.plan.choice in ("required", "function"):
+                calls = _complete_json_calls(self.buffer)  # the grammar forced calls: never content
             if calls is None:
                 out.append(("content", self.buffer))
             else:
                 for call in calls:
                     self._add(call, out)
         elif self.in_tag:  # a call cut short (max_tokens): keep it if its JSON is whole
-            self._call(self.buffer, out, OPEN + self.buffer)
+            # dropped when cut where a call's JSON was beginning; a tag followed by anything else
+            # (an unconstrained reply's text) is given back as it was
+            began = cut and self.buffer.lstrip()[:1] in ("", "{")
+            self._call(self.buffer, out, "" if began else OPEN + self.buffer)
         elif self.buffer:
             out.append(("content", self.buffer))
         self.buffer = ""
         return out
 
     def _call(self, raw: str, out: list[tuple[str, Any]], original: str) -> None:
+        self.whole_call = False
         try:
             call = _as_call(json.loads(raw))
         except ValueError:
             call = None
         if call is None:
-            out.append(("content", original))
+            if original:
+                out.append(("content", original))
         else:
             self._add(call, out)
 
@@ -397,9 +421,30 @@ class ToolStream:
         out.append(("call", call))
 
 
-def parse_reply(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool calls) of a whole reply."""
-    stream = ToolStream(plan)
-    parts = [*stream.feed(text), *stream.finish()]
+def _complete_json_calls(text: str) -> list[dict[str, Any]]:
+    """The calls written whole in a JSON-format reply cut short: the generic format's array items, or
+    llama3's objects one a line, before the one that was cut."""
+    text = text.strip().removeprefix("<|python_tag|>").strip()
+    decoder = json.JSONDecoder()
+    m = re.match(r'\{\s*"tool_calls"\s*:\s*\[\s*', text)
+    pos, calls = (m.end() if m else 0), []
+    while pos < len(text):
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            break
+        call = _as_call(obj)
+        if call is None:
+            break
+        calls.append(call)
+        pos = re.compile(r"\s*,?\s*").match(text, pos).end()  # type: ignore[union-attr]
+    return calls
+
+
+def parse_reply(plan: ToolPlan, text: str, cut: bool = False) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool calls) of a whole reply, read as the stream reads it (the same argument text);
+    ``cut``: it ended at max_tokens."""
+    stream = ToolStream(plan, incremental=True)
+    parts = [*stream.feed(text), *stream.finish(cut)]
     content = "".join(p for kind, p in parts if kind == "content")
     return (content.strip() or None) if stream.calls else content, stream.calls

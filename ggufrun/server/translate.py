@@ -49,9 +49,10 @@ class ChatRun:
         return None if results is None else self.choices.whole(results)
 
 
-async def start_chat(server: Server, body: dict[str, Any], endpoint: str) -> ChatRun:
-    """Submit a translated OpenAI chat body through the server's one chat pipeline."""
-    return ChatRun(*await server.start_chat(body, endpoint))
+async def start_chat(server: Server, body: dict[str, Any], endpoint: str, n_ctx: int | None = None) -> ChatRun:
+    """Submit a translated OpenAI chat body through the server's one chat pipeline (``n_ctx``: a
+    smaller context for this request, Ollama's num_ctx)."""
+    return ChatRun(*await server.start_chat(body, endpoint, n_ctx))
 
 
 def supports(field: str) -> bool:
@@ -158,12 +159,55 @@ def choice_of(chunk: dict[str, Any]) -> dict[str, Any] | None:
     return choices[0] if choices else None
 
 
-def tool_arguments(text: str, where: str) -> Any:
-    """A tool call's JSON arguments as an object (Anthropic and Ollama carry objects, not strings)."""
+def tool_arguments(text: str, where: str, cut: bool = False) -> Any:
+    """A tool call's JSON arguments as an object (Anthropic and Ollama carry objects, not strings);
+    ``cut``: the reply stopped at max_tokens inside them, so they are read as far as they go."""
     try:
         return json.loads(text) if text.strip() else {}
     except ValueError:
+        if cut:
+            return partial_object(text)
         raise ApiError(500, f"The model's {where} arguments are not valid JSON.", kind="server_error") from None
+
+
+def partial_object(text: str) -> dict[str, Any]:
+    """The object that JSON cut short holds so far: open arrays and objects closed, a member whose
+    value (a string among them) is not whole dropped. The Anthropic SDK reads a stream's cut
+    input_json_delta the same way (jiter's partial mode), so a cut tool_use has one input streamed or not."""
+    closers: list[str] = []  # what closes each open container or string, innermost last
+    ends: list[tuple[int, list[str]]] = []  # where a complete value ends, and the closers there
+    in_string = escape = False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_string = False
+                closers.pop()
+                ends.append((i + 1, list(closers)))
+            continue
+        if ch == '"':
+            in_string = True
+            closers.append('"')
+        elif ch in "{[":
+            closers.append("}" if ch == "{" else "]")
+            ends.append((i + 1, list(closers)))  # an empty container is a whole value
+        elif ch in "}]" and closers:
+            closers.pop()
+            ends.append((i + 1, list(closers)))
+        elif ch.isalnum() and (i + 1 == len(text) or not (text[i + 1].isalnum() or text[i + 1] in ".+-")):
+            ends.append((i + 1, list(closers)))  # the end of a number, true, false or null
+    candidates = [text[:end] + "".join(reversed(open_)) for end, open_ in reversed(ends)]
+    for candidate in candidates[:256]:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
 
 
 def text_of(content: Any, where: str, part_types: tuple[str, ...] = ("text",)) -> str:
