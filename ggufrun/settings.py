@@ -76,8 +76,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("split_mode", str, "How layers spread over several devices.", choices=("layer", "row", "none")),
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
     Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
-    Field("step_tokens", int, "serve: prompt and embedding tokens one engine step takes beside generating replies: auto "
-          "(as many as keep steps within 1.2x a plain decode step on average and 2x at most, measured) or a fixed count.", min=1, auto=True),
+    Field("step_tokens", int, "serve: prompt and embedding work one engine step takes beside generating replies: auto "
+          "(a time per step, from each kind's measured cost: steps within 1.2x a plain decode step on average beside "
+          "prompts, 1.3x beside texts to embed) or a fixed count of tokens.", min=1, auto=True),
 )}
 
 

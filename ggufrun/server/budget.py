@@ -8,7 +8,7 @@ average at most :data:`SLACK` times a plain decode step (streams keep >= 1/SLACK
 one step at most :data:`PEAK` times (both per kind of work), measured on the machine as it runs.
 
 The budget is spent in estimated seconds, not tokens: each kind of chunk has its own measured cost
-per token. One token budget for both let the dearer kind calibrate it for the other (an embedding
+(a fixed part and a part per token). One token budget for both let the dearer kind calibrate it for the other (an embedding
 chunk beside a prompt chunk made llama.cpp output every token of both: the budget learnt ~7 ms a
 token where a prompt token costs ~0.5, and a new stream's prompt beside a long text waited 2.4 s).
 The two kinds also take turns by the time each has had (:meth:`StepBudget.pick`), so a new stream's
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 # Steps with chunks may take this many plain decode steps on average, while that kind of work waits:
 # streams keep >= 0.83 of their pace beside prompts, >= 0.77 beside texts to embed (issue 22's bars: 0.8
-# and 0.7). Texts get more: each is a chunk of its own (one embedding sequence), and a request of 256
-# short texts beside a stream took 120 s at 1.2 on a loaded 2-core CPU.
+# and 0.7). Texts get more: each text is chunks of its own (one embedding sequence) and those are dear
+# beside the rows on a CPU (SmolLM2 on the loaded 2-core box: ~30-40 ms a token, ~16 alone).
 SLACK = {"prompt": 1.2, "embed": 1.3}
 # and one step at most this many (a stream's longest gap; issue 22's bar beside long prompts: p99 < 3x).
 # A text's chunks may be larger and rarer: on a CPU a few tokens beside the rows cost nearly what a
