@@ -77,6 +77,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("tensor_split", str, "Each device's share of the model, e.g. 3,1 (default: by free memory)."),
     Field("main_gpu", int, "The device used with --split-mode none (its index among the devices).", min=0),
     Field("mmproj", str, "A vision projector (mmproj GGUF) for the model, in place of the one fetched with it: images in chat and serve."),
+    Field("step_tokens", int, "serve: prompt and embedding work one engine step takes beside generating replies: auto "
+          "(a time per step, from each kind's measured cost: steps within 1.2x a plain decode step on average beside "
+          "prompts, 1.3x beside texts to embed) or a fixed count of tokens.", min=1, auto=True),
 )}
 
 
@@ -110,6 +113,7 @@ class Settings:
     tensor_split: str = ""
     main_gpu: int = 0
     mmproj: str = ""
+    step_tokens: int | str = "auto"  # the engine's per-step budget (server/budget.py)
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""

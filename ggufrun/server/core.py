@@ -221,8 +221,8 @@ class Server:
                           rank: bool = False) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
-        without embeddings, a token outside the vocabulary, a text longer than one batch (the
-        embedder would cut it)."""
+        without embeddings, a token outside the vocabulary, a text longer than the embedder takes
+        (a sequence's context on the generation context; one batch on an embedding model's own)."""
         cfg = self.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
@@ -234,7 +234,7 @@ class Server:
                 why = "a reranker: send its texts to /v1/rerank" if backend.model.ranks else "not a reranker (no rank pooling)"
                 raise ApiError(400, f"Model '{cfg.id}' is {why}.", param="model")
             # off the event loop: text full of special-token strings is slow to tokenise
-            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs)
+            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs, limits.embedding_limit(backend))
             if n_ctx is not None:  # Ollama's num_ctx: each text within it, and it within the served context
                 lifecycle.check_embed_context(texts, lifecycle.request_context(backend.n_ctx_seq, n_ctx, cfg.id))
             future = engine.embed(texts)
