@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError, ContextOverflowError, GgufrunError
 from .settings import FIELDS, Settings, coerce
 from .generation import classify_stops
+from .images import chat_tokens_with_images, pictures_in, read_picture, session_blocks
 from .reasoning import ANSWER, THINKING, ThinkBudget, ThinkFormat, ThinkSplitter, detect, plan_reply
 from .templates import ChatTemplate, chat_tokens, select_template
 
@@ -39,6 +40,7 @@ HELP = """Commands:
   /load FILE          restore a conversation written by /save
   /stats              token counts, KV-cache reuse and speed
   /think [on|off]     a reasoning model: show, or turn on or off, its thinking before it answers
+  /image FILE         a vision model: show it this image with your next message
   /exit               leave (Ctrl-D does too)
 Multi-line input: end a line with \\ to continue it, or wrap the text in \"\"\" lines.
 Ctrl-C stops a reply and keeps the session."""
@@ -126,7 +128,7 @@ class ChatSession:
     """
 
     def __init__(self, model: Model, settings: Settings, *, family: str | None = None, system: str | None = None,
-                 model_name: str = "") -> None:
+                 model_name: str = "", vision: Any = None) -> None:
         self.model = model
         self.settings = settings
         self.family = family
@@ -140,6 +142,9 @@ class ChatSession:
         self.reasoning: ThinkFormat | None = None
         self.template = self._select_template(settings.template)
         self._new_sampler()
+        self.vision = vision  # llama.vision.Projector of a vision model (images.py)
+        self.pending_images: list[Any] = []  # pictures that go with the next message
+        self._held: list[Any] = []  # the embeddings the conversation's image tokens name
 
     # ---- templates and sampling --------------------------------------------------------
 
@@ -173,7 +178,12 @@ class ChatSession:
         BOS added where the model wants one, once."""
         fmt = self.reasoning
         variables = {"enable_thinking": self.thinking} if fmt is not None and fmt.toggle else None
-        return chat_tokens(self.template, self.model, self.messages(history), add_generation_prompt=add_generation_prompt,
+        messages = self.messages(history)
+        if self.vision is not None and pictures_in(messages):
+            blocks, self._held = session_blocks(self.vision, self.model, messages)
+            return chat_tokens_with_images(self.template, self.model, messages, blocks,
+                                           add_generation_prompt=add_generation_prompt, variables=variables)
+        return chat_tokens(self.template, self.model, messages, add_generation_prompt=add_generation_prompt,
                            variables=variables)
 
     def _think_plan(self, tokens: list[int]) -> tuple[list[int], ThinkBudget | None]:
@@ -191,7 +201,9 @@ class ChatSession:
     def ask(self, text: str) -> Reply:
         """Add a user message and start the reply; drop the oldest turns when the conversation would
         not fit. Raise ContextOverflowError (the message is not kept) when it alone is too long."""
-        kept = self.history + [{"role": "user", "content": text}]
+        content: Any = text if not self.pending_images else [
+            *({"type": "image", "picture": p} for p in self.pending_images), {"type": "text", "text": text}]
+        kept = self.history + [{"role": "user", "content": content}]
         limit = self.model.n_ctx - self.reply_room()
         dropped = 0
         while True:
@@ -210,6 +222,7 @@ class ChatSession:
                 del kept[0]
             dropped += 1
         self.history = kept
+        self.pending_images = []
         notice = None
         if dropped:
             what = "turn" if dropped == 1 else f"{dropped} turns"
@@ -273,7 +286,17 @@ class ChatSession:
             return CommandResult(self.stats_text())
         if name == "/think":
             return self._cmd_think(arg)
+        if name == "/image":
+            pic = self.attach_image(_one_path(arg, "/image"))
+            return CommandResult(f"Image attached ({pic.width}x{pic.height}): it goes with your next message.")
         raise ConfigError(f"Unknown command '{name}'.", "Type /help for the list.")
+
+    def attach_image(self, path: Path) -> Any:
+        """Read an image file for the next message; raise ImageError (not an image, too large) or
+        NoVisionError (a model without a projector)."""
+        pic = read_picture(path, self.vision, self.model_name)
+        self.pending_images.append(pic)
+        return pic
 
     def _cmd_system(self, arg: str) -> CommandResult:
         from .prompts import resolve_system
@@ -335,7 +358,7 @@ class ChatSession:
     def save(self, path: Path) -> Path:
         """Write the conversation as JSON; raise GgufrunError when the file cannot be written."""
         data = {"format": SAVE_FORMAT, "version": 1, "model": self.model_name, "template": self.template.name,
-                "system": self.system, "messages": self.history}
+                "system": self.system, "messages": [without_pictures(m) for m in self.history]}
         try:
             path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
@@ -369,6 +392,16 @@ class ChatSession:
                          **({"reasoning_content": m["reasoning_content"]} if isinstance(m.get("reasoning_content"), str) else {})}
                         for m in messages]
         return path
+
+
+def without_pictures(message: dict[str, Any]) -> dict[str, Any]:
+    """A message for a /save file: its images as an "[image WxH]" note (the pixels are not saved)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    text = "".join(p["text"] if p.get("type") == "text" else f"[image {p['picture'].width}x{p['picture'].height}] "
+                   for p in content)
+    return {**message, "content": text}
 
 
 def _one_path(arg: str, command: str) -> Path:

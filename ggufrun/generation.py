@@ -158,7 +158,8 @@ class SeqSampler:
         self._counts: dict[int, int] = {}
         if self._window is not None:
             for t in prompt[-last_n:] if last_n else ():
-                self._push(t)
+                if t >= 0:  # image tokens (ggufrun.images) are no vocabulary entries to penalise
+                    self._push(t)
         bias = {int(t): float(b) for t, b in params.logit_bias.items()}
         self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
         self.bias_vals = np.array([-np.inf if b <= -100 else b for b in bias.values()], dtype=np.float32)

@@ -20,8 +20,11 @@ class LoadedModel:
     spec: ModelSpec
     settings: Settings
     family: str  # template family used when the GGUF has no template: the registry's, else guessed
+    vision: Any = None  # llama.vision.Projector when the model has a projector (it sees images)
 
     def close(self) -> None:
+        if self.vision is not None:
+            self.vision.close()
         self.model.close()
 
 
@@ -68,7 +71,14 @@ def open_model(
     if settings.spec != "off" or settings.draft_model:
         _speculate(model, spec.name, settings, registry, cli_settings, offline, n_seq_max, kv_cells)
     family = spec.family or guess_family(model.metadata)
-    return LoadedModel(model=model, spec=spec, settings=settings, family=family)
+    try:
+        from .vision import load_projector
+
+        vision = load_projector(model, spec, settings, offline=offline, progress=progress, report=report)
+    except BaseException:
+        model.close()
+        raise
+    return LoadedModel(model=model, spec=spec, settings=settings, family=family, vision=vision)
 
 
 def _speculate(model: Model, name: str, settings: Settings, registry: Registry, cli_settings: Mapping[str, Any] | None,

@@ -19,7 +19,7 @@ from .settings import coerce
 
 HUBS = ("modelscope", "huggingface", "pypi")
 _ENTRY_KEYS = {"description", "aliases", "family", "quants", "default_quant", "short", "file", "sources", "defaults", "files",
-               "system"}
+               "system", "mmproj"}
 _SOURCE_KEYS = {"hub", "repo", "file", "package", "revision", "version", "member"}
 _FILE_KEYS = {"sha256", "size"}
 FAMILIES = ("chatml", "gemma", "llama3", "plain")
@@ -55,6 +55,7 @@ class Entry:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     origin: str = ""
     system: str | None = None  # `ggufrun chat`'s system prompt when --system is not given (@NAME, a file or text)
+    mmproj: str = ""  # the vision projector's file in the same repos (ggufrun.vision fetches it with the model)
 
     def quant_for(self, text: str | None) -> str:
         """The canonical quant for ``text`` (case-insensitive, short forms); raise UnknownQuantError."""
@@ -273,10 +274,13 @@ def _entry_from_toml(name: str, raw: Any, origin: str, lines: dict[str, int]) ->
         files={str(k): dict(v) for k, v in files.items()},
         origin=where,
         system=want("system", (str, type(None)), None),
+        mmproj=want("mmproj", str, ""),
     )
     try:
         for q in entry.quants:
             entry.filename(q)
+        if entry.mmproj:
+            check_remote_filename(entry.mmproj)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise ConfigError(f"{where}: [{name}] file template is invalid ({exc}).", "Use {quant}, {QUANT} or {quant_lower}.") from None
     except UnknownModelError as exc:

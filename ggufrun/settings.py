@@ -83,6 +83,10 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("draft_max", int, "Most tokens drafted per step (speculative decoding).", min=1, max=64),
     Field("draft_min", int, "Fewest draft tokens worth checking; a shorter draft is not used.", min=0, max=64),
     Field("draft_p_min", float, "A draft model stops drafting at a token it gives less than this probability.", min=0.0, max=1.0),
+    Field("mmproj", str, "A vision projector (mmproj GGUF) for the model, in place of the one fetched with it: images in chat and serve."),
+    Field("step_tokens", int, "serve: prompt and embedding work one engine step takes beside generating replies: auto "
+          "(a time per step, from each kind's measured cost: steps within 1.2x a plain decode step on average beside "
+          "prompts, 1.3x beside texts to embed) or a fixed count of tokens.", min=1, auto=True),
 )}
 
 
@@ -120,6 +124,8 @@ class Settings:
     draft_max: int = 16
     draft_min: int = 0
     draft_p_min: float = 0.75  # llama-server's --draft-p-min
+    mmproj: str = ""
+    step_tokens: int | str = "auto"  # the engine's per-step budget (server/budget.py)
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":
         """A copy with the non-None values of ``layer`` applied, validated."""

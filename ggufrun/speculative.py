@@ -114,7 +114,7 @@ class ModelDrafter:
         out: list[list[int]] = [[] for _ in items]
         live = []
         for i, (seq_id, tokens, n_max) in enumerate(items):
-            if len(tokens) + max(n_max, 0) > m.seq_cells:
+            if len(tokens) + max(n_max, 0) > m.seq_cells or min(tokens) < 0:  # (image positions: not the draft's to read)
                 continue
             keep = m.truncate(seq_id, min(m.common_prefix(seq_id, tokens), len(tokens) - 1))
             if n_max <= 0:  # no draft asked: only catch up on the text (a prompt read ahead of the first draft)

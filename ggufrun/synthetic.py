@@ -334,7 +334,7 @@ def build_vocab(n_vocab: int, family: str, extra: tuple[str, ...] = ()) -> tuple
     control tokens, 256 byte-fallback tokens (so any text tokenizes), English words with every
     prefix (so SPM's pairwise merges can reach them), and pronounceable filler.
 
-    ``extra`` control tokens (FIM's) follow the chat tokens.
+    ``extra`` control tokens (FIM's, a vision projector's image markers) follow the chat tokens.
 
     Returns tokens, scores, token types and the special ids (bos, eos, unk, eot)."""
     from gguf import TokenType
@@ -393,6 +393,7 @@ def write_synthetic(
     layers: int | None = None,
     perturb: float = 0.0,
     fim: str | None = None,
+    extra_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a random-weight GGUF to ``path`` (atomically) and return the path.
 
@@ -403,6 +404,8 @@ def write_synthetic(
     as tensor data is written. Deterministic for a given seed. With ``overwrite=False`` an
     existing file is left alone. ``fim``: "qwen" or "basic" adds fill-in-the-middle tokens (FIM_TOKENS).
     A reranker shape also gets Qwen3-Reranker's rerank template and labels, and rank pooling.
+    ``extra_tokens``: control tokens added to the vocabulary (the image markers a vision
+    projector looks up, synthetic_vision.VISION_TOKENS).
     Raises ConfigError for a bad shape or quant or an existing file (overwrite=False),
     DiskSpaceError when the disk is too small.
 
@@ -460,7 +463,7 @@ def write_synthetic(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(tmp, spec.arch)
     try:
-        _write_metadata(writer, spec, quant, family, template, gguf, fim)
+        _write_metadata(writer, spec, quant, family, template, gguf, fim, extra_tokens)
         for t in tensors:
             ne = t.shape[::-1]  # numpy order
             if t.type in ("F32", "F16"):
@@ -474,8 +477,8 @@ def write_synthetic(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         assert writer.fout is not None
-        _write_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np,
-                    inert=inert, perturb=perturb)
+        write_tensor_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np,
+                          inert=inert, perturb=perturb)
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -485,7 +488,7 @@ def write_synthetic(
 
 
 def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any,
-                    fim: str | None = None) -> None:
+                    fim: str | None = None, extra_tokens: tuple[str, ...] = ()) -> None:
     w.add_name(f"ggufrun synthetic {spec.name} {quant}")
     w.add_file_type(int(gguf.LlamaFileType[QUANTS[quant].file_type]))
     if quant not in ("f32", "f16"):
@@ -510,7 +513,7 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
     fim_names = FIM_TOKENS[fim] if fim else {}
-    tokens, scores, types, ids = build_vocab(spec.n_vocab, family, tuple(fim_names.values()))
+    tokens, scores, types, ids = build_vocab(spec.n_vocab, family, tuple(fim_names.values()) + tuple(extra_tokens))
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -541,9 +544,10 @@ _SHARED = ("token_embd.weight", "output.weight")  # an inert pair's common matri
 _ZERO = (".attn_output.weight", ".ffn_down.weight")  # zero in an inert model: its layers add nothing
 
 
-def _write_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
-                progress: Callable[[int, int], None] | None, np: Any, *, inert: bool = False,
-                perturb: float = 0.0) -> None:
+def write_tensor_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignment: int, total: int,
+                      progress: Callable[[int, int], None] | None, np: Any, *, inert: bool = False,
+                      perturb: float = 0.0) -> None:
+    """Stream the tensors' random data into an open GGUF file after its header (synthetic_vision too)."""
     import gguf
 
     noise = _Noise(seed, min(_CHUNK, total), np)

@@ -116,7 +116,7 @@ def test_messages_are_normalised_for_templates() -> None:
     assert msgs[2]["content"] == "" and msgs[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert msgs[3]["tool_call_id"] == "c1"
     for bad, param in (({"role": "tool", "content": "x"}, "messages[0].tool_call_id"),
-                       ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "messages[0].content[0]"),
+                       ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "messages[0].content[0].image_url.url"),
                        ({"role": "user", "content": "x", "tool_calls": []}, "messages[0].tool_calls"),
                        ({"role": "assistant", "content": None}, "messages[0].content")):
         with pytest.raises(ApiError) as err:
@@ -204,7 +204,7 @@ def test_every_unhonoured_field_is_a_400_naming_it(smol: ServerProcess) -> None:
               "response_format.json_schema.schema"),
              ({"tool_choice": "required"}, "tool_choice"), ({"logit_bias": {"abc": 1}}, "logit_bias"),
              ({"presence_penalty": 3}, "presence_penalty"),
-             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0]")]
+             ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0].image_url.url")]
     for extra, param in cases:
         r = chat(smol, messages=[{"role": "user", "content": "hi"}], **extra) if "messages" not in extra else chat(smol, **extra)
         assert r.status_code == 400, (extra, r.text)

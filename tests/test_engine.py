@@ -320,14 +320,14 @@ def test_embeddings_share_the_context_interleave_with_streams_and_stop_when_canc
     assert e.backend is not None
     model = e.backend.model
     started = 0
-    embed_steps = model.embed_steps
+    tokenize = model.tokenize
 
-    def counted(*args: Any, **kwargs: Any) -> Any:  # the real embedding; only the texts begun are counted
+    def counted(*args: Any, **kwargs: Any) -> Any:  # the real tokeniser; only the texts begun are counted
         nonlocal started
         started += 1
-        return embed_steps(*args, **kwargs)
+        return tokenize(*args, **kwargs)
 
-    model.embed_steps = counted  # type: ignore[method-assign]
+    model.tokenize = counted  # type: ignore[method-assign]
     try:
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -363,15 +363,18 @@ def test_an_embedding_reserves_kv_cells_as_a_request_does(tiny_model: Path) -> N
     try:
         async def main() -> None:
             loop = asyncio.get_running_loop()
-            long_text = " ".join(["river"] * 60)  # cut to n_batch = 64 tokens: 64 cells, a chunk of 8 a step
+            long_text = " ".join(["river"] * 12)  # ~70 tokens (this vocabulary spells it out), as many cells
+            assert e.backend is not None
+            n_text = len(e.backend.model.tokenize(long_text))
+            assert 31 < n_text <= 120
             embedding = asyncio.wrap_future(e.embed([long_text]))
             streams = [Job(request(e, max_tokens=100, **EXACT), loop) for _ in range(2)]  # 113 cells each
             for job in streams:
                 e.submit(job)
-            first = await asyncio.wait_for(streams[1].events.get(), 60)  # 64 + 113 + 113 > 256: it waits
+            first = await asyncio.wait_for(streams[1].events.get(), 60)  # n_text + 113 + 113 > 256: it waits
             assert first.kind == "text" and embedding.done()
             vectors, n_tokens = embedding.result()
-            assert len(vectors) == 1 and n_tokens == 64
+            assert len(vectors) == 1 and n_tokens == n_text
             for job in streams:
                 _, _, done = await _collect(job)
                 assert done.kind == "done" and done.finish_reason == "length"

@@ -244,7 +244,7 @@ def test_a_special_token_flood_does_not_stall_the_server(smol: ServerProcess) ->
         assert requests.get(f"{smol.url}/health", timeout=10).ok
         worst = max(worst, time.perf_counter() - t0)
         time.sleep(0.05)
-    assert worst < 2.0 and sorted(done) == [200, 400], (worst, done)  # the embedding is over one batch
+    assert worst < 2.0 and sorted(done) == [200, 400], (worst, done)  # the embedding is over a sequence's context
 
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},

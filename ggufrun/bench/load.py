@@ -36,6 +36,8 @@ class RequestSample:
     gaps: list[float] = field(default_factory=list)  # inter-token latencies
     error: str = ""
     text: str = ""  # the streamed text, only when run_load(keep_text=True)
+    finish_reason: str | None = None  # the last one the stream named
+    number: int = 0  # the request's number, 0..requests-1 (what a callable variant was given)
 
 
 @dataclass
@@ -128,14 +130,15 @@ def run_load(
     endpoint: str = "completions",
     timeout: float = 300.0,
     params: Mapping[str, Any] | None = None,
-    variants: Sequence[Mapping[str, Any]] = ({},),
+    variants: Sequence[Mapping[str, Any] | Callable[[int], Mapping[str, Any]]] = ({},),
     keep_text: bool = False,
 ) -> LoadResult:
     """Send ``requests`` streamed requests from ``concurrency`` threads; return the measured level.
 
     ``endpoint`` is "completions" (/v1/completions) or "chat" (/v1/chat/completions).
     ``params`` go into every request body (default: greedy, ``{"temperature": 0}``); client thread i
-    adds ``variants[i % len(variants)]`` (e.g. a response_format for half of the clients).
+    adds ``variants[i % len(variants)]`` (e.g. a response_format for half of the clients); a
+    callable variant is called with each request's number for a body of its own (a fresh schema).
     ``keep_text`` keeps each reply's text, to check what the server did with the variant.
     Failed requests are counted, not raised. Raises BenchUsageError for a bad URL or argument.
     """
@@ -146,23 +149,26 @@ def run_load(
     if not variants:
         raise BenchUsageError("Give at least one request variant.")
     target = _Target.parse(url, endpoint, api_key, timeout)
-    bodies = [_body(model, prompt, max_tokens, endpoint, {**(params or {"temperature": 0}), **v}) for v in variants]
+    base = {**(params or {"temperature": 0})}
+    bodies = [v if callable(v) else _body(model, prompt, max_tokens, endpoint, {**base, **v}) for v in variants]
 
     samples: list[RequestSample] = []
     lock = threading.Lock()
     remaining = [requests]
 
-    def take() -> bool:
+    def take() -> int:
+        """The next request's number, -1 when none is left."""
         with lock:
             if remaining[0] <= 0:
-                return False
+                return -1
             remaining[0] -= 1
-            return True
+            return requests - 1 - remaining[0]
 
     def worker(client: int) -> None:
-        body = bodies[client % len(bodies)]
+        variant = bodies[client % len(bodies)]
         conn: http.client.HTTPConnection | None = None
-        while take():
+        while (number := take()) >= 0:
+            body = _body(model, prompt, max_tokens, endpoint, {**base, **variant(number)}) if callable(variant) else variant
             reused = conn is not None
             conn = conn or target.connect()
             sample = _one_request(conn, target, body, endpoint, keep_text)
@@ -172,7 +178,7 @@ def run_load(
                 conn.close()
                 conn = target.connect()
                 sample = _one_request(conn, target, body, endpoint, keep_text)
-            sample.client = client
+            sample.client, sample.number = client, number
             if not sample.ok:  # a broken connection must not poison the next request
                 conn.close()
                 conn = None
@@ -242,10 +248,10 @@ class _Target:
 
 def _body(model: str, prompt: str, max_tokens: int, endpoint: str, params: Mapping[str, Any]) -> bytes:
     payload: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": True, **params}
-    if endpoint == "chat":
-        payload["messages"] = [{"role": "user", "content": prompt}]
+    if endpoint == "chat":  # (a variant may bring messages of its own)
+        payload.setdefault("messages", [{"role": "user", "content": prompt}])
     else:
-        payload["prompt"] = prompt
+        payload.setdefault("prompt", prompt)
     return json.dumps(payload).encode()
 
 
@@ -285,6 +291,8 @@ def _one_request(conn: http.client.HTTPConnection, target: _Target, body: bytes,
             usage = event.get("usage") or {}
             if usage.get("completion_tokens") is not None:
                 usage_tokens = int(usage["completion_tokens"])
+            for choice in event.get("choices") or ():
+                sample.finish_reason = choice.get("finish_reason") or sample.finish_reason
             text = _text(event, endpoint)
             if text:
                 if keep_text:

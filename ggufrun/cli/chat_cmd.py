@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "cache_type_k", "cache_type_v", "threads", "batch_size", "seed", "temperature", "top_p",
                  "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "max_tokens",
-                 "template", "reasoning_format", "reasoning_budget", "rpc", "split_mode", "tensor_split", "main_gpu",
+                 "template", "reasoning_format", "reasoning_budget", "rpc", "split_mode", "tensor_split", "main_gpu", "mmproj",
                  "spec", "draft_model", "draft_max", "draft_min", "draft_p_min")
 
 
@@ -30,10 +31,12 @@ CHAT_SETTINGS = ("n_gpu_layers", "n_ctx", "flash_attn", "cache_type_k", "cache_t
 @click.option("--show-thinking/--hide-thinking", "show_thinking", default=None,
               help="A reasoning model's thinking, dimmed before its answer (default: shown in the chat, hidden with -p; "
                    "with -p it goes to stderr). /think on|off turns the thinking itself on or off.")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="Show a vision model this image (PNG, JPEG, WebP, GIF, BMP) with the first message (repeatable).")
 @settings_options(*CHAT_SETTINGS)
 @click.pass_context
 def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str | None, verbose: bool,
-                 show_thinking: bool | None, **kwargs: Any) -> None:
+                 show_thinking: bool | None, images: tuple[str, ...], **kwargs: Any) -> None:
     """Chat with MODEL (default: the registry's `default`, SmolLM2 135M Instruct) in the terminal, or answer one prompt (-p, or text piped on stdin).
 
     \b
@@ -42,6 +45,7 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
       ggufrun chat gemma-2-9b-it:Q5_K_M --system @translator --temperature 0.3
       ggufrun chat -p "What is the capital of France?"
       echo "Summarise: ..." | ggufrun chat qwen2-7b-q5
+      ggufrun chat smolvlm --image cat.jpg -p "What is in this picture?"
     """
     from rich.console import Console
 
@@ -59,7 +63,10 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
                                    progress=progress, report=progress.report)
     if system is None and loaded.spec.system:  # the registry entry's own default system prompt
         system_text = prompts.resolve_system(loaded.spec.system)
-    session = ChatSession(loaded.model, loaded.settings, family=loaded.family, system=system_text, model_name=loaded.spec.name)
+    session = ChatSession(loaded.model, loaded.settings, family=loaded.family, system=system_text, model_name=loaded.spec.name,
+                          vision=loaded.vision)
+    for image in images:  # a bad image fails here, before any reply
+        session.attach_image(Path(image))
     if verbose:
         err.print(f"model: {loaded.model.path} ({loaded.model.description}), loaded in {loaded.model.load_seconds:.2f} s, "
                   f"n_ctx {loaded.model.n_ctx}, threads {loaded.settings.effective_threads()}", markup=False, style="dim")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -16,9 +17,11 @@ _FALLBACK_N_CTX = 4096
 @click.option("--n-ctx", type=click.IntRange(min=1), default=None,
               help="Context for the memory estimate (default: the model's, capped at its registry n_ctx or 4096).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--mmproj", default=None, type=click.Path(dir_okay=False), help="A vision projector to describe with it.")
 @settings_options("cache_type_k", "cache_type_v")
 @click.pass_context
-def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool, **kw: str | None) -> None:
+def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: bool, mmproj: str | None,
+                 **kw: str | None) -> None:
     """Show what a GGUF file holds, read from its header without loading the model.
 
     MODEL is a registry name, a path to a .gguf file, or a hub reference. One that is not cached has
@@ -32,6 +35,7 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
       ggufrun show ./q7.gguf --n-ctx 32768 -ctk q8_0 -ctv q8_0
       ggufrun show qwen2-7b-q5 --json | jq .memory.total
       ggufrun show hf:bartowski/gemma-2-9b-it-GGUF:Q5_K_M
+      ggufrun show ./vlm.gguf --mmproj ./mmproj-vlm.gguf
     """
     from .. import fetch, offload, settings
     from ..cache import human_size
@@ -72,8 +76,11 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
         refusal = None
     except offload.DoesNotFitError as exc:
         refusal = str(exc)
+    from ..vision import summary
+
+    vision = summary(spec, mmproj or "")
     if as_json:
-        click.echo(json.dumps({**info.to_dict(), "refused": problem, "memory": {"cache_type_k": types[0], "cache_type_v": types[1], "cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
+        click.echo(json.dumps({**info.to_dict(), "refused": problem, "vision": vision, "memory": {"cache_type_k": types[0], "cache_type_v": types[1], "cpu_only": cpu.to_dict(), "all_on_gpu": gpu.to_dict(),
                                                             "auto": {**auto.to_dict(), "refused": refusal}}},
                               indent=2, default=str))
         return
@@ -106,6 +113,8 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     ]
     if info.sliding_window:
         rows.insert(-4, ("sliding window", str(info.sliding_window)))
+    if vision is not None:
+        rows.append(("images", _vision_row(vision, human_size)))
     if problem:
         rows.insert(0, ("refused", f"chat and serve will not load this file: {problem}"))
     for key, value in rows:
@@ -114,6 +123,16 @@ def show_command(ctx: click.Context, model: str, n_ctx: int | None, as_json: boo
     console.print(table, markup=False)
     if cpu.note:
         console.print(f"note: {cpu.note}", style="dim", markup=False)
+
+
+def _vision_row(v: dict[str, Any], human_size: Any) -> str:
+    mem = f"; projector {v['projector']}, {human_size(v['memory_bytes'])} more memory" if v.get("memory_bytes") else \
+        f"; projector {v['projector']}"
+    if not v["sees_images"]:
+        return f"no: {v['reason'].rstrip('.')}{mem}"
+    if v.get("projector_type"):
+        return f"yes ({v['projector_type']}: {v['tokens_per_tile']} tokens per {v['image_size']} px tile){mem}"
+    return f"yes{mem} ({v['reason']})"
 
 
 def _opt(value: int | None) -> str:

@@ -87,6 +87,7 @@ def pull_command(ctx: click.Context, names: tuple[str, ...], offline: bool, forc
 
     from .. import fetch
     from ..cache import human_size
+    from ..vision import projector_spec
 
     reg = load_registry(ctx)
     if locked is not None:
@@ -105,10 +106,14 @@ def pull_command(ctx: click.Context, names: tuple[str, ...], offline: bool, forc
         spec = reg.resolve(name)
         with download_progress() as progress:
             result = fetch.pull(spec, force=force, offline=offline or None, progress=progress, report=progress.report)
-        if result.cached:
-            click.echo(f"{spec.name} is cached: {result.path}")
-        else:
-            click.echo(f"{spec.name}: {human_size(result.bytes)} from {result.source} in {result.seconds:.1f} s -> {result.path}")
+            pspec = projector_spec(spec, offline=offline or None, report=progress.report)  # a vision model's projector
+            extra = [fetch.pull(pspec, force=force, offline=offline or None, progress=progress, report=progress.report,
+                                fit=False)] if pspec is not None else []
+        for what, r in ((spec.name, result), *((f"{spec.name} projector", r) for r in extra)):
+            if r.cached:
+                click.echo(f"{what} is cached: {r.path}")
+            else:
+                click.echo(f"{what}: {human_size(r.bytes)} from {r.source} in {r.seconds:.1f} s -> {r.path}")
 
 
 @click.command("path")

@@ -42,6 +42,9 @@ SETTINGS = tuple(FIELDS)
 @click.option("--allowed-hosts", "allowed_hosts", multiple=True,
               help="Also answer requests whose Host header is NAME (repeatable or comma-separated; '*' for any). "
                    "By default only loopback names and the bound address, against DNS rebinding.")
+@click.option("--allow-image-urls", "allow_image_urls", is_flag=True, default=None,
+              help="Fetch http(s) image URLs that requests name (off: only data: URLs and base64, so requests cannot "
+                   "make the server reach its own network).")
 @settings_options(*SETTINGS, helps={"max_tokens": "Most tokens a reply generates when the request sets no limit: the model's "
                                                   "models.toml default, else 2048 (0 = until end of turn or the context). "
                                                   "A request may ask for more, up to its context."})

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from ..errors import ConfigError
 
 
 @click.command("synth")
@@ -19,6 +23,10 @@ import click
 @click.option("--fim", type=click.Choice(["qwen", "basic"]), default=None,
               help="Add fill-in-the-middle tokens: Qwen2.5-Coder's six (repo-level FIM too) or prefix/suffix/middle only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--projector", default=None,
+              help="Also write a vision projector for OUT: smolvlm-tiny, smolvlm, gemma3-tiny, gemma3 (OUT gets its image tokens).")
+@click.option("--mmproj-out", default=None, type=click.Path(dir_okay=False),
+              help="Where the projector goes (default: mmproj-NAME.gguf beside OUT).")
 @click.option("--inert", is_flag=True, help="Speculative-decoding pairs: layers that add nothing, so the next token follows "
               "from the last one through embedding and output matrices drawn from --seed alone; inert files of one shape "
               "and seed (any --layers) predict alike.")
@@ -26,7 +34,8 @@ import click
 @click.option("--perturb", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="With --inert: share of output rows drawn anew, so a draft disagrees on about that share of tokens.")
 def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int, no_template: bool, fim: str | None,
-                  force: bool, inert: bool, layers: int | None, perturb: float) -> None:
+                  force: bool, projector: str | None, mmproj_out: str | None, inert: bool, layers: int | None,
+                  perturb: float) -> None:
     """Write a random-weight GGUF with a real architecture's exact tensor layout, tokenizer and
     chat template. It loads and runs like the real model (speed depends on shapes and quant
     types, not on values) but says nothing meaningful.
@@ -40,6 +49,7 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
       ggufrun synth --shape qwen2-7b --inert --layers 1 --perturb 0.5 --out draft.gguf
       ggufrun synth --shape tiny --fim qwen --no-template --out coder.gguf    # for /infill
       ggufrun synth --shape tiny-qwen3-reranker --out rerank.gguf             # for /v1/rerank
+      ggufrun synth --shape tiny-llama --projector smolvlm-tiny --out vlm.gguf  # for images
     """
     from ..cache import human_size
     from ..gguf_info import inspect
@@ -47,10 +57,21 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
     from .inspect_cmd import human_count
     from .progress import RichProgress
 
+    from ..synthetic import parse_shape
+    from ..synthetic_vision import VISION_TOKENS, projector_spec, write_projector
+
+    spec = projector_spec(projector) if projector else None
+    target = mmproj_out or str(Path(out).with_name(f"mmproj-{projector}.gguf"))
+    if spec is not None and Path(target).exists() and not force:
+        raise ConfigError(f"{target} already exists.", "Choose another --mmproj-out, or allow replacing it (--force).")
     with RichProgress() as progress:
         path = write_synthetic(out, shape, arch=arch, quant=quant, seed=seed, chat_template=not no_template,
                                overwrite=force, fim=fim, progress=lambda done, total: progress(f"writing {out}", done, total),
+                               extra_tokens=VISION_TOKENS[spec.kind] if spec else (),
                                inert=inert, layers=layers, perturb=perturb)
+    if spec is not None:
+        mm = write_projector(target, spec, parse_shape(shape, arch).n_embd, seed=seed)
+        click.echo(f"Wrote {mm}: {spec.projector_type} projector for a text width of {parse_shape(shape, arch).n_embd}.")
     info = inspect(path)
     click.echo(f"Wrote {path}: {info.architecture} {shape}, {info.file_type}, {human_count(info.parameter_count)} "
                f"parameters, {human_size(info.file_size)}.")

@@ -55,7 +55,7 @@ def _converter() -> Any:
             # [^...] would let '"', '\\' and control characters in (invalid JSON); they are narrowed
             # to what JSON holds unescaped. (constraints.check_schema refuses literal ones.)
             before = set(self._rules)
-            out = super()._visit_pattern(pattern, name)
+            out = super()._visit_pattern(gbnf_escapes(pattern), name)
             for rule in set(self._rules) - before | ({"dot"} & set(self._rules)):
                 body = self._rules[rule]
                 if rule == "dot":
@@ -72,6 +72,40 @@ def _converter() -> Any:
             return super().visit(schema, name)
 
     return Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+_CLASS_ESCAPES = {"d": "0-9", "w": "A-Za-z0-9_", "s": " "}  # \s: a space only (JSON escapes the others)
+
+
+def gbnf_escapes(pattern: str) -> str:
+    r"""``pattern`` with the regex escapes llama.cpp's GBNF does not read written as it does:
+    ``\.``, ``\-``, ``\/``... as ``\xNN`` (the converter copied them, and llama.cpp refused
+    the grammar: "unknown escape"), ``\d``, ``\w``, ``\s`` as classes (llama.cpp's own converter
+    knows neither), ``\D``/``\W``/``\S`` outside a class as negated ones."""
+    out: list[str] = []
+    in_class = False
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            e = pattern[i + 1]
+            if e in _CLASS_ESCAPES:
+                out.append(_CLASS_ESCAPES[e] if in_class else f"[{_CLASS_ESCAPES[e]}]")
+            elif e.lower() in _CLASS_ESCAPES and not in_class:
+                out.append(f"[^{_CLASS_ESCAPES[e.lower()]}]")
+            elif e.isascii() and not e.isalnum() and e not in "\\\"":
+                out.append(f"\\x{ord(e):02X}" if in_class else f"[\\x{ord(e):02X}]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if c == "[":  # (as the converter reads a class: to the first unescaped ']')
+            in_class = True
+        elif c == "]":
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def int_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:

@@ -7,6 +7,7 @@ import codecs
 import ctypes
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -97,6 +98,11 @@ def _multi_device_params(mparams: Any, settings: Settings) -> tuple[Any, Any]:
     return split, devices
 
 
+# The logits one decode's outputs may take (see Model.output_rows). 64 MiB made a text's chunks 110
+# tokens on qwen2's 152k vocabulary: four times the decodes of its prefill, each with a fixed cost.
+OUTPUT_BYTES = 256 << 20
+
+
 def describe(llama_desc: str, n_params: int) -> str:
     """llama.cpp's "ARCH SIZE FTYPE" with SIZE from the real parameter count: llama.cpp names the size
     from a table of known layer counts, which calls SmolLM2-135M (30 layers) "256M"."""
@@ -159,6 +165,9 @@ class Model:
                        np.ctypeslib.as_array(self._batch.pos, shape=(size,)),
                        np.ctypeslib.as_array(ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,)))
         self._seq: dict[int, list[int]] = {}  # tokens whose KV entries are in the cache, per sequence
+        # image embeddings by key (llama/vision.py), held by the requests that use them
+        self.images: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.whole_images = False  # its projector decodes each image in one batch, attending both ways (gemma-3)
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False  # no new borrower; freed once the last one is done
         self._freed = False
@@ -335,6 +344,8 @@ class Model:
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         key = (token, special)
         piece = self._piece_cache.get(key)
+        if piece is None and token < 0:  # an image token (images.py) has no text; llama.cpp would index out of range
+            return b""
         if piece is None:
             with self.borrowed():
                 buf = ctypes.create_string_buffer(64)
@@ -416,15 +427,18 @@ class Model:
 
     # ---- decoding ---------------------------------------------------------------------------
 
-    def _fill(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+    def _fill(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False, all_from: int | None = None) -> list[int]:
         # Stores through numpy views: a server step is mostly 64 one-token items, where per-item
         # ctypes copies cost ~1 ms of the engine thread; a prompt chunk is one slice assignment.
+        # Items from ``all_from`` on output every token (an embedding chunk), the others as ``all_logits`` says.
         tok, pos_v, logit = self._views
         slots = self._slot_seq
         b = self._batch
         n = 0
         out: list[int] = []
-        for seq_id, tokens, want in items:
+        every = all_logits
+        for index, (seq_id, tokens, want) in enumerate(items):
+            all_logits = every or (all_from is not None and index >= all_from)
             k = len(tokens)
             if not k:
                 out.append(-1)
@@ -447,15 +461,28 @@ class Model:
         b.n_tokens = n
         return out
 
-    def _decode_batch(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+    def _decode_batch(self, items: list[tuple[int, list[int], bool]], all_logits: bool = False, all_from: int | None = None) -> list[int]:
         for seq_id, tokens, _ in items:
             if self.seq_len(seq_id) + len(tokens) > self.n_ctx:
                 raise ContextOverflowError(
                     f"Sequence of {self.seq_len(seq_id) + len(tokens)} tokens does not fit the context of {self.n_ctx}.",
                     n_tokens=self.seq_len(seq_id) + len(tokens), n_ctx=self.n_ctx,
                 )
-        out = self._fill(items, all_logits)
-        rc = L.llama_decode(self._ctx, self._batch)
+        if any(t and (t[0] < 0 or (len(t) > 1 and min(t) < 0)) for _, t, _ in items):  # image tokens (images.py)
+            from .vision import decode_with_images
+
+            return decode_with_images(self, items, all_logits)
+        out = self._fill(items, all_logits, all_from)
+        # Embeddings on for this decode only: llama.cpp reads the flag while it queues the decode (which
+        # rows to copy out), and the rows stay readable until the next decode.
+        switch = all_from is not None and all_from < len(items) and not self.embeddings
+        if switch:
+            L.llama_set_embeddings(self._ctx, True)
+        try:
+            rc = L.llama_decode(self._ctx, self._batch)
+        finally:
+            if switch:
+                L.llama_set_embeddings(self._ctx, False)
         if rc != 0:
             # 1 = no KV slot; <0 = error. The cache is unchanged for this batch in both cases.
             raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else ModelLoadError(f"llama_decode failed (code {rc}).")
@@ -463,11 +490,21 @@ class Model:
             self._seq[seq_id].extend(tokens)
         return out
 
-    def decode(self, items: list[tuple[int, list[int], bool]]) -> list[int]:
+    def decode(self, items: list[tuple[int, list[int], bool]], embed: tuple[int, list[int]] | None = None) -> list[int]:
         """Evaluate tokens for several sequences in one llama_decode; return, per item, the output
         index to sample from (-1 where no logits were asked; an int ``want`` > 1 asks for that many
         trailing positions, the last one's index returned). The tokens of all items together must
-        fit in n_batch, except for a single item, which is split into n_batch chunks."""
+        fit in n_batch, except for a single item, which is split into n_batch chunks.
+
+        ``embed`` (seq_id, tokens): a chunk of a text being embedded, in the same decode, last, every
+        token an output: :meth:`embedding_rows` then reads its hidden states (``len(items)``'s
+        outputs come first), until the next decode."""
+        if embed is not None:
+            if sum(len(t) for _, t, _ in items) + len(embed[1]) > self.n_batch:
+                raise ValueError(f"decode() got more than n_batch={self.n_batch} tokens across sequences")
+            return self._decode_batch([*items, (embed[0], embed[1], True)], all_from=len(items))[:-1]
+        if len(items) == 1 and len(items[0][1]) > self.n_batch and min(items[0][1]) < 0:
+            return self._decode_batch(items)  # image tokens: llama/vision.py cuts batches where images start and end
         if len(items) == 1 and len(items[0][1]) > self.n_batch:
             seq_id, tokens, want = items[0]
             for start in range(0, len(tokens), self.n_batch):
@@ -477,6 +514,24 @@ class Model:
         if sum(len(t) for _, t, _ in items) > self.n_batch:
             raise ValueError(f"decode() got more than n_batch={self.n_batch} tokens across sequences")
         return self._decode_batch(items)
+
+    def embedding_rows(self, first: int, n: int) -> Any:
+        """Rows ``first .. first + n`` of the last decode's output hidden states (the final norm's
+        output, what a mean-pooled embedding averages): a float32 [n, n_embd] view, valid until the
+        next decode. Waits for the device."""
+        ptr = L.llama_get_embeddings(self._ctx)
+        if not ptr:
+            raise ModelLoadError("llama.cpp returned no embeddings for the last decode.")
+        return numpy().ctypeslib.as_array(ptr, shape=(first + n, self.n_embd))[first:]
+
+    @property
+    def output_rows(self) -> int:
+        """The most outputs (tokens whose logits or hidden states are read) one decode should ask:
+        llama.cpp keeps a vocabulary row of logits per output for good (output_reserve: logits are
+        reserved and copied out even when only embeddings are read: llama_context::decode, pooled
+        or not), so the rows are capped at 256 MiB of logits (441 on qwen2's 152k vocabulary, 256 on
+        gemma3's 262k, all of a 512-token batch on SmolLM2's 49k), at least n_seq_max."""
+        return min(self.n_batch, max(self.n_seq_max, OUTPUT_BYTES // (4 * max(self.n_vocab, 1))))
 
     def logits_rows(self, n: int) -> Any:
         """The logits of the last decode's ``n`` outputs, in batch order: a float32 [n, n_vocab]
@@ -684,18 +739,16 @@ class Model:
         has no pooling) and the token count. Close it to abandon the text.
 
         A generation context (loaded without embeddings) serves too: embeddings are switched on
-        around each decode and the text goes through in chunks of n_seq_max (at least 8) tokens, so
-        its output buffer (a row of logits per output) barely grows and its compute buffer not at
-        all, no second context is needed, and a server interleaves one chunk per step with its streams. A pooling model (an
-        embedding model) gets the whole text in one decode, as pooling needs."""
+        around each decode and the text goes through in chunks of :attr:`output_rows` tokens (every
+        token is an output, for the mean, and llama.cpp keeps a logits row per output). It used to
+        be 8 tokens a chunk: the decodes' fixed cost made a 401-token text 50 decodes, 116 s on a
+        loaded 2-core CPU against 4.5 s as one prompt. A pooling model (an embedding model) gets the
+        whole text in one decode, as pooling needs."""
         np = numpy()
         pooled = self.pools_embeddings
         if pooled and not self.embeddings:
             raise ModelLoadError("This model pools its embeddings; it needs a context loaded with embeddings.")
-        # Outputs beyond n_seq_max grow llama.cpp's logits buffer (a vocabulary row each, kept for
-        # good): eight at most (8 x 262k floats = 8 MB on gemma3's vocabulary), while small enough
-        # chunks of a long text cost few extra decodes.
-        chunk = self.n_batch if pooled else max(self.n_seq_max, 8)
+        chunk = self.n_batch if pooled else self.output_rows
         tokens = (self.tokenize(text) if isinstance(text, str) else text)[: self.n_batch]
         rank = pooled and self.ranks  # a reranker pools to its classification head's scores, not a vector
         width = max(L.llama_model_n_cls_out(self._model), 1) if rank else self.n_embd

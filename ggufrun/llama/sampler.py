@@ -92,6 +92,12 @@ class Grammar(_Owned):
         self._cand: Candidates | None = None  # candidates() of the current state, once found
         self._allowed_cand: Any = None  # allowed_candidates() of the current state, once found
         self._redrawn = False  # candidates() was asked for since the last accept
+        if not self._awaiting:
+            # The first state's candidates, and where few which it allows, here where the request is
+            # prepared (off the engine's step): a reply's first draw mostly misses the grammar.
+            self._cand = self._candidates()
+            if self._cand.count <= _PRECHECK_MAX:
+                self.allowed_candidates()
 
     def _apply(self, data: Any, ptr: Any = None) -> None:
         """The grammar over ``data`` (llama_token_data entries); the GIL is kept for a few entries
@@ -252,20 +258,36 @@ def _subset_buffer(size: int) -> Any:
 def _piece(model: Model, token: int, buf: Any = None) -> bytes:
     """The token's text as llama.cpp's grammar reads it (its piece cache renders special tokens)."""
     buf = buf or ctypes.create_string_buffer(64)
-    n = L.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
+    to_piece = _keeping_gil("llama_token_to_piece", [ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
+                                                     ctypes.c_int32, ctypes.c_bool], ctypes.c_int32)
+    n = to_piece(model.vocab, token, buf, len(buf), 0, True)
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
-        n = L.llama_token_to_piece(model.vocab, token, buf, -n, 0, True)
+        n = to_piece(model.vocab, token, buf, -n, 0, True)
     return buf.raw[:n]
 
 
+_index_lock = threading.Lock()
+
+
 def vocab_index(model: Model) -> VocabIndex:
-    """The model's VocabIndex, built on first use (~0.2 s for 152k tokens) and kept with it."""
+    """The model's VocabIndex, built on first use (~0.2 s for 152k tokens) and kept with it.
+
+    Built once: the first grammar requests of a burst used to build it each (16 at once on
+    gemma's 262k vocabulary: 14 s, the engine thread starved of the GIL for 13 of them; the
+    H100's "first use of a schema" in issue 22). The others wait on the lock, GIL released. Its
+    llama.cpp calls keep the GIL (a hand-off a token, 2 x 262k of them, each waiting for the
+    engine thread's slice, was most of the time)."""
     index = model.grammar_index
     if index is None:
-        buf = ctypes.create_string_buffer(256)
-        index = VocabIndex([_piece(model, t, buf) for t in range(model.n_vocab)], model.is_eog)
-        model.grammar_index = index
+        with _index_lock:
+            index = model.grammar_index
+            if index is None:
+                buf = ctypes.create_string_buffer(256)
+                is_eog = _keeping_gil("llama_vocab_is_eog", [ctypes.c_void_p, ctypes.c_int32], ctypes.c_bool)
+                vocab = model.vocab
+                index = VocabIndex([_piece(model, t, buf) for t in range(model.n_vocab)], lambda t: bool(is_eog(vocab, t)))
+                model.grammar_index = index
     return index
 
 

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import media
 from .core import chat_prompt
 from .translate import (Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream,
                         streamed, text_of, tool_arguments)
@@ -112,11 +113,14 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[dict[str, Any]] = []
+        images: list[tuple[int, dict[str, Any]]] = []  # (texts before it, OpenAI image part)
         for j, block in enumerate(content):
             at = f"{where}.content[{j}]"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
                 texts.append(block["text"])
+            elif kind == "image" and m["role"] == "user":
+                images.append((len(texts), media.anthropic_image(block, at)))  # placed before the text that follows it
             elif kind == "thinking" and m["role"] == "assistant" and isinstance(block.get("thinking"), str):
                 thoughts.append(block["thinking"])  # sent back: the template renders it where it keeps thinking
             elif kind == "redacted_thinking" and m["role"] == "assistant":
@@ -135,7 +139,12 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": result})
             else:
                 raise Refused(at, f"'{at}': content of type {kind!r} is not supported here (text, tool_use in assistant turns, tool_result in user turns).")
-        if calls:
+        if images:
+            parts = [{"type": "text", "text": t} for t in texts]
+            for k, (at_text, part) in enumerate(images):
+                parts.insert(at_text + k, part)
+            out.append({"role": "user", "content": parts})
+        elif calls:
             out.append({"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls})
         elif texts or m["role"] == "assistant":
             out.append({"role": m["role"], "content": "".join(texts)})

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError
 from ..templates import chat_tokens
-from . import constraints, lifecycle, limits
+from . import constraints, lifecycle, limits, media
 from . import protocol as P
 from . import thinking
 from . import tools as T
@@ -175,7 +175,8 @@ class Server:
             raise ApiError(400, "This model is served without speculative decoding, so 'speculative.n_max'/'n_min' cannot apply.",
                            param="speculative.n_max" if params.draft[0] else "speculative.n_min")
         return GenRequest(prompt=tokens, max_tokens=min(wanted, room), sampling=sampling, stop=params.stop,
-                          ignore_eos=params.ignore_eos, think=params.think, slot=params.slot, draft=params.draft)
+                          ignore_eos=params.ignore_eos, think=params.think, slot=params.slot,
+                          images=params.images, draft=params.draft)
 
     async def start_chat(self, body: dict[str, Any], endpoint: str = "/v1/chat/completions",
                          n_ctx: int | None = None) -> tuple[JobGroup, GenParams, Choices]:
@@ -207,7 +208,11 @@ class Server:
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            if media.has_images(rendered):  # encoded here, off the loop and the engine thread
+                tokens = media.prompt_tokens(backend, cfg.id, rendered, allow_urls=self.config.allow_image_urls,
+                                             images=params.images, template=backend.template, tools=tools, variables=variables)
+            else:
+                tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # (a prefilled reply continues its own text, thinking or not)
                 tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
             return [tokens + prefill_tokens(backend, prefill)]
@@ -219,8 +224,8 @@ class Server:
                           rank: bool = False) -> tuple[ModelConfig, list[list[float]], int]:
         """Embed texts (or token-id lists) with the named model: (its config, the vectors, tokens
         in all). Every API's embeddings come here, so each refuses the same inputs: a model served
-        without embeddings, a token outside the vocabulary, a text longer than one batch (the
-        embedder would cut it)."""
+        without embeddings, a token outside the vocabulary, a text longer than the embedder takes
+        (a sequence's context on the generation context; one batch on an embedding model's own)."""
         cfg = self.lookup(model)
         if not cfg.embeddings:
             raise ApiError(400, f"Model '{cfg.id}' is served without embeddings.", param="model")
@@ -232,7 +237,7 @@ class Server:
                 why = "a reranker: send its texts to /v1/rerank" if backend.model.ranks else "not a reranker (no rank pooling)"
                 raise ApiError(400, f"Model '{cfg.id}' is {why}.", param="model")
             # off the event loop: text full of special-token strings is slow to tokenise
-            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs)
+            texts = await asyncio.to_thread(limits.embedding_tokens, backend.model, inputs, limits.embedding_limit(backend))
             if n_ctx is not None:  # Ollama's num_ctx: each text within it, and it within the served context
                 lifecycle.check_embed_context(texts, lifecycle.request_context(backend.n_ctx_seq, n_ctx, cfg.id))
             future = engine.embed(texts)
@@ -268,8 +273,12 @@ async def chat_prompt(server: Server, body: dict[str, Any]) -> tuple[str, list[i
             rendered, tools = T.prepare_messages(plan, backend.with_system(messages), backend.template)
             variables = thinking.template_variables(params, backend.reasoning, backend.settings, cfg.id,
                                                      backend.template.jinja_source)
-            text = backend.template.render(rendered, add_generation_prompt=True, tools=tools, variables=variables)
-            tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
+            text = backend.template.render(media.as_text(rendered), add_generation_prompt=True, tools=tools, variables=variables)
+            if media.has_images(rendered):  # an image's tokens count as in the reply's prompt
+                tokens = media.prompt_tokens(backend, cfg.id, rendered, allow_urls=server.config.allow_image_urls, images=[],
+                                             template=backend.template, tools=tools, variables=variables)
+            else:
+                tokens = chat_tokens(backend.template, backend.model, rendered, tools=tools, variables=variables)
             if not prefill:  # what start_chat adds to turn thinking off where the template cannot
                 steered = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
                 text += backend.model.detokenize(steered[len(tokens):], special=True)

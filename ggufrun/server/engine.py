@@ -6,8 +6,10 @@ hand the engine a :class:`Job` and read its events from an ``asyncio.Queue`` tha
 through ``loop.call_soon_threadsafe``.
 
 Each step the engine builds one batch: the last sampled token of every generating sequence, then
-chunks of waiting prompts up to ``n_batch`` tokens, and evaluates it with one ``llama_decode``
-(``Model.decode``). So a new request's prompt is processed alongside the others' next tokens
+a chunk of the waiting prompts or of the text being embedded, within a per-step budget
+(budget.py: in estimated time, so a step stays within a multiple of a plain decode step, the
+prompts and the text taking turns), and evaluates it with one ``llama_decode`` (``Model.decode``).
+So a new request's prompt, or a text to embed, is processed alongside the others' next tokens
 instead of after them, and ``--parallel N`` sequences cost little more per step than one.
 
 Requests beyond the N slots wait in a bounded queue (``--max-queue``); past that, ``submit``
@@ -31,6 +33,8 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, TokenInfo
+from ..images import run_end
+from .budget import StepBudget, fixed_tokens
 from .metrics import Metrics
 
 log = logging.getLogger("ggufrun.server")
@@ -90,6 +94,7 @@ class Backend:
     embed_seq: int | None = None  # a sequence beyond the slots for embeddings on this context (its cells are reserved per text)
     reasoning: Any = None  # reasoning.ThinkFormat when the model thinks before it answers
     system: str | None = None  # the model's default system prompt (models.ModelDefaults)
+    vision: Any = None  # llama.vision.Projector when the model sees images (server/media.py)
 
     def with_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``messages`` with the model's default system prompt first, unless they carry a system
@@ -119,6 +124,7 @@ class GenRequest:
     think: Any = None  # reasoning.ThinkBudget: thinking tokens counted (and budgeted) for a reasoning model
     draft: tuple[int | None, int | None] = (None, None)  # the request's speculative.n_max, n_min (None: the server's)
     slot: int | None = None  # the slot (sequence) it must run in (llama-server's id_slot); it waits for it
+    images: list[Any] = field(default_factory=list)  # the embeddings its image tokens name, held while it lives
 
 
 @dataclass(slots=True)
@@ -217,10 +223,12 @@ class _EmbedJob:
     future: concurrent.futures.Future[tuple[list[list[float]], int]]
     vectors: list[list[float]] = field(default_factory=list)
     n_tokens: int = 0
-    steps: Any = None  # the text being embedded: a Model.embed_steps generator, one decode per step
+    steps: Any = None  # the text being embedded on a context of its own: a Model.embed_steps generator, one decode per step
     cells: int = 0  # KV cells reserved for that text (embeddings on the generation context)
     waiting: bool = False  # its text waits for cells: admissions pause meanwhile
-    tokens: list[int] | None = None  # that text's tokens, kept while it waits
+    tokens: list[int] | None = None  # that text's tokens, kept while it waits and while it is embedded
+    sent: int = 0  # on the generation context: tokens of that text in decodes so far (chunks of the steps' batches)
+    total: Any = None  # and the sum of their hidden states (float64), for the mean
 
     def drop(self) -> None:
         if self.steps is not None:
@@ -285,6 +293,10 @@ class Engine:
         self._inflight: list[tuple[_Slot, Job]] = []  # the queued decode's output rows, in order, with their jobs
         self._outbox: list[tuple[Job, Event]] | None = None  # events of step()'s hand-out, posted together
         self._preempted = 0  # replies paused for other requests, in all
+        self._budget: StepBudget | None = None  # set once loaded (it needs n_batch and the settings)
+        self._embed_rows: tuple[_EmbedJob, int, int] | None = None  # the decode in flight's embedding chunk: job, first output, count
+        self._decoded = False  # a decode was queued since the last step read its results
+        self._turn = 0  # which waiting prompt goes first this step
         self._calls: deque[tuple[int, Callable[[Any, int], Any], concurrent.futures.Future[Any]]] = deque()
 
     # ---- the loop thread's side -------------------------------------------------------------
@@ -403,6 +415,7 @@ class Engine:
             self._fail(err, "failed")
             self.loaded.set_exception(err)
             return
+        self._budget = StepBudget(self.backend.model.n_batch, fixed_tokens(getattr(self.backend.settings, "step_tokens", None)))
         self.state = "ready"
         self.loaded.set_result(self.backend)
         log.info("model %s ready (%s, %d slots, %d tokens per request)", self.name, self.backend.description,
@@ -655,8 +668,16 @@ class Engine:
         if prof is not None and self._inflight:
             model.synchronize()
         t1 = time.perf_counter()
+        decoded, self._decoded = self._decoded, False
         sampled = self._collect(model)
+        self._embed_collect(model)
         t2 = time.perf_counter()
+        if self._budget is not None and decoded:
+            self._budget.finished(t2)
+        elif self._budget is not None:
+            self._budget.idle()
+        with self._cv:  # the head now: the one passed in may have finished in _embed_collect
+            embed = self._embeds[0] if self._embeds else None
         if embed is not None:
             self._embed_one(embed)
         for slot in self._slots:
@@ -678,7 +699,7 @@ class Engine:
                     self._admit(slot)
                 except Exception as setup_exc:  # noqa: BLE001 -- this request's setup failed: it ends alone
                     self._fail_job(entering, setup_exc)
-            failed = self._launch(model)
+            failed = self._launch(model, waiting=len(sampled))
         t3 = time.perf_counter()
         n = 0
         self._outbox = []
@@ -744,38 +765,87 @@ class Engine:
             return out
         return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
 
-    def _launch(self, model: Any) -> tuple[GgufrunError, list[_Slot]] | None:
-        """Queue the next decode; on failure return the error and the slots it was for."""
+    def _launch(self, model: Any, waiting: int = 0) -> tuple[GgufrunError, list[_Slot]] | None:
+        """Queue the next decode; on failure return the error and the slots it was for.
+
+        Generating sequences first (one token each keeps their pace steady), then a chunk of the
+        waiting prompts or of the text being embedded, within the step's budget (budget.py: in
+        estimated time, the two kinds taking turns by the time each has had, so that neither
+        starves the other). ``waiting``: tokens sampled and not yet handed out (after this
+        launch); the budget holds for them too, even where no row goes on: a reply's last token
+        waited behind a whole 512-token chunk (seconds on a CPU)."""
         running = [s for s in self._slots if s.job is not None]
-        if not running:
+        embed = self._embed_chunkable()
+        if not running and embed is None:
             return None
-        drafts = self._drafts(model, running)
-        self._make_room(running, extra=sum(len(d) for d in drafts.values()))
+        assert self._budget is not None
+        rows = [s for s in running if not s.pending and s.last >= 0]
+        drafts = self._drafts(model, rows)  # speculative tokens after some rows' last (their outputs too)
+        self._make_room(running, extra=(min(len(embed.tokens) - embed.sent, model.n_batch) if embed is not None else 0)  # type: ignore[arg-type]
+                        + sum(len(d) for d in drafts.values()))
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], int]] = []
-        for slot in running:  # generating sequences first: one token each keeps their pace steady
-            if not slot.pending and slot.last >= 0 and budget > 0:
-                slot.draft = drafts.get(slot.seq_id, [])[: budget - 1]
-                batch.append((slot, [slot.last, *slot.draft], 1 + len(slot.draft)))
-                budget -= 1 + len(slot.draft)
-        for slot in running:
-            if slot.pending and budget > 0:
-                chunk, slot.pending = slot.pending[:budget], slot.pending[budget:]
-                slot.draft = []
+        used = 0  # tokens (all outputs) of the generating rows
+        for k, slot in enumerate(rows[:budget]):
+            slot.draft = drafts.get(slot.seq_id, [])[: max(budget - used - (len(rows[:budget]) - k), 0)]
+            batch.append((slot, [slot.last, *slot.draft], 1 + len(slot.draft)))
+            used += 1 + len(slot.draft)
+        n_rows = len(batch)
+        # One kind of chunk a step: prompts' or the text's. With embeddings on, llama.cpp makes every
+        # token of the decode an output (a prompt chunk's too: logits for each, and the rows read
+        # back shift), so the two never share a decode; they take turns by the time each has had.
+        prompts = [s for s in running if s.pending]
+        kinds = (["prompt"] if prompts else []) + (["embed"] if embed is not None else [])
+        kind = self._budget.pick(kinds)
+        if kind == "embed" and embed is not None:
+            queued = min(len(embed.tokens) - embed.sent, max(model.output_rows - used, 8))  # type: ignore[arg-type]
+        else:
+            queued = sum(len(slot.pending) for slot in prompts)
+        chunks = min(budget - used, self._budget.allowance(n_rows or waiting, kind, queued))
+        embed_part: list[int] = []
+        if kind == "embed" and embed is not None and chunks > 0:
+            # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped in queued
+            embed_part = embed.tokens[embed.sent : embed.sent + chunks]  # type: ignore[index]
+        elif prompts:
+            self._turn = (self._turn + 1) % len(prompts)  # which prompt goes first: each in turn
+            for slot in prompts[self._turn:] + prompts[: self._turn]:
+                if chunks <= 0:
+                    break
+                take = chunks if min(slot.pending[:chunks]) >= 0 else run_end(slot.pending, chunks, whole=model.whole_images)
+                if not take:
+                    continue  # a whole image waits for a step with room for it (gemma-3)
+                chunk, slot.pending = slot.pending[:take], slot.pending[take:]
                 batch.append((slot, chunk, not slot.pending))
-                budget -= len(chunk)
-        if not batch:
+                chunks -= len(chunk)
+        if not batch and not embed_part:
             return None
+        items = [(s.seq_id, toks, want) for s, toks, want in batch]
+        started = time.perf_counter()
         try:
-            outputs = model.decode([(s.seq_id, toks, want) for s, toks, want in batch])
+            if embed_part:
+                assert embed is not None and self.backend is not None and self.backend.embed_seq is not None
+                outputs_ = model.decode(items, embed=(self.backend.embed_seq, embed_part))
+            else:
+                outputs_ = model.decode(items)
         except GgufrunError as exc:
             for slot, _, _ in batch:
                 slot.draft = []
+            if embed_part:
+                self._embed_failed(embed, exc)  # type: ignore[arg-type]
             return exc, [slot for slot, _, _ in batch]
+        self._decoded = True
+        n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
+        self._budget.launched(n_rows or waiting, kind, n_chunks, started)
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
-        self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs) if index >= 0]  # type: ignore[misc]
+        self._inflight = [(slot, slot.job) for (slot, _, _), index in zip(batch, outputs_) if index >= 0]  # type: ignore[misc]
+        if embed_part:
+            assert embed is not None
+            self._embed_rows = (embed, used, len(embed_part))  # after every generating row's outputs, drafts' too
+            embed.sent += len(embed_part)
+        if self._profile is not None:
+            self._profile.chunks(kind, n_chunks, self._budget)
         return None
 
     def _drafts(self, model: Any, running: list[_Slot]) -> dict[int, list[int]]:
@@ -973,8 +1043,9 @@ class Engine:
             self._n_active -= 1
 
     def _embed_one(self, job: _EmbedJob) -> None:
-        """One decode of the oldest embedding request's current text (a chunk of it), so a running
-        stream waits at most one such decode. A cancelled request is dropped."""
+        """Move the oldest embedding request on. On the generation context (the usual case) this
+        starts its next text, whose chunks then ride in the steps' decodes (:meth:`_launch`); an
+        embedding model's own context embeds one chunk per step here. A cancelled request is dropped."""
         assert self.backend is not None
         error: GgufrunError | None = None
         if not job.future.cancelled():
@@ -983,12 +1054,17 @@ class Engine:
                     if self._load_embedder is None:
                         raise GgufrunError(f"Model '{self.name}' does not serve embeddings.")
                     self._embedder = self._load_embedder(self.backend)
+                shared = getattr(self._embedder, "shares_context", False)
+                if shared and (job.total is not None or self._embed_rows is not None):
+                    return  # its text is under way in the steps' decodes
                 if job.steps is None:
                     if job.tokens is None:
                         item = job.texts[len(job.vectors)]  # token ids from the handler (tokenised off the loop), or text
-                        job.tokens = (list(item) if isinstance(item, list) else self.backend.model.tokenize(item))[: self.backend.model.n_batch]
+                        job.tokens = list(item) if isinstance(item, list) else self.backend.model.tokenize(item)
+                        if not shared:  # an embedding model's context pools one batch (the server refuses longer texts)
+                            job.tokens = job.tokens[: self.backend.model.n_batch]
                     tokens = job.tokens
-                    if getattr(self._embedder, "shares_context", False):
+                    if shared:
                         # Its text goes into the requests' cache: its cells are reserved as a job's are,
                         # so it waits (a step at a time) rather than take a running reply's room.
                         cells = self.backend.model.n_ctx
@@ -1002,7 +1078,12 @@ class Engine:
                             if job.waiting:
                                 return
                             job.cells = len(tokens)
-                        self._make_room([], extra=len(tokens))
+                        if job.total is None:
+                            import numpy as np
+
+                            job.total = np.zeros(self.backend.model.n_embd, dtype=np.float64)
+                            self.backend.model.reset(self.backend.embed_seq)
+                        return  # _launch sends its chunks
                     job.steps = self._embedder.embed_steps(tokens)
                 try:
                     next(job.steps)
@@ -1018,7 +1099,53 @@ class Engine:
                 error = ModelLoadError(f"Embedding failed: {exc}.")
             if error is None and len(job.vectors) < len(job.texts):
                 return
+        self._embed_done(job, error)
+
+    def _embed_chunkable(self) -> _EmbedJob | None:
+        """The embedding request whose text has chunks to send in this step's decode, if any."""
+        with self._cv:
+            job = self._embeds[0] if self._embeds else None
+        if (job is None or job.total is None or job.tokens is None or job.waiting or job.future.cancelled()
+                or self._embed_rows is not None or job.sent >= len(job.tokens)):
+            return None
+        return job
+
+    def _embed_collect(self, model: Any) -> None:
+        """Add the finished decode's embedding chunk to its text's sum; finish the text at its end."""
+        if self._embed_rows is None:
+            return
+        job, first, n = self._embed_rows
+        self._embed_rows = None
+        assert self.backend is not None
+        if job.future.cancelled():
+            self._embed_done(job, None)
+            return
+        try:
+            job.total += model.embedding_rows(first, n).sum(axis=0, dtype=job.total.dtype)
+        except GgufrunError as exc:
+            self._embed_failed(job, exc)
+            return
+        if job.sent < len(job.tokens):  # type: ignore[arg-type]
+            return
+        norm = float((job.total * job.total).sum()) ** 0.5 or 1.0  # the mean's direction: no need to divide by the count
+        job.vectors.append((job.total / norm).tolist())
+        job.n_tokens += job.sent
+        model.reset(self.backend.embed_seq)
+        job.tokens, job.total, job.sent, job.cells = None, None, 0, 0
+        if len(job.vectors) == len(job.texts):
+            self._embed_done(job, None)
+
+    def _embed_failed(self, job: _EmbedJob, exc: GgufrunError) -> None:
+        self._embed_done(job, exc)
+
+    def _embed_done(self, job: _EmbedJob, error: GgufrunError | None) -> None:
+        """Take a finished, failed or cancelled embedding request off the queue and answer it."""
         job.drop()
+        if job.total is not None and self.backend is not None and self.backend.embed_seq is not None:
+            self.backend.model.reset(self.backend.embed_seq)  # its text's cells go back to the requests
+        job.tokens, job.total, job.sent = None, None, 0
+        if self._embed_rows is not None and self._embed_rows[0] is job:
+            self._embed_rows = None
         with self._cv:  # off the queue before the handler hears back
             if self._embeds and self._embeds[0] is job:
                 self._embeds.popleft()
@@ -1054,6 +1181,12 @@ class _StepProfile:
         self.n = 0
         self.sums = [0.0] * 7
         self.last_end = 0.0
+        self.chunk_sums = {"prompt": 0, "embed": 0}  # tokens of each kind decoded beside the rows
+        self.budget: StepBudget | None = None
+
+    def chunks(self, kind: str, tokens: int, budget: StepBudget) -> None:
+        self.chunk_sums[kind] += tokens
+        self.budget = budget
 
     def add(self, rows: int, sampled: int, *phases: float) -> None:
         self.n += 1
@@ -1061,10 +1194,11 @@ class _StepProfile:
             self.sums[i] += v
         if self.n % 64 == 0:
             s = [v / self.n for v in self.sums]
-            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled; ms: device wait %.2f, sample %.2f, "
-                     "admit+launch %.2f, accept+emit %.2f, between steps %.2f", self.name, self.n, *s[:2],
-                     *(1e3 * v for v in s[2:]))
-            self.n, self.sums = 0, [0.0] * 7
+            log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled, %.1f prompt and %.1f embedding tokens "
+                     "(budget: %s); ms: device wait %.2f, sample %.2f, admit+launch %.2f, accept+emit %.2f, between steps %.2f",
+                     self.name, self.n, *s[:2], self.chunk_sums["prompt"] / self.n, self.chunk_sums["embed"] / self.n,
+                     self.budget.describe() if self.budget is not None else "-", *(1e3 * v for v in s[2:]))
+            self.n, self.sums, self.chunk_sums = 0, [0.0] * 7, {"prompt": 0, "embed": 0}
 
 
 def _sample(logits: Any, seqs: list[Any]) -> tuple[list[int], list[Any]]:

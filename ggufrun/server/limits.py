@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..images import image_row
 from .api_errors import ApiError, invalid
 from .gbnf import check_gbnf
 
@@ -45,8 +46,9 @@ def check_generation(model: Any, prompts: list[list[int]], n: int, logit_bias: d
     """Off the event loop, once the prompts are tokenised: token ids against the vocabulary
     (prompts, logit_bias, the grammar's token references) and the request's total tokens."""
     n_vocab = model.n_vocab
-    for j, prompt in enumerate(prompts):
-        check_token_ids(prompt, n_vocab, "prompt" if len(prompts) == 1 else f"prompt[{j}]")
+    for j, prompt in enumerate(prompts):  # image tokens pass only where the model holds their image (images.py)
+        check_token_ids([t for t in prompt if t >= 0 or image_row(t)[0] not in model.images], n_vocab,
+                        "prompt" if len(prompts) == 1 else f"prompt[{j}]")
     if logit_bias:
         check_token_ids(list(logit_bias), n_vocab, "logit_bias")
     if grammar is not None:
@@ -74,10 +76,21 @@ def compile_grammars(model: Any, grammar: str | None, triggers: Sequence[str] | 
     return out
 
 
-def embedding_tokens(model: Any, inputs: Sequence[str | list[int]]) -> list[list[int]]:
+def embedding_limit(backend: Any) -> tuple[int, str]:
+    """The most tokens one text may have, and what sets it. On the generation context a text goes
+    through in chunks of the steps' batches (engine.py): its sequence's cells are the limit. An
+    embedding model's own context pools one batch."""
+    if backend.embed_seq is not None and not backend.model.pools_embeddings:
+        return backend.model.seq_cells, "(a sequence's context). Split the text or serve with a larger --n-ctx."
+    return backend.model.n_batch, "(the batch size). Split the text or serve with a larger --batch-size."
+
+
+def embedding_tokens(model: Any, inputs: Sequence[str | list[int]], limit: tuple[int, str] | None = None) -> list[list[int]]:
     """Off the event loop: each embeddings input as the token ids the engine embeds, checked (ids
-    in the vocabulary, a text within one batch, the request within MAX_EMBED_TOKENS). Token-id
-    inputs are embedded as given: turning them into text and back would lose special tokens."""
+    in the vocabulary, a text within ``limit`` (:func:`embedding_limit`; default one batch), the
+    request within MAX_EMBED_TOKENS). Token-id inputs are embedded as given: turning them into text
+    and back would lose special tokens."""
+    most, why = limit or (model.n_batch, "(the batch size). Split the text or serve with a larger --batch-size.")
     if len(inputs) > MAX_EMBED_INPUTS:
         raise invalid("input", f"at most {MAX_EMBED_INPUTS} inputs per request (got {len(inputs)}).")
     check_text_size([t for t in inputs if isinstance(t, str)], "input")
@@ -90,9 +103,8 @@ def embedding_tokens(model: Any, inputs: Sequence[str | list[int]]) -> list[list
             tokens = list(item)
         else:
             tokens = model.tokenize(item)
-        if len(tokens) > model.n_batch:  # the embedder decodes a text in one batch: longer would be cut
-            raise ApiError(400, f"Invalid '{where}': it has {len(tokens)} tokens; at most {model.n_batch} "
-                           "(the batch size) can be embedded. Split the text or serve with a larger --batch-size.",
+        if len(tokens) > most:  # longer would be cut
+            raise ApiError(400, f"Invalid '{where}': it has {len(tokens)} tokens; at most {most} can be embedded {why}",
                            param=where, kind="exceed_context_size_error")
         total += len(tokens)
         if total > MAX_EMBED_TOKENS:

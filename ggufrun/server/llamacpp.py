@@ -148,7 +148,7 @@ def routes(server: Server) -> list[Route]:
 
     async def props(request: Request) -> Response:
         if request.method == "POST":
-            raise ApiError(501, "This server does not support changing global properties (llama-server's --props).",
+            raise ApiError(501, "Changing the server's properties over HTTP is not supported (llama-server allows it only when started with its own props flag); restart ggufrun serve with other flags instead.",
                            kind="not_supported_error")
         async with backend_for(server, _query_model(request)) as (backend, cfg):
             defaults = native.NativeRequest(params=native.P.GenParams(model=None, stream=True), prompts=[])

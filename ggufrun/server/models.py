@@ -100,6 +100,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()  # Host names beyond the loopback ones and the bound address (security.py)
     max_body_bytes: int = 8 * 1024 * 1024
     models_file: Path | None = None  # the --models overlay for the registry
+    allow_image_urls: bool = False  # fetch http(s) image URLs in requests (server/media.py); data: URLs always
 
     def with_overrides(self, **values: Any) -> ServeConfig:
         """Command-line values (None = not given) over the file's."""
@@ -486,12 +487,16 @@ class ModelPool:
         # what it really takes: its cells, and the layers llama.cpp got ("auto" resolved)
         self.residency.set_memory(cfg.id, estimate(info, plan.cells, model.settings.n_gpu_layers, plan.n_ctx_seq,
                                                         (model.settings.cache_type_k, model.settings.cache_type_v)))
+        # Structured output's vocabulary index (0.1-0.5 s), here before any request: built by the
+        # first burst of constrained requests it starved the engine thread of the GIL (issue 22).
+        model.prepare_grammars()
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
         return Backend(model=model, settings=per_request, template=template, n_ctx_seq=plan.n_ctx_seq,
                        description=model.description, embed_seq=parallel if cfg.embeddings else None,
-                       system=defaults.system, reasoning=detect(template.jinja_source, per_request.reasoning_format))
+                       system=defaults.system, reasoning=detect(template.jinja_source, per_request.reasoning_format),
+                       vision=loaded.vision)
 
     def _gauges(self) -> dict[str, dict[str, float]]:
         queue, active, loaded = {}, {}, {}

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import GgufrunError
+from . import media
 from .lifecycle import KeepAliveError, has_gpu, parse_keep_alive, request_context
 from .protocol import ApiError
 from .translate import (Refused, as_error, body_of, choice_of, chunk_error, guarded, ndjson, require, start_chat, stream,
@@ -170,13 +171,15 @@ def _chat_messages(messages: Any) -> list[dict[str, Any]]:
         unknown = sorted(k for k in m if k not in MESSAGE_KNOWN and m[k] is not None)
         if unknown:
             raise Refused(f"{where}.{unknown[0]}", f"Unknown field '{where}.{unknown[0]}'.")
-        if m.get("images"):
-            raise Refused(f"{where}.images", f"'{where}.images' is not supported (text models only).")
         content = m.get("content")
         content = "" if content is None else content  # 0, false or [] are not text: refused below
         if not isinstance(content, str):
             raise Refused(f"{where}.content", f"'{where}.content' must be a string.")
         message: dict[str, Any] = {"role": m["role"], "content": content}
+        if m.get("images"):  # shown to the model before the message's text, as Ollama does
+            if m["role"] != "user":
+                raise Refused(f"{where}.images", f"'{where}.images' may only be on a user message.")
+            message["content"] = media.ollama_content(content, m["images"], f"{where}.images")
         if m.get("thinking"):
             if m["role"] != "assistant" or not isinstance(m["thinking"], str):
                 raise Refused(f"{where}.thinking", f"'{where}.thinking' must be a string, on an assistant message.")
@@ -228,8 +231,6 @@ def chat_to_openai(body: dict[str, Any]) -> dict[str, Any]:
 def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     _common(body, GENERATE_KNOWN, out)
-    if body.get("images"):
-        raise Refused("images", "'images' is not supported by this model: it reads text only.")
     for key, why in (("suffix", "fill-in-the-middle"), ("template", "a per-request template"), ("context", "a context array"),
                      ("raw", "raw prompts")):
         if body.get(key):
@@ -238,7 +239,8 @@ def generate_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     system = body.get("system") or ""
     if not isinstance(prompt, str) or not isinstance(system, str):
         raise Refused("prompt", "'prompt' and 'system' must be strings.")
-    out["messages"] = ([{"role": "system", "content": system}] if system else []) + ([{"role": "user", "content": prompt}] if prompt else [])
+    user: Any = media.ollama_content(prompt, body["images"], "images") if body.get("images") else prompt
+    out["messages"] = ([{"role": "system", "content": system}] if system else []) + ([{"role": "user", "content": user}] if user else [])
     require(out, NAMES)
     return streamed(out)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..settings import coerce
-from . import constraints, limits
+from . import constraints, limits, media
 from .api_errors import ApiError, api_error, invalid, unsupported
 
 __all__ = ["ApiError", "api_error", "invalid", "unsupported"]  # re-exported: where callers have always found them
@@ -157,6 +157,7 @@ class GenParams:
     think: Any = None  # set at render for a reasoning model: reasoning.ThinkBudget (where its reply starts, its budget)
     draft: tuple[int | None, int | None] = (None, None)  # llama-server's speculative.n_max, speculative.n_min
     slot: int | None = None  # llama-server's id_slot: the slot every job of the request runs in
+    images: list[Any] = field(default_factory=list)  # set at render: the image embeddings its prompt names (media.py)
     n_ctx: int | None = None  # a smaller context (prompt + reply) for this request: Ollama's options.num_ctx
 
 
@@ -365,8 +366,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         if m.get("audio") is not None:
             raise unsupported(f"messages[{i}].audio", "this server generates text only.")
         name = typed(m, "name", (str,), "a string", param=f"messages[{i}].name")
+        with_images = media.openai_content(m.get("content"), f"messages[{i}].content") if role == "user" else None
         msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                               "content": text_of(m.get("content"), f"messages[{i}].content")}
+                               "content": with_images or text_of(m.get("content"), f"messages[{i}].content")}
         if name:
             msg["name"] = name
         reasoning = typed(m, "reasoning_content", (str,), "a string", param=f"messages[{i}].reasoning_content")

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import media
 from .protocol import ApiError
 from .translate import (Refused, body_of, choice_of, chunk_error, guarded, require, sse, start_chat, stream, streamed,
                         text_of)
@@ -104,7 +105,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         if kind == "message" and item.get("role") in ("user", "assistant", "system", "developer"):
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            with_images = media.responses_content(item.get("content"), f"{where}.content") if role == "user" else None
+            out.append({"role": role, "content": with_images or _text(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
                 raise Refused(where, f"'{where}': a function_call needs call_id, name and arguments strings.")

@@ -1,0 +1,296 @@
+"""A vision projector (mmproj GGUF) over a loaded text model, through llama.cpp's libmtmd.
+
+libmtmd's own ``mtmd_helper_eval_chunks`` decodes images on the text context itself and is not
+thread-safe; here libmtmd only tokenizes (text + image markers -> chunks) and encodes (image ->
+embeddings), on whatever one thread holds :attr:`Projector.lock`, and the embeddings go to
+:meth:`ggufrun.llama.model.Model.decode` like text: the engine decodes them in its own batches.
+
+An image's positions in a token list are *image tokens*, negative ints that name the image (a
+hash of its pixels) and the row (ggufrun.images.image_tokens): equal images give equal tokens, so
+prefix reuse in the KV cache works for images as it does for text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelLoadError
+from ..images import Picture, UnsupportedProjectorError, image_tokens
+from ._lib import L, llama_reason, numpy
+
+
+_quiet = False
+
+
+def _mtmd() -> Any:
+    global _quiet
+    import llama_cpp.mtmd_cpp as M
+
+    if not _quiet:  # libmtmd logs every image it sees to stderr: errors only, as llama.cpp's (_lib.py)
+        from .. import paths
+        from ._lib import quiet_log
+
+        if not paths.debug():
+            M.mtmd_log_set(quiet_log, ctypes.c_void_p(0))
+            M.mtmd_helper_log_set(quiet_log, ctypes.c_void_p(0))
+        _quiet = True
+    return M
+
+
+RECENT_IMAGES = 16  # encoded pictures kept for reuse (a 1,088-token SmolVLM picture is ~2.5 MB of rows)
+
+
+class ImageEmbedding:
+    """One image's rows for the text model: float32 [n_tokens, n_embd], named by ``key``."""
+
+    __slots__ = ("key", "rows", "__weakref__")
+
+    def __init__(self, key: int, rows: Any) -> None:
+        self.key = key
+        self.rows = rows
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.rows.shape[0])
+
+
+class Projector:
+    """An mtmd context for one Model. ``tokenize`` and ``encode`` take :attr:`lock` themselves."""
+
+    def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool) -> None:
+        from ..projector_info import validate_projector
+
+        info = validate_projector(path, model.n_embd)  # llama.cpp asserts (aborts) on some malformed projectors
+        M = _mtmd()
+        params = M.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = n_threads
+        params.print_timings = False
+        params.warmup = False
+        self.path = path
+        self.model = model
+        self.lock = threading.Lock()
+        llama_reason()
+        self._ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
+        if not self._ctx:
+            raise ModelLoadError(f"llama.cpp could not load the projector {path}{llama_reason()}.",
+                                 "Check that it belongs to this model (--mmproj).")
+        if not M.mtmd_support_vision(self._ctx):
+            self.close()
+            raise ConfigError(f"{path.name} is not a vision projector (it has no image encoder).")
+        # M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) give an image 2-D positions; the engine's
+        # batches carry one position per token: refused by name rather than decoded wrong.
+        self.mrope = bool(M.mtmd_decode_use_mrope(self._ctx))
+        if self.mrope:
+            self.close()
+            raise UnsupportedProjectorError(
+                f"{path.name} gives images 2-D (M-RoPE) positions (Qwen-VL family), which ggufrun does not decode yet.",
+                "Use a vision model with plain positions (SmolVLM, gemma-3), or llama-server for this one.")
+        self.marker = (M.mtmd_default_marker() or b"<__media__>").decode()
+        self.info = info
+        # gemma-3's images attend both ways (mtmd_decode_use_non_causal): each is decoded whole, in one batch
+        self.non_causal: bool | None = info.projector_type == "gemma3"
+        model.whole_images = self.non_causal
+        # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
+        self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
+        self.encoded = 0  # pictures encoded (the rest came from _recent)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            _mtmd().mtmd_free(self._ctx)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def block(self, pic: Picture) -> tuple[list[int], list[ImageEmbedding]]:
+        """One picture as the text model reads it: the projector's framing text tokens with the
+        picture's image tokens between them, and the embeddings those name. Runs libmtmd's
+        preprocessing and the vision encoder: call it off the event loop and the engine thread.
+        Raises ConfigError (an image libmtmd refuses), ModelLoadError (encoding failed)."""
+        name = (pic.digest, pic.width, pic.height)
+        with self.lock:
+            hit = self._recent.get(name)
+            if hit is not None:
+                self._recent.move_to_end(name)
+                return list(hit[0]), list(hit[1])
+            block = self._block(pic)
+            self._recent[name] = block
+            while len(self._recent) > RECENT_IMAGES:
+                self._recent.popitem(last=False)
+            self.encoded += 1
+            return list(block[0]), list(block[1])
+
+    def _block(self, pic: Picture) -> tuple[list[int], list[ImageEmbedding]]:
+        M = _mtmd()
+        np = numpy()
+        with self.model.borrowed():
+            if not self._ctx:
+                raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
+            chunks = M.mtmd_input_chunks_init()
+            buf = (ctypes.c_uint8 * len(pic.rgb)).from_buffer_copy(pic.rgb)
+            bmp = M.mtmd_bitmap_init(pic.width, pic.height, buf)
+            try:
+                if not bmp:
+                    raise ConfigError(f"libmtmd refused a {pic.width}x{pic.height} image.")
+                data = self.marker.encode()
+                inp = M.mtmd_input_text(data, len(data), False, True)
+                arr = (M.mtmd_bitmap_p_ctypes * 1)(bmp)
+                rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, 1)
+                if rc != 0:
+                    raise ConfigError(f"libmtmd could not tokenize a {pic.width}x{pic.height} image (code {rc}).")
+                tokens: list[int] = []
+                embeds: list[ImageEmbedding] = []
+                n_embd = self.model.n_embd
+                for i in range(M.mtmd_input_chunks_size(chunks)):
+                    chunk = M.mtmd_input_chunks_get(chunks, i)
+                    kind = M.mtmd_input_chunk_get_type(chunk)
+                    if kind == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                        n = ctypes.c_size_t()
+                        ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                        tokens.extend(ptr[: n.value])
+                        continue
+                    if kind != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                        raise ConfigError("libmtmd returned a non-image media chunk.")
+                    n_tok = M.mtmd_input_chunk_get_n_tokens(chunk)
+                    if M.mtmd_input_chunk_get_n_pos(chunk) != n_tok:
+                        raise ConfigError("This projector gives an image fewer positions than tokens, which ggufrun "
+                                          "does not decode yet.")
+                    if bool(M.mtmd_decode_use_non_causal(self._ctx, chunk)) != self.non_causal:
+                        raise ConfigError("This projector's attention over images is not the one ggufrun expected.")
+                    if self.non_causal and n_tok > max(self.model.n_batch, 1):
+                        raise ConfigError(f"An image of {n_tok} tokens does not fit one batch of {self.model.n_batch}; "
+                                          "this projector needs it whole.", f"Serve with --batch-size {n_tok} or more.")
+                    if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                        raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
+                    out = M.mtmd_get_output_embd(self._ctx)
+                    rows = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
+                    # idefics3 cuts a picture into tiles and an overview, one chunk each: each gets its own key
+                    key, toks = image_tokens(pic.digest + len(embeds).to_bytes(4, "little"), n_tok)
+                    embeds.append(ImageEmbedding(key, rows))
+                    tokens.extend(toks)
+                return tokens, embeds
+            finally:
+                M.mtmd_input_chunks_free(chunks)
+                if bmp:
+                    M.mtmd_bitmap_free(bmp)
+
+
+def _embd_batch(model: Any) -> Any:
+    """The model's embedding batch (n_batch rows of n_embd floats), made on first use and freed
+    with the model object."""
+    batch = getattr(model, "_embd_batch", None)
+    if batch is None:
+        import weakref
+
+        size = max(model.n_batch, 1)
+        batch = L.llama_batch_init(size, model.n_embd, max(model.n_seq_max, 1))
+        for i in range(size):
+            batch.n_seq_id[i] = 1
+        model._embd_batch = batch
+        weakref.finalize(model, L.llama_batch_free, batch)
+    return batch
+
+
+def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
+    """One llama_decode of image tokens (their embedding rows) for one or more sequences."""
+    from ..errors import ContextOverflowError
+    from ..images import image_row
+
+    np = numpy()
+    batch = _embd_batch(model)
+    size, n_embd = max(model.n_batch, 1), model.n_embd
+    embd = np.ctypeslib.as_array(batch.embd, shape=(size, n_embd))
+    pos = np.ctypeslib.as_array(batch.pos, shape=(size,))
+    logits = np.ctypeslib.as_array(ctypes.cast(batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,))
+    n = 0
+    for seq_id, tokens in items:
+        start = len(model._seq.setdefault(seq_id, []))
+        i = 0
+        while i < len(tokens):  # one slice copy per run of consecutive rows of one image
+            key, row = image_row(tokens[i])
+            image = model.images.get(key)
+            k = 1
+            while i + k < len(tokens) and tokens[i + k] == tokens[i] - k:
+                k += 1
+            if image is None or row + k > image.n_tokens:
+                raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
+            embd[n : n + k] = image.rows[row : row + k]
+            pos[n : n + k] = range(start + i, start + i + k)
+            logits[n : n + k] = 0
+            for j in range(n, n + k):
+                batch.seq_id[j][0] = seq_id
+            n += k
+            i += k
+    batch.n_tokens = n
+    # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
+    whole = model.whole_images
+    if whole:
+        L.llama_set_causal_attn(model._ctx, False)
+    try:
+        rc = L.llama_decode(model._ctx, batch)
+    finally:
+        if whole:
+            L.llama_set_causal_attn(model._ctx, True)
+    if rc != 0:
+        raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
+            ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
+    for seq_id, tokens in items:
+        model._seq[seq_id].extend(tokens)
+
+
+def _runs(tokens: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for t in tokens:
+        if out and (out[-1][0] < 0) == (t < 0):
+            out[-1].append(t)
+        else:
+            out.append([t])
+    return out
+
+
+def decode_with_images(model: Any, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
+    """Model.decode for items holding image tokens. One item may mix text and images (its runs are
+    decoded in order); several items must be one run each (the engine cuts prompt chunks where
+    text and images meet, ggufrun.images.run_end): their images go in one embedding batch first,
+    then their text in one token batch, whose logits the caller samples."""
+    if len(items) == 1:
+        seq_id, tokens, want = items[0]
+        runs = _runs(tokens)
+        out = [-1]
+        size = max(model.n_batch, 1)
+        for k, run in enumerate(runs):
+            last = k == len(runs) - 1
+            if run[0] < 0:
+                if last and want:
+                    raise ConfigError("A prompt cannot end with an image: the model answers after text.")
+                if model.whole_images and len(run) > size:
+                    raise ConfigError(f"An image of {len(run)} tokens does not fit one batch of {size}; this projector "
+                                      "needs it whole.", f"Use --batch-size {len(run)} or more.")
+                for start in range(0, len(run), size):
+                    _decode_embeddings(model, [(seq_id, run[start : start + size])])
+            else:
+                for start in range(0, len(run), size):
+                    end = start + size >= len(run)
+                    out = model._decode_batch([(seq_id, run[start : start + size], want and last and end)], all_logits)
+        return out
+    images = [(s, t) for s, t, _ in items if t and t[0] < 0]
+    if any(min(t) < 0 <= max(t) for _, t, _ in items if t):
+        raise ValueError("decode() got an item mixing text and image tokens beside other items")
+    if any(w for _, t, w in items if t and t[0] < 0):
+        raise ConfigError("A prompt cannot end with an image: the model answers after text.")
+    if images:
+        _decode_embeddings(model, images)
+    texts = [(k, it) for k, it in enumerate(items) if not (it[1] and it[1][0] < 0)]
+    out = [-1] * len(items)
+    if texts:
+        for (k, _), index in zip(texts, model._decode_batch([it for _, it in texts], all_logits)):
+            out[k] = index
+    return out

@@ -1,0 +1,123 @@
+"""Checks on a vision projector (mmproj GGUF) before libmtmd opens it: clip.cpp asserts (aborting
+the process) on shapes it trusts, so the keys and tensors it reads are checked here first, and a
+projector made for another text model is named as such."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidGGUFError
+
+# projector types whose layout is checked here (and decoded by the engine or refused by name there)
+SUPPORTED = ("idefics3", "gemma3")
+_MAX = 1 << 16
+
+
+@dataclass(frozen=True)
+class ProjectorInfo:
+    """What `show` and the loader say about a projector."""
+
+    path: Path
+    projector_type: str
+    text_n_embd: int  # the text model width it feeds
+    image_size: int
+    tokens_per_tile: int
+    file_size: int
+
+
+def _bad(path: Path, what: str) -> InvalidGGUFError:
+    return InvalidGGUFError(f"{path} is not a usable vision projector: {what}.")
+
+
+def inspect_projector(path: str | Path) -> ProjectorInfo:
+    """Read and check a projector's header and tensor shapes. Raises InvalidGGUFError,
+    UnsupportedProjectorError (a real projector ggufrun does not decode)."""
+    from .gguf_info import inspect
+
+    return check_projector(inspect(path))  # structure first: magic, version, truncation, offsets
+
+
+def check_projector(info: Any) -> ProjectorInfo:
+    """inspect_projector's checks on a parsed header (a gguf_info.GGUFInfo, local or read from a hub)."""
+    p, meta = info.path, info.metadata
+    if info.architecture != "clip":
+        raise _bad(p, f"its architecture is {info.architecture!r}, not clip (is it the model itself?)")
+    if meta.get("clip.has_vision_encoder") is not True:
+        raise _bad(p, "it has no vision encoder (an audio-only projector?)")
+    kind = meta.get("clip.projector_type") or meta.get("clip.vision.projector_type")
+    if not isinstance(kind, str) or not kind:
+        raise _bad(p, "clip.projector_type is missing")
+    if kind not in SUPPORTED:  # a real projector libmtmd knows, but not one ggufrun decodes: never opened
+        from .images import UnsupportedProjectorError
+
+        why = "gives images 2-D (M-RoPE) positions" if kind.startswith("qwen") else f"is a {kind[:40]} projector"
+        raise UnsupportedProjectorError(f"{p.name} {why}, which ggufrun does not decode yet (it decodes {', '.join(SUPPORTED)}).",
+                                        "Use SmolVLM or gemma-3 for images, or llama-server for this model.")
+
+    def num(key: str, default: int | None = None) -> int:
+        v = meta.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= _MAX:
+            raise _bad(p, f"{key} is {v!r} (a whole number from 1 to {_MAX} is needed)")
+        return v
+
+    e, ff, n_layer, n_head = (num(f"clip.vision.{k}") for k in (
+        "embedding_length", "feed_forward_length", "block_count", "attention.head_count"))
+    image, patch = num("clip.vision.image_size"), num("clip.vision.patch_size")
+    scale = num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
+    if e % n_head:
+        raise _bad(p, f"width {e} is not a multiple of {n_head} heads")
+    if image % patch:
+        raise _bad(p, f"image size {image} is not a multiple of patch size {patch}")
+    side = image // patch
+    if scale < 2 or side % scale:
+        raise _bad(p, f"{side} patches a side do not merge by {scale}")
+    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
+        v = meta.get(key)
+        if not isinstance(v, list) or len(v) < 3:
+            raise _bad(p, f"{key} needs 3 values")
+    shapes = {t.name: t.shape for t in info.tensors}
+
+    def need(name: str, shape: tuple[int, ...]) -> None:
+        got = shapes.get(name)
+        if got is None:
+            raise _bad(p, f"tensor {name} is missing")
+        if tuple(got) != shape:
+            raise _bad(p, f"tensor {name} has shape {tuple(got)}, {shape} expected")
+
+    need("v.patch_embd.weight", (patch, patch, 3, e))
+    need("v.position_embd.weight", (e, side * side))
+    for i in range(n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            need(f"v.blk.{i}.{name}.weight", (e, e))
+        need(f"v.blk.{i}.ffn_up.weight", (e, ff))
+        need(f"v.blk.{i}.ffn_down.weight", (ff, e))
+    if any(n.startswith(f"v.blk.{n_layer}.") for n in shapes):
+        raise _bad(p, f"it holds more layers than block_count {n_layer}")
+    if kind == "idefics3":
+        fc = shapes.get("mm.model.fc.weight")
+        if fc is None or len(fc) != 2 or fc[0] != e * scale * scale:
+            raise _bad(p, f"tensor mm.model.fc.weight has shape {fc}, ({e * scale * scale}, N) expected")
+        text = fc[1]
+    else:
+        proj = shapes.get("mm.input_projection.weight")
+        need("mm.soft_emb_norm.weight", (e,))
+        if proj is None or len(proj) != 2 or proj[1] != e:  # stored transposed: (text width, e)
+            raise _bad(p, f"tensor mm.input_projection.weight has shape {proj}, (N, {e}) expected")
+        text = proj[0]
+    return ProjectorInfo(p, str(kind), int(text), image, (side // scale) ** 2, info.file_size)
+
+
+def validate_projector(path: str | Path, text_n_embd: int) -> ProjectorInfo:
+    """inspect_projector, plus: it feeds a text model of width ``text_n_embd``."""
+    pi = inspect_projector(path)
+    if pi.text_n_embd != text_n_embd:
+        raise InvalidGGUFError(f"{pi.path.name} feeds a text model of width {pi.text_n_embd}; this model's is {text_n_embd}.",
+                               "Give the projector made for this model (--mmproj).")
+    return pi
+
+
+def is_projector(meta: dict[str, Any]) -> bool:
+    """Whether GGUF metadata is a projector's (``general.architecture = clip``)."""
+    return meta.get("general.architecture") == "clip"

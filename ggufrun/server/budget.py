@@ -1,0 +1,189 @@
+"""How much prompt and embedding work one engine step takes beside the replies being generated.
+
+Every step decodes one token of each generating reply first; then either a prompt chunk or a chunk
+of the text being embedded goes in, up to a budget (as vLLM's and SGLang's chunked prefill do). A
+prompt of 11k tokens or a batch of long texts to embed then costs the streams a bounded share of
+each step, not a whole prefill: under ``auto`` the budget is a time, steered so that steps take on
+average at most :data:`SLACK` times a plain decode step (streams keep >= 1/SLACK of their pace) and
+one step at most :data:`PEAK` times (both per kind of work), measured on the machine as it runs.
+
+The budget is spent in estimated seconds, not tokens: each kind of chunk has its own measured cost
+(a fixed part and a part per token). One token budget for both let the dearer kind calibrate it for the other (an embedding
+chunk beside a prompt chunk made llama.cpp output every token of both: the budget learnt ~7 ms a
+token where a prompt token costs ~0.5, and a new stream's prompt beside a long text waited 2.4 s).
+The two kinds also take turns by the time each has had (:meth:`StepBudget.pick`), so a new stream's
+prompt never waits behind a whole text and a text is never starved by a stream of prompts.
+
+With nothing generating, a step takes all of ``n_batch``: a prompt or text alone goes at full speed.
+"""
+
+from __future__ import annotations
+
+# Steps with chunks may take this many plain decode steps on average, while that kind of work waits:
+# streams keep >= 0.83 of their pace beside prompts, >= 0.77 beside texts to embed (issue 22's bars: 0.8
+# and 0.7). Texts get more: each text is chunks of its own (one embedding sequence) and those are dear
+# beside the rows on a CPU (SmolLM2 on the loaded 2-core box: ~30-40 ms a token, ~16 alone).
+SLACK = {"prompt": 1.2, "embed": 1.3}
+# and one step at most this many (a stream's longest gap; issue 22's bar beside long prompts: p99 < 3x).
+# A text's chunks may be larger and rarer: on a CPU a few tokens beside the rows cost nearly what a
+# whole chunk does (~35 ms a token in chunks of 8 against ~5 in chunks of 340, SmolLM2), so capfuls of
+# one plain step left a 1,000-token text ~1 token a step, 95 s beside one stream (18.7 s alone).
+PEAK = {"prompt": 2.0, "embed": 4.0}
+_FIRST = 16  # the tokens a step may take before its kind's cost has been measured
+_EMA = 0.2  # weight of the newest measurement in the running means
+
+KINDS = ("prompt", "embed")
+
+
+class StepBudget:
+    """The per-step budget: fixed (``step_tokens = N``: N tokens of either kind) or steered
+    (``auto``) from the measured time between decodes, a plain step's (only replies' tokens)
+    against one that carried a chunk of one kind.
+
+    Steered, it is a rate (seconds of chunk work per step, possibly a fraction of a token's) paid
+    out as credit, and a cap on one step's chunk: a chunk has a fixed cost of its own (llama.cpp
+    evaluates a batch whose sequences have unequal token counts in several micro-batches), so on a
+    CPU a chunk of a few tokens every few steps keeps the streams' pace where a token every step
+    would not."""
+
+    def __init__(self, n_batch: int, fixed: int | None = None) -> None:
+        self.n_batch = max(n_batch, 1)
+        self.fixed = min(fixed, self.n_batch) if fixed else None
+        self.plain_s = 0.0  # running mean of a plain decode step, seconds
+        # What a chunk of each kind adds to a step: fixed_s + token_s * tokens, fitted to the measured steps
+        # (running means of n, y, n*n, n*y). The fixed part is real: beside the rows, a chunk is a micro-batch
+        # of its own (llama.cpp splits a batch whose sequences have unequal token counts), another pass
+        # over the weights; on a CPU it costs most of a plain step.
+        self.token_s = dict.fromkeys(KINDS, 0.0)
+        self.fixed_s = dict.fromkeys(KINDS, 0.0)
+        self._fit: dict[str, list[float]] = {}
+        self._largest = dict.fromkeys(KINDS, 0)  # the longest chunk of each kind measured: the next is at most twice it
+        self._split: set[str] = set()  # kinds whose fixed part has been told apart (chunks of several sizes seen)
+        self.credit_s = 0.0  # seconds of chunk work the next steps may still take
+        self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
+        self._waiting: list[str] = []  # the kinds with work waiting at the last pick
+        self._last_done = 0.0
+        self._launched: tuple[int, str, int, float] = (0, "", 0, 0.0)  # rows, kind, tokens of the decode in flight; when queued
+
+    def cap_s(self, kind: str) -> float:
+        """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""
+        return (PEAK[kind] - 1.0) * self.plain_s
+
+    @property
+    def _credit_cap_s(self) -> float:
+        return max((self.cap_s(k) for k in self._waiting), default=self.cap_s(KINDS[0])) + self.rate_s
+
+    @property
+    def rate_s(self) -> float:
+        """Chunk work per step on average, for the kinds waiting."""
+        return (max((SLACK[k] for k in self._waiting), default=SLACK["prompt"]) - 1.0) * self.plain_s
+
+    def cost_s(self, kind: str, tokens: int) -> float:
+        """The estimated seconds a chunk of ``tokens`` of ``kind`` adds to a step."""
+        return self.fixed_s[kind] + self.token_s[kind] * tokens if tokens else 0.0
+
+    def allowance(self, rows: int, kind: str, want: int) -> int:
+        """Tokens of ``kind`` the next decode may take beside ``rows`` generating replies, ``want``
+        being what waits. Steered: all that waits when it fits a step's cap (a new stream's short
+        prompt goes at once, running the credit at most a cap into debt); else a capful once the
+        credit holds one (a chunk's fixed cost is spread over as many tokens as a step may take);
+        else nothing this step."""
+        room = max(self.n_batch - rows, 0)
+        if not rows:
+            return min(self.n_batch, want)
+        if self.fixed is not None:
+            return min(self.fixed, room, want)
+        if not self.plain_s or not self.token_s[kind]:
+            return min(_FIRST, room, want)  # not measured yet: a small chunk measures it
+        whole = self.cost_s(kind, want)
+        cap = self.cap_s(kind)
+        if want <= min(room, max(2 * self._largest[kind], _FIRST)) and whole <= min(cap, self.credit_s + cap):
+            return want
+        if self.credit_s >= cap:
+            n = max(int((cap - self.fixed_s[kind]) / self.token_s[kind] + 1e-9), 1)  # one at least: a chunk dearer than the cap still goes
+            mean = self._fit[kind][0]
+            if kind not in self._split and abs(n - mean) <= 0.1 * mean:
+                # chunks all of one size cannot tell the fixed part from the per-token one: one of another size can
+                n = n // 2 if n >= 2 else 2
+            return min(n, 2 * self._largest[kind], room, want)
+        return 0
+
+    def pick(self, kinds: list[str]) -> str:
+        """Which kind of chunk the next step carries, among those with work waiting: the one that has
+        had the least time. A kind with nothing waiting banks no time for later."""
+        self._waiting = kinds
+        if not kinds:
+            return KINDS[0]
+        for kind in KINDS:
+            if kind not in kinds:
+                others = [self.spent_s[k] for k in kinds]
+                self.spent_s[kind] = max(others, default=0.0)
+        return min(kinds, key=lambda k: self.spent_s[k])
+
+    def launched(self, rows: int, kind: str, tokens: int, started: float) -> None:
+        """Note what the decode just queued holds (and pay its chunk out of the credit); ``started``:
+        when its step's work began (before llama_decode, which computes in the call on a CPU)."""
+        self._launched = (rows, kind, tokens, started)
+        if not tokens:
+            if rows and self.fixed is None:
+                self.credit_s = min(self.credit_s + self.rate_s, self._credit_cap_s)
+            return
+        spent = self.cost_s(kind, tokens) if self.token_s[kind] else tokens * (self.plain_s / _FIRST or 1e-3)
+        self.spent_s[kind] += spent
+        if rows and self.fixed is None:
+            self.credit_s = min(self.credit_s - spent + self.rate_s, self._credit_cap_s)
+
+    def idle(self) -> None:
+        """A step found no decode in flight: the next one's cost counts from its own start."""
+        self._last_done = 0.0
+
+    def finished(self, now: float) -> None:
+        """The decode in flight has finished at ``now`` (its rows were read): the time since the
+        previous one finished (or since its step began, after an idle spell) is its cost, the
+        engine's host work included (what a stream feels)."""
+        rows, kind, tokens, started = self._launched
+        period = now - (self._last_done or started) if started else 0.0
+        self._last_done = now
+        self._launched = (0, "", 0, 0.0)
+        if not rows or period <= 0.0 or period > 60.0:
+            return
+        if not tokens:
+            self.plain_s = period if not self.plain_s else (1 - _EMA) * self.plain_s + _EMA * period
+            return
+        if not self.plain_s:
+            return
+        self._learn(kind, tokens, max(period - self.plain_s, 0.0))
+
+    def _learn(self, kind: str, n: int, y: float) -> None:
+        """Fold one chunk (``n`` tokens, ``y`` seconds over a plain step) into its kind's fit."""
+        self._largest[kind] = max(self._largest[kind], n)
+        fit = self._fit.get(kind)
+        point = [float(n), y, float(n * n), n * y]
+        if fit is None:
+            fit = self._fit[kind] = point
+        else:
+            for i, v in enumerate(point):
+                fit[i] = (1 - _EMA) * fit[i] + _EMA * v
+        mn, my, mnn, mny = fit
+        var = mnn - mn * mn
+        floor = max(self.cap_s(kind) / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
+        if var > (0.05 * mn) ** 2:  # sizes varied enough to tell the fixed part from the per-token one
+            per = max((mny - mn * my) / var, floor)
+            self.token_s[kind], self.fixed_s[kind] = per, min(max(my - per * mn, 0.0), my)
+            self._split.add(kind)
+        else:  # chunks of one size lately: the fixed part as last told apart, the rest per token
+            fixed = min(self.fixed_s[kind], my)
+            self.token_s[kind], self.fixed_s[kind] = max((my - fixed) / max(mn, 1.0), floor), fixed
+
+    def describe(self) -> str:
+        """For the step profile: the per-token costs and the cap, in ms."""
+        if self.fixed is not None:
+            return f"fixed {self.fixed} tokens"
+        return (f"plain step {1e3 * self.plain_s:.2f} ms, credit {1e3 * self.credit_s:.2f} ms; "
+                f"a chunk adds: prompt {1e3 * self.fixed_s['prompt']:.2f} + {1e3 * self.token_s['prompt']:.3f}/token ms, "
+                f"embedding {1e3 * self.fixed_s['embed']:.2f} + {1e3 * self.token_s['embed']:.3f}/token ms")
+
+
+def fixed_tokens(setting: object) -> int | None:
+    """The ``step_tokens`` setting as a fixed count, or None for ``auto``."""
+    return setting if isinstance(setting, int) and not isinstance(setting, bool) else None

@@ -1,0 +1,197 @@
+"""Structured output as extraction workloads send it (issue 22): a fresh schema per request, from
+bench/structured_load.py's mix (extraction objects, enums, nested arrays, patterns, formats, anyOf,
+tool calls). Each one converts, llama.cpp parses it, the fast redraw picks what the slow path (the
+grammar over the whole vocabulary) picks, and a real model's finished replies validate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from ggufrun import generation
+from ggufrun.generation import SamplingParams, SeqSampler, _redraw
+from ggufrun.llama import model as model_mod
+from ggufrun.llama import sampler as sampler_mod
+from ggufrun.llama.grammar import schema_to_gbnf
+from ggufrun.runtime import DrawChain, Model
+from ggufrun.server.constraints import schema_grammar
+from ggufrun.settings import Settings
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _bench_module():
+    sys.path.insert(0, str(BENCH))  # (it imports its neighbours reference.py and serve_load.py)
+    try:
+        spec = importlib.util.spec_from_file_location("structured_load", BENCH / "structured_load.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+S = _bench_module()
+MIX = [S.schema_for(n) for n in range(len(S.SCHEMAS))]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
+    """A 32k synthetic vocabulary (words and byte tokens: any text tokenises)."""
+    from ggufrun.synthetic import write_synthetic
+
+    path = write_synthetic(tmp_path_factory.mktemp("vocab") / "v32k.gguf", "tiny", vocab_size=32768)
+    with Model.load(path, Settings(n_gpu_layers=0, n_ctx=256)) as m:
+        yield m
+
+
+def old_redraw(row: np.ndarray, s: SeqSampler) -> int:
+    """The slow path: the grammar over the whole row (llama-server's), then the draw."""
+    assert s.grammar is not None
+    s.grammar.mask(row)
+    if not np.isfinite(row).any():
+        return -1
+    if s.params.greedy:
+        return int(row.argmax())
+    return int(generation._draw_rows(row[None], [s], np.array([s.rng.random()]))[0])
+
+
+def accepts(model: Model, gbnf: str, text: str) -> bool:
+    """Whether the grammar takes ``text`` whole (every token, then end of generation)."""
+    g = model.grammar(gbnf)
+    try:
+        for t in model.tokenize(text, add_special=False, parse_special=False):
+            if not g.allows(t):
+                return False
+            g.accept(t)
+        return g.allows(model.eos_id)
+    finally:
+        g.close()
+
+
+def test_every_request_gets_a_schema_of_its_own_and_each_converts_and_parses(model: Model) -> None:
+    seen = set()
+    for n in range(3 * len(S.SCHEMAS)):
+        name, schema = S.schema_for(n)
+        gbnf = schema_grammar(schema, "response_format.json_schema.schema")
+        assert gbnf not in seen, name  # nothing a server keeps per schema helps the next request
+        seen.add(gbnf)
+        model.grammar(gbnf).close()  # llama.cpp parses it (the person schema's '\\.' once made it refuse)
+
+
+@pytest.mark.parametrize("pattern,good,bad", [
+    ("^[a-z.]+@[a-z]+\\.[a-z]{2,3}$", "maria.lopez@example.com", "maria@examplecom"),
+    ("^\\d{3}-\\d{4}$", "555-0134", "55a-0134"),
+    ("^[\\w.\\-]+$", "file_name-2.txt", "file name"),
+    ("^\\(\\d+\\)\\S*$", "(12)ab", "(12) ab"),
+    ("^[A-Z]\\/[0-9]$", "A/1", "A-1"),
+])
+def test_regex_escapes_in_patterns_are_enforced_as_the_regex_means_them(model: Model, pattern: str, good: str, bad: str) -> None:
+    gbnf = schema_to_gbnf({"type": "string", "pattern": pattern})
+    assert accepts(model, gbnf, json.dumps(good))
+    assert not accepts(model, gbnf, json.dumps(bad))
+
+
+def test_the_vocabulary_index_is_built_once_when_a_burst_of_first_grammars_arrives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ggufrun.synthetic import write_synthetic
+
+    built = []
+
+    class Counted(sampler_mod.VocabIndex):  # type: ignore[misc,valid-type]
+        def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
+            built.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(sampler_mod, "VocabIndex", Counted)
+    path = write_synthetic(tmp_path / "v.gguf", "tiny", vocab_size=8192)
+    with Model.load(path, Settings(n_gpu_layers=0, n_ctx=128)) as m:
+        start = threading.Barrier(8)
+        got = []
+
+        def first_request() -> None:
+            start.wait()
+            got.append(sampler_mod.vocab_index(m))
+
+        threads = [threading.Thread(target=first_request) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(built) == 1 and all(g is got[0] for g in got)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_the_fast_path_picks_the_slow_paths_tokens_through_the_schema_mix(model: Model, sampled: bool) -> None:
+    for i, (name, schema) in enumerate(MIX):
+        gbnf = schema_to_gbnf(schema)
+        params = SamplingParams(seed=11 + i, temperature=0.9, top_k=40, top_p=0.95, min_p=0.05) if sampled \
+            else SamplingParams(temperature=0.0)
+        rng = np.random.default_rng(i)
+
+        def seq() -> SeqSampler:
+            draw = DrawChain(params, model.n_vocab) if sampled else None
+            return SeqSampler(params, grammar=model.grammar(gbnf), draw=draw)
+
+        fast, slow = seq(), seq()
+        try:
+            for step in range(12):
+                row = (rng.standard_normal(model.n_vocab) * 4).astype(np.float32)
+                a, b = _redraw(row.copy(), fast), old_redraw(row.copy(), slow)
+                assert a == b, (name, step, a, b)
+                if a < 0 or model.is_eog(a):
+                    break
+                fast.accept(a)
+                slow.accept(a)
+        finally:
+            fast.close()
+            slow.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # ~200 s a mode on a loaded 2-core box (the whole-row grammar at every miss)
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_smollm2_replies_to_the_mix_are_valid_and_the_slow_path_picks_the_same(smollm2_gguf: Path, sampled: bool) -> None:
+    """A real model's logits: every finished reply validates against its own schema, and at every
+    step the slow path (a shadow sampler, the grammar over the whole row) picks the same token
+    from the same logits."""
+    with Model.load(smollm2_gguf, Settings(n_gpu_layers=0, n_ctx=512)) as m:
+        finished = 0
+        for n, (name, schema) in enumerate(MIX):
+            prompt = m.tokenize(f"Extract the {name} from this text as JSON.\n\n{S.TEXT}\nJSON: ")
+            kw = {"seed": 5 + n, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05} if sampled else {"temperature": 0.0}
+            params = SamplingParams(grammar=schema_grammar(schema, "schema"), **kw)
+            shadow = SeqSampler(params, grammar=m.grammar(params.grammar), draw=m.draw_chain(params) if sampled else None)
+            gen = m.start(prompt, params, max_tokens=120)
+            fast_rows = model_mod.sample_rows
+
+            def both(rows: np.ndarray, seqs: list[SeqSampler]) -> tuple[list[int], list[object]]:
+                row = rows.copy()  # before sampling edits it
+                tokens, infos = fast_rows(rows, seqs)
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(generation, "_redraw", old_redraw)
+                    slow = fast_rows(row, [shadow])[0][0]
+                assert slow == tokens[0], (name, slow, tokens[0])
+                if slow >= 0:
+                    shadow.accept(slow)
+                return tokens, infos  # type: ignore[return-value]
+
+            try:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(model_mod, "sample_rows", both)
+                    tokens = [t for t, _ in m.stream(gen, prompt)]
+            finally:
+                shadow.close()
+            if gen.finish_reason == "stop":
+                finished += 1
+                jsonschema.validate(json.loads(m.detokenize([t for t in tokens if t >= 0])), schema)
+        assert finished >= len(MIX) // 2
