@@ -39,7 +39,10 @@ DRAFT_MIN = 0  # llama-server's speculative.n_min default
 NGRAM_SIZES = (4, 3)  # longest first: a longer match predicts better (2-grams drafted free text in vain)
 P_MIN = 0.75  # a model draft stops at a token its drafter gives less than this (llama.cpp's p_min)
 FIRST_DRAFT = 4  # a sequence's first draft length, doubled while drafts are accepted whole
-BACKOFF_MAX = 64  # steps a sequence whose drafts all failed waits, at most, before drafting again
+# Steps a sequence whose drafts all failed waits, at most, before drafting again. Each failed try
+# costs a draft (a catch-up decode and a short draft in the draft model) and a wider target decode:
+# about two tokens' time once per BACKOFF_MAX steps, under 1% at 256.
+BACKOFF_MAX = 256
 # A serving step's tokens from generating sequences, drafts included, stay within this: past it a
 # batch is busy enough that extra positions cost the others time (64 streams draft nothing).
 STEP_TOKENS = 32
@@ -80,9 +83,9 @@ class NgramDrafter:
     def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
         out = []
         for seq_id, tokens, n_max in items:
-            index = self._index(seq_id, tokens)
             guess: list[int] = []
-            if n_max > 0:
+            if n_max > 0:  # (a paused sequence's index catches up when it next drafts)
+                index = self._index(seq_id, tokens)
                 for k, n in enumerate(NGRAM_SIZES):
                     at = index[k].get(tuple(tokens[-n:])) if len(tokens) > n else None
                     if at is not None:
@@ -100,7 +103,9 @@ class NgramDrafter:
 
 class ModelDrafter:
     """A small model of the target's vocabulary drafting greedily in a context of its own, one
-    sequence per target sequence (its KV keeps the common prefix between steps). Every sequence
+    sequence per target sequence (its KV keeps the common prefix between steps). It syncs lazily:
+    a sequence is fed nothing while it does not draft, and the backlog of accepted tokens goes in
+    one batch when it next drafts, so a paused sequence costs no draft work at all. Every sequence
     drafting in a step goes through the same decodes: one to catch up on the accepted tokens, then
     one per drafted position."""
 
@@ -114,13 +119,9 @@ class ModelDrafter:
         out: list[list[int]] = [[] for _ in items]
         live = []
         for i, (seq_id, tokens, n_max) in enumerate(items):
-            if len(tokens) + max(n_max, 0) > m.seq_cells or min(tokens) < 0:  # (image positions: not the draft's to read)
+            if n_max <= 0 or len(tokens) + n_max > m.seq_cells or min(tokens) < 0:  # (image positions: not the draft's to read)
                 continue
             keep = m.truncate(seq_id, min(m.common_prefix(seq_id, tokens), len(tokens) - 1))
-            if n_max <= 0:  # no draft asked: only catch up on the text (a prompt read ahead of the first draft)
-                if len(tokens) - 1 > keep:
-                    m.decode([(seq_id, tokens[keep:-1], False)])
-                continue
             live.append((i, seq_id, tokens[keep:], n_max))
         if not live:
             return out
@@ -194,12 +195,17 @@ class Pace:
             return
         if accepted == 0:
             self.misses += 1
-            self.wait = min(1 << (self.misses - 1), BACKOFF_MAX)
+            self.wait = _backoff(self.misses)
             self.length = max(1, self.length // 2)
             return
         if 2 * accepted >= drafted:  # a draft that paid: the run of failures ends
             self.misses = 0
         self.length = min(self.n_max, 2 * self.length) if accepted == drafted else max(1, accepted + 1)
+
+
+def _backoff(misses: int) -> int:
+    """Steps to wait after ``misses`` failed drafts in a row: 0, 1, 2, 4 ... BACKOFF_MAX."""
+    return min(1 << (misses - 1), BACKOFF_MAX) if misses > 0 else 0
 
 
 @dataclass
@@ -225,6 +231,10 @@ class Speculator:
     n_min: int = DRAFT_MIN
     paces: dict[int, Pace] = field(default_factory=dict)
     stats: SpecStats = field(default_factory=SpecStats)
+    # The latest run of failed drafts, server-wide: a new reply starts where the last left off, so
+    # a pair that never agrees settles at one try per BACKOFF_MAX steps instead of relearning it
+    # (seven failed drafts in a reply's first ~130 steps) every reply. One draft that pays resets it.
+    misses: int = 0
 
     @property
     def label(self) -> str:
@@ -234,18 +244,26 @@ class Speculator:
         """A new reply in ``seq_id``, with the request's own draft bounds where it gave them."""
         top = self.n_max if n_max is None else n_max
         # A first draft is short: a wrong one costs its verification, a right one doubles the next.
-        self.paces[seq_id] = Pace(n_max=top, n_min=self.n_min if n_min is None else n_min, length=min(top, FIRST_DRAFT))
+        pace = Pace(n_max=top, n_min=self.n_min if n_min is None else n_min, length=min(top, FIRST_DRAFT), misses=self.misses)
+        pace.wait = _backoff(self.misses)
+        self.paces[seq_id] = pace
         self.drafter.forget(seq_id)
+
+    def want(self, seq_id: int) -> int:
+        """How many tokens the sequence's pace asks to draft this step (0 while it waits)."""
+        pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, min(self.n_max, FIRST_DRAFT)))
+        return pace.want()
 
     def drafts(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
         """Drafts for (seq_id, tokens so far, room): each asks for what its pace wants (within
         ``room``), and one shorter than the sequence's draft minimum is dropped."""
-        asks = []
-        for seq_id, tokens, room in items:
-            pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, min(self.n_max, FIRST_DRAFT)))
-            asks.append((seq_id, tokens, min(pace.want(), room)))
+        return self.make([(seq_id, tokens, min(self.want(seq_id), room)) for seq_id, tokens, room in items])
+
+    def make(self, asks: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """Drafts for (seq_id, tokens so far, length) whose length ``want`` already gave; only the
+        sequences asking for some tokens reach the drafter."""
         if not any(n > 0 for _, _, n in asks):
-            return [[] for _ in items]
+            return [[] for _ in asks]
         out = self.drafter.draft(asks)
         for k, (seq_id, _, n) in enumerate(asks):
             pace = self.paces[seq_id]
@@ -262,6 +280,8 @@ class Speculator:
         pace = self.paces.get(seq_id)
         if pace is not None:
             pace.record(drafted, accepted)
+            if drafted:
+                self.misses = pace.misses
 
     def close(self) -> None:
         self.drafter.close()
@@ -298,7 +318,6 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
     st.cached_tokens = kept
     model.decode([(seq_id, tokens[kept:], True)])
     spec.begin(seq_id)
-    spec.drafter.draft([(seq_id, tokens, 0)])  # a draft model reads the prompt now, as the target did (its prompt time)
     draft: list[int] = []
     ended: list[tuple[int, str]] = []
 
@@ -333,8 +352,8 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
                     yield -1, tail
                 return
             left = (gen.max_tokens - gen.n_gen - 1) if gen.max_tokens else room
-            history = model.cached_tokens(seq_id) + [last]
-            draft = spec.drafts([(seq_id, history, min(room, left))])[0]
+            want = min(spec.want(seq_id), room, left)  # before the history is copied: a paused sequence costs nothing
+            draft = spec.make([(seq_id, model.cached_tokens(seq_id) + [last], want)])[0] if want > 0 else []
             model.decode([(seq_id, [last, *draft], len(draft) + 1)])
     finally:
         gen.close()
@@ -399,8 +418,11 @@ def step_drafts(spec: Speculator, model: Any, items: list[tuple[int, int, int]],
     share = (STEP_TOKENS - n_generating) // max(n_generating, 1)
     if share <= 0 or not items:
         return [[] for _ in items]
-    asks = [(seq_id, model.cached_tokens(seq_id) + [last], min(room, share)) for seq_id, last, room in items]
-    return spec.drafts(asks)
+    wants = [min(spec.want(seq_id), room, share) for seq_id, _, room in items]
+    if not any(n > 0 for n in wants):  # every sequence paused: no history copied, nothing drafted
+        return [[] for _ in items]
+    return spec.make([(seq_id, model.cached_tokens(seq_id) + [last] if n > 0 else [], n)
+                      for (seq_id, last, _), n in zip(items, wants)])
 
 
 def engine_verify(model: Any, spec: Speculator, seq_id: int, rows: Any, draft: list[int], gen: Any, accept: Any) -> list[int]:

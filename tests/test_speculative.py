@@ -94,14 +94,18 @@ def test_pace_backs_off_exponentially_and_recovers() -> None:
     pace.record(4, 4)
     assert pace.want() == 8  # and doubles while whole drafts are accepted
     waits = []
-    for _ in range(8):
-        pace.record(4, 0)
+    for _ in range(10):
+        spec.record(0, 4, 0)
         waits.append(pace.wait)
         while pace.want() == 0:
             pass
-    assert waits == [1, 2, 4, 8, 16, 32, 64, 64]
-    pace.record(2, 2)
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 128, 256, 256]
+    spec.begin(1)  # a new reply starts where the failures left off: no relearning per reply
+    assert spec.want(1) == 0 and spec.paces[1].wait == 255
+    spec.record(0, 2, 2)
     assert pace.misses == 0 and pace.want() >= 1
+    spec.begin(1)  # a draft that paid: the next reply drafts at once
+    assert spec.want(1) == 4
     spec.begin(0, n_max=0)  # a request's speculative.n_max 0: no drafts
     assert spec.drafts([(0, [1, 2, 3, 1, 2], 8)]) == [[]]
 
