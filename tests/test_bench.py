@@ -354,3 +354,23 @@ def test_only_the_worker_touches_the_llama_boundary() -> None:
     folder = Path(bench.__file__).parent
     touching = sorted(p.name for p in folder.glob("*.py") if "runtime" in p.read_text() and "import" in p.read_text())
     assert touching == ["worker.py"]
+
+
+def test_cli_speculative_columns_against_the_same_model_without(capsys: pytest.CaptureFixture[str], tiny_dir: Path) -> None:
+    # --draft-model (here the target itself: every greedy draft token is the target's own) and
+    # --spec ngram each add acceptance and speedup columns, measured against no speculation in the same worker
+    model = str(tiny_dir / "tiny-q8_0.gguf")
+    fast = ["-p", "16", "-n", "12", "-r", "1", "--threads", "1", "--no-quality", "--format", "json"]
+    code, out, _ = run_cli(capsys, "bench", model, *fast, "--draft-model", model, "--draft-p-min", "0", "--draft-max", "4")
+    assert code == 0, out
+    data = json.loads(out)
+    (row,) = data["rows"]
+    assert row["spec"] == "tiny-q8_0.gguf" and row["spec_acceptance"] > 0.9
+    sd = {s["test"]: s["n_tokens"] for s in data["samples"] if s["test"].startswith("sd")}
+    assert sd == {"sd": 12, "sd-base": 12}  # the same number of tokens each way
+    assert row["sd_speedup"] > 0 and row["sd_tps"] > 0
+    code, out, _ = run_cli(capsys, "bench", model, *fast[:-1], "md", "--spec", "ngram", "--draft-min", "2")
+    assert code == 0, out
+    assert "| ngram " in out and "sd speedup" in out and "accept" in out
+    code, out, err = run_cli(capsys, "bench", model, *fast, "--spec", "ngram", "--draft-model", model)
+    assert code == 1 and "Choose one way of drafting" in out  # refused, as a row with its reason

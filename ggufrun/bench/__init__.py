@@ -16,10 +16,10 @@ from __future__ import annotations
 from .plan import (DEFAULT_TEXT, NO_REFERENCE_NOTE, SWEEP_KEYS, SYNTHETIC_NOTE, BenchRun, Config, Quality, Result,
                    Sample, Target, parse_list, plan)
 from .run import check_counts, measure, noise_notes, run_bench
-from .targets import DerivedFile, derived_files, entry_defaults, resolve_targets
+from .targets import DerivedFile, derived_files, draft_file, entry_defaults, resolve_targets
 
 __all__ = [
     "DEFAULT_TEXT", "NO_REFERENCE_NOTE", "SWEEP_KEYS", "SYNTHETIC_NOTE", "BenchRun", "Config", "DerivedFile", "Quality",
-    "Result", "Sample", "Target", "check_counts", "derived_files", "entry_defaults", "measure", "noise_notes",
+    "Result", "Sample", "Target", "check_counts", "derived_files", "draft_file", "entry_defaults", "measure", "noise_notes",
     "parse_list", "plan", "resolve_targets", "run_bench",
 ]

@@ -82,6 +82,8 @@ class Result:
     peak_rss_bytes: int | None = None
     gpu_mem_bytes: int | None = None
     kv_bytes: int | None = None  # the KV cache as llama.cpp reported allocating it
+    spec: str = ""  # the drafter with --spec/--draft-model ("ngram", the draft file); samples "sd" and "sd-base"
+    spec_acceptance: float | None = None  # share of draft tokens the target kept
     build: dict[str, Any] = field(default_factory=dict)  # the worker's llama.cpp: version, system info, devices
     samples: list[Sample] = field(default_factory=list)
 

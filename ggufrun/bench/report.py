@@ -28,7 +28,7 @@ SETTING_COLUMNS = ("n_gpu_layers", "flash_attn", "n_ctx", "threads", "batch_size
 COLUMNS = (
     "model", "quant", "file_bytes", "n_params", *SETTING_COLUMNS,
     "load_s", "pp_tokens", "pp_tps", "pp_tps_std", "tg_tokens", "tg_tps", "tg_tps_std", "peak_rss_bytes",
-    "gpu_mem_bytes", "kv_bytes", "kl_divergence", "top1_agreement", "perplexity", "quality_reference", "quality_note", "error",
+    "gpu_mem_bytes", "kv_bytes", "spec", "spec_acceptance", "sd_tps", "sd_speedup", "kl_divergence", "top1_agreement", "perplexity", "quality_reference", "quality_note", "error",
 )
 SAMPLE_COLUMNS = ("config", "model", "test", "rep", "n_tokens", "seconds")
 LOAD_COLUMNS = (
@@ -36,7 +36,7 @@ LOAD_COLUMNS = (
     "ttft_p50_s", "ttft_p99_s", "itl_p50_ms", "itl_p99_ms", "first_error",
 )
 _ROUND = {"load_s": 4, "pp_tps": 2, "pp_tps_std": 2, "tg_tps": 2, "tg_tps_std": 2, "kl_divergence": 6,
-          "top1_agreement": 4, "perplexity": 4}
+          "top1_agreement": 4, "perplexity": 4, "spec_acceptance": 4, "sd_tps": 2, "sd_speedup": 3}
 
 
 # ---- frames ------------------------------------------------------------------------------------
@@ -65,11 +65,12 @@ def frame(run: BenchRun) -> "pd.DataFrame":
             "n_params": result.n_params, **{k: getattr(c, k) for k in SETTING_COLUMNS},
             "load_s": result.load_seconds, "pp_tokens": run.n_prompt, "tg_tokens": run.n_gen,
             "peak_rss_bytes": result.peak_rss_bytes, "gpu_mem_bytes": result.gpu_mem_bytes, "kv_bytes": result.kv_bytes,
+            "spec": result.spec, "spec_acceptance": result.spec_acceptance,
             "kl_divergence": q.kl_divergence if q else None, "top1_agreement": q.top1_agreement if q else None,
             "perplexity": q.perplexity if q else None, "quality_reference": q.reference if q else "",
             "quality_note": q.note if q else "", "error": result.error,
         })
-    df = pd.DataFrame(base, columns=[c for c in COLUMNS if not c.endswith(("_tps", "_tps_std"))])
+    df = pd.DataFrame(base, columns=[c for c in COLUMNS if not c.endswith(("_tps", "_tps_std", "sd_speedup"))])
     raw = samples_frame(run)
     raw = raw[raw["seconds"] > 0].assign(tps=lambda d: d["n_tokens"] / d["seconds"])
     stats = raw.groupby(["config", "test"])["tps"].agg(["mean", "std", "count"])
@@ -78,6 +79,10 @@ def frame(run: BenchRun) -> "pd.DataFrame":
         part = stats.xs(test, level="test") if test in stats.index.get_level_values("test") else stats.iloc[:0]
         df[f"{test}_tps"] = part["mean"].reindex(df.index)
         df[f"{test}_tps_std"] = part["std"].reindex(df.index)
+    # Speculative generation against the same model without it, both measured in one worker.
+    mean = stats["mean"].unstack("test") if not stats.empty else pd.DataFrame()
+    sd, plain = (mean[t].reindex(df.index) if t in mean else pd.Series(float("nan"), index=df.index) for t in ("sd", "sd-base"))
+    df["sd_tps"], df["sd_speedup"] = sd, sd / plain
     df = df[list(COLUMNS)].round(_ROUND)
     return df.convert_dtypes()
 
@@ -157,6 +162,11 @@ def display(run: BenchRun) -> tuple[list[str], list[list[str]]]:
         (f"pp{run.n_prompt} t/s", lambda r: _pm(r["pp_tps"], r["pp_tps_std"])),
         (f"tg{run.n_gen} t/s", lambda r: _pm(r["tg_tps"], r["tg_tps_std"])),
         ("KV cache", lambda r: _size(r["kv_bytes"])),
+        ("draft", lambda r: r["spec"] or ""),
+        ("accept", lambda r: "" if not r["spec"] else "no drafts" if r["spec_acceptance"] is None
+         else f"{r['spec_acceptance'] * 100:.1f}%"),
+        (f"sd{run.n_gen} t/s", lambda r: _num(r["sd_tps"], ".2f")),
+        ("sd speedup", lambda r: "" if r["sd_speedup"] is None else f"{r['sd_speedup']:.2f}x"),
         ("peak RSS", lambda r: _size(r["peak_rss_bytes"])),
         ("GPU mem", lambda r: _size(r["gpu_mem_bytes"])),
         ("KL div", lambda r: _num(r["kl_divergence"], ".5f") or r["quality_note"]),

@@ -70,6 +70,9 @@ def measure(config: Config, base: Settings, n_prompt: int, n_gen: int, reps: int
         return Result(config, error=target.error or "no file")
     job = {"kind": "speed", "path": str(target.path), "settings": config.settings(base).as_dict(),
            "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps}
+    settings = config.settings(base)
+    if settings.spec != "off" or settings.draft_model:  # speculation against the same model without it
+        job.update(speculate=True, text=str(DEFAULT_TEXT))
     try:
         out = _spawn(job)
     except BenchError as exc:

@@ -234,3 +234,15 @@ def _synthetic_target(shape: str, quant: str, say: Report) -> Target:
         return Target(label=label, quant=quant.lower(), error=str(direct_error))
     target = _derive(f16.path, quant, dst, label, say, f"synthetic {shape}:f16")
     return replace(target, synthetic=True)
+
+
+def draft_file(base: Any, registry: Any, report: Report | None = None) -> Any:
+    """``base`` with its ``draft_model`` name made a local file (fetched as a bench target is), so
+    that each worker opens the file alone; settings without a draft model come back as they are."""
+    if not base.draft_model:
+        return base
+    from ..fetch import ensure_local
+
+    spec = registry.resolve(base.draft_model)
+    path = spec.path if spec.path is not None else ensure_local(spec, report=report or (lambda _msg: None))
+    return replace(base, draft_model=str(path))

@@ -42,6 +42,7 @@ class _Llama:
         m = self._model
         self.n_vocab, self.bos_id, self.n_batch, self.n_ctx = m.n_vocab, m.bos_id, m.n_batch, m.n_ctx
         self.n_params, self.description, self.kv_bytes = m.n_params, m.description, m.kv_bytes
+        self._spec: Any = None
 
     @staticmethod
     def build() -> dict[str, Any]:
@@ -77,7 +78,42 @@ class _Llama:
         """A (len(tokens), n_vocab) float32 array of logits from an empty cache."""
         return self._model.eval_logits(tokens)
 
+    def speculate(self, settings: Settings) -> str:
+        """Attach the speculator ``settings`` ask for (``draft_model`` a path here); its label."""
+        from dataclasses import replace
+
+        from .. import speculative
+        from ..runtime import Model
+        from ..trial import trial_load
+
+        def load_draft(path: str) -> Any:
+            trial_load(path)
+            return Model.load(path, replace(settings, spec="off", draft_model=""))
+
+        self._spec = speculative.build(self._model, settings, "the target", load_draft)
+        return self._spec.label if self._spec is not None else ""
+
+    def generate(self, prompt: list[int], n: int, speculate: bool) -> tuple[float, int]:
+        """(seconds, tokens) for ``n`` greedy tokens after ``prompt`` in a fresh cache, with the
+        speculator attached or without it."""
+        from ..generation import SamplingParams
+
+        m = self._model
+        m.reset()
+        m.speculator = self._spec if speculate else None
+        gen = m.start(prompt, SamplingParams(temperature=0.0), max_tokens=n, ignore_eos=True)
+        started = time.perf_counter()
+        count = sum(1 for tok, _ in m.stream(gen, prompt) if tok >= 0)
+        seconds = time.perf_counter() - started
+        m.speculator = None
+        return seconds, count
+
+    def spec_stats(self) -> tuple[int, int]:
+        """(draft tokens checked, accepted) over the speculator's life."""
+        return (self._spec.stats.drafted, self._spec.stats.accepted) if self._spec is not None else (0, 0)
+
     def close(self) -> None:
+        self._model.speculator = self._spec
         self._model.close()
 
 
@@ -99,14 +135,38 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
             model.reset()
             seconds = fn(model, n, rng)
             samples.append(asdict(Sample(test=test, rep=rep, n_tokens=n, seconds=seconds)))
+    spec = _speculation(model, job, samples) if job.get("speculate") else {}
     gpu_after = memory.gpu_used_bytes()
     out = {"load_seconds": model.load_seconds, "file_bytes": Path(job["path"]).stat().st_size,
            "n_params": model.n_params, "description": model.description, "peak_rss_bytes": memory.peak_rss_bytes(),
            "gpu_mem_bytes": gpu_after - gpu_before if gpu_before is not None and gpu_after is not None else None,
            "kv_bytes": model.kv_bytes,
-           "build": model.build(), "samples": samples}
+           "build": model.build(), "samples": samples, **spec}
     model.close()
     return out
+
+
+def _speculation(model: _Llama, job: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Speculative decoding against the same model without it, in this process: ``reps`` greedy
+    generations of ``n_gen`` tokens after the bench text's first tokens, each way (samples "sd"
+    and "sd-base"), and the drafts' acceptance rate."""
+    label = model.speculate(Settings(**job["settings"]))
+    n = job["n_gen"] or 64
+    text = model.tokenize(Path(job["text"]).read_text(encoding="utf-8"))
+    prompt = text[: max(min(job["n_prompt"] or 256, model.n_ctx - n - 1), 1)]
+    if len(prompt) + n > model.n_ctx:
+        raise BenchError(f"Speculative decoding needs {len(prompt) + n} context cells; n_ctx is {model.n_ctx}.",
+                         "Raise --n-ctx.")
+    model.generate(prompt, 8, True)  # warm-up: the draft model's first decodes
+    model.generate(prompt, 8, False)
+    drafted0, accepted0 = model.spec_stats()
+    for rep in range(job["reps"]):
+        for test, on in (("sd-base", False), ("sd", True)):
+            seconds, count = model.generate(prompt, n, on)
+            samples.append(asdict(Sample(test=test, rep=rep, n_tokens=count, seconds=seconds)))
+    drafted, accepted = model.spec_stats()
+    drafted, accepted = drafted - drafted0, accepted - accepted0
+    return {"spec": Path(label).name, "spec_acceptance": accepted / drafted if drafted else None}
 
 
 def _random_tokens(model: _Llama, n: int, rng: random.Random) -> list[int]:

@@ -14,6 +14,7 @@ from ..settings import FIELDS
 from .common import cli_settings, load_registry, settings_options
 
 DEVICE_SETTINGS = ("rpc", "split_mode", "tensor_split", "main_gpu")
+SPEC_SETTINGS = ("spec", "draft_model", "draft_max", "draft_min", "draft_p_min")  # sd columns: against no speculation
 
 
 def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,7 +53,7 @@ def sweep_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="Load mode: tokens per request.")
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True, help="Load mode: /v1/completions or /v1/chat/completions.")
 @click.option("--api-key", envvar="GGUFRUN_API_KEY", help="Load mode: bearer token (or GGUFRUN_API_KEY).")
-@settings_options(*DEVICE_SETTINGS)
+@settings_options(*DEVICE_SETTINGS, *SPEC_SETTINGS)
 @click.pass_context
 def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw: Any) -> None:
     """Benchmark speed, memory and quality per quant, or load a running server.
@@ -68,13 +69,14 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
       ggufrun bench qwen2-7b --quants q4_k_m,q5_k_m --n-gpu-layers -1 --flash-attn on,off -o results/
       ggufrun bench --synthetic qwen2-7b --quants q4_k_m,q5_k_m,q8_0 --n-gpu-layers -1
       ggufrun bench gemma3-270m --cache-types f16,q8_0,q4_0 --n-ctx 8192 --no-quality
+      ggufrun bench qwen2-7b --draft-model qwen2-0.5b --draft-max 8 --no-quality
       ggufrun bench --url http://127.0.0.1:13003 --model qwen2:7b --concurrency 1,2,4,8,16 --requests 64
     """
     if kw["url"]:
-        given = [f"--{k.replace('_', '-')}" for k in (*DEVICE_SETTINGS, *SWEEP_KEYS, "cache_types") if kw.get(k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in (*DEVICE_SETTINGS, *SPEC_SETTINGS, *SWEEP_KEYS, "cache_types") if kw.get(k) is not None]
         if given:
             raise click.UsageError(f"{', '.join(given)} set(s) how a model loads here; with --url the server's own flags decide.")
-        for k in DEVICE_SETTINGS:
+        for k in (*DEVICE_SETTINGS, *SPEC_SETTINGS):
             kw.pop(k, None)
         return _load_mode(kw)
     from .. import bench, settings
@@ -87,7 +89,8 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     err = _console(stderr=True)
     registry = None if kw["synthetic"] else load_registry(ctx)
     # The registry entry's [defaults] apply as they do in chat and serve; the sweep lists override them.
-    base = settings.resolve(bench.entry_defaults(name, registry), cli=cli_settings(kw, *DEVICE_SETTINGS))
+    base = settings.resolve(bench.entry_defaults(name, registry), cli=cli_settings(kw, *DEVICE_SETTINGS, *SPEC_SETTINGS))
+    base = bench.draft_file(base, registry or load_registry(ctx), report=lambda msg: err.print(msg, markup=False, highlight=False))
     targets = bench.resolve_targets(name, quant_list, registry=registry, derive_from=kw["derive_from"],
                                     synthetic=kw["synthetic"], report=lambda msg: err.print(msg, markup=False, highlight=False))
     configs = bench.plan(targets, sweeps, base, kw["n_prompt"], kw["n_gen"])
