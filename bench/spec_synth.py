@@ -6,8 +6,10 @@ nothing: the next token follows from the last through the embedding and output m
 1-layer draft of the same shape and seed shares (--layers 1); --perturb P redraws that share of the
 draft's output rows, so it disagrees on about P of the tokens. For each draft, a `ggufrun serve`
 with --draft-model is measured against the same server without one, in this run: single-stream
-generation rate and throughput at 16 and 64 clients (streamed completions, ignore_eos). The bars:
-at 0% acceptance single stream >= 0.97x, at 16 and 64 clients >= 0.97x.
+generation rate and throughput at 16 and 64 clients (streamed completions, ignore_eos). Both servers
+run side by side and take turns, --rounds times, and the ratio is of the medians: a shared machine's
+speed drifts more between minutes than 3%. The bars: at 0% acceptance single stream >= 0.97x, at 16
+and 64 clients >= 0.97x.
 
     PYTHONPATH=. python bench/spec_synth.py --shape qwen2-7b --ngl -1        # GPU host, ~3 min with files made
     PYTHONPATH=. python bench/spec_synth.py                                  # CPU: a small shape, short runs
@@ -17,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from reference import GGUFRUN, free_port, server
 
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--clients", default="16,64", help="concurrency levels (empty: single stream only)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     ap.add_argument("--draft-max", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="turns each server takes at each measurement (medians)")
     args = ap.parse_args()
     folder = args.dir or Path(tempfile.mkdtemp(prefix="spec-synth-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,20 +75,36 @@ def main() -> None:
     parallel = max(levels, default=1)
     base_argv = [*GGUFRUN, "serve", str(target), "--parallel", str(parallel), "--n-gpu-layers", str(args.ngl),
                  "--threads", str(args.threads), "--n-ctx", str(args.n_gen + 64), "--max-queue", "256"]
+    def load(url: str, c: int) -> float:
+        return run_load(url, "", c, c * args.requests, max_tokens=args.n_gen, prompt=PROMPT,
+                        params={"temperature": 0, "ignore_eos": True}).tokens_per_second
+
     rows = []
-    for p in [None, *perturbs]:
-        argv = base_argv if p is None else [*base_argv, "--draft-model", str(drafts[p]), "--draft-max", str(args.draft_max),
-                                            "--draft-p-min", "0"]
-        port = free_port()
-        with server([*argv, "--port", str(port)], port) as url:
-            single(url, 8)  # warm-up
-            tps, accept = single(url, args.n_gen)
-            loads = [run_load(url, "", c, c * args.requests, max_tokens=args.n_gen, prompt=PROMPT,
-                              params={"temperature": 0, "ignore_eos": True}).tokens_per_second for c in levels]
-        rows.append((p, tps, accept, loads))
-    base = rows[0]
+    base_port = free_port()
+    with server([*base_argv, "--port", str(base_port)], base_port) as base_url:
+        single(base_url, 8)  # warm-up
+        samples: dict[Any, list[list[float]]] = {None: [[] for _ in range(1 + len(levels))]}
+        for p in perturbs:
+            port = free_port()
+            argv = [*base_argv, "--draft-model", str(drafts[p]), "--draft-max", str(args.draft_max), "--draft-p-min", "0"]
+            with server([*argv, "--port", str(port)], port) as url:
+                single(url, 8)
+                mine: list[list[float]] = [[] for _ in range(1 + len(levels))]
+                accepts = []
+                for _ in range(args.rounds):  # the two servers take turns: drift hits both alike
+                    for who, into in ((base_url, samples[None]), (url, mine)):
+                        tps, accept = single(who, args.n_gen)
+                        into[0].append(tps)
+                        if who == url:
+                            accepts.append(accept)
+                        for k, c in enumerate(levels):
+                            into[1 + k].append(load(who, c))
+                samples[p] = mine
+            rows.append((p, statistics.median(mine[0]), accepts[0], [statistics.median(v) for v in mine[1:]]))
+        base = (None, statistics.median(samples[None][0]), float("nan"), [statistics.median(v) for v in samples[None][1:]])
+    rows.insert(0, base)
     print(f"target {args.shape} {args.quant} (inert), drafts: 1 layer, draft-max {args.draft_max}; ngl {args.ngl}; "
-          f"{args.n_gen} tokens per reply")
+          f"{args.n_gen} tokens per reply; medians of {args.rounds} turns, the servers alternating")
     head = "".join(f" {f'{c} clients':>16}" for c in levels)
     print(f"{'draft':>14} {'accept':>7} {'1 stream tok/s':>15} {'speedup':>8}{head}")
     for p, tps, accept, loads in rows:
