@@ -111,8 +111,10 @@ def _child(path: str) -> int:
         with Model.load(path, Settings(n_ctx=n_ctx, batch_size=n_ctx, ubatch_size=n_ctx, threads=1),
                         validate=False) as model:
             tokens = model.tokenize(TRIAL_PROMPT, add_special=True, parse_special=True)[: n_ctx // 2] or [0]
-            idx = model.decode([(0, tokens, True)])[0]
-            token = int(model.logits_rows(idx + 1)[idx].argmax())
+            model.decode([(0, tokens, True)])
+            # one output (the prompt's last token): row 0 of the buffer. decode() returns batch positions,
+            # for llama_get_logits_ith; reading that many rows went past a GPU build's buffer (SIGSEGV)
+            token = int(model.logits_rows(1)[0].argmax())
             model.decode([(0, [token], True)])
             model.logits_rows(1)[0].argmax()  # reads the logits: waits for the step to finish
             model.detokenize([*tokens, token], special=True)
