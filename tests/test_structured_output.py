@@ -195,3 +195,46 @@ def test_smollm2_replies_to_the_mix_are_valid_and_the_slow_path_picks_the_same(s
                 finished += 1
                 jsonschema.validate(json.loads(m.detokenize([t for t in tokens if t >= 0])), schema)
         assert finished >= len(MIX) // 2
+
+
+def test_a_string_of_byte_tokens_stays_valid_utf8_within_max_length_and_the_fast_path_agrees(model: Model) -> None:
+    """llama.cpp's grammar decodes leniently: an overlong form, a surrogate or a lead byte F8..FF
+    is one character of ``[^"\\\\]`` to it, and an H100 reply's string ended in four U+FFFD, past
+    its maxLength once decoded. Logits pushed toward byte tokens (and the closing quote) make
+    those likely at every step: each finished reply is valid UTF-8 that validates, and the fast
+    redraw still picks what the grammar over the whole row picks."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 8}}, "required": ["s"],
+              "additionalProperties": False}
+    gbnf = schema_to_gbnf(schema)
+    pieces = [model.token_bytes(t, special=True) for t in range(model.n_vocab)]
+    high = [t for t, p in enumerate(pieces) if len(p) == 1 and p[0] >= 0x80]
+    quote = [t for t, p in enumerate(pieces) if p == b'"']
+    assert len(high) == 128 and quote
+    finished = 0
+    for trial in range(12):
+        rng = np.random.default_rng(trial)
+        params = SamplingParams(temperature=0.0)
+        fast = SeqSampler(params, grammar=model.grammar(gbnf))
+        slow = SeqSampler(params, grammar=model.grammar(gbnf))
+        out: list[int] = []
+        try:
+            for step in range(40):
+                row = rng.standard_normal(model.n_vocab).astype(np.float32)
+                row[high] += 6 + rng.standard_normal(len(high)).astype(np.float32) * 3
+                row[quote] += 8
+                a, b = _redraw(row.copy(), fast), old_redraw(row.copy(), slow)
+                assert a == b, (trial, step, a, b)
+                if a < 0 or model.is_eog(a):
+                    break
+                out.append(a)
+                fast.accept(a)
+                slow.accept(a)
+        finally:
+            fast.close()
+            slow.close()
+        if a >= 0 and model.is_eog(a):
+            finished += 1
+            reply = json.loads(b"".join(pieces[t] for t in out).decode("utf-8"))  # strict: no U+FFFD
+            jsonschema.validate(reply, schema)
+            assert any(ord(c) >= 0x80 for c in reply["s"]), reply  # the bias did reach the string
+    assert finished >= 8

@@ -155,8 +155,17 @@ class VocabIndex:
         cp1 = np.full(n, -1, dtype=np.int32)  # the first two code points themselves, -1 for none
         cp2 = np.full(n, -1, dtype=np.int32)
         high_probes: dict[int, int] = {}  # code point from 0x80 up -> a token that is that character alone
+        eog = np.zeros(n, dtype=bool)
+        raw: dict[int, bytes] = {}  # tokens that are not whole valid UTF-8 -> their bytes (utf8_guard)
         for t, piece in enumerate(pieces):
-            if is_eog(t) or not piece or piece[0] == 0:
+            if not piece.isascii():
+                try:
+                    piece.decode("utf-8")
+                except UnicodeDecodeError:
+                    raw[t] = piece
+            if is_eog(t):
+                eog[t] = True
+            if eog[t] or not piece or piece[0] == 0:
                 check[t] = True  # end of generation is allowed by the stacks' state, not by text
                 continue
             if piece.isascii() and 0 not in piece:  # most tokens: a byte is a code point
@@ -197,6 +206,9 @@ class VocabIndex:
                 second[t] = _first_class(cps[1])
                 cp2[t] = cps[1]
         self.n_vocab = n
+        self.eog, self.raw = eog, raw
+        self.odd = np.zeros(n, dtype=bool)  # whether a token is in raw
+        self.odd[list(raw)] = True
         self.cp1, self.cp2 = cp1, cp2
         self.high_probes = high_probes
         self._named: dict[tuple[tuple[int, int], ...], tuple[np.ndarray, np.ndarray]] = {}

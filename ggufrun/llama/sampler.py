@@ -16,6 +16,7 @@ from ..generation import SamplingParams, SeqSampler
 from ..settings import Settings
 from ._lib import L, init_backend, numpy
 from .grammar_filter import Candidates, VocabIndex, analyse, candidates, everything
+from .utf8_guard import Utf8Guard
 
 
 
@@ -82,7 +83,8 @@ class Grammar(_Owned):
         self._one = np.zeros(1, dtype=_TOKEN_DATA)
         self._all: Any = None
         self._text = analyse(text)
-        vocab_index(model)  # once per model (~0.2 s): here, where a request starts, not in a decode step
+        # The vocabulary index: once per model (~0.2 s), here where a request starts, not in a decode step.
+        self._utf8_ok = Utf8Guard(vocab_index(model))  # (llama.cpp lets invalid UTF-8 through: see utf8_guard)
         self._triggers = [re.compile(p) for p in triggers]
         self._awaiting = bool(triggers)
         self._reply = ""  # the text generated while awaiting a trigger
@@ -113,13 +115,15 @@ class Grammar(_Owned):
         one = self._one
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         self._apply(one)
-        return bool(numpy().isfinite(one["logit"][0]))
+        return bool(numpy().isfinite(one["logit"][0])) and bool(self._utf8_ok.ok(one["id"])[0])
 
     def allowed(self, ids: Any) -> Any:
         """For each token of ``ids``, whether the grammar allows it now (a bool array)."""
         if self._awaiting:
             return numpy().ones(len(ids), dtype=bool)
-        return self._verdict(ids, self._ptr)
+        ok = self._verdict(ids, self._ptr)
+        ok[ok] = self._utf8_ok.ok(numpy().asarray(ids)[ok])  # (only where the grammar allows: few decoded)
+        return ok
 
     def _verdict(self, ids: Any, ptr: Any) -> Any:
         """For each token of ``ids``, whether the grammar sampler ``ptr`` (this one or a copy) allows it."""
@@ -173,12 +177,15 @@ class Grammar(_Owned):
         self._all["logit"] = row
         self._apply(self._all)
         row[:] = self._all["logit"]
+        ids = np.flatnonzero(np.isfinite(row))
+        row[ids[~self._utf8_ok.ok(ids)]] = -np.inf
 
     def accept(self, token: int) -> None:
         if self._awaiting:
             self._await(token)
         else:
             _accept_keeping_gil()(self._ptr, token)
+            self._utf8_ok.accept(token)
         self._cand = self._allowed_cand = None
         if self._redrawn and not self._awaiting:
             # This step's draw missed, so the next one likely will too: find the next state's
@@ -208,12 +215,14 @@ class Grammar(_Owned):
                 ok = False
                 break
             L.llama_sampler_accept(clone, t)
+            self._utf8_ok.accept(t)
         if ok:
             L.llama_sampler_free(self._ptr)
             self._ptr, self._awaiting, self._reply, self._spans = clone, False, "", []
         else:
             L.llama_sampler_free(clone)
             self._rejected_at = start
+            self._utf8_ok.pending = b""
 
     def _replay(self, start: int) -> list[int]:
         """Tokens that spell the reply from ``start`` on: its own tokens, and for the part of one
