@@ -9,6 +9,7 @@ among them) makes it write call after call, so max_tokens can cut the second one
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,19 @@ def test_ollama_a_cut_call_is_read_as_far_as_it_goes() -> None:
     assert [c["function"]["arguments"] for c in out] == [{"city": "Oslo"}, {}]
     with pytest.raises(ApiError):
         _ollama_calls(calls, cut=False)
+
+
+def test_partial_arguments_of_a_long_cut_reply_are_read_without_copying_it_per_value() -> None:
+    """A cut reply as long as max_tokens allows holds tens of thousands of values; every one is a
+    place the JSON could be closed, and building all those closings first (one copy of the text
+    each) took gigabytes. Only the longest few are tried."""
+    jiter = pytest.importorskip("jiter")
+    text = '{"a": [' + "1, " * 30000 + '"x'
+    tracemalloc.start()
+    try:
+        value = partial_object(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert value == jiter.from_json(text.encode(), partial_mode=True) == {"a": [1] * 30000}
+    assert peak < 20 * 1024 * 1024  # (all the closings: over a gigabyte)

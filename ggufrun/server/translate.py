@@ -199,10 +199,9 @@ def partial_object(text: str) -> dict[str, Any]:
             ends.append((i + 1, list(closers)))
         elif ch.isalnum() and (i + 1 == len(text) or not (text[i + 1].isalnum() or text[i + 1] in ".+-")):
             ends.append((i + 1, list(closers)))  # the end of a number, true, false or null
-    candidates = [text[:end] + "".join(reversed(open_)) for end, open_ in reversed(ends)]
-    for candidate in candidates[:256]:
+    for end, open_ in ends[-1:-257:-1]:  # the longest 256 only: each candidate is a copy of the text
         try:
-            value = json.loads(candidate)
+            value = json.loads(text[:end] + "".join(reversed(open_)))
         except ValueError:
             continue
         if isinstance(value, dict):
