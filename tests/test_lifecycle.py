@@ -78,7 +78,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.mark.parametrize("value, seconds", [
     ("5m", 300.0), ("1h30m", 5400.0), ("30s", 30.0), ("1.5h", 5400.0), ("250ms", 0.25), ("0", 0.0), (0, 0.0),
-    (90, 90.0), (2.5, 2.5), ("300", 300.0), (-1, None), ("-1", None), ("-1s", None), ("-5m", None), (1e12, None)])
+    (90, 90.0), (2.5, 2.5), ("300", 300.0), (-1, None), ("-1", None), ("-1s", None), ("-5m", None), (1e12, None),
+    (10**400, None), (-10**400, None), ("1" + "0" * 400, None)])  # past any float: forever, not a 500
 def test_keep_alive_is_read_as_ollama_reads_it(value: Any, seconds: float | None) -> None:
     assert parse_keep_alive(value) == seconds
 

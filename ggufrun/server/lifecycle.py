@@ -52,7 +52,10 @@ def parse_keep_alive(value: Any, what: str = "keep_alive") -> float | None:
         raise KeepAliveError(f"'{what}' must be a duration such as \"5m\", \"1h\" or \"30s\", or a number of seconds "
                              f"(got {value!r}).")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer past any float (JSON allows it): as long as keep_alive gets
+            seconds = math.inf if value > 0 else -math.inf
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
