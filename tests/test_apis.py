@@ -124,6 +124,8 @@ def test_anthropic_refusals_are_anthropic_errors(smol: ServerProcess) -> None:
     assert "image" in info.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError, match="thinking"):
         c.messages.create(model="smol", max_tokens=4, messages=HI, thinking={"type": "enabled", "budget_tokens": 1024})
+    with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):  # (as Anthropic: disabled takes no budget)
+        c.messages.create(model="smol", max_tokens=4, messages=HI, thinking={"type": "disabled", "budget_tokens": 8})
     with pytest.raises(anthropic.NotFoundError) as missing:
         c.messages.create(model="nope", max_tokens=4, messages=HI)
     assert missing.value.body["error"]["type"] == "not_found_error"

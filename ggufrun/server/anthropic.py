@@ -165,6 +165,8 @@ def _check_common(body: dict[str, Any], known: set[str]) -> None:
         budget = thinking.get("budget_tokens")
         if thinking["type"] == "enabled" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
             raise Refused("thinking.budget_tokens", "'thinking.budget_tokens' must be an integer >= 1.")
+        if thinking["type"] == "disabled" and budget is not None:  # a budget for no thinking would do nothing
+            raise Refused("thinking.budget_tokens", "'thinking.budget_tokens' is for {\"type\": \"enabled\"} only.")
 
 
 def _thinking(body: dict[str, Any], out: dict[str, Any]) -> None:
