@@ -166,6 +166,15 @@ def test_completion_logit_bias_forms(server: ServerProcess) -> None:
         assert other["tokens"][0] != first
 
 
+def test_non_ascii_and_huge_digit_ids_are_4xx_never_500(server: ServerProcess) -> None:
+    """str.isdigit() passes "²" and a 5000-digit string, which int() refuses: a 500 before the fix."""
+    for key in ("\u00b2", "9" * 5000):
+        resp = post(server, "/completion", {"model": "coder", "prompt": "hi", "n_predict": 1, "logit_bias": {key: 1}})
+        assert resp.status_code < 500 and (resp.status_code == 200 or resp.json()["error"]["param"] == "logit_bias"), resp.text
+        slot = requests.post(f"{server.url}/slots/{key}", params={"action": "erase", "model": "coder"}, timeout=60)
+        assert slot.status_code == 400 and slot.json()["error"]["param"] == "id_slot", slot.text
+
+
 def test_completion_cuts_at_indent_and_time_limit(server: ServerProcess) -> None:
     """n_indent and t_max_predict_ms end a reply as llama-server does (a grammar makes the lines)."""
     body = {"model": "coder", "prompt": "hi", "n_predict": 64, "grammar": 'root ::= "x\\n  y\\nzz" [a-z]*', **GREEDY}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -124,8 +125,11 @@ def _logit_bias(value: Any) -> list[tuple[int | str, float]]:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise invalid("logit_bias", "expected [[token, bias], ...] or {token: bias}.")
         key, bias = pair
-        if isinstance(value, dict) and key.lstrip("-").isdigit():
+        # ASCII digits only and bounded: str.isdigit() passes "²" and 5000-digit keys, which int() refuses (a 500)
+        if isinstance(value, dict) and re.fullmatch(r"-?[0-9]{1,18}", key):
             key = int(key)
+        elif isinstance(value, dict) and re.fullmatch(r"-?[0-9]+", key):
+            raise invalid("logit_bias", f"token id {key[:20]}... is out of range.")
         if not (isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))):
             raise invalid("logit_bias", f"a key is a token id or a text (got {json.dumps(key)}).")
         if bias is False:
