@@ -474,6 +474,10 @@ def test_native_embedding(server: ServerProcess) -> None:
     taxicab = post(server, "/embeddings", {"model": "chat", "input": ["hello world", "hi"], "embd_normalize": 1}).json()
     assert len(taxicab) == 2 and abs(math.fsum(abs(v) for v in taxicab[0]["embedding"][0]) - 1.0) < 1e-5
     assert post(server, "/embedding", {"model": "chat", "content": "x", "embd_normalize": -1}).status_code == 400
+    # a large p is near the max norm (it underflowed to the plain L2 vector before); a huge one is a 400, not a 500
+    p_large = post(server, "/embedding", {"model": "chat", "content": "hello world", "embd_normalize": 5000}).json()
+    assert abs(max(abs(v) for v in p_large[0]["embedding"][0]) - 1.0) < 1e-3
+    assert post(server, "/embedding", {"model": "chat", "content": "x", "embd_normalize": 10**400}).status_code == 400
     assert post(server, "/embedding", {"model": "reranker", "content": "x"}).status_code == 400
 
 

@@ -189,7 +189,7 @@ def routes(server: Server) -> list[Route]:
         if any(isinstance(t, str) and not t.strip() for t in inputs):
             raise _invalid(key, "expected non-empty text.")
         norm = body.get("embd_normalize", 2)
-        if isinstance(norm, bool) or not isinstance(norm, int) or norm < -1:
+        if isinstance(norm, bool) or not isinstance(norm, int) or not -1 <= norm < 1 << 31:  # llama-server's int
             raise _invalid("embd_normalize", "expected -1 (none), 0 (max absolute), 1 (taxicab), 2 (Euclidean) or p > 2.")
         if norm == -1:
             raise unsupported("embd_normalize", "vectors come normalised from the engine; -1 (raw) cannot be honoured.")
