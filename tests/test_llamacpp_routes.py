@@ -166,6 +166,16 @@ def test_completion_logit_bias_forms(server: ServerProcess) -> None:
         assert other["tokens"][0] != first
 
 
+def test_completion_to_the_context_end_is_truncated(server: ServerProcess) -> None:
+    """n_predict -1 runs until the context is full: llama-server's "truncated" (against the slot's n_ctx)."""
+    ids = post(server, "/tokenize", {"model": "coder", "content": "fox " * 400}).json()["tokens"]
+    reply = post(server, "/completion", {"model": "coder", "prompt": ids[:1000], "n_predict": -1, "ignore_eos": True,
+                                         **GREEDY}).json()
+    n_ctx = reply["generation_settings"]["n_ctx"]
+    assert reply["stop_type"] == "limit" and reply["truncated"] is True, reply
+    assert reply["tokens_evaluated"] + reply["tokens_predicted"] + 1 >= n_ctx
+
+
 def test_non_ascii_and_huge_digit_ids_are_4xx_never_500(server: ServerProcess) -> None:
     """str.isdigit() passes "²" and a 5000-digit string, which int() refuses: a 500 before the fix."""
     for key in ("\u00b2", "9" * 5000):

@@ -382,8 +382,9 @@ class CutGroup(JobGroup):
 class NativeReplies:
     """The engine's events of one /completion request as llama-server's objects."""
 
-    def __init__(self, req: NativeRequest, group: JobGroup, model: str, prompt_texts: list[str], n_ctx: int) -> None:
-        self.req, self.model, self.prompt_texts, self.n_ctx = req, model, prompt_texts, n_ctx
+    def __init__(self, req: NativeRequest, group: JobGroup, model: str, prompt_texts: list[str]) -> None:
+        self.req, self.model, self.prompt_texts = req, model, prompt_texts
+        self.n_ctx: int = req.settings["n_ctx"]  # the engine's, filled in at build
         self.group = CutGroup(group.jobs)  # (EventStream and the disconnect watcher take this one)
         self.replies = [_Reply() for _ in group.jobs]
         self.started = time.perf_counter()
