@@ -396,10 +396,13 @@ class NativeReplies:
         if not r.first_at:
             r.first_at = now
         text, tokens = event.text, list(event.tokens)
-        if self.req.n_indent:
-            cut = indent_cut(r.text + text, self.req.n_indent)
+        if self.req.n_indent and "\n" in r.text + text:
+            # only from the reply's last line on: the lines before it were checked with earlier tokens
+            # (llama.vim sends n_indent with every request; rescanning the whole reply a token is quadratic)
+            base = max(r.text.rfind("\n"), 0)
+            cut = indent_cut(r.text[base:] + text, self.req.n_indent)
             if cut is not None:
-                text, r.cut = text[: max(cut - len(r.text), 0)], "limit"
+                text, r.cut = text[: max(base + cut - len(r.text), 0)], "limit"
         if not r.cut and self.req.t_max_predict_ms and "\n" in text and (now - r.first_at) * 1e3 > self.req.t_max_predict_ms:
             r.cut = "limit"  # a new line past the time limit: llama-server stops there, the new line included
         r.text += text
