@@ -129,6 +129,7 @@ def test_completion_prompt_shapes_and_stop_word(server: ServerProcess) -> None:
     assert set(fields) == {"content", "generation_settings/n_predict"} and fields["generation_settings/n_predict"] == 1
     evaluated = post(server, "/completion", {"model": "coder", "prompt": "hello world", "n_predict": 0}).json()
     assert evaluated["content"] == "" and evaluated["tokens_predicted"] == 0
+    assert evaluated["generation_settings"]["n_predict"] == 0  # (it reported the server's default before)
 
 
 def test_completion_id_slot_and_samplers(server: ServerProcess) -> None:

@@ -302,7 +302,7 @@ def bias_ids(model: Any, bias: list[tuple[int | str, float]]) -> dict[int, float
 def generation_settings(req: NativeRequest, sampling: dict[str, Any], n_ctx: int, model: str, max_tokens: int) -> dict[str, Any]:
     """llama-server's generation_settings (and /props' params) for what this request runs with."""
     p = req.params
-    n_predict = -1 if req.n_predict == -1 or (req.n_predict is None and not max_tokens) else (req.n_predict or max_tokens)
+    n_predict = req.n_predict if req.n_predict is not None else (max_tokens or -1)  # (0: prompt only, as asked)
     return {"n_ctx": n_ctx, "model": model, "seed": sampling.get("seed", -1), "temperature": sampling.get("temperature"),
             "dynatemp_range": 0.0, "dynatemp_exponent": 1.0, "top_k": sampling.get("top_k"), "top_p": sampling.get("top_p"),
             "min_p": sampling.get("min_p"), "top_n_sigma": -1.0, "xtc_probability": 0.0, "xtc_threshold": 0.1,
