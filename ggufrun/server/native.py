@@ -231,6 +231,7 @@ def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = Fals
     n_predict = _int(body, "n_predict", -1) if body.get("n_predict") is not None else _int(body, "max_tokens", -1)
     neutral, samplers = _samplers(body.get("samplers"), body, sampled=n_predict != 0)
     params.sampling.update(neutral)
+    # n_predict 0: the prompt into the cache only, one token sampled and not returned
     params.max_tokens = None if n_predict is None else (1 << 30 if n_predict == -1 else max(n_predict, 1))
     n_cmpl = _int(body, "n_cmpl", 1, P.MAX_N)
     params.n = n_cmpl or 1
@@ -267,11 +268,9 @@ def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = Fals
     req = NativeRequest(params=params, prompts=prompts,
                         bias=_logit_bias(body.get("logit_bias")), n_predict=n_predict, n_probs=n_probs,
                         n_indent=_int(body, "n_indent", 0) or 0, t_max_predict_ms=max(float(t_max), 0.0),
-                        id_slot=_int(body, "id_slot", -1) or 0 if body.get("id_slot") is not None else -1,
+                        id_slot=-1 if (slot := _int(body, "id_slot", -1)) is None else slot,
                         return_tokens=bool(P.typed(body, "return_tokens", (bool,), "true or false")),
                         response_fields=fields_, samplers=samplers)
-    if req.n_predict == 0:
-        req.params.max_tokens = 1  # prompt into the cache only: the one token sampled is not returned
     return req
 
 
