@@ -514,6 +514,9 @@ def test_rerank(server: ServerProcess, models: dict[str, Path]) -> None:
     assert 0 < scores[0] < 1 and abs(sum(scores) - 1) < 1e-5
     tei = post(server, "/reranking", {"model": "reranker", "query": "q", "texts": ["a", "b"], "return_text": True}).json()
     assert isinstance(tei, list) and all(set(r) == {"index", "score", "text"} for r in tei)
+    assert [r["text"] for r in tei] == [["a", "b"][r["index"]] for r in tei] and sorted(r["index"] for r in tei) == [0, 1]
+    assert [r["score"] for r in tei] == sorted((r["score"] for r in tei), reverse=True)
+    assert [r["relevance_score"] for r in whole] == sorted((r["relevance_score"] for r in whole), reverse=True)
     not_ranker = post(server, "/v1/rerank", {"model": "chat", "query": "q", "documents": ["a"]})
     assert not_ranker.status_code == 400 and "not a reranker" in not_ranker.json()["error"]["message"]
     for bad, param in (({"documents": []}, "documents"), ({"documents": ["a"], "top_n": -1}, "top_n"),
