@@ -129,6 +129,7 @@ def test_completion_prompt_shapes_and_stop_word(server: ServerProcess) -> None:
     assert set(fields) == {"content", "generation_settings/n_predict"} and fields["generation_settings/n_predict"] == 1
     evaluated = post(server, "/completion", {"model": "coder", "prompt": "hello world", "n_predict": 0}).json()
     assert evaluated["content"] == "" and evaluated["tokens_predicted"] == 0
+    assert evaluated["generation_settings"]["n_predict"] == 0  # (it reported the server's default before)
 
 
 def test_completion_id_slot_and_samplers(server: ServerProcess) -> None:
@@ -164,6 +165,25 @@ def test_completion_logit_bias_forms(server: ServerProcess) -> None:
         other = post(server, "/completion", {"model": "coder", "prompt": "hello", "n_predict": 1, "return_tokens": True,
                                              "logit_bias": bias, **GREEDY}).json()
         assert other["tokens"][0] != first
+
+
+def test_completion_to_the_context_end_is_truncated(server: ServerProcess) -> None:
+    """n_predict -1 runs until the context is full: llama-server's "truncated" (against the slot's n_ctx)."""
+    ids = post(server, "/tokenize", {"model": "coder", "content": "fox " * 400}).json()["tokens"]
+    reply = post(server, "/completion", {"model": "coder", "prompt": ids[:1000], "n_predict": -1, "ignore_eos": True,
+                                         **GREEDY}).json()
+    n_ctx = reply["generation_settings"]["n_ctx"]
+    assert reply["stop_type"] == "limit" and reply["truncated"] is True, reply
+    assert reply["tokens_evaluated"] + reply["tokens_predicted"] + 1 >= n_ctx
+
+
+def test_non_ascii_and_huge_digit_ids_are_4xx_never_500(server: ServerProcess) -> None:
+    """str.isdigit() passes "²" and a 5000-digit string, which int() refuses: a 500 before the fix."""
+    for key in ("\u00b2", "9" * 5000):
+        resp = post(server, "/completion", {"model": "coder", "prompt": "hi", "n_predict": 1, "logit_bias": {key: 1}})
+        assert resp.status_code < 500 and (resp.status_code == 200 or resp.json()["error"]["param"] == "logit_bias"), resp.text
+        slot = requests.post(f"{server.url}/slots/{key}", params={"action": "erase", "model": "coder"}, timeout=60)
+        assert slot.status_code == 400 and slot.json()["error"]["param"] == "id_slot", slot.text
 
 
 def test_completion_cuts_at_indent_and_time_limit(server: ServerProcess) -> None:
@@ -465,6 +485,10 @@ def test_native_embedding(server: ServerProcess) -> None:
     taxicab = post(server, "/embeddings", {"model": "chat", "input": ["hello world", "hi"], "embd_normalize": 1}).json()
     assert len(taxicab) == 2 and abs(math.fsum(abs(v) for v in taxicab[0]["embedding"][0]) - 1.0) < 1e-5
     assert post(server, "/embedding", {"model": "chat", "content": "x", "embd_normalize": -1}).status_code == 400
+    # a large p is near the max norm (it underflowed to the plain L2 vector before); a huge one is a 400, not a 500
+    p_large = post(server, "/embedding", {"model": "chat", "content": "hello world", "embd_normalize": 5000}).json()
+    assert abs(max(abs(v) for v in p_large[0]["embedding"][0]) - 1.0) < 1e-3
+    assert post(server, "/embedding", {"model": "chat", "content": "x", "embd_normalize": 10**400}).status_code == 400
     assert post(server, "/embedding", {"model": "reranker", "content": "x"}).status_code == 400
 
 
@@ -490,6 +514,9 @@ def test_rerank(server: ServerProcess, models: dict[str, Path]) -> None:
     assert 0 < scores[0] < 1 and abs(sum(scores) - 1) < 1e-5
     tei = post(server, "/reranking", {"model": "reranker", "query": "q", "texts": ["a", "b"], "return_text": True}).json()
     assert isinstance(tei, list) and all(set(r) == {"index", "score", "text"} for r in tei)
+    assert [r["text"] for r in tei] == [["a", "b"][r["index"]] for r in tei] and sorted(r["index"] for r in tei) == [0, 1]
+    assert [r["score"] for r in tei] == sorted((r["score"] for r in tei), reverse=True)
+    assert [r["relevance_score"] for r in whole] == sorted((r["relevance_score"] for r in whole), reverse=True)
     not_ranker = post(server, "/v1/rerank", {"model": "chat", "query": "q", "documents": ["a"]})
     assert not_ranker.status_code == 400 and "not a reranker" in not_ranker.json()["error"]["message"]
     for bad, param in (({"documents": []}, "documents"), ({"documents": ["a"], "top_n": -1}, "top_n"),

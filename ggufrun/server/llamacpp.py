@@ -132,7 +132,7 @@ def routes(server: Server) -> list[Route]:
             return prompts
 
         group = await server.submit(params, cfg, build)
-        replies = native.NativeReplies(req, group, params.model or cfg.id, texts, _n_ctx(server, cfg))
+        replies = native.NativeReplies(req, group, params.model or cfg.id, texts)
         if params.stream:  # llama-server's native stream: one object an event, no [DONE]
             return EventStream(replies.group, (sse(obj) async for obj in replies.stream()))  # type: ignore[return-value]
         results = await _unless_gone(request, replies.group, replies.whole())
@@ -189,7 +189,7 @@ def routes(server: Server) -> list[Route]:
         if any(isinstance(t, str) and not t.strip() for t in inputs):
             raise _invalid(key, "expected non-empty text.")
         norm = body.get("embd_normalize", 2)
-        if isinstance(norm, bool) or not isinstance(norm, int) or norm < -1:
+        if isinstance(norm, bool) or not isinstance(norm, int) or not -1 <= norm < 1 << 31:  # llama-server's int
             raise _invalid("embd_normalize", "expected -1 (none), 0 (max absolute), 1 (taxicab), 2 (Euclidean) or p > 2.")
         if norm == -1:
             raise unsupported("embd_normalize", "vectors come normalised from the engine; -1 (raw) cannot be honoured.")
@@ -219,12 +219,6 @@ def _body_model(body: dict[str, Any]) -> str | None:
 def _query_model(request: Request) -> str | None:
     """``?model=`` on a GET (llama-server's router mode names the model so)."""
     return request.query_params.get("model") or None
-
-
-def _n_ctx(server: Server, cfg: Any) -> int:
-    engine = server.pool.resident(cfg.id)
-    backend = engine.backend if engine is not None else None
-    return backend.n_ctx_seq if backend is not None else 0
 
 
 async def _unless_gone(request: Request, group: JobGroup, work: Awaitable[Any]) -> Any:

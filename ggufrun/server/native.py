@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -124,8 +125,11 @@ def _logit_bias(value: Any) -> list[tuple[int | str, float]]:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise invalid("logit_bias", "expected [[token, bias], ...] or {token: bias}.")
         key, bias = pair
-        if isinstance(value, dict) and key.lstrip("-").isdigit():
+        # ASCII digits only and bounded: str.isdigit() passes "²" and 5000-digit keys, which int() refuses (a 500)
+        if isinstance(value, dict) and re.fullmatch(r"-?[0-9]{1,18}", key):
             key = int(key)
+        elif isinstance(value, dict) and re.fullmatch(r"-?[0-9]+", key):
+            raise invalid("logit_bias", f"token id {key[:20]}... is out of range.")
         if not (isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))):
             raise invalid("logit_bias", f"a key is a token id or a text (got {json.dumps(key)}).")
         if bias is False:
@@ -227,6 +231,7 @@ def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = Fals
     n_predict = _int(body, "n_predict", -1) if body.get("n_predict") is not None else _int(body, "max_tokens", -1)
     neutral, samplers = _samplers(body.get("samplers"), body, sampled=n_predict != 0)
     params.sampling.update(neutral)
+    # n_predict 0: the prompt into the cache only, one token sampled and not returned
     params.max_tokens = None if n_predict is None else (1 << 30 if n_predict == -1 else max(n_predict, 1))
     n_cmpl = _int(body, "n_cmpl", 1, P.MAX_N)
     params.n = n_cmpl or 1
@@ -263,11 +268,9 @@ def parse_completion(body: dict[str, Any], endpoint: str, *, infill: bool = Fals
     req = NativeRequest(params=params, prompts=prompts,
                         bias=_logit_bias(body.get("logit_bias")), n_predict=n_predict, n_probs=n_probs,
                         n_indent=_int(body, "n_indent", 0) or 0, t_max_predict_ms=max(float(t_max), 0.0),
-                        id_slot=_int(body, "id_slot", -1) or 0 if body.get("id_slot") is not None else -1,
+                        id_slot=-1 if (slot := _int(body, "id_slot", -1)) is None else slot,
                         return_tokens=bool(P.typed(body, "return_tokens", (bool,), "true or false")),
                         response_fields=fields_, samplers=samplers)
-    if req.n_predict == 0:
-        req.params.max_tokens = 1  # prompt into the cache only: the one token sampled is not returned
     return req
 
 
@@ -298,7 +301,7 @@ def bias_ids(model: Any, bias: list[tuple[int | str, float]]) -> dict[int, float
 def generation_settings(req: NativeRequest, sampling: dict[str, Any], n_ctx: int, model: str, max_tokens: int) -> dict[str, Any]:
     """llama-server's generation_settings (and /props' params) for what this request runs with."""
     p = req.params
-    n_predict = -1 if req.n_predict == -1 or (req.n_predict is None and not max_tokens) else (req.n_predict or max_tokens)
+    n_predict = req.n_predict if req.n_predict is not None else (max_tokens or -1)  # (0: prompt only, as asked)
     return {"n_ctx": n_ctx, "model": model, "seed": sampling.get("seed", -1), "temperature": sampling.get("temperature"),
             "dynatemp_range": 0.0, "dynatemp_exponent": 1.0, "top_k": sampling.get("top_k"), "top_p": sampling.get("top_p"),
             "min_p": sampling.get("min_p"), "top_n_sigma": -1.0, "xtc_probability": 0.0, "xtc_threshold": 0.1,
@@ -378,8 +381,9 @@ class CutGroup(JobGroup):
 class NativeReplies:
     """The engine's events of one /completion request as llama-server's objects."""
 
-    def __init__(self, req: NativeRequest, group: JobGroup, model: str, prompt_texts: list[str], n_ctx: int) -> None:
-        self.req, self.model, self.prompt_texts, self.n_ctx = req, model, prompt_texts, n_ctx
+    def __init__(self, req: NativeRequest, group: JobGroup, model: str, prompt_texts: list[str]) -> None:
+        self.req, self.model, self.prompt_texts = req, model, prompt_texts
+        self.n_ctx: int = req.settings["n_ctx"]  # the engine's, filled in at build
         self.group = CutGroup(group.jobs)  # (EventStream and the disconnect watcher take this one)
         self.replies = [_Reply() for _ in group.jobs]
         self.started = time.perf_counter()
@@ -391,10 +395,13 @@ class NativeReplies:
         if not r.first_at:
             r.first_at = now
         text, tokens = event.text, list(event.tokens)
-        if self.req.n_indent:
-            cut = indent_cut(r.text + text, self.req.n_indent)
+        if self.req.n_indent and "\n" in r.text + text:
+            # only from the reply's last line on: the lines before it were checked with earlier tokens
+            # (llama.vim sends n_indent with every request; rescanning the whole reply a token is quadratic)
+            base = max(r.text.rfind("\n"), 0)
+            cut = indent_cut(r.text[base:] + text, self.req.n_indent)
             if cut is not None:
-                text, r.cut = text[: max(cut - len(r.text), 0)], "limit"
+                text, r.cut = text[: max(base + cut - len(r.text), 0)], "limit"
         if not r.cut and self.req.t_max_predict_ms and "\n" in text and (now - r.first_at) * 1e3 > self.req.t_max_predict_ms:
             r.cut = "limit"  # a new line past the time limit: llama-server stops there, the new line included
         r.text += text

@@ -100,6 +100,7 @@ def renormalise(vector: list[float], norm: int) -> list[float]:
         return vector
     if norm == 0:
         scale = max((abs(v) for v in vector), default=0.0) / 32760.0  # llama.cpp's common_embd_normalize: int16 range
-    else:
-        scale = math.fsum(abs(v) ** norm for v in vector) ** (1.0 / norm)
+    else:  # taken relative to the largest element: a large p would underflow every term to 0 otherwise
+        top = max((abs(v) for v in vector), default=0.0)
+        scale = top * math.fsum((abs(v) / top) ** norm for v in vector) ** (1.0 / norm) if top else 0.0
     return [v / scale for v in vector] if scale else vector

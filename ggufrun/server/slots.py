@@ -83,7 +83,7 @@ async def act(server: Server, raw_id: str, action: str | None, body: dict[str, A
             raise invalid("model", "expected a string.")
         model = body["model"]
     cfg = server.lookup(model)
-    slot = check_id(server, cfg, int(raw_id) if raw_id.isdigit() else raw_id, "id_slot")
+    slot = check_id(server, cfg, int(raw_id) if re.fullmatch(r"[0-9]{1,9}", raw_id) else raw_id, "id_slot")
     if slot is None:
         raise invalid("id_slot", "name a slot (0 or more) in the path.")
     name = check_filename(body.get("filename")) if action != "erase" else ""
