@@ -190,6 +190,9 @@ def test_load_rejects_a_file_that_is_not_a_transcript(session: ChatSession, tmp_
     bad.write_text("not json")
     with pytest.raises(GgufrunError, match="not JSON"):
         session.load(bad)
+    bad.write_text('{"messages": [{"role": "assistant", "content": "ok", "reasoning_content": "\\ud800"}]}')
+    with pytest.raises(GgufrunError, match="thinking is not valid UTF-8"):
+        session.load(bad)
 
 
 @pytest.mark.slow
