@@ -127,6 +127,7 @@ def test_cli_failing_configurations_are_rows_with_reasons(capsys: pytest.Capture
 
 
 def test_unknown_quants_are_refused_before_anything_is_measured(tmp_path: Path, ggufrun_home: Path) -> None:
+    (ggufrun_home / "models.toml").write_text("[broken\n")  # --synthetic reads no registry
     proc = ggufrun("bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z,q7_x", *FAST)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "Error: Synthetic models have no quant type q9_z, q7_x. Nothing was measured.\n"

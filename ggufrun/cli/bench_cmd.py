@@ -90,7 +90,8 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     registry = None if kw["synthetic"] else load_registry(ctx)
     # The registry entry's [defaults] apply as they do in chat and serve; the sweep lists override them.
     base = settings.resolve(bench.entry_defaults(name, registry), cli=cli_settings(kw, *DEVICE_SETTINGS, *SPEC_SETTINGS))
-    base = bench.draft_file(base, registry or load_registry(ctx), report=lambda msg: err.print(msg, markup=False, highlight=False))
+    if base.draft_model:  # (--synthetic reads no models.toml otherwise)
+        base = bench.draft_file(base, registry or load_registry(ctx), report=lambda msg: err.print(msg, markup=False, highlight=False))
     targets = bench.resolve_targets(name, quant_list, registry=registry, derive_from=kw["derive_from"],
                                     synthetic=kw["synthetic"], report=lambda msg: err.print(msg, markup=False, highlight=False))
     configs = bench.plan(targets, sweeps, base, kw["n_prompt"], kw["n_gen"])
