@@ -373,5 +373,7 @@ def test_cli_speculative_columns_against_the_same_model_without(capsys: pytest.C
     code, out, _ = run_cli(capsys, "bench", model, *fast[:-1], "md", "--spec", "ngram", "--draft-min", "2")
     assert code == 0, out
     assert "| ngram " in out and "sd speedup" in out and "accept" in out
+    code, out, err = run_cli(capsys, "bench", model, *fast, "--draft-max", "4")  # no drafter: nothing it could tune
+    assert code == 2 and "give --spec ngram or --draft-model" in err
     code, out, err = run_cli(capsys, "bench", model, *fast, "--spec", "ngram", "--draft-model", model)
     assert code == 1 and "Choose one way of drafting" in out  # refused, as a row with its reason
