@@ -3,8 +3,8 @@ engine thread: how long the burst takes and how long the engine thread waits for
 
 What the server does per constrained request, off the event loop (core.Server.submit's prepare): the
 schema to GBNF, the grammar check, the vocabulary index the grammar prefilter reads (built once per
-model), llama.cpp's grammar and its first state's candidates. Twenty preparing threads, as
-asyncio's default pool on a 16-core host; the "engine" is a thread running short Python steps.
+model), llama.cpp's grammar and its first state's candidates. As many preparing threads as
+asyncio's default pool has on this host (min(32, cores + 4)); the "engine" is a thread running short Python steps.
 Two waves of fresh schemas: the first on a model no grammar has touched, the second after it.
 
     cd bench && PYTHONPATH=.. python grammar_burst.py --model /path/gemma-3-270m.gguf --requests 16
@@ -14,6 +14,7 @@ Two waves of fresh schemas: the first on a model no grammar has touched, the sec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -58,13 +59,13 @@ def main() -> None:
     for wave in range(2):
         gaps.clear()
         start = time.perf_counter()
-        with ThreadPoolExecutor(20) as pool:
+        with ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4)) as pool:  # asyncio's default pool
             grammars = list(pool.map(prepare, range(wave * 1000, wave * 1000 + opts.requests)))
         took = time.perf_counter() - start
         stalled = sum(g for g in gaps if g > 0.005)
         refused = [g for g in grammars if isinstance(g, Exception)]
         print(f"wave {wave}: {took:.2f} s for {len(grammars)} fresh schemas ({len(refused)} refused); engine thread's "
-              f"longest pause {max(gaps) * 1e3:.0f} ms, {stalled:.2f} s in pauses over 5 ms")
+              f"longest pause {max(gaps, default=0.0) * 1e3:.0f} ms, {stalled:.2f} s in pauses over 5 ms")
         for g in grammars:
             if not isinstance(g, Exception):
                 g.close()  # type: ignore[attr-defined]

@@ -385,6 +385,8 @@ class ChatSession:
         system = data.get("system")
         for i, m in enumerate(messages):  # a JSON "\ud800" escape cannot be tokenised later
             check_utf8(m["content"], f"{path}: message {i + 1}")
+            if isinstance(m.get("reasoning_content"), str):  # rendered back by templates that keep thinking
+                check_utf8(m["reasoning_content"], f"{path}: message {i + 1}'s thinking")
         if isinstance(system, str):
             check_utf8(system, f"{path}: the system prompt")
         self.system = system if isinstance(system, str) and system else None

@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-FORMATS = ("auto", "none", "deepseek")
-
 # OpenAI's reasoning_effort (and the Responses API's reasoning.effort) as a thinking budget in
 # tokens: 0 turns thinking off, -1 sets no limit (high: above medium whatever --reasoning-budget is).
 EFFORT_BUDGET: Mapping[str, int | None] = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": -1}

@@ -127,6 +127,7 @@ def test_cli_failing_configurations_are_rows_with_reasons(capsys: pytest.Capture
 
 
 def test_unknown_quants_are_refused_before_anything_is_measured(tmp_path: Path, ggufrun_home: Path) -> None:
+    (ggufrun_home / "models.toml").write_text("[broken\n")  # --synthetic reads no registry
     proc = ggufrun("bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z,q7_x", *FAST)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "Error: Synthetic models have no quant type q9_z, q7_x. Nothing was measured.\n"
@@ -372,5 +373,7 @@ def test_cli_speculative_columns_against_the_same_model_without(capsys: pytest.C
     code, out, _ = run_cli(capsys, "bench", model, *fast[:-1], "md", "--spec", "ngram", "--draft-min", "2")
     assert code == 0, out
     assert "| ngram " in out and "sd speedup" in out and "accept" in out
+    code, out, err = run_cli(capsys, "bench", model, *fast, "--draft-max", "4")  # no drafter: nothing it could tune
+    assert code == 2 and "give --spec ngram or --draft-model" in err
     code, out, err = run_cli(capsys, "bench", model, *fast, "--spec", "ngram", "--draft-model", model)
     assert code == 1 and "Choose one way of drafting" in out  # refused, as a row with its reason

@@ -190,6 +190,9 @@ def test_load_rejects_a_file_that_is_not_a_transcript(session: ChatSession, tmp_
     bad.write_text("not json")
     with pytest.raises(GgufrunError, match="not JSON"):
         session.load(bad)
+    bad.write_text('{"messages": [{"role": "assistant", "content": "ok", "reasoning_content": "\\ud800"}]}')
+    with pytest.raises(GgufrunError, match="thinking is not valid UTF-8"):
+        session.load(bad)
 
 
 @pytest.mark.slow
@@ -220,3 +223,14 @@ def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(gem
         reply = s.ask("Still there?")
         "".join(reply)
         assert reply.stats.gen_tokens > 0 and s.history[-1]["role"] == "assistant"  # the session goes on
+
+
+def test_chat_refuses_draft_tuning_without_a_drafter(tiny_model_factory: Any, capsys: pytest.CaptureFixture[str],
+                                                     ggufrun_home: Path) -> None:
+    """--draft-max alone would change nothing: refused before the model loads."""
+    from ggufrun.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", str(tiny_model_factory("gemma3", "q8_0", False)), "--draft-max", "4", "-p", "hi"])
+    assert exit_.value.code == 2
+    assert "--draft-max tune(s) speculative decoding: give --spec ngram or --draft-model too." in capsys.readouterr().err

@@ -68,9 +68,9 @@ def measure(config: Config, base: Settings, n_prompt: int, n_gen: int, reps: int
     target = config.target
     if target.error or target.path is None:
         return Result(config, error=target.error or "no file")
-    job = {"kind": "speed", "path": str(target.path), "settings": config.settings(base).as_dict(),
-           "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps}
     settings = config.settings(base)
+    job = {"kind": "speed", "path": str(target.path), "settings": settings.as_dict(),
+           "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps}
     if settings.spec != "off" or settings.draft_model:  # speculation against the same model without it
         job.update(speculate=True, text=str(DEFAULT_TEXT))
     try:

@@ -60,6 +60,8 @@ def synth_command(shape: str, out: str, arch: str | None, quant: str, seed: int,
     from ..synthetic import parse_shape
     from ..synthetic_vision import VISION_TOKENS, projector_spec, write_projector
 
+    if mmproj_out and not projector:
+        raise click.UsageError("--mmproj-out names where the projector goes: give --projector too.")
     spec = projector_spec(projector) if projector else None
     target = mmproj_out or str(Path(out).with_name(f"mmproj-{projector}.gguf"))
     if spec is not None and Path(target).exists() and not force:
