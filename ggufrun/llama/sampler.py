@@ -115,7 +115,7 @@ class Grammar(_Owned):
         one = self._one
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         self._apply(one)
-        return bool(numpy().isfinite(one["logit"][0])) and bool(self._utf8_ok.ok(one["id"])[0])
+        return bool(numpy().isfinite(one["logit"][0])) and self._utf8_ok.ok_one(token)
 
     def allowed(self, ids: Any) -> Any:
         """For each token of ``ids``, whether the grammar allows it now (a bool array)."""

@@ -52,6 +52,13 @@ class Utf8Guard:
             out[j] = _rest(self.pending + ix.raw[int(ids[j])]) is not None
         return out
 
+    def ok_one(self, token: int) -> bool:
+        """:meth:`ok` for one token, without numpy's per-call cost (a grammar row's every draw)."""
+        ix = self._index
+        if ix.eog[token] or not ix.odd[token]:
+            return not self.pending
+        return _rest(self.pending + ix.raw[token]) is not None
+
     def accept(self, token: int) -> None:
         ix = self._index
         if ix.eog[token]:
