@@ -786,8 +786,10 @@ class Engine:
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], int]] = []
         used = 0  # tokens (all outputs) of the generating rows
-        for k, slot in enumerate(rows[:budget]):
-            slot.draft = drafts.get(slot.seq_id, [])[: max(budget - used - (len(rows[:budget]) - k), 0)]
+        rows = rows[:budget]
+        for k, slot in enumerate(rows):
+            draft = drafts.get(slot.seq_id)  # (a draft takes only the room the rows after it leave)
+            slot.draft = draft[: max(budget - used - (len(rows) - k), 0)] if draft else []
             batch.append((slot, [slot.last, *slot.draft], 1 + len(slot.draft)))
             used += 1 + len(slot.draft)
         n_rows = len(batch)
