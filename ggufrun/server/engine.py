@@ -833,7 +833,7 @@ class Engine:
             for slot, _, _ in batch:
                 slot.draft = []
             if embed_part:
-                self._embed_failed(embed, exc)  # type: ignore[arg-type]
+                self._embed_done(embed, exc)  # type: ignore[arg-type]
             return exc, [slot for slot, _, _ in batch]
         self._decoded = True
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
@@ -1125,7 +1125,7 @@ class Engine:
         try:
             job.total += model.embedding_rows(first, n).sum(axis=0, dtype=job.total.dtype)
         except GgufrunError as exc:
-            self._embed_failed(job, exc)
+            self._embed_done(job, exc)
             return
         if job.sent < len(job.tokens):  # type: ignore[arg-type]
             return
@@ -1136,9 +1136,6 @@ class Engine:
         job.tokens, job.total, job.sent, job.cells = None, None, 0, 0
         if len(job.vectors) == len(job.texts):
             self._embed_done(job, None)
-
-    def _embed_failed(self, job: _EmbedJob, exc: GgufrunError) -> None:
-        self._embed_done(job, exc)
 
     def _embed_done(self, job: _EmbedJob, error: GgufrunError | None) -> None:
         """Take a finished, failed or cancelled embedding request off the queue and answer it."""
