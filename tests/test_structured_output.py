@@ -238,3 +238,41 @@ def test_a_string_of_byte_tokens_stays_valid_utf8_within_max_length_and_the_fast
             jsonschema.validate(reply, schema)
             assert any(ord(c) >= 0x80 for c in reply["s"]), reply  # the bias did reach the string
     assert finished >= 8
+
+
+def test_the_utf8_guards_one_token_check_agrees_with_its_row_check() -> None:
+    """Grammar.allows (every draw of a grammar row) uses ok_one; it must say what ok says."""
+    from types import SimpleNamespace
+
+    from ggufrun.llama.utf8_guard import Utf8Guard
+
+    raw = {3: b"\xe2", 4: b"\x82", 5: b"\xac", 6: b"\xf8", 7: b"\xed\xb0", 8: b"\xe2\x82"}
+    odd = np.zeros(10, dtype=bool)
+    odd[list(raw)] = True
+    eog = np.zeros(10, dtype=bool)
+    eog[9] = True
+    guard = Utf8Guard(SimpleNamespace(odd=odd, eog=eog, raw=raw))  # type: ignore[arg-type]
+    seen = set()
+    for pending in (b"", b"\xe2", b"\xe2\x82"):
+        guard.pending = pending
+        row = guard.ok(np.arange(10))
+        assert [guard.ok_one(t) for t in range(10)] == row.tolist()
+        seen.add(tuple(row.tolist()))
+    assert len(seen) == 2 and guard.ok_one(4) and not guard.ok_one(0)  # (the states differ: not vacuous)
+
+
+@pytest.mark.parametrize("cut, ok", [(b"\xed\xb0", False), (b"\xe0\x80", False), (b"\xf0\x80", False), (b"\xf4\x90", False),
+                                     (b"\xf0\x9f\x98", True), (b"\xed\x9f", True), (b"\xe0\xa0", True), (b"\xf4\x8f", True)])
+def test_the_utf8_guard_refuses_a_cut_character_no_byte_can_finish(cut: bytes, ok: bool) -> None:
+    """A surrogate's, an overlong form's or a too-high lead pair is no UTF-8 prefix: allowing it left
+    the row no valid next token (Python's incremental decoder only judges it once complete)."""
+    from types import SimpleNamespace
+
+    from ggufrun.llama.utf8_guard import Utf8Guard
+
+    odd = np.array([False, True])
+    guard = Utf8Guard(SimpleNamespace(odd=odd, eog=np.zeros(2, dtype=bool), raw={1: cut}))  # type: ignore[arg-type]
+    assert guard.ok_one(1) is ok and bool(guard.ok(np.array([1]))[0]) is ok
+    guard.pending = b"a"[:0]
+    guard.accept(1)
+    assert guard.pending == (cut if ok else b"")

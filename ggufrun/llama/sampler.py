@@ -115,7 +115,7 @@ class Grammar(_Owned):
         one = self._one
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         self._apply(one)
-        return bool(numpy().isfinite(one["logit"][0])) and bool(self._utf8_ok.ok(one["id"])[0])
+        return bool(numpy().isfinite(one["logit"][0])) and self._utf8_ok.ok_one(token)
 
     def allowed(self, ids: Any) -> Any:
         """For each token of ``ids``, whether the grammar allows it now (a bool array)."""
@@ -267,13 +267,18 @@ def _subset_buffer(size: int) -> Any:
 def _piece(model: Model, token: int, buf: Any = None) -> bytes:
     """The token's text as llama.cpp's grammar reads it (its piece cache renders special tokens)."""
     buf = buf or ctypes.create_string_buffer(64)
-    to_piece = _keeping_gil("llama_token_to_piece", [ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
-                                                     ctypes.c_int32, ctypes.c_bool], ctypes.c_int32)
+    to_piece = _to_piece_keeping_gil()
     n = to_piece(model.vocab, token, buf, len(buf), 0, True)
     if n < 0:
         buf = ctypes.create_string_buffer(-n)
         n = to_piece(model.vocab, token, buf, -n, 0, True)
     return buf.raw[:n]
+
+
+def _to_piece_keeping_gil() -> Any:
+    """llama_token_to_piece keeping the GIL: it runs once per token of the vocabulary (see vocab_index)."""
+    return _keeping_gil("llama_token_to_piece", [ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32,
+                                                 ctypes.c_int32, ctypes.c_bool], ctypes.c_int32)
 
 
 _index_lock = threading.Lock()
@@ -389,8 +394,9 @@ def infill_refusal(model: Any) -> str:
     else:
         with model.borrowed():
             buf = ctypes.create_string_buffer(INFILL_PIECE_MAX)
+            to_piece = _to_piece_keeping_gil()  # (a GIL hand-off per token beside a busy engine: seconds, see vocab_index)
             for t in range(model.n_vocab):
-                if L.llama_token_to_piece(model.vocab, t, buf, INFILL_PIECE_MAX, 0, False) < 0:
+                if to_piece(model.vocab, t, buf, INFILL_PIECE_MAX, 0, False) < 0:
                     why = f"token {t}'s text is longer than {INFILL_PIECE_MAX} bytes, which llama.cpp's infill sampler cannot take."
                     break
     _infill_checked[model] = why

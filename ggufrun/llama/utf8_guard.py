@@ -30,7 +30,16 @@ def _rest(data: bytes) -> bytes | None:
         _, used = codecs.utf_8_decode(data, "strict", False)
     except UnicodeDecodeError:
         return None
-    return data[used:]
+    rest = data[used:]
+    if len(rest) >= 2:
+        # Python's incremental decoder takes ED A0..BF (a surrogate's first two bytes) as a prefix and
+        # refuses it only once the character is whole: a dead end for the row (no continuation is
+        # valid). The complete character's check decides: pad with continuation bytes and decode.
+        try:
+            codecs.utf_8_decode(rest + b"\x80" * ((4 if rest[0] >= 0xF0 else 3) - len(rest)), "strict", True)
+        except UnicodeDecodeError:
+            return None
+    return rest
 
 
 class Utf8Guard:
@@ -51,6 +60,13 @@ class Utf8Guard:
         for j in np.flatnonzero(odd & ~ix.eog[ids]).tolist():
             out[j] = _rest(self.pending + ix.raw[int(ids[j])]) is not None
         return out
+
+    def ok_one(self, token: int) -> bool:
+        """:meth:`ok` for one token, without numpy's per-call cost (a grammar row's every draw)."""
+        ix = self._index
+        if ix.eog[token] or not ix.odd[token]:
+            return not self.pending
+        return _rest(self.pending + ix.raw[token]) is not None
 
     def accept(self, token: int) -> None:
         ix = self._index

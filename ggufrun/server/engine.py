@@ -786,8 +786,10 @@ class Engine:
         budget = model.n_batch
         batch: list[tuple[_Slot, list[int], int]] = []
         used = 0  # tokens (all outputs) of the generating rows
-        for k, slot in enumerate(rows[:budget]):
-            slot.draft = drafts.get(slot.seq_id, [])[: max(budget - used - (len(rows[:budget]) - k), 0)]
+        rows = rows[:budget]
+        for k, slot in enumerate(rows):
+            draft = drafts.get(slot.seq_id)  # (a draft takes only the room the rows after it leave)
+            slot.draft = draft[: max(budget - used - (len(rows) - k), 0)] if draft else []
             batch.append((slot, [slot.last, *slot.draft], 1 + len(slot.draft)))
             used += 1 + len(slot.draft)
         n_rows = len(batch)
@@ -831,7 +833,7 @@ class Engine:
             for slot, _, _ in batch:
                 slot.draft = []
             if embed_part:
-                self._embed_failed(embed, exc)  # type: ignore[arg-type]
+                self._embed_done(embed, exc)  # type: ignore[arg-type]
             return exc, [slot for slot, _, _ in batch]
         self._decoded = True
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
@@ -1123,7 +1125,7 @@ class Engine:
         try:
             job.total += model.embedding_rows(first, n).sum(axis=0, dtype=job.total.dtype)
         except GgufrunError as exc:
-            self._embed_failed(job, exc)
+            self._embed_done(job, exc)
             return
         if job.sent < len(job.tokens):  # type: ignore[arg-type]
             return
@@ -1134,9 +1136,6 @@ class Engine:
         job.tokens, job.total, job.sent, job.cells = None, None, 0, 0
         if len(job.vectors) == len(job.texts):
             self._embed_done(job, None)
-
-    def _embed_failed(self, job: _EmbedJob, exc: GgufrunError) -> None:
-        self._embed_done(job, exc)
 
     def _embed_done(self, job: _EmbedJob, error: GgufrunError | None) -> None:
         """Take a finished, failed or cancelled embedding request off the queue and answer it."""
