@@ -13,7 +13,7 @@ import hashlib
 import io
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import ExitStatus, GgufrunError
 
@@ -112,11 +112,6 @@ def run_end(tokens: Sequence[int], limit: int, *, whole: bool = False) -> int:
     return n
 
 
-def text_only(tokens: Sequence[int]) -> list[int]:
-    """``tokens`` without image tokens (a sampler's penalty window counts text)."""
-    return [t for t in tokens if t >= 0]
-
-
 def chat_tokens_with_images(template: Any, model: Any, messages: list[dict[str, Any]],
                             blocks: Sequence[list[int]], *, add_generation_prompt: bool = True,
                             tools: Sequence[Any] | None = None, variables: Mapping[str, Any] | None = None) -> list[int]:
@@ -164,9 +159,6 @@ def pictures_in(messages: list[dict[str, Any]]) -> list[Picture]:
     """The Picture of every ``{"type": "image", "picture": ...}`` part, in order."""
     return [p["picture"] for m in messages if isinstance(m.get("content"), list) for p in m["content"]
             if isinstance(p, Mapping) and p.get("type") == "image"]
-
-
-BlockFn = Callable[[Picture], tuple[list[int], list[Any]]]
 
 
 def read_picture(path: Any, vision: Any, model_name: str) -> Picture:
