@@ -185,10 +185,13 @@ def read_picture(path: Any, vision: Any, model_name: str) -> Picture:
 def session_blocks(vision: Any, model: Any, messages: list[dict[str, Any]]) -> tuple[list[list[int]], list[Any]]:
     """Every picture's tokens in ``messages`` (the projector keeps recent ones encoded), and the
     embeddings they name (registered with the model; hold them while the tokens are decoded)."""
-    blocks, held = [], []
-    for pic in pictures_in(messages):
-        tokens, embeds = vision.block(pic)
-        for e in embeds:
-            held.append(model.images.setdefault(e.key, e))
-        blocks.append(tokens)
-    return blocks, held
+    held: list[Any] = []
+    return [encode_picture(vision, model, pic, held) for pic in pictures_in(messages)], held
+
+
+def encode_picture(vision: Any, model: Any, pic: Picture, held: list[Any]) -> list[int]:
+    """``pic``'s tokens from ``vision``; the embeddings they name are registered with ``model``, one
+    object per key (an image two requests share stays while either holds it), and added to ``held``."""
+    tokens, embeds = vision.block(pic)
+    held.extend(model.images.setdefault(e.key, e) for e in embeds)
+    return tokens
