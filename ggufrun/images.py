@@ -61,6 +61,7 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
         raise ImageError(f"{what} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB.")
     from PIL import Image
 
+    _quiet_pillow(Image)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or "?"
@@ -81,6 +82,15 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{what} is corrupt or truncated ({exc}).") from None
     return Picture(rgb.width, rgb.height, rgb.tobytes(), hashlib.sha256(data).digest())
+
+
+def _quiet_pillow(Image: Any) -> None:
+    """Silence Pillow's DecompressionBombWarning (over ~89 M pixels): MAX_PIXELS refuses those
+    images anyway, and each size a client sends would otherwise print its own warning on stderr.
+    Added on every call (filterwarnings replaces an equal filter): a caller may reset the filters."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def image_tokens(seed: bytes, n: int) -> tuple[int, list[int]]:
