@@ -302,6 +302,15 @@ def test_ollama_images(vsrv: ServerProcess) -> None:
     assert r.prompt_eval_count >= plain.prompt_eval_count + 8
     gen = client.generate(model="vlm", prompt="What is this?", images=[png(color=(4, 4, 4))], options={"num_predict": 2})
     assert gen.prompt_eval_count >= plain.prompt_eval_count + 8
+    import urllib.request  # base64 wrapped at 76 columns, as `base64 FILE` writes it (no client library re-encodes it)
+    wrapped = base64.encodebytes(png(color=(5, 5, 5))).decode()
+    assert "\n" in wrapped.rstrip("\n")
+    body = {"model": "vlm", "stream": False, "options": {"num_predict": 2}, "messages": [
+        {"role": "user", "content": "What is this?", "images": [wrapped]}]}
+    request = urllib.request.Request(f"{vsrv.url}/api/chat", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert json.loads(reply.read())["prompt_eval_count"] >= plain.prompt_eval_count + 8
     with pytest.raises(ollama.ResponseError, match="not an image"):
         client.chat(model="vlm", messages=[{"role": "user", "content": "x", "images": [b"not an image at all"]}],
                     options={"num_predict": 2})

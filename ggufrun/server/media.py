@@ -56,6 +56,8 @@ def _bytes(part: Mapping[str, Any], allow_urls: bool) -> bytes:
 
 
 def _b64(text: str, where: str) -> bytes:
+    if "\n" in text:  # line-wrapped, as `base64 FILE` writes it: Ollama's decoder skips the line ends
+        text = text.replace("\r", "").replace("\n", "")
     if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
         raise ApiError(400, f"'{where}': the image is larger than {MAX_IMAGE_BYTES >> 20} MB.", param=where)
     try:
