@@ -13,7 +13,7 @@ import hashlib
 import io
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import ExitStatus, GgufrunError
 
@@ -61,6 +61,7 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
         raise ImageError(f"{what} is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB.")
     from PIL import Image
 
+    _quiet_pillow(Image)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format or "?"
@@ -81,6 +82,15 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{what} is corrupt or truncated ({exc}).") from None
     return Picture(rgb.width, rgb.height, rgb.tobytes(), hashlib.sha256(data).digest())
+
+
+def _quiet_pillow(Image: Any) -> None:
+    """Silence Pillow's DecompressionBombWarning (over ~89 M pixels): MAX_PIXELS refuses those
+    images anyway, and each size a client sends would otherwise print its own warning on stderr.
+    Added on every call (filterwarnings replaces an equal filter): a caller may reset the filters."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def image_tokens(seed: bytes, n: int) -> tuple[int, list[int]]:
@@ -110,11 +120,6 @@ def run_end(tokens: Sequence[int], limit: int, *, whole: bool = False) -> int:
     if whole and image and n < len(tokens) and tokens[n] < 0:
         return 0
     return n
-
-
-def text_only(tokens: Sequence[int]) -> list[int]:
-    """``tokens`` without image tokens (a sampler's penalty window counts text)."""
-    return [t for t in tokens if t >= 0]
 
 
 def chat_tokens_with_images(template: Any, model: Any, messages: list[dict[str, Any]],
@@ -166,9 +171,6 @@ def pictures_in(messages: list[dict[str, Any]]) -> list[Picture]:
             if isinstance(p, Mapping) and p.get("type") == "image"]
 
 
-BlockFn = Callable[[Picture], tuple[list[int], list[Any]]]
-
-
 def read_picture(path: Any, vision: Any, model_name: str) -> Picture:
     """An image file for a chat message. Raises NoVisionError (``vision`` None), ImageError."""
     from pathlib import Path
@@ -193,10 +195,13 @@ def read_picture(path: Any, vision: Any, model_name: str) -> Picture:
 def session_blocks(vision: Any, model: Any, messages: list[dict[str, Any]]) -> tuple[list[list[int]], list[Any]]:
     """Every picture's tokens in ``messages`` (the projector keeps recent ones encoded), and the
     embeddings they name (registered with the model; hold them while the tokens are decoded)."""
-    blocks, held = [], []
-    for pic in pictures_in(messages):
-        tokens, embeds = vision.block(pic)
-        for e in embeds:
-            held.append(model.images.setdefault(e.key, e))
-        blocks.append(tokens)
-    return blocks, held
+    held: list[Any] = []
+    return [encode_picture(vision, model, pic, held) for pic in pictures_in(messages)], held
+
+
+def encode_picture(vision: Any, model: Any, pic: Picture, held: list[Any]) -> list[int]:
+    """``pic``'s tokens from ``vision``; the embeddings they name are registered with ``model``, one
+    object per key (an image two requests share stays while either holds it), and added to ``held``."""
+    tokens, embeds = vision.block(pic)
+    held.extend(model.images.setdefault(e.key, e) for e in embeds)
+    return tokens

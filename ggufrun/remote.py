@@ -112,6 +112,8 @@ def until(entry: dict[str, Any], now: datetime.datetime | None = None) -> str:
         when = datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
         return "?"
+    if when.tzinfo is None:  # a time without an offset is UTC (else a TypeError below)
+        when = when.replace(tzinfo=datetime.timezone.utc)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     left = (when - now).total_seconds()
     if left > 100 * 365 * 86400:

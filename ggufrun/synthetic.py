@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -460,9 +461,7 @@ def write_synthetic(
     family = template_family(template)
     family = family if family in TEMPLATES else ("gemma" if spec.arch.startswith("gemma") else "chatml")
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    writer = gguf.GGUFWriter(tmp, spec.arch)
-    try:
+    with gguf_writer(out, spec.arch, gguf) as writer:
         _write_metadata(writer, spec, quant, family, template, gguf, fim, extra_tokens)
         for t in tensors:
             ne = t.shape[::-1]  # numpy order
@@ -479,12 +478,22 @@ def write_synthetic(
         assert writer.fout is not None
         write_tensor_data(writer.fout[0], tensors, seed, writer.data_alignment, total, progress, np,
                           inert=inert, perturb=perturb)
+    return out
+
+
+@contextmanager
+def gguf_writer(out: Path, arch: str, gguf: Any) -> Iterator[Any]:
+    """A GGUFWriter onto a temporary file beside ``out``, renamed over ``out`` when the block ends
+    without an error: a failed or interrupted write leaves no partial file and ``out`` as it was."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        yield writer
         writer.close()
         os.replace(tmp, out)
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
-    return out
 
 
 def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: str | None, gguf: Any,

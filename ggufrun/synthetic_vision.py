@@ -20,7 +20,6 @@ SmolVLM-256M/500M's SigLIP-B/16 at 512 px; gemma-3-4b's SigLIP-So400m/14 at 896 
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +120,7 @@ def write_projector(path: str | Path, projector: str | ProjectorSpec, text_n_emb
     import gguf
     import numpy as np
 
-    from .synthetic import write_tensor_data
+    from .synthetic import gguf_writer, write_tensor_data
 
     spec = projector if isinstance(projector, ProjectorSpec) else projector_spec(projector)
     if text_n_embd < 1:
@@ -132,9 +131,7 @@ def write_projector(path: str | Path, projector: str | ProjectorSpec, text_n_emb
     out.parent.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(out.parent).free < total + (64 << 20):
         raise DiskSpaceError(f"Not enough disk space in {out.parent} for {total / 1e9:.2f} GB.")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    writer = gguf.GGUFWriter(tmp, "clip")
-    try:
+    with gguf_writer(out, "clip", gguf) as writer:
         writer.add_name(f"ggufrun synthetic {spec.kind} projector")
         writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
         writer.add_string("clip.projector_type", spec.projector_type)
@@ -161,9 +158,4 @@ def write_projector(path: str | Path, projector: str | ProjectorSpec, text_n_emb
         writer.write_ti_data_to_file()
         assert writer.fout is not None
         write_tensor_data(writer.fout[0], tensors, seed, writer.data_alignment, total, None, np)
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
     return out

@@ -82,7 +82,10 @@ def projector_spec(spec: Any, *, offline: bool | None = None, report: Any = None
             return None
         chosen = choose_mmproj(list(meta))
         if chosen is None and root.is_dir():
-            (root / _NONE_MARK).touch()
+            try:
+                (root / _NONE_MARK).touch()
+            except OSError:  # a read-only cache: the repo is listed again next time, nothing worse
+                pass
     if chosen is None:
         return None
     entry_meta = meta.get(chosen) if meta else None

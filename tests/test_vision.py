@@ -142,6 +142,23 @@ def test_pictures_are_checked_with_pillow() -> None:
     assert load_picture(png()).digest == load_picture(png()).digest != load_picture(png(color=(0, 0, 1))).digest
 
 
+def test_a_huge_picture_is_refused_from_its_header_without_a_warning() -> None:
+    import struct
+    import warnings
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # a PNG header claiming 10000x10000 pixels (over Pillow's own 89 M warning, under its 179 M error)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    with warnings.catch_warnings(record=True) as seen:
+        with pytest.raises(ImageError, match="10000x10000 pixels; the limit is 50,000,000"):
+            load_picture(bomb)
+    assert not [w for w in seen if "decompression bomb" in str(w.message)]
+
+
 def test_prompt_chunks_stop_where_text_and_images_meet() -> None:
     assert run_end([5, 6, -3, -4, 7], 10) == 2
     assert run_end([-3, -4, 7], 10) == 2
@@ -285,6 +302,15 @@ def test_ollama_images(vsrv: ServerProcess) -> None:
     assert r.prompt_eval_count >= plain.prompt_eval_count + 8
     gen = client.generate(model="vlm", prompt="What is this?", images=[png(color=(4, 4, 4))], options={"num_predict": 2})
     assert gen.prompt_eval_count >= plain.prompt_eval_count + 8
+    import urllib.request  # base64 wrapped at 76 columns, as `base64 FILE` writes it (no client library re-encodes it)
+    wrapped = base64.encodebytes(png(color=(5, 5, 5))).decode()
+    assert "\n" in wrapped.rstrip("\n")
+    body = {"model": "vlm", "stream": False, "options": {"num_predict": 2}, "messages": [
+        {"role": "user", "content": "What is this?", "images": [wrapped]}]}
+    request = urllib.request.Request(f"{vsrv.url}/api/chat", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert json.loads(reply.read())["prompt_eval_count"] >= plain.prompt_eval_count + 8
     with pytest.raises(ollama.ResponseError, match="not an image"):
         client.chat(model="vlm", messages=[{"role": "user", "content": "x", "images": [b"not an image at all"]}],
                     options={"num_predict": 2})

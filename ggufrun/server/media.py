@@ -13,7 +13,7 @@ import base64
 import binascii
 from typing import Any, Mapping, Sequence
 
-from ..images import MAX_IMAGE_BYTES, ImageError, chat_tokens_with_images, load_picture
+from ..images import MAX_IMAGE_BYTES, ImageError, chat_tokens_with_images, encode_picture, load_picture
 from .api_errors import ApiError
 
 URL_TIMEOUT = 10.0
@@ -56,6 +56,8 @@ def _bytes(part: Mapping[str, Any], allow_urls: bool) -> bytes:
 
 
 def _b64(text: str, where: str) -> bytes:
+    if "\n" in text:  # line-wrapped, as `base64 FILE` writes it: Ollama's decoder skips the line ends
+        text = text.replace("\r", "").replace("\n", "")
     if len(text) > MAX_IMAGE_BYTES * 4 // 3 + 4:
         raise ApiError(400, f"'{where}': the image is larger than {MAX_IMAGE_BYTES >> 20} MB.", param=where)
     try:
@@ -95,12 +97,9 @@ def prompt_tokens(backend: Any, model_id: str, messages: list[dict[str, Any]], *
                 continue
             try:
                 picture = load_picture(_bytes(part, allow_urls), what=f"'{part['where']}'")
-                tokens, embeds = backend.vision.block(picture)
+                blocks.append(encode_picture(backend.vision, model, picture, images))
             except ImageError as exc:
                 raise ApiError(400, exc.message, param=part["where"]) from None
-            for e in embeds:  # one object per key: an image shared by two requests stays while either holds it
-                images.append(model.images.setdefault(e.key, e))
-            blocks.append(tokens)
     try:
         tokens = chat_tokens_with_images(render.pop("template"), model, messages, blocks, **render)
     except ImageError as exc:
