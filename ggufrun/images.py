@@ -20,6 +20,7 @@ from .errors import ExitStatus, GgufrunError
 MAX_IMAGE_BYTES = 20 << 20  # an encoded image; OpenAI's own limit is 20 MB
 MAX_PIXELS = 50_000_000  # decoded width x height (Pillow's decompression-bomb guard is ~89 M)
 MAX_SIDE = 2048  # images are scaled down to this longest side before the projector sees them
+LOW_SIDE = 512  # OpenAI's image_url detail "low": a 512-pixel image (fewer tiles on a projector that tiles)
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _ROW_BITS = 20  # up to a million rows per image chunk
 
@@ -44,7 +45,7 @@ class NoVisionError(GgufrunError):
 
 @dataclass(frozen=True)
 class Picture:
-    """A checked image: RGB pixels, row-major, 3 bytes a pixel; ``digest`` of the original bytes."""
+    """A checked image: RGB pixels, row-major, 3 bytes a pixel; ``digest`` of the original bytes (and the size they were scaled to, where not the default)."""
 
     width: int
     height: int
@@ -52,8 +53,8 @@ class Picture:
     digest: bytes
 
 
-def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE_BYTES) -> Picture:
-    """Decode image bytes (PNG, JPEG, WebP, GIF, BMP) into a Picture, scaled down to MAX_SIDE.
+def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE_BYTES, max_side: int = MAX_SIDE) -> Picture:
+    """Decode image bytes (PNG, JPEG, WebP, GIF, BMP) into a Picture, scaled down to ``max_side``.
     Raises ImageError naming ``what`` for anything else, an oversized image or corrupt bytes."""
     if not data:
         raise ImageError(f"{what} is empty.")
@@ -71,8 +72,8 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
                 raise ImageError(f"{what} is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,} pixels.")
             img.seek(0)  # the first frame of an animation
             rgb = img.convert("RGB")
-            if max(rgb.size) > MAX_SIDE:
-                rgb.thumbnail((MAX_SIDE, MAX_SIDE))
+            if max(rgb.size) > max_side:
+                rgb.thumbnail((max_side, max_side))
             rgb.load()
     except ImageError:
         raise
@@ -81,7 +82,9 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
                          f"Send one of {', '.join(FORMATS)}.") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{what} is corrupt or truncated ({exc}).") from None
-    return Picture(rgb.width, rgb.height, rgb.tobytes(), hashlib.sha256(data).digest())
+    # the same bytes at another size are another picture (its embeddings and cached prefix differ)
+    digest = hashlib.sha256(data if max_side == MAX_SIDE else data + f"\0{max_side}".encode()).digest()
+    return Picture(rgb.width, rgb.height, rgb.tobytes(), digest)
 
 
 def _quiet_pillow(Image: Any) -> None:

@@ -540,3 +540,18 @@ def test_one_engine_step_decodes_an_image_beside_another_sequences_tokens(vlm: t
         assert model.logits_rows(1).shape == (1, model.n_vocab)  # the text row's logits survive the image batch
         proj.close()
         assert held
+
+
+def test_detail_low_is_a_512_pixel_picture_of_its_own() -> None:
+    """OpenAI's image_url detail: "low" sends the projector a picture scaled to 512 pixels (fewer
+    tiles where the projector tiles), cached apart from the same bytes at full size."""
+    from ggufrun.server.media import openai_content
+
+    data = png(1200, 900)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    parts = openai_content([{"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+                            {"type": "image_url", "image_url": {"url": url}}], "messages[0].content")
+    assert parts is not None
+    low, full = (load_picture(data, max_side=p["max_side"]) for p in parts)
+    assert (low.width, low.height) == (512, 384) and (full.width, full.height) == (1200, 900)
+    assert low.digest != full.digest

@@ -13,7 +13,7 @@ import base64
 import binascii
 from typing import Any, Mapping, Sequence
 
-from ..images import MAX_IMAGE_BYTES, ImageError, chat_tokens_with_images, encode_picture, load_picture
+from ..images import LOW_SIDE, MAX_IMAGE_BYTES, MAX_SIDE, ImageError, chat_tokens_with_images, encode_picture, load_picture
 from .api_errors import ApiError
 
 URL_TIMEOUT = 10.0
@@ -25,12 +25,12 @@ class Where(str):
     A str subclass no JSON body can hold."""
 
 
-def image_part(source: str, where: str, *, media_type: str | None = None) -> dict[str, Any]:
+def image_part(source: str, where: str, *, media_type: str | None = None, max_side: int = MAX_SIDE) -> dict[str, Any]:
     """A content part standing for one image: ``source`` is a data: URL, an http(s) URL or
-    (with ``media_type``) bare base64. Checked when the prompt is built."""
+    (with ``media_type``) bare base64, scaled down to ``max_side``. Checked when the prompt is built."""
     if not isinstance(source, str) or not source:
         raise ApiError(400, f"'{where}' must be a non-empty string (a data: URL or base64 image).", param=where)
-    return {"type": "image", "source": source, "media_type": media_type, "where": where}
+    return {"type": "image", "source": source, "media_type": media_type, "where": where, "max_side": max_side}
 
 
 def has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
@@ -96,7 +96,8 @@ def prompt_tokens(backend: Any, model_id: str, messages: list[dict[str, Any]], *
             if not (isinstance(part, Mapping) and part.get("type") == "image"):
                 continue
             try:
-                picture = load_picture(_bytes(part, allow_urls), what=f"'{part['where']}'")
+                picture = load_picture(_bytes(part, allow_urls), what=f"'{part['where']}'",
+                                       max_side=part.get("max_side", MAX_SIDE))
                 blocks.append(encode_picture(backend.vision, model, picture, images))
             except ImageError as exc:
                 raise ApiError(400, exc.message, param=part["where"]) from None
@@ -135,7 +136,8 @@ def openai_content(content: Any, where: str) -> list[dict[str, Any]] | None:
             if detail not in ("auto", "low", "high"):
                 raise ApiError(400, f"Invalid '{at}.image_url.detail': expected auto, low or high.", param=f"{at}.image_url.detail")
             named = part.get("where")  # type: ignore[union-attr]
-            out.append(image_part(url if isinstance(url, str) else "", named if isinstance(named, Where) else f"{at}.image_url.url"))
+            out.append(image_part(url if isinstance(url, str) else "", named if isinstance(named, Where) else f"{at}.image_url.url",
+                                  max_side=LOW_SIDE if detail == "low" else MAX_SIDE))
         else:
             raise ApiError(400, f"Invalid '{at}': expected a text or image_url part.", param=at)
     return out
