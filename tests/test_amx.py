@@ -152,10 +152,21 @@ def test_check_runs_once_then_comes_from_the_cache(ggufrun_home: Path, amx_verdi
 
 def test_a_crashing_check_turns_amx_off() -> None:
     # A child that dies the way a bad tile configuration kills it (#GP: SIGSEGV).
-    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    crash = [sys.executable, "-c", "import os, signal, sys; open(os.path.join(sys.argv[1], 'model.gguf'), 'w');"
+             "print(sys.argv[1], flush=True); os.kill(os.getpid(), signal.SIGSEGV)"]
     result = amx.run_check(argv=crash)
     assert not result.ok and "SIGSEGV" in result.detail
     assert not amx.decide(None, True, lambda: result).keep
+
+
+def test_a_crashing_check_leaves_no_scratch_folder(tmp_path: Path) -> None:
+    # The child dies before any cleanup of its own could run; the folder it wrote into must still go.
+    record = tmp_path / "where"
+    crash = [sys.executable, "-c", "import os, signal, sys; open(os.path.join(sys.argv[2], 'model.gguf'), 'w');"
+             "open(sys.argv[1], 'w').write(sys.argv[2]); os.kill(os.getpid(), signal.SIGSEGV)", str(record)]
+    assert not amx.run_check(argv=crash).ok
+    scratch = Path(record.read_text())
+    assert scratch.name.startswith("ggufrun-amx-") and not scratch.exists()
 
 
 def test_cpu_backend_names_the_extra_buffers() -> None:

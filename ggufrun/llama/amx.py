@@ -160,11 +160,14 @@ def run_check(timeout: float = 60.0, argv: list[str] | None = None) -> Check:
     env = {**os.environ, "GGUFRUN_AMX_BUFFERS": "1",  # the child must not check again
            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(argv or [sys.executable, "-m", "ggufrun.llama.amx"], capture_output=True, text=True,
-                              env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return Check(False, f"the AMX check did not finish in {timeout:.0f} s")
+    # The parent owns the scratch folder: the child may die of the very crash it probes for, and then
+    # its own cleanup never runs (a thousand leftover folders in /tmp showed it).
+    with tempfile.TemporaryDirectory(prefix="ggufrun-amx-") as tmp:
+        try:
+            proc = subprocess.run((argv or [sys.executable, "-m", "ggufrun.llama.amx"]) + [tmp], capture_output=True,
+                                  text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Check(False, f"the AMX check did not finish in {timeout:.0f} s")
     took = f"{time.perf_counter() - started:.1f} s"
     if proc.returncode < 0:
         try:
@@ -261,11 +264,14 @@ def _logits(L: Any, np: Any, path: Path, extra: bool, prompt: list[int], threads
         L.llama_model_free(model)
 
 
-def _main() -> int:
+def _main(argv: list[str]) -> int:
+    if argv:  # the folder run_check made and will remove
+        print(json.dumps(compare(Path(argv[0]))), flush=True)
+        return 0
     with tempfile.TemporaryDirectory(prefix="ggufrun-amx-") as tmp:
         print(json.dumps(compare(Path(tmp))), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(_main(sys.argv[1:]))
