@@ -277,3 +277,26 @@ def test_chunks_save_up_for_their_fixed_cost_and_a_short_prompt_goes_at_once() -
         b.launched(2, "prompt", b.allowance(2, "prompt", 10**6), now)
     b.launched(2, "prompt", 0, now)
     assert 0 < b.credit_s < b.cap_s("prompt") and b.allowance(2, "prompt", 3) == 3
+
+
+def test_parts_of_unequal_length_and_admissions_do_not_inflate_the_fit() -> None:
+    """llama.cpp runs prompts of unequal lengths in one decode as a micro-batch each (a fixed cost
+    per part), and a step that admitted requests spent host time on them: neither may be read as a
+    cost per token (an H100 run learnt 6-7 ms a prompt token where the device spends ~0.25, and
+    long prompts crept in at a few tokens a step)."""
+    from ggufrun.server.budget import StepBudget
+
+    b = StepBudget(512)
+    now, _ = run_steps(b, 100.0, 5, 0.020, {}, [])
+    for i in range(200):
+        parts = 3 if i % 4 == 0 else 1
+        tokens = 8 + 9 * (i % 5)
+        setup = 0.080 if i % 7 == 0 else 0.0  # a long prompt's admission
+        b.launched(2, "prompt", tokens, now, setup, parts)
+        now += setup + 0.020 + 0.010 * parts + 0.0005 * tokens
+        b.finished(now)
+    assert abs(b.token_s["prompt"] - 0.0005) < 1e-4 and abs(b.fixed_s["prompt"] - 0.010) < 2e-3, b.describe()
+    assert abs(b.cost_s("prompt", 30, 3) - (0.030 + 0.015)) < 5e-3
+    # three short prompts of unequal length do not fit a 2x-plain step whole; one of the same size does
+    b.credit_s = 0.0
+    assert b.allowance(2, "prompt", 12, passes=3) < 12 and b.allowance(2, "prompt", 12) == 12

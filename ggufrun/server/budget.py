@@ -63,7 +63,9 @@ class StepBudget:
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
         self._waiting: list[str] = []  # the kinds with work waiting at the last pick
         self._last_done = 0.0
-        self._launched: tuple[int, str, int, float] = (0, "", 0, 0.0)  # rows, kind, tokens of the decode in flight; when queued
+        # rows, kind, tokens of the decode in flight; when its step began; host time that step spent admitting
+        # requests; the chunk's micro-batches
+        self._launched: tuple[int, str, int, float, float, int] = (0, "", 0, 0.0, 0.0, 1)
 
     def cap_s(self, kind: str) -> float:
         """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""
@@ -78,16 +80,19 @@ class StepBudget:
         """Chunk work per step on average, for the kinds waiting."""
         return (max((SLACK[k] for k in self._waiting), default=SLACK["prompt"]) - 1.0) * self.plain_s
 
-    def cost_s(self, kind: str, tokens: int) -> float:
-        """The estimated seconds a chunk of ``tokens`` of ``kind`` adds to a step."""
-        return self.fixed_s[kind] + self.token_s[kind] * tokens if tokens else 0.0
+    def cost_s(self, kind: str, tokens: int, passes: int = 1) -> float:
+        """The estimated seconds a chunk of ``tokens`` of ``kind`` adds to a step, in ``passes``
+        micro-batches of its own (one per distinct length among its sequences' parts: llama.cpp
+        splits a batch over split KV streams into parts of equal length per sequence)."""
+        return self.fixed_s[kind] * max(passes, 1) + self.token_s[kind] * tokens if tokens else 0.0
 
-    def allowance(self, rows: int, kind: str, want: int) -> int:
+    def allowance(self, rows: int, kind: str, want: int, passes: int = 1) -> int:
         """Tokens of ``kind`` the next decode may take beside ``rows`` generating replies, ``want``
-        being what waits. Steered: all that waits when it fits a step's cap (a new stream's short
-        prompt goes at once, running the credit at most a cap into debt); else a capful once the
-        credit holds one (a chunk's fixed cost is spread over as many tokens as a step may take);
-        else nothing this step."""
+        being what waits (in ``passes`` parts of distinct lengths, taken whole). Steered: all that
+        waits when it fits a step's cap (a new stream's short prompt goes at once, running the
+        credit at most a cap into debt); else a capful once the credit holds one (a chunk's fixed
+        cost is spread over as many tokens as a step may take, from one sequence); else nothing
+        this step."""
         room = max(self.n_batch - rows, 0)
         if not rows:
             return min(self.n_batch, want)
@@ -95,7 +100,7 @@ class StepBudget:
             return min(self.fixed, room, want)
         if not self.plain_s or not self.token_s[kind]:
             return min(_FIRST, room, want)  # not measured yet: a small chunk measures it
-        whole = self.cost_s(kind, want)
+        whole = self.cost_s(kind, want, passes)
         cap = self.cap_s(kind)
         if want <= min(room, max(2 * self._largest[kind], _FIRST)) and whole <= min(cap, self.credit_s + cap):
             return want
@@ -120,15 +125,18 @@ class StepBudget:
                 self.spent_s[kind] = max(others, default=0.0)
         return min(kinds, key=lambda k: self.spent_s[k])
 
-    def launched(self, rows: int, kind: str, tokens: int, started: float) -> None:
+    def launched(self, rows: int, kind: str, tokens: int, started: float, setup_s: float = 0.0, passes: int = 1) -> None:
         """Note what the decode just queued holds (and pay its chunk out of the credit); ``started``:
-        when its step's work began (before llama_decode, which computes in the call on a CPU)."""
-        self._launched = (rows, kind, tokens, started)
+        when its step's work began (before llama_decode, which computes in the call on a CPU);
+        ``setup_s``: host time the step spent admitting requests before it, left out of the fit;
+        ``passes``: the chunk's parts of distinct lengths (cost_s)."""
+        passes = max(passes, 1)
+        self._launched = (rows, kind, tokens, started, setup_s, passes)
         if not tokens:
             if rows and self.fixed is None:
                 self.credit_s = min(self.credit_s + self.rate_s, self._credit_cap_s)
             return
-        spent = self.cost_s(kind, tokens) if self.token_s[kind] else tokens * (self.plain_s / _FIRST or 1e-3)
+        spent = self.cost_s(kind, tokens, passes) if self.token_s[kind] else tokens * (self.plain_s / _FIRST or 1e-3)
         self.spent_s[kind] += spent
         if rows and self.fixed is None:
             self.credit_s = min(self.credit_s - spent + self.rate_s, self._credit_cap_s)
@@ -141,10 +149,13 @@ class StepBudget:
         """The decode in flight has finished at ``now`` (its rows were read): the time since the
         previous one finished (or since its step began, after an idle spell) is its cost, the
         engine's host work included (what a stream feels)."""
-        rows, kind, tokens, started = self._launched
-        period = now - (self._last_done or started) if started else 0.0
+        rows, kind, tokens, started, setup_s, passes = self._launched
+        # Admitting a request (its first chunk's step) is a one-off of host work: an 11k-token prompt's
+        # took ~10 ms on an H100's host, which taught the fit 6-7 ms a prompt token where the device
+        # spends ~0.25, so long prompts crept in at ~60 tokens a step.
+        period = now - (self._last_done or started) - setup_s if started else 0.0
         self._last_done = now
-        self._launched = (0, "", 0, 0.0)
+        self._launched = (0, "", 0, 0.0, 0.0, 1)
         if not rows or period <= 0.0 or period > 60.0:
             return
         if not tokens:
@@ -152,7 +163,8 @@ class StepBudget:
             return
         if not self.plain_s:
             return
-        self._learn(kind, tokens, max(period - self.plain_s, 0.0))
+        # Micro-batches past the first are told from the fit's own fixed part: the fit stays one of single-part chunks.
+        self._learn(kind, tokens, max(period - self.plain_s - (passes - 1) * self.fixed_s[kind], 0.0))
 
     def _learn(self, kind: str, n: int, y: float) -> None:
         """Fold one chunk (``n`` tokens, ``y`` seconds over a plain step) into its kind's fit."""

@@ -690,16 +690,19 @@ class Engine:
                 assert slot.gen is not None
                 slot.last = -1 if slot.gen.ends_at(tok) else tok
         failed: tuple[GgufrunError, list[_Slot]] | None = None
+        admit_s = 0.0
         if not (self._stopping and time.monotonic() >= self._deadline):
             with self._cv:
                 admitted = self._admissions()
+            ta = time.perf_counter()
             for slot in admitted:
                 entering = slot.job
                 try:
                     self._admit(slot)
                 except Exception as setup_exc:  # noqa: BLE001 -- this request's setup failed: it ends alone
                     self._fail_job(entering, setup_exc)
-            failed = self._launch(model, waiting=len(sampled))
+            admit_s = time.perf_counter() - ta if admitted else 0.0
+            failed = self._launch(model, waiting=len(sampled), setup_s=admit_s)
         t3 = time.perf_counter()
         n = 0
         self._outbox = []
@@ -726,7 +729,7 @@ class Engine:
                 self._end(slot, error=exc)
         if prof is not None:
             end = time.perf_counter()
-            prof.add(len(self._inflight), len(sampled), t1 - t0, t2 - t1, t3 - t2, end - t3,
+            prof.add(len(self._inflight), len(sampled), t1 - t0, t2 - t1, admit_s, t3 - t2 - admit_s, end - t3,
                      min(t0 - prof.last_end, 1.0) if prof.last_end else 0.0)
             prof.last_end = end
 
@@ -765,7 +768,7 @@ class Engine:
             return out
         return [(rows[i][0], rows[i][1], tok, info) for i, tok, info in zip(live, tokens, infos)]
 
-    def _launch(self, model: Any, waiting: int = 0) -> tuple[GgufrunError, list[_Slot]] | None:
+    def _launch(self, model: Any, waiting: int = 0, setup_s: float = 0.0) -> tuple[GgufrunError, list[_Slot]] | None:
         """Queue the next decode; on failure return the error and the slots it was for.
 
         Generating sequences first (one token each keeps their pace steady), then a chunk of the
@@ -773,7 +776,8 @@ class Engine:
         estimated time, the two kinds taking turns by the time each has had, so that neither
         starves the other). ``waiting``: tokens sampled and not yet handed out (after this
         launch); the budget holds for them too, even where no row goes on: a reply's last token
-        waited behind a whole 512-token chunk (seconds on a CPU)."""
+        waited behind a whole 512-token chunk (seconds on a CPU). ``setup_s``: host time this step
+        spent admitting requests, a one-off the budget must not read as the chunk's cost."""
         running = [s for s in self._slots if s.job is not None]
         embed = self._embed_chunkable()
         if not running and embed is None:
@@ -803,7 +807,10 @@ class Engine:
             queued = min(len(embed.tokens) - embed.sent, max(model.output_rows - used, 8))  # type: ignore[arg-type]
         else:
             queued = sum(len(slot.pending) for slot in prompts)
-        chunks = min(budget - used, self._budget.allowance(n_rows or waiting, kind, queued))
+        # Prompts of unequal lengths in one decode are a micro-batch each (a fixed cost per part): the whole-fits
+        # check counts them; a capful takes one prompt's tokens.
+        parts = len({len(s.pending) for s in prompts}) if kind == "prompt" else 1
+        chunks = min(budget - used, self._budget.allowance(n_rows or waiting, kind, queued, parts))
         embed_part: list[int] = []
         if kind == "embed" and embed is not None and chunks > 0:
             # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped in queued
@@ -837,7 +844,9 @@ class Engine:
             return exc, [slot for slot, _, _ in batch]
         self._decoded = True
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
-        self._budget.launched(n_rows or waiting, kind, n_chunks, started)
+        row_lengths = {len(toks) for _, toks, _ in batch[:n_rows]}
+        passes = len({len(toks) for _, toks, _ in batch[n_rows:]} - row_lengths) + (1 if embed_part else 0)
+        self._budget.launched(n_rows or waiting, kind, n_chunks, started, setup_s, passes)
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
@@ -1178,7 +1187,7 @@ class _StepProfile:
     def __init__(self, name: str) -> None:
         self.name = name
         self.n = 0
-        self.sums = [0.0] * 7
+        self.sums = [0.0] * 8
         self.last_end = 0.0
         self.chunk_sums = {"prompt": 0, "embed": 0}  # tokens of each kind decoded beside the rows
         self.budget: StepBudget | None = None
@@ -1194,10 +1203,10 @@ class _StepProfile:
         if self.n % 64 == 0:
             s = [v / self.n for v in self.sums]
             log.info("steps %s: %d steps, per step %.1f rows decoding, %.1f sampled, %.1f prompt and %.1f embedding tokens "
-                     "(budget: %s); ms: device wait %.2f, sample %.2f, admit+launch %.2f, accept+emit %.2f, between steps %.2f",
+                     "(budget: %s); ms: device wait %.2f, sample %.2f, admit %.2f, launch %.2f, accept+emit %.2f, between steps %.2f",
                      self.name, self.n, *s[:2], self.chunk_sums["prompt"] / self.n, self.chunk_sums["embed"] / self.n,
                      self.budget.describe() if self.budget is not None else "-", *(1e3 * v for v in s[2:]))
-            self.n, self.sums, self.chunk_sums = 0, [0.0] * 7, {"prompt": 0, "embed": 0}
+            self.n, self.sums, self.chunk_sums = 0, [0.0] * 8, {"prompt": 0, "embed": 0}
 
 
 def _sample(logits: Any, seqs: list[Any]) -> tuple[list[int], list[Any]]:
