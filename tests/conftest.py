@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
 import pytest
@@ -14,6 +15,13 @@ if TYPE_CHECKING:
 
 # Reused across runs so the 253 MB file is assembled once per machine, not once per test run.
 GEMMA_CACHE = Path(os.environ.get("GGUFRUN_TEST_CACHE", Path.home() / ".cache" / "ggufrun-tests"))
+
+# One llama.cpp thread per process unless a test asks for more: the suite runs a worker per core, each
+# beside its servers and child processes, and ggml's threads busy-wait for one another at every
+# barrier, so a second thread per process only spins against the other workers (a reply ran 3-5x
+# slower with two threads on this 2-core machine under load). Set here, before any fixture starts a
+# server, so that every process the suite starts inherits it.
+os.environ["GGUFRUN_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +57,21 @@ def seed_amx_verdict(amx_verdict: "Check | None", tmp_path_factory: pytest.TempP
     return seed
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Callable[[Path], None]) -> Iterator[Path]:
+    """A GGUFRUN_HOME for what runs before a test's own (module- and session-scoped fixtures: their
+    servers, bench runs, loads), seeded like a test's, so that those neither write to the machine's
+    home nor find its state, and pay for no second AMX check."""
+    home = tmp_path_factory.mktemp("session-home")
+    seed_amx_verdict(home)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GGUFRUN_HOME", str(home))
+    mp.setenv("GGUFRUN_HF_ENDPOINT", "http://127.0.0.1:9")
+    mp.setenv("GGUFRUN_MS_ENDPOINT", "http://127.0.0.1:9")
+    yield home
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def ggufrun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed_amx_verdict: Callable[[Path], None]) -> Path:
     """Point every test at its own GGUFRUN_HOME (empty but for the AMX verdict), and never at a real hub."""
@@ -60,7 +83,8 @@ def ggufrun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed_amx_verdi
     monkeypatch.setenv("GGUFRUN_HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port: no test reaches a hub
     monkeypatch.setenv("GGUFRUN_MS_ENDPOINT", "http://127.0.0.1:9")
     for name in list(os.environ):
-        if name.startswith("GGUFRUN_") and name not in {"GGUFRUN_HOME", "GGUFRUN_HF_ENDPOINT", "GGUFRUN_MS_ENDPOINT", "GGUFRUN_TEST_CACHE"}:
+        if name.startswith("GGUFRUN_") and name not in {"GGUFRUN_HOME", "GGUFRUN_HF_ENDPOINT", "GGUFRUN_MS_ENDPOINT", "GGUFRUN_TEST_CACHE",
+                                                        "GGUFRUN_THREADS"}:
             monkeypatch.delenv(name)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -21,7 +21,7 @@ from ggufrun.errors import (
 from ggufrun.prompts import available, resolve_system
 from ggufrun.settings import Settings
 
-GREEDY = Settings(threads=2, n_ctx=512, temperature=0.0, max_tokens=12)
+GREEDY = Settings(threads=1, n_ctx=512, temperature=0.0, max_tokens=12)
 
 
 # ---- --system ------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_system_prompt_is_folded_and_kept(session: ChatSession) -> None:
 
 
 def test_cancel_keeps_what_was_said(session: ChatSession) -> None:
-    session.settings = Settings(threads=2, n_ctx=512, temperature=0.0, max_tokens=200)
+    session.settings = Settings(threads=1, n_ctx=512, temperature=0.0, max_tokens=200)
     reply = session.ask("Count from one to one hundred in words.")
     pieces = []
     for piece in reply:
@@ -199,7 +199,7 @@ def test_load_rejects_a_file_that_is_not_a_transcript(session: ChatSession, tmp_
 def test_context_overflow_drops_the_oldest_turns_and_keeps_the_system_prompt(gemma_path: Path) -> None:
     from ggufrun.runtime import Model
 
-    settings = Settings(threads=2, n_ctx=160, temperature=0.0, max_tokens=4)
+    settings = Settings(threads=1, n_ctx=160, temperature=0.0, max_tokens=4)
     with Model.load(gemma_path, settings) as model:
         s = ChatSession(model, settings, family="gemma", system="Be brief.")
         notices = []

@@ -15,7 +15,7 @@ import pexpect
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = ["--threads", "2", "--temperature", "0"]
+FAST = ["--threads", "1", "--temperature", "0"]
 
 
 def ggufrun(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -181,7 +181,7 @@ def test_one_shot_prints_only_the_reply(gemma_in_cache: Path, gemma_path: Path) 
 
     # the registry entry's defaults (repeat_penalty 1.1, which now sees the prompt) apply in the CLI too
     defaults = registry.load().resolve("gemma3-270m").defaults
-    settings = resolve(defaults, {"threads": 2, "temperature": 0, "max_tokens": 8})
+    settings = resolve(defaults, {"threads": 1, "temperature": 0, "max_tokens": 8})
     with Model.load(gemma_path, settings) as model:
         expected = "".join(ChatSession(model, settings, family="gemma").ask(prompt))
     assert expected.strip()

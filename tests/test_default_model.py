@@ -44,7 +44,7 @@ def test_chat_without_a_name_answers_a_factual_question(smollm2_gguf: Path, gguf
     # No name and no sampling flags: the registry entry's system prompt and temperature are what make
     # a 135M model answer in English; the seed only makes the run repeatable.
     child = pexpect.spawn(sys.executable, ["-m", "ggufrun.cli.main", "chat", "--seed", "1", "--max-tokens", "40",
-                                           "--threads", "2"],
+                                           "--threads", "1"],
                           cwd=str(REPO), env={**os.environ, "GGUFRUN_OFFLINE": "1"}, encoding="utf-8", timeout=120,
                           dimensions=(50, 220))
     child.expect_exact(">>> ")

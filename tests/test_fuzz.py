@@ -252,8 +252,9 @@ class Watch:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def smol(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> Iterator[ServerProcess]:
     home = tmp_path_factory.mktemp("fuzz-home")
+    seed_amx_verdict(home)  # the session's AMX verdict and trial loads: no second check per server
     env = {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
     # Small batches: a step that prefills a long prompt beside the watched stream stays short (the
     # stall this suite looks for is a hostile input's, not prefill's on a shared 2-core machine).

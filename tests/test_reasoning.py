@@ -379,7 +379,7 @@ def test_chat_session_keeps_thinking_apart_and_think_off_turns_it_off(thinking_g
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
-    settings = Settings(n_gpu_layers=0, n_ctx=1024, threads=2, temperature=0.0, top_k=1, max_tokens=20, reasoning_budget=6)
+    settings = Settings(n_gpu_layers=0, n_ctx=1024, threads=1, temperature=0.0, top_k=1, max_tokens=20, reasoning_budget=6)
     with Model.load(thinking_gguf, settings) as model:
         s = ChatSession(model, settings)
         reply = s.ask(ASK[0]["content"])
@@ -397,7 +397,7 @@ def test_chat_session_keeps_thinking_apart_and_think_off_turns_it_off(thinking_g
 
 @pytest.mark.slow  # another server / two more processes: the path is covered in-process too
 def test_chat_cli_shows_thinking_on_stderr_only_when_asked(thinking_gguf: Path) -> None:
-    run = [sys.executable, "-m", "ggufrun.cli.main", "chat", str(thinking_gguf), "-p", ASK[0]["content"], "--threads", "2",
+    run = [sys.executable, "-m", "ggufrun.cli.main", "chat", str(thinking_gguf), "-p", ASK[0]["content"], "--threads", "1",
            "--temperature", "0", "--max-tokens", "20", "--reasoning-budget", "6", "--verbose"]
     shown = subprocess.run([*run, "--show-thinking"], capture_output=True, text=True, timeout=300, check=False)
     hidden = subprocess.run(run, capture_output=True, text=True, timeout=300, check=False)

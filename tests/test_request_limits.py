@@ -124,8 +124,9 @@ def test_integer_ranges_become_grammars_that_match_exactly_the_range(lo: int | N
 # ---- a real server ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def smol(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> Iterator[ServerProcess]:
     home = tmp_path_factory.mktemp("limits-home")
+    seed_amx_verdict(home)  # the session's AMX verdict and trial loads: no second check per server
     env = {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
     with serve(str(smollm2_gguf), "--served-model-name", "smol", "--parallel", "4", "--n-ctx", "4096", "--threads", "1",
                "--temperature", "0", env=env) as server:

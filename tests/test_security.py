@@ -9,6 +9,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import ollama
@@ -24,8 +25,10 @@ BODY = {"model": "tiny", "prompt": "x", "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {"GGUFRUN_HOME": str(tmp_path_factory.mktemp("sec-home"))}
+def env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("sec-home")
+    seed_amx_verdict(home)  # the session's AMX verdict and trial loads: no second check per server
+    return {"GGUFRUN_HOME": str(home)}
 
 
 @pytest.fixture(scope="module")

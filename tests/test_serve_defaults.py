@@ -39,9 +39,10 @@ def _place(file: Path, home: Path, entry: str, name: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def default_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def default_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> Iterator[ServerProcess]:
     """`ggufrun serve --port 0` with no name, the default model already pulled, offline."""
     home = tmp_path_factory.mktemp("default-home")
+    seed_amx_verdict(home)  # the session's AMX verdict and trial loads: no second check per server
     _place(smollm2_gguf, home, "smollm2-135m")
     with serve("--parallel", "2", "--n-ctx", "1024", "--threads", "1", env={"GGUFRUN_HOME": str(home), **OFFLINE},
                port=0) as server:
@@ -88,12 +89,13 @@ TINY_SYSTEM = "You are a test model. Answer every question briefly, kindly and i
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> Iterator[ServerProcess]:
     """Three models on the tiny synthetic GGUF: a registry entry with a system prompt and
     temperature and max_tokens defaults (as smollm2's), the file with serve's default max_tokens
     and a system prompt from the serve config, and the file with max_tokens = 0 (until the context
     is full)."""
     home = tmp_path_factory.mktemp("tiny-home")
+    seed_amx_verdict(home)
     (home / "models.toml").write_text(
         '[tinychat]\nquants = ["q8_0"]\nfile = "tiny-{quant}.gguf"\nsources = [{ hub = "huggingface", repo = "test/tiny" }]\n'
         f'system = "{TINY_SYSTEM}"\n[tinychat.defaults]\nmax_tokens = 40\ntemperature = 0.3\n', encoding="utf-8")

@@ -23,8 +23,10 @@ FAULT_SEED = 4242  # GGUFRUN_TEST_FAULT_SEED: a job with this seed fails inside 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    env = {"GGUFRUN_HOME": str(tmp_path_factory.mktemp("iso-home")), "GGUFRUN_TEST_FAULT_SEED": str(FAULT_SEED)}
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Any) -> Iterator[ServerProcess]:
+    home = tmp_path_factory.mktemp("iso-home")
+    seed_amx_verdict(home)  # the session's AMX verdict and trial loads: no second check per server
+    env = {"GGUFRUN_HOME": str(home), "GGUFRUN_TEST_FAULT_SEED": str(FAULT_SEED)}
     with serve(str(tiny_model), "--parallel", "4", "--max-queue", "8", "--n-ctx", "256", "--threads", "1",
                "--flash-attn", "off", "--batch-size", "64", "--served-model-name", "tiny", env=env) as srv:
         yield srv
@@ -126,11 +128,13 @@ def test_one_requests_n_choices_do_not_starve_another_client(server: ServerProce
 @pytest.mark.slow  # SmolLM2 (~25 s on 2 cores): the synthetic model's replies did not show the shared pool's drift
 @pytest.mark.parametrize("flash_attn", ["off"])
 def test_replies_are_the_same_alone_in_a_batch_for_n_choices_and_after_a_cache_hit(
-        smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory, flash_attn: str) -> None:
+        smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory, flash_attn: str, seed_amx_verdict: Any) -> None:
     """The README's guarantee on the CPU: greedy and seeded replies, and each choice of n > 1, are
     the same text alone, beside eight other requests and after a prompt-cache hit. (The slots'
     shared KV pool broke it: a sequence's cells landed where the others left room.)"""
-    env = {"GGUFRUN_HOME": str(tmp_path_factory.mktemp("repro-home"))}
+    home = tmp_path_factory.mktemp("repro-home")
+    seed_amx_verdict(home)
+    env = {"GGUFRUN_HOME": str(home)}
     with serve(str(smollm2_gguf), "--parallel", "4", "--n-ctx", "256", "--threads", "1", "--flash-attn", flash_attn,
                "--batch-size", "64", "--served-model-name", "tiny", env=env) as srv:
         prompt = "The lighthouse keeper wrote in his log that the storm " * 3  # > one batch beside others: chunked

@@ -570,7 +570,7 @@ def test_web_page_sends_its_settings_and_stop_cancels_the_generation(smollm2_ggu
             os.link(smollm2_gguf, dest)
         except OSError:
             shutil.copy2(smollm2_gguf, dest)
-    with serve("--threads", "2", "--n-ctx", "2048", env={**server_env, "GGUFRUN_OFFLINE": "1"}) as s:
+    with serve("--threads", "1", "--n-ctx", "2048", env={**server_env, "GGUFRUN_OFFLINE": "1"}) as s:
         browser = DevTools(tmp_path / "chromium-profile")
         try:
             browser.open(s.url)

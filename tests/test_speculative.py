@@ -19,7 +19,7 @@ from ggufrun.generation import GenStats, SamplingParams, SeqSampler, sample_rows
 # Flash attention off and contexts under 256 cells: llama.cpp's CPU decode then gives a position
 # the same logits whether it is decoded alone or with a draft (its flash-attention kernel, and the
 # attention's padding past 256 cells, change the sums with the batch's shape).
-SMALL = dict(n_ctx=256, threads=2, flash_attn="off")
+SMALL = dict(n_ctx=256, threads=1, flash_attn="off")
 
 
 class _Gen:
