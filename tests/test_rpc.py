@@ -101,9 +101,12 @@ class Worker:
     def __init__(self, *extra: str) -> None:
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
+        # SIGINT at its default in the child, as in a terminal: a shell starts a background job (`pytest &`)
+        # with SIGINT ignored, the worker would inherit that, and Python then leaves Ctrl-C ignored
         self.proc = subprocess.Popen([sys.executable, "-m", "ggufrun.cli.main", "rpc-worker", "--port", str(self.port),
                                       "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=ENV, cwd=ROOT)
+                                     text=True, env=ENV, cwd=ROOT,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.communicate()
