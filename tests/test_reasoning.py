@@ -2,7 +2,7 @@
 on and off, budgeted, and kept out of the answer's grammar and tool calls.
 
 The model is SmolLM2-135M with a Qwen3-style thinking template (tests/data/qwen3-thinking.jinja,
-written into a copy by gguf's own gguf-new-metadata): its generation prompt opens a ``<think>``
+written into a copy as gguf-new-metadata would): its generation prompt opens a ``<think>``
 block unless ``enable_thinking`` is false, as Qwen3-Thinking's and QwQ's do. SmolLM2 never closes
 such a block on its own, so the tests close it with the thinking budget (the server's
 ``--reasoning-budget``, or a request's), or force the whole reply's shape with a ``grammar``.
@@ -137,11 +137,12 @@ def test_format_none_passes_the_switch_but_refuses_what_needs_parsing() -> None:
 
 @pytest.fixture(scope="module")
 def thinking_gguf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 with the Qwen3-style thinking template, by gguf-new-metadata --chat-template-file."""
+    """SmolLM2 with the Qwen3-style thinking template as its tokenizer.chat_template: what
+    gguf-new-metadata --chat-template-file writes, copied byte for byte (crafted.set_string_kv)."""
+    from crafted import set_string_kv
+
     dest = tmp_path_factory.mktemp("thinking") / "smollm2-think.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smollm2_gguf), str(dest),
-                    "--chat-template-file", str(TEMPLATE), "--force"], check=True, capture_output=True)
-    return dest
+    return set_string_kv(smollm2_gguf, dest, "tokenizer.chat_template", TEMPLATE.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -346,14 +347,16 @@ def test_a_block_the_model_opens_itself_is_split_too(smollm2_gguf: Path, tmp_pat
         assert status == status_off == 200 and counted["input_tokens"] > on["input_tokens"]
 
 
-def test_a_model_that_does_not_reason_refuses_thinking_by_name(smollm2_gguf: Path, tmp_path: Path, seed_amx_verdict: Any) -> None:
+def test_a_model_that_does_not_reason_refuses_thinking_by_name(tiny_model: Path, tmp_path: Path, seed_amx_verdict: Any) -> None:
+    """A ChatML template that opens no thinking block (the tiny synthetic model's: what is refused
+    depends on the template alone, and this server starts in a third of SmolLM2's time)."""
     import anthropic
     import ollama
     import openai
 
     seed_amx_verdict(tmp_path)
     env = {"GGUFRUN_HOME": str(tmp_path), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
-    with serve(str(smollm2_gguf), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "1", env=env) as server:
+    with serve(str(tiny_model), "--served-model-name", "smol", "--n-ctx", "512", "--threads", "1", env=env) as server:
         oa = openai_client(server)
         for extra, param in (({"reasoning_effort": "high"}, "reasoning_effort"),
                              ({"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}, "chat_template_kwargs.enable_thinking")):

@@ -112,7 +112,8 @@ def test_pace_backs_off_exponentially_and_recovers() -> None:
 
 @pytest.fixture(scope="module")
 def smol_pair(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """SmolLM2-135M Q4_1 as target and the same weights requantised to Q4_0 as draft."""
+    """SmolLM2-135M Q4_1 as target and the same weights requantised to Q4_0 as draft (asked for only
+    where a draft model is used: the n-gram drafter needs none, and requantising costs seconds)."""
     from ggufrun.quantize import quantize_file
 
     draft = tmp_path_factory.mktemp("draft") / "smol-q4_0.gguf"
@@ -132,18 +133,21 @@ def _reply(model: Any, params: SamplingParams, n: int = 24) -> list[int]:
 
 
 @pytest.mark.parametrize("how", ["ngram", pytest.param("draft", marks=pytest.mark.slow)])
-def test_stream_is_identical_with_speculation(smol_pair: tuple[Path, Path], how: str) -> None:
+def test_stream_is_identical_with_speculation(smollm2_gguf: Path, request: pytest.FixtureRequest, how: str) -> None:
     """Chat's path (Model.stream): greedy and seeded-sampled replies token for token the same."""
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
-    target_path, draft_path = smol_pair
     settings = Settings(**SMALL)  # type: ignore[arg-type]
-    with Model.load(target_path, settings) as target:
+    with Model.load(smollm2_gguf, settings) as target:
         greedy = SamplingParams(temperature=0.0)
         sampled = SamplingParams(temperature=0.8, seed=3, repeat_penalty=1.1)
         base = [_reply(target, greedy), _reply(target, sampled)]
-        drafter = S.NgramDrafter() if how == "ngram" else S.ModelDrafter(Model.load(draft_path, settings), "q4_0")
+        if how == "ngram":
+            drafter: Any = S.NgramDrafter()
+        else:
+            _, draft_path = request.getfixturevalue("smol_pair")
+            drafter = S.ModelDrafter(Model.load(draft_path, settings), "q4_0")
         target.speculator = S.Speculator(drafter, n_max=6)
         assert [_reply(target, greedy), _reply(target, sampled)] == base
         stats = target.speculator.stats
