@@ -182,6 +182,7 @@ class Watch:
     def __init__(self, srv: ServerProcess) -> None:
         self.srv = srv
         self.stop = threading.Event()
+        self.streaming = threading.Event()  # the stream's first token has come
         self.worst_gap = self.worst_health = 0.0
         self.stalls: list[tuple[float, float]] = []  # (start, end) of every wait over STALL, stream or /health
         self.peak_rss = 0
@@ -221,6 +222,7 @@ class Watch:
                         if line.startswith(b"data: {"):
                             if b'"error"' in line:
                                 self.errors.append(f"watch stream error: {line[:300]!r}")
+                            self.streaming.set()
                             if last is not None:
                                 self.worst_gap = max(self.worst_gap, now - last)
                                 if now - last > STALL:
@@ -285,7 +287,7 @@ def fuzz(srv: ServerProcess, n: int, seed: int, report: Callable[[str], None]) -
     statuses: dict[int, int] = {}
     sent: list[tuple[str, Any, float, float]] = []
     with Watch(srv) as watch:
-        time.sleep(1.0)  # the stream is running before the first input
+        assert watch.streaming.wait(60), watch.errors  # the stream is running before the first input
         for i in range(n):
             path, body = case(rng)
             if path not in ("/tokenize", "/apply-template") and rng.random() < 0.9:
@@ -308,7 +310,7 @@ def fuzz(srv: ServerProcess, n: int, seed: int, report: Callable[[str], None]) -
         recurred = 0
         for _ in range(2):
             with Watch(srv) as again:
-                time.sleep(0.5)
+                assert again.streaming.wait(60), again.errors
                 send(srv, path, body, "replay")
                 time.sleep(0.5)
             recurred += bool(again.stalls)

@@ -66,12 +66,22 @@ def old_embedding(path: Path, text: str) -> np.ndarray:
     return total / np.linalg.norm(total)
 
 
-def stream_gaps(server: ServerProcess, max_tokens: int, out: dict[str, Any]) -> None:
+def stream_gaps(server: ServerProcess, max_tokens: int, out: dict[str, Any], until: threading.Event | None = None,
+                started: threading.Event | None = None) -> None:
+    """Stream ``max_tokens`` tokens, or until ``until`` is set (then the stream is closed and
+    out["cut"] says so); ``started`` is set at its first token; out["gaps"]: the seconds between its tokens."""
     times = []
-    for chunk in client(server).completions.create(model="smol", prompt="Count: 1, 2, 3,", max_tokens=max_tokens,
-                                                   stream=True, extra_body={"ignore_eos": True}):
-        if chunk.choices and chunk.choices[0].text:
-            times.append(time.perf_counter())
+    out["cut"] = False
+    with client(server).completions.create(model="smol", prompt="Count: 1, 2, 3,", max_tokens=max_tokens,
+                                           stream=True, extra_body={"ignore_eos": True}) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.perf_counter())
+                if started is not None:
+                    started.set()
+            if until is not None and until.is_set():
+                out["cut"] = True
+                break
     out["gaps"] = [b - a for a, b in zip(times, times[1:])]
 
 
@@ -79,9 +89,10 @@ def test_an_embedding_is_the_same_whole_chunked_beside_a_stream_and_as_before(sm
     text = TEXT[:400]
     whole = client(smol).embeddings.create(model="smol", input=text).data[0].embedding  # alone: one decode
     out: dict[str, Any] = {}
-    stream = threading.Thread(target=stream_gaps, args=(smol, 30, out))
+    generating = threading.Event()
+    stream = threading.Thread(target=stream_gaps, args=(smol, 30, out, None, generating))
     stream.start()
-    time.sleep(0.3)  # the stream generates: the text goes through 4 tokens a step beside it
+    assert generating.wait(60)  # the stream generates: the text goes through 4 tokens a step beside it
     chunked = client(smol).embeddings.create(model="smol", input=text).data[0].embedding
     stream.join()
     assert len(out["gaps"]) >= 20
@@ -101,9 +112,10 @@ def test_a_prompt_and_a_text_chunked_in_the_same_steps_give_what_they_give_alone
     vector = oai.embeddings.create(model="smol", input=text).data[0].embedding
     out: dict[str, Any] = {}
     got: dict[str, Any] = {}
-    stream = threading.Thread(target=stream_gaps, args=(smol, 120, out))
+    done, generating = threading.Event(), threading.Event()
+    stream = threading.Thread(target=stream_gaps, args=(smol, 120, out, done, generating))
     stream.start()
-    time.sleep(0.3)  # the stream generates: both go through 4 tokens a step beside it, taking turns
+    assert generating.wait(60)  # the stream generates: both go through 4 tokens a step beside it, taking turns
 
     def embed() -> None:
         got["vector"] = client(smol).embeddings.create(model="smol", input=text).data[0].embedding
@@ -112,7 +124,9 @@ def test_a_prompt_and_a_text_chunked_in_the_same_steps_give_what_they_give_alone
     worker.start()
     beside = oai.completions.create(model="smol", prompt=prompt, max_tokens=6).choices[0].text
     worker.join()
+    done.set()  # the stream has done its part: what is left of its 120 tokens would only cost time
     stream.join()
+    assert out["cut"], "the stream ended before the prompt and the text were through"
     assert beside == reply
     assert cosine(vector, got["vector"]) > 0.9999
 
