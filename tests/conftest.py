@@ -26,6 +26,9 @@ GEMMA_CACHE = Path(os.environ.get("GGUFRUN_TEST_CACHE", Path.home() / ".cache" /
 # slower with two threads on this 2-core machine under load). Set here, before any fixture starts a
 # server, so that every process the suite starts inherits it.
 os.environ["GGUFRUN_THREADS"] = "1"
+# And one OpenBLAS thread: numpy's OpenBLAS starts a thread per core when it is imported, which spin
+# for ~0.1 s of CPU in every process the suite starts (hundreds of them); no test needs BLAS threads.
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 
 @contextmanager
