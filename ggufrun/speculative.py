@@ -387,6 +387,34 @@ def check_vocab(target: Any, draft: Any, target_name: str, draft_name: str) -> N
                           "Use a draft from the same model family (same tokenizer), or --spec ngram.")
 
 
+TUNING = ("draft_max", "draft_min", "draft_p_min")
+
+
+def check_tuning(settings: Any, layers: list[tuple[str, Any]]) -> None:
+    """Refuse (ConfigError) draft tuning that nothing would use: ``draft_max``/``draft_min``/``draft_p_min``
+    set in one of ``layers`` ((origin, values): the command line, a models.toml entry, a serve config
+    table) while the merged ``settings`` do not speculate, or ``draft_p_min`` beside n-gram lookup
+    (it bounds a draft model's confidence; a lookup has none). ``layers`` go lowest first: one whose
+    drafter a later layer turned off (``--spec off``, ``--draft-model ""``) was overridden knowingly.
+    config.toml and the environment are defaults for whenever a drafter is chosen: not checked."""
+    drafting = settings.spec != "off" or bool(settings.draft_model)
+    for i, (origin, values) in enumerate(layers):
+        given = [k for k in TUNING if (values or {}).get(k) is not None]
+        overridden = any((later or {}).get(k) is not None for _, later in layers[i + 1:] for k in ("spec", "draft_model"))
+        if not given or (overridden and not drafting):
+            continue
+        cli = origin == "command line"
+        names = [f"--{k.replace('_', '-')}" if cli else k for k in given]
+        where = "" if cli else f" in {origin}"
+        if not drafting:
+            hint = ("give --spec ngram or --draft-model too." if cli
+                    else 'add spec = "ngram" or draft_model = "NAME" beside it (or --spec/--draft-model), or remove it.')
+            raise ConfigError(f"{', '.join(names)}{where} tune(s) speculative decoding: {hint}")
+        if "draft_p_min" in given and not settings.draft_model:
+            raise ConfigError(f"{names[given.index('draft_p_min')]}{where} bounds a draft model's confidence, and n-gram "
+                              "lookup (--spec ngram) has none: use it with --draft-model, or drop it.")
+
+
 def build(target: Any, settings: Any, target_name: str, load_draft: Any) -> Speculator | None:
     """The speculator ``settings`` ask for (None for none): ``spec = "ngram"``, or ``draft_model``
     loaded by ``load_draft(name)`` (a ``Model``, closed again when its vocabulary is refused)."""

@@ -259,3 +259,34 @@ def test_request_draft_bounds_are_checked() -> None:
     for bad in ({"speculative.n_max": 65}, {"speculative.n_max": "4"}, {"speculative.n_max": 2, "speculative.n_min": 3}):
         with pytest.raises(ApiError):
             parse_gen({"prompt": "x", **bad}, chat=False)
+
+
+def test_draft_tuning_without_a_drafter_is_refused_in_one_line(tiny_model: Path, tmp_path: Path, ggufrun_home: Path) -> None:
+    """--draft-max/--draft-min/--draft-p-min (and models.toml or serve-config draft_*) with nothing
+    drafting would change nothing: `serve` refuses them in one line before a model loads, naming
+    the missing flag; --draft-p-min beside --spec ngram too (a lookup has no probabilities)."""
+    import subprocess
+    import sys
+
+    from ggufrun.settings import Settings
+
+    def serve(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", *argv, "--port", "1"],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[[models]]\nmodel = "{tiny_model}"\ndraft_min = 2\n', encoding="utf-8")
+    for argv, said in (((str(tiny_model), "--draft-max", "4"), "--draft-max tune(s) speculative decoding: give --spec ngram or --draft-model too."),
+                       ((str(tiny_model), "--spec", "ngram", "--draft-p-min", "0.5"), "--draft-p-min bounds a draft model's confidence"),
+                       (("--config", str(config)), f"draft_min in {config} [[models]] #1 tune(s) speculative decoding: add spec = \"ngram\"")):
+        out = serve(*argv)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and said in out.stderr, out.stderr
+    # the layers: a models.toml entry's tuning needs a drafter; a later layer's explicit off overrides it knowingly
+    entry = ("models.toml entry 'm'", {"draft_max": 8})
+    with pytest.raises(ConfigError, match="draft_max in models.toml entry 'm' tune"):
+        S.check_tuning(Settings(), [entry, ("command line", {})])
+    S.check_tuning(Settings(spec="ngram"), [entry, ("command line", {"spec": "ngram"})])
+    S.check_tuning(Settings(), [(entry[0], {**entry[1], "spec": "ngram"}), ("command line", {"spec": "off"})])
+    S.check_tuning(Settings(draft_model="d"), [("command line", {"draft_model": "d", "draft_p_min": 0.5})])
+    with pytest.raises(ConfigError, match="--draft-min tune"):  # the command line's own off is no excuse for its own tuning
+        S.check_tuning(Settings(), [("command line", {"spec": "off", "draft_min": 1})])
