@@ -309,17 +309,23 @@ def verify(rows: Any, draft: list[int], gen: Any, accept: Any) -> list[int]:
 
 def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: int = 0) -> Generator[tuple[int, str], None, None]:
     """``Model.stream`` with speculation: the same contract (yield (token, text) per generated
-    token, then (-1, held-back text)); each step decodes the last token with a draft."""
+    token, then (-1, held-back text)). A step with a draft decodes the last token and the draft
+    and keeps what ``verify`` accepts; a step without one (a paused pace, no lookup match) is
+    Model.stream's own: the token sampled, its decode queued, and only then handed out, so that
+    speculation that does not pay costs no more per token than none (on a GPU the hand-out
+    overlaps the decode)."""
     import time
 
     st = gen.stats
     gen.started = time.perf_counter()
     kept = model.truncate(seq_id, min(model.common_prefix(seq_id, tokens), len(tokens) - 1))
     st.cached_tokens = kept
-    model.decode([(seq_id, tokens[kept:], True)])
+    idx = model.decode([(seq_id, tokens[kept:], True)])[0]
     spec.begin(seq_id)
+    sampler = gen.sampler
     draft: list[int] = []
     ended: list[tuple[int, str]] = []
+    pieces: list[tuple[int, str]] = []
 
     def take(tok: int, info: Any) -> bool:
         text, reason = gen.accept(tok, info)
@@ -331,30 +337,50 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
 
     try:
         while True:
-            base = model.seq_len(seq_id) - len(draft)  # the last token included
-            pieces: list[tuple[int, str]] = []
-            out = verify(model.logits_rows(len(draft) + 1), draft, gen, take)
+            held: Any = None  # a token sampled whose decode goes before its hand-out (a step without a draft)
             if draft:
+                base = model.seq_len(seq_id) - len(draft)  # the last token included
+                pieces.clear()
+                out = verify(model.logits_rows(len(draft) + 1), draft, gen, take)
                 spec.record(seq_id, len(draft), len(out) - 1)
                 model.truncate(seq_id, base + len(out) - 1)
-            yield from pieces
-            if ended:
-                tok, text = ended[0]
-                if tok >= 0 or text:
-                    yield tok, text
-                return
-            last = out[-1]
-            room = model.n_ctx - model.seq_len(seq_id) - 1
-            if room < 0:  # the context is full
+                yield from pieces
+                if ended:
+                    tok, text = ended[0]
+                    if tok >= 0 or text:
+                        yield tok, text
+                    return
+                last = out[-1]
+            else:
+                last, info = model.sample_one(sampler, idx)
+                held = (last, info)
+            draft, going = [], held is None or not gen.ends_at(last)
+            if going:
+                room = model.n_ctx - model.seq_len(seq_id) - 1
+                left = (gen.max_tokens - gen.n_gen - 1 - (held is not None)) if gen.max_tokens else room
+                want = min(spec.want(seq_id), room, left)  # before the history is copied: a paused sequence costs nothing
+                if want > 0:
+                    draft = spec.make([(seq_id, model.cached_tokens(seq_id) + [last], want)])[0]
+                if draft:
+                    model.decode([(seq_id, [last, *draft], len(draft) + 1)])
+                else:
+                    going = model.decode_one(seq_id, last)  # False: the context is full
+                idx = 0
+            if held is not None:
+                text, reason = gen.accept(*held)
+                if reason is not None:
+                    if last >= 0 and reason == "length":
+                        yield last, text
+                    elif text:
+                        yield -1, text
+                    return
+                yield last, text
+            if not going:  # the context is full
                 gen.finish_reason = st.finish_reason = "length"
                 tail = gen.finish()
                 if tail:
                     yield -1, tail
                 return
-            left = (gen.max_tokens - gen.n_gen - 1) if gen.max_tokens else room
-            want = min(spec.want(seq_id), room, left)  # before the history is copied: a paused sequence costs nothing
-            draft = spec.make([(seq_id, model.cached_tokens(seq_id) + [last], want)])[0] if want > 0 else []
-            model.decode([(seq_id, [last, *draft], len(draft) + 1)])
     finally:
         gen.close()
 
