@@ -290,3 +290,22 @@ def test_draft_tuning_without_a_drafter_is_refused_in_one_line(tiny_model: Path,
     S.check_tuning(Settings(draft_model="d"), [("command line", {"draft_model": "d", "draft_p_min": 0.5})])
     with pytest.raises(ConfigError, match="--draft-min tune"):  # the command line's own off is no excuse for its own tuning
         S.check_tuning(Settings(), [("command line", {"spec": "off", "draft_min": 1})])
+
+
+def test_drafters_read_the_text_in_place_and_only_what_is_new() -> None:
+    """Text views a sequence's cached tokens and its last one without a copy; the n-gram index
+    and the draft model's shared prefix grow from what is new (a text that did not grow is
+    re-read whole, so a caller's mistake costs speed, never a wrong index)."""
+    hist = [1, 2, 3, 4, 5]
+    t = S.Text(hist, 9)
+    assert len(t) == 6 and list(t) == [1, 2, 3, 4, 5, 9] and t[-1] == 9 and t[5] == 9 and t[0] == 1
+    assert t[3:] == [4, 5, 9] and t[-3:] == [4, 5, 9] and t[1:3] == [2, 3] and t[6:] == [] and t[::2] == [1, 3, 5]
+    with pytest.raises(IndexError):
+        t[6]
+    d = S.NgramDrafter()
+    text = [1, 2, 3, 4, 5, 6, 7, 9, 9, 2, 3]
+    assert d.draft([(0, S.Text(text, 4), 3)]) == [[5, 6, 7]]
+    text += [4, 5, 6]  # the last and two accepted tokens join the cache
+    assert d.draft([(0, S.Text(text, 7), 2)]) == [[9, 9]]
+    assert len(d._seqs[0][0]) == len(text) + 1  # extended, not rebuilt
+    assert d.draft([(0, [1, 2, 3, 4, 8, 8, 2, 3, 4, 5, 6, 7, 8, 9, 9], 2)]) == [[]]  # another text of the same seq: rebuilt

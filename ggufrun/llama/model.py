@@ -365,6 +365,11 @@ class Model:
     def cached_tokens(self, seq_id: int = 0) -> list[int]:
         return list(self._seq.get(seq_id, ()))
 
+    def history(self, seq_id: int = 0) -> list[int]:
+        """The sequence's cached tokens in place, not copied (speculative drafting reads them every
+        step): read only, and valid until the next decode or truncate of the sequence."""
+        return self._seq.get(seq_id, [])
+
     def common_prefix(self, seq_id: int, tokens: list[int]) -> int:
         """How many leading ``tokens`` are already in the sequence's KV cache (reusable)."""
         n = 0

@@ -640,6 +640,8 @@ class Engine:
         job.slot = slot.seq_id
         if job.paused is not None:
             slot.gen, job.paused, job.resume = job.paused, None, []
+            if model.speculator is not None:  # its text may sit in another sequence now: the drafter starts afresh there
+                model.speculator.begin(slot.seq_id, *req.draft)
             return
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
