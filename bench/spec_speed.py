@@ -14,8 +14,11 @@ neighbour slows all of them alike.
     PYTHONPATH=. python bench/spec_speed.py --target T.gguf --no-reference          # no llama-server here
 
 llama-server comes from $LLAMA_BIN (bench/gpu/setup.sh sets it), PATH or the reference build
-(bench/reference.py); its n-gram mode is ``--spec-type ngram-simple``, which older builds lack (that row
-then says so).
+(bench/reference.py), with the flags its build knows: ``-md D --spec-type draft-simple --spec-draft-n-max N
+--spec-draft-p-min P`` and ``--spec-type ngram-simple`` (its own 12-token lookup, drafts of up to N) where
+``--draft-max`` is gone, ``--draft-max``/``-md`` before; a build without n-gram lookup says so in its row.
+``--best`` takes each configuration's best round instead of the median: on a CPU shared with other work,
+which only ever slows a round down.
 """
 
 from __future__ import annotations
