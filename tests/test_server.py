@@ -652,7 +652,9 @@ def test_serve_config_is_strict(tmp_path: Path) -> None:
                        ('[[models]]\nmodel = "a"\ntemperature = -1\n', "temperature"),
                        ('[server]\nport = 1\n', "no models"),
                        ('[server]\ncors = 5\n[[models]]\nmodel = "a"\n', "cors"),
-                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 0-65535")):
+                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 0-65535"),
+                       # unnamed files of one base name would share an engine and a slots folder
+                       ('[[models]]\nmodel = "/x/m.gguf"\n[[models]]\nmodel = "/y/m.gguf"\n', "'m.gguf' is used by two")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=word):
