@@ -44,6 +44,7 @@ from reference import GGUFRUN, find_tool, free_port, server
 
 SHAPES = {  # --synth: (text shape, projector, image side in px)
     "tiny": ("llama:layers=2,dim=64,heads=4,kv_heads=2,ff=256,vocab=512", "smolvlm-tiny", 48),
+    "small": ("llama:layers=30,dim=576,heads=9,kv_heads=3,ff=1536,vocab=49152", "smolvlm-small", 512),
     "smolvlm-256m": ("llama:layers=30,dim=576,heads=9,kv_heads=3,ff=1536,vocab=49152", "smolvlm", 512),
 }
 
