@@ -610,6 +610,25 @@ def test_folded_pictures_answer_as_unfolded_ones(vlm: tuple[Path, Path]) -> None
         plain.close()
 
 
+def test_a_repeated_picture_does_not_wait_behind_another_encoding(vlm: tuple[Path, Path]) -> None:
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
+        pic = load_picture(png(33, 20))
+        first = proj.block(pic)
+        got: list[Any] = []
+        with proj.lock:  # as while another request's picture is being encoded
+            reader = threading.Thread(target=lambda: got.append(proj.block(pic)))
+            reader.start()
+            reader.join(timeout=10)
+            assert got == [first] and proj.encoded == 1
+        proj.close()
+
+
 def test_detail_low_is_a_512_pixel_picture_of_its_own() -> None:
     """OpenAI's image_url detail: "low" sends the projector a picture scaled to 512 pixels (fewer
     tiles where the projector tiles), cached apart from the same bytes at full size."""

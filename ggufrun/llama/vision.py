@@ -73,7 +73,8 @@ class Projector:
         params.warmup = False
         self.path = path
         self.model = model
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the mtmd context: one encode at a time
+        self._recent_lock = threading.Lock()
         llama_reason()
         self._ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
         if not self._ctx:
@@ -121,17 +122,28 @@ class Projector:
         preprocessing and the vision encoder: call it off the event loop and the engine thread.
         Raises ConfigError (an image libmtmd refuses), ModelLoadError (encoding failed)."""
         name = (pic.digest, pic.width, pic.height)
+        hit = self._cached(name)  # a repeated picture does not wait behind another one's encoding
+        if hit is not None:
+            return hit
         with self.lock:
-            hit = self._recent.get(name)
+            hit = self._cached(name)  # encoded while this thread waited
             if hit is not None:
-                self._recent.move_to_end(name)
-                return list(hit[0]), list(hit[1])
+                return hit
             block = self._block(pic)
+            self.encoded += 1
+        with self._recent_lock:
             self._recent[name] = block
             while len(self._recent) > RECENT_IMAGES:
                 self._recent.popitem(last=False)
-            self.encoded += 1
-            return list(block[0]), list(block[1])
+        return list(block[0]), list(block[1])
+
+    def _cached(self, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]] | None:
+        with self._recent_lock:
+            hit = self._recent.get(name)
+            if hit is None:
+                return None
+            self._recent.move_to_end(name)
+            return list(hit[0]), list(hit[1])
 
     def _block(self, pic: Picture) -> tuple[list[int], list[ImageEmbedding]]:
         M = _mtmd()
