@@ -55,13 +55,9 @@ for e in embeds:
     model.images[e.key] = e
 out = model.decode([(0, [1] + tokens + [10, 11], True)])
 again, _ = proj.block(pic)
-plain = Projector(model, __import__("pathlib").Path(sys.argv[2]), n_threads=1, use_gpu=False)
-plain.text_rows = None  # each libmtmd chunk its own image, the framing text as tokens
-ptokens, pembeds = plain.block(pic)
 print(json.dumps({"n": len(tokens), "images": [list(e.rows.shape) for e in embeds], "seq": model.seq_len(0),
-                  "out": out, "same": again == tokens, "non_causal": proj.non_causal, "n_plain": len(ptokens),
-                  "plain_images": [list(e.rows.shape) for e in pembeds],
-                  "plain_text": model.detokenize([t for t in ptokens if t >= 0], special=True)}))
+                  "out": out, "same": again == tokens, "non_causal": proj.non_causal,
+                  "text": model.detokenize([t for t in tokens if t >= 0], special=True)}))
 """
 
 
@@ -81,14 +77,10 @@ def test_synthetic_projector_loads_tokenizes_and_encodes_in_libmtmd(tmp_path: Pa
     assert got["same"]  # the same bytes give the same image tokens: prefix reuse
     if kind.startswith("smolvlm"):
         # a 40x30 picture scaled to 64x48: the overview and 2x2 tiles of 32 px, 4 tokens each, framed by idefics3's markers
-        assert got["plain_images"] == [[4, 64]] * 5
-        assert "<global-img>" in got["plain_text"] and "<row_2_col_2>" in got["plain_text"]
-        # folded: the text between the first and last chunk joins them as its token rows, one image run
-        assert len(got["images"]) == 1 and got["images"][0][0] > 20 and got["n"] == got["n_plain"]
+        assert got["images"] == [[4, 64]] * 5 and "<global-img>" in got["text"] and "<row_2_col_2>" in got["text"]
         assert not got["non_causal"]
-    else:  # gemma-3's image attends both ways: its framing tokens stay text
-        assert got["images"] == got["plain_images"] == [[4, 64]] and "<start_of_image>" in got["plain_text"]
-        assert got["non_causal"] and got["n"] == got["n_plain"]
+    else:
+        assert got["images"] == [[4, 64]] and "<start_of_image>" in got["text"] and got["non_causal"]
 
 
 def test_synth_cli_writes_a_projector_beside_the_model(tmp_path: Path) -> None:
@@ -548,66 +540,6 @@ def test_one_engine_step_decodes_an_image_beside_another_sequences_tokens(vlm: t
         assert model.logits_rows(1).shape == (1, model.n_vocab)  # the text row's logits survive the image batch
         proj.close()
         assert held
-
-
-@pytest.mark.parametrize("quant", ["q8_0", "f16"])
-def test_token_rows_give_the_model_exactly_what_token_ids_do(tmp_path: Path, quant: str) -> None:
-    """A picture's framing text goes in its embedding batch as rows read from the GGUF file: the
-    logits after them are bit-for-bit those after the same text as token ids."""
-    from ggufrun.images import image_tokens
-    from ggufrun.llama.vision import ImageEmbedding
-    from ggufrun.runtime import Model
-    from ggufrun.settings import Settings
-    from ggufrun.token_rows import token_rows
-
-    path = write_synthetic(tmp_path / "m.gguf", "tiny-llama", quant=quant)
-    rows = token_rows(path)
-    assert rows is not None and rows.kind == quant.upper()
-    with Model.load(path, Settings(n_ctx=256, threads=1, batch_size=64, ubatch_size=64), n_seq_max=2) as model:
-        text = model.tokenize("<|im_start|>user\nwhat is in the picture", add_special=True)
-        model.decode([(0, text, False)])
-        model.decode([(0, [42], True)])
-        as_ids = model.logits_rows(1)[0].copy()
-        key, toks = image_tokens(b"text", len(text))
-        held = model.images.setdefault(key, ImageEmbedding(key, rows.rows(text)))
-        model.decode([(1, toks, False)])
-        model.decode([(1, [42], True)])
-        assert (model.logits_rows(1)[0] == as_ids).all() and held
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        rows.rows([rows.n_vocab])
-    gemma = write_synthetic(tmp_path / "g.gguf", "tiny", arch="gemma3")
-    assert token_rows(gemma) is None  # gemma scales token input only: its rows would not be the same input
-
-
-def test_folded_pictures_answer_as_unfolded_ones(vlm: tuple[Path, Path]) -> None:
-    """Greedy replies to a picture are the same whether its framing text is decoded as tokens
-    between its tiles or folded into one embedding run (one decode instead of eleven here)."""
-    from ggufrun.llama.vision import Projector
-    from ggufrun.runtime import Model
-    from ggufrun.settings import Settings
-
-    model_path, mmproj = vlm
-    with Model.load(model_path, Settings(n_ctx=512, threads=1, batch_size=256, ubatch_size=256), n_seq_max=2) as model:
-        folded = Projector(model, mmproj, n_threads=1, use_gpu=False)
-        plain = Projector(model, mmproj, n_threads=1, use_gpu=False)
-        plain.text_rows = None
-        assert folded.text_rows is not None
-        replies, runs = [], []
-        for seq, proj in enumerate((plain, folded)):
-            tokens, embeds = proj.block(load_picture(png(64, 48, (20, 200, 90))))
-            held = [model.images.setdefault(e.key, e) for e in embeds]
-            prompt = [1, 10, 11, *tokens, 12, 13]
-            runs.append(sum(1 for i, t in enumerate(prompt) if i == 0 or (t < 0) != (prompt[i - 1] < 0)))
-            model.decode([(seq, prompt, True)])
-            reply = []
-            for _ in range(12):
-                reply.append(int(model.logits_rows(1)[0].argmax()))
-                model.decode([(seq, reply[-1:], True)])
-            replies.append(reply)
-            assert held
-        assert replies[0] == replies[1] and runs == [11, 3]
-        folded.close()
-        plain.close()
 
 
 def test_a_repeated_picture_does_not_wait_behind_another_encoding(vlm: tuple[Path, Path]) -> None:

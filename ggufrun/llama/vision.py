@@ -96,11 +96,6 @@ class Projector:
         # gemma-3's images attend both ways (mtmd_decode_use_non_causal): each is decoded whole, in one batch
         self.non_causal: bool | None = info.projector_type == "gemma3"
         model.whole_images = self.non_causal
-        # a picture's inner framing text goes in its embedding batch, as exact token rows (token_rows.py):
-        # one decode a picture rather than one per tile and text run; causal images only (gemma-3's attend both ways)
-        from ..token_rows import token_rows
-
-        self.text_rows = None if self.non_causal else token_rows(model.path)
         # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
         self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
         self.encoded = 0  # pictures encoded (the rest came from _recent)
@@ -163,7 +158,8 @@ class Projector:
                 rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, 1)
                 if rc != 0:
                     raise ConfigError(f"libmtmd could not tokenize a {pic.width}x{pic.height} image (code {rc}).")
-                pieces: list[Any] = []  # text token lists and image rows, in order
+                tokens: list[int] = []
+                embeds: list[ImageEmbedding] = []
                 n_embd = self.model.n_embd
                 for i in range(M.mtmd_input_chunks_size(chunks)):
                     chunk = M.mtmd_input_chunks_get(chunks, i)
@@ -171,7 +167,7 @@ class Projector:
                     if kind == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
                         n = ctypes.c_size_t()
                         ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                        pieces.append(list(ptr[: n.value]))
+                        tokens.extend(ptr[: n.value])
                         continue
                     if kind != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                         raise ConfigError("libmtmd returned a non-image media chunk.")
@@ -187,39 +183,16 @@ class Projector:
                     if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
                         raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
                     out = M.mtmd_get_output_embd(self._ctx)
-                    pieces.append(np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy())
-                return self._assemble(pic.digest, pieces)
+                    rows = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
+                    # idefics3 cuts a picture into tiles and an overview, one chunk each: each gets its own key
+                    key, toks = image_tokens(pic.digest + len(embeds).to_bytes(4, "little"), n_tok)
+                    embeds.append(ImageEmbedding(key, rows))
+                    tokens.extend(toks)
+                return tokens, embeds
             finally:
                 M.mtmd_input_chunks_free(chunks)
                 if bmp:
                     M.mtmd_bitmap_free(bmp)
-
-
-    def _assemble(self, digest: bytes, pieces: list[Any]) -> tuple[list[int], list[ImageEmbedding]]:
-        """The block's tokens and embeddings from libmtmd's chunks (text token lists, image rows).
-        With exact token rows, the text between a picture's first and last chunk joins them as
-        rows: one image run, one embedding batch. Else each chunk (idefics3: each tile and the
-        overview) is its own image, between text runs."""
-        np = numpy()
-        images = [i for i, p in enumerate(pieces) if not isinstance(p, list)]
-        if self.text_rows is not None and len(images) > 1:
-            first, last = images[0], images[-1]
-            try:
-                inner = [p if not isinstance(p, list) else self.text_rows.rows(p) for p in pieces[first : last + 1]]
-            except ValueError as exc:  # a framing token the vocabulary lacks (libmtmd's lookup gives -1)
-                raise ConfigError(f"This projector frames images with a token the model lacks ({exc}).") from None
-            digest += b"+text"  # other rows than the unfolded chunks': never the same key
-            pieces = [*pieces[:first], np.concatenate([p for p in inner if len(p)]), *pieces[last + 1 :]]
-        tokens: list[int] = []
-        embeds: list[ImageEmbedding] = []
-        for p in pieces:
-            if isinstance(p, list):
-                tokens.extend(p)
-                continue
-            key, toks = image_tokens(digest + len(embeds).to_bytes(4, "little"), int(p.shape[0]))
-            embeds.append(ImageEmbedding(key, p))
-            tokens.extend(toks)
-        return tokens, embeds
 
 
 def _embd_batch(model: Any) -> Any:
