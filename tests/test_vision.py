@@ -405,6 +405,17 @@ def test_mmproj_flag_overrides_and_a_wrong_projector_is_refused_by_name(vlm: tup
     loaded.close()
 
 
+def test_a_lone_prompt_takes_whole_runs_and_no_run_is_cut_differently() -> None:
+    from ggufrun.images import count_runs, runs_end
+
+    tokens = [1, 2, -1, -2, -3, 3, -9, -10, 4, 5]  # text 2, image 3, text 1, image 2, text 2
+    assert count_runs(tokens) == 5 and count_runs([]) == 0
+    assert runs_end(tokens, 100) == 10  # all of it: five decodes in one step
+    assert runs_end(tokens, 7) == 6  # the next image run would be cut: it waits, whole, for the next step
+    assert runs_end(tokens, 1) == 1  # a first run longer than the limit is cut, as run_end cuts it
+    assert runs_end(tokens[2:], 2) == 2 and runs_end([-1, -2, -3], 2, whole=True) == 0
+
+
 def test_whole_images_are_never_cut_between_steps() -> None:
     assert run_end([-3, -4, -5, 7], 2, whole=True) == 0  # waits for a step with room
     assert run_end([-3, -4, -5, 7], 3, whole=True) == 3
