@@ -107,11 +107,11 @@ def one_request(url: str, image: str, max_tokens: int) -> dict[str, float]:
     return {"ttft": first, "seconds": time.perf_counter() - started, "chunks": n}
 
 
-def prompt_tokens(url: str, image: str) -> tuple[int, float]:
-    """(prompt tokens of a request with ``image``, seconds): a non-streamed 1-token request, whose
+def reply(url: str, image: str, max_tokens: int = 1) -> tuple[int, str, float]:
+    """(prompt tokens, reply text, seconds) of a non-streamed greedy request with ``image``: its
     usage says what one picture costs (the same on both servers: libmtmd cuts it)."""
     host, port = url.removeprefix("http://").split(":")
-    body = {"model": "bench", "max_tokens": 1, "temperature": 0,
+    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this picture in detail."},
                                                       {"type": "image_url", "image_url": {"url": image}}]}]}
     conn = http.client.HTTPConnection(host, int(port), timeout=1800)
@@ -124,7 +124,8 @@ def prompt_tokens(url: str, image: str) -> tuple[int, float]:
             raise RuntimeError(f"{url}: HTTP {resp.status}: {data[:300]!r}")
     finally:
         conn.close()
-    return int(json.loads(data)["usage"]["prompt_tokens"]), time.perf_counter() - started
+    got = json.loads(data)
+    return int(got["usage"]["prompt_tokens"]), got["choices"][0]["message"]["content"], time.perf_counter() - started
 
 
 def say(text: str) -> None:
@@ -133,17 +134,19 @@ def say(text: str) -> None:
 
 def measure(url: str, kind: str, opts: argparse.Namespace, side: int, seed: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    n_prompt, warm = prompt_tokens(url, picture(seed, side))  # warm-up (graph allocation, first encode)
+    n_prompt, _, warm = reply(url, picture(seed, side))  # warm-up (graph allocation, first encode)
     # a picture is encoded whole before its first token: a long warm-up (smolvlm-256m on a CPU: 17
     # tiles of a 86M-parameter ViT, a minute or more a picture) means a long run, not a stuck one
     pictures = opts.repeats + opts.clients * opts.requests_per_client
     say(f"{kind}: {n_prompt} prompt tokens a picture; warm-up {warm:.1f} s; {pictures} more pictures "
         f"(roughly {warm * pictures / 60:.1f} min if encoding bounds them)")
+    for i in range(opts.check):  # the same pictures on both servers: greedy replies should match
+        rows.append({"server": kind, "step": "reply", "picture": i, "text": reply(url, picture(7 + i, side), 16)[1]})
     images = [picture(seed + 1 + i, side) for i in range(opts.repeats)]
     for i in range(opts.repeats):
         r = one_request(url, images[i], opts.max_tokens)
         rows.append({"server": kind, "step": "ttft", "clients": 1, "prompt_tokens": n_prompt, **r})
-    say(f"{kind}: 1-client first tokens " + ", ".join(f"{r['ttft'] * 1e3:.0f}" for r in rows) + " ms")
+    say(f"{kind}: 1-client first tokens " + ", ".join(f"{r['ttft'] * 1e3:.0f}" for r in rows if r['step'] == 'ttft') + " ms")
     n = opts.clients * opts.requests_per_client
     images = [picture(seed + 1000 + i, side) for i in range(n)]  # made before the clock starts
     done: list[dict[str, float]] = []
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check", type=int, default=2, help="pictures both servers answer (16 greedy tokens), compared")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--n-ctx", type=int, default=2048, help="per sequence")
     ap.add_argument("--batch-size", type=int, default=2048)
@@ -226,6 +230,9 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
         print(f"{kind:>12}: 1-client time to first token {ttft * 1e3:8.1f} ms | {opts.clients} clients: "
               f"{by[kind]['tok_s']:8.1f} tok/s, median first token {load['ttft_median'] * 1e3:8.1f} ms")
     if "llama-server" in by:
+        texts = {k: [r["text"] for r in rows if r["server"] == k and r["step"] == "reply"] for k in by}
+        same = sum(a == b for a, b in zip(texts["ggufrun"], texts["llama-server"]))
+        print(f"greedy replies to the same pictures: {same} of {len(texts['ggufrun'])} equal")
         g, s = by["ggufrun"], by["llama-server"]
         print(f"ggufrun / llama-server: ttft {g['ttft_s'] / s['ttft_s']:.2f}x (goal <= 1.10), "
               f"{opts.clients}-client throughput {g['tok_s'] / s['tok_s']:.2f}x (goal >= 1.50)")
