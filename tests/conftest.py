@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 GEMMA_CACHE = Path(os.environ.get("GGUFRUN_TEST_CACHE", Path.home() / ".cache" / "ggufrun-tests"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Server logs (tests/serverutil.py) in this session's temporary folder, never loose in /tmp."""
+    import serverutil
+
+    serverutil.LOG_DIR = tmp_path_factory.mktemp("serve-logs")
+
+
 @pytest.fixture(scope="session")
 def amx_verdict() -> "Check | None":
     """What the AMX guard's own check (a child process that runs llama.cpp's AMX kernel, ggufrun/llama/amx.py)

@@ -226,9 +226,11 @@ def _positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
 def _check_names(models: tuple[ModelConfig, ...], where: str) -> None:
     seen: dict[str, str] = {}
     for cfg in models:
-        for name in (*cfg.served_names, cfg.model):
+        # the id too: two files of one base name, unnamed, would share an engine and a slots folder
+        for name in (*cfg.served_names, cfg.id, cfg.model):
             if seen.get(name, cfg.model) != cfg.model:
-                raise ConfigError(f"{where}: the name '{name}' is used by two models ({seen[name]} and {cfg.model}).")
+                raise ConfigError(f"{where}: the name '{name}' is used by two models ({seen[name]} and {cfg.model}).",
+                                  "Give each a distinct served_model_name.")
             seen[name] = cfg.model
 
 
