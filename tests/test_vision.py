@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -254,6 +256,43 @@ def test_images_beside_text_requests_all_answer(vsrv: ServerProcess) -> None:
         t.join(60)
     assert sorted(results) == list(range(8))
     assert all(r.usage.completion_tokens == 6 for r in results.values())
+
+
+@pytest.mark.slow  # ~14 s: fifteen pictures of five 256-px tiles
+def test_a_text_request_does_not_wait_behind_other_requests_pictures(tmp_path: Path, server_env: dict[str, str]) -> None:
+    """Requests with images wait for the projector (one encode at a time) in threads of their own:
+    in the executor every prompt is built in, they held all its threads (6 on 2 cores), and a text
+    request sent after 14 of them waited for 9 encodes."""
+    from PIL import Image
+
+    model = write_synthetic(tmp_path / "m.gguf", "tiny-llama", extra_tokens=VISION_TOKENS["smolvlm"])
+    mmproj = write_projector(tmp_path / "p.gguf", "smolvlm-small", 64)  # 5 tiles of 256 px a picture: a slow encode
+
+    def noise(i: int) -> str:
+        buf = io.BytesIO()
+        Image.frombytes("RGB", (512, 512), bytes(random.Random(i).randbytes(512 * 512 * 3))).save(buf, "PNG")
+        return data_url(buf.getvalue())
+
+    pictures = [noise(i) for i in range(14)]
+    with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "4", "--n-ctx", "512",
+               "--threads", "1", env=server_env) as server:
+        client = oai(server)
+        ask(client, TEXT, img(noise(99)))  # warm-up
+        done: list[str] = []
+
+        def one(name: str, *parts: dict[str, Any]) -> None:
+            ask(client, *parts)
+            done.append(name)
+
+        threads = [threading.Thread(target=one, args=(f"image {i}", TEXT, img(p))) for i, p in enumerate(pictures)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        text = threading.Thread(target=one, args=("text", TEXT))
+        text.start()
+        for t in [*threads, text]:
+            t.join(timeout=120)
+    assert len(done) == 15 and done.index("text") <= 4, done  # before: after 9 of the 14 pictures
 
 
 def test_responses_input_image(vsrv: ServerProcess) -> None:
