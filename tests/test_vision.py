@@ -611,6 +611,30 @@ def test_a_repeated_picture_does_not_wait_behind_another_encoding(vlm: tuple[Pat
         proj.close()
 
 
+def test_pictures_cut_in_parallel_encode_as_one_at_a_time(vlm: tuple[Path, Path]) -> None:
+    """libmtmd's preprocessing runs outside the projector's lock (as llama-server runs it in its
+    HTTP threads), the encoder under it: pictures blocked from several threads at once give the
+    very tokens and rows they give one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    pics = [load_picture(png(40 + 7 * i, 30 + 5 * i, (30 * i, 200 - 20 * i, 90))) for i in range(8)]
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        one, many = (Projector(model, mmproj, n_threads=1, use_gpu=False) for _ in range(2))
+        alone = [one.block(p) for p in pics]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(many.block, pics + pics))  # each twice: one encode, the other waits or hits
+        assert many.encoded == 8
+        for (tokens, embeds), (tokens2, embeds2) in zip(alone + alone, together):
+            assert tokens == tokens2 and all((a.rows == b.rows).all() for a, b in zip(embeds, embeds2))
+        one.close()
+        many.close()
+
+
 def test_detail_low_is_a_512_pixel_picture_of_its_own() -> None:
     """OpenAI's image_url detail: "low" sends the projector a picture scaled to 512 pixels (fewer
     tiles where the projector tiles), cached apart from the same bytes at full size."""

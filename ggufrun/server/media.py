@@ -28,11 +28,13 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     every request's prompt is built in, 16 such requests held all its threads, so a text
     request waited behind pictures it did not send."""
     import asyncio
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="images")  # decode one while one encodes
+        # pictures are decoded and cut (libmtmd preprocessing) in parallel, encoded one at a time
+        _pool = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="images")
     return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
