@@ -14,8 +14,11 @@ neighbour slows all of them alike.
     PYTHONPATH=. python bench/spec_speed.py --target T.gguf --no-reference          # no llama-server here
 
 llama-server comes from $LLAMA_BIN (bench/gpu/setup.sh sets it), PATH or the reference build
-(bench/reference.py); its n-gram mode is ``--spec-type ngram-simple``, which older builds lack (that row
-then says so).
+(bench/reference.py), with the flags its build knows: ``-md D --spec-type draft-simple --spec-draft-n-max N
+--spec-draft-p-min P`` and ``--spec-type ngram-simple`` (its own 12-token lookup, drafts of up to N) where
+``--draft-max`` is gone, ``--draft-max``/``-md`` before; a build without n-gram lookup says so in its row.
+``--best`` takes each configuration's best round instead of the median: on a CPU shared with other work,
+which only ever slows a round down.
 """
 
 from __future__ import annotations
@@ -54,21 +57,42 @@ def ask(url: str, prompt: str, n_gen: int) -> dict[str, float]:
 def configs(args: argparse.Namespace, target: Path, draft: Path | None) -> list[tuple[str, str, list[str]]]:
     """(server, mode, argv without the port) for each configuration."""
     common = ["--threads", str(args.threads), "--n-ctx", str(args.n_ctx), "--n-gpu-layers", str(args.ngl)]
-    g = [*GGUFRUN, "serve", str(target), "--parallel", "1", *common, "--draft-max", str(args.draft_max),
-         "--draft-p-min", str(args.draft_p_min)]
-    out = [("ggufrun", "none", g)]
+    g = [*GGUFRUN, "serve", str(target), "--parallel", "1", *common]
+    out = [("ggufrun", "none", g)]  # (draft tuning without a drafter, or a p-min beside n-grams, is refused)
     if draft is not None:
-        out.append(("ggufrun", "draft", [*g, "--draft-model", str(draft)]))
-    out.append(("ggufrun", "ngram", [*g, "--spec", "ngram"]))
+        out.append(("ggufrun", "draft", [*g, "--draft-model", str(draft), "--draft-max", str(args.draft_max),
+                                         "--draft-p-min", str(args.draft_p_min)]))
+    out.append(("ggufrun", "ngram", [*g, "--spec", "ngram", "--draft-max", str(args.draft_max)]))
     if args.llama_server is not None:
         ngl = str(99 if args.ngl < 0 else args.ngl)
-        ls = [str(args.llama_server), "-m", str(target), "-np", "1", "-t", str(args.threads), "-c", str(args.n_ctx),
-              "-ngl", ngl, "--draft-max", str(args.draft_max), "--draft-p-min", str(args.draft_p_min)]
-        out.append(("llama-server", "none", ls))
-        if draft is not None:
-            out.append(("llama-server", "draft", [*ls, "-md", str(draft), "-ngld", ngl]))
-        out.append(("llama-server", "ngram", [*ls, "--spec-type", "ngram-simple"]))
+        ls = [str(args.llama_server), "-m", str(target), "-np", "1", "-t", str(args.threads), "-c", str(args.n_ctx), "-ngl", ngl]
+        if _new_spec_flags(args.llama_server):  # (builds since early 2026 refuse --draft-max and pick the type by flag)
+            out.append(("llama-server", "none", ls))
+            if draft is not None:
+                out.append(("llama-server", "draft", [*ls, "-md", str(draft), "-ngld", ngl, "--spec-type", "draft-simple",
+                                                      "--spec-draft-n-max", str(args.draft_max), "--spec-draft-p-min", str(args.draft_p_min)]))
+            # its own lookup length (12 tokens by default), drafts as long as ours
+            out.append(("llama-server", "ngram", [*ls, "--spec-type", "ngram-simple", "--spec-ngram-simple-size-m", str(args.draft_max)]))
+        else:
+            ls += ["--draft-max", str(args.draft_max), "--draft-p-min", str(args.draft_p_min)]
+            out.append(("llama-server", "none", ls))
+            if draft is not None:
+                out.append(("llama-server", "draft", [*ls, "-md", str(draft), "-ngld", ngl]))
+            out.append(("llama-server", "ngram", [*ls, "--spec-type", "ngram-simple"]))
+    modes = {"none", *args.modes.split(",")}
+    out = [c for c in out if c[1] in modes]
     return out
+
+
+def _new_spec_flags(binary: Path) -> bool:
+    """Whether this llama-server takes --spec-draft-n-max (and has dropped --draft-max)."""
+    import subprocess
+
+    try:
+        text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--spec-draft-n-max" in text
 
 
 def port_args(server_name: str, port: int) -> list[str]:
@@ -86,7 +110,10 @@ def main() -> None:
     ap.add_argument("--draft-max", type=int, default=16)
     ap.add_argument("--draft-p-min", type=float, default=0.75, help="0 for random-weight pairs (ggufrun synth --inert)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--best", action="store_true", help="the best round, not the median: on a machine shared with other "
+                    "work, which only ever slows a round down")
     ap.add_argument("--tasks", default="edit,free")
+    ap.add_argument("--modes", default="draft,ngram", help="speculation modes beside none: draft, ngram")
     ap.add_argument("--llama-server", default=None, help="llama-server binary or bin folder")
     ap.add_argument("--no-reference", action="store_true", help="measure ggufrun only (no llama-server on this machine)")
     args = ap.parse_args()
@@ -108,13 +135,14 @@ def main() -> None:
                         rows.setdefault((name, mode, task), []).append(ask(url, TASKS[task], args.n_gen))
             except RuntimeError as exc:
                 failed[(name, mode)] = str(exc).splitlines()[0]
+    pick = max if args.best else statistics.median
     print(f"target {target.name}, draft {draft.name if draft else '-'}, threads {args.threads}, ngl {args.ngl}, "
-          f"{args.n_gen} tokens, {args.rounds} rounds (median)")
+          f"{args.n_gen} tokens, {args.rounds} rounds ({'best' if args.best else 'median'})")
     print(f"{'server':13} {'mode':6} {'task':5} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'tokens':>6}")
     for (name, mode, task), samples in rows.items():
-        tps = statistics.median(s["tps"] for s in samples)
+        tps = pick(s["tps"] for s in samples)
         base = rows.get((name, "none", task))
-        speed = tps / statistics.median(s["tps"] for s in base) if base else float("nan")
+        speed = tps / pick(s["tps"] for s in base) if base else float("nan")
         drafted = sum(s["drafted"] for s in samples)
         accept = f"{sum(s['accepted'] for s in samples) / drafted:.0%}" if drafted else "-"
         print(f"{name:13} {mode:6} {task:5} {tps:8.1f} {speed:7.2f}x {accept:>7} {int(samples[-1]['n']):6d}")

@@ -14,12 +14,21 @@ streamed chunk is one token on both servers). Raw rows are kept (``--json``); th
 ggufrun / llama-server (goals on a GPU: ttft <= 1.1x, 16-client throughput >= 1.5x).
 
 Models: ``--model``/``--mmproj``, or ``--synth SHAPE`` writes a random-weight pair with ggufrun synth:
-``tiny`` (a 64-wide llama and a SmolVLM-layout projector: CPU smoke runs) or ``smolvlm-256m``
-(SmolLM2-135M's text shape and SmolVLM-256M's SigLIP-B/16 at 512 px: 64 tokens per tile; every
-picture is resized to 2048 px on its longer side, so a square one is 4x4 tiles plus the overview,
-1,088 image tokens, as in llama-server).
+``tiny`` (a 64-wide llama and a SmolVLM-layout projector: HTTP and Python overhead only),
+``small`` (SmolLM2-135M's text shape and a 2-layer SmolVLM-layout projector at 256 px: 2x2 tiles
+plus the overview, 80 image tokens; a CPU encodes a picture in a fraction of a second) or
+``smolvlm-256m`` (SmolLM2-135M's text shape and SmolVLM-256M's SigLIP-B/16 at 512 px: 64 tokens
+per tile; every picture is resized to 2048 px on its longer side, so a square one is 4x4 tiles
+plus the overview, 1,088 image tokens, as in llama-server). smolvlm-256m is for a GPU: a CPU
+spends a minute or more on each of its pictures (17 passes of an 86M-parameter ViT over 1,024
+patches; 70 s on 2 threads here), the same in both servers, so a CPU run of the default sizes
+takes the better part of an hour. The warm-up prints what one picture costs and a rough total.
 
-    PYTHONPATH=. python bench/vision_load.py --synth tiny --clients 4            # CPU, ggufrun alone without llama-server
+On a CPU with AMX, llama-server uses llama.cpp's AMX weight buffers where ggufrun's guard may have
+turned them off (`ggufrun bench` says why): the two then run different matrix kernels.
+
+    PYTHONPATH=. python bench/vision_load.py --synth small --clients 16 --requests-per-client 1 \\
+        --threads 2 --bin $LLAMA_BIN                                              # CPU, about 2 minutes
     PYTHONPATH=. python bench/vision_load.py --synth smolvlm-256m --n-gpu-layers -1 --clients 16 \\
         --bin $LLAMA_BIN --json results/vision_load-h100.json
 """
@@ -44,6 +53,7 @@ from reference import GGUFRUN, find_tool, free_port, server
 
 SHAPES = {  # --synth: (text shape, projector, image side in px)
     "tiny": ("llama:layers=2,dim=64,heads=4,kv_heads=2,ff=256,vocab=512", "smolvlm-tiny", 48),
+    "small": ("llama:layers=30,dim=576,heads=9,kv_heads=3,ff=1536,vocab=49152", "smolvlm-small", 512),
     "smolvlm-256m": ("llama:layers=30,dim=576,heads=9,kv_heads=3,ff=1536,vocab=49152", "smolvlm", 512),
 }
 
@@ -97,13 +107,46 @@ def one_request(url: str, image: str, max_tokens: int) -> dict[str, float]:
     return {"ttft": first, "seconds": time.perf_counter() - started, "chunks": n}
 
 
+def reply(url: str, image: str, max_tokens: int = 1) -> tuple[int, str, float]:
+    """(prompt tokens, reply text, seconds) of a non-streamed greedy request with ``image``: its
+    usage says what one picture costs (the same on both servers: libmtmd cuts it)."""
+    host, port = url.removeprefix("http://").split(":")
+    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this picture in detail."},
+                                                      {"type": "image_url", "image_url": {"url": image}}]}]}
+    conn = http.client.HTTPConnection(host, int(port), timeout=1800)
+    started = time.perf_counter()
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status}: {data[:300]!r}")
+    finally:
+        conn.close()
+    got = json.loads(data)
+    return int(got["usage"]["prompt_tokens"]), got["choices"][0]["message"]["content"], time.perf_counter() - started
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def measure(url: str, kind: str, opts: argparse.Namespace, side: int, seed: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    one_request(url, picture(seed, side), 4)  # warm-up (graph allocation, first encode)
+    n_prompt, _, warm = reply(url, picture(seed, side))  # warm-up (graph allocation, first encode)
+    # a picture is encoded whole before its first token: a long warm-up (smolvlm-256m on a CPU: 17
+    # tiles of a 86M-parameter ViT, a minute or more a picture) means a long run, not a stuck one
+    pictures = opts.repeats + opts.clients * opts.requests_per_client
+    say(f"{kind}: {n_prompt} prompt tokens a picture; warm-up {warm:.1f} s; {pictures} more pictures "
+        f"(roughly {warm * pictures / 60:.1f} min if encoding bounds them)")
+    for i in range(opts.check):  # the same pictures on both servers: greedy replies should match
+        rows.append({"server": kind, "step": "reply", "picture": i, "text": reply(url, picture(7 + i, side), 16)[1]})
     images = [picture(seed + 1 + i, side) for i in range(opts.repeats)]
     for i in range(opts.repeats):
         r = one_request(url, images[i], opts.max_tokens)
-        rows.append({"server": kind, "step": "ttft", "clients": 1, **r})
+        rows.append({"server": kind, "step": "ttft", "clients": 1, "prompt_tokens": n_prompt, **r})
+    say(f"{kind}: 1-client first tokens " + ", ".join(f"{r['ttft'] * 1e3:.0f}" for r in rows if r['step'] == 'ttft') + " ms")
     n = opts.clients * opts.requests_per_client
     images = [picture(seed + 1000 + i, side) for i in range(n)]  # made before the clock starts
     done: list[dict[str, float]] = []
@@ -119,6 +162,7 @@ def measure(url: str, kind: str, opts: argparse.Namespace, side: int, seed: int)
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    say(f"{kind}: {len(done)} requests from {opts.clients} clients in {wall:.1f} s")
     rows.append({"server": kind, "step": "load", "clients": opts.clients, "requests": len(done), "wall": wall,
                  "tokens": opts.max_tokens * len(done), "ttft_median": statistics.median(r["ttft"] for r in done)})
     return rows
@@ -145,6 +189,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--check", type=int, default=2, help="pictures both servers answer (16 greedy tokens), compared")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--n-ctx", type=int, default=2048, help="per sequence")
     ap.add_argument("--batch-size", type=int, default=2048)
@@ -185,6 +230,9 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
         print(f"{kind:>12}: 1-client time to first token {ttft * 1e3:8.1f} ms | {opts.clients} clients: "
               f"{by[kind]['tok_s']:8.1f} tok/s, median first token {load['ttft_median'] * 1e3:8.1f} ms")
     if "llama-server" in by:
+        texts = {k: [r["text"] for r in rows if r["server"] == k and r["step"] == "reply"] for k in by}
+        same = sum(a == b for a, b in zip(texts["ggufrun"], texts["llama-server"]))
+        print(f"greedy replies to the same pictures: {same} of {len(texts['ggufrun'])} equal")
         g, s = by["ggufrun"], by["llama-server"]
         print(f"ggufrun / llama-server: ttft {g['ttft_s'] / s['ttft_s']:.2f}x (goal <= 1.10), "
               f"{opts.clients}-client throughput {g['tok_s'] / s['tok_s']:.2f}x (goal >= 1.50)")

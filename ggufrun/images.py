@@ -125,6 +125,27 @@ def run_end(tokens: Sequence[int], limit: int, *, whole: bool = False) -> int:
     return n
 
 
+def runs_end(tokens: Sequence[int], limit: int, *, whole: bool = False) -> int:
+    """As :func:`run_end`, then as many more whole runs as fit in ``limit``: a sequence alone in
+    a step decodes them in order, one llama_decode each (llama/vision.py), as it would one a
+    step; the same decodes without an engine step between them (17 tiles of a SmolVLM picture:
+    36 runs). A run the limit would cut is left for the next step, so the decodes stay the same."""
+    n = run_end(tokens, limit, whole=whole)
+    while 0 < n < min(limit, len(tokens)) and (tokens[n - 1] < 0) != (tokens[n] < 0):
+        image, j = tokens[n] < 0, n + 1
+        while j < len(tokens) and j <= limit and (tokens[j] < 0) == image:
+            j += 1
+        if j > limit:
+            break
+        n = j
+    return n
+
+
+def count_runs(tokens: Sequence[int]) -> int:
+    """Runs of text or image tokens in ``tokens`` (a llama_decode each, at least)."""
+    return sum(1 for i, t in enumerate(tokens) if i == 0 or (t < 0) != (tokens[i - 1] < 0))
+
+
 def chat_tokens_with_images(template: Any, model: Any, messages: list[dict[str, Any]],
                             blocks: Sequence[list[int]], *, add_generation_prompt: bool = True,
                             tools: Sequence[Any] | None = None, variables: Mapping[str, Any] | None = None) -> list[int]:

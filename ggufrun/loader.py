@@ -50,6 +50,9 @@ def open_model(
 
     spec = registry.resolve(name)
     settings = resolve(spec.defaults, cli_settings)  # bad flags fail before a download starts
+    from .speculative import check_tuning
+
+    check_tuning(settings, [(f"models.toml entry '{spec.name}'", spec.defaults), ("command line", cli_settings)])
     path = ensure_local(spec, offline=offline, progress=progress, report=report, n_ctx=settings.n_ctx)
     from .trial import trial_load
 

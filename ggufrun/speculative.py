@@ -26,9 +26,9 @@ This module stays free of llama.cpp: the models it drives are ``llama.model.Mode
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import numpy as np
 
@@ -49,47 +49,88 @@ STEP_TOKENS = 32
 
 
 class Drafter(Protocol):
-    def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
-        """Per (seq_id, tokens so far, most to draft): the guessed continuation (maybe empty)."""
+    def draft(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
+        """Per (seq_id, tokens so far, most to draft): the guessed continuation (maybe empty).
+        Between two ``forget(seq_id)`` a sequence's tokens only grow."""
         ...
 
     def forget(self, seq_id: int) -> None: ...
     def close(self) -> None: ...
 
 
+class Text(Sequence[int]):
+    """A sequence's cached tokens and its last sampled one, read in place: drafting sees the whole
+    text every step without copying it (a drafter reads the end and what is new)."""
+
+    __slots__ = ("hist", "last")
+
+    def __init__(self, hist: Sequence[int], last: int) -> None:
+        self.hist, self.last = hist, last
+
+    def __len__(self) -> int:
+        return len(self.hist) + 1
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.hist
+        yield self.last
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+
+    def __getitem__(self, i: int | slice) -> int | list[int]:
+        n = len(self.hist)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n + 1)
+            if step != 1:
+                return list(self)[i]
+            out = list(self.hist[start:min(stop, n)])
+            return out + [self.last] if start <= n < stop else out
+        if i < 0:
+            i += n + 1
+        if i == n:
+            return self.last
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self.hist[i]
+
+
 class NgramDrafter:
     """Prompt and history lookup: the continuation of the latest earlier occurrence of the last
-    4 or 3 tokens. An index per sequence (n-gram -> where its latest follower starts) grows with
-    the text, so a step costs a few dict lookups, not a scan of the context."""
+    4 or 3 tokens. Each sequence keeps its own copy of the text and an index (n-gram -> where its
+    latest follower starts), both extended by what is new since the last draft: a step costs a
+    few dict lookups, not a scan or a copy of the context."""
 
     label = "ngram"
 
     def __init__(self) -> None:
         self._seqs: dict[int, tuple[list[int], list[dict[tuple[int, ...], int]]]] = {}
 
-    def _index(self, seq_id: int, tokens: list[int]) -> list[dict[tuple[int, ...], int]]:
+    def _index(self, seq_id: int, tokens: Sequence[int]) -> tuple[list[int], list[dict[tuple[int, ...], int]]]:
         known = self._seqs.get(seq_id)
-        if known is not None and len(tokens) >= len(known[0]) and tokens[: len(known[0])] == known[0]:
-            hist, index = known
-        else:
-            hist, index = [], [{} for _ in NGRAM_SIZES]
-        for i in range(len(hist), len(tokens)):
+        # A text only grows between forget()s; the check at the end of what is indexed catches a caller that broke that.
+        if known is None or len(tokens) < len(known[0]) or (known[0] and tokens[len(known[0]) - 1] != known[0][-1]):
+            known = self._seqs[seq_id] = ([], [{} for _ in NGRAM_SIZES])
+        text, index = known
+        old = len(text)
+        text.extend(tokens[old:])
+        for i in range(old, len(text)):
             for k, n in enumerate(NGRAM_SIZES):
                 if i >= n:
-                    index[k][tuple(tokens[i - n : i])] = i
-        self._seqs[seq_id] = (list(tokens), index)
-        return index
+                    index[k][tuple(text[i - n : i])] = i
+        return known
 
-    def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+    def draft(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         out = []
         for seq_id, tokens, n_max in items:
             guess: list[int] = []
             if n_max > 0:  # (a paused sequence's index catches up when it next drafts)
-                index = self._index(seq_id, tokens)
+                text, index = self._index(seq_id, tokens)
                 for k, n in enumerate(NGRAM_SIZES):
-                    at = index[k].get(tuple(tokens[-n:])) if len(tokens) > n else None
+                    at = index[k].get(tuple(text[-n:])) if len(text) > n else None
                     if at is not None:
-                        guess = tokens[at : at + n_max]
+                        guess = text[at : at + n_max]
                         break
             out.append(guess)
         return out
@@ -107,39 +148,61 @@ class ModelDrafter:
     a sequence is fed nothing while it does not draft, and the backlog of accepted tokens goes in
     one batch when it next drafts, so a paused sequence costs no draft work at all. Every sequence
     drafting in a step goes through the same decodes: one to catch up on the accepted tokens, then
-    one per drafted position."""
+    one per drafted position. What it shares with the target's text is found from what it was fed
+    (only its own guesses after that are compared), not by a scan of the context each step."""
 
     def __init__(self, model: Any, name: str, p_min: float = P_MIN) -> None:
         self.model = model
         self.label = name
         self.p_min = p_min
+        self._fed: dict[int, int] = {}  # seq -> leading tokens of its text known to be in the draft's cache
+        self._blind: set[int] = set()  # texts holding image positions: not the draft's to read (until forget)
 
-    def draft(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+    def _shared(self, seq_id: int, tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` the draft's cache holds: what it was fed, then its own
+        guesses as far as they were right (a full comparison once per reply)."""
+        fed = self._fed.get(seq_id)
+        if fed is None or fed > len(tokens):
+            return int(self.model.common_prefix(seq_id, tokens))
+        cached = self.model.history(seq_id)
+        n = fed
+        top = min(len(cached), len(tokens))
+        while n < top and cached[n] == tokens[n]:
+            n += 1
+        return n
+
+    def draft(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         m = self.model
         out: list[list[int]] = [[] for _ in items]
         live = []
         for i, (seq_id, tokens, n_max) in enumerate(items):
-            if n_max <= 0 or len(tokens) + n_max > m.seq_cells or min(tokens) < 0:  # (image positions: not the draft's to read)
+            if n_max <= 0 or seq_id in self._blind or len(tokens) + n_max > m.seq_cells:
                 continue
-            keep = m.truncate(seq_id, min(m.common_prefix(seq_id, tokens), len(tokens) - 1))
-            live.append((i, seq_id, tokens[keep:], n_max))
+            keep = m.truncate(seq_id, min(self._shared(seq_id, tokens), len(tokens) - 1))
+            todo = list(tokens[keep:])
+            if min(todo) < 0:  # image positions: not the draft's to read
+                self._blind.add(seq_id)
+                continue
+            live.append((i, seq_id, todo, n_max, len(tokens)))
         if not live:
             return out
         try:
-            rows = self._decode([(seq_id, todo) for _, seq_id, todo, _ in live])
-            for step in range(max(n for *_, n in live)):
+            rows = self._decode([(seq_id, todo) for _, seq_id, todo, _, _ in live])
+            for _, seq_id, _, _, n in live:
+                self._fed[seq_id] = n
+            for step in range(max(n for _, _, _, n, _ in live)):
                 picks = _greedy(rows, self.p_min)
                 going = []
-                for (i, seq_id, _, n_max), tok in zip(live, picks):
+                for (i, seq_id, _, n_max, n), tok in zip(live, picks):
                     if tok < 0:
                         continue
                     out[i].append(tok)
                     if len(out[i]) < n_max:
-                        going.append((i, seq_id, [tok], n_max))
+                        going.append((i, seq_id, [tok], n_max, n))
                 live = going
                 if not live:
                     break
-                rows = self._decode([(seq_id, todo) for _, seq_id, todo, _ in live])
+                rows = self._decode([(seq_id, todo) for _, seq_id, todo, _, _ in live])
         except ContextOverflowError:  # the draft's cache is full: these sequences go on without drafts
             pass
         return out
@@ -157,7 +220,9 @@ class ModelDrafter:
         return np.stack(rows)
 
     def forget(self, seq_id: int) -> None:
-        """Nothing: the next draft for the sequence keeps what it shares of its cache."""
+        """The next draft for the sequence finds what it shares of its cache by comparing."""
+        self._fed.pop(seq_id, None)
+        self._blind.discard(seq_id)
 
     def close(self) -> None:
         self.model.close()
@@ -168,8 +233,10 @@ def _greedy(rows: np.ndarray, p_min: float) -> list[int]:
     best = rows.argmax(axis=1)
     if p_min <= 0:
         return [int(t) for t in best]
-    top = rows[np.arange(len(rows)), best].astype(np.float64)
-    z = np.exp(rows.astype(np.float64) - top[:, None]).sum(axis=1)
+    top = rows[np.arange(len(rows)), best]
+    # float32 (a 152k vocabulary's float64 softmax took ~1 ms a drafted token on the host): a sum of
+    # terms at most 1 is good to ~1e-4 of itself, fine for a threshold
+    z = np.exp(rows - top[:, None], dtype=np.float32).sum(axis=1, dtype=np.float32)
     return [int(t) if 1.0 / zz >= p_min else -1 for t, zz in zip(best, z)]
 
 
@@ -254,12 +321,12 @@ class Speculator:
         pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, min(self.n_max, FIRST_DRAFT)))
         return pace.want()
 
-    def drafts(self, items: list[tuple[int, list[int], int]]) -> list[list[int]]:
+    def drafts(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """Drafts for (seq_id, tokens so far, room): each asks for what its pace wants (within
         ``room``), and one shorter than the sequence's draft minimum is dropped."""
         return self.make([(seq_id, tokens, min(self.want(seq_id), room)) for seq_id, tokens, room in items])
 
-    def make(self, asks: list[tuple[int, list[int], int]]) -> list[list[int]]:
+    def make(self, asks: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """Drafts for (seq_id, tokens so far, length) whose length ``want`` already gave; only the
         sequences asking for some tokens reach the drafter."""
         if not any(n > 0 for _, _, n in asks):
@@ -309,17 +376,23 @@ def verify(rows: Any, draft: list[int], gen: Any, accept: Any) -> list[int]:
 
 def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: int = 0) -> Generator[tuple[int, str], None, None]:
     """``Model.stream`` with speculation: the same contract (yield (token, text) per generated
-    token, then (-1, held-back text)); each step decodes the last token with a draft."""
+    token, then (-1, held-back text)). A step with a draft decodes the last token and the draft
+    and keeps what ``verify`` accepts; a step without one (a paused pace, no lookup match) is
+    Model.stream's own: the token sampled, its decode queued, and only then handed out, so that
+    speculation that does not pay costs no more per token than none (on a GPU the hand-out
+    overlaps the decode)."""
     import time
 
     st = gen.stats
     gen.started = time.perf_counter()
     kept = model.truncate(seq_id, min(model.common_prefix(seq_id, tokens), len(tokens) - 1))
     st.cached_tokens = kept
-    model.decode([(seq_id, tokens[kept:], True)])
+    idx = model.decode([(seq_id, tokens[kept:], True)])[0]
     spec.begin(seq_id)
+    sampler = gen.sampler
     draft: list[int] = []
     ended: list[tuple[int, str]] = []
+    pieces: list[tuple[int, str]] = []
 
     def take(tok: int, info: Any) -> bool:
         text, reason = gen.accept(tok, info)
@@ -331,30 +404,50 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
 
     try:
         while True:
-            base = model.seq_len(seq_id) - len(draft)  # the last token included
-            pieces: list[tuple[int, str]] = []
-            out = verify(model.logits_rows(len(draft) + 1), draft, gen, take)
+            held: Any = None  # a token sampled whose decode goes before its hand-out (a step without a draft)
             if draft:
+                base = model.seq_len(seq_id) - len(draft)  # the last token included
+                pieces.clear()
+                out = verify(model.logits_rows(len(draft) + 1), draft, gen, take)
                 spec.record(seq_id, len(draft), len(out) - 1)
                 model.truncate(seq_id, base + len(out) - 1)
-            yield from pieces
-            if ended:
-                tok, text = ended[0]
-                if tok >= 0 or text:
-                    yield tok, text
-                return
-            last = out[-1]
-            room = model.n_ctx - model.seq_len(seq_id) - 1
-            if room < 0:  # the context is full
+                yield from pieces
+                if ended:
+                    tok, text = ended[0]
+                    if tok >= 0 or text:
+                        yield tok, text
+                    return
+                last = out[-1]
+            else:
+                last, info = model.sample_one(sampler, idx)
+                held = (last, info)
+            draft, going = [], held is None or not gen.ends_at(last)
+            if going:
+                room = model.n_ctx - model.seq_len(seq_id) - 1
+                left = (gen.max_tokens - gen.n_gen - 1 - (held is not None)) if gen.max_tokens else room
+                want = min(spec.want(seq_id), room, left)  # before the history is copied: a paused sequence costs nothing
+                if want > 0:
+                    draft = spec.make([(seq_id, Text(model.history(seq_id), last), want)])[0]
+                if draft:
+                    model.decode([(seq_id, [last, *draft], len(draft) + 1)])
+                else:
+                    going = model.decode_one(seq_id, last)  # False: the context is full
+                idx = 0
+            if held is not None:
+                text, reason = gen.accept(*held)
+                if reason is not None:
+                    if last >= 0 and reason == "length":
+                        yield last, text
+                    elif text:
+                        yield -1, text
+                    return
+                yield last, text
+            if not going:  # the context is full
                 gen.finish_reason = st.finish_reason = "length"
                 tail = gen.finish()
                 if tail:
                     yield -1, tail
                 return
-            left = (gen.max_tokens - gen.n_gen - 1) if gen.max_tokens else room
-            want = min(spec.want(seq_id), room, left)  # before the history is copied: a paused sequence costs nothing
-            draft = spec.make([(seq_id, model.cached_tokens(seq_id) + [last], want)])[0] if want > 0 else []
-            model.decode([(seq_id, [last, *draft], len(draft) + 1)])
     finally:
         gen.close()
 
@@ -385,6 +478,34 @@ def check_vocab(target: Any, draft: Any, target_name: str, draft_name: str) -> N
     if why is not None:
         raise ConfigError(f"Draft model '{draft_name}' does not share the vocabulary of '{target_name}': {why}.",
                           "Use a draft from the same model family (same tokenizer), or --spec ngram.")
+
+
+TUNING = ("draft_max", "draft_min", "draft_p_min")
+
+
+def check_tuning(settings: Any, layers: list[tuple[str, Any]]) -> None:
+    """Refuse (ConfigError) draft tuning that nothing would use: ``draft_max``/``draft_min``/``draft_p_min``
+    set in one of ``layers`` ((origin, values): the command line, a models.toml entry, a serve config
+    table) while the merged ``settings`` do not speculate, or ``draft_p_min`` beside n-gram lookup
+    (it bounds a draft model's confidence; a lookup has none). ``layers`` go lowest first: one whose
+    drafter a later layer turned off (``--spec off``, ``--draft-model ""``) was overridden knowingly.
+    config.toml and the environment are defaults for whenever a drafter is chosen: not checked."""
+    drafting = settings.spec != "off" or bool(settings.draft_model)
+    for i, (origin, values) in enumerate(layers):
+        given = [k for k in TUNING if (values or {}).get(k) is not None]
+        overridden = any((later or {}).get(k) is not None for _, later in layers[i + 1:] for k in ("spec", "draft_model"))
+        if not given or (overridden and not drafting):
+            continue
+        cli = origin == "command line"
+        names = [f"--{k.replace('_', '-')}" if cli else k for k in given]
+        where = "" if cli else f" in {origin}"
+        if not drafting:
+            hint = ("give --spec ngram or --draft-model too." if cli
+                    else 'add spec = "ngram" or draft_model = "NAME" beside it (or --spec/--draft-model), or remove it.')
+            raise ConfigError(f"{', '.join(names)}{where} tune(s) speculative decoding: {hint}")
+        if "draft_p_min" in given and not settings.draft_model:
+            raise ConfigError(f"{names[given.index('draft_p_min')]}{where} bounds a draft model's confidence, and n-gram "
+                              "lookup (--spec ngram) has none: use it with --draft-model, or drop it.")
 
 
 def build(target: Any, settings: Any, target_name: str, load_draft: Any) -> Speculator | None:
@@ -421,7 +542,7 @@ def step_drafts(spec: Speculator, model: Any, items: list[tuple[int, int, int]],
     wants = [min(spec.want(seq_id), room, share) for seq_id, _, room in items]
     if not any(n > 0 for n in wants):  # every sequence paused: no history copied, nothing drafted
         return [[] for _ in items]
-    return spec.make([(seq_id, model.cached_tokens(seq_id) + [last] if n > 0 else [], n)
+    return spec.make([(seq_id, Text(model.history(seq_id), last) if n > 0 else [], n)
                       for (seq_id, last, _), n in zip(items, wants)])
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from .errors import ConfigError, ModelLoadError
+from .exits import signal_name
 
 TRIAL_SECONDS = 300.0
 _CONFIG_EXIT = 2  # the child's exit status for a ConfigError (a bad setting, not a bad file)
@@ -75,10 +75,7 @@ def trial_load(path: str | Path) -> None:
         _remember(key)
         return
     if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
+        name = signal_name(proc.returncode)
         asserts = [line for line in proc.stderr.splitlines() if "GGML_ASSERT" in line or "error" in line.lower()]
         why = f": {asserts[0].split(': ', 1)[-1][:200]}" if asserts else ""
         raise ModelLoadError(f"llama.cpp crashed ({name}) test-loading {p.name}{why}.",

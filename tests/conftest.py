@@ -50,6 +50,14 @@ def run_shared(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[
         yield folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Server logs (tests/serverutil.py) in this session's temporary folder, never loose in /tmp."""
+    import serverutil
+
+    serverutil.LOG_DIR = tmp_path_factory.mktemp("serve-logs")
+
+
 @pytest.fixture(scope="session")
 def amx_verdict(tmp_path_factory: pytest.TempPathFactory) -> "Check | None":
     """What the AMX guard's own check (a child process that runs llama.cpp's AMX kernel, ggufrun/llama/amx.py)

@@ -12,12 +12,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where server logs go: tests/conftest.py points it into pytest's own temporary folder (where a run
+# that was killed before it could clean up leaves them to pytest's rotation); None: the system's.
+LOG_DIR: Path | None = None
 
 
 def post_json(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -45,11 +49,17 @@ class ServerProcess:
         ``port=0`` lets the server pick one: ``wait_ready`` reads it from the start-up line."""
         self.port = free_port() if port is None else port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = tempfile.NamedTemporaryFile(prefix="ggufrun-serve-", suffix=".log", delete=False)
+        self.log_file = tempfile.NamedTemporaryFile(prefix="ggufrun-serve-", suffix=".log", delete=False, dir=LOG_DIR)
         base = command or [sys.executable, "-m", "ggufrun.cli.main", "serve"]
         cmd = [*base, *args, "--port", str(self.port)]
         full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+        except BaseException:
+            _end(None, self.log_file)
+            raise
+        # close() ends both; a caller that forgets it still has them ended when this object goes, or at exit
+        self._end = weakref.finalize(self, _end, self.proc, self.log_file)
 
     def log(self) -> str:
         return Path(self.log_file.name).read_text(encoding="utf-8", errors="replace")
@@ -92,9 +102,22 @@ class ServerProcess:
         return time.monotonic() - started
 
     def close(self) -> None:
-        self.stop()
-        self.log_file.close()
-        os.unlink(self.log_file.name)
+        """Stop the server and remove its log."""
+        try:
+            self.stop()
+        finally:
+            self._end()
+
+
+def _end(proc: subprocess.Popen[bytes] | None, log_file: Any) -> None:
+    """Kill ``proc`` if it still runs; close and remove its log."""
+    try:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    finally:
+        log_file.close()
+        Path(log_file.name).unlink(missing_ok=True)
 
 
 @contextmanager

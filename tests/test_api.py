@@ -204,6 +204,9 @@ def test_every_unhonoured_field_is_a_400_naming_it(smol: ServerProcess) -> None:
               "response_format.json_schema.schema"),
              ({"tool_choice": "required"}, "tool_choice"), ({"logit_bias": {"abc": 1}}, "logit_bias"),
              ({"presence_penalty": 3}, "presence_penalty"),
+             # llama-server's per-request draft bounds, on a model served without a drafter: nothing to bound
+             ({"speculative.n_max": 4}, "speculative.n_max"), ({"speculative.n_min": 1}, "speculative.n_min"),
+             ({"speculative.p_min": 0.5}, "speculative.p_min"),
              ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0].image_url.url")]
     for extra, param in cases:
         r = chat(smol, messages=[{"role": "user", "content": "hi"}], **extra) if "messages" not in extra else chat(smol, **extra)
@@ -219,6 +222,8 @@ def test_every_unhonoured_field_is_a_400_naming_it(smol: ServerProcess) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
     with pytest.raises(openai.BadRequestError):  # what SDK users catch
         client(smol).chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    # speculative.n_max 0 asks for no drafts, which a server without a drafter honours
+    assert chat(smol, messages=[{"role": "user", "content": "hi"}], max_tokens=1, **{"speculative.n_max": 0}).status_code == 200
 
 
 def test_hostile_requests_get_400_404_405_json(smol: ServerProcess) -> None:

@@ -379,3 +379,21 @@ def test_cli_speculative_columns_against_the_same_model_without(capsys: pytest.C
     assert code == 2 and "give --spec ngram or --draft-model" in err
     code, out, err = run_cli(capsys, "bench", model, *fast, "--spec", "ngram", "--draft-model", model)
     assert code == 1 and "Choose one way of drafting" in out  # refused, as a row with its reason
+
+
+def test_a_worker_killed_by_a_signal_without_a_name_is_a_bench_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real-time signal has no name in Python's Signals: the worker's death is still one BenchError
+    (signal.Signals(40) raised ValueError, a traceback), as in the trial load and the AMX check."""
+    import signal
+
+    from ggufrun.bench import run
+    from ggufrun.errors import BenchError
+    from ggufrun.exits import signal_name
+
+    number = signal.SIGRTMIN + 6
+    (tmp_path / "dying_worker.py").write_text(f"import os\nos.kill(os.getpid(), {int(number)})\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(run, "WORKER", "dying_worker")
+    with pytest.raises(BenchError, match=f"worker killed by signal {int(number)}$"):
+        run._spawn({})
+    assert [signal_name(-11), signal_name(-9), signal_name(-int(number))] == ["SIGSEGV", "SIGKILL", f"signal {int(number)}"]

@@ -11,6 +11,7 @@ llama-server binary is on this machine to compare against live."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ import pytest
 import requests
 from serverutil import ServerProcess, serve
 
-from ggufrun.server import fim, native
+from ggufrun.server import fim, native, slots
 
 openai = pytest.importorskip("openai")
 
@@ -61,7 +62,10 @@ def server(models: dict[str, Path], home: Path, tmp_path_factory: pytest.TempPat
     batch = {name: 512 if name == "reranker" else 256 for name in models}
     entries = "".join(f'[[models]]\nmodel = "{path}"\nserved_model_name = "{name}"\nn_ctx = 1024\nbatch_size = {batch[name]}\n'
                       f'ubatch_size = {batch[name]}\nthreads = 1\n\n' for name, path in models.items())
-    config.write_text(f"[server]\nparallel = 2\nmax_loaded = 4\n\n{entries}")
+    # two more names of the coder file whose slot folders once were one ("org_coder")
+    entries += "".join(f'[[models]]\nmodel = "{models["coder"]}"\nserved_model_name = "{name}"\nn_ctx = 256\nthreads = 1\n\n'
+                       for name in ("org/coder", "org_coder"))
+    config.write_text(f"[server]\nparallel = 2\nmax_loaded = 6\n\n{entries}")
     env = {"GGUFRUN_HOME": str(home), "GGUFRUN_HF_ENDPOINT": "http://127.0.0.1:9", "GGUFRUN_MS_ENDPOINT": "http://127.0.0.1:9"}
     with serve("--config", str(config), env=env) as srv:
         yield srv
@@ -425,6 +429,34 @@ def test_slots_save_restore_erase(server: ServerProcess, home: Path) -> None:
         assert resp.status_code == status, (params, body, resp.text)
     assert requests.post(f"{server.url}/slots/5", params={"action": "erase", "model": "coder"}, timeout=60).status_code == 400
     assert not list((home / "slots").rglob("x")) and sorted(p.name for p in (home / "slots" / "coder").iterdir()) == ["fox.bin"]
+
+
+def test_slot_folders_are_one_per_model(server: ServerProcess, home: Path) -> None:
+    """A file saved by "org/coder" is not another model's to restore, though "org_coder" once read it."""
+    url = f"{server.url}/slots/0"
+    post(server, "/completion", {"model": "org/coder", "prompt": "one model's cells", "n_predict": 1, "id_slot": 0})
+    saved = requests.post(url, params={"action": "save"}, json={"model": "org/coder", "filename": "mine.bin"}, timeout=60)
+    assert saved.status_code == 200, saved.text
+    for other in ("org_coder", "coder"):
+        resp = requests.post(url, params={"action": "restore"}, json={"model": other, "filename": "mine.bin"}, timeout=60)
+        assert resp.status_code == 404 and "mine.bin" in resp.json()["error"]["message"], (other, resp.text)
+    restored = requests.post(url, params={"action": "restore"}, json={"model": "org/coder", "filename": "mine.bin"}, timeout=60)
+    assert restored.json()["n_restored"] == saved.json()["n_saved"]
+    [path] = (home / "slots").glob("*/mine.bin")
+    assert path.parent.parent == home / "slots" and path.parent.name == slots.folder_name("org/coder")
+
+
+def test_slot_folder_names_are_distinct_and_plain() -> None:
+    ids = ["coder", "a/b", "a_b", "a:b", "a\\b", "A_b", "a_B", "Qwen", "qwen", ".", "..", "../..", ".hidden", "hidden",
+           "", "%", "a%b", "x" * 64, "x" * 65, "x" * 300, "x" * 299 + "y", "modèle", "mode\u0300le", "nul\x00", "a b", "a\udcff"]
+    names = [slots.folder_name(i) for i in ids]
+    # distinct even where the disk ignores case
+    assert len({n.lower() for n in names}) == len(ids), dict(zip(ids, names))
+    for name in names:
+        assert name not in ("", ".", "..") and not name.startswith(".") and len(name) <= 80
+        assert re.fullmatch(r"[a-z0-9_.%-]+", name), name
+    # a plain lower-case id keeps its own folder (and the saves already there)
+    assert [slots.folder_name(i) for i in ("coder", "gemma3-270m", "qwen2.5_0.5b")] == ["coder", "gemma3-270m", "qwen2.5_0.5b"]
 
 
 def test_a_slot_operation_waits_for_no_request_and_refuses_a_busy_slot(models: dict[str, Path]) -> None:

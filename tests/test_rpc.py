@@ -265,4 +265,5 @@ def test_killed_worker_ends_the_server_with_a_clear_error(tiny_model_factory) ->
             httpx.get(f"{server.url}/health", timeout=5)
     finally:
         server.proc.kill()
+        server.close()  # its log too
         worker.stop()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -438,7 +439,11 @@ CHROMIUM = "/usr/bin/chromium"
 class DevTools:
     """Chrome DevTools protocol over --remote-debugging-pipe (fd 3 in, fd 4 out, NUL-separated JSON)."""
 
-    def __init__(self, user_data: Path) -> None:
+    def __init__(self, profile: Path) -> None:
+        """A browser with its profile in ``profile`` and a TMPDIR of its own, which ``close`` removes:
+        killed, it leaves a folder there (for its singleton's socket, whose path must stay short:
+        a pytest tmp_path is too long for it)."""
+        self.tmp = tempfile.mkdtemp(prefix="ggufrun-chromium-")
         to_r, self._to = os.pipe()
         self._from, from_w = os.pipe()
 
@@ -449,12 +454,17 @@ class DevTools:
             os.dup2(read_end, 3)
             os.dup2(write_end, 4)
 
-        self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={user_data}", "--remote-debugging-pipe", "about:blank"],
-            # close_fds would run after preexec_fn and close 3 and 4 again; our other fds are O_CLOEXEC anyway
-            preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self.proc = subprocess.Popen(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+                # close_fds would run after preexec_fn and close 3 and 4 again; our other fds are O_CLOEXEC anyway
+                preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "TMPDIR": self.tmp}, start_new_session=True)  # its own group: close kills its helpers
+        except BaseException:
+            shutil.rmtree(self.tmp)
+            raise
         os.close(to_r)
         os.close(from_w)
         self._buf = b""
@@ -505,10 +515,14 @@ class DevTools:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def close(self) -> None:
-        self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the browser and the renderers it started
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         os.close(self._to)
         os.close(self._from)
+        shutil.rmtree(self.tmp)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
@@ -652,7 +666,9 @@ def test_serve_config_is_strict(tmp_path: Path) -> None:
                        ('[[models]]\nmodel = "a"\ntemperature = -1\n', "temperature"),
                        ('[server]\nport = 1\n', "no models"),
                        ('[server]\ncors = 5\n[[models]]\nmodel = "a"\n', "cors"),
-                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 0-65535")):
+                       ('[server]\nport = 70000\n[[models]]\nmodel = "a"\n', "port must be 0-65535"),
+                       # unnamed files of one base name would share an engine and a slots folder
+                       ('[[models]]\nmodel = "/x/m.gguf"\n[[models]]\nmodel = "/y/m.gguf"\n', "'m.gguf' is used by two")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=word):

@@ -263,3 +263,53 @@ def test_request_draft_bounds_are_checked() -> None:
     for bad in ({"speculative.n_max": 65}, {"speculative.n_max": "4"}, {"speculative.n_max": 2, "speculative.n_min": 3}):
         with pytest.raises(ApiError):
             parse_gen({"prompt": "x", **bad}, chat=False)
+
+
+def test_draft_tuning_without_a_drafter_is_refused_in_one_line(tiny_model: Path, tmp_path: Path, ggufrun_home: Path) -> None:
+    """--draft-max/--draft-min/--draft-p-min (and models.toml or serve-config draft_*) with nothing
+    drafting would change nothing: `serve` refuses them in one line before a model loads, naming
+    the missing flag; --draft-p-min beside --spec ngram too (a lookup has no probabilities)."""
+    import subprocess
+    import sys
+
+    from ggufrun.settings import Settings
+
+    def serve(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", *argv, "--port", "1"],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[[models]]\nmodel = "{tiny_model}"\ndraft_min = 2\n', encoding="utf-8")
+    for argv, said in (((str(tiny_model), "--draft-max", "4"), "--draft-max tune(s) speculative decoding: give --spec ngram or --draft-model too."),
+                       ((str(tiny_model), "--spec", "ngram", "--draft-p-min", "0.5"), "--draft-p-min bounds a draft model's confidence"),
+                       (("--config", str(config)), f"draft_min in {config} [[models]] #1 tune(s) speculative decoding: add spec = \"ngram\"")):
+        out = serve(*argv)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and said in out.stderr, out.stderr
+    # the layers: a models.toml entry's tuning needs a drafter; a later layer's explicit off overrides it knowingly
+    entry = ("models.toml entry 'm'", {"draft_max": 8})
+    with pytest.raises(ConfigError, match="draft_max in models.toml entry 'm' tune"):
+        S.check_tuning(Settings(), [entry, ("command line", {})])
+    S.check_tuning(Settings(spec="ngram"), [entry, ("command line", {"spec": "ngram"})])
+    S.check_tuning(Settings(), [(entry[0], {**entry[1], "spec": "ngram"}), ("command line", {"spec": "off"})])
+    S.check_tuning(Settings(draft_model="d"), [("command line", {"draft_model": "d", "draft_p_min": 0.5})])
+    with pytest.raises(ConfigError, match="--draft-min tune"):  # the command line's own off is no excuse for its own tuning
+        S.check_tuning(Settings(), [("command line", {"spec": "off", "draft_min": 1})])
+
+
+def test_drafters_read_the_text_in_place_and_only_what_is_new() -> None:
+    """Text views a sequence's cached tokens and its last one without a copy; the n-gram index
+    and the draft model's shared prefix grow from what is new (a text that did not grow is
+    re-read whole, so a caller's mistake costs speed, never a wrong index)."""
+    hist = [1, 2, 3, 4, 5]
+    t = S.Text(hist, 9)
+    assert len(t) == 6 and list(t) == [1, 2, 3, 4, 5, 9] and t[-1] == 9 and t[5] == 9 and t[0] == 1
+    assert t[3:] == [4, 5, 9] and t[-3:] == [4, 5, 9] and t[1:3] == [2, 3] and t[6:] == [] and t[::2] == [1, 3, 5]
+    with pytest.raises(IndexError):
+        t[6]
+    d = S.NgramDrafter()
+    text = [1, 2, 3, 4, 5, 6, 7, 9, 9, 2, 3]
+    assert d.draft([(0, S.Text(text, 4), 3)]) == [[5, 6, 7]]
+    text += [4, 5, 6]  # the last and two accepted tokens join the cache
+    assert d.draft([(0, S.Text(text, 7), 2)]) == [[9, 9]]
+    assert len(d._seqs[0][0]) == len(text) + 1  # extended, not rebuilt
+    assert d.draft([(0, [1, 2, 3, 4, 8, 8, 2, 3, 4, 5, 6, 7, 8, 9, 9], 2)]) == [[]]  # another text of the same seq: rebuilt

@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -256,6 +258,43 @@ def test_images_beside_text_requests_all_answer(vsrv: ServerProcess) -> None:
     assert all(r.usage.completion_tokens == 6 for r in results.values())
 
 
+@pytest.mark.slow  # ~14 s: fifteen pictures of five 256-px tiles
+def test_a_text_request_does_not_wait_behind_other_requests_pictures(tmp_path: Path, server_env: dict[str, str]) -> None:
+    """Requests with images wait for the projector (one encode at a time) in threads of their own:
+    in the executor every prompt is built in, they held all its threads (6 on 2 cores), and a text
+    request sent after 14 of them waited for 9 encodes."""
+    from PIL import Image
+
+    model = write_synthetic(tmp_path / "m.gguf", "tiny-llama", extra_tokens=VISION_TOKENS["smolvlm"])
+    mmproj = write_projector(tmp_path / "p.gguf", "smolvlm-small", 64)  # 5 tiles of 256 px a picture: a slow encode
+
+    def noise(i: int) -> str:
+        buf = io.BytesIO()
+        Image.frombytes("RGB", (512, 512), bytes(random.Random(i).randbytes(512 * 512 * 3))).save(buf, "PNG")
+        return data_url(buf.getvalue())
+
+    pictures = [noise(i) for i in range(14)]
+    with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "4", "--n-ctx", "512",
+               "--threads", "1", env=server_env) as server:
+        client = oai(server)
+        ask(client, TEXT, img(noise(99)))  # warm-up
+        done: list[str] = []
+
+        def one(name: str, *parts: dict[str, Any]) -> None:
+            ask(client, *parts)
+            done.append(name)
+
+        threads = [threading.Thread(target=one, args=(f"image {i}", TEXT, img(p))) for i, p in enumerate(pictures)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        text = threading.Thread(target=one, args=("text", TEXT))
+        text.start()
+        for t in [*threads, text]:
+            t.join(timeout=120)
+    assert len(done) == 15 and done.index("text") <= 4, done  # before: after 9 of the 14 pictures
+
+
 def test_responses_input_image(vsrv: ServerProcess) -> None:
     client = oai(vsrv)
     r = client.responses.create(model="vlm", max_output_tokens=4, temperature=0, input=[{"role": "user", "content": [
@@ -405,6 +444,17 @@ def test_mmproj_flag_overrides_and_a_wrong_projector_is_refused_by_name(vlm: tup
     loaded.close()
 
 
+def test_a_lone_prompt_takes_whole_runs_and_no_run_is_cut_differently() -> None:
+    from ggufrun.images import count_runs, runs_end
+
+    tokens = [1, 2, -1, -2, -3, 3, -9, -10, 4, 5]  # text 2, image 3, text 1, image 2, text 2
+    assert count_runs(tokens) == 5 and count_runs([]) == 0
+    assert runs_end(tokens, 100) == 10  # all of it: five decodes in one step
+    assert runs_end(tokens, 7) == 6  # the next image run would be cut: it waits, whole, for the next step
+    assert runs_end(tokens, 1) == 1  # a first run longer than the limit is cut, as run_end cuts it
+    assert runs_end(tokens[2:], 2) == 2 and runs_end([-1, -2, -3], 2, whole=True) == 0
+
+
 def test_whole_images_are_never_cut_between_steps() -> None:
     assert run_end([-3, -4, -5, 7], 2, whole=True) == 0  # waits for a step with room
     assert run_end([-3, -4, -5, 7], 3, whole=True) == 3
@@ -540,6 +590,49 @@ def test_one_engine_step_decodes_an_image_beside_another_sequences_tokens(vlm: t
         assert model.logits_rows(1).shape == (1, model.n_vocab)  # the text row's logits survive the image batch
         proj.close()
         assert held
+
+
+def test_a_repeated_picture_does_not_wait_behind_another_encoding(vlm: tuple[Path, Path]) -> None:
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
+        pic = load_picture(png(33, 20))
+        first = proj.block(pic)
+        got: list[Any] = []
+        with proj.lock:  # as while another request's picture is being encoded
+            reader = threading.Thread(target=lambda: got.append(proj.block(pic)))
+            reader.start()
+            reader.join(timeout=10)
+            assert got == [first] and proj.encoded == 1
+        proj.close()
+
+
+def test_pictures_cut_in_parallel_encode_as_one_at_a_time(vlm: tuple[Path, Path]) -> None:
+    """libmtmd's preprocessing runs outside the projector's lock (as llama-server runs it in its
+    HTTP threads), the encoder under it: pictures blocked from several threads at once give the
+    very tokens and rows they give one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    pics = [load_picture(png(40 + 7 * i, 30 + 5 * i, (30 * i, 200 - 20 * i, 90))) for i in range(8)]
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        one, many = (Projector(model, mmproj, n_threads=1, use_gpu=False) for _ in range(2))
+        alone = [one.block(p) for p in pics]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(many.block, pics + pics))  # each twice: one encode, the other waits or hits
+        assert many.encoded == 8
+        for (tokens, embeds), (tokens2, embeds2) in zip(alone + alone, together):
+            assert tokens == tokens2 and all((a.rows == b.rows).all() for a, b in zip(embeds, embeds2))
+        one.close()
+        many.close()
 
 
 def test_detail_low_is_a_512_pixel_picture_of_its_own() -> None:

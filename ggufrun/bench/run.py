@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import BenchError, BenchUsageError
+from ..exits import signal_name
 from ..settings import Settings
 from .plan import (DEFAULT_TEXT, NO_REFERENCE_NOTE, NOISY_SPREAD, SYNTHETIC_NOTE, BenchRun, Config, Quality, Result,
                    Sample, Target)
@@ -185,9 +186,7 @@ def _spawn(job: dict[str, Any]) -> dict[str, Any]:
             return out
     tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
     if proc.returncode < 0:
-        import signal
-
-        name = signal.Signals(-proc.returncode).name
+        name = signal_name(proc.returncode)
         why = " (out of memory?)" if name == "SIGKILL" else ""
         raise BenchError(f"worker killed by {name}{why} {tail[0]}".strip())
     raise BenchError(f"worker exited with code {proc.returncode}: {tail[0]}".strip())

@@ -90,10 +90,11 @@ def bench_command(ctx: click.Context, name: str | None, quants: str | None, **kw
     registry = None if kw["synthetic"] else load_registry(ctx)
     # The registry entry's [defaults] apply as they do in chat and serve; the sweep lists override them.
     flags = cli_settings(kw, *DEVICE_SETTINGS, *SPEC_SETTINGS)
-    base = settings.resolve(bench.entry_defaults(name, registry), cli=flags)
-    tuning = [f"--{k.replace('_', '-')}" for k in SPEC_SETTINGS[2:] if flags.get(k) is not None]
-    if tuning and base.spec == "off" and not base.draft_model:  # no sd columns would be measured
-        raise click.UsageError(f"{', '.join(tuning)} tune(s) speculative decoding: give --spec ngram or --draft-model too.")
+    entry = bench.entry_defaults(name, registry)
+    base = settings.resolve(entry, cli=flags)
+    from ..speculative import check_tuning
+
+    check_tuning(base, [(f"models.toml entry '{name}'", entry), ("command line", flags)])  # no sd columns would use them
     if base.draft_model:  # (--synthetic reads no models.toml otherwise)
         base = bench.draft_file(base, registry or load_registry(ctx), report=lambda msg: err.print(msg, markup=False, highlight=False))
     targets = bench.resolve_targets(name, quant_list, registry=registry, derive_from=kw["derive_from"],

@@ -59,13 +59,6 @@ def chat_command(ctx: click.Context, model: str, prompt: str | None, system: str
 
     once = check_utf8(prompt, "The prompt (-p)") if prompt is not None else (None if sys.stdin.isatty() else _read_stdin())
     flags, registry = cli_settings(kwargs, *CHAT_SETTINGS), load_registry(ctx)
-    tuning = [f"--{k.replace('_', '-')}" for k in ("draft_max", "draft_min", "draft_p_min") if flags.get(k) is not None]
-    if tuning:  # without a drafter they would change nothing (the registry entry may name one)
-        from ..settings import resolve
-
-        chosen = resolve(registry.resolve(model).defaults, flags)
-        if chosen.spec == "off" and not chosen.draft_model:
-            raise click.UsageError(f"{', '.join(tuning)} tune(s) speculative decoding: give --spec ngram or --draft-model too.")
     with download_progress(err) as progress:
         loaded = loader.open_model(model, registry, flags, progress=progress, report=progress.report)
     if system is None and loaded.spec.system:  # the registry entry's own default system prompt

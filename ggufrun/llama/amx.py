@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from ..exits import signal_name
 
 AMX = "AMX"  # ggml_backend_buft_name of the AMX buffer type
 _TOLERANCE = 0.1  # largest |difference| over the largest |logit|: repacked vs plain kernels differ by up to 1e-2 here, a broken tile config by ~1
@@ -170,10 +171,7 @@ def run_check(timeout: float = 60.0, argv: list[str] | None = None) -> Check:
             return Check(False, f"the AMX check did not finish in {timeout:.0f} s")
     took = f"{time.perf_counter() - started:.1f} s"
     if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
+        name = signal_name(proc.returncode)
         return Check(False, f"a tiny model crashed with {name} in llama.cpp's AMX kernel (checked in {took}; "
                      "see ggufrun/llama/amx.py for the cause)")
     lines = proc.stdout.strip().splitlines()

@@ -124,14 +124,7 @@ def model_devices(endpoints: list[str]) -> Any:
         add_workers(endpoints)
     if not _registered:
         return None
-    lib = load()
-    remote = {p for ptrs in _registered.values() for p in ptrs}
-    chosen = [p for e in endpoints for p in _registered[e]]
-    local = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
-    local = [p for p in local if p not in remote]
-    gpus = [p for p in local if lib.ggml_backend_dev_type(p) == 1]
-    igpus = [p for p in local if lib.ggml_backend_dev_type(p) == 2]
-    chosen += gpus or igpus
+    chosen = _offload_order(endpoints)
     return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
 
 
@@ -139,13 +132,21 @@ def offload_devices(endpoints: list[str]) -> list[Device]:
     """The devices llama.cpp would offload to, in its order: these workers' devices, then local GPUs."""
     if endpoints:
         add_workers(endpoints)
+    return [_device(p) for p in _offload_order(endpoints)]
+
+
+def _offload_order(endpoints: list[str]) -> list[Any]:
+    """Device pointers, in the order a model offloads to them: these workers' devices, then the
+    local GPUs (integrated ones only where there is no other), as llama.cpp picks by default.
+    One function, so that the devices a tensor_split or main_gpu is checked against are the ones
+    the model is given."""
     lib = load()
     remote = {p for ptrs in _registered.values() for p in ptrs}
     local = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
     local = [p for p in local if p not in remote]
-    gpus = [p for p in local if lib.ggml_backend_dev_type(p) == 1]
-    igpus = [p for p in local if lib.ggml_backend_dev_type(p) == 2]
-    return [_device(p) for e in endpoints for p in _registered[e]] + [_device(p) for p in gpus or igpus]
+    gpus = [p for p in local if lib.ggml_backend_dev_type(p) == 1]  # GGML_BACKEND_DEVICE_TYPE_GPU
+    igpus = [p for p in local if lib.ggml_backend_dev_type(p) == 2]  # GGML_BACKEND_DEVICE_TYPE_IGPU
+    return [p for e in endpoints for p in _registered[e]] + (gpus or igpus)
 
 
 def on_fatal(handler: Callable[[str], None]) -> None:

@@ -365,6 +365,11 @@ class Model:
     def cached_tokens(self, seq_id: int = 0) -> list[int]:
         return list(self._seq.get(seq_id, ()))
 
+    def history(self, seq_id: int = 0) -> list[int]:
+        """The sequence's cached tokens in place, not copied (speculative drafting reads them every
+        step): read only, and valid until the next decode or truncate of the sequence."""
+        return self._seq.get(seq_id, [])
+
     def common_prefix(self, seq_id: int, tokens: list[int]) -> int:
         """How many leading ``tokens`` are already in the sequence's KV cache (reusable)."""
         n = 0
@@ -514,6 +519,26 @@ class Model:
         if sum(len(t) for _, t, _ in items) > self.n_batch:
             raise ValueError(f"decode() got more than n_batch={self.n_batch} tokens across sequences")
         return self._decode_batch(items)
+
+    def decode_one(self, seq_id: int, token: int) -> bool:
+        """Queue one token of one sequence with its logits (output index 0), straight into the
+        preallocated batch as stream()'s loop does: speculative.stream's steps without a draft
+        cost what a plain step costs. False when the context (or the KV cache) has no cell left."""
+        seq = self._seq.setdefault(seq_id, [])
+        if len(seq) >= self.n_ctx:
+            return False
+        batch, slots = self._batch, self._slot_seq
+        batch.token[0], batch.pos[0], batch.logits[0] = token, len(seq), True
+        if slots[0] != seq_id:
+            batch.seq_id[0][0] = seq_id
+            slots[0] = seq_id
+        batch.n_tokens = 1
+        rc = L.llama_decode(self._ctx, batch)
+        if rc not in (0, 1):
+            raise ModelLoadError(f"llama_decode failed (code {rc}).")
+        if rc == 0:
+            seq.append(token)
+        return rc == 0
 
     def embedding_rows(self, first: int, n: int) -> Any:
         """Rows ``first .. first + n`` of the last decode's output hidden states (the final norm's

@@ -73,7 +73,8 @@ class Projector:
         params.warmup = False
         self.path = path
         self.model = model
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the mtmd context: one encode at a time
+        self._recent_lock = threading.Lock()
         llama_reason()
         self._ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
         if not self._ctx:
@@ -116,21 +117,25 @@ class Projector:
         preprocessing and the vision encoder: call it off the event loop and the engine thread.
         Raises ConfigError (an image libmtmd refuses), ModelLoadError (encoding failed)."""
         name = (pic.digest, pic.width, pic.height)
-        with self.lock:
-            hit = self._recent.get(name)
-            if hit is not None:
-                self._recent.move_to_end(name)
-                return list(hit[0]), list(hit[1])
-            block = self._block(pic)
-            self._recent[name] = block
-            while len(self._recent) > RECENT_IMAGES:
-                self._recent.popitem(last=False)
-            self.encoded += 1
-            return list(block[0]), list(block[1])
+        hit = self._cached(name)  # a repeated picture does not wait behind another one's encoding
+        if hit is not None:
+            return hit
+        tokens, embeds = self._block(pic, name)
+        return list(tokens), list(embeds)
 
-    def _block(self, pic: Picture) -> tuple[list[int], list[ImageEmbedding]]:
+    def _cached(self, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]] | None:
+        with self._recent_lock:
+            hit = self._recent.get(name)
+            if hit is None:
+                return None
+            self._recent.move_to_end(name)
+            return list(hit[0]), list(hit[1])
+
+    def _block(self, pic: Picture, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
+        """The picture's block, encoded here or by another thread meanwhile. libmtmd's preprocessing (resize and tiles: a quarter of a second for a SmolVLM picture on
+        a CPU) runs outside :attr:`lock`, as llama-server runs it in its HTTP threads; the encoder,
+        whose output buffer the context holds, takes one picture at a time under it."""
         M = _mtmd()
-        np = numpy()
         with self.model.borrowed():
             if not self._ctx:
                 raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
@@ -146,41 +151,56 @@ class Projector:
                 rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, 1)
                 if rc != 0:
                     raise ConfigError(f"libmtmd could not tokenize a {pic.width}x{pic.height} image (code {rc}).")
-                tokens: list[int] = []
-                embeds: list[ImageEmbedding] = []
-                n_embd = self.model.n_embd
-                for i in range(M.mtmd_input_chunks_size(chunks)):
-                    chunk = M.mtmd_input_chunks_get(chunks, i)
-                    kind = M.mtmd_input_chunk_get_type(chunk)
-                    if kind == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                        n = ctypes.c_size_t()
-                        ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                        tokens.extend(ptr[: n.value])
-                        continue
-                    if kind != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                        raise ConfigError("libmtmd returned a non-image media chunk.")
-                    n_tok = M.mtmd_input_chunk_get_n_tokens(chunk)
-                    if M.mtmd_input_chunk_get_n_pos(chunk) != n_tok:
-                        raise ConfigError("This projector gives an image fewer positions than tokens, which ggufrun "
-                                          "does not decode yet.")
-                    if bool(M.mtmd_decode_use_non_causal(self._ctx, chunk)) != self.non_causal:
-                        raise ConfigError("This projector's attention over images is not the one ggufrun expected.")
-                    if self.non_causal and n_tok > max(self.model.n_batch, 1):
-                        raise ConfigError(f"An image of {n_tok} tokens does not fit one batch of {self.model.n_batch}; "
-                                          "this projector needs it whole.", f"Serve with --batch-size {n_tok} or more.")
-                    if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
-                        raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
-                    out = M.mtmd_get_output_embd(self._ctx)
-                    rows = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
-                    # idefics3 cuts a picture into tiles and an overview, one chunk each: each gets its own key
-                    key, toks = image_tokens(pic.digest + len(embeds).to_bytes(4, "little"), n_tok)
-                    embeds.append(ImageEmbedding(key, rows))
-                    tokens.extend(toks)
-                return tokens, embeds
+                with self.lock:
+                    hit = self._cached(name)  # encoded while this thread cut it
+                    if hit is not None:
+                        return hit
+                    block = self._encode(chunks, pic.digest)
+                    self.encoded += 1
+                    with self._recent_lock:  # before the lock goes: the next holder finds it
+                        self._recent[name] = block
+                        while len(self._recent) > RECENT_IMAGES:
+                            self._recent.popitem(last=False)
+                    return block
             finally:
                 M.mtmd_input_chunks_free(chunks)
                 if bmp:
                     M.mtmd_bitmap_free(bmp)
+
+    def _encode(self, chunks: Any, digest: bytes) -> tuple[list[int], list[ImageEmbedding]]:
+        M = _mtmd()
+        np = numpy()
+        tokens: list[int] = []
+        embeds: list[ImageEmbedding] = []
+        n_embd = self.model.n_embd
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            kind = M.mtmd_input_chunk_get_type(chunk)
+            if kind == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = M.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                tokens.extend(ptr[: n.value])
+                continue
+            if kind != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                raise ConfigError("libmtmd returned a non-image media chunk.")
+            n_tok = M.mtmd_input_chunk_get_n_tokens(chunk)
+            if M.mtmd_input_chunk_get_n_pos(chunk) != n_tok:
+                raise ConfigError("This projector gives an image fewer positions than tokens, which ggufrun "
+                                  "does not decode yet.")
+            if bool(M.mtmd_decode_use_non_causal(self._ctx, chunk)) != self.non_causal:
+                raise ConfigError("This projector's attention over images is not the one ggufrun expected.")
+            if self.non_causal and n_tok > max(self.model.n_batch, 1):
+                raise ConfigError(f"An image of {n_tok} tokens does not fit one batch of {self.model.n_batch}; "
+                                  "this projector needs it whole.", f"Serve with --batch-size {n_tok} or more.")
+            if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
+                raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
+            out = M.mtmd_get_output_embd(self._ctx)
+            rows = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
+            # idefics3 cuts a picture into tiles and an overview, one chunk each: each gets its own key
+            key, toks = image_tokens(digest + len(embeds).to_bytes(4, "little"), n_tok)
+            embeds.append(ImageEmbedding(key, rows))
+            tokens.extend(toks)
+        return tokens, embeds
 
 
 def _embd_batch(model: Any) -> Any:

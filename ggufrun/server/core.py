@@ -115,8 +115,10 @@ class Server:
         except GgufrunError as exc:
             raise ApiError(500, f"Model '{cfg.id}' could not be loaded: {exc}", kind="server_error") from None
 
-    async def submit(self, params: GenParams, cfg: ModelConfig, build: Callable[[Backend], list[list[int]]]) -> JobGroup:
-        """One job per prompt that ``build`` returns, times ``n``; submitted together or not at all."""
+    async def submit(self, params: GenParams, cfg: ModelConfig, build: Callable[[Backend], list[list[int]]],
+                     pictures: bool = False) -> JobGroup:
+        """One job per prompt that ``build`` returns, times ``n``; submitted together or not at all.
+        ``pictures``: ``build`` encodes images, in media's own threads (media.off_loop)."""
         engine = await self.acquire(cfg)
         jobs: list[Job] = []
         try:
@@ -136,7 +138,7 @@ class Server:
 
             # off the event loop: rendering runs the GGUF's template, which may take up to its time
             # budget; converting a schema and compiling grammars take time too
-            prompts, grammars = await asyncio.to_thread(prepare, backend)
+            prompts, grammars = await (media.off_loop(prepare, backend) if pictures else asyncio.to_thread(prepare, backend))
             loop = asyncio.get_running_loop()
             requests = [self._gen_request(backend, tokens, params, k) for tokens in prompts for k in range(params.n)]
             jobs = [Job(request, loop) for request in requests]
@@ -217,7 +219,7 @@ class Server:
                 tokens = thinking.plan(params, backend.reasoning, backend.settings, backend.model, tokens)
             return [tokens + prefill_tokens(backend, prefill)]
 
-        group = await self.submit(params, cfg, build)
+        group = await self.submit(params, cfg, build, pictures=media.has_images(messages))
         return group, params, Choices(True, params.model or cfg.id, params, plan, params.n)
 
     async def embed_texts(self, model: str | None, inputs: list[str] | list[Any], n_ctx: int | None = None, *,

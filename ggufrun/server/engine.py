@@ -33,7 +33,7 @@ from typing import Any
 
 from ..errors import ContextOverflowError, GgufrunError, ModelLoadError
 from ..generation import GenStats, Generation, SamplingParams, TokenInfo
-from ..images import run_end
+from ..images import count_runs, run_end, runs_end
 from .budget import StepBudget, fixed_tokens
 from .metrics import Metrics
 
@@ -640,6 +640,8 @@ class Engine:
         job.slot = slot.seq_id
         if job.paused is not None:
             slot.gen, job.paused, job.resume = job.paused, None, []
+            if model.speculator is not None:  # its text may sit in another sequence now: the drafter starts afresh there
+                model.speculator.begin(slot.seq_id, *req.draft)
             return
         params = SamplingParams.from_dict(req.sampling)
         slot.gen = Generation(model, req.prompt, params, max_tokens=req.max_tokens, n_ctx=self.backend.n_ctx_seq,
@@ -817,10 +819,11 @@ class Engine:
             embed_part = embed.tokens[embed.sent : embed.sent + chunks]  # type: ignore[index]
         elif prompts:
             self._turn = (self._turn + 1) % len(prompts)  # which prompt goes first: each in turn
+            cut = runs_end if not n_rows and len(prompts) == 1 else run_end  # alone: whole text and image runs
             for slot in prompts[self._turn:] + prompts[: self._turn]:
                 if chunks <= 0:
                     break
-                take = chunks if min(slot.pending[:chunks]) >= 0 else run_end(slot.pending, chunks, whole=model.whole_images)
+                take = chunks if min(slot.pending[:chunks]) >= 0 else cut(slot.pending, chunks, whole=model.whole_images)
                 if not take:
                     continue  # a whole image waits for a step with room for it (gemma-3)
                 chunk, slot.pending = slot.pending[:take], slot.pending[take:]
@@ -846,6 +849,7 @@ class Engine:
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
         row_lengths = {len(toks) for _, toks, _ in batch[:n_rows]}
         passes = len({len(toks) for _, toks, _ in batch[n_rows:]} - row_lengths) + (1 if embed_part else 0)
+        passes += sum(count_runs(toks) - 1 for _, toks, _ in batch[n_rows:] if min(toks) < 0)  # a lone prompt's runs: a decode each
         self._budget.launched(n_rows or waiting, kind, n_chunks, started, setup_s, passes)
         for slot, _, _ in batch:
             if not slot.pending:

@@ -7,7 +7,6 @@ Each goes through the one engine of its model. Errors are in the OpenAI shape, a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from .core import backend_for, chat_prompt
 from .engine import Backend
 from .protocol import ApiError
 from .request import read_json
-from .streaming import EventStream, JobGroup, sse, wait_disconnect
+from .streaming import EventStream, sse, unless_gone
 
 if TYPE_CHECKING:
     from .core import Server
@@ -135,7 +134,7 @@ def routes(server: Server) -> list[Route]:
         replies = native.NativeReplies(req, group, params.model or cfg.id, texts)
         if params.stream:  # llama-server's native stream: one object an event, no [DONE]
             return EventStream(replies.group, (sse(obj) async for obj in replies.stream()))  # type: ignore[return-value]
-        results = await _unless_gone(request, replies.group, replies.whole())
+        results = await unless_gone(request, replies.group, replies.whole())
         if results is None:
             return Response(status_code=499)
         return JSONResponse(results[0] if len(results) == 1 else results)
@@ -219,17 +218,3 @@ def _body_model(body: dict[str, Any]) -> str | None:
 def _query_model(request: Request) -> str | None:
     """``?model=`` on a GET (llama-server's router mode names the model so)."""
     return request.query_params.get("model") or None
-
-
-async def _unless_gone(request: Request, group: JobGroup, work: Awaitable[Any]) -> Any:
-    """``work``'s result, or None (the jobs cancelled) when the client leaves first: as streaming.collect."""
-    reader = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_disconnect(request.receive))
-    try:
-        await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        return reader.result() if reader.done() else None
-    finally:
-        group.cancel()
-        watcher.cancel()
-        if not reader.done():
-            reader.cancel()

@@ -11,12 +11,31 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from ..images import LOW_SIDE, MAX_IMAGE_BYTES, MAX_SIDE, ImageError, chat_tokens_with_images, encode_picture, load_picture
 from .api_errors import ApiError
 
+T = TypeVar("T")
+
 URL_TIMEOUT = 10.0
+_pool: Any = None
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` for a request with images, in threads of their own: a request waits there
+    for the projector (one encode at a time, seconds each), and in the default executor, which
+    every request's prompt is built in, 16 such requests held all its threads, so a text
+    request waited behind pictures it did not send."""
+    import asyncio
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _pool
+    if _pool is None:
+        # pictures are decoded and cut (libmtmd preprocessing) in parallel, encoded one at a time
+        _pool = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="images")
+    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
 class Where(str):

@@ -75,6 +75,7 @@ class ModelConfig:
     parallel: int | None = None  # None: the server's --parallel
     embeddings: bool = True
     system: str | None = None  # the default system prompt (@NAME, a file or text); None: the registry entry's
+    origin: str = "command line"  # where its settings come from, for errors: a serve config's table, else the flags
 
     @property
     def id(self) -> str:
@@ -214,7 +215,7 @@ def _model_from_toml(raw: Any, where: str) -> ModelConfig:
     if system is not None and not isinstance(system, str):
         raise ConfigError(f'{where}: system must be a string (@NAME, a file or the text; "" for none).')
     return ModelConfig(model=model.strip(), served_names=tuple(n.strip() for n in names), settings=settings,
-                       parallel=parallel, embeddings=embeddings, system=system)
+                       parallel=parallel, embeddings=embeddings, system=system, origin=where)
 
 
 def _positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
@@ -226,9 +227,11 @@ def _positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
 def _check_names(models: tuple[ModelConfig, ...], where: str) -> None:
     seen: dict[str, str] = {}
     for cfg in models:
-        for name in (*cfg.served_names, cfg.model):
+        # the id too: two files of one base name, unnamed, would share an engine and a slots folder
+        for name in (*cfg.served_names, cfg.id, cfg.model):
             if seen.get(name, cfg.model) != cfg.model:
-                raise ConfigError(f"{where}: the name '{name}' is used by two models ({seen[name]} and {cfg.model}).")
+                raise ConfigError(f"{where}: the name '{name}' is used by two models ({seen[name]} and {cfg.model}).",
+                                  "Give each a distinct served_model_name.")
             seen[name] = cfg.model
 
 
@@ -246,9 +249,13 @@ class ModelPool:
         self._reaper: asyncio.Task[None] | None = None
         self._grown: dict[str, int] = {}  # model id -> the n_ctx a request's num_ctx reloaded it with
         self._names: dict[str, ModelConfig] = {}
+        from ..speculative import check_tuning
+
         for cfg in config.models:
             # an unknown name, a missing file or a bad system prompt or setting fails now, before the server starts
-            model_defaults(registry.resolve(cfg.model), cfg)
+            spec = registry.resolve(cfg.model)
+            check_tuning(model_defaults(spec, cfg).settings, [(f"models.toml entry '{spec.name}'", spec.defaults),
+                                                              (cfg.origin, cfg.settings)])
             for name in (*cfg.served_names, cfg.id, cfg.model):
                 self._names.setdefault(name, cfg)
         metrics.add_gauges(self._gauges)

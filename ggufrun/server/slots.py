@@ -3,13 +3,14 @@
 file, read back, or dropped, through llama.cpp's state-sequence functions on the engine thread.
 
 Files live in ``$GGUFRUN_HOME/slots/<model>/`` (llama-server's ``--slot-save-path``, one folder a
-model so that a restore cannot read another model's cells). A file name is a plain name: no
-folder, no leading dot; a save replaces a file atomically, so a failed save loses nothing.
+model so that a restore cannot read another model's cells: see ``folder_name``). A file name is a
+plain name: no folder, no leading dot; a save replaces a file atomically, so a failed save loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import time
@@ -24,12 +25,27 @@ if TYPE_CHECKING:
     from .core import Server
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_PLAIN_ID = re.compile(r"[a-z0-9_][a-z0-9_.-]{0,63}")
 ACTIONS = ("save", "restore", "erase")
 
 
 def folder(cfg: ModelConfig) -> Path:
-    """Where the model's slot files are kept (its served id, made a plain folder name)."""
-    return home() / "slots" / re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.id).lstrip(".")
+    """Where the model's slot files are kept."""
+    return home() / "slots" / folder_name(cfg.id)
+
+
+def folder_name(model_id: str) -> str:
+    """One folder name per served id, never another id's, never outside slots/.
+
+    A short lower-case plain id ("smollm2", "gemma3-270m") is its own name. Any other id gets a
+    readable stem and, after a '%' (which no plain id has), a digest of the exact id: "a/b" and
+    "a_b", or "Qwen" and "qwen" on a disk that ignores case, once shared a folder, so one model's
+    saved slot could be restored into the other."""
+    if _PLAIN_ID.fullmatch(model_id):
+        return model_id
+    stem = re.sub(r"[^a-z0-9_.-]+", "_", model_id.lower()).strip("._")[:48]
+    digest = hashlib.blake2b(model_id.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+    return f"{stem}%{digest}"
 
 
 def check_filename(value: Any) -> str:

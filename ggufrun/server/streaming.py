@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from .engine import Event, Job
 
 log = logging.getLogger("ggufrun.server")
+T = TypeVar("T")
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -134,10 +135,16 @@ async def _gather(group: JobGroup) -> list[Collected]:
 async def collect(request: Request, group: JobGroup) -> list[Collected] | None:
     """Every job's whole reply; None (and the jobs cancelled) if the client left first.
     An error event raises its error."""
+    return await unless_gone(request, group, _gather(group))
+
+
+async def unless_gone(request: Request, group: JobGroup, work: Awaitable[T]) -> T | None:
+    """``work``'s result (it reads ``group``'s events), or None with the jobs cancelled when the
+    client leaves first. ``work``'s error is raised."""
     # The events are read to the end in a task of their own, raced against the disconnect
     # watcher: the reader is cancelled as a whole, never an async generator closed while another
     # task is inside it (that raised "aclose(): asynchronous generator is already running").
-    reader = asyncio.ensure_future(_gather(group))
+    reader = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_disconnect(request.receive))
     watcher.add_done_callback(_retrieve)
     try:
