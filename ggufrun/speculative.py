@@ -26,7 +26,9 @@ This module stays free of llama.cpp: the models it drives are ``llama.model.Mode
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, overload
 
@@ -43,12 +45,25 @@ FIRST_DRAFT = 4  # a sequence's first draft length, doubled while drafts are acc
 # costs a draft (a catch-up decode and a short draft in the draft model) and a wider target decode:
 # about two tokens' time once per BACKOFF_MAX steps, under 1% at 256.
 BACKOFF_MAX = 256
+# The time guard (Guard): a draft accepted in full can still cost more than it saves (a draft model
+# about as slow as its target on a CPU), and a rejected one costs more than its share of steps where
+# a GPU rebuilds its graphs after a verify batch. So drafting is judged by the clock too.
+# Plain steps after a drafted one charged to the drafting: its after-effects. On a CPU whose cache
+# held the target's weights, a draft model's decode evicts them and the next several target steps
+# ran ~1.5x slower (SmolLM2 F16 + Q4_1); on a GPU a verify batch breaks the graph reuse.
+GUARD_AFTER = 8
+GUARD_EPISODE = 4  # drafted steps a judged stretch spans at most (a draft always accepted never pauses: judge it soon)
+GUARD_PLAIN = 3  # plain steps a batch width needs timed before drafting there is judged
+GUARD_REFRESH = 32  # judged stretches between fresh plain timings (the context grows, the load drifts)
+GUARD_MAX = 4 * BACKOFF_MAX  # steps, at most, between tries of drafting that did not pay for its time
 # A serving step's tokens from generating sequences, drafts included, stay within this: past it a
 # batch is busy enough that extra positions cost the others time (64 streams draft nothing).
 STEP_TOKENS = 32
 
 
 class Drafter(Protocol):
+    costly: bool  # whether a call that drafts nothing still costs time (the guard charges it)
+
     def draft(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """Per (seq_id, tokens so far, most to draft): the guessed continuation (maybe empty).
         Between two ``forget(seq_id)`` a sequence's tokens only grow."""
@@ -103,6 +118,7 @@ class NgramDrafter:
     few dict lookups, not a scan or a copy of the context."""
 
     label = "ngram"
+    costly = False  # a lookup that finds nothing costs next to no time
 
     def __init__(self) -> None:
         self._seqs: dict[int, tuple[list[int], list[dict[tuple[int, ...], int]]]] = {}
@@ -150,6 +166,8 @@ class ModelDrafter:
     drafting in a step goes through the same decodes: one to catch up on the accepted tokens, then
     one per drafted position. What it shares with the target's text is found from what it was fed
     (only its own guesses after that are compared), not by a scan of the context each step."""
+
+    costly = True  # drafting costs decodes even where p_min leaves no draft
 
     def __init__(self, model: Any, name: str, p_min: float = P_MIN) -> None:
         self.model = model
@@ -275,6 +293,93 @@ def _backoff(misses: int) -> int:
     return min(1 << (misses - 1), BACKOFF_MAX) if misses > 0 else 0
 
 
+class Guard:
+    """Time-based back-off: drafting must emit tokens faster than plain steps do, by the clock.
+
+    A step is the time between two ``tick`` calls (one per decode step: Model.stream's loop, the
+    engine's launch) and emits its generating sequences' tokens plus the drafted tokens accepted.
+    Plain steps give the baseline (per batch width: the lower quartile of the latest 8 seconds per token);
+    a stretch of drafting steps, and the GUARD_AFTER steps after it, is one episode, judged against
+    it. An episode no faster than plain pauses drafting for 1, 2, 4 ... GUARD_MAX steps; one that
+    paid ends the run. Steps whose batch width changed (a request joined or left: a prompt may have
+    gone in) or that follow a new reply's prompt are not timed."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.plain: dict[int, deque[float]] = {}  # batch width -> recent plain steps' seconds per token
+        self.judged: dict[int, int] = {}  # batch width -> episodes judged since its last plain timing
+        self.slow = 0  # episodes in a row that did not pay
+        self.wait = 0  # steps left before drafting may be tried again
+        self.episodes = self.paid = 0  # totals, for tests and bench
+        self._last: float | None = None
+        self._n = 0
+        self._extra = 0  # drafted tokens accepted in the step being timed
+        self._drafting = False  # the step being timed decoded a draft
+        self._ep: list[float] | None = None  # the open episode: [seconds, tokens, drafted steps, plain steps after its last draft]
+
+    def restart(self) -> None:
+        """The next step is not timed (a prompt went in before it); an open episode is dropped."""
+        self._last, self._ep = None, None
+
+    def tick(self, n: int) -> bool:
+        """A decode step of ``n`` generating sequences starts: time the one before. Returns whether
+        this step may draft."""
+        now = self.clock()
+        if self._last is not None and n == self._n and n > 0:
+            self._time(now - self._last, n + self._extra)
+        elif self._ep is not None:
+            self._ep = None
+        self._last, self._n, self._extra, self._drafting = now, n, 0, False
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        if self._ep is not None and self.slow > 0:  # a try while backing off: one drafted step, then its after-effects
+            return False
+        return len(self.plain.get(n, ())) >= GUARD_PLAIN
+
+    def drafted(self) -> None:
+        self._drafting = True
+
+    def accepted(self, tokens: int) -> None:
+        self._extra += tokens
+
+    def _time(self, seconds: float, tokens: int) -> None:
+        ep = self._ep
+        if self._drafting:
+            if ep is None:
+                ep = self._ep = [0.0, 0.0, 0, 0]
+            ep[2] += 1
+            ep[3] = 0
+        elif ep is None:  # a plain step clear of drafting's after-effects: the baseline
+            self.plain.setdefault(self._n, deque(maxlen=8)).append(seconds / tokens)
+            self.judged[self._n] = 0
+            return
+        else:
+            ep[3] += 1
+        ep[0] += seconds
+        ep[1] += tokens
+        if ep[3] >= GUARD_AFTER or (self._drafting and ep[2] >= GUARD_EPISODE):
+            self._ep = None
+            self._judge(ep[0] / ep[1])
+
+    def _judge(self, per_token: float) -> None:
+        base = self.plain.get(self._n)
+        if not base:
+            return
+        self.episodes += 1
+        # The lower quartile of the latest plain steps: a neighbour's load only ever slows a step,
+        # and a drafter is kept only where it beats plain steps at their usual best.
+        if per_token < sorted(base)[len(base) // 4]:
+            self.paid += 1
+            self.slow = 0
+        else:
+            self.slow += 1
+            self.wait = min(1 << (self.slow - 1), GUARD_MAX)
+        self.judged[self._n] = self.judged.get(self._n, 0) + 1
+        if self.judged[self._n] >= GUARD_REFRESH and self.wait < GUARD_AFTER + GUARD_PLAIN:  # a fresh baseline
+            self.wait = GUARD_AFTER + GUARD_PLAIN
+
+
 @dataclass
 class SpecStats:
     """Totals over a speculator's life, for bench's acceptance-rate column."""
@@ -302,6 +407,8 @@ class Speculator:
     # a pair that never agrees settles at one try per BACKOFF_MAX steps instead of relearning it
     # (seven failed drafts in a reply's first ~130 steps) every reply. One draft that pays resets it.
     misses: int = 0
+    guard: Guard = field(default_factory=Guard)
+    _may: bool = True  # the guard lets this step draft
 
     @property
     def label(self) -> str:
@@ -315,9 +422,17 @@ class Speculator:
         pace.wait = _backoff(self.misses)
         self.paces[seq_id] = pace
         self.drafter.forget(seq_id)
+        self.guard.restart()
+
+    def step(self, n_generating: int) -> None:
+        """A decode step starts (once per step, before ``want``): the time guard times the last."""
+        self._may = self.guard.tick(n_generating)
 
     def want(self, seq_id: int) -> int:
-        """How many tokens the sequence's pace asks to draft this step (0 while it waits)."""
+        """How many tokens the sequence's pace asks to draft this step (0 while it waits, or while
+        the time guard holds drafting back)."""
+        if not self._may:
+            return 0
         pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, min(self.n_max, FIRST_DRAFT)))
         return pace.want()
 
@@ -337,6 +452,8 @@ class Speculator:
             if not out[k] or len(out[k]) < max(pace.n_min, 1):
                 out[k] = []
             out[k] = out[k][:n]
+        if any(out) or self.drafter.costly:  # a model's draft cut to nothing by p_min still cost its decodes
+            self.guard.drafted()
         return out
 
     def record(self, seq_id: int, drafted: int, accepted: int) -> None:
@@ -344,6 +461,7 @@ class Speculator:
             self.stats.drafts += 1
             self.stats.drafted += drafted
             self.stats.accepted += accepted
+            self.guard.accepted(accepted)
         pace = self.paces.get(seq_id)
         if pace is not None:
             pace.record(drafted, accepted)
@@ -422,6 +540,7 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
                 last, info = model.sample_one(sampler, idx)
                 held = (last, info)
             draft, going = [], held is None or not gen.ends_at(last)
+            spec.step(1)
             if going:
                 room = model.n_ctx - model.seq_len(seq_id) - 1
                 left = (gen.max_tokens - gen.n_gen - 1 - (held is not None)) if gen.max_tokens else room
@@ -536,6 +655,7 @@ def step_drafts(spec: Speculator, model: Any, items: list[tuple[int, int, int]],
     """The serving engine's drafts for one step: per (seq_id, last token, room) of the sequences
     generating, within STEP_TOKENS for the step's generating tokens in all (a busy batch gets
     short drafts or none: its extra positions would cost every sequence time)."""
+    spec.step(n_generating)
     share = (STEP_TOKENS - n_generating) // max(n_generating, 1)
     if share <= 0 or not items:
         return [[] for _ in items]
