@@ -313,3 +313,58 @@ def test_drafters_read_the_text_in_place_and_only_what_is_new() -> None:
     assert d.draft([(0, S.Text(text, 7), 2)]) == [[9, 9]]
     assert len(d._seqs[0][0]) == len(text) + 1  # extended, not rebuilt
     assert d.draft([(0, [1, 2, 3, 4, 8, 8, 2, 3, 4, 5, 6, 7, 8, 9, 9], 2)]) == [[]]  # another text of the same seq: rebuilt
+
+
+def test_guard_backs_off_drafting_that_is_slower_by_the_clock() -> None:
+    """The time guard on a clock the test drives: drafted steps (and the steps after them) slower
+    per token than plain ones pause drafting for 1, 2, 4 ... steps; faster ones keep it going."""
+    now = [0.0]
+    guard = S.Guard(clock=lambda: now[0])
+
+    def run(steps: int, draft_s: float, draft_tokens: int) -> int:
+        """Drive ``steps`` decode steps of one sequence; returns how many drafted."""
+        drafted = 0
+        for _ in range(steps):
+            if guard.tick(1):
+                guard.drafted()
+                drafted += 1
+                now[0] += draft_s
+                guard.accepted(draft_tokens - 1)
+            else:
+                now[0] += 0.010  # a plain step: 10 ms a token
+        return drafted
+
+    assert run(S.GUARD_PLAIN, 1.0, 1) == 0  # plain steps first (the first untimed): the baseline
+    assert run(2000, 0.030, 2) < 20  # 15 ms a token: backed off, exponentially
+    assert guard.slow >= 8 and guard.paid == 0
+    guard.wait = guard.slow = 0
+    assert run(400, 0.020, 4) > 300  # 5 ms a token: it pays, drafting goes on (but for fresh baselines)
+    assert guard.slow == 0 and guard.paid > 50
+
+
+def test_stream_backs_off_a_draft_that_is_right_but_too_slow(tmp_path: Path) -> None:
+    """A draft that agrees on every token but costs ~10 target decodes a token (24 inert layers
+    against the target's 1): chat's stream stops drafting by the clock, and the reply is the same."""
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+    from ggufrun.synthetic import write_synthetic
+
+    shape = "qwen2:layers=1,dim=256,heads=4,kv_heads=2,ff=512,vocab=2000,tied=0"
+    target_path = write_synthetic(tmp_path / "t.gguf", shape, inert=True)
+    draft_path = write_synthetic(tmp_path / "d.gguf", shape, inert=True, layers=24)
+    settings = Settings(**SMALL)  # type: ignore[arg-type]
+    with Model.load(target_path, settings) as target:
+        prompt = target.tokenize("one two three")
+
+        def reply() -> list[int]:
+            gen = target.start(prompt, SamplingParams(temperature=0.0), max_tokens=200, ignore_eos=True)
+            out = [t for t, _ in target.stream(gen, prompt) if t >= 0]
+            target.reset()
+            return out
+
+        base = reply()
+        spec = target.speculator = S.Speculator(S.ModelDrafter(Model.load(draft_path, settings), "d", p_min=0.0), n_max=4)
+        assert reply() == base
+        assert spec.stats.acceptance == 1.0  # right every time, and still not worth it
+        assert spec.guard.slow >= 3 and spec.guard.paid == 0
+        assert spec.stats.drafts < 20  # of ~200 steps
