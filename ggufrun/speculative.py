@@ -55,7 +55,10 @@ GUARD_AFTER = 8
 GUARD_EPISODE = 4  # drafted steps a judged stretch spans at most (a draft always accepted never pauses: judge it soon)
 GUARD_PLAIN = 3  # plain steps a batch width needs timed before drafting there is judged
 GUARD_REFRESH = 32  # judged stretches between fresh plain timings (the context grows, the load drifts)
-GUARD_MAX = 4 * BACKOFF_MAX  # steps, at most, between tries of drafting that did not pay for its time
+# Steps between tries of drafting that did not pay for its time: 16, 32 ... GUARD_MAX. A clock's
+# verdict covers a whole stretch of steps, firmer than one rejected draft: it starts 16 steps out.
+GUARD_FIRST = 16
+GUARD_MAX = 4 * BACKOFF_MAX
 # A serving step's tokens from generating sequences, drafts included, stay within this: past it a
 # batch is busy enough that extra positions cost the others time (64 streams draft nothing).
 STEP_TOKENS = 32
@@ -300,7 +303,7 @@ class Guard:
     engine's launch) and emits its generating sequences' tokens plus the drafted tokens accepted.
     Plain steps give the baseline (per batch width: the lower quartile of the latest 8 seconds per token);
     a stretch of drafting steps, and the GUARD_AFTER steps after it, is one episode, judged against
-    it. An episode no faster than plain pauses drafting for 1, 2, 4 ... GUARD_MAX steps; one that
+    it. An episode no faster than plain pauses drafting for 16, 32 ... GUARD_MAX steps; one that
     paid ends the run. Steps whose batch width changed (a request joined or left: a prompt may have
     gone in) or that follow a new reply's prompt are not timed."""
 
@@ -374,7 +377,7 @@ class Guard:
             self.slow = 0
         else:
             self.slow += 1
-            self.wait = min(1 << (self.slow - 1), GUARD_MAX)
+            self.wait = min(GUARD_FIRST << min(self.slow - 1, 16), GUARD_MAX)
         self.judged[self._n] = self.judged.get(self._n, 0) + 1
         if self.judged[self._n] >= GUARD_REFRESH and self.wait < GUARD_AFTER + GUARD_PLAIN:  # a fresh baseline
             self.wait = GUARD_AFTER + GUARD_PLAIN

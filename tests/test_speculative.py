@@ -317,7 +317,7 @@ def test_drafters_read_the_text_in_place_and_only_what_is_new() -> None:
 
 def test_guard_backs_off_drafting_that_is_slower_by_the_clock() -> None:
     """The time guard on a clock the test drives: drafted steps (and the steps after them) slower
-    per token than plain ones pause drafting for 1, 2, 4 ... steps; faster ones keep it going."""
+    per token than plain ones pause drafting for 16, 32 ... steps; faster ones keep it going."""
     now = [0.0]
     guard = S.Guard(clock=lambda: now[0])
 
@@ -336,7 +336,7 @@ def test_guard_backs_off_drafting_that_is_slower_by_the_clock() -> None:
 
     assert run(S.GUARD_PLAIN, 1.0, 1) == 0  # plain steps first (the first untimed): the baseline
     assert run(2000, 0.030, 2) < 20  # 15 ms a token: backed off, exponentially
-    assert guard.slow >= 8 and guard.paid == 0
+    assert guard.slow >= 5 and guard.paid == 0
     guard.wait = guard.slow = 0
     assert run(400, 0.020, 4) > 300  # 5 ms a token: it pays, drafting goes on (but for fresh baselines)
     assert guard.slow == 0 and guard.paid > 50
