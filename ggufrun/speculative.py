@@ -437,7 +437,9 @@ class Speculator:
         if not self._may:
             return 0
         pace = self.paces.get(seq_id) or self.paces.setdefault(seq_id, Pace(self.n_max, self.n_min, min(self.n_max, FIRST_DRAFT)))
-        return pace.want()
+        n = pace.want()
+        # A try while the clock backs drafting off is a short draft: it costs its decodes either way.
+        return min(n, FIRST_DRAFT) if self.guard.slow else n
 
     def drafts(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """Drafts for (seq_id, tokens so far, room): each asks for what its pace wants (within
