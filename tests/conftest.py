@@ -31,17 +31,6 @@ os.environ["GGUFRUN_THREADS"] = "1"
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 
-def pytest_configure() -> None:
-    """Bytecode compiled once and kept (in __pycache__, which git ignores) for the workers and every process
-    they start. Where PYTHONDONTWRITEBYTECODE is set (as on the machine these tests were timed on) and no
-    __pycache__ was ever written, each of the hundreds of processes a run starts compiled ggufrun from source
-    (+0.09 s of CPU for a server: 0.32 s instead of 0.22), and each worker rewrote every test module's asserts.
-    (PYTHONPYCACHEPREFIX would keep it out of the tree, but there the installed packages' bytecode is not found
-    either: the first processes of every run compiled openai, pydantic, numpy... again.)"""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-
-
 # Seconds each file's tests took in a full run (setup + call + teardown from --durations=0, two workers beside
 # another full run). --dist loadfile gives a worker a whole file at a time: the costliest go first, so that the
 # files left at the end, when a worker has nothing more to take, are the short ones. Approximate by design: a
