@@ -54,23 +54,25 @@ def open_model(
 
     check_tuning(settings, [(f"models.toml entry '{spec.name}'", spec.defaults), ("command line", cli_settings)])
     path = ensure_local(spec, offline=offline, progress=progress, report=report, n_ctx=settings.n_ctx)
+    from .gguf_info import validate
     from .trial import trial_load
 
-    trial_load(path)  # a file that makes llama.cpp abort kills a child process, not this one
+    # a crafted header is refused before its numbers are trusted; once, for the trial, the plan and the load
+    # (gemma3's 262k-token vocabulary takes ~0.25 s to parse)
+    info = validate(path)
+    trial_load(path, validated=True)  # a file that makes llama.cpp abort kills a child process, not this one
     if settings.n_gpu_layers == "auto":
         from dataclasses import replace
 
-        from .gguf_info import validate
         from .offload import decide
 
-        info = validate(path)  # a crafted header is refused before its numbers are trusted
         n_ctx = settings.n_ctx or info.context_length or 4096
         plan = decide(info, n_ctx, spec.name, n_ubatch=settings.ubatch_size, kv_cells=max(kv_cells, n_ctx),
                       cache_types=(settings.cache_type_k, settings.cache_type_v))
         settings = replace(settings, n_gpu_layers=plan.n_gpu_layers)
         if plan.devices and report is not None:  # a CPU-only build: nothing worth saying
             report(plan.describe())
-    model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells)
+    model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells, validate=False)  # validated above
     if settings.spec != "off" or settings.draft_model:
         _speculate(model, spec.name, settings, registry, cli_settings, offline, n_seq_max, kv_cells)
     family = spec.family or guess_family(model.metadata)

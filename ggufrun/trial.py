@@ -48,9 +48,10 @@ def _stamp(key: str) -> Path:
     return paths.home() / "trials" / key
 
 
-def trial_load(path: str | Path) -> None:
+def trial_load(path: str | Path, *, validated: bool = False) -> None:
     """Load ``path`` and run one forward step in a child process, once per file; raise the child's
-    one-line error (GgufrunError) or ModelLoadError when llama.cpp crashed or hung there."""
+    one-line error (GgufrunError) or ModelLoadError when llama.cpp crashed or hung there.
+    ``validated``: the caller has just passed the file through gguf_info.validate."""
     from .gguf_info import validate
 
     p = Path(path).resolve()
@@ -58,7 +59,8 @@ def trial_load(path: str | Path) -> None:
     if key in _passed or _stamp(key).is_file():
         _passed.add(key)
         return
-    validate(p)  # what the header checks refuse needs no child: the same one line, in milliseconds
+    if not validated:
+        validate(p)  # what the header checks refuse needs no child: the same one line, in milliseconds
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                        os.environ.get("PYTHONPATH")]))}
     env.pop("GGUFRUN_DEBUG", None)  # the child's error must stay one line

@@ -101,10 +101,12 @@ def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, seed
         f'system = "{TINY_SYSTEM}"\n[tinychat.defaults]\nmax_tokens = 40\ntemperature = 0.3\n', encoding="utf-8")
     _place(tiny_model, home, "tinychat", "tiny-q8_0.gguf")
     config = home / "serve.toml"
-    config.write_text(f'[[models]]\nmodel = "tinychat"\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "plain"\n'
-                      f'system = "Be plain."\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "endless"\nmax_tokens = 0\n',
-                      encoding="utf-8")
-    with serve("--config", str(config), "--n-ctx", "2100", "--threads", "1", "--parallel", "1",
+    # n_ctx per model (the command line's would win over every table): "plain" needs more than serve's default
+    # max_tokens (2048) to show that it stops there; "endless" fills its context, which need not be as long
+    config.write_text(f'[[models]]\nmodel = "tinychat"\nn_ctx = 2100\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "plain"\n'
+                      f'system = "Be plain."\nn_ctx = 2100\n[[models]]\nmodel = "{tiny_model}"\nserved_model_name = "endless"\n'
+                      f'max_tokens = 0\nn_ctx = 300\n', encoding="utf-8")
+    with serve("--config", str(config), "--threads", "1", "--parallel", "1",
                env={"GGUFRUN_HOME": str(home), **OFFLINE}) as server:
         yield server
 
@@ -188,7 +190,7 @@ def test_a_request_without_max_tokens_stops_at_the_default_and_may_ask_for_up_to
     prompt, n, reason = _generated(tiny_server, "plain", max_tokens=1_000_000)  # more than fits: up to the context
     assert prompt + n == 2100 and reason == "length"
     prompt, n, reason = _generated(tiny_server, "endless")  # max_tokens = 0: until the context is full
-    assert prompt + n == 2100 and reason == "length"
+    assert prompt + n == 300 and reason == "length"
 
 
 def test_ollama_num_predict_minus_one_runs_until_the_context_is_full() -> None:
