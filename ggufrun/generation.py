@@ -798,6 +798,19 @@ class Generation:
             return self._end("length", text)
         return text, None
 
+    def ending(self, token: int, text: str, reason: str) -> list[tuple[int, str]]:
+        """What a stream yields for the token :meth:`accept` ended on: the token with its text where
+        it was a real token cut by the length limit, else only the text (if any) as (-1, text)."""
+        if token >= 0 and reason == "length":
+            return [(token, text)]
+        return [(-1, text)] if text else []
+
+    def context_full(self) -> list[tuple[int, str]]:
+        """End the sequence because the KV cache has no cell left; what is still held back, as (-1, text)."""
+        self.finish_reason = self.stats.finish_reason = "length"
+        tail = self.finish()
+        return [(-1, tail)] if tail else []
+
     def ends_at(self, token: int) -> bool:
         """Whether :meth:`accept` will surely end the sequence on ``token`` (end of generation, a stop
         token, a length limit): the engine leaves such a token out of the next decode. A stop string

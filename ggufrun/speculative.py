@@ -514,13 +514,13 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
     spec.begin(seq_id)
     sampler = gen.sampler
     draft: list[int] = []
-    ended: list[tuple[int, str]] = []
+    ended: list[list[tuple[int, str]]] = []  # what the token that ended the reply yields
     pieces: list[tuple[int, str]] = []
 
     def take(tok: int, info: Any) -> bool:
         text, reason = gen.accept(tok, info)
         if reason is not None:
-            ended.append((tok if tok >= 0 and reason == "length" else -1, text))
+            ended.append(gen.ending(tok, text, reason))
             return True
         pieces.append((tok, text))
         return False
@@ -536,9 +536,7 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
                 model.truncate(seq_id, base + len(out) - 1)
                 yield from pieces
                 if ended:
-                    tok, text = ended[0]
-                    if tok >= 0 or text:
-                        yield tok, text
+                    yield from ended[0]
                     return
                 last = out[-1]
             else:
@@ -560,17 +558,11 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
             if held is not None:
                 text, reason = gen.accept(*held)
                 if reason is not None:
-                    if last >= 0 and reason == "length":
-                        yield last, text
-                    elif text:
-                        yield -1, text
+                    yield from gen.ending(last, text, reason)
                     return
                 yield last, text
             if not going:  # the context is full
-                gen.finish_reason = st.finish_reason = "length"
-                tail = gen.finish()
-                if tail:
-                    yield -1, tail
+                yield from gen.context_full()
                 return
     finally:
         gen.close()

@@ -657,17 +657,11 @@ class Model:
                         seq.append(tok)
                 text, reason = accept(tok, info)
                 if reason is not None:
-                    if tok >= 0 and reason == "length":
-                        yield tok, text
-                    elif text:
-                        yield -1, text
+                    yield from gen.ending(tok, text, reason)
                     return
                 yield tok, text
                 if not go:  # the context is full
-                    gen.finish_reason = st.finish_reason = "length"
-                    tail = gen.finish()
-                    if tail:
-                        yield -1, tail
+                    yield from gen.context_full()
                     return
                 idx = 0
         finally:
