@@ -15,7 +15,6 @@ from ggufrun import generation
 from ggufrun.generation import (
     SamplingParams,
     SeqSampler,
-    _draw_rows,
     _redraw,
     sample_rows,
 )
@@ -23,6 +22,7 @@ from ggufrun.llama.grammar import schema_to_gbnf
 from ggufrun.llama.grammar_filter import analyse, llama_code_points
 from ggufrun.runtime import DrawChain, Model
 from ggufrun.settings import Settings
+from slowpath import old_redraw
 
 NUMBERS = {"type": "object", "properties": {"numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 3}},
            "required": ["numbers"]}
@@ -44,16 +44,6 @@ PARAMS = {
     "top-3-logprobs": SamplingParams(seed=5, temperature=0.7, top_k=3, logprobs=2),
 }
 
-
-def old_redraw(row: np.ndarray, s: SeqSampler) -> int:
-    """What sample_rows did before: the grammar over the whole row, then the draw over it."""
-    assert s.grammar is not None
-    s.grammar.mask(row)
-    if not np.isfinite(row).any():
-        return -1
-    if s.params.greedy:
-        return int(row.argmax())
-    return int(_draw_rows(row[None], [s], np.array([s.rng.random()]))[0])
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from ggufrun.llama.grammar import schema_to_gbnf
 from ggufrun.runtime import DrawChain, Model
 from ggufrun.server.constraints import schema_grammar
 from ggufrun.settings import Settings
+from slowpath import old_redraw
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -53,16 +54,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
     with Model.load(path, Settings(n_gpu_layers=0, n_ctx=256)) as m:
         yield m
 
-
-def old_redraw(row: np.ndarray, s: SeqSampler) -> int:
-    """The slow path: the grammar over the whole row (llama-server's), then the draw."""
-    assert s.grammar is not None
-    s.grammar.mask(row)
-    if not np.isfinite(row).any():
-        return -1
-    if s.params.greedy:
-        return int(row.argmax())
-    return int(generation._draw_rows(row[None], [s], np.array([s.rng.random()]))[0])
 
 
 def accepts(model: Model, gbnf: str, text: str) -> bool:
