@@ -155,6 +155,7 @@ def test_a_stream_beside_a_long_embedding_keeps_bounded_steps(smol: ServerProces
 
     def embed() -> None:
         done["vector"] = client(smol).embeddings.create(model="smol", input=text).data[0].embedding
+        done["at"] = time.perf_counter()
 
     worker = threading.Thread(target=embed)
     worker.start()
@@ -165,7 +166,7 @@ def test_a_stream_beside_a_long_embedding_keeps_bounded_steps(smol: ServerProces
     worker.join()
     gaps = sorted(out["gaps"])
     assert len(gaps) >= 30
-    assert "vector" in done and time.perf_counter() >= stream_over  # the text was still being embedded beside it
+    assert "vector" in done and done["at"] >= stream_over  # the text was still being embedded beside the whole stream
     assert gaps[-1] < batch_step / 2, (gaps[-5:], batch_step)
 
 
@@ -205,7 +206,7 @@ def test_a_new_streams_prompt_does_not_wait_behind_a_long_text(smollm2_gguf: Pat
         worker.join()
         stream.join()
     assert done["at"] > asked  # the text was still being embedded
-    assert max(waits) < max(2.0, 4 * alone), (waits, alone)
+    assert max(waits) < 4 * alone + 0.5, (waits, alone)  # relative to this machine's own pace (the bug cost 2.4 s here)
 
 
 def run_steps(b: Any, now: float, n: int, plain: float, per_token: dict[str, float], kinds: list[str]) -> tuple[float, list[tuple[str, int]]]:
