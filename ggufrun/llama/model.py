@@ -522,8 +522,8 @@ class Model:
 
     def decode_one(self, seq_id: int, token: int) -> bool:
         """Queue one token of one sequence with its logits (output index 0), straight into the
-        preallocated batch as stream()'s loop does: speculative.stream's steps without a draft
-        cost what a plain step costs. False when the context (or the KV cache) has no cell left."""
+        preallocated batch (the token loop's hot path: stream() and speculative.stream's steps
+        without a draft). False when the context (or the KV cache) has no cell left."""
         seq = self._seq.setdefault(seq_id, [])
         if len(seq) >= self.n_ctx:
             return False
@@ -630,31 +630,14 @@ class Model:
         self._truncate(seq_id, common)
         st.cached_tokens = self.seq_len(seq_id)
         idx = self.decode([(seq_id, tokens[st.cached_tokens:], True)])[0]
-        seq = self._seq[seq_id]
-        ctx, batch, slots = self._ctx, self._batch, self._slot_seq
-        sample, accept = self.sample_one, gen.accept
+        sample, accept, decode_one = self.sample_one, gen.accept, self.decode_one
         sampler = gen.sampler
         try:
             while True:
                 tok, info = sample(sampler, idx)  # reads the logits, so it also waits for the decode
                 # The next decode is queued before this token is handed out: the caller's printing
                 # (or streaming) then overlaps the device's work, as in the server's engine.
-                go = not gen.ends_at(tok) and len(seq) < self.n_ctx
-                if go:
-                    # Single-token step, written straight into the preallocated batch (hot path).
-                    batch.token[0] = tok
-                    batch.pos[0] = len(seq)
-                    if slots[0] != seq_id:
-                        batch.seq_id[0][0] = seq_id
-                        slots[0] = seq_id
-                    batch.logits[0] = True
-                    batch.n_tokens = 1
-                    rc = L.llama_decode(ctx, batch)
-                    if rc not in (0, 1):
-                        raise ModelLoadError(f"llama_decode failed (code {rc}).")
-                    go = rc == 0  # 1: no KV cell left, the context is full
-                    if go:
-                        seq.append(tok)
+                go = not gen.ends_at(tok) and decode_one(seq_id, tok)  # False: the context is full
                 text, reason = accept(tok, info)
                 if reason is not None:
                     yield from gen.ending(tok, text, reason)
