@@ -64,8 +64,8 @@ class StepBudget:
         self._waiting: list[str] = []  # the kinds with work waiting at the last pick
         self._last_done = 0.0
         # rows, kind, tokens of the decode in flight; when its step began; host time that step spent admitting
-        # requests; the chunk's micro-batches
-        self._launched: tuple[int, str, int, float, float, int] = (0, "", 0, 0.0, 0.0, 1)
+        # requests; the chunk's micro-batches; whether rows carried drafts
+        self._launched: tuple[int, str, int, float, float, int, bool] = (0, "", 0, 0.0, 0.0, 1, False)
 
     def cap_s(self, kind: str) -> float:
         """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""
@@ -125,13 +125,15 @@ class StepBudget:
                 self.spent_s[kind] = max(others, default=0.0)
         return min(kinds, key=lambda k: self.spent_s[k])
 
-    def launched(self, rows: int, kind: str, tokens: int, started: float, setup_s: float = 0.0, passes: int = 1) -> None:
+    def launched(self, rows: int, kind: str, tokens: int, started: float, setup_s: float = 0.0, passes: int = 1,
+                 drafted: bool = False) -> None:
         """Note what the decode just queued holds (and pay its chunk out of the credit); ``started``:
         when its step's work began (before llama_decode, which computes in the call on a CPU);
         ``setup_s``: host time the step spent admitting requests before it, left out of the fit;
-        ``passes``: the chunk's parts of distinct lengths (cost_s)."""
+        ``passes``: the chunk's parts of distinct lengths (cost_s); ``drafted``: some rows carry
+        speculative drafts (their drafting and wider rows are neither a plain step nor the chunk's)."""
         passes = max(passes, 1)
-        self._launched = (rows, kind, tokens, started, setup_s, passes)
+        self._launched = (rows, kind, tokens, started, setup_s, passes, drafted)
         if not tokens:
             if rows and self.fixed is None:
                 self.credit_s = min(self.credit_s + self.rate_s, self._credit_cap_s)
@@ -149,14 +151,14 @@ class StepBudget:
         """The decode in flight has finished at ``now`` (its rows were read): the time since the
         previous one finished (or since its step began, after an idle spell) is its cost, the
         engine's host work included (what a stream feels)."""
-        rows, kind, tokens, started, setup_s, passes = self._launched
+        rows, kind, tokens, started, setup_s, passes, drafted = self._launched
         # Admitting a request (its first chunk's step) is a one-off of host work: an 11k-token prompt's
         # took ~10 ms on an H100's host, which taught the fit 6-7 ms a prompt token where the device
         # spends ~0.25, so long prompts crept in at ~60 tokens a step.
         period = now - (self._last_done or started) - setup_s if started else 0.0
         self._last_done = now
-        self._launched = (0, "", 0, 0.0, 0.0, 1)
-        if not rows or period <= 0.0 or period > 60.0:
+        self._launched = (0, "", 0, 0.0, 0.0, 1, False)
+        if not rows or drafted or period <= 0.0 or period > 60.0:
             return
         if not tokens:
             self.plain_s = period if not self.plain_s else (1 - _EMA) * self.plain_s + _EMA * period

@@ -453,8 +453,7 @@ class Engine:
                     self._refuse_queued(ShuttingDownError("The server is shutting down.", "Retry against another instance."))
                     if not self._n_active or time.monotonic() >= self._deadline:
                         break
-                embed = self._embeds[0] if self._embeds else None
-            self.step(embed)
+            self.step()
         if self._inflight and self.backend is not None:
             self.backend.model.synchronize()  # nothing may be freed under the device's feet
         self._inflight = []
@@ -653,7 +652,7 @@ class Engine:
             model.speculator.begin(slot.seq_id, *req.draft)
         self.metrics.prompt(self.name, len(req.prompt))
 
-    def step(self, embed: _EmbedJob | None = None) -> None:
+    def step(self) -> None:
         """One turn of the pipeline: finish the decode in flight and sample its rows; admit waiting
         jobs; launch the next decode (every running sequence's token plus prompt chunks); then, while
         the device computes it, hand out the tokens just sampled (detokenising, stop strings, events).
@@ -661,8 +660,8 @@ class Engine:
         llama_decode returns once the work is queued, so this bookkeeping and the HTTP side's
         streaming run beside the device instead of between its steps (on an H100 at 64 streams they
         took 5-7 ms of a 25 ms step). A token that surely ends its sequence (end of generation, a
-        length limit) is not decoded; one that completes a stop string is, in vain. One text of
-        ``embed`` is embedded between the two, when nothing is in flight on the context."""
+        length limit) is not decoded; one that completes a stop string is, in vain. One text
+        waiting to be embedded is embedded between the two, when nothing is in flight on the context."""
         assert self.backend is not None
         model = self.backend.model
         prof = self._profile
@@ -678,7 +677,7 @@ class Engine:
             self._budget.finished(t2)
         elif self._budget is not None:
             self._budget.idle()
-        with self._cv:  # the head now: the one passed in may have finished in _embed_collect
+        with self._cv:  # the head now (the last one may have finished in _embed_collect)
             embed = self._embeds[0] if self._embeds else None
         if embed is not None:
             self._embed_one(embed)
@@ -850,7 +849,8 @@ class Engine:
         row_lengths = {len(toks) for _, toks, _ in batch[:n_rows]}
         passes = len({len(toks) for _, toks, _ in batch[n_rows:]} - row_lengths) + (1 if embed_part else 0)
         passes += sum(count_runs(toks) - 1 for _, toks, _ in batch[n_rows:] if min(toks) < 0)  # a lone prompt's runs: a decode each
-        self._budget.launched(n_rows or waiting, kind, n_chunks, started, setup_s, passes)
+        self._budget.launched(n_rows or waiting, kind, n_chunks, started, setup_s, passes,
+                              drafted=any(slot.draft for slot, _, _ in batch[:n_rows]))
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
