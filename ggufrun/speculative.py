@@ -420,8 +420,10 @@ class Speculator:
     def begin(self, seq_id: int, n_max: int | None = None, n_min: int | None = None) -> None:
         """A new reply in ``seq_id``, with the request's own draft bounds where it gave them."""
         top = self.n_max if n_max is None else n_max
+        # a draft minimum above the maximum would drop every draft: bounded by it, as llama-server does
+        n_min = min(self.n_min if n_min is None else n_min, top)
         # A first draft is short: a wrong one costs its verification, a right one doubles the next.
-        pace = Pace(n_max=top, n_min=self.n_min if n_min is None else n_min, length=min(top, FIRST_DRAFT), misses=self.misses)
+        pace = Pace(n_max=top, n_min=n_min, length=min(top, FIRST_DRAFT), misses=self.misses)
         pace.wait = _backoff(self.misses)
         self.paces[seq_id] = pace
         self.drafter.forget(seq_id)
@@ -448,13 +450,14 @@ class Speculator:
 
     def make(self, asks: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """Drafts for (seq_id, tokens so far, length) whose length ``want`` already gave; only the
-        sequences asking for some tokens reach the drafter."""
+        sequences asking for some tokens reach the drafter, and none asking for fewer than its draft
+        minimum (such a draft would be dropped after its drafting cost was paid)."""
+        asks = [(seq_id, tokens, n if n > 0 and n >= self.paces[seq_id].n_min else 0) for seq_id, tokens, n in asks]
         if not any(n > 0 for _, _, n in asks):
             return [[] for _ in asks]
         out = self.drafter.draft(asks)
         for k, (seq_id, _, n) in enumerate(asks):
-            pace = self.paces[seq_id]
-            if not out[k] or len(out[k]) < max(pace.n_min, 1):
+            if not n or not out[k] or len(out[k]) < self.paces[seq_id].n_min:
                 out[k] = []
             out[k] = out[k][:n]
         if any(out) or self.drafter.costly:  # a model's draft cut to nothing by p_min still cost its decodes
@@ -504,8 +507,6 @@ def stream(model: Any, spec: Speculator, gen: Any, tokens: list[int], seq_id: in
     Model.stream's own: the token sampled, its decode queued, and only then handed out, so that
     speculation that does not pay costs no more per token than none (on a GPU the hand-out
     overlaps the decode)."""
-    import time
-
     st = gen.stats
     gen.started = time.perf_counter()
     kept = model.truncate(seq_id, min(model.common_prefix(seq_id, tokens), len(tokens) - 1))

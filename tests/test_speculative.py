@@ -368,3 +368,35 @@ def test_stream_backs_off_a_draft_that_is_right_but_too_slow(tmp_path: Path) -> 
         assert spec.stats.acceptance == 1.0  # right every time, and still not worth it
         assert spec.guard.slow >= 3 and spec.guard.paid == 0
         assert spec.stats.drafts < 20  # of ~200 steps
+
+
+def test_a_draft_minimum_above_the_maximum_is_bounded_and_short_asks_cost_no_drafting() -> None:
+    """A request's speculative.n_min above the n_max it drafts with is bounded by it (llama-server's
+    rule): before, every draft was dropped after it was made, and the request silently got none.
+    An ask shorter than the minimum never reaches the drafter (a model draft costs decodes)."""
+    calls: list[list[int]] = []
+    lookup = S.NgramDrafter()
+
+    class Counting:
+        label, costly = "counting", True
+
+        def draft(self, items: Any) -> list[list[int]]:
+            calls.append([n for _, _, n in items])
+            return lookup.draft(items)
+
+        def forget(self, seq_id: int) -> None:
+            lookup.forget(seq_id)
+
+        def close(self) -> None:
+            pass
+
+    spec = S.Speculator(Counting(), n_max=4)
+    spec.guard.tick = lambda n: True  # type: ignore[method-assign]  # the clock is another test's
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4]
+    spec.begin(0, n_min=32)
+    spec.step(1)
+    assert spec.paces[0].n_min == 4
+    assert spec.make([(0, text, 4)]) == [[5, 6, 7, 8]]
+    spec.begin(1, n_min=3)
+    spec.step(1)
+    assert spec.make([(1, text, 2)]) == [[]] and calls == [[4]]  # the 2-token ask went nowhere
