@@ -83,8 +83,10 @@ def load_picture(data: bytes, *, what: str = "image", max_bytes: int = MAX_IMAGE
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"{what} is corrupt or truncated ({exc}).") from None
     # the same bytes at another size are another picture (its embeddings and cached prefix differ)
-    digest = hashlib.sha256(data if max_side == MAX_SIDE else data + f"\0{max_side}".encode()).digest()
-    return Picture(rgb.width, rgb.height, rgb.tobytes(), digest)
+    h = hashlib.sha256(data)  # (not data + suffix: a copy of up to the whole upload)
+    if max_side != MAX_SIDE:
+        h.update(f"\0{max_side}".encode())
+    return Picture(rgb.width, rgb.height, rgb.tobytes(), h.digest())
 
 
 def _quiet_pillow(Image: Any) -> None:

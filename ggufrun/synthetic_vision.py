@@ -55,13 +55,13 @@ class ProjectorSpec:
 PROJECTORS: dict[str, ProjectorSpec] = {
     "smolvlm-tiny": ProjectorSpec("smolvlm", n_embd=32, n_ff=64, n_layer=2, n_head=2, image_size=32, patch_size=8,
                                   scale=2, longest_edge=64),
-    # SmolVLM-256M/500M-Instruct's vision tower (SigLIP base patch16 at 512 px, scale factor 4,
-    # longest edge 2048 = up to 4x4 tiles + overview of 64 tokens each)
     # SmolVLM's layout (tiles + overview, pixel shuffle) at a size a CPU encodes in a fraction of a
     # second a picture (2x2 tiles of 256 px + overview, 16 tokens each): bench runs on a CPU, where
     # the full tower's 17 tiles cost a minute or more a picture
     "smolvlm-small": ProjectorSpec("smolvlm", n_embd=256, n_ff=1024, n_layer=2, n_head=4, image_size=256, patch_size=16,
                                    scale=4, longest_edge=512),
+    # SmolVLM-256M/500M-Instruct's vision tower (SigLIP base patch16 at 512 px, scale factor 4,
+    # longest edge 2048 = up to 4x4 tiles + overview of 64 tokens each)
     "smolvlm": ProjectorSpec("smolvlm", n_embd=768, n_ff=3072, n_layer=12, n_head=12, image_size=512, patch_size=16,
                              scale=4, longest_edge=2048),
     "gemma3-tiny": ProjectorSpec("gemma3", n_embd=32, n_ff=64, n_layer=2, n_head=2, image_size=56, patch_size=14,

@@ -296,6 +296,10 @@ def test_a_text_request_does_not_wait_behind_other_requests_pictures(tmp_path: P
 
 
 def test_responses_input_image(vsrv: ServerProcess) -> None:
+    import httpx
+
+    # llama-server's web UI offers image upload from /props: a model with a projector says it sees
+    assert httpx.get(f"{vsrv.url}/props", timeout=30).json()["modalities"]["vision"] is True
     client = oai(vsrv)
     r = client.responses.create(model="vlm", max_output_tokens=4, temperature=0, input=[{"role": "user", "content": [
         {"type": "input_text", "text": "Describe"}, {"type": "input_image", "image_url": data_url(png(color=(5, 6, 7)))}]}])
@@ -357,6 +361,9 @@ def test_ollama_images(vsrv: ServerProcess) -> None:
 
 def test_a_text_model_refuses_images_by_name(tiny_model: Path, server_env: dict[str, str]) -> None:
     with serve(str(tiny_model), "--served-model-name", "tiny", "--n-ctx", "256", "--threads", "1", env=server_env) as srv:
+        import httpx
+
+        assert httpx.get(f"{srv.url}/props", timeout=30).json()["modalities"]["vision"] is False
         with pytest.raises(openai.BadRequestError, match="Model 'tiny' does not see images"):
             oai(srv).chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
                 TEXT, img(data_url(png()))]}])

@@ -158,7 +158,7 @@ def routes(server: Server) -> list[Route]:
                 "default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": backend.n_ctx_seq, "speculative": False,
                                                 "is_processing": False, "params": settings, "prompt": ""},
                 "total_slots": parallel, "model_alias": cfg.id, "model_path": PurePath(str(backend.model.path)).name,
-                "chat_template": backend.template.jinja_source or "", "modalities": {"vision": False, "audio": False},
+                "chat_template": backend.template.jinja_source or "", "modalities": {"vision": backend.vision is not None, "audio": False},
                 "build_info": f"ggufrun {__version__}", "is_sleeping": False,
                 "infill": not fim.missing(backend.model.vocab_specials()), "rerank": backend.model.ranks})
 
