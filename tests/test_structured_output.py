@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -90,6 +91,16 @@ def test_regex_escapes_in_patterns_are_enforced_as_the_regex_means_them(model: M
     gbnf = schema_to_gbnf({"type": "string", "pattern": pattern})
     assert accepts(model, gbnf, json.dumps(good))
     assert not accepts(model, gbnf, json.dumps(bad))
+
+
+@pytest.mark.parametrize("pattern, escape", [("^[\\S]+$", "\\S inside a character class"),
+                                             ("^[a\\D]$", "\\D inside a character class"), ("^\\bword$", "\\b")])
+def test_escapes_the_grammar_cannot_express_are_refused_by_name(pattern: str, escape: str) -> None:
+    # llama.cpp refused these with "unknown escape" and a message about the grammar's root rule
+    from ggufrun.llama.grammar import SchemaError
+
+    with pytest.raises(SchemaError, match=re.escape(f"uses {escape}")):
+        schema_to_gbnf({"type": "string", "pattern": pattern})
 
 
 def test_the_vocabulary_index_is_built_once_when_a_burst_of_first_grammars_arrives(

@@ -75,13 +75,16 @@ def _converter() -> Any:
 
 
 _CLASS_ESCAPES = {"d": "0-9", "w": "A-Za-z0-9_", "s": " "}  # \s: a space only (JSON escapes the others)
+_GBNF_LETTERS = "ntrxuU"  # the escapes with letters GBNF reads itself
 
 
 def gbnf_escapes(pattern: str) -> str:
     r"""``pattern`` with the regex escapes llama.cpp's GBNF does not read written as it does:
     ``\.``, ``\-``, ``\/``... as ``\xNN`` (the converter copied them, and llama.cpp refused
     the grammar: "unknown escape"), ``\d``, ``\w``, ``\s`` as classes (llama.cpp's own converter
-    knows neither), ``\D``/``\W``/``\S`` outside a class as negated ones."""
+    knows neither), ``\D``/``\W``/``\S`` outside a class as negated ones. A negated escape inside
+    a class (``[\S]``) and an escape GBNF has no form for (``\b``, ``\B``, ``\f``...) raise
+    SchemaError naming it: llama.cpp refused them with a message about the grammar's root rule."""
     out: list[str] = []
     in_class = False
     i, n = 0, len(pattern)
@@ -93,6 +96,10 @@ def gbnf_escapes(pattern: str) -> str:
                 out.append(_CLASS_ESCAPES[e] if in_class else f"[{_CLASS_ESCAPES[e]}]")
             elif e.lower() in _CLASS_ESCAPES and not in_class:
                 out.append(f"[^{_CLASS_ESCAPES[e.lower()]}]")
+            elif e.lower() in _CLASS_ESCAPES or (e.isalpha() and e not in _GBNF_LETTERS):
+                where = " inside a character class" if in_class else ""
+                raise SchemaError(f"The pattern {json.dumps(pattern)} uses \\{e}{where}, which the grammar cannot express.",
+                                  "Write it another way (e.g. a class of the characters it allows).")
             elif e.isascii() and not e.isalnum() and e not in "\\\"":
                 out.append(f"\\x{ord(e):02X}" if in_class else f"[\\x{ord(e):02X}]")
             else:
