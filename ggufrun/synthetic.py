@@ -431,6 +431,9 @@ def write_synthetic(
         raise ConfigError(f"An inert model needs its own output matrix; shape {spec.name} ties it to the embedding.",
                           "Use qwen2-7b, or add tied=0 to an ARCH:... shape.")
     quant = _quant(quant)
+    if inert and quant in ("f16", "f32"):  # the shared matrices are drawn block by block, as quantized blocks
+        raise ConfigError(f"An inert pair needs a quantized type; {quant} would give the draft other matrices, so it never agrees.",
+                          "Use --quant q8_0 or another quantized type.")
     if fim is not None and fim not in FIM_TOKENS:
         raise ConfigError(f"Unknown FIM token set '{fim}'.", f"Choose one of: {', '.join(FIM_TOKENS)}.")
     tensors = plan(spec, quant=quant)

@@ -230,6 +230,8 @@ def test_synthetic_inert_pairs_control_the_acceptance(tmp_path: Path) -> None:
 
     shape = "qwen2:layers=3,dim=256,heads=4,kv_heads=2,ff=512,vocab=2000,tied=0"
     target_path = write_synthetic(tmp_path / "t.gguf", shape, inert=True)
+    with pytest.raises(ConfigError, match="quantized type"):  # float matrices are not drawn as shared blocks
+        write_synthetic(tmp_path / "f16.gguf", shape, inert=True, quant="f16")
     settings = Settings(**SMALL)  # type: ignore[arg-type]
     rates = []
     with Model.load(target_path, settings) as target:
