@@ -537,7 +537,7 @@ def test_rerank(server: ServerProcess, models: dict[str, Path]) -> None:
     from ggufrun.server.rerank import prompt_tokens
 
     with _loaded(models["reranker"]) as m, m.new_context(n_ctx=1024, embeddings=True) as ctx:
-        steps = ctx.embed_steps(prompt_tokens(m, "What is panda?", docs[1]))
+        steps = ctx.embed_steps(prompt_tokens(m, "What is panda?", [docs[1]])[0])
         with pytest.raises(StopIteration) as done:
             while True:
                 next(steps)

@@ -23,23 +23,23 @@ if TYPE_CHECKING:
 FIELDS = {"model", "query", "documents", "texts", "top_n", "return_text"}
 
 
-def prompt_tokens(model: Any, query: str, document: str) -> list[int]:
-    """One pair's tokens: the GGUF's rerank template with {query} and {document} filled in
-    (Qwen3-Reranker), else [BOS] query [EOS] [SEP] document [EOS] as the vocabulary adds them
-    (EOS falling back to SEP), as llama-server's format_prompt_rerank."""
+def prompt_tokens(model: Any, query: str, documents: list[str]) -> list[list[int]]:
+    """Each (query, document) pair's tokens: the GGUF's rerank template with {query} and {document}
+    filled in (Qwen3-Reranker), else [BOS] query [EOS] [SEP] document [EOS] as the vocabulary adds
+    them (EOS falling back to SEP), as llama-server's format_prompt_rerank. The template, the
+    special tokens and the query's tokens are read once for all the documents."""
     template = model.named_template("rerank")
     if template is not None:
-        text = template.replace("{query}", query).replace("{document}", document)
-        return model.tokenize(text, add_special=False, parse_special=True)
+        filled = template.replace("{query}", query)
+        return [model.tokenize(filled.replace("{document}", d), add_special=False, parse_special=True) for d in documents]
     sp = model.vocab_specials()
     eos = model.eos_id if model.eos_id >= 0 else sp["sep"]
-    out = [model.bos_id] if sp["add_bos"] and model.bos_id >= 0 else []
-    out += model.tokenize(query, add_special=False, parse_special=False) if query else []
-    out += [eos] if sp["add_eos"] and eos >= 0 else []
-    out += [sp["sep"]] if sp["add_sep"] and sp["sep"] >= 0 else []
-    out += model.tokenize(document, add_special=False, parse_special=False) if document else []
-    out += [eos] if sp["add_eos"] and eos >= 0 else []
-    return out
+    head = [model.bos_id] if sp["add_bos"] and model.bos_id >= 0 else []
+    head += model.tokenize(query, add_special=False, parse_special=False) if query else []
+    head += [eos] if sp["add_eos"] and eos >= 0 else []
+    head += [sp["sep"]] if sp["add_sep"] and sp["sep"] >= 0 else []
+    tail = [eos] if sp["add_eos"] and eos >= 0 else []
+    return [head + (model.tokenize(d, add_special=False, parse_special=False) if d else []) + tail for d in documents]
 
 
 async def rerank(server: Server, body: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -72,7 +72,7 @@ async def rerank(server: Server, body: dict[str, Any]) -> dict[str, Any] | list[
         if not backend.model.ranks:
             raise ApiError(400, f"Model '{cfg.id}' is not a reranker: reranking needs a GGUF with rank pooling "
                            "(bge-reranker-v2-m3, Qwen3-Reranker).", param="model", kind="not_supported_error")
-        pairs = await asyncio.to_thread(lambda: [prompt_tokens(backend.model, query, d) for d in docs])
+        pairs = await asyncio.to_thread(prompt_tokens, backend.model, query, docs)
     try:
         cfg, scores, n_tokens = await server.embed_texts(model, pairs, rank=True)
     except ApiError as exc:  # the embedding path names its inputs; these are the documents
