@@ -496,7 +496,10 @@ class ModelPool:
                                                         (model.settings.cache_type_k, model.settings.cache_type_v)))
         # Structured output's vocabulary index (0.1-0.5 s), here before any request: built by the
         # first burst of constrained requests it starved the engine thread of the GIL (issue 22).
-        model.prepare_grammars()
+        # Embedding and reranking models (pooled outputs) seldom take a grammar: theirs is built by
+        # the first constrained request, off the event loop (Server.submit).
+        if not model.pools_embeddings:
+            model.prepare_grammars()
         bos = model.detokenize([model.bos_id], special=True) if model.bos_id >= 0 else ""
         eos = model.detokenize([model.eos_id], special=True) if model.eos_id >= 0 else ""
         template = select_template(model.chat_template, loaded.family, per_request.template, bos_token=bos, eos_token=eos)
