@@ -136,8 +136,12 @@ class Settings:
             changes[key] = coerce(key, raw, origin)
         return replace(self, **changes)
 
-    def sampling(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name, f in FIELDS.items() if f.sampling}
+    def sampling(self, *, seed: bool = False) -> dict[str, Any]:
+        """The sampling fields (a request's defaults); with ``seed``, the seed too."""
+        out = {name: getattr(self, name) for name, f in FIELDS.items() if f.sampling}
+        if seed:
+            out["seed"] = self.seed
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -164,8 +164,7 @@ class Server:
                 "Shorten the prompt or serve the model with a larger --n-ctx.", n_tokens=len(tokens), n_ctx=limit)
         room = limit - len(tokens)
         wanted = params.max_tokens or backend.settings.max_tokens or room
-        sampling = {k: v for k, v in backend.settings.sampling().items() if k != "max_tokens"}
-        sampling["seed"] = backend.settings.seed
+        sampling = {k: v for k, v in backend.settings.sampling(seed=True).items() if k != "max_tokens"}
         sampling.update(params.sampling)
         if k and sampling.get("seed", -1) >= 0:  # n choices from one seed must still differ
             sampling["seed"] = (sampling["seed"] + k) % (1 << 32)

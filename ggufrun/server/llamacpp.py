@@ -124,7 +124,7 @@ def routes(server: Server) -> list[Route]:
             else:
                 prompts = [native.prompt_tokens(model, p) for p in req.prompts]
             texts[:] = [model.detokenize(t, special=True) for t in prompts]
-            sampling = {**backend.settings.sampling(), "seed": backend.settings.seed, **params.sampling}
+            sampling = {**backend.settings.sampling(seed=True), **params.sampling}
             native.check_infill(req, sampling, model)
             req.settings = native.generation_settings(req, sampling, backend.n_ctx_seq, params.model or cfg.id,
                                                       backend.settings.max_tokens)
@@ -151,7 +151,7 @@ def routes(server: Server) -> list[Route]:
                            kind="not_supported_error")
         async with backend_for(server, _query_model(request)) as (backend, cfg):
             defaults = native.NativeRequest(params=native.P.GenParams(model=None, stream=True), prompts=[])
-            sampling = {**backend.settings.sampling(), "seed": backend.settings.seed}
+            sampling = backend.settings.sampling(seed=True)
             settings = native.generation_settings(defaults, sampling, backend.n_ctx_seq, cfg.id, backend.settings.max_tokens)
             parallel = cfg.parallel or server.config.parallel
             return JSONResponse({

@@ -73,7 +73,7 @@ async def states(server: Server, model: str | None, fail_on_no_slot: str | None)
     try:
         backend = engine.backend
         assert backend is not None
-        sampling = {**backend.settings.sampling(), "seed": backend.settings.seed}
+        sampling = backend.settings.sampling(seed=True)
         out = [{"id": seq_id, "id_task": -1, "n_ctx": backend.n_ctx_seq, "speculative": False, "is_processing": busy,
                 "n_cached": cached,
                 "params": {k: sampling.get(k) for k in ("seed", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
