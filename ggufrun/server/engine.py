@@ -784,14 +784,13 @@ class Engine:
         if not running and embed is None:
             return None
         assert self._budget is not None
-        rows = [s for s in running if not s.pending and s.last >= 0]
+        budget = model.n_batch
+        rows = [s for s in running if not s.pending and s.last >= 0][:budget]
         drafts = self._drafts(model, rows)  # speculative tokens after some rows' last (their outputs too)
         self._make_room(running, extra=(min(len(embed.tokens) - embed.sent, model.n_batch) if embed is not None else 0)  # type: ignore[arg-type]
                         + sum(len(d) for d in drafts.values()))
-        budget = model.n_batch
         batch: list[tuple[_Slot, list[int], int]] = []
         used = 0  # tokens (all outputs) of the generating rows
-        rows = rows[:budget]
         for k, slot in enumerate(rows):
             draft = drafts.get(slot.seq_id)  # (a draft takes only the room the rows after it leave)
             slot.draft = draft[: max(budget - used - (len(rows) - k), 0)] if draft else []
@@ -863,14 +862,13 @@ class Engine:
             self._profile.chunks(kind, n_chunks, self._budget)
         return None
 
-    def _drafts(self, model: Any, running: list[_Slot]) -> dict[int, list[int]]:
-        """Speculative drafts for this step's generating sequences (speculative.step_drafts), each
-        within its own reservation and part of the cache."""
+    def _drafts(self, model: Any, gen: list[_Slot]) -> dict[int, list[int]]:
+        """Speculative drafts for this step's generating sequences ``gen`` (speculative.step_drafts),
+        each within its own reservation and part of the cache."""
         if model.speculator is None:
             return {}
         from ..speculative import step_drafts
 
-        gen = [s for s in running if not s.pending and s.last >= 0]
         items = [(s.seq_id, s.last, min(s.reserved, model.seq_cells) - model.seq_len(s.seq_id) - 1) for s in gen]
         return {seq: d for (seq, _, _), d in zip(items, step_drafts(model.speculator, model, items, len(gen)))}
 
