@@ -381,15 +381,13 @@ class Guard:
 
     def restart(self) -> None:
         """The next step is not timed (a prompt went in before it): an open episode is judged as it
-        stands (a short reply ends it; a drafted step it ended with is timed to its verification),
-        and the plain pace of a lone sequence is measured afresh (its new context is not the last reply's)."""
+        stands (a short reply ends it; a drafted step it ended with is timed to its verification)."""
         if self._drafting and self._last is not None and self._verified > self._last and self._n > 0:
             self._time(self._verified - self._last - self._catchup, self._n + self._extra)
         ep = self._ep
         if ep is not None and ep[2] > 0 and ep[1] > 0:
             self._judge(ep)
         self._last, self._ep = None, None
-        self.plain.pop(1, None)
 
     def tick(self, n: int) -> bool:
         """A decode step of ``n`` generating sequences starts: time the one before. Returns whether
@@ -397,8 +395,10 @@ class Guard:
         now = self.clock()
         if self._last is not None and n == self._n and n > 0:
             self._time(now - self._last - self._catchup, n + self._extra)
-        elif self._ep is not None:
-            self._ep = None
+        elif self._ep is not None:  # the width changed: the stretch is judged as it stands, at its own width
+            ep, self._ep = self._ep, None
+            if ep[2] > 0:
+                self._judge(ep)
         self._last, self._n, self._extra, self._drafting, self._catchup = now, n, 0, False, 0.0
         if self.wait > 0:
             self.wait -= 1
