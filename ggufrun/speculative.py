@@ -305,11 +305,15 @@ def _greedy(rows: np.ndarray, p_min: float) -> list[int]:
     best = rows.argmax(axis=1)
     if p_min <= 0:
         return [int(t) for t in best]
-    top = rows[np.arange(len(rows)), best]
-    # float32 (a 152k vocabulary's float64 softmax took ~1 ms a drafted token on the host): a sum of
-    # terms at most 1 is good to ~1e-4 of itself, fine for a threshold
-    z = np.exp(rows - top[:, None], dtype=np.float32).sum(axis=1, dtype=np.float32)
-    return [int(t) if 1.0 / zz >= p_min else -1 for t, zz in zip(best, z)]
+    out = []
+    for row, t in zip(rows, best):
+        top = row[t]
+        # The softmax's sum over the logits within 20 of the top only: each one left out adds under
+        # e^-20 (152k of them: 3e-4 in all, fine for a threshold), and the exp runs on a few hundred
+        # values instead of the whole vocabulary (60 us a drafted token, not 140, on 152k here).
+        z = np.exp(row[row > top - 20.0] - top, dtype=np.float32).sum(dtype=np.float32)
+        out.append(int(t) if 1.0 / z >= p_min else -1)
+    return out
 
 
 @dataclass

@@ -86,6 +86,18 @@ def test_ngram_drafter_continues_an_earlier_occurrence() -> None:
     assert d.draft([(1, text, 0)]) == [[]]
 
 
+def test_draft_confidence_cut_agrees_with_the_full_softmax() -> None:
+    """p_min's check sums the softmax over the logits near the top only: the verdicts are the full
+    float64 softmax's on rows from flat to peaked (a guess cut only where its probability is under p_min)."""
+    rng = np.random.default_rng(1)
+    for scale in (0.5, 2.0, 5.0, 10.0):
+        rows = rng.normal(0, scale, size=(64, 4000)).astype(np.float32)
+        wide = rows.astype(np.float64)
+        p = 1.0 / np.exp(wide - wide.max(axis=1, keepdims=True)).sum(axis=1)
+        for p_min in (0.3, 0.75):
+            assert S._greedy(rows, p_min) == [int(r.argmax()) if q >= p_min else -1 for r, q in zip(rows, p)]
+
+
 def test_pace_backs_off_exponentially_and_recovers() -> None:
     spec = S.Speculator(S.NgramDrafter(), n_max=8)
     spec.begin(0)
