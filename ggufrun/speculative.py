@@ -203,8 +203,10 @@ class ModelDrafter:
         was fed, then its own guesses as far as they were right (a full comparison once per reply)."""
         head, skip = self._gap.get(seq_id, (0, 0))
         cached = self.model.history(seq_id)
-        n = min(self._fed.get(seq_id, 0), len(cached))
         top = min(len(cached), len(tokens) - skip)
+        n = self._fed.get(seq_id, 0)
+        if n > top:  # a text that did not grow (a caller's mistake): compared whole, never trusted
+            n = 0
         while n < top and cached[n] == tokens[n + skip if n >= head else n]:
             n += 1
         return n

@@ -420,6 +420,21 @@ def test_draft_model_catches_up_on_a_long_backlog_through_a_window(tmp_path: Pat
         assert again[:1] == guess[2:] or len(again) == 3
         d.forget(0)  # a new reply: a windowed cache is not the new text's
         assert m.seq_len(0) == 0
+        rng = np.random.default_rng(2)
+        text = []
+        for _ in range(60):  # texts that grow by a little (its guesses mostly wrong) or a lot, or start afresh
+            roll = rng.random()
+            if roll < 0.1 or len(text) > 180:
+                d.forget(0)
+                text = []
+            text += [int(t) for t in rng.integers(1, 300, int(rng.integers(1, 3) if roll < 0.7 else rng.integers(10, 60)))]
+            calls = len(fed)
+            d.draft([(0, list(text), 3)])
+            assert fed[calls] <= S.SINK + 16  # the catch-up: never more than the start and the window
+            head, skip = d._gap.get(0, (0, 0))
+            cells = d._fed[0]
+            assert m.history(0)[:cells] == [text[i if i < head else i + skip] for i in range(cells)]
+            assert cells + skip == len(text)  # every token in, by the gap's map
 
 
 def test_stream_backs_off_a_draft_that_is_right_but_too_slow(tmp_path: Path) -> None:
