@@ -54,6 +54,10 @@ BACKOFF_MAX = 256
 GUARD_AFTER = 8
 GUARD_EPISODE = 4  # drafted steps a judged stretch spans at most (a draft always accepted never pauses: judge it soon)
 GUARD_PLAIN = 3  # plain steps a batch width needs timed before drafting there is judged
+# Drafting goes on only where it beats plain steps by this much: a closer verdict is within a shared
+# machine's noise (16 CPU streams drafting in vain were judged paying at 1-2% margins), and a gain that
+# small is not worth a slowdown where the verdict was wrong.
+GUARD_MARGIN = 0.05
 GUARD_REFRESH = 32  # judged stretches between fresh plain timings (the context grows, the load drifts)
 # Steps between tries of drafting that did not pay for its time: 16, 32 ... GUARD_MAX. A clock's
 # verdict covers a whole stretch of steps, firmer than one rejected draft: it starts 16 steps out.
@@ -461,7 +465,7 @@ class Guard:
         # The lower quartile of the latest plain steps: a neighbour's load only ever slows a step,
         # and a drafter is kept only where it beats plain steps at their usual best.
         low = sorted(base)[len(base) // 4]
-        if ep[0] / ep[1] < low:
+        if ep[0] / ep[1] < low * (1 - GUARD_MARGIN):
             self.paid += 1
             self.slow = 0
             self.debt = max(self.debt - (ep[1] * low - ep[0]), 0.0)  # its catch-ups are paid back from what it saves
