@@ -11,7 +11,7 @@ from typing import Any
 from .errors import InvalidGGUFError
 
 # projector types whose layout is checked here (and decoded by the engine or refused by name there)
-SUPPORTED = ("idefics3", "gemma3")
+SUPPORTED = ("idefics3", "gemma3", "qwen2.5vl_merger")
 _MAX = 1 << 16
 
 
@@ -52,9 +52,9 @@ def check_projector(info: Any) -> ProjectorInfo:
     if kind not in SUPPORTED:  # a real projector libmtmd knows, but not one ggufrun decodes: never opened
         from .images import UnsupportedProjectorError
 
-        why = "gives images 2-D (M-RoPE) positions" if kind.startswith("qwen") else f"is a {kind[:40]} projector"
-        raise UnsupportedProjectorError(f"{p.name} {why}, which ggufrun does not decode yet (it decodes {', '.join(SUPPORTED)}).",
-                                        "Use SmolVLM or gemma-3 for images, or llama-server for this model.")
+        raise UnsupportedProjectorError(f"{p.name} is a {kind[:40]} projector, which ggufrun does not decode yet "
+                                        f"(it decodes {', '.join(SUPPORTED)}).",
+                                        "Use SmolVLM, gemma-3 or Qwen2.5-VL for images, or llama-server for this model.")
 
     def num(key: str, default: int | None = None) -> int:
         v = meta.get(key, default)
@@ -65,7 +65,10 @@ def check_projector(info: Any) -> ProjectorInfo:
     e, ff, n_layer, n_head = (num(f"clip.vision.{k}") for k in (
         "embedding_length", "feed_forward_length", "block_count", "attention.head_count"))
     image, patch = num("clip.vision.image_size"), num("clip.vision.patch_size")
-    scale = num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
+    qwen = kind == "qwen2.5vl_merger"
+    scale = num("clip.vision.spatial_merge_size", 2) if qwen else num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
+    if qwen and (scale != 2 or num("clip.vision.n_wa_pattern") > n_layer):  # clip.cpp merges 2x2 (merge_ratio = 2)
+        raise _bad(p, f"spatial_merge_size {scale} (2 expected) or n_wa_pattern over {n_layer} layers")
     if e % n_head:
         raise _bad(p, f"width {e} is not a multiple of {n_head} heads")
     if image % patch:
@@ -87,7 +90,10 @@ def check_projector(info: Any) -> ProjectorInfo:
             raise _bad(p, f"tensor {name} has shape {tuple(got)}, {shape} expected")
 
     need("v.patch_embd.weight", (patch, patch, 3, e))
-    need("v.position_embd.weight", (e, side * side))
+    if qwen:
+        need("v.patch_embd.weight.1", (patch, patch, 3, e))
+    else:
+        need("v.position_embd.weight", (e, side * side))
     for i in range(n_layer):
         for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
             need(f"v.blk.{i}.{name}.weight", (e, e))
@@ -95,7 +101,13 @@ def check_projector(info: Any) -> ProjectorInfo:
         need(f"v.blk.{i}.ffn_down.weight", (ff, e))
     if any(n.startswith(f"v.blk.{n_layer}.") for n in shapes):
         raise _bad(p, f"it holds more layers than block_count {n_layer}")
-    if kind == "idefics3":
+    if qwen:  # the merger: 2x2 patches' features -> MLP -> the text model's width
+        need("mm.0.weight", (e * 4, e * 4))
+        out = shapes.get("mm.2.weight")
+        if out is None or len(out) != 2 or out[0] != e * 4:
+            raise _bad(p, f"tensor mm.2.weight has shape {out}, ({e * 4}, N) expected")
+        text = out[1]
+    elif kind == "idefics3":
         fc = shapes.get("mm.model.fc.weight")
         if fc is None or len(fc) != 2 or fc[0] != e * scale * scale:
             raise _bad(p, f"tensor mm.model.fc.weight has shape {fc}, ({e * scale * scale}, N) expected")

@@ -1,0 +1,166 @@
+"""Qwen2.5-VL pictures: M-RoPE positions (an image's rows share a time position and take fewer
+positions than rows, so position != index after it) through decode, prefix reuse, trims and the
+server, checked token for token against llama-server on the same random-weight files."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serverutil import ServerProcess
+
+from ggufrun.synthetic import write_synthetic
+from ggufrun.synthetic_vision import VISION_TOKENS, write_projector
+
+
+def noise_png(seed: int, w: int = 80, h: int = 64) -> bytes:
+    """Random pixels: a picture whose embeddings differ row by row (a flat colour's barely do)."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def qvl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen2.5-VL text model (qwen2vl, M-RoPE sections) and a Qwen2.5-VL-layout projector."""
+    root = tmp_path_factory.mktemp("qvl")
+    # f16: llama-server may run q8_0 through AMX or repacked kernels ggufrun leaves off (bench/vision_load.py says
+    # why), and this model's sharp attention turns their last-bit differences into other greedy tokens
+    model = write_synthetic(root / "qvl.gguf", "tiny-qwen2vl", quant="f16", extra_tokens=VISION_TOKENS["qwen25vl"])
+    return model, write_projector(root / "mmproj.gguf", "qwen25vl-tiny", 64)
+
+
+@pytest.fixture(scope="module")
+def loaded(qvl: tuple[Path, Path]) -> Iterator[tuple[Any, Any]]:
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model = Model.load(qvl[0], Settings(n_ctx=1024, threads=1, batch_size=64, ubatch_size=64), n_seq_max=4,
+                       kv_cells=1024)
+    proj = Projector(model, qvl[1], n_threads=1, use_gpu=False)
+    yield model, proj
+    proj.close()
+    model.close()
+
+
+def _prompt(model: Any, proj: Any, seed: int, text: str, held: list[Any]) -> list[int]:
+    from ggufrun.images import encode_picture, load_picture
+
+    image = encode_picture(proj, model, load_picture(noise_png(seed)), held)
+    return [*model.tokenize("<|im_start|>user\n"), *image, *model.tokenize(f"{text}<|im_end|>\n<|im_start|>assistant\n")]
+
+
+def _greedy(model: Any, seq: int, tokens: list[int], n: int = 12) -> list[int]:
+    """n greedy tokens after ``tokens`` in sequence ``seq``, from what the sequence already holds."""
+    keep = model.truncate(seq, min(model.common_prefix(seq, tokens), len(tokens) - 1))
+    idx = model.decode([(seq, tokens[keep:], True)])[0]
+    out = []
+    for _ in range(n):
+        tok = model._argmax(idx)
+        out.append(tok)
+        model.decode([(seq, [tok], True)])
+        idx = 0
+    return out
+
+
+def test_an_image_takes_fewer_positions_than_rows_and_text_after_it_goes_on_from_there(loaded: tuple[Any, Any]) -> None:
+    model, proj = loaded
+    held: list[Any] = []
+    tokens = _prompt(model, proj, 1, "what is it", held)
+    model.reset(0)
+    model.decode([(0, tokens, True)])
+    image = held[0]
+    assert image.n_tokens == 20 and image.n_pos == 5  # 80x64 px, patch 8, merged 2x2: 5 x 4 rows
+    start = next(i for i, t in enumerate(tokens) if t < 0)
+    assert model.mrope.at(0, start + 7) == start  # every row: the image's start
+    assert model.mrope.at(0, len(tokens)) == len(tokens) - image.n_tokens + image.n_pos
+    model.reset(0)
+
+
+def test_prefix_reuse_and_a_trim_inside_an_image_give_what_a_fresh_decode_gives(loaded: tuple[Any, Any]) -> None:
+    model, proj = loaded
+    held: list[Any] = []
+    first = _prompt(model, proj, 2, "describe", held)
+    follow = first + _greedy(model, 1, first, 6) + model.tokenize("<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n")
+    model.reset()
+    fresh = _greedy(model, 0, follow)
+    model.reset()
+    _greedy(model, 1, first, 6)  # the first turn; the follow-up reuses its image and text
+    assert model.common_prefix(1, follow) > len(first) - 2
+    assert _greedy(model, 1, follow) == fresh
+    # another picture at the same place: the cut falls on the image's first row
+    other = _prompt(model, proj, 3, "describe", held)
+    assert model.truncate(1, model.common_prefix(1, other)) == model.common_prefix(1, other)
+    want = _greedy(model, 2, other)
+    assert _greedy(model, 1, other) == want
+    # a cut inside an image moves back to its start (its rows share one position in the KV cache)
+    start = next(i for i, t in enumerate(other) if t < 0)
+    assert model.truncate(1, start + 5) == start
+    assert _greedy(model, 1, other) == want
+    # a copied prefix (the engine's donor) carries the image's positions with it
+    assert model.copy_prefix(1, 3, len(other) - 1) == len(other) - 1
+    assert _greedy(model, 3, other) == want
+    model.reset()
+
+
+def _llama_server() -> Path | None:
+    given = os.environ.get("LLAMA_BIN")
+    if given:
+        path = Path(given).expanduser()
+        path = path / "llama-server" if path.is_dir() else path
+        return path if path.is_file() else None
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    return next(iter(sorted(Path.home().glob(".cache/ggufrun-reference/*/build/bin/llama-server"), reverse=True)), None)
+
+
+def _chat(url: str, picture: bytes, text: str, n: int = 24) -> tuple[str, dict[str, int]]:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    got = client.chat.completions.create(
+        model="m", max_tokens=n, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(picture).decode()}},
+            {"type": "text", "text": text}]}])
+    assert got.usage is not None
+    return got.choices[0].message.content or "", {"prompt": got.usage.prompt_tokens, "completion": got.usage.completion_tokens}
+
+
+def test_greedy_replies_equal_llama_servers_on_the_same_files(qvl: tuple[Path, Path], tmp_path: Path) -> None:
+    binary = _llama_server()
+    if binary is None:
+        pytest.skip("no llama-server (set LLAMA_BIN to the reference build's bin folder)")
+    model, mmproj = qvl
+    pictures = [noise_png(10), noise_png(11, 96, 48), noise_png(10)]  # the third repeats the first: its prefix is reused
+    texts = ["what is in the picture", "and this one", "what is in the picture"]
+    replies: dict[str, list[tuple[str, dict[str, int]]]] = {}
+    for kind in ("ggufrun", "llama-server"):
+        common = ["--mmproj", str(mmproj), "--host", "127.0.0.1"]
+        if kind == "ggufrun":
+            srv = ServerProcess([str(model), *common, "--n-ctx", "1024", "--threads", "1", "--parallel", "1",
+                                 "--served-model-name", "m"],
+                                env={"GGUFRUN_HOME": str(tmp_path / "home")})
+        else:
+            srv = ServerProcess(["-m", str(model), *common, "-c", "1024", "-t", "1", "-np", "1", "--no-webui", "-a", "m"],
+                                command=[str(binary)])
+        try:
+            srv.wait_ready(120)
+            replies[kind] = [_chat(srv.url, p, t) for p, t in zip(pictures, texts)]
+        finally:
+            srv.close()
+    ours, theirs = replies["ggufrun"], replies["llama-server"]
+    assert [r[0] for r in ours] == [r[0] for r in theirs]
+    assert [r[1]["completion"] for r in ours] == [r[1]["completion"] for r in theirs] == [24, 24, 24]
+    assert len({r[0] for r in ours[:2]}) == 2  # two pictures, two replies: the pictures are read
