@@ -125,17 +125,17 @@ def _llama_server() -> Path | None:
     return next(iter(sorted(Path.home().glob(".cache/ggufrun-reference/*/build/bin/llama-server"), reverse=True)), None)
 
 
-def _chat(url: str, picture: bytes, text: str, n: int = 24) -> tuple[str, dict[str, int]]:
+def _chat(url: str, picture: bytes, text: str, n: int = 24, history: list[dict[str, Any]] | None = None) -> tuple[str, dict[str, int]]:
+    """A greedy reply's text and usage. A random vocabulary's byte tokens cut UTF-8 characters: a
+    cut one at the end is held back by llama-server and shown as U+FFFD by ggufrun, so that is dropped."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-    got = client.chat.completions.create(
-        model="m", max_tokens=n, temperature=0, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(picture).decode()}},
-            {"type": "text", "text": text}]}])
+    got = client.chat.completions.create(model="m", max_tokens=n, temperature=0, extra_body={"ignore_eos": True},
+                                         messages=_messages(picture, text, history))  # type: ignore[arg-type]
     assert got.usage is not None
-    return got.choices[0].message.content or "", {"prompt": got.usage.prompt_tokens, "completion": got.usage.completion_tokens}
+    text = (got.choices[0].message.content or "").rstrip("\ufffd")
+    return text, {"prompt": got.usage.prompt_tokens, "completion": got.usage.completion_tokens}
 
 
 def test_greedy_replies_equal_llama_servers_on_the_same_files(qvl: tuple[Path, Path], tmp_path: Path) -> None:
@@ -158,9 +158,64 @@ def test_greedy_replies_equal_llama_servers_on_the_same_files(qvl: tuple[Path, P
         try:
             srv.wait_ready(120)
             replies[kind] = [_chat(srv.url, p, t) for p, t in zip(pictures, texts)]
+            # a follow-up turn after the picture (its prefix reused on both)
+            replies[kind].append(_chat(srv.url, pictures[0], texts[0], history=[
+                {"role": "assistant", "content": "a picture of noise"}, {"role": "user", "content": "say more about it"}]))
         finally:
             srv.close()
     ours, theirs = replies["ggufrun"], replies["llama-server"]
     assert [r[0] for r in ours] == [r[0] for r in theirs]
-    assert [r[1]["completion"] for r in ours] == [r[1]["completion"] for r in theirs] == [24, 24, 24]
-    assert len({r[0] for r in ours[:2]}) == 2  # two pictures, two replies: the pictures are read
+    assert [r[1] for r in ours] == [r[1] for r in theirs]  # an image's rows count as prompt tokens on both
+    assert [r[1]["completion"] for r in ours] == [24] * 4
+    assert ours[0][0] != ours[1][0]  # two pictures, two replies: the pictures are read
+
+
+def _messages(picture: bytes, text: str, history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    url = "data:image/png;base64," + base64.b64encode(picture).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]},
+            *(history or [])]
+
+
+def test_serve_reuses_a_repeated_picture_and_a_follow_up_turn_equals_a_fresh_decode(qvl: tuple[Path, Path], tmp_path: Path) -> None:
+    import openai
+
+    model, mmproj = qvl
+    srv = ServerProcess([str(model), "--mmproj", str(mmproj), "--n-ctx", "1024", "--threads", "1", "--parallel", "1",
+                         "--served-model-name", "m"], env={"GGUFRUN_HOME": str(tmp_path / "home")})
+    try:
+        srv.wait_ready(120)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(messages: list[dict[str, Any]]) -> Any:
+            return client.chat.completions.create(model="m", max_tokens=12, temperature=0, messages=messages,  # type: ignore[arg-type]
+                                                  extra_body={"ignore_eos": True})
+
+        first = ask(_messages(noise_png(20), "what is it"))
+        again = ask(_messages(noise_png(20), "what is it"))
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert again.usage.prompt_tokens == first.usage.prompt_tokens > 20  # the picture's 20 rows count
+        assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+        turn = _messages(noise_png(20), "what is it", [{"role": "assistant", "content": first.choices[0].message.content},
+                                                      {"role": "user", "content": "say more"}])
+        follow = ask(turn)
+        assert follow.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1  # picture and turn reused
+        ask(_messages(noise_png(21), "what is it"))  # another picture takes the slot from the first one's row 0 on
+        fresh = ask(turn)
+        assert fresh.usage.prompt_tokens_details.cached_tokens <= first.usage.prompt_tokens - 20 - 1  # text before the picture only
+        assert fresh.choices[0].message.content == follow.choices[0].message.content
+    finally:
+        srv.close()
+
+
+def test_chat_cli_image_with_p(qvl: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    model, mmproj = qvl
+    picture = tmp_path / "noise.png"
+    picture.write_bytes(noise_png(30))
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "--mmproj", str(mmproj),
+                           "--image", str(picture), "-p", "what is it", "--temperature", "0", "--max-tokens", "8"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "GGUFRUN_HOME": str(tmp_path / "h")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
