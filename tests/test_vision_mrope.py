@@ -113,6 +113,36 @@ def test_prefix_reuse_and_a_trim_inside_an_image_give_what_a_fresh_decode_gives(
     model.reset()
 
 
+def test_ngram_drafts_after_a_picture_keep_the_plain_reply(loaded: tuple[Any, Any]) -> None:
+    """Drafts are decoded at the positions after the picture and their rejected tails cut there."""
+    from ggufrun.generation import SamplingParams
+    from ggufrun.speculative import Guard, NgramDrafter, Speculator
+
+    model, proj = loaded
+    held: list[Any] = []
+    tokens = _prompt(model, proj, 40, "what is it", held)
+
+    def run() -> list[int]:
+        model.reset()
+        gen = model.start(tokens, SamplingParams(temperature=0.0), max_tokens=96, ignore_eos=True)
+        return [t for t, _ in model.stream(gen, tokens) if t >= 0]
+
+    plain = run()
+    class Always(Guard):  # the time guard judges speed; here every step may draft, whatever the clock says
+        def tick(self, n: int) -> bool:
+            super().tick(n)
+            return True
+
+    model.speculator = spec = Speculator(NgramDrafter(), guard=Always())
+    try:
+        drafted = run()
+    finally:
+        model.speculator = None
+        model.reset()
+    assert drafted == plain
+    assert spec.stats.drafted > spec.stats.accepted > 0  # drafts kept and drafts cut, after the picture
+
+
 def _llama_server() -> Path | None:
     given = os.environ.get("LLAMA_BIN")
     if given:
