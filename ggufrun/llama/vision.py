@@ -302,7 +302,7 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
             i += k
     batch.n_tokens = n
     # the batch's own array, by address: a pointer read from the struct is a view of the field itself
-    own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value
+    own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
     pos_type = type(batch.pos)
     if mrope is not None:  # section-major: n times, n heights, n widths, n unused (llama-batch.cpp)
         buf = _mrope_pos(model)
