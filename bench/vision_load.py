@@ -180,7 +180,7 @@ def argv(kind: str, opts: argparse.Namespace, model: Path, mmproj: Path, port: i
         return [*GGUFRUN, "serve", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", "bench", "--threads", str(opts.threads), "--parallel", str(clients),
                 "--n-ctx", str(opts.n_ctx), "--max-queue", str(clients * opts.requests_per_client),
-                "--n-gpu-layers", str(ngl), "--batch-size", str(opts.batch_size)]
+                "--n-gpu-layers", str(ngl), "--batch-size", str(opts.batch_size), *opts.ggufrun_args.split()]
     assert binary is not None
     return [str(binary), "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
             "-a", "bench", "--no-webui", "-t", str(opts.threads), "-tb", str(opts.threads), "-np", str(clients),
@@ -202,6 +202,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--bin", default=None, help="llama-server or its bin folder (default: $LLAMA_BIN, PATH)")
+    ap.add_argument("--ggufrun-args", default="", help="more flags for ggufrun serve, e.g. '--image-encoders 1'")
     ap.add_argument("--no-reference", action="store_true", help="measure ggufrun alone")
     ap.add_argument("--json", default=None, help="write the raw rows here")
     opts = ap.parse_args()

@@ -187,8 +187,9 @@ def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Calla
 @pytest.fixture(scope="module")
 def vsrv(vlm: tuple[Path, Path], server_env: dict[str, str]) -> Iterator[ServerProcess]:
     model, mmproj = vlm
+    # two copies of the projector: every API's pictures go through the encoder pool as a GPU server's do
     with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "4", "--n-ctx", "512",
-               "--threads", "1", env=server_env) as server:
+               "--threads", "1", "--image-encoders", "2", env=server_env) as server:
         yield server
 
 
@@ -613,18 +614,22 @@ def test_a_repeated_picture_does_not_wait_behind_another_encoding(vlm: tuple[Pat
         pic = load_picture(png(33, 20))
         first = proj.block(pic)
         got: list[Any] = []
-        with proj.lock:  # as while another request's picture is being encoded
+        ctx = proj._idle.get()  # its only encoder busy, as while another request's picture is being encoded
+        try:
             reader = threading.Thread(target=lambda: got.append(proj.block(pic)))
             reader.start()
             reader.join(timeout=10)
             assert got == [first] and proj.encoded == 1
+        finally:
+            proj._idle.put(ctx)
         proj.close()
 
 
 def test_pictures_cut_in_parallel_encode_as_one_at_a_time(vlm: tuple[Path, Path]) -> None:
-    """libmtmd's preprocessing runs outside the projector's lock (as llama-server runs it in its
-    HTTP threads), the encoder under it: pictures blocked from several threads at once give the
-    very tokens and rows they give one after another."""
+    """libmtmd's preprocessing runs in the callers' threads (as llama-server runs it in its HTTP
+    threads), and three copies of the projector encode at once: pictures blocked from several
+    threads at once give the very tokens and rows one context gives one after another, and a
+    picture asked for twice at once is encoded once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ggufrun.llama.vision import Projector
@@ -634,7 +639,8 @@ def test_pictures_cut_in_parallel_encode_as_one_at_a_time(vlm: tuple[Path, Path]
     model_path, mmproj = vlm
     pics = [load_picture(png(40 + 7 * i, 30 + 5 * i, (30 * i, 200 - 20 * i, 90))) for i in range(8)]
     with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
-        one, many = (Projector(model, mmproj, n_threads=1, use_gpu=False) for _ in range(2))
+        one, many = (Projector(model, mmproj, n_threads=1, use_gpu=False, encoders=k) for k in (1, 3))
+        assert many.encoders == 3
         alone = [one.block(p) for p in pics]
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(many.block, pics + pics))  # each twice: one encode, the other waits or hits
@@ -658,3 +664,16 @@ def test_detail_low_is_a_512_pixel_picture_of_its_own() -> None:
     low, full = (load_picture(data, max_side=p["max_side"]) for p in parts)
     assert (low.width, low.height) == (512, 384) and (full.width, full.height) == (1200, 900)
     assert low.digest != full.digest
+
+
+def test_image_encoders_auto_is_one_on_a_cpu_and_copies_that_fit_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ggufrun.vision import GPU_ENCODERS, encoder_count
+
+    mb = 1000**2
+    assert encoder_count("auto", gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 1
+    assert encoder_count(2, gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 2  # asked for: honoured
+    monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=80GB,free=60GB")
+    assert encoder_count("auto", gpu=True, n_seq_max=1, projector_bytes=200 * mb) == 1  # one sequence: one picture at a time
+    assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == GPU_ENCODERS
+    monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=8GB,free=1GB")
+    assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == 1  # copies within a quarter of free memory

@@ -2,7 +2,7 @@
 
 libmtmd's own ``mtmd_helper_eval_chunks`` decodes images on the text context itself and is not
 thread-safe; here libmtmd only tokenizes (text + image markers -> chunks) and encodes (image ->
-embeddings), on whatever one thread holds :attr:`Projector.lock`, and the embeddings go to
+embeddings), each encode on a context no other thread is using, and the embeddings go to
 :meth:`ggufrun.llama.model.Model.decode` like text: the engine decodes them in its own batches.
 
 An image's positions in a token list are *image tokens*, negative ints that name the image (a
@@ -17,6 +17,7 @@ mrope.Positions maps indices to positions for every decode, cut and copy (llama/
 from __future__ import annotations
 
 import ctypes
+import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -67,9 +68,9 @@ class ImageEmbedding:
 
 
 class Projector:
-    """An mtmd context for one Model. ``tokenize`` and ``encode`` take :attr:`lock` themselves."""
+    """The mtmd contexts (one per picture encoded at once) for one Model; thread-safe."""
 
-    def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool) -> None:
+    def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool, encoders: int = 1) -> None:
         from ..projector_info import validate_projector
 
         info = validate_projector(path, model.n_embd)  # llama.cpp asserts (aborts) on some malformed projectors
@@ -81,8 +82,8 @@ class Projector:
         params.warmup = False
         self.path = path
         self.model = model
-        self.lock = threading.Lock()  # the mtmd context: one encode at a time
         self._recent_lock = threading.Lock()
+        self._extra: list[Any] = []
         llama_reason()
         self._ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
         if not self._ctx:
@@ -105,9 +106,30 @@ class Projector:
         model.whole_images = self.non_causal
         # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
         self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
+        self._pending: dict[tuple[bytes, int, int], threading.Event] = {}  # pictures being encoded now
         self.encoded = 0  # pictures encoded (the rest came from _recent)
+        # An encode holds its context (the output buffer is the context's), so pictures are encoded at
+        # once only by copies of it. On a GPU one encode is mostly kernel launches and graph building
+        # that leave the device idle, so copies there multiply picture throughput.
+        for _ in range(encoders - 1):
+            ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
+            if not ctx:
+                self.close()
+                raise ModelLoadError(f"llama.cpp could not load a copy of the projector {path}{llama_reason()}.",
+                                     "Use fewer --image-encoders.")
+            self._extra.append(ctx)
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # contexts no thread is encoding with
+        for ctx in [self._ctx, *self._extra]:
+            self._idle.put(ctx)
+
+    @property
+    def encoders(self) -> int:
+        return 1 + len(self._extra)
 
     def close(self) -> None:
+        for ctx in getattr(self, "_extra", []):
+            _mtmd().mtmd_free(ctx)
+        self._extra = []
         if getattr(self, "_ctx", None):
             _mtmd().mtmd_free(self._ctx)
             self._ctx = None
@@ -139,9 +161,10 @@ class Projector:
             return list(hit[0]), list(hit[1])
 
     def _block(self, pic: Picture, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
-        """The picture's block, encoded here or by another thread meanwhile. libmtmd's preprocessing (resize and tiles: a quarter of a second for a SmolVLM picture on
-        a CPU) runs outside :attr:`lock`, as llama-server runs it in its HTTP threads; the encoder,
-        whose output buffer the context holds, takes one picture at a time under it."""
+        """The picture's block, encoded here or by another thread meanwhile. libmtmd's preprocessing
+        (resize and tiles: a quarter of a second for a SmolVLM picture on a CPU) needs no context of
+        its own, as llama-server runs it in its HTTP threads; the encoder, whose output buffer the
+        context holds, takes a context to itself."""
         M = _mtmd()
         with self.model.borrowed():
             if not self._ctx:
@@ -158,23 +181,43 @@ class Projector:
                 rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, 1)
                 if rc != 0:
                     raise ConfigError(f"libmtmd could not tokenize a {pic.width}x{pic.height} image (code {rc}).")
-                with self.lock:
-                    hit = self._cached(name)  # encoded while this thread cut it
-                    if hit is not None:
-                        return hit
-                    block = self._encode(chunks, pic.digest)
-                    self.encoded += 1
-                    with self._recent_lock:  # before the lock goes: the next holder finds it
-                        self._recent[name] = block
-                        while len(self._recent) > RECENT_IMAGES:
-                            self._recent.popitem(last=False)
-                    return block
+                return self._encode_once(chunks, pic.digest, name)
             finally:
                 M.mtmd_input_chunks_free(chunks)
                 if bmp:
                     M.mtmd_bitmap_free(bmp)
 
-    def _encode(self, chunks: Any, digest: bytes) -> tuple[list[int], list[ImageEmbedding]]:
+    def _encode_once(self, chunks: Any, digest: bytes, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
+        """Encode on an idle context, unless another thread encoded (or is encoding) the same picture."""
+        while True:
+            with self._recent_lock:
+                hit = self._recent.get(name)
+                if hit is not None:
+                    self._recent.move_to_end(name)
+                    return list(hit[0]), list(hit[1])
+                busy = self._pending.get(name)
+                if busy is None:
+                    done = self._pending[name] = threading.Event()
+                    break
+            busy.wait()  # then it is in _recent, or that encode failed and this thread tries its own
+        try:
+            ctx = self._idle.get()
+            try:
+                block = self._encode(ctx, chunks, digest)
+            finally:
+                self._idle.put(ctx)
+            with self._recent_lock:
+                self.encoded += 1
+                self._recent[name] = block
+                while len(self._recent) > RECENT_IMAGES:
+                    self._recent.popitem(last=False)
+            return list(block[0]), list(block[1])
+        finally:
+            with self._recent_lock:
+                del self._pending[name]
+            done.set()
+
+    def _encode(self, ctx: Any, chunks: Any, digest: bytes) -> tuple[list[int], list[ImageEmbedding]]:
         M = _mtmd()
         np = numpy()
         tokens: list[int] = []
@@ -198,14 +241,14 @@ class Projector:
             pos = shift = None
             if self.mrope:
                 pos, shift = _mrope_layout(M, chunk, n_tok)
-            if bool(M.mtmd_decode_use_non_causal(self._ctx, chunk)) != self.non_causal:
+            if bool(M.mtmd_decode_use_non_causal(ctx, chunk)) != self.non_causal:
                 raise ConfigError("This projector's attention over images is not the one ggufrun expected.")
             if self.non_causal and n_tok > max(self.model.n_batch, 1):
                 raise ConfigError(f"An image of {n_tok} tokens does not fit one batch of {self.model.n_batch}; "
                                   "this projector needs it whole.", f"Serve with --batch-size {n_tok} or more.")
-            if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
+            if M.mtmd_encode_chunk(ctx, chunk) != 0:
                 raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
-            out = M.mtmd_get_output_embd(self._ctx)
+            out = M.mtmd_get_output_embd(ctx)
             rows = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
             # idefics3 cuts a picture into tiles and an overview, one chunk each: each gets its own key
             key, toks = image_tokens(digest + len(embeds).to_bytes(4, "little"), n_tok)
