@@ -29,28 +29,51 @@ def noise_png(seed: int, w: int = 80, h: int = 64) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def qvl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny Qwen2.5-VL text model (qwen2vl, M-RoPE sections) and a Qwen2.5-VL-layout projector."""
-    root = tmp_path_factory.mktemp("qvl")
+# (text shape, projector): Qwen2.5-VL's, and Qwen3-VL's (fused QKV, learned positions, deepstack rows twice as wide)
+FAMILIES = {"qwen2.5-vl": ("tiny-qwen2vl", "qwen25vl-tiny"), "qwen3-vl": ("tiny-qwen3vl", "qwen3vl-tiny")}
+
+
+def _pair(root: Path, family: str) -> tuple[Path, Path]:
+    shape, projector = FAMILIES[family]
     # f16: llama-server may run q8_0 through AMX or repacked kernels ggufrun leaves off (bench/vision_load.py says
     # why), and this model's sharp attention turns their last-bit differences into other greedy tokens
-    model = write_synthetic(root / "qvl.gguf", "tiny-qwen2vl", quant="f16", extra_tokens=VISION_TOKENS["qwen25vl"])
-    return model, write_projector(root / "mmproj.gguf", "qwen25vl-tiny", 64)
+    model = write_synthetic(root / "qvl.gguf", shape, quant="f16", extra_tokens=VISION_TOKENS["qwen25vl"])
+    return model, write_projector(root / "mmproj.gguf", projector, 64)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def qvl(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny Qwen-VL text model (M-RoPE sections) and a projector of that family's layout."""
+    return _pair(tmp_path_factory.mktemp("qvl"), request.param)
 
 
 @pytest.fixture(scope="module")
-def loaded(qvl: tuple[Path, Path]) -> Iterator[tuple[Any, Any]]:
+def qvl25(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Qwen2.5-VL's pair alone: for the tests of paths that do not depend on the family."""
+    return _pair(tmp_path_factory.mktemp("qvl25"), "qwen2.5-vl")
+
+
+def _load(pair: tuple[Path, Path]) -> Iterator[tuple[Any, Any]]:
     from ggufrun.llama.vision import Projector
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
-    model = Model.load(qvl[0], Settings(n_ctx=1024, threads=1, batch_size=64, ubatch_size=64), n_seq_max=4,
+    model = Model.load(pair[0], Settings(n_ctx=1024, threads=1, batch_size=64, ubatch_size=64), n_seq_max=4,
                        kv_cells=1024)
-    proj = Projector(model, qvl[1], n_threads=1, use_gpu=False)
+    proj = Projector(model, pair[1], n_threads=1, use_gpu=False)
     yield model, proj
     proj.close()
     model.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(qvl: tuple[Path, Path]) -> Iterator[tuple[Any, Any]]:
+    yield from _load(qvl)
+
+
+@pytest.fixture(scope="module")
+def loaded25(qvl25: tuple[Path, Path]) -> Iterator[tuple[Any, Any]]:
+    yield from _load(qvl25)
 
 
 def _prompt(model: Any, proj: Any, seed: int, text: str, held: list[Any]) -> list[int]:
@@ -81,6 +104,7 @@ def test_an_image_takes_fewer_positions_than_rows_and_text_after_it_goes_on_from
     model.decode([(0, tokens, True)])
     image = held[0]
     assert image.n_tokens == 20 and image.n_pos == 5  # 80x64 px, patch 8, merged 2x2: 5 x 4 rows
+    assert image.rows.shape[1] == model.n_embd * (2 if model.metadata["general.architecture"] == "qwen3vl" else 1)
     start = next(i for i, t in enumerate(tokens) if t < 0)
     assert model.mrope.at(0, start + 7) == start  # every row: the image's start
     assert model.mrope.at(0, len(tokens)) == len(tokens) - image.n_tokens + image.n_pos
@@ -113,12 +137,12 @@ def test_prefix_reuse_and_a_trim_inside_an_image_give_what_a_fresh_decode_gives(
     model.reset()
 
 
-def test_ngram_drafts_after_a_picture_keep_the_plain_reply(loaded: tuple[Any, Any]) -> None:
+def test_ngram_drafts_after_a_picture_keep_the_plain_reply(loaded25: tuple[Any, Any]) -> None:
     """Drafts are decoded at the positions after the picture and their rejected tails cut there."""
     from ggufrun.generation import SamplingParams
     from ggufrun.speculative import Guard, NgramDrafter, Speculator
 
-    model, proj = loaded
+    model, proj = loaded25  # (its replies repeat themselves, so that lookups find drafts)
     held: list[Any] = []
     tokens = _prompt(model, proj, 40, "what is it", held)
 
@@ -206,10 +230,11 @@ def _messages(picture: bytes, text: str, history: list[dict[str, Any]] | None = 
             *(history or [])]
 
 
-def test_serve_reuses_a_repeated_picture_and_a_follow_up_turn_equals_a_fresh_decode(qvl: tuple[Path, Path], tmp_path: Path) -> None:
+def test_serve_reuses_a_repeated_picture_and_a_follow_up_turn_equals_a_fresh_decode(qvl25: tuple[Path, Path],
+                                                                                    tmp_path: Path) -> None:
     import openai
 
-    model, mmproj = qvl
+    model, mmproj = qvl25
     srv = ServerProcess([str(model), "--mmproj", str(mmproj), "--n-ctx", "1024", "--threads", "1", "--parallel", "1",
                          "--served-model-name", "m"], env={"GGUFRUN_HOME": str(tmp_path / "home")})
     try:
@@ -237,11 +262,11 @@ def test_serve_reuses_a_repeated_picture_and_a_follow_up_turn_equals_a_fresh_dec
         srv.close()
 
 
-def test_chat_cli_image_with_p(qvl: tuple[Path, Path], tmp_path: Path) -> None:
+def test_chat_cli_image_with_p(qvl25: tuple[Path, Path], tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    model, mmproj = qvl
+    model, mmproj = qvl25
     picture = tmp_path / "noise.png"
     picture.write_bytes(noise_png(30))
     proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "--mmproj", str(mmproj),
@@ -249,3 +274,46 @@ def test_chat_cli_image_with_p(qvl: tuple[Path, Path], tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, env={**os.environ, "GGUFRUN_HOME": str(tmp_path / "h")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
+
+
+def test_qwen_projector_checks_refuse_what_libmtmd_would_abort_on_or_misread(tmp_path: Path) -> None:
+    import gguf
+
+    from ggufrun.errors import InvalidGGUFError, ModelLoadError
+    from ggufrun.llama.vision import Projector
+    from ggufrun.projector_info import inspect_projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    q25, _ = _pair(tmp_path / "a", "qwen2.5-vl")
+    q3proj = write_projector(tmp_path / "q3.gguf", "qwen3vl-tiny", 64)
+    assert inspect_projector(q3proj).deepstack == 1
+    # a Qwen3-VL projector's rows (deepstack: twice the width) on a text model that reads one width: libmtmd says so
+    with Model.load(q25, Settings(n_ctx=256, threads=1)) as model:
+        with pytest.raises(ModelLoadError, match="mismatch between text model"):
+            Projector(model, q3proj, n_threads=1, use_gpu=False)
+    # clip.cpp asserts (aborts the process) on a Qwen3-VL projector without its learned positions
+    reader = gguf.GGUFReader(q3proj)
+    w = gguf.GGUFWriter(tmp_path / "broken.gguf", "clip")
+    for field in reader.fields.values():
+        if field.name.startswith("clip."):
+            value = field.contents()
+            if isinstance(value, bool):
+                w.add_bool(field.name, value)
+            elif isinstance(value, int):
+                w.add_uint32(field.name, value)
+            elif isinstance(value, float):
+                w.add_float32(field.name, value)
+            elif isinstance(value, str):
+                w.add_string(field.name, value)
+            else:
+                w.add_array(field.name, value)
+    for t in reader.tensors:
+        if t.name != "v.position_embd.weight":
+            w.add_tensor(t.name, t.data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InvalidGGUFError, match="v.position_embd.weight"):
+        inspect_projector(tmp_path / "broken.gguf")
