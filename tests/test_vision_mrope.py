@@ -108,6 +108,13 @@ def test_an_image_takes_fewer_positions_than_rows_and_text_after_it_goes_on_from
     start = next(i for i, t in enumerate(tokens) if t < 0)
     assert model.mrope.at(0, start + 7) == start  # every row: the image's start
     assert model.mrope.at(0, len(tokens)) == len(tokens) - image.n_tokens + image.n_pos
+    whole = _greedy(model, 0, tokens)
+    # an image cut between two decodes (the engine's prompt chunks): its later rows keep its start position
+    model.reset(0)
+    model.decode([(0, tokens[: start + 7], False)])
+    model.decode([(0, tokens[start + 7 : -1], False)])
+    assert model.mrope.at(0, len(tokens) - 1) == len(tokens) - 1 - image.n_tokens + image.n_pos
+    assert _greedy(model, 0, tokens) == whole
     model.reset(0)
 
 
