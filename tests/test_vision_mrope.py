@@ -324,3 +324,14 @@ def test_qwen_projector_checks_refuse_what_libmtmd_would_abort_on_or_misread(tmp
     w.close()
     with pytest.raises(InvalidGGUFError, match="v.position_embd.weight"):
         inspect_projector(tmp_path / "broken.gguf")
+
+
+def test_show_says_a_qwen_model_sees_pictures_of_any_size(qvl25: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    model, mmproj = qvl25
+    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "show", str(model), "--mmproj", str(mmproj)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "GGUFRUN_HOME": str(tmp_path), "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "yes (qwen2.5vl_merger: any size, 16 tokens at 64 px; M-RoPE)" in proc.stdout
