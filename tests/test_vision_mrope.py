@@ -144,6 +144,23 @@ def test_prefix_reuse_and_a_trim_inside_an_image_give_what_a_fresh_decode_gives(
     model.reset()
 
 
+def test_two_sequences_pictures_in_one_embedding_batch_give_their_solo_replies(loaded: tuple[Any, Any]) -> None:
+    """The engine decodes a step's image rows of several sequences in one batch: each row gets its own sequence's positions."""
+    model, proj = loaded
+    held: list[Any] = []
+    a = _prompt(model, proj, 50, "what is it", held)
+    b = model.tokenize("<|im_start|>system\nlook<|im_end|>\n") + _prompt(model, proj, 51, "and this", held)
+    model.reset()
+    solo = [_greedy(model, 0, a), _greedy(model, 1, b)]
+    model.reset()
+    starts = [next(i for i, t in enumerate(x) if t < 0) for x in (a, b)]
+    ends = [s + next(i for i, t in enumerate(x[s:]) if t >= 0) for s, x in zip(starts, (a, b))]
+    model.decode([(2, a[: starts[0]], False), (3, b[: starts[1]], False)])
+    model.decode([(2, a[starts[0] : ends[0]], False), (3, b[starts[1] : ends[1]], False)])  # both pictures, one batch
+    assert [_greedy(model, 2, a), _greedy(model, 3, b)] == solo
+    model.reset()
+
+
 def test_ngram_drafts_after_a_picture_keep_the_plain_reply(loaded25: tuple[Any, Any]) -> None:
     """Drafts are decoded at the positions after the picture and their rejected tails cut there."""
     from ggufrun.generation import SamplingParams
