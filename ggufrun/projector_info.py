@@ -68,7 +68,10 @@ def check_projector(info: Any) -> ProjectorInfo:
     image, patch = num("clip.vision.image_size"), num("clip.vision.patch_size")
     qwen3 = kind == "qwen3vl_merger"
     qwen = qwen3 or kind == "qwen2.5vl_merger"
-    scale = num("clip.vision.spatial_merge_size", 2) if qwen else num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
+    if qwen:
+        scale = num("clip.vision.spatial_merge_size", 2)
+    else:
+        scale = num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
     if qwen and scale != 2:  # clip.cpp merges 2x2 (merge_ratio = 2)
         raise _bad(p, f"spatial_merge_size is {scale}, 2 expected")
     if qwen and not qwen3 and num("clip.vision.n_wa_pattern") > n_layer:
