@@ -161,6 +161,22 @@ def test_two_sequences_pictures_in_one_embedding_batch_give_their_solo_replies(l
     model.reset()
 
 
+def test_a_slot_file_with_a_picture_is_refused_on_restore(loaded: tuple[Any, Any], tmp_path: Path) -> None:
+    """Its image positions are not in the file's token list: the sequence is left empty, not decoded wrong."""
+    from ggufrun.errors import ModelLoadError
+
+    model, proj = loaded
+    held: list[Any] = []
+    tokens = _prompt(model, proj, 60, "what is it", held)
+    model.reset()
+    model.decode([(0, tokens, False)])
+    model.save_seq(0, tmp_path / "slot.bin")
+    with pytest.raises(ModelLoadError, match="holds a picture, which a slot file does not restore"):
+        model.load_seq(1, tmp_path / "slot.bin")
+    assert model.seq_len(1) == 0
+    model.reset()
+
+
 def test_ngram_drafts_after_a_picture_keep_the_plain_reply(loaded25: tuple[Any, Any]) -> None:
     """Drafts are decoded at the positions after the picture and their rejected tails cut there."""
     from ggufrun.generation import SamplingParams

@@ -747,6 +747,10 @@ class Model:
         self.synchronize()
         read = L.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, arr, self.seq_cells, ctypes.byref(count))
         tokens = list(arr[: min(count.value, self.seq_cells)])
+        if read and any(t < 0 for t in tokens):  # image tokens: what names their rows and positions is not in the file
+            self.reset(seq_id)
+            raise ModelLoadError(f"{path.name} holds a picture, which a slot file does not restore.",
+                                 "Send the request with its picture again.")
         if not read or any(not 0 <= t < self.n_vocab for t in tokens):
             self.reset(seq_id)
             raise ModelLoadError(f"{path.name} is not a saved sequence of this model and context{llama_reason()}.")
