@@ -117,7 +117,7 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
         return TextOnly(path, exc.message)
 
 
-GPU_ENCODERS = 3  # copies of the projector a GPU server encodes with by default (bench/vision_load.py)
+GPU_ENCODERS = 4  # H200, SmolVLM-256M layout, 16 clients: 1 copy 242 tok/s, 2: 314, 3: 436, 4: 520, 6: 504 (bench/vision_load.py)
 
 
 def encoder_count(setting: int | str, *, gpu: bool, n_seq_max: int, projector_bytes: int) -> int:

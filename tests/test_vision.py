@@ -677,3 +677,30 @@ def test_image_encoders_auto_is_one_on_a_cpu_and_copies_that_fit_on_a_gpu(monkey
     assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == GPU_ENCODERS
     monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=8GB,free=1GB")
     assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == 1  # copies within a quarter of free memory
+
+
+def test_closing_the_projector_waits_for_the_picture_being_encoded(vlm: tuple[Path, Path]) -> None:
+    """A model unloaded (keep_alive, shutdown) while a request's picture is being encoded: the
+    contexts are freed by the last encode, not under it, and a later picture is refused by name."""
+    from ggufrun.errors import ModelLoadError
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
+        ctx = proj._idle.get()  # the encoder busy: the reader below waits for it inside block()
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(proj.block(load_picture(png(21, 34)))))
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not proj._users and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proj.close()
+        assert proj._ctx is not None  # still in use
+        proj._idle.put(ctx)
+        reader.join(timeout=10)
+        assert got and got[0][1] and proj._ctx is None  # encoded, then freed by the last user
+        with pytest.raises(ModelLoadError, match="unloaded"):
+            proj.block(load_picture(png(22, 35)))

@@ -20,8 +20,9 @@ import ctypes
 import queue
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import ConfigError, ModelLoadError
 from ..images import Picture, image_tokens
@@ -82,8 +83,10 @@ class Projector:
         params.warmup = False
         self.path = path
         self.model = model
-        self._recent_lock = threading.Lock()
+        self._recent_lock = threading.Lock()  # also guards _users and _closing
         self._extra: list[Any] = []
+        self._users = 0  # threads in block(): close() leaves the contexts to the last of them
+        self._closing = False
         llama_reason()
         self._ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
         if not self._ctx:
@@ -127,12 +130,38 @@ class Projector:
         return 1 + len(self._extra)
 
     def close(self) -> None:
-        for ctx in getattr(self, "_extra", []):
+        """Free the contexts now, or when the last picture being cut or encoded is done."""
+        lock = getattr(self, "_recent_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._closing = True
+            last = not self._users
+        if last:
+            self._free()
+
+    def _free(self) -> None:
+        for ctx in self._extra:
             _mtmd().mtmd_free(ctx)
         self._extra = []
-        if getattr(self, "_ctx", None):
+        if self._ctx:
             _mtmd().mtmd_free(self._ctx)
             self._ctx = None
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._recent_lock:
+            if self._closing:
+                raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._recent_lock:
+                self._users -= 1
+                last = self._closing and not self._users
+            if last:
+                self._free()
 
     def __del__(self) -> None:
         try:
@@ -166,9 +195,7 @@ class Projector:
         its own, as llama-server runs it in its HTTP threads; the encoder, whose output buffer the
         context holds, takes a context to itself."""
         M = _mtmd()
-        with self.model.borrowed():
-            if not self._ctx:
-                raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
+        with self.model.borrowed(), self._in_use():
             chunks = M.mtmd_input_chunks_init()
             buf = (ctypes.c_uint8 * len(pic.rgb)).from_buffer_copy(pic.rgb)
             bmp = M.mtmd_bitmap_init(pic.width, pic.height, buf)
