@@ -483,6 +483,7 @@ class Guard:
         steps = lost / (GUARD_SHARE * max(self._n, 1) * per_token) if per_token > 0 else 0.0
         self.wait = int(min(max(min(GUARD_FIRST << min(self.slow - 1, 16), GUARD_MAX), steps), GUARD_LONGEST))
 
+
 @dataclass
 class SpecStats:
     """Totals over a speculator's life, for bench's acceptance-rate column."""
