@@ -111,6 +111,9 @@ def main() -> None:
             # pace drifts between one draft's phase and the next's
             rows.append((p, [pick(v) / pick(b) for v, b in zip(mine, theirs)],
                          sum(b for _, b in accepts) / drafted if drafted else float("nan"), [pick(v) for v in mine]))
+            # as it goes: a run cut short by a time limit still says what it measured
+            print(f"perturb {p:g}: " + ", ".join(f"{pick(v):.1f} vs {pick(b):.1f} tok/s ({pick(v) / pick(b):.2f}x)"
+                                                 for v, b in zip(mine, theirs)), flush=True)
         base = (None, [1.0] * (1 + len(levels)), float("nan"), [pick(v) for v in samples[None]])
     rows.insert(0, base)
     print(f"target {args.shape} {args.quant} (inert), drafts: 1 layer, draft-max {args.draft_max}; ngl {args.ngl}; "
