@@ -29,6 +29,12 @@ SLACK = {"prompt": 1.2, "embed": 1.3}
 # whole chunk does (~35 ms a token in chunks of 8 against ~5 in chunks of 340, SmolLM2), so capfuls of
 # one plain step left a 1,000-token text ~1 token a step, 95 s beside one stream (18.7 s alone).
 PEAK = {"prompt": 2.0, "embed": 4.0}
+# Requests waiting for their first token count as much as the streams: while W prompts wait beside R
+# streams, the slack above a plain step (average and peak) is W/R times the above, up to this. Sixteen
+# pictures sent at once beside the first replies' streams prefilled ~20 tokens a step (Qwen2.5-VL-3B on
+# an H200: 16 clients at 0.55x llama-server's throughput); a few long prompts beside many streams
+# (issue 22's bars) keep the bars above.
+MAX_SHARE = 8.0
 _FIRST = 16  # the tokens a step may take before its kind's cost has been measured
 _EMA = 0.2  # weight of the newest measurement in the running means
 
@@ -62,14 +68,19 @@ class StepBudget:
         self.credit_s = 0.0  # seconds of chunk work the next steps may still take
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
         self._waiting: list[str] = []  # the kinds with work waiting at the last pick
+        self.share = 1.0  # requests waiting per stream generating, as weighed last (MAX_SHARE)
         self._last_done = 0.0
         # rows, kind, tokens of the decode in flight; when its step began; host time that step spent admitting
         # requests; the chunk's micro-batches; whether rows carried drafts
         self._launched: tuple[int, str, int, float, float, int, bool] = (0, "", 0, 0.0, 0.0, 1, False)
 
+    def weigh(self, waiting: int, rows: int) -> None:
+        """``waiting`` requests have work of the kind picked, beside ``rows`` streams generating."""
+        self.share = min(max(waiting / max(rows, 1), 1.0), MAX_SHARE)
+
     def cap_s(self, kind: str) -> float:
         """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""
-        return (PEAK[kind] - 1.0) * self.plain_s
+        return (PEAK[kind] - 1.0) * self.plain_s * self.share
 
     @property
     def _credit_cap_s(self) -> float:
@@ -78,7 +89,7 @@ class StepBudget:
     @property
     def rate_s(self) -> float:
         """Chunk work per step on average, for the kinds waiting."""
-        return (max((SLACK[k] for k in self._waiting), default=SLACK["prompt"]) - 1.0) * self.plain_s
+        return (max((SLACK[k] for k in self._waiting), default=SLACK["prompt"]) - 1.0) * self.plain_s * self.share
 
     def cost_s(self, kind: str, tokens: int, passes: int = 1) -> float:
         """The estimated seconds a chunk of ``tokens`` of ``kind`` adds to a step, in ``passes``
@@ -180,7 +191,7 @@ class StepBudget:
                 fit[i] = (1 - _EMA) * fit[i] + _EMA * v
         mn, my, mnn, mny = fit
         var = mnn - mn * mn
-        floor = max(self.cap_s(kind) / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
+        floor = max((PEAK[kind] - 1.0) * self.plain_s / self.n_batch, 1e-9)  # never free: at the floor a capful is a whole batch
         if var > (0.05 * mn) ** 2:  # sizes varied enough to tell the fixed part from the per-token one
             per = max((mny - mn * my) / var, floor)
             self.token_s[kind], self.fixed_s[kind] = per, min(max(my - per * mn, 0.0), my)

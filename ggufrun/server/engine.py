@@ -810,6 +810,7 @@ class Engine:
         # Prompts of unequal lengths in one decode are a micro-batch each (a fixed cost per part): the whole-fits
         # check counts them; a capful takes one prompt's tokens.
         parts = len({len(s.pending) for s in prompts}) if kind == "prompt" else 1
+        self._budget.weigh(len(prompts) if kind == "prompt" else 1, n_rows)
         chunks = min(budget - used, self._budget.allowance(n_rows or waiting, kind, queued, parts))
         embed_part: list[int] = []
         if kind == "embed" and embed is not None and chunks > 0:
