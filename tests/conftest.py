@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,18 @@ FILE_SECONDS = {
     "test_harden_trial.py": 5, "test_grammar_sampling.py": 4, "test_amx.py": 4, "test_serve_isolation.py": 4,
     "test_harden_cache.py": 3, "test_default_model.py": 3, "test_generation.py": 2, "test_harden_server.py": 2,
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Python keeps its bytecode for this run even where PYTHONDONTWRITEBYTECODE is set (as in many container
+    images): the suite starts some 300 Python processes of the same code, and without it each compiled every
+    ggufrun module it imported from source again (0.02-0.1 s of CPU a process), and each worker rewrote every
+    test file's asserts again on every run. The bytecode lands where Python puts it by default, in __pycache__
+    folders that git ignores (the installed packages already have theirs). Not PYTHONPYCACHEPREFIX: that
+    makes Python ignore those folders too and compile every installed package afresh (~3 s a worker).
+    Done before xdist starts its workers, so that they and every process they start inherit it."""
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        sys.dont_write_bytecode = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
