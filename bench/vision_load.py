@@ -17,6 +17,9 @@ Models: ``--model``/``--mmproj``, or ``--synth SHAPE`` writes a random-weight pa
 ``tiny`` (a 64-wide llama and a SmolVLM-layout projector: HTTP and Python overhead only),
 ``small`` (SmolLM2-135M's text shape and a 2-layer SmolVLM-layout projector at 256 px: 2x2 tiles
 plus the overview, 80 image tokens; a CPU encodes a picture in a fraction of a second) or
+``qwen25vl-tiny``, ``qwen25vl-small`` (Qwen2-0.5B's text shape with M-RoPE, a 2-layer Qwen2.5-VL
+projector; 448 px pictures: 256 tokens), ``qwen2.5-vl-3b`` or ``qwen3-vl-2b`` (the published text and vision
+shapes, for a GPU), or
 ``smolvlm-256m`` (SmolLM2-135M's text shape and SmolVLM-256M's SigLIP-B/16 at 512 px: 64 tokens
 per tile; every picture is resized to 2048 px on its longer side, so a square one is 4x4 tiles
 plus the overview, 1,088 image tokens, as in llama-server). smolvlm-256m is for a GPU: a CPU
@@ -55,6 +58,11 @@ SHAPES = {  # --synth: (text shape, projector, image side in px)
     "tiny": ("llama:layers=2,dim=64,heads=4,kv_heads=2,ff=256,vocab=512", "smolvlm-tiny", 48),
     "small": ("llama:layers=30,dim=576,heads=9,kv_heads=3,ff=1536,vocab=49152", "smolvlm-small", 512),
     "smolvlm-256m": ("llama:layers=30,dim=576,heads=9,kv_heads=3,ff=1536,vocab=49152", "smolvlm", 512),
+    # Qwen2.5-VL (M-RoPE positions): any picture size, a token per 2x2 patches
+    "qwen25vl-tiny": ("tiny-qwen2vl", "qwen25vl-tiny", 64),  # 64 px: 16 tokens
+    "qwen25vl-small": ("qwen2vl:layers=24,dim=896,heads=14,kv_heads=2,ff=4864,vocab=151936,tied=0", "qwen25vl-small", 448),
+    "qwen2.5-vl-3b": ("qwen2.5-vl-3b", "qwen25vl", 448),  # Qwen2.5-VL-3B's shapes; 448 px: 256 tokens
+    "qwen3-vl-2b": ("qwen3-vl-2b", "qwen3vl", 512),  # Qwen3-VL-2B's shapes (deepstack rows 4x wide); 512 px: 256 tokens
 }
 
 
@@ -174,7 +182,7 @@ def argv(kind: str, opts: argparse.Namespace, model: Path, mmproj: Path, port: i
         return [*GGUFRUN, "serve", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", "bench", "--threads", str(opts.threads), "--parallel", str(clients),
                 "--n-ctx", str(opts.n_ctx), "--max-queue", str(clients * opts.requests_per_client),
-                "--n-gpu-layers", str(ngl), "--batch-size", str(opts.batch_size)]
+                "--n-gpu-layers", str(ngl), "--batch-size", str(opts.batch_size), *opts.ggufrun_args.split()]
     assert binary is not None
     return [str(binary), "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
             "-a", "bench", "--no-webui", "-t", str(opts.threads), "-tb", str(opts.threads), "-np", str(clients),
@@ -196,6 +204,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--bin", default=None, help="llama-server or its bin folder (default: $LLAMA_BIN, PATH)")
+    ap.add_argument("--ggufrun-args", default="", help="more flags for ggufrun serve, e.g. '--image-encoders 1'")
     ap.add_argument("--no-reference", action="store_true", help="measure ggufrun alone")
     ap.add_argument("--json", default=None, help="write the raw rows here")
     opts = ap.parse_args()

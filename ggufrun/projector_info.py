@@ -11,7 +11,7 @@ from typing import Any
 from .errors import InvalidGGUFError
 
 # projector types whose layout is checked here (and decoded by the engine or refused by name there)
-SUPPORTED = ("idefics3", "gemma3")
+SUPPORTED = ("idefics3", "gemma3", "qwen2.5vl_merger", "qwen3vl_merger")
 _MAX = 1 << 16
 
 
@@ -25,6 +25,7 @@ class ProjectorInfo:
     image_size: int
     tokens_per_tile: int
     file_size: int
+    deepstack: int = 0  # Qwen3-VL: vision layers whose features widen each image row by another text width
 
 
 def _bad(path: Path, what: str) -> InvalidGGUFError:
@@ -52,9 +53,9 @@ def check_projector(info: Any) -> ProjectorInfo:
     if kind not in SUPPORTED:  # a real projector libmtmd knows, but not one ggufrun decodes: never opened
         from .images import UnsupportedProjectorError
 
-        why = "gives images 2-D (M-RoPE) positions" if kind.startswith("qwen") else f"is a {kind[:40]} projector"
-        raise UnsupportedProjectorError(f"{p.name} {why}, which ggufrun does not decode yet (it decodes {', '.join(SUPPORTED)}).",
-                                        "Use SmolVLM or gemma-3 for images, or llama-server for this model.")
+        raise UnsupportedProjectorError(f"{p.name} is a {kind[:40]} projector, which ggufrun does not decode yet "
+                                        f"(it decodes {', '.join(SUPPORTED)}).",
+                                        "Use SmolVLM, gemma-3 or Qwen2.5-VL for images, or llama-server for this model.")
 
     def num(key: str, default: int | None = None) -> int:
         v = meta.get(key, default)
@@ -65,7 +66,16 @@ def check_projector(info: Any) -> ProjectorInfo:
     e, ff, n_layer, n_head = (num(f"clip.vision.{k}") for k in (
         "embedding_length", "feed_forward_length", "block_count", "attention.head_count"))
     image, patch = num("clip.vision.image_size"), num("clip.vision.patch_size")
-    scale = num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
+    qwen3 = kind == "qwen3vl_merger"
+    qwen = qwen3 or kind == "qwen2.5vl_merger"
+    if qwen:
+        scale = num("clip.vision.spatial_merge_size", 2)
+    else:
+        scale = num("clip.vision.projector.scale_factor", 4 if kind == "gemma3" else None)
+    if qwen and scale != 2:  # clip.cpp merges 2x2 (merge_ratio = 2)
+        raise _bad(p, f"spatial_merge_size is {scale}, 2 expected")
+    if qwen and not qwen3 and num("clip.vision.n_wa_pattern") > n_layer:
+        raise _bad(p, f"n_wa_pattern is over {n_layer} layers")
     if e % n_head:
         raise _bad(p, f"width {e} is not a multiple of {n_head} heads")
     if image % patch:
@@ -87,15 +97,43 @@ def check_projector(info: Any) -> ProjectorInfo:
             raise _bad(p, f"tensor {name} has shape {tuple(got)}, {shape} expected")
 
     need("v.patch_embd.weight", (patch, patch, 3, e))
-    need("v.position_embd.weight", (e, side * side))
+    if qwen:
+        need("v.patch_embd.weight.1", (patch, patch, 3, e))
+    if qwen3:  # learned positions on a square grid, interpolated to the picture (clip.cpp asserts both)
+        need("v.patch_embd.bias", (e,))
+        grid = shapes.get("v.position_embd.weight")
+        if grid is None or len(grid) != 2 or grid[0] != e or round(grid[1] ** 0.5) ** 2 != grid[1]:
+            raise _bad(p, f"tensor v.position_embd.weight has shape {grid}, ({e}, a square) expected")
+    elif not qwen:
+        need("v.position_embd.weight", (e, side * side))
     for i in range(n_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            need(f"v.blk.{i}.{name}.weight", (e, e))
+        if qwen3:
+            need(f"v.blk.{i}.attn_qkv.weight", (e, 3 * e))
+            need(f"v.blk.{i}.attn_qkv.bias", (3 * e,))
+            need(f"v.blk.{i}.attn_out.weight", (e, e))
+        else:
+            for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+                need(f"v.blk.{i}.{name}.weight", (e, e))
         need(f"v.blk.{i}.ffn_up.weight", (e, ff))
         need(f"v.blk.{i}.ffn_down.weight", (ff, e))
     if any(n.startswith(f"v.blk.{n_layer}.") for n in shapes):
         raise _bad(p, f"it holds more layers than block_count {n_layer}")
-    if kind == "idefics3":
+    deepstack = 0
+    if qwen:  # the merger: 2x2 patches' features -> MLP -> the text model's width
+        need("mm.0.weight", (e * 4, e * 4))
+        out = shapes.get("mm.2.weight")
+        if out is None or len(out) != 2 or out[0] != e * 4:
+            raise _bad(p, f"tensor mm.2.weight has shape {out}, ({e * 4}, N) expected")
+        text = out[1]
+        need("mm.2.bias", (text,))
+        for i in range(n_layer):  # Qwen3-VL's deepstack mergers, the same shapes as the main one's
+            if f"v.deepstack.{i}.fc2.weight" in shapes:
+                need(f"v.deepstack.{i}.norm.weight", (e * 4,))
+                need(f"v.deepstack.{i}.fc1.weight", (e * 4, e * 4))
+                need(f"v.deepstack.{i}.fc2.weight", (e * 4, text))
+                need(f"v.deepstack.{i}.fc2.bias", (text,))
+                deepstack += 1
+    elif kind == "idefics3":
         fc = shapes.get("mm.model.fc.weight")
         if fc is None or len(fc) != 2 or fc[0] != e * scale * scale:
             raise _bad(p, f"tensor mm.model.fc.weight has shape {fc}, ({e * scale * scale}, N) expected")
@@ -106,7 +144,7 @@ def check_projector(info: Any) -> ProjectorInfo:
         if proj is None or len(proj) != 2 or proj[1] != e:  # stored transposed: (text width, e)
             raise _bad(p, f"tensor mm.input_projection.weight has shape {proj}, (N, {e}) expected")
         text = proj[0]
-    return ProjectorInfo(p, str(kind), int(text), image, (side // scale) ** 2, info.file_size)
+    return ProjectorInfo(p, str(kind), int(text), image, (side // scale) ** 2, info.file_size, deepstack)
 
 
 def validate_projector(path: str | Path, text_n_embd: int) -> ProjectorInfo:

@@ -84,6 +84,9 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("draft_min", int, "Fewest draft tokens worth checking; a shorter draft is not used.", min=0, max=64),
     Field("draft_p_min", float, "A draft model stops drafting at a token it gives less than this probability.", min=0.0, max=1.0),
     Field("mmproj", str, "A vision projector (mmproj GGUF) for the model, in place of the one fetched with it: images in chat and serve."),
+    Field("image_encoders", int, "Pictures encoded at once, each by its own copy of the vision projector: auto (1 on a "
+          "CPU, whose threads one encode already uses; more on a GPU, which one encode leaves mostly idle) or a count.",
+          min=1, max=16, auto=True),
     Field("step_tokens", int, "serve: prompt and embedding work one engine step takes beside generating replies: auto "
           "(a time per step, from each kind's measured cost: steps within 1.2x a plain decode step on average beside "
           "prompts, 1.3x beside texts to embed) or a fixed count of tokens.", min=1, auto=True),
@@ -125,6 +128,7 @@ class Settings:
     draft_min: int = 0
     draft_p_min: float = 0.75  # llama-server's --draft-p-min
     mmproj: str = ""
+    image_encoders: int | str = "auto"  # resolved in vision.load_projector
     step_tokens: int | str = "auto"  # the engine's per-step budget (server/budget.py)
 
     def updated(self, layer: Mapping[str, Any], origin: str) -> "Settings":

@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, DiskSpaceError
 
-ARCHES = ("qwen2", "qwen3", "llama", "gemma2", "gemma3")
+ARCHES = ("qwen2", "qwen3", "llama", "gemma2", "gemma3", "qwen2vl", "qwen3vl")
+MROPE_ARCHES = ("qwen2vl", "qwen3vl")  # Qwen2/2.5-VL's and Qwen3-VL's text models: qwen2's and qwen3's layouts with M-RoPE
 _ARCH_ALIASES = {"gemma": "gemma2"}
 
 
@@ -50,6 +51,20 @@ class ShapeSpec:
     sliding_window: int = 4096  # gemma2/gemma3 only
     name: str = "custom"
     reranker: bool = False  # qwen3 only: Qwen3-Reranker's rank head (cls.output over "yes"/"no", rank pooling)
+    # qwen2vl/qwen3vl: M-RoPE's split of the rotary half-dimensions into (time, height, width,
+    # unused); empty: the published share of this head size (Qwen2.5-VL 1/4, 3/8, 3/8; Qwen3-VL 3/8, 5/16, 5/16)
+    rope_sections: tuple[int, ...] = ()
+    deepstack: int = 0  # qwen3vl: the vision layers whose features are added to the first text layers' (wider image rows)
+
+    def mrope_sections(self) -> tuple[int, int, int, int]:
+        """rope.dimension_sections: the given ones, else the published split (16, 24, 24, 0 / 24, 20, 20, 0 at head size 128)."""
+        if self.rope_sections:
+            a, b, c, d = (list(self.rope_sections) + [0, 0, 0, 0])[:4]
+            return a, b, c, d
+        half = self.n_embd_head // 2
+        t = half // 4 if self.arch == "qwen2vl" else half * 3 // 8
+        h = (half - t) // 2
+        return t, h, half - t - h, 0
 
     @property
     def n_embd_head(self) -> int:
@@ -73,6 +88,14 @@ SHAPES: dict[str, ShapeSpec] = {
                                      reranker=True),
     "qwen2-0.5b": ShapeSpec(arch="qwen2", name="qwen2-0.5b", n_layer=24, n_embd=896, n_head=14, n_head_kv=2,
                             n_ff=4864, n_vocab=151936, context_length=32768, rope_freq_base=1e6),
+    # Qwen2.5-VL's text model: qwen2's layout with M-RoPE (images get 2-D positions)
+    "tiny-qwen2vl": ShapeSpec(arch="qwen2vl", name="tiny-qwen2vl", tied=False, **_TINY),  # untied: a tied random model repeats its last token
+    "tiny-qwen3vl": ShapeSpec(arch="qwen3vl", name="tiny-qwen3vl", tied=False, deepstack=1, **_TINY),
+    # Qwen3-VL-2B-Instruct's text model (deepstack from 3 vision layers)
+    "qwen3-vl-2b": ShapeSpec(arch="qwen3vl", name="qwen3-vl-2b", n_layer=28, n_embd=2048, n_head=16, n_head_kv=8, head_dim=128,
+                             n_ff=6144, n_vocab=151936, context_length=262144, rope_freq_base=5e6, deepstack=3),
+    "qwen2.5-vl-3b": ShapeSpec(arch="qwen2vl", name="qwen2.5-vl-3b", n_layer=36, n_embd=2048, n_head=16, n_head_kv=2,
+                               n_ff=11008, n_vocab=151936, context_length=128000, rope_freq_base=1e6),
     "qwen2-7b": ShapeSpec(arch="qwen2", name="qwen2-7b", n_layer=28, n_embd=3584, n_head=28, n_head_kv=4,
                           n_ff=18944, n_vocab=152064, context_length=32768, tied=False, rope_freq_base=1e6),
     "gemma-2-9b": ShapeSpec(arch="gemma2", name="gemma-2-9b", n_layer=42, n_embd=3584, n_head=16, n_head_kv=8,
@@ -81,7 +104,7 @@ SHAPES: dict[str, ShapeSpec] = {
 
 # the `arch:key=value,...` keys of an explicit shape -> ShapeSpec fields
 _SHAPE_KEYS = {"layers": "n_layer", "dim": "n_embd", "heads": "n_head", "kv_heads": "n_head_kv", "ff": "n_ff",
-               "vocab": "n_vocab", "head_dim": "head_dim", "ctx": "context_length", "tied": "tied"}
+               "vocab": "n_vocab", "head_dim": "head_dim", "ctx": "context_length", "tied": "tied", "deepstack": "deepstack"}
 
 
 @dataclass(frozen=True)
@@ -173,7 +196,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # ggml order: shape[0] is the row length
     type: str  # ggml type name
     n_bytes: int
-    fill: str  # "weight" | "ones" (norms) | "bias"
+    fill: str  # "weight" | "ones" (norms) | "bias" | "big_bias" (|x| in [1/4, 4)) | "big_norm" (4)
 
 
 def parse_shape(shape: str | ShapeSpec, arch: str | None = None) -> ShapeSpec:
@@ -214,7 +237,8 @@ def _explicit_shape(text: str) -> ShapeSpec:
             values[_SHAPE_KEYS[key]] = bool(int(value)) if key == "tied" else int(value)
         except ValueError:
             raise ConfigError(f"Shape item '{item}' needs an integer value.") from None
-    base = {"qwen2": "tiny", "qwen3": "tiny-qwen3", "llama": "tiny-llama", "gemma2": "tiny-gemma", "gemma3": "tiny-gemma3"}[arch]
+    base = {"qwen2": "tiny", "qwen3": "tiny-qwen3", "llama": "tiny-llama", "gemma2": "tiny-gemma", "gemma3": "tiny-gemma3",
+            "qwen2vl": "tiny-qwen2vl", "qwen3vl": "tiny-qwen3vl"}[arch]
     return replace(SHAPES[base], name=text, **values)
 
 
@@ -225,8 +249,12 @@ def _check(spec: ShapeSpec) -> None:
         raise ConfigError(f"Shape '{spec.name}': {', '.join(bad)} must be positive.")
     if spec.head_dim is None and spec.n_embd % spec.n_head:
         raise ConfigError(f"Shape '{spec.name}': dim {spec.n_embd} is not a multiple of heads {spec.n_head}.")
-    if spec.arch in ("qwen2", "llama") and spec.head_dim not in (None, spec.n_embd // spec.n_head):
+    if spec.arch in ("qwen2", "llama", "qwen2vl") and spec.head_dim not in (None, spec.n_embd // spec.n_head):
         raise ConfigError(f"Shape '{spec.name}': {spec.arch} needs head_dim = dim / heads.")
+    if spec.arch in MROPE_ARCHES and (sum(spec.mrope_sections()) != spec.n_embd_head // 2 or min(spec.mrope_sections()) < 0):
+        raise ConfigError(f"Shape '{spec.name}': rope sections {spec.mrope_sections()} must add up to half the head size.")
+    if spec.deepstack and (spec.arch != "qwen3vl" or not 0 < spec.deepstack <= spec.n_layer):
+        raise ConfigError(f"Shape '{spec.name}': deepstack (Qwen3-VL) needs a qwen3vl shape and at most {spec.n_layer} layers.")
     if spec.reranker and spec.arch != "qwen3":
         raise ConfigError(f"Shape '{spec.name}': only qwen3 shapes have a reranker head (Qwen3-Reranker).")
     if spec.n_head % spec.n_head_kv:
@@ -286,13 +314,19 @@ def _layout(spec: ShapeSpec) -> Iterator[tuple[str, tuple[int, ...], str]]:
         yield b + "attn_q.weight", (e, q_dim), "weight"
         yield b + "attn_k.weight", (e, kv_dim), "weight"
         yield b + "attn_v.weight", (e, kv_dim), "weight"
-        if spec.arch == "qwen2":
-            yield b + "attn_q.bias", (q_dim,), "bias"
-            yield b + "attn_k.bias", (kv_dim,), "bias"
+        if spec.arch in ("qwen2", "qwen2vl"):
+            # qwen2vl: large query/key biases, as real Qwen2 models have, make attention sharp and so its
+            # replies depend on positions (with small random ones attention is near uniform, and an
+            # image's positions could be wrong without a greedy reply changing)
+            big = "big_bias" if spec.arch == "qwen2vl" else "bias"
+            yield b + "attn_q.bias", (q_dim,), big
+            yield b + "attn_k.bias", (kv_dim,), big
             yield b + "attn_v.bias", (kv_dim,), "bias"
-        if spec.arch in ("gemma3", "qwen3"):
-            yield b + "attn_q_norm.weight", (hd,), "ones"
-            yield b + "attn_k_norm.weight", (hd,), "ones"
+        if spec.arch in ("gemma3", "qwen3", "qwen3vl"):
+            # qwen3vl: large query/key norms make attention sharp (as qwen2vl's biases do)
+            sharp = "big_norm" if spec.arch == "qwen3vl" else "ones"
+            yield b + "attn_q_norm.weight", (hd,), sharp
+            yield b + "attn_k_norm.weight", (hd,), sharp
         yield b + "attn_output.weight", (q_dim, e), "weight"
         if gemma:
             yield b + "post_attention_norm.weight", (e,), "ones"
@@ -516,11 +550,15 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
     if spec.arch == "llama":
         w.add_rope_dimension_count(spec.n_embd_head)
         w.add_vocab_size(spec.n_vocab)
-    if spec.arch in ("gemma2", "gemma3", "qwen3"):
+    if spec.arch in ("gemma2", "gemma3", "qwen3", "qwen3vl"):
         w.add_key_length(spec.n_embd_head)
         w.add_value_length(spec.n_embd_head)
-        if spec.arch != "qwen3":
+        if spec.arch not in ("qwen3", "qwen3vl"):
             w.add_sliding_window(spec.sliding_window)
+    if spec.arch in MROPE_ARCHES:
+        w.add_array(f"{spec.arch}.rope.dimension_sections", list(spec.mrope_sections()))
+    if spec.deepstack:
+        w.add_uint32(f"{spec.arch}.n_deepstack_layers", spec.deepstack)
     if spec.arch == "gemma2":
         w.add_attn_logit_softcapping(50.0)
         w.add_final_logit_softcapping(30.0)
@@ -537,7 +575,7 @@ def _write_metadata(w: Any, spec: ShapeSpec, quant: str, family: str, template: 
     w.add_pad_token_id(ids["unk"])
     for role, text in fim_names.items():
         w.add_uint32(getattr(gguf.Keys.Tokenizer, f"FIM_{role.upper()}_ID"), tokens.index(text))
-    w.add_add_bos_token(spec.arch not in ("qwen2", "qwen3"))  # Qwen adds no BOS; llama and gemma do
+    w.add_add_bos_token(spec.arch not in ("qwen2", "qwen3", "qwen2vl", "qwen3vl"))  # Qwen adds no BOS; llama and gemma do
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)  # so that text round-trips through tokenize/detokenize unchanged
     if spec.reranker:
@@ -573,6 +611,10 @@ def write_tensor_data(fout: Any, tensors: list[PlannedTensor], seed: int, alignm
             _write_shared(fout, t, seed, perturb if t.name == "output.weight" else 0.0, np)
         elif t.fill == "ones":
             np.ones(t.n_bytes // 4, dtype=np.float32).tofile(fout)
+        elif t.fill == "big_norm":
+            np.full(t.n_bytes // 4, 4.0, dtype=np.float32).tofile(fout)
+        elif t.fill == "big_bias":
+            (_random_f16(noise.bytes(t.n_bytes // 2), np).astype(np.float32) * 64).tofile(fout)
         elif t.type in ("F32", "F16"):
             n = t.n_bytes // (4 if t.type == "F32" else 2)
             for start in range(0, n, _CHUNK // 2):

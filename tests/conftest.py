@@ -42,7 +42,7 @@ FILE_SECONDS = {
     "test_harden_cli.py": 19, "test_kv_cache.py": 17, "test_harden_gguf.py": 16, "test_gguf_info.py": 16,
     "test_synthetic.py": 15, "test_rpc.py": 15, "test_repos.py": 15, "test_serve_defaults.py": 14, "test_fit.py": 14,
     "test_fuzz.py": 13, "test_structured_output.py": 13, "test_lifecycle.py": 11, "test_speculative.py": 9,
-    "test_layering.py": 8, "test_vision.py": 8, "test_security.py": 7, "test_offload.py": 7,
+    "test_layering.py": 8, "test_vision.py": 8, "test_security.py": 7, "test_offload.py": 7, "test_vision_mrope.py": 5,
     "test_llamacpp_routes.py": 7, "test_lock.py": 7, "test_loadgen.py": 6, "test_tool_call_shapes.py": 6,
     "test_harden_templates.py": 6, "test_tool_auto.py": 5, "test_fuzz_gguf.py": 5, "test_harden_flags.py": 5,
     "test_harden_trial.py": 5, "test_grammar_sampling.py": 4, "test_amx.py": 4, "test_serve_isolation.py": 4,

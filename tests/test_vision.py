@@ -187,8 +187,9 @@ def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Calla
 @pytest.fixture(scope="module")
 def vsrv(vlm: tuple[Path, Path], server_env: dict[str, str]) -> Iterator[ServerProcess]:
     model, mmproj = vlm
+    # two copies of the projector: every API's pictures go through the encoder pool as a GPU server's do
     with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "4", "--n-ctx", "512",
-               "--threads", "1", env=server_env) as server:
+               "--threads", "1", "--image-encoders", "2", env=server_env) as server:
         yield server
 
 
@@ -495,19 +496,19 @@ def test_a_projector_ggufrun_does_not_decode_leaves_the_model_text_only(vlm: tup
     from ggufrun.loader import open_model
 
     model, _ = vlm
-    qwen = tmp_path / "mmproj-qwen.gguf"  # a Qwen2.5-VL projector's header: M-RoPE positions
-    w = gguf.GGUFWriter(qwen, "clip")
-    w.add_string("clip.projector_type", "qwen2.5vl")
+    other = tmp_path / "mmproj-pixtral.gguf"  # a Pixtral projector's header: a layout ggufrun does not check
+    w = gguf.GGUFWriter(other, "clip")
+    w.add_string("clip.projector_type", "pixtral")
     w.add_bool("clip.has_vision_encoder", True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
     said: list[str] = []
-    loaded = open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(qwen)}, report=said.append)
+    loaded = open_model(str(model), registry.load(), {"n_ctx": 256, "threads": 1, "mmproj": str(other)}, report=said.append)
     try:
-        assert "M-RoPE" in said[0] and loaded.vision is not None
-        with pytest.raises(ImageError, match="reads text only here: .*M-RoPE"):
+        assert "pixtral projector" in said[0] and loaded.vision is not None
+        with pytest.raises(ImageError, match="reads text only here: .*pixtral projector"):
             loaded.vision.block(load_picture(png()))
     finally:
         loaded.close()
@@ -613,18 +614,22 @@ def test_a_repeated_picture_does_not_wait_behind_another_encoding(vlm: tuple[Pat
         pic = load_picture(png(33, 20))
         first = proj.block(pic)
         got: list[Any] = []
-        with proj.lock:  # as while another request's picture is being encoded
+        ctx = proj._idle.get()  # its only encoder busy, as while another request's picture is being encoded
+        try:
             reader = threading.Thread(target=lambda: got.append(proj.block(pic)))
             reader.start()
             reader.join(timeout=10)
             assert got == [first] and proj.encoded == 1
+        finally:
+            proj._idle.put(ctx)
         proj.close()
 
 
 def test_pictures_cut_in_parallel_encode_as_one_at_a_time(vlm: tuple[Path, Path]) -> None:
-    """libmtmd's preprocessing runs outside the projector's lock (as llama-server runs it in its
-    HTTP threads), the encoder under it: pictures blocked from several threads at once give the
-    very tokens and rows they give one after another."""
+    """libmtmd's preprocessing runs in the callers' threads (as llama-server runs it in its HTTP
+    threads), and three copies of the projector encode at once: pictures blocked from several
+    threads at once give the very tokens and rows one context gives one after another, and a
+    picture asked for twice at once is encoded once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ggufrun.llama.vision import Projector
@@ -634,7 +639,8 @@ def test_pictures_cut_in_parallel_encode_as_one_at_a_time(vlm: tuple[Path, Path]
     model_path, mmproj = vlm
     pics = [load_picture(png(40 + 7 * i, 30 + 5 * i, (30 * i, 200 - 20 * i, 90))) for i in range(8)]
     with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
-        one, many = (Projector(model, mmproj, n_threads=1, use_gpu=False) for _ in range(2))
+        one, many = (Projector(model, mmproj, n_threads=1, use_gpu=False, encoders=k) for k in (1, 3))
+        assert many.encoders == 3
         alone = [one.block(p) for p in pics]
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(many.block, pics + pics))  # each twice: one encode, the other waits or hits
@@ -658,3 +664,43 @@ def test_detail_low_is_a_512_pixel_picture_of_its_own() -> None:
     low, full = (load_picture(data, max_side=p["max_side"]) for p in parts)
     assert (low.width, low.height) == (512, 384) and (full.width, full.height) == (1200, 900)
     assert low.digest != full.digest
+
+
+def test_image_encoders_auto_is_one_on_a_cpu_and_copies_that_fit_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ggufrun.vision import GPU_ENCODERS, encoder_count
+
+    mb = 1000**2
+    assert encoder_count("auto", gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 1
+    assert encoder_count(2, gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 2  # asked for: honoured
+    monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=80GB,free=60GB")
+    assert encoder_count("auto", gpu=True, n_seq_max=1, projector_bytes=200 * mb) == 1  # one sequence: one picture at a time
+    assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == GPU_ENCODERS
+    monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=8GB,free=1GB")
+    assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == 1  # copies within a quarter of free memory
+
+
+def test_closing_the_projector_waits_for_the_picture_being_encoded(vlm: tuple[Path, Path]) -> None:
+    """A model unloaded (keep_alive, shutdown) while a request's picture is being encoded: the
+    contexts are freed by the last encode, not under it, and a later picture is refused by name."""
+    from ggufrun.errors import ModelLoadError
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
+        ctx = proj._idle.get()  # the encoder busy: the reader below waits for it inside block()
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(proj.block(load_picture(png(21, 34)))))
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not proj._users and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proj.close()
+        assert proj._ctx is not None  # still in use
+        proj._idle.put(ctx)
+        reader.join(timeout=10)
+        assert got and got[0][1] and proj._ctx is None  # encoded, then freed by the last user
+        with pytest.raises(ModelLoadError, match="unloaded"):
+            proj.block(load_picture(png(22, 35)))

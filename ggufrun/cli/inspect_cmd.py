@@ -130,6 +130,8 @@ def _vision_row(v: dict[str, Any], human_size: Any) -> str:
         f"; projector {v['projector']}"
     if not v["sees_images"]:
         return f"no: {v['reason'].rstrip('.')}{mem}"
+    if str(v.get("projector_type")).startswith("qwen"):  # any picture size, a token per 2x2 patches
+        return f"yes ({v['projector_type']}: any size, {v['tokens_per_tile']} tokens at {v['image_size']} px; M-RoPE){mem}"
     if v.get("projector_type"):
         return f"yes ({v['projector_type']}: {v['tokens_per_tile']} tokens per {v['image_size']} px tile){mem}"
     return f"yes{mem} ({v['reason']})"

@@ -24,7 +24,9 @@ from ..errors import ConfigError
               help="Add fill-in-the-middle tokens: Qwen2.5-Coder's six (repo-level FIM too) or prefix/suffix/middle only.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--projector", default=None,
-              help="Also write a vision projector for OUT: smolvlm-tiny, smolvlm-small, smolvlm, gemma3-tiny, gemma3 (OUT gets its image tokens).")
+              help="Also write a vision projector for OUT: smolvlm-tiny, smolvlm-small, smolvlm, gemma3-tiny, gemma3, "
+                   "qwen25vl-tiny, qwen25vl-small, qwen25vl, qwen3vl-tiny, qwen3vl (OUT gets its image tokens; qwen25vl "
+                   "wants a qwen2vl shape such as tiny-qwen2vl, qwen3vl a qwen3vl one with as many deepstack layers).")
 @click.option("--mmproj-out", default=None, type=click.Path(dir_okay=False),
               help="Where the projector goes (default: mmproj-NAME.gguf beside OUT).")
 @click.option("--inert", is_flag=True, help="Speculative-decoding pairs: layers that add nothing, so the next token follows "

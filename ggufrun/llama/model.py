@@ -168,6 +168,7 @@ class Model:
         # image embeddings by key (llama/vision.py), held by the requests that use them
         self.images: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self.whole_images = False  # its projector decodes each image in one batch, attending both ways (gemma-3)
+        self.mrope: Any = None  # mrope.Positions where images take M-RoPE positions (position != index): vision.py sets it
         self._piece_cache: dict[tuple[int, bool], bytes] = {}
         self._closed = False  # no new borrower; freed once the last one is done
         self._freed = False
@@ -390,6 +391,8 @@ class Model:
         else:
             L.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
             self._seq.pop(seq_id, None)
+        if self.mrope is not None:
+            self.mrope.reset(seq_id)
 
     def truncate(self, seq_id: int, keep: int) -> int:
         """Keep at most the first ``keep`` cached tokens of a sequence (the server's prefix reuse
@@ -403,8 +406,14 @@ class Model:
         cached = self._seq.get(seq_id, [])
         if keep >= len(cached):
             return
-        if keep > 0 and L.llama_memory_seq_rm(self._mem, seq_id, keep, -1):
+        pos = keep
+        if self.mrope is not None:  # the KV cells hold positions: a cut is an image's start or a text token's position
+            keep = self.mrope.boundary(seq_id, keep)
+            pos = self.mrope.at(seq_id, keep)
+        if keep > 0 and L.llama_memory_seq_rm(self._mem, seq_id, pos, -1):
             del cached[keep:]
+            if self.mrope is not None:
+                self.mrope.cut(seq_id, keep)
         else:
             self.reset(seq_id)
 
@@ -415,14 +424,20 @@ class Model:
         (any other range aborts the process), queued for the next decode, and the tail is dropped."""
         self.reset(dst)
         n = min(n, self.seq_len(src))
+        if self.mrope is not None:
+            n = self.mrope.boundary(src, n)
         if n <= 0:
             return 0
         if self.unified:
-            L.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+            L.llama_memory_seq_cp(self._mem, src, dst, 0, n if self.mrope is None else self.mrope.at(src, n))
             self._seq[dst] = self._seq[src][:n]
+            if self.mrope is not None:
+                self.mrope.copy(src, dst, n)
         else:
             L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
             self._seq[dst] = list(self._seq[src])
+            if self.mrope is not None:
+                self.mrope.copy(src, dst, len(self._seq[dst]))
             self._truncate(dst, n)
         return self.seq_len(dst)
 
@@ -449,6 +464,8 @@ class Model:
                 out.append(-1)
                 continue
             pos = len(self._seq.setdefault(seq_id, []))
+            if self.mrope is not None:
+                pos = self.mrope.at(seq_id, pos)
             if k == 1:
                 tok[n], pos_v[n], logit[n] = tokens[0], pos, 1 if want or all_logits else 0
             else:
@@ -528,7 +545,8 @@ class Model:
         if len(seq) >= self.n_ctx:
             return False
         batch, slots = self._batch, self._slot_seq
-        batch.token[0], batch.pos[0], batch.logits[0] = token, len(seq), True
+        batch.token[0], batch.logits[0] = token, True
+        batch.pos[0] = len(seq) if self.mrope is None else self.mrope.at(seq_id, len(seq))
         if slots[0] != seq_id:
             batch.seq_id[0][0] = seq_id
             slots[0] = seq_id
@@ -729,6 +747,10 @@ class Model:
         self.synchronize()
         read = L.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, arr, self.seq_cells, ctypes.byref(count))
         tokens = list(arr[: min(count.value, self.seq_cells)])
+        if read and any(t < 0 for t in tokens):  # image tokens: what names their rows and positions is not in the file
+            self.reset(seq_id)
+            raise ModelLoadError(f"{path.name} holds a picture, which a slot file does not restore.",
+                                 "Send the request with its picture again.")
         if not read or any(not 0 <= t < self.n_vocab for t in tokens):
             self.reset(seq_id)
             raise ModelLoadError(f"{path.name} is not a saved sequence of this model and context{llama_reason()}.")

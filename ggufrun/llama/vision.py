@@ -2,24 +2,30 @@
 
 libmtmd's own ``mtmd_helper_eval_chunks`` decodes images on the text context itself and is not
 thread-safe; here libmtmd only tokenizes (text + image markers -> chunks) and encodes (image ->
-embeddings), on whatever one thread holds :attr:`Projector.lock`, and the embeddings go to
+embeddings), each encode on a context no other thread is using, and the embeddings go to
 :meth:`ggufrun.llama.model.Model.decode` like text: the engine decodes them in its own batches.
 
 An image's positions in a token list are *image tokens*, negative ints that name the image (a
 hash of its pixels) and the row (ggufrun.images.image_tokens): equal images give equal tokens, so
 prefix reuse in the KV cache works for images as it does for text.
+
+On an M-RoPE model (Qwen2.5-VL) an image's rows take 2-D positions and fewer of them than rows:
+each embedding carries its rows' positions relative to where it starts, and the model's
+mrope.Positions maps indices to positions for every decode, cut and copy (llama/mrope.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import queue
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import ConfigError, ModelLoadError
-from ..images import Picture, UnsupportedProjectorError, image_tokens
+from ..images import Picture, image_tokens
 from ._lib import L, llama_reason, numpy
 
 
@@ -47,11 +53,15 @@ RECENT_IMAGES = 16  # encoded pictures kept for reuse (a 1,088-token SmolVLM pic
 class ImageEmbedding:
     """One image's rows for the text model: float32 [n_tokens, n_embd], named by ``key``."""
 
-    __slots__ = ("key", "rows", "__weakref__")
+    __slots__ = ("key", "rows", "pos", "shift", "n_pos", "__weakref__")
 
-    def __init__(self, key: int, rows: Any) -> None:
+    def __init__(self, key: int, rows: Any, pos: Any = None, shift: Any = None, n_pos: int = 0) -> None:
         self.key = key
         self.rows = rows
+        # M-RoPE only: int32 [4, n_tokens] positions (time, height, width, unused) of an image starting
+        # at position 0, ``shift`` [4] which of them move with the start, and the positions it takes
+        self.pos, self.shift = pos, shift
+        self.n_pos = n_pos or int(rows.shape[0])
 
     @property
     def n_tokens(self) -> int:
@@ -59,9 +69,9 @@ class ImageEmbedding:
 
 
 class Projector:
-    """An mtmd context for one Model. ``tokenize`` and ``encode`` take :attr:`lock` themselves."""
+    """The mtmd contexts (one per picture encoded at once) for one Model; thread-safe."""
 
-    def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool) -> None:
+    def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool, encoders: int = 1) -> None:
         from ..projector_info import validate_projector
 
         info = validate_projector(path, model.n_embd)  # llama.cpp asserts (aborts) on some malformed projectors
@@ -73,8 +83,10 @@ class Projector:
         params.warmup = False
         self.path = path
         self.model = model
-        self.lock = threading.Lock()  # the mtmd context: one encode at a time
-        self._recent_lock = threading.Lock()
+        self._recent_lock = threading.Lock()  # also guards _users and _closing
+        self._extra: list[Any] = []
+        self._users = 0  # threads in block(): close() leaves the contexts to the last of them
+        self._closing = False
         llama_reason()
         self._ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
         if not self._ctx:
@@ -83,14 +95,13 @@ class Projector:
         if not M.mtmd_support_vision(self._ctx):
             self.close()
             raise ConfigError(f"{path.name} is not a vision projector (it has no image encoder).")
-        # M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) give an image 2-D positions; the engine's
-        # batches carry one position per token: refused by name rather than decoded wrong.
+        # M-RoPE models (Qwen2.5-VL) give an image 2-D positions, fewer than its rows: the model maps
+        # indices to positions from then on (llama/mrope.py)
         self.mrope = bool(M.mtmd_decode_use_mrope(self._ctx))
-        if self.mrope:
-            self.close()
-            raise UnsupportedProjectorError(
-                f"{path.name} gives images 2-D (M-RoPE) positions (Qwen-VL family), which ggufrun does not decode yet.",
-                "Use a vision model with plain positions (SmolVLM, gemma-3), or llama-server for this one.")
+        if self.mrope and model.mrope is None:
+            from .mrope import Positions
+
+            model.mrope = Positions()
         self.marker = (M.mtmd_default_marker() or b"<__media__>").decode()
         self.info = info
         # gemma-3's images attend both ways (mtmd_decode_use_non_causal): each is decoded whole, in one batch
@@ -98,12 +109,59 @@ class Projector:
         model.whole_images = self.non_causal
         # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
         self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
+        self._pending: dict[tuple[bytes, int, int], threading.Event] = {}  # pictures being encoded now
         self.encoded = 0  # pictures encoded (the rest came from _recent)
+        # An encode holds its context (the output buffer is the context's), so pictures are encoded at
+        # once only by copies of it. On a GPU one encode is mostly kernel launches and graph building
+        # that leave the device idle, so copies there multiply picture throughput.
+        for _ in range(encoders - 1):
+            ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
+            if not ctx:
+                self.close()
+                raise ModelLoadError(f"llama.cpp could not load a copy of the projector {path}{llama_reason()}.",
+                                     "Use fewer --image-encoders.")
+            self._extra.append(ctx)
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # contexts no thread is encoding with
+        for ctx in [self._ctx, *self._extra]:
+            self._idle.put(ctx)
+
+    @property
+    def encoders(self) -> int:
+        return 1 + len(self._extra)
 
     def close(self) -> None:
-        if getattr(self, "_ctx", None):
+        """Free the contexts now, or when the last picture being cut or encoded is done."""
+        lock = getattr(self, "_recent_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._closing = True
+            last = not self._users
+        if last:
+            self._free()
+
+    def _free(self) -> None:
+        for ctx in self._extra:
+            _mtmd().mtmd_free(ctx)
+        self._extra = []
+        if self._ctx:
             _mtmd().mtmd_free(self._ctx)
             self._ctx = None
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        with self._recent_lock:
+            if self._closing:
+                raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._recent_lock:
+                self._users -= 1
+                last = self._closing and not self._users
+            if last:
+                self._free()
 
     def __del__(self) -> None:
         try:
@@ -132,13 +190,12 @@ class Projector:
             return list(hit[0]), list(hit[1])
 
     def _block(self, pic: Picture, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
-        """The picture's block, encoded here or by another thread meanwhile. libmtmd's preprocessing (resize and tiles: a quarter of a second for a SmolVLM picture on
-        a CPU) runs outside :attr:`lock`, as llama-server runs it in its HTTP threads; the encoder,
-        whose output buffer the context holds, takes one picture at a time under it."""
+        """The picture's block, encoded here or by another thread meanwhile. libmtmd's preprocessing
+        (resize and tiles: a quarter of a second for a SmolVLM picture on a CPU) needs no context of
+        its own, as llama-server runs it in its HTTP threads; the encoder, whose output buffer the
+        context holds, takes a context to itself."""
         M = _mtmd()
-        with self.model.borrowed():
-            if not self._ctx:
-                raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
+        with self.model.borrowed(), self._in_use():
             chunks = M.mtmd_input_chunks_init()
             buf = (ctypes.c_uint8 * len(pic.rgb)).from_buffer_copy(pic.rgb)
             bmp = M.mtmd_bitmap_init(pic.width, pic.height, buf)
@@ -151,28 +208,48 @@ class Projector:
                 rc = M.mtmd_tokenize(self._ctx, chunks, ctypes.byref(inp), arr, 1)
                 if rc != 0:
                     raise ConfigError(f"libmtmd could not tokenize a {pic.width}x{pic.height} image (code {rc}).")
-                with self.lock:
-                    hit = self._cached(name)  # encoded while this thread cut it
-                    if hit is not None:
-                        return hit
-                    block = self._encode(chunks, pic.digest)
-                    self.encoded += 1
-                    with self._recent_lock:  # before the lock goes: the next holder finds it
-                        self._recent[name] = block
-                        while len(self._recent) > RECENT_IMAGES:
-                            self._recent.popitem(last=False)
-                    return block
+                return self._encode_once(chunks, pic.digest, name)
             finally:
                 M.mtmd_input_chunks_free(chunks)
                 if bmp:
                     M.mtmd_bitmap_free(bmp)
 
-    def _encode(self, chunks: Any, digest: bytes) -> tuple[list[int], list[ImageEmbedding]]:
+    def _encode_once(self, chunks: Any, digest: bytes, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
+        """Encode on an idle context, unless another thread encoded (or is encoding) the same picture."""
+        while True:
+            with self._recent_lock:
+                hit = self._recent.get(name)
+                if hit is not None:
+                    self._recent.move_to_end(name)
+                    return list(hit[0]), list(hit[1])
+                busy = self._pending.get(name)
+                if busy is None:
+                    done = self._pending[name] = threading.Event()
+                    break
+            busy.wait()  # then it is in _recent, or that encode failed and this thread tries its own
+        try:
+            ctx = self._idle.get()
+            try:
+                block = self._encode(ctx, chunks, digest)
+            finally:
+                self._idle.put(ctx)
+            with self._recent_lock:
+                self.encoded += 1
+                self._recent[name] = block
+                while len(self._recent) > RECENT_IMAGES:
+                    self._recent.popitem(last=False)
+            return list(block[0]), list(block[1])
+        finally:
+            with self._recent_lock:
+                del self._pending[name]
+            done.set()
+
+    def _encode(self, ctx: Any, chunks: Any, digest: bytes) -> tuple[list[int], list[ImageEmbedding]]:
         M = _mtmd()
         np = numpy()
         tokens: list[int] = []
         embeds: list[ImageEmbedding] = []
-        n_embd = self.model.n_embd
+        n_embd = _embd_width(self.model)
         for i in range(M.mtmd_input_chunks_size(chunks)):
             chunk = M.mtmd_input_chunks_get(chunks, i)
             kind = M.mtmd_input_chunk_get_type(chunk)
@@ -184,23 +261,57 @@ class Projector:
             if kind != M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 raise ConfigError("libmtmd returned a non-image media chunk.")
             n_tok = M.mtmd_input_chunk_get_n_tokens(chunk)
-            if M.mtmd_input_chunk_get_n_pos(chunk) != n_tok:
+            n_pos = M.mtmd_input_chunk_get_n_pos(chunk)
+            if not self.mrope and n_pos != n_tok:
                 raise ConfigError("This projector gives an image fewer positions than tokens, which ggufrun "
                                   "does not decode yet.")
-            if bool(M.mtmd_decode_use_non_causal(self._ctx, chunk)) != self.non_causal:
+            pos = shift = None
+            if self.mrope:
+                pos, shift = _mrope_layout(M, chunk, n_tok)
+            if bool(M.mtmd_decode_use_non_causal(ctx, chunk)) != self.non_causal:
                 raise ConfigError("This projector's attention over images is not the one ggufrun expected.")
             if self.non_causal and n_tok > max(self.model.n_batch, 1):
                 raise ConfigError(f"An image of {n_tok} tokens does not fit one batch of {self.model.n_batch}; "
                                   "this projector needs it whole.", f"Serve with --batch-size {n_tok} or more.")
-            if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
+            if M.mtmd_encode_chunk(ctx, chunk) != 0:
                 raise ModelLoadError(f"libmtmd could not encode an image{llama_reason()}.")
-            out = M.mtmd_get_output_embd(self._ctx)
+            out = M.mtmd_get_output_embd(ctx)
             rows = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).reshape(n_tok, n_embd).copy()
             # idefics3 cuts a picture into tiles and an overview, one chunk each: each gets its own key
             key, toks = image_tokens(digest + len(embeds).to_bytes(4, "little"), n_tok)
-            embeds.append(ImageEmbedding(key, rows))
+            embeds.append(ImageEmbedding(key, rows, pos, shift, n_pos))
             tokens.extend(toks)
         return tokens, embeds
+
+
+def _mrope_layout(M: Any, chunk: Any, n_tok: int) -> tuple[Any, Any]:
+    """An image chunk's rows' M-RoPE positions from libmtmd (mtmd_image_tokens_get_decoder_pos),
+    in the order llama.cpp reads an embedding batch's sections (time, height, width, unused;
+    mtmd-helper's set_position_mrope_2d): [4, n_tok] for a start at 0, and which move with the start."""
+    np = numpy()
+    image = M.mtmd_input_chunk_get_tokens_image(chunk)
+    if not image:
+        raise ConfigError("libmtmd returned an image chunk without its image tokens.")
+    pos = np.empty((4, n_tok), dtype=np.int32)
+    for i in range(n_tok):
+        d = M.mtmd_image_tokens_get_decoder_pos(image, 0, i)
+        pos[:, i] = (d.t, d.y, d.x, d.z)
+    a, b = M.mtmd_image_tokens_get_decoder_pos(image, 0, 0), M.mtmd_image_tokens_get_decoder_pos(image, 1, 0)
+    shift = np.array([b.t - a.t, b.y - a.y, b.x - a.x, b.z - a.z], dtype=np.int32)
+    return pos, shift
+
+
+def _embd_width(model: Any) -> int:
+    """An image row's width: the text model's input width (Qwen3-VL's deepstack rows are wider than n_embd)."""
+    return int(L.llama_model_n_embd_inp(model._model))
+
+
+def _mrope_pos(model: Any) -> Any:
+    """A buffer of 4 positions per row of the embedding batch (llama.cpp reads n_tokens x 4 for M-RoPE)."""
+    buf = getattr(model, "_mrope_pos_buf", None)
+    if buf is None:
+        buf = model._mrope_pos_buf = (ctypes.c_int32 * (4 * max(model.n_batch, 1)))()
+    return buf
 
 
 def _embd_batch(model: Any) -> Any:
@@ -211,7 +322,7 @@ def _embd_batch(model: Any) -> Any:
         import weakref
 
         size = max(model.n_batch, 1)
-        batch = L.llama_batch_init(size, model.n_embd, max(model.n_seq_max, 1))
+        batch = L.llama_batch_init(size, _embd_width(model), max(model.n_seq_max, 1))
         for i in range(size):
             batch.n_seq_id[i] = 1
         model._embd_batch = batch
@@ -226,10 +337,12 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
 
     np = numpy()
     batch = _embd_batch(model)
-    size, n_embd = max(model.n_batch, 1), model.n_embd
+    size, n_embd = max(model.n_batch, 1), _embd_width(model)
     embd = np.ctypeslib.as_array(batch.embd, shape=(size, n_embd))
     pos = np.ctypeslib.as_array(batch.pos, shape=(size,))
     logits = np.ctypeslib.as_array(ctypes.cast(batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,))
+    mrope = model.mrope
+    sections: list[Any] = []  # M-RoPE: each run's [4, k] positions
     n = 0
     for seq_id, tokens in items:
         start = len(model._seq.setdefault(seq_id, []))
@@ -243,13 +356,28 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
             if image is None or row + k > image.n_tokens:
                 raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
             embd[n : n + k] = image.rows[row : row + k]
-            pos[n : n + k] = range(start + i, start + i + k)
+            if mrope is None:
+                pos[n : n + k] = range(start + i, start + i + k)
+            else:
+                if image.pos is None:
+                    raise ModelLoadError("An image without M-RoPE positions reached an M-RoPE model.")
+                p0 = mrope.at(seq_id, start + i)  # row 0: where the image starts; a later row: its image's start
+                if row == 0:
+                    mrope.add_image(seq_id, start + i, image.n_tokens, image.n_pos)
+                sections.append(image.pos[:, row : row + k] + p0 * image.shift[:, None])
             logits[n : n + k] = 0
             for j in range(n, n + k):
                 batch.seq_id[j][0] = seq_id
             n += k
             i += k
     batch.n_tokens = n
+    # the batch's own array, by address: a pointer read from the struct is a view of the field itself
+    own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
+    pos_type = type(batch.pos)
+    if mrope is not None:  # section-major: n times, n heights, n widths, n unused (llama-batch.cpp)
+        buf = _mrope_pos(model)
+        np.ctypeslib.as_array(buf)[: 4 * n] = np.concatenate(sections, axis=1).ravel()
+        batch.pos = ctypes.cast(buf, pos_type)
     # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
     whole = model.whole_images
     if whole:
@@ -257,9 +385,14 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
     try:
         rc = L.llama_decode(model._ctx, batch)
     finally:
+        if mrope is not None:
+            batch.pos = ctypes.cast(own_pos, pos_type)  # llama_batch_free frees the batch's own array
         if whole:
             L.llama_set_causal_attn(model._ctx, True)
     if rc != 0:
+        if mrope is not None:  # the images this decode began are not in the cache
+            for seq_id, _ in items:
+                mrope.cut(seq_id, len(model._seq[seq_id]))
         raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
             ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
     for seq_id, tokens in items:
