@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import pytest
 
 
-def run_here(capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def run_here(capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str] | None = None,
+             text: bool = False) -> subprocess.CompletedProcess[Any]:
     """``ggufrun ARGS`` through ggufrun.cli.main.main, the function the console script calls, in this process:
-    its exit status and what it wrote, as subprocess.run gives them. For refusals, where a process of the
+    its exit status and what it wrote, as subprocess.run gives them (``text``: as str, else bytes). For refusals, where a process of the
     command's own adds nothing but its start (0.15-0.35 s of CPU: Python, click, the command's imports); what
     needs a process (signals, stdin, llama.cpp's own output, a crash) keeps one."""
     from ggufrun.cli.main import main
@@ -24,4 +26,6 @@ def run_here(capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str]
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     out, err = capsys.readouterr()
+    if text:
+        return subprocess.CompletedProcess(["ggufrun", *args], code, out, err)
     return subprocess.CompletedProcess(["ggufrun", *args], code, out.encode(), err.encode())
