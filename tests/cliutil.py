@@ -10,10 +10,12 @@ import pytest
 
 def run_here(capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str] | None = None,
              text: bool = False) -> subprocess.CompletedProcess[Any]:
-    """``ggufrun ARGS`` through ggufrun.cli.main.main, the function the console script calls, in this process:
-    its exit status and what it wrote, as subprocess.run gives them (``text``: as str, else bytes). For refusals, where a process of the
-    command's own adds nothing but its start (0.15-0.35 s of CPU: Python, click, the command's imports); what
-    needs a process (signals, stdin, llama.cpp's own output, a crash) keeps one."""
+    """``ggufrun ARGS`` through ggufrun.cli.main.main, the function the console script calls, in this process: its
+    exit status and what it wrote, as subprocess.run gives them (``text``: str, else bytes). For commands that refuse,
+    read a header or talk to a test's hub, where a process of their own added only its start (0.15-0.7 s of CPU:
+    Python, click and the command's imports); what needs a process (signals, a terminal, llama.cpp's own output
+    or a crash of it, a second process resuming the first's work) keeps one."""
+
     from ggufrun.cli.main import main
 
     capsys.readouterr()

@@ -18,7 +18,8 @@ from ggufrun.errors import InvalidGGUFError
 from ggufrun.gguf_info import inspect, template_family, validate
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`ggufrun show` in this process (cliutil.run_here): it reads headers, which a process of its own added only its
     start to (0.3-0.7 s of CPU each)."""
     return run_here(capsys, *args, env=env, text=True)
@@ -184,7 +185,8 @@ def test_cli_show_uncached_model_says_pull(capsys: pytest.CaptureFixture[str]) -
     assert line.endswith("Run `ggufrun pull qwen2-7b-q5` when its source is reachable.")
 
 
-def test_cli_show_reads_every_source_alike(tiny_model: Path, tmp_path: Path, ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_show_reads_every_source_alike(tiny_model: Path, tmp_path: Path, ggufrun_home: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     # An installed package's model and a wheel's are read where they lie, as a hub's is: none is pulled.
     package = run_cli(capsys, "show", "gemma3-270m")
     assert package.returncode == 0, package.stderr

@@ -100,8 +100,8 @@ def test_chat_refuses_before_loading_when_ram_is_short(tiny_model: Path, capsys:
 
 
 def test_show_says_what_auto_would_do(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_here(capsys, "show", str(tiny_model), "--n-ctx", "256", "--json", env={"GGUFRUN_SIMULATE_GPU": "name=FakeGPU,total=8GiB"},
-                   text=True)
+    out = run_here(capsys, "show", str(tiny_model), "--n-ctx", "256", "--json",
+                   env={"GGUFRUN_SIMULATE_GPU": "name=FakeGPU,total=8GiB"}, text=True)
     assert out.returncode == 0, out.stderr
     auto = json.loads(out.stdout)["memory"]["auto"]
     info = inspect(tiny_model)
