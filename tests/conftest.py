@@ -43,7 +43,7 @@ FILE_SECONDS = {
     "test_synthetic.py": 3, "test_rpc.py": 15, "test_repos.py": 2, "test_serve_defaults.py": 14, "test_fit.py": 3,
     "test_fuzz.py": 13, "test_structured_output.py": 13, "test_lifecycle.py": 11, "test_speculative.py": 9,
     "test_layering.py": 3, "test_vision.py": 8, "test_security.py": 7, "test_offload.py": 2, "test_vision_mrope.py": 5,
-    "test_llamacpp_routes.py": 7, "test_lock.py": 7, "test_loadgen.py": 6, "test_tool_call_shapes.py": 6,
+    "test_llamacpp_routes.py": 7, "test_lock.py": 2, "test_loadgen.py": 6, "test_tool_call_shapes.py": 6,
     "test_harden_templates.py": 3, "test_tool_auto.py": 5, "test_fuzz_gguf.py": 5, "test_harden_flags.py": 5,
     "test_harden_trial.py": 5, "test_grammar_sampling.py": 4, "test_amx.py": 4, "test_serve_isolation.py": 4,
     "test_harden_cache.py": 3, "test_default_model.py": 3, "test_generation.py": 2, "test_harden_server.py": 2,
