@@ -7,8 +7,9 @@ nothing: the next token follows from the last through the embedding and output m
 draft's output rows, so it disagrees on about P of the tokens. For each draft, a `ggufrun serve`
 with --draft-model is measured against the same server without one, in this run: single-stream
 generation rate and throughput at 16 and 64 clients (streamed completions, ignore_eos). Both servers
-run side by side and take turns, --rounds times, and the ratio is of the medians: a shared machine's
-speed drifts more between minutes than 3%. The bars: at 0% acceptance single stream >= 0.97x, at 16
+run side by side and take turns, --rounds times, and each draft's ratio is of its medians against the
+base's turns that alternated with its own (the "none" row pools them all): a shared machine's speed
+drifts more between minutes than 3%. The bars: at 0% acceptance single stream >= 0.97x, at 16
 and 64 clients >= 0.97x.
 
     PYTHONPATH=. python bench/spec_synth.py --shape qwen2-7b --ngl -1        # GPU host, ~3 min with files made
@@ -92,9 +93,10 @@ def main() -> None:
             with server([*argv, "--port", str(port)], port) as url:
                 single(url, 8)
                 mine: list[list[float]] = [[] for _ in range(1 + len(levels))]
+                theirs: list[list[float]] = [[] for _ in range(1 + len(levels))]  # the base's turns beside these
                 accepts = []
                 for _ in range(args.rounds):  # the two servers take turns: drift hits both alike
-                    for who, into in ((base_url, samples[None]), (url, mine)):
+                    for who, into in ((base_url, theirs), (url, mine)):
                         tps, accept = single(who, args.n_gen)
                         into[0].append(tps)
                         if who == url:
@@ -102,19 +104,27 @@ def main() -> None:
                         for k, c in enumerate(levels):
                             into[1 + k].append(load(who, c))
                 samples[p] = mine
+                for k, v in enumerate(theirs):
+                    samples[None][k] += v
             drafted = sum(a for a, _ in accepts)
-            rows.append((p, pick(mine[0]), sum(b for _, b in accepts) / drafted if drafted else float("nan"), [pick(v) for v in mine[1:]]))
-        base = (None, pick(samples[None][0]), float("nan"), [pick(v) for v in samples[None][1:]])
+            # each draft against the base's turns that alternated with its own: a shared machine's
+            # pace drifts between one draft's phase and the next's
+            rows.append((p, [pick(v) / pick(b) for v, b in zip(mine, theirs)],
+                         sum(b for _, b in accepts) / drafted if drafted else float("nan"), [pick(v) for v in mine]))
+            # as it goes: a run cut short by a time limit still says what it measured
+            print(f"perturb {p:g}: " + ", ".join(f"{pick(v):.1f} vs {pick(b):.1f} tok/s ({pick(v) / pick(b):.2f}x)"
+                                                 for v, b in zip(mine, theirs)), flush=True)
+        base = (None, [1.0] * (1 + len(levels)), float("nan"), [pick(v) for v in samples[None]])
     rows.insert(0, base)
     print(f"target {args.shape} {args.quant} (inert), drafts: 1 layer, draft-max {args.draft_max}; ngl {args.ngl}; "
           f"{args.n_gen} tokens per reply; {'best' if args.best else 'medians'} of {args.rounds} turns, the servers alternating")
     head = "".join(f" {f'{c} clients':>16}" for c in levels)
     print(f"{'draft':>14} {'accept':>7} {'1 stream tok/s':>15} {'speedup':>8}{head}")
-    for p, tps, accept, loads in rows:
+    for p, ratios, accept, rates in rows:
         name = "none" if p is None else f"perturb {p:g}"
-        cells = "".join(f" {v:9.1f} {v / b:5.2f}x" for v, b in zip(loads, base[3]))
+        cells = "".join(f" {v:9.1f} {r:5.2f}x" for v, r in zip(rates[1:], ratios[1:]))
         acc = "-" if accept != accept else f"{accept:.0%}"
-        print(f"{name:>14} {acc:>7} {tps:15.1f} {tps / base[1]:7.2f}x{cells}")
+        print(f"{name:>14} {acc:>7} {rates[0]:15.1f} {ratios[0]:7.2f}x{cells}")
     sys.stdout.flush()
 
 

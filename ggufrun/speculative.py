@@ -54,11 +54,25 @@ BACKOFF_MAX = 256
 GUARD_AFTER = 8
 GUARD_EPISODE = 4  # drafted steps a judged stretch spans at most (a draft always accepted never pauses: judge it soon)
 GUARD_PLAIN = 3  # plain steps a batch width needs timed before drafting there is judged
+# Drafting goes on only where it beats plain steps by this much: a closer verdict is within a shared
+# machine's noise (16 CPU streams drafting in vain were judged paying at 1-2% margins), and a gain that
+# small is not worth a slowdown where the verdict was wrong.
+GUARD_MARGIN = 0.05
 GUARD_REFRESH = 32  # judged stretches between fresh plain timings (the context grows, the load drifts)
 # Steps between tries of drafting that did not pay for its time: 16, 32 ... GUARD_MAX. A clock's
 # verdict covers a whole stretch of steps, firmer than one rejected draft: it starts 16 steps out.
 GUARD_FIRST = 16
 GUARD_MAX = 4 * BACKOFF_MAX
+# A try that did not pay is charged what it cost (its catch-up, its slower steps), and the pause
+# after it is long enough that such tries take at most this share of the time, up to GUARD_LONGEST
+# steps: a draft model that costs a target decode a token (SmolLM2 Q4_1 for F16 on a CPU) lost
+# ~0.4 s a try on a 100-token catch-up, where 16 steps of 31 ms had made it 80% of the time.
+GUARD_SHARE = 0.02
+GUARD_LONGEST = 8 * GUARD_MAX
+# A draft model's catch-up after a pause feeds at most this many of the latest tokens (after the
+# text's first SINK, which attention leans on); a longer backlog's middle is left out of its cache.
+CATCHUP_WINDOW = 256
+SINK = 4
 # A serving step's tokens from generating sequences, drafts included, stay within this: past it a
 # batch is busy enough that extra positions cost the others time (64 streams draft nothing).
 STEP_TOKENS = 32
@@ -165,10 +179,13 @@ class ModelDrafter:
     """A small model of the target's vocabulary drafting greedily in a context of its own, one
     sequence per target sequence (its KV keeps the common prefix between steps). It syncs lazily:
     a sequence is fed nothing while it does not draft, and the backlog of accepted tokens goes in
-    one batch when it next drafts, so a paused sequence costs no draft work at all. Every sequence
-    drafting in a step goes through the same decodes: one to catch up on the accepted tokens, then
-    one per drafted position. What it shares with the target's text is found from what it was fed
-    (only its own guesses after that are compared), not by a scan of the context each step."""
+    one batch when it next drafts, so a paused sequence costs no draft work at all. A backlog longer
+    than CATCHUP_WINDOW tokens is not fed whole: the draft keeps the text's first SINK tokens and
+    reads only the last CATCHUP_WINDOW (at the positions after them), so a try after a long pause
+    costs a bounded decode, not one that grows with the pause. Every sequence drafting in a step
+    goes through the same decodes: one to catch up, then one per drafted position. What it shares
+    with the target's text is found from what it was fed (only its own guesses after that are
+    compared), not by a scan of the context each step."""
 
     costly = True  # drafting costs decodes even where p_min leaves no draft
 
@@ -176,64 +193,101 @@ class ModelDrafter:
         self.model = model
         self.label = name
         self.p_min = p_min
-        self._fed: dict[int, int] = {}  # seq -> leading tokens of its text known to be in the draft's cache
+        self._fed: dict[int, int] = {}  # seq -> leading cells of its draft cache known to hold its text
+        # seq -> (head, skip): cells from ``head`` on hold the text ``skip`` tokens further on (a windowed catch-up)
+        self._gap: dict[int, tuple[int, int]] = {}
         self._blind: set[int] = set()  # texts holding image positions: not the draft's to read (until forget)
+        # The last draft call's timings, for the time guard: a backlog's catch-up decode (a one-off:
+        # 0 where the catch-up was a step's worth) and the quickest of its one-token draft decodes.
+        self.catchup_s = 0.0
+        self.decode_s: float | None = None
 
-    def _shared(self, seq_id: int, tokens: Sequence[int]) -> int:
-        """How many leading ``tokens`` the draft's cache holds: what it was fed, then its own
-        guesses as far as they were right (a full comparison once per reply)."""
-        fed = self._fed.get(seq_id)
-        if fed is None or fed > len(tokens):
-            return int(self.model.common_prefix(seq_id, tokens))
+    def _held(self, seq_id: int, tokens: Sequence[int]) -> int:
+        """How many leading cells of the draft's cache hold ``tokens`` (by the sequence's gap): what it
+        was fed, then its own guesses as far as they were right (a full comparison once per reply)."""
+        head, skip = self._gap.get(seq_id, (0, 0))
         cached = self.model.history(seq_id)
-        n = fed
-        top = min(len(cached), len(tokens))
-        while n < top and cached[n] == tokens[n]:
+        top = min(len(cached), len(tokens) - skip)
+        n = self._fed.get(seq_id, 0)
+        if n > top:  # a text that did not grow (a caller's mistake): compared whole, never trusted
+            n = 0
+        while n < top and cached[n] == tokens[n + skip if n >= head else n]:
             n += 1
         return n
+
+    def _plan(self, seq_id: int, tokens: Sequence[int], n_max: int) -> list[int]:
+        """Cut the sequence's draft cache to what still holds ``tokens`` and return what to feed."""
+        m = self.model
+        head, skip = self._gap.get(seq_id, (0, 0))
+        cells = self._held(seq_id, tokens)
+        if skip and cells <= head:  # only the kept start still matches: the cells are the text's again
+            skip = 0
+        cells = min(cells, len(tokens) - 1 - skip)  # the last token goes in again for its logits
+        at = cells + skip  # the text's next token to feed
+        todo: list[int] = []
+        if len(tokens) - at > CATCHUP_WINDOW or cells + len(tokens) - at + n_max > m.seq_cells:
+            held_start = head if skip else cells  # of the text's first tokens, what its cache still holds
+            head = min(SINK, len(tokens) - 1)
+            cells = min(cells, held_start, head)
+            todo = list(tokens[cells:head])
+            at = max(len(tokens) - CATCHUP_WINDOW, head)
+            skip = at - head
+        if m.truncate(seq_id, cells) < cells:  # the cache could not drop a tail and cleared: feed the start again
+            todo, at = (list(tokens[:head]), at) if skip else ([], 0)
+            skip = at - head if skip else 0
+        self._gap[seq_id] = (head, skip) if skip else (0, 0)
+        return todo + list(tokens[at:])
 
     def draft(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         m = self.model
         out: list[list[int]] = [[] for _ in items]
+        self.catchup_s, self.decode_s = 0.0, None
         live = []
         for i, (seq_id, tokens, n_max) in enumerate(items):
-            if n_max <= 0 or seq_id in self._blind or len(tokens) + n_max > m.seq_cells:
+            if n_max <= 0 or seq_id in self._blind or min(SINK, len(tokens)) + min(len(tokens), CATCHUP_WINDOW) + n_max > m.seq_cells:
                 continue
-            keep = m.truncate(seq_id, min(self._shared(seq_id, tokens), len(tokens) - 1))
-            todo = list(tokens[keep:])
+            todo = self._plan(seq_id, tokens, n_max)
             if min(todo) < 0:  # image positions: not the draft's to read
                 self._blind.add(seq_id)
                 continue
-            live.append((i, seq_id, todo, n_max, len(tokens)))
+            live.append((i, seq_id, todo, n_max))
         if not live:
             return out
+        clock = time.perf_counter
         try:
-            rows = self._decode([(seq_id, todo) for _, seq_id, todo, _, _ in live])
-            for _, seq_id, _, _, n in live:
-                self._fed[seq_id] = n
-            for step in range(max(n for _, _, _, n, _ in live)):
+            t0 = clock()
+            rows = self._decode([(seq_id, todo) for _, seq_id, todo, _ in live])
+            if any(len(todo) > n_max + 1 for _, _, todo, n_max in live):  # more than a step's accepted tokens
+                self.catchup_s = clock() - t0
+            for _, seq_id, _, _ in live:
+                self._fed[seq_id] = m.seq_len(seq_id)
+            for step in range(max(n for _, _, _, n in live)):
                 picks = _greedy(rows, self.p_min)
                 going = []
-                for (i, seq_id, _, n_max, n), tok in zip(live, picks):
+                for (i, seq_id, _, n_max), tok in zip(live, picks):
                     if tok < 0:
                         continue
                     out[i].append(tok)
                     if len(out[i]) < n_max:
-                        going.append((i, seq_id, [tok], n_max, n))
+                        going.append((i, seq_id, [tok], n_max))
                 live = going
                 if not live:
                     break
-                rows = self._decode([(seq_id, todo) for _, seq_id, todo, _, _ in live])
+                t0 = clock()
+                rows = self._decode([(seq_id, todo) for _, seq_id, todo, _ in live])
+                took = clock() - t0
+                self.decode_s = took if self.decode_s is None else min(self.decode_s, took)
         except ContextOverflowError:  # the draft's cache is full: these sequences go on without drafts
             pass
         return out
 
     def _decode(self, items: list[tuple[int, list[int]]]) -> np.ndarray:
-        """One decode (a long catch-up alone, in chunks) with a row per item; returns a copy."""
+        """One decode (a long catch-up alone, in chunks) with a row per item: a view of the logits
+        while one decode did it (read before the next decode), else a copy."""
         m = self.model
         if sum(len(t) for _, t in items) <= m.n_batch:
             m.decode([(s, t, True) for s, t in items])
-            return np.array(m.logits_rows(len(items)))
+            return m.logits_rows(len(items))  # type: ignore[no-any-return]
         rows = []
         for seq_id, todo in items:
             m.decode([(seq_id, todo, True)])
@@ -241,9 +295,12 @@ class ModelDrafter:
         return np.stack(rows)
 
     def forget(self, seq_id: int) -> None:
-        """The next draft for the sequence finds what it shares of its cache by comparing."""
+        """The next draft for the sequence finds what it shares of its cache by comparing (a
+        windowed cache, whose cells are not the text's positions, starts afresh)."""
         self._fed.pop(seq_id, None)
         self._blind.discard(seq_id)
+        if self._gap.pop(seq_id, (0, 0))[1]:
+            self.model.reset(seq_id)
 
     def close(self) -> None:
         self.model.close()
@@ -254,11 +311,15 @@ def _greedy(rows: np.ndarray, p_min: float) -> list[int]:
     best = rows.argmax(axis=1)
     if p_min <= 0:
         return [int(t) for t in best]
-    top = rows[np.arange(len(rows)), best]
-    # float32 (a 152k vocabulary's float64 softmax took ~1 ms a drafted token on the host): a sum of
-    # terms at most 1 is good to ~1e-4 of itself, fine for a threshold
-    z = np.exp(rows - top[:, None], dtype=np.float32).sum(axis=1, dtype=np.float32)
-    return [int(t) if 1.0 / zz >= p_min else -1 for t, zz in zip(best, z)]
+    out = []
+    for row, t in zip(rows, best):
+        top = row[t]
+        # The softmax's sum over the logits within 20 of the top only: each one left out adds under
+        # e^-20 (152k of them: 3e-4 in all, fine for a threshold), and the exp runs on a few hundred
+        # values instead of the whole vocabulary (60 us a drafted token, not 140, on 152k here).
+        z = np.exp(row[row > top - 20.0] - top, dtype=np.float32).sum(dtype=np.float32)
+        out.append(int(t) if 1.0 / z >= p_min else -1)
+    return out
 
 
 @dataclass
@@ -303,9 +364,13 @@ class Guard:
     engine's launch) and emits its generating sequences' tokens plus the drafted tokens accepted.
     Plain steps give the baseline (per batch width: the lower quartile of the latest 8 seconds per token);
     a stretch of drafting steps, and the GUARD_AFTER steps after it, is one episode, judged against
-    it. An episode no faster than plain pauses drafting for 16, 32 ... GUARD_MAX steps; one that
-    paid ends the run. Steps whose batch width changed (a request joined or left: a prompt may have
-    gone in) or that follow a new reply's prompt are not timed."""
+    it. An episode no faster than plain pauses drafting for 16, 32 ... GUARD_MAX steps, or longer
+    where the try cost more: long enough that such tries take at most GUARD_SHARE of the time. One
+    that paid ends the run. A draft model whose single decode takes as long as a plain step can
+    never pay, whatever it gets accepted: that is a verdict at once. A draft model's catch-up after
+    a pause is a one-off: not held against the drafting's pace, but charged to the try's cost.
+    Steps whose batch width changed (a request joined or left: a prompt may have gone in) or that
+    follow a new reply's prompt are not timed."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
@@ -314,14 +379,24 @@ class Guard:
         self.slow = 0  # episodes in a row that did not pay
         self.wait = 0  # steps left before drafting may be tried again
         self.episodes = self.paid = 0  # totals, for tests and bench
+        self.debt = 0.0  # seconds of catch-up decodes neither charged to a verdict nor paid back by drafting that paid
         self._last: float | None = None
         self._n = 0
         self._extra = 0  # drafted tokens accepted in the step being timed
         self._drafting = False  # the step being timed decoded a draft
+        self._catchup = 0.0  # seconds of it that were a catch-up
+        self._verified = 0.0  # when the step being timed had its draft verified
+        self._untimed = 0  # steps after a verdict given mid-step: neither baseline nor episode (after-effects)
         self._ep: list[float] | None = None  # the open episode: [seconds, tokens, drafted steps, plain steps after its last draft]
 
     def restart(self) -> None:
-        """The next step is not timed (a prompt went in before it); an open episode is dropped."""
+        """The next step is not timed (a prompt went in before it): an open episode is judged as it
+        stands (a short reply ends it; a drafted step it ended with is timed to its verification)."""
+        if self._drafting and self._last is not None and self._verified > self._last and self._n > 0:
+            self._time(self._verified - self._last - self._catchup, self._n + self._extra)
+        ep = self._ep
+        if ep is not None and ep[2] > 0 and ep[1] > 0:
+            self._judge(ep)
         self._last, self._ep = None, None
 
     def tick(self, n: int) -> bool:
@@ -329,10 +404,12 @@ class Guard:
         this step may draft."""
         now = self.clock()
         if self._last is not None and n == self._n and n > 0:
-            self._time(now - self._last, n + self._extra)
-        elif self._ep is not None:
-            self._ep = None
-        self._last, self._n, self._extra, self._drafting = now, n, 0, False
+            self._time(now - self._last - self._catchup, n + self._extra)
+        elif self._ep is not None:  # the width changed: the stretch is judged as it stands, at its own width
+            ep, self._ep = self._ep, None
+            if ep[2] > 0:
+                self._judge(ep)
+        self._last, self._n, self._extra, self._drafting, self._catchup = now, n, 0, False, 0.0
         if self.wait > 0:
             self.wait -= 1
             return False
@@ -340,13 +417,28 @@ class Guard:
             return False
         return len(self.plain.get(n, ())) >= GUARD_PLAIN
 
-    def drafted(self) -> None:
+    def drafted(self, catchup_s: float = 0.0, decode_s: float | None = None) -> None:
+        """This step drafted: ``catchup_s`` of it went to a backlog's catch-up decode, and a draft
+        decode took at least ``decode_s`` (None: none was timed)."""
         self._drafting = True
+        self._catchup += catchup_s
+        self.debt += catchup_s
+        base = self.plain.get(self._n)
+        if decode_s is not None and base and decode_s >= self._n * sorted(base)[len(base) // 4]:
+            # Each drafted token costs a draft decode, a plain step's worth: no acceptance can pay it.
+            self.episodes += 1
+            self._slower(self.debt + decode_s, sorted(base)[len(base) // 4])
+            self._ep, self._last, self._untimed = None, None, GUARD_AFTER
 
     def accepted(self, tokens: int) -> None:
+        """A draft of this step was verified, ``tokens`` of it kept."""
         self._extra += tokens
+        self._verified = self.clock()
 
     def _time(self, seconds: float, tokens: int) -> None:
+        if self._untimed > 0:
+            self._untimed -= 1
+            return
         ep = self._ep
         if self._drafting:
             if ep is None:
@@ -363,24 +455,33 @@ class Guard:
         ep[1] += tokens
         if ep[3] >= GUARD_AFTER or (self._drafting and ep[2] >= GUARD_EPISODE):
             self._ep = None
-            self._judge(ep[0] / ep[1])
+            self._judge(ep)
 
-    def _judge(self, per_token: float) -> None:
+    def _judge(self, ep: list[float]) -> None:
         base = self.plain.get(self._n)
         if not base:
             return
         self.episodes += 1
         # The lower quartile of the latest plain steps: a neighbour's load only ever slows a step,
         # and a drafter is kept only where it beats plain steps at their usual best.
-        if per_token < sorted(base)[len(base) // 4]:
+        low = sorted(base)[len(base) // 4]
+        if ep[0] / ep[1] < low * (1 - GUARD_MARGIN):
             self.paid += 1
             self.slow = 0
+            self.debt = max(self.debt - (ep[1] * low - ep[0]), 0.0)  # its catch-ups are paid back from what it saves
         else:
-            self.slow += 1
-            self.wait = min(GUARD_FIRST << min(self.slow - 1, 16), GUARD_MAX)
+            self._slower(self.debt + ep[0] - ep[1] * low, low)
         self.judged[self._n] = self.judged.get(self._n, 0) + 1
         if self.judged[self._n] >= GUARD_REFRESH and self.wait < GUARD_AFTER + GUARD_PLAIN:  # a fresh baseline
             self.wait = GUARD_AFTER + GUARD_PLAIN
+
+    def _slower(self, lost: float, per_token: float) -> None:
+        """A try that did not pay and cost ``lost`` seconds: pause 16, 32 ... GUARD_MAX steps, or as
+        many as make such tries GUARD_SHARE of the time (at most GUARD_LONGEST)."""
+        self.slow += 1
+        self.debt = 0.0
+        steps = lost / (GUARD_SHARE * max(self._n, 1) * per_token) if per_token > 0 else 0.0
+        self.wait = int(min(max(min(GUARD_FIRST << min(self.slow - 1, 16), GUARD_MAX), steps), GUARD_LONGEST))
 
 
 @dataclass
@@ -461,7 +562,7 @@ class Speculator:
                 out[k] = []
             out[k] = out[k][:n]
         if any(out) or self.drafter.costly:  # a model's draft cut to nothing by p_min still cost its decodes
-            self.guard.drafted()
+            self.guard.drafted(getattr(self.drafter, "catchup_s", 0.0), getattr(self.drafter, "decode_s", None))
         return out
 
     def record(self, seq_id: int, drafted: int, accepted: int) -> None:
