@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,17 +37,29 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 # files left at the end, when a worker has nothing more to take, are the short ones. Approximate by design: a
 # file not listed counts as 1 s; the numbers only order the files (pyproject's --no-loadscope-reorder keeps it).
 FILE_SECONDS = {
-    "test_reasoning.py": 41, "test_bench.py": 37, "test_chat_cli.py": 36, "test_api.py": 32, "test_apis.py": 28,
-    "test_mixed_work.py": 28, "test_request_limits.py": 26, "test_server.py": 26, "test_fetch.py": 19,
-    "test_harden_cli.py": 19, "test_kv_cache.py": 17, "test_harden_gguf.py": 16, "test_gguf_info.py": 16,
-    "test_synthetic.py": 15, "test_rpc.py": 15, "test_repos.py": 15, "test_serve_defaults.py": 14, "test_fit.py": 14,
+    "test_reasoning.py": 41, "test_bench.py": 16, "test_chat_cli.py": 36, "test_api.py": 32, "test_apis.py": 28,
+    "test_mixed_work.py": 28, "test_request_limits.py": 26, "test_server.py": 26, "test_fetch.py": 9,
+    "test_harden_cli.py": 4, "test_kv_cache.py": 7, "test_harden_gguf.py": 16, "test_gguf_info.py": 3,
+    "test_synthetic.py": 3, "test_rpc.py": 15, "test_repos.py": 2, "test_serve_defaults.py": 14, "test_fit.py": 3,
     "test_fuzz.py": 13, "test_structured_output.py": 13, "test_lifecycle.py": 11, "test_speculative.py": 9,
-    "test_layering.py": 8, "test_vision.py": 8, "test_security.py": 7, "test_offload.py": 7, "test_vision_mrope.py": 5,
-    "test_llamacpp_routes.py": 7, "test_lock.py": 7, "test_loadgen.py": 6, "test_tool_call_shapes.py": 6,
-    "test_harden_templates.py": 6, "test_tool_auto.py": 5, "test_fuzz_gguf.py": 5, "test_harden_flags.py": 5,
+    "test_layering.py": 3, "test_vision.py": 8, "test_security.py": 7, "test_offload.py": 2, "test_vision_mrope.py": 5,
+    "test_llamacpp_routes.py": 7, "test_lock.py": 2, "test_loadgen.py": 6, "test_tool_call_shapes.py": 6,
+    "test_harden_templates.py": 3, "test_tool_auto.py": 5, "test_fuzz_gguf.py": 5, "test_harden_flags.py": 5,
     "test_harden_trial.py": 5, "test_grammar_sampling.py": 4, "test_amx.py": 4, "test_serve_isolation.py": 4,
     "test_harden_cache.py": 3, "test_default_model.py": 3, "test_generation.py": 2, "test_harden_server.py": 2,
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Python keeps its bytecode for this run even where PYTHONDONTWRITEBYTECODE is set (as in many container
+    images): the suite starts some 300 Python processes of the same code, and without it each compiled every
+    ggufrun module it imported from source again (0.02-0.1 s of CPU a process), and each worker rewrote every
+    test file's asserts again on every run. The bytecode lands where Python puts it by default, in __pycache__
+    folders that git ignores (the installed packages already have theirs). Not PYTHONPYCACHEPREFIX: that
+    makes Python ignore those folders too and compile every installed package afresh (~3 s a worker).
+    Done before xdist starts its workers, so that they and every process they start inherit it."""
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        sys.dont_write_bytecode = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

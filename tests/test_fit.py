@@ -1,5 +1,6 @@
 """Fit checked before download: the GGUF header read from the hub with range requests (both hubs),
-`show` without downloading, and a file that cannot run here refused before its body is fetched."""
+`show` without downloading, and a file that cannot run here refused before its body is fetched. The commands
+run through the real entry point in the test's process (cliutil.run_here): they read headers or refuse."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 
 from ggufrun import fetch, registry
 from ggufrun.gguf_info import inspect
+from cliutil import run_here
 from hubemu import HubEmu
-from test_fetch import ggufrun, make_gguf
+from test_fetch import make_gguf
 
 REPO = "Org/Big-GGUF"
 FILE = "big-Q4_K_M.gguf"
@@ -45,32 +47,33 @@ def test_header_is_range_read_from_either_hub(big_hub: HubEmu, big: tuple[Path, 
     assert big_hub.body_requests(FILE) == []
 
 
-def test_show_reads_the_header_without_downloading(big_hub: HubEmu, big: tuple[Path, bytes], ggufrun_home: Path) -> None:
-    out = ggufrun("show", f"hf:{REPO}:Q4_K_M", "--json")
+def test_show_reads_the_header_without_downloading(big_hub: HubEmu, big: tuple[Path, bytes], ggufrun_home: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "show", f"hf:{REPO}:Q4_K_M", "--json", text=True)
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert shown["tensor_bytes"] == inspect(big[0]).tensor_bytes and "auto" in shown["memory"]
     assert not (ggufrun_home / "models").exists()
     assert big_hub.body_requests(FILE) == [] and big_hub.header_bytes(FILE) <= len(big[1]) // 10
-    table = ggufrun("show", f"ms:{REPO}")
+    table = run_here(capsys, "show", f"ms:{REPO}", text=True)
     assert table.returncode == 0 and "not in the cache: header read from the hub" in table.stdout
 
 
 def test_pull_refuses_what_cannot_run_here_and_force_pulls_anyway(big_hub: HubEmu, big: tuple[Path, bytes],
-                                                                    ggufrun_home: Path) -> None:
+                                                                    ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tight = {"GGUFRUN_SIMULATE_RAM": "1MiB"}
-    out = ggufrun("pull", f"hf:{REPO}", env=tight)
+    out = run_here(capsys, "pull", f"hf:{REPO}", env=tight, text=True)
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip().splitlines()[0]
     assert "needs" in line and "of RAM at n_ctx" in line and "1.0 MB is available" in line and "--force" in line
     assert big_hub.body_requests(FILE) == [] and not (ggufrun_home / "models").exists()
-    forced = ggufrun("pull", "--force", f"hf:{REPO}", env=tight)
+    forced = run_here(capsys, "pull", "--force", f"hf:{REPO}", env=tight, text=True)
     assert forced.returncode == 0, forced.stderr
     assert (ggufrun_home / "models" / "hf" / "Org--Big-GGUF" / FILE).read_bytes() == big[1]
 
 
-def test_chat_refuses_before_downloading(big_hub: HubEmu, ggufrun_home: Path) -> None:
-    out = ggufrun("chat", f"ms:{REPO}", "-p", "hi", env={"GGUFRUN_SIMULATE_RAM": "1MiB"})
+def test_chat_refuses_before_downloading(big_hub: HubEmu, ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "chat", f"ms:{REPO}", "-p", "hi", env={"GGUFRUN_SIMULATE_RAM": "1MiB"}, text=True)
     assert out.returncode == 1 and "of RAM at n_ctx" in out.stderr
     assert big_hub.body_requests(FILE) == [] and not (ggufrun_home / "models").exists()
 

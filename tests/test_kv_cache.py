@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliutil import run_here
 from serverutil import serve
 
 from ggufrun import bench
@@ -79,14 +80,16 @@ def test_chat_and_serve_take_the_short_flags(smollm2_gguf: Path, tiny_model: Pat
     assert done.returncode != 0 and "Error: cache_type_k=q4_0 stores blocks of 32" in done.stderr, done.stderr
 
 
-def test_show_estimates_the_kv_cache_of_the_types(smollm2_gguf: Path) -> None:
+def test_show_estimates_the_kv_cache_of_the_types(smollm2_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`show` reads the header: in this process (cliutil.run_here), as a process each added only its start."""
     info = inspect(smollm2_gguf)
-    q8 = json.loads(ggufrun("show", str(smollm2_gguf), "--n-ctx", "4096", "--json", "-ctk", "q8_0", "-ctv", "q4_0").stdout)["memory"]
+    q8 = json.loads(run_here(capsys, "show", str(smollm2_gguf), "--n-ctx", "4096", "--json", "-ctk", "q8_0", "-ctv", "q4_0",
+                             text=True).stdout)["memory"]
     assert (q8["cache_type_k"], q8["cache_type_v"]) == ("q8_0", "q4_0")
     per_type = 4096 * info.block_count * info.head_count_kv * info.key_length  # elements of K (and of V)
     assert info.memory_estimate(4096, n_gpu_layers=0).kv_cache == per_type * 4  # f16: 2 bytes each
     assert q8["cpu_only"]["kv_cache"] == int(per_type * (34 / 32 + 18 / 32))
-    table = ggufrun("show", str(smollm2_gguf), "-ctk", "q8_0", "-ctv", "q8_0").stdout
+    table = run_here(capsys, "show", str(smollm2_gguf), "-ctk", "q8_0", "-ctv", "q8_0", text=True).stdout
     assert "KV cache (q8_0)" in table
 
 

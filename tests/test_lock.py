@@ -1,5 +1,6 @@
 """`ggufrun lock` and `pull --locked` round trip on the hub emulation: the exact files come back,
-and anything that differs (upstream, in the cache, in the lock file) is refused."""
+and anything that differs (upstream, in the cache, in the lock file) is refused. The commands run through the
+real entry point in the test's process (cliutil.run_here)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cliutil import run_here
 from hubemu import COMMIT, HubEmu
-from test_fetch import FILE, HF_REPO, MODELS_TOML, MS_REPO, ggufrun, make_gguf
+from test_fetch import FILE, HF_REPO, MODELS_TOML, MS_REPO, make_gguf
 
 SPLIT = ["Q6_K/m-Q6_K-00001-of-00002.gguf", "Q6_K/m-Q6_K-00002-of-00002.gguf"]
 
@@ -36,9 +38,10 @@ def hub(ggufrun_home: Path, blobs: dict[str, bytes], monkeypatch: pytest.MonkeyP
         yield emu
 
 
-def test_lock_round_trip(hub: HubEmu, blobs: dict[str, bytes], ggufrun_home: Path, tmp_path: Path) -> None:
+def test_lock_round_trip(hub: HubEmu, blobs: dict[str, bytes], ggufrun_home: Path, tmp_path: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
     lock_file = tmp_path / "ggufrun.lock"
-    out = ggufrun("lock", "tm", "hf:Org/Split-GGUF:q6_k", "-o", str(lock_file))
+    out = run_here(capsys, "lock", "tm", "hf:Org/Split-GGUF:q6_k", "-o", str(lock_file), text=True)
     assert out.returncode == 0, out.stderr
     models = tomllib.loads(lock_file.read_text())["model"]
     assert models[0] == {"alias": "tm", "source": "modelscope", "repo": MS_REPO, "revision": "master", "file": FILE,
@@ -47,34 +50,34 @@ def test_lock_round_trip(hub: HubEmu, blobs: dict[str, bytes], ggufrun_home: Pat
         [("hf:Org/Split-GGUF:q6_k", part, COMMIT) for part in SPLIT]  # a Hugging Face revision pins the commit
     assert not (ggufrun_home / "models").exists()  # the hubs gave every sha256: nothing was downloaded
 
-    pulled = ggufrun("pull", "--locked", str(lock_file))
+    pulled = run_here(capsys, "pull", "--locked", str(lock_file), text=True)
     assert pulled.returncode == 0, pulled.stderr
     assert (ggufrun_home / "models" / "tm" / FILE).read_bytes() == blobs[FILE]
     for part in SPLIT:
         assert (ggufrun_home / "models" / "hf" / "Org--Split-GGUF" / part).read_bytes() == blobs[part]
         assert hub.seen("hf", "HEAD", contains=f"/resolve/{COMMIT}/{part}")
-    again = ggufrun("pull", "--locked", str(lock_file))
+    again = run_here(capsys, "pull", "--locked", str(lock_file), text=True)
     assert again.returncode == 0 and again.stdout.count("is cached, as locked") == 3
-    assert ggufrun("path", "hf:Org/Split-GGUF:Q6_K").stdout.strip().endswith(SPLIT[0].split("/")[-1])
+    assert run_here(capsys, "path", "hf:Org/Split-GGUF:Q6_K", text=True).stdout.strip().endswith(SPLIT[0].split("/")[-1])
 
 
 def test_locked_pull_refuses_what_differs(hub: HubEmu, blobs: dict[str, bytes], ggufrun_home: Path,
-                                          tmp_path: Path) -> None:
+                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lock_file = tmp_path / "ggufrun.lock"
-    assert ggufrun("lock", "tm", "-o", str(lock_file)).returncode == 0
+    assert run_here(capsys, "lock", "tm", "-o", str(lock_file), text=True).returncode == 0
     hub.add("ms", MS_REPO, FILE, blobs["changed"])  # upstream changed since the lock
     hub.add("hf", HF_REPO, FILE, blobs["changed"])
-    out = ggufrun("pull", "--locked", str(lock_file))
+    out = run_here(capsys, "pull", "--locked", str(lock_file), text=True)
     assert out.returncode == 1 and not (ggufrun_home / "models" / "tm" / FILE).exists()
     assert "differs" in out.stderr or "lists" in out.stderr, out.stderr
 
     cached = ggufrun_home / "models" / "tm" / FILE  # a cached file that is not the locked one
     cached.parent.mkdir(parents=True)
     cached.write_bytes(blobs["changed"])
-    out = ggufrun("pull", "--locked", str(lock_file))
+    out = run_here(capsys, "pull", "--locked", str(lock_file), text=True)
     assert out.returncode == 1 and "differs from" in out.stderr and "ggufrun rm tm" in out.stderr
 
     lock_file.write_text(lock_file.read_text().replace('sha256 = "', 'sha256 = "x'))
-    bad = ggufrun("pull", "--locked", str(lock_file))
+    bad = run_here(capsys, "pull", "--locked", str(lock_file), text=True)
     assert bad.returncode == 2 and "sha256 must be 64 hex digits" in bad.stderr
-    assert ggufrun("pull", "--locked", str(tmp_path / "absent.lock")).returncode == 2
+    assert run_here(capsys, "pull", "--locked", str(tmp_path / "absent.lock"), text=True).returncode == 2

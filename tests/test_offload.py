@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliutil import run_here
 
 from ggufrun import offload
 from ggufrun.errors import ConfigError
@@ -88,20 +89,22 @@ def test_chat_says_where_the_layers_went(tiny_model: Path) -> None:
     assert quiet.returncode == 0 and "layers on" not in quiet.stderr  # a CPU-only build: not a word
 
 
-def test_chat_refuses_before_loading_when_ram_is_short(tiny_model: Path) -> None:
-    out = ggufrun("chat", str(tiny_model), "-p", "hi", "--n-ctx", "256", env={"GGUFRUN_SIMULATE_RAM": "1KiB"})
+def test_chat_refuses_before_loading_when_ram_is_short(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refusals, and show below: in this process (cliutil.run_here), as a process each added only its start."""
+    out = run_here(capsys, "chat", str(tiny_model), "-p", "hi", "--n-ctx", "256", env={"GGUFRUN_SIMULATE_RAM": "1KiB"}, text=True)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "of RAM at n_ctx 256" in lines[0] and "1.0 KB is available" in lines[0], out.stderr
-    bad = ggufrun("chat", str(tiny_model), "-p", "hi", env={"GGUFRUN_SIMULATE_GPU": "total=8GiB,colour=red"})
+    bad = run_here(capsys, "chat", str(tiny_model), "-p", "hi", env={"GGUFRUN_SIMULATE_GPU": "total=8GiB,colour=red"}, text=True)
     assert bad.returncode == 2 and "Invalid GGUFRUN_SIMULATE_GPU entry 'colour=red'" in bad.stderr
 
 
-def test_show_says_what_auto_would_do(tiny_model: Path) -> None:
-    out = ggufrun("show", str(tiny_model), "--n-ctx", "256", "--json", env={"GGUFRUN_SIMULATE_GPU": "name=FakeGPU,total=8GiB"})
+def test_show_says_what_auto_would_do(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "show", str(tiny_model), "--n-ctx", "256", "--json",
+                   env={"GGUFRUN_SIMULATE_GPU": "name=FakeGPU,total=8GiB"}, text=True)
     assert out.returncode == 0, out.stderr
     auto = json.loads(out.stdout)["memory"]["auto"]
     info = inspect(tiny_model)
     assert auto["n_gpu_layers"] == info.block_count + 1 and auto["refused"] is None
-    table = ggufrun("show", str(tiny_model), "--n-ctx", "256", env={"GGUFRUN_SIMULATE_RAM": "1KiB"})
+    table = run_here(capsys, "show", str(tiny_model), "--n-ctx", "256", env={"GGUFRUN_SIMULATE_RAM": "1KiB"}, text=True)
     assert "--n-gpu-layers auto" in table.stdout and "would refuse:" in table.stdout

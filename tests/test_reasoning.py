@@ -166,14 +166,14 @@ ASK = [{"role": "user", "content": "Explain in detail how photosynthesis works."
 
 def test_openai_reasoning_content_whole_and_streamed(think: ServerProcess) -> None:
     oa = openai_client(think)
-    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, extra_body=GREEDY)
+    r = oa.chat.completions.create(model="think", messages=ASK, max_tokens=16, extra_body=GREEDY)
     msg = r.choices[0].message
     reasoning = msg.model_extra["reasoning_content"]
     assert reasoning and msg.content and "<think>" not in msg.content + reasoning and "</think>" not in msg.content + reasoning
     details = r.usage.completion_tokens_details
     assert BUDGET <= details.reasoning_tokens < r.usage.completion_tokens
     thought, answer = "", ""
-    for chunk in oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, stream=True, extra_body=GREEDY):
+    for chunk in oa.chat.completions.create(model="think", messages=ASK, max_tokens=16, stream=True, extra_body=GREEDY):
         if chunk.choices:
             delta = chunk.choices[0].delta
             thought += (delta.model_extra or {}).get("reasoning_content") or ""
@@ -195,10 +195,10 @@ def test_thinking_off_leaves_a_block_the_model_writes_anyway_in_the_answer(think
 
 def test_the_budget_closes_a_block_that_would_run_on(think: ServerProcess) -> None:
     oa = openai_client(think)
-    run_on = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, extra_body={**GREEDY, "reasoning_budget": -1})
+    run_on = oa.chat.completions.create(model="think", messages=ASK, max_tokens=16, extra_body={**GREEDY, "reasoning_budget": -1})
     assert run_on.choices[0].finish_reason == "length" and not run_on.choices[0].message.content
-    assert run_on.usage.completion_tokens_details.reasoning_tokens == 24
-    cut = oa.chat.completions.create(model="think", messages=ASK, max_tokens=24, extra_body={**GREEDY, "reasoning_budget": 5})
+    assert run_on.usage.completion_tokens_details.reasoning_tokens == 16
+    cut = oa.chat.completions.create(model="think", messages=ASK, max_tokens=16, extra_body={**GREEDY, "reasoning_budget": 5})
     assert 5 <= cut.usage.completion_tokens_details.reasoning_tokens <= 5 + 6  # the budget, then the close's tokens
     assert cut.choices[0].message.content
     off = oa.chat.completions.create(model="think", messages=ASK, max_tokens=20, reasoning_effort="none", extra_body=GREEDY)
@@ -229,7 +229,7 @@ def test_anthropic_thinking_blocks_whole_and_streamed(think: ServerProcess) -> N
     import anthropic
 
     c = anthropic.Anthropic(base_url=think.url, api_key="unused", max_retries=0, timeout=120)
-    ask: dict[str, Any] = {"model": "think", "max_tokens": 24, "messages": ASK, "extra_body": GREEDY,
+    ask: dict[str, Any] = {"model": "think", "max_tokens": 16, "messages": ASK, "extra_body": GREEDY,
                            "thinking": {"type": "enabled", "budget_tokens": 6}}
     m = c.messages.create(**ask)
     assert [b.type for b in m.content] == ["thinking", "text"]
@@ -258,7 +258,7 @@ def test_ollama_message_thinking_whole_and_streamed(think: ServerProcess) -> Non
     import ollama
 
     client = ollama.Client(host=think.url, timeout=120)
-    options = {"temperature": 0, "top_k": 1, "num_predict": 24}
+    options = {"temperature": 0, "top_k": 1, "num_predict": 16}
     r = client.chat(model="think", messages=ASK, think=True, options=options)
     assert r.message.thinking and r.message.content and "<think>" not in r.message.thinking
     thought, answer = "", ""
@@ -274,7 +274,7 @@ def test_ollama_message_thinking_whole_and_streamed(think: ServerProcess) -> Non
 
 def test_responses_reasoning_items_and_reasoning_tokens(think: ServerProcess) -> None:
     oa = openai_client(think)
-    ask: dict[str, Any] = {"model": "think", "input": ASK[0]["content"], "max_output_tokens": 24, "extra_body": GREEDY}
+    ask: dict[str, Any] = {"model": "think", "input": ASK[0]["content"], "max_output_tokens": 16, "extra_body": GREEDY}
     r = oa.responses.create(**ask)
     assert [item.type for item in r.output] == ["reasoning", "message"]
     assert r.output[0].content[0].text and r.output_text
@@ -416,10 +416,10 @@ def test_the_seed_route_answers_with_the_answer_alone(think: ServerProcess) -> N
     window does: the same text as OpenAI chat's content for the same messages."""
     import requests
 
-    r = requests.post(f"{think.url}/", json={"prompt": ASK[0]["content"], "max_tokens": 24, **GREEDY}, timeout=120)
+    r = requests.post(f"{think.url}/", json={"prompt": ASK[0]["content"], "max_tokens": 16, **GREEDY}, timeout=120)
     assert r.status_code == 200, r.text
     msg = openai_client(think).chat.completions.create(
-        model="think", max_tokens=24, extra_body=GREEDY,
+        model="think", max_tokens=16, extra_body=GREEDY,
         messages=[{"role": "system", "content": "You are a helpful assistant."}, *ASK]).choices[0].message
     assert msg.model_extra["reasoning_content"] and r.json()["response"] == msg.content
 

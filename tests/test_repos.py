@@ -1,5 +1,6 @@
 """Any GGUF repo by name: hf:/ms:OWNER/REPO[:QUANT][@REVISION] against the hub emulation, through
-the real huggingface_hub and modelscope clients (listing, quant choice, split files, revisions)."""
+the real huggingface_hub and modelscope clients (listing, quant choice, split files, revisions). The commands
+run through the real entry point in the test's process (cliutil.run_here)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 
 from ggufrun import fetch, registry
 from ggufrun.errors import UnknownQuantError
+from cliutil import run_here
 from hubemu import HubEmu
-from test_fetch import ggufrun, make_gguf
+from test_fetch import make_gguf
 
 REPO = "Org/Multi-GGUF"
 
@@ -59,26 +61,26 @@ def test_quant_is_case_insensitive(repo_hub: HubEmu, blobs: dict[str, bytes]) ->
     assert fetch.ensure_local(spec(f"hf:{REPO}:Q8_0")).read_bytes() == blobs["multi-q8_0.gguf"]
 
 
-def test_missing_quant_lists_the_available_ones(repo_hub: HubEmu) -> None:
+def test_missing_quant_lists_the_available_ones(repo_hub: HubEmu, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UnknownQuantError, match="no quant Q5_K_M"):
         fetch.ensure_local(spec(f"hf:{REPO}:q5_k_m"))
-    out = ggufrun("pull", f"ms:{REPO}:q5_k_m")
+    out = run_here(capsys, "pull", f"ms:{REPO}:q5_k_m", text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[0].startswith(f"Error: ms:{REPO}:q5_k_m has no quant Q5_K_M. Available: Q4_K_M, Q6_K, Q8_0.")
 
 
 @pytest.mark.parametrize("kind", ["hf", "ms"])
 def test_every_part_of_a_split_file_and_the_first_is_loaded(repo_hub: HubEmu, blobs: dict[str, bytes], kind: str,
-                                                             ggufrun_home: Path) -> None:
-    out = ggufrun("pull", f"{kind}:{REPO}:q6_k")
+                                                             ggufrun_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "pull", f"{kind}:{REPO}:q6_k", text=True)
     assert out.returncode == 0, out.stderr
     root = ggufrun_home / "models" / kind / "Org--Multi-GGUF" / "Q6_K"
     for part in ("multi-Q6_K-00001-of-00002.gguf", "multi-Q6_K-00002-of-00002.gguf"):
         assert (root / part).read_bytes() == blobs[f"Q6_K/{part}"]
     assert fetch.ensure_local(spec(f"{kind}:{REPO}:Q6_K"), offline=True) == root / "multi-Q6_K-00001-of-00002.gguf"
-    path = ggufrun("path", f"{kind}:{REPO}:Q6_K")
+    path = run_here(capsys, "path", f"{kind}:{REPO}:Q6_K", text=True)
     assert path.returncode == 0 and path.stdout.strip() == str(root / "multi-Q6_K-00001-of-00002.gguf")
-    assert ggufrun("rm", f"{kind}:{REPO}:Q6_K").returncode == 0 and not root.exists()
+    assert run_here(capsys, "rm", f"{kind}:{REPO}:Q6_K", text=True).returncode == 0 and not root.exists()
 
 
 def test_revision_is_used_for_listing_and_download(repo_hub: HubEmu, ggufrun_home: Path) -> None:
@@ -90,9 +92,10 @@ def test_revision_is_used_for_listing_and_download(repo_hub: HubEmu, ggufrun_hom
     assert repo_hub.seen("ms", contains="Revision=v1.0")
 
 
-def test_same_name_in_another_folder_is_not_cached(repo_hub: HubEmu, blobs: dict[str, bytes]) -> None:
-    top = ggufrun("pull", "hf:Org/Sub-GGUF/multi-Q4_K_M.gguf")
-    sub = ggufrun("pull", "hf:Org/Sub-GGUF/sub/multi-Q4_K_M.gguf")
+def test_same_name_in_another_folder_is_not_cached(repo_hub: HubEmu, blobs: dict[str, bytes],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    top = run_here(capsys, "pull", "hf:Org/Sub-GGUF/multi-Q4_K_M.gguf", text=True)
+    sub = run_here(capsys, "pull", "hf:Org/Sub-GGUF/sub/multi-Q4_K_M.gguf", text=True)
     assert top.returncode == 0 and sub.returncode == 0, sub.stderr
     assert "is cached" not in sub.stdout
     assert fetch.ensure_local(spec("hf:Org/Sub-GGUF/sub/multi-Q4_K_M.gguf"), offline=True).read_bytes() == \
@@ -101,8 +104,8 @@ def test_same_name_in_another_folder_is_not_cached(repo_hub: HubEmu, blobs: dict
 
 @pytest.mark.parametrize("name", ["hf:Org/Multi GGUF", "hf:Org/../x", "hf:Org/Multi-GGUF@../../x", "ms:Org",
                                   "hf:Org/Multi-GGUF:q4 k"])
-def test_bad_repo_names_get_one_line(repo_hub: HubEmu, name: str) -> None:
-    out = ggufrun("pull", name)
+def test_bad_repo_names_get_one_line(repo_hub: HubEmu, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_here(capsys, "pull", name, text=True)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) <= 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("Error: Malformed")

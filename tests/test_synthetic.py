@@ -31,7 +31,7 @@ amx.ensure()  # the guard every model load in ggufrun goes through: AMX weight b
 text = sys.argv[1]
 report = []
 for path in sys.argv[2:]:
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False, logits_all=True, seed=0)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False, logits_all=True, seed=0)
     tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
     llm.eval(llm.tokenize(b"hello the world of people, and more words to fill a batch", add_bos=False))
     logits = np.array(llm.scores[: llm.n_tokens])
