@@ -144,12 +144,15 @@ def test_anthropic_forced_tool_use_and_result_round_trip(smol: ServerProcess) ->
     c = claude(smol)
     tools = [{"name": "get_weather", "description": "Current weather in a city", "input_schema": CITY}]
     forced = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
-    reply = c.messages.create(model="smol", max_tokens=100, messages=[{"role": "user", "content": ASK}], tools=tools, tool_choice=forced)
+    # greedy: the streamed reply below must be this one
+    reply = c.messages.create(model="smol", max_tokens=100, messages=[{"role": "user", "content": ASK}], tools=tools, tool_choice=forced,
+                              extra_body={"temperature": 0})
     assert reply.stop_reason == "tool_use", reply
     use = [b for b in reply.content if b.type == "tool_use"][0]
     assert use.name == "get_weather" and isinstance(use.input["city"], str) and use.id
     assert len([b for b in reply.content if b.type == "tool_use"]) == 1
-    with c.messages.stream(model="smol", max_tokens=100, messages=[{"role": "user", "content": ASK}], tools=tools, tool_choice=forced) as s:
+    with c.messages.stream(model="smol", max_tokens=100, messages=[{"role": "user", "content": ASK}], tools=tools, tool_choice=forced,
+                           extra_body={"temperature": 0}) as s:
         final = s.get_final_message()
     streamed_use = [b for b in final.content if b.type == "tool_use"][0]
     assert streamed_use.name == "get_weather" and streamed_use.input == use.input and final.stop_reason == "tool_use"
