@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -127,5 +128,12 @@ def test_bench_failures_say_why_on_stderr(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "1e9"])
 def test_serve_refuses_a_bad_switch_interval_before_listening(value: str, tiny_model: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    proc = run_here(capsys, "serve", str(tiny_model), "--port", "13941", env={"GGUFRUN_SWITCH_INTERVAL_MS": value})
+    """On a port already taken: a serve that bound first would say so instead (and, in this process, keep
+    the socket it had bound)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = run_here(capsys, "serve", str(tiny_model), "--host", "127.0.0.1", "--port", port,
+                        env={"GGUFRUN_SWITCH_INTERVAL_MS": value})
     assert "GGUFRUN_SWITCH_INTERVAL_MS" in one_line_error(proc)

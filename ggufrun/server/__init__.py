@@ -83,6 +83,9 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     from .app import create_app
     from .guard import KEEP_ALIVE_SECONDS, BodyGuard, guarded_h11_protocol, raise_fd_limit
 
+    # Read before the bind: a bad value is refused without a listening socket left behind (the
+    # tests refuse it through the real entry point in their own process).
+    interval = switch_interval()
     # Bind before anything slow: a port in use or a host that does not resolve fails in a moment,
     # with ggufrun's one-line error, not after the model has loaded.
     sock = bind(config.host, config.port)
@@ -91,7 +94,7 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     # llama.cpp and numpy call; while the HTTP thread runs Python it waits up to the switch interval
     # (5 ms by default). At 1 ms, 64 sampled streams on an H100 went 2,196 -> 2,344 tok/s (greedy
     # 2,678 -> 2,763; bench/serve_load.py, same warm machine).
-    sys.setswitchinterval(switch_interval())
+    sys.setswitchinterval(interval)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
