@@ -26,7 +26,6 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from reference import GGUFRUN, free_port, server
 
@@ -86,7 +85,7 @@ def main() -> None:
     base_port = free_port()
     with server([*base_argv, "--port", str(base_port)], base_port) as base_url:
         single(base_url, 8)  # warm-up
-        samples: dict[Any, list[list[float]]] = {None: [[] for _ in range(1 + len(levels))]}
+        pooled: list[list[float]] = [[] for _ in range(1 + len(levels))]  # the base's turns beside every draft
         for p in perturbs:
             port = free_port()
             argv = [*base_argv, "--draft-model", str(drafts[p]), "--draft-max", str(args.draft_max), "--draft-p-min", "0"]
@@ -103,9 +102,8 @@ def main() -> None:
                             accepts.append(accept)
                         for k, c in enumerate(levels):
                             into[1 + k].append(load(who, c))
-                samples[p] = mine
                 for k, v in enumerate(theirs):
-                    samples[None][k] += v
+                    pooled[k] += v
             drafted = sum(a for a, _ in accepts)
             # each draft against the base's turns that alternated with its own: a shared machine's
             # pace drifts between one draft's phase and the next's
@@ -114,7 +112,7 @@ def main() -> None:
             # as it goes: a run cut short by a time limit still says what it measured
             print(f"perturb {p:g}: " + ", ".join(f"{pick(v):.1f} vs {pick(b):.1f} tok/s ({pick(v) / pick(b):.2f}x)"
                                                  for v, b in zip(mine, theirs)), flush=True)
-        base = (None, [1.0] * (1 + len(levels)), float("nan"), [pick(v) for v in samples[None]])
+        base = (None, [1.0] * (1 + len(levels)), float("nan"), [pick(v) for v in pooled])
     rows.insert(0, base)
     print(f"target {args.shape} {args.quant} (inert), drafts: 1 layer, draft-max {args.draft_max}; ngl {args.ngl}; "
           f"{args.n_gen} tokens per reply; {'best' if args.best else 'medians'} of {args.rounds} turns, the servers alternating")
