@@ -19,7 +19,9 @@ and 64 clients >= 0.97x.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     pick = max if args.best else statistics.median
     folder = args.dir or Path(tempfile.mkdtemp(prefix="spec-synth-"))
+    if args.dir is None:  # a qwen2-7b pair is gigabytes: the default folder goes when the run does
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     target = synth(folder / "target.gguf", args.shape, args.quant)
     perturbs = [float(p) for p in args.perturb.split(",") if p]
