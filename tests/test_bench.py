@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cliutil import run_here
 
 from ggufrun import bench
 from ggufrun.bench import report
-from ggufrun.cli.main import main
 from ggufrun.quantize import quantized_name
 from ggufrun.settings import Settings
 from ggufrun.synthetic import write_synthetic
@@ -74,13 +74,9 @@ def ggufrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    """(exit status, stdout, stderr) of ``ggufrun ARGS`` in this process (cliutil.run_here)."""
+    done = run_here(capsys, *args, text=True)
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_sweep_of_2x2_gives_4_measured_rows(sweep_run: bench.BenchRun) -> None:
