@@ -423,11 +423,11 @@ class Guard:
         self._drafting = True
         self._catchup += catchup_s
         self.debt += catchup_s
-        base = self.plain.get(self._n)
-        if decode_s is not None and base and decode_s >= self._n * sorted(base)[len(base) // 4]:
+        low = self._low()
+        if decode_s is not None and low is not None and decode_s >= self._n * low:
             # Each drafted token costs a draft decode, a plain step's worth: no acceptance can pay it.
             self.episodes += 1
-            self._slower(self.debt + decode_s, sorted(base)[len(base) // 4])
+            self._slower(self.debt + decode_s, low)
             self._ep, self._last, self._untimed = None, None, GUARD_AFTER
 
     def accepted(self, tokens: int) -> None:
@@ -457,14 +457,18 @@ class Guard:
             self._ep = None
             self._judge(ep)
 
-    def _judge(self, ep: list[float]) -> None:
+    def _low(self) -> float | None:
+        """Seconds per token of a plain step at this width: the lower quartile of the latest (None:
+        none timed). A neighbour's load only ever slows a step, and a drafter is kept only where it
+        beats plain steps at their usual best."""
         base = self.plain.get(self._n)
-        if not base:
+        return sorted(base)[len(base) // 4] if base else None
+
+    def _judge(self, ep: list[float]) -> None:
+        low = self._low()
+        if low is None:
             return
         self.episodes += 1
-        # The lower quartile of the latest plain steps: a neighbour's load only ever slows a step,
-        # and a drafter is kept only where it beats plain steps at their usual best.
-        low = sorted(base)[len(base) // 4]
         if ep[0] / ep[1] < low * (1 - GUARD_MARGIN):
             self.paid += 1
             self.slow = 0
