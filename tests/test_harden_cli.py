@@ -47,6 +47,7 @@ def _hostile_files(tmp_path: Path) -> dict[str, Path]:
 @pytest.mark.parametrize("case, words", [("binary", "not UTF-8"), ("deep", "nested too deeply"),
                                          ("deep_tables", "nested too deeply"), ("fifo", "not a regular file"),
                                          ("urandom", "not a regular file")])
+@pytest.mark.timeout(20)  # a FIFO opened for reading blocks in this process: the 20 s its own process had
 def test_hostile_models_and_config_files(case: str, words: str, tmp_path: Path, ggufrun_home: Path,
                                         tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Refused before anything is loaded, so in this process (cliutil.run_here)."""
