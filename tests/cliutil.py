@@ -22,9 +22,8 @@ def run_here(capsys: pytest.CaptureFixture[str], *args: str, env: dict[str, str]
     with pytest.MonkeyPatch.context() as mp:
         for name, value in (env or {}).items():
             mp.setenv(name, value)
-        try:
-            main(list(args))
-            code = 0
+        try:  # the console script is sys.exit(main()): what main returns is the exit status too
+            raise SystemExit(main(list(args)))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     out, err = capsys.readouterr()
