@@ -395,6 +395,42 @@ def test_guard_charges_a_try_its_catch_up_and_stops_a_draft_slower_than_a_step()
     assert not guard.tick(1)
 
 
+def test_guard_judges_a_stretch_cut_short_by_a_new_width_or_a_new_reply() -> None:
+    """A drafting stretch that a request joining (the width changes) or a new reply (restart) cuts
+    short is judged as it stands, not dropped: a server whose batch changes every few steps would
+    otherwise never judge its drafting at all."""
+    now = [0.0]
+
+    def plain(guard: S.Guard) -> None:  # GUARD_PLAIN plain steps of 10 ms a token at width 1
+        for _ in range(S.GUARD_PLAIN):
+            assert not guard.tick(1)
+            now[0] += 0.010
+        assert guard.tick(1)
+
+    joined = S.Guard(clock=lambda: now[0])
+    plain(joined)
+    joined.drafted()  # 4 tokens in 20 ms: it pays
+    now[0] += 0.020
+    joined.accepted(3)
+    assert joined.tick(1)
+    joined.drafted()
+    now[0] += 0.020
+    joined.accepted(3)
+    joined.tick(2)  # a request joined: the stretch so far (one timed step) is judged at width 1
+    assert (joined.episodes, joined.paid, joined.slow) == (1, 1, 0)
+
+    ended = S.Guard(clock=lambda: now[0])
+    plain(ended)
+    ended.drafted()  # 1 token in 30 ms, timed to its verification: it did not pay
+    now[0] += 0.030
+    ended.accepted(0)
+    ended.restart()
+    assert (ended.episodes, ended.paid, ended.slow) == (1, 0, 1)
+    # lost 20 ms against 10 ms plain steps: paused until such tries are GUARD_SHARE of the time
+    assert ended.wait == int(max(S.GUARD_FIRST, 0.020 / (S.GUARD_SHARE * 0.010)))
+    assert not ended.tick(1)
+
+
 def test_draft_model_catches_up_on_a_long_backlog_through_a_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a long pause the draft model is fed the text's first SINK tokens and its last
     CATCHUP_WINDOW, not the whole backlog; it drafts on from there (an inert pair: the same
