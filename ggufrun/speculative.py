@@ -232,9 +232,12 @@ class ModelDrafter:
             todo = list(tokens[cells:head])
             at = max(len(tokens) - CATCHUP_WINDOW, head)
             skip = at - head
-        if m.truncate(seq_id, cells) < cells:  # the cache could not drop a tail and cleared: feed the start again
-            todo, at = (list(tokens[:head]), at) if skip else ([], 0)
-            skip = at - head if skip else 0
+        if m.truncate(seq_id, cells) < cells:
+            # The cache could not drop a tail and cleared (recurrent and some sliding-window caches, at
+            # every missed guess): planned again from an empty cache, so that it reads the window, not the text.
+            self._fed.pop(seq_id, None)
+            self._gap.pop(seq_id, None)
+            return self._plan(seq_id, tokens, n_max)
         self._gap[seq_id] = (head, skip) if skip else (0, 0)
         return todo + list(tokens[at:])
 

@@ -473,6 +473,50 @@ def test_draft_model_catches_up_on_a_long_backlog_through_a_window(tmp_path: Pat
             assert cells + skip == len(text)  # every token in, by the gap's map
 
 
+def test_a_draft_cache_that_cannot_drop_a_tail_still_catches_up_through_the_window(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recurrent or sliding-window draft cache clears where a tail should go (every missed guess):
+    the draft is planned again from nothing, so it reads the start and the window, not the whole text,
+    and its cache still holds the text by the gap's map."""
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+    from ggufrun.synthetic import write_synthetic
+
+    monkeypatch.setattr(S, "CATCHUP_WINDOW", 16)
+    shape = "qwen2:layers=1,dim=64,heads=2,kv_heads=1,ff=128,vocab=300,tied=0"
+    path = write_synthetic(tmp_path / "d.gguf", shape, inert=True)
+    with Model.load(path, Settings(**SMALL)) as m:  # type: ignore[arg-type]
+        cleared = []
+
+        def clearing(seq_id: int, keep: int) -> int:  # what Model.truncate does where a tail cannot go
+            if keep < m.seq_len(seq_id):
+                cleared.append(m.seq_len(seq_id))
+                m.reset(seq_id)
+            return m.seq_len(seq_id)
+
+        monkeypatch.setattr(m, "truncate", clearing)
+        fed: list[int] = []
+        real = m.decode
+        monkeypatch.setattr(m, "decode", lambda items, **kw: fed.append(sum(len(t) for _, t, _ in items)) or real(items, **kw))
+        d = S.ModelDrafter(m, "d", p_min=0.0)
+        rng = np.random.default_rng(3)
+        text: list[int] = []
+        for _ in range(100):  # texts that grow by a step's tokens (past the window without a long backlog), now and then by more
+            text += [int(t) for t in rng.integers(1, 300, int(rng.integers(1, 3) if rng.random() < 0.95 else rng.integers(10, 40)))]
+            if len(text) > 180:
+                d.forget(0)
+                text = text[-5:]
+            calls = len(fed)
+            (guess,) = d.draft([(0, list(text), 3)])
+            assert fed[calls] <= S.SINK + 16  # the catch-up: the start and the window at most
+            head, skip = d._gap.get(0, (0, 0))
+            cells = d._fed[0]
+            assert m.history(0)[:cells] == [text[i if i < head else i + skip] for i in range(cells)]
+            assert cells + skip == len(text)
+            text += guess[: int(rng.integers(0, 3))]  # some of its guesses taken, the rest missed
+        assert len(cleared) > 10 and max(cleared) > S.SINK + 16  # the clearing path was taken, on long caches too
+
+
 def test_stream_backs_off_a_draft_that_is_right_but_too_slow(tmp_path: Path) -> None:
     """A draft that agrees on every token but costs ~10 target decodes a token (24 inert layers
     against the target's 1): chat's stream stops drafting by the clock, and the reply is the same."""
