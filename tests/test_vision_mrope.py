@@ -161,6 +161,28 @@ def test_two_sequences_pictures_in_one_embedding_batch_give_their_solo_replies(l
     model.reset()
 
 
+def test_an_embedding_batch_that_fails_leaves_no_image_in_the_positions(loaded25: tuple[Any, Any]) -> None:
+    """A picture begun in a batch that raises before llama_decode (another sequence's image is gone) is
+    not kept as begun: text decoded there next takes consecutive positions, not that image's start."""
+    from ggufrun.errors import ModelLoadError
+    from ggufrun.images import image_tokens
+
+    model, proj = loaded25
+    held: list[Any] = []
+    a = _prompt(model, proj, 70, "what is it", held)
+    start = next(i for i, t in enumerate(a) if t < 0)
+    model.reset()
+    model.decode([(0, a[:start], False), (1, a[:start], False)])
+    with pytest.raises(ModelLoadError, match="no longer held"):
+        model.decode([(0, a[start : start + held[0].n_tokens], False), (1, image_tokens(b"gone", 20)[1], False)])
+    assert model.seq_len(0) == start
+    text = model.tokenize("plain text after all")
+    model.decode([(0, text[:1], False)])
+    model.decode([(0, text[1:], False)])
+    assert model.mrope.at(0, model.seq_len(0)) == model.seq_len(0)
+    model.reset()
+
+
 def test_a_slot_file_with_a_picture_is_refused_on_restore(loaded: tuple[Any, Any], tmp_path: Path) -> None:
     """Its image positions are not in the file's token list: the sequence is left empty, not decoded wrong."""
     from ggufrun.errors import ModelLoadError

@@ -343,58 +343,63 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
     logits = np.ctypeslib.as_array(ctypes.cast(batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,))
     mrope = model.mrope
     sections: list[Any] = []  # M-RoPE: each run's [4, k] positions
-    n = 0
-    for seq_id, tokens in items:
-        start = len(model._seq.setdefault(seq_id, []))
-        i = 0
-        while i < len(tokens):  # one slice copy per run of consecutive rows of one image
-            key, row = image_row(tokens[i])
-            image = model.images.get(key)
-            k = 1
-            while i + k < len(tokens) and tokens[i + k] == tokens[i] - k:
-                k += 1
-            if image is None or row + k > image.n_tokens:
-                raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
-            embd[n : n + k] = image.rows[row : row + k]
-            if mrope is None:
-                pos[n : n + k] = range(start + i, start + i + k)
-            else:
-                if image.pos is None:
-                    raise ModelLoadError("An image without M-RoPE positions reached an M-RoPE model.")
-                p0 = mrope.at(seq_id, start + i)  # row 0: where the image starts; a later row: its image's start
-                if row == 0:
-                    mrope.add_image(seq_id, start + i, image.n_tokens, image.n_pos)
-                sections.append(image.pos[:, row : row + k] + p0 * image.shift[:, None])
-            logits[n : n + k] = 0
-            for j in range(n, n + k):
-                batch.seq_id[j][0] = seq_id
-            n += k
-            i += k
-    batch.n_tokens = n
-    # the batch's own array, by address: a pointer read from the struct is a view of the field itself
-    own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
-    pos_type = type(batch.pos)
-    if mrope is not None:  # section-major: n times, n heights, n widths, n unused (llama-batch.cpp)
-        buf = _mrope_pos(model)
-        np.ctypeslib.as_array(buf)[: 4 * n] = np.concatenate(sections, axis=1).ravel()
-        batch.pos = ctypes.cast(buf, pos_type)
-    # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
-    whole = model.whole_images
-    if whole:
-        L.llama_set_causal_attn(model._ctx, False)
     try:
-        rc = L.llama_decode(model._ctx, batch)
-    finally:
-        if mrope is not None:
-            batch.pos = ctypes.cast(own_pos, pos_type)  # llama_batch_free frees the batch's own array
+        n = 0
+        for seq_id, tokens in items:
+            start = len(model._seq.setdefault(seq_id, []))
+            i = 0
+            while i < len(tokens):  # one slice copy per run of consecutive rows of one image
+                key, row = image_row(tokens[i])
+                image = model.images.get(key)
+                k = 1
+                while i + k < len(tokens) and tokens[i + k] == tokens[i] - k:
+                    k += 1
+                if image is None or row + k > image.n_tokens:
+                    raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
+                embd[n : n + k] = image.rows[row : row + k]
+                if mrope is None:
+                    pos[n : n + k] = range(start + i, start + i + k)
+                else:
+                    if image.pos is None:
+                        raise ModelLoadError("An image without M-RoPE positions reached an M-RoPE model.")
+                    p0 = mrope.at(seq_id, start + i)  # row 0: where the image starts; a later row: its image's start
+                    if row == 0:
+                        mrope.add_image(seq_id, start + i, image.n_tokens, image.n_pos)
+                    sections.append(image.pos[:, row : row + k] + p0 * image.shift[:, None])
+                logits[n : n + k] = 0
+                for j in range(n, n + k):
+                    batch.seq_id[j][0] = seq_id
+                n += k
+                i += k
+        batch.n_tokens = n
+        # the batch's own array, by address: a pointer read from the struct is a view of the field itself
+        own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
+        pos_type = type(batch.pos)
+        if mrope is not None:  # section-major: n times, n heights, n widths, n unused (llama-batch.cpp)
+            buf = _mrope_pos(model)
+            np.ctypeslib.as_array(buf)[: 4 * n] = np.concatenate(sections, axis=1).ravel()
+            batch.pos = ctypes.cast(buf, pos_type)
+        # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
+        whole = model.whole_images
         if whole:
-            L.llama_set_causal_attn(model._ctx, True)
-    if rc != 0:
-        if mrope is not None:  # the images this decode began are not in the cache
+            L.llama_set_causal_attn(model._ctx, False)
+        try:
+            rc = L.llama_decode(model._ctx, batch)
+        finally:
+            if mrope is not None:
+                batch.pos = ctypes.cast(own_pos, pos_type)  # llama_batch_free frees the batch's own array
+            if whole:
+                L.llama_set_causal_attn(model._ctx, True)
+        if rc != 0:
+            raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
+                ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
+    except BaseException:
+        # the images this call began are not in the cache: a span left for one would give the text
+        # decoded there next its rows' position (and cuts a boundary inside it)
+        if mrope is not None:
             for seq_id, _ in items:
-                mrope.cut(seq_id, len(model._seq[seq_id]))
-        raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
-            ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
+                mrope.cut(seq_id, len(model._seq.get(seq_id, ())))
+        raise
     for seq_id, tokens in items:
         model._seq[seq_id].extend(tokens)
 
