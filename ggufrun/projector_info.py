@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import InvalidGGUFError
 
-# projector types whose layout is checked here (and decoded by the engine or refused by name there)
+# projector types whose layout is checked here and that the engine decodes (others are refused by name)
 SUPPORTED = ("idefics3", "gemma3", "qwen2.5vl_merger", "qwen3vl_merger")
 _MAX = 1 << 16
 
@@ -55,7 +55,7 @@ def check_projector(info: Any) -> ProjectorInfo:
 
         raise UnsupportedProjectorError(f"{p.name} is a {kind[:40]} projector, which ggufrun does not decode yet "
                                         f"(it decodes {', '.join(SUPPORTED)}).",
-                                        "Use SmolVLM, gemma-3 or Qwen2.5-VL for images, or llama-server for this model.")
+                                        "Use SmolVLM, gemma-3, Qwen2.5-VL or Qwen3-VL for images, or llama-server for this model.")
 
     def num(key: str, default: int | None = None) -> int:
         v = meta.get(key, default)
