@@ -116,6 +116,17 @@ def check_projector(info: Any) -> ProjectorInfo:
                 need(f"v.blk.{i}.{name}.weight", (e, e))
         need(f"v.blk.{i}.ffn_up.weight", (e, ff))
         need(f"v.blk.{i}.ffn_down.weight", (ff, e))
+        # optional ones where present: ggml asserts (aborts) on a gate, norm or bias of another shape
+        for name, shape in (("ffn_gate.weight", (e, ff)), ("ln1.weight", (e,)), ("ln2.weight", (e,))):
+            if f"v.blk.{i}.{name}" in shapes:
+                need(f"v.blk.{i}.{name}", shape)
+    for name in ("v.pre_ln.weight", "v.post_ln.weight"):
+        if name in shapes:
+            need(name, (e,))
+    for name, got in shapes.items():  # a bias adds to its weight's output: one value per output row
+        weight = shapes.get(name[: -len(".bias")] + ".weight") if name.endswith(".bias") else None
+        if weight is not None and len(weight) and tuple(got) != (weight[-1],):
+            raise _bad(p, f"tensor {name} has shape {tuple(got)}, ({weight[-1]},) expected")
     if any(n.startswith(f"v.blk.{n_layer}.") for n in shapes):
         raise _bad(p, f"it holds more layers than block_count {n_layer}")
     deepstack = 0

@@ -381,6 +381,25 @@ def test_qwen_projector_checks_refuse_what_libmtmd_would_abort_on_or_misread(tmp
         inspect_projector(tmp_path / "broken.gguf")
 
 
+@pytest.mark.parametrize("kind,tensor", [("qwen25vl", "v.blk.0.ffn_gate.weight"), ("qwen25vl", "v.blk.1.attn_q.bias"),
+                                         ("qwen25vl", "mm.0.bias"), ("qwen3vl", "v.deepstack.0.fc1.bias"),
+                                         ("qwen3vl", "v.post_ln.weight")])
+def test_a_gate_norm_or_bias_of_another_shape_is_refused_before_ggml_asserts(kind: str, tensor: str, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of these, twice as wide as its layer, aborted the process on the first picture (GGML_ASSERT in
+    ggml_add / ggml_mul): the header check names it instead."""
+    import ggufrun.synthetic_vision as sv
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+
+    name = {"qwen25vl": "_plan_qwen25vl", "qwen3vl": "_plan_qwen3vl"}[kind]
+    plan = getattr(sv, name)
+    monkeypatch.setattr(sv, name, lambda spec, width: [(n, (*s[:-1], 2 * s[-1]) if n == tensor else s, t, f)
+                                                       for n, s, t, f in plan(spec, width)])
+    with pytest.raises(InvalidGGUFError, match=f"tensor {tensor} has shape"):
+        inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
+
+
 def test_show_says_a_qwen_model_sees_pictures_of_any_size(qvl25: tuple[Path, Path], tmp_path: Path) -> None:
     import subprocess
     import sys
