@@ -137,8 +137,8 @@ def check_projector(info: Any) -> ProjectorInfo:
             raise _bad(p, f"tensor mm.2.weight has shape {out}, ({e * 4}, N) expected")
         text = out[1]
         need("mm.2.bias", (text,))
-        for i in range(n_layer):  # Qwen3-VL's deepstack mergers, the same shapes as the main one's
-            if f"v.deepstack.{i}.fc2.weight" in shapes:
+        for i in range(n_layer if qwen3 else 0):  # Qwen3-VL's deepstack mergers, the same shapes as the main one's
+            if f"v.deepstack.{i}.fc1.weight" in shapes:  # what makes a layer deepstack to clip.cpp (has_deepstack)
                 need(f"v.deepstack.{i}.norm.weight", (e * 4,))
                 need(f"v.deepstack.{i}.fc1.weight", (e * 4, e * 4))
                 need(f"v.deepstack.{i}.fc2.weight", (e * 4, text))

@@ -400,6 +400,20 @@ def test_a_gate_norm_or_bias_of_another_shape_is_refused_before_ggml_asserts(kin
         inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
 
 
+def test_a_deepstack_layer_without_its_second_layer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip.cpp takes a layer with a deepstack fc1 as a deepstack layer: one without its fc2 aborted the process
+    on the first picture, and the check (keyed on fc2) counted it out and let the file through."""
+    import ggufrun.synthetic_vision as sv
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+
+    plan = sv._plan_qwen3vl
+    monkeypatch.setattr(sv, "_plan_qwen3vl", lambda spec, width: [*plan(spec, width),
+                                                                  ("v.deepstack.1.fc1.weight", (128, 128), "F16", "weight")])
+    with pytest.raises(InvalidGGUFError, match="tensor v.deepstack.1.norm.weight is missing"):
+        inspect_projector(sv.write_projector(tmp_path / "p.gguf", "qwen3vl-tiny", 64))
+
+
 def test_show_says_a_qwen_model_sees_pictures_of_any_size(qvl25: tuple[Path, Path], tmp_path: Path) -> None:
     import subprocess
     import sys
