@@ -99,6 +99,10 @@ def check_projector(info: Any) -> ProjectorInfo:
     need("v.patch_embd.weight", (patch, patch, 3, e))
     if qwen:
         need("v.patch_embd.weight.1", (patch, patch, 3, e))
+        # clip.cpp's Qwen graphs assert (abort) on a class embedding, and Qwen2.5-VL's on a patch bias
+        for name in ("v.class_embd", *(() if qwen3 else ("v.patch_embd.bias",))):
+            if name in shapes:
+                raise _bad(p, f"tensor {name} is not one a {kind} projector has")
     if qwen3:  # learned positions on a square grid, interpolated to the picture (clip.cpp asserts both)
         need("v.patch_embd.bias", (e,))
         grid = shapes.get("v.position_embd.weight")

@@ -400,6 +400,21 @@ def test_a_gate_norm_or_bias_of_another_shape_is_refused_before_ggml_asserts(kin
         inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
 
 
+@pytest.mark.parametrize("kind,tensor", [("qwen25vl", "v.patch_embd.bias"), ("qwen3vl", "v.class_embd")])
+def test_a_tensor_clip_cpp_asserts_a_qwen_projector_lacks_is_refused(kind: str, tensor: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip.cpp's Qwen graphs abort the process on the first picture where these are present."""
+    import ggufrun.synthetic_vision as sv
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+
+    name = {"qwen25vl": "_plan_qwen25vl", "qwen3vl": "_plan_qwen3vl"}[kind]
+    plan = getattr(sv, name)
+    monkeypatch.setattr(sv, name, lambda spec, width: [*plan(spec, width), (tensor, (32,), "F32", "bias")])
+    with pytest.raises(InvalidGGUFError, match=f"tensor {tensor} is not one a"):
+        inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
+
+
 def test_a_deepstack_layer_without_its_second_layer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """clip.cpp takes a layer with a deepstack fc1 as a deepstack layer: one without its fc2 aborted the process
     on the first picture, and the check (keyed on fc2) counted it out and let the file through."""
