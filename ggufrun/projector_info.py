@@ -76,6 +76,8 @@ def check_projector(info: Any) -> ProjectorInfo:
         raise _bad(p, f"spatial_merge_size is {scale}, 2 expected")
     if qwen and not qwen3 and num("clip.vision.n_wa_pattern") > n_layer:
         raise _bad(p, f"n_wa_pattern is over {n_layer} layers")
+    if qwen and not qwen3 and patch > 56:  # clip.cpp's 112-pixel windows: 112 // patch // 2 = 0 loops forever
+        raise _bad(p, f"patch size {patch} is over 56 (Qwen2.5-VL's attention windows would be empty)")
     if e % n_head:
         raise _bad(p, f"width {e} is not a multiple of {n_head} heads")
     if image % patch:

@@ -415,6 +415,20 @@ def test_a_tensor_clip_cpp_asserts_a_qwen_projector_lacks_is_refused(kind: str, 
         inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
 
 
+def test_a_qwen25_patch_wider_than_its_attention_window_is_refused(tmp_path: Path) -> None:
+    """clip.cpp cuts a Qwen2.5-VL picture into 112-pixel windows of 2x2 patches: with patches over 56 pixels
+    a window holds none and its loop never ends (the first picture's encode hung, its request with it)."""
+    import dataclasses
+
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+    from ggufrun.synthetic_vision import PROJECTORS
+
+    wide = dataclasses.replace(PROJECTORS["qwen25vl-tiny"], patch_size=64, image_size=256)
+    with pytest.raises(InvalidGGUFError, match="patch size 64 is over 56"):
+        inspect_projector(write_projector(tmp_path / "p.gguf", wide, 64))
+
+
 def test_a_deepstack_layer_without_its_second_layer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """clip.cpp takes a layer with a deepstack fc1 as a deepstack layer: one without its fc2 aborted the process
     on the first picture, and the check (keyed on fc2) counted it out and let the file through."""
