@@ -704,3 +704,27 @@ def test_closing_the_projector_waits_for_the_picture_being_encoded(vlm: tuple[Pa
         assert got and got[0][1] and proj._ctx is None  # encoded, then freed by the last user
         with pytest.raises(ModelLoadError, match="unloaded"):
             proj.block(load_picture(png(22, 35)))
+
+
+def test_on_a_cpu_an_encode_and_a_decode_take_turns(vlm: tuple[Path, Path]) -> None:
+    """llama.cpp's CPU threads spin at their barriers: an encode beside a decode on the same cores
+    slowed both, so on the CPU the projector encodes only between the model's decodes."""
+    from ggufrun.llama.vision import Projector
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    model_path, mmproj = vlm
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
+        assert model.serial_compute is not None
+        got: list[Any] = []
+        with model.serial_compute:  # as while the engine's decode runs
+            reader = threading.Thread(target=lambda: got.append(proj.block(load_picture(png(23, 36)))))
+            reader.start()
+            reader.join(timeout=1.0)
+            assert not got and proj.encoded == 0  # cut, then waiting for the decode to end
+        reader.join(timeout=10)
+        assert got and proj.encoded == 1
+        model.decode([(0, model.tokenize("Hello"), True)])  # a decode takes the lock too, and gives it back
+        assert not model.serial_compute.locked()
+        proj.close()

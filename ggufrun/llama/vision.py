@@ -20,7 +20,7 @@ import ctypes
 import queue
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,6 +122,9 @@ class Projector:
                 raise ModelLoadError(f"llama.cpp could not load a copy of the projector {path}{llama_reason()}.",
                                      "Use fewer --image-encoders.")
             self._extra.append(ctx)
+        if not use_gpu and model.serial_compute is None:  # on the CPU an encode waits for the decode in progress
+            model.serial_compute = threading.Lock()
+        self._serial = model.serial_compute if not use_gpu else None
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # contexts no thread is encoding with
         for ctx in [self._ctx, *self._extra]:
             self._idle.put(ctx)
@@ -229,7 +232,8 @@ class Projector:
         try:
             ctx = self._idle.get()
             try:
-                block = self._encode(ctx, chunks, digest)
+                with self._serial or nullcontext():
+                    block = self._encode(ctx, chunks, digest)
             finally:
                 self._idle.put(ctx)
             with self._lock:
@@ -383,7 +387,7 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
         if whole:
             L.llama_set_causal_attn(model._ctx, False)
         try:
-            rc = L.llama_decode(model._ctx, batch)
+            rc = model.llama_decode(batch)
         finally:
             if mrope is not None:
                 batch.pos = ctypes.cast(own_pos, pos_type)  # llama_batch_free frees the batch's own array
