@@ -32,7 +32,7 @@ class ImageError(GgufrunError):
 
 
 class UnsupportedProjectorError(GgufrunError):
-    """A real projector whose layout ggufrun does not check and decode yet (Qwen2-VL, Qwen3-VL, Pixtral...)."""
+    """A real projector whose layout ggufrun does not check and decode yet (Qwen2-VL, Pixtral...)."""
 
     exit_status = ExitStatus.USAGE
 

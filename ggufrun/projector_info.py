@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import InvalidGGUFError
 
-# projector types whose layout is checked here (and decoded by the engine or refused by name there)
+# projector types whose layout is checked here and that the engine decodes (others are refused by name)
 SUPPORTED = ("idefics3", "gemma3", "qwen2.5vl_merger", "qwen3vl_merger")
 _MAX = 1 << 16
 
@@ -55,7 +55,7 @@ def check_projector(info: Any) -> ProjectorInfo:
 
         raise UnsupportedProjectorError(f"{p.name} is a {kind[:40]} projector, which ggufrun does not decode yet "
                                         f"(it decodes {', '.join(SUPPORTED)}).",
-                                        "Use SmolVLM, gemma-3 or Qwen2.5-VL for images, or llama-server for this model.")
+                                        "Use SmolVLM, gemma-3, Qwen2.5-VL or Qwen3-VL for images, or llama-server for this model.")
 
     def num(key: str, default: int | None = None) -> int:
         v = meta.get(key, default)
@@ -76,6 +76,8 @@ def check_projector(info: Any) -> ProjectorInfo:
         raise _bad(p, f"spatial_merge_size is {scale}, 2 expected")
     if qwen and not qwen3 and num("clip.vision.n_wa_pattern") > n_layer:
         raise _bad(p, f"n_wa_pattern is over {n_layer} layers")
+    if qwen and not qwen3 and patch > 56:  # clip.cpp's 112-pixel windows: 112 // patch // 2 = 0 loops forever
+        raise _bad(p, f"patch size {patch} is over 56 (Qwen2.5-VL's attention windows would be empty)")
     if e % n_head:
         raise _bad(p, f"width {e} is not a multiple of {n_head} heads")
     if image % patch:
@@ -99,6 +101,10 @@ def check_projector(info: Any) -> ProjectorInfo:
     need("v.patch_embd.weight", (patch, patch, 3, e))
     if qwen:
         need("v.patch_embd.weight.1", (patch, patch, 3, e))
+        # clip.cpp's Qwen graphs assert (abort) on a class embedding, and Qwen2.5-VL's on a patch bias
+        for name in ("v.class_embd", *(() if qwen3 else ("v.patch_embd.bias",))):
+            if name in shapes:
+                raise _bad(p, f"tensor {name} is not one a {kind} projector has")
     if qwen3:  # learned positions on a square grid, interpolated to the picture (clip.cpp asserts both)
         need("v.patch_embd.bias", (e,))
         grid = shapes.get("v.position_embd.weight")
@@ -116,6 +122,17 @@ def check_projector(info: Any) -> ProjectorInfo:
                 need(f"v.blk.{i}.{name}.weight", (e, e))
         need(f"v.blk.{i}.ffn_up.weight", (e, ff))
         need(f"v.blk.{i}.ffn_down.weight", (ff, e))
+        # optional ones where present: ggml asserts (aborts) on a gate, norm or bias of another shape
+        for name, shape in (("ffn_gate.weight", (e, ff)), ("ln1.weight", (e,)), ("ln2.weight", (e,))):
+            if f"v.blk.{i}.{name}" in shapes:
+                need(f"v.blk.{i}.{name}", shape)
+    for name in ("v.pre_ln.weight", "v.post_ln.weight"):
+        if name in shapes:
+            need(name, (e,))
+    for name, got in shapes.items():  # a bias adds to its weight's output: one value per output row
+        weight = shapes.get(name[: -len(".bias")] + ".weight") if name.endswith(".bias") else None
+        if weight is not None and len(weight) and tuple(got) != (weight[-1],):
+            raise _bad(p, f"tensor {name} has shape {tuple(got)}, ({weight[-1]},) expected")
     if any(n.startswith(f"v.blk.{n_layer}.") for n in shapes):
         raise _bad(p, f"it holds more layers than block_count {n_layer}")
     deepstack = 0
@@ -126,8 +143,8 @@ def check_projector(info: Any) -> ProjectorInfo:
             raise _bad(p, f"tensor mm.2.weight has shape {out}, ({e * 4}, N) expected")
         text = out[1]
         need("mm.2.bias", (text,))
-        for i in range(n_layer):  # Qwen3-VL's deepstack mergers, the same shapes as the main one's
-            if f"v.deepstack.{i}.fc2.weight" in shapes:
+        for i in range(n_layer if qwen3 else 0):  # Qwen3-VL's deepstack mergers, the same shapes as the main one's
+            if f"v.deepstack.{i}.fc1.weight" in shapes:  # what makes a layer deepstack to clip.cpp (has_deepstack)
                 need(f"v.deepstack.{i}.norm.weight", (e * 4,))
                 need(f"v.deepstack.{i}.fc1.weight", (e * 4, e * 4))
                 need(f"v.deepstack.{i}.fc2.weight", (e * 4, text))

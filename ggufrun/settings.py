@@ -89,7 +89,8 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
           min=1, max=16, auto=True),
     Field("step_tokens", int, "serve: prompt and embedding work one engine step takes beside generating replies: auto "
           "(a time per step, from each kind's measured cost: steps within 1.2x a plain decode step on average beside "
-          "prompts, 1.3x beside texts to embed) or a fixed count of tokens.", min=1, auto=True),
+          "prompts, up to 8 times that slack while more prompts wait than replies generate, 1.3x beside texts to embed) "
+          "or a fixed count of tokens.", min=1, auto=True),
 )}
 
 

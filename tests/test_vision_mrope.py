@@ -161,6 +161,28 @@ def test_two_sequences_pictures_in_one_embedding_batch_give_their_solo_replies(l
     model.reset()
 
 
+def test_an_embedding_batch_that_fails_leaves_no_image_in_the_positions(loaded25: tuple[Any, Any]) -> None:
+    """A picture begun in a batch that raises before llama_decode (another sequence's image is gone) is
+    not kept as begun: text decoded there next takes consecutive positions, not that image's start."""
+    from ggufrun.errors import ModelLoadError
+    from ggufrun.images import image_tokens
+
+    model, proj = loaded25
+    held: list[Any] = []
+    a = _prompt(model, proj, 70, "what is it", held)
+    start = next(i for i, t in enumerate(a) if t < 0)
+    model.reset()
+    model.decode([(0, a[:start], False), (1, a[:start], False)])
+    with pytest.raises(ModelLoadError, match="no longer held"):
+        model.decode([(0, a[start : start + held[0].n_tokens], False), (1, image_tokens(b"gone", 20)[1], False)])
+    assert model.seq_len(0) == start
+    text = model.tokenize("plain text after all")
+    model.decode([(0, text[:1], False)])
+    model.decode([(0, text[1:], False)])
+    assert model.mrope.at(0, model.seq_len(0)) == model.seq_len(0)
+    model.reset()
+
+
 def test_a_slot_file_with_a_picture_is_refused_on_restore(loaded: tuple[Any, Any], tmp_path: Path) -> None:
     """Its image positions are not in the file's token list: the sequence is left empty, not decoded wrong."""
     from ggufrun.errors import ModelLoadError
@@ -357,6 +379,68 @@ def test_qwen_projector_checks_refuse_what_libmtmd_would_abort_on_or_misread(tmp
     w.close()
     with pytest.raises(InvalidGGUFError, match="v.position_embd.weight"):
         inspect_projector(tmp_path / "broken.gguf")
+
+
+@pytest.mark.parametrize("kind,tensor", [("qwen25vl", "v.blk.0.ffn_gate.weight"), ("qwen25vl", "v.blk.1.attn_q.bias"),
+                                         ("qwen25vl", "mm.0.bias"), ("qwen3vl", "v.deepstack.0.fc1.bias"),
+                                         ("qwen3vl", "v.post_ln.weight")])
+def test_a_gate_norm_or_bias_of_another_shape_is_refused_before_ggml_asserts(kind: str, tensor: str, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of these, twice as wide as its layer, aborted the process on the first picture (GGML_ASSERT in
+    ggml_add / ggml_mul): the header check names it instead."""
+    import ggufrun.synthetic_vision as sv
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+
+    name = {"qwen25vl": "_plan_qwen25vl", "qwen3vl": "_plan_qwen3vl"}[kind]
+    plan = getattr(sv, name)
+    monkeypatch.setattr(sv, name, lambda spec, width: [(n, (*s[:-1], 2 * s[-1]) if n == tensor else s, t, f)
+                                                       for n, s, t, f in plan(spec, width)])
+    with pytest.raises(InvalidGGUFError, match=f"tensor {tensor} has shape"):
+        inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
+
+
+@pytest.mark.parametrize("kind,tensor", [("qwen25vl", "v.patch_embd.bias"), ("qwen3vl", "v.class_embd")])
+def test_a_tensor_clip_cpp_asserts_a_qwen_projector_lacks_is_refused(kind: str, tensor: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip.cpp's Qwen graphs abort the process on the first picture where these are present."""
+    import ggufrun.synthetic_vision as sv
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+
+    name = {"qwen25vl": "_plan_qwen25vl", "qwen3vl": "_plan_qwen3vl"}[kind]
+    plan = getattr(sv, name)
+    monkeypatch.setattr(sv, name, lambda spec, width: [*plan(spec, width), (tensor, (32,), "F32", "bias")])
+    with pytest.raises(InvalidGGUFError, match=f"tensor {tensor} is not one a"):
+        inspect_projector(sv.write_projector(tmp_path / "p.gguf", f"{kind}-tiny", 64))
+
+
+def test_a_qwen25_patch_wider_than_its_attention_window_is_refused(tmp_path: Path) -> None:
+    """clip.cpp cuts a Qwen2.5-VL picture into 112-pixel windows of 2x2 patches: with patches over 56 pixels
+    a window holds none and its loop never ends (the first picture's encode hung, its request with it)."""
+    import dataclasses
+
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+    from ggufrun.synthetic_vision import PROJECTORS
+
+    wide = dataclasses.replace(PROJECTORS["qwen25vl-tiny"], patch_size=64, image_size=256)
+    with pytest.raises(InvalidGGUFError, match="patch size 64 is over 56"):
+        inspect_projector(write_projector(tmp_path / "p.gguf", wide, 64))
+
+
+def test_a_deepstack_layer_without_its_second_layer_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """clip.cpp takes a layer with a deepstack fc1 as a deepstack layer: one without its fc2 aborted the process
+    on the first picture, and the check (keyed on fc2) counted it out and let the file through."""
+    import ggufrun.synthetic_vision as sv
+    from ggufrun.errors import InvalidGGUFError
+    from ggufrun.projector_info import inspect_projector
+
+    plan = sv._plan_qwen3vl
+    monkeypatch.setattr(sv, "_plan_qwen3vl", lambda spec, width: [*plan(spec, width),
+                                                                  ("v.deepstack.1.fc1.weight", (128, 128), "F16", "weight")])
+    with pytest.raises(InvalidGGUFError, match="tensor v.deepstack.1.norm.weight is missing"):
+        inspect_projector(sv.write_projector(tmp_path / "p.gguf", "qwen3vl-tiny", 64))
 
 
 def test_show_says_a_qwen_model_sees_pictures_of_any_size(qvl25: tuple[Path, Path], tmp_path: Path) -> None:

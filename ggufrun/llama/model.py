@@ -413,8 +413,9 @@ class Model:
         return self.seq_len(seq_id)
 
     def _truncate(self, seq_id: int, keep: int) -> None:
-        """Keep the first ``keep`` cached tokens of a sequence; fall back to a full clear where the
-        cache cannot drop a tail (recurrent and some sliding-window caches)."""
+        """Keep the first ``keep`` cached tokens of a sequence (fewer where ``keep`` falls inside an
+        M-RoPE image: its rows share one position, so it goes whole); fall back to a full clear where
+        the cache cannot drop a tail (recurrent and some sliding-window caches)."""
         cached = self._seq.get(seq_id, [])
         if keep >= len(cached):
             return

@@ -9,7 +9,7 @@ An image's positions in a token list are *image tokens*, negative ints that name
 hash of its pixels) and the row (ggufrun.images.image_tokens): equal images give equal tokens, so
 prefix reuse in the KV cache works for images as it does for text.
 
-On an M-RoPE model (Qwen2.5-VL) an image's rows take 2-D positions and fewer of them than rows:
+On an M-RoPE model (Qwen2.5-VL, Qwen3-VL) an image's rows take 2-D positions and fewer of them than rows:
 each embedding carries its rows' positions relative to where it starts, and the model's
 mrope.Positions maps indices to positions for every decode, cut and copy (llama/mrope.py).
 """
@@ -83,7 +83,7 @@ class Projector:
         params.warmup = False
         self.path = path
         self.model = model
-        self._recent_lock = threading.Lock()  # also guards _users and _closing
+        self._lock = threading.Lock()  # guards _recent, _pending, encoded, _users, _closing and freeing
         self._extra: list[Any] = []
         self._users = 0  # threads in block(): close() leaves the contexts to the last of them
         self._closing = False
@@ -95,8 +95,9 @@ class Projector:
         if not M.mtmd_support_vision(self._ctx):
             self.close()
             raise ConfigError(f"{path.name} is not a vision projector (it has no image encoder).")
-        # M-RoPE models (Qwen2.5-VL) give an image 2-D positions, fewer than its rows: the model maps
-        # indices to positions from then on (llama/mrope.py)
+        # M-RoPE models (Qwen2.5-VL, Qwen3-VL) give an image 2-D positions, fewer than its rows: the
+        # model maps indices to positions from then on (llama/mrope.py). libmtmd decides this from the
+        # text model's rope type, so a projector of another family on such a model gets them too.
         self.mrope = bool(M.mtmd_decode_use_mrope(self._ctx))
         if self.mrope and model.mrope is None:
             from .mrope import Positions
@@ -130,11 +131,12 @@ class Projector:
 
     @property
     def encoders(self) -> int:
+        """Pictures this projector encodes at once (its contexts)."""
         return 1 + len(self._extra)
 
     def close(self) -> None:
         """Free the contexts now, or when the last picture being cut or encoded is done."""
-        lock = getattr(self, "_recent_lock", None)
+        lock = getattr(self, "_lock", None)
         if lock is None:
             return
         with lock:
@@ -144,23 +146,23 @@ class Projector:
             self._free()
 
     def _free(self) -> None:
-        for ctx in self._extra:
+        # taken under the lock: two close() calls (or close() and the last user) must not free a context twice
+        with self._lock:
+            contexts = [c for c in (self._ctx, *self._extra) if c]
+            self._ctx, self._extra = None, []
+        for ctx in contexts:
             _mtmd().mtmd_free(ctx)
-        self._extra = []
-        if self._ctx:
-            _mtmd().mtmd_free(self._ctx)
-            self._ctx = None
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
-        with self._recent_lock:
+        with self._lock:
             if self._closing:
                 raise ModelLoadError("The projector has been unloaded.", "Retry the request.")
             self._users += 1
         try:
             yield
         finally:
-            with self._recent_lock:
+            with self._lock:
                 self._users -= 1
                 last = self._closing and not self._users
             if last:
@@ -178,19 +180,17 @@ class Projector:
         preprocessing and the vision encoder: call it off the event loop and the engine thread.
         Raises ConfigError (an image libmtmd refuses), ModelLoadError (encoding failed)."""
         name = (pic.digest, pic.width, pic.height)
-        hit = self._cached(name)  # a repeated picture does not wait behind another one's encoding
-        if hit is not None:
-            return hit
-        tokens, embeds = self._block(pic, name)
-        return list(tokens), list(embeds)
+        with self._lock:
+            hit = self._recent_hit(name)  # a repeated picture is not preprocessed again
+        return hit if hit is not None else self._block(pic, name)
 
-    def _cached(self, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]] | None:
-        with self._recent_lock:
-            hit = self._recent.get(name)
-            if hit is None:
-                return None
-            self._recent.move_to_end(name)
-            return list(hit[0]), list(hit[1])
+    def _recent_hit(self, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]] | None:
+        """A copy of a recent picture's block (the caller holds :attr:`_lock`)."""
+        hit = self._recent.get(name)
+        if hit is None:
+            return None
+        self._recent.move_to_end(name)
+        return list(hit[0]), list(hit[1])
 
     def _block(self, pic: Picture, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
         """The picture's block, encoded here or by another thread meanwhile. libmtmd's preprocessing
@@ -220,11 +220,10 @@ class Projector:
     def _encode_once(self, chunks: Any, digest: bytes, name: tuple[bytes, int, int]) -> tuple[list[int], list[ImageEmbedding]]:
         """Encode on an idle context, unless another thread encoded (or is encoding) the same picture."""
         while True:
-            with self._recent_lock:
-                hit = self._recent.get(name)
+            with self._lock:
+                hit = self._recent_hit(name)
                 if hit is not None:
-                    self._recent.move_to_end(name)
-                    return list(hit[0]), list(hit[1])
+                    return hit
                 busy = self._pending.get(name)
                 if busy is None:
                     done = self._pending[name] = threading.Event()
@@ -237,14 +236,14 @@ class Projector:
                     block = self._encode(ctx, chunks, digest)
             finally:
                 self._idle.put(ctx)
-            with self._recent_lock:
+            with self._lock:
                 self.encoded += 1
                 self._recent[name] = block
                 while len(self._recent) > RECENT_IMAGES:
                     self._recent.popitem(last=False)
             return list(block[0]), list(block[1])
         finally:
-            with self._recent_lock:
+            with self._lock:
                 del self._pending[name]
             done.set()
 
@@ -347,58 +346,63 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
     logits = np.ctypeslib.as_array(ctypes.cast(batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(size,))
     mrope = model.mrope
     sections: list[Any] = []  # M-RoPE: each run's [4, k] positions
-    n = 0
-    for seq_id, tokens in items:
-        start = len(model._seq.setdefault(seq_id, []))
-        i = 0
-        while i < len(tokens):  # one slice copy per run of consecutive rows of one image
-            key, row = image_row(tokens[i])
-            image = model.images.get(key)
-            k = 1
-            while i + k < len(tokens) and tokens[i + k] == tokens[i] - k:
-                k += 1
-            if image is None or row + k > image.n_tokens:
-                raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
-            embd[n : n + k] = image.rows[row : row + k]
-            if mrope is None:
-                pos[n : n + k] = range(start + i, start + i + k)
-            else:
-                if image.pos is None:
-                    raise ModelLoadError("An image without M-RoPE positions reached an M-RoPE model.")
-                p0 = mrope.at(seq_id, start + i)  # row 0: where the image starts; a later row: its image's start
-                if row == 0:
-                    mrope.add_image(seq_id, start + i, image.n_tokens, image.n_pos)
-                sections.append(image.pos[:, row : row + k] + p0 * image.shift[:, None])
-            logits[n : n + k] = 0
-            for j in range(n, n + k):
-                batch.seq_id[j][0] = seq_id
-            n += k
-            i += k
-    batch.n_tokens = n
-    # the batch's own array, by address: a pointer read from the struct is a view of the field itself
-    own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
-    pos_type = type(batch.pos)
-    if mrope is not None:  # section-major: n times, n heights, n widths, n unused (llama-batch.cpp)
-        buf = _mrope_pos(model)
-        np.ctypeslib.as_array(buf)[: 4 * n] = np.concatenate(sections, axis=1).ravel()
-        batch.pos = ctypes.cast(buf, pos_type)
-    # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
-    whole = model.whole_images
-    if whole:
-        L.llama_set_causal_attn(model._ctx, False)
     try:
-        rc = model.llama_decode(batch)
-    finally:
-        if mrope is not None:
-            batch.pos = ctypes.cast(own_pos, pos_type)  # llama_batch_free frees the batch's own array
+        n = 0
+        for seq_id, tokens in items:
+            start = len(model._seq.setdefault(seq_id, []))
+            i = 0
+            while i < len(tokens):  # one slice copy per run of consecutive rows of one image
+                key, row = image_row(tokens[i])
+                image = model.images.get(key)
+                k = 1
+                while i + k < len(tokens) and tokens[i + k] == tokens[i] - k:
+                    k += 1
+                if image is None or row + k > image.n_tokens:
+                    raise ModelLoadError("An image's embeddings are no longer held (its request ended).", "Retry the request.")
+                embd[n : n + k] = image.rows[row : row + k]
+                if mrope is None:
+                    pos[n : n + k] = range(start + i, start + i + k)
+                else:
+                    if image.pos is None:
+                        raise ModelLoadError("An image without M-RoPE positions reached an M-RoPE model.")
+                    p0 = mrope.at(seq_id, start + i)  # row 0: where the image starts; a later row: its image's start
+                    if row == 0:
+                        mrope.add_image(seq_id, start + i, image.n_tokens, image.n_pos)
+                    sections.append(image.pos[:, row : row + k] + p0 * image.shift[:, None])
+                logits[n : n + k] = 0
+                for j in range(n, n + k):
+                    batch.seq_id[j][0] = seq_id
+                n += k
+                i += k
+        batch.n_tokens = n
+        # the batch's own array, by address: a pointer read from the struct is a view of the field itself
+        own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
+        pos_type = type(batch.pos)
+        if mrope is not None:  # section-major: n times, n heights, n widths, n unused (llama-batch.cpp)
+            buf = _mrope_pos(model)
+            np.ctypeslib.as_array(buf)[: 4 * n] = np.concatenate(sections, axis=1).ravel()
+            batch.pos = ctypes.cast(buf, pos_type)
+        # gemma-3 attends both ways within an image (mtmd_decode_use_non_causal): the whole image is in this batch
+        whole = model.whole_images
         if whole:
-            L.llama_set_causal_attn(model._ctx, True)
-    if rc != 0:
-        if mrope is not None:  # the images this decode began are not in the cache
+            L.llama_set_causal_attn(model._ctx, False)
+        try:
+            rc = model.llama_decode(batch)
+        finally:
+            if mrope is not None:
+                batch.pos = ctypes.cast(own_pos, pos_type)  # llama_batch_free frees the batch's own array
+            if whole:
+                L.llama_set_causal_attn(model._ctx, True)
+        if rc != 0:
+            raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
+                ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
+    except BaseException:
+        # the images this call began are not in the cache: a span left for one would give the text
+        # decoded there next its rows' position (and cuts a boundary inside it)
+        if mrope is not None:
             for seq_id, _ in items:
-                mrope.cut(seq_id, len(model._seq[seq_id]))
-        raise ContextOverflowError(f"llama_decode failed (code {rc}): the KV cache is full.") if rc == 1 else \
-            ModelLoadError(f"llama_decode of image embeddings failed (code {rc}).")
+                mrope.cut(seq_id, len(model._seq.get(seq_id, ())))
+        raise
     for seq_id, tokens in items:
         model._seq[seq_id].extend(tokens)
 

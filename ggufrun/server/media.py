@@ -24,16 +24,16 @@ _pool: Any = None
 
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` for a request with images, in threads of their own: a request waits there
-    for the projector (one encode at a time, seconds each), and in the default executor, which
-    every request's prompt is built in, 16 such requests held all its threads, so a text
-    request waited behind pictures it did not send."""
+    for a free context of the projector (--image-encoders of them; an encode takes seconds on a
+    CPU), and in the default executor, which every request's prompt is built in, 16 such requests
+    held all its threads, so a text request waited behind pictures it did not send."""
     import asyncio
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     global _pool
     if _pool is None:
-        # pictures are decoded and cut (libmtmd preprocessing) in parallel, encoded one at a time
+        # pictures are decoded and cut (libmtmd preprocessing) in parallel, encoded by the projector's pool
         _pool = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="images")
     return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
