@@ -110,7 +110,10 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
     encoders = encoder_count(getattr(settings, "image_encoders", "auto"), gpu=gpu, n_seq_max=model.n_seq_max,
                              projector_bytes=path.stat().st_size)
     try:
-        return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu, encoders=encoders)
+        # auto's copies are a guess at what fits: as many as load serve; a count asked for is all or a refusal
+        at_least = 1 if getattr(settings, "image_encoders", "auto") == "auto" else None
+        return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu, encoders=encoders,
+                         at_least=at_least)
     except UnsupportedProjectorError as exc:
         if report is not None:
             report(f"{exc.message} Text only.")
