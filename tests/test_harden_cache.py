@@ -4,22 +4,22 @@ outside the cache and remove its folder). Everything here lives in the test's tm
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+from cliutil import run_here
 
 from ggufrun import cache
 from ggufrun.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def ggufrun(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, check=False)
+@pytest.fixture()
+def ggufrun(capsys: pytest.CaptureFixture[str]) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """rm, pull and path through the real entry point in the test's process (cliutil.run_here): they refuse or
+    remove a folder before anything else, and a process each added ~0.5 s of CPU to start."""
+    return lambda *args: run_here(capsys, *args, text=True)
 
 
 def entry(name: str, file: str = "victim.gguf", alias: str = "innocent") -> str:
@@ -44,7 +44,7 @@ def _refused(proc: subprocess.CompletedProcess[str]) -> None:
 
 @pytest.mark.parametrize("command", ["rm", "pull", "path"])
 def test_a_dotdot_registry_name_reached_through_an_alias_is_refused(command: str, victim: Path,
-                                                                   ggufrun_home: Path) -> None:
+                                                                   ggufrun_home: Path, ggufrun: Callable[..., Any]) -> None:
     (ggufrun_home / "models.toml").write_text(entry("../..", "victim.gguf"))
     (ggufrun_home / "models").mkdir()
     _refused(ggufrun(command, "innocent"))
@@ -52,13 +52,13 @@ def test_a_dotdot_registry_name_reached_through_an_alias_is_refused(command: str
 
 
 @pytest.mark.parametrize("file", ["../../victim.gguf", "/{victim}"])
-def test_a_file_name_that_climbs_out_is_refused(file: str, victim: Path, ggufrun_home: Path) -> None:
+def test_a_file_name_that_climbs_out_is_refused(file: str, victim: Path, ggufrun_home: Path, ggufrun: Callable[..., Any]) -> None:
     (ggufrun_home / "models.toml").write_text(entry("tm", file.format(victim=victim)))
     _refused(ggufrun("rm", "innocent"))
     assert victim.read_bytes() == b"precious"
 
 
-def test_a_symlinked_model_folder_is_refused(victim: Path, ggufrun_home: Path) -> None:
+def test_a_symlinked_model_folder_is_refused(victim: Path, ggufrun_home: Path, ggufrun: Callable[..., Any]) -> None:
     (ggufrun_home / "models").mkdir()
     (ggufrun_home / "models" / "tm").symlink_to(victim.parent, target_is_directory=True)
     (ggufrun_home / "models.toml").write_text(entry("tm", "victim.gguf"))
@@ -67,7 +67,7 @@ def test_a_symlinked_model_folder_is_refused(victim: Path, ggufrun_home: Path) -
     assert victim.read_bytes() == b"precious"
 
 
-def test_a_symlinked_model_file_is_refused(victim: Path, ggufrun_home: Path) -> None:
+def test_a_symlinked_model_file_is_refused(victim: Path, ggufrun_home: Path, ggufrun: Callable[..., Any]) -> None:
     (ggufrun_home / "models" / "tm").mkdir(parents=True)
     (ggufrun_home / "models" / "tm" / "victim.gguf").symlink_to(victim)
     (ggufrun_home / "models.toml").write_text(entry("tm", "victim.gguf"))
@@ -75,7 +75,7 @@ def test_a_symlinked_model_file_is_refused(victim: Path, ggufrun_home: Path) -> 
     assert victim.read_bytes() == b"precious"
 
 
-def test_a_cache_moved_by_a_symlink_still_works(tmp_path: Path, ggufrun_home: Path) -> None:
+def test_a_cache_moved_by_a_symlink_still_works(tmp_path: Path, ggufrun_home: Path, ggufrun: Callable[..., Any]) -> None:
     """Symlinking the whole models folder to a bigger disk is legitimate: inside is judged after
     resolving both sides."""
     disk = tmp_path / "big-disk"
