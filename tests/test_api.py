@@ -285,11 +285,13 @@ def test_content_parts_tool_round_trip_and_prefill_render(smol: ServerProcess) -
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}], tools=[WEATHER])
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}], tools=[WEATHER], max_tokens=1)
     assert loop.status_code == 200, loop.text
     # prefill: the reply continues the assistant's text instead of starting a new turn
-    opened = chat(smol, messages=[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}])
-    fresh = chat(smol, messages=[{"role": "user", "content": "Name a colour."}])
+    # one token each: the loop's and the prefill's checks read the status and the prompt, not the reply
+    opened = chat(smol, messages=[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}],
+                  max_tokens=1)
+    fresh = chat(smol, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=1)
     assert opened.status_code == 200
     assert opened.json()["usage"]["prompt_tokens"] > fresh.json()["usage"]["prompt_tokens"]
 

@@ -18,6 +18,7 @@ import pytest
 from ggufrun import distributed, settings
 from ggufrun.errors import ConfigError
 
+from cliutil import run_here
 from serverutil import ROOT, ServerProcess, free_port
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -71,18 +72,17 @@ def test_tensor_split_and_split_mode_are_checked() -> None:
         settings.Settings().updated({"split_mode": "columns"}, "x")
 
 
-def test_bad_rpc_env_is_a_one_line_error(tiny_model_factory) -> None:
+# The two refusals below run through the real entry point in the test's process (cliutil.run_here): they refuse
+# before any model or worker is touched, and a process each added only its start (~0.5 s of CPU).
+def test_bad_rpc_env_is_a_one_line_error(tiny_model_factory, capsys: pytest.CaptureFixture[str]) -> None:
     model = tiny_model_factory("llama")
-    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "chat", str(model), "-p", "hi"],
-                          capture_output=True, text=True, env={**ENV, "GGUFRUN_HOME": os.environ["GGUFRUN_HOME"],
-                                                               "GGUFRUN_RPC": "127.0.0.1:99999"}, timeout=60)
+    proc = run_here(capsys, "chat", str(model), "-p", "hi", env={"GGUFRUN_RPC": "127.0.0.1:99999"}, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "Error: Invalid RPC worker '127.0.0.1:99999' in environment: port must be 1-65535."
 
 
-def test_bench_load_mode_refuses_device_flags() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "bench", "--url", "http://127.0.0.1:9", "--rpc", "127.0.0.1:50052"],
-                          capture_output=True, text=True, env=ENV, timeout=60)
+def test_bench_load_mode_refuses_device_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_here(capsys, "bench", "--url", "http://127.0.0.1:9", "--rpc", "127.0.0.1:50052", text=True)
     assert proc.returncode == 2 and "--rpc" in proc.stderr and "Traceback" not in proc.stderr
 
 
