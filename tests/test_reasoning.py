@@ -201,7 +201,8 @@ def test_the_budget_closes_a_block_that_would_run_on(think: ServerProcess) -> No
     cut = oa.chat.completions.create(model="think", messages=ASK, max_tokens=16, extra_body={**GREEDY, "reasoning_budget": 5})
     assert 5 <= cut.usage.completion_tokens_details.reasoning_tokens <= 5 + 6  # the budget, then the close's tokens
     assert cut.choices[0].message.content
-    off = oa.chat.completions.create(model="think", messages=ASK, max_tokens=20, reasoning_effort="none", extra_body=GREEDY)
+    # thinking off: the answer starts at once, so a few tokens show it (as in the three APIs' tests below)
+    off = oa.chat.completions.create(model="think", messages=ASK, max_tokens=4, reasoning_effort="none", extra_body=GREEDY)
     assert (off.choices[0].message.model_extra or {}).get("reasoning_content") is None and off.choices[0].message.content
 
 
@@ -240,7 +241,7 @@ def test_anthropic_thinking_blocks_whole_and_streamed(think: ServerProcess) -> N
     assert ("content_block_delta", "thinking_delta") in kinds and ("content_block_delta", "text_delta") in kinds
     assert [(b.type, getattr(b, "thinking", None) or b.text) for b in final.content] == \
         [(b.type, getattr(b, "thinking", None) or b.text) for b in m.content]
-    off = c.messages.create(**{**ask, "thinking": {"type": "disabled"}})
+    off = c.messages.create(**{**ask, "max_tokens": 4, "thinking": {"type": "disabled"}})  # no block to wait for
     assert [b.type for b in off.content] == ["text"]
     # a thinking block sent back is the assistant turn's reasoning: this template keeps it after the last query
     def counted(blocks: list[dict[str, Any]]) -> int:
@@ -266,7 +267,7 @@ def test_ollama_message_thinking_whole_and_streamed(think: ServerProcess) -> Non
         thought += part.message.thinking or ""
         answer += part.message.content or ""
     assert (thought, answer) == (r.message.thinking, r.message.content)
-    off = client.chat(model="think", messages=ASK, think=False, options=options)
+    off = client.chat(model="think", messages=ASK, think=False, options={**options, "num_predict": 4})  # no block to wait for
     assert not off.message.thinking and off.message.content
     g = client.generate(model="think", prompt="Explain in detail how photosynthesis works.", options=options)
     assert g.thinking and g.response
@@ -284,7 +285,7 @@ def test_responses_reasoning_items_and_reasoning_tokens(think: ServerProcess) ->
     done = [e for e in events if e.type in ("response.completed", "response.incomplete")][-1].response
     assert deltas == done.output[0].content[0].text == r.output[0].content[0].text
     assert done.output_text == r.output_text
-    off = oa.responses.create(**ask, reasoning={"effort": "none"})
+    off = oa.responses.create(**{**ask, "max_output_tokens": 4}, reasoning={"effort": "none"})  # no block to wait for
     assert [item.type for item in off.output] == ["message"] and off.reasoning.effort == "none"
     assert off.usage.output_tokens_details.reasoning_tokens == 0
     with pytest.raises(Exception, match="reasoning.summary"):
@@ -436,7 +437,7 @@ def test_the_chat_page_shows_thinking_apart_from_the_answer(think: ServerProcess
     try:
         browser.open(think.url)
         browser.wait_for("document.body.dataset.defaults === 'loaded'")
-        browser.evaluate("document.getElementById('max-tokens').value = '24'; document.getElementById('temperature').value = '0';"
+        browser.evaluate("document.getElementById('max-tokens').value = '16'; document.getElementById('temperature').value = '0';"
                          "document.getElementById('input').value = 'Explain photosynthesis.'; document.getElementById('send').click(); true")
         browser.wait_for("document.querySelector('.msg.assistant.done') !== null")
         thought = browser.evaluate("(document.querySelector('.msg.assistant .thinking') || {}).textContent || ''")
