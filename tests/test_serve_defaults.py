@@ -201,10 +201,9 @@ def test_ollama_num_predict_minus_one_runs_until_the_context_is_full() -> None:
         assert body["max_tokens"] == UNTIL_CONTEXT_FULL > 1 << 24
 
 
-def test_a_bad_system_prompt_fails_before_the_server_starts(tiny_model: Path) -> None:
-    import subprocess
-    import sys
+def test_a_bad_system_prompt_fails_before_the_server_starts(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refusal, so through the real entry point in this process (cliutil.run_here)."""
+    from cliutil import run_here
 
-    proc = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", str(tiny_model), "--system", "@no-such-prompt",
-                           "--port", "0"], capture_output=True, text=True, timeout=60)
+    proc = run_here(capsys, "serve", str(tiny_model), "--system", "@no-such-prompt", "--port", "0", text=True)
     assert proc.returncode == 2 and "Unknown system prompt '@no-such-prompt'" in proc.stderr and "Traceback" not in proc.stderr

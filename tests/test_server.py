@@ -378,11 +378,13 @@ def test_a_model_that_fails_to_load_on_demand_is_a_500_and_the_rest_keeps_servin
         assert ok.status_code == 200
 
 
-def test_bad_config_fails_in_one_line(tmp_path: Path) -> None:
+def test_bad_config_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refusal, so through the real entry point in this process (cliutil.run_here)."""
+    from cliutil import run_here
+
     config = tmp_path / "serve.toml"
     config.write_text('[[models]]\nmodel = "x.gguf"\nn_ctxx = 5\n', encoding="utf-8")
-    out = subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", "--config", str(config)],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = run_here(capsys, "serve", "--config", str(config), text=True)
     assert out.returncode != 0 and "n_ctxx" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 

@@ -279,18 +279,20 @@ def test_request_draft_bounds_are_checked() -> None:
             parse_gen({"prompt": "x", **bad}, chat=False)
 
 
-def test_draft_tuning_without_a_drafter_is_refused_in_one_line(tiny_model: Path, tmp_path: Path, ggufrun_home: Path) -> None:
+def test_draft_tuning_without_a_drafter_is_refused_in_one_line(tiny_model: Path, tmp_path: Path, ggufrun_home: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """--draft-max/--draft-min/--draft-p-min (and models.toml or serve-config draft_*) with nothing
     drafting would change nothing: `serve` refuses them in one line before a model loads, naming
-    the missing flag; --draft-p-min beside --spec ngram too (a lookup has no probabilities)."""
+    the missing flag; --draft-p-min beside --spec ngram too (a lookup has no probabilities). Refusals,
+    so through the real entry point in this process (cliutil.run_here): a process each added only its start."""
     import subprocess
-    import sys
+
+    from cliutil import run_here
 
     from ggufrun.settings import Settings
 
     def serve(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ggufrun.cli.main", "serve", *argv, "--port", "1"],
-                              capture_output=True, text=True, timeout=60, check=False)
+        return run_here(capsys, "serve", *argv, "--port", "1", text=True)
 
     config = tmp_path / "serve.toml"
     config.write_text(f'[[models]]\nmodel = "{tiny_model}"\ndraft_min = 2\n', encoding="utf-8")
