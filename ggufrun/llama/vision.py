@@ -470,7 +470,8 @@ def decode_with_images(model: Any, items: list[tuple[int, list[int], bool]], all
     """Model.decode for items holding image tokens. One item may mix text and images (its runs are
     decoded in order); several items must be one run each (the engine cuts prompt chunks where
     text and images meet, ggufrun.images.run_end): their images go in one embedding batch first,
-    then their text in one token batch, whose logits the caller samples."""
+    then their text in one token batch, whose logits the caller samples. With model.mixed_runs
+    (text rows exact, llama/text_rows.py) every item's text and images go in one embedding batch."""
     if len(items) == 1:
         seq_id, tokens, want = items[0]
         runs = _runs(tokens)
