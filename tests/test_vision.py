@@ -76,7 +76,9 @@ def test_synthetic_projector_loads_tokenizes_and_encodes_in_libmtmd(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(shape[1] == 64 for shape in got["images"])  # rows of the text model's width
-    assert got["seq"] == 1 + got["n"] + 2 and got["out"] == [2]  # image rows took their positions; logits of the last text run
+    # image rows took their positions; logits of the last text token: a llama prompt is one embedding batch
+    # (its text as token_embd's rows, llama/text_rows.py), gemma-3's runs a decode each (the last text run's 2)
+    assert got["seq"] == 1 + got["n"] + 2 and got["out"] == ([got["seq"] - 1] if arch == "llama" else [2])
     assert got["same"]  # the same bytes give the same image tokens: prefix reuse
     if kind.startswith("smolvlm"):
         # a 40x30 picture scaled to 64x48: the overview and 2x2 tiles of 32 px, 4 tokens each, framed by idefics3's markers
@@ -728,3 +730,30 @@ def test_on_a_cpu_an_encode_and_a_decode_take_turns(vlm: tuple[Path, Path]) -> N
         model.decode([(0, model.tokenize("Hello"), True)])  # a decode takes the lock too, and gives it back
         assert not model.serial_compute.locked()
         proj.close()
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_text_rows_read_from_the_file_decode_bit_for_bit_as_token_ids(tmp_path: Path, quant: str) -> None:
+    """A SmolVLM prompt goes as one embedding batch, its text as token_embd's rows read by
+    llama/text_rows.py: only right if those rows are exactly what llama.cpp's token path looks up."""
+    import numpy as np
+
+    from ggufrun.llama.text_rows import text_rows
+    from ggufrun.llama.vision import _decode_embeddings
+    from ggufrun.runtime import Model
+    from ggufrun.settings import Settings
+
+    path = write_synthetic(tmp_path / "m.gguf", "tiny", arch="llama", quant=quant)
+    gemma = write_synthetic(tmp_path / "g.gguf", "tiny", arch="gemma3")
+    prompt = [1, *range(5, 60)]
+    with Model.load(path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        rows = text_rows(model)
+        assert rows is not None and rows.kind == quant.upper()
+        model.decode([(0, prompt, True)])
+        by_ids = model.logits_rows(1).copy()
+        model.reset(0)
+        assert _decode_embeddings(model, [(0, prompt)], rows, [True]) == [len(prompt) - 1]
+        assert np.array_equal(model.logits_rows(1), by_ids) and model.seq_len(0) == len(prompt)
+        assert not rows.covers([5, rows.n_vocab])  # an id outside the vocabulary: left to the token path's refusal
+    with Model.load(gemma, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        assert text_rows(model) is None  # gemma scales token rows only (not image rows): never mixed

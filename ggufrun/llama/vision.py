@@ -109,6 +109,8 @@ class Projector:
         # gemma-3's images attend both ways (mtmd_decode_use_non_causal): each is decoded whole, in one batch
         self.non_causal: bool | None = info.projector_type == "gemma3"
         model.whole_images = self.non_causal
+        # a prompt's text and images in one decode, not one each, where text rows are exactly token ids'
+        model.mixed_runs = not self.mrope and not self.non_causal and _mixable(model)
         # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
         self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
         self._pending: dict[tuple[bytes, int, int], threading.Event] = {}  # pictures being encoded now
@@ -337,8 +339,11 @@ def _embd_batch(model: Any) -> Any:
     return batch
 
 
-def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
-    """One llama_decode of image tokens (their embedding rows) for one or more sequences."""
+def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]], text: Any = None,
+                       wants: list[bool] | None = None) -> list[int]:
+    """One llama_decode of image tokens (their embedding rows) for one or more sequences; with
+    ``text`` (llama/text_rows.py), text tokens too, as their rows. ``wants``: per item, its last
+    row's logits, whose batch index is returned (else -1)."""
     from ..errors import ContextOverflowError
     from ..images import image_row
 
@@ -352,10 +357,23 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
     sections: list[Any] = []  # M-RoPE: each run's [4, k] positions
     try:
         n = 0
-        for seq_id, tokens in items:
+        out: list[int] = []
+        for index, (seq_id, tokens) in enumerate(items):
             start = len(model._seq.setdefault(seq_id, []))
             i = 0
             while i < len(tokens):  # one slice copy per run of consecutive rows of one image
+                if tokens[i] >= 0:  # text (only with ``text``: the caller checked its model takes rows as tokens)
+                    k = 1
+                    while i + k < len(tokens) and tokens[i + k] >= 0:
+                        k += 1
+                    embd[n : n + k] = text.rows(tokens[i : i + k])
+                    pos[n : n + k] = range(start + i, start + i + k)
+                    logits[n : n + k] = 0
+                    for j in range(n, n + k):
+                        batch.seq_id[j][0] = seq_id
+                    n += k
+                    i += k
+                    continue
                 key, row = image_row(tokens[i])
                 image = model.images.get(key)
                 k = 1
@@ -378,6 +396,11 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
                     batch.seq_id[j][0] = seq_id
                 n += k
                 i += k
+            if wants and wants[index] and tokens:
+                logits[n - 1] = 1
+                out.append(n - 1)
+            else:
+                out.append(-1)
         batch.n_tokens = n
         # the batch's own array, by address: a pointer read from the struct is a view of the field itself
         own_pos = ctypes.cast(batch.pos, ctypes.c_void_p).value or 0
@@ -409,6 +432,7 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]]) -> None:
         raise
     for seq_id, tokens in items:
         model._seq[seq_id].extend(tokens)
+    return out
 
 
 def _runs(tokens: list[int]) -> list[list[int]]:
@@ -421,16 +445,46 @@ def _runs(tokens: list[int]) -> list[list[int]]:
     return out
 
 
+def _mixable(model: Any) -> bool:
+    """Whether the model's text tokens have exact embedding rows of its input width (text_rows.py)."""
+    from .text_rows import text_rows
+
+    rows = text_rows(model)
+    return rows is not None and rows.n_embd == _embd_width(model)
+
+
+def _rows_for(model: Any, items: list[tuple[int, list[int], Any]], all_logits: bool) -> Any:
+    """The model's text rows where these items may go as embedding rows throughout (model.mixed_runs:
+    positions in a line, images causal like the text), each with one output at most."""
+    if all_logits or not model.mixed_runs or any(w not in (True, False) for _, _, w in items):
+        return None  # a speculative draft's several outputs, or every position's: the runs' own decodes
+    from .text_rows import text_rows
+
+    rows = text_rows(model)
+    if rows is None or not all(rows.covers([t for t in toks if t >= 0]) for _, toks, _ in items):
+        return None  # an id outside the vocabulary: llama.cpp's token path refuses it
+    return rows
+
+
 def decode_with_images(model: Any, items: list[tuple[int, list[int], bool]], all_logits: bool = False) -> list[int]:
     """Model.decode for items holding image tokens. One item may mix text and images (its runs are
     decoded in order); several items must be one run each (the engine cuts prompt chunks where
     text and images meet, ggufrun.images.run_end): their images go in one embedding batch first,
-    then their text in one token batch, whose logits the caller samples."""
+    then their text in one token batch, whose logits the caller samples. With model.mixed_runs
+    (text rows exact, llama/text_rows.py) every item's text and images go in one embedding batch."""
     if len(items) == 1:
         seq_id, tokens, want = items[0]
         runs = _runs(tokens)
         out = [-1]
         size = max(model.n_batch, 1)
+        rows = _rows_for(model, items, all_logits)
+        if rows is not None:  # the runs as one embedding batch (or one per n_batch), not a decode each
+            if runs[-1][0] < 0 and want:
+                raise ConfigError("A prompt cannot end with an image: the model answers after text.")
+            for start in range(0, len(tokens), size):
+                out = _decode_embeddings(model, [(seq_id, tokens[start : start + size])], rows,
+                                         [bool(want) and start + size >= len(tokens)])
+            return out
         for k, run in enumerate(runs):
             last = k == len(runs) - 1
             if run[0] < 0:
@@ -446,6 +500,11 @@ def decode_with_images(model: Any, items: list[tuple[int, list[int], bool]], all
                     end = start + size >= len(run)
                     out = model._decode_batch([(seq_id, run[start : start + size], want and last and end)], all_logits)
         return out
+    rows = _rows_for(model, items, all_logits)
+    if rows is not None:  # every item's text and images in one decode
+        if any(w and t and t[-1] < 0 for _, t, w in items):
+            raise ConfigError("A prompt cannot end with an image: the model answers after text.")
+        return _decode_embeddings(model, [(s, t) for s, t, _ in items], rows, [bool(w) for _, _, w in items])
     images = [(s, t) for s, t, _ in items if t and t[0] < 0]
     if any(min(t) < 0 <= max(t) for _, t, _ in items if t):
         raise ValueError("decode() got an item mixing text and image tokens beside other items")

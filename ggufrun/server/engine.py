@@ -822,7 +822,9 @@ class Engine:
             for slot in prompts[self._turn:] + prompts[: self._turn]:
                 if chunks <= 0:
                     break
-                take = chunks if min(slot.pending[:chunks]) >= 0 else cut(slot.pending, chunks, whole=model.whole_images)
+                # text and images in one decode (model.mixed_runs, without drafts' several outputs): no cut
+                free = min(slot.pending[:chunks]) >= 0 or (model.mixed_runs and not drafts)
+                take = chunks if free else cut(slot.pending, chunks, whole=model.whole_images)
                 if not take:
                     continue  # a whole image waits for a step with room for it (gemma-3)
                 chunk, slot.pending = slot.pending[:take], slot.pending[take:]
@@ -848,7 +850,8 @@ class Engine:
         n_chunks = sum(len(t) for _, t, _ in batch[n_rows:]) + len(embed_part)
         row_lengths = {len(toks) for _, toks, _ in batch[:n_rows]}
         passes = len({len(toks) for _, toks, _ in batch[n_rows:]} - row_lengths) + (1 if embed_part else 0)
-        passes += sum(count_runs(toks) - 1 for _, toks, _ in batch[n_rows:] if min(toks) < 0)  # a lone prompt's runs: a decode each
+        if not model.mixed_runs or drafts:  # a lone prompt's runs: a decode each
+            passes += sum(count_runs(toks) - 1 for _, toks, _ in batch[n_rows:] if min(toks) < 0)
         self._budget.launched(n_rows or waiting, kind, n_chunks, started, setup_s, passes,
                               drafted=any(slot.draft for slot, _, _ in batch[:n_rows]))
         for slot, _, _ in batch:
