@@ -80,6 +80,8 @@ STEP_TOKENS = 32
 
 class Drafter(Protocol):
     costly: bool  # whether a call that drafts nothing still costs time (the guard charges it)
+    catchup_s: float  # the last call's backlog catch-up decode (0: none), for the time guard
+    decode_s: float | None  # the last call's quickest one-token draft decode (None: none timed)
 
     def draft(self, items: list[tuple[int, Sequence[int], int]]) -> list[list[int]]:
         """Per (seq_id, tokens so far, most to draft): the guessed continuation (maybe empty).
@@ -136,6 +138,8 @@ class NgramDrafter:
 
     label = "ngram"
     costly = False  # a lookup that finds nothing costs next to no time
+    catchup_s = 0.0  # no decodes: nothing for the time guard to charge
+    decode_s: float | None = None
 
     def __init__(self) -> None:
         self._seqs: dict[int, tuple[list[int], list[dict[tuple[int, ...], int]]]] = {}
@@ -569,7 +573,7 @@ class Speculator:
                 out[k] = []
             out[k] = out[k][:n]
         if any(out) or self.drafter.costly:  # a model's draft cut to nothing by p_min still cost its decodes
-            self.guard.drafted(getattr(self.drafter, "catchup_s", 0.0), getattr(self.drafter, "decode_s", None))
+            self.guard.drafted(self.drafter.catchup_s, self.drafter.decode_s)
         return out
 
     def record(self, seq_id: int, drafted: int, accepted: int) -> None:

@@ -557,7 +557,7 @@ def test_a_draft_minimum_above_the_maximum_is_bounded_and_short_asks_cost_no_dra
     lookup = S.NgramDrafter()
 
     class Counting:
-        label, costly = "counting", True
+        label, costly, catchup_s, decode_s = "counting", True, 0.0, None
 
         def draft(self, items: Any) -> list[list[int]]:
             calls.append([n for _, _, n in items])
