@@ -107,11 +107,12 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
     from .llama.vision import Projector
 
     gpu = settings.n_gpu_layers != 0
-    encoders = encoder_count(getattr(settings, "image_encoders", "auto"), gpu=gpu, n_seq_max=model.n_seq_max,
+    asked = settings.image_encoders
+    encoders = encoder_count(asked, gpu=gpu, n_seq_max=model.n_seq_max,
                              projector_bytes=path.stat().st_size)
     try:
         # auto's copies are a guess at what fits: as many as load serve; a count asked for is all or a refusal
-        at_least = 1 if getattr(settings, "image_encoders", "auto") == "auto" else None
+        at_least = 1 if asked == "auto" else None
         return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu, encoders=encoders,
                          at_least=at_least)
     except UnsupportedProjectorError as exc:
