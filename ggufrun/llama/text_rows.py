@@ -62,8 +62,11 @@ def text_rows(model: Any) -> TextRows | None:
     from ..gguf_info import inspect
 
     got: TextRows | None = None
+    # the loaded metadata tells the architecture: no second header parse (tenths of a second, a big vocabulary)
+    if (getattr(model, "metadata", None) or {}).get("general.architecture") not in ARCHES:
+        model._text_rows = None
+        return None
     try:
-
         info = inspect(model.path)
         embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
         if (info.architecture in ARCHES and embd is not None and embd.type in _BLOCK and len(embd.shape) == 2
