@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +35,11 @@ import ggufrun.runtime  # noqa: F401  (loads llama.cpp the way ggufrun does)
 import llama_cpp as L
 from ggufrun import generation
 from ggufrun.generation import SamplingParams, SeqSampler, sample_rows
+
+# llama-server's fallback (and ggufrun's before): the grammar over every token, then the draw. The
+# tests' copy, so the baseline timed here is the one the tests prove the fast path picks the same tokens as.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from slowpath import old_redraw as whole_vocabulary_redraw  # noqa: E402
 
 PARAMS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
 
@@ -86,17 +93,6 @@ def time_numpy(logits: np.ndarray, steps: int, chained: bool = False, full: bool
 SCHEMA = {"type": "object", "properties": {"numbers": {"type": "array", "items": {"type": "integer"}, "minItems": 64}},
           "required": ["numbers"]}
 STATES = ['', '{', '{"numbers"', '{"numbers": [', '{"numbers": [1', '{"numbers": [1, 2', '{"numbers": [1, 23,', '{ "numbers": [4']
-
-
-def whole_vocabulary_redraw(row: np.ndarray, s: SeqSampler) -> int:
-    """llama-server's fallback (and ggufrun's before): the grammar over every token, then the draw."""
-    assert s.grammar is not None
-    s.grammar.mask(row)
-    if not np.isfinite(row).any():
-        return -1
-    if s.params.greedy:
-        return int(row.argmax())
-    return int(generation._draw_rows(row[None], [s], np.array([s.rng.random()]))[0])
 
 
 def time_grammar(model: object, logits: np.ndarray, steps: int, greedy: bool, mode: str) -> tuple[float, float]:

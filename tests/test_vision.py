@@ -732,7 +732,7 @@ def test_on_a_cpu_an_encode_and_a_decode_take_turns(vlm: tuple[Path, Path]) -> N
         proj.close()
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
 def test_text_rows_read_from_the_file_decode_bit_for_bit_as_token_ids(tmp_path: Path, quant: str) -> None:
     """A SmolVLM prompt goes as one embedding batch, its text as token_embd's rows read by
     llama/text_rows.py: only right if those rows are exactly what llama.cpp's token path looks up."""
@@ -743,7 +743,12 @@ def test_text_rows_read_from_the_file_decode_bit_for_bit_as_token_ids(tmp_path: 
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
-    path = write_synthetic(tmp_path / "m.gguf", "tiny", arch="llama", quant=quant)
+    if quant == "bf16":  # text_rows reads BF16 too; write_synthetic does not write it, llama.cpp's quantiser does
+        from ggufrun.quantize import quantize_file
+
+        path = quantize_file(write_synthetic(tmp_path / "f32.gguf", "tiny", arch="llama", quant="f32"), tmp_path / "m.gguf", "bf16")
+    else:
+        path = write_synthetic(tmp_path / "m.gguf", "tiny", arch="llama", quant=quant)
     gemma = write_synthetic(tmp_path / "g.gguf", "tiny", arch="gemma3")
     prompt = [1, *range(5, 60)]
     with Model.load(path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
