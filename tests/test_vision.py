@@ -366,7 +366,8 @@ def test_ollama_images(vsrv: ServerProcess) -> None:
 
 
 def test_a_text_model_refuses_images_by_name(tiny_model: Path, server_env: dict[str, str]) -> None:
-    with serve(str(tiny_model), "--served-model-name", "tiny", "--n-ctx", "256", "--threads", "1", env=server_env) as srv:
+    with serve(str(tiny_model), "--served-model-name", "tiny", "--n-ctx", "256", "--threads", "1", "--image-encoders", "2",
+               env=server_env) as srv:
         import httpx
 
         assert httpx.get(f"{srv.url}/props", timeout=30).json()["modalities"]["vision"] is False
@@ -376,6 +377,7 @@ def test_a_text_model_refuses_images_by_name(tiny_model: Path, server_env: dict[
         with pytest.raises(ollama.ResponseError, match="does not see images"):
             ollama.Client(host=srv.url, timeout=60).chat(model="tiny", messages=[
                 {"role": "user", "content": "x", "images": [png()]}])
+        assert "tiny has no vision projector: --image-encoders 2 does nothing" in srv.log()  # said, not dropped
 
 
 @pytest.mark.slow

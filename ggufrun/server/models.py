@@ -491,6 +491,10 @@ class ModelPool:
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
+        if loaded.vision is None and str(cfg.settings.get("image_encoders", "auto")).lower() != "auto":
+            # the flag goes to every served model; one without a projector says so rather than drop it unsaid
+            log.warning("%s has no vision projector: --image-encoders %s does nothing for it", cfg.id,
+                        cfg.settings["image_encoders"])
         # what it really takes: its cells, and the layers llama.cpp got ("auto" resolved)
         self.residency.set_memory(cfg.id, estimate(info, plan.cells, model.settings.n_gpu_layers, plan.n_ctx_seq,
                                                         (model.settings.cache_type_k, model.settings.cache_type_v)))
