@@ -88,6 +88,36 @@ def test_synthetic_projector_loads_tokenizes_and_encodes_in_libmtmd(tmp_path: Pa
         assert got["images"] == [[4, 64]] and "<start_of_image>" in got["text"] and got["non_causal"]
 
 
+_POOL_CHILD = r"""
+import concurrent.futures, json, os, sys
+from pathlib import Path
+from ggufrun.runtime import Model
+from ggufrun.settings import Settings
+from ggufrun.images import load_picture
+from ggufrun.llama.vision import Projector
+model = Model.load(sys.argv[1], Settings(n_ctx=512, threads=2, batch_size=128, ubatch_size=128))
+proj = Projector(model, Path(sys.argv[2]), n_threads=2, use_gpu=False)
+model.decode([(0, [1, 2, 3], True)])  # the decoding thread's own workers exist from here on
+pool = concurrent.futures.ThreadPoolExecutor(1)
+pool.submit(lambda: None).result()  # the pool's thread, alive before and after
+before = len(os.listdir("/proc/self/task"))
+tokens, _ = pool.submit(proj.block, load_picture(open(sys.argv[3], "rb").read())).result()
+print(json.dumps({"before": before, "after": len(os.listdir("/proc/self/task")), "n": len(tokens)}))
+"""
+
+
+def test_a_cpu_encode_leaves_no_worker_threads_behind_in_a_pool_thread(tmp_path: Path, vlm: tuple[Path, Path]) -> None:
+    # Server requests encode on long-lived pool threads: OpenMP workers that ran an encode there and
+    # stayed spin-waiting halved the model's decode speed on a 2-core CPU (llama/vision._in_own_thread).
+    image = tmp_path / "red.png"
+    image.write_bytes(png())
+    proc = subprocess.run([sys.executable, "-c", _POOL_CHILD, str(vlm[0]), str(vlm[1]), str(image)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["n"] > 0 and got["after"] == got["before"]
+
+
 def test_synth_cli_writes_a_projector_beside_the_model(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
