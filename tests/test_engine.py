@@ -504,3 +504,35 @@ def test_a_paused_reply_resumes_unchanged_and_one_cancelled_while_paused_is_free
     finally:
         e.stop()
         e.join(10)
+
+
+def test_rows_of_scattered_slots_decode_in_one_run_and_idle_slots_keep_their_cache(smollm2_gguf: Path) -> None:
+    """Rows of slots 0, 2 and 4 beside idle slots 1 and 3: filler tokens make them one micro-batch
+    (Model._gaps), the rows' logits are those of each row decoded alone, and the idle slots' caches
+    come back as they were (their next token's logits unchanged)."""
+    import numpy as np
+
+    settings = Settings(n_ctx=64, threads=1, batch_size=64, ubatch_size=64)
+    with Model.load(smollm2_gguf, settings, n_seq_max=5, kv_cells=5 * 64) as a, \
+            Model.load(smollm2_gguf, settings, n_seq_max=5, kv_cells=5 * 64) as b:
+        prompts = {s: a.tokenize(f"Sequence number {s} says that the sky") for s in range(5)}
+        for m in (a, b):
+            for s, p in prompts.items():
+                m.decode([(s, p, False)])
+        tok = a.tokenize(" is")[-1]
+        rows = [(0, [tok], True), (2, [tok], True), (4, [tok], True)]
+        assert a._gaps(rows) == [1, 3]
+        a.decode(rows)
+        together = np.array(a.logits_rows(3))
+        alone = []
+        for row in rows:
+            b.decode([row])
+            alone.append(np.array(b.logits_rows(1))[0])
+        assert [a.seq_len(s) for s in range(5)] == [b.seq_len(s) for s in range(5)] == [len(prompts[s]) + (s % 2 == 0) for s in range(5)]
+        assert np.allclose(together, np.stack(alone), atol=2e-2) and list(together.argmax(1)) == [r.argmax() for r in alone]
+        for s in (1, 3):  # the fillers are gone: the idle slots continue as if never touched
+            a.decode([(s, [tok], True)])
+            b.decode([(s, [tok], True)])
+            assert np.allclose(np.array(a.logits_rows(1)), np.array(b.logits_rows(1)), atol=2e-2)
+        # rows out of slot order (or after a longer item) are left as they are: outputs are read in batch order
+        assert a._gaps([(4, [tok], True), (0, [tok], True)]) == [] and a._gaps([(0, [1, 2], True), (2, [tok], True)]) == []
