@@ -19,6 +19,8 @@ With nothing generating, a step takes all of ``n_batch``: a prompt or text alone
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # Steps with chunks may take this many plain decode steps on average, while that kind of work waits:
 # streams keep >= 0.83 of their pace beside prompts, >= 0.77 beside texts to embed (issue 22's bars: 0.8
 # and 0.7). Texts get more: each text is chunks of its own (one embedding sequence) and those are dear
@@ -29,12 +31,17 @@ SLACK = {"prompt": 1.2, "embed": 1.3}
 # whole chunk does (~35 ms a token in chunks of 8 against ~5 in chunks of 340, SmolLM2), so capfuls of
 # one plain step left a 1,000-token text ~1 token a step, 95 s beside one stream (18.7 s alone).
 PEAK = {"prompt": 2.0, "embed": 4.0}
-# Requests waiting for their first token count as much as the streams: while W prompts wait beside R
-# streams, the slack above a plain step (average and peak) is W/R times the above, up to this. Sixteen
-# pictures sent at once beside the first replies' streams prefilled ~20 tokens a step (Qwen2.5-VL-3B on
-# an H200: 16 clients at 0.55x llama-server's throughput); a few long prompts beside many streams
-# (issue 22's bars) keep the bars above.
-MAX_SHARE = 8.0
+# Requests waiting for their first token: a prompt that reads in at most SHORT plain steps is read whole
+# at once, outside the budget (the streams lose those steps once, as beside llama-server's every prompt;
+# reading it a little each step only makes its request wait, and on a CPU each chunk's fixed cost is
+# paid again). So are all prompts while they are as many as the streams generating or more (a burst: reading
+# them first serves the most requests soonest), a long prompt counting SHORT plain steps over its own cost.
+# Longer prompts (issue 22's 11k tokens beside 12 streams, whose bars are that streams keep >= 0.8 of their
+# pace and a step stays < 3x a plain one) go within the budget.
+# With the slack alone, sixteen pictures sent at once were read ~20 tokens a step beside the first replies
+# (Qwen2.5-VL-3B on an H200: 0.55x llama-server's throughput at 16 clients; SmolVLM's layout on a 2-core CPU:
+# 0.79x; 1.35x with a fixed 2,048 tokens).
+SHORT = 8.0
 _FIRST = 16  # the tokens a step may take before its kind's cost has been measured
 _EMA = 0.2  # weight of the newest measurement in the running means
 
@@ -68,19 +75,39 @@ class StepBudget:
         self.credit_s = 0.0  # seconds of chunk work the next steps may still take
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
         self._waiting: list[str] = []  # the kinds with work waiting at the last pick
-        self.share = 1.0  # requests waiting per stream generating, as weighed last (MAX_SHARE)
+        self.share = 0.0  # prompts waiting per stream generating, as weighed last (whole)
         self._last_done = 0.0
         # rows, kind, tokens of the decode in flight; when its step began; host time that step spent admitting
         # requests; the chunk's micro-batches; whether rows carried drafts
         self._launched: tuple[int, str, int, float, float, int, bool] = (0, "", 0, 0.0, 0.0, 1, False)
 
-    def weigh(self, waiting: int, rows: int) -> None:
-        """``waiting`` requests have work of the kind picked, beside ``rows`` streams generating."""
-        self.share = min(max(waiting / max(rows, 1), 1.0), MAX_SHARE)
+    def weigh(self, pending: Sequence[int], rows: int) -> None:
+        """``pending``: the tokens each waiting prompt has left to read, beside ``rows`` streams
+        generating (empty when the step's chunk is of another kind)."""
+        short = SHORT * self.plain_s
+        count = 0.0
+        for n in pending:  # a long prompt counts the less the longer it is: a burst is of short ones
+            cost = self._prompt_s(n)
+            count += 1.0 if cost <= short else short / cost
+        self.share = count / max(rows, 1)
+
+    def _prompt_s(self, tokens: int) -> float:
+        """A prompt's estimated cost; before one is measured, a plain step per _FIRST tokens (a guess
+        on the dear side: an unmeasured long prompt is not read whole)."""
+        return self.cost_s("prompt", tokens) if self.token_s["prompt"] else tokens * self.plain_s / _FIRST
+
+    def whole(self, tokens: int) -> bool:
+        """Whether a prompt with ``tokens`` left is read whole now, outside the budget (SHORT):
+        it is short, or prompts are as many as the streams (as weighed last)."""
+        if self.fixed is not None:
+            return False
+        if not self.plain_s:
+            return False
+        return self.share >= 1.0 or self._prompt_s(tokens) <= SHORT * self.plain_s
 
     def cap_s(self, kind: str) -> float:
         """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""
-        return (PEAK[kind] - 1.0) * self.plain_s * self.share
+        return (PEAK[kind] - 1.0) * self.plain_s
 
     @property
     def _credit_cap_s(self) -> float:
@@ -89,7 +116,8 @@ class StepBudget:
     @property
     def rate_s(self) -> float:
         """Chunk work per step on average, for the kinds waiting."""
-        return (max((SLACK[k] for k in self._waiting), default=SLACK["prompt"]) - 1.0) * self.plain_s * self.share
+        slack = max((SLACK[k] for k in self._waiting), default=SLACK["prompt"]) - 1.0
+        return slack * self.plain_s
 
     def cost_s(self, kind: str, tokens: int, passes: int = 1) -> float:
         """The estimated seconds a chunk of ``tokens`` of ``kind`` adds to a step, in ``passes``
@@ -137,12 +165,13 @@ class StepBudget:
         return min(kinds, key=lambda k: self.spent_s[k])
 
     def launched(self, rows: int, kind: str, tokens: int, started: float, setup_s: float = 0.0, passes: int = 1,
-                 drafted: bool = False) -> None:
+                 drafted: bool = False, whole: int = 0) -> None:
         """Note what the decode just queued holds (and pay its chunk out of the credit); ``started``:
         when its step's work began (before llama_decode, which computes in the call on a CPU);
         ``setup_s``: host time the step spent admitting requests before it, left out of the fit;
         ``passes``: the chunk's parts of distinct lengths (cost_s); ``drafted``: some rows carry
-        speculative drafts (their drafting and wider rows are neither a plain step nor the chunk's)."""
+        speculative drafts (their drafting and wider rows are neither a plain step nor the chunk's);
+        ``whole``: tokens of the chunk read whole outside the budget (:meth:`whole`), not paid from the credit."""
         passes = max(passes, 1)
         self._launched = (rows, kind, tokens, started, setup_s, passes, drafted)
         if not tokens:
@@ -151,6 +180,8 @@ class StepBudget:
             return
         spent = self.cost_s(kind, tokens, passes) if self.token_s[kind] else tokens * (self.plain_s / _FIRST or 1e-3)
         self.spent_s[kind] += spent
+        if whole:
+            spent = self.cost_s(kind, tokens - whole, max(passes - 1, 1)) if self.token_s[kind] and tokens > whole else 0.0
         if rows and self.fixed is None:
             self.credit_s = min(self.credit_s - spent + self.rate_s, self._credit_cap_s)
 

@@ -810,16 +810,23 @@ class Engine:
         # Prompts of unequal lengths in one decode are a micro-batch each (a fixed cost per part): the whole-fits
         # check counts them; a capful takes one prompt's tokens.
         parts = len({len(s.pending) for s in prompts}) if kind == "prompt" else 1
-        self._budget.weigh(len(prompts) if kind == "prompt" else 1, n_rows)
-        chunks = min(budget - used, self._budget.allowance(n_rows or waiting, kind, queued, parts))
+        self._budget.weigh([len(s.pending) for s in prompts] if kind == "prompt" else [], n_rows)
+        # short prompts (or all, in a burst) are read whole first, outside the budget (budget.SHORT)
+        whole = [s for s in prompts if self._budget.whole(len(s.pending))] if kind == "prompt" and n_rows else []
+        unbudgeted = sum(len(s.pending) for s in whole)
+        rest = [s for s in prompts if s not in whole]
+        if whole:
+            queued -= unbudgeted
+            parts = len({len(s.pending) for s in rest})
+        chunks = min(budget - used, unbudgeted + (self._budget.allowance(n_rows or waiting, kind, queued, parts) if queued else 0))
         embed_part: list[int] = []
         if kind == "embed" and embed is not None and chunks > 0:
             # every token of the chunk is an output (a logits row each in llama.cpp's buffer): capped in queued
             embed_part = embed.tokens[embed.sent : embed.sent + chunks]  # type: ignore[index]
         elif prompts:
-            self._turn = (self._turn + 1) % len(prompts)  # which prompt goes first: each in turn
+            self._turn = (self._turn + 1) % len(rest) if rest else 0  # which budgeted prompt goes first: each in turn
             cut = runs_end if not n_rows and len(prompts) == 1 else run_end  # alone: whole text and image runs
-            for slot in prompts[self._turn:] + prompts[: self._turn]:
+            for slot in whole + rest[self._turn:] + rest[: self._turn]:
                 if chunks <= 0:
                     break
                 # text and images in one decode (model.mixed_runs, without drafts' several outputs): no cut
@@ -853,7 +860,7 @@ class Engine:
         if not model.mixed_runs or drafts:  # a lone prompt's runs: a decode each
             passes += sum(count_runs(toks) - 1 for _, toks, _ in batch[n_rows:] if min(toks) < 0)
         self._budget.launched(n_rows or waiting, kind, n_chunks, started, setup_s, passes,
-                              drafted=any(slot.draft for slot, _, _ in batch[:n_rows]))
+                              drafted=any(slot.draft for slot, _, _ in batch[:n_rows]), whole=min(unbudgeted, n_chunks))
         for slot, _, _ in batch:
             if not slot.pending:
                 slot.last = -1
