@@ -244,12 +244,12 @@ def test_the_step_budget_keeps_chunk_steps_near_a_plain_step() -> None:
 
 def test_short_prompts_and_bursts_are_read_whole_and_long_prompts_within_the_budget() -> None:
     """With a plain step of 20 ms and prompt tokens of 0.5 ms: a prompt that reads in at most 8 plain
-    steps (320 tokens) is read whole at once; so are longer ones while they are as many as the streams
-    (sixteen pictures sent at once beside the first replies were read ~20 tokens a step: Qwen2.5-VL-3B
-    on an H200 at 0.55x llama-server's throughput at 16 clients), a long one counting 8 plain steps
-    over its cost. Long prompts beside the streams (100k tokens: 2,500 plain steps each) stay within
-    the budget, the streams' bars: 1.2x a plain step on average, 2x at most; and what was read whole
-    is not owed afterwards."""
+    steps (320 tokens) is read whole at once; where prompts outnumber the streams, W per stream, so
+    are prompts of up to W times that (sixteen pictures sent at once beside the first replies were read
+    ~20 tokens a step: Qwen2.5-VL-3B on an H200 at 0.55x llama-server's throughput at 16 clients), a
+    long one counting 8 plain steps over its cost. Long prompts beside the streams (100k tokens: 2,500
+    plain steps each) stay within the budget, the streams' bars: 1.2x a plain step on average, 2x at
+    most; and what was read whole is not owed afterwards."""
     from ggufrun.server.budget import StepBudget
 
     b = StepBudget(512)
@@ -263,8 +263,9 @@ def test_short_prompts_and_bursts_are_read_whole_and_long_prompts_within_the_bud
         return b.whole(tokens)
 
     assert whole(300, 1) and not whole(400, 1)  # 150 ms against 8 plain steps' 160
-    assert not whole(400, 2) and whole(400, 3) and not whole(2_000, 4)  # a burst from 2 streams: 3 x 0.8, not 4 x 0.16
-    assert whole(10_000, 100)  # 100 x 0.032
+    # a burst: 4 x 0.8 per 2 streams (1.6) lifts the bar to 256 ms, 3 x 0.8 (1.2) to 192; long ones stay out of it
+    assert not whole(400, 2) and not whole(400, 3) and whole(400, 4) and not whole(2_000, 4)
+    assert not whole(10_000, 100)  # 100 x 0.032 per 2 streams: 256 ms, not 5 s
     assert not whole(100_000, 14) and not whole(100_000, 60)  # 14 x 0.0032 per 2 streams
     b.launched(2, "prompt", 300, now, whole=300)
     assert b.credit_s >= credit  # not paid from the credit

@@ -34,13 +34,14 @@ PEAK = {"prompt": 2.0, "embed": 4.0}
 # Requests waiting for their first token: a prompt that reads in at most SHORT plain steps is read whole
 # at once, outside the budget (the streams lose those steps once, as beside llama-server's every prompt;
 # reading it a little each step only makes its request wait, and on a CPU each chunk's fixed cost is
-# paid again). So are all prompts while they are as many as the streams generating or more (a burst: reading
-# them first serves the most requests soonest), a long prompt counting SHORT plain steps over its own cost.
-# Longer prompts (issue 22's 11k tokens beside 12 streams, whose bars are that streams keep >= 0.8 of their
-# pace and a step stays < 3x a plain one) go within the budget.
-# With the slack alone, sixteen pictures sent at once were read ~20 tokens a step beside the first replies
-# (Qwen2.5-VL-3B on an H200: 0.55x llama-server's throughput at 16 clients; SmolVLM's layout on a 2-core CPU:
-# 0.79x; 1.35x with a fixed 2,048 tokens).
+# paid again). Where the prompts waiting outnumber the streams (a burst: reading them first serves the most
+# requests soonest), W per stream, prompts of up to W times that are (a long one counting SHORT plain steps
+# over its own cost among the W). Longer prompts (issue 22's 11k tokens beside 12 streams, whose bars are
+# that streams keep >= 0.8 of their pace and a step stays < 3x a plain one) go within the budget to their
+# end: a prompt is judged by its whole length (reading long prompts' last 8 plain steps whole made that p99
+# gap 8.5x on an H100). With the slack alone, sixteen pictures sent at once were read ~20 tokens a step
+# beside the first replies (Qwen2.5-VL-3B on an H200: 0.55x llama-server's throughput at 16 clients;
+# SmolVLM's layout on a 2-core CPU: 0.79x; 1.35x with a fixed 2,048 tokens).
 SHORT = 8.0
 _FIRST = 16  # the tokens a step may take before its kind's cost has been measured
 _EMA = 0.2  # weight of the newest measurement in the running means
@@ -82,7 +83,8 @@ class StepBudget:
         self._launched: tuple[int, str, int, float, float, int, bool] = (0, "", 0, 0.0, 0.0, 1, False)
 
     def weigh(self, pending: Sequence[int], rows: int) -> None:
-        """``pending``: the tokens each waiting prompt has left to read, beside ``rows`` streams
+        """``pending``: the tokens each waiting prompt had to read when it came (its whole length, not
+        what is left: a long prompt's last chunk is no short prompt), beside ``rows`` streams
         generating (empty when the step's chunk is of another kind)."""
         short = SHORT * self.plain_s
         count = 0.0
@@ -97,13 +99,14 @@ class StepBudget:
         return self.cost_s("prompt", tokens) if self.token_s["prompt"] else tokens * self.plain_s / _FIRST
 
     def whole(self, tokens: int) -> bool:
-        """Whether a prompt with ``tokens`` left is read whole now, outside the budget (SHORT):
-        it is short, or prompts are as many as the streams (as weighed last)."""
+        """Whether a prompt of ``tokens`` (as in :meth:`weigh`) is read whole now, outside the budget:
+        it reads in at most SHORT plain steps, times the prompts waiting per stream (as weighed last)
+        where they outnumber the streams."""
         if self.fixed is not None:
             return False
         if not self.plain_s:
             return False
-        return self.share >= 1.0 or self._prompt_s(tokens) <= SHORT * self.plain_s
+        return self._prompt_s(tokens) <= SHORT * self.plain_s * max(self.share, 1.0)
 
     def cap_s(self, kind: str) -> float:
         """The most work of ``kind`` one step may carry beside the rows (0 before a plain step is measured)."""

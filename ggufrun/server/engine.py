@@ -242,6 +242,7 @@ class _Slot:
     seq_id: int
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    to_read: int = 0  # the prompt tokens it had to decode when admitted (budget.whole judges a prompt by them)
     last: int = -1  # the sampled token not yet decoded
     gen: Generation | None = None
     reserved: int = 0  # KV cells promised to this job at admission (prompt + max_tokens)
@@ -634,6 +635,7 @@ class Engine:
         else:
             kept = model.truncate(slot.seq_id, common)
         slot.pending = list(tokens[kept:])
+        slot.to_read = len(slot.pending)
         slot.last = -1
         slot.used_at = time.monotonic()
         job.slot = slot.seq_id
@@ -810,9 +812,10 @@ class Engine:
         # Prompts of unequal lengths in one decode are a micro-batch each (a fixed cost per part): the whole-fits
         # check counts them; a capful takes one prompt's tokens.
         parts = len({len(s.pending) for s in prompts}) if kind == "prompt" else 1
-        self._budget.weigh([len(s.pending) for s in prompts] if kind == "prompt" else [], n_rows)
-        # short prompts (or all, in a burst) are read whole first, outside the budget (budget.SHORT)
-        whole = [s for s in prompts if self._budget.whole(len(s.pending))] if kind == "prompt" and n_rows else []
+        # short prompts (or all, in a burst) are read whole first, outside the budget (budget.SHORT), judged by
+        # their whole length: a long prompt's last chunk is no short prompt
+        self._budget.weigh([s.to_read for s in prompts] if kind == "prompt" else [], n_rows)
+        whole = [s for s in prompts if self._budget.whole(s.to_read)] if kind == "prompt" and n_rows else []
         unbudgeted = sum(len(s.pending) for s in whole)
         rest = [s for s in prompts if s not in whole]
         if whole:
