@@ -125,6 +125,9 @@ class Model:
                  n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
+        # the widest hole between a step's rows that filler tokens close (_gaps): all on a GPU, few on a CPU
+        on_gpu = settings.n_gpu_layers != 0 and bool(L.llama_supports_gpu_offload())
+        self._widest_hole = n_seq_max if on_gpu else _CPU_HOLE
         self.kv_bytes = kv_buffer_bytes()  # the KV cache as llama.cpp logged allocating it, just before
         self._model = model_ptr
         self._ctx = ctx
@@ -552,11 +555,10 @@ class Model:
         if ones != sorted(set(ones)) or any(len(t) != 1 for _, t, _ in items[: len(ones)]):
             return []  # outputs are read in batch order: the fillers go only where no item moves
         busy = {seq for seq, _, _ in items}
-        widest = self.n_seq_max if self.settings.n_gpu_layers != 0 else _CPU_HOLE
         gaps: list[int] = []
         for a, b in zip(ones, ones[1:]):
             hole = [seq for seq in range(a + 1, b) if seq not in busy and len(self._seq.get(seq, ())) < self.seq_cells - 1]
-            if hole and len(hole) == b - a - 1 and len(hole) <= widest:  # (a prompt chunk's sequence or a full one stays a hole)
+            if hole and len(hole) == b - a - 1 and len(hole) <= self._widest_hole:  # (a prompt chunk's sequence or a full one stays a hole)
                 gaps += hole
         room = self.n_batch - sum(len(t) for _, t, _ in items)
         return gaps if len(gaps) <= room else []

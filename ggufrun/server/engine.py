@@ -812,8 +812,8 @@ class Engine:
         # Prompts of unequal lengths in one decode are a micro-batch each (a fixed cost per part): the whole-fits
         # check counts them; a capful takes one prompt's tokens.
         parts = len({len(s.pending) for s in prompts}) if kind == "prompt" else 1
-        # short prompts (or all, in a burst) are read whole first, outside the budget (budget.SHORT), judged by
-        # their whole length: a long prompt's last chunk is no short prompt
+        # short prompts (longer ones too in a burst) are read whole first, outside the budget (StepBudget.whole),
+        # judged by their whole length: a long prompt's last chunk is no short prompt
         self._budget.weigh([s.to_read for s in prompts] if kind == "prompt" else [], n_rows)
         whole = [s for s in prompts if self._budget.whole(s.to_read)] if kind == "prompt" and n_rows else []
         unbudgeted = sum(len(s.pending) for s in whole)
