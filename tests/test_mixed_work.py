@@ -364,3 +364,22 @@ def test_parts_of_unequal_length_and_admissions_do_not_inflate_the_fit() -> None
     # three short prompts of unequal length do not fit a 2x-plain step whole; one of the same size does
     b.credit_s = 0.0
     assert b.allowance(2, "prompt", 12, passes=3) < 12 and b.allowance(2, "prompt", 12) == 12
+
+
+def test_a_one_off_in_the_prompt_fit_does_not_make_short_prompts_long() -> None:
+    """On an H100 the first 16 tokens of a picture prompt took 66 ms (llama.cpp planning a new batch
+    shape) beside 8 ms plain steps; later chunks of 2,000 tokens took ~200 ms. The fit's fixed part
+    then reads ~65 ms, but a prompt read whole is one pass, never dearer than a plain step: a
+    262-token picture prompt (~25 ms) is still short, a 100k-token one is not."""
+    from ggufrun.server.budget import StepBudget
+
+    b = StepBudget(4096)
+    now, _ = run_steps(b, 100.0, 5, 0.008, {}, [])
+    for tokens, cost in [(16, 0.066), (2032, 0.200), (1840, 0.188), (2000, 0.197)]:
+        b.pick(["prompt"])
+        b.launched(1, "prompt", tokens, now)
+        now += 0.008 + cost
+        b.finished(now)
+    assert b.fixed_s["prompt"] > 0.03  # the one-off is in the fit
+    b.weigh([262], 9)
+    assert b.whole(262) and not b.whole(100_000)
