@@ -536,3 +536,15 @@ def test_rows_of_scattered_slots_decode_in_one_run_and_idle_slots_keep_their_cac
             assert np.allclose(np.array(a.logits_rows(1)), np.array(b.logits_rows(1)), atol=2e-2)
         # rows out of slot order (or after a longer item) are left as they are: outputs are read in batch order
         assert a._gaps([(4, [tok], True), (0, [tok], True)]) == [] and a._gaps([(0, [1, 2], True), (2, [tok], True)]) == []
+
+
+def test_no_fillers_where_a_cell_might_not_come_out_cleanly(tiny_model_factory: Any) -> None:
+    """A sliding-window cache (gemma-3) may not drop a tail: no filler goes there, nor into an
+    embedding context."""
+    settings = Settings(n_ctx=64, threads=1, batch_size=64, ubatch_size=64)
+    rows = [(0, [5], True), (2, [5], True)]
+    with Model.load(tiny_model_factory("gemma3"), settings, n_seq_max=3, kv_cells=3 * 64) as swa:
+        assert swa._gaps(rows) == []
+    with Model.load(tiny_model_factory("qwen2"), settings, n_seq_max=3, kv_cells=3 * 64) as plain, \
+            Model.load(tiny_model_factory("qwen2"), settings, n_seq_max=3, kv_cells=3 * 64, embeddings=True) as embedder:
+        assert plain._gaps(rows) == [1] and embedder._gaps(rows) == []

@@ -125,9 +125,13 @@ class Model:
                  n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
-        # the widest hole between a step's rows that filler tokens close (_gaps): all on a GPU, few on a CPU
+        # the widest hole between a step's rows that filler tokens close (_gaps): all on a GPU, few on a CPU;
+        # none where a filler's cell might not come out cleanly (a recurrent state, a sliding window) or a
+        # decode's every sequence is pooled (an embedding context)
         on_gpu = settings.n_gpu_layers != 0 and bool(L.llama_supports_gpu_offload())
-        self._widest_hole = n_seq_max if on_gpu else _CPU_HOLE
+        plain_cache = not (L.llama_model_is_recurrent(model_ptr) or L.llama_model_is_hybrid(model_ptr)
+                           or L.llama_model_n_swa(model_ptr) > 0)
+        self._widest_hole = (n_seq_max if on_gpu else _CPU_HOLE) if plain_cache and not embeddings else 0
         self.kv_bytes = kv_buffer_bytes()  # the KV cache as llama.cpp logged allocating it, just before
         self._model = model_ptr
         self._ctx = ctx
@@ -547,7 +551,7 @@ class Model:
         where all 16 slots took 83 (SmolLM2-135M shape, 2-core CPU). A hole is filled where its rows
         cost less than a pass: on a GPU a row is next to nothing; on a CPU one costs ~1/3 of a pass
         there (slots 0 and 15: 32 ms apart, 80 filled), so only holes of up to 3."""
-        if self.unified or self.n_seq_max < 2:
+        if self.unified or self.n_seq_max < 2 or not self._widest_hole:
             return []
         ones = [seq for seq, toks, _ in items if len(toks) == 1]
         if len(ones) < 2 or ones[-1] - ones[0] + 1 == len(ones):
