@@ -551,8 +551,8 @@ class Model:
         where all 16 slots took 83 (SmolLM2-135M shape, 2-core CPU). A hole is filled where its rows
         cost less than a pass: on a GPU a row is next to nothing; on a CPU one costs ~1/3 of a pass
         there (slots 0 and 15: 32 ms apart, 80 filled), so only holes of up to 3."""
-        if self.unified or self.n_seq_max < 2 or not self._widest_hole:
-            return []
+        if self.unified or self.n_seq_max < 2 or not self._widest_hole or self.mrope is not None:
+            return []  # (M-RoPE: a prompt read up to inside an image ends on its start's position, which a drop would cut)
         ones = [seq for seq, toks, _ in items if len(toks) == 1]
         if len(ones) < 2 or ones[-1] - ones[0] + 1 == len(ones):
             return []
@@ -580,9 +580,7 @@ class Model:
     def _drop_filler(self, seq_id: int) -> None:
         """Remove the filler token just decoded into an idle sequence, or clear the sequence where
         its cache cannot drop a tail."""
-        n = len(self._seq.get(seq_id, ()))
-        pos = self.mrope.at(seq_id, n) if self.mrope is not None else n
-        if not L.llama_memory_seq_rm(self._mem, seq_id, pos, -1):
+        if not L.llama_memory_seq_rm(self._mem, seq_id, len(self._seq.get(seq_id, ())), -1):
             self.reset(seq_id)
 
     def decode(self, items: list[tuple[int, list[int], bool]], embed: tuple[int, list[int]] | None = None) -> list[int]:
