@@ -105,6 +105,8 @@ def one_request(url: str, image: str, max_tokens: int) -> dict[str, float]:
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[5:])
+            if chunk.get("error"):  # a stream that failed is no reply of max_tokens tokens: not counted as one
+                raise RuntimeError(f"{url}: the stream failed: {json.dumps(chunk['error'])[:300]}")
             delta = (chunk.get("choices") or [{}])[0].get("delta", {})
             if delta.get("content") or delta.get("reasoning_content"):
                 n += 1
