@@ -15,6 +15,8 @@ The two kinds also take turns by the time each has had (:meth:`StepBudget.pick`)
 prompt never waits behind a whole text and a text is never starved by a stream of prompts.
 
 With nothing generating, a step takes all of ``n_batch``: a prompt or text alone goes at full speed.
+A short prompt (or any not long one, in a burst of requests) is read whole at once, outside the
+budget (:meth:`StepBudget.whole`, :data:`SHORT`): the budget is for prompts too long to wait for.
 """
 
 from __future__ import annotations
