@@ -815,9 +815,11 @@ class Engine:
         # short prompts (longer ones too in a burst) are read whole first, outside the budget (StepBudget.whole),
         # judged by their whole length: a long prompt's last chunk is no short prompt
         self._budget.weigh([s.to_read for s in prompts] if kind == "prompt" else [], n_rows)
-        whole = [s for s in prompts if self._budget.whole(s.to_read)] if kind == "prompt" and n_rows else []
+        whole: list[_Slot] = []
+        rest: list[_Slot] = []
+        for s in prompts:
+            (whole if kind == "prompt" and n_rows and self._budget.whole(s.to_read) else rest).append(s)
         unbudgeted = sum(len(s.pending) for s in whole)
-        rest = [s for s in prompts if s not in whole]
         if whole:
             queued -= unbudgeted
             parts = len({len(s.pending) for s in rest})
