@@ -230,9 +230,9 @@ class ModelDrafter:
         at = cells + skip  # the text's next token to feed
         todo: list[int] = []
         if len(tokens) - at > CATCHUP_WINDOW or cells + len(tokens) - at + n_max > m.seq_cells:
-            held_start = head if skip else cells  # of the text's first tokens, what its cache still holds
+            # of the text's first tokens, what its cache still holds (with a gap kept, cells > its head = SINK)
             head = min(SINK, len(tokens) - 1)
-            cells = min(cells, held_start, head)
+            cells = min(cells, head)
             todo = list(tokens[cells:head])
             at = max(len(tokens) - CATCHUP_WINDOW, head)
             skip = at - head
@@ -251,7 +251,7 @@ class ModelDrafter:
         self.catchup_s, self.decode_s = 0.0, None
         live = []
         for i, (seq_id, tokens, n_max) in enumerate(items):
-            if n_max <= 0 or seq_id in self._blind or min(SINK, len(tokens)) + min(len(tokens), CATCHUP_WINDOW) + n_max > m.seq_cells:
+            if n_max <= 0 or seq_id in self._blind or min(len(tokens), SINK + CATCHUP_WINDOW) + n_max > m.seq_cells:
                 continue
             todo = self._plan(seq_id, tokens, n_max)
             if min(todo) < 0:  # image positions: not the draft's to read
@@ -430,7 +430,7 @@ class Guard:
         self._drafting = True
         self._catchup += catchup_s
         self.debt += catchup_s
-        low = self._low()
+        low = self._low() if decode_s is not None else None
         if decode_s is not None and low is not None and decode_s >= self._n * low:
             # Each drafted token costs a draft decode, a plain step's worth: no acceptance can pay it.
             self.episodes += 1
