@@ -106,10 +106,12 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
     from .images import UnsupportedProjectorError
     from .llama.vision import Projector
 
-    gpu = settings.n_gpu_layers != 0
+    gpu = model.on_gpu
     asked = settings.image_encoders
     encoders = encoder_count(asked, gpu=gpu, n_seq_max=model.n_seq_max,
                              projector_bytes=path.stat().st_size)
+    if asked != "auto" and int(asked) > encoders and report is not None:
+        report(CPU_ENCODERS_NOTE.format(asked=asked))
     try:
         # auto's copies are a guess at what fits: as many as load serve; a count asked for is all or a refusal
         at_least = 1 if asked == "auto" else None
@@ -124,13 +126,20 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
 GPU_ENCODERS = 4  # H200, SmolVLM-256M layout, 16 clients: 1 copy 242 tok/s, 2: 314, 3: 436, 4: 520, 6: 504 (bench/vision_load.py)
 
 
+CPU_ENCODERS_NOTE = ("--image-encoders {asked}: on the CPU pictures are encoded one at a time, between the model's "
+                     "decodes (both use every thread), so one encoder is loaded.")
+
+
 def encoder_count(setting: int | str, *, gpu: bool, n_seq_max: int, projector_bytes: int) -> int:
-    """The ``image_encoders`` setting resolved: a count is taken as given; auto is 1 on a CPU (one
-    encode uses every thread) or for one sequence, else GPU_ENCODERS as far as the copies fit in a
-    quarter of the GPU memory the model left free."""
+    """The ``image_encoders`` setting resolved: 1 on a CPU, where an encode waits for the decode in
+    progress and uses every thread (more copies would only hold memory: CPU_ENCODERS_NOTE says so);
+    a count is taken as given on a GPU; auto is 1 for one sequence, else GPU_ENCODERS as far as the
+    copies fit in a quarter of the GPU memory the model left free."""
+    if not gpu:
+        return 1
     if setting != "auto":
         return int(setting)
-    if not gpu or n_seq_max <= 1:
+    if n_seq_max <= 1:
         return 1
     from .llama.devices import gpus
 

@@ -120,7 +120,7 @@ def test_a_cpu_encode_leaves_no_worker_threads_behind_in_a_pool_thread(tmp_path:
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["n"] > 0 and got["after"] == got["before"]
+    assert got["n"] > 0 and got["after"] <= got["before"]
 
 
 def test_synth_cli_writes_a_projector_beside_the_model(tmp_path: Path) -> None:
@@ -224,7 +224,7 @@ def server_env(tmp_path_factory: pytest.TempPathFactory, seed_amx_verdict: Calla
 @pytest.fixture(scope="module")
 def vsrv(vlm: tuple[Path, Path], server_env: dict[str, str]) -> Iterator[ServerProcess]:
     model, mmproj = vlm
-    # two copies of the projector: every API's pictures go through the encoder pool as a GPU server's do
+    # two copies asked for: on the CPU one is loaded, and the server says so (CPU_ENCODERS_NOTE)
     with serve(str(model), "--mmproj", str(mmproj), "--served-model-name", "vlm", "--parallel", "4", "--n-ctx", "512",
                "--threads", "1", "--image-encoders", "2", env=server_env) as server:
         yield server
@@ -251,6 +251,7 @@ TEXT = {"type": "text", "text": "What is in the picture?"}
 
 
 def test_openai_image_url_counts_its_tokens_and_a_repeated_image_reuses_its_kv(vsrv: ServerProcess) -> None:
+    assert "vlm: --image-encoders 2: on the CPU pictures are encoded one at a time" in vsrv.log()  # said, not dropped
     client = oai(vsrv)
     plain = ask(client, TEXT)
     seen = ask(client, TEXT, img(data_url(png(color=(1, 2, 3)))))
@@ -710,8 +711,9 @@ def test_image_encoders_auto_is_one_on_a_cpu_and_copies_that_fit_on_a_gpu(monkey
 
     mb = 1000**2
     assert encoder_count("auto", gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 1
-    assert encoder_count(2, gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 2  # asked for: honoured
+    assert encoder_count(2, gpu=False, n_seq_max=16, projector_bytes=200 * mb) == 1  # encodes take turns with decodes there
     monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=80GB,free=60GB")
+    assert encoder_count(2, gpu=True, n_seq_max=16, projector_bytes=200 * mb) == 2  # asked for: honoured
     assert encoder_count("auto", gpu=True, n_seq_max=1, projector_bytes=200 * mb) == 1  # one sequence: one picture at a time
     assert encoder_count("auto", gpu=True, n_seq_max=16, projector_bytes=200 * mb) == GPU_ENCODERS
     monkeypatch.setenv("GGUFRUN_SIMULATE_GPU", "name=G,total=8GB,free=1GB")
@@ -752,21 +754,37 @@ def test_on_a_cpu_an_encode_and_a_decode_take_turns(vlm: tuple[Path, Path]) -> N
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
+    class Turns:  # the lock, noting when another thread asks for it
+        def __init__(self) -> None:
+            self.lock, self.asked = threading.Lock(), threading.Event()
+
+        def __enter__(self) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                self.asked.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
     model_path, mmproj = vlm
     with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        turns = model.serial_compute = Turns()  # type: ignore[assignment]
         proj = Projector(model, mmproj, n_threads=1, use_gpu=False)
-        assert model.serial_compute is not None
+        assert model.serial_compute is turns  # the projector takes the model's turns
         got: list[Any] = []
-        with model.serial_compute:  # as while the engine's decode runs
+        with turns:  # as while the engine's decode runs
             reader = threading.Thread(target=lambda: got.append(proj.block(load_picture(png(23, 36)))))
             reader.start()
-            reader.join(timeout=1.0)
-            assert not got and proj.encoded == 0  # cut, then waiting for the decode to end
+            assert turns.asked.wait(10)  # cut, then waiting for the decode to end
+            assert not got and proj.encoded == 0
         reader.join(timeout=10)
         assert got and proj.encoded == 1
-        model.decode([(0, model.tokenize("Hello"), True)])  # a decode takes the lock too, and gives it back
-        assert not model.serial_compute.locked()
+        model.decode([(0, model.tokenize("Hello"), True)])  # a decode takes the turn too, and gives it back
+        assert not turns.lock.locked()
         proj.close()
+    with Model.load(model_path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
+        Projector(model, mmproj, n_threads=1, use_gpu=False).close()
+        assert model.serial_compute is not None  # a CPU projector makes the model take turns
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
