@@ -73,6 +73,7 @@ def open_model(
         if plan.devices and report is not None:  # a CPU-only build: nothing worth saying
             report(plan.describe())
     model = Model.load(path, settings, n_seq_max=n_seq_max, kv_cells=kv_cells, validate=False)  # validated above
+    model.gguf_info = info  # the header as parsed once (llama/text_rows.py reads its tensor table)
     if settings.spec != "off" or settings.draft_model:
         _speculate(model, spec.name, settings, registry, cli_settings, offline, n_seq_max, kv_cells)
     family = spec.family or guess_family(model.metadata)

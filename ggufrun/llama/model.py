@@ -180,6 +180,7 @@ class Model:
         self.images: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self.whole_images = False  # its projector decodes each image in one batch, attending both ways (gemma-3)
         self.mixed_runs = False  # text and image tokens share an embedding batch (llama/vision.py, text_rows.py)
+        self.gguf_info: Any = None  # the file's parsed header where the loader kept it (gguf_info.GGUFInfo)
         # A projector encoding on the CPU takes this around each encode, as every decode does: llama.cpp's CPU
         # threads spin at their barriers, so an encode beside a decode on the same cores slowed both (2 cores,
         # 16 clients' pictures: 0.62x llama-server's throughput, which runs the two one after the other).

@@ -67,7 +67,7 @@ def text_rows(model: Any) -> TextRows | None:
         model._text_rows = None
         return None
     try:
-        info = inspect(model.path)
+        info = getattr(model, "gguf_info", None) or inspect(model.path)  # the loader's parse, else one here
         embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
         if (info.architecture in ARCHES and embd is not None and embd.type in _BLOCK and len(embd.shape) == 2
                 and embd.shape[0] % _BLOCK[embd.type][0] == 0):  # a split's other parts: not in this file, so None
