@@ -114,9 +114,8 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
         report(CPU_ENCODERS_NOTE.format(asked=asked))
     try:
         # auto's copies are a guess at what fits: as many as load serve; a count asked for is all or a refusal
-        at_least = 1 if asked == "auto" else None
         return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu, encoders=encoders,
-                         at_least=at_least)
+                         best_effort=asked == "auto")
     except UnsupportedProjectorError as exc:
         if report is not None:
             report(f"{exc.message} Text only.")

@@ -39,9 +39,8 @@ class Positions:
     def add_image(self, seq_id: int, start: int, n: int, n_pos: int) -> None:
         """Row 0 of an image of ``n`` rows taking ``n_pos`` positions is decoded at ``start``."""
         spans = self._spans.setdefault(seq_id, [])
-        if spans and spans[-1][0] >= start:  # a partly decoded image taken up again at row 0: replaced
-            while spans and spans[-1][0] >= start:
-                spans.pop()
+        while spans and spans[-1][0] >= start:  # a partly decoded image taken up again at row 0: replaced
+            spans.pop()
         spans.append((start, n, n_pos))
 
     def boundary(self, seq_id: int, keep: int) -> int:

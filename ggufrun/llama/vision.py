@@ -74,7 +74,7 @@ class Projector:
     """The mtmd contexts (one per picture encoded at once) for one Model; thread-safe."""
 
     def __init__(self, model: Any, path: Path, *, n_threads: int, use_gpu: bool, encoders: int = 1,
-                 at_least: int | None = None) -> None:
+                 best_effort: bool = False) -> None:
         from ..projector_info import validate_projector
 
         info = validate_projector(path, model.n_embd)  # llama.cpp asserts (aborts) on some malformed projectors
@@ -123,7 +123,7 @@ class Projector:
         for _ in range(encoders - 1):
             ctx = M.mtmd_init_from_file(str(path).encode(), model._model, params)
             if not ctx:
-                if at_least is not None and len(self._extra) + 1 >= at_least:
+                if best_effort:
                     llama_reason()  # the copies that fit serve (auto): the failure is not this load's
                     break
                 self.close()
