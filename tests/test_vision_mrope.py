@@ -118,6 +118,29 @@ def test_an_image_takes_fewer_positions_than_rows_and_text_after_it_goes_on_from
     model.reset(0)
 
 
+def test_a_picture_prompt_in_one_embedding_batch_decodes_as_its_runs_one_by_one(loaded: tuple[Any, Any]) -> None:
+    """Text, picture and text go as one embedding batch (the text as token_embd's rows at the token path's
+    M-RoPE positions, Qwen3-VL's zero-padded to its deepstack width), bit for bit as a decode per run."""
+    import numpy as np
+
+    model, proj = loaded
+    held: list[Any] = []
+    tokens = _prompt(model, proj, 4, "what is it", held)
+    assert model.mixed_runs
+    got = []
+    for mixed in (True, False):
+        model.mixed_runs = mixed
+        model.reset()
+        try:
+            model.decode([(0, tokens, True)])
+            got.append((model.logits_rows(1)[0].copy(), _greedy(model, 0, tokens, 6)))
+        finally:
+            model.mixed_runs = True
+    assert np.array_equal(got[0][0], got[1][0]) and got[0][1] == got[1][1]
+    assert model.mrope.at(0, len(tokens)) == len(tokens) - held[0].n_tokens + held[0].n_pos
+    model.reset()
+
+
 def test_prefix_reuse_and_a_trim_inside_an_image_give_what_a_fresh_decode_gives(loaded: tuple[Any, Any]) -> None:
     model, proj = loaded
     held: list[Any] = []

@@ -7,8 +7,10 @@ threads, where the whole 149-token prompt in one batch takes ~275 ms). With the 
 hand, the whole prompt is one embedding batch.
 
 Only where the rows are exactly what the token path computes: ``build_inp_embd`` is a get_rows of
-``token_embd.weight`` (on the CPU, whose dequantisation is ggml's ``to_float``), and the ``llama``
-graph uses it as it comes (no token-only scaling as gemma's or granite's, no LoRA in ggufrun).
+``token_embd.weight`` (on the CPU, whose dequantisation is ggml's ``to_float``), and the graphs in
+ARCHES use it as it comes (no token-only scaling as gemma's or granite's, no LoRA in ggufrun);
+Qwen3-VL's input is wider than a text row (deepstack), and the token path pads it with zeros.
+On an M-RoPE model a text token's positions are (p, p, p, 0), as llm_graph_input_pos gives them.
 The types read are those whose conversion to float32 is exact in any order of operations: F32,
 F16, BF16, and Q8_0 (an fp16 scale times an int8: 19 significant bits, exact in float32).
 """
@@ -19,7 +21,8 @@ from typing import Any
 
 from ._lib import numpy
 
-ARCHES = ("llama",)  # graphs checked to feed build_inp_embd's rows straight to the first layer
+# graphs checked to feed build_inp_embd's rows straight to the first layer (llama.cpp src/models/*.cpp)
+ARCHES = ("llama", "qwen2vl", "qwen3vl", "qwen3vlmoe")
 _BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34)}  # elements, bytes a block
 
 

@@ -112,7 +112,8 @@ class Projector:
         self.non_causal: bool | None = info.projector_type == "gemma3"
         model.whole_images = self.non_causal
         # a prompt's text and images in one decode, not one each, where text rows are exactly token ids'
-        model.mixed_runs = not self.mrope and not self.non_causal and _mixable(model)
+        # (M-RoPE models too: their text takes the positions the token path gives it)
+        model.mixed_runs = not self.non_causal and _mixable(model)
         # recent pictures' blocks by content: a repeated image is neither preprocessed nor encoded again
         self._recent: OrderedDict[tuple[bytes, int, int], tuple[list[int], list[ImageEmbedding]]] = OrderedDict()
         self._pending: dict[tuple[bytes, int, int], threading.Event] = {}  # pictures being encoded now
@@ -392,8 +393,14 @@ def _decode_embeddings(model: Any, items: list[tuple[int, list[int]]], text: Any
                     k = 1
                     while i + k < len(tokens) and tokens[i + k] >= 0:
                         k += 1
-                    embd[n : n + k] = text.rows(tokens[i : i + k])
-                    pos[n : n + k] = range(start + i, start + i + k)
+                    embd[n : n + k, : text.n_embd] = text.rows(tokens[i : i + k])
+                    if text.n_embd < n_embd:  # deepstack's wider input: the token path pads text rows with zeros
+                        embd[n : n + k, text.n_embd :] = 0
+                    if mrope is None:
+                        pos[n : n + k] = range(start + i, start + i + k)
+                    else:  # the token path's M-RoPE text positions: p in the first three sections, 0 in the fourth
+                        p = mrope.at(seq_id, start + i) + np.arange(k, dtype=np.int32)
+                        sections.append(np.stack([p, p, p, np.zeros_like(p)]))
                     logits[n : n + k] = 0
                     for j in range(n, n + k):
                         batch.seq_id[j][0] = seq_id
@@ -472,11 +479,12 @@ def _runs(tokens: list[int]) -> list[list[int]]:
 
 
 def _mixable(model: Any) -> bool:
-    """Whether the model's text tokens have exact embedding rows of its input width (text_rows.py)."""
+    """Whether the model's text tokens have exact embedding rows (text_rows.py); where the input is wider
+    (Qwen3-VL's deepstack rows), the token path pads them with zeros, as _decode_embeddings does."""
     from .text_rows import text_rows
 
     rows = text_rows(model)
-    return rows is not None and rows.n_embd == _embd_width(model)
+    return rows is not None and rows.n_embd <= _embd_width(model)
 
 
 def _rows_for(model: Any, items: list[tuple[int, list[int], Any]], all_logits: bool) -> Any:
