@@ -383,3 +383,31 @@ def test_a_one_off_in_the_prompt_fit_does_not_make_short_prompts_long() -> None:
     assert b.fixed_s["prompt"] > 0.03  # the one-off is in the fit
     b.weigh([262], 9)
     assert b.whole(262) and not b.whole(100_000)
+
+
+def test_a_prompt_read_alone_bounds_the_cost_of_a_token_beside_the_replies() -> None:
+    """An H100 trace (Qwen2.5-VL-3B shape): a 262-token picture prompt alone took 20 ms, then the first
+    16-token chunk beside one reply 55 ms (llama.cpp planning a new batch shape) over 3 ms plain steps.
+    Fitted from that chunk alone a prompt token cost 3.5 ms, and fifteen pictures waiting went in one
+    token a step until the reply ended. A token beside rows costs no more than one read alone: the
+    pictures are short; a long prompt is not, and its chunks beside the rows still follow the fit."""
+    from ggufrun.server.budget import StepBudget
+
+    b = StepBudget(2048)
+    now, _ = run_steps(b, 100.0, 5, 0.003, {}, [])
+    b.launched(0, "prompt", 262, now)
+    now += 0.020
+    b.finished(now)
+    assert abs(b.alone_s["prompt"] - 0.020 / 262) < 1e-9
+    b.pick(["prompt"])
+    b.weigh([262], 1)
+    assert b.whole(262)  # 20 ms against 8 plain steps' 24: read whole, no 16-token probe beside the reply
+    b.launched(1, "prompt", 16, now)
+    now += 0.003 + 0.055
+    b.finished(now)
+    assert b.token_s["prompt"] > 0.003  # the one-off, in the fit as a cost per token
+    b.pick(["prompt"])
+    b.weigh([262] * 15, 1)
+    assert b.whole(262) and not b.whole(100_000)
+    b.credit_s = b.cap_s("prompt")
+    assert b.allowance(1, "prompt", 100_000) == 1  # a long prompt's chunks follow the fit (it learns again from them)

@@ -74,6 +74,9 @@ class StepBudget:
         self.fixed_s = dict.fromkeys(KINDS, 0.0)
         self._fit: dict[str, list[float]] = {}
         self._largest = dict.fromkeys(KINDS, 0)  # the longest chunk of each kind measured: the next is at most twice it
+        # seconds a token of a chunk decoded with no rows beside it, its pass included (running mean): what a
+        # prompt read whole costs at most, learnt from the prompts read while nothing generates
+        self.alone_s = dict.fromkeys(KINDS, 0.0)
         self._split: set[str] = set()  # kinds whose fixed part has been told apart (chunks of several sizes seen)
         self.credit_s = 0.0  # seconds of chunk work the next steps may still take
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
@@ -101,10 +104,12 @@ class StepBudget:
         plain step per _FIRST tokens (a guess on the dear side: an unmeasured long prompt is not read
         whole). The fitted fixed part can carry a one-off: the first 16 tokens of a picture prompt
         took 66 ms on an H100 (llama.cpp planning a new batch shape), the fit's fixed part read ~65 ms
-        beside 8 ms plain steps, and pictures waiting beside the first replies were not short."""
+        beside 8 ms plain steps, and pictures waiting beside the first replies were not short. A token
+        read alone (:meth:`_alone`) bounds it: that one-off can also land in the fit's cost per token."""
+        alone = self.alone_s["prompt"] * tokens or float("inf")
         if not self.token_s["prompt"]:
-            return tokens * self.plain_s / _FIRST
-        return min(self.fixed_s["prompt"], self.plain_s) + self.token_s["prompt"] * tokens
+            return min(tokens * self.plain_s / _FIRST, alone)
+        return min(min(self.fixed_s["prompt"], self.plain_s) + self.token_s["prompt"] * tokens, alone)
 
     def whole(self, tokens: int) -> bool:
         """Whether a prompt of ``tokens`` (as in :meth:`weigh`) is read whole now, outside the budget:
@@ -211,7 +216,11 @@ class StepBudget:
         period = now - (self._last_done or started) - setup_s if started else 0.0
         self._last_done = now
         self._launched = (0, "", 0, 0.0, 0.0, 1, False)
-        if not rows or drafted or period <= 0.0 or period > 60.0:
+        if drafted or period <= 0.0 or period > 60.0:
+            return
+        if not rows:
+            if tokens >= _FIRST:
+                self._alone(kind, tokens, period)
             return
         if not tokens:
             self.plain_s = period if not self.plain_s else (1 - _EMA) * self.plain_s + _EMA * period
@@ -220,6 +229,17 @@ class StepBudget:
             return
         # Micro-batches past the first are told from the fit's own fixed part: the fit stays one of single-part chunks.
         self._learn(kind, tokens, max(period - self.plain_s - (passes - 1) * self.fixed_s[kind], 0.0))
+
+    def _alone(self, kind: str, n: int, period: float) -> None:
+        """A chunk of ``n`` tokens took ``period`` with no rows beside it: a prompt read whole costs at most
+        that rate (:meth:`_prompt_s`). Why: on an H100 the first 16-token picture chunk beside one reply
+        took 55 ms (llama.cpp planning a new batch shape) where 262 tokens alone took 20 ms; the fit read
+        3.5 ms a token from it, and fifteen pictures then went in one token a step until the first reply
+        ended (Qwen2.5-VL-3B, 0.91x llama-server's throughput). Only there: as a bound on the fit's cost a
+        token beside rows it made chunks of a 3,000-token prompt too large on a CPU (their attention grows
+        along the prompt; a stream's p99 gap went from 2.3x to 5.1x a plain step)."""
+        rate = period / n
+        self.alone_s[kind] = rate if not self.alone_s[kind] else (1 - _EMA) * self.alone_s[kind] + _EMA * rate
 
     def _learn(self, kind: str, n: int, y: float) -> None:
         """Fold one chunk (``n`` tokens, ``y`` seconds over a plain step) into its kind's fit."""
