@@ -787,10 +787,17 @@ def test_on_a_cpu_an_encode_and_a_decode_take_turns(vlm: tuple[Path, Path]) -> N
         assert model.serial_compute is not None  # a CPU projector makes the model take turns
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
-def test_text_rows_read_from_the_file_decode_bit_for_bit_as_token_ids(tmp_path: Path, quant: str) -> None:
+# a shape k-quants fit (256-wide rows), with its own output matrix: token_embd then takes the file type's own
+# quant, as in published Q4_K_M files (a tied one is the output layer too, and gets Q6_K)
+_UNTIED = "llama:layers=2,dim=256,heads=4,kv_heads=2,ff=512,vocab=600,tied=0"
+
+
+@pytest.mark.parametrize("quant, kind", [("f32", "F32"), ("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0"),
+                                         ("q4_k_m", "Q4_K"), ("q6_k", "Q6_K"), ("iq4_xs", "IQ4_XS")])
+def test_text_rows_read_from_the_file_decode_bit_for_bit_as_token_ids(tmp_path: Path, quant: str, kind: str) -> None:
     """A SmolVLM prompt goes as one embedding batch, its text as token_embd's rows read by
-    llama/text_rows.py: only right if those rows are exactly what llama.cpp's token path looks up."""
+    llama/text_rows.py: only right if those rows are exactly what llama.cpp's token path looks up
+    (a quantized type's through ggml's own to_float, the function get_rows dequantises it with)."""
     import numpy as np
 
     from ggufrun.llama.text_rows import text_rows
@@ -798,17 +805,18 @@ def test_text_rows_read_from_the_file_decode_bit_for_bit_as_token_ids(tmp_path: 
     from ggufrun.runtime import Model
     from ggufrun.settings import Settings
 
-    if quant == "bf16":  # text_rows reads BF16 too; write_synthetic does not write it, llama.cpp's quantiser does
+    if quant in ("f32", "f16", "q8_0"):
+        path = write_synthetic(tmp_path / "m.gguf", "tiny", arch="llama", quant=quant)
+    else:  # written by llama.cpp's quantiser (write_synthetic writes neither BF16 nor k-quants)
         from ggufrun.quantize import quantize_file
 
-        path = quantize_file(write_synthetic(tmp_path / "f32.gguf", "tiny", arch="llama", quant="f32"), tmp_path / "m.gguf", "bf16")
-    else:
-        path = write_synthetic(tmp_path / "m.gguf", "tiny", arch="llama", quant=quant)
+        shape = "tiny" if quant == "bf16" else _UNTIED
+        path = quantize_file(write_synthetic(tmp_path / "f32.gguf", shape, arch="llama", quant="f32"), tmp_path / "m.gguf", quant)
     gemma = write_synthetic(tmp_path / "g.gguf", "tiny", arch="gemma3")
     prompt = [1, *range(5, 60)]
     with Model.load(path, Settings(n_ctx=256, threads=1, batch_size=128, ubatch_size=128)) as model:
         rows = text_rows(model)
-        assert rows is not None and rows.kind == quant.upper()
+        assert rows is not None and rows.kind == kind
         model.decode([(0, prompt, True)])
         by_ids = model.logits_rows(1).copy()
         model.reset(0)

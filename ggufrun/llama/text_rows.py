@@ -11,29 +11,63 @@ Only where the rows are exactly what the token path computes: ``build_inp_embd``
 ARCHES use it as it comes (no token-only scaling as gemma's or granite's, no LoRA in ggufrun);
 Qwen3-VL's input is wider than a text row (deepstack), and the token path pads it with zeros.
 On an M-RoPE model a text token's positions are (p, p, p, 0), as llm_graph_input_pos gives them.
-The types read are those whose conversion to float32 is exact in any order of operations: F32,
-F16, BF16, and Q8_0 (an fp16 scale times an int8: 19 significant bits, exact in float32).
+F32, F16 and BF16 rows are converted here (exact in any order of operations); a quantized type's
+(Q8_0, Q4_K, Q6_K...: token_embd in most published files) by ggml's own to_float for that type, the
+function llama.cpp's get_rows dequantises them with.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 from ._lib import numpy
 
 # graphs checked to feed build_inp_embd's rows straight to the first layer (llama.cpp src/models/*.cpp)
 ARCHES = ("llama", "qwen2vl", "qwen3vl", "qwen3vlmoe")
-_BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34)}  # elements, bytes a block
+_PLAIN = {"F32": 4, "F16": 2, "BF16": 2}  # bytes an element: converted here (exact in any order)
+
+
+class _Traits(ctypes.Structure):
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]  # ggml.h's struct ggml_type_traits
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+def _dequantizer(kind: str) -> tuple[int, int, Any] | None:
+    """(elements a block, bytes a block, ggml's to_float) of a quantized type: the very function the CPU
+    backend's get_rows dequantises token_embd with (ops.cpp; a GPU never takes get_rows, whose weights
+    stay in host memory: the input layer is always on the CPU), so its rows are the token path's bit for bit."""
+    import gguf
+
+    from .libggml import load
+
+    try:
+        type_id = gguf.GGMLQuantizationType[kind].value
+        fn = load().ggml_get_type_traits
+    except (KeyError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.POINTER(_Traits), [ctypes.c_int]
+    traits = fn(type_id)
+    if not traits or not traits.contents.is_quantized or not traits.contents.to_float:
+        return None
+    t = traits.contents
+    return int(t.blck_size), int(t.type_size), _TO_FLOAT(t.to_float)
 
 
 class TextRows:
     """``token_embd.weight`` of one model file, mapped read-only; rows() dequantises some of it."""
 
-    def __init__(self, path: Any, kind: str, offset: int, n_embd: int, n_vocab: int) -> None:
+    def __init__(self, path: Any, kind: str, offset: int, n_embd: int, n_vocab: int, block: tuple[int, int],
+                 to_float: Any = None) -> None:
         np = numpy()
-        per, size = _BLOCK[kind]
+        per, size = block
         self.kind, self.n_embd, self.n_vocab = kind, n_embd, n_vocab
         self.row_bytes = n_embd // per * size
+        self._to_float = to_float
         self._data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(n_vocab, self.row_bytes))
 
     def covers(self, tokens: list[int]) -> bool:
@@ -43,17 +77,16 @@ class TextRows:
     def rows(self, tokens: list[int]) -> Any:
         """float32 [len(tokens), n_embd], bit for bit the token path's input rows."""
         np = numpy()
-        raw = self._data[np.asarray(tokens, dtype=np.int64)]
+        raw = self._data[np.asarray(tokens, dtype=np.int64)]  # a contiguous copy: whole blocks, row after row
         if self.kind == "F32":
             return raw.view(np.float32)
         if self.kind == "F16":
             return raw.view(np.float16).astype(np.float32)
         if self.kind == "BF16":
             return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        blocks = raw.reshape(len(tokens), -1, 34)  # Q8_0: fp16 d, then 32 int8
-        d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)
-        q = blocks[:, :, 2:].view(np.int8).astype(np.float32)
-        return (q * d).reshape(len(tokens), self.n_embd)
+        out = np.empty((len(tokens), self.n_embd), dtype=np.float32)
+        self._to_float(raw.ctypes.data, out.ctypes.data, out.size)
+        return out
 
 
 def text_rows(model: Any) -> TextRows | None:
@@ -72,12 +105,18 @@ def text_rows(model: Any) -> TextRows | None:
     try:
         info = getattr(model, "gguf_info", None) or inspect(model.path)  # the loader's parse, else one here
         embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
-        if (info.architecture in ARCHES and embd is not None and embd.type in _BLOCK and len(embd.shape) == 2
-                and embd.shape[0] % _BLOCK[embd.type][0] == 0):  # a split's other parts: not in this file, so None
-            per, size = _BLOCK[embd.type]
+        block: tuple[int, int] | None = None
+        quant = None
+        if embd is not None and embd.type in _PLAIN:
+            block = (1, _PLAIN[embd.type])
+        elif embd is not None:
+            quant = _dequantizer(embd.type)
+            block = (quant[0], quant[1]) if quant else None
+        if (info.architecture in ARCHES and embd is not None and block is not None and len(embd.shape) == 2
+                and embd.shape[0] % block[0] == 0):  # a split's other parts: not in this file, so None
             n_embd, n_vocab = embd.shape
-            if embd.n_bytes == n_vocab * n_embd // per * size:
-                got = TextRows(model.path, embd.type, embd.offset, n_embd, n_vocab)
+            if embd.n_bytes == n_vocab * n_embd // block[0] * block[1]:
+                got = TextRows(model.path, embd.type, embd.offset, n_embd, n_vocab, block, quant[2] if quant else None)
     except (OSError, ValueError, GgufrunError):  # unreadable now: the token path still works
         got = None
     model._text_rows = got
