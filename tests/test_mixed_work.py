@@ -398,7 +398,7 @@ def test_a_prompt_read_alone_bounds_the_cost_of_a_token_beside_the_replies() -> 
     b.launched(0, "prompt", 262, now)
     now += 0.020
     b.finished(now)
-    assert abs(b.alone_s["prompt"] - 0.020 / 262) < 1e-9
+    assert abs(b.alone_s - 0.020 / 262) < 1e-9
     b.pick(["prompt"])
     b.weigh([262], 1)
     assert b.whole(262)  # 20 ms against 8 plain steps' 24: read whole, no 16-token probe beside the reply

@@ -125,14 +125,13 @@ class Model:
                  n_ctx: int = 0) -> None:
         self.path = path
         self.settings = settings
+        self.on_gpu = settings.n_gpu_layers != 0 and bool(L.llama_supports_gpu_offload())  # some layers on a GPU
         # the widest hole between a step's rows that filler tokens close (_gaps): all on a GPU, few on a CPU;
         # none where a filler's cell might not come out cleanly (a recurrent state, a sliding window) or a
         # decode's every sequence is pooled (an embedding context)
-        self.on_gpu = settings.n_gpu_layers != 0 and bool(L.llama_supports_gpu_offload())  # some layers on a GPU
-        on_gpu = self.on_gpu
         plain_cache = not (L.llama_model_is_recurrent(model_ptr) or L.llama_model_is_hybrid(model_ptr)
                            or L.llama_model_n_swa(model_ptr) > 0)
-        self._widest_hole = (n_seq_max if on_gpu else _CPU_HOLE) if plain_cache and not embeddings else 0
+        self._widest_hole = (n_seq_max if self.on_gpu else _CPU_HOLE) if plain_cache and not embeddings else 0
         self.kv_bytes = kv_buffer_bytes()  # the KV cache as llama.cpp logged allocating it, just before
         self._model = model_ptr
         self._ctx = ctx

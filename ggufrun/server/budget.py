@@ -74,9 +74,9 @@ class StepBudget:
         self.fixed_s = dict.fromkeys(KINDS, 0.0)
         self._fit: dict[str, list[float]] = {}
         self._largest = dict.fromkeys(KINDS, 0)  # the longest chunk of each kind measured: the next is at most twice it
-        # seconds a token of a chunk decoded with no rows beside it, its pass included (running mean): what a
-        # prompt read whole costs at most, learnt from the prompts read while nothing generates
-        self.alone_s = dict.fromkeys(KINDS, 0.0)
+        # seconds a prompt token took in a chunk decoded with no rows beside it, its pass included (running
+        # mean): what a prompt read whole costs at most, learnt from the prompts read while nothing generates
+        self.alone_s = 0.0
         self._split: set[str] = set()  # kinds whose fixed part has been told apart (chunks of several sizes seen)
         self.credit_s = 0.0  # seconds of chunk work the next steps may still take
         self.spent_s = dict.fromkeys(KINDS, 0.0)  # estimated seconds each kind has had (for pick's turns)
@@ -106,7 +106,7 @@ class StepBudget:
         took 66 ms on an H100 (llama.cpp planning a new batch shape), the fit's fixed part read ~65 ms
         beside 8 ms plain steps, and pictures waiting beside the first replies were not short. A token
         read alone (:meth:`_alone`) bounds it: that one-off can also land in the fit's cost per token."""
-        alone = self.alone_s["prompt"] * tokens or float("inf")
+        alone = self.alone_s * tokens or float("inf")
         if not self.token_s["prompt"]:
             return min(tokens * self.plain_s / _FIRST, alone)
         return min(min(self.fixed_s["prompt"], self.plain_s) + self.token_s["prompt"] * tokens, alone)
@@ -219,8 +219,8 @@ class StepBudget:
         if drafted or period <= 0.0 or period > 60.0:
             return
         if not rows:
-            if tokens >= _FIRST:
-                self._alone(kind, tokens, period)
+            if kind == "prompt" and tokens >= _FIRST:
+                self._alone(tokens, period)
             return
         if not tokens:
             self.plain_s = period if not self.plain_s else (1 - _EMA) * self.plain_s + _EMA * period
@@ -230,8 +230,8 @@ class StepBudget:
         # Micro-batches past the first are told from the fit's own fixed part: the fit stays one of single-part chunks.
         self._learn(kind, tokens, max(period - self.plain_s - (passes - 1) * self.fixed_s[kind], 0.0))
 
-    def _alone(self, kind: str, n: int, period: float) -> None:
-        """A chunk of ``n`` tokens took ``period`` with no rows beside it: a prompt read whole costs at most
+    def _alone(self, n: int, period: float) -> None:
+        """A prompt chunk of ``n`` tokens took ``period`` with no rows beside it: a prompt read whole costs at most
         that rate (:meth:`_prompt_s`). Why: on an H100 the first 16-token picture chunk beside one reply
         took 55 ms (llama.cpp planning a new batch shape) where 262 tokens alone took 20 ms; the fit read
         3.5 ms a token from it, and fifteen pictures then went in one token a step until the first reply
@@ -239,7 +239,7 @@ class StepBudget:
         token beside rows it made chunks of a 3,000-token prompt too large on a CPU (their attention grows
         along the prompt; a stream's p99 gap went from 2.3x to 5.1x a plain step)."""
         rate = period / n
-        self.alone_s[kind] = rate if not self.alone_s[kind] else (1 - _EMA) * self.alone_s[kind] + _EMA * rate
+        self.alone_s = rate if not self.alone_s else (1 - _EMA) * self.alone_s + _EMA * rate
 
     def _learn(self, kind: str, n: int, y: float) -> None:
         """Fold one chunk (``n`` tokens, ``y`` seconds over a plain step) into its kind's fit."""
