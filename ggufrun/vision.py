@@ -110,8 +110,9 @@ def load_projector(model: Any, spec: Any, settings: Any, *, offline: bool | None
     asked = settings.image_encoders
     encoders = encoder_count(asked, gpu=gpu, n_seq_max=model.n_seq_max,
                              projector_bytes=path.stat().st_size)
-    if asked != "auto" and int(asked) > encoders and report is not None:
-        report(CPU_ENCODERS_NOTE.format(asked=asked))
+    note = encoders_note(asked, encoders)
+    if note and report is not None:
+        report(note)
     try:
         # auto's copies are a guess at what fits: as many as load serve; a count asked for is all or a refusal
         return Projector(model, path, n_threads=settings.effective_threads(), use_gpu=gpu, encoders=encoders,
@@ -127,6 +128,11 @@ GPU_ENCODERS = 4  # H200, SmolVLM-256M layout, 16 clients: 1 copy 242 tok/s, 2: 
 
 CPU_ENCODERS_NOTE = ("--image-encoders {asked}: on the CPU pictures are encoded one at a time, between the model's "
                      "decodes (both use every thread), so one encoder is loaded.")
+
+
+def encoders_note(asked: int | str, loaded: int) -> str | None:
+    """What to tell a user whose --image-encoders count was not loaded as asked (on a CPU); None where it was."""
+    return CPU_ENCODERS_NOTE.format(asked=asked) if asked != "auto" and int(asked) > loaded else None
 
 
 def encoder_count(setting: int | str, *, gpu: bool, n_seq_max: int, projector_bytes: int) -> int:

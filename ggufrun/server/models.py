@@ -491,14 +491,16 @@ class ModelPool:
         loaded = open_model(cfg.model, self.registry, {**cfg.settings, "n_ctx": plan.n_ctx_seq},
                             n_seq_max=parallel + (1 if cfg.embeddings else 0), kv_cells=plan.cells)
         model = loaded.model
-        asked = str(cfg.settings.get("image_encoders", "auto")).lower()
+        asked = model.settings.image_encoders
         if loaded.vision is None and asked != "auto":
             # the flag goes to every served model; one without a projector says so rather than drop it unsaid
             log.warning("%s has no vision projector: --image-encoders %s does nothing for it", cfg.id, asked)
-        elif asked != "auto" and int(asked) > getattr(loaded.vision, "encoders", int(asked)):
-            from ..vision import CPU_ENCODERS_NOTE
+        elif getattr(loaded.vision, "encoders", None) is not None:  # (a TextOnly projector encodes nothing)
+            from ..vision import encoders_note
 
-            log.warning("%s: %s", cfg.id, CPU_ENCODERS_NOTE.format(asked=asked))
+            note = encoders_note(asked, loaded.vision.encoders)
+            if note:
+                log.warning("%s: %s", cfg.id, note)
         # what it really takes: its cells, and the layers llama.cpp got ("auto" resolved)
         self.residency.set_memory(cfg.id, estimate(info, plan.cells, model.settings.n_gpu_layers, plan.n_ctx_seq,
                                                         (model.settings.cache_type_k, model.settings.cache_type_v)))
