@@ -85,12 +85,13 @@ FIELDS: dict[str, Field] = {f.name: f for f in (
     Field("draft_p_min", float, "A draft model stops drafting at a token it gives less than this probability.", min=0.0, max=1.0),
     Field("mmproj", str, "A vision projector (mmproj GGUF) for the model, in place of the one fetched with it: images in chat and serve."),
     Field("image_encoders", int, "Pictures encoded at once, each by its own copy of the vision projector: auto (1 on a "
-          "CPU, whose threads one encode already uses; more on a GPU, which one encode leaves mostly idle) or a count.",
+          "CPU, whose threads one encode already uses; more on a GPU, which one encode leaves mostly idle) or a count "
+          "(on a GPU; a CPU loads one and says so).",
           min=1, max=16, auto=True),
     Field("step_tokens", int, "serve: prompt and embedding work one engine step takes beside generating replies: auto "
           "(a time per step, from each kind's measured cost: steps within 1.2x a plain decode step on average beside "
-          "prompts, up to 8 times that slack while more prompts wait than replies generate, 1.3x beside texts to embed) "
-          "or a fixed count of tokens.", min=1, auto=True),
+          "prompts, 1.3x beside texts to embed; a short prompt, or any but a long one while more prompts wait than replies "
+          "generate, is read whole at once) or a fixed count of tokens.", min=1, auto=True),
 )}
 
 
