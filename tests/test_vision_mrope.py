@@ -120,7 +120,9 @@ def test_an_image_takes_fewer_positions_than_rows_and_text_after_it_goes_on_from
 
 def test_a_picture_prompt_in_one_embedding_batch_decodes_as_its_runs_one_by_one(loaded: tuple[Any, Any]) -> None:
     """Text, picture and text go as one embedding batch (the text as token_embd's rows at the token path's
-    M-RoPE positions, Qwen3-VL's zero-padded to its deepstack width), bit for bit as a decode per run."""
+    M-RoPE positions, Qwen3-VL's zero-padded to its deepstack width), as a decode per run gives them:
+    equal here; within 0.05 wherever a CPU's kernels round by batch shape, where text after the picture
+    at its index instead of its M-RoPE position moves the last logits by ~0.5 (of ~0.7)."""
     import numpy as np
 
     model, proj = loaded
@@ -133,10 +135,10 @@ def test_a_picture_prompt_in_one_embedding_batch_decodes_as_its_runs_one_by_one(
         model.reset()
         try:
             model.decode([(0, tokens, True)])
-            got.append((model.logits_rows(1)[0].copy(), _greedy(model, 0, tokens, 6)))
+            got.append(model.logits_rows(1)[0].copy())
         finally:
             model.mixed_runs = True
-    assert np.array_equal(got[0][0], got[1][0]) and got[0][1] == got[1][1]
+    assert np.abs(got[0] - got[1]).max() < 0.05
     assert model.mrope.at(0, len(tokens)) == len(tokens) - held[0].n_tokens + held[0].n_pos
     model.reset()
 
