@@ -389,7 +389,7 @@ def test_a_prompt_read_alone_bounds_the_cost_of_a_token_beside_the_replies() -> 
     """An H100 trace (Qwen2.5-VL-3B shape): a 262-token picture prompt alone took 20 ms, then the first
     16-token chunk beside one reply 55 ms (llama.cpp planning a new batch shape) over 3 ms plain steps.
     Fitted from that chunk alone a prompt token cost 3.5 ms, and fifteen pictures waiting went in one
-    token a step until the reply ended. A token beside rows costs no more than one read alone: the
+    token a step until the reply ended. A prompt read whole costs no more than its tokens read alone: the
     pictures are short; a long prompt is not, and its chunks beside the rows still follow the fit."""
     from ggufrun.server.budget import StepBudget
 
