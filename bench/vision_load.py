@@ -66,11 +66,11 @@ SHAPES = {  # --synth: (text shape, projector, image side in px)
 }
 
 
-def synth(shape: str, folder: Path) -> tuple[Path, Path, int]:
+def synth(shape: str, folder: Path, quant: str = "q8_0") -> tuple[Path, Path, int]:
     text, projector, side = SHAPES[shape]
-    model, mmproj = folder / f"vlm-{shape}.gguf", folder / f"mmproj-vlm-{shape}.gguf"
+    model, mmproj = folder / f"vlm-{shape}-{quant}.gguf", folder / f"mmproj-vlm-{shape}.gguf"
     if not (model.is_file() and mmproj.is_file()):
-        subprocess.run([*GGUFRUN, "synth", "--shape", text, "--quant", "q8_0", "--projector", projector, "--out", str(model),
+        subprocess.run([*GGUFRUN, "synth", "--shape", text, "--quant", quant, "--projector", projector, "--out", str(model),
                         "--mmproj-out", str(mmproj), "--force"], check=True, stdout=subprocess.DEVNULL)
     return model, mmproj, side
 
@@ -195,6 +195,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model"), ap.add_argument("--mmproj")
     ap.add_argument("--synth", choices=sorted(SHAPES), default=None, help="write and use a synthetic pair")
+    ap.add_argument("--quant", default="q8_0", help="--synth's text weights (q4_k_m: published VLMs' usual quant, "
+                    "whose token_embd rows are dequantised by ggml's own to_float)")
     ap.add_argument("--image-side", type=int, default=0, help="picture side in px (default: the shape's)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests-per-client", type=int, default=2)
@@ -213,7 +215,7 @@ def main() -> None:
     folder = Path(tempfile.gettempdir()) / "ggufrun-vision-bench"
     folder.mkdir(exist_ok=True)
     if opts.synth:
-        model, mmproj, side = synth(opts.synth, folder)
+        model, mmproj, side = synth(opts.synth, folder, opts.quant)
     elif opts.model and opts.mmproj:
         model, mmproj, side = Path(opts.model), Path(opts.mmproj), 512
     else:
