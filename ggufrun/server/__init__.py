@@ -81,7 +81,7 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
     import uvicorn
 
     from .app import create_app
-    from .guard import KEEP_ALIVE_SECONDS, BodyGuard, guarded_h11_protocol, raise_fd_limit
+    from .guard import KEEP_ALIVE_SECONDS, BodyGuard, guarded_protocol, raise_fd_limit
 
     # Read before the bind: a bad value is refused without a listening socket left behind (the
     # tests refuse it through the real entry point in their own process).
@@ -115,7 +115,7 @@ def run(config: ServeConfig, *, preload: bool = False) -> None:
             super().handle_exit(sig, frame)
 
     uv_config = uvicorn.Config(BodyGuard(app), host=config.host, port=config.port, log_level="info", access_log=False,
-                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS, http=guarded_h11_protocol(),
+                               lifespan="on", timeout_graceful_shutdown=GRACEFUL_SECONDS, http=guarded_protocol(),
                                timeout_keep_alive=KEEP_ALIVE_SECONDS)
     uv_server = Server(uv_config)
     app_server.stop_server = lambda: setattr(uv_server, "should_exit", True)
