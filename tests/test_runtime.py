@@ -160,3 +160,29 @@ def test_a_copied_prefix_continues_as_if_evaluated(tiny_model: Path, kv_cells: i
         m.decode([(1, prompt[-1:], True)])
         assert np.array_equal(m.logits_rows(1)[0], fresh)
         assert m.seq_len(0) > len(prompt) and m.seq_len(1) == len(prompt)
+
+
+def test_common_length_is_the_shared_prefix_wherever_the_lists_part() -> None:
+    """The server's prefix match (every slot, every admitted request) compares slices in doubling
+    runs: the same answer as a token-by-token walk, at every parting point and length."""
+    import random
+
+    from ggufrun.llama.model import common_length
+
+    def walk(a: list[int], b: list[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        a = [rng.randrange(3) for _ in range(rng.randrange(80))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(80))]
+        assert common_length(a, b) == common_length(b, a) == walk(a, b)
+    long = list(range(5000))
+    for cut in (0, 1, 7, 8, 9, 4095, 4999):
+        assert common_length(long, long[:cut] + [-1] + long[cut + 1:]) == cut
+    assert common_length(long, long) == 5000 and common_length(long, []) == 0
