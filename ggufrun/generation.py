@@ -150,8 +150,7 @@ class SeqSampler:
                  n_ctx: int = 0, draw: DrawLike | None = None) -> None:
         self.params = params
         self.draw = draw
-        # Without a seed, fresh OS entropy: replies still differ from one request to the next.
-        self.rng = np.random.Generator(np.random.PCG64(params.seed if params.seed >= 0 else None))
+        self._rng: np.random.Generator | None = None  # made on the first draw: a greedy reply never needs one
         self.grammar = grammar
         last_n = params.repeat_last_n if params.repeat_last_n >= 0 else (n_ctx or 1 << 30)
         self._window: deque[int] | None = deque(maxlen=last_n) if params.penalised else None
@@ -164,6 +163,12 @@ class SeqSampler:
         self.bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
         self.bias_vals = np.array([-np.inf if b <= -100 else b for b in bias.values()], dtype=np.float32)
         self.forced: deque[int] | None = None  # tokens that come next whatever the logits say (a thinking budget's close)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:  # without a seed, fresh OS entropy: replies still differ from one request to the next
+            self._rng = np.random.Generator(np.random.PCG64(self.params.seed if self.params.seed >= 0 else None))
+        return self._rng
 
     def take_forced(self, drawn: int) -> int:
         """The next forced token in place of ``drawn``; a grammar that would reject it ends the forcing."""

@@ -308,6 +308,8 @@ class Engine:
 
     async def wait_ready(self) -> Backend:
         """The loaded backend; re-raises the load error."""
+        if self.loaded.done():  # every request asks: no future to chain once the model is in
+            return self.loaded.result()
         return await asyncio.wrap_future(self.loaded)
 
     def submit(self, job: Job) -> None:

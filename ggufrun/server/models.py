@@ -33,6 +33,7 @@ from __future__ import annotations
 from pathlib import PurePath
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -77,7 +78,7 @@ class ModelConfig:
     system: str | None = None  # the default system prompt (@NAME, a file or text); None: the registry entry's
     origin: str = "command line"  # where its settings come from, for errors: a serve config's table, else the flags
 
-    @property
+    @functools.cached_property  # read several times a request
     def id(self) -> str:
         """The name /v1/models lists first and responses carry: a served name, else the registry
         alias or the file's name, never a path (clients and /health must not learn the disk layout)."""
