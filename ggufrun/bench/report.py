@@ -93,7 +93,7 @@ def rows(run: BenchRun) -> list[dict[str, Any]]:
 
 
 def _records(df: "pd.DataFrame") -> list[dict[str, Any]]:
-    return [{k: _plain(v) for k, v in row.items()} for row in df.astype(object).to_dict("records")]
+    return [{str(k): _plain(v) for k, v in row.items()} for row in df.astype(object).to_dict("records")]
 
 
 def _plain(x: Any) -> Any:
