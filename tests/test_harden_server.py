@@ -24,6 +24,19 @@ def _serve(*args: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess
     return proc, time.monotonic() - t0
 
 
+def test_the_guarded_protocol_is_httptools_where_installed() -> None:
+    """serve parses HTTP with httptools (a dependency) under the guards; h11 only where it is missing.
+    A broken import would fall back quietly and cost every request and streamed chunk more GIL."""
+    pytest.importorskip("httptools")
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from ggufrun.server.guard import guarded_protocol
+
+    protocol = guarded_protocol()
+    assert issubclass(protocol, HttpToolsProtocol)
+    assert {"connection_made", "connection_lost", "on_response_complete"} <= set(vars(protocol))
+
+
 def test_port_in_use_fails_before_the_model_loads(tiny_model_factory, tmp_path: Path) -> None:
     # A file llama.cpp would abort on: the port error must come first, so the model is never opened.
     bad = craft(tiny_model_factory("qwen2", "f16", True), tmp_path / "bad.gguf", kv={"qwen2.block_count": 0})
