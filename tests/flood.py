@@ -21,8 +21,9 @@ def open_idle(host: str, port: int, n: int) -> list[socket.socket]:
     return out
 
 
-def trickle(socks: list[socket.socket], data: bytes = b"G") -> int:
-    """Send one byte on every socket still open; return how many were still open."""
+def trickle(socks: list[socket.socket], data: bytes = b"X-Slow: 1\r\n") -> int:
+    """Send ``data`` (by default one more header line of a request that never ends: a slowloris client,
+    valid to every HTTP parser) on every socket still open; return how many were still open."""
     alive = 0
     for s in socks:
         try:
@@ -34,8 +35,8 @@ def trickle(socks: list[socket.socket], data: bytes = b"G") -> int:
 
 
 def closed_by_server(socks: list[socket.socket]) -> int:
-    """How many of ``socks`` the server has closed (a read reaches EOF or an error). What it sent
-    first is read past: a parser that refuses a trickled byte as no HTTP method answers 400, then closes."""
+    """How many of ``socks`` the server has closed (a read reaches EOF or an error), reading past
+    whatever it answered first (an error status, before it closes)."""
     n = 0
     for s in socks:
         try:

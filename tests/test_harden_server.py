@@ -65,10 +65,11 @@ def test_idle_and_trickling_sockets_do_not_stop_health(tiny_model: Path) -> None
     with serve(str(tiny_model), "--threads", "1") as srv:
         idle = open_idle("127.0.0.1", srv.port, 3000)
         trickling = open_idle("127.0.0.1", srv.port, 1500)
+        trickle(trickling, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # then a header line a round: never complete
         try:
             assert health_latency(srv.url, timeout=8) < 8  # served even while the burst is being accepted
             worst = 0.0
-            for _ in range(4):  # a trickling byte per socket per round, /health answered each time
+            for _ in range(4):  # a header line per trickling socket per round, /health answered each time
                 trickle(trickling)
                 worst = max(worst, health_latency(srv.url, timeout=5))
                 time.sleep(0.5)
