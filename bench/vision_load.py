@@ -70,8 +70,10 @@ def synth(shape: str, folder: Path, quant: str = "q8_0") -> tuple[Path, Path, in
     text, projector, side = SHAPES[shape]
     model, mmproj = folder / f"vlm-{shape}-{quant}.gguf", folder / f"mmproj-vlm-{shape}.gguf"
     if not (model.is_file() and mmproj.is_file()):
-        subprocess.run([*GGUFRUN, "synth", "--shape", text, "--quant", quant, "--projector", projector, "--out", str(model),
-                        "--mmproj-out", str(mmproj), "--force"], check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([*GGUFRUN, "synth", "--shape", text, "--quant", quant, "--projector", projector, "--out",
+                               str(model), "--mmproj-out", str(mmproj), "--force"], stdout=subprocess.DEVNULL)
+        if done.returncode:  # (ggufrun synth said why on stderr, e.g. an unknown --quant)
+            sys.exit(f"ggufrun synth failed for --synth {shape} --quant {quant}.")
     return model, mmproj, side
 
 
